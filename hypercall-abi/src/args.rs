@@ -1,0 +1,220 @@
+//! Argument blocks: one `#[repr(C)]` structure per call.
+//!
+//! Every block starts with a [`Header`] whose `status` the host overwrites with the call's
+//! [`Status`](crate::Status). Fields are marked *in* (written by the guest, read by the host),
+//! *out* (written by the host) or *reserved* (zero; ignored by the host in this revision and
+//! available for append-only extension). Layouts are pinned by compile-time assertions below
+//! and by the golden-byte tests in `tests/layout.rs`.
+
+use core::mem::{offset_of, size_of};
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::{Call, Status};
+
+/// The first 8 bytes of every argument block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Header {
+    /// *out*: the call's status code. The guest presets [`Status::PENDING`].
+    pub status: i32,
+    /// *reserved*.
+    pub reserved: u32,
+}
+
+impl Header {
+    /// A header with `status` preset to [`Status::PENDING`].
+    pub const fn pending() -> Self {
+        Header { status: Status::PENDING.0, reserved: 0 }
+    }
+
+    /// The status as a [`Status`].
+    pub const fn status(&self) -> Status {
+        Status(self.status)
+    }
+}
+
+/// Implemented by every argument block: ties the layout to its call number.
+pub trait ArgBlock: FromBytes + IntoBytes + Immutable + KnownLayout + Copy {
+    /// The call this block belongs to.
+    const CALL: Call;
+
+    /// The block's header.
+    fn header(&self) -> &Header;
+
+    /// The block's header, mutably.
+    fn header_mut(&mut self) -> &mut Header;
+}
+
+macro_rules! arg_block {
+    ($ty:ty, $call:expr, $size:expr) => {
+        impl ArgBlock for $ty {
+            const CALL: Call = $call;
+            fn header(&self) -> &Header {
+                &self.header
+            }
+            fn header_mut(&mut self) -> &mut Header {
+                &mut self.header
+            }
+        }
+        const _: () = assert!(size_of::<$ty>() == $size);
+        const _: () = assert!(offset_of!($ty, header) == 0);
+    };
+}
+
+/// `min ≤ max ≤ burst` for one resource (vCPUs, or memory in bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct ResourceLimits {
+    /// Reserved at admission, held from boot, never reclaimed.
+    pub min: u64,
+    /// Sustained ceiling: grants up to here succeed while the host pool has room.
+    pub max: u64,
+    /// Temporary ceiling above `max`, paid from burst credit.
+    pub burst: u64,
+}
+
+const _: () = assert!(size_of::<ResourceLimits>() == 24);
+
+/// [`Call::Hello`]: negotiate version and features; learn the VM's limits.
+///
+/// The first call a guest makes. Statuses: `OK`; `UNSUPPORTED` when `guest_abi_version` is not
+/// a version the host speaks (the *out* fields are then still filled so the guest can report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct HelloArgs {
+    /// Status header.
+    pub header: Header,
+    /// *in*: the ABI version the guest was built for ([`crate::ABI_VERSION`]).
+    pub guest_abi_version: u32,
+    /// *reserved*.
+    pub reserved0: u32,
+    /// *in*: feature bits the guest would like ([`crate::features`]).
+    pub guest_features: u64,
+    /// *out*: the ABI version the host speaks.
+    pub host_abi_version: u32,
+    /// *out*: the id of the vCPU that made the call.
+    pub vcpu_id: u32,
+    /// *out*: feature bits the host offers.
+    pub host_features: u64,
+    /// *out*: negotiated feature bits (`guest_features & host_features`).
+    pub features: u64,
+    /// *out*: the VM's vCPU policy.
+    pub vcpus: ResourceLimits,
+    /// *out*: the VM's memory policy, in bytes.
+    pub memory: ResourceLimits,
+    /// *out*: TSC frequency in kHz as the guest sees it.
+    pub tsc_khz: u64,
+    /// *reserved*.
+    pub reserved: [u64; 8],
+}
+
+arg_block!(HelloArgs, Call::Hello, 168);
+const _: () = assert!(offset_of!(HelloArgs, guest_abi_version) == 8);
+const _: () = assert!(offset_of!(HelloArgs, guest_features) == 16);
+const _: () = assert!(offset_of!(HelloArgs, host_abi_version) == 24);
+const _: () = assert!(offset_of!(HelloArgs, vcpu_id) == 28);
+const _: () = assert!(offset_of!(HelloArgs, host_features) == 32);
+const _: () = assert!(offset_of!(HelloArgs, features) == 40);
+const _: () = assert!(offset_of!(HelloArgs, vcpus) == 48);
+const _: () = assert!(offset_of!(HelloArgs, memory) == 72);
+const _: () = assert!(offset_of!(HelloArgs, tsc_khz) == 96);
+
+impl HelloArgs {
+    /// A request for this crate's ABI version with the given feature wishes.
+    pub const fn new(guest_features: u64) -> Self {
+        HelloArgs {
+            header: Header::pending(),
+            guest_abi_version: crate::ABI_VERSION,
+            reserved0: 0,
+            guest_features,
+            host_abi_version: 0,
+            vcpu_id: 0,
+            host_features: 0,
+            features: 0,
+            vcpus: ResourceLimits { min: 0, max: 0, burst: 0 },
+            memory: ResourceLimits { min: 0, max: 0, burst: 0 },
+            tsc_khz: 0,
+            reserved: [0; 8],
+        }
+    }
+}
+
+/// Largest `len` one [`Call::ConsoleWrite`] accepts.
+pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
+
+/// [`Call::ConsoleWrite`]: write bytes to the VM's console (the shim's standard output).
+///
+/// Statuses: `OK` (all `len` bytes taken); `INVALID` when `len > CONSOLE_WRITE_MAX` or
+/// `[buf, buf + len)` is not inside guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct ConsoleWriteArgs {
+    /// Status header.
+    pub header: Header,
+    /// *in*: guest-physical address of the bytes.
+    pub buf: u64,
+    /// *in*: number of bytes.
+    pub len: u64,
+    /// *out*: number of bytes taken.
+    pub written: u64,
+    /// *reserved*.
+    pub reserved: [u64; 2],
+}
+
+arg_block!(ConsoleWriteArgs, Call::ConsoleWrite, 48);
+const _: () = assert!(offset_of!(ConsoleWriteArgs, buf) == 8);
+const _: () = assert!(offset_of!(ConsoleWriteArgs, len) == 16);
+const _: () = assert!(offset_of!(ConsoleWriteArgs, written) == 24);
+
+impl ConsoleWriteArgs {
+    /// A request to write `len` bytes at guest-physical `buf`.
+    pub const fn new(buf: u64, len: u64) -> Self {
+        ConsoleWriteArgs { header: Header::pending(), buf, len, written: 0, reserved: [0; 2] }
+    }
+}
+
+/// Largest exit code [`Call::Shutdown`] accepts. Host process exit codes above it are the
+/// shim's own (see the README).
+pub const SHUTDOWN_CODE_MAX: u32 = 63;
+
+/// Exit codes the kernel uses by convention (any value up to [`SHUTDOWN_CODE_MAX`] is valid).
+pub mod exit_code {
+    /// The service finished and its own checks passed.
+    pub const SUCCESS: u32 = 0;
+    /// The service finished but reported a failure (for example a failed self-check).
+    pub const FAILURE: u32 = 1;
+    /// The kernel panicked.
+    pub const PANIC: u32 = 2;
+    /// An allocation could not be served even after asking the host for memory.
+    pub const OUT_OF_MEMORY: u32 = 3;
+    /// The command line named no known service or carried bad arguments.
+    pub const BAD_COMMAND_LINE: u32 = 4;
+}
+
+/// [`Call::Shutdown`]: stop the whole VM with `code`.
+///
+/// Does not return when accepted. Statuses: `INVALID` when `code > SHUTDOWN_CODE_MAX`
+/// (the VM keeps running).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct ShutdownArgs {
+    /// Status header.
+    pub header: Header,
+    /// *in*: the exit code, `0..=SHUTDOWN_CODE_MAX`.
+    pub code: u32,
+    /// *reserved*.
+    pub reserved0: u32,
+    /// *reserved*.
+    pub reserved: [u64; 2],
+}
+
+arg_block!(ShutdownArgs, Call::Shutdown, 32);
+const _: () = assert!(offset_of!(ShutdownArgs, code) == 8);
+
+impl ShutdownArgs {
+    /// A request to stop with `code`.
+    pub const fn new(code: u32) -> Self {
+        ShutdownArgs { header: Header::pending(), code, reserved0: 0, reserved: [0; 2] }
+    }
+}

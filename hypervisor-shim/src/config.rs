@@ -1,0 +1,240 @@
+//! VM configuration: resource policies (`MIN:MAX:BURST`), sizes (`64M`, `1G`) and the guest
+//! command line, validated before anything touches KVM.
+
+use std::fmt;
+
+use hypercall_abi::{CMDLINE_MAX, EXTENT_ALIGN, ResourceLimits};
+use thiserror::Error;
+
+use crate::layout::{MAX_GUEST_PHYS, MAX_VCPUS};
+
+/// Why a configuration value was rejected. Each message names the problem in one line.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A size such as `64M` could not be parsed.
+    #[error("'{0}' is not a size (examples: 4096, 512K, 64M, 1G)")]
+    BadSize(String),
+    /// A count could not be parsed.
+    #[error("'{0}' is not a whole number")]
+    BadCount(String),
+    /// A policy did not have the `MIN:MAX:BURST` shape.
+    #[error("'{0}' is not MIN:MAX:BURST (or MIN:MAX, or a single value)")]
+    BadPolicy(String),
+    /// `min <= max <= burst` does not hold.
+    #[error("{what} policy {policy} must satisfy min <= max <= burst")]
+    Unordered {
+        /// Which resource.
+        what: &'static str,
+        /// The policy as given.
+        policy: String,
+    },
+    /// vCPU counts out of range.
+    #[error("vCPU policy {0}: min must be at least 1 and burst at most {MAX_VCPUS}")]
+    VcpuRange(String),
+    /// Memory sizes out of range or misaligned.
+    #[error("memory policy {policy}: {problem}")]
+    MemoryRange {
+        /// The policy as given.
+        policy: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A service argument that the kernel command line cannot carry.
+    #[error(
+        "service argument '{0}' contains whitespace or a control character, which the kernel command line cannot carry"
+    )]
+    BadArgument(String),
+    /// The service name is not a plain word.
+    #[error("service name '{0}' must be a non-empty word of letters, digits, '-' or '_'")]
+    BadAppName(String),
+    /// The command line would be too long.
+    #[error("the kernel command line would be {0} bytes; the limit is {CMDLINE_MAX}")]
+    CommandLineTooLong(usize),
+}
+
+/// One resource's `min <= max <= burst` policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Reserved at admission and held from boot.
+    pub min: u64,
+    /// Sustained ceiling.
+    pub max: u64,
+    /// Temporary ceiling, paid from burst credit.
+    pub burst: u64,
+}
+
+impl Policy {
+    /// The same value for all three.
+    pub const fn fixed(v: u64) -> Self {
+        Policy { min: v, max: v, burst: v }
+    }
+
+    /// As the ABI's [`ResourceLimits`].
+    pub const fn limits(&self) -> ResourceLimits {
+        ResourceLimits { min: self.min, max: self.max, burst: self.burst }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.min, self.max, self.burst)
+    }
+}
+
+/// Parses a byte size: a whole number with an optional binary suffix `K`, `M`, `G` or `T`
+/// (`KiB`/`MiB`/... and lower case accepted).
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let t = text.trim();
+    let bad = || ConfigError::BadSize(text.to_string());
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits_end);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Formats a byte count with the largest exact binary suffix (`64M`, `1536K`).
+pub fn format_size(bytes: u64) -> String {
+    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
+            return format!("{}{suffix}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+fn split_policy(text: &str) -> Result<[&str; 3], ConfigError> {
+    let parts: Vec<&str> = text.split(':').collect();
+    match parts.as_slice() {
+        [v] => Ok([v, v, v]),
+        [a, b] => Ok([a, b, b]),
+        [a, b, c] => Ok([a, b, c]),
+        _ => Err(ConfigError::BadPolicy(text.to_string())),
+    }
+}
+
+/// Parses and validates a vCPU policy such as `1:4:8`.
+pub fn parse_vcpu_policy(text: &str) -> Result<Policy, ConfigError> {
+    let [a, b, c] = split_policy(text)?;
+    let count = |s: &str| s.trim().parse::<u64>().map_err(|_| ConfigError::BadCount(s.to_string()));
+    let p = Policy { min: count(a)?, max: count(b)?, burst: count(c)? };
+    if !(p.min <= p.max && p.max <= p.burst) {
+        return Err(ConfigError::Unordered { what: "vCPU", policy: text.to_string() });
+    }
+    if p.min == 0 || p.burst > u64::from(MAX_VCPUS) {
+        return Err(ConfigError::VcpuRange(text.to_string()));
+    }
+    Ok(p)
+}
+
+/// Smallest boot memory (`min`): the kernel image and its boot heap live there.
+pub const MEMORY_MIN_FLOOR: u64 = 8 << 20;
+
+/// Parses and validates a memory policy such as `64M:512M:1G`.
+pub fn parse_memory_policy(text: &str) -> Result<Policy, ConfigError> {
+    let [a, b, c] = split_policy(text)?;
+    let p = Policy { min: parse_size(a)?, max: parse_size(b)?, burst: parse_size(c)? };
+    let range = |problem: String| ConfigError::MemoryRange { policy: text.to_string(), problem };
+    if !(p.min <= p.max && p.max <= p.burst) {
+        return Err(ConfigError::Unordered { what: "memory", policy: text.to_string() });
+    }
+    if p.min < MEMORY_MIN_FLOOR {
+        return Err(range(format!("min must be at least {}", format_size(MEMORY_MIN_FLOOR))));
+    }
+    for v in [p.min, p.max, p.burst] {
+        if !v.is_multiple_of(EXTENT_ALIGN) {
+            return Err(range(format!("{} is not a multiple of 2M", format_size(v))));
+        }
+    }
+    let window = crate::layout::window_base(p.min) + (p.burst - p.min);
+    if window > MAX_GUEST_PHYS {
+        return Err(range(format!(
+            "burst is too large (guest-physical space ends at {})",
+            format_size(MAX_GUEST_PHYS)
+        )));
+    }
+    Ok(p)
+}
+
+/// Builds the kernel command line `app=NAME [key=value...] -- ARGS...`.
+pub fn kernel_cmdline(app: &str, options: &[(&str, String)], args: &[String]) -> Result<String, ConfigError> {
+    if app.is_empty() || !app.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(ConfigError::BadAppName(app.to_string()));
+    }
+    let mut line = format!("app={app}");
+    for (k, v) in options {
+        line.push_str(&format!(" {k}={v}"));
+    }
+    line.push_str(" --");
+    for a in args {
+        if a.is_empty() || a.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::BadArgument(a.clone()));
+        }
+        line.push(' ');
+        line.push_str(a);
+    }
+    if line.len() as u64 > CMDLINE_MAX {
+        return Err(ConfigError::CommandLineTooLong(line.len()));
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2gib"), Ok(2 << 30));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999999999T").is_err());
+        assert!(parse_size("16777216T").is_err());
+        assert_eq!(format_size(64 << 20), "64M");
+        assert_eq!(format_size(1536 << 10), "1536K");
+        assert_eq!(format_size(1 << 30), "1G");
+    }
+
+    #[test]
+    fn vcpu_policies() {
+        assert_eq!(parse_vcpu_policy("1:4:8"), Ok(Policy { min: 1, max: 4, burst: 8 }));
+        assert_eq!(parse_vcpu_policy("2"), Ok(Policy::fixed(2)));
+        assert_eq!(parse_vcpu_policy("1:3"), Ok(Policy { min: 1, max: 3, burst: 3 }));
+        assert!(matches!(parse_vcpu_policy("4:2:8"), Err(ConfigError::Unordered { .. })));
+        assert!(matches!(parse_vcpu_policy("0:1:1"), Err(ConfigError::VcpuRange(_))));
+        assert!(matches!(parse_vcpu_policy("1:1:100000"), Err(ConfigError::VcpuRange(_))));
+        assert!(matches!(parse_vcpu_policy("1:x:2"), Err(ConfigError::BadCount(_))));
+        assert!(matches!(parse_vcpu_policy("1:2:3:4"), Err(ConfigError::BadPolicy(_))));
+    }
+
+    #[test]
+    fn memory_policies() {
+        let p = parse_memory_policy("64M:512M:1G").unwrap();
+        assert_eq!((p.min, p.max, p.burst), (64 << 20, 512 << 20, 1 << 30));
+        assert!(matches!(parse_memory_policy("4M"), Err(ConfigError::MemoryRange { .. })));
+        assert!(matches!(parse_memory_policy("65M"), Err(ConfigError::MemoryRange { .. })));
+        assert!(matches!(parse_memory_policy("64M:32M"), Err(ConfigError::Unordered { .. })));
+        assert!(matches!(parse_memory_policy("64M:64M:1000G"), Err(ConfigError::MemoryRange { .. })));
+    }
+
+    #[test]
+    fn command_lines() {
+        assert_eq!(kernel_cmdline("spin", &[], &["10".into()]).unwrap(), "app=spin -- 10");
+        assert_eq!(kernel_cmdline("hello", &[("log", "debug".into())], &[]).unwrap(), "app=hello log=debug --");
+        assert!(matches!(kernel_cmdline("a b", &[], &[]), Err(ConfigError::BadAppName(_))));
+        assert!(matches!(kernel_cmdline("x", &[], &["a b".into()]), Err(ConfigError::BadArgument(_))));
+        let long = vec!["x".repeat(100); 50];
+        assert!(matches!(kernel_cmdline("x", &[], &long), Err(ConfigError::CommandLineTooLong(_))));
+    }
+}

@@ -1,0 +1,29 @@
+//! The shim's process exit codes.
+//!
+//! `0..=63` are the guest's own SHUTDOWN codes, passed through unchanged. Everything the shim
+//! itself decides uses a fixed code from 64 upwards, so a script can always tell the guest's
+//! verdict from the platform's.
+
+/// Highest exit code that is the guest's own.
+pub const GUEST_MAX: u8 = hypercall_abi::SHUTDOWN_CODE_MAX as u8;
+/// A flag or configuration value was invalid (clap usage errors included).
+pub const USAGE: u8 = 64;
+/// The kernel image was refused (not an ELF, wrong ABI note, bad segments).
+pub const IMAGE_REFUSED: u8 = 65;
+/// The kernel image file could not be read.
+pub const NO_INPUT: u8 = 66;
+/// `/dev/kvm` (or QEMU, for `qemu`) is missing or not permitted.
+pub const UNAVAILABLE: u8 = 69;
+/// A host-side failure inside the shim (a KVM ioctl failed, a thread could not start).
+pub const INTERNAL: u8 = 70;
+/// The guest raised a CPU exception (diagnosis on stderr).
+pub const GUEST_FAULT: u8 = 71;
+/// The guest touched a guest-physical address that no memory backs.
+pub const GUEST_UNBACKED: u8 = 72;
+/// The guest caused an exit the shim does not serve (unknown port, `hlt`, triple fault,
+/// KVM internal error).
+pub const GUEST_UNSERVED: u8 = 73;
+/// A file the shim was asked to write (summary, timeline) could not be written.
+pub const IO_ERROR: u8 = 74;
+/// The run exceeded `--timeout`.
+pub const TIMEOUT: u8 = 76;

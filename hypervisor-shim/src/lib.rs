@@ -1,0 +1,22 @@
+//! `hypervisor-shim`: a small KVM VMM that boots the elastic unikernel at CPL 3, serves its
+//! hypercalls (`hypercall-abi`, `docs/abi.md`) and enforces its resource policy.
+//!
+//! Modules: [`config`] (flags and policies), [`loader`] (kernel ELF), [`layout`] and
+//! [`platform`] (the guest-physical map and the privileged structures built in it),
+//! [`memory`] (guest RAM), [`vm`] and [`vcpu`] (KVM objects and threads), [`hypercall`]
+//! (dispatch), [`fault`] (diagnoses), [`summary`] (JSON), [`qemu`] (the QEMU path) and
+//! [`cli`].
+
+pub mod cli;
+pub mod config;
+pub mod exit;
+pub mod fault;
+pub mod hypercall;
+pub mod layout;
+pub mod loader;
+pub mod memory;
+pub mod platform;
+pub mod qemu;
+pub mod summary;
+pub mod vcpu;
+pub mod vm;

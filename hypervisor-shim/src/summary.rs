@@ -1,0 +1,73 @@
+//! The JSON run summary (`run --summary FILE`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config::Policy;
+use crate::vm::RunReport;
+
+/// A policy as it appears in the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicySummary {
+    /// Reserved minimum.
+    pub min: u64,
+    /// Sustained maximum.
+    pub max: u64,
+    /// Burst ceiling.
+    pub burst: u64,
+}
+
+impl From<Policy> for PolicySummary {
+    fn from(p: Policy) -> Self {
+        PolicySummary { min: p.min, max: p.max, burst: p.burst }
+    }
+}
+
+/// The summary of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// The shim's exit code.
+    pub exit_code: u8,
+    /// Why the run ended (`shutdown`, `guest_fault`, `timeout`, ...).
+    pub exit_reason: String,
+    /// Shim process start (entry of `main`) to the guest's first HELLO, in µs (`null` if the
+    /// guest never said HELLO).
+    pub boot_us: Option<u64>,
+    /// Shim process start to the end of the run, in µs.
+    pub wall_us: u64,
+    /// Hypercalls served.
+    pub hypercalls: u64,
+    /// Hypercalls per call.
+    pub hypercalls_by_call: BTreeMap<String, u64>,
+    /// The service that ran.
+    pub app: String,
+    /// The vCPU policy.
+    pub vcpu_policy: PolicySummary,
+    /// The memory policy (bytes).
+    pub memory_policy: PolicySummary,
+}
+
+impl Summary {
+    /// Builds a summary from a finished run.
+    pub fn new(report: &RunReport, app: &str, vcpus: Policy, memory: Policy) -> Self {
+        Summary {
+            exit_code: report.outcome.exit_code(),
+            exit_reason: report.outcome.reason().to_string(),
+            boot_us: report.boot.map(|d| d.as_micros() as u64),
+            wall_us: report.wall.as_micros() as u64,
+            hypercalls: report.hypercalls,
+            hypercalls_by_call: report.per_call.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            app: app.to_string(),
+            vcpu_policy: vcpus.into(),
+            memory_policy: memory.into(),
+        }
+    }
+
+    /// Writes the summary as pretty JSON.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, json + "\n")
+    }
+}

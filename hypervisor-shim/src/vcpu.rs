@@ -1,0 +1,313 @@
+//! vCPUs: creation at CPL 3 in long mode, the per-thread run loop, exit dispatch and kicks.
+
+use std::cell::Cell;
+use std::sync::Once;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+
+use hypercall_abi::{FAULT_PORT, HYPERCALL_PORT, NOP_PORT};
+use kvm_bindings::{kvm_regs, kvm_run, kvm_segment};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use thiserror::Error;
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::fault::{self, GuestFault};
+use crate::hypercall::{self, Flow};
+use crate::layout::{GDT_ADDR, GDT_SIZE, IDT_ADDR, Layout, PML4_ADDR, selector};
+use crate::vm::{Outcome, VmShared};
+
+/// vCPU failures.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    /// A KVM ioctl on a vCPU failed.
+    #[error("KVM vCPU {id}: {what}: {source}")]
+    Kvm {
+        /// vCPU id.
+        id: u32,
+        /// What was being done.
+        what: &'static str,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// The vCPU thread could not be started.
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(String),
+}
+
+/// Control-register bits the shim sets.
+mod bits {
+    pub const CR0_PE: u64 = 1 << 0;
+    pub const CR0_MP: u64 = 1 << 1;
+    pub const CR0_ET: u64 = 1 << 4;
+    pub const CR0_NE: u64 = 1 << 5;
+    pub const CR0_WP: u64 = 1 << 16;
+    pub const CR0_PG: u64 = 1 << 31;
+    pub const CR4_PAE: u64 = 1 << 5;
+    pub const CR4_OSFXSR: u64 = 1 << 9;
+    pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+    pub const CR4_FSGSBASE: u64 = 1 << 16;
+    pub const EFER_LME: u64 = 1 << 8;
+    pub const EFER_LMA: u64 = 1 << 10;
+    /// RFLAGS: reserved bit 1 and IOPL = 3 (interrupts stay disabled: there are none).
+    pub const RFLAGS_ENTRY: u64 = 0x2 | (3 << 12);
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own `kvm_run` mapping, installed by `Vcpu::run`
+        // before the thread can be kicked and cleared before the mapping goes away. Setting
+        // `immediate_exit` makes the next (or current) KVM_RUN return EINTR.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Registration can only fail for an invalid signal number; SIGRTMIN is valid.
+        let _ = register_signal_handler(kick_signal(), kick_handler);
+    });
+}
+
+/// Interrupts `handle`'s thread: a vCPU in KVM_RUN returns to the shim.
+pub fn kick_thread(handle: &JoinHandle<()>) {
+    // Fails only if the thread already exited, which is what a kick wants anyway.
+    let _ = handle.kill(kick_signal());
+}
+
+fn user_segment(selector: u16, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xB } else { 0x3 },
+        present: 1,
+        dpl: 3,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// What a vCPU exit asks the loop to do (copied out of `kvm_run` before handling).
+enum Exit {
+    Hypercall { call: Option<u32>, gpa: u64 },
+    Nop,
+    Fault,
+    Port { port: u16, write: bool },
+    Mmio { gpa: u64, write: bool },
+    Interrupted,
+    Other(String),
+}
+
+/// One KVM vCPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    id: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` in long mode at CPL 3 with the VM's CPUID, GDT, IDT, TSS and page
+    /// tables. Registers are set by [`Vcpu::enter`].
+    pub fn create(vm: &VmShared, id: u32) -> Result<Vcpu, VcpuError> {
+        let err = |what| move |source| VcpuError::Kvm { id, what, source };
+        let mut fd = vm.fd.create_vcpu(u64::from(id)).map_err(err("create"))?;
+        fd.set_cpuid2(&vm.cpuid).map_err(err("set CPUID"))?;
+        let mut s = fd.get_sregs().map_err(err("get sregs"))?;
+        use bits::*;
+        s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+        s.cr3 = PML4_ADDR;
+        s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_FSGSBASE;
+        s.efer = EFER_LME | EFER_LMA;
+        s.cs = user_segment(selector::USER_CODE, true);
+        let data = user_segment(selector::USER_DATA, false);
+        (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
+        s.tr = kvm_segment {
+            base: Layout::tss_addr(id),
+            limit: Layout::tss_limit(id) as u32,
+            selector: selector::tss(id),
+            type_: 0xB, // busy 64-bit TSS
+            present: 1,
+            ..Default::default()
+        };
+        s.gdt.base = GDT_ADDR;
+        s.gdt.limit = (GDT_SIZE - 1) as u16;
+        s.idt.base = IDT_ADDR;
+        s.idt.limit = 256 * 16 - 1;
+        fd.set_sregs(&s).map_err(err("set sregs"))?;
+        fd.set_sync_valid_reg(SyncReg::Register);
+        Ok(Vcpu { id, fd })
+    }
+
+    /// The vCPU id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The TSC frequency KVM gives this vCPU, in kHz (0 if KVM does not say).
+    pub fn tsc_khz(&self) -> u64 {
+        self.fd.get_tsc_khz().map(u64::from).unwrap_or(0)
+    }
+
+    /// Sets the registers for entry at `rip` with `rsp`, `rdi`, `rsi` at CPL 3, IOPL 3.
+    pub fn enter(&self, rip: u64, rsp: u64, rdi: u64, rsi: u64) -> Result<(), VcpuError> {
+        let regs = kvm_regs { rip, rsp, rdi, rsi, rflags: bits::RFLAGS_ENTRY, ..Default::default() };
+        self.fd.set_regs(&regs).map_err(|source| VcpuError::Kvm { id: self.id, what: "set regs", source })
+    }
+
+    /// The vCPU thread: runs the guest until the VM stops.
+    pub fn run(mut self, vm: &VmShared) {
+        install_kick_handler();
+        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
+        while !vm.stopping.load(Ordering::Acquire) {
+            let exit = self.next_exit();
+            let flow = match exit {
+                Exit::Hypercall { call, gpa } => {
+                    let (status, flow) = hypercall::dispatch(vm, self.id, call, gpa);
+                    // The status also goes to rax, so a call whose block is unreadable still
+                    // gets an answer. Sync regs make this free of extra ioctls.
+                    self.fd.sync_regs_mut().regs.rax = i64::from(status.0) as u64;
+                    self.fd.set_sync_dirty_reg(SyncReg::Register);
+                    flow
+                }
+                Exit::Nop => {
+                    vm.stats.nop_exits.fetch_add(1, Ordering::Relaxed);
+                    Flow::Continue
+                }
+                Exit::Fault => Flow::Stop(self.fault_outcome(vm)),
+                Exit::Port { port, write } => Flow::Stop(Outcome::Unserved {
+                    vcpu: self.id,
+                    what: format!(
+                        "{} I/O port {port:#x}, which the shim does not serve (RIP {})",
+                        if write { "wrote to" } else { "read from" },
+                        self.rip_description(vm)
+                    ),
+                }),
+                Exit::Mmio { gpa, write } => {
+                    Flow::Stop(Outcome::Unbacked { vcpu: self.id, gpa, write, rip: self.rip_description(vm) })
+                }
+                Exit::Interrupted => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    Flow::Continue
+                }
+                Exit::Other(what) => Flow::Stop(Outcome::Unserved {
+                    vcpu: self.id,
+                    what: format!("{what} (RIP {})\n{}", self.rip_description(vm), self.register_dump()),
+                }),
+            };
+            if let Flow::Stop(outcome) = flow {
+                vm.finish(outcome);
+                break;
+            }
+        }
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+
+    /// Runs the vCPU once and classifies the exit.
+    fn next_exit(&mut self) -> Exit {
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => match port {
+                HYPERCALL_PORT => {
+                    let call = <[u8; 4]>::try_from(data).ok().map(u32::from_le_bytes);
+                    Exit::Hypercall { call, gpa: 0 }
+                }
+                NOP_PORT => Exit::Nop,
+                p if p == u16::from(FAULT_PORT) => Exit::Fault,
+                p => Exit::Port { port: p, write: true },
+            },
+            Ok(VcpuExit::IoIn(port, _)) => Exit::Port { port, write: false },
+            Ok(VcpuExit::MmioRead(gpa, _)) => Exit::Mmio { gpa, write: false },
+            Ok(VcpuExit::MmioWrite(gpa, _)) => Exit::Mmio { gpa, write: true },
+            Ok(VcpuExit::Hlt) => Exit::Other("executed hlt outside the exception path".into()),
+            Ok(VcpuExit::Shutdown) => Exit::Other("triple fault (the CPU could not deliver an exception)".into()),
+            Ok(VcpuExit::FailEntry(reason, _)) => Exit::Other(format!("KVM entry failure, reason {reason:#x}")),
+            Ok(VcpuExit::InternalError) => {
+                Exit::Other("KVM internal error (an instruction this KVM cannot run at the guest's CPL)".into())
+            }
+            Ok(other) => Exit::Other(format!("unexpected KVM exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Err(e) => Exit::Other(format!("KVM_RUN failed: {e}")),
+        }
+        .with_gpa(self)
+    }
+
+    /// Describes the current RIP (`0x...` plus `<symbol>` when known).
+    fn rip_description(&self, vm: &VmShared) -> String {
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        match vm.image.symbolize(rip) {
+            Some(s) => format!("{rip:#x} <{s}>"),
+            None => format!("{rip:#x}"),
+        }
+    }
+
+    fn register_dump(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.fd.get_regs() {
+            let _ = fault::write_regs(&mut out, &r, None);
+        }
+        out
+    }
+
+    /// Builds the diagnosis for an exception reported by a CPL-0 stub. The stub pushed
+    /// `[vector][error code]` on top of the CPU's frame `[rip][cs][rflags][rsp][ss]`.
+    fn fault_outcome(&self, vm: &VmShared) -> Outcome {
+        let (regs, sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => (r, s),
+            (Err(e), _) | (_, Err(e)) => return Outcome::Internal(format!("cannot read vCPU {} state: {e}", self.id)),
+        };
+        if sregs.cs.dpl != 0 {
+            return Outcome::Unserved {
+                vcpu: self.id,
+                what: format!("wrote to the exception-report port from CPL {} (RIP {:#x})", sregs.cs.dpl, regs.rip),
+            };
+        }
+        let mut frame = [0u64; 7];
+        for (i, slot) in frame.iter_mut().enumerate() {
+            match vm.mem.read_obj::<u64>(regs.rsp + 8 * i as u64) {
+                Ok(v) => *slot = v,
+                Err(e) => return Outcome::Internal(format!("cannot read the exception frame: {e}")),
+            }
+        }
+        let [vector, error_code, rip, cs, rflags, rsp, _ss] = frame;
+        let mut gregs = regs;
+        gregs.rip = rip;
+        Outcome::Fault(Box::new(GuestFault {
+            vcpu: self.id,
+            vector,
+            error_code,
+            rip,
+            symbol: vm.image.symbolize(rip),
+            cs,
+            rflags,
+            rsp,
+            cr2: sregs.cr2,
+            regs: gregs,
+        }))
+    }
+}
+
+impl Exit {
+    /// Fills in the argument-block address of a hypercall from the synced registers.
+    fn with_gpa(self, vcpu: &Vcpu) -> Exit {
+        match self {
+            Exit::Hypercall { call, .. } => Exit::Hypercall { call, gpa: vcpu.fd.sync_regs().regs.rdi },
+            other => other,
+        }
+    }
+}

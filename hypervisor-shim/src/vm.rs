@@ -1,0 +1,425 @@
+//! One VM: creation (KVM VM, memory, platform structures, kernel image), the shared state its
+//! vCPU threads work on, and the run-to-completion loop.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hypercall_abi::Call;
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+
+use crate::config::{ConfigError, Policy, kernel_cmdline};
+use crate::exit;
+use crate::fault::GuestFault;
+use crate::layout::Layout;
+use crate::loader::{KernelImage, LoaderError};
+use crate::memory::{GuestMemory, MemoryError};
+use crate::platform::{self, BootParams};
+use crate::vcpu::{self, Vcpu, VcpuError};
+
+/// Failures while creating or running a VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("{0}")]
+    KvmUnavailable(String),
+    /// A KVM ioctl on the VM failed.
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel image was refused or could not be loaded.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// A vCPU could not be created or started.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+impl VmError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmError::KvmUnavailable(_) => exit::UNAVAILABLE,
+            VmError::Loader(LoaderError::Read { .. }) => exit::NO_INPUT,
+            VmError::Loader(LoaderError::TooLarge { .. }) | VmError::Config(_) => exit::USAGE,
+            VmError::Loader(_) => exit::IMAGE_REFUSED,
+            VmError::Kvm { .. } | VmError::Memory(_) | VmError::Vcpu(_) => exit::INTERNAL,
+        }
+    }
+}
+
+/// Opens `/dev/kvm`, turning the common failures into one clear line.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(|e| {
+        VmError::KvmUnavailable(match e.errno() {
+            libc::ENOENT => "/dev/kvm does not exist: this machine does not offer KVM".to_string(),
+            libc::EACCES | libc::EPERM => {
+                "permission denied opening /dev/kvm: run as root or add your user to the 'kvm' group".to_string()
+            }
+            _ => format!("cannot open /dev/kvm: {e}"),
+        })
+    })
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Service to start.
+    pub app: String,
+    /// Arguments for the service.
+    pub app_args: Vec<String>,
+    /// Guest log level (`off`..`trace`).
+    pub log_level: String,
+    /// vCPU policy.
+    pub vcpus: Policy,
+    /// Memory policy.
+    pub memory: Policy,
+    /// Stop the run after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The guest called SHUTDOWN.
+    Shutdown {
+        /// Its exit code.
+        code: u32,
+    },
+    /// The guest raised a CPU exception.
+    Fault(Box<GuestFault>),
+    /// The guest touched guest-physical memory that nothing backs.
+    Unbacked {
+        /// The vCPU.
+        vcpu: u32,
+        /// The address.
+        gpa: u64,
+        /// Whether it was a write.
+        write: bool,
+        /// The instruction, with its symbol when known.
+        rip: String,
+    },
+    /// The guest caused an exit the shim does not serve.
+    Unserved {
+        /// The vCPU.
+        vcpu: u32,
+        /// What happened.
+        what: String,
+    },
+    /// The shim itself failed.
+    Internal(String),
+    /// `--timeout` expired.
+    Timeout(Duration),
+}
+
+impl Outcome {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Shutdown { code } => u8::try_from(*code).unwrap_or(exit::GUEST_UNSERVED).min(exit::GUEST_MAX),
+            Outcome::Fault(_) => exit::GUEST_FAULT,
+            Outcome::Unbacked { .. } => exit::GUEST_UNBACKED,
+            Outcome::Unserved { .. } => exit::GUEST_UNSERVED,
+            Outcome::Internal(_) => exit::INTERNAL,
+            Outcome::Timeout(_) => exit::TIMEOUT,
+        }
+    }
+
+    /// A short machine-readable reason (the summary's `exit_reason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Outcome::Shutdown { .. } => "shutdown",
+            Outcome::Fault(_) => "guest_fault",
+            Outcome::Unbacked { .. } => "unbacked_memory",
+            Outcome::Unserved { .. } => "unserved_exit",
+            Outcome::Internal(_) => "internal_error",
+            Outcome::Timeout(_) => "timeout",
+        }
+    }
+
+    /// The diagnosis printed on stderr (`None` for a normal shutdown).
+    pub fn diagnosis(&self) -> Option<String> {
+        match self {
+            Outcome::Shutdown { .. } => None,
+            Outcome::Fault(f) => Some(f.to_string()),
+            Outcome::Unbacked { vcpu, gpa, write, rip } => Some(format!(
+                "guest on vCPU {vcpu} {} guest-physical address {gpa:#x}, which no memory backs (RIP {rip})",
+                if *write { "wrote to" } else { "read from" }
+            )),
+            Outcome::Unserved { vcpu, what } => Some(format!("guest on vCPU {vcpu}: {what}")),
+            Outcome::Internal(what) => Some(format!("shim error: {what}")),
+            Outcome::Timeout(d) => Some(format!("run stopped after the {:.1} s timeout", d.as_secs_f64())),
+        }
+    }
+}
+
+/// Counters kept while the VM runs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Hypercalls served (all kinds, including refused ones).
+    pub hypercalls: AtomicU64,
+    /// Hypercalls per call number (index = number; 0 collects unknown numbers).
+    pub per_call: [AtomicU64; 16],
+    /// Writes to the NOP port.
+    pub nop_exits: AtomicU64,
+    /// Console bytes written.
+    pub console_bytes: AtomicU64,
+}
+
+impl Stats {
+    /// Counts one hypercall with number `n`.
+    pub fn count_call(&self, n: u32) {
+        self.hypercalls.fetch_add(1, Ordering::Relaxed);
+        let i = Call::from_number(n).map_or(0, |c| c.number() as usize);
+        if let Some(c) = self.per_call.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+struct RunState {
+    outcome: Option<Outcome>,
+    threads: Vec<(u32, JoinHandle<()>)>,
+}
+
+/// State shared by the VM's vCPU threads.
+pub struct VmShared {
+    /// The VM's KVM handle.
+    pub fd: VmFd,
+    /// Guest RAM.
+    pub mem: GuestMemory,
+    /// Address map.
+    pub layout: Layout,
+    /// The kernel image (for symbolizing RIPs).
+    pub image: Arc<KernelImage>,
+    /// vCPU policy.
+    pub vcpus: Policy,
+    /// Memory policy.
+    pub memory: Policy,
+    /// CPUID given to every vCPU.
+    pub cpuid: CpuId,
+    /// TSC frequency the guest sees.
+    pub tsc_khz: u64,
+    /// When the shim process started (boot time is measured from here).
+    pub started: Instant,
+    /// Time from `started` to the first HELLO.
+    pub first_hello: OnceLock<Duration>,
+    /// Counters.
+    pub stats: Stats,
+    /// Set once the run is ending; vCPU threads leave their loops.
+    pub stopping: AtomicBool,
+    console: Mutex<Box<dyn Write + Send>>,
+    state: Mutex<RunState>,
+    ended: Condvar,
+}
+
+impl std::fmt::Debug for VmShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmShared").field("layout", &self.layout).field("vcpus", &self.vcpus).finish_non_exhaustive()
+    }
+}
+
+impl VmShared {
+    fn state(&self) -> MutexGuard<'_, RunState> {
+        // A poisoned lock only means a vCPU thread panicked; the state itself is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes guest console bytes to the shim's standard output.
+    pub fn console_write(&self, bytes: &[u8]) {
+        let mut out = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        // A closed stdout must not stop the guest; the bytes are dropped.
+        let _ = out.write_all(bytes).and_then(|_| out.flush());
+        self.stats.console_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Records how the run ended (the first outcome wins) and stops every vCPU.
+    pub fn finish(&self, outcome: Outcome) {
+        let mut st = self.state();
+        if st.outcome.is_none() {
+            st.outcome = Some(outcome);
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        for (_, handle) in &st.threads {
+            vcpu::kick_thread(handle);
+        }
+        self.ended.notify_all();
+    }
+
+    /// Starts `vcpu` on its own thread.
+    pub fn spawn_vcpu(self: &Arc<Self>, vcpu: Vcpu) -> Result<(), VmError> {
+        let id = vcpu.id();
+        let shared = Arc::clone(self);
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu.run(&shared))
+            .map_err(|e| VmError::Vcpu(VcpuError::Thread(e.to_string())))?;
+        let mut st = self.state();
+        if self.stopping.load(Ordering::SeqCst) {
+            vcpu::kick_thread(&handle);
+        }
+        st.threads.push((id, handle));
+        Ok(())
+    }
+}
+
+/// Everything a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Shim start to first HELLO (`None` if the guest never said HELLO).
+    pub boot: Option<Duration>,
+    /// Shim start to the end of the run.
+    pub wall: Duration,
+    /// Hypercalls served.
+    pub hypercalls: u64,
+    /// Hypercalls per call name.
+    pub per_call: Vec<(&'static str, u64)>,
+}
+
+/// A VM ready to run.
+#[derive(Debug)]
+pub struct Vm {
+    shared: Arc<VmShared>,
+    timeout: Option<Duration>,
+    boot_vcpu: Option<Vcpu>,
+}
+
+impl Vm {
+    /// Builds the VM: validates the image, creates the KVM VM and boot memory, writes the
+    /// platform structures and boot info, loads the kernel and prepares vCPU 0.
+    pub fn create(config: &VmConfig, kvm: &Kvm, started: Instant) -> Result<Vm, VmError> {
+        Self::create_with_console(config, kvm, started, Box::new(std::io::stdout()))
+    }
+
+    /// As [`Vm::create`], with guest console output going to `console`.
+    pub fn create_with_console(
+        config: &VmConfig,
+        kvm: &Kvm,
+        started: Instant,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Vm, VmError> {
+        let image = Arc::new(KernelImage::open(&config.kernel)?);
+        let cmdline = kernel_cmdline(&config.app, &[("log", config.log_level.clone())], &config.app_args)?;
+        let layout = Layout::new(config.memory.min, config.memory.burst);
+        if image.end + hypercall_abi::EXTENT_ALIGN > layout.ram_size {
+            return Err(LoaderError::TooLarge { end: image.end, ram: layout.ram_size }.into());
+        }
+        let fd = kvm.create_vm().map_err(|source| VmError::Kvm { what: "create VM", source })?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Kvm { what: "get supported CPUID", source })?;
+        let mem = GuestMemory::new(layout.ram_size)?;
+        mem.register_boot_slot(&fd)?;
+        platform::write_descriptor_tables(&mem)?;
+        platform::write_page_tables(&mem, &layout)?;
+        image.load(&mem)?;
+        let mut shared = VmShared {
+            fd,
+            mem,
+            layout,
+            image: Arc::clone(&image),
+            vcpus: config.vcpus,
+            memory: config.memory,
+            cpuid,
+            tsc_khz: 0,
+            started,
+            first_hello: OnceLock::new(),
+            stats: Stats::default(),
+            stopping: AtomicBool::new(false),
+            console: Mutex::new(console),
+            state: Mutex::new(RunState { outcome: None, threads: Vec::new() }),
+            ended: Condvar::new(),
+        };
+        let boot_vcpu = Vcpu::create(&shared, 0)?;
+        shared.tsc_khz = boot_vcpu.tsc_khz();
+        platform::write_boot_info(
+            &shared.mem,
+            &BootParams {
+                layout,
+                heap_base: image.end.next_multiple_of(4096),
+                tsc_khz: shared.tsc_khz,
+                cmdline: &cmdline,
+                vcpus: config.vcpus,
+                memory: config.memory,
+            },
+        )?;
+        boot_vcpu.enter(image.entry, 0, hypercall_abi::BOOT_INFO_ADDR, 0)?;
+        Ok(Vm { shared: Arc::new(shared), timeout: config.timeout, boot_vcpu: Some(boot_vcpu) })
+    }
+
+    /// The shared state (for tests and tools).
+    pub fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+
+    /// Runs the VM until it shuts down, fails or times out.
+    pub fn run(mut self) -> RunReport {
+        let shared = Arc::clone(&self.shared);
+        if let Some(v) = self.boot_vcpu.take()
+            && let Err(e) = shared.spawn_vcpu(v)
+        {
+            shared.finish(Outcome::Internal(e.to_string()));
+        }
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        {
+            let mut st = shared.state();
+            while st.outcome.is_none() {
+                match deadline {
+                    None => st = shared.ended.wait(st).unwrap_or_else(|p| p.into_inner()),
+                    Some(d) => {
+                        let now = Instant::now();
+                        if now >= d {
+                            drop(st);
+                            shared.finish(Outcome::Timeout(self.timeout.unwrap_or_default()));
+                            st = shared.state();
+                            continue;
+                        }
+                        st = shared.ended.wait_timeout(st, d - now).unwrap_or_else(|p| p.into_inner()).0;
+                    }
+                }
+            }
+        }
+        // Join every vCPU thread; new ones cannot start once `stopping` is set.
+        loop {
+            let next = shared.state().threads.pop();
+            match next {
+                Some((_, h)) => {
+                    let _ = h.join();
+                }
+                None => break,
+            }
+        }
+        let wall = shared.started.elapsed();
+        let outcome = shared.state().outcome.clone().unwrap_or(Outcome::Internal("no outcome recorded".into()));
+        let per_call = Call::ALL
+            .iter()
+            .map(|c| (c.name(), shared.stats.per_call[c.number() as usize].load(Ordering::Relaxed)))
+            .collect();
+        RunReport {
+            outcome,
+            boot: shared.first_hello.get().copied(),
+            wall,
+            hypercalls: shared.stats.hypercalls.load(Ordering::Relaxed),
+            per_call,
+        }
+    }
+}

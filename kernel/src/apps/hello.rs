@@ -1,0 +1,34 @@
+//! `hello`: prints a banner naming the ABI version, the vCPUs and memory the VM was given.
+
+use hypercall_abi::{ABI_VERSION, exit_code};
+
+use super::{App, Env};
+use crate::{heap, println, time};
+
+/// The `hello` service.
+pub const APP: App = App { name: "hello", usage: "", about: "print a banner with the VM's resources and exit", main };
+
+const MIB: u64 = 1024 * 1024;
+
+fn main(env: &Env<'_>) -> u32 {
+    let (vcpus, memory) = match env.hello {
+        Some(h) => (h.vcpus, h.memory),
+        None => (env.boot.vcpus, env.boot.memory),
+    };
+    let heap = heap::stats();
+    let (khz, known) = time::tsc_khz();
+    println!("Hello from the elastic unikernel! (ABI v{ABI_VERSION})");
+    println!("  platform : {}", env.platform.describe());
+    println!("  vCPUs    : 1 online (policy min {} / max {} / burst {})", vcpus.min, vcpus.max, vcpus.burst);
+    println!(
+        "  memory   : {} MiB boot, heap {} KiB free of {} KiB (policy min {} / max {} / burst {} MiB)",
+        env.boot.ram_size / MIB,
+        heap.available / 1024,
+        heap.claimed / 1024,
+        memory.min / MIB,
+        memory.max / MIB,
+        memory.burst / MIB
+    );
+    println!("  TSC      : {khz} kHz{}", if known { "" } else { " (assumed: not reported)" });
+    exit_code::SUCCESS
+}

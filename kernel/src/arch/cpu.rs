@@ -1,0 +1,67 @@
+//! CPU helpers that are legal at CPL 3 with IOPL = 3: the hypercall `out`, port I/O, `rdtsc`,
+//! `cpuid` and `pause`.
+
+use core::arch::asm;
+
+use hypercall_abi::HYPERCALL_PORT;
+
+/// Executes one hypercall: `out dx, eax` with the call number in `eax` and the argument
+/// block's guest-physical address in `rdi`. Returns `eax` afterwards: the host leaves the
+/// status there too (so a call whose block it could not read still gets an answer); when no
+/// host answered it still holds `call`.
+///
+/// # Safety
+///
+/// `block` must be the address of a live, correctly laid out argument block for `call`; the
+/// host writes results into it before the instruction completes.
+#[inline(always)]
+pub unsafe fn hypercall(call: u32, block: u64) -> u32 {
+    let eax: u32;
+    // SAFETY: the caller guarantees `block` is a valid argument block. At CPL 3 the `out` is
+    // permitted (IOPL = 3 and the TSS I/O bitmap); it touches no stack and preserves flags.
+    // The asm is not marked `nomem`, so the compiler treats the block (whose address escapes
+    // here) as read and written; `eax` is an output because the host replaces it.
+    unsafe {
+        asm!("out dx, eax", in("dx") HYPERCALL_PORT, inout("eax") call => eax, in("rdi") block,
+             options(nostack, preserves_flags));
+    }
+    eax
+}
+
+/// Writes a 32-bit value to an I/O port.
+///
+/// # Safety
+///
+/// The port must belong to a device the caller owns (only used in QEMU mode).
+#[inline(always)]
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: the caller owns the port; IOPL = 3 permits the instruction.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, nomem, preserves_flags)) };
+}
+
+/// Reads the time-stamp counter (permitted at CPL 3: the shim leaves CR4.TSD clear).
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: `rdtsc` has no memory effects and is allowed at CPL 3.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Runs `cpuid` for `leaf`/`subleaf`, returning `(eax, ebx, ecx, edx)`.
+#[inline]
+pub fn cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    (r.eax, r.ebx, r.ecx, r.edx)
+}
+
+/// A spin-wait hint.
+#[inline(always)]
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+/// Stops this vCPU for good when nothing else can be done (after a failed shutdown).
+pub fn halt_forever() -> ! {
+    loop {
+        pause();
+    }
+}

@@ -1,0 +1,48 @@
+//! The shim's entry point `_start` and the boot stack.
+//!
+//! The shim enters vCPU 0 here directly at CPL 3 in 64-bit mode with IOPL = 3, `rdi` = the
+//! guest-physical address of the boot-info block and `rsi` = the vCPU id (0).
+
+use core::arch::global_asm;
+
+use hypercall_abi::BootInfo;
+
+/// Size of the boot vCPU's stack.
+pub const BOOT_STACK_SIZE: usize = 256 * 1024;
+
+global_asm!(
+    r#"
+    .section .text.entry, "ax", @progbits
+    .global _start
+_start:
+    leaq boot_stack_top(%rip), %rsp
+    xorl %ebp, %ebp
+    call kernel_start_shim
+    ud2
+
+    .section .bss.boot_stack, "aw", @nobits
+    .balign 4096
+    .global boot_stack_bottom
+boot_stack_bottom:
+    .skip {size}
+    .global boot_stack_top
+boot_stack_top:
+"#,
+    size = const BOOT_STACK_SIZE,
+    options(att_syntax)
+);
+
+/// Rust side of `_start`: validates the boot-info block and enters the kernel.
+#[unsafe(no_mangle)]
+extern "C" fn kernel_start_shim(boot_info: u64, _vcpu: u64) -> ! {
+    let ptr = boot_info as *const BootInfo;
+    // SAFETY: the shim put a `BootInfo` at this identity-mapped address (readable at CPL 3).
+    // It is only read, and it is plain data, so any bit pattern is a valid value.
+    let info = unsafe { ptr.read_volatile() };
+    if !info.is_valid() {
+        // Without a valid block there is no command line and no memory map; all that can be
+        // done is to stop with a distinctive code.
+        crate::platform::exit(hypercall_abi::exit_code::BAD_COMMAND_LINE);
+    }
+    crate::kernel_main(info)
+}

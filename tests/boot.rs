@@ -1,0 +1,165 @@
+//! Foundation integration tests: boot the real kernel image under the real shim on /dev/kvm
+//! (and under QEMU when it is installed) and check what the guest printed, the exit codes,
+//! the diagnoses and the JSON summary.
+
+mod common;
+
+use common::*;
+
+const BANNER: &str = "Hello from the elastic unikernel! (ABI v1)";
+
+#[test]
+fn hello_prints_the_banner_and_exits_zero() {
+    let r = shim(&["run", "--app", "hello", "--timeout", "60"]);
+    r.expect_code(0);
+    assert!(r.stdout.contains(BANNER), "{}", r.stdout);
+    assert!(r.stdout.contains("platform : hypervisor-shim"), "{}", r.stdout);
+    assert!(r.stdout.contains("vCPUs    : 1 online (policy min 1 / max 1 / burst 1)"), "{}", r.stdout);
+    assert!(r.stdout.contains("memory   : 64 MiB boot"), "{}", r.stdout);
+}
+
+#[test]
+fn run_is_the_default_subcommand_and_flags_reach_the_banner() {
+    let r = shim(&["--memory", "32M", "--timeout", "60"]);
+    r.expect_code(0);
+    assert!(r.stdout.contains("memory   : 32 MiB boot"), "{}", r.stdout);
+}
+
+#[test]
+fn summary_has_the_foundation_keys() {
+    let dir = temp_dir("summary");
+    let path = dir.join("s.json");
+    shim(&["run", "--app", "hello", "--summary", path.to_str().unwrap(), "--timeout", "60"]).expect_code(0);
+    let s = read_json(&path);
+    assert_eq!(s["exit_code"], 0);
+    assert_eq!(s["exit_reason"], "shutdown");
+    let boot = s["boot_us"].as_u64().expect("boot_us is a number");
+    let wall = s["wall_us"].as_u64().expect("wall_us is a number");
+    assert!(boot > 0 && boot <= wall, "boot {boot} wall {wall}");
+    // HELLO, at least one CONSOLE_WRITE, SHUTDOWN.
+    assert!(s["hypercalls"].as_u64().unwrap() >= 3, "{s}");
+    assert_eq!(s["hypercalls_by_call"]["hello"], 1);
+    assert_eq!(s["hypercalls_by_call"]["shutdown"], 1);
+}
+
+#[test]
+fn panic_reports_file_and_line_and_exits_with_the_panic_code() {
+    let r = shim(&["run", "--app", "panic", "--timeout", "60"]);
+    r.expect_code(2);
+    let line = r.stdout.lines().find(|l| l.contains("kernel panic at")).unwrap_or_else(|| panic!("{}", r.stdout));
+    // "!!! kernel panic at kernel/src/apps/faults.rs:16:5: the 'panic' service panicked on purpose"
+    let location = line.split("kernel panic at ").nth(1).unwrap();
+    let mut parts = location.splitn(3, ':');
+    assert_eq!(parts.next(), Some("kernel/src/apps/faults.rs"));
+    assert!(parts.next().unwrap().parse::<u32>().is_ok(), "{line}");
+    assert!(line.contains("panicked on purpose"), "{line}");
+}
+
+#[test]
+fn fault_is_diagnosed_with_vector_and_address() {
+    let r = shim(&["run", "--app", "fault", "--timeout", "60"]);
+    r.expect_code(71);
+    assert!(r.stderr.contains("vector 14 (#PF page fault)"), "{}", r.stderr);
+    assert!(r.stderr.contains("faulting address (CR2): 0x400000000000"), "{}", r.stderr);
+    assert!(r.stderr.contains("<kernel::apps::faults::fault_main"), "{}", r.stderr);
+    assert!(r.stderr.contains("CPL 3"), "{}", r.stderr);
+}
+
+#[test]
+fn spin_runs_natively_at_cpl3() {
+    let r = shim(&["run", "--app", "spin", "--timeout", "60", "--", "200000000"]);
+    r.expect_code(0);
+    // "spin: N iterations in X ms (Y ns/iteration, ...)"
+    let line = r.stdout.lines().find(|l| l.starts_with("spin:")).unwrap_or_else(|| panic!("{}", r.stdout));
+    let per_iter: f64 = line.split('(').nth(1).and_then(|t| t.split(' ').next()).and_then(|v| v.parse().ok()).unwrap();
+    // Native: about a cycle per iteration. Emulated CPL 0 on this kind of host: ~460 ns.
+    assert!(per_iter < 50.0, "{per_iter} ns/iteration looks emulated: {line}");
+}
+
+#[test]
+fn unknown_service_is_a_clean_guest_error() {
+    let r = shim(&["run", "--app", "no-such-service", "--timeout", "60"]);
+    r.expect_code(4);
+    assert!(r.stdout.contains("no service named 'no-such-service'"), "{}", r.stdout);
+    assert!(r.stdout.contains("hello"), "the list of services is shown: {}", r.stdout);
+}
+
+/// Copies the kernel with `edit` applied to the bytes of its ABI note.
+fn kernel_with_patched_note(name: &str, edit: impl Fn(&mut [u8])) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(kernel_image()).expect("kernel image");
+    let needle = b"ELASTIC\0";
+    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("the kernel carries the ABI note");
+    // The note is namesz(4) descsz(4) type(4) name(8) desc(8): `at` points at the name.
+    edit(&mut bytes[at - 12..at + 16]);
+    let path = temp_dir(name).join("kernel");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn image_without_the_abi_note_is_refused_before_any_vm() {
+    let k = kernel_with_patched_note("no-note", |note| note[12..19].copy_from_slice(b"NOTELAS"));
+    let r = shim(&["run", "--kernel", k.to_str().unwrap(), "--timeout", "60"]);
+    r.expect_code(65);
+    assert_eq!(r.stderr.lines().count(), 1, "one-line reason: {}", r.stderr);
+    assert!(r.stderr.contains("has no ELASTIC ABI note"), "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "the guest never ran: {}", r.stdout);
+}
+
+#[test]
+fn image_with_another_abi_version_is_refused() {
+    let k = kernel_with_patched_note("v7", |note| note[20..24].copy_from_slice(&7u32.to_le_bytes()));
+    let r = shim(&["run", "--kernel", k.to_str().unwrap(), "--timeout", "60"]);
+    r.expect_code(65);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("speaks hypercall ABI v7; this shim speaks v1"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+}
+
+#[test]
+fn bad_flags_and_paths_get_one_line_errors() {
+    for (args, code, needle) in [
+        (&["--vcpus", "4:2:8"][..], 64, "min <= max <= burst"),
+        (&["--memory", "64M:1G:2G:3G"][..], 64, "MIN:MAX:BURST"),
+        (&["--memory", "5M"][..], 64, "at least 8M"),
+        (&["--timeout", "soon"][..], 64, "not a positive number"),
+        (&["--no-such-flag"][..], 64, "--no-such-flag"),
+        (&["--kernel", "/nonexistent/kernel"][..], 66, "cannot read kernel image"),
+        (&["--app", "two words"][..], 64, "service name"),
+        (&["--", "an arg"][..], 64, "contains whitespace"),
+    ] {
+        let r = shim(args);
+        assert_eq!(r.code, Some(code), "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{args:?}: {}", r.stderr);
+        assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn hello_boots_under_qemu() {
+    if !qemu_installed() {
+        println!("skipped: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        return;
+    }
+    let r = shim(&["qemu", "--app", "hello", "--timeout", "120"]);
+    r.expect_code(0);
+    assert!(r.stdout.contains(BANNER), "{}", r.stdout);
+    assert!(r.stdout.contains("platform : QEMU"), "{}", r.stdout);
+    assert!(r.stderr.contains("[qemu] accelerator:"), "{}", r.stderr);
+}
+
+#[test]
+fn qemu_maps_panics_and_faults_to_the_same_codes() {
+    if !qemu_installed() {
+        println!("skipped: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        return;
+    }
+    let r = shim(&["qemu", "--app", "panic", "--timeout", "120"]);
+    r.expect_code(2);
+    assert!(r.stdout.contains("kernel panic at kernel/src/apps/faults.rs:"), "{}", r.stdout);
+    let r = shim(&["qemu", "--app", "fault", "--timeout", "120"]);
+    r.expect_code(71);
+    assert!(r.stdout.contains("vector 0x000000000000000e"), "{}", r.stdout);
+    assert!(r.stdout.contains("cr2 0x0000400000000000"), "{}", r.stdout);
+}

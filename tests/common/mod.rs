@@ -1,0 +1,83 @@
+//! Helpers shared by the integration tests: run the real shim binary on the real kernel image
+//! and capture what it printed.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The shim binary cargo built for these tests.
+pub const SHIM: &str = env!("CARGO_BIN_EXE_hypervisor-shim");
+
+/// What one run of the shim produced.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    /// Guest console (standard output).
+    pub stdout: String,
+    /// Shim diagnostics (standard error).
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// Asserts the exit code, showing both streams on failure.
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "unexpected exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Runs the shim with `args` and captures its output.
+pub fn shim(args: &[&str]) -> Run {
+    require_kvm();
+    Command::new(SHIM).args(args).output().expect("the shim binary runs").into()
+}
+
+/// Fails the test with a clear reason when /dev/kvm cannot be used: these tests boot real
+/// VMs, and passing without KVM would prove nothing.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("these integration tests need a usable /dev/kvm ({e}); run them on a machine with KVM");
+    }
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("elastic-shim-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Reads a JSON file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}\n{text}", path.display()))
+}
+
+/// The kernel image the shim was built with (`KERNEL_PATH` from the shim's build script).
+pub fn kernel_image() -> PathBuf {
+    PathBuf::from(env!("KERNEL_PATH"))
+}
+
+/// Whether QEMU is installed.
+pub fn qemu_installed() -> bool {
+    Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
+}
