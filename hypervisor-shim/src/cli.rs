@@ -2,15 +2,18 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::bench;
 use crate::config::{Policy, parse_memory_policy, parse_size, parse_vcpu_policy};
 use crate::exit;
+use crate::loader::KernelImage;
 use crate::qemu::{self, Accel, QemuConfig};
 use crate::summary::Summary;
-use crate::vm::{Vm, VmConfig, open_kvm};
+use crate::vm::{Vm, VmConfig, VmError, open_kvm};
 
 /// The kernel image built together with this shim.
 pub const BUILT_KERNEL: &str = env!("KERNEL_PATH");
@@ -42,6 +45,21 @@ enum Command {
     Run(RunArgs),
     /// Boot the same kernel under QEMU (PVH entry, COM1 console, isa-debug-exit).
     Qemu(QemuArgs),
+    /// Measure boot time and the elasticity operations; write the medians as JSON.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+struct BenchArgs {
+    /// Where to write the JSON results.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Repetitions per figure (medians are reported).
+    #[arg(long, value_name = "N", default_value = "20", value_parser = clap::value_parser!(u32).range(1..=10000))]
+    runs: u32,
+    /// Kernel ELF to measure [default: the image built with this shim].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
 }
 
 /// Options shared by every way of booting a kernel.
@@ -111,7 +129,11 @@ fn parse_qemu_memory(s: &str) -> Result<u64, String> {
 }
 
 fn kernel_path(guest: &GuestArgs) -> PathBuf {
-    guest.kernel.clone().unwrap_or_else(|| PathBuf::from(BUILT_KERNEL))
+    default_kernel(&guest.kernel)
+}
+
+fn default_kernel(given: &Option<PathBuf>) -> PathBuf {
+    given.clone().unwrap_or_else(|| PathBuf::from(BUILT_KERNEL))
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -119,8 +141,9 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Parses the command line and runs it; returns the process exit code.
-pub fn main(started: Instant) -> ExitCode {
+/// Parses the command line and runs it; returns the process exit code. `started` and
+/// `started_monotonic_ns` are taken at the top of `main`.
+pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -136,16 +159,15 @@ pub fn main(started: Instant) -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Run(args)) => run(args, started),
-        None => run(cli.run, started),
+        Some(Command::Run(args)) => run(args, started, started_monotonic_ns),
+        None => run(cli.run, started, started_monotonic_ns),
         Some(Command::Qemu(args)) => run_qemu(args),
+        Some(Command::Bench(args)) => run_bench(args),
     }
 }
 
-fn run(args: RunArgs, started: Instant) -> ExitCode {
-    let kernel = kernel_path(&args.guest);
+fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
     let config = VmConfig {
-        kernel,
         app: args.guest.app.clone(),
         app_args: args.guest.args.clone(),
         log_level: args.guest.log.clone(),
@@ -154,15 +176,18 @@ fn run(args: RunArgs, started: Instant) -> ExitCode {
         timeout: args.guest.timeout,
     };
     // Refuse a bad image before touching KVM at all.
-    if let Err(e) = crate::loader::KernelImage::open(&config.kernel) {
-        let err = crate::vm::VmError::from(e);
-        return fail(err.exit_code(), err);
-    }
+    let image = match KernelImage::open(&kernel_path(&args.guest)) {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            let err = VmError::from(e);
+            return fail(err.exit_code(), err);
+        }
+    };
     let kvm = match open_kvm() {
         Ok(k) => k,
         Err(e) => return fail(e.exit_code(), e),
     };
-    let vm = match Vm::create(&config, &kvm, started) {
+    let vm = match Vm::create(&config, image, &kvm, started) {
         Ok(vm) => vm,
         Err(e) => return fail(e.exit_code(), e),
     };
@@ -172,13 +197,45 @@ fn run(args: RunArgs, started: Instant) -> ExitCode {
     }
     let mut code = report.outcome.exit_code();
     if let Some(path) = &args.summary {
-        let summary = Summary::new(&report, &config.app, config.vcpus, config.memory);
+        let summary = Summary::new(&report, &config.app, config.vcpus, config.memory, started_monotonic_ns);
         if let Err(e) = summary.write(path) {
             eprintln!("hypervisor-shim: cannot write summary {}: {e}", path.display());
             code = exit::IO_ERROR;
         }
     }
     ExitCode::from(code)
+}
+
+fn run_bench(args: BenchArgs) -> ExitCode {
+    let shim = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return fail(exit::INTERNAL, format_args!("cannot find this program's path: {e}")),
+    };
+    let kernel = default_kernel(&args.kernel);
+    if let Err(e) = KernelImage::open(&kernel) {
+        let err = VmError::from(e);
+        return fail(err.exit_code(), err);
+    }
+    if let Err(e) = open_kvm() {
+        return fail(e.exit_code(), e);
+    }
+    let opts = bench::BenchOptions { shim, kernel, runs: args.runs as usize };
+    let report = match bench::run(&opts) {
+        Ok(r) => r,
+        Err(e) => return fail(exit::INTERNAL, e),
+    };
+    if let Err(e) = bench::write(&report, &args.out) {
+        return fail(exit::IO_ERROR, e);
+    }
+    eprintln!(
+        "bench: boot {:.0} µs (from spawn {:.0} µs; process floor {:.0} µs), {} runs -> {}",
+        report.boot_us,
+        report.boot_from_spawn_us,
+        report.process_spawn_floor_us,
+        report.runs,
+        args.out.display()
+    );
+    ExitCode::SUCCESS
 }
 
 fn run_qemu(args: QemuArgs) -> ExitCode {

@@ -4,9 +4,10 @@
 //! Modules: [`config`] (flags and policies), [`loader`] (kernel ELF), [`layout`] and
 //! [`platform`] (the guest-physical map and the privileged structures built in it),
 //! [`memory`] (guest RAM), [`vm`] and [`vcpu`] (KVM objects and threads), [`hypercall`]
-//! (dispatch), [`fault`] (diagnoses), [`summary`] (JSON), [`qemu`] (the QEMU path) and
-//! [`cli`].
+//! (dispatch), [`fault`] (diagnoses), [`summary`] (JSON), [`qemu`] (the QEMU path),
+//! [`bench`] (measurements) and [`cli`].
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod exit;

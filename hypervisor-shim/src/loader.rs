@@ -84,7 +84,7 @@ pub struct Segment {
     pub filesz: u64,
 }
 
-/// A function symbol, for naming the RIP in a fault diagnosis.
+/// A function symbol (mangled name), for naming the RIP in a fault diagnosis.
 #[derive(Debug, Clone)]
 struct Symbol {
     addr: u64,
@@ -203,7 +203,8 @@ impl KernelImage {
         let i = self.symbols.partition_point(|s| s.addr <= addr).checked_sub(1)?;
         let s = &self.symbols[i];
         let off = addr - s.addr;
-        (off < s.size.max(1)).then(|| format!("{}+{off:#x}", s.name))
+        // Demangled only here: demangling every symbol up front would slow boot down.
+        (off < s.size.max(1)).then(|| format!("{:#}+{off:#x}", rustc_demangle::demangle(&s.name)))
     }
 }
 

@@ -6,5 +6,6 @@ use std::time::Instant;
 fn main() -> ExitCode {
     // Boot time is measured from here.
     let started = Instant::now();
-    hypervisor_shim::cli::main(started)
+    let started_monotonic_ns = hypervisor_shim::bench::now_monotonic_ns();
+    hypervisor_shim::cli::main(started, started_monotonic_ns)
 }

@@ -37,6 +37,9 @@ pub struct Summary {
     pub boot_us: Option<u64>,
     /// Shim process start to the end of the run, in µs.
     pub wall_us: u64,
+    /// CLOCK_MONOTONIC (ns) at shim `main` entry, so an external tool can add the process
+    /// start-up it measured itself.
+    pub started_monotonic_ns: u64,
     /// Hypercalls served.
     pub hypercalls: u64,
     /// Hypercalls per call.
@@ -51,12 +54,13 @@ pub struct Summary {
 
 impl Summary {
     /// Builds a summary from a finished run.
-    pub fn new(report: &RunReport, app: &str, vcpus: Policy, memory: Policy) -> Self {
+    pub fn new(report: &RunReport, app: &str, vcpus: Policy, memory: Policy, started_monotonic_ns: u64) -> Self {
         Summary {
             exit_code: report.outcome.exit_code(),
             exit_reason: report.outcome.reason().to_string(),
             boot_us: report.boot.map(|d| d.as_micros() as u64),
             wall_us: report.wall.as_micros() as u64,
+            started_monotonic_ns,
             hypercalls: report.hypercalls,
             hypercalls_by_call: report.per_call.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             app: app.to_string(),

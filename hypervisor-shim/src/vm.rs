@@ -2,7 +2,6 @@
 //! vCPU threads work on, and the run-to-completion loop.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
@@ -79,8 +78,6 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    /// Kernel image.
-    pub kernel: PathBuf,
     /// Service to start.
     pub app: String,
     /// Arguments for the service.
@@ -304,20 +301,20 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Builds the VM: validates the image, creates the KVM VM and boot memory, writes the
-    /// platform structures and boot info, loads the kernel and prepares vCPU 0.
-    pub fn create(config: &VmConfig, kvm: &Kvm, started: Instant) -> Result<Vm, VmError> {
-        Self::create_with_console(config, kvm, started, Box::new(std::io::stdout()))
+    /// Builds the VM from an already validated `image`: creates the KVM VM and boot memory,
+    /// writes the platform structures and boot info, loads the kernel and prepares vCPU 0.
+    pub fn create(config: &VmConfig, image: Arc<KernelImage>, kvm: &Kvm, started: Instant) -> Result<Vm, VmError> {
+        Self::create_with_console(config, image, kvm, started, Box::new(std::io::stdout()))
     }
 
     /// As [`Vm::create`], with guest console output going to `console`.
     pub fn create_with_console(
         config: &VmConfig,
+        image: Arc<KernelImage>,
         kvm: &Kvm,
         started: Instant,
         console: Box<dyn Write + Send>,
     ) -> Result<Vm, VmError> {
-        let image = Arc::new(KernelImage::open(&config.kernel)?);
         let cmdline = kernel_cmdline(&config.app, &[("log", config.log_level.clone())], &config.app_args)?;
         let layout = Layout::new(config.memory.min, config.memory.burst);
         if image.end + hypercall_abi::EXTENT_ALIGN > layout.ram_size {
