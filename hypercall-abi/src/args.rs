@@ -190,6 +190,8 @@ pub mod exit_code {
     pub const OUT_OF_MEMORY: u32 = 3;
     /// The command line named no known service or carried bad arguments.
     pub const BAD_COMMAND_LINE: u32 = 4;
+    /// The host asked the VM to stop (a STOP notice) and the service wound down.
+    pub const STOPPED: u32 = 5;
 }
 
 /// [`Call::Shutdown`]: stop the whole VM with `code`.
@@ -216,5 +218,236 @@ impl ShutdownArgs {
     /// A request to stop with `code`.
     pub const fn new(code: u32) -> Self {
         ShutdownArgs { header: Header::pending(), code, reserved0: 0, reserved: [0; 2] }
+    }
+}
+
+/// [`Call::Ping`]: answered with `OK` and nothing else. Measures the cost of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct PingArgs {
+    /// Status header.
+    pub header: Header,
+    /// *reserved*.
+    pub reserved: [u64; 1],
+}
+
+arg_block!(PingArgs, Call::Ping, 16);
+
+impl PingArgs {
+    /// A ping.
+    pub const fn new() -> Self {
+        PingArgs { header: Header::pending(), reserved: [0] }
+    }
+}
+
+impl Default for PingArgs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// [`Call::VcpuUp`]: bring one more vCPU online.
+///
+/// The new vCPU starts at CPL 3 in the same machine state as vCPU 0 (section 2 of
+/// `docs/abi.md`) with `rip = entry`, `rsp = stack`, `rdi = arg`, `rsi =` its id. The host
+/// reuses a vCPU that went down when it has one. Statuses: `OK` (`vcpu_id` set; the new vCPU
+/// may already be running); `DENIED` when the VM already holds its policy's ceiling (burst,
+/// or max when burst credit is exhausted); `EXHAUSTED` when the host pool has no vCPU slot;
+/// `INVALID` when `entry` or `stack - 8` is not in guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct VcpuUpArgs {
+    /// Status header.
+    pub header: Header,
+    /// *in*: entry point.
+    pub entry: u64,
+    /// *in*: initial stack pointer (the stack grows down from here).
+    pub stack: u64,
+    /// *in*: value for `rdi` at entry.
+    pub arg: u64,
+    /// *out*: the new vCPU's id.
+    pub vcpu_id: u32,
+    /// *reserved*.
+    pub reserved0: u32,
+    /// *reserved*.
+    pub reserved: [u64; 2],
+}
+
+arg_block!(VcpuUpArgs, Call::VcpuUp, 56);
+const _: () = assert!(offset_of!(VcpuUpArgs, entry) == 8);
+const _: () = assert!(offset_of!(VcpuUpArgs, stack) == 16);
+const _: () = assert!(offset_of!(VcpuUpArgs, arg) == 24);
+const _: () = assert!(offset_of!(VcpuUpArgs, vcpu_id) == 32);
+
+impl VcpuUpArgs {
+    /// A request to start a vCPU at `entry` on `stack` with `arg`.
+    pub const fn new(entry: u64, stack: u64, arg: u64) -> Self {
+        VcpuUpArgs { header: Header::pending(), entry, stack, arg, vcpu_id: 0, reserved0: 0, reserved: [0; 2] }
+    }
+}
+
+/// Why a [`Call::Block`] returned (bits of [`BlockArgs::woken_by`]).
+pub mod wake {
+    /// Another vCPU (or the host) kicked this one.
+    pub const KICK: u32 = 1 << 0;
+    /// A host notice was posted (see [`crate::NoticePage`]).
+    pub const NOTICE: u32 = 1 << 1;
+    /// The timeout elapsed.
+    pub const TIMEOUT: u32 = 1 << 2;
+}
+
+/// `BlockArgs::timeout_ns` value meaning "no timeout".
+pub const BLOCK_FOREVER: u64 = u64::MAX;
+
+/// [`Call::Block`]: sleep until kicked, a host notice, or `timeout_ns` elapses.
+///
+/// A kick or notice that arrived since the vCPU's previous BLOCK returned makes this one
+/// return at once, so a wake-up racing with the decision to sleep is never lost. A blocked
+/// vCPU costs the host no CPU. Statuses: `OK` (`woken_by` says why).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct BlockArgs {
+    /// Status header.
+    pub header: Header,
+    /// *in*: longest sleep in nanoseconds ([`BLOCK_FOREVER`] for none; 0 only collects
+    /// pending wake-ups).
+    pub timeout_ns: u64,
+    /// *out*: [`wake`] bits.
+    pub woken_by: u32,
+    /// *reserved*.
+    pub reserved0: u32,
+    /// *reserved*.
+    pub reserved: [u64; 2],
+}
+
+arg_block!(BlockArgs, Call::Block, 40);
+const _: () = assert!(offset_of!(BlockArgs, timeout_ns) == 8);
+const _: () = assert!(offset_of!(BlockArgs, woken_by) == 16);
+
+impl BlockArgs {
+    /// A block of at most `timeout_ns`.
+    pub const fn new(timeout_ns: u64) -> Self {
+        BlockArgs { header: Header::pending(), timeout_ns, woken_by: 0, reserved0: 0, reserved: [0; 2] }
+    }
+}
+
+/// [`Call::Kick`]: wake vCPU `vcpu_id`.
+///
+/// A blocked target returns from BLOCK with [`wake::KICK`]; a running target is forced out of
+/// the hypervisor's run loop and its next BLOCK returns at once. Statuses: `OK`; `INVALID`
+/// when `vcpu_id` is not an online vCPU of this VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct KickArgs {
+    /// Status header.
+    pub header: Header,
+    /// *in*: the vCPU to wake.
+    pub vcpu_id: u32,
+    /// *reserved*.
+    pub reserved0: u32,
+    /// *reserved*.
+    pub reserved: [u64; 1],
+}
+
+arg_block!(KickArgs, Call::Kick, 24);
+const _: () = assert!(offset_of!(KickArgs, vcpu_id) == 8);
+
+impl KickArgs {
+    /// A kick of `vcpu_id`.
+    pub const fn new(vcpu_id: u32) -> Self {
+        KickArgs { header: Header::pending(), vcpu_id, reserved0: 0, reserved: [0] }
+    }
+}
+
+/// [`Call::Events`]: fetch and acknowledge the pending host notices.
+///
+/// Returns every notice posted since the last EVENTS and clears them. Statuses: `OK`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct EventsArgs {
+    /// Status header.
+    pub header: Header,
+    /// *out*: [`crate::notice`] bits that were pending.
+    pub pending: u64,
+    /// *out*: for a vCPU reclaim, how many vCPUs to come down to.
+    pub vcpu_target: u64,
+    /// *out*: for a memory reclaim, how many bytes to come down to.
+    pub memory_target: u64,
+    /// *out*: time the host allows for a reclaim, in nanoseconds.
+    pub grace_ns: u64,
+    /// *reserved*.
+    pub reserved: [u64; 4],
+}
+
+arg_block!(EventsArgs, Call::Events, 72);
+const _: () = assert!(offset_of!(EventsArgs, pending) == 8);
+const _: () = assert!(offset_of!(EventsArgs, vcpu_target) == 16);
+const _: () = assert!(offset_of!(EventsArgs, memory_target) == 24);
+const _: () = assert!(offset_of!(EventsArgs, grace_ns) == 32);
+
+impl EventsArgs {
+    /// An EVENTS request.
+    pub const fn new() -> Self {
+        EventsArgs {
+            header: Header::pending(),
+            pending: 0,
+            vcpu_target: 0,
+            memory_target: 0,
+            grace_ns: 0,
+            reserved: [0; 4],
+        }
+    }
+}
+
+impl Default for EventsArgs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// [`Call::Report`]: the guest's load figures, recorded in the host's timeline.
+///
+/// Statuses: `OK`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct ReportArgs {
+    /// Status header.
+    pub header: Header,
+    /// *in*: tasks ready to run (queued, not running).
+    pub runnable: u64,
+    /// *in*: vCPUs the guest counts as online.
+    pub online_vcpus: u64,
+    /// *in*: of those, how many are idle.
+    pub idle_vcpus: u64,
+    /// *in*: heap bytes in use.
+    pub heap_used: u64,
+    /// *in*: heap bytes free.
+    pub heap_free: u64,
+    /// *in*: a service-defined figure (e.g. work done).
+    pub user: u64,
+    /// *reserved*.
+    pub reserved: [u64; 2],
+}
+
+arg_block!(ReportArgs, Call::Report, 72);
+const _: () = assert!(offset_of!(ReportArgs, runnable) == 8);
+const _: () = assert!(offset_of!(ReportArgs, online_vcpus) == 16);
+const _: () = assert!(offset_of!(ReportArgs, idle_vcpus) == 24);
+const _: () = assert!(offset_of!(ReportArgs, heap_used) == 32);
+const _: () = assert!(offset_of!(ReportArgs, heap_free) == 40);
+const _: () = assert!(offset_of!(ReportArgs, user) == 48);
+
+impl Default for ReportArgs {
+    fn default() -> Self {
+        ReportArgs {
+            header: Header::pending(),
+            runnable: 0,
+            online_vcpus: 0,
+            idle_vcpus: 0,
+            heap_used: 0,
+            heap_free: 0,
+            user: 0,
+            reserved: [0; 2],
+        }
     }
 }

@@ -25,10 +25,12 @@
 pub mod args;
 pub mod boot;
 pub mod note;
+pub mod notice_page;
 
 pub use args::*;
 pub use boot::*;
 pub use note::*;
+pub use notice_page::*;
 
 /// Version of this ABI. The kernel declares it in its ELF note ([`note::AbiNote`]); the shim
 /// refuses, before creating a VM, any image whose note is missing or carries another version.
@@ -69,18 +71,46 @@ pub const QEMU_FAULT_EXIT_VALUE: u32 = 0x7E;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Call {
-    /// Negotiate the ABI version and features; learn the VM's resource limits.
+    /// Negotiate the ABI version and features; learn the VM's limits.
     /// Block: [`HelloArgs`].
     Hello = 1,
     /// Write bytes to the VM's console. Block: [`ConsoleWriteArgs`].
     ConsoleWrite = 2,
     /// Stop the VM with an exit code. Block: [`ShutdownArgs`].
     Shutdown = 3,
+    /// Do nothing but answer (measures the cost of a call). Block: [`PingArgs`].
+    Ping = 4,
+    /// Bring one more vCPU online at an entry point. Block: [`VcpuUpArgs`].
+    VcpuUp = 5,
+    /// Take the calling vCPU offline. No block: `rdi` is ignored and guest memory is not
+    /// touched (the caller's stack may be reused the moment the call is made).
+    VcpuDown = 6,
+    /// Sleep until kicked, a host notice, or a timeout. Block: [`BlockArgs`].
+    Block = 7,
+    /// Wake a blocked vCPU (or force a running one out of the hypervisor's run loop).
+    /// Block: [`KickArgs`].
+    Kick = 8,
+    /// Fetch and acknowledge pending host notices. Block: [`EventsArgs`].
+    Events = 9,
+    /// Report the guest's load figures (recorded in the host's timeline).
+    /// Block: [`ReportArgs`].
+    Report = 10,
 }
 
 impl Call {
     /// Every call this ABI revision defines, in number order.
-    pub const ALL: &'static [Call] = &[Call::Hello, Call::ConsoleWrite, Call::Shutdown];
+    pub const ALL: &'static [Call] = &[
+        Call::Hello,
+        Call::ConsoleWrite,
+        Call::Shutdown,
+        Call::Ping,
+        Call::VcpuUp,
+        Call::VcpuDown,
+        Call::Block,
+        Call::Kick,
+        Call::Events,
+        Call::Report,
+    ];
 
     /// The call with number `n`, if this ABI revision defines one.
     pub const fn from_number(n: u32) -> Option<Call> {
@@ -88,6 +118,13 @@ impl Call {
             1 => Some(Call::Hello),
             2 => Some(Call::ConsoleWrite),
             3 => Some(Call::Shutdown),
+            4 => Some(Call::Ping),
+            5 => Some(Call::VcpuUp),
+            6 => Some(Call::VcpuDown),
+            7 => Some(Call::Block),
+            8 => Some(Call::Kick),
+            9 => Some(Call::Events),
+            10 => Some(Call::Report),
             _ => None,
         }
     }
@@ -103,6 +140,13 @@ impl Call {
             Call::Hello => "hello",
             Call::ConsoleWrite => "console_write",
             Call::Shutdown => "shutdown",
+            Call::Ping => "ping",
+            Call::VcpuUp => "vcpu_up",
+            Call::VcpuDown => "vcpu_down",
+            Call::Block => "block",
+            Call::Kick => "kick",
+            Call::Events => "events",
+            Call::Report => "report",
         }
     }
 }
@@ -173,9 +217,22 @@ mod tests {
 
     #[test]
     fn call_numbers_are_pinned() {
-        assert_eq!(Call::Hello.number(), 1);
-        assert_eq!(Call::ConsoleWrite.number(), 2);
-        assert_eq!(Call::Shutdown.number(), 3);
+        let pinned = [
+            (Call::Hello, 1),
+            (Call::ConsoleWrite, 2),
+            (Call::Shutdown, 3),
+            (Call::Ping, 4),
+            (Call::VcpuUp, 5),
+            (Call::VcpuDown, 6),
+            (Call::Block, 7),
+            (Call::Kick, 8),
+            (Call::Events, 9),
+            (Call::Report, 10),
+        ];
+        assert_eq!(pinned.len(), Call::ALL.len());
+        for (c, n) in pinned {
+            assert_eq!(c.number(), n);
+        }
     }
 
     #[test]

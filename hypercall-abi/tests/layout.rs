@@ -111,3 +111,42 @@ fn unanswered_block_reads_as_pending() {
     let back = ShutdownArgs::read_from_bytes(&bytes).unwrap();
     assert_eq!(back.header.status(), Status::PENDING);
 }
+
+#[test]
+fn vcpu_call_layouts() {
+    round_trip(
+        VcpuUpArgs::new(0x20_1000, 0x30_0000, 0xabcd),
+        &[(8, &0x20_1000u64.to_le_bytes()), (16, &0x30_0000u64.to_le_bytes()), (24, &0xabcdu64.to_le_bytes())],
+    );
+    let mut b = BlockArgs::new(BLOCK_FOREVER);
+    b.woken_by = wake::KICK | wake::TIMEOUT;
+    round_trip(b, &[(8, &[0xff; 8]), (16, &[5, 0, 0, 0])]);
+    round_trip(KickArgs::new(3), &[(8, &[3, 0, 0, 0])]);
+    let mut e = EventsArgs::new();
+    e.pending = notice::RECLAIM_VCPUS;
+    e.vcpu_target = 2;
+    e.grace_ns = 200_000_000;
+    round_trip(
+        e,
+        &[(8, &[2, 0, 0, 0, 0, 0, 0, 0]), (16, &[2, 0, 0, 0, 0, 0, 0, 0]), (32, &200_000_000u64.to_le_bytes())],
+    );
+    let r = ReportArgs { runnable: 7, user: 9, ..Default::default() };
+    round_trip(
+        r,
+        &[(0, &Status::PENDING.0.to_le_bytes()), (8, &[7, 0, 0, 0, 0, 0, 0, 0]), (48, &[9, 0, 0, 0, 0, 0, 0, 0])],
+    );
+    round_trip(PingArgs::new(), &[(0, &Status::PENDING.0.to_le_bytes())]);
+    assert_eq!(<VcpuUpArgs as ArgBlock>::CALL, Call::VcpuUp);
+    assert_eq!(<BlockArgs as ArgBlock>::CALL, Call::Block);
+    assert_eq!(<KickArgs as ArgBlock>::CALL, Call::Kick);
+    assert_eq!(<EventsArgs as ArgBlock>::CALL, Call::Events);
+    assert_eq!(<ReportArgs as ArgBlock>::CALL, Call::Report);
+    assert_eq!(<PingArgs as ArgBlock>::CALL, Call::Ping);
+}
+
+#[test]
+fn notice_page_layout() {
+    let n = NoticePage { seq: 1, pending: notice::STOP, online_vcpus: 4, memory_bytes: 64 << 20, ..Default::default() };
+    round_trip(n, &[(0, &[1, 0, 0, 0, 0, 0, 0, 0]), (8, &[1, 0, 0, 0, 0, 0, 0, 0]), (40, &[4, 0, 0, 0, 0, 0, 0, 0])]);
+    assert_eq!(notice::STOP | notice::RECLAIM_VCPUS | notice::RECLAIM_MEMORY, 0b111);
+}

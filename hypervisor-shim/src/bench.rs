@@ -66,21 +66,32 @@ impl Figure {
     }
 }
 
-/// Everything `bench` measured.
-#[derive(Debug, Clone, Serialize)]
+/// Everything `bench` measured: headline medians by key (the figure names the README and
+/// the issues use), with every figure's samples under `details`.
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct BenchReport {
-    /// Median boot time: shim `main` entry to the guest's first HELLO, in µs.
-    pub boot_us: f64,
-    /// Median boot time counted from the moment the benchmark spawned the shim process
-    /// (includes exec and dynamic linking), in µs.
-    pub boot_from_spawn_us: f64,
-    /// Floor for the previous figure: spawning `hypervisor-shim --version` and waiting for it
-    /// to exit, in µs.
-    pub process_spawn_floor_us: f64,
-    /// Details per figure.
+    /// Headline figures (medians).
+    #[serde(flatten)]
+    pub figures: std::collections::BTreeMap<String, f64>,
+    /// Samples and spread per figure.
     pub details: std::collections::BTreeMap<String, Figure>,
-    /// Boots measured for each boot figure.
+    /// Boots measured for the boot figures.
     pub runs: usize,
+}
+
+impl BenchReport {
+    /// Adds a figure (its median becomes the headline value, scaled by `scale`).
+    pub fn add(&mut self, key: &str, samples: Vec<f64>, scale: f64) {
+        let scaled: Vec<f64> = samples.iter().map(|v| v * scale).collect();
+        let f = Figure::from_samples(scaled);
+        self.figures.insert(key.to_string(), f.median);
+        self.details.insert(key.to_string(), f);
+    }
+
+    /// The headline value of `key`.
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.figures.get(key).copied()
+    }
 }
 
 /// Options for [`run`].
@@ -108,9 +119,20 @@ pub fn now_monotonic_ns() -> u64 {
 
 fn boot_once(opts: &BenchOptions, summary: &Path) -> Result<(f64, f64), BenchError> {
     let spawned = monotonic_ns();
+    let summary_arg = summary.to_string_lossy();
+    run_shim(opts, &["run", "--app", "hello", "--timeout", "30", "--summary", &summary_arg])?;
+    let text = std::fs::read_to_string(summary).map_err(|e| BenchError::Summary(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| BenchError::Summary(e.to_string()))?;
+    let boot = v["boot_us"].as_f64().ok_or_else(|| BenchError::Summary("no boot_us".into()))?;
+    let main_at = v["started_monotonic_ns"].as_u64().ok_or_else(|| BenchError::Summary("no start time".into()))?;
+    let from_spawn = main_at.saturating_sub(spawned) as f64 / 1000.0 + boot;
+    Ok((boot, from_spawn))
+}
+
+/// Runs the shim with `args` and returns its standard output (failing on a non-zero exit).
+fn run_shim(opts: &BenchOptions, args: &[&str]) -> Result<String, BenchError> {
     let out = Command::new(&opts.shim)
-        .args(["run", "--app", "hello", "--timeout", "30", "--summary"])
-        .arg(summary)
+        .args(args)
         .arg("--kernel")
         .arg(&opts.kernel)
         .output()
@@ -121,21 +143,39 @@ fn boot_once(opts: &BenchOptions, summary: &Path) -> Result<(f64, f64), BenchErr
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         });
     }
-    let text = std::fs::read_to_string(summary).map_err(|e| BenchError::Summary(e.to_string()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| BenchError::Summary(e.to_string()))?;
-    let boot = v["boot_us"].as_f64().ok_or_else(|| BenchError::Summary("no boot_us".into()))?;
-    let main_at = v["started_monotonic_ns"].as_u64().ok_or_else(|| BenchError::Summary("no start time".into()))?;
-    let from_spawn = main_at.saturating_sub(spawned) as f64 / 1000.0 + boot;
-    Ok((boot, from_spawn))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs guest service `app` and merges the sample arrays of its `BENCH {json}` line into
+/// `into`.
+fn guest_samples(
+    opts: &BenchOptions,
+    args: &[&str],
+    into: &mut std::collections::BTreeMap<String, Vec<f64>>,
+) -> Result<(), BenchError> {
+    let stdout = run_shim(opts, args)?;
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("BENCH "))
+        .ok_or_else(|| BenchError::Summary(format!("the guest printed no BENCH line:\n{stdout}")))?;
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| BenchError::Summary(e.to_string()))?;
+    let obj = v.as_object().ok_or_else(|| BenchError::Summary("BENCH is not an object".into()))?;
+    for (k, arr) in obj {
+        let samples = arr.as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+        into.entry(k.clone()).or_default().extend::<Vec<f64>>(samples);
+    }
+    Ok(())
 }
 
 /// Runs the benchmarks.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    let mut report = BenchReport { runs: opts.runs, ..Default::default() };
     let dir = std::env::temp_dir().join(format!("hypervisor-shim-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Write(dir.clone(), e))?;
     let summary = dir.join("boot.json");
     let (mut boots, mut from_spawn, mut floor) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..opts.runs {
+    for i in 0..opts.runs {
+        progress(&format!("boot {}/{}", i + 1, opts.runs));
         let (b, s) = boot_once(opts, &summary)?;
         boots.push(b);
         from_spawn.push(s);
@@ -144,21 +184,43 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         floor.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let mut details = std::collections::BTreeMap::new();
-    let boot = Figure::from_samples(boots);
-    let spawn = Figure::from_samples(from_spawn);
-    let floor = Figure::from_samples(floor);
-    let report = BenchReport {
-        boot_us: boot.median,
-        boot_from_spawn_us: spawn.median,
-        process_spawn_floor_us: floor.median,
-        details: std::collections::BTreeMap::new(),
-        runs: opts.runs,
-    };
-    details.insert("boot_us".into(), boot);
-    details.insert("boot_from_spawn_us".into(), spawn);
-    details.insert("process_spawn_floor_us".into(), floor);
-    Ok(BenchReport { details, ..report })
+    report.add("boot_us", boots, 1.0);
+    report.add("boot_from_spawn_us", from_spawn, 1.0);
+    report.add("process_spawn_floor_us", floor, 1.0);
+
+    // vCPU figures, measured inside the guest (several boots: each gives burst-1 fresh ups).
+    let mut vcpu = std::collections::BTreeMap::new();
+    let boots = opts.runs.div_ceil(4).max(3);
+    for i in 0..boots {
+        progress(&format!("vcpu {}/{boots}", i + 1));
+        guest_samples(
+            opts,
+            &["run", "--app", "vcpu-bench", "--vcpus", "1:8:8", "--timeout", "60", "--", "50"],
+            &mut vcpu,
+        )?;
+    }
+    let mut take = |k: &str| vcpu.remove(k).unwrap_or_default();
+    report.add("hypercall_rtt_ns", take("hypercall_rtt_ns"), 1.0);
+    report.add("bare_pio_exit_rtt_ns", take("bare_pio_exit_rtt_ns"), 1.0);
+    report.add("vcpu_up_fresh_us", take("vcpu_up_fresh_ns"), 1e-3);
+    report.add("vcpu_up_reused_us", take("vcpu_up_reused_ns"), 1e-3);
+    report.add("vcpu_down_us", take("vcpu_down_ns"), 1e-3);
+    report.add("kick_wake_us", take("kick_wake_ns"), 1e-3);
+    if let (Some(h), Some(f)) = (report.get("hypercall_rtt_ns"), report.get("bare_pio_exit_rtt_ns")) {
+        report.figures.insert("hypercall_over_exit".into(), h / f);
+    }
+    progress("done");
+    Ok(report)
+}
+
+fn progress(what: &str) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprint!("\rbench: {what:<24}");
+        if what == "done" {
+            eprintln!();
+        }
+    }
 }
 
 /// Writes the report as pretty JSON.

@@ -12,7 +12,9 @@ use crate::config::{Policy, parse_memory_policy, parse_size, parse_vcpu_policy};
 use crate::exit;
 use crate::loader::KernelImage;
 use crate::qemu::{self, Accel, QemuConfig};
+use crate::signals;
 use crate::summary::Summary;
+use crate::timeline::Timeline;
 use crate::vm::{Vm, VmConfig, VmError, open_kvm};
 
 /// The kernel image built together with this shim.
@@ -96,6 +98,26 @@ struct RunArgs {
     /// Write a JSON summary of the run to FILE.
     #[arg(long, value_name = "FILE")]
     summary: Option<PathBuf>,
+    /// Record vCPUs and memory held over time, one JSON line per change and per REPORT.
+    #[arg(long, value_name = "FILE.jsonl")]
+    timeline: Option<PathBuf>,
+    /// Extra kernel option KEY=VALUE (repeatable), e.g. vcpu.up_load=2 (see README).
+    #[arg(long = "guest-opt", value_name = "KEY=VALUE", value_parser = parse_guest_opt)]
+    guest_opts: Vec<(String, String)>,
+}
+
+fn parse_guest_opt(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v))
+            if !k.is_empty()
+                && !v.is_empty()
+                && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+                && k != "app" =>
+        {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(format!("'{s}' is not KEY=VALUE without spaces (and 'app' is set with --app)")),
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -168,6 +190,8 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
 
 fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
     let config = VmConfig {
+        name: "vm0".into(),
+        guest_opts: args.guest_opts.clone(),
         app: args.guest.app.clone(),
         app_args: args.guest.args.clone(),
         log_level: args.guest.log.clone(),
@@ -187,7 +211,15 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
         Ok(k) => k,
         Err(e) => return fail(e.exit_code(), e),
     };
-    let vm = match Vm::create(&config, image, &kvm, started) {
+    let timeline = match Timeline::new(started, args.timeline.as_deref()) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            let path = args.timeline.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
+            return fail(exit::IO_ERROR, format_args!("cannot create timeline {path}: {e}"));
+        }
+    };
+    signals::install();
+    let vm = match Vm::create(&config, image, &kvm, started, Arc::clone(&timeline)) {
         Ok(vm) => vm,
         Err(e) => return fail(e.exit_code(), e),
     };
@@ -196,6 +228,10 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
         eprintln!("hypervisor-shim: {}", d.trim_end());
     }
     let mut code = report.outcome.exit_code();
+    if let Err(e) = timeline.flush() {
+        eprintln!("hypervisor-shim: cannot write the timeline: {e}");
+        code = exit::IO_ERROR;
+    }
     if let Some(path) = &args.summary {
         let summary = Summary::new(&report, &config.app, config.vcpus, config.memory, started_monotonic_ns);
         if let Err(e) = summary.write(path) {
@@ -227,14 +263,10 @@ fn run_bench(args: BenchArgs) -> ExitCode {
     if let Err(e) = bench::write(&report, &args.out) {
         return fail(exit::IO_ERROR, e);
     }
-    eprintln!(
-        "bench: boot {:.0} µs (from spawn {:.0} µs; process floor {:.0} µs), {} runs -> {}",
-        report.boot_us,
-        report.boot_from_spawn_us,
-        report.process_spawn_floor_us,
-        report.runs,
-        args.out.display()
-    );
+    for (k, v) in &report.figures {
+        eprintln!("  {k:<24} {v:>12.3}");
+    }
+    eprintln!("bench: wrote {}", args.out.display());
     ExitCode::SUCCESS
 }
 

@@ -27,3 +27,5 @@ pub const GUEST_UNSERVED: u8 = 73;
 pub const IO_ERROR: u8 = 74;
 /// The run exceeded `--timeout`.
 pub const TIMEOUT: u8 = 76;
+/// The operator interrupted the run twice (Ctrl-C): 128 + SIGINT, as shells report it.
+pub const INTERRUPTED: u8 = 130;

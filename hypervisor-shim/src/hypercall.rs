@@ -4,11 +4,18 @@
 //! Nothing a guest passes is trusted: the block address, every address and length inside it
 //! and every count are checked before use, and a bad call gets a status back, never a crash.
 
-use hypercall_abi::{
-    ABI_VERSION, ArgBlock, CONSOLE_WRITE_MAX, Call, ConsoleWriteArgs, HelloArgs, SHUTDOWN_CODE_MAX, ShutdownArgs,
-    Status,
-};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+use hypercall_abi::{
+    ABI_VERSION, ArgBlock, BLOCK_FOREVER, BlockArgs, CONSOLE_WRITE_MAX, Call, ConsoleWriteArgs, EventsArgs, HelloArgs,
+    KERNEL_MIN_LOAD_ADDR, KickArgs, PingArgs, ReportArgs, SHUTDOWN_CODE_MAX, ShutdownArgs, Status, VcpuUpArgs, wake,
+};
+use serde_json::Value;
+
+use crate::timeline::detail;
+use crate::vcpu_set::{Entry, UpPlan, VcpuControl};
 use crate::vm::{Outcome, VmShared};
 
 /// What the vCPU loop does after a call.
@@ -16,24 +23,35 @@ use crate::vm::{Outcome, VmShared};
 pub enum Flow {
     /// Resume the guest.
     Continue,
+    /// The calling vCPU went down: park its thread until it is reused.
+    Park,
     /// End the run with this outcome.
     Stop(Outcome),
 }
 
-/// Serves one hypercall from vCPU `vcpu`: `call` is the number from `eax` (`None` if the
+/// Serves one hypercall from the vCPU `ctl`: `call` is the number from `eax` (`None` if the
 /// `out` was not 4 bytes wide), `gpa` the argument block's address from `rdi`. Returns the
 /// status (also written into the block when it is readable) and what to do next.
-pub fn dispatch(vm: &VmShared, vcpu: u32, call: Option<u32>, gpa: u64) -> (Status, Flow) {
+pub fn dispatch(vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, call: Option<u32>, gpa: u64) -> (Status, Flow) {
     let Some(number) = call else {
         vm.stats.count_call(0);
         return (write_status_only(vm, gpa, Status::INVALID), Flow::Continue);
     };
     vm.stats.count_call(number);
-    match Call::from_number(number) {
-        Some(Call::Hello) => serve(vm, gpa, |a: &mut HelloArgs| hello(vm, vcpu, a)),
-        Some(Call::ConsoleWrite) => serve(vm, gpa, |a: &mut ConsoleWriteArgs| console_write(vm, a)),
-        Some(Call::Shutdown) => serve(vm, gpa, |a: &mut ShutdownArgs| shutdown(a)),
-        None => (write_status_only(vm, gpa, Status::UNSUPPORTED), Flow::Continue),
+    let Some(call) = Call::from_number(number) else {
+        return (write_status_only(vm, gpa, Status::UNSUPPORTED), Flow::Continue);
+    };
+    match call {
+        Call::Hello => serve(vm, gpa, |a: &mut HelloArgs| hello(vm, ctl.id, a)),
+        Call::ConsoleWrite => serve(vm, gpa, |a: &mut ConsoleWriteArgs| console_write(vm, a)),
+        Call::Shutdown => serve(vm, gpa, |a: &mut ShutdownArgs| shutdown(a)),
+        Call::Ping => serve(vm, gpa, |_: &mut PingArgs| (Status::OK, Flow::Continue)),
+        Call::VcpuUp => serve(vm, gpa, |a: &mut VcpuUpArgs| vcpu_up(vm, a)),
+        Call::VcpuDown => vcpu_down(vm, ctl),
+        Call::Block => serve(vm, gpa, |a: &mut BlockArgs| block(vm, ctl, a)),
+        Call::Kick => serve(vm, gpa, |a: &mut KickArgs| kick(vm, a)),
+        Call::Events => serve(vm, gpa, |a: &mut EventsArgs| events(vm, a)),
+        Call::Report => serve(vm, gpa, |a: &mut ReportArgs| report(vm, a)),
     }
 }
 
@@ -88,4 +106,94 @@ fn shutdown(a: &mut ShutdownArgs) -> (Status, Flow) {
         return (Status::INVALID, Flow::Continue);
     }
     (Status::OK, Flow::Stop(Outcome::Shutdown { code: a.code }))
+}
+
+/// `true` when `[addr, addr + len)` is guest RAM the kernel may use (not the platform's first
+/// 2 MiB).
+fn kernel_ram(vm: &VmShared, addr: u64, len: u64) -> bool {
+    addr >= KERNEL_MIN_LOAD_ADDR && vm.mem.read_vec(addr, len).is_ok()
+}
+
+fn vcpu_up(vm: &Arc<VmShared>, a: &mut VcpuUpArgs) -> (Status, Flow) {
+    if !kernel_ram(vm, a.entry, 1) || a.stack < 8 || !kernel_ram(vm, a.stack - 8, 8) {
+        return (Status::INVALID, Flow::Continue);
+    }
+    let entry = Entry { rip: a.entry, rsp: a.stack, arg: a.arg };
+    let burst = u32::try_from(vm.vcpus.burst).unwrap_or(u32::MAX);
+    let planned = vm.vcpu_set.up(entry, |online| online < burst, |id| Arc::new(VcpuControl::new(id)));
+    let (plan, online) = match planned {
+        Ok(p) => p,
+        Err(online) => {
+            vm.stats.denied.fetch_add(1, Ordering::Relaxed);
+            vm.record("denied", detail([("resource", "vcpu".into()), ("online", online.into())]));
+            return (Status::DENIED, Flow::Continue);
+        }
+    };
+    let (id, reused) = match plan {
+        UpPlan::Reused(id) => (id, true),
+        UpPlan::Create(id) => {
+            let ctl = vm.vcpu_set.get(id).expect("the set reserved this id");
+            if let Err(e) = vm.start_new_vcpu(id, entry, ctl) {
+                vm.vcpu_set.abandon_create(id);
+                eprintln!("hypervisor-shim: cannot create vCPU {id}: {e}");
+                return (Status::EXHAUSTED, Flow::Continue);
+            }
+            (id, false)
+        }
+    };
+    a.vcpu_id = id;
+    vm.refresh_notice_page();
+    vm.record("vcpu_up", detail([("vcpu", id.into()), ("reused", reused.into()), ("online", online.into())]));
+    (Status::OK, Flow::Continue)
+}
+
+fn vcpu_down(vm: &VmShared, ctl: &VcpuControl) -> (Status, Flow) {
+    if ctl.id == 0 {
+        // vCPU 0 is the boot vCPU and stays online.
+        return (Status::INVALID, Flow::Continue);
+    }
+    let online = vm.vcpu_set.down(ctl.id);
+    vm.refresh_notice_page();
+    vm.record("vcpu_down", detail([("vcpu", ctl.id.into()), ("online", online.into())]));
+    (Status::OK, Flow::Park)
+}
+
+fn block(vm: &VmShared, ctl: &VcpuControl, a: &mut BlockArgs) -> (Status, Flow) {
+    let timeout = (a.timeout_ns != BLOCK_FOREVER).then(|| Duration::from_nanos(a.timeout_ns));
+    a.woken_by = ctl.block(timeout, &|| vm.is_stopping());
+    (Status::OK, Flow::Continue)
+}
+
+fn kick(vm: &VmShared, a: &mut KickArgs) -> (Status, Flow) {
+    match vm.vcpu_set.get(a.vcpu_id) {
+        Some(target) if target.state() != crate::vcpu_set::State::Parked => {
+            target.wake(wake::KICK, true);
+            (Status::OK, Flow::Continue)
+        }
+        _ => (Status::INVALID, Flow::Continue),
+    }
+}
+
+fn events(vm: &VmShared, a: &mut EventsArgs) -> (Status, Flow) {
+    let n = vm.take_notices();
+    a.pending = n.pending;
+    a.vcpu_target = n.vcpu_target;
+    a.memory_target = n.memory_target;
+    a.grace_ns = n.grace_ns;
+    (Status::OK, Flow::Continue)
+}
+
+fn report(vm: &VmShared, a: &mut ReportArgs) -> (Status, Flow) {
+    vm.stats.reports.fetch_add(1, Ordering::Relaxed);
+    let figures: [(&str, Value); 7] = [
+        ("host_cpu_us", crate::summary::process_cpu_us().into()),
+        ("runnable", a.runnable.into()),
+        ("guest_online", a.online_vcpus.into()),
+        ("guest_idle", a.idle_vcpus.into()),
+        ("heap_used", a.heap_used.into()),
+        ("heap_free", a.heap_free.into()),
+        ("user", a.user.into()),
+    ];
+    vm.record("report", detail(figures));
+    (Status::OK, Flow::Continue)
 }

@@ -7,6 +7,7 @@
 //! 0x0000_3000  exception stubs, 16 bytes per vector
 //! 0x0000_8000  boot info          (user read-only)
 //! 0x0000_9000  kernel command line (user read-only)
+//! 0x0000_A000  notice page, written by the shim (user read-only)
 //! 0x0001_0000  TSSs, 128 bytes per vCPU
 //! 0x0001_4000  I/O permission bitmap shared by every TSS (all ports allowed)
 //! 0x0002_0000  CPL-0 exception stacks, 1 KiB per vCPU
@@ -19,7 +20,7 @@
 //! the boot-info and command-line pages. Boot memory and the whole hot-plug window are
 //! identity-mapped with 2 MiB user pages, so a memory grant needs no page-table change.
 
-use hypercall_abi::{BOOT_INFO_ADDR, CMDLINE_ADDR};
+use hypercall_abi::{BOOT_INFO_ADDR, CMDLINE_ADDR, NOTICE_ADDR};
 
 /// Most vCPUs a VM may have (GDT, TSS and CPL-0 stack space is reserved for this many).
 pub const MAX_VCPUS: u32 = 128;
@@ -90,7 +91,8 @@ const _: () = assert!(TSS_BASE + TSS_STRIDE * MAX_VCPUS as u64 <= IO_BITMAP_ADDR
 const _: () = assert!(IO_BITMAP_ADDR + IO_BITMAP_SIZE <= CPL0_STACKS);
 const _: () = assert!(IO_BITMAP_ADDR - TSS_BASE < 0x1_0000, "the bitmap offset is a 16-bit TSS field");
 const _: () = assert!(CPL0_STACKS + CPL0_STACK_SIZE * MAX_VCPUS as u64 <= PML4_ADDR);
-const _: () = assert!(CMDLINE_ADDR + hypercall_abi::CMDLINE_MAX <= TSS_BASE);
+const _: () = assert!(CMDLINE_ADDR + hypercall_abi::CMDLINE_MAX <= NOTICE_ADDR);
+const _: () = assert!(NOTICE_ADDR + 0x1000 <= TSS_BASE);
 const _: () = assert!(MAX_GUEST_PHYS >= 128 << 30);
 
 /// Where the hot-plug window starts for a VM whose boot memory is `ram_size`: the next GiB

@@ -2,7 +2,7 @@
 //! with CPL-0 exception stubs that report to the shim, identity-mapping page tables for boot
 //! memory and the hot-plug window, the boot-info block and the command line.
 
-use hypercall_abi::{ABI_VERSION, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, CMDLINE_ADDR, FAULT_PORT};
+use hypercall_abi::{ABI_VERSION, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, CMDLINE_ADDR, FAULT_PORT, NOTICE_ADDR};
 
 use crate::config::Policy;
 use crate::layout::*;
@@ -100,7 +100,7 @@ pub fn write_descriptor_tables(mem: &GuestMemory) -> Result<(), MemoryError> {
 
 /// Writes page tables that identity-map boot memory and the whole hot-plug window with
 /// 2 MiB user pages, and the first 2 MiB with 4 KiB pages (platform pages supervisor-only,
-/// boot info and command line user read-only, page 0 absent).
+/// boot info, command line and notice page user read-only, page 0 absent).
 pub fn write_page_tables(mem: &GuestMemory, layout: &Layout) -> Result<(), MemoryError> {
     let table = pte::PRESENT | pte::WRITABLE | pte::USER;
     write_u64s(mem, PML4_ADDR, &[PDPT_ADDR | table])?;
@@ -117,6 +117,7 @@ pub fn write_page_tables(mem: &GuestMemory, layout: &Layout) -> Result<(), Memor
     low[(STUBS_ADDR >> 12) as usize] = supervisor(STUBS_ADDR);
     low[(BOOT_INFO_ADDR >> 12) as usize] = user_ro(BOOT_INFO_ADDR);
     low[(CMDLINE_ADDR >> 12) as usize] = user_ro(CMDLINE_ADDR);
+    low[(NOTICE_ADDR >> 12) as usize] = user_ro(NOTICE_ADDR);
     let mut a = TSS_BASE;
     while a < CPL0_STACKS + CPL0_STACK_SIZE * u64::from(MAX_VCPUS) {
         low[(a >> 12) as usize] = supervisor(a);

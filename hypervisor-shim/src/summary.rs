@@ -25,6 +25,28 @@ impl From<Policy> for PolicySummary {
     }
 }
 
+/// vCPU figures of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct VcpuSummary {
+    /// Policy minimum.
+    pub min: u64,
+    /// Policy maximum.
+    pub max: u64,
+    /// Policy burst ceiling.
+    pub burst: u64,
+    /// Most vCPUs online at once.
+    pub peak: u32,
+    /// vCPUs online at the end.
+    #[serde(rename = "final")]
+    pub final_: u32,
+    /// Successful VCPU_UPs.
+    pub ups: u64,
+    /// VCPU_DOWNs.
+    pub downs: u64,
+    /// KVM vCPUs created (the other ups reused parked ones).
+    pub created: u32,
+}
+
 /// The summary of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -50,6 +72,26 @@ pub struct Summary {
     pub vcpu_policy: PolicySummary,
     /// The memory policy (bytes).
     pub memory_policy: PolicySummary,
+    /// vCPU figures.
+    pub vcpus: VcpuSummary,
+    /// Requests refused with DENIED (vCPUs and memory).
+    pub denied: u64,
+    /// REPORT calls.
+    pub reports: u64,
+    /// CPU time the shim process used (user + system), in µs.
+    pub host_cpu_us: u64,
+}
+
+/// CPU time used by this process so far (user + system), in µs.
+pub fn process_cpu_us() -> u64 {
+    // SAFETY: `getrusage` fills the zeroed struct it is given.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(usage.ru_utime) + us(usage.ru_stime)
 }
 
 impl Summary {
@@ -66,6 +108,19 @@ impl Summary {
             app: app.to_string(),
             vcpu_policy: vcpus.into(),
             memory_policy: memory.into(),
+            vcpus: VcpuSummary {
+                min: vcpus.min,
+                max: vcpus.max,
+                burst: vcpus.burst,
+                peak: report.vcpus.peak,
+                final_: report.vcpus.online,
+                ups: report.vcpus.ups,
+                downs: report.vcpus.downs,
+                created: report.vcpus.created,
+            },
+            denied: report.denied,
+            reports: report.reports,
+            host_cpu_us: process_cpu_us(),
         }
     }
 

@@ -1,19 +1,19 @@
 //! vCPUs: creation at CPL 3 in long mode, the per-thread run loop, exit dispatch and kicks.
 
 use std::cell::Cell;
-use std::sync::Once;
 use std::sync::atomic::Ordering;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Once};
 
 use hypercall_abi::{FAULT_PORT, HYPERCALL_PORT, NOP_PORT};
 use kvm_bindings::{kvm_regs, kvm_run, kvm_segment};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use thiserror::Error;
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::fault::{self, GuestFault};
 use crate::hypercall::{self, Flow};
 use crate::layout::{GDT_ADDR, GDT_SIZE, IDT_ADDR, Layout, PML4_ADDR, selector};
+use crate::vcpu_set::{Entry, VcpuControl};
 use crate::vm::{Outcome, VmShared};
 
 /// vCPU failures.
@@ -69,6 +69,7 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 /// The signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> libc::c_int {
+    install_kick_handler();
     SIGRTMIN()
 }
 
@@ -76,14 +77,8 @@ fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Registration can only fail for an invalid signal number; SIGRTMIN is valid.
-        let _ = register_signal_handler(kick_signal(), kick_handler);
+        let _ = register_signal_handler(SIGRTMIN(), kick_handler);
     });
-}
-
-/// Interrupts `handle`'s thread: a vCPU in KVM_RUN returns to the shim.
-pub fn kick_thread(handle: &JoinHandle<()>) {
-    // Fails only if the thread already exited, which is what a kick wants anyway.
-    let _ = handle.kill(kick_signal());
 }
 
 fn user_segment(selector: u16, code: bool) -> kvm_segment {
@@ -171,19 +166,22 @@ impl Vcpu {
         self.fd.set_regs(&regs).map_err(|source| VcpuError::Kvm { id: self.id, what: "set regs", source })
     }
 
-    /// The vCPU thread: runs the guest until the VM stops.
-    pub fn run(mut self, vm: &VmShared) {
+    /// The vCPU thread: runs the guest until the VM stops, parking while the vCPU is down.
+    pub fn run(mut self, vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>) {
         install_kick_handler();
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
-        while !vm.stopping.load(Ordering::Acquire) {
+        ctl.bind_current_thread();
+        while !vm.is_stopping() {
             let exit = self.next_exit();
             let flow = match exit {
                 Exit::Hypercall { call, gpa } => {
-                    let (status, flow) = hypercall::dispatch(vm, self.id, call, gpa);
-                    // The status also goes to rax, so a call whose block is unreadable still
-                    // gets an answer. Sync regs make this free of extra ioctls.
-                    self.fd.sync_regs_mut().regs.rax = i64::from(status.0) as u64;
-                    self.fd.set_sync_dirty_reg(SyncReg::Register);
+                    let (status, flow) = hypercall::dispatch(vm, ctl, call, gpa);
+                    if !matches!(flow, Flow::Park) {
+                        // The status also goes to rax, so a call whose block is unreadable
+                        // still gets an answer. Sync regs make this free of extra ioctls.
+                        self.fd.sync_regs_mut().regs.rax = i64::from(status.0) as u64;
+                        self.fd.set_sync_dirty_reg(SyncReg::Register);
+                    }
                     flow
                 }
                 Exit::Nop => {
@@ -211,12 +209,34 @@ impl Vcpu {
                     what: format!("{what} (RIP {})\n{}", self.rip_description(vm), self.register_dump()),
                 }),
             };
-            if let Flow::Stop(outcome) = flow {
-                vm.finish(outcome);
-                break;
+            match flow {
+                Flow::Continue => {}
+                Flow::Stop(outcome) => {
+                    vm.finish(outcome);
+                    break;
+                }
+                Flow::Park => match ctl.park(&|| vm.is_stopping()) {
+                    Some(entry) => self.resume_at(entry),
+                    None => break,
+                },
             }
         }
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+
+    /// Points a reused vCPU at its new entry. Written through sync regs (marked dirty), which
+    /// KVM loads at the next KVM_RUN, replacing whatever the vCPU held when it went down.
+    fn resume_at(&mut self, entry: Entry) {
+        self.fd.set_kvm_immediate_exit(0);
+        self.fd.sync_regs_mut().regs = kvm_regs {
+            rip: entry.rip,
+            rsp: entry.rsp,
+            rdi: entry.arg,
+            rsi: u64::from(self.id),
+            rflags: bits::RFLAGS_ENTRY,
+            ..Default::default()
+        };
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
     }
 
     /// Runs the vCPU once and classifies the exit.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hypercall_abi::Call;
+use hypercall_abi::{Call, NOTICE_ADDR, NoticePage, notice, wake};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
@@ -19,7 +19,9 @@ use crate::layout::Layout;
 use crate::loader::{KernelImage, LoaderError};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::platform::{self, BootParams};
-use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::timeline::{Timeline, detail};
+use crate::vcpu::{Vcpu, VcpuError};
+use crate::vcpu_set::{Entry, VcpuControl, VcpuCounts, VcpuSet};
 
 /// Failures while creating or running a VM.
 #[derive(Debug, Error)]
@@ -78,12 +80,16 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
+    /// The VM's name (timeline, summaries).
+    pub name: String,
     /// Service to start.
     pub app: String,
     /// Arguments for the service.
     pub app_args: Vec<String>,
     /// Guest log level (`off`..`trace`).
     pub log_level: String,
+    /// Extra `key=value` kernel options (controller thresholds and the like).
+    pub guest_opts: Vec<(String, String)>,
     /// vCPU policy.
     pub vcpus: Policy,
     /// Memory policy.
@@ -124,6 +130,8 @@ pub enum Outcome {
     Internal(String),
     /// `--timeout` expired.
     Timeout(Duration),
+    /// The operator interrupted the run twice (Ctrl-C).
+    Interrupted,
 }
 
 impl Outcome {
@@ -136,6 +144,7 @@ impl Outcome {
             Outcome::Unserved { .. } => exit::GUEST_UNSERVED,
             Outcome::Internal(_) => exit::INTERNAL,
             Outcome::Timeout(_) => exit::TIMEOUT,
+            Outcome::Interrupted => exit::INTERRUPTED,
         }
     }
 
@@ -148,6 +157,7 @@ impl Outcome {
             Outcome::Unserved { .. } => "unserved_exit",
             Outcome::Internal(_) => "internal_error",
             Outcome::Timeout(_) => "timeout",
+            Outcome::Interrupted => "interrupted",
         }
     }
 
@@ -163,6 +173,7 @@ impl Outcome {
             Outcome::Unserved { vcpu, what } => Some(format!("guest on vCPU {vcpu}: {what}")),
             Outcome::Internal(what) => Some(format!("shim error: {what}")),
             Outcome::Timeout(d) => Some(format!("run stopped after the {:.1} s timeout", d.as_secs_f64())),
+            Outcome::Interrupted => Some("run interrupted (Ctrl-C twice)".into()),
         }
     }
 }
@@ -178,6 +189,10 @@ pub struct Stats {
     pub nop_exits: AtomicU64,
     /// Console bytes written.
     pub console_bytes: AtomicU64,
+    /// Requests refused with DENIED (vCPUs and memory).
+    pub denied: AtomicU64,
+    /// REPORT calls received.
+    pub reports: AtomicU64,
 }
 
 impl Stats {
@@ -196,8 +211,25 @@ struct RunState {
     threads: Vec<(u32, JoinHandle<()>)>,
 }
 
+/// Host notices posted to the guest and not yet acknowledged.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Notices {
+    /// Pending [`notice`] bits.
+    pub pending: u64,
+    /// Incremented per posted notice.
+    pub seq: u64,
+    /// Latest vCPU reclaim target.
+    pub vcpu_target: u64,
+    /// Latest memory reclaim target.
+    pub memory_target: u64,
+    /// Latest reclaim grace period.
+    pub grace_ns: u64,
+}
+
 /// State shared by the VM's vCPU threads.
 pub struct VmShared {
+    /// The VM's name.
+    pub name: String,
     /// The VM's KVM handle.
     pub fd: VmFd,
     /// Guest RAM.
@@ -222,6 +254,11 @@ pub struct VmShared {
     pub stats: Stats,
     /// Set once the run is ending; vCPU threads leave their loops.
     pub stopping: AtomicBool,
+    /// The VM's vCPUs.
+    pub vcpu_set: VcpuSet,
+    /// Where changes are recorded.
+    pub timeline: Arc<Timeline>,
+    notices: Mutex<Notices>,
     console: Mutex<Box<dyn Write + Send>>,
     state: Mutex<RunState>,
     ended: Condvar,
@@ -254,26 +291,91 @@ impl VmShared {
             st.outcome = Some(outcome);
         }
         self.stopping.store(true, Ordering::SeqCst);
-        for (_, handle) in &st.threads {
-            vcpu::kick_thread(handle);
+        drop(st);
+        for ctl in self.vcpu_set.all() {
+            ctl.stop();
         }
         self.ended.notify_all();
     }
 
+    /// Whether the run is ending.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Memory the VM holds now: boot memory plus granted extents.
+    pub fn memory_held(&self) -> u64 {
+        self.layout.ram_size
+    }
+
+    /// Records a timeline event with the VM's current holdings.
+    pub fn record(&self, event: &str, detail: serde_json::Map<String, serde_json::Value>) {
+        self.timeline.record(&self.name, event, self.vcpu_set.counts().online, self.memory_held(), detail);
+    }
+
     /// Starts `vcpu` on its own thread.
-    pub fn spawn_vcpu(self: &Arc<Self>, vcpu: Vcpu) -> Result<(), VmError> {
+    pub fn spawn_vcpu(self: &Arc<Self>, vcpu: Vcpu, ctl: Arc<VcpuControl>) -> Result<(), VmError> {
         let id = vcpu.id();
         let shared = Arc::clone(self);
         let handle = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run(&shared))
+            .name(format!("{}-vcpu{id}", self.name))
+            .spawn(move || vcpu.run(&shared, &ctl))
             .map_err(|e| VmError::Vcpu(VcpuError::Thread(e.to_string())))?;
-        let mut st = self.state();
-        if self.stopping.load(Ordering::SeqCst) {
-            vcpu::kick_thread(&handle);
-        }
-        st.threads.push((id, handle));
+        self.state().threads.push((id, handle));
         Ok(())
+    }
+
+    /// Creates, enters and starts a new KVM vCPU `id` at `entry`.
+    pub fn start_new_vcpu(self: &Arc<Self>, id: u32, entry: Entry, ctl: Arc<VcpuControl>) -> Result<(), VmError> {
+        let vcpu = Vcpu::create(self, id)?;
+        vcpu.enter(entry.rip, entry.rsp, entry.arg, u64::from(id))?;
+        self.spawn_vcpu(vcpu, ctl)
+    }
+
+    /// Rewrites the notice page from `n` and the current holdings.
+    fn write_notice_page(&self, n: &Notices) {
+        let page = NoticePage {
+            seq: n.seq,
+            pending: n.pending,
+            vcpu_target: n.vcpu_target,
+            memory_target: n.memory_target,
+            grace_ns: n.grace_ns,
+            online_vcpus: u64::from(self.vcpu_set.counts().online),
+            memory_bytes: self.memory_held(),
+            reserved: [0; 9],
+        };
+        // The page is inside boot memory, which exists for the VM's whole life.
+        let _ = self.mem.write_obj(NOTICE_ADDR, &page);
+    }
+
+    /// Refreshes the holdings shown in the notice page (after an up, down, grant, release).
+    pub fn refresh_notice_page(&self) {
+        let n = self.notices.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_notice_page(&n);
+    }
+
+    /// Posts notice `bits` (with `update` filling in targets) and wakes every online vCPU.
+    pub fn post_notice(&self, bits: u64, update: impl FnOnce(&mut Notices)) {
+        {
+            let mut n = self.notices.lock().unwrap_or_else(|p| p.into_inner());
+            n.pending |= bits;
+            n.seq += 1;
+            update(&mut n);
+            self.write_notice_page(&n);
+        }
+        for ctl in self.vcpu_set.all() {
+            ctl.wake(wake::NOTICE, false);
+        }
+        self.record("notice", detail([("notice", bits.into())]));
+    }
+
+    /// Returns the pending notices and clears them (EVENTS).
+    pub fn take_notices(&self) -> Notices {
+        let mut n = self.notices.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = *n;
+        n.pending = 0;
+        self.write_notice_page(&n);
+        taken
     }
 }
 
@@ -290,6 +392,12 @@ pub struct RunReport {
     pub hypercalls: u64,
     /// Hypercalls per call name.
     pub per_call: Vec<(&'static str, u64)>,
+    /// vCPU counts at the end.
+    pub vcpus: VcpuCounts,
+    /// Requests refused with DENIED.
+    pub denied: u64,
+    /// REPORT calls.
+    pub reports: u64,
 }
 
 /// A VM ready to run.
@@ -297,14 +405,20 @@ pub struct RunReport {
 pub struct Vm {
     shared: Arc<VmShared>,
     timeout: Option<Duration>,
-    boot_vcpu: Option<Vcpu>,
+    boot_vcpu: Option<(Vcpu, Arc<VcpuControl>)>,
 }
 
 impl Vm {
     /// Builds the VM from an already validated `image`: creates the KVM VM and boot memory,
     /// writes the platform structures and boot info, loads the kernel and prepares vCPU 0.
-    pub fn create(config: &VmConfig, image: Arc<KernelImage>, kvm: &Kvm, started: Instant) -> Result<Vm, VmError> {
-        Self::create_with_console(config, image, kvm, started, Box::new(std::io::stdout()))
+    pub fn create(
+        config: &VmConfig,
+        image: Arc<KernelImage>,
+        kvm: &Kvm,
+        started: Instant,
+        timeline: Arc<Timeline>,
+    ) -> Result<Vm, VmError> {
+        Self::create_with_console(config, image, kvm, started, timeline, Box::new(std::io::stdout()))
     }
 
     /// As [`Vm::create`], with guest console output going to `console`.
@@ -313,9 +427,12 @@ impl Vm {
         image: Arc<KernelImage>,
         kvm: &Kvm,
         started: Instant,
+        timeline: Arc<Timeline>,
         console: Box<dyn Write + Send>,
     ) -> Result<Vm, VmError> {
-        let cmdline = kernel_cmdline(&config.app, &[("log", config.log_level.clone())], &config.app_args)?;
+        let mut options = vec![("log", config.log_level.clone())];
+        options.extend(config.guest_opts.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        let cmdline = kernel_cmdline(&config.app, &options, &config.app_args)?;
         let layout = Layout::new(config.memory.min, config.memory.burst);
         if image.end + hypercall_abi::EXTENT_ALIGN > layout.ram_size {
             return Err(LoaderError::TooLarge { end: image.end, ram: layout.ram_size }.into());
@@ -330,6 +447,7 @@ impl Vm {
         platform::write_page_tables(&mem, &layout)?;
         image.load(&mem)?;
         let mut shared = VmShared {
+            name: config.name.clone(),
             fd,
             mem,
             layout,
@@ -342,6 +460,9 @@ impl Vm {
             first_hello: OnceLock::new(),
             stats: Stats::default(),
             stopping: AtomicBool::new(false),
+            vcpu_set: VcpuSet::default(),
+            timeline,
+            notices: Mutex::new(Notices::default()),
             console: Mutex::new(console),
             state: Mutex::new(RunState { outcome: None, threads: Vec::new() }),
             ended: Condvar::new(),
@@ -360,7 +481,9 @@ impl Vm {
             },
         )?;
         boot_vcpu.enter(image.entry, 0, hypercall_abi::BOOT_INFO_ADDR, 0)?;
-        Ok(Vm { shared: Arc::new(shared), timeout: config.timeout, boot_vcpu: Some(boot_vcpu) })
+        let ctl = shared.vcpu_set.add_boot_vcpu();
+        shared.refresh_notice_page();
+        Ok(Vm { shared: Arc::new(shared), timeout: config.timeout, boot_vcpu: Some((boot_vcpu, ctl)) })
     }
 
     /// The shared state (for tests and tools).
@@ -371,27 +494,36 @@ impl Vm {
     /// Runs the VM until it shuts down, fails or times out.
     pub fn run(mut self) -> RunReport {
         let shared = Arc::clone(&self.shared);
-        if let Some(v) = self.boot_vcpu.take()
-            && let Err(e) = shared.spawn_vcpu(v)
+        shared.record("boot", detail([("app", "".into())]));
+        if let Some((v, ctl)) = self.boot_vcpu.take()
+            && let Err(e) = shared.spawn_vcpu(v, ctl)
         {
             shared.finish(Outcome::Internal(e.to_string()));
         }
         let deadline = self.timeout.map(|t| Instant::now() + t);
-        {
-            let mut st = shared.state();
-            while st.outcome.is_none() {
-                match deadline {
-                    None => st = shared.ended.wait(st).unwrap_or_else(|p| p.into_inner()),
-                    Some(d) => {
-                        let now = Instant::now();
-                        if now >= d {
-                            drop(st);
-                            shared.finish(Outcome::Timeout(self.timeout.unwrap_or_default()));
-                            st = shared.state();
-                            continue;
-                        }
-                        st = shared.ended.wait_timeout(st, d - now).unwrap_or_else(|p| p.into_inner()).0;
-                    }
+        let mut interrupts_seen = crate::signals::interrupts();
+        loop {
+            let st = shared.state();
+            if st.outcome.is_some() {
+                break;
+            }
+            // Wake up at least every 50 ms to notice Ctrl-C.
+            let mut wait = Duration::from_millis(50);
+            if let Some(d) = deadline {
+                wait = wait.min(d.saturating_duration_since(Instant::now()));
+            }
+            drop(shared.ended.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()));
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                shared.finish(Outcome::Timeout(self.timeout.unwrap_or_default()));
+            }
+            let interrupts = crate::signals::interrupts();
+            if interrupts != interrupts_seen {
+                interrupts_seen = interrupts;
+                if interrupts >= 2 {
+                    shared.finish(Outcome::Interrupted);
+                } else {
+                    eprintln!("hypervisor-shim: asking the guest to stop (Ctrl-C again to end the run now)");
+                    shared.post_notice(notice::STOP, |_| {});
                 }
             }
         }
@@ -407,6 +539,7 @@ impl Vm {
         }
         let wall = shared.started.elapsed();
         let outcome = shared.state().outcome.clone().unwrap_or(Outcome::Internal("no outcome recorded".into()));
+        shared.record("end", detail([("exit_code", outcome.exit_code().into())]));
         let per_call = Call::ALL
             .iter()
             .map(|c| (c.name(), shared.stats.per_call[c.number() as usize].load(Ordering::Relaxed)))
@@ -417,6 +550,9 @@ impl Vm {
             wall,
             hypercalls: shared.stats.hypercalls.load(Ordering::Relaxed),
             per_call,
+            vcpus: shared.vcpu_set.counts(),
+            denied: shared.stats.denied.load(Ordering::Relaxed),
+            reports: shared.stats.reports.load(Ordering::Relaxed),
         }
     }
 }

@@ -69,6 +69,16 @@ pub fn flush() {
     CONSOLE.lock().flush();
 }
 
+/// Flushes if anything is buffered (an idle vCPU calls this before it blocks: idle time is
+/// the cheapest time to pay for the exit).
+pub fn flush_if_pending() {
+    if let Some(mut c) = CONSOLE.try_lock()
+        && c.len > 0
+    {
+        c.flush();
+    }
+}
+
 /// A fixed-size, stack-allocated formatter used where the console lock may be unavailable.
 pub struct StackWriter<const N: usize> {
     buf: [u8; N],

@@ -1,6 +1,9 @@
 //! Guest side of the hypercall ABI: typed wrappers over the `out`-based transport.
 
-use hypercall_abi::{ArgBlock, ConsoleWriteArgs, HelloArgs, ShutdownArgs, Status};
+use hypercall_abi::{
+    ArgBlock, BlockArgs, Call, ConsoleWriteArgs, EventsArgs, HelloArgs, KickArgs, PingArgs, ReportArgs, ShutdownArgs,
+    Status, VcpuUpArgs,
+};
 
 use crate::arch::cpu;
 
@@ -41,5 +44,76 @@ pub fn console_write(bytes: &[u8]) -> Status {
 /// SHUTDOWN with `code`. Returns only if the host refused the request.
 pub fn shutdown(code: u32) -> Status {
     let mut args = ShutdownArgs::new(code);
+    call(&mut args)
+}
+
+/// PING: a call that does nothing (measures the cost of a call).
+pub fn ping() -> Status {
+    call(&mut PingArgs::new())
+}
+
+/// VCPU_UP at `entry` with `stack` and `arg`: the new vCPU's id, or the refusal.
+pub fn vcpu_up(entry: u64, stack: u64, arg: u64) -> Result<u32, Status> {
+    let mut args = VcpuUpArgs::new(entry, stack, arg);
+    match call(&mut args) {
+        Status::OK => Ok(args.vcpu_id),
+        s => Err(s),
+    }
+}
+
+/// VCPU_DOWN for the calling vCPU, after storing `offline` into `state`.
+///
+/// The store and the `out` are one asm block that touches no stack, so the moment `state`
+/// reads `offline` another vCPU may reuse this vCPU's stack. Returns only if the host refused
+/// (it refuses only vCPU 0).
+///
+/// # Safety
+///
+/// `state` must point to the caller's per-CPU state byte; nothing may rely on this vCPU's
+/// stack once the store is visible.
+pub unsafe fn vcpu_down(state: *mut u8, offline: u8) -> Status {
+    let eax: u32;
+    // SAFETY: the caller vouches for `state`; the `out` carries no argument block (VCPU_DOWN
+    // takes none) and uses no stack.
+    unsafe {
+        core::arch::asm!(
+            "mov byte ptr [{state}], {offline}",
+            "out dx, eax",
+            state = in(reg) state,
+            offline = in(reg_byte) offline,
+            in("dx") hypercall_abi::HYPERCALL_PORT,
+            inout("eax") Call::VcpuDown.number() => eax,
+            in("rdi") 0u64,
+            options(nostack, preserves_flags),
+        );
+    }
+    Status(eax as i32)
+}
+
+/// BLOCK for at most `timeout_ns`: the wake bits, or `None` when no host answered.
+pub fn block(timeout_ns: u64) -> Option<u32> {
+    let mut args = BlockArgs::new(timeout_ns);
+    match call(&mut args) {
+        Status::OK => Some(args.woken_by),
+        _ => None,
+    }
+}
+
+/// KICK vCPU `vcpu_id`.
+pub fn kick(vcpu_id: u32) -> Status {
+    call(&mut KickArgs::new(vcpu_id))
+}
+
+/// EVENTS: the pending notices (acknowledged by this call).
+pub fn events() -> Option<EventsArgs> {
+    let mut args = EventsArgs::new();
+    match call(&mut args) {
+        Status::OK => Some(args),
+        _ => None,
+    }
+}
+
+/// REPORT the given figures.
+pub fn report(mut args: ReportArgs) -> Status {
     call(&mut args)
 }

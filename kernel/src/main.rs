@@ -16,14 +16,32 @@ mod apps;
 mod arch;
 mod cmdline;
 mod console;
+mod elastic;
+mod executor;
 mod heap;
 mod hypercall;
 mod logger;
+mod notices;
 mod panic;
+mod percpu;
 mod platform;
+mod smp;
 mod time;
+mod timer;
+
+use alloc::string::ToString;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use hypercall_abi::{BootInfo, exit_code};
+
+/// `SERVICE_EXIT` while the service runs.
+const RUNNING: u32 = u32::MAX;
+
+/// The service's exit code once it finished.
+static SERVICE_EXIT: AtomicU32 = AtomicU32::new(RUNNING);
+
+/// Kernel options the command line may carry besides the controller's `vcpu.*` keys.
+const KNOWN_OPTIONS: &[&str] = &["app", "log"];
 
 hypercall_abi::declare_abi_note!();
 
@@ -54,6 +72,14 @@ pub fn kernel_main(boot: BootInfo) -> ! {
     if !logger::init(cmd.option("log").unwrap_or("info")) {
         println!("kernel: unknown log level '{}', using info", cmd.option("log").unwrap_or(""));
     }
+    for (key, _) in &cmd.options {
+        if !KNOWN_OPTIONS.contains(key) && !key.starts_with("vcpu.") {
+            log::warn!("ignoring unknown kernel option '{key}'");
+        }
+    }
+    let tuning = elastic::Tuning::from_cmdline(&cmd, &mut |k, v| log::warn!("ignoring bad value {k}={v}"));
+    elastic::init(tuning);
+    smp::init(hello.as_ref().map(|h| h.vcpus));
     let name = cmd.option("app").unwrap_or("hello");
     let Some(app) = apps::find(name) else {
         println!("kernel: no service named '{name}' in this image; available:");
@@ -62,9 +88,37 @@ pub fn kernel_main(boot: BootInfo) -> ! {
         }
         platform::exit(exit_code::BAD_COMMAND_LINE);
     };
-    log::debug!("starting service '{}' with {} argument(s)", app.name, cmd.args.len());
-    let env = apps::Env { args: &cmd.args, boot: &boot, hello: hello.as_ref(), platform: platform::current() };
-    let code = (app.main)(&env);
+    // The policy's min is reserved for this VM: bring it online now.
+    let (min, _, _) = smp::limits();
+    while smp::online() < min {
+        if let Err(e) = smp::bring_up() {
+            log::error!("could not bring the reserved minimum of {min} vCPUs online: {e:?}");
+            break;
+        }
+    }
+    log::debug!("starting service '{}' with {} argument(s) on {} vCPU(s)", app.name, cmd.args.len(), smp::online());
+    let env = apps::Env {
+        args: cmd.args.iter().map(|a| a.to_string()).collect(),
+        boot,
+        hello,
+        platform: platform::current(),
+    };
+    let service = (app.main)(env);
+    executor::spawn(async move {
+        let code = service.await;
+        SERVICE_EXIT.store(code, Ordering::Release);
+        // vCPU 0 may be blocked with nothing to do: wake it to shut down.
+        smp::kick_boot_vcpu();
+    });
+    let slot = percpu::current();
+    executor::worker_loop(slot, &|| SERVICE_EXIT.load(Ordering::Acquire) != RUNNING || notices::stop_requested());
+    let code = match SERVICE_EXIT.load(Ordering::Acquire) {
+        RUNNING => {
+            println!("kernel: stopping at the host's request");
+            exit_code::STOPPED
+        }
+        code => code,
+    };
     platform::exit(code)
 }
 

@@ -32,6 +32,12 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
     ((u128::from(ticks) * 1_000_000) / u128::from(khz)) as u64
 }
 
+/// Converts nanoseconds to TSC ticks.
+pub fn ns_to_ticks(ns: u64) -> u64 {
+    let khz = TSC_KHZ.load(Ordering::Relaxed);
+    ((u128::from(ns) * u128::from(khz)) / 1_000_000) as u64
+}
+
 /// Nanoseconds since [`init`].
 pub fn now_ns() -> u64 {
     ticks_to_ns(rdtsc().wrapping_sub(TSC_AT_BOOT.load(Ordering::Relaxed)))

@@ -2,16 +2,21 @@
 
 use hypercall_abi::{ABI_VERSION, exit_code};
 
-use super::{App, Env};
+use super::{App, Env, run_sync};
 use crate::{heap, println, time};
 
 /// The `hello` service.
-pub const APP: App = App { name: "hello", usage: "", about: "print a banner with the VM's resources and exit", main };
+pub const APP: App = App {
+    name: "hello",
+    usage: "",
+    about: "print a banner with the VM's resources and exit",
+    main: |env| run_sync(env, main),
+};
 
 const MIB: u64 = 1024 * 1024;
 
-fn main(env: &Env<'_>) -> u32 {
-    let (vcpus, memory) = match env.hello {
+fn main(env: &Env) -> u32 {
+    let (vcpus, memory) = match &env.hello {
         Some(h) => (h.vcpus, h.memory),
         None => (env.boot.vcpus, env.boot.memory),
     };
@@ -19,7 +24,13 @@ fn main(env: &Env<'_>) -> u32 {
     let (khz, known) = time::tsc_khz();
     println!("Hello from the elastic unikernel! (ABI v{ABI_VERSION})");
     println!("  platform : {}", env.platform.describe());
-    println!("  vCPUs    : 1 online (policy min {} / max {} / burst {})", vcpus.min, vcpus.max, vcpus.burst);
+    println!(
+        "  vCPUs    : {} online (policy min {} / max {} / burst {})",
+        crate::smp::online(),
+        vcpus.min,
+        vcpus.max,
+        vcpus.burst
+    );
     println!(
         "  memory   : {} MiB boot, heap {} KiB free of {} KiB (policy min {} / max {} / burst {} MiB)",
         env.boot.ram_size / MIB,

@@ -1,26 +1,41 @@
-//! The service registry. A service is a function from its [`Env`] to an exit code; adding one
-//! is a module with an [`App`] constant and a line in [`APPS`].
+//! The service registry. A service is an async function from its [`Env`] to an exit code that
+//! runs as a task on the SMP executor; adding one is a module with an [`App`] constant and a
+//! line in [`APPS`].
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::future::Future;
+use core::pin::Pin;
 
 use hypercall_abi::{BootInfo, HelloArgs, exit_code};
 
 use crate::platform::Platform;
 
+mod cpu_burst;
 mod faults;
 mod hello;
+mod hostile;
+mod idle;
 mod spin;
+mod vcpu_bench;
+mod vcpu_churn;
 
 /// What a service is given.
-#[derive(Debug)]
-pub struct Env<'a> {
+#[derive(Debug, Clone)]
+pub struct Env {
     /// Arguments after `--` on the command line.
-    pub args: &'a [&'a str],
+    pub args: Vec<String>,
     /// The boot-info block.
-    pub boot: &'a BootInfo,
+    pub boot: BootInfo,
     /// The host's HELLO answer (`None` under QEMU).
-    pub hello: Option<&'a HelloArgs>,
+    pub hello: Option<HelloArgs>,
     /// Where the kernel runs.
     pub platform: Platform,
 }
+
+/// A service's running body.
+pub type AppFuture = Pin<Box<dyn Future<Output = u32> + Send + 'static>>;
 
 /// A registered service.
 #[derive(Debug, Clone, Copy)]
@@ -31,19 +46,41 @@ pub struct App {
     pub usage: &'static str,
     /// One line on what it does.
     pub about: &'static str,
-    /// Entry point; returns the exit code (`0..=63`).
-    pub main: fn(&Env<'_>) -> u32,
+    /// Entry point; its output is the exit code (`0..=63`).
+    pub main: fn(Env) -> AppFuture,
+}
+
+/// Boxes an async service body.
+pub fn boxed<F: Future<Output = u32> + Send + 'static>(body: F) -> AppFuture {
+    Box::pin(body)
+}
+
+/// Runs a synchronous service body as a task.
+pub fn run_sync(env: Env, body: fn(&Env) -> u32) -> AppFuture {
+    Box::pin(async move { body(&env) })
 }
 
 /// Every service linked into this image.
-pub const APPS: &[App] = &[hello::APP, spin::APP, faults::PANIC, faults::FAULT, HELP];
+pub const APPS: &[App] = &[
+    hello::APP,
+    spin::APP,
+    cpu_burst::APP,
+    vcpu_churn::APP,
+    idle::APP,
+    vcpu_bench::APP,
+    hostile::APP,
+    faults::PANIC,
+    faults::FAULT,
+    HELP,
+];
 
-const HELP: App = App { name: "help", usage: "", about: "list the services in this image", main: help };
+const HELP: App =
+    App { name: "help", usage: "", about: "list the services in this image", main: |env| run_sync(env, help) };
 
-fn help(_env: &Env<'_>) -> u32 {
+fn help(_env: &Env) -> u32 {
     crate::println!("services in this image:");
     for app in APPS {
-        crate::println!("  {:<12} {:<10} {}", app.name, app.usage, app.about);
+        crate::println!("  {:<12} {:<18} {}", app.name, app.usage, app.about);
     }
     exit_code::SUCCESS
 }
@@ -53,9 +90,10 @@ pub fn find(name: &str) -> Option<&'static App> {
     APPS.iter().find(|a| a.name == name)
 }
 
-/// Prints a usage error for `app` and returns the bad-command-line code.
-pub fn usage_error(app: &App, problem: core::fmt::Arguments<'_>) -> u32 {
-    crate::println!("{}: {}\nusage: --app {} -- {}", app.name, problem, app.name, app.usage);
+/// Prints a usage error for service `name` (argument synopsis `usage`) and returns the
+/// bad-command-line code.
+pub fn usage_error(name: &str, usage: &str, problem: core::fmt::Arguments<'_>) -> u32 {
+    crate::println!("{name}: {problem}\nusage: --app {name} -- {usage}");
     exit_code::BAD_COMMAND_LINE
 }
 

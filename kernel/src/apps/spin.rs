@@ -4,21 +4,29 @@
 
 use hypercall_abi::exit_code;
 
-use super::{App, Env, usage_error};
+use super::{App, Env, run_sync, usage_error};
 use crate::arch::cpu::rdtsc;
 use crate::{println, time};
 
-/// The `spin` service.
-pub const APP: App = App { name: "spin", usage: "N", about: "run N iterations of a tight loop and time them", main };
+const NAME: &str = "spin";
+const USAGE: &str = "N";
 
-fn main(env: &Env<'_>) -> u32 {
-    let n: u64 = match env.args {
+/// The `spin` service.
+pub const APP: App = App {
+    name: NAME,
+    usage: USAGE,
+    about: "run N iterations of a tight loop and time them",
+    main: |env| run_sync(env, main),
+};
+
+fn main(env: &Env) -> u32 {
+    let n: u64 = match env.args.as_slice() {
         [] => 100_000_000,
         [n] => match n.parse() {
             Ok(n) if n > 0 => n,
-            _ => return usage_error(&APP, format_args!("'{n}' is not a positive number of iterations")),
+            _ => return usage_error(NAME, USAGE, format_args!("'{n}' is not a positive number of iterations")),
         },
-        _ => return usage_error(&APP, format_args!("takes one argument")),
+        _ => return usage_error(NAME, USAGE, format_args!("takes one argument")),
     };
     let start = rdtsc();
     spin_loop(n);

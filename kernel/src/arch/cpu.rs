@@ -3,7 +3,7 @@
 
 use core::arch::asm;
 
-use hypercall_abi::HYPERCALL_PORT;
+use hypercall_abi::{HYPERCALL_PORT, NOP_PORT};
 
 /// Executes one hypercall: `out dx, eax` with the call number in `eax` and the argument
 /// block's guest-physical address in `rdi`. Returns `eax` afterwards: the host leaves the
@@ -26,6 +26,44 @@ pub unsafe fn hypercall(call: u32, block: u64) -> u32 {
              options(nostack, preserves_flags));
     }
     eax
+}
+
+/// A write to the port the shim ignores: one bare exit, used as the benchmark floor.
+#[inline(always)]
+pub fn nop_exit() {
+    // SAFETY: `out` to NOP_PORT has no effect besides the exit; the I/O bitmap permits it.
+    unsafe { asm!("out dx, eax", in("dx") NOP_PORT, in("eax") 0u32, options(nostack, nomem, preserves_flags)) };
+}
+
+/// Whether `wrgsbase`/`rdgsbase` may be used (CPUID.(7,0):EBX[0]; the shim always enables
+/// CR4.FSGSBASE, the QEMU trampoline only when the CPU has it).
+pub fn has_fsgsbase() -> bool {
+    let (max, ..) = cpuid(0, 0);
+    max >= 7 && cpuid(7, 0).1 & 1 != 0
+}
+
+/// Sets the GS base (per-CPU pointer).
+///
+/// # Safety
+///
+/// FSGSBASE must be enabled ([`has_fsgsbase`]).
+#[inline(always)]
+pub unsafe fn write_gs_base(value: u64) {
+    // SAFETY: the caller checked FSGSBASE; `wrgsbase` is then legal at CPL 3.
+    unsafe { asm!("wrgsbase {}", in(reg) value, options(nostack, nomem, preserves_flags)) };
+}
+
+/// Reads the GS base.
+///
+/// # Safety
+///
+/// FSGSBASE must be enabled ([`has_fsgsbase`]).
+#[inline(always)]
+pub unsafe fn read_gs_base() -> u64 {
+    let v: u64;
+    // SAFETY: the caller checked FSGSBASE; `rdgsbase` is then legal at CPL 3.
+    unsafe { asm!("rdgsbase {}", out(reg) v, options(nostack, nomem, preserves_flags)) };
+    v
 }
 
 /// Writes a 32-bit value to an I/O port.

@@ -1,0 +1,338 @@
+//! The elastic vCPU controller.
+//!
+//! * **Up**: when runnable tasks per online vCPU stay above `vcpu.up_load` for `vcpu.up_ms`,
+//!   ask for one more vCPU (one at a time; the host decides, so after a DENIED the controller
+//!   waits `vcpu.deny_backoff_ms` before asking again).
+//! * **Down**: a vCPU that has been idle for `vcpu.down_ms` goes down (never below min, never
+//!   vCPU 0). Explicit requests ([`request_down`]) and host reclaim targets make idle vCPUs go
+//!   down at once.
+//! * **Report**: REPORT the load figures every `vcpu.report_ms` while there is work, and at
+//!   every change in vCPUs.
+//!
+//! All thresholds come from the kernel command line (`--guest-opt KEY=VALUE` on the shim);
+//! `vcpu.auto=off` disables automatic ups and idle downs (explicit requests still work).
+
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use hypercall_abi::{ReportArgs, Status};
+use spin::Mutex;
+
+use crate::cmdline::CommandLine;
+use crate::percpu::PerCpu;
+use crate::platform::{self, Platform};
+use crate::smp::{self, UpError};
+use crate::{executor, heap, hypercall, time};
+
+/// Controller settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Ask for a vCPU when runnable tasks exceed this many per online vCPU, in percent.
+    pub up_load_pct: u64,
+    /// ... for this long (ns).
+    pub up_ns: u64,
+    /// An idle vCPU goes down after this long (ns).
+    pub down_ns: u64,
+    /// Wait this long after a DENIED before asking again (ns).
+    pub deny_backoff_ns: u64,
+    /// Shortest interval between controller decisions (ns).
+    pub tick_ns: u64,
+    /// Interval between REPORTs while busy (ns).
+    pub report_ns: u64,
+    /// Automatic ups and idle downs.
+    pub auto: bool,
+}
+
+impl Tuning {
+    /// The defaults.
+    pub const DEFAULT: Tuning = Tuning {
+        up_load_pct: 100,
+        up_ns: 2_000_000,
+        down_ns: 20_000_000,
+        deny_backoff_ns: 50_000_000,
+        tick_ns: 200_000,
+        report_ns: 25_000_000,
+        auto: true,
+    };
+
+    /// Reads `vcpu.*` options; unknown or malformed values are reported and ignored.
+    pub fn from_cmdline(cmd: &CommandLine<'_>, warn: &mut dyn FnMut(&str, &str)) -> Tuning {
+        let mut t = Tuning::DEFAULT;
+        for &(key, value) in &cmd.options {
+            let ms = || value.parse::<u64>().ok().map(|v| v.saturating_mul(1_000_000));
+            let parsed = match key {
+                "vcpu.up_load" => parse_fraction_pct(value).map(|v| t.up_load_pct = v),
+                "vcpu.up_ms" => ms().map(|v| t.up_ns = v),
+                "vcpu.down_ms" => ms().map(|v| t.down_ns = v),
+                "vcpu.deny_backoff_ms" => ms().map(|v| t.deny_backoff_ns = v),
+                "vcpu.report_ms" => ms().map(|v| t.report_ns = v.max(1_000_000)),
+                "vcpu.tick_us" => value.parse::<u64>().ok().map(|v| t.tick_ns = v.saturating_mul(1000)),
+                "vcpu.auto" => parse_switch(value).map(|on| t.auto = on),
+                _ => Some(()),
+            };
+            if parsed.is_none() {
+                warn(key, value);
+            }
+        }
+        t
+    }
+}
+
+/// Parses `on`/`off` (or `true`/`false`, `1`/`0`).
+pub fn parse_switch(s: &str) -> Option<bool> {
+    match s {
+        "on" | "true" | "1" => Some(true),
+        "off" | "false" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses `1`, `1.5`, `0.25` into percent (100, 150, 25).
+fn parse_fraction_pct(s: &str) -> Option<u64> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let int: u64 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    let frac2: u64 = match frac.len() {
+        0 => 0,
+        1 => frac.parse::<u64>().ok()? * 10,
+        _ => frac[..2].parse().ok()?,
+    };
+    Some(int * 100 + frac2)
+}
+
+/// Shortest gap between change-triggered REPORTs (each costs an exit).
+const MIN_REPORT_GAP_NS: u64 = 1_000_000;
+
+static TUNING: Mutex<Tuning> = Mutex::new(Tuning::DEFAULT);
+static AUTO: AtomicBool = AtomicBool::new(true);
+static CONTROLLER: Mutex<ControllerState> = Mutex::new(ControllerState::new());
+static LAST_TICK_NS: AtomicU64 = AtomicU64::new(0);
+static DOWN_REQUESTS: AtomicUsize = AtomicUsize::new(0);
+/// Host reclaim target for vCPUs (usize::MAX when none).
+static VCPU_TARGET: AtomicUsize = AtomicUsize::new(usize::MAX);
+static CHANGED: AtomicBool = AtomicBool::new(true);
+/// A figure the running service wants reported.
+static USER_FIGURE: AtomicU64 = AtomicU64::new(0);
+static UPS: AtomicU64 = AtomicU64::new(0);
+static DENIALS: AtomicU64 = AtomicU64::new(0);
+
+struct ControllerState {
+    pressure_since_ns: u64,
+    deny_until_ns: u64,
+    last_report_ns: u64,
+}
+
+impl ControllerState {
+    const fn new() -> Self {
+        ControllerState { pressure_since_ns: 0, deny_until_ns: 0, last_report_ns: 0 }
+    }
+}
+
+/// Installs the tuning.
+pub fn init(t: Tuning) {
+    *TUNING.lock() = t;
+    AUTO.store(t.auto, Ordering::Release);
+}
+
+/// Current tuning.
+pub fn tuning() -> Tuning {
+    *TUNING.lock()
+}
+
+/// Turns automatic ups and idle downs on or off.
+pub fn set_auto(on: bool) {
+    AUTO.store(on, Ordering::Release);
+}
+
+/// Asks `n` idle vCPUs to go down (never below min).
+pub fn request_down(n: usize) {
+    DOWN_REQUESTS.fetch_add(n, Ordering::AcqRel);
+    smp::kick_one_idle();
+}
+
+/// Drops outstanding down requests.
+pub fn cancel_down_requests() {
+    DOWN_REQUESTS.store(0, Ordering::Release);
+}
+
+/// Sets (or clears, with `None`) the number of vCPUs the host wants the VM to come down to.
+pub fn set_vcpu_target(target: Option<usize>) {
+    VCPU_TARGET.store(target.unwrap_or(usize::MAX), Ordering::Release);
+    if target.is_some() {
+        smp::kick_one_idle();
+    }
+}
+
+/// The host's vCPU reclaim target, if one is in force.
+pub fn vcpu_target() -> Option<usize> {
+    match VCPU_TARGET.load(Ordering::Acquire) {
+        usize::MAX => None,
+        t => Some(t),
+    }
+}
+
+/// Sets the service-defined figure sent with each REPORT.
+pub fn set_user_figure(v: u64) {
+    USER_FIGURE.store(v, Ordering::Relaxed);
+}
+
+/// Records that a vCPU went down (for the next REPORT).
+pub fn note_down() {
+    CHANGED.store(true, Ordering::Release);
+}
+
+/// vCPUs brought up by the controller and DENIED answers it got.
+pub fn counters() -> (u64, u64) {
+    (UPS.load(Ordering::Relaxed), DENIALS.load(Ordering::Relaxed))
+}
+
+/// Explicitly brings one vCPU up (for services).
+pub fn up() -> Result<u32, UpError> {
+    let r = smp::bring_up();
+    match r {
+        Ok(_) => {
+            UPS.fetch_add(1, Ordering::Relaxed);
+            CHANGED.store(true, Ordering::Release);
+        }
+        Err(UpError::Refused(Status::DENIED)) => {
+            DENIALS.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(_) => {}
+    }
+    r
+}
+
+/// Sends a REPORT now.
+pub fn report() {
+    if platform::current() != Platform::Shim {
+        return;
+    }
+    let h = heap::stats();
+    let _ = hypercall::report(ReportArgs {
+        runnable: executor::runnable() as u64,
+        online_vcpus: smp::online() as u64,
+        idle_vcpus: smp::idle() as u64,
+        heap_used: (h.claimed - h.available) as u64,
+        heap_free: h.available as u64,
+        user: USER_FIGURE.load(Ordering::Relaxed),
+        ..ReportArgs::default()
+    });
+}
+
+/// Controller step, run at task boundaries (rate-limited to one vCPU every `tick`).
+pub fn on_boundary(_slot: &'static PerCpu) {
+    if platform::current() != Platform::Shim {
+        return;
+    }
+    let now = time::now_ns();
+    let t = tuning();
+    if now.saturating_sub(LAST_TICK_NS.load(Ordering::Relaxed)) < t.tick_ns {
+        return;
+    }
+    let Some(mut st) = CONTROLLER.try_lock() else { return };
+    LAST_TICK_NS.store(now, Ordering::Relaxed);
+    let runnable = executor::runnable() as u64;
+    let online = smp::online() as u64;
+    // The policy from HELLO is not checked here: the host is the authority (burst credit and
+    // the pool change what it grants), so a pressured guest asks and backs off on DENIED.
+    // Only an explicit reclaim target from the host holds the controller back.
+    let reclaiming = vcpu_target().is_some_and(|t| online as usize >= t);
+    let pressured = runnable > 0 && runnable * 100 > t.up_load_pct * online;
+    if AUTO.load(Ordering::Acquire) && pressured && !reclaiming {
+        if st.pressure_since_ns == 0 {
+            st.pressure_since_ns = now;
+        } else if now - st.pressure_since_ns >= t.up_ns && now >= st.deny_until_ns {
+            match up() {
+                Ok(_) => st.pressure_since_ns = now,
+                Err(UpError::Refused(Status::DENIED | Status::EXHAUSTED | Status::AGAIN)) => {
+                    st.deny_until_ns = now + t.deny_backoff_ns;
+                }
+                Err(_) => st.deny_until_ns = now + t.deny_backoff_ns,
+            }
+        }
+    } else {
+        st.pressure_since_ns = 0;
+    }
+    let since = now - st.last_report_ns;
+    let changed = since >= MIN_REPORT_GAP_NS && CHANGED.swap(false, Ordering::AcqRel);
+    if changed || (runnable > 0 && since >= t.report_ns) {
+        st.last_report_ns = now;
+        drop(st);
+        report();
+    }
+}
+
+/// Consumes one explicit down request; `false` when none is outstanding.
+pub fn take_down_request() -> bool {
+    DOWN_REQUESTS.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
+}
+
+/// What an idle vCPU should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleAction {
+    /// Go down now; `consume_request` when only an explicit request justifies it (the
+    /// request is consumed at the moment of going, so no more vCPUs go than were asked).
+    GoDown {
+        /// Whether an explicit request must be consumed.
+        consume_request: bool,
+    },
+    /// BLOCK for at most this many ns.
+    Block(u64),
+}
+
+/// Decides for an idle vCPU: go down (explicit request, host reclaim, or idle long enough)
+/// or block until the next timer / down check.
+pub fn idle_action(slot: &'static PerCpu) -> IdleAction {
+    let now = time::now_ns();
+    let t = tuning();
+    let (min, _, _) = smp::limits();
+    let online = smp::online();
+    let is_boot = slot.index() == 0;
+    if !is_boot && online > min {
+        let over_target = vcpu_target().is_some_and(|target| online > target.max(min));
+        let idle_for = now.saturating_sub(slot.idle_since_ns.load(Ordering::Acquire));
+        let timed_out = AUTO.load(Ordering::Acquire) && idle_for >= t.down_ns;
+        if over_target || timed_out || slot.down_requested.load(Ordering::Acquire) {
+            return IdleAction::GoDown { consume_request: false };
+        }
+        if DOWN_REQUESTS.load(Ordering::Acquire) > 0 {
+            return IdleAction::GoDown { consume_request: true };
+        }
+    }
+    // Only vCPU 0 (which never goes down) sleeps until the next timer; secondaries fire timers
+    // when they pass a task boundary anyway, and waking them all at every deadline would
+    // keep resetting their idle time.
+    let mut timeout = u64::MAX;
+    if is_boot && let Some(d) = crate::timer::next_deadline() {
+        timeout = d.saturating_sub(now);
+    }
+    if !is_boot && online > min && AUTO.load(Ordering::Acquire) {
+        let idle_for = now.saturating_sub(slot.idle_since_ns.load(Ordering::Acquire));
+        timeout = timeout.min(t.down_ns.saturating_sub(idle_for).max(100_000));
+    }
+    IdleAction::Block(timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fractions_parse_to_percent() {
+        assert_eq!(parse_fraction_pct("1"), Some(100));
+        assert_eq!(parse_fraction_pct("1.5"), Some(150));
+        assert_eq!(parse_fraction_pct("0.25"), Some(25));
+        assert_eq!(parse_fraction_pct(".5"), Some(50));
+        assert_eq!(parse_fraction_pct("x"), None);
+    }
+
+    #[test]
+    fn tuning_reads_the_command_line() {
+        let cmd = CommandLine::parse("app=x vcpu.up_load=2.5 vcpu.down_ms=7 vcpu.auto=off vcpu.up_ms=zz -- 1").unwrap();
+        let mut bad = alloc::vec::Vec::new();
+        let t = Tuning::from_cmdline(&cmd, &mut |k, v| bad.push(alloc::format!("{k}={v}")));
+        assert_eq!(t.up_load_pct, 250);
+        assert_eq!(t.down_ns, 7_000_000);
+        assert!(!t.auto);
+        assert_eq!(t.up_ns, Tuning::DEFAULT.up_ns);
+        assert_eq!(bad, ["vcpu.up_ms=zz"]);
+    }
+}

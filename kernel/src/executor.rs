@@ -1,0 +1,273 @@
+//! The SMP task executor: cooperative, with one shared run queue that every online vCPU
+//! serves.
+//!
+//! There are no interrupts. A vCPU runs a task until it returns `Pending` or finishes; between
+//! tasks (a *task boundary*) it reads host notices, lets the elastic controller decide, and
+//! fires timers. A vCPU that finds no work BLOCKs (costing the host nothing) until a kick, a
+//! host notice or its next timer; the vCPU that queues work kicks an idle one.
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::sync::Arc;
+use alloc::task::Wake;
+use core::future::Future;
+use core::pin::Pin;
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use core::task::{Context, Poll, Waker};
+
+use spin::Mutex;
+
+use crate::percpu::PerCpu;
+use crate::{elastic, notices, smp, timer};
+
+type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Task states.
+mod task_state {
+    pub const IDLE: u8 = 0;
+    pub const SCHEDULED: u8 = 1;
+    pub const RUNNING: u8 = 2;
+    /// Woken while running: run again.
+    pub const NOTIFIED: u8 = 3;
+    pub const DONE: u8 = 4;
+}
+
+struct Task {
+    state: AtomicU8,
+    future: Mutex<Option<BoxFuture>>,
+}
+
+static QUEUE: Mutex<VecDeque<Arc<Task>>> = Mutex::new(VecDeque::new());
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+
+impl Task {
+    fn schedule(self: &Arc<Self>) {
+        loop {
+            match self.state.load(Ordering::Acquire) {
+                task_state::IDLE => {
+                    if self
+                        .state
+                        .compare_exchange(task_state::IDLE, task_state::SCHEDULED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        push(self.clone());
+                        return;
+                    }
+                }
+                task_state::RUNNING => {
+                    if self
+                        .state
+                        .compare_exchange(
+                            task_state::RUNNING,
+                            task_state::NOTIFIED,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    fn run(self: Arc<Self>) {
+        self.state.store(task_state::RUNNING, Ordering::Release);
+        let waker = Waker::from(self.clone());
+        let mut cx = Context::from_waker(&waker);
+        let done = {
+            let mut slot = self.future.lock();
+            match slot.as_mut() {
+                Some(f) => {
+                    let ready = f.as_mut().poll(&mut cx).is_ready();
+                    if ready {
+                        *slot = None;
+                    }
+                    ready
+                }
+                None => true,
+            }
+        };
+        if done {
+            self.state.store(task_state::DONE, Ordering::Release);
+            return;
+        }
+        if self
+            .state
+            .compare_exchange(task_state::RUNNING, task_state::IDLE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Woken while it ran: queue it again.
+            self.state.store(task_state::SCHEDULED, Ordering::Release);
+            push(self);
+        }
+    }
+}
+
+impl Wake for Task {
+    fn wake(self: Arc<Self>) {
+        self.schedule();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.schedule();
+    }
+}
+
+fn push(task: Arc<Task>) {
+    QUEUE.lock().push_back(task);
+    let queued = QUEUED.fetch_add(1, Ordering::AcqRel) + 1;
+    // Outside a task (e.g. firing timers in the scheduler loop) this vCPU takes the next task
+    // itself; only work beyond that needs another vCPU.
+    if queued > 1 || crate::percpu::current().in_task.load(Ordering::Relaxed) {
+        smp::kick_one_idle();
+    }
+}
+
+fn pop() -> Option<Arc<Task>> {
+    if QUEUED.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    let t = QUEUE.lock().pop_front();
+    if t.is_some() {
+        QUEUED.fetch_sub(1, Ordering::AcqRel);
+    }
+    t
+}
+
+/// Tasks queued and ready to run (not counting running ones).
+pub fn runnable() -> usize {
+    QUEUED.load(Ordering::Acquire)
+}
+
+struct JoinState<T> {
+    result: Mutex<Option<T>>,
+    waker: Mutex<Option<Waker>>,
+    done: AtomicBool,
+}
+
+/// Awaits a spawned task's result.
+pub struct JoinHandle<T> {
+    state: Arc<JoinState<T>>,
+}
+
+impl<T> core::fmt::Debug for JoinHandle<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("JoinHandle").field("finished", &self.is_finished()).finish()
+    }
+}
+
+impl<T> JoinHandle<T> {
+    /// Whether the task has finished.
+    pub fn is_finished(&self) -> bool {
+        self.state.done.load(Ordering::Acquire)
+    }
+
+    /// Takes the result of a finished task.
+    #[cfg(test)]
+    pub fn try_take(&self) -> Option<T> {
+        if self.is_finished() { self.state.result.lock().take() } else { None }
+    }
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        if !self.state.done.load(Ordering::Acquire) {
+            *self.state.waker.lock() = Some(cx.waker().clone());
+            if !self.state.done.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+        }
+        match self.state.result.lock().take() {
+            Some(v) => Poll::Ready(v),
+            // Taken already (polled after completion): never completes again.
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Spawns `future` as a task; any online vCPU may run it.
+pub fn spawn<F>(future: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let join = Arc::new(JoinState { result: Mutex::new(None), waker: Mutex::new(None), done: AtomicBool::new(false) });
+    let completion = join.clone();
+    let wrapped = async move {
+        let value = future.await;
+        *completion.result.lock() = Some(value);
+        completion.done.store(true, Ordering::Release);
+        if let Some(w) = completion.waker.lock().take() {
+            w.wake();
+        }
+    };
+    let task =
+        Arc::new(Task { state: AtomicU8::new(task_state::SCHEDULED), future: Mutex::new(Some(Box::pin(wrapped))) });
+    push(task);
+    JoinHandle { state: join }
+}
+
+/// Gives other tasks a turn (and the vCPU a task boundary).
+pub fn yield_now() -> impl Future<Output = ()> {
+    struct YieldNow(bool);
+    impl Future for YieldNow {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            if self.0 {
+                return Poll::Ready(());
+            }
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+    YieldNow(false)
+}
+
+/// Serves the run queue on the calling vCPU until `until()` returns true (checked at every
+/// task boundary). Secondary vCPUs pass `|| false` and leave only by going down.
+pub fn worker_loop(slot: &'static PerCpu, until: &dyn Fn() -> bool) {
+    loop {
+        if until() {
+            return;
+        }
+        notices::poll();
+        elastic::on_boundary(slot);
+        timer::fire_expired();
+        if let Some(task) = pop() {
+            smp::set_busy(slot);
+            slot.in_task.store(true, Ordering::Relaxed);
+            task.run();
+            slot.in_task.store(false, Ordering::Relaxed);
+            continue;
+        }
+        smp::set_idle(slot);
+        if runnable() > 0 {
+            continue;
+        }
+        match elastic::idle_action(slot) {
+            elastic::IdleAction::GoDown { consume_request } => smp::go_down(slot, consume_request),
+            elastic::IdleAction::Block(timeout_ns) => smp::idle_block(slot, timeout_ns),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spawned_task_runs_and_joins() {
+        let h = spawn(async { 40 + 2 });
+        while let Some(t) = pop() {
+            t.run();
+        }
+        assert!(h.is_finished());
+        assert_eq!(h.try_take(), Some(42));
+    }
+}

@@ -1,0 +1,54 @@
+//! Host notices: the shim writes the notice page and bumps its sequence number; the kernel
+//! compares the number at every task boundary (a plain memory read, no exit) and fetches and
+//! acknowledges the notices with EVENTS only when it changed.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use hypercall_abi::{NOTICE_ADDR, NoticePage, notice};
+use spin::Mutex;
+
+use crate::platform::{self, Platform};
+use crate::{elastic, hypercall};
+
+static LAST_SEQ: AtomicU64 = AtomicU64::new(0);
+static STOP: AtomicBool = AtomicBool::new(false);
+static POLLING: Mutex<()> = Mutex::new(());
+
+/// The host's view of the VM as published in the notice page.
+pub fn page() -> Option<NoticePage> {
+    if platform::current() != Platform::Shim {
+        return None;
+    }
+    // SAFETY: the shim maps the notice page read-only for CPL 3 at NOTICE_ADDR; it is plain
+    // data and any value is valid. Volatile: the host changes it behind the compiler's back.
+    Some(unsafe { (NOTICE_ADDR as *const NoticePage).read_volatile() })
+}
+
+/// The host's count of this VM's online vCPUs.
+pub fn host_online_vcpus() -> u64 {
+    page().map_or(1, |p| p.online_vcpus)
+}
+
+/// Whether the host asked the VM to stop.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Acquire)
+}
+
+/// Checks the notice page and handles new notices.
+pub fn poll() {
+    let Some(p) = page() else { return };
+    if p.seq == LAST_SEQ.load(Ordering::Acquire) {
+        return;
+    }
+    let Some(_guard) = POLLING.try_lock() else { return };
+    LAST_SEQ.store(p.seq, Ordering::Release);
+    let Some(ev) = hypercall::events() else { return };
+    if ev.pending & notice::STOP != 0 {
+        log::info!("host asked the VM to stop");
+        STOP.store(true, Ordering::Release);
+    }
+    if ev.pending & notice::RECLAIM_VCPUS != 0 {
+        log::info!("host reclaims vCPUs: come down to {} within {} ms", ev.vcpu_target, ev.grace_ns / 1_000_000);
+        elastic::set_vcpu_target(Some(ev.vcpu_target as usize));
+    }
+}

@@ -1,0 +1,258 @@
+//! vCPU bring-up, going down, idling and kicking.
+//!
+//! * **Up**: reserve a free [`PerCpu`] slot, give it a stack (allocated once, kept for
+//!   reuse), and VCPU_UP at `secondary_entry` with the slot as argument. The host starts the
+//!   new vCPU directly at CPL 3; it records its first TSC, installs its slot in GS and serves
+//!   the run queue.
+//! * **Down**: only an idle vCPU goes down, so no task is ever lost. It commits (`IDLE ->
+//!   DOWNING`, which fails if another vCPU just kicked it), re-checks the queue, then stores
+//!   `OFFLINE` and issues VCPU_DOWN in one asm block that touches no stack: from that store on,
+//!   its slot and stack may be reused.
+//! * **Idle**: an idle vCPU publishes `IDLE` and BLOCKs; whoever queues work CASes one idle
+//!   slot to `WAKING` and KICKs it. A kick that lands before the BLOCK is kept by the host,
+//!   so no wake-up is lost.
+
+use alloc::alloc::{Layout, alloc};
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use hypercall_abi::{ResourceLimits, Status};
+
+use crate::arch::cpu;
+use crate::percpu::{CPUS, MAX_CPUS, PerCpu, state};
+use crate::platform::{self, Platform};
+use crate::{executor, hypercall, percpu, time};
+
+/// Stack size of every secondary vCPU.
+pub const STACK_SIZE: usize = 128 * 1024;
+
+static ONLINE: AtomicUsize = AtomicUsize::new(1);
+static IDLE: AtomicUsize = AtomicUsize::new(0);
+static MIN: AtomicUsize = AtomicUsize::new(1);
+static BURST: AtomicUsize = AtomicUsize::new(1);
+static MAX: AtomicUsize = AtomicUsize::new(1);
+
+#[cfg(target_os = "none")]
+global_asm!(
+    r#"
+    .section .text.entry, "ax", @progbits
+    .global secondary_entry
+secondary_entry:
+    /* rdi = &PerCpu, rsi = vCPU id, rsp = the slot's stack. First: timestamp. */
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    movq %rax, {started}(%rdi)
+    xorl %ebp, %ebp
+    call secondary_main
+    ud2
+"#,
+    started = const core::mem::offset_of!(PerCpu, started_tsc),
+    options(att_syntax)
+);
+
+#[cfg(target_os = "none")]
+unsafe extern "C" {
+    fn secondary_entry();
+}
+
+/// Address of the secondary entry point.
+fn secondary_entry_addr() -> u64 {
+    #[cfg(target_os = "none")]
+    {
+        secondary_entry as *const () as u64
+    }
+    #[cfg(not(target_os = "none"))]
+    {
+        0
+    }
+}
+
+/// Rust side of `secondary_entry`.
+#[unsafe(no_mangle)]
+extern "C" fn secondary_main(slot: &'static PerCpu, vcpu_id: u64) -> ! {
+    percpu::set_current(slot);
+    slot.vcpu_id.store(vcpu_id as u32, Ordering::Release);
+    slot.state.store(state::BUSY, Ordering::Release);
+    executor::worker_loop(slot, &|| false);
+    unreachable!("a secondary worker leaves its loop only by going down")
+}
+
+/// Sets up the boot vCPU's slot and the VM's vCPU limits (from HELLO; 1/1/1 without a host).
+pub fn init(limits: Option<ResourceLimits>) {
+    let l = limits.unwrap_or(ResourceLimits { min: 1, max: 1, burst: 1 });
+    let clamp = |v: u64| (v as usize).clamp(1, MAX_CPUS);
+    MIN.store(clamp(l.min), Ordering::Relaxed);
+    MAX.store(clamp(l.max), Ordering::Relaxed);
+    BURST.store(clamp(l.burst), Ordering::Relaxed);
+    percpu::init();
+    CPUS[0].vcpu_id.store(0, Ordering::Relaxed);
+    CPUS[0].state.store(state::BUSY, Ordering::Release);
+    ONLINE.store(1, Ordering::Release);
+}
+
+/// vCPUs online (as the kernel counts them).
+pub fn online() -> usize {
+    ONLINE.load(Ordering::Acquire)
+}
+
+/// Idle vCPUs.
+pub fn idle() -> usize {
+    IDLE.load(Ordering::Acquire)
+}
+
+/// The VM's vCPU policy `(min, max, burst)` as the host reported it.
+pub fn limits() -> (usize, usize, usize) {
+    (MIN.load(Ordering::Relaxed), MAX.load(Ordering::Relaxed), BURST.load(Ordering::Relaxed))
+}
+
+/// Why a bring-up did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpError {
+    /// Every per-CPU slot is in use (the kernel did not ask).
+    AtCeiling,
+    /// The host refused with this status.
+    Refused(Status),
+    /// No stack memory for the new vCPU.
+    NoMemory,
+}
+
+fn stack_for(slot: &'static PerCpu) -> Option<usize> {
+    let base = slot.stack_base.load(Ordering::Acquire);
+    if base != 0 {
+        return Some(base);
+    }
+    let layout = Layout::from_size_align(STACK_SIZE, 4096).ok()?;
+    // SAFETY: the layout has a non-zero size.
+    let p = unsafe { alloc(layout) };
+    if p.is_null() {
+        return None;
+    }
+    slot.stack_base.store(p as usize, Ordering::Release);
+    Some(p as usize)
+}
+
+/// Brings one more vCPU online. Returns its host id. The host is the authority on the
+/// policy: the kernel asks even at what it believes is the ceiling (the host's answer may
+/// differ, e.g. when burst credit or the pool changes), and stops only when it has no slot.
+pub fn bring_up() -> Result<u32, UpError> {
+    if platform::current() != Platform::Shim {
+        return Err(UpError::Refused(Status::UNSUPPORTED));
+    }
+    if ONLINE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_CPUS).then_some(n + 1)).is_err() {
+        return Err(UpError::AtCeiling);
+    }
+    let slot = CPUS.iter().skip(1).find(|s| {
+        s.state.compare_exchange(state::OFFLINE, state::STARTING, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    });
+    let Some(slot) = slot else {
+        ONLINE.fetch_sub(1, Ordering::AcqRel);
+        return Err(UpError::AtCeiling);
+    };
+    let Some(stack) = stack_for(slot) else {
+        slot.state.store(state::OFFLINE, Ordering::Release);
+        ONLINE.fetch_sub(1, Ordering::AcqRel);
+        return Err(UpError::NoMemory);
+    };
+    slot.started_tsc.store(0, Ordering::Release);
+    slot.down_requested.store(false, Ordering::Release);
+    let top = (stack + STACK_SIZE) as u64;
+    match hypercall::vcpu_up(secondary_entry_addr(), top, slot as *const PerCpu as u64) {
+        Ok(id) => {
+            // The new vCPU also stores its id at entry; storing it here too makes it known
+            // to kickers at once.
+            slot.vcpu_id.store(id, Ordering::Release);
+            Ok(id)
+        }
+        Err(s) => {
+            slot.state.store(state::OFFLINE, Ordering::Release);
+            ONLINE.fetch_sub(1, Ordering::AcqRel);
+            Err(UpError::Refused(s))
+        }
+    }
+}
+
+/// Wakes vCPU 0 (the service finished on another vCPU and vCPU 0 must shut down). A kick
+/// that arrives while vCPU 0 is not blocked is kept for its next BLOCK, so it is never lost.
+pub fn kick_boot_vcpu() {
+    if platform::current() == Platform::Shim && percpu::current().index() != 0 {
+        let _ = hypercall::kick(CPUS[0].vcpu_id.load(Ordering::Acquire));
+    }
+}
+
+/// Marks `slot` busy (it found work).
+pub fn set_busy(slot: &'static PerCpu) {
+    let prev = slot.state.swap(state::BUSY, Ordering::AcqRel);
+    if prev == state::IDLE || prev == state::WAKING {
+        IDLE.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Marks `slot` idle (it found no work). A kicked vCPU (`WAKING`) that found nothing either
+/// becomes plainly idle again, keeping its idle-since time.
+pub fn set_idle(slot: &'static PerCpu) {
+    if slot.state.compare_exchange(state::BUSY, state::IDLE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        IDLE.fetch_add(1, Ordering::AcqRel);
+        slot.idle_since_ns.store(time::now_ns(), Ordering::Release);
+    } else {
+        let _ = slot.state.compare_exchange(state::WAKING, state::IDLE, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+/// Wakes one idle vCPU (if any) because work was queued.
+pub fn kick_one_idle() {
+    if IDLE.load(Ordering::Acquire) == 0 || platform::current() != Platform::Shim {
+        return;
+    }
+    let me = percpu::current() as *const PerCpu;
+    for slot in CPUS.iter() {
+        if core::ptr::eq(slot, me) {
+            continue;
+        }
+        if slot.state.compare_exchange(state::IDLE, state::WAKING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            let _ = hypercall::kick(slot.vcpu_id.load(Ordering::Acquire));
+            return;
+        }
+    }
+}
+
+/// Blocks an idle vCPU until a kick, a host notice, or `timeout_ns`. Without a host it
+/// spins instead (QEMU: one vCPU, nothing else to wake it).
+pub fn idle_block(slot: &'static PerCpu, timeout_ns: u64) {
+    if platform::current() != Platform::Shim {
+        cpu::pause();
+        return;
+    }
+    crate::console::flush_if_pending();
+    let _ = hypercall::block(timeout_ns);
+    slot.woke_tsc.store(cpu::rdtsc(), Ordering::Release);
+}
+
+/// Takes the calling (idle) vCPU down if it may still go: never below `min`, never vCPU 0,
+/// never when another vCPU just kicked it or work arrived, and (with `consume_request`) only
+/// if an explicit down request is still outstanding. Returns if it did not go.
+pub fn go_down(slot: &'static PerCpu, consume_request: bool) {
+    if slot.index() == 0 || platform::current() != Platform::Shim {
+        return;
+    }
+    if slot.state.compare_exchange(state::IDLE, state::DOWNING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        return; // kicked meanwhile: stay up
+    }
+    let min = MIN.load(Ordering::Relaxed);
+    let reserved = ONLINE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > min).then_some(n - 1));
+    if reserved.is_err() || executor::runnable() > 0 || (consume_request && !crate::elastic::take_down_request()) {
+        if reserved.is_ok() {
+            ONLINE.fetch_add(1, Ordering::AcqRel);
+        }
+        slot.state.store(state::IDLE, Ordering::Release);
+        return;
+    }
+    IDLE.fetch_sub(1, Ordering::AcqRel);
+    slot.down_requested.store(false, Ordering::Release);
+    slot.down_tsc.store(cpu::rdtsc(), Ordering::Release);
+    crate::elastic::note_down();
+    // SAFETY: `state` is this vCPU's own slot byte; after the store nothing uses this stack.
+    let status = unsafe { hypercall::vcpu_down(slot.state.as_ptr(), state::OFFLINE) };
+    // Only vCPU 0 may be refused, and it never gets here.
+    panic!("VCPU_DOWN returned ({}) on vCPU {}", status.name(), slot.vcpu_id.load(Ordering::Relaxed));
+}

@@ -1,0 +1,175 @@
+//! Elastic vCPU integration tests: real guests bring vCPUs up and down under the shim; the
+//! assertions read the guest's own checks, the JSON summary, the timeline and host CPU time.
+
+mod common;
+
+use common::*;
+
+fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad timeline line {l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn cpu_burst_scales_up_and_returns_to_min() {
+    let dir = temp_dir("cpu-burst");
+    let (s, t) = (dir.join("s.json"), dir.join("t.jsonl"));
+    let r = shim(&[
+        "run",
+        "--app",
+        "cpu-burst",
+        "--vcpus",
+        "1:4:4",
+        "--summary",
+        s.to_str().unwrap(),
+        "--timeline",
+        t.to_str().unwrap(),
+        "--timeout",
+        "120",
+    ]);
+    r.expect_code(0);
+    assert!(r.stdout.contains("cpu-burst: result check PASSED"), "{}", r.stdout);
+    assert!(r.stdout.contains("vCPUs back at min"), "{}", r.stdout);
+    let s = read_json(&s);
+    let v = &s["vcpus"];
+    assert!(v["peak"].as_u64().unwrap() >= 2, "{s}");
+    assert_eq!(v["final"], 1, "{s}");
+    assert_eq!((v["min"].as_u64(), v["max"].as_u64(), v["burst"].as_u64()), (Some(1), Some(4), Some(4)));
+    assert!(v["ups"].as_u64().unwrap() >= 1 && v["ups"] == v["downs"], "{s}");
+    // The timeline has a line per change and per REPORT, timestamps in order.
+    let tl = lines(&t);
+    let count = |e: &str| tl.iter().filter(|l| l["event"] == e).count();
+    assert_eq!(count("vcpu_up") as u64, v["ups"].as_u64().unwrap());
+    assert_eq!(count("vcpu_down") as u64, v["downs"].as_u64().unwrap());
+    assert!(count("report") >= 1, "no REPORT lines");
+    assert!(tl.windows(2).all(|w| w[0]["t_us"].as_u64() <= w[1]["t_us"].as_u64()));
+    let max_held = tl.iter().filter_map(|l| l["vcpus"].as_u64()).max().unwrap();
+    assert_eq!(max_held, v["peak"].as_u64().unwrap());
+    assert_eq!(tl.last().unwrap()["vcpus"], 1);
+}
+
+#[test]
+fn vcpu_churn_runs_every_task_exactly_once() {
+    let dir = temp_dir("churn");
+    let s = dir.join("s.json");
+    let r = shim(&[
+        "run",
+        "--app",
+        "vcpu-churn",
+        "--vcpus",
+        "1:4:4",
+        "--summary",
+        s.to_str().unwrap(),
+        "--timeout",
+        "120",
+        "--",
+        "1000",
+    ]);
+    r.expect_code(0);
+    assert!(r.stdout.contains("2000/2000 tasks ran exactly once"), "{}", r.stdout);
+    let s = read_json(&s);
+    assert!(s["vcpus"]["ups"].as_u64().unwrap() >= 1000, "{s}");
+    assert!(s["vcpus"]["downs"].as_u64().unwrap() >= 1000, "{s}");
+    assert_eq!(s["vcpus"]["final"], 1);
+    // Only four KVM vCPUs ever existed: every other up reused a parked one.
+    assert!(s["vcpus"]["created"].as_u64().unwrap() <= 4, "{s}");
+}
+
+#[test]
+fn requests_above_burst_are_denied_and_counted_and_the_guest_finishes() {
+    let dir = temp_dir("denied");
+    let (s, t) = (dir.join("s.json"), dir.join("t.jsonl"));
+    let r = shim(&[
+        "run",
+        "--app",
+        "cpu-burst",
+        "--vcpus",
+        "1:2:2",
+        "--summary",
+        s.to_str().unwrap(),
+        "--timeline",
+        t.to_str().unwrap(),
+        "--timeout",
+        "120",
+    ]);
+    r.expect_code(0);
+    assert!(r.stdout.contains("result check PASSED"), "{}", r.stdout);
+    let s = read_json(&s);
+    assert!(s["denied"].as_u64().unwrap() >= 1, "no DENIED counted: {s}");
+    assert_eq!(s["vcpus"]["peak"], 2, "never above burst: {s}");
+    let denied_lines = lines(&t).iter().filter(|l| l["event"] == "denied" && l["resource"] == "vcpu").count();
+    assert_eq!(denied_lines as u64, s["denied"].as_u64().unwrap());
+}
+
+#[test]
+fn an_idle_guest_with_parked_and_blocked_vcpus_costs_the_host_almost_no_cpu() {
+    let dir = temp_dir("idle");
+    let (s, t) = (dir.join("s.json"), dir.join("t.jsonl"));
+    let r = shim(&[
+        "run",
+        "--app",
+        "idle",
+        "--vcpus",
+        "1:4:4",
+        "--summary",
+        s.to_str().unwrap(),
+        "--timeline",
+        t.to_str().unwrap(),
+        "--timeout",
+        "60",
+        "--",
+        "1000",
+    ]);
+    r.expect_code(0);
+    let s = read_json(&s);
+    // 4 came up, 1 went down and stays parked, 3 stay online and blocked.
+    assert_eq!(s["vcpus"]["peak"], 4, "{s}");
+    assert_eq!(s["vcpus"]["downs"], 1, "{s}");
+    assert_eq!(s["vcpus"]["final"], 3, "{s}");
+    // The service REPORTs user figure 1 when the idle second starts and 2 when it ends; the
+    // shim stamps each REPORT with its own process CPU time.
+    let tl = lines(&t);
+    let mark = |n: u64| {
+        tl.iter().find(|l| l["event"] == "report" && l["user"] == n).unwrap_or_else(|| panic!("no report {n}")).clone()
+    };
+    let (a, b) = (mark(1), mark(2));
+    let wall_us = b["t_us"].as_u64().unwrap() - a["t_us"].as_u64().unwrap();
+    let cpu_us = b["host_cpu_us"].as_u64().unwrap() - a["host_cpu_us"].as_u64().unwrap();
+    assert!(wall_us >= 950_000, "idle window {wall_us} µs");
+    assert_eq!(a["vcpus"], 3, "three vCPUs online (blocked) during the window");
+    // Close to nothing: under 2% of one CPU (measured ~0.1%).
+    assert!(cpu_us * 50 < wall_us, "the shim used {cpu_us} µs of CPU in {wall_us} µs of idling");
+}
+
+#[test]
+fn hostile_hypercalls_get_statuses_and_the_shim_stays_up() {
+    let r = shim(&["run", "--app", "hostile", "--vcpus", "1:2:2", "--timeout", "60"]);
+    r.expect_code(0);
+    assert!(r.stdout.contains("checks passed, 0 failed"), "{}", r.stdout);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
+
+#[test]
+fn bench_writes_the_vcpu_figures() {
+    let dir = temp_dir("bench");
+    let out = dir.join("b.json");
+    let r = shim(&["bench", "--out", out.to_str().unwrap(), "--runs", "2"]);
+    r.expect_code(0);
+    let b = read_json(&out);
+    for key in [
+        "boot_us",
+        "hypercall_rtt_ns",
+        "bare_pio_exit_rtt_ns",
+        "vcpu_up_fresh_us",
+        "vcpu_up_reused_us",
+        "vcpu_down_us",
+        "kick_wake_us",
+    ] {
+        let v = b[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {b}"));
+        assert!(v > 0.0 && v.is_finite(), "{key} = {v}");
+        assert!(!b["details"][key]["samples"].as_array().unwrap().is_empty(), "{key} has no samples");
+    }
+}
