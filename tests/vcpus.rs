@@ -173,3 +173,21 @@ fn bench_writes_the_vcpu_figures() {
         assert!(!b["details"][key]["samples"].as_array().unwrap().is_empty(), "{key} has no samples");
     }
 }
+
+#[test]
+fn ctrl_c_asks_the_guest_to_stop_and_it_shuts_down_cleanly() {
+    require_kvm();
+    let child = std::process::Command::new(SHIM)
+        .args(["run", "--app", "idle", "--vcpus", "1:3:3", "--timeout", "60", "--", "30000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("stopping at the host's request"), "{stdout}");
+}

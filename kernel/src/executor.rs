@@ -233,10 +233,10 @@ pub fn yield_now() -> impl Future<Output = ()> {
 /// task boundary). Secondary vCPUs pass `|| false` and leave only by going down.
 pub fn worker_loop(slot: &'static PerCpu, until: &dyn Fn() -> bool) {
     loop {
+        notices::poll();
         if until() {
             return;
         }
-        notices::poll();
         elastic::on_boundary(slot);
         timer::fire_expired();
         if let Some(task) = pop() {

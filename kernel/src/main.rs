@@ -80,6 +80,7 @@ pub fn kernel_main(boot: BootInfo) -> ! {
     let tuning = elastic::Tuning::from_cmdline(&cmd, &mut |k, v| log::warn!("ignoring bad value {k}={v}"));
     elastic::init(tuning);
     smp::init(hello.as_ref().map(|h| h.vcpus));
+    log::debug!("per-CPU pointer in GS: {}", arch::cpu::has_fsgsbase());
     let name = cmd.option("app").unwrap_or("hello");
     let Some(app) = apps::find(name) else {
         println!("kernel: no service named '{name}' in this image; available:");

@@ -46,6 +46,8 @@ pub fn poll() {
     if ev.pending & notice::STOP != 0 {
         log::info!("host asked the VM to stop");
         STOP.store(true, Ordering::Release);
+        // vCPU 0 shuts the VM down; it may have re-blocked before this vCPU got here.
+        crate::smp::kick_boot_vcpu();
     }
     if ev.pending & notice::RECLAIM_VCPUS != 0 {
         log::info!("host reclaims vCPUs: come down to {} within {} ms", ev.vcpu_target, ev.grace_ns / 1_000_000);
