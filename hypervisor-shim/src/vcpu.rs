@@ -173,6 +173,7 @@ impl Vcpu {
         ctl.bind_current_thread();
         while !vm.is_stopping() {
             let exit = self.next_exit();
+            ctl.last_rip.store(self.fd.sync_regs().regs.rip, Ordering::Relaxed);
             let flow = match exit {
                 Exit::Hypercall { call, gpa } => {
                     let (status, flow) = hypercall::dispatch(vm, ctl, call, gpa);

@@ -46,6 +46,8 @@ pub struct VcpuControl {
     wake: AtomicU32,
     /// The thread running this vCPU (`pthread_t`), for kicks out of KVM_RUN; 0 until known.
     thread: AtomicU64,
+    /// RIP at the vCPU's latest exit (for diagnosing a hang).
+    pub last_rip: AtomicU64,
 }
 
 impl VcpuControl {
@@ -57,6 +59,7 @@ impl VcpuControl {
             cond: Condvar::new(),
             wake: AtomicU32::new(0),
             thread: AtomicU64::new(0),
+            last_rip: AtomicU64::new(0),
         }
     }
 

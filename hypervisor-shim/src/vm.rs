@@ -128,8 +128,8 @@ pub enum Outcome {
     },
     /// The shim itself failed.
     Internal(String),
-    /// `--timeout` expired.
-    Timeout(Duration),
+    /// `--timeout` expired (with each vCPU's state at that moment).
+    Timeout(Duration, String),
     /// The operator interrupted the run twice (Ctrl-C).
     Interrupted,
 }
@@ -143,7 +143,7 @@ impl Outcome {
             Outcome::Unbacked { .. } => exit::GUEST_UNBACKED,
             Outcome::Unserved { .. } => exit::GUEST_UNSERVED,
             Outcome::Internal(_) => exit::INTERNAL,
-            Outcome::Timeout(_) => exit::TIMEOUT,
+            Outcome::Timeout(..) => exit::TIMEOUT,
             Outcome::Interrupted => exit::INTERRUPTED,
         }
     }
@@ -156,7 +156,7 @@ impl Outcome {
             Outcome::Unbacked { .. } => "unbacked_memory",
             Outcome::Unserved { .. } => "unserved_exit",
             Outcome::Internal(_) => "internal_error",
-            Outcome::Timeout(_) => "timeout",
+            Outcome::Timeout(..) => "timeout",
             Outcome::Interrupted => "interrupted",
         }
     }
@@ -172,7 +172,9 @@ impl Outcome {
             )),
             Outcome::Unserved { vcpu, what } => Some(format!("guest on vCPU {vcpu}: {what}")),
             Outcome::Internal(what) => Some(format!("shim error: {what}")),
-            Outcome::Timeout(d) => Some(format!("run stopped after the {:.1} s timeout", d.as_secs_f64())),
+            Outcome::Timeout(d, states) => {
+                Some(format!("run stopped after the {:.1} s timeout; vCPUs then:\n{states}", d.as_secs_f64()))
+            }
             Outcome::Interrupted => Some("run interrupted (Ctrl-C twice)".into()),
         }
     }
@@ -296,6 +298,17 @@ impl VmShared {
             ctl.stop();
         }
         self.ended.notify_all();
+    }
+
+    /// One line per vCPU: state and the RIP of its latest exit (for hang diagnoses).
+    pub fn vcpu_states(&self) -> String {
+        let mut out = String::new();
+        for ctl in self.vcpu_set.all() {
+            let rip = ctl.last_rip.load(Ordering::Relaxed);
+            let sym = self.image.symbolize(rip).map(|s| format!(" <{s}>")).unwrap_or_default();
+            out.push_str(&format!("  vCPU {}: {:?}, last exit at RIP {rip:#x}{sym}\n", ctl.id, ctl.state()));
+        }
+        out
     }
 
     /// Whether the run is ending.
@@ -514,7 +527,7 @@ impl Vm {
             }
             drop(shared.ended.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()));
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                shared.finish(Outcome::Timeout(self.timeout.unwrap_or_default()));
+                shared.finish(Outcome::Timeout(self.timeout.unwrap_or_default(), shared.vcpu_states()));
             }
             let interrupts = crate::signals::interrupts();
             if interrupts != interrupts_seen {

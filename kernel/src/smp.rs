@@ -180,6 +180,17 @@ pub fn kick_boot_vcpu() {
     }
 }
 
+/// Wakes vCPU 0 if it is idle (it must re-plan its sleep, e.g. for an earlier timer).
+pub fn kick_boot_vcpu_if_idle() {
+    if platform::current() != Platform::Shim || percpu::current().index() == 0 {
+        return;
+    }
+    let boot = &CPUS[0];
+    if boot.state.compare_exchange(state::IDLE, state::WAKING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+        let _ = hypercall::kick(boot.vcpu_id.load(Ordering::Acquire));
+    }
+}
+
 /// Marks `slot` busy (it found work).
 pub fn set_busy(slot: &'static PerCpu) {
     let prev = slot.state.swap(state::BUSY, Ordering::AcqRel);
@@ -191,11 +202,12 @@ pub fn set_busy(slot: &'static PerCpu) {
 /// Marks `slot` idle (it found no work). A kicked vCPU (`WAKING`) that found nothing either
 /// becomes plainly idle again, keeping its idle-since time.
 pub fn set_idle(slot: &'static PerCpu) {
-    if slot.state.compare_exchange(state::BUSY, state::IDLE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+    // SeqCst: pairs with the timer's "publish deadline, then look for idle vCPU 0".
+    if slot.state.compare_exchange(state::BUSY, state::IDLE, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
         IDLE.fetch_add(1, Ordering::AcqRel);
         slot.idle_since_ns.store(time::now_ns(), Ordering::Release);
     } else {
-        let _ = slot.state.compare_exchange(state::WAKING, state::IDLE, Ordering::AcqRel, Ordering::Acquire);
+        let _ = slot.state.compare_exchange(state::WAKING, state::IDLE, Ordering::SeqCst, Ordering::SeqCst);
     }
 }
 

@@ -42,9 +42,17 @@ static NEXT: AtomicU64 = AtomicU64::new(u64::MAX);
 
 fn arm(deadline_ns: u64, waker: Waker) {
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let mut heap = TIMERS.lock();
-    heap.push(Reverse(Timer { deadline_ns, seq, waker }));
-    NEXT.store(heap.peek().map_or(u64::MAX, |t| t.0.deadline_ns), Ordering::Release);
+    let earlier = {
+        let mut heap = TIMERS.lock();
+        heap.push(Reverse(Timer { deadline_ns, seq, waker }));
+        let next = heap.peek().map_or(u64::MAX, |t| t.0.deadline_ns);
+        NEXT.swap(next, Ordering::SeqCst) > next
+    };
+    // Idle vCPU 0 sleeps until the deadline it saw when it blocked; a new, earlier one must
+    // wake it to re-plan.
+    if earlier {
+        crate::smp::kick_boot_vcpu_if_idle();
+    }
 }
 
 /// Wakes every timer whose deadline has passed.
@@ -70,7 +78,7 @@ pub fn fire_expired() {
 
 /// The earliest armed deadline (kernel ns), if any.
 pub fn next_deadline() -> Option<u64> {
-    match NEXT.load(Ordering::Acquire) {
+    match NEXT.load(Ordering::SeqCst) {
         u64::MAX => None,
         d => Some(d),
     }
