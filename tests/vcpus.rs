@@ -153,7 +153,7 @@ fn hostile_hypercalls_get_statuses_and_the_shim_stays_up() {
 }
 
 #[test]
-fn bench_writes_the_vcpu_figures() {
+fn bench_writes_the_vcpu_and_memory_figures() {
     let dir = temp_dir("bench");
     let out = dir.join("b.json");
     let r = shim(&["bench", "--out", out.to_str().unwrap(), "--runs", "2"]);
@@ -167,6 +167,12 @@ fn bench_writes_the_vcpu_figures() {
         "vcpu_up_reused_us",
         "vcpu_down_us",
         "kick_wake_us",
+        "mem_grant_2m_us",
+        "mem_grant_64m_us",
+        "mem_grant_1g_us",
+        "mem_touch_1g_us",
+        "mem_release_1g_us",
+        "memslot_floor_1g_us",
     ] {
         let v = b[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {b}"));
         assert!(v > 0.0 && v.is_finite(), "{key} = {v}");

@@ -451,3 +451,103 @@ impl Default for ReportArgs {
         }
     }
 }
+
+/// A range of guest-physical memory: `[base, base + len)`, both multiples of
+/// [`EXTENT_ALIGN`](crate::EXTENT_ALIGN) (2 MiB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Extent {
+    /// First byte.
+    pub base: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+const _: () = assert!(size_of::<Extent>() == 16);
+
+impl Extent {
+    /// One past the last byte (saturating).
+    pub const fn end(&self) -> u64 {
+        self.base.saturating_add(self.len)
+    }
+}
+
+/// Most extents one MEM_GRANT returns or one MEM_RELEASE takes.
+pub const MEM_EXTENTS_MAX: u32 = 64;
+
+/// [`Call::MemGrant`]: ask for `bytes` more memory.
+///
+/// `bytes` is rounded up to a multiple of 2 MiB. The host answers with up to `max_extents`
+/// extents written to the array at `extents`, each backed by its own host mapping and
+/// immediately usable (the boot page tables already map the whole hot-plug window).
+/// Statuses: `OK` with `granted <= bytes` (a partial grant is reported in `granted`);
+/// `DENIED` when the policy allows nothing more (burst reached, or above max without burst
+/// credit); `EXHAUSTED` when the host pool has no room; `INVALID` when `bytes` is 0,
+/// `max_extents` is 0 or above [`MEM_EXTENTS_MAX`], or the array is not in guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct MemGrantArgs {
+    /// Status header.
+    pub header: Header,
+    /// *in*: bytes wanted.
+    pub bytes: u64,
+    /// *in*: GPA of an array of `max_extents` [`Extent`]s the host fills.
+    pub extents: u64,
+    /// *in*: capacity of that array.
+    pub max_extents: u32,
+    /// *out*: extents written.
+    pub count: u32,
+    /// *out*: bytes granted (the sum of the extents' lengths).
+    pub granted: u64,
+    /// *reserved*.
+    pub reserved: [u64; 2],
+}
+
+arg_block!(MemGrantArgs, Call::MemGrant, 56);
+const _: () = assert!(offset_of!(MemGrantArgs, bytes) == 8);
+const _: () = assert!(offset_of!(MemGrantArgs, extents) == 16);
+const _: () = assert!(offset_of!(MemGrantArgs, max_extents) == 24);
+const _: () = assert!(offset_of!(MemGrantArgs, count) == 28);
+const _: () = assert!(offset_of!(MemGrantArgs, granted) == 32);
+
+impl MemGrantArgs {
+    /// A request for `bytes`, results into `max_extents` extents at GPA `extents`.
+    pub const fn new(bytes: u64, extents: u64, max_extents: u32) -> Self {
+        MemGrantArgs { header: Header::pending(), bytes, extents, max_extents, count: 0, granted: 0, reserved: [0; 2] }
+    }
+}
+
+/// [`Call::MemRelease`]: give extents back.
+///
+/// Every extent must be exactly one the host granted (same base and length) and listed once;
+/// otherwise nothing is released and the status is `INVALID`. On `OK` the extents are no
+/// longer backed: the host removes their memory slots and unmaps them, so the host's memory
+/// use falls; touching them afterwards ends the VM with an "unbacked memory" error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct MemReleaseArgs {
+    /// Status header.
+    pub header: Header,
+    /// *in*: GPA of an array of `count` [`Extent`]s.
+    pub extents: u64,
+    /// *in*: number of extents (1..=[`MEM_EXTENTS_MAX`]).
+    pub count: u32,
+    /// *reserved*.
+    pub reserved0: u32,
+    /// *out*: bytes released.
+    pub released: u64,
+    /// *reserved*.
+    pub reserved: [u64; 2],
+}
+
+arg_block!(MemReleaseArgs, Call::MemRelease, 48);
+const _: () = assert!(offset_of!(MemReleaseArgs, extents) == 8);
+const _: () = assert!(offset_of!(MemReleaseArgs, count) == 16);
+const _: () = assert!(offset_of!(MemReleaseArgs, released) == 24);
+
+impl MemReleaseArgs {
+    /// A release of the `count` extents at GPA `extents`.
+    pub const fn new(extents: u64, count: u32) -> Self {
+        MemReleaseArgs { header: Header::pending(), extents, count, reserved0: 0, released: 0, reserved: [0; 2] }
+    }
+}

@@ -95,6 +95,10 @@ pub enum Call {
     /// Report the guest's load figures (recorded in the host's timeline).
     /// Block: [`ReportArgs`].
     Report = 10,
+    /// Ask for memory: one or more extents in the hot-plug window. Block: [`MemGrantArgs`].
+    MemGrant = 11,
+    /// Give granted extents back. Block: [`MemReleaseArgs`].
+    MemRelease = 12,
 }
 
 impl Call {
@@ -110,6 +114,8 @@ impl Call {
         Call::Kick,
         Call::Events,
         Call::Report,
+        Call::MemGrant,
+        Call::MemRelease,
     ];
 
     /// The call with number `n`, if this ABI revision defines one.
@@ -125,6 +131,8 @@ impl Call {
             8 => Some(Call::Kick),
             9 => Some(Call::Events),
             10 => Some(Call::Report),
+            11 => Some(Call::MemGrant),
+            12 => Some(Call::MemRelease),
             _ => None,
         }
     }
@@ -147,6 +155,8 @@ impl Call {
             Call::Kick => "kick",
             Call::Events => "events",
             Call::Report => "report",
+            Call::MemGrant => "mem_grant",
+            Call::MemRelease => "mem_release",
         }
     }
 }
@@ -228,6 +238,8 @@ mod tests {
             (Call::Kick, 8),
             (Call::Events, 9),
             (Call::Report, 10),
+            (Call::MemGrant, 11),
+            (Call::MemRelease, 12),
         ];
         assert_eq!(pinned.len(), Call::ALL.len());
         for (c, n) in pinned {

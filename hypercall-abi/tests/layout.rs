@@ -150,3 +150,22 @@ fn notice_page_layout() {
     round_trip(n, &[(0, &[1, 0, 0, 0, 0, 0, 0, 0]), (8, &[1, 0, 0, 0, 0, 0, 0, 0]), (40, &[4, 0, 0, 0, 0, 0, 0, 0])]);
     assert_eq!(notice::STOP | notice::RECLAIM_VCPUS | notice::RECLAIM_MEMORY, 0b111);
 }
+
+#[test]
+fn memory_call_layouts() {
+    let mut g = MemGrantArgs::new(64 << 20, 0x30_0000, 8);
+    g.count = 2;
+    g.granted = 64 << 20;
+    round_trip(
+        g,
+        &[(8, &(64u64 << 20).to_le_bytes()), (16, &0x30_0000u64.to_le_bytes()), (24, &[8, 0, 0, 0, 2, 0, 0, 0])],
+    );
+    let mut r = MemReleaseArgs::new(0x30_0000, 3);
+    r.released = 6 << 20;
+    round_trip(r, &[(8, &0x30_0000u64.to_le_bytes()), (16, &[3, 0, 0, 0]), (24, &(6u64 << 20).to_le_bytes())]);
+    let e = Extent { base: 1 << 30, len: 2 << 20 };
+    round_trip(e, &[(0, &(1u64 << 30).to_le_bytes()), (8, &(2u64 << 20).to_le_bytes())]);
+    assert_eq!(e.end(), (1 << 30) + (2 << 20));
+    assert_eq!(<MemGrantArgs as ArgBlock>::CALL, Call::MemGrant);
+    assert_eq!(<MemReleaseArgs as ArgBlock>::CALL, Call::MemRelease);
+}

@@ -209,8 +209,72 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     if let (Some(h), Some(f)) = (report.get("hypercall_rtt_ns"), report.get("bare_pio_exit_rtt_ns")) {
         report.figures.insert("hypercall_over_exit".into(), h / f);
     }
+
+    // Memory figures, measured inside the guest, and the host floor in this same run.
+    let mut mem = std::collections::BTreeMap::new();
+    let boots = opts.runs.div_ceil(10).max(2);
+    for i in 0..boots {
+        progress(&format!("memory {}/{boots}", i + 1));
+        guest_samples(
+            opts,
+            &["run", "--app", "mem-bench", "--memory", "64M:2G:2G", "--timeout", "120", "--", "5"],
+            &mut mem,
+        )?;
+    }
+    let mut take = |k: &str| mem.remove(k).unwrap_or_default();
+    report.add("mem_grant_2m_us", take("mem_grant_2m_ns"), 1e-3);
+    report.add("mem_grant_64m_us", take("mem_grant_64m_ns"), 1e-3);
+    report.add("mem_grant_1g_us", take("mem_grant_1g_ns"), 1e-3);
+    report.add("mem_touch_1g_us", take("mem_touch_1g_ns"), 1e-3);
+    report.add("mem_release_1g_us", take("mem_release_1g_ns"), 1e-3);
+    progress("memslot floor");
+    report.add("memslot_floor_1g_us", memslot_floor(20)?, 1.0);
     progress("done");
     Ok(report)
+}
+
+/// The host floor for a 1 GiB grant: a bare anonymous mmap plus KVM_SET_USER_MEMORY_REGION
+/// on a VM of our own, `rounds` times (µs each).
+fn memslot_floor(rounds: usize) -> Result<Vec<f64>, BenchError> {
+    const GIB: usize = 1 << 30;
+    let kvm = crate::vm::open_kvm().map_err(|e| BenchError::Summary(e.to_string()))?;
+    let vm = kvm.create_vm().map_err(|e| BenchError::Summary(format!("KVM_CREATE_VM: {e}")))?;
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        // SAFETY: a fresh anonymous private mapping; checked for MAP_FAILED below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                GIB,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(BenchError::Summary("mmap of 1 GiB failed".into()));
+        }
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 1,
+            flags: 0,
+            guest_phys_addr: 1 << 30,
+            memory_size: GIB as u64,
+            userspace_addr: p as u64,
+        };
+        // SAFETY: `p` maps GIB bytes and stays mapped until the slot is deleted below.
+        let set = unsafe { vm.set_user_memory_region(region) };
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+        let delete = kvm_bindings::kvm_userspace_memory_region { memory_size: 0, ..region };
+        // SAFETY: deleting the slot; then the mapping is ours to unmap.
+        unsafe {
+            let _ = vm.set_user_memory_region(delete);
+            libc::munmap(p, GIB);
+        }
+        set.map_err(|e| BenchError::Summary(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+    }
+    Ok(samples)
 }
 
 fn progress(what: &str) {

@@ -9,10 +9,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hypercall_abi::{
-    ABI_VERSION, ArgBlock, BLOCK_FOREVER, BlockArgs, CONSOLE_WRITE_MAX, Call, ConsoleWriteArgs, EventsArgs, HelloArgs,
-    KERNEL_MIN_LOAD_ADDR, KickArgs, PingArgs, ReportArgs, SHUTDOWN_CODE_MAX, ShutdownArgs, Status, VcpuUpArgs, wake,
+    ABI_VERSION, ArgBlock, BLOCK_FOREVER, BlockArgs, CONSOLE_WRITE_MAX, Call, ConsoleWriteArgs, EXTENT_ALIGN,
+    EventsArgs, Extent, HelloArgs, KERNEL_MIN_LOAD_ADDR, KickArgs, MEM_EXTENTS_MAX, MemGrantArgs, MemReleaseArgs,
+    PingArgs, ReportArgs, SHUTDOWN_CODE_MAX, ShutdownArgs, Status, VcpuUpArgs, wake,
 };
 use serde_json::Value;
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::timeline::detail;
 use crate::vcpu_set::{Entry, UpPlan, VcpuControl};
@@ -52,6 +54,8 @@ pub fn dispatch(vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, call: Option<u32>, g
         Call::Kick => serve(vm, gpa, |a: &mut KickArgs| kick(vm, a)),
         Call::Events => serve(vm, gpa, |a: &mut EventsArgs| events(vm, a)),
         Call::Report => serve(vm, gpa, |a: &mut ReportArgs| report(vm, a)),
+        Call::MemGrant => serve(vm, gpa, |a: &mut MemGrantArgs| mem_grant(vm, a)),
+        Call::MemRelease => serve(vm, gpa, |a: &mut MemReleaseArgs| mem_release(vm, a)),
     }
 }
 
@@ -74,7 +78,9 @@ fn write_status_only(vm: &VmShared, gpa: u64, status: Status) -> Status {
 }
 
 fn hello(vm: &VmShared, vcpu: u32, a: &mut HelloArgs) -> (Status, Flow) {
-    let _ = vm.first_hello.set(vm.started.elapsed());
+    if vm.first_hello.set(vm.started.elapsed()).is_ok() {
+        let _ = vm.stats.rss_boot.set(crate::memory::process_rss_bytes());
+    }
     a.host_abi_version = ABI_VERSION;
     a.vcpu_id = vcpu;
     a.host_features = 0;
@@ -196,4 +202,73 @@ fn report(vm: &VmShared, a: &mut ReportArgs) -> (Status, Flow) {
     ];
     vm.record("report", detail(figures));
     (Status::OK, Flow::Continue)
+}
+
+fn mem_grant(vm: &VmShared, a: &mut MemGrantArgs) -> (Status, Flow) {
+    a.count = 0;
+    a.granted = 0;
+    let array_len = u64::from(a.max_extents) * size_of::<Extent>() as u64;
+    if a.bytes == 0 || a.max_extents == 0 || a.max_extents > MEM_EXTENTS_MAX || !vm.mem.is_ram(a.extents, array_len) {
+        return (Status::INVALID, Flow::Continue);
+    }
+    // Policy: never above burst.
+    let held = vm.memory_held();
+    let room = vm.memory.burst.saturating_sub(held) / EXTENT_ALIGN * EXTENT_ALIGN;
+    let want = a.bytes.div_ceil(EXTENT_ALIGN).saturating_mul(EXTENT_ALIGN);
+    if room == 0 {
+        vm.stats.denied.fetch_add(1, Ordering::Relaxed);
+        vm.record("denied", detail([("resource", "memory".into()), ("bytes", want.into()), ("held", held.into())]));
+        return (Status::DENIED, Flow::Continue);
+    }
+    let extents = match vm.mem.grant(&vm.fd, want.min(room), a.max_extents as usize) {
+        Ok(e) => e,
+        Err(crate::memory::MemoryError::NoRoom) => return (Status::EXHAUSTED, Flow::Continue),
+        Err(e) => {
+            eprintln!("hypervisor-shim: memory grant failed: {e}");
+            return (Status::EXHAUSTED, Flow::Continue);
+        }
+    };
+    let bytes: Vec<u8> = extents.iter().flat_map(|e| e.as_bytes().to_vec()).collect();
+    if vm.mem.write(a.extents, &bytes).is_err() {
+        // The array vanished (released concurrently): undo, so nothing leaks.
+        let _ = vm.mem.release(&vm.fd, &extents);
+        return (Status::INVALID, Flow::Continue);
+    }
+    a.count = extents.len() as u32;
+    a.granted = extents.iter().map(|e| e.len).sum();
+    let now_held = vm.memory_held();
+    vm.stats.mem_grants.fetch_add(1, Ordering::Relaxed);
+    vm.stats.mem_peak.fetch_max(now_held, Ordering::Relaxed);
+    vm.refresh_notice_page();
+    vm.record(
+        "memory_grant",
+        detail([("bytes", a.granted.into()), ("asked", want.into()), ("extents", a.count.into())]),
+    );
+    (Status::OK, Flow::Continue)
+}
+
+fn mem_release(vm: &VmShared, a: &mut MemReleaseArgs) -> (Status, Flow) {
+    a.released = 0;
+    if a.count == 0 || a.count > MEM_EXTENTS_MAX {
+        return (Status::INVALID, Flow::Continue);
+    }
+    let Ok(raw) = vm.mem.read_vec(a.extents, u64::from(a.count) * size_of::<Extent>() as u64) else {
+        return (Status::INVALID, Flow::Continue);
+    };
+    let extents: Vec<Extent> =
+        raw.chunks_exact(size_of::<Extent>()).filter_map(|c| Extent::read_from_bytes(c).ok()).collect();
+    match vm.mem.release(&vm.fd, &extents) {
+        Ok(released) => {
+            a.released = released;
+            vm.stats.mem_releases.fetch_add(1, Ordering::Relaxed);
+            vm.refresh_notice_page();
+            vm.record("memory_release", detail([("bytes", released.into()), ("extents", a.count.into())]));
+            (Status::OK, Flow::Continue)
+        }
+        Err(crate::memory::MemoryError::NotGranted { .. }) => (Status::INVALID, Flow::Continue),
+        Err(e) => {
+            eprintln!("hypervisor-shim: memory release failed: {e}");
+            (Status::INVALID, Flow::Continue)
+        }
+    }
 }

@@ -47,6 +47,37 @@ pub struct VcpuSummary {
     pub created: u32,
 }
 
+/// Memory figures of a run (bytes).
+#[derive(Debug, Clone, Serialize)]
+pub struct MemorySummary {
+    /// Policy minimum (boot memory).
+    pub min: u64,
+    /// Policy maximum.
+    pub max: u64,
+    /// Policy burst ceiling.
+    pub burst: u64,
+    /// Most memory held at once.
+    pub peak: u64,
+    /// Memory held at the end.
+    #[serde(rename = "final")]
+    pub final_: u64,
+    /// Successful MEM_GRANT calls.
+    pub grants: u64,
+    /// Successful MEM_RELEASE calls.
+    pub releases: u64,
+}
+
+/// The shim process's resident set size (bytes).
+#[derive(Debug, Clone, Serialize)]
+pub struct RssSummary {
+    /// At the guest's first HELLO.
+    pub boot: u64,
+    /// The peak (kernel-tracked high-water mark).
+    pub peak: u64,
+    /// At the end of the run.
+    pub end: u64,
+}
+
 /// The summary of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -80,6 +111,10 @@ pub struct Summary {
     pub reports: u64,
     /// CPU time the shim process used (user + system), in µs.
     pub host_cpu_us: u64,
+    /// Memory figures.
+    pub memory_bytes: MemorySummary,
+    /// The shim process's RSS.
+    pub host_rss_bytes: RssSummary,
 }
 
 /// CPU time used by this process so far (user + system), in µs.
@@ -121,6 +156,20 @@ impl Summary {
             denied: report.denied,
             reports: report.reports,
             host_cpu_us: process_cpu_us(),
+            memory_bytes: MemorySummary {
+                min: memory.min,
+                max: memory.max,
+                burst: memory.burst,
+                peak: report.memory.peak,
+                final_: report.memory.final_bytes,
+                grants: report.memory.grants,
+                releases: report.memory.releases,
+            },
+            host_rss_bytes: RssSummary {
+                boot: report.memory.rss_boot,
+                peak: report.memory.rss_peak,
+                end: report.memory.rss_end,
+            },
         }
     }
 

@@ -195,6 +195,14 @@ pub struct Stats {
     pub denied: AtomicU64,
     /// REPORT calls received.
     pub reports: AtomicU64,
+    /// Successful MEM_GRANT calls.
+    pub mem_grants: AtomicU64,
+    /// Successful MEM_RELEASE calls.
+    pub mem_releases: AtomicU64,
+    /// Most memory held at once (bytes).
+    pub mem_peak: AtomicU64,
+    /// The shim's RSS at the guest's first HELLO (bytes).
+    pub rss_boot: OnceLock<u64>,
 }
 
 impl Stats {
@@ -318,7 +326,7 @@ impl VmShared {
 
     /// Memory the VM holds now: boot memory plus granted extents.
     pub fn memory_held(&self) -> u64 {
-        self.layout.ram_size
+        self.mem.held()
     }
 
     /// Records a timeline event with the VM's current holdings.
@@ -411,6 +419,27 @@ pub struct RunReport {
     pub denied: u64,
     /// REPORT calls.
     pub reports: u64,
+    /// Memory figures.
+    pub memory: MemoryCounts,
+}
+
+/// Memory figures of a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryCounts {
+    /// Most bytes held at once.
+    pub peak: u64,
+    /// Bytes held at the end.
+    pub final_bytes: u64,
+    /// Successful MEM_GRANT calls.
+    pub grants: u64,
+    /// Successful MEM_RELEASE calls.
+    pub releases: u64,
+    /// The shim's RSS at the first HELLO.
+    pub rss_boot: u64,
+    /// The shim's peak RSS.
+    pub rss_peak: u64,
+    /// The shim's RSS at the end of the run.
+    pub rss_end: u64,
 }
 
 /// A VM ready to run.
@@ -454,7 +483,8 @@ impl Vm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|source| VmError::Kvm { what: "get supported CPUID", source })?;
-        let mem = GuestMemory::new(layout.ram_size)?;
+        let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX).max(2);
+        let mem = GuestMemory::with_window(layout.ram_size, layout.window_base, layout.window_size, max_slots)?;
         mem.register_boot_slot(&fd)?;
         platform::write_descriptor_tables(&mem)?;
         platform::write_page_tables(&mem, &layout)?;
@@ -566,6 +596,15 @@ impl Vm {
             vcpus: shared.vcpu_set.counts(),
             denied: shared.stats.denied.load(Ordering::Relaxed),
             reports: shared.stats.reports.load(Ordering::Relaxed),
+            memory: MemoryCounts {
+                peak: shared.stats.mem_peak.load(Ordering::Relaxed).max(shared.layout.ram_size),
+                final_bytes: shared.memory_held(),
+                grants: shared.stats.mem_grants.load(Ordering::Relaxed),
+                releases: shared.stats.mem_releases.load(Ordering::Relaxed),
+                rss_boot: shared.stats.rss_boot.get().copied().unwrap_or(0),
+                rss_peak: crate::memory::process_peak_rss_bytes(),
+                rss_end: crate::memory::process_rss_bytes(),
+            },
         }
     }
 }

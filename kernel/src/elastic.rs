@@ -9,8 +9,14 @@
 //! * **Report**: REPORT the load figures every `vcpu.report_ms` while there is work, and at
 //!   every change in vCPUs.
 //!
+//! * **Memory**: the heap grows by a grant when an allocation cannot be served (see
+//!   [`crate::heap`]) and, ahead of that, when free heap drops below `mem.low_mb`. When free
+//!   heap stays above `mem.high_mb` for `mem.release_ms`, extents that have been wholly free
+//!   that long are handed back, as long as free heap stays at or above `mem.low_mb`.
+//!
 //! All thresholds come from the kernel command line (`--guest-opt KEY=VALUE` on the shim);
-//! `vcpu.auto=off` disables automatic ups and idle downs (explicit requests still work).
+//! `vcpu.auto=off` disables automatic ups and idle downs, `mem.auto=off` proactive growth and
+//! release (explicit requests still work).
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
@@ -40,6 +46,17 @@ pub struct Tuning {
     pub report_ns: u64,
     /// Automatic ups and idle downs.
     pub auto: bool,
+    /// Memory: grow when free heap drops below this (bytes).
+    pub mem_low: usize,
+    /// Memory: release when free heap stays above this (bytes).
+    pub mem_high: usize,
+    /// Memory: grant size (bytes).
+    pub mem_chunk: usize,
+    /// Memory: how long free heap must stay above `mem_high`, and an extent must be wholly
+    /// free, before it is released (ns).
+    pub mem_release_ns: u64,
+    /// Memory: proactive growth and release.
+    pub mem_auto: bool,
 }
 
 impl Tuning {
@@ -52,6 +69,11 @@ impl Tuning {
         tick_ns: 200_000,
         report_ns: 25_000_000,
         auto: true,
+        mem_low: 8 << 20,
+        mem_high: 32 << 20,
+        mem_chunk: 16 << 20,
+        mem_release_ns: 50_000_000,
+        mem_auto: true,
     };
 
     /// Reads `vcpu.*` options; unknown or malformed values are reported and ignored.
@@ -59,6 +81,7 @@ impl Tuning {
         let mut t = Tuning::DEFAULT;
         for &(key, value) in &cmd.options {
             let ms = || value.parse::<u64>().ok().map(|v| v.saturating_mul(1_000_000));
+            let mib = || value.parse::<usize>().ok().map(|v| v.saturating_mul(1 << 20));
             let parsed = match key {
                 "vcpu.up_load" => parse_fraction_pct(value).map(|v| t.up_load_pct = v),
                 "vcpu.up_ms" => ms().map(|v| t.up_ns = v),
@@ -67,6 +90,11 @@ impl Tuning {
                 "vcpu.report_ms" => ms().map(|v| t.report_ns = v.max(1_000_000)),
                 "vcpu.tick_us" => value.parse::<u64>().ok().map(|v| t.tick_ns = v.saturating_mul(1000)),
                 "vcpu.auto" => parse_switch(value).map(|on| t.auto = on),
+                "mem.low_mb" => mib().map(|v| t.mem_low = v),
+                "mem.high_mb" => mib().map(|v| t.mem_high = v),
+                "mem.chunk_mb" => mib().map(|v| t.mem_chunk = v.max(2 << 20)),
+                "mem.release_ms" => ms().map(|v| t.mem_release_ns = v),
+                "mem.auto" => parse_switch(value).map(|on| t.mem_auto = on),
                 _ => Some(()),
             };
             if parsed.is_none() {
@@ -118,11 +146,78 @@ struct ControllerState {
     pressure_since_ns: u64,
     deny_until_ns: u64,
     last_report_ns: u64,
+    mem_deny_until_ns: u64,
+    above_high_since_ns: u64,
 }
 
 impl ControllerState {
     const fn new() -> Self {
-        ControllerState { pressure_since_ns: 0, deny_until_ns: 0, last_report_ns: 0 }
+        ControllerState {
+            pressure_since_ns: 0,
+            deny_until_ns: 0,
+            last_report_ns: 0,
+            mem_deny_until_ns: 0,
+            above_high_since_ns: 0,
+        }
+    }
+}
+
+/// Host reclaim target for memory in bytes (u64::MAX when none).
+static MEMORY_TARGET: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Sets (or clears) the memory the host wants the VM to come down to.
+pub fn set_memory_target(target: Option<u64>) {
+    MEMORY_TARGET.store(target.unwrap_or(u64::MAX), Ordering::Release);
+}
+
+/// The host's memory reclaim target, if one is in force.
+pub fn memory_target() -> Option<u64> {
+    match MEMORY_TARGET.load(Ordering::Acquire) {
+        u64::MAX => None,
+        t => Some(t),
+    }
+}
+
+/// The memory step: grow below the low watermark, release above the high one (and down to a
+/// host reclaim target).
+fn memory_step(st: &mut ControllerState, t: &Tuning, now: u64) {
+    if heap::window_size() == 0 {
+        return;
+    }
+    let free = heap::stats().available;
+    let target = memory_target();
+    if let Some(target) = target {
+        // Reclaim: release wholly free extents (however briefly free) down to the target.
+        if heap::held() > target {
+            let released = heap::release_free_extents(0, &|_, held_after| held_after >= target);
+            if released > 0 {
+                CHANGED.store(true, Ordering::Release);
+            }
+        }
+    }
+    if !t.mem_auto {
+        return;
+    }
+    let may_grow = target.is_none_or(|tg| heap::held() < tg);
+    if free < t.mem_low && may_grow && now >= st.mem_deny_until_ns {
+        match heap::grow_now(t.mem_chunk) {
+            Ok(_) => CHANGED.store(true, Ordering::Release),
+            Err(_) => st.mem_deny_until_ns = now + t.deny_backoff_ns,
+        }
+    }
+    if free > t.mem_high {
+        if st.above_high_since_ns == 0 {
+            st.above_high_since_ns = now;
+        }
+    } else {
+        st.above_high_since_ns = 0;
+    }
+    let low = t.mem_low;
+    if st.above_high_since_ns != 0 && now - st.above_high_since_ns >= t.mem_release_ns {
+        let released = heap::release_free_extents(t.mem_release_ns, &|free_after, _| free_after >= low);
+        if released > 0 {
+            CHANGED.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -130,6 +225,7 @@ impl ControllerState {
 pub fn init(t: Tuning) {
     *TUNING.lock() = t;
     AUTO.store(t.auto, Ordering::Release);
+    heap::configure(t.mem_chunk, t.deny_backoff_ns);
 }
 
 /// Current tuning.
@@ -210,7 +306,7 @@ pub fn report() {
         runnable: executor::runnable() as u64,
         online_vcpus: smp::online() as u64,
         idle_vcpus: smp::idle() as u64,
-        heap_used: (h.claimed - h.available) as u64,
+        heap_used: h.claimed.saturating_sub(h.available) as u64,
         heap_free: h.available as u64,
         user: USER_FIGURE.load(Ordering::Relaxed),
         ..ReportArgs::default()
@@ -251,6 +347,7 @@ pub fn on_boundary(_slot: &'static PerCpu) {
     } else {
         st.pressure_since_ns = 0;
     }
+    memory_step(&mut st, &t, now);
     let since = now - st.last_report_ns;
     let changed = since >= MIN_REPORT_GAP_NS && CHANGED.swap(false, Ordering::AcqRel);
     if changed || (runnable > 0 && since >= t.report_ns) {

@@ -40,7 +40,8 @@ const RUNNING: u32 = u32::MAX;
 /// The service's exit code once it finished.
 static SERVICE_EXIT: AtomicU32 = AtomicU32::new(RUNNING);
 
-/// Kernel options the command line may carry besides the controller's `vcpu.*` keys.
+/// Kernel options the command line may carry besides the controller's `vcpu.*` and `mem.*`
+/// keys.
 const KNOWN_OPTIONS: &[&str] = &["app", "log"];
 
 hypercall_abi::declare_abi_note!();
@@ -54,7 +55,7 @@ pub fn kernel_main(boot: BootInfo) -> ! {
         // The host's TSC figure is authoritative under the shim.
         time::init(h.tsc_khz.max(boot.tsc_khz));
     }
-    if !heap::init(boot.heap_base, boot.heap_size) {
+    if !heap::init(boot.heap_base, boot.heap_size, boot.ram_size, boot.window_base, boot.window_size) {
         println!("kernel: boot memory too small for a heap ({} bytes free)", boot.heap_size);
         platform::exit(exit_code::OUT_OF_MEMORY);
     }
@@ -73,7 +74,7 @@ pub fn kernel_main(boot: BootInfo) -> ! {
         println!("kernel: unknown log level '{}', using info", cmd.option("log").unwrap_or(""));
     }
     for (key, _) in &cmd.options {
-        if !KNOWN_OPTIONS.contains(key) && !key.starts_with("vcpu.") {
+        if !KNOWN_OPTIONS.contains(key) && !key.starts_with("vcpu.") && !key.starts_with("mem.") {
             log::warn!("ignoring unknown kernel option '{key}'");
         }
     }

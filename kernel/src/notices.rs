@@ -49,6 +49,14 @@ pub fn poll() {
         // vCPU 0 shuts the VM down; it may have re-blocked before this vCPU got here.
         crate::smp::kick_boot_vcpu();
     }
+    if ev.pending & notice::RECLAIM_MEMORY != 0 {
+        log::info!(
+            "host reclaims memory: come down to {} MiB within {} ms",
+            ev.memory_target >> 20,
+            ev.grace_ns / 1_000_000
+        );
+        elastic::set_memory_target(Some(ev.memory_target));
+    }
     if ev.pending & notice::RECLAIM_VCPUS != 0 {
         log::info!("host reclaims vCPUs: come down to {} within {} ms", ev.vcpu_target, ev.grace_ns / 1_000_000);
         elastic::set_vcpu_target(Some(ev.vcpu_target as usize));

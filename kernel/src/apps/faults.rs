@@ -10,11 +10,11 @@ pub const PANIC: App = App {
     main: |env| run_sync(env, panic_main),
 };
 
-/// The `fault` service: touches an unmapped address.
+/// The `fault` service: touches an address that must not work.
 pub const FAULT: App = App {
     name: "fault",
-    usage: "",
-    about: "touch an unmapped address (shows the #PF diagnosis)",
+    usage: "[unmapped|window|released]",
+    about: "touch an unmapped address (#PF), an ungranted or a released window address (unbacked)",
     main: |env| run_sync(env, fault_main),
 };
 
@@ -25,11 +25,40 @@ fn panic_main(_env: &Env) -> u32 {
     panic!("the 'panic' service panicked on purpose");
 }
 
-fn fault_main(_env: &Env) -> u32 {
-    crate::println!("fault: writing to unmapped address {UNMAPPED_ADDRESS:#x}");
+fn fault_main(env: &Env) -> u32 {
+    let target = match env.args.first().map(|a| a.as_str()) {
+        None | Some("unmapped") => UNMAPPED_ADDRESS,
+        Some("window") if env.boot.window_size > 0 => env.boot.window_base,
+        Some("released") if env.boot.window_size > 0 => {
+            let mut ext = [hypercall_abi::Extent::default(); 1];
+            match crate::heap::grant_raw(2 << 20, &mut ext) {
+                Ok(1) => {
+                    let base = ext[0].base;
+                    // SAFETY: granted just now; identity-mapped.
+                    unsafe { (base as *mut u64).write_volatile(7) };
+                    let _ = crate::heap::release_raw(&ext);
+                    crate::println!("fault: granted, wrote and released {:#x}+2M", base);
+                    base
+                }
+                _ => {
+                    crate::println!("fault: the host granted nothing");
+                    return hypercall_abi::exit_code::FAILURE;
+                }
+            }
+        }
+        Some("window" | "released") => {
+            crate::println!("fault: this VM has no hot-plug window (give it one with --memory MIN:MAX:BURST)");
+            return hypercall_abi::exit_code::BAD_COMMAND_LINE;
+        }
+        Some(other) => {
+            crate::println!("fault: unknown target '{other}' (unmapped, window, released)");
+            return hypercall_abi::exit_code::BAD_COMMAND_LINE;
+        }
+    };
+    crate::println!("fault: writing to {target:#x}");
     crate::console::flush();
-    let p = UNMAPPED_ADDRESS as *mut u64;
-    // SAFETY: deliberately unsound: this write is meant to fault, and the fault ends the VM.
+    let p = target as *mut u64;
+    // SAFETY: deliberately unsound: this write is meant to fail, and the failure ends the VM.
     unsafe { p.write_volatile(0xdead_beef) };
     crate::println!("fault: the write did not fault");
     hypercall_abi::exit_code::FAILURE

@@ -32,7 +32,8 @@ fn main(env: &Env) -> u32 {
         vcpus.burst
     );
     println!(
-        "  memory   : {} MiB boot, heap {} KiB free of {} KiB (policy min {} / max {} / burst {} MiB)",
+        "  memory   : {} MiB held ({} MiB boot), heap {} KiB free of {} KiB (policy min {} / max {} / burst {} MiB)",
+        crate::heap::held() / MIB,
         env.boot.ram_size / MIB,
         heap.available / 1024,
         heap.claimed / 1024,

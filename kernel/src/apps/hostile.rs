@@ -6,8 +6,8 @@
 use core::arch::asm;
 
 use hypercall_abi::{
-    BlockArgs, CONSOLE_WRITE_MAX, Call, ConsoleWriteArgs, HYPERCALL_PORT, HelloArgs, KickArgs, ShutdownArgs, Status,
-    VcpuUpArgs, exit_code,
+    BlockArgs, CONSOLE_WRITE_MAX, Call, ConsoleWriteArgs, Extent, HYPERCALL_PORT, HelloArgs, KickArgs, MemGrantArgs,
+    MemReleaseArgs, ShutdownArgs, Status, VcpuUpArgs, exit_code,
 };
 
 use super::{App, Env, run_sync};
@@ -47,6 +47,68 @@ fn raw(number: u32, gpa: u64) -> Status {
     // SAFETY: deliberately malformed calls; the shim must refuse them without touching guest
     // memory outside RAM. Nothing here relies on the block being valid.
     Status(unsafe { cpu::hypercall(number, gpa) } as i32)
+}
+
+fn grant(bytes: u64, out: &mut [Extent]) -> (Status, u32) {
+    let mut g = MemGrantArgs::new(bytes, out.as_mut_ptr() as u64, out.len() as u32);
+    let s = call(&mut g);
+    (s, g.count)
+}
+
+fn release(extents: &[Extent]) -> Status {
+    call(&mut MemReleaseArgs::new(extents.as_ptr() as u64, extents.len() as u32))
+}
+
+/// Malformed grants and releases. With a hot-plug window (at least 4 MiB below burst) it also
+/// grants, refuses bad releases of a live extent, fills up to burst and releases.
+fn memory_checks(c: &mut Checks, has_window: bool) {
+    let mut ext = [Extent::default(); 4];
+    c.expect("MEM_GRANT of 0 bytes", grant(0, &mut ext).0, Status::INVALID);
+    let mut g = MemGrantArgs::new(2 << 20, ext.as_mut_ptr() as u64, 0);
+    c.expect("MEM_GRANT with no room for extents", call(&mut g), Status::INVALID);
+    let mut g = MemGrantArgs::new(2 << 20, ext.as_mut_ptr() as u64, 1000);
+    c.expect("MEM_GRANT with a huge extent count", call(&mut g), Status::INVALID);
+    let mut g = MemGrantArgs::new(2 << 20, OUTSIDE, 4);
+    c.expect("MEM_GRANT with its array outside RAM", call(&mut g), Status::INVALID);
+    let mut r = MemReleaseArgs::new(ext.as_ptr() as u64, 0);
+    c.expect("MEM_RELEASE of no extents", call(&mut r), Status::INVALID);
+    let mut r = MemReleaseArgs::new(ext.as_ptr() as u64, 100_000);
+    c.expect("MEM_RELEASE with a huge count", call(&mut r), Status::INVALID);
+    let mut r = MemReleaseArgs::new(OUTSIDE, 1);
+    c.expect("MEM_RELEASE with its array outside RAM", call(&mut r), Status::INVALID);
+    c.expect("MEM_RELEASE of boot memory", release(&[Extent { base: 0x20_0000, len: 2 << 20 }]), Status::INVALID);
+    if !has_window {
+        c.expect("MEM_GRANT without a hot-plug window", grant(2 << 20, &mut ext).0, Status::DENIED);
+        return;
+    }
+    let (s, n) = grant(4 << 20, &mut ext);
+    c.expect("MEM_GRANT of 4 MiB", s, Status::OK);
+    if s != Status::OK || n == 0 {
+        return;
+    }
+    let e = ext[0];
+    let p = e.base as *mut u64;
+    // SAFETY: the host just granted this extent; identity-mapped.
+    unsafe { p.write_volatile(0x1234_5678) };
+    c.expect("MEM_RELEASE of half an extent", release(&[Extent { base: e.base, len: e.len / 2 }]), Status::INVALID);
+    c.expect("MEM_RELEASE of an extent listed twice", release(&[e, e]), Status::INVALID);
+    c.expect(
+        "MEM_RELEASE overlapping a granted extent",
+        release(&[Extent { base: e.base + (2 << 20), len: e.len }]),
+        Status::INVALID,
+    );
+    // Nothing was released by the refused calls: the data is intact.
+    // SAFETY: still granted.
+    let intact = unsafe { p.read_volatile() } == 0x1234_5678;
+    c.expect("data intact after refused releases", if intact { Status::OK } else { Status::INVALID }, Status::OK);
+    let mut rest = [Extent::default(); 4];
+    let (s, m) = grant(1 << 40, &mut rest);
+    c.expect("MEM_GRANT far beyond burst: partial grant", s, Status::OK);
+    let (s, _) = grant(2 << 20, &mut [Extent::default(); 1]);
+    c.expect("MEM_GRANT at burst", s, Status::DENIED);
+    c.expect("MEM_RELEASE of the partial grant", release(&rest[..m as usize]), Status::OK);
+    c.expect("MEM_RELEASE of the extent", release(&ext[..n as usize]), Status::OK);
+    c.expect("MEM_RELEASE of an already released extent", release(&ext[..n as usize]), Status::INVALID);
 }
 
 fn main(env: &Env) -> u32 {
@@ -95,6 +157,7 @@ fn main(env: &Env) -> u32 {
              in("rdi") &mut b as *mut BlockArgs as u64, options(nostack, preserves_flags));
     }
     c.expect("1-byte out to the hypercall port", Status(eax as i32), Status::INVALID);
+    memory_checks(&mut c, env.boot.window_size > 0);
     // The VM is still healthy: a normal call works.
     c.expect("a normal call afterwards", crate::hypercall::ping(), Status::OK);
     println!("hostile: {} checks passed, {} failed", c.passed, c.failed);

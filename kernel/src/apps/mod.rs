@@ -17,6 +17,9 @@ mod faults;
 mod hello;
 mod hostile;
 mod idle;
+mod mem_bench;
+mod mem_churn;
+mod mem_wave;
 mod spin;
 mod vcpu_bench;
 mod vcpu_churn;
@@ -67,7 +70,10 @@ pub const APPS: &[App] = &[
     cpu_burst::APP,
     vcpu_churn::APP,
     idle::APP,
+    mem_wave::APP,
+    mem_churn::APP,
     vcpu_bench::APP,
+    mem_bench::APP,
     hostile::APP,
     faults::PANIC,
     faults::FAULT,

@@ -1,0 +1,142 @@
+//! `mem-wave [WAVES] [PEAK_MB] [STEP_MB] [HOLD_MS]`: builds a growing working set of
+//! checksummed 1 MiB chunks up to PEAK_MB (the heap grows by grants from the host as it
+//! goes), holds it, verifies every checksum, frees it and waits for the memory to go back to
+//! min (the controller releases the wholly free extents); repeats WAVES times.
+
+use alloc::vec::Vec;
+
+use hypercall_abi::exit_code;
+
+use super::{App, Env, boxed, usage_error};
+use crate::executor::yield_now;
+use crate::timer::sleep_ms;
+use crate::{elastic, heap, println, time};
+
+const NAME: &str = "mem-wave";
+const USAGE: &str = "[WAVES] [PEAK_MB] [STEP_MB] [HOLD_MS]";
+
+/// The `mem-wave` service.
+pub const APP: App = App {
+    name: NAME,
+    usage: USAGE,
+    about: "grow a checksummed working set, hold, verify, free; memory returns to min each wave",
+    main: |env| boxed(main(env)),
+};
+
+const CHUNK: usize = 1 << 20;
+const MIB: u64 = 1 << 20;
+
+/// Fills `buf` with a pseudo-random pattern seeded by `seed`; returns its checksum.
+pub fn fill(buf: &mut [u8], seed: u64) -> u64 {
+    let mut x = seed | 1;
+    for word in buf.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        word.copy_from_slice(&x.to_le_bytes());
+    }
+    checksum(buf)
+}
+
+/// FNV-1a over 64-bit words.
+pub fn checksum(buf: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for word in buf.chunks_exact(8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        h ^= u64::from_le_bytes(w);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+async fn main(env: Env) -> u32 {
+    let min = heap::boot_ram();
+    let default_peak = if heap::window_size() == 0 { 24 } else { 320.min((heap::window_size() / MIB) * 3 / 4).max(8) };
+    let arg = |i: usize, d: u64| env.args.get(i).map_or(Some(d), |a| a.parse::<u64>().ok());
+    let (Some(waves), Some(peak_mb), Some(step_mb), Some(hold_ms)) =
+        (arg(0, 3), arg(1, default_peak), arg(2, 32), arg(3, 200))
+    else {
+        return usage_error(NAME, USAGE, format_args!("arguments must be whole numbers"));
+    };
+    if waves == 0 || peak_mb == 0 || step_mb == 0 || step_mb > peak_mb {
+        return usage_error(NAME, USAGE, format_args!("WAVES, PEAK_MB, STEP_MB must be >= 1 and STEP_MB <= PEAK_MB"));
+    }
+    println!(
+        "mem-wave: {waves} waves up to {peak_mb} MiB in {step_mb} MiB steps, holding {hold_ms} ms (boot memory {} MiB, hot-plug window {} MiB)",
+        min / MIB,
+        heap::window_size() / MIB
+    );
+    let chunks = peak_mb as usize;
+    let mut sums: Vec<u64> = Vec::with_capacity(chunks);
+    let mut errors = 0u64;
+    let mut peak_held = heap::held();
+    let mut all_back = true;
+    let started = time::now_ns();
+    for wave in 0..waves {
+        let wave_start = time::now_ns();
+        let mut set: Vec<Vec<u8>> = Vec::with_capacity(chunks);
+        sums.clear();
+        while set.len() < chunks {
+            for _ in 0..step_mb.min((chunks - set.len()) as u64) {
+                let mut buf = alloc::vec![0u8; CHUNK];
+                let seed = (wave << 32) ^ set.len() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+                sums.push(fill(&mut buf, seed));
+                set.push(buf);
+            }
+            peak_held = peak_held.max(heap::held());
+            elastic::set_user_figure(set.len() as u64);
+            yield_now().await;
+        }
+        let grown_ms = (time::now_ns() - wave_start) / 1_000_000;
+        sleep_ms(hold_ms).await;
+        let bad = set.iter().zip(&sums).filter(|(b, s)| checksum(b) != **s).count() as u64;
+        errors += bad;
+        let held_at_peak = heap::held();
+        peak_held = peak_held.max(held_at_peak);
+        drop(set);
+        elastic::set_user_figure(0);
+        let freed = time::now_ns();
+        while heap::held() > min && time::now_ns() - freed < 5_000_000_000 {
+            sleep_ms(5).await;
+        }
+        let back = heap::held() == min;
+        all_back &= back;
+        println!(
+            "  wave {}/{waves}: {peak_mb} MiB in {grown_ms} ms, held {} MiB, checksums {}; {} {} ms after freeing",
+            wave + 1,
+            held_at_peak / MIB,
+            if bad == 0 { "ok" } else { "BAD" },
+            if back { "back at min" } else { "NOT back at min" },
+            (time::now_ns() - freed) / 1_000_000
+        );
+    }
+    let (grants, releases) = heap::counters();
+    println!(
+        "mem-wave: peak held {} MiB, {grants} grants, {releases} releases, {errors} checksum errors, {} ms",
+        peak_held / MIB,
+        (time::now_ns() - started) / 1_000_000
+    );
+    let ok = errors == 0 && all_back;
+    println!(
+        "mem-wave: {} (memory {} at min: {} MiB)",
+        if ok { "PASSED" } else { "FAILED" },
+        if heap::held() == min { "back" } else { "NOT" },
+        heap::held() / MIB
+    );
+    if ok { exit_code::SUCCESS } else { exit_code::FAILURE }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksums_detect_a_flipped_byte() {
+        let mut buf = alloc::vec![0u8; 4096];
+        let sum = fill(&mut buf, 7);
+        assert_eq!(checksum(&buf), sum);
+        buf[1000] ^= 1;
+        assert_ne!(checksum(&buf), sum);
+    }
+}
