@@ -15,14 +15,14 @@ fn hello_prints_the_banner_and_exits_zero() {
     assert!(r.stdout.contains(BANNER), "{}", r.stdout);
     assert!(r.stdout.contains("platform : hypervisor-shim"), "{}", r.stdout);
     assert!(r.stdout.contains("vCPUs    : 1 online (policy min 1 / max 1 / burst 1)"), "{}", r.stdout);
-    assert!(r.stdout.contains("memory   : 64 MiB boot"), "{}", r.stdout);
+    assert!(r.stdout.contains("memory   : 64 MiB held (64 MiB boot)"), "{}", r.stdout);
 }
 
 #[test]
 fn run_is_the_default_subcommand_and_flags_reach_the_banner() {
     let r = shim(&["--memory", "32M", "--timeout", "60"]);
     r.expect_code(0);
-    assert!(r.stdout.contains("memory   : 32 MiB boot"), "{}", r.stdout);
+    assert!(r.stdout.contains("memory   : 32 MiB held (32 MiB boot)"), "{}", r.stdout);
 }
 
 #[test]
