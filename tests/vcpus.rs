@@ -100,7 +100,7 @@ fn requests_above_burst_are_denied_and_counted_and_the_guest_finishes() {
     let s = read_json(&s);
     assert!(s["denied"].as_u64().unwrap() >= 1, "no DENIED counted: {s}");
     assert_eq!(s["vcpus"]["peak"], 2, "never above burst: {s}");
-    let denied_lines = lines(&t).iter().filter(|l| l["event"] == "denied" && l["resource"] == "vcpu").count();
+    let denied_lines = lines(&t).iter().filter(|l| l["event"] == "denied" && l["resource"] == "vcpus").count();
     assert_eq!(denied_lines as u64, s["denied"].as_u64().unwrap());
 }
 

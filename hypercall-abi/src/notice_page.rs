@@ -22,6 +22,10 @@ pub mod notice {
     pub const RECLAIM_VCPUS: u64 = 1 << 1;
     /// The host asks the VM to come down to `memory_target` bytes within the grace period.
     pub const RECLAIM_MEMORY: u64 = 1 << 2;
+    /// The reclaim of vCPUs is over: the target no longer applies.
+    pub const RECLAIM_VCPUS_OVER: u64 = 1 << 3;
+    /// The reclaim of memory is over: the target no longer applies.
+    pub const RECLAIM_MEMORY_OVER: u64 = 1 << 4;
 }
 
 /// Layout of the notice page.

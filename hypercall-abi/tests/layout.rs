@@ -148,7 +148,14 @@ fn vcpu_call_layouts() {
 fn notice_page_layout() {
     let n = NoticePage { seq: 1, pending: notice::STOP, online_vcpus: 4, memory_bytes: 64 << 20, ..Default::default() };
     round_trip(n, &[(0, &[1, 0, 0, 0, 0, 0, 0, 0]), (8, &[1, 0, 0, 0, 0, 0, 0, 0]), (40, &[4, 0, 0, 0, 0, 0, 0, 0])]);
-    assert_eq!(notice::STOP | notice::RECLAIM_VCPUS | notice::RECLAIM_MEMORY, 0b111);
+    assert_eq!(
+        notice::STOP
+            | notice::RECLAIM_VCPUS
+            | notice::RECLAIM_MEMORY
+            | notice::RECLAIM_VCPUS_OVER
+            | notice::RECLAIM_MEMORY_OVER,
+        0b11111
+    );
 }
 
 #[test]

@@ -173,9 +173,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let dir = std::env::temp_dir().join(format!("hypervisor-shim-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Write(dir.clone(), e))?;
     let summary = dir.join("boot.json");
+    let vcpu_boots = opts.runs.div_ceil(4).max(3);
+    let mem_boots = opts.runs.div_ceil(10).max(2);
+    let bar = progress_bar((opts.runs + vcpu_boots + mem_boots + 1) as u64);
     let (mut boots, mut from_spawn, mut floor) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..opts.runs {
-        progress(&format!("boot {}/{}", i + 1, opts.runs));
+    for _ in 0..opts.runs {
+        progress(&bar, "boot");
         let (b, s) = boot_once(opts, &summary)?;
         boots.push(b);
         from_spawn.push(s);
@@ -190,9 +193,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 
     // vCPU figures, measured inside the guest (several boots: each gives burst-1 fresh ups).
     let mut vcpu = std::collections::BTreeMap::new();
-    let boots = opts.runs.div_ceil(4).max(3);
-    for i in 0..boots {
-        progress(&format!("vcpu {}/{boots}", i + 1));
+    for _ in 0..vcpu_boots {
+        progress(&bar, "vCPU figures");
         guest_samples(
             opts,
             &["run", "--app", "vcpu-bench", "--vcpus", "1:8:8", "--timeout", "60", "--", "50"],
@@ -212,9 +214,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 
     // Memory figures, measured inside the guest, and the host floor in this same run.
     let mut mem = std::collections::BTreeMap::new();
-    let boots = opts.runs.div_ceil(10).max(2);
-    for i in 0..boots {
-        progress(&format!("memory {}/{boots}", i + 1));
+    for _ in 0..mem_boots {
+        progress(&bar, "memory figures");
         guest_samples(
             opts,
             &["run", "--app", "mem-bench", "--memory", "64M:2G:2G", "--timeout", "120", "--", "5"],
@@ -227,9 +228,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     report.add("mem_grant_1g_us", take("mem_grant_1g_ns"), 1e-3);
     report.add("mem_touch_1g_us", take("mem_touch_1g_ns"), 1e-3);
     report.add("mem_release_1g_us", take("mem_release_1g_ns"), 1e-3);
-    progress("memslot floor");
+    progress(&bar, "memslot floor");
     report.add("memslot_floor_1g_us", memslot_floor(20)?, 1.0);
-    progress("done");
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     Ok(report)
 }
 
@@ -277,13 +280,23 @@ fn memslot_floor(rounds: usize) -> Result<Vec<f64>, BenchError> {
     Ok(samples)
 }
 
-fn progress(what: &str) {
+/// A progress bar on a terminal (nothing otherwise).
+fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
     use std::io::IsTerminal;
-    if std::io::stderr().is_terminal() {
-        eprint!("\rbench: {what:<24}");
-        if what == "done" {
-            eprintln!();
-        }
+    std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] bench {bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    })
+}
+
+fn progress(bar: &Option<indicatif::ProgressBar>, what: &str) {
+    if let Some(b) = bar {
+        b.set_message(what.to_string());
+        b.inc(1);
     }
 }
 

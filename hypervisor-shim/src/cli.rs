@@ -1,21 +1,22 @@
-//! The command line: `run` (default), `qemu`.
+//! The command line: `run` (default), `pool`, `stress`, `qemu`, `bench`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench;
-use crate::config::{Policy, parse_memory_policy, parse_size, parse_vcpu_policy};
+use crate::config::{Policy, parse_credit, parse_duration, parse_memory_policy, parse_size, parse_vcpu_policy};
 use crate::exit;
+use crate::governor::{OnViolation, PolicyConfig};
 use crate::loader::KernelImage;
+use crate::plot::{self, PlotVm};
+use crate::pool::Capacity;
 use crate::qemu::{self, Accel, QemuConfig};
-use crate::signals;
-use crate::summary::Summary;
-use crate::timeline::Timeline;
-use crate::vm::{Vm, VmConfig, VmError, open_kvm};
+use crate::run::{self as runner, ConsoleMode, RunResult, RunSpec, VmSpec};
+use crate::summary::{PoolFigures, PoolSummary, PoolVm};
+use crate::vm::{VmConfig, VmError, open_kvm};
 
 /// The kernel image built together with this shim.
 pub const BUILT_KERNEL: &str = env!("KERNEL_PATH");
@@ -39,12 +40,17 @@ Exit codes: 0-63 are the guest's own shutdown code (0 = success, 1 = service fai
 64 bad flag or configuration, 65 kernel image refused, 66 kernel image unreadable,
 69 /dev/kvm or QEMU unavailable, 70 internal error, 71 guest CPU exception,
 72 guest touched unbacked memory, 73 guest exit the shim does not serve,
-74 cannot write an output file, 76 timeout.";
+74 cannot write an output file, 75 ended for a policy violation (--on-violation kill),
+76 timeout, 77 a pool VM or stress scenario did not end as expected, 130 Ctrl-C twice.";
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot the kernel under this shim on /dev/kvm (the default).
     Run(RunArgs),
+    /// Run several VMs sharing one host pool, as described by a TOML file.
+    Pool(PoolArgs),
+    /// Run the elasticity stress scenarios and check their invariants.
+    Stress(StressArgs),
     /// Boot the same kernel under QEMU (PVH entry, COM1 console, isa-debug-exit).
     Qemu(QemuArgs),
     /// Measure boot time and the elasticity operations; write the medians as JSON.
@@ -104,6 +110,68 @@ struct RunArgs {
     /// Extra kernel option KEY=VALUE (repeatable), e.g. vcpu.up_load=2 (see README).
     #[arg(long = "guest-opt", value_name = "KEY=VALUE", value_parser = parse_guest_opt)]
     guest_opts: Vec<(String, String)>,
+    /// Burst credit cap: vCPU-seconds[:GiB-seconds] (one value sets both).
+    #[arg(long, value_name = "VCPU_S[:GIB_S]", default_value = "10", value_parser = parse_credit_arg)]
+    burst_budget: [f64; 2],
+    /// Burst credit refill per second while at or below max: vCPU-seconds[:GiB-seconds].
+    #[arg(long, value_name = "VCPU_S[:GIB_S]", default_value = "1", value_parser = parse_credit_arg)]
+    burst_refill: [f64; 2],
+    /// Time a VM has to come down to max after a reclaim notice (e.g. 200ms, 1s).
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration_arg)]
+    reclaim_grace: Duration,
+    /// What happens when the grace expires: throttle the excess vCPUs and refuse grants above
+    /// max, or end the VM (exit code 75).
+    #[arg(long, value_enum, default_value = "throttle")]
+    on_violation: OnViolation,
+    /// Draw vCPUs and memory held over time, with the policy lines, reclaims and violations.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Clone)]
+struct PoolArgs {
+    /// The pool configuration (see README for the format).
+    #[arg(value_name = "CONFIG.toml")]
+    config: PathBuf,
+    /// Write a JSON summary: one entry per VM plus the pool's figures.
+    #[arg(long, value_name = "FILE")]
+    summary: Option<PathBuf>,
+    /// Record every VM's vCPUs and memory over time (JSON lines).
+    #[arg(long, value_name = "FILE.jsonl")]
+    timeline: Option<PathBuf>,
+    /// Draw every VM's vCPUs and memory over time.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Do not print the guests' consoles.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+struct StressArgs {
+    /// Scenario to run, or `all` (repeatable).
+    #[arg(long, value_name = "NAME|all", default_value = "all")]
+    scenario: Vec<String>,
+    /// Directory for report.json, one SVG per scenario, timelines and guest consoles.
+    #[arg(long, value_name = "DIR", default_value = "stress-out")]
+    out: PathBuf,
+    /// Run the short versions (what the integration tests run).
+    #[arg(long)]
+    short: bool,
+    /// List the scenarios and exit.
+    #[arg(long)]
+    list: bool,
+    /// Kernel ELF [default: the image built with this shim].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+}
+
+fn parse_credit_arg(s: &str) -> Result<[f64; 2], String> {
+    parse_credit(s).map_err(|e| e.to_string())
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn parse_guest_opt(s: &str) -> Result<(String, String), String> {
@@ -183,6 +251,8 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
     match cli.command {
         Some(Command::Run(args)) => run(args, started, started_monotonic_ns),
         None => run(cli.run, started, started_monotonic_ns),
+        Some(Command::Pool(args)) => run_pool(args, started, started_monotonic_ns),
+        Some(Command::Stress(args)) => run_stress(args),
         Some(Command::Qemu(args)) => run_qemu(args),
         Some(Command::Bench(args)) => run_bench(args),
     }
@@ -198,48 +268,161 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
         vcpus: args.vcpus,
         memory: args.memory,
         timeout: args.guest.timeout,
+        policy: PolicyConfig {
+            budget: args.burst_budget,
+            refill: args.burst_refill,
+            grace: args.reclaim_grace,
+            on_violation: args.on_violation,
+        },
+        weight: 1,
     };
-    // Refuse a bad image before touching KVM at all.
-    let image = match KernelImage::open(&kernel_path(&args.guest)) {
-        Ok(i) => Arc::new(i),
-        Err(e) => {
-            let err = VmError::from(e);
-            return fail(err.exit_code(), err);
-        }
+    let spec = RunSpec {
+        vms: vec![VmSpec { config, kernel: kernel_path(&args.guest), expect_exit: 0 }],
+        capacity: Capacity::UNLIMITED,
+        timeline: args.timeline.clone(),
+        console: ConsoleMode::Stdout,
+        progress: false,
     };
-    let kvm = match open_kvm() {
-        Ok(k) => k,
+    let result = match runner::run(&spec, started) {
+        Ok(r) => r,
         Err(e) => return fail(e.exit_code(), e),
     };
-    let timeline = match Timeline::new(started, args.timeline.as_deref()) {
-        Ok(t) => Arc::new(t),
-        Err(e) => {
-            let path = args.timeline.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
-            return fail(exit::IO_ERROR, format_args!("cannot create timeline {path}: {e}"));
-        }
+    let Some(vm) = result.vms.first() else {
+        return fail(exit::INTERNAL, "the run produced no result");
     };
-    signals::install();
-    let vm = match Vm::create(&config, image, &kvm, started, Arc::clone(&timeline)) {
-        Ok(vm) => vm,
-        Err(e) => return fail(e.exit_code(), e),
-    };
-    let report = vm.run();
-    if let Some(d) = report.outcome.diagnosis() {
+    if let Some(d) = vm.report.outcome.diagnosis() {
         eprintln!("hypervisor-shim: {}", d.trim_end());
     }
-    let mut code = report.outcome.exit_code();
-    if let Err(e) = timeline.flush() {
-        eprintln!("hypervisor-shim: cannot write the timeline: {e}");
+    let mut code = vm.report.outcome.exit_code();
+    if let Some(path) = &args.summary
+        && let Err(e) = vm.summary(started_monotonic_ns).write(path)
+    {
+        eprintln!("hypervisor-shim: cannot write summary {}: {e}", path.display());
         code = exit::IO_ERROR;
     }
-    if let Some(path) = &args.summary {
-        let summary = Summary::new(&report, &config.app, config.vcpus, config.memory, started_monotonic_ns);
-        if let Err(e) = summary.write(path) {
-            eprintln!("hypervisor-shim: cannot write summary {}: {e}", path.display());
-            code = exit::IO_ERROR;
-        }
+    if let Some(path) = &args.plot
+        && let Err(e) = draw(path, &result)
+    {
+        eprintln!("hypervisor-shim: {e}");
+        code = exit::IO_ERROR;
     }
     ExitCode::from(code)
+}
+
+/// Draws the run's plot.
+fn draw(path: &std::path::Path, result: &RunResult) -> Result<(), plot::PlotError> {
+    let vms: Vec<PlotVm> = result
+        .vms
+        .iter()
+        .map(|v| PlotVm { name: v.spec.config.name.clone(), vcpus: v.spec.config.vcpus, memory: v.spec.config.memory })
+        .collect();
+    let title = match result.vms.as_slice() {
+        [one] => format!("{} ({})", one.spec.config.name, one.spec.config.app),
+        many => format!("pool of {} VMs", many.len()),
+    };
+    plot::render(path, &title, &result.timeline.lines(), &vms)
+}
+
+/// The summary of a pool run.
+pub fn pool_summary(result: &RunResult, started_monotonic_ns: u64) -> PoolSummary {
+    let vms: Vec<PoolVm> = result
+        .vms
+        .iter()
+        .map(|v| PoolVm {
+            expected_exit_code: v.spec.expect_exit,
+            as_expected: v.as_expected(),
+            summary: v.summary(started_monotonic_ns),
+        })
+        .collect();
+    let all_ok = vms.iter().all(|v| v.as_expected);
+    PoolSummary {
+        exit_code: if all_ok { 0 } else { exit::RUN_FAILED },
+        wall_us: result.wall.as_micros() as u64,
+        pool: PoolFigures {
+            vcpus: result.capacity.vcpus,
+            memory_bytes: result.capacity.memory,
+            peak_vcpus: result.pool_peak[0],
+            peak_memory_bytes: result.pool_peak[1],
+        },
+        reclaims: vms.iter().map(|v| v.summary.reclaims).sum(),
+        violations: vms.iter().map(|v| v.summary.violations).sum(),
+        vms,
+    }
+}
+
+fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
+    let config = match crate::pool_config::load(&args.config, std::path::Path::new(BUILT_KERNEL)) {
+        Ok(c) => c,
+        Err(e) => return fail(exit::USAGE, e),
+    };
+    let spec = RunSpec {
+        vms: config.vms,
+        capacity: config.capacity,
+        timeline: args.timeline.clone(),
+        console: if args.quiet { ConsoleMode::Capture { echo: false } } else { ConsoleMode::Prefixed },
+        progress: true,
+    };
+    let result = match runner::run(&spec, started) {
+        Ok(r) => r,
+        Err(e) => return fail(e.exit_code(), e),
+    };
+    let summary = pool_summary(&result, started_monotonic_ns);
+    for v in &result.vms {
+        let code = v.report.outcome.exit_code();
+        let mark = if v.as_expected() { "ok" } else { "UNEXPECTED" };
+        eprintln!(
+            "pool: {} ({}) exit {code} (expected {}) {mark}; {} reclaim(s), {} violation(s)",
+            v.spec.config.name,
+            v.spec.config.app,
+            v.spec.expect_exit,
+            v.report.policy.iter().map(|p| p.reclaims).sum::<u64>(),
+            v.report.policy.iter().map(|p| p.violations).sum::<u64>()
+        );
+        if let Some(d) = v.report.outcome.diagnosis() {
+            eprintln!("pool: {}: {}", v.spec.config.name, d.trim_end());
+        }
+    }
+    let mut code = summary.exit_code;
+    if let Some(path) = &args.summary
+        && let Err(e) = summary.write(path)
+    {
+        eprintln!("hypervisor-shim: cannot write summary {}: {e}", path.display());
+        code = exit::IO_ERROR;
+    }
+    if let Some(path) = &args.plot
+        && let Err(e) = draw(path, &result)
+    {
+        eprintln!("hypervisor-shim: {e}");
+        code = exit::IO_ERROR;
+    }
+    ExitCode::from(code)
+}
+
+fn run_stress(args: StressArgs) -> ExitCode {
+    if args.list {
+        for (name, about) in crate::stress::list() {
+            println!("{name:<18} {about}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let kernel = default_kernel(&args.kernel);
+    match crate::stress::run(&args.scenario, args.short, &args.out, &kernel) {
+        Ok(reports) => {
+            let failed = reports.iter().filter(|r| !r.passed).count();
+            eprintln!(
+                "stress: {} of {} scenario(s) passed; report in {}",
+                reports.len() - failed,
+                reports.len(),
+                args.out.join("report.json").display()
+            );
+            ExitCode::from(if failed == 0 { 0 } else { exit::RUN_FAILED })
+        }
+        Err(crate::stress::StressError::Start { scenario, source }) => {
+            fail(source.exit_code(), format_args!("scenario '{scenario}' could not start: {source}"))
+        }
+        Err(e @ crate::stress::StressError::UnknownScenario(_)) => fail(exit::USAGE, e),
+        Err(e) => fail(exit::IO_ERROR, e),
+    }
 }
 
 fn run_bench(args: BenchArgs) -> ExitCode {
@@ -318,5 +501,17 @@ mod tests {
         assert!(Cli::try_parse_from(["hypervisor-shim", "--memory", "3M"]).is_err());
         assert!(Cli::try_parse_from(["hypervisor-shim", "--timeout", "-1"]).is_err());
         assert!(Cli::try_parse_from(["hypervisor-shim", "qemu", "--memory", "1M"]).is_err());
+        assert!(Cli::try_parse_from(["hypervisor-shim", "--burst-budget", "lots"]).is_err());
+        assert!(Cli::try_parse_from(["hypervisor-shim", "--reclaim-grace", "soon"]).is_err());
+        assert!(Cli::try_parse_from(["hypervisor-shim", "--on-violation", "shrug"]).is_err());
+    }
+
+    #[test]
+    fn policy_flags_parse() {
+        let cli = Cli::try_parse_from(["hypervisor-shim", "--burst-budget", "1", "--reclaim-grace", "0.5s"]).unwrap();
+        assert_eq!(cli.run.burst_budget, [1.0, 1.0]);
+        assert_eq!(cli.run.reclaim_grace, Duration::from_millis(500));
+        let cli = Cli::try_parse_from(["hypervisor-shim", "pool", "p.toml", "--quiet"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Pool(ref p)) if p.quiet));
     }
 }

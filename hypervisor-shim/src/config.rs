@@ -50,6 +50,12 @@ pub enum ConfigError {
     /// The command line would be too long.
     #[error("the kernel command line would be {0} bytes; the limit is {CMDLINE_MAX}")]
     CommandLineTooLong(usize),
+    /// A credit figure could not be parsed.
+    #[error("'{0}' is not VCPU_SECONDS[:GIB_SECONDS] (non-negative numbers, e.g. 2 or 2:0.5)")]
+    BadCredit(String),
+    /// A duration could not be parsed.
+    #[error("'{0}' is not a duration (examples: 200ms, 0.5s, 2s; a bare number is milliseconds)")]
+    BadDuration(String),
 }
 
 /// One resource's `min <= max <= burst` policy.
@@ -163,6 +169,37 @@ pub fn parse_memory_policy(text: &str) -> Result<Policy, ConfigError> {
     Ok(p)
 }
 
+/// Parses a credit pair `VCPU_SECONDS[:GIB_SECONDS]` (one value applies to both).
+pub fn parse_credit(text: &str) -> Result<[f64; 2], ConfigError> {
+    let bad = || ConfigError::BadCredit(text.to_string());
+    let num = |s: &str| s.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(bad);
+    match text.split_once(':') {
+        None => {
+            let v = num(text)?;
+            Ok([v, v])
+        }
+        Some((a, b)) => Ok([num(a)?, num(b)?]),
+    }
+}
+
+/// Parses a duration: `200ms`, `0.5s`, `2s`, or a bare number of milliseconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, ConfigError> {
+    let t = text.trim();
+    let bad = || ConfigError::BadDuration(text.to_string());
+    let (num, scale) = if let Some(v) = t.strip_suffix("ms") {
+        (v, 1e-3)
+    } else if let Some(v) = t.strip_suffix('s') {
+        (v, 1.0)
+    } else {
+        (t, 1e-3)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v < 0.0 || v * scale > 1e6 {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs_f64(v * scale))
+}
+
 /// Builds the kernel command line `app=NAME [key=value...] -- ARGS...`.
 pub fn kernel_cmdline(app: &str, options: &[(&str, String)], args: &[String]) -> Result<String, ConfigError> {
     if app.is_empty() || !app.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
@@ -226,6 +263,19 @@ mod tests {
         assert!(matches!(parse_memory_policy("65M"), Err(ConfigError::MemoryRange { .. })));
         assert!(matches!(parse_memory_policy("64M:32M"), Err(ConfigError::Unordered { .. })));
         assert!(matches!(parse_memory_policy("64M:64M:1000G"), Err(ConfigError::MemoryRange { .. })));
+    }
+
+    #[test]
+    fn credits_and_durations() {
+        assert_eq!(parse_credit("2"), Ok([2.0, 2.0]));
+        assert_eq!(parse_credit("1:0.5"), Ok([1.0, 0.5]));
+        assert!(parse_credit("-1").is_err());
+        assert!(parse_credit("1:x").is_err());
+        assert_eq!(parse_duration("200ms"), Ok(std::time::Duration::from_millis(200)));
+        assert_eq!(parse_duration("0.5s"), Ok(std::time::Duration::from_millis(500)));
+        assert_eq!(parse_duration("150"), Ok(std::time::Duration::from_millis(150)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-5ms").is_err());
     }
 
     #[test]

@@ -25,7 +25,11 @@ pub const GUEST_UNBACKED: u8 = 72;
 pub const GUEST_UNSERVED: u8 = 73;
 /// A file the shim was asked to write (summary, timeline) could not be written.
 pub const IO_ERROR: u8 = 74;
+/// The VM was ended for a policy violation (`--on-violation kill`).
+pub const POLICY_KILL: u8 = 75;
 /// The run exceeded `--timeout`.
 pub const TIMEOUT: u8 = 76;
+/// A pool or stress run: at least one VM (or scenario) did not end as expected.
+pub const RUN_FAILED: u8 = 77;
 /// The operator interrupted the run twice (Ctrl-C): 128 + SIGINT, as shells report it.
 pub const INTERRUPTED: u8 = 130;

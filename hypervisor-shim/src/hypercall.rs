@@ -16,6 +16,7 @@ use hypercall_abi::{
 use serde_json::Value;
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::policy::Resource;
 use crate::timeline::detail;
 use crate::vcpu_set::{Entry, UpPlan, VcpuControl};
 use crate::vm::{Outcome, VmShared};
@@ -125,15 +126,10 @@ fn vcpu_up(vm: &Arc<VmShared>, a: &mut VcpuUpArgs) -> (Status, Flow) {
         return (Status::INVALID, Flow::Continue);
     }
     let entry = Entry { rip: a.entry, rsp: a.stack, arg: a.arg };
-    let burst = u32::try_from(vm.vcpus.burst).unwrap_or(u32::MAX);
-    let planned = vm.vcpu_set.up(entry, |online| online < burst, |id| Arc::new(VcpuControl::new(id)));
+    let planned = vm.vcpu_set.up(entry, |online| vm.policy.admit_vcpu(vm, online), |id| Arc::new(VcpuControl::new(id)));
     let (plan, online) = match planned {
         Ok(p) => p,
-        Err(online) => {
-            vm.stats.denied.fetch_add(1, Ordering::Relaxed);
-            vm.record("denied", detail([("resource", "vcpu".into()), ("online", online.into())]));
-            return (Status::DENIED, Flow::Continue);
-        }
+        Err(status) => return (status, Flow::Continue),
     };
     let (id, reused) = match plan {
         UpPlan::Reused(id) => (id, true),
@@ -141,6 +137,7 @@ fn vcpu_up(vm: &Arc<VmShared>, a: &mut VcpuUpArgs) -> (Status, Flow) {
             let ctl = vm.vcpu_set.get(id).expect("the set reserved this id");
             if let Err(e) = vm.start_new_vcpu(id, entry, ctl) {
                 vm.vcpu_set.abandon_create(id);
+                vm.policy.give_back(Resource::Vcpus, 1);
                 eprintln!("hypervisor-shim: cannot create vCPU {id}: {e}");
                 return (Status::EXHAUSTED, Flow::Continue);
             }
@@ -159,6 +156,7 @@ fn vcpu_down(vm: &VmShared, ctl: &VcpuControl) -> (Status, Flow) {
         return (Status::INVALID, Flow::Continue);
     }
     let online = vm.vcpu_set.down(ctl.id);
+    vm.policy.give_back(Resource::Vcpus, 1);
     vm.refresh_notice_page();
     vm.record("vcpu_down", detail([("vcpu", ctl.id.into()), ("online", online.into())]));
     (Status::OK, Flow::Park)
@@ -211,27 +209,32 @@ fn mem_grant(vm: &VmShared, a: &mut MemGrantArgs) -> (Status, Flow) {
     if a.bytes == 0 || a.max_extents == 0 || a.max_extents > MEM_EXTENTS_MAX || !vm.mem.is_ram(a.extents, array_len) {
         return (Status::INVALID, Flow::Continue);
     }
-    // Policy: never above burst.
+    // Policy (never above the ceiling: burst, or max without credit / during a reclaim), then
+    // the pool; both may shorten the grant.
     let held = vm.memory_held();
-    let room = vm.memory.burst.saturating_sub(held) / EXTENT_ALIGN * EXTENT_ALIGN;
     let want = a.bytes.div_ceil(EXTENT_ALIGN).saturating_mul(EXTENT_ALIGN);
-    if room == 0 {
-        vm.stats.denied.fetch_add(1, Ordering::Relaxed);
-        vm.record("denied", detail([("resource", "memory".into()), ("bytes", want.into()), ("held", held.into())]));
-        return (Status::DENIED, Flow::Continue);
-    }
-    let extents = match vm.mem.grant(&vm.fd, want.min(room), a.max_extents as usize) {
+    let reserved = match vm.policy.admit_memory(vm, held, want) {
+        Ok(n) => n,
+        Err(status) => return (status, Flow::Continue),
+    };
+    let extents = match vm.mem.grant(&vm.fd, reserved, a.max_extents as usize) {
         Ok(e) => e,
-        Err(crate::memory::MemoryError::NoRoom) => return (Status::EXHAUSTED, Flow::Continue),
         Err(e) => {
-            eprintln!("hypervisor-shim: memory grant failed: {e}");
+            vm.policy.give_back(Resource::Memory, reserved);
+            if !matches!(e, crate::memory::MemoryError::NoRoom) {
+                eprintln!("hypervisor-shim: memory grant failed: {e}");
+            }
             return (Status::EXHAUSTED, Flow::Continue);
         }
     };
+    let got: u64 = extents.iter().map(|e| e.len).sum();
+    vm.policy.give_back(Resource::Memory, reserved - got);
     let bytes: Vec<u8> = extents.iter().flat_map(|e| e.as_bytes().to_vec()).collect();
     if vm.mem.write(a.extents, &bytes).is_err() {
         // The array vanished (released concurrently): undo, so nothing leaks.
-        let _ = vm.mem.release(&vm.fd, &extents);
+        if let Ok(n) = vm.mem.release(&vm.fd, &extents) {
+            vm.policy.give_back(Resource::Memory, n);
+        }
         return (Status::INVALID, Flow::Continue);
     }
     a.count = extents.len() as u32;
@@ -260,6 +263,7 @@ fn mem_release(vm: &VmShared, a: &mut MemReleaseArgs) -> (Status, Flow) {
     match vm.mem.release(&vm.fd, &extents) {
         Ok(released) => {
             a.released = released;
+            vm.policy.give_back(Resource::Memory, released);
             vm.stats.mem_releases.fetch_add(1, Ordering::Relaxed);
             vm.refresh_notice_page();
             vm.record("memory_release", detail([("bytes", released.into()), ("extents", a.count.into())]));

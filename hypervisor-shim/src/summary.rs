@@ -6,11 +6,13 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::config::Policy;
+use crate::governor::Invariants;
+use crate::policy::ResourcePolicy;
 use crate::vm::RunReport;
 
 /// A policy as it appears in the summary.
 #[derive(Debug, Clone, Serialize)]
-pub struct PolicySummary {
+pub struct LimitsSummary {
     /// Reserved minimum.
     pub min: u64,
     /// Sustained maximum.
@@ -19,9 +21,9 @@ pub struct PolicySummary {
     pub burst: u64,
 }
 
-impl From<Policy> for PolicySummary {
+impl From<Policy> for LimitsSummary {
     fn from(p: Policy) -> Self {
-        PolicySummary { min: p.min, max: p.max, burst: p.burst }
+        LimitsSummary { min: p.min, max: p.max, burst: p.burst }
     }
 }
 
@@ -78,9 +80,53 @@ pub struct RssSummary {
     pub end: u64,
 }
 
+/// One resource's policy figures over the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyFigures {
+    /// Reclaims started.
+    pub reclaims: u64,
+    /// Reclaims answered within the grace period.
+    pub answered_in_grace: u64,
+    /// Reclaims whose grace expired first.
+    pub violations: u64,
+    /// Credit cap (vCPU-seconds or GiB-seconds).
+    pub credit_cap: f64,
+    /// Refill rate per second.
+    pub credit_refill: f64,
+    /// Lowest balance seen.
+    pub credit_lowest: f64,
+    /// Balance at the end.
+    pub credit_final: f64,
+}
+
+impl From<&ResourcePolicy> for PolicyFigures {
+    fn from(p: &ResourcePolicy) -> Self {
+        PolicyFigures {
+            reclaims: p.reclaims,
+            answered_in_grace: p.answered_in_grace,
+            violations: p.violations,
+            credit_cap: p.credit.cap,
+            credit_refill: p.credit.refill,
+            credit_lowest: p.credit.lowest,
+            credit_final: p.credit.balance,
+        }
+    }
+}
+
+/// Policy figures of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicySummary {
+    /// vCPUs.
+    pub vcpus: PolicyFigures,
+    /// Memory.
+    pub memory: PolicyFigures,
+}
+
 /// The summary of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// The VM's name.
+    pub name: String,
     /// The shim's exit code.
     pub exit_code: u8,
     /// Why the run ended (`shutdown`, `guest_fault`, `timeout`, ...).
@@ -100,9 +146,9 @@ pub struct Summary {
     /// The service that ran.
     pub app: String,
     /// The vCPU policy.
-    pub vcpu_policy: PolicySummary,
+    pub vcpu_policy: LimitsSummary,
     /// The memory policy (bytes).
-    pub memory_policy: PolicySummary,
+    pub memory_policy: LimitsSummary,
     /// vCPU figures.
     pub vcpus: VcpuSummary,
     /// Requests refused with DENIED (vCPUs and memory).
@@ -115,6 +161,68 @@ pub struct Summary {
     pub memory_bytes: MemorySummary,
     /// The shim process's RSS.
     pub host_rss_bytes: RssSummary,
+    /// Reclaims started (vCPUs and memory).
+    pub reclaims: u64,
+    /// Reclaims whose grace expired with the VM still above max (vCPUs and memory).
+    pub violations: u64,
+    /// Requests answered AGAIN (pool full, reclaim under way).
+    pub again: u64,
+    /// Requests answered EXHAUSTED (pool full).
+    pub exhausted: u64,
+    /// Burst credit and reclaims per resource.
+    pub policy: PolicySummary,
+    /// Invariant checks from the shim's own accounting.
+    pub invariants: Invariants,
+}
+
+/// The pool's figures in a pool run's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolFigures {
+    /// vCPU slots.
+    pub vcpus: u64,
+    /// Bytes.
+    pub memory_bytes: u64,
+    /// Most vCPU slots in use at once.
+    pub peak_vcpus: u64,
+    /// Most bytes in use at once.
+    pub peak_memory_bytes: u64,
+}
+
+/// A VM's summary inside a pool run's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolVm {
+    /// The exit code it was expected to end with.
+    pub expected_exit_code: u8,
+    /// Whether it did.
+    pub as_expected: bool,
+    /// Its summary.
+    #[serde(flatten)]
+    pub summary: Summary,
+}
+
+/// The summary of a pool run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolSummary {
+    /// The run's exit code (0 when every VM ended as expected).
+    pub exit_code: u8,
+    /// Wall time of the run, µs.
+    pub wall_us: u64,
+    /// The pool.
+    pub pool: PoolFigures,
+    /// One summary per VM.
+    pub vms: Vec<PoolVm>,
+    /// Reclaims over all VMs.
+    pub reclaims: u64,
+    /// Violations over all VMs.
+    pub violations: u64,
+}
+
+impl PoolSummary {
+    /// Writes the summary as pretty JSON.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, json + "\n")
+    }
 }
 
 /// CPU time used by this process so far (user + system), in µs.
@@ -131,8 +239,17 @@ pub fn process_cpu_us() -> u64 {
 
 impl Summary {
     /// Builds a summary from a finished run.
-    pub fn new(report: &RunReport, app: &str, vcpus: Policy, memory: Policy, started_monotonic_ns: u64) -> Self {
+    pub fn new(
+        report: &RunReport,
+        name: &str,
+        app: &str,
+        vcpus: Policy,
+        memory: Policy,
+        started_monotonic_ns: u64,
+    ) -> Self {
+        let [pv, pm] = &report.policy;
         Summary {
+            name: name.to_string(),
             exit_code: report.outcome.exit_code(),
             exit_reason: report.outcome.reason().to_string(),
             boot_us: report.boot.map(|d| d.as_micros() as u64),
@@ -170,6 +287,12 @@ impl Summary {
                 peak: report.memory.rss_peak,
                 end: report.memory.rss_end,
             },
+            reclaims: pv.reclaims + pm.reclaims,
+            violations: pv.violations + pm.violations,
+            again: report.again,
+            exhausted: report.exhausted,
+            policy: PolicySummary { vcpus: pv.into(), memory: pm.into() },
+            invariants: report.invariants.clone(),
         }
     }
 

@@ -203,6 +203,12 @@ impl Vcpu {
                 }
                 Exit::Interrupted => {
                     self.fd.set_kvm_immediate_exit(0);
+                    if ctl.is_throttled() && !vm.is_stopping() {
+                        // Enforcement: the governor interrupts a throttled vCPU every tick;
+                        // holding it back here leaves it a small share of run time. Its
+                        // memory and registers are untouched.
+                        std::thread::sleep(crate::governor::THROTTLE_PAUSE);
+                    }
                     Flow::Continue
                 }
                 Exit::Other(what) => Flow::Stop(Outcome::Unserved {

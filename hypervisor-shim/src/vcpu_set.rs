@@ -48,6 +48,8 @@ pub struct VcpuControl {
     thread: AtomicU64,
     /// RIP at the vCPU's latest exit (for diagnosing a hang).
     pub last_rip: AtomicU64,
+    /// Enforcement: the vCPU gets only a small share of run time.
+    throttled: std::sync::atomic::AtomicBool,
 }
 
 impl VcpuControl {
@@ -60,6 +62,7 @@ impl VcpuControl {
             wake: AtomicU32::new(0),
             thread: AtomicU64::new(0),
             last_rip: AtomicU64::new(0),
+            throttled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -88,6 +91,20 @@ impl VcpuControl {
             State::Blocked | State::Parked => self.cond.notify_all(),
             State::Running if interrupt => self.interrupt(),
             _ => {}
+        }
+    }
+
+    /// Whether the vCPU is throttled.
+    pub fn is_throttled(&self) -> bool {
+        self.throttled.load(Ordering::Acquire)
+    }
+
+    /// Throttles (or releases) the vCPU; a throttled running vCPU is also interrupted so the
+    /// throttle takes effect now.
+    pub fn set_throttled(&self, on: bool) {
+        let was = self.throttled.swap(on, Ordering::AcqRel);
+        if on && !was {
+            self.interrupt();
         }
     }
 
@@ -210,6 +227,9 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct VcpuSet {
     inner: Mutex<Inner>,
+    /// `counts.online`, readable without the lock (policy decisions made while the lock is
+    /// held record timeline lines that need it).
+    online: AtomicU32,
 }
 
 impl VcpuSet {
@@ -225,12 +245,18 @@ impl VcpuSet {
         inner.counts.online += 1;
         inner.counts.created += 1;
         inner.counts.peak = inner.counts.peak.max(inner.counts.online);
+        self.online.store(inner.counts.online, Ordering::Release);
         ctl
     }
 
     /// Counts now.
     pub fn counts(&self) -> VcpuCounts {
         self.lock().counts
+    }
+
+    /// vCPUs online now (lock-free).
+    pub fn online(&self) -> u32 {
+        self.online.load(Ordering::Acquire)
     }
 
     /// The control block of vCPU `id`.
@@ -243,19 +269,17 @@ impl VcpuSet {
         self.lock().ctls.clone()
     }
 
-    /// Brings one vCPU up if `allowed(online)` says so: restarts a parked vCPU, or reserves
-    /// a new id for the caller to create. Returns the plan and the new online count, or
-    /// `Err(online)` when not allowed.
-    pub fn up(
+    /// Brings one vCPU up if `allowed(online)` says so (it may also reserve capacity):
+    /// restarts a parked vCPU, or reserves a new id for the caller to create. Returns the plan
+    /// and the new online count, or `allowed`'s refusal.
+    pub fn up<E>(
         &self,
         entry: Entry,
-        allowed: impl FnOnce(u32) -> bool,
+        allowed: impl FnOnce(u32) -> Result<(), E>,
         new_control: impl FnOnce(u32) -> std::sync::Arc<VcpuControl>,
-    ) -> Result<(UpPlan, u32), u32> {
+    ) -> Result<(UpPlan, u32), E> {
         let mut inner = self.lock();
-        if !allowed(inner.counts.online) {
-            return Err(inner.counts.online);
-        }
+        allowed(inner.counts.online)?;
         let plan = match inner.ctls.iter().find(|c| c.restart(entry)) {
             Some(c) => UpPlan::Reused(c.id),
             None => {
@@ -269,6 +293,7 @@ impl VcpuSet {
         inner.counts.online += 1;
         inner.counts.ups += 1;
         inner.counts.peak = inner.counts.peak.max(inner.counts.online);
+        self.online.store(inner.counts.online, Ordering::Release);
         Ok((plan, inner.counts.online))
     }
 
@@ -280,6 +305,13 @@ impl VcpuSet {
         }
         inner.counts.online -= 1;
         inner.counts.ups -= 1;
+        self.online.store(inner.counts.online, Ordering::Release);
+    }
+
+    /// The online vCPUs with the highest ids, `n` of them (the ones enforcement throttles).
+    pub fn highest_online(&self, n: usize) -> Vec<std::sync::Arc<VcpuControl>> {
+        let inner = self.lock();
+        inner.ctls.iter().rev().filter(|c| !matches!(c.state(), State::Parked)).take(n).cloned().collect()
     }
 
     /// Takes vCPU `id` down (its thread then parks). Returns the new online count.
@@ -290,6 +322,7 @@ impl VcpuSet {
         }
         inner.counts.online -= 1;
         inner.counts.downs += 1;
+        self.online.store(inner.counts.online, Ordering::Release);
         inner.counts.online
     }
 }
@@ -308,11 +341,11 @@ mod tests {
     fn up_reuses_parked_vcpus_before_creating() {
         let set = VcpuSet::default();
         set.add_boot_vcpu();
-        let (plan, online) = set.up(entry(1), |_| true, |id| Arc::new(VcpuControl::new(id))).unwrap();
+        let (plan, online) = set.up(entry(1), |_| Ok::<(), ()>(()), |id| Arc::new(VcpuControl::new(id))).unwrap();
         assert!(matches!(plan, UpPlan::Create(1)));
         assert_eq!(online, 2);
         assert_eq!(set.down(1), 1);
-        let (plan, _) = set.up(entry(2), |_| true, |id| Arc::new(VcpuControl::new(id))).unwrap();
+        let (plan, _) = set.up(entry(2), |_| Ok::<(), ()>(()), |id| Arc::new(VcpuControl::new(id))).unwrap();
         assert!(matches!(plan, UpPlan::Reused(1)));
         assert_eq!(set.get(1).unwrap().state(), State::Starting(entry(2)));
         let c = set.counts();
@@ -323,7 +356,12 @@ mod tests {
     fn up_respects_the_policy_check() {
         let set = VcpuSet::default();
         set.add_boot_vcpu();
-        assert_eq!(set.up(entry(1), |online| online < 1, |id| Arc::new(VcpuControl::new(id))).unwrap_err(), 1);
+        let refused = set.up(
+            entry(1),
+            |online| if online < 1 { Ok(()) } else { Err(online) },
+            |id| Arc::new(VcpuControl::new(id)),
+        );
+        assert_eq!(refused.unwrap_err(), 1);
         assert_eq!(set.counts().ups, 0);
     }
 
@@ -351,11 +389,11 @@ mod tests {
     fn a_parked_vcpu_resumes_at_its_new_entry() {
         let set = Arc::new(VcpuSet::default());
         set.add_boot_vcpu();
-        set.up(entry(1), |_| true, |id| Arc::new(VcpuControl::new(id))).unwrap();
+        set.up(entry(1), |_| Ok::<(), ()>(()), |id| Arc::new(VcpuControl::new(id))).unwrap();
         set.down(1);
         let ctl = set.get(1).unwrap();
         let t = std::thread::spawn(move || ctl.park(&|| false));
-        set.up(entry(9), |_| true, |id| Arc::new(VcpuControl::new(id))).unwrap();
+        set.up(entry(9), |_| Ok::<(), ()>(()), |id| Arc::new(VcpuControl::new(id))).unwrap();
         assert_eq!(t.join().unwrap(), Some(entry(9)));
     }
 }

@@ -15,10 +15,12 @@ use thiserror::Error;
 use crate::config::{ConfigError, Policy, kernel_cmdline};
 use crate::exit;
 use crate::fault::GuestFault;
+use crate::governor::{PolicyConfig, VmPolicy};
 use crate::layout::Layout;
 use crate::loader::{KernelImage, LoaderError};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::platform::{self, BootParams};
+use crate::pool::{Pool, PoolError};
 use crate::timeline::{Timeline, detail};
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::vcpu_set::{Entry, VcpuControl, VcpuCounts, VcpuSet};
@@ -49,6 +51,9 @@ pub enum VmError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The pool refused the VM.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
 }
 
 impl VmError {
@@ -57,7 +62,7 @@ impl VmError {
         match self {
             VmError::KvmUnavailable(_) => exit::UNAVAILABLE,
             VmError::Loader(LoaderError::Read { .. }) => exit::NO_INPUT,
-            VmError::Loader(LoaderError::TooLarge { .. }) | VmError::Config(_) => exit::USAGE,
+            VmError::Loader(LoaderError::TooLarge { .. }) | VmError::Config(_) | VmError::Pool(_) => exit::USAGE,
             VmError::Loader(_) => exit::IMAGE_REFUSED,
             VmError::Kvm { .. } | VmError::Memory(_) | VmError::Vcpu(_) => exit::INTERNAL,
         }
@@ -96,6 +101,10 @@ pub struct VmConfig {
     pub memory: Policy,
     /// Stop the run after this long.
     pub timeout: Option<Duration>,
+    /// Burst credit, reclaim grace and enforcement.
+    pub policy: PolicyConfig,
+    /// Weight in the pool (a heavier VM keeps its burst longer under contention).
+    pub weight: u64,
 }
 
 /// How a run ended.
@@ -132,6 +141,11 @@ pub enum Outcome {
     Timeout(Duration, String),
     /// The operator interrupted the run twice (Ctrl-C).
     Interrupted,
+    /// The VM was ended for ignoring a reclaim (`--on-violation kill`).
+    Killed {
+        /// The resource it would not give back.
+        resource: &'static str,
+    },
 }
 
 impl Outcome {
@@ -145,6 +159,7 @@ impl Outcome {
             Outcome::Internal(_) => exit::INTERNAL,
             Outcome::Timeout(..) => exit::TIMEOUT,
             Outcome::Interrupted => exit::INTERRUPTED,
+            Outcome::Killed { .. } => exit::POLICY_KILL,
         }
     }
 
@@ -158,6 +173,7 @@ impl Outcome {
             Outcome::Internal(_) => "internal_error",
             Outcome::Timeout(..) => "timeout",
             Outcome::Interrupted => "interrupted",
+            Outcome::Killed { .. } => "policy_kill",
         }
     }
 
@@ -176,6 +192,9 @@ impl Outcome {
                 Some(format!("run stopped after the {:.1} s timeout; vCPUs then:\n{states}", d.as_secs_f64()))
             }
             Outcome::Interrupted => Some("run interrupted (Ctrl-C twice)".into()),
+            Outcome::Killed { resource } => Some(format!(
+                "VM ended: it kept its {resource} above max past the reclaim grace period (--on-violation kill)"
+            )),
         }
     }
 }
@@ -268,6 +287,8 @@ pub struct VmShared {
     pub vcpu_set: VcpuSet,
     /// Where changes are recorded.
     pub timeline: Arc<Timeline>,
+    /// The VM's resource policy and its place in the pool.
+    pub policy: VmPolicy,
     notices: Mutex<Notices>,
     console: Mutex<Box<dyn Write + Send>>,
     state: Mutex<RunState>,
@@ -331,7 +352,7 @@ impl VmShared {
 
     /// Records a timeline event with the VM's current holdings.
     pub fn record(&self, event: &str, detail: serde_json::Map<String, serde_json::Value>) {
-        self.timeline.record(&self.name, event, self.vcpu_set.counts().online, self.memory_held(), detail);
+        self.timeline.record(&self.name, event, self.vcpu_set.online(), self.memory_held(), detail);
     }
 
     /// Starts `vcpu` on its own thread.
@@ -361,7 +382,7 @@ impl VmShared {
             vcpu_target: n.vcpu_target,
             memory_target: n.memory_target,
             grace_ns: n.grace_ns,
-            online_vcpus: u64::from(self.vcpu_set.counts().online),
+            online_vcpus: u64::from(self.vcpu_set.online()),
             memory_bytes: self.memory_held(),
             reserved: [0; 9],
         };
@@ -421,6 +442,14 @@ pub struct RunReport {
     pub reports: u64,
     /// Memory figures.
     pub memory: MemoryCounts,
+    /// Per-resource policy state at the end (reclaims, violations, credit).
+    pub policy: [crate::policy::ResourcePolicy; 2],
+    /// AGAIN and EXHAUSTED answers.
+    pub again: u64,
+    /// EXHAUSTED answers.
+    pub exhausted: u64,
+    /// The invariant checks made during the run.
+    pub invariants: crate::governor::Invariants,
 }
 
 /// Memory figures of a run.
@@ -459,8 +488,9 @@ impl Vm {
         kvm: &Kvm,
         started: Instant,
         timeline: Arc<Timeline>,
+        pool: &Arc<Pool>,
     ) -> Result<Vm, VmError> {
-        Self::create_with_console(config, image, kvm, started, timeline, Box::new(std::io::stdout()))
+        Self::create_with_console(config, image, kvm, started, timeline, pool, Box::new(std::io::stdout()))
     }
 
     /// As [`Vm::create`], with guest console output going to `console`.
@@ -470,6 +500,7 @@ impl Vm {
         kvm: &Kvm,
         started: Instant,
         timeline: Arc<Timeline>,
+        pool: &Arc<Pool>,
         console: Box<dyn Write + Send>,
     ) -> Result<Vm, VmError> {
         let mut options = vec![("log", config.log_level.clone())];
@@ -479,6 +510,27 @@ impl Vm {
         if image.end + hypercall_abi::EXTENT_ALIGN > layout.ram_size {
             return Err(LoaderError::TooLarge { end: image.end, ram: layout.ram_size }.into());
         }
+        let member = pool.admit(&config.name, config.vcpus, config.memory, config.weight)?;
+        let policy = VmPolicy::new(Arc::clone(pool), member, config.vcpus, config.memory, config.policy);
+        let built = Self::build(config, image, kvm, started, timeline, policy, console, layout, cmdline);
+        if built.is_err() {
+            pool.leave(member);
+        }
+        built
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        config: &VmConfig,
+        image: Arc<KernelImage>,
+        kvm: &Kvm,
+        started: Instant,
+        timeline: Arc<Timeline>,
+        policy: VmPolicy,
+        console: Box<dyn Write + Send>,
+        layout: Layout,
+        cmdline: String,
+    ) -> Result<Vm, VmError> {
         let fd = kvm.create_vm().map_err(|source| VmError::Kvm { what: "create VM", source })?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -505,6 +557,7 @@ impl Vm {
             stopping: AtomicBool::new(false),
             vcpu_set: VcpuSet::default(),
             timeline,
+            policy,
             notices: Mutex::new(Notices::default()),
             console: Mutex::new(console),
             state: Mutex::new(RunState { outcome: None, threads: Vec::new() }),
@@ -583,6 +636,7 @@ impl Vm {
         let wall = shared.started.elapsed();
         let outcome = shared.state().outcome.clone().unwrap_or(Outcome::Internal("no outcome recorded".into()));
         shared.record("end", detail([("exit_code", outcome.exit_code().into())]));
+        shared.policy.pool.leave(shared.policy.member);
         let per_call = Call::ALL
             .iter()
             .map(|c| (c.name(), shared.stats.per_call[c.number() as usize].load(Ordering::Relaxed)))
@@ -605,6 +659,13 @@ impl Vm {
                 rss_peak: crate::memory::process_peak_rss_bytes(),
                 rss_end: crate::memory::process_rss_bytes(),
             },
+            policy: [
+                shared.policy.resource(crate::policy::Resource::Vcpus),
+                shared.policy.resource(crate::policy::Resource::Memory),
+            ],
+            again: shared.policy.answers.again.load(Ordering::Relaxed),
+            exhausted: shared.policy.answers.exhausted.load(Ordering::Relaxed),
+            invariants: shared.policy.invariants(),
         }
     }
 }

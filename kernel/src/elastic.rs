@@ -250,11 +250,24 @@ pub fn cancel_down_requests() {
 }
 
 /// Sets (or clears, with `None`) the number of vCPUs the host wants the VM to come down to.
+/// Busy vCPUs above the target drain: they go down at their next task boundary, leaving
+/// their remaining tasks in the shared queue.
 pub fn set_vcpu_target(target: Option<usize>) {
     VCPU_TARGET.store(target.unwrap_or(usize::MAX), Ordering::Release);
     if target.is_some() {
         smp::kick_one_idle();
     }
+}
+
+/// Whether the (busy) vCPU `slot` should drain and go down now: it is not vCPU 0 and the VM
+/// has more vCPUs online than the host's reclaim target (never below min).
+pub fn should_drain(slot: &'static PerCpu) -> bool {
+    if slot.index() == 0 {
+        return false;
+    }
+    let Some(target) = vcpu_target() else { return false };
+    let (min, _, _) = smp::limits();
+    smp::online() > target.max(min)
 }
 
 /// The host's vCPU reclaim target, if one is in force.
@@ -280,8 +293,8 @@ pub fn counters() -> (u64, u64) {
     (UPS.load(Ordering::Relaxed), DENIALS.load(Ordering::Relaxed))
 }
 
-/// Explicitly brings one vCPU up (for services).
-pub fn up() -> Result<u32, UpError> {
+/// Explicitly brings one vCPU up (for services). Returns its host id and per-CPU slot.
+pub fn up() -> Result<(u32, &'static PerCpu), UpError> {
     let r = smp::bring_up();
     match r {
         Ok(_) => {

@@ -237,6 +237,9 @@ pub fn worker_loop(slot: &'static PerCpu, until: &dyn Fn() -> bool) {
         if until() {
             return;
         }
+        if elastic::should_drain(slot) {
+            smp::drain(slot);
+        }
         elastic::on_boundary(slot);
         timer::fire_expired();
         if let Some(task) = pop() {

@@ -42,7 +42,7 @@ static SERVICE_EXIT: AtomicU32 = AtomicU32::new(RUNNING);
 
 /// Kernel options the command line may carry besides the controller's `vcpu.*` and `mem.*`
 /// keys.
-const KNOWN_OPTIONS: &[&str] = &["app", "log"];
+const KNOWN_OPTIONS: &[&str] = &["app", "log", "elastic.cooperate"];
 
 hypercall_abi::declare_abi_note!();
 
@@ -79,6 +79,12 @@ pub fn kernel_main(boot: BootInfo) -> ! {
         }
     }
     let tuning = elastic::Tuning::from_cmdline(&cmd, &mut |k, v| log::warn!("ignoring bad value {k}={v}"));
+    if let Some(v) = cmd.option("elastic.cooperate") {
+        match elastic::parse_switch(v) {
+            Some(on) => notices::set_cooperate(on),
+            None => log::warn!("ignoring bad value elastic.cooperate={v}"),
+        }
+    }
     elastic::init(tuning);
     smp::init(hello.as_ref().map(|h| h.vcpus));
     log::debug!("per-CPU pointer in GS: {}", arch::cpu::has_fsgsbase());

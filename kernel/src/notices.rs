@@ -12,6 +12,14 @@ use crate::{elastic, hypercall};
 
 static LAST_SEQ: AtomicU64 = AtomicU64::new(0);
 static STOP: AtomicBool = AtomicBool::new(false);
+/// Whether reclaim notices are honoured (`elastic.cooperate=off` makes a guest that ignores
+/// them, to show the host's enforcement).
+static COOPERATE: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether the kernel honours reclaim notices.
+pub fn set_cooperate(on: bool) {
+    COOPERATE.store(on, Ordering::Release);
+}
 static POLLING: Mutex<()> = Mutex::new(());
 
 /// The host's view of the VM as published in the notice page.
@@ -49,16 +57,36 @@ pub fn poll() {
         // vCPU 0 shuts the VM down; it may have re-blocked before this vCPU got here.
         crate::smp::kick_boot_vcpu();
     }
+    let cooperate = COOPERATE.load(Ordering::Acquire);
     if ev.pending & notice::RECLAIM_MEMORY != 0 {
-        log::info!(
-            "host reclaims memory: come down to {} MiB within {} ms",
-            ev.memory_target >> 20,
-            ev.grace_ns / 1_000_000
-        );
-        elastic::set_memory_target(Some(ev.memory_target));
+        if cooperate {
+            log::info!(
+                "host reclaims memory: coming down to {} MiB within {} ms",
+                ev.memory_target >> 20,
+                ev.grace_ns / 1_000_000
+            );
+            elastic::set_memory_target(Some(ev.memory_target));
+        } else {
+            log::warn!(
+                "host reclaims memory (down to {} MiB): ignored (elastic.cooperate=off)",
+                ev.memory_target >> 20
+            );
+        }
     }
     if ev.pending & notice::RECLAIM_VCPUS != 0 {
-        log::info!("host reclaims vCPUs: come down to {} within {} ms", ev.vcpu_target, ev.grace_ns / 1_000_000);
-        elastic::set_vcpu_target(Some(ev.vcpu_target as usize));
+        if cooperate {
+            log::info!("host reclaims vCPUs: coming down to {} within {} ms", ev.vcpu_target, ev.grace_ns / 1_000_000);
+            elastic::set_vcpu_target(Some(ev.vcpu_target as usize));
+        } else {
+            log::warn!("host reclaims vCPUs (down to {}): ignored (elastic.cooperate=off)", ev.vcpu_target);
+        }
+    }
+    if ev.pending & notice::RECLAIM_MEMORY_OVER != 0 {
+        log::info!("memory reclaim over");
+        elastic::set_memory_target(None);
+    }
+    if ev.pending & notice::RECLAIM_VCPUS_OVER != 0 {
+        log::info!("vCPU reclaim over");
+        elastic::set_vcpu_target(None);
     }
 }

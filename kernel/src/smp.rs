@@ -132,10 +132,11 @@ fn stack_for(slot: &'static PerCpu) -> Option<usize> {
     Some(p as usize)
 }
 
-/// Brings one more vCPU online. Returns its host id. The host is the authority on the
+/// Brings one more vCPU online. Returns its host id and its per-CPU slot (the slot is only
+/// meaningful until the new vCPU goes down again). The host is the authority on the
 /// policy: the kernel asks even at what it believes is the ceiling (the host's answer may
 /// differ, e.g. when burst credit or the pool changes), and stops only when it has no slot.
-pub fn bring_up() -> Result<u32, UpError> {
+pub fn bring_up() -> Result<(u32, &'static PerCpu), UpError> {
     if platform::current() != Platform::Shim {
         return Err(UpError::Refused(Status::UNSUPPORTED));
     }
@@ -158,12 +159,10 @@ pub fn bring_up() -> Result<u32, UpError> {
     slot.down_requested.store(false, Ordering::Release);
     let top = (stack + STACK_SIZE) as u64;
     match hypercall::vcpu_up(secondary_entry_addr(), top, slot as *const PerCpu as u64) {
-        Ok(id) => {
-            // The new vCPU also stores its id at entry; storing it here too makes it known
-            // to kickers at once.
-            slot.vcpu_id.store(id, Ordering::Release);
-            Ok(id)
-        }
+        // Only the new vCPU stores its id (at entry, from `rsi`). Storing it here too would
+        // race: by the time this call returns, the new vCPU may already have gone down and
+        // its slot been reused by another vCPU, whose id this would overwrite.
+        Ok(id) => Ok((id, slot)),
         Err(s) => {
             slot.state.store(state::OFFLINE, Ordering::Release);
             ONLINE.fetch_sub(1, Ordering::AcqRel);
@@ -238,6 +237,34 @@ pub fn idle_block(slot: &'static PerCpu, timeout_ns: u64) {
     crate::console::flush_if_pending();
     let _ = hypercall::block(timeout_ns);
     slot.woke_tsc.store(cpu::rdtsc(), Ordering::Release);
+}
+
+/// Takes the calling busy vCPU down for a host reclaim (between tasks: whatever is queued
+/// stays in the shared queue for the vCPUs that remain). Returns if it did not go (another
+/// vCPU got there first and the VM is already at the target, or it is vCPU 0).
+pub fn drain(slot: &'static PerCpu) {
+    if slot.index() == 0 || platform::current() != Platform::Shim {
+        return;
+    }
+    let Some(target) = crate::elastic::vcpu_target() else { return };
+    let floor = target.max(MIN.load(Ordering::Relaxed));
+    if ONLINE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > floor).then_some(n - 1)).is_err() {
+        return;
+    }
+    let prev = slot.state.swap(state::DOWNING, Ordering::AcqRel);
+    if prev == state::IDLE || prev == state::WAKING {
+        IDLE.fetch_sub(1, Ordering::AcqRel);
+    }
+    slot.down_requested.store(false, Ordering::Release);
+    slot.down_tsc.store(cpu::rdtsc(), Ordering::Release);
+    crate::elastic::note_down();
+    // Queued work must not wait for this vCPU.
+    if executor::runnable() > 0 {
+        kick_one_idle();
+    }
+    // SAFETY: as in `go_down`: this vCPU's own slot; nothing uses its stack after the store.
+    let status = unsafe { hypercall::vcpu_down(slot.state.as_ptr(), state::OFFLINE) };
+    panic!("VCPU_DOWN returned ({}) on vCPU {}", status.name(), slot.vcpu_id.load(Ordering::Relaxed));
 }
 
 /// Takes the calling (idle) vCPU down if it may still go: never below `min`, never vCPU 0,

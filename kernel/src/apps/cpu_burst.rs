@@ -20,12 +20,12 @@ const USAGE: &str = "[ROUNDS] [SEGMENT]";
 pub const APP: App = App {
     name: NAME,
     usage: USAGE,
-    about: "prime counting whose parallelism ramps 1-2-4-8-4-2-1; checks results and vCPUs back at min",
+    about: "prime counting whose parallelism ramps 1-2-4-8-(hold)-4-2-1; checks results and vCPUs back at min",
     main: |env| boxed(main(env)),
 };
 
 /// Tasks per stage: ramp up, hold, ramp down.
-const STAGES: [usize; 9] = [1, 2, 4, 8, 8, 8, 4, 2, 1];
+const STAGES: [usize; 11] = [1, 2, 4, 8, 8, 8, 8, 8, 4, 2, 1];
 
 /// Counts primes in `[lo, hi)` with a segmented byte sieve.
 pub fn count_primes_segment(lo: u64, hi: u64) -> u64 {
@@ -102,7 +102,7 @@ pub fn reference_counts(step: u64, steps: usize) -> Vec<u64> {
 
 async fn main(env: Env) -> u32 {
     let parse = |i: usize, default: u64| env.args.get(i).map_or(Some(default), |a| a.parse::<u64>().ok());
-    let (Some(rounds), Some(segment)) = (parse(0, 3), parse(1, 2_000_000)) else {
+    let (Some(rounds), Some(segment)) = (parse(0, 5), parse(1, 2_000_000)) else {
         return usage_error(NAME, USAGE, format_args!("ROUNDS and SEGMENT must be positive numbers"));
     };
     if rounds == 0 || !(1000..=50_000_000).contains(&segment) {
@@ -118,6 +118,7 @@ async fn main(env: Env) -> u32 {
     );
     let (min, _, burst) = smp::limits();
     let mut all_ok = true;
+    let mut mismatches = 0u64;
     let mut peak = smp::online();
     let mut done_tasks = 0u64;
     for (i, &p) in STAGES.iter().enumerate() {
@@ -134,7 +135,10 @@ async fn main(env: Env) -> u32 {
                 elastic::set_user_figure(done_tasks);
                 peak = peak.max(smp::online());
             }
-            stage_ok &= total == reference[p];
+            if total != reference[p] {
+                stage_ok = false;
+                mismatches += 1;
+            }
         }
         all_ok &= stage_ok;
         println!(
@@ -170,6 +174,7 @@ async fn main(env: Env) -> u32 {
         done_tasks,
         (time::now_ns() - started) / 1_000_000
     );
+    println!("VERIFY data_errors={}", mismatches);
     if all_ok && back_at_min { exit_code::SUCCESS } else { exit_code::FAILURE }
 }
 

@@ -161,6 +161,7 @@ async fn main(env: Env) -> u32 {
         if back { "back" } else { "NOT back" },
         heap::held() / MIB
     );
+    println!("VERIFY data_errors={errors}");
     let ok = errors == 0 && back;
     println!("mem-churn: {}", if ok { "PASSED" } else { "FAILED" });
     if ok { exit_code::SUCCESS } else { exit_code::FAILURE }

@@ -117,6 +117,7 @@ async fn main(env: Env) -> u32 {
         peak_held / MIB,
         (time::now_ns() - started) / 1_000_000
     );
+    println!("VERIFY data_errors={errors}");
     let ok = errors == 0 && all_back;
     println!(
         "mem-wave: {} (memory {} at min: {} MiB)",

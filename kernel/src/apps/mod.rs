@@ -17,6 +17,7 @@ mod faults;
 mod hello;
 mod hostile;
 mod idle;
+mod load;
 mod mem_bench;
 mod mem_churn;
 mod mem_wave;
@@ -72,6 +73,7 @@ pub const APPS: &[App] = &[
     idle::APP,
     mem_wave::APP,
     mem_churn::APP,
+    load::APP,
     vcpu_bench::APP,
     mem_bench::APP,
     hostile::APP,

@@ -122,9 +122,23 @@ async fn main(env: Env) -> u32 {
         smp::online(),
         notices::host_online_vcpus()
     );
+    if smp::online() != min {
+        for (i, slot) in
+            crate::percpu::CPUS.iter().enumerate().filter(|(_, s)| s.state() != crate::percpu::state::OFFLINE)
+        {
+            println!(
+                "vcpu-churn:   slot {i}: vCPU {} state {} down_requested {}",
+                slot.vcpu_id.load(Ordering::Relaxed),
+                slot.state(),
+                slot.down_requested.load(Ordering::Relaxed)
+            );
+        }
+        println!("vcpu-churn:   idle count {}, runnable {}", smp::idle(), crate::executor::runnable());
+    }
     if let Some(e) = failed {
         println!("vcpu-churn: a driver failed: {e:?}");
     }
+    println!("VERIFY data_errors={}", total - ran_once);
     println!("vcpu-churn: {}", if ok { "PASSED" } else { "FAILED" });
     if ok { exit_code::SUCCESS } else { exit_code::FAILURE }
 }

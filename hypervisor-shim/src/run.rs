@@ -1,0 +1,241 @@
+//! Running VMs: one (`run`) or several sharing a pool (`pool`, `stress`). Creates and admits
+//! the VMs, routes their consoles, runs each on its own thread under one governor, and turns
+//! the results into summaries.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::exit;
+use crate::governor::Governor;
+use crate::loader::KernelImage;
+use crate::pool::{Capacity, Pool};
+use crate::summary::Summary;
+use crate::timeline::Timeline;
+use crate::vm::{RunReport, Vm, VmConfig, VmError, open_kvm};
+
+/// Failures before any VM ran.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// A VM could not be created (image, KVM, pool admission...).
+    #[error("{0}")]
+    Vm(#[from] VmError),
+    /// A VM's thread failed.
+    #[error("the thread running VM '{0}' failed")]
+    Thread(String),
+    /// The timeline file could not be created.
+    #[error("cannot create timeline {path}: {source}")]
+    Timeline {
+        /// The path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl RunError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Vm(e) => e.exit_code(),
+            RunError::Thread(_) => exit::INTERNAL,
+            RunError::Timeline { .. } => exit::IO_ERROR,
+        }
+    }
+}
+
+/// One VM to run.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Its configuration.
+    pub config: VmConfig,
+    /// Its kernel image.
+    pub kernel: PathBuf,
+    /// The exit code it should end with (pool and stress runs check it).
+    pub expect_exit: u8,
+}
+
+/// Where guest consoles go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleMode {
+    /// Straight to standard output (a single VM).
+    Stdout,
+    /// To standard output, every line prefixed with `[name] `.
+    Prefixed,
+    /// Kept in memory (and also printed, prefixed, when `echo`).
+    Capture {
+        /// Print as well.
+        echo: bool,
+    },
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The VMs, admitted in this order.
+    pub vms: Vec<VmSpec>,
+    /// The pool's capacity.
+    pub capacity: Capacity,
+    /// Timeline file.
+    pub timeline: Option<PathBuf>,
+    /// Console routing.
+    pub console: ConsoleMode,
+    /// Show a progress bar on a terminal.
+    pub progress: bool,
+}
+
+/// One VM's result.
+#[derive(Debug, Clone)]
+pub struct VmResult {
+    /// The spec it ran from.
+    pub spec: VmSpec,
+    /// What happened.
+    pub report: RunReport,
+    /// Its captured console (capture mode).
+    pub output: Option<String>,
+}
+
+impl VmResult {
+    /// Whether it ended with the expected exit code.
+    pub fn as_expected(&self) -> bool {
+        self.report.outcome.exit_code() == self.spec.expect_exit
+    }
+
+    /// Its summary.
+    pub fn summary(&self, started_monotonic_ns: u64) -> Summary {
+        let c = &self.spec.config;
+        Summary::new(&self.report, &c.name, &c.app, c.vcpus, c.memory, started_monotonic_ns)
+    }
+}
+
+/// Everything a run produced.
+#[derive(Debug)]
+pub struct RunResult {
+    /// One result per VM, in spec order.
+    pub vms: Vec<VmResult>,
+    /// The timeline (lines kept in memory as well).
+    pub timeline: Arc<Timeline>,
+    /// The pool's capacity.
+    pub capacity: Capacity,
+    /// Peak pool use per resource.
+    pub pool_peak: [u64; 2],
+    /// Wall time of the whole run.
+    pub wall: Duration,
+}
+
+/// A console sink: optional `[name] ` prefix per line, optional capture.
+struct ConsoleSink {
+    prefix: Option<String>,
+    capture: Option<Arc<Mutex<Vec<u8>>>>,
+    echo: bool,
+    at_line_start: bool,
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(c) = &self.capture {
+            c.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        }
+        if !self.echo {
+            return Ok(buf.len());
+        }
+        let out = std::io::stdout();
+        let mut out = out.lock();
+        match &self.prefix {
+            None => out.write_all(buf)?,
+            Some(prefix) => {
+                for line in buf.split_inclusive(|&b| b == b'\n') {
+                    if self.at_line_start {
+                        out.write_all(prefix.as_bytes())?;
+                    }
+                    out.write_all(line)?;
+                    self.at_line_start = line.ends_with(b"\n");
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// Runs every VM of `spec` to its end.
+pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
+    let kvm = open_kvm()?;
+    let timeline = Timeline::new(started, spec.timeline.as_deref()).map_err(|source| RunError::Timeline {
+        path: spec.timeline.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+        source,
+    })?;
+    let timeline = Arc::new(timeline);
+    let pool = Arc::new(Pool::new(spec.capacity));
+    let mut images: Vec<(PathBuf, Arc<KernelImage>)> = Vec::new();
+    let mut vms = Vec::new();
+    let mut captures = Vec::new();
+    for vs in &spec.vms {
+        let image = match images.iter().find(|(p, _)| *p == vs.kernel) {
+            Some((_, i)) => Arc::clone(i),
+            None => {
+                let i = Arc::new(KernelImage::open(&vs.kernel).map_err(VmError::from)?);
+                images.push((vs.kernel.clone(), Arc::clone(&i)));
+                i
+            }
+        };
+        let capture = matches!(spec.console, ConsoleMode::Capture { .. }).then(|| Arc::new(Mutex::new(Vec::new())));
+        let sink = ConsoleSink {
+            prefix: (spec.console != ConsoleMode::Stdout).then(|| format!("[{}] ", vs.config.name)),
+            capture: capture.clone(),
+            echo: !matches!(spec.console, ConsoleMode::Capture { echo: false }),
+            at_line_start: true,
+        };
+        let vm =
+            Vm::create_with_console(&vs.config, image, &kvm, started, Arc::clone(&timeline), &pool, Box::new(sink))?;
+        vms.push(vm);
+        captures.push(capture);
+    }
+    crate::signals::install();
+    let shared: Vec<_> = vms.iter().map(|v| Arc::clone(v.shared())).collect();
+    let governor = Governor::start(shared.clone(), started);
+    let bar = (spec.progress && std::io::stderr().is_terminal() && vms.len() > 1).then(|| {
+        let b = indicatif::ProgressBar::new(vms.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} VMs finished {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    });
+    let handles: Vec<_> = vms
+        .into_iter()
+        .map(|vm| {
+            let bar = bar.clone();
+            std::thread::spawn(move || {
+                let r = vm.run();
+                if let Some(b) = bar {
+                    b.inc(1);
+                }
+                r
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for ((h, vs), capture) in handles.into_iter().zip(&spec.vms).zip(captures) {
+        let report = match h.join() {
+            Ok(r) => r,
+            Err(_) => return Err(RunError::Thread(vs.config.name.clone())),
+        };
+        let output =
+            capture.map(|c| String::from_utf8_lossy(&c.lock().unwrap_or_else(|p| p.into_inner())).into_owned());
+        results.push(VmResult { spec: vs.clone(), report, output });
+    }
+    governor.stop();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let _ = timeline.flush();
+    Ok(RunResult { vms: results, timeline, capacity: spec.capacity, pool_peak: pool.peak(), wall: started.elapsed() })
+}
