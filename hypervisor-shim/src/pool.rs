@@ -208,7 +208,10 @@ impl Pool {
             .map(|(j, v)| (j, (v.held[i] - v.limits[i].max) as f64 / v.weight as f64, v.name.clone()))
             .collect();
         victims.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.2.cmp(&b.2)));
-        let names: Vec<String> = victims.iter().map(|v| format!("{} ({:.2} weighted excess)", v.2, v.1)).collect();
+        let unit = if r == Resource::Memory { (1u64 << 20) as f64 } else { 1.0 };
+        let unit_name = if r == Resource::Memory { " MiB" } else { "" };
+        let names: Vec<String> =
+            victims.iter().map(|v| format!("{} ({:.2}{unit_name} weighted excess)", v.2, v.1 / unit)).collect();
         let why = format!(
             "pool: {name} asked for {amount} more {} below its max: pool full ({} used of {}); reclaim from [{}]: AGAIN",
             r.name(),

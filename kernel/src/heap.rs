@@ -96,8 +96,11 @@ fn grow<B: Binning>(talc: &mut Talc<ElasticSource, B>, need: usize) -> Result<us
     let mut got = [Extent::default(); 8];
     let mut args = MemGrantArgs::new(bytes as u64, got.as_mut_ptr() as u64, got.len() as u32);
     let status = hypercall::call(&mut args);
+    LAST_WAS_AGAIN.store(status == Status::AGAIN, Ordering::Relaxed);
     if !status.is_ok() {
-        talc.source.deny_until_ns = now + talc.source.backoff_ns;
+        // AGAIN: the pool is reclaiming capacity for this VM; ask again soon.
+        let wait = if status == Status::AGAIN { AGAIN_RETRY_NS } else { talc.source.backoff_ns };
+        talc.source.deny_until_ns = now + wait;
         LAST_REFUSAL.store(((bytes as u64) << 8) | (status.0 as u8 as u64), Ordering::Relaxed);
         return Err(status);
     }
@@ -156,6 +159,15 @@ static LAST_REFUSAL: AtomicU64 = AtomicU64::new(0);
 /// Size of the last allocation that could not be served (0 = none).
 static LAST_FAILED_SIZE: AtomicUsize = AtomicUsize::new(0);
 static INITIALISED: AtomicBool = AtomicBool::new(false);
+/// Whether the latest grant attempt was answered AGAIN.
+static LAST_WAS_AGAIN: AtomicBool = AtomicBool::new(false);
+
+/// After an AGAIN the heap asks again after this long.
+const AGAIN_RETRY_NS: u64 = 1_000_000;
+/// An allocation that meets AGAIN waits (in BLOCKs of this length)...
+const AGAIN_WAIT_NS: u64 = 2_000_000;
+/// ...at most this many times (about a second: several reclaim grace periods).
+const AGAIN_WAITS: u32 = 500;
 
 /// The global allocator: routes between the boot and the elastic heap.
 #[derive(Debug)]
@@ -173,20 +185,31 @@ fn in_window(ptr: *mut u8) -> bool {
 unsafe impl GlobalAlloc for KernelAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let large = layout.size() >= LARGE && WINDOW_SIZE.load(Ordering::Relaxed) != 0;
-        // SAFETY: forwarding the caller's valid, non-zero-sized layout.
-        let p = unsafe {
-            if large {
-                let p = ELASTIC.alloc(layout);
-                if p.is_null() { BOOT.alloc(layout) } else { p }
-            } else {
-                let p = BOOT.alloc(layout);
-                if p.is_null() && WINDOW_SIZE.load(Ordering::Relaxed) != 0 { ELASTIC.alloc(layout) } else { p }
+        let mut waits = 0;
+        loop {
+            // SAFETY: forwarding the caller's valid, non-zero-sized layout.
+            let p = unsafe {
+                if large {
+                    let p = ELASTIC.alloc(layout);
+                    if p.is_null() { BOOT.alloc(layout) } else { p }
+                } else {
+                    let p = BOOT.alloc(layout);
+                    if p.is_null() && WINDOW_SIZE.load(Ordering::Relaxed) != 0 { ELASTIC.alloc(layout) } else { p }
+                }
+            };
+            if !p.is_null() {
+                return p;
             }
-        };
-        if p.is_null() {
+            // The pool answered AGAIN: capacity is being reclaimed for this VM. Wait for it
+            // (no allocator lock is held here) rather than fail.
+            if LAST_WAS_AGAIN.load(Ordering::Relaxed) && waits < AGAIN_WAITS {
+                waits += 1;
+                let _ = hypercall::block(AGAIN_WAIT_NS);
+                continue;
+            }
             LAST_FAILED_SIZE.store(layout.size().max(1), Ordering::Relaxed);
+            return p;
         }
-        p
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
