@@ -293,20 +293,33 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
     if let Some(d) = vm.report.outcome.diagnosis() {
         eprintln!("hypervisor-shim: {}", d.trim_end());
     }
-    let mut code = vm.report.outcome.exit_code();
-    if let Some(path) = &args.summary
-        && let Err(e) = vm.summary(started_monotonic_ns).write(path)
+    let code = vm.report.outcome.exit_code();
+    let summary = args.summary.as_ref().map(|path| (path, vm.summary(started_monotonic_ns)));
+    ExitCode::from(write_outputs(code, summary, args.plot.as_deref(), &result))
+}
+
+/// Writes the summary and the plot a run asked for; an output that cannot be written turns the
+/// exit code into [`exit::IO_ERROR`].
+fn write_outputs<S: serde::Serialize>(
+    code: u8,
+    summary: Option<(&PathBuf, S)>,
+    plot: Option<&std::path::Path>,
+    result: &RunResult,
+) -> u8 {
+    let mut code = code;
+    if let Some((path, summary)) = summary
+        && let Err(e) = crate::summary::write_json(&summary, path)
     {
         eprintln!("hypervisor-shim: cannot write summary {}: {e}", path.display());
         code = exit::IO_ERROR;
     }
-    if let Some(path) = &args.plot
-        && let Err(e) = draw(path, &result)
+    if let Some(path) = plot
+        && let Err(e) = draw(path, result)
     {
         eprintln!("hypervisor-shim: {e}");
         code = exit::IO_ERROR;
     }
-    ExitCode::from(code)
+    code
 }
 
 /// Draws the run's plot.
@@ -382,20 +395,9 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
             eprintln!("pool: {}: {}", v.spec.config.name, d.trim_end());
         }
     }
-    let mut code = summary.exit_code;
-    if let Some(path) = &args.summary
-        && let Err(e) = summary.write(path)
-    {
-        eprintln!("hypervisor-shim: cannot write summary {}: {e}", path.display());
-        code = exit::IO_ERROR;
-    }
-    if let Some(path) = &args.plot
-        && let Err(e) = draw(path, &result)
-    {
-        eprintln!("hypervisor-shim: {e}");
-        code = exit::IO_ERROR;
-    }
-    ExitCode::from(code)
+    let code = summary.exit_code;
+    let summary = args.summary.as_ref().map(|path| (path, &summary));
+    ExitCode::from(write_outputs(code, summary, args.plot.as_deref(), &result))
 }
 
 fn run_stress(args: StressArgs) -> ExitCode {

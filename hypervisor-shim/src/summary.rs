@@ -220,9 +220,14 @@ pub struct PoolSummary {
 impl PoolSummary {
     /// Writes the summary as pretty JSON.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(path, json + "\n")
+        write_json(self, path)
     }
+}
+
+/// Writes any summary as pretty JSON with a trailing newline.
+pub fn write_json<T: serde::Serialize>(value: &T, path: &Path) -> std::io::Result<()> {
+    let json = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    std::fs::write(path, json + "\n")
 }
 
 /// CPU time used by this process so far (user + system), in µs.
@@ -298,7 +303,6 @@ impl Summary {
 
     /// Writes the summary as pretty JSON.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(path, json + "\n")
+        write_json(self, path)
     }
 }
