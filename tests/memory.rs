@@ -9,25 +9,12 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn mem_wave_grows_shrinks_and_the_host_really_gets_memory_back() {
-    let dir = temp_dir("mem-wave");
-    let (s, t) = (dir.join("s.json"), dir.join("t.jsonl"));
-    let r = shim(&[
-        "run",
-        "--app",
-        "mem-wave",
-        "--memory",
-        "64M:512M:1G",
-        "--summary",
-        s.to_str().unwrap(),
-        "--timeline",
-        t.to_str().unwrap(),
-        "--timeout",
-        "120",
-    ]);
+    let t = run_traced("mem-wave", &["--app", "mem-wave", "--memory", "64M:512M:1G"]);
+    let r = &t.run;
     r.expect_code(0);
     assert!(r.stdout.contains("0 checksum errors"), "{}", r.stdout);
     assert!(r.stdout.contains("mem-wave: PASSED"), "{}", r.stdout);
-    let s = read_json(&s);
+    let s = t.summary();
     let m = &s["memory_bytes"];
     assert_eq!(m["min"], 64 * MIB);
     assert!(m["peak"].as_u64().unwrap() >= 256 * MIB, "{s}");
@@ -39,8 +26,7 @@ fn mem_wave_grows_shrinks_and_the_host_really_gets_memory_back() {
     assert!(peak - boot >= 200 * MIB, "RSS grew only {} MiB: {s}", (peak - boot) / MIB);
     assert!(end.saturating_sub(boot) <= 64 * MIB, "RSS stayed {} MiB above boot: {s}", (end - boot) / MIB);
     // The timeline records every grant and release with the bytes held after it.
-    let text = std::fs::read_to_string(&t).unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = t.timeline();
     let grants = lines.iter().filter(|l| l["event"] == "memory_grant").count() as u64;
     let releases = lines.iter().filter(|l| l["event"] == "memory_release").count() as u64;
     assert_eq!(grants, m["grants"].as_u64().unwrap());
@@ -52,24 +38,11 @@ fn mem_wave_grows_shrinks_and_the_host_really_gets_memory_back() {
 
 #[test]
 fn mem_churn_from_several_vcpus_keeps_every_byte() {
-    let dir = temp_dir("mem-churn");
-    let s = dir.join("s.json");
-    let r = shim(&[
-        "run",
-        "--app",
-        "mem-churn",
-        "--memory",
-        "64M:256M:512M",
-        "--vcpus",
-        "1:4:4",
-        "--summary",
-        s.to_str().unwrap(),
-        "--timeout",
-        "120",
-    ]);
+    let t = run_traced("mem-churn", &["--app", "mem-churn", "--memory", "64M:256M:512M", "--vcpus", "1:4:4"]);
+    let r = &t.run;
     r.expect_code(0);
     assert!(r.stdout.contains("checksum errors: 0;"), "{}", r.stdout);
-    let s = read_json(&s);
+    let s = t.summary();
     assert!(s["memory_bytes"]["grants"].as_u64().unwrap() >= 100, "{s}");
     assert_eq!(s["memory_bytes"]["final"], s["memory_bytes"]["min"]);
     assert!(s["vcpus"]["peak"].as_u64().unwrap() >= 2, "the churn ran on several vCPUs: {s}");
@@ -77,23 +50,12 @@ fn mem_churn_from_several_vcpus_keeps_every_byte() {
 
 #[test]
 fn a_grant_beyond_burst_is_denied_and_counted() {
-    let dir = temp_dir("mem-denied");
-    let s = dir.join("s.json");
     // `hostile` asks for 1 TiB (partial grant up to burst), then for more (DENIED).
-    let r = shim(&[
-        "run",
-        "--app",
-        "hostile",
-        "--memory",
-        "64M:96M:128M",
-        "--summary",
-        s.to_str().unwrap(),
-        "--timeout",
-        "60",
-    ]);
+    let t = run_traced("mem-denied", &["--app", "hostile", "--memory", "64M:96M:128M"]);
+    let r = &t.run;
     r.expect_code(0);
     assert!(r.stdout.contains("checks passed, 0 failed"), "{}", r.stdout);
-    let s = read_json(&s);
+    let s = t.summary();
     assert!(s["denied"].as_u64().unwrap() >= 1, "{s}");
     assert_eq!(s["memory_bytes"]["peak"], 128 * MIB, "a partial grant filled up to burst, never beyond");
     assert_eq!(s["memory_bytes"]["final"], 64 * MIB);
@@ -101,22 +63,8 @@ fn a_grant_beyond_burst_is_denied_and_counted() {
 
 #[test]
 fn a_guest_that_truly_runs_out_reports_it_and_exits_cleanly() {
-    let dir = temp_dir("oom");
-    let s = dir.join("s.json");
-    let r = shim(&[
-        "run",
-        "--app",
-        "mem-wave",
-        "--memory",
-        "64M:128M:128M",
-        "--summary",
-        s.to_str().unwrap(),
-        "--timeout",
-        "60",
-        "--",
-        "1",
-        "512",
-    ]);
+    let t = run_traced("oom", &["--app", "mem-wave", "--memory", "64M:128M:128M", "--", "1", "512"]);
+    let r = &t.run;
     r.expect_code(3);
     let report = r.stdout.lines().find(|l| l.contains("out of memory")).unwrap_or_else(|| panic!("{}", r.stdout));
     assert!(report.contains("an allocation of 1048576 bytes could not be served"), "{report}");
@@ -124,7 +72,7 @@ fn a_guest_that_truly_runs_out_reports_it_and_exits_cleanly() {
     assert!(report.contains("DENIED"), "{report}");
     // The shim itself reports nothing wrong: this is the guest's own verdict.
     assert!(r.stderr.is_empty(), "{}", r.stderr);
-    let s = read_json(&s);
+    let s = t.summary();
     assert_eq!(s["exit_reason"], "shutdown");
     assert!(s["denied"].as_u64().unwrap() >= 1, "{s}");
 }

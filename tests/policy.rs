@@ -4,34 +4,17 @@ mod common;
 
 use common::*;
 
-fn timeline(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 #[test]
 fn an_exhausted_burst_credit_triggers_a_reclaim_the_guest_answers_and_the_plot_shows_it() {
-    let dir = temp_dir("credit");
-    let (s, p, t) = (dir.join("s.json"), dir.join("p.svg"), dir.join("t.jsonl"));
-    let r = shim(&[
-        "run",
-        "--app",
-        "cpu-burst",
-        "--vcpus",
-        "1:2:4",
-        "--burst-budget",
-        "1",
-        "--plot",
-        p.to_str().unwrap(),
-        "--summary",
-        s.to_str().unwrap(),
-        "--timeline",
-        t.to_str().unwrap(),
-        "--timeout",
-        "120",
-    ]);
+    let p = temp_dir("credit-plot").join("p.svg");
+    let t = run_traced(
+        "credit",
+        &["--app", "cpu-burst", "--vcpus", "1:2:4", "--burst-budget", "1", "--plot", p.to_str().unwrap()],
+    );
+    let r = &t.run;
     r.expect_code(0);
     assert!(r.stdout.contains("result check PASSED"), "{}", r.stdout);
-    let s = read_json(&s);
+    let s = t.summary();
     assert!(s["reclaims"].as_u64().unwrap() >= 1, "no reclaim: {s}");
     assert_eq!(s["violations"], 0, "the kernel cooperates: {s}");
     let v = &s["policy"]["vcpus"];
@@ -41,7 +24,7 @@ fn an_exhausted_burst_credit_triggers_a_reclaim_the_guest_answers_and_the_plot_s
     assert_eq!(s["invariants"]["above_burst"], 0);
     assert_eq!(s["invariants"]["credit_overdrawn"], 0);
     // The reclaim is in the timeline, with its target, and the VM came down to max.
-    let tl = timeline(&t);
+    let tl = t.timeline();
     let reclaim = tl.iter().find(|l| l["event"] == "reclaim").expect("a reclaim line");
     assert_eq!(reclaim["target"], 2);
     assert_eq!(reclaim["reason"], "credit");
@@ -58,37 +41,32 @@ fn an_exhausted_burst_credit_triggers_a_reclaim_the_guest_answers_and_the_plot_s
 
 #[test]
 fn a_guest_that_ignores_reclaims_is_throttled_and_counted() {
-    let dir = temp_dir("ignore");
-    let (s, t) = (dir.join("s.json"), dir.join("t.jsonl"));
-    let r = shim(&[
-        "run",
-        "--app",
-        "load",
-        "--vcpus",
-        "1:2:4",
-        "--burst-budget",
-        "0.1",
-        "--guest-opt",
-        "elastic.cooperate=off",
-        "--summary",
-        s.to_str().unwrap(),
-        "--timeline",
-        t.to_str().unwrap(),
-        "--timeout",
-        "120",
-        "--",
-        "square",
-        "2",
-        "400",
-        "8",
-        "0",
-    ]);
+    let t = run_traced(
+        "ignore",
+        &[
+            "--app",
+            "load",
+            "--vcpus",
+            "1:2:4",
+            "--burst-budget",
+            "0.1",
+            "--guest-opt",
+            "elastic.cooperate=off",
+            "--",
+            "square",
+            "2",
+            "400",
+            "8",
+            "0",
+        ],
+    );
+    let r = &t.run;
     // Enforcement slows the VM down but never corrupts it: it finishes and its data checks out.
     r.expect_code(0);
     assert!(r.stdout.contains("VERIFY data_errors=0"), "{}", r.stdout);
-    let s = read_json(&s);
+    let s = t.summary();
     assert!(s["policy"]["vcpus"]["violations"].as_u64().unwrap() >= 1, "{s}");
-    let tl = timeline(&t);
+    let tl = t.timeline();
     assert!(tl.iter().any(|l| l["event"] == "violation" && l["resource"] == "vcpus" && l["enforcement"] == "throttle"));
     // Above max during the reclaim, further vCPU grants were refused.
     assert!(s["denied"].as_u64().unwrap() >= 1, "{s}");
@@ -96,34 +74,31 @@ fn a_guest_that_ignores_reclaims_is_throttled_and_counted() {
 
 #[test]
 fn on_violation_kill_ends_the_vm_with_its_own_code() {
-    let dir = temp_dir("kill");
-    let s = dir.join("s.json");
-    let r = shim(&[
-        "run",
-        "--app",
-        "load",
-        "--vcpus",
-        "1:2:4",
-        "--burst-budget",
-        "0.1",
-        "--on-violation",
+    let t = run_traced(
         "kill",
-        "--guest-opt",
-        "elastic.cooperate=off",
-        "--summary",
-        s.to_str().unwrap(),
-        "--timeout",
-        "120",
-        "--",
-        "square",
-        "3",
-        "400",
-        "8",
-        "0",
-    ]);
+        &[
+            "--app",
+            "load",
+            "--vcpus",
+            "1:2:4",
+            "--burst-budget",
+            "0.1",
+            "--on-violation",
+            "kill",
+            "--guest-opt",
+            "elastic.cooperate=off",
+            "--",
+            "square",
+            "3",
+            "400",
+            "8",
+            "0",
+        ],
+    );
+    let r = &t.run;
     r.expect_code(75);
     assert!(r.stderr.contains("past the reclaim grace period (--on-violation kill)"), "{}", r.stderr);
-    let s = read_json(&s);
+    let s = t.summary();
     assert_eq!(s["exit_reason"], "policy_kill");
     assert!(s["violations"].as_u64().unwrap() >= 1);
 }

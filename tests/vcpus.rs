@@ -5,42 +5,21 @@ mod common;
 
 use common::*;
 
-fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad timeline line {l}: {e}")))
-        .collect()
-}
-
 #[test]
 fn cpu_burst_scales_up_and_returns_to_min() {
-    let dir = temp_dir("cpu-burst");
-    let (s, t) = (dir.join("s.json"), dir.join("t.jsonl"));
-    let r = shim(&[
-        "run",
-        "--app",
-        "cpu-burst",
-        "--vcpus",
-        "1:4:4",
-        "--summary",
-        s.to_str().unwrap(),
-        "--timeline",
-        t.to_str().unwrap(),
-        "--timeout",
-        "120",
-    ]);
+    let t = run_traced("cpu-burst", &["--app", "cpu-burst", "--vcpus", "1:4:4"]);
+    let r = &t.run;
     r.expect_code(0);
     assert!(r.stdout.contains("cpu-burst: result check PASSED"), "{}", r.stdout);
     assert!(r.stdout.contains("vCPUs back at min"), "{}", r.stdout);
-    let s = read_json(&s);
+    let s = t.summary();
     let v = &s["vcpus"];
     assert!(v["peak"].as_u64().unwrap() >= 2, "{s}");
     assert_eq!(v["final"], 1, "{s}");
     assert_eq!((v["min"].as_u64(), v["max"].as_u64(), v["burst"].as_u64()), (Some(1), Some(4), Some(4)));
     assert!(v["ups"].as_u64().unwrap() >= 1 && v["ups"] == v["downs"], "{s}");
     // The timeline has a line per change and per REPORT, timestamps in order.
-    let tl = lines(&t);
+    let tl = t.timeline();
     let count = |e: &str| tl.iter().filter(|l| l["event"] == e).count();
     assert_eq!(count("vcpu_up") as u64, v["ups"].as_u64().unwrap());
     assert_eq!(count("vcpu_down") as u64, v["downs"].as_u64().unwrap());
@@ -53,24 +32,11 @@ fn cpu_burst_scales_up_and_returns_to_min() {
 
 #[test]
 fn vcpu_churn_runs_every_task_exactly_once() {
-    let dir = temp_dir("churn");
-    let s = dir.join("s.json");
-    let r = shim(&[
-        "run",
-        "--app",
-        "vcpu-churn",
-        "--vcpus",
-        "1:4:4",
-        "--summary",
-        s.to_str().unwrap(),
-        "--timeout",
-        "120",
-        "--",
-        "1000",
-    ]);
+    let t = run_traced("churn", &["--app", "vcpu-churn", "--vcpus", "1:4:4", "--", "1000"]);
+    let r = &t.run;
     r.expect_code(0);
     assert!(r.stdout.contains("2000/2000 tasks ran exactly once"), "{}", r.stdout);
-    let s = read_json(&s);
+    let s = t.summary();
     assert!(s["vcpus"]["ups"].as_u64().unwrap() >= 1000, "{s}");
     assert!(s["vcpus"]["downs"].as_u64().unwrap() >= 1000, "{s}");
     assert_eq!(s["vcpus"]["final"], 1);
@@ -80,58 +46,29 @@ fn vcpu_churn_runs_every_task_exactly_once() {
 
 #[test]
 fn requests_above_burst_are_denied_and_counted_and_the_guest_finishes() {
-    let dir = temp_dir("denied");
-    let (s, t) = (dir.join("s.json"), dir.join("t.jsonl"));
-    let r = shim(&[
-        "run",
-        "--app",
-        "cpu-burst",
-        "--vcpus",
-        "1:2:2",
-        "--summary",
-        s.to_str().unwrap(),
-        "--timeline",
-        t.to_str().unwrap(),
-        "--timeout",
-        "120",
-    ]);
+    let t = run_traced("denied", &["--app", "cpu-burst", "--vcpus", "1:2:2"]);
+    let r = &t.run;
     r.expect_code(0);
     assert!(r.stdout.contains("result check PASSED"), "{}", r.stdout);
-    let s = read_json(&s);
+    let s = t.summary();
     assert!(s["denied"].as_u64().unwrap() >= 1, "no DENIED counted: {s}");
     assert_eq!(s["vcpus"]["peak"], 2, "never above burst: {s}");
-    let denied_lines = lines(&t).iter().filter(|l| l["event"] == "denied" && l["resource"] == "vcpus").count();
+    let denied_lines = t.timeline().iter().filter(|l| l["event"] == "denied" && l["resource"] == "vcpus").count();
     assert_eq!(denied_lines as u64, s["denied"].as_u64().unwrap());
 }
 
 #[test]
 fn an_idle_guest_with_parked_and_blocked_vcpus_costs_the_host_almost_no_cpu() {
-    let dir = temp_dir("idle");
-    let (s, t) = (dir.join("s.json"), dir.join("t.jsonl"));
-    let r = shim(&[
-        "run",
-        "--app",
-        "idle",
-        "--vcpus",
-        "1:4:4",
-        "--summary",
-        s.to_str().unwrap(),
-        "--timeline",
-        t.to_str().unwrap(),
-        "--timeout",
-        "60",
-        "--",
-        "1000",
-    ]);
-    r.expect_code(0);
-    let s = read_json(&s);
+    let t = run_traced("idle", &["--app", "idle", "--vcpus", "1:4:4", "--", "1000"]);
+    t.run.expect_code(0);
+    let s = t.summary();
     // 4 came up, 1 went down and stays parked, 3 stay online and blocked.
     assert_eq!(s["vcpus"]["peak"], 4, "{s}");
     assert_eq!(s["vcpus"]["downs"], 1, "{s}");
     assert_eq!(s["vcpus"]["final"], 3, "{s}");
     // The service REPORTs user figure 1 when the idle second starts and 2 when it ends; the
     // shim stamps each REPORT with its own process CPU time.
-    let tl = lines(&t);
+    let tl = t.timeline();
     let mark = |n: u64| {
         tl.iter().find(|l| l["event"] == "report" && l["user"] == n).unwrap_or_else(|| panic!("no report {n}")).clone()
     };

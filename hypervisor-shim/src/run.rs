@@ -192,8 +192,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
             echo: !matches!(spec.console, ConsoleMode::Capture { echo: false }),
             at_line_start: true,
         };
-        let vm =
-            Vm::create_with_console(&vs.config, image, &kvm, started, Arc::clone(&timeline), &pool, Box::new(sink))?;
+        let vm = Vm::create(&vs.config, image, &kvm, started, Arc::clone(&timeline), &pool, Box::new(sink))?;
         vms.push(vm);
         captures.push(capture);
     }

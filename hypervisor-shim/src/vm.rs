@@ -482,19 +482,8 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM from an already validated `image`: creates the KVM VM and boot memory,
     /// writes the platform structures and boot info, loads the kernel and prepares vCPU 0.
+    /// Guest console output goes to `console`.
     pub fn create(
-        config: &VmConfig,
-        image: Arc<KernelImage>,
-        kvm: &Kvm,
-        started: Instant,
-        timeline: Arc<Timeline>,
-        pool: &Arc<Pool>,
-    ) -> Result<Vm, VmError> {
-        Self::create_with_console(config, image, kvm, started, timeline, pool, Box::new(std::io::stdout()))
-    }
-
-    /// As [`Vm::create`], with guest console output going to `console`.
-    pub fn create_with_console(
         config: &VmConfig,
         image: Arc<KernelImage>,
         kvm: &Kvm,

@@ -81,3 +81,54 @@ pub fn kernel_image() -> PathBuf {
 pub fn qemu_installed() -> bool {
     Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
 }
+
+/// A `run` of the shim that wrote its JSON summary and its timeline into a fresh directory.
+#[derive(Debug)]
+pub struct Traced {
+    /// What the shim printed and how it exited.
+    pub run: Run,
+    /// Where the summary and the timeline were written.
+    pub dir: PathBuf,
+}
+
+impl Traced {
+    /// The summary (`--summary`).
+    pub fn summary(&self) -> serde_json::Value {
+        read_json(&self.dir.join("summary.json"))
+    }
+
+    /// The timeline (`--timeline`), one JSON value per line.
+    pub fn timeline(&self) -> Vec<serde_json::Value> {
+        read_json_lines(&self.dir.join("timeline.jsonl"))
+    }
+}
+
+/// Runs `hypervisor-shim run` with `args` (run flags, then optionally `--` and the guest's
+/// arguments), adding `--summary`, `--timeline` and a 120 s `--timeout` in front of the `--`.
+pub fn run_traced(name: &str, args: &[&str]) -> Traced {
+    let dir = temp_dir(name);
+    let (summary, timeline) = (dir.join("summary.json"), dir.join("timeline.jsonl"));
+    let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+    let (flags, guest) = args.split_at(split);
+    let mut all = vec!["run"];
+    all.extend_from_slice(flags);
+    all.extend([
+        "--summary",
+        summary.to_str().expect("UTF-8 temp path"),
+        "--timeline",
+        timeline.to_str().expect("UTF-8 temp path"),
+        "--timeout",
+        "120",
+    ]);
+    all.extend_from_slice(guest);
+    Traced { run: shim(&all), dir }
+}
+
+/// Reads a JSON-lines file.
+pub fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}")))
+        .collect()
+}
