@@ -192,48 +192,58 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     report.add("process_spawn_floor_us", floor, 1.0);
 
     // vCPU figures, measured inside the guest (several boots: each gives burst-1 fresh ups).
-    let mut vcpu = std::collections::BTreeMap::new();
-    for _ in 0..vcpu_boots {
-        progress(&bar, "vCPU figures");
-        guest_samples(
-            opts,
-            &["run", "--app", "vcpu-bench", "--vcpus", "1:8:8", "--timeout", "60", "--", "50"],
-            &mut vcpu,
-        )?;
-    }
-    let mut take = |k: &str| vcpu.remove(k).unwrap_or_default();
-    report.add("hypercall_rtt_ns", take("hypercall_rtt_ns"), 1.0);
-    report.add("bare_pio_exit_rtt_ns", take("bare_pio_exit_rtt_ns"), 1.0);
-    report.add("vcpu_up_fresh_us", take("vcpu_up_fresh_ns"), 1e-3);
-    report.add("vcpu_up_reused_us", take("vcpu_up_reused_ns"), 1e-3);
-    report.add("vcpu_down_us", take("vcpu_down_ns"), 1e-3);
-    report.add("kick_wake_us", take("kick_wake_ns"), 1e-3);
+    let vcpu_args = ["run", "--app", "vcpu-bench", "--vcpus", "1:8:8", "--timeout", "60", "--", "50"];
+    let vcpu_keys = [
+        ("hypercall_rtt_ns", "hypercall_rtt_ns", 1.0),
+        ("bare_pio_exit_rtt_ns", "bare_pio_exit_rtt_ns", 1.0),
+        ("vcpu_up_fresh_ns", "vcpu_up_fresh_us", 1e-3),
+        ("vcpu_up_reused_ns", "vcpu_up_reused_us", 1e-3),
+        ("vcpu_down_ns", "vcpu_down_us", 1e-3),
+        ("kick_wake_ns", "kick_wake_us", 1e-3),
+    ];
+    add_guest_figures(opts, &bar, "vCPU figures", vcpu_boots, &vcpu_args, &vcpu_keys, &mut report)?;
     if let (Some(h), Some(f)) = (report.get("hypercall_rtt_ns"), report.get("bare_pio_exit_rtt_ns")) {
         report.figures.insert("hypercall_over_exit".into(), h / f);
     }
 
     // Memory figures, measured inside the guest, and the host floor in this same run.
-    let mut mem = std::collections::BTreeMap::new();
-    for _ in 0..mem_boots {
-        progress(&bar, "memory figures");
-        guest_samples(
-            opts,
-            &["run", "--app", "mem-bench", "--memory", "64M:2G:2G", "--timeout", "120", "--", "5"],
-            &mut mem,
-        )?;
-    }
-    let mut take = |k: &str| mem.remove(k).unwrap_or_default();
-    report.add("mem_grant_2m_us", take("mem_grant_2m_ns"), 1e-3);
-    report.add("mem_grant_64m_us", take("mem_grant_64m_ns"), 1e-3);
-    report.add("mem_grant_1g_us", take("mem_grant_1g_ns"), 1e-3);
-    report.add("mem_touch_1g_us", take("mem_touch_1g_ns"), 1e-3);
-    report.add("mem_release_1g_us", take("mem_release_1g_ns"), 1e-3);
+    let mem_args = ["run", "--app", "mem-bench", "--memory", "64M:2G:2G", "--timeout", "120", "--", "5"];
+    let mem_keys = [
+        ("mem_grant_2m_ns", "mem_grant_2m_us", 1e-3),
+        ("mem_grant_64m_ns", "mem_grant_64m_us", 1e-3),
+        ("mem_grant_1g_ns", "mem_grant_1g_us", 1e-3),
+        ("mem_touch_1g_ns", "mem_touch_1g_us", 1e-3),
+        ("mem_release_1g_ns", "mem_release_1g_us", 1e-3),
+    ];
+    add_guest_figures(opts, &bar, "memory figures", mem_boots, &mem_args, &mem_keys, &mut report)?;
     progress(&bar, "memslot floor");
     report.add("memslot_floor_1g_us", memslot_floor(20)?, 1.0);
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     Ok(report)
+}
+
+/// Boots the shim with `args` `boots` times, pools the samples the guests printed and adds
+/// each `(guest key, report key, scale)` of `keys` to `report` as a median.
+fn add_guest_figures(
+    opts: &BenchOptions,
+    bar: &Option<indicatif::ProgressBar>,
+    what: &str,
+    boots: usize,
+    args: &[&str],
+    keys: &[(&str, &str, f64)],
+    report: &mut BenchReport,
+) -> Result<(), BenchError> {
+    let mut samples = std::collections::BTreeMap::new();
+    for _ in 0..boots {
+        progress(bar, what);
+        guest_samples(opts, args, &mut samples)?;
+    }
+    for (guest_key, report_key, scale) in keys {
+        report.add(report_key, samples.remove(*guest_key).unwrap_or_default(), *scale);
+    }
+    Ok(())
 }
 
 /// The host floor for a 1 GiB grant: a bare anonymous mmap plus KVM_SET_USER_MEMORY_REGION
