@@ -85,20 +85,21 @@ fn unknown_service_is_a_clean_guest_error() {
 }
 
 /// Copies the kernel with `edit` applied to the bytes of its ABI note.
-fn kernel_with_patched_note(name: &str, edit: impl Fn(&mut [u8])) -> std::path::PathBuf {
+fn kernel_with_patched_note(name: &str, edit: impl Fn(&mut [u8])) -> (TempDir, std::path::PathBuf) {
     let mut bytes = std::fs::read(kernel_image()).expect("kernel image");
     let needle = b"ELASTIC\0";
     let at = bytes.windows(needle.len()).position(|w| w == needle).expect("the kernel carries the ABI note");
     // The note is namesz(4) descsz(4) type(4) name(8) desc(8): `at` points at the name.
     edit(&mut bytes[at - 12..at + 16]);
-    let path = temp_dir(name).join("kernel");
+    let dir = temp_dir(name);
+    let path = dir.join("kernel");
     std::fs::write(&path, bytes).unwrap();
-    path
+    (dir, path)
 }
 
 #[test]
 fn image_without_the_abi_note_is_refused_before_any_vm() {
-    let k = kernel_with_patched_note("no-note", |note| note[12..19].copy_from_slice(b"NOTELAS"));
+    let (_dir, k) = kernel_with_patched_note("no-note", |note| note[12..19].copy_from_slice(b"NOTELAS"));
     let r = shim(&["run", "--kernel", k.to_str().unwrap(), "--timeout", "60"]);
     r.expect_code(65);
     assert_eq!(r.stderr.lines().count(), 1, "one-line reason: {}", r.stderr);
@@ -108,7 +109,7 @@ fn image_without_the_abi_note_is_refused_before_any_vm() {
 
 #[test]
 fn image_with_another_abi_version_is_refused() {
-    let k = kernel_with_patched_note("v7", |note| note[20..24].copy_from_slice(&7u32.to_le_bytes()));
+    let (_dir, k) = kernel_with_patched_note("v7", |note| note[20..24].copy_from_slice(&7u32.to_le_bytes()));
     let r = shim(&["run", "--kernel", k.to_str().unwrap(), "--timeout", "60"]);
     r.expect_code(65);
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
@@ -127,6 +128,15 @@ fn bad_flags_and_paths_get_one_line_errors() {
         (&["--kernel", "/nonexistent/kernel"][..], 66, "cannot read kernel image"),
         (&["--app", "two words"][..], 64, "service name"),
         (&["--", "an arg"][..], 64, "contains whitespace"),
+        (&["--guest-opt", "vcpu.nope=1"][..], 64, "unknown kernel option 'vcpu.nope'"),
+        (&["--guest-opt", "vcpu.down_ms=soon"][..], 64, "the value must be whole milliseconds"),
+        (&["--log", "loud"][..], 64, "'loud' is not a log level"),
+        (&["--vcpus", "1:65:65"][..], 64, "burst at most 64"),
+        (&["--timeout", "-1"][..], 64, "--timeout"),
+        (&["--burst-budget", "-1"][..], 64, "--burst-budget"),
+        (&["--summary", "/nonexistent/dir/s.json"][..], 64, "--summary /nonexistent/dir/s.json: directory"),
+        (&["--plot", "/"][..], 64, "--plot /: is a directory"),
+        (&["--timeline", "/nonexistent/t.jsonl"][..], 64, "--timeline"),
     ] {
         let r = shim(args);
         assert_eq!(r.code, Some(code), "{args:?}: {}", r.stderr);
@@ -138,21 +148,114 @@ fn bad_flags_and_paths_get_one_line_errors() {
 
 #[test]
 fn hello_boots_under_qemu() {
-    if !qemu_installed() {
-        println!("skipped: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+    if !qemu_available() {
         return;
     }
     let r = shim(&["qemu", "--app", "hello", "--timeout", "120"]);
     r.expect_code(0);
     assert!(r.stdout.contains(BANNER), "{}", r.stdout);
     assert!(r.stdout.contains("platform : QEMU"), "{}", r.stdout);
-    assert!(r.stderr.contains("[qemu] accelerator:"), "{}", r.stderr);
+    let accel =
+        r.stderr.lines().find(|l| l.starts_with("[qemu] accelerator:")).unwrap_or_else(|| panic!("{}", r.stderr));
+    let tsc = r.stdout.lines().find(|l| l.contains("TSC      :")).unwrap_or_else(|| panic!("{}", r.stdout));
+    if accel.contains("KVM (") {
+        // Under KVM the kernel reads the real frequency (hypervisor leaf or CPUID 0x15/0x16).
+        assert!(tsc.contains("from CPUID leaf"), "{tsc}");
+    } else {
+        // A host where QEMU cannot use KVM must say why on the accelerator line.
+        assert!(accel.contains("TCG (software emulation; "), "{accel}");
+    }
+}
+
+/// Writes a fake `qemu-system-x86_64` that fails the way QEMU fails on some AMD hosts when
+/// started with KVM (an MSR it cannot set, then an abort) and runs the real QEMU otherwise.
+fn qemu_failing_with_kvm(dir: &std::path::Path) -> std::path::PathBuf {
+    let real = String::from_utf8(
+        std::process::Command::new("sh").args(["-c", "command -v qemu-system-x86_64"]).output().unwrap().stdout,
+    )
+    .unwrap();
+    let path = dir.join("qemu-failing-kvm");
+    let script = format!(
+        "#!/bin/sh\ncase \"$*\" in *\"-accel kvm\"*) echo 'qemu-system-x86_64: error: failed to set MSR 0x10a to 0x2000c6b' >&2; kill -ABRT $$;; esac\nexec {} \"$@\"\n",
+        real.trim()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::process::Command::new("chmod").arg("+x").arg(&path).status().unwrap();
+    path
+}
+
+#[test]
+fn qemu_falls_back_to_tcg_when_kvm_fails_at_start_and_says_why() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = temp_dir("qemu-fallback");
+    let fake = qemu_failing_with_kvm(&dir);
+    let r = shim(&["qemu", "--qemu", fake.to_str().unwrap(), "--app", "hello", "--timeout", "120"]);
+    r.expect_code(0);
+    assert!(r.stdout.contains(BANNER), "{}", r.stdout);
+    let accel =
+        r.stderr.lines().find(|l| l.starts_with("[qemu] accelerator:")).unwrap_or_else(|| panic!("{}", r.stderr));
+    assert!(accel.contains("TCG (software emulation; KVM failed at start: "), "{accel}");
+    assert!(accel.contains("failed to set MSR 0x10a"), "{accel}");
+    // Asked for explicitly, KVM's failure is a one-line error.
+    let r = shim(&["qemu", "--qemu", fake.to_str().unwrap(), "--accel", "kvm", "--app", "hello", "--timeout", "60"]);
+    r.expect_code(69);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("failed to set MSR 0x10a"), "{}", r.stderr);
+}
+
+/// The pids of `pid`'s child processes.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    out
+}
+
+/// Whether process `pid` still exists (and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+}
+
+#[test]
+fn qemu_dies_with_the_shim() {
+    if !qemu_available() {
+        return;
+    }
+    for signal in ["TERM", "KILL"] {
+        let mut child = std::process::Command::new(SHIM)
+            .args(["qemu", "--app", "spin", "--timeout", "120", "--", "100000000000000"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let qemu = loop {
+            if let Some(&q) = children_of(child.id()).first() {
+                break q;
+            }
+            assert!(std::time::Instant::now() < deadline, "QEMU never started");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let status = std::process::Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status();
+        assert!(status.unwrap().success());
+        let _ = child.wait();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while alive(qemu) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(!alive(qemu), "QEMU (pid {qemu}) outlived the shim killed with SIG{signal}");
+    }
 }
 
 #[test]
 fn qemu_maps_panics_and_faults_to_the_same_codes() {
-    if !qemu_installed() {
-        println!("skipped: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+    if !qemu_available() {
         return;
     }
     let r = shim(&["qemu", "--app", "panic", "--timeout", "120"]);

@@ -6,7 +6,8 @@ use common::*;
 
 #[test]
 fn an_exhausted_burst_credit_triggers_a_reclaim_the_guest_answers_and_the_plot_shows_it() {
-    let p = temp_dir("credit-plot").join("p.svg");
+    let plot_dir = temp_dir("credit-plot");
+    let p = plot_dir.join("p.svg");
     let t = run_traced(
         "credit",
         &["--app", "cpu-burst", "--vcpus", "1:2:4", "--burst-budget", "1", "--plot", p.to_str().unwrap()],

@@ -26,11 +26,13 @@ pub mod args;
 pub mod boot;
 pub mod note;
 pub mod notice_page;
+pub mod options;
 
 pub use args::*;
 pub use boot::*;
 pub use note::*;
 pub use notice_page::*;
+pub use options::*;
 
 /// Version of this ABI. The kernel declares it in its ELF note ([`note::AbiNote`]); the shim
 /// refuses, before creating a VM, any image whose note is missing or carries another version.

@@ -65,6 +65,82 @@ impl AbiNote {
     }
 }
 
+/// The note type of the service list: ASCII "SVC1" read as a little-endian `u32`.
+pub const NT_ELASTIC_SERVICES: u32 = u32::from_le_bytes(*b"SVC1");
+
+/// Size of the service list's descriptor: service names, each followed by a NUL, then zero
+/// padding.
+pub const SERVICE_LIST_SIZE: usize = 1024;
+
+/// A note listing the services an image offers (names for `--app`), so the shim can refuse an
+/// unknown service, and list the known ones, before it creates a VM. Same section as the ABI
+/// note.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C, align(4))]
+pub struct ServiceListNote {
+    /// Length of the name including its NUL: 8.
+    pub namesz: u32,
+    /// Length of the descriptor: [`SERVICE_LIST_SIZE`].
+    pub descsz: u32,
+    /// [`NT_ELASTIC_SERVICES`].
+    pub n_type: u32,
+    /// [`ABI_NOTE_NAME`].
+    pub name: [u8; 8],
+    /// NUL-terminated names, then zeros.
+    pub desc: [u8; SERVICE_LIST_SIZE],
+}
+
+const _: () = assert!(size_of::<ServiceListNote>() == 20 + SERVICE_LIST_SIZE);
+const _: () = assert!(SERVICE_LIST_SIZE.is_multiple_of(4));
+
+impl ServiceListNote {
+    /// The note for `names`. Fails to compile (in a const) when the names do not fit, are
+    /// empty or contain a NUL.
+    pub const fn new(names: &[&str]) -> Self {
+        let mut desc = [0u8; SERVICE_LIST_SIZE];
+        let mut at = 0;
+        let mut i = 0;
+        while i < names.len() {
+            let n = names[i].as_bytes();
+            assert!(!n.is_empty(), "a service name is empty");
+            assert!(at + n.len() < SERVICE_LIST_SIZE, "the service names do not fit the service list note");
+            let mut j = 0;
+            while j < n.len() {
+                assert!(n[j] != 0, "a service name contains a NUL");
+                desc[at] = n[j];
+                at += 1;
+                j += 1;
+            }
+            at += 1; // the NUL
+            i += 1;
+        }
+        ServiceListNote {
+            namesz: 8,
+            descsz: SERVICE_LIST_SIZE as u32,
+            n_type: NT_ELASTIC_SERVICES,
+            name: ABI_NOTE_NAME,
+            desc,
+        }
+    }
+
+    /// The names in a service list descriptor (`desc`), in order. Stops at the first empty
+    /// name; bytes that are not UTF-8 end the list.
+    pub fn names(desc: &[u8]) -> impl Iterator<Item = &str> {
+        desc.split(|&b| b == 0).take_while(|n| !n.is_empty()).map_while(|n| core::str::from_utf8(n).ok())
+    }
+}
+
+/// Emits the service-list note for `names` (an expression of type `&[&str]` usable in a const)
+/// into the calling crate's image.
+#[macro_export]
+macro_rules! declare_service_list {
+    ($names:expr) => {
+        #[used]
+        #[unsafe(link_section = ".note.elastic.abi")]
+        static ELASTIC_SERVICE_LIST: $crate::note::ServiceListNote = $crate::note::ServiceListNote::new($names);
+    };
+}
+
 /// Emits the ABI note into the calling crate's image. Use once, in the kernel.
 #[macro_export]
 macro_rules! declare_abi_note {

@@ -129,6 +129,23 @@ fn boot_once(opts: &BenchOptions, summary: &Path) -> Result<(f64, f64), BenchErr
     Ok((boot, from_spawn))
 }
 
+/// Time from spawning the shim with `args` to reaping it, in µs (output discarded; a failed
+/// run is an error). `with_kernel` adds `--kernel`.
+fn process_us(opts: &BenchOptions, args: &[&str], with_kernel: bool) -> Result<f64, BenchError> {
+    let mut cmd = Command::new(&opts.shim);
+    cmd.args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    if with_kernel {
+        cmd.arg("--kernel").arg(&opts.kernel);
+    }
+    let t = Instant::now();
+    let status = cmd.status().map_err(|e| BenchError::Spawn(opts.shim.clone(), e))?;
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    if !status.success() {
+        return Err(BenchError::RunFailed { code: status.code(), stderr: format!("{args:?} failed") });
+    }
+    Ok(us)
+}
+
 /// Runs the shim with `args` and returns its standard output (failing on a non-zero exit).
 fn run_shim(opts: &BenchOptions, args: &[&str]) -> Result<String, BenchError> {
     let out = Command::new(&opts.shim)
@@ -176,20 +193,25 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let vcpu_boots = opts.runs.div_ceil(4).max(3);
     let mem_boots = opts.runs.div_ceil(10).max(2);
     let bar = progress_bar((opts.runs + vcpu_boots + mem_boots + 1) as u64);
-    let (mut boots, mut from_spawn, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut boots, mut from_spawn, mut floor, mut whole) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..opts.runs {
         progress(&bar, "boot");
         let (b, s) = boot_once(opts, &summary)?;
         boots.push(b);
         from_spawn.push(s);
-        let t = Instant::now();
-        Command::new(&opts.shim).arg("--version").output().map_err(|e| BenchError::Spawn(opts.shim.clone(), e))?;
-        floor.push(t.elapsed().as_secs_f64() * 1e6);
+        // The floor: spawn -> reap of a run that only prints its version.
+        floor.push(process_us(opts, &["--version"], false)?);
+        // A whole hello run, spawn -> reap, as a user or a script sees it.
+        whole.push(process_us(opts, &["run", "--app", "hello", "--timeout", "30"], true)?);
     }
     let _ = std::fs::remove_dir_all(&dir);
     report.add("boot_us", boots, 1.0);
     report.add("boot_from_spawn_us", from_spawn, 1.0);
-    report.add("process_spawn_floor_us", floor, 1.0);
+    report.add("spawn_floor_us", floor, 1.0);
+    report.add("hello_process_us", whole, 1.0);
+    if let (Some(h), Some(f)) = (report.get("hello_process_us"), report.get("spawn_floor_us")) {
+        report.figures.insert("hello_process_over_floor".into(), h / f);
+    }
 
     // vCPU figures, measured inside the guest (several boots: each gives burst-1 fresh ups).
     let vcpu_args = ["run", "--app", "vcpu-bench", "--vcpus", "1:8:8", "--timeout", "60", "--", "50"];

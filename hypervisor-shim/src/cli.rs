@@ -80,10 +80,10 @@ struct GuestArgs {
     #[arg(long, value_name = "NAME", default_value = "hello")]
     app: String,
     /// Guest log level: off, error, warn, info, debug or trace.
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_log_arg)]
     log: String,
     /// Stop the run after this many seconds (exit code 76).
-    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Option<Duration>,
     /// Arguments for the service (after `--`).
     #[arg(last = true, value_name = "ARGS")]
@@ -107,14 +107,17 @@ struct RunArgs {
     /// Record vCPUs and memory held over time, one JSON line per change and per REPORT.
     #[arg(long, value_name = "FILE.jsonl")]
     timeline: Option<PathBuf>,
-    /// Extra kernel option KEY=VALUE (repeatable), e.g. vcpu.up_load=2 (see README).
-    #[arg(long = "guest-opt", value_name = "KEY=VALUE", value_parser = parse_guest_opt)]
+    /// Kernel option KEY=VALUE (repeatable), e.g. vcpu.up_load=2; unknown keys and bad
+    /// values are refused (see README for the list).
+    #[arg(long = "guest-opt", value_name = "KEY=VALUE", value_parser = parse_guest_opt_arg)]
     guest_opts: Vec<(String, String)>,
     /// Burst credit cap: vCPU-seconds[:GiB-seconds] (one value sets both).
-    #[arg(long, value_name = "VCPU_S[:GIB_S]", default_value = "10", value_parser = parse_credit_arg)]
+    #[arg(long, value_name = "VCPU_S[:GIB_S]", default_value = "10", value_parser = parse_credit_arg,
+          allow_negative_numbers = true)]
     burst_budget: [f64; 2],
     /// Burst credit refill per second while at or below max: vCPU-seconds[:GiB-seconds].
-    #[arg(long, value_name = "VCPU_S[:GIB_S]", default_value = "1", value_parser = parse_credit_arg)]
+    #[arg(long, value_name = "VCPU_S[:GIB_S]", default_value = "1", value_parser = parse_credit_arg,
+          allow_negative_numbers = true)]
     burst_refill: [f64; 2],
     /// Time a VM has to come down to max after a reclaim notice (e.g. 200ms, 1s).
     #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration_arg)]
@@ -174,18 +177,22 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
 
-fn parse_guest_opt(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v))
-            if !k.is_empty()
-                && !v.is_empty()
-                && !s.chars().any(|c| c.is_whitespace() || c.is_control())
-                && k != "app" =>
-        {
-            Ok((k.to_string(), v.to_string()))
+fn parse_guest_opt_arg(s: &str) -> Result<(String, String), String> {
+    crate::config::parse_guest_opt(s).map_err(|e| e.to_string())
+}
+
+fn parse_log_arg(s: &str) -> Result<String, String> {
+    crate::config::parse_log_level(s).map_err(|e| e.to_string())
+}
+
+/// Checks every output path a command names before any work starts.
+fn check_outputs(outputs: &[(&str, &Option<PathBuf>)]) -> Result<(), crate::config::ConfigError> {
+    for (flag, path) in outputs {
+        if let Some(p) = path {
+            crate::config::check_output_path(flag, p)?;
         }
-        _ => Err(format!("'{s}' is not KEY=VALUE without spaces (and 'app' is set with --app)")),
     }
+    Ok(())
 }
 
 #[derive(Debug, Args, Clone)]
@@ -259,6 +266,11 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
 }
 
 fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
+    if let Err(e) =
+        check_outputs(&[("--summary", &args.summary), ("--timeline", &args.timeline), ("--plot", &args.plot)])
+    {
+        return fail(exit::USAGE, e);
+    }
     let config = VmConfig {
         name: "vm0".into(),
         guest_opts: args.guest_opts.clone(),
@@ -364,6 +376,11 @@ pub fn pool_summary(result: &RunResult, started_monotonic_ns: u64) -> PoolSummar
 }
 
 fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
+    if let Err(e) =
+        check_outputs(&[("--summary", &args.summary), ("--timeline", &args.timeline), ("--plot", &args.plot)])
+    {
+        return fail(exit::USAGE, e);
+    }
     let config = match crate::pool_config::load(&args.config, std::path::Path::new(BUILT_KERNEL)) {
         Ok(c) => c,
         Err(e) => return fail(exit::USAGE, e),
@@ -428,6 +445,9 @@ fn run_stress(args: StressArgs) -> ExitCode {
 }
 
 fn run_bench(args: BenchArgs) -> ExitCode {
+    if let Err(e) = check_outputs(&[("--out", &Some(args.out.clone()))]) {
+        return fail(exit::USAGE, e);
+    }
     let shim = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => return fail(exit::INTERNAL, format_args!("cannot find this program's path: {e}")),

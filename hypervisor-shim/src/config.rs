@@ -56,6 +56,43 @@ pub enum ConfigError {
     /// A duration could not be parsed.
     #[error("'{0}' is not a duration (examples: 200ms, 0.5s, 2s; a bare number is milliseconds)")]
     BadDuration(String),
+    /// A kernel option is not `KEY=VALUE`.
+    #[error("'{0}' is not KEY=VALUE without spaces")]
+    BadGuestOpt(String),
+    /// `app` given as a kernel option.
+    #[error("the service is chosen with --app (or `app` in a pool file), not as a kernel option")]
+    GuestOptApp,
+    /// An unknown kernel option.
+    #[error("unknown kernel option '{key}' (known: {known})")]
+    UnknownGuestOpt {
+        /// The key given.
+        key: String,
+        /// The known keys.
+        known: String,
+    },
+    /// A kernel option with an invalid value.
+    #[error("kernel option {key}={value}: the value must be {expected}")]
+    BadGuestOptValue {
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What it must look like.
+        expected: &'static str,
+    },
+    /// An unknown guest log level.
+    #[error("'{0}' is not a log level (off, error, warn, info, debug, trace)")]
+    BadLogLevel(String),
+    /// An output file that cannot be written.
+    #[error("{flag} {path}: {problem}")]
+    Output {
+        /// The flag that named it.
+        flag: String,
+        /// The path.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 /// One resource's `min <= max <= burst` policy.
@@ -159,8 +196,9 @@ pub fn parse_memory_policy(text: &str) -> Result<Policy, ConfigError> {
             return Err(range(format!("{} is not a multiple of 2M", format_size(v))));
         }
     }
-    let window = crate::layout::window_base(p.min) + (p.burst - p.min);
-    if window > MAX_GUEST_PHYS {
+    let too_large = p.burst > MAX_GUEST_PHYS
+        || crate::layout::window_base(p.min).checked_add(p.burst - p.min).is_none_or(|end| end > MAX_GUEST_PHYS);
+    if too_large {
         return Err(range(format!(
             "burst is too large (guest-physical space ends at {})",
             format_size(MAX_GUEST_PHYS)
@@ -198,6 +236,69 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, ConfigError> {
         return Err(bad());
     }
     Ok(std::time::Duration::from_secs_f64(v * scale))
+}
+
+/// Parses a `--guest-opt` `KEY=VALUE`: the key must be a kernel option
+/// ([`hypercall_abi::KERNEL_OPTIONS`]) and the value valid for it.
+pub fn parse_guest_opt(text: &str) -> Result<(String, String), ConfigError> {
+    let Some((key, value)) = text.split_once('=') else {
+        return Err(ConfigError::BadGuestOpt(text.to_string()));
+    };
+    if key.is_empty() || value.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::BadGuestOpt(text.to_string()));
+    }
+    if key == "app" {
+        return Err(ConfigError::GuestOptApp);
+    }
+    let Some(option) = hypercall_abi::find_option(key) else {
+        let known: Vec<&str> = hypercall_abi::KERNEL_OPTIONS.iter().map(|o| o.key).collect();
+        return Err(ConfigError::UnknownGuestOpt { key: key.to_string(), known: known.join(", ") });
+    };
+    if !option.kind.accepts(value) {
+        return Err(ConfigError::BadGuestOptValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            expected: option.kind.describe(),
+        });
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// Parses a guest log level.
+pub fn parse_log_level(text: &str) -> Result<String, ConfigError> {
+    if hypercall_abi::LOG_LEVELS.contains(&text) {
+        Ok(text.to_string())
+    } else {
+        Err(ConfigError::BadLogLevel(text.to_string()))
+    }
+}
+
+/// Checks, before any work starts, that `path` (given with `flag`) can be written: it is not a
+/// directory, its directory exists, and a file can be created there. A file this check
+/// creates is removed again.
+pub fn check_output_path(flag: &str, path: &std::path::Path) -> Result<(), ConfigError> {
+    let bad =
+        |problem: String| ConfigError::Output { flag: flag.to_string(), path: path.display().to_string(), problem };
+    if path.is_dir() {
+        return Err(bad("is a directory".into()));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(bad(format!("directory {} does not exist", parent.display())));
+    }
+    let existed = path.exists();
+    match std::fs::OpenOptions::new().append(true).create(true).open(path) {
+        Ok(_) => {
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(())
+        }
+        Err(e) => Err(bad(format!("cannot be written: {e}"))),
+    }
 }
 
 /// Builds the kernel command line `app=NAME [key=value...] -- ARGS...`.
@@ -263,6 +364,9 @@ mod tests {
         assert!(matches!(parse_memory_policy("65M"), Err(ConfigError::MemoryRange { .. })));
         assert!(matches!(parse_memory_policy("64M:32M"), Err(ConfigError::Unordered { .. })));
         assert!(matches!(parse_memory_policy("64M:64M:1000G"), Err(ConfigError::MemoryRange { .. })));
+        // Sizes near the top of u64 are refused, never overflow.
+        assert!(matches!(parse_memory_policy("17592186044414M"), Err(ConfigError::MemoryRange { .. })));
+        assert!(parse_memory_policy("64M:64M:17592186044414M").is_err());
     }
 
     #[test]
@@ -276,6 +380,30 @@ mod tests {
         assert_eq!(parse_duration("150"), Ok(std::time::Duration::from_millis(150)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-5ms").is_err());
+    }
+
+    #[test]
+    fn guest_options_and_log_levels() {
+        assert_eq!(parse_guest_opt("vcpu.down_ms=10"), Ok(("vcpu.down_ms".into(), "10".into())));
+        assert!(matches!(parse_guest_opt("vcpu.down_mss=10"), Err(ConfigError::UnknownGuestOpt { .. })));
+        assert!(matches!(parse_guest_opt("vcpu.down_ms=soon"), Err(ConfigError::BadGuestOptValue { .. })));
+        assert!(matches!(parse_guest_opt("vcpu.up_load=1.234"), Err(ConfigError::BadGuestOptValue { .. })));
+        assert!(matches!(parse_guest_opt("novalue"), Err(ConfigError::BadGuestOpt(_))));
+        assert!(matches!(parse_guest_opt("app=hello"), Err(ConfigError::GuestOptApp)));
+        assert_eq!(parse_log_level("debug"), Ok("debug".into()));
+        assert!(parse_log_level("loud").is_err());
+    }
+
+    #[test]
+    fn output_paths_are_checked_without_leaving_files() {
+        let dir = std::env::temp_dir().join(format!("shim-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = dir.join("s.json");
+        assert_eq!(check_output_path("--summary", &ok), Ok(()));
+        assert!(!ok.exists(), "the check leaves no file behind");
+        assert!(check_output_path("--summary", &dir).is_err(), "a directory");
+        assert!(check_output_path("--summary", &dir.join("no/such/dir/s.json")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -345,7 +345,11 @@ impl Governor {
             .spawn(move || {
                 let mut last_credit_line = Duration::ZERO;
                 while !stop2.load(Ordering::Acquire) {
-                    std::thread::sleep(TICK);
+                    // `stop` unparks the thread, so the run's end never waits for a tick.
+                    std::thread::park_timeout(TICK);
+                    if stop2.load(Ordering::Acquire) {
+                        break;
+                    }
                     let now = started.elapsed();
                     let credit_line = now.saturating_sub(last_credit_line) >= Duration::from_millis(100);
                     for vm in vms.iter().filter(|vm| !vm.is_stopping()) {
@@ -372,6 +376,7 @@ impl Governor {
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(h) = self.handle.take() {
+            h.thread().unpark();
             let _ = h.join();
         }
     }

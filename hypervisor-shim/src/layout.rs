@@ -22,8 +22,9 @@
 
 use hypercall_abi::{BOOT_INFO_ADDR, CMDLINE_ADDR, NOTICE_ADDR};
 
-/// Most vCPUs a VM may have (GDT, TSS and CPL-0 stack space is reserved for this many).
-pub const MAX_VCPUS: u32 = 128;
+/// Most vCPUs a VM may have (the ABI's limit; GDT, TSS and CPL-0 stack space is reserved for
+/// this many).
+pub const MAX_VCPUS: u32 = hypercall_abi::MAX_VCPUS;
 
 /// GDT.
 pub const GDT_ADDR: u64 = 0x1000;

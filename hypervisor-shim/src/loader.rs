@@ -180,6 +180,16 @@ impl KernelImage {
         Ok(KernelImage { path: path.to_path_buf(), entry, start, end, abi_version, segments, bytes, symbols })
     }
 
+    /// Whether the image carries the Xen PVH entry note (name "Xen", type 18) that QEMU's
+    /// `-kernel` loader needs.
+    pub fn has_pvh_note(&self) -> bool {
+        const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+        Elf::parse(&self.bytes)
+            .ok()
+            .and_then(|elf| elf.iter_note_headers(&self.bytes))
+            .is_some_and(|notes| notes.flatten().any(|n| n.n_type == XEN_ELFNOTE_PHYS32_ENTRY && n.name == "Xen"))
+    }
+
     /// The loadable segments, sorted by address.
     pub fn segments(&self) -> &[Segment] {
         &self.segments

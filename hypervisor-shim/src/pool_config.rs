@@ -27,16 +27,18 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use thiserror::Error;
+use toml::Spanned;
 
 use crate::config::{
-    ConfigError, Policy, parse_credit, parse_duration, parse_memory_policy, parse_size, parse_vcpu_policy,
+    ConfigError, Policy, parse_credit, parse_duration, parse_guest_opt, parse_log_level, parse_memory_policy,
+    parse_size, parse_vcpu_policy,
 };
 use crate::governor::{OnViolation, PolicyConfig};
 use crate::pool::Capacity;
 use crate::run::VmSpec;
 use crate::vm::VmConfig;
 
-/// Why a pool configuration was refused. One line, naming the file and the field.
+/// Why a pool configuration was refused. One line, naming the file, the line and the field.
 #[derive(Debug, Error)]
 pub enum PoolConfigError {
     /// The file could not be read.
@@ -48,28 +50,34 @@ pub enum PoolConfigError {
         source: std::io::Error,
     },
     /// The TOML is malformed or has unknown or missing fields.
-    #[error("{path}: {message}")]
+    #[error("{path}:{line}: {message}")]
     Syntax {
         /// The file.
         path: String,
+        /// The line (1-based; 0 when the parser gives no position).
+        line: usize,
         /// The parser's message (first line).
         message: String,
     },
     /// A value is invalid.
-    #[error("{path}: {place}: {source}")]
+    #[error("{path}:{line}: {place}: {source}")]
     Value {
         /// The file.
         path: String,
+        /// The line of the value.
+        line: usize,
         /// Where (e.g. `vm 'web': vcpus`).
         place: String,
         /// What is wrong.
-        source: ConfigError,
+        source: Box<ConfigError>,
     },
     /// Something else is inconsistent.
-    #[error("{path}: {message}")]
+    #[error("{path}:{line}: {message}")]
     Invalid {
         /// The file.
         path: String,
+        /// The line it concerns.
+        line: usize,
         /// What.
         message: String,
     },
@@ -78,37 +86,37 @@ pub enum PoolConfigError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    pool: PoolSection,
+    pool: Spanned<PoolSection>,
     #[serde(default)]
-    vm: Vec<VmSection>,
+    vm: Vec<Spanned<VmSection>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PoolSection {
-    vcpus: u64,
-    memory: String,
-    timeout: Option<String>,
+    vcpus: Spanned<u64>,
+    memory: Spanned<String>,
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VmSection {
-    name: String,
-    app: String,
+    name: Spanned<String>,
+    app: Spanned<String>,
     #[serde(default)]
     args: Vec<String>,
-    vcpus: String,
-    memory: String,
+    vcpus: Spanned<String>,
+    memory: Spanned<String>,
     weight: Option<u64>,
-    burst_budget: Option<String>,
-    burst_refill: Option<String>,
-    reclaim_grace: Option<String>,
+    burst_budget: Option<Spanned<String>>,
+    burst_refill: Option<Spanned<String>>,
+    reclaim_grace: Option<Spanned<String>>,
     on_violation: Option<OnViolation>,
     #[serde(default)]
-    guest_opts: Vec<String>,
-    expect_exit: Option<u8>,
-    log: Option<String>,
+    guest_opts: Vec<Spanned<String>>,
+    expect_exit: Option<Spanned<u8>>,
+    log: Option<Spanned<String>>,
     kernel: Option<PathBuf>,
 }
 
@@ -121,6 +129,8 @@ pub struct PoolConfig {
     pub vms: Vec<VmSpec>,
     /// Optional run timeout.
     pub timeout: Option<std::time::Duration>,
+    /// The line of each VM's `[[vm]]` table, in the same order (for later errors).
+    pub vm_lines: Vec<usize>,
 }
 
 /// Reads and validates `path`; `default_kernel` is used for VMs that name none.
@@ -130,68 +140,97 @@ pub fn load(path: &Path, default_kernel: &Path) -> Result<PoolConfig, PoolConfig
     parse(&text, &path.display().to_string(), default_kernel)
 }
 
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
 /// Parses configuration `text` (from `origin`).
 pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConfig, PoolConfigError> {
     let file: File = toml::from_str(text).map_err(|e| PoolConfigError::Syntax {
         path: origin.to_string(),
+        line: e.span().map_or(0, |s| line_of(text, s.start)),
         message: e.message().lines().next().unwrap_or("invalid TOML").to_string(),
     })?;
-    let value = |place: String, source: ConfigError| PoolConfigError::Value { path: origin.to_string(), place, source };
-    let invalid = |message: String| PoolConfigError::Invalid { path: origin.to_string(), message };
-    let memory = parse_size(&file.pool.memory).map_err(|e| value("pool: memory".into(), e))?;
-    let timeout =
-        file.pool.timeout.as_deref().map(parse_duration).transpose().map_err(|e| value("pool: timeout".into(), e))?;
-    if file.pool.vcpus == 0 {
-        return Err(invalid("pool: vcpus must be at least 1".into()));
+    let line = |span: std::ops::Range<usize>| line_of(text, span.start);
+    let value = |span: std::ops::Range<usize>, place: String, source: ConfigError| PoolConfigError::Value {
+        path: origin.to_string(),
+        line: line(span),
+        place,
+        source: Box::new(source),
+    };
+    let invalid = |span: std::ops::Range<usize>, message: String| PoolConfigError::Invalid {
+        path: origin.to_string(),
+        line: line(span),
+        message,
+    };
+    let pool = file.pool.get_ref();
+    let memory = parse_size(pool.memory.get_ref()).map_err(|e| value(pool.memory.span(), "pool: memory".into(), e))?;
+    let timeout = match &pool.timeout {
+        Some(t) => Some(parse_duration(t.get_ref()).map_err(|e| value(t.span(), "pool: timeout".into(), e))?),
+        None => None,
+    };
+    if *pool.vcpus.get_ref() == 0 {
+        return Err(invalid(pool.vcpus.span(), "pool: vcpus must be at least 1".into()));
     }
     if file.vm.is_empty() {
-        return Err(invalid("no [[vm]] entries: a pool needs at least one VM".into()));
+        return Err(invalid(file.pool.span(), "no [[vm]] entries: a pool needs at least one VM".into()));
     }
     let mut vms = Vec::new();
-    for v in &file.vm {
-        let at = |field: &str| format!("vm '{}': {field}", v.name);
-        if v.name.is_empty() || !v.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return Err(invalid(format!("vm name '{}' must be a word of letters, digits, '-' or '_'", v.name)));
+    let mut vm_lines = Vec::new();
+    for table in &file.vm {
+        let v = table.get_ref();
+        let name = v.name.get_ref();
+        let at = |field: &str| format!("vm '{name}': {field}");
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(invalid(
+                v.name.span(),
+                format!("vm name '{name}' must be a word of letters, digits, '-' or '_'"),
+            ));
         }
-        if vms.iter().any(|s: &VmSpec| s.config.name == v.name) {
-            return Err(invalid(format!("two VMs are named '{}'", v.name)));
+        if vms.iter().any(|s: &VmSpec| s.config.name == *name) {
+            return Err(invalid(v.name.span(), format!("two VMs are named '{name}'")));
         }
-        let vcpus: Policy = parse_vcpu_policy(&v.vcpus).map_err(|e| value(at("vcpus"), e))?;
-        let mem: Policy = parse_memory_policy(&v.memory).map_err(|e| value(at("memory"), e))?;
+        let vcpus: Policy = parse_vcpu_policy(v.vcpus.get_ref()).map_err(|e| value(v.vcpus.span(), at("vcpus"), e))?;
+        let mem: Policy =
+            parse_memory_policy(v.memory.get_ref()).map_err(|e| value(v.memory.span(), at("memory"), e))?;
         let mut policy = PolicyConfig::default();
         if let Some(b) = &v.burst_budget {
-            policy.budget = parse_credit(b).map_err(|e| value(at("burst_budget"), e))?;
+            policy.budget = parse_credit(b.get_ref()).map_err(|e| value(b.span(), at("burst_budget"), e))?;
         }
         if let Some(r) = &v.burst_refill {
-            policy.refill = parse_credit(r).map_err(|e| value(at("burst_refill"), e))?;
+            policy.refill = parse_credit(r.get_ref()).map_err(|e| value(r.span(), at("burst_refill"), e))?;
         }
         if let Some(g) = &v.reclaim_grace {
-            policy.grace = parse_duration(g).map_err(|e| value(at("reclaim_grace"), e))?;
+            policy.grace = parse_duration(g.get_ref()).map_err(|e| value(g.span(), at("reclaim_grace"), e))?;
         }
         if let Some(o) = v.on_violation {
             policy.on_violation = o;
         }
         let mut guest_opts = Vec::new();
         for o in &v.guest_opts {
-            match o.split_once('=') {
-                Some((k, val)) if !k.is_empty() && !val.is_empty() && !o.contains(char::is_whitespace) => {
-                    guest_opts.push((k.to_string(), val.to_string()))
-                }
-                _ => return Err(invalid(format!("vm '{}': guest_opts: '{o}' is not KEY=VALUE", v.name))),
+            guest_opts.push(parse_guest_opt(o.get_ref()).map_err(|e| value(o.span(), at("guest_opts"), e))?);
+        }
+        let log_level = match &v.log {
+            Some(l) => parse_log_level(l.get_ref()).map_err(|e| value(l.span(), at("log"), e))?,
+            None => "info".into(),
+        };
+        if let Some(code) = &v.expect_exit {
+            let c = *code.get_ref();
+            if c > crate::exit::GUEST_MAX && c < crate::exit::USAGE {
+                return Err(invalid(code.span(), format!("vm '{name}': expect_exit {c} is not an exit code")));
             }
         }
-        if let Some(code) = v.expect_exit
-            && code > crate::exit::GUEST_MAX
-            && code < crate::exit::USAGE
-        {
-            return Err(invalid(format!("vm '{}': expect_exit {code} is not an exit code", v.name)));
-        }
+        // The service name's syntax is checked here; whether the image has it is checked
+        // when the image is opened.
+        crate::config::kernel_cmdline(v.app.get_ref(), &[], &[]).map_err(|e| value(v.app.span(), at("app"), e))?;
+        vm_lines.push(line(table.span()));
         vms.push(VmSpec {
             config: VmConfig {
-                name: v.name.clone(),
-                app: v.app.clone(),
+                name: name.clone(),
+                app: v.app.get_ref().clone(),
                 app_args: v.args.clone(),
-                log_level: v.log.clone().unwrap_or_else(|| "info".into()),
+                log_level,
                 guest_opts,
                 vcpus,
                 memory: mem,
@@ -200,10 +239,10 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
                 weight: v.weight.unwrap_or(1).max(1),
             },
             kernel: v.kernel.clone().unwrap_or_else(|| default_kernel.to_path_buf()),
-            expect_exit: v.expect_exit.unwrap_or(0),
+            expect_exit: v.expect_exit.as_ref().map_or(0, |c| *c.get_ref()),
         });
     }
-    Ok(PoolConfig { capacity: Capacity { vcpus: file.pool.vcpus, memory }, vms, timeout })
+    Ok(PoolConfig { capacity: Capacity { vcpus: *pool.vcpus.get_ref(), memory }, vms, timeout, vm_lines })
 }
 
 #[cfg(test)]
@@ -254,9 +293,15 @@ expect_exit = 3
     #[test]
     fn errors_name_the_problem_in_one_line() {
         let cases = [
-            (GOOD.replace("vcpus = \"1:2:4\"", "vcpus = \"4:2:1\""), "vm 'web': vcpus"),
+            (GOOD.replace("vcpus = \"1:2:4\"", "vcpus = \"4:2:1\""), "pool.toml:11: vm 'web': vcpus"),
+            (
+                GOOD.replace("vcpu.down_ms=10", "vcpu.down_mss=10"),
+                "pool.toml:17: vm 'web': guest_opts: unknown kernel option",
+            ),
+            (GOOD.replace("vcpu.down_ms=10", "vcpu.down_ms=soon"), "pool.toml:17: vm 'web': guest_opts"),
+            (GOOD.replace("expect_exit = 3", "expect_exit = 3\nlog = \"loud\""), "pool.toml:25: vm 'batch': log"),
             (GOOD.replace("memory = \"1G\"", "memory = \"lots\""), "pool: memory"),
-            (GOOD.replace("weight = 2", "weight = 2\ncolour = \"red\""), "unknown field `colour`"),
+            (GOOD.replace("weight = 2", "weight = 2\ncolour = \"red\""), "pool.toml:14: unknown field `colour`"),
             (GOOD.replace("name = \"batch\"", "name = \"web\""), "two VMs are named 'web'"),
             (GOOD.replace("burst_budget = \"1:0.5\"", "burst_budget = \"many\""), "vm 'web': burst_budget"),
             ("[pool]\nvcpus = 2\nmemory = \"1G\"\n".to_string(), "no [[vm]] entries"),

@@ -4,20 +4,19 @@
 //! isa-debug-exit for its exit code; this module maps QEMU's exit status back to that code.
 
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use goblin::elf::Elf;
 use hypercall_abi::{QEMU_DEBUG_EXIT_PORT, QEMU_FAULT_EXIT_VALUE, SHUTDOWN_CODE_MAX};
 use thiserror::Error;
 
 use crate::config::{ConfigError, format_size, kernel_cmdline};
 use crate::exit;
 use crate::loader::{KernelImage, LoaderError};
-
-/// `XEN_ELFNOTE_PHYS32_ENTRY`: the PVH entry point note.
-const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 /// QEMU-path failures.
 #[derive(Debug, Error)]
@@ -45,6 +44,12 @@ pub enum QemuError {
     /// KVM was requested but cannot be opened.
     #[error("--accel kvm requested but /dev/kvm cannot be opened read-write: {0}")]
     NoKvm(std::io::Error),
+    /// QEMU with KVM stopped before the guest ran (`--accel kvm` given explicitly).
+    #[error("QEMU could not start the guest with KVM (try --accel auto or tcg): {0}")]
+    KvmFailed(String),
+    /// QEMU stopped before the guest ran.
+    #[error("QEMU could not start the guest: {0}")]
+    StartFailed(String),
 }
 
 impl QemuError {
@@ -54,8 +59,8 @@ impl QemuError {
             QemuError::Loader(LoaderError::Read { .. }) => exit::NO_INPUT,
             QemuError::Loader(_) | QemuError::NoPvhNote(_) => exit::IMAGE_REFUSED,
             QemuError::Config(_) => exit::USAGE,
-            QemuError::NotFound(_) | QemuError::NoKvm(_) => exit::UNAVAILABLE,
-            QemuError::Spawn { .. } => exit::INTERNAL,
+            QemuError::NotFound(_) | QemuError::NoKvm(_) | QemuError::KvmFailed(_) => exit::UNAVAILABLE,
+            QemuError::Spawn { .. } | QemuError::StartFailed(_) => exit::INTERNAL,
         }
     }
 }
@@ -103,13 +108,6 @@ pub struct QemuOutcome {
     pub diagnosis: Option<String>,
 }
 
-fn has_pvh_note(path: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(path) else { return false };
-    let Ok(elf) = Elf::parse(&bytes) else { return false };
-    elf.iter_note_headers(&bytes)
-        .is_some_and(|notes| notes.flatten().any(|n| n.n_type == XEN_ELFNOTE_PHYS32_ENTRY && n.name == "Xen"))
-}
-
 /// Maps QEMU's exit status to the shim's exit code. isa-debug-exit makes QEMU exit with
 /// `(value << 1) | 1`; any other status means the guest never reported.
 pub fn map_status(status: Option<i32>) -> (u8, Option<String>) {
@@ -142,45 +140,103 @@ fn kvm_usable() -> Result<(), std::io::Error> {
     OpenOptions::new().read(true).write(true).open("/dev/kvm").map(|_| ())
 }
 
-/// Boots the kernel under QEMU and waits for it.
+/// The `-cpu` model for an accelerator. Under KVM: the host's CPU without
+/// `arch-capabilities` (QEMU cannot set MSR 0x10a on AMD hosts and some nested KVMs, and
+/// aborts), with an invariant TSC and the hypervisor timing leaf 0x40000010
+/// (`vmware-cpuid-freq`), so the kernel reads the TSC frequency on Intel and AMD alike.
+/// Under TCG: QEMU's `max` model, which has what the PVH trampoline needs.
+pub fn cpu_model(accel: &str) -> &'static str {
+    if accel == "kvm" { "host,-arch-capabilities,+invtsc,vmware-cpuid-freq=on" } else { "max" }
+}
+
+/// How one QEMU process ended.
+enum Attempt {
+    /// QEMU ran the guest (it printed, or exited through isa-debug-exit).
+    Ran(QemuOutcome),
+    /// QEMU stopped before the guest ran: the accelerator failed at start. Carries QEMU's
+    /// first error line.
+    FailedAtStart(String),
+}
+
+/// Boots the kernel under QEMU and waits for it. With `--accel auto`, a KVM start that fails
+/// (QEMU exits before the guest runs) is retried under TCG and the accelerator line says why.
 pub fn run(config: &QemuConfig) -> Result<QemuOutcome, QemuError> {
-    KernelImage::open(&config.kernel)?;
-    if !has_pvh_note(&config.kernel) {
+    let image = KernelImage::open(&config.kernel)?;
+    if !image.has_pvh_note() {
         return Err(QemuError::NoPvhNote(config.kernel.clone()));
     }
     let cmdline = kernel_cmdline(&config.app, &[("log", config.log_level.clone())], &config.app_args)?;
-    let accel = match config.accel {
+    crate::signals::install();
+    let started = Instant::now();
+    match config.accel {
+        Accel::Tcg => finish(attempt(config, &cmdline, "tcg", started, None)?),
         Accel::Kvm => {
             kvm_usable().map_err(QemuError::NoKvm)?;
-            "kvm"
-        }
-        Accel::Tcg => "tcg",
-        Accel::Auto => {
-            if kvm_usable().is_ok() {
-                "kvm"
-            } else {
-                "tcg"
+            match attempt(config, &cmdline, "kvm", started, None)? {
+                Attempt::Ran(o) => Ok(o),
+                Attempt::FailedAtStart(why) => Err(QemuError::KvmFailed(why)),
             }
         }
+        Accel::Auto => {
+            let why = match kvm_usable() {
+                Err(e) => format!("/dev/kvm cannot be opened: {e}"),
+                Ok(()) => match attempt(config, &cmdline, "kvm", started, None)? {
+                    Attempt::Ran(o) => return Ok(o),
+                    Attempt::FailedAtStart(why) => format!("KVM failed at start: {why}"),
+                },
+            };
+            match attempt(config, &cmdline, "tcg", started, Some(why.clone()))? {
+                Attempt::Ran(o) => Ok(o),
+                Attempt::FailedAtStart(tcg) => Err(QemuError::StartFailed(format!("{tcg}; before that, {why}"))),
+            }
+        }
+    }
+}
+
+fn finish(a: Attempt) -> Result<QemuOutcome, QemuError> {
+    match a {
+        Attempt::Ran(o) => Ok(o),
+        Attempt::FailedAtStart(why) => Err(QemuError::StartFailed(why)),
+    }
+}
+
+/// Prints the accelerator line on stderr.
+fn announce(accel: &str, memory: u64, fallback: Option<&str>) {
+    let what = match (accel, fallback) {
+        ("kvm", _) => "hardware virtualization via /dev/kvm".to_string(),
+        (_, Some(why)) => format!("software emulation; {why}"),
+        _ => "software emulation".to_string(),
     };
-    // The kernel needs the TSC frequency from CPUID (invtsc); TCG's "max" model has what the
-    // trampoline needs and runs everything in software.
-    let cpu = if accel == "kvm" { "host,+invtsc" } else { "max" };
     eprintln!(
-        "[qemu] accelerator: {} ({}), memory {}, machine microvm",
+        "[qemu] accelerator: {} ({what}), cpu {}, memory {}, machine microvm",
         accel.to_uppercase(),
-        if accel == "kvm" { "hardware virtualization via /dev/kvm" } else { "software emulation" },
-        format_size(config.memory)
+        cpu_model(accel),
+        format_size(memory)
     );
+}
+
+/// Runs QEMU once with `accel`. The guest's serial output is forwarded to standard output as
+/// it arrives; QEMU's own standard error is held back until the guest has spoken, so a start
+/// failure can be told apart (and retried) without printing it.
+fn attempt(
+    config: &QemuConfig,
+    cmdline: &str,
+    accel: &'static str,
+    started: Instant,
+    fallback: Option<String>,
+) -> Result<Attempt, QemuError> {
     let mut cmd = Command::new(&config.qemu);
-    cmd.args(["-M", "microvm", "-accel", accel, "-cpu", cpu])
+    cmd.args(["-M", "microvm", "-accel", accel, "-cpu", cpu_model(accel)])
         .args(["-m", &format!("{}M", config.memory >> 20)])
         .args(["-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none", "-serial", "stdio"])
         .args(["-device", &format!("isa-debug-exit,iobase={QEMU_DEBUG_EXIT_PORT:#x},iosize=0x04")])
         .arg("-kernel")
         .arg(&config.kernel)
-        .args(["-append", &cmdline])
-        .stdin(Stdio::null());
+        .args(["-append", cmdline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
     let mut child = cmd.spawn().map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             QemuError::NotFound(config.qemu.clone())
@@ -188,25 +244,114 @@ pub fn run(config: &QemuConfig) -> Result<QemuOutcome, QemuError> {
             QemuError::Spawn { program: config.qemu.clone(), source }
         }
     })?;
-    let started = Instant::now();
+    let spoke = Arc::new(AtomicBool::new(false));
+    let held_stderr = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let memory = config.memory;
+    let out_thread = child.stdout.take().map(|mut out| {
+        let spoke = Arc::clone(&spoke);
+        let held = Arc::clone(&held_stderr);
+        let fallback = fallback.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match out.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if !spoke.swap(true, Ordering::SeqCst) {
+                    announce(accel, memory, fallback.as_deref());
+                    let held = std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner()));
+                    let _ = std::io::stderr().write_all(&held);
+                }
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout.write_all(&buf[..n]).and_then(|_| stdout.flush());
+            }
+        })
+    });
+    let err_thread = child.stderr.take().map(|mut err| {
+        let spoke = Arc::clone(&spoke);
+        let held = Arc::clone(&held_stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match err.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+                if spoke.load(Ordering::SeqCst) {
+                    drop(h);
+                    let _ = std::io::stderr().write_all(&buf[..n]);
+                } else if h.len() < 64 * 1024 {
+                    h.extend_from_slice(&buf[..n]);
+                }
+            }
+        })
+    });
     let spawn_err = |source| QemuError::Spawn { program: config.qemu.clone(), source };
+    let mut stopped: Option<(u8, String)> = None;
+    let interrupts_at_start = crate::signals::interrupts();
     let status = loop {
         if let Some(status) = child.try_wait().map_err(spawn_err)? {
             break status;
         }
-        if config.timeout.is_some_and(|t| started.elapsed() >= t) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(QemuOutcome {
-                accel,
-                exit_code: exit::TIMEOUT,
-                diagnosis: Some("QEMU run stopped at the timeout".into()),
-            });
+        if stopped.is_none() {
+            if config.timeout.is_some_and(|t| started.elapsed() >= t) {
+                stopped = Some((exit::TIMEOUT, "QEMU run stopped at the timeout".into()));
+            } else if crate::signals::interrupts() != interrupts_at_start {
+                stopped = Some((exit::INTERRUPTED, "QEMU run interrupted (signal)".into()));
+            }
+            if stopped.is_some() {
+                let _ = child.kill();
+            }
         }
         std::thread::sleep(Duration::from_millis(2));
     };
+    for t in [out_thread, err_thread].into_iter().flatten() {
+        let _ = t.join();
+    }
+    let held = String::from_utf8_lossy(&held_stderr.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    if let Some((exit_code, why)) = stopped {
+        let _ = std::io::stderr().write_all(held.as_bytes());
+        return Ok(Attempt::Ran(QemuOutcome { accel, exit_code, diagnosis: Some(why) }));
+    }
+    // isa-debug-exit makes QEMU exit with an odd status, but QEMU's own start-up errors exit
+    // with 1 too (the status of a silent guest exit 0): a run counts as started when the
+    // guest printed, or exited with another odd status.
+    let guest_ran = spoke.load(Ordering::SeqCst) || status.code().is_some_and(|s| s & 1 == 1 && s != 1);
+    if !guest_ran {
+        let first = held.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("QEMU exited without a message");
+        let first = format!("{first} (QEMU exit status {})", status.code().map_or("signal".into(), |c| c.to_string()));
+        return Ok(Attempt::FailedAtStart(first));
+    }
+    if !spoke.load(Ordering::SeqCst) {
+        announce(accel, memory, fallback.as_deref());
+        let _ = std::io::stderr().write_all(held.as_bytes());
+    }
     let (exit_code, diagnosis) = map_status(status.code());
-    Ok(QemuOutcome { accel, exit_code, diagnosis })
+    Ok(Attempt::Ran(QemuOutcome { accel, exit_code, diagnosis }))
+}
+
+/// Makes the child die with this process: a parent-death signal (SIGKILL), so no QEMU is left
+/// behind whatever ends the shim (the shim's own signal handling kills it first when it can).
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe calls (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then do not run at all.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the shim exited while starting QEMU"));
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

@@ -208,24 +208,30 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
         b.enable_steady_tick(Duration::from_millis(200));
         b
     });
-    let handles: Vec<_> = vms
-        .into_iter()
-        .map(|vm| {
-            let bar = bar.clone();
-            std::thread::spawn(move || {
-                let r = vm.run();
-                if let Some(b) = bar {
-                    b.inc(1);
-                }
-                r
+    // One VM runs on this thread (no thread to start and join on the path of a short run);
+    // several run on a thread each.
+    let reports: Vec<Result<RunReport, ()>> = if vms.len() == 1 {
+        vms.into_iter().map(|vm| Ok(vm.run())).collect()
+    } else {
+        let handles: Vec<_> = vms
+            .into_iter()
+            .map(|vm| {
+                let bar = bar.clone();
+                std::thread::spawn(move || {
+                    let r = vm.run();
+                    if let Some(b) = bar {
+                        b.inc(1);
+                    }
+                    r
+                })
             })
-        })
-        .collect();
+            .collect();
+        handles.into_iter().map(|h| h.join().map_err(|_| ())).collect()
+    };
     let mut results = Vec::new();
-    for ((h, vs), capture) in handles.into_iter().zip(&spec.vms).zip(captures) {
-        let report = match h.join() {
-            Ok(r) => r,
-            Err(_) => return Err(RunError::Thread(vs.config.name.clone())),
+    for ((report, vs), capture) in reports.into_iter().zip(&spec.vms).zip(captures) {
+        let Ok(report) = report else {
+            return Err(RunError::Thread(vs.config.name.clone()));
         };
         let output =
             capture.map(|c| String::from_utf8_lossy(&c.lock().unwrap_or_else(|p| p.into_inner())).into_owned());

@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Once};
 
 use hypercall_abi::{FAULT_PORT, HYPERCALL_PORT, NOP_PORT};
-use kvm_bindings::{kvm_regs, kvm_run, kvm_segment};
-use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use kvm_bindings::{CpuId, kvm_regs, kvm_run, kvm_segment};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
@@ -121,9 +121,15 @@ impl Vcpu {
     /// Creates vCPU `id` in long mode at CPL 3 with the VM's CPUID, GDT, IDT, TSS and page
     /// tables. Registers are set by [`Vcpu::enter`].
     pub fn create(vm: &VmShared, id: u32) -> Result<Vcpu, VcpuError> {
+        Self::create_on(&vm.fd, &vm.cpuid, id)
+    }
+
+    /// As [`Vcpu::create`], from the VM's KVM handle and CPUID (before its shared state
+    /// exists: the boot vCPU is prepared while guest memory is set up).
+    pub fn create_on(vm_fd: &VmFd, cpuid: &CpuId, id: u32) -> Result<Vcpu, VcpuError> {
         let err = |what| move |source| VcpuError::Kvm { id, what, source };
-        let mut fd = vm.fd.create_vcpu(u64::from(id)).map_err(err("create"))?;
-        fd.set_cpuid2(&vm.cpuid).map_err(err("set CPUID"))?;
+        let mut fd = vm_fd.create_vcpu(u64::from(id)).map_err(err("create"))?;
+        fd.set_cpuid2(cpuid).map_err(err("set CPUID"))?;
         let mut s = fd.get_sregs().map_err(err("get sregs"))?;
         use bits::*;
         s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;

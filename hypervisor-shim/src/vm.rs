@@ -54,6 +54,9 @@ pub enum VmError {
     /// The pool refused the VM.
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// A host-side failure with no more specific cause.
+    #[error("{0}")]
+    Internal(&'static str),
 }
 
 impl VmError {
@@ -64,7 +67,7 @@ impl VmError {
             VmError::Loader(LoaderError::Read { .. }) => exit::NO_INPUT,
             VmError::Loader(LoaderError::TooLarge { .. }) | VmError::Config(_) | VmError::Pool(_) => exit::USAGE,
             VmError::Loader(_) => exit::IMAGE_REFUSED,
-            VmError::Kvm { .. } | VmError::Memory(_) | VmError::Vcpu(_) => exit::INTERNAL,
+            VmError::Kvm { .. } | VmError::Memory(_) | VmError::Vcpu(_) | VmError::Internal(_) => exit::INTERNAL,
         }
     }
 }
@@ -521,15 +524,31 @@ impl Vm {
         cmdline: String,
     ) -> Result<Vm, VmError> {
         let fd = kvm.create_vm().map_err(|source| VmError::Kvm { what: "create VM", source })?;
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmError::Kvm { what: "get supported CPUID", source })?;
-        let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX).max(2);
-        let mem = GuestMemory::with_window(layout.ram_size, layout.window_base, layout.window_size, max_slots)?;
-        mem.register_boot_slot(&fd)?;
-        platform::write_descriptor_tables(&mem)?;
-        platform::write_page_tables(&mem, &layout)?;
-        image.load(&mem)?;
+        // Two independent halves of the boot path run side by side: the boot vCPU (CPUID query,
+        // vCPU creation, its registers) on a helper thread, guest memory (mapping, KVM slot,
+        // platform structures, kernel image) on this one.
+        let (prepared, mem) = std::thread::scope(|scope| {
+            let vcpu = scope.spawn(|| -> Result<(CpuId, Vcpu), VmError> {
+                let cpuid = kvm
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|source| VmError::Kvm { what: "get supported CPUID", source })?;
+                let vcpu = Vcpu::create_on(&fd, &cpuid, 0)?;
+                Ok((cpuid, vcpu))
+            });
+            let mem = (|| -> Result<GuestMemory, VmError> {
+                let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX).max(2);
+                let mem = GuestMemory::with_window(layout.ram_size, layout.window_base, layout.window_size, max_slots)?;
+                mem.register_boot_slot(&fd)?;
+                platform::write_descriptor_tables(&mem)?;
+                platform::write_page_tables(&mem, &layout)?;
+                image.load(&mem)?;
+                Ok(mem)
+            })();
+            let prepared = vcpu.join().unwrap_or_else(|_| Err(VmError::Internal("the vCPU preparation thread failed")));
+            (prepared, mem)
+        });
+        let (cpuid, boot_vcpu) = prepared?;
+        let mem = mem?;
         let mut shared = VmShared {
             name: config.name.clone(),
             fd,
@@ -552,7 +571,6 @@ impl Vm {
             state: Mutex::new(RunState { outcome: None, threads: Vec::new() }),
             ended: Condvar::new(),
         };
-        let boot_vcpu = Vcpu::create(&shared, 0)?;
         shared.tsc_khz = boot_vcpu.tsc_khz();
         platform::write_boot_info(
             &shared.mem,

@@ -80,15 +80,15 @@ impl Tuning {
     pub fn from_cmdline(cmd: &CommandLine<'_>, warn: &mut dyn FnMut(&str, &str)) -> Tuning {
         let mut t = Tuning::DEFAULT;
         for &(key, value) in &cmd.options {
-            let ms = || value.parse::<u64>().ok().map(|v| v.saturating_mul(1_000_000));
-            let mib = || value.parse::<usize>().ok().map(|v| v.saturating_mul(1 << 20));
+            let ms = || hypercall_abi::parse_whole(value).map(|v| v.saturating_mul(1_000_000));
+            let mib = || hypercall_abi::parse_whole(value).map(|v| (v as usize).saturating_mul(1 << 20));
             let parsed = match key {
                 "vcpu.up_load" => parse_fraction_pct(value).map(|v| t.up_load_pct = v),
                 "vcpu.up_ms" => ms().map(|v| t.up_ns = v),
                 "vcpu.down_ms" => ms().map(|v| t.down_ns = v),
                 "vcpu.deny_backoff_ms" => ms().map(|v| t.deny_backoff_ns = v),
                 "vcpu.report_ms" => ms().map(|v| t.report_ns = v.max(1_000_000)),
-                "vcpu.tick_us" => value.parse::<u64>().ok().map(|v| t.tick_ns = v.saturating_mul(1000)),
+                "vcpu.tick_us" => hypercall_abi::parse_whole(value).map(|v| t.tick_ns = v.saturating_mul(1000)),
                 "vcpu.auto" => parse_switch(value).map(|on| t.auto = on),
                 "mem.low_mb" => mib().map(|v| t.mem_low = v),
                 "mem.high_mb" => mib().map(|v| t.mem_high = v),
@@ -105,26 +105,7 @@ impl Tuning {
     }
 }
 
-/// Parses `on`/`off` (or `true`/`false`, `1`/`0`).
-pub fn parse_switch(s: &str) -> Option<bool> {
-    match s {
-        "on" | "true" | "1" => Some(true),
-        "off" | "false" | "0" => Some(false),
-        _ => None,
-    }
-}
-
-/// Parses `1`, `1.5`, `0.25` into percent (100, 150, 25).
-fn parse_fraction_pct(s: &str) -> Option<u64> {
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    let int: u64 = if int.is_empty() { 0 } else { int.parse().ok()? };
-    let frac2: u64 = match frac.len() {
-        0 => 0,
-        1 => frac.parse::<u64>().ok()? * 10,
-        _ => frac[..2].parse().ok()?,
-    };
-    Some(int * 100 + frac2)
-}
+pub use hypercall_abi::{parse_fraction_pct, parse_switch};
 
 /// Shortest gap between change-triggered REPORTs (each costs an exit).
 const MIN_REPORT_GAP_NS: u64 = 1_000_000;

@@ -40,20 +40,20 @@ const RUNNING: u32 = u32::MAX;
 /// The service's exit code once it finished.
 static SERVICE_EXIT: AtomicU32 = AtomicU32::new(RUNNING);
 
-/// Kernel options the command line may carry besides the controller's `vcpu.*` and `mem.*`
-/// keys.
-const KNOWN_OPTIONS: &[&str] = &["app", "log", "elastic.cooperate"];
-
 hypercall_abi::declare_abi_note!();
 
 /// The kernel proper, entered on vCPU 0 from either boot path with a validated boot-info block.
 pub fn kernel_main(boot: BootInfo) -> ! {
-    time::init(boot.tsc_khz);
+    time::init(boot.tsc_khz, time::TscSource::Shim);
     let hello = hypercall::hello();
     platform::init(hello.is_some());
-    if let Some(h) = &hello {
+    match &hello {
         // The host's TSC figure is authoritative under the shim.
-        time::init(h.tsc_khz.max(boot.tsc_khz));
+        Some(h) => time::init(h.tsc_khz.max(boot.tsc_khz), time::TscSource::Shim),
+        None => {
+            let (khz, source) = time::tsc_khz_from_cpuid();
+            time::init(khz, source);
+        }
     }
     if !heap::init(boot.heap_base, boot.heap_size, boot.ram_size, boot.window_base, boot.window_size) {
         println!("kernel: boot memory too small for a heap ({} bytes free)", boot.heap_size);
@@ -74,7 +74,7 @@ pub fn kernel_main(boot: BootInfo) -> ! {
         println!("kernel: unknown log level '{}', using info", cmd.option("log").unwrap_or(""));
     }
     for (key, _) in &cmd.options {
-        if !KNOWN_OPTIONS.contains(key) && !key.starts_with("vcpu.") && !key.starts_with("mem.") {
+        if *key != "app" && hypercall_abi::find_option(key).is_none() {
             log::warn!("ignoring unknown kernel option '{key}'");
         }
     }

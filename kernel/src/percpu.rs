@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize
 use crate::arch::cpu;
 
 /// Most vCPUs the kernel can run at once.
-pub const MAX_CPUS: usize = 64;
+pub const MAX_CPUS: usize = hypercall_abi::MAX_VCPUS as usize;
 
 /// Values of [`PerCpu::state`].
 pub mod state {

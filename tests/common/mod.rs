@@ -58,12 +58,29 @@ pub fn require_kvm() {
     }
 }
 
-/// A fresh temporary directory for one test.
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A temporary directory for one test, removed (with everything in it) when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh temporary directory for one test; keep the guard alive while the files are used.
+pub fn temp_dir(name: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!("elastic-shim-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+    TempDir(dir)
 }
 
 /// Reads a JSON file.
@@ -77,9 +94,21 @@ pub fn kernel_image() -> PathBuf {
     PathBuf::from(env!("KERNEL_PATH"))
 }
 
-/// Whether QEMU is installed.
-pub fn qemu_installed() -> bool {
-    Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
+/// Whether QEMU tests should run: `true` when `qemu-system-x86_64` is installed. When it is
+/// not, the test fails with the command that installs it (CI installs it), unless the person
+/// running the tests opts out with `ELASTIC_SKIP_QEMU=1`, which is printed as a skip.
+pub fn qemu_available() -> bool {
+    let installed = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    if installed {
+        return true;
+    }
+    if std::env::var_os("ELASTIC_SKIP_QEMU").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED (ELASTIC_SKIP_QEMU=1): qemu-system-x86_64 is not installed");
+        return false;
+    }
+    panic!(
+        "qemu-system-x86_64 is not installed: apt-get install qemu-system-x86 (or set ELASTIC_SKIP_QEMU=1 to skip the QEMU tests)"
+    );
 }
 
 /// A `run` of the shim that wrote its JSON summary and its timeline into a fresh directory.
@@ -87,8 +116,8 @@ pub fn qemu_installed() -> bool {
 pub struct Traced {
     /// What the shim printed and how it exited.
     pub run: Run,
-    /// Where the summary and the timeline were written.
-    pub dir: PathBuf,
+    /// Where the summary and the timeline were written (removed when this is dropped).
+    pub dir: TempDir,
 }
 
 impl Traced {

@@ -21,7 +21,7 @@ fn main(env: &Env) -> u32 {
         None => (env.boot.vcpus, env.boot.memory),
     };
     let heap = heap::stats();
-    let (khz, known) = time::tsc_khz();
+    let (khz, source) = time::tsc_khz();
     println!("Hello from the elastic unikernel! (ABI v{ABI_VERSION})");
     println!("  platform : {}", env.platform.describe());
     println!(
@@ -41,6 +41,6 @@ fn main(env: &Env) -> u32 {
         memory.max / MIB,
         memory.burst / MIB
     );
-    println!("  TSC      : {khz} kHz{}", if known { "" } else { " (assumed: not reported)" });
+    println!("  TSC      : {khz} kHz ({})", source.describe());
     exit_code::SUCCESS
 }

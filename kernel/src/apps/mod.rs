@@ -82,6 +82,19 @@ pub const APPS: &[App] = &[
     HELP,
 ];
 
+/// The names of [`APPS`], in order (for the image's service-list note).
+pub const NAMES: [&str; APPS.len()] = {
+    let mut names = [""; APPS.len()];
+    let mut i = 0;
+    while i < APPS.len() {
+        names[i] = APPS[i].name;
+        i += 1;
+    }
+    names
+};
+
+hypercall_abi::declare_service_list!(&NAMES);
+
 const HELP: App =
     App { name: "help", usage: "", about: "list the services in this image", main: |env| run_sync(env, help) };
 

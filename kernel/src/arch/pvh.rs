@@ -302,31 +302,6 @@ unsafe extern "C" {
     static __kernel_end: u8;
 }
 
-/// Reads the TSC frequency from CPUID (leaf 0x15, then 0x16, then the hypervisor leaf
-/// 0x40000010); 0 when none reports it.
-fn tsc_khz_from_cpuid() -> u64 {
-    use crate::arch::cpu::cpuid;
-    let (max, ..) = cpuid(0, 0);
-    if max >= 0x15 {
-        let (den, num, crystal_hz, _) = cpuid(0x15, 0);
-        if den != 0 && num != 0 && crystal_hz != 0 {
-            return u64::from(crystal_hz) * u64::from(num) / u64::from(den) / 1000;
-        }
-    }
-    if max >= 0x16 {
-        let (base_mhz, ..) = cpuid(0x16, 0);
-        if base_mhz != 0 {
-            return u64::from(base_mhz) * 1000;
-        }
-    }
-    let (hv_max, ..) = cpuid(0x4000_0000, 0);
-    if hv_max >= 0x4000_0010 {
-        let (khz, ..) = cpuid(0x4000_0010, 0);
-        return u64::from(khz);
-    }
-    0
-}
-
 /// Rust side of the PVH path, at CPL 3: turns `hvm_start_info` into a [`BootInfo`] and
 /// enters the kernel.
 #[unsafe(no_mangle)]
@@ -368,7 +343,8 @@ extern "C" fn pvh_main(start_info: u64) -> ! {
     info.ram_size = ram_end;
     info.heap_base = heap_base;
     info.heap_size = ram_end.saturating_sub(heap_base);
-    info.tsc_khz = tsc_khz_from_cpuid();
+    // The kernel reads the TSC frequency from CPUID itself when no shim answers HELLO.
+    info.tsc_khz = 0;
     info.cmdline = si.cmdline_paddr;
     info.cmdline_len = cmdline_len;
     info.vcpus = ResourceLimits { min: 1, max: 1, burst: 1 };
