@@ -1,13 +1,11 @@
-//! Links the kernel as a non-PIE executable at a fixed address when it is built for
-//! `x86_64-unknown-none`. Host builds (clippy, `cargo check --workspace`) link normally.
+//! Links the image as a non-PIE executable at the fixed address the shim and QEMU load kernels
+//! at, with the runtime's linker script (`elastic.ld`, put on the link path by `elastic-rt`).
+//! Host builds (clippy, unit tests) link normally.
 
 fn main() {
-    println!("cargo::rerun-if-changed=linker.ld");
     println!("cargo::rerun-if-changed=build.rs");
-    let target = std::env::var("TARGET").unwrap_or_default();
-    if target == "x86_64-unknown-none" {
-        let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
-        println!("cargo::rustc-link-arg=-T{dir}/linker.ld");
+    if std::env::var("TARGET").as_deref() == Ok("x86_64-unknown-none") {
+        println!("cargo::rustc-link-arg=-Telastic.ld");
         println!("cargo::rustc-link-arg=--no-pie");
         println!("cargo::rustc-link-arg=-zmax-page-size=4096");
     }

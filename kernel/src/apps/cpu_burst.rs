@@ -5,19 +5,16 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use elastic_rt::prelude::*;
+use elastic_rt::println;
 
 use hypercall_abi::exit_code;
-
-use super::{App, Env, boxed, usage_error};
-use crate::executor::spawn;
-use crate::timer::sleep_ms;
-use crate::{elastic, println, smp, time};
 
 const NAME: &str = "cpu-burst";
 const USAGE: &str = "[ROUNDS] [SEGMENT]";
 
 /// The `cpu-burst` service.
-pub const APP: App = App {
+pub const SERVICE: Service = Service {
     name: NAME,
     usage: USAGE,
     about: "prime counting whose parallelism ramps 1-2-4-8-(hold)-4-2-1; checks results and vCPUs back at min",
@@ -116,10 +113,10 @@ async fn main(env: Env) -> u32 {
         STAGES.len(),
         (time::now_ns() - started) / 1_000_000
     );
-    let (min, _, burst) = smp::limits();
+    let (min, _, burst) = vcpus::limits();
     let mut all_ok = true;
     let mut mismatches = 0u64;
-    let mut peak = smp::online();
+    let mut peak = vcpus::online();
     let mut done_tasks = 0u64;
     for (i, &p) in STAGES.iter().enumerate() {
         let stage_start = time::now_ns();
@@ -132,8 +129,8 @@ async fn main(env: Env) -> u32 {
             for h in handles {
                 total += h.await;
                 done_tasks += 1;
-                elastic::set_user_figure(done_tasks);
-                peak = peak.max(smp::online());
+                report::set_user_figure(done_tasks);
+                peak = peak.max(vcpus::online());
             }
             if total != reference[p] {
                 stage_ok = false;
@@ -149,23 +146,23 @@ async fn main(env: Env) -> u32 {
             reference[p],
             if stage_ok { "ok" } else { "MISMATCH" },
             (time::now_ns() - stage_start) / 1_000_000,
-            smp::online()
+            vcpus::online()
         );
     }
     // Ramp down: idle vCPUs go down after the controller's hysteresis.
     let wait_start = time::now_ns();
-    while smp::online() > min && time::now_ns() - wait_start < 5_000_000_000 {
+    while vcpus::online() > min && time::now_ns() - wait_start < 5_000_000_000 {
         sleep_ms(5).await;
     }
-    let back_at_min = smp::online() == min;
-    let (ups, denials) = elastic::counters();
+    let back_at_min = vcpus::online() == min;
+    let (ups, denials) = vcpus::counters();
     println!(
         "cpu-burst: vCPUs peak {peak} (policy min {min}, burst {burst}), {ups} up(s) by the controller, {denials} DENIED"
     );
     println!(
         "cpu-burst: vCPUs {} at min ({} online) {} ms after the last stage",
         if back_at_min { "back" } else { "NOT back" },
-        smp::online(),
+        vcpus::online(),
         (time::now_ns() - wait_start) / 1_000_000
     );
     println!(

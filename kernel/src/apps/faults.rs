@@ -1,9 +1,10 @@
 //! `panic` and `fault`: deliberate failures that show how the platform reports them.
 
-use super::{App, Env, run_sync};
+use elastic_rt::prelude::*;
+use elastic_rt::println;
 
 /// The `panic` service: panics with a message.
-pub const PANIC: App = App {
+pub const PANIC: Service = Service {
     name: "panic",
     usage: "",
     about: "panic on purpose (shows the panic report)",
@@ -11,7 +12,7 @@ pub const PANIC: App = App {
 };
 
 /// The `fault` service: touches an address that must not work.
-pub const FAULT: App = App {
+pub const FAULT: Service = Service {
     name: "fault",
     usage: "[unmapped|window|released]",
     about: "touch an unmapped address (#PF), an ungranted or a released window address (unbacked)",
@@ -31,35 +32,35 @@ fn fault_main(env: &Env) -> u32 {
         Some("window") if env.boot.window_size > 0 => env.boot.window_base,
         Some("released") if env.boot.window_size > 0 => {
             let mut ext = [hypercall_abi::Extent::default(); 1];
-            match crate::heap::grant_raw(2 << 20, &mut ext) {
+            match memory::grant_raw(2 << 20, &mut ext) {
                 Ok(1) => {
                     let base = ext[0].base;
                     // SAFETY: granted just now; identity-mapped.
                     unsafe { (base as *mut u64).write_volatile(7) };
-                    let _ = crate::heap::release_raw(&ext);
-                    crate::println!("fault: granted, wrote and released {:#x}+2M", base);
+                    let _ = memory::release_raw(&ext);
+                    println!("fault: granted, wrote and released {:#x}+2M", base);
                     base
                 }
                 _ => {
-                    crate::println!("fault: the host granted nothing");
+                    println!("fault: the host granted nothing");
                     return hypercall_abi::exit_code::FAILURE;
                 }
             }
         }
         Some("window" | "released") => {
-            crate::println!("fault: this VM has no hot-plug window (give it one with --memory MIN:MAX:BURST)");
+            println!("fault: this VM has no hot-plug window (give it one with --memory MIN:MAX:BURST)");
             return hypercall_abi::exit_code::BAD_COMMAND_LINE;
         }
         Some(other) => {
-            crate::println!("fault: unknown target '{other}' (unmapped, window, released)");
+            println!("fault: unknown target '{other}' (unmapped, window, released)");
             return hypercall_abi::exit_code::BAD_COMMAND_LINE;
         }
     };
-    crate::println!("fault: writing to {target:#x}");
-    crate::console::flush();
+    println!("fault: writing to {target:#x}");
+    console::flush();
     let p = target as *mut u64;
     // SAFETY: deliberately unsound: this write is meant to fail, and the failure ends the VM.
     unsafe { p.write_volatile(0xdead_beef) };
-    crate::println!("fault: the write did not fault");
+    println!("fault: the write did not fault");
     hypercall_abi::exit_code::FAILURE
 }

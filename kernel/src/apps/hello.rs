@@ -1,12 +1,11 @@
 //! `hello`: prints a banner naming the ABI version, the vCPUs and memory the VM was given.
 
+use elastic_rt::prelude::*;
+use elastic_rt::println;
 use hypercall_abi::{ABI_VERSION, exit_code};
 
-use super::{App, Env, run_sync};
-use crate::{heap, println, time};
-
 /// The `hello` service.
-pub const APP: App = App {
+pub const SERVICE: Service = Service {
     name: "hello",
     usage: "",
     about: "print a banner with the VM's resources and exit",
@@ -20,20 +19,20 @@ fn main(env: &Env) -> u32 {
         Some(h) => (h.vcpus, h.memory),
         None => (env.boot.vcpus, env.boot.memory),
     };
-    let heap = heap::stats();
+    let heap = memory::stats();
     let (khz, source) = time::tsc_khz();
     println!("Hello from the elastic unikernel! (ABI v{ABI_VERSION})");
     println!("  platform : {}", env.platform.describe());
     println!(
         "  vCPUs    : {} online (policy min {} / max {} / burst {})",
-        crate::smp::online(),
+        vcpus::online(),
         vcpus.min,
         vcpus.max,
         vcpus.burst
     );
     println!(
         "  memory   : {} MiB held ({} MiB boot), heap {} KiB free of {} KiB (policy min {} / max {} / burst {} MiB)",
-        crate::heap::held() / MIB,
+        memory::held() / MIB,
         env.boot.ram_size / MIB,
         heap.available / 1024,
         heap.claimed / 1024,

@@ -4,19 +4,17 @@
 //! documented status back while the VM keeps running.
 
 use core::arch::asm;
+use elastic_rt::prelude::*;
+use elastic_rt::println;
+use elastic_rt::raw::call;
 
 use hypercall_abi::{
     BlockArgs, CONSOLE_WRITE_MAX, Call, ConsoleWriteArgs, Extent, HYPERCALL_PORT, HelloArgs, KickArgs, MemGrantArgs,
     MemReleaseArgs, ShutdownArgs, Status, VcpuUpArgs, exit_code,
 };
 
-use super::{App, Env, run_sync};
-use crate::arch::cpu;
-use crate::hypercall::call;
-use crate::println;
-
 /// The `hostile` service.
-pub const APP: App = App {
+pub const SERVICE: Service = Service {
     name: "hostile",
     usage: "",
     about: "issue malformed hypercalls and check each gets a status (the shim must stay up)",
@@ -46,7 +44,7 @@ impl Checks {
 fn raw(number: u32, gpa: u64) -> Status {
     // SAFETY: deliberately malformed calls; the shim must refuse them without touching guest
     // memory outside RAM. Nothing here relies on the block being valid.
-    Status(unsafe { cpu::hypercall(number, gpa) } as i32)
+    Status(unsafe { raw::out_hypercall(number, gpa) } as i32)
 }
 
 fn grant(bytes: u64, out: &mut [Extent]) -> (Status, u32) {
@@ -159,7 +157,7 @@ fn main(env: &Env) -> u32 {
     c.expect("1-byte out to the hypercall port", Status(eax as i32), Status::INVALID);
     memory_checks(&mut c, env.boot.window_size > 0);
     // The VM is still healthy: a normal call works.
-    c.expect("a normal call afterwards", crate::hypercall::ping(), Status::OK);
+    c.expect("a normal call afterwards", raw::ping(), Status::OK);
     println!("hostile: {} checks passed, {} failed", c.passed, c.failed);
     if c.failed == 0 { exit_code::SUCCESS } else { exit_code::FAILURE }
 }

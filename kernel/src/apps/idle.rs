@@ -3,17 +3,15 @@
 //! across the idle window (REPORTs with user figure 1 and 2 bracket it in the timeline) shows
 //! what an idle elastic guest costs: close to nothing.
 
+use elastic_rt::prelude::*;
+use elastic_rt::println;
 use hypercall_abi::exit_code;
-
-use super::{App, Env, boxed, usage_error};
-use crate::timer::sleep_ms;
-use crate::{elastic, notices, println, smp, time};
 
 const NAME: &str = "idle";
 const USAGE: &str = "[MS]";
 
 /// The `idle` service.
-pub const APP: App = App {
+pub const SERVICE: Service = Service {
     name: NAME,
     usage: USAGE,
     about: "hold parked and blocked vCPUs for MS ms (host CPU use should be ~0)",
@@ -26,28 +24,28 @@ async fn main(env: Env) -> u32 {
         Some(Ok(v)) if v > 0 => v,
         _ => return usage_error(NAME, USAGE, format_args!("MS must be a positive number of milliseconds")),
     };
-    elastic::set_auto(false);
-    let (_, _, burst) = smp::limits();
-    while smp::online() < burst {
-        if elastic::up().is_err() {
+    vcpus::set_auto(false);
+    let (_, _, burst) = vcpus::limits();
+    while vcpus::online() < burst {
+        if vcpus::up().is_err() {
             break;
         }
     }
-    let peak = smp::online();
+    let peak = vcpus::online();
     if peak > 1 {
-        elastic::request_down(1);
+        vcpus::request_down(1);
     }
     let wait = time::now_ns();
-    while notices::host_online_vcpus() as usize >= peak && peak > 1 && time::now_ns() - wait < 2_000_000_000 {
+    while vcpus::host_online_vcpus() as usize >= peak && peak > 1 && time::now_ns() - wait < 2_000_000_000 {
         sleep_ms(1).await;
     }
-    let online = smp::online();
+    let online = vcpus::online();
     println!("idle: {online} vCPU(s) online and blocked, {} parked; idling {ms} ms", peak - online);
-    elastic::set_user_figure(1);
-    elastic::report();
+    report::set_user_figure(1);
+    report::report();
     sleep_ms(ms).await;
-    elastic::set_user_figure(2);
-    elastic::report();
+    report::set_user_figure(2);
+    report::report();
     println!("idle: done");
     exit_code::SUCCESS
 }

@@ -9,20 +9,18 @@
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
+use elastic_rt::prelude::*;
+use elastic_rt::println;
 
 use hypercall_abi::exit_code;
 
 use super::mem_wave::{checksum, fill};
-use super::{App, Env, boxed, usage_error};
-use crate::executor::{spawn, yield_now};
-use crate::timer::sleep_ms;
-use crate::{elastic, heap, println, smp, time};
 
 const NAME: &str = "load";
 const USAGE: &str = "ramp|square [CYCLES] [STEP_MS] [TASKS] [MB]";
 
 /// The `load` service.
-pub const APP: App = App {
+pub const SERVICE: Service = Service {
     name: NAME,
     usage: USAGE,
     about: "ramp or square-wave CPU + memory load with a verified working set (stress scenarios)",
@@ -33,7 +31,7 @@ const MIB: u64 = 1 << 20;
 
 /// Whether a memory reclaim is in force and the VM is above its target.
 fn over_memory_target() -> bool {
-    elastic::memory_target().is_some_and(|t| heap::held() > t)
+    memory::reclaim_target().is_some_and(|t| memory::held() > t)
 }
 
 /// Builds up to `mb` checksummed chunks (fewer if memory runs short or a memory reclaim
@@ -119,9 +117,9 @@ async fn main(env: Env) -> u32 {
                 continue;
             }
             let mut want = (mb * m8).div_ceil(8);
-            if let Some(target) = elastic::memory_target() {
+            if let Some(target) = memory::reclaim_target() {
                 // Cooperate with a memory reclaim: fit the working set under the target.
-                want = want.min(target.saturating_sub(heap::boot_ram()) / MIB * 3 / 4);
+                want = want.min(target.saturating_sub(memory::boot_ram()) / MIB * 3 / 4);
             }
             let set = working_set(want, (cycle << 32) ^ step_no).await;
             shortfall += want - set.len() as u64;
@@ -136,13 +134,13 @@ async fn main(env: Env) -> u32 {
                 errors += e;
             }
             errors += set.iter().filter(|(b, s)| checksum(b) != *s).count() as u64;
-            elastic::set_user_figure(step_no);
+            report::set_user_figure(step_no);
         }
         println!(
             "load: {shape} cycle {}/{cycles} done, {} vCPU(s) online, {} MiB held",
             cycle + 1,
-            smp::online(),
-            heap::held() / MIB
+            vcpus::online(),
+            memory::held() / MIB
         );
     }
     println!(

@@ -6,18 +6,17 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
+use elastic_rt::prelude::*;
+use elastic_rt::println;
+use elastic_rt::time::rdtsc;
 
 use hypercall_abi::{Extent, exit_code};
-
-use super::{App, Env, boxed, usage_error};
-use crate::arch::cpu::rdtsc;
-use crate::{heap, println, time};
 
 const NAME: &str = "mem-bench";
 const USAGE: &str = "[ROUNDS]";
 
 /// The `mem-bench` service.
-pub const APP: App = App {
+pub const SERVICE: Service = Service {
     name: NAME,
     usage: USAGE,
     about: "measure memory grant, first touch and release latencies (used by `bench`)",
@@ -38,7 +37,7 @@ fn json_array(out: &mut String, key: &str, v: &[u64]) {
 fn timed_grant(bytes: u64) -> Option<(u64, Vec<Extent>)> {
     let mut ext = [Extent::default(); 8];
     let t0 = rdtsc();
-    let n = heap::grant_raw(bytes, &mut ext).ok()?;
+    let n = memory::grant_raw(bytes, &mut ext).ok()?;
     let ns = time::ticks_to_ns(rdtsc() - t0);
     (ext[..n].iter().map(|e| e.len).sum::<u64>() == bytes).then(|| (ns, ext[..n].to_vec()))
 }
@@ -49,7 +48,7 @@ async fn main(env: Env) -> u32 {
         Some(Ok(n)) if (1..=1000).contains(&n) => n,
         _ => return usage_error(NAME, USAGE, format_args!("ROUNDS must be within 1..=1000")),
     };
-    if heap::window_size() < GIB {
+    if memory::window_size() < GIB {
         println!("mem-bench: needs a hot-plug window of at least 1 GiB, e.g. --memory 64M:2G:2G");
         return exit_code::BAD_COMMAND_LINE;
     }
@@ -60,7 +59,7 @@ async fn main(env: Env) -> u32 {
         for _ in 0..reps {
             let Some((ns, ext)) = timed_grant(bytes) else { break };
             samples.push(ns);
-            let _ = heap::release_raw(&ext);
+            let _ = memory::release_raw(&ext);
         }
         if !first {
             out.push(',');
@@ -85,7 +84,7 @@ async fn main(env: Env) -> u32 {
             touch.push(time::ticks_to_ns(rdtsc() - t0));
         }
         let t0 = rdtsc();
-        let _ = heap::release_raw(&ext);
+        let _ = memory::release_raw(&ext);
         release.push(time::ticks_to_ns(rdtsc() - t0));
     }
     out.push(',');

@@ -9,20 +9,18 @@ use alloc::collections::VecDeque;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
+use elastic_rt::prelude::*;
+use elastic_rt::println;
 
 use hypercall_abi::{Extent, Status, exit_code};
 
 use super::mem_wave::{checksum, fill};
-use super::{App, Env, boxed, usage_error};
-use crate::executor::{spawn, yield_now};
-use crate::timer::sleep_ms;
-use crate::{heap, println, smp, time};
 
 const NAME: &str = "mem-churn";
 const USAGE: &str = "[CYCLES] [TASKS]";
 
 /// The `mem-churn` service.
-pub const APP: App = App {
+pub const SERVICE: Service = Service {
     name: NAME,
     usage: USAGE,
     about: "concurrent grant/release cycles from several vCPUs with data verification",
@@ -52,7 +50,7 @@ async fn raw_task(id: u64, cycles: u64, t: Arc<Tally>) {
         x ^= x << 17;
         let bytes = (2 + x % 4) * 2 * MIB; // 4..10 MiB
         let mut ext = [Extent::default(); 8];
-        let n = match heap::grant_raw(bytes, &mut ext) {
+        let n = match memory::grant_raw(bytes, &mut ext) {
             Ok(n) => n,
             Err(Status::DENIED | Status::EXHAUSTED | Status::AGAIN) => {
                 t.denied.fetch_add(1, Ordering::Relaxed);
@@ -82,7 +80,7 @@ async fn raw_task(id: u64, cycles: u64, t: Arc<Tally>) {
                 }
             }
         }
-        if heap::release_raw(&ext[..n]) != Status::OK {
+        if memory::release_raw(&ext[..n]) != Status::OK {
             t.errors.fetch_add(1, Ordering::Relaxed);
         }
         t.cycles.fetch_add(1, Ordering::Relaxed);
@@ -123,13 +121,13 @@ async fn main(env: Env) -> u32 {
     if cycles == 0 || !(1..=32).contains(&tasks) {
         return usage_error(NAME, USAGE, format_args!("CYCLES must be >= 1 and TASKS within 1..=32"));
     }
-    if heap::window_size() == 0 {
+    if memory::window_size() == 0 {
         println!(
             "mem-churn: the VM has no hot-plug window (memory burst == min); give it one, e.g. --memory 64M:256M:512M"
         );
         return exit_code::BAD_COMMAND_LINE;
     }
-    let min = heap::boot_ram();
+    let min = memory::boot_ram();
     let tally = Arc::new(Tally::default());
     let started = time::now_ns();
     let handles: Vec<_> = (0..tasks)
@@ -138,19 +136,19 @@ async fn main(env: Env) -> u32 {
             if i % 2 == 0 { spawn(raw_task(i, cycles, t)) } else { spawn(heap_task(i, cycles, t)) }
         })
         .collect();
-    let mut peak_vcpus = smp::online();
+    let mut peak_vcpus = vcpus::online();
     for h in handles {
-        peak_vcpus = peak_vcpus.max(smp::online());
+        peak_vcpus = peak_vcpus.max(vcpus::online());
         h.await;
     }
     let churn_ms = (time::now_ns() - started) / 1_000_000;
     let wait = time::now_ns();
-    while heap::held() > min && time::now_ns() - wait < 5_000_000_000 {
+    while memory::held() > min && time::now_ns() - wait < 5_000_000_000 {
         sleep_ms(5).await;
     }
-    let (grants, releases) = heap::counters();
+    let (grants, releases) = memory::counters();
     let errors = tally.errors.load(Ordering::Relaxed);
-    let back = heap::held() == min;
+    let back = memory::held() == min;
     println!(
         "mem-churn: {} cycles on {tasks} tasks in {churn_ms} ms ({grants} grants, {releases} releases, {} DENIED, up to {peak_vcpus} vCPUs)",
         tally.cycles.load(Ordering::Relaxed),
@@ -159,7 +157,7 @@ async fn main(env: Env) -> u32 {
     println!(
         "mem-churn: checksum errors: {errors}; memory {} at min ({} MiB held)",
         if back { "back" } else { "NOT back" },
-        heap::held() / MIB
+        memory::held() / MIB
     );
     println!("VERIFY data_errors={errors}");
     let ok = errors == 0 && back;

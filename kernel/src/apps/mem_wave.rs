@@ -4,19 +4,16 @@
 //! min (the controller releases the wholly free extents); repeats WAVES times.
 
 use alloc::vec::Vec;
+use elastic_rt::prelude::*;
+use elastic_rt::println;
 
 use hypercall_abi::exit_code;
-
-use super::{App, Env, boxed, usage_error};
-use crate::executor::yield_now;
-use crate::timer::sleep_ms;
-use crate::{elastic, heap, println, time};
 
 const NAME: &str = "mem-wave";
 const USAGE: &str = "[WAVES] [PEAK_MB] [STEP_MB] [HOLD_MS]";
 
 /// The `mem-wave` service.
-pub const APP: App = App {
+pub const SERVICE: Service = Service {
     name: NAME,
     usage: USAGE,
     about: "grow a checksummed working set, hold, verify, free; memory returns to min each wave",
@@ -51,8 +48,9 @@ pub fn checksum(buf: &[u8]) -> u64 {
 }
 
 async fn main(env: Env) -> u32 {
-    let min = heap::boot_ram();
-    let default_peak = if heap::window_size() == 0 { 24 } else { 320.min((heap::window_size() / MIB) * 3 / 4).max(8) };
+    let min = memory::boot_ram();
+    let default_peak =
+        if memory::window_size() == 0 { 24 } else { 320.min((memory::window_size() / MIB) * 3 / 4).max(8) };
     let arg = |i: usize, d: u64| env.args.get(i).map_or(Some(d), |a| a.parse::<u64>().ok());
     let (Some(waves), Some(peak_mb), Some(step_mb), Some(hold_ms)) =
         (arg(0, 3), arg(1, default_peak), arg(2, 32), arg(3, 200))
@@ -65,12 +63,12 @@ async fn main(env: Env) -> u32 {
     println!(
         "mem-wave: {waves} waves up to {peak_mb} MiB in {step_mb} MiB steps, holding {hold_ms} ms (boot memory {} MiB, hot-plug window {} MiB)",
         min / MIB,
-        heap::window_size() / MIB
+        memory::window_size() / MIB
     );
     let chunks = peak_mb as usize;
     let mut sums: Vec<u64> = Vec::with_capacity(chunks);
     let mut errors = 0u64;
-    let mut peak_held = heap::held();
+    let mut peak_held = memory::held();
     let mut all_back = true;
     let started = time::now_ns();
     for wave in 0..waves {
@@ -84,23 +82,23 @@ async fn main(env: Env) -> u32 {
                 sums.push(fill(&mut buf, seed));
                 set.push(buf);
             }
-            peak_held = peak_held.max(heap::held());
-            elastic::set_user_figure(set.len() as u64);
+            peak_held = peak_held.max(memory::held());
+            report::set_user_figure(set.len() as u64);
             yield_now().await;
         }
         let grown_ms = (time::now_ns() - wave_start) / 1_000_000;
         sleep_ms(hold_ms).await;
         let bad = set.iter().zip(&sums).filter(|(b, s)| checksum(b) != **s).count() as u64;
         errors += bad;
-        let held_at_peak = heap::held();
+        let held_at_peak = memory::held();
         peak_held = peak_held.max(held_at_peak);
         drop(set);
-        elastic::set_user_figure(0);
+        report::set_user_figure(0);
         let freed = time::now_ns();
-        while heap::held() > min && time::now_ns() - freed < 5_000_000_000 {
+        while memory::held() > min && time::now_ns() - freed < 5_000_000_000 {
             sleep_ms(5).await;
         }
-        let back = heap::held() == min;
+        let back = memory::held() == min;
         all_back &= back;
         println!(
             "  wave {}/{waves}: {peak_mb} MiB in {grown_ms} ms, held {} MiB, checksums {}; {} {} ms after freeing",
@@ -111,7 +109,7 @@ async fn main(env: Env) -> u32 {
             (time::now_ns() - freed) / 1_000_000
         );
     }
-    let (grants, releases) = heap::counters();
+    let (grants, releases) = memory::counters();
     println!(
         "mem-wave: peak held {} MiB, {grants} grants, {releases} releases, {errors} checksum errors, {} ms",
         peak_held / MIB,
@@ -122,8 +120,8 @@ async fn main(env: Env) -> u32 {
     println!(
         "mem-wave: {} (memory {} at min: {} MiB)",
         if ok { "PASSED" } else { "FAILED" },
-        if heap::held() == min { "back" } else { "NOT" },
-        heap::held() / MIB
+        if memory::held() == min { "back" } else { "NOT" },
+        memory::held() / MIB
     );
     if ok { exit_code::SUCCESS } else { exit_code::FAILURE }
 }

@@ -2,17 +2,16 @@
 //! natively (about a cycle per iteration); at CPL 0 on this machine's KVM it would be emulated
 //! and roughly 1000 times slower.
 
+use elastic_rt::prelude::*;
+use elastic_rt::println;
+use elastic_rt::time::rdtsc;
 use hypercall_abi::exit_code;
-
-use super::{App, Env, run_sync, usage_error};
-use crate::arch::cpu::rdtsc;
-use crate::{println, time};
 
 const NAME: &str = "spin";
 const USAGE: &str = "N";
 
 /// The `spin` service.
-pub const APP: App = App {
+pub const SERVICE: Service = Service {
     name: NAME,
     usage: USAGE,
     about: "run N iterations of a tight loop and time them",

@@ -8,20 +8,18 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
 use core::sync::atomic::Ordering;
+use elastic_rt::prelude::*;
+use elastic_rt::println;
+use elastic_rt::raw::{CPUS, PerCpu, cpu_state as state};
+use elastic_rt::time::rdtsc;
 
 use hypercall_abi::exit_code;
-
-use super::{App, Env, boxed, usage_error};
-use crate::arch::cpu::{self, rdtsc};
-use crate::percpu::{CPUS, PerCpu, state};
-use crate::timer::sleep_ms;
-use crate::{elastic, hypercall, notices, println, smp, time};
 
 const NAME: &str = "vcpu-bench";
 const USAGE: &str = "[SAMPLES]";
 
 /// The `vcpu-bench` service.
-pub const APP: App = App {
+pub const SERVICE: Service = Service {
     name: NAME,
     usage: USAGE,
     about: "measure hypercall, exit, vCPU up/down and kick latencies (used by `bench`)",
@@ -50,7 +48,7 @@ fn wait_until(done: impl Fn() -> bool) -> bool {
         if rdtsc() > deadline {
             return false;
         }
-        let _ = hypercall::block(20_000);
+        let _ = raw::block(20_000);
     }
     true
 }
@@ -64,7 +62,7 @@ fn wait_started(slot: &PerCpu, t0: u64) -> Option<u64> {
 /// Brings a vCPU up and measures request -> first instruction.
 fn timed_up() -> Option<(u64, &'static PerCpu)> {
     let t0 = rdtsc();
-    let (_, slot) = elastic::up().ok()?;
+    let (_, slot) = vcpus::up().ok()?;
     wait_started(slot, t0).map(|d| (d, slot))
 }
 
@@ -74,14 +72,14 @@ async fn main(env: Env) -> u32 {
         Some(Ok(n)) if (1..=100_000).contains(&n) => n,
         _ => return usage_error(NAME, USAGE, format_args!("SAMPLES must be within 1..=100000")),
     };
-    elastic::set_auto(false);
-    let (_, _, burst) = smp::limits();
+    vcpus::set_auto(false);
+    let (_, _, burst) = vcpus::limits();
     let (mut rtt, mut floor) = (Vec::new(), Vec::new());
     for _ in 0..samples {
         let t0 = rdtsc();
-        let _ = hypercall::ping();
+        let _ = raw::ping();
         let t1 = rdtsc();
-        cpu::nop_exit();
+        raw::nop_exit();
         let t2 = rdtsc();
         rtt.push(ns(t1 - t0));
         floor.push(ns(t2 - t1));
@@ -89,7 +87,7 @@ async fn main(env: Env) -> u32 {
     // Fresh vCPUs: the host has none parked yet.
     let mut fresh = Vec::new();
     let mut up_slots = Vec::new();
-    while smp::online() < burst {
+    while vcpus::online() < burst {
         match timed_up() {
             Some((d, slot)) => {
                 fresh.push(d);
@@ -106,7 +104,7 @@ async fn main(env: Env) -> u32 {
             sleep_ms(1).await; // let it block again
             let before = target.woke_tsc.load(Ordering::Acquire);
             let t0 = rdtsc();
-            let _ = hypercall::kick(target.vcpu_id.load(Ordering::Acquire));
+            let _ = raw::kick(target.vcpu_id.load(Ordering::Acquire));
             if wait_until(|| target.woke_tsc.load(Ordering::Acquire) != before) {
                 kick.push(ns(target.woke_tsc.load(Ordering::Acquire).saturating_sub(t0)));
             }
@@ -116,13 +114,13 @@ async fn main(env: Env) -> u32 {
     let (mut down, mut reused) = (Vec::new(), Vec::new());
     for _ in 0..samples.min(30) {
         let Some(victim) = CPUS.iter().skip(1).find(|s| s.state() == state::IDLE) else { break };
-        let host_before = notices::host_online_vcpus();
+        let host_before = vcpus::host_online_vcpus();
         victim.down_requested.store(true, Ordering::Release);
-        let _ = hypercall::kick(victim.vcpu_id.load(Ordering::Acquire));
+        let _ = raw::kick(victim.vcpu_id.load(Ordering::Acquire));
         // The host counts the vCPU offline in the notice page while serving VCPU_DOWN; the
         // sample runs from the victim's own TSC stamp right before its call to the moment the
         // waiter sees the new count (an upper bound: it includes the waiter's polling delay).
-        if !wait_until(|| notices::host_online_vcpus() < host_before) {
+        if !wait_until(|| vcpus::host_online_vcpus() < host_before) {
             break;
         }
         down.push(ns(rdtsc().saturating_sub(victim.down_tsc.load(Ordering::Acquire))));
@@ -147,6 +145,6 @@ async fn main(env: Env) -> u32 {
     json_array(&mut out, "kick_wake_ns", &kick);
     out.push('}');
     println!("{out}");
-    elastic::set_auto(true);
+    vcpus::set_auto(true);
     exit_code::SUCCESS
 }

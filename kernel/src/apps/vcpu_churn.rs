@@ -5,21 +5,18 @@
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use elastic_rt::prelude::*;
+use elastic_rt::println;
+use elastic_rt::vcpus::UpError;
 
 use hypercall_abi::{Status, exit_code};
 use spin::Mutex;
-
-use super::{App, Env, boxed, usage_error};
-use crate::executor::{JoinHandle, spawn, yield_now};
-use crate::smp::UpError;
-use crate::timer::{sleep_ms, sleep_ns};
-use crate::{elastic, notices, println, smp, time};
 
 const NAME: &str = "vcpu-churn";
 const USAGE: &str = "[N] [DRIVERS]";
 
 /// The `vcpu-churn` service.
-pub const APP: App = App {
+pub const SERVICE: Service = Service {
     name: NAME,
     usage: USAGE,
     about: "N rapid vCPU up/down cycles from several vCPUs; every task must run exactly once",
@@ -42,7 +39,7 @@ struct Shared {
 async fn driver(s: Arc<Shared>) -> Result<(), UpError> {
     while s.next_cycle.fetch_add(1, Ordering::AcqRel) < s.cycles {
         loop {
-            match elastic::up() {
+            match vcpus::up() {
                 Ok(_) => break,
                 Err(UpError::Refused(Status::DENIED | Status::EXHAUSTED | Status::AGAIN)) => {
                     s.denied.fetch_add(1, Ordering::Relaxed);
@@ -63,7 +60,7 @@ async fn driver(s: Arc<Shared>) -> Result<(), UpError> {
             });
             s.markers.lock().push(h);
         }
-        elastic::request_down(1);
+        vcpus::request_down(1);
         yield_now().await;
     }
     Ok(())
@@ -77,8 +74,8 @@ async fn main(env: Env) -> u32 {
     if cycles == 0 || !(1..=16).contains(&drivers) {
         return usage_error(NAME, USAGE, format_args!("N must be >= 1 and DRIVERS within 1..=16"));
     }
-    let (min, _, burst) = smp::limits();
-    elastic::set_auto(false);
+    let (min, _, burst) = vcpus::limits();
+    vcpus::set_auto(false);
     let started = time::now_ns();
     let shared = Arc::new(Shared {
         cycles,
@@ -102,16 +99,16 @@ async fn main(env: Env) -> u32 {
     }
     let churn_ms = (time::now_ns() - started) / 1_000_000;
     // Bring the VM back to min: cancel leftover requests, then ask exactly for the excess.
-    elastic::cancel_down_requests();
-    elastic::request_down(smp::online().saturating_sub(min));
+    vcpus::cancel_down_requests();
+    vcpus::request_down(vcpus::online().saturating_sub(min));
     let wait = time::now_ns();
-    while (smp::online() > min || notices::host_online_vcpus() > min as u64) && time::now_ns() - wait < 5_000_000_000 {
+    while (vcpus::online() > min || vcpus::host_online_vcpus() > min as u64) && time::now_ns() - wait < 5_000_000_000 {
         sleep_ms(2).await;
     }
-    elastic::set_auto(true);
+    vcpus::set_auto(true);
     let ran_once = shared.ran.iter().filter(|r| r.load(Ordering::Acquire) == 1).count();
     let total = shared.ran.len();
-    let ok = failed.is_none() && ran_once == total && smp::online() == min;
+    let ok = failed.is_none() && ran_once == total && vcpus::online() == min;
     println!(
         "vcpu-churn: {cycles} up/down cycles from {drivers} drivers in {churn_ms} ms: {} ups, {} DENIED at the ceiling (burst {burst})",
         shared.ups.load(Ordering::Relaxed),
@@ -119,13 +116,11 @@ async fn main(env: Env) -> u32 {
     );
     println!(
         "vcpu-churn: {ran_once}/{total} tasks ran exactly once; vCPUs online at the end: {} (host says {}, min {min})",
-        smp::online(),
-        notices::host_online_vcpus()
+        vcpus::online(),
+        vcpus::host_online_vcpus()
     );
-    if smp::online() != min {
-        for (i, slot) in
-            crate::percpu::CPUS.iter().enumerate().filter(|(_, s)| s.state() != crate::percpu::state::OFFLINE)
-        {
+    if vcpus::online() != min {
+        for (i, slot) in raw::CPUS.iter().enumerate().filter(|(_, s)| s.state() != raw::cpu_state::OFFLINE) {
             println!(
                 "vcpu-churn:   slot {i}: vCPU {} state {} down_requested {}",
                 slot.vcpu_id.load(Ordering::Relaxed),
@@ -133,7 +128,7 @@ async fn main(env: Env) -> u32 {
                 slot.down_requested.load(Ordering::Relaxed)
             );
         }
-        println!("vcpu-churn:   idle count {}, runnable {}", smp::idle(), crate::executor::runnable());
+        println!("vcpu-churn:   idle count {}, runnable {}", vcpus::idle(), task::runnable());
     }
     if let Some(e) = failed {
         println!("vcpu-churn: a driver failed: {e:?}");

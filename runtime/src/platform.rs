@@ -39,7 +39,7 @@ static PLATFORM: AtomicU8 = AtomicU8::new(SHIM);
 static COM1: Mutex<Option<Uart16550<PioBackend>>> = Mutex::new(None);
 
 /// Records the platform; in QEMU mode also initialises COM1.
-pub fn init(shim_answered: bool) {
+pub(crate) fn init(shim_answered: bool) {
     if shim_answered {
         PLATFORM.store(SHIM, Ordering::Release);
         return;
@@ -62,7 +62,7 @@ pub fn current() -> Platform {
 }
 
 /// Sends console bytes to wherever this platform's console is.
-pub fn console_out(bytes: &[u8]) {
+pub(crate) fn console_out(bytes: &[u8]) {
     match current() {
         Platform::Shim => {
             for chunk in bytes.chunks(CONSOLE_WRITE_MAX as usize) {

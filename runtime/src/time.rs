@@ -3,7 +3,7 @@
 
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use crate::arch::cpu::rdtsc;
+pub use crate::arch::cpu::rdtsc;
 
 /// Frequency assumed when the platform reports none (QEMU without a TSC leaf).
 pub const FALLBACK_TSC_KHZ: u64 = 2_000_000;
@@ -52,7 +52,7 @@ static TSC_AT_BOOT: AtomicU64 = AtomicU64::new(0);
 static SOURCE: AtomicU8 = AtomicU8::new(TscSource::Assumed as u8);
 
 /// Sets the time base. `tsc_khz == 0` keeps [`FALLBACK_TSC_KHZ`] (source `Assumed`).
-pub fn init(tsc_khz: u64, source: TscSource) {
+pub(crate) fn init(tsc_khz: u64, source: TscSource) {
     if tsc_khz != 0 {
         TSC_KHZ.store(tsc_khz, Ordering::Relaxed);
         SOURCE.store(source as u8, Ordering::Relaxed);
@@ -62,7 +62,7 @@ pub fn init(tsc_khz: u64, source: TscSource) {
 
 /// Reads the TSC frequency from CPUID: the hypervisor timing leaf 0x40000010 first (exact in a
 /// VM), then leaf 0x15, then leaf 0x16. `(0, Assumed)` when none reports it.
-pub fn tsc_khz_from_cpuid() -> (u64, TscSource) {
+pub(crate) fn tsc_khz_from_cpuid() -> (u64, TscSource) {
     use crate::arch::cpu::cpuid;
     let (hv_max, ..) = cpuid(0x4000_0000, 0);
     if (0x4000_0010..0x4001_0000).contains(&hv_max) {

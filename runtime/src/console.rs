@@ -71,7 +71,7 @@ pub fn flush() {
 
 /// Flushes if anything is buffered (an idle vCPU calls this before it blocks: idle time is
 /// the cheapest time to pay for the exit).
-pub fn flush_if_pending() {
+pub(crate) fn flush_if_pending() {
     if let Some(mut c) = CONSOLE.try_lock()
         && c.len > 0
     {
@@ -80,7 +80,7 @@ pub fn flush_if_pending() {
 }
 
 /// A fixed-size, stack-allocated formatter used where the console lock may be unavailable.
-pub struct StackWriter<const N: usize> {
+pub(crate) struct StackWriter<const N: usize> {
     buf: [u8; N],
     len: usize,
 }
@@ -108,7 +108,7 @@ impl<const N: usize> Write for StackWriter<N> {
 
 /// Prints `args` even if the console lock is held (by a vCPU that faulted or panicked while
 /// printing): waits briefly for the lock, then bypasses it with a direct platform write.
-pub fn emergency_print(args: fmt::Arguments<'_>) {
+pub(crate) fn emergency_print(args: fmt::Arguments<'_>) {
     for _ in 0..1_000_000 {
         if let Some(mut c) = CONSOLE.try_lock() {
             let _ = c.write_fmt(args);
