@@ -294,6 +294,8 @@ pub mod wake {
     pub const NOTICE: u32 = 1 << 1;
     /// The timeout elapsed.
     pub const TIMEOUT: u32 = 1 << 2;
+    /// A paravirtual device has used buffers for the guest (poll its queues).
+    pub const DEVICE: u32 = 1 << 3;
 }
 
 /// `BlockArgs::timeout_ns` value meaning "no timeout".

@@ -54,8 +54,14 @@ pub struct BootInfo {
     pub vcpus: ResourceLimits,
     /// The VM's memory policy in bytes.
     pub memory: ResourceLimits,
+    /// Guest-physical address of the first paravirtual device page
+    /// ([`VirtioDeviceRegs`](crate::virtio::VirtioDeviceRegs); 0 when there is none). Devices
+    /// follow each other, one page each.
+    pub devices: u64,
+    /// Number of device pages at `devices`.
+    pub device_count: u64,
     /// *reserved* (zero).
-    pub reserved: [u64; 16],
+    pub reserved: [u64; 14],
 }
 
 const _: () = assert!(size_of::<BootInfo>() == 264);
@@ -72,7 +78,9 @@ const _: () = assert!(offset_of!(BootInfo, cmdline) == 72);
 const _: () = assert!(offset_of!(BootInfo, cmdline_len) == 80);
 const _: () = assert!(offset_of!(BootInfo, vcpus) == 88);
 const _: () = assert!(offset_of!(BootInfo, memory) == 112);
-const _: () = assert!(offset_of!(BootInfo, reserved) == 136);
+const _: () = assert!(offset_of!(BootInfo, devices) == 136);
+const _: () = assert!(offset_of!(BootInfo, device_count) == 144);
+const _: () = assert!(offset_of!(BootInfo, reserved) == 152);
 const _: () = assert!(BOOT_INFO_ADDR + size_of::<BootInfo>() as u64 <= CMDLINE_ADDR);
 const _: () = assert!(CMDLINE_ADDR + CMDLINE_MAX <= crate::KERNEL_MIN_LOAD_ADDR);
 
@@ -95,7 +103,9 @@ impl BootInfo {
             cmdline_len: 0,
             vcpus: zero,
             memory: zero,
-            reserved: [0; 16],
+            devices: 0,
+            device_count: 0,
+            reserved: [0; 14],
         }
     }
 

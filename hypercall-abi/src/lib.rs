@@ -27,6 +27,7 @@ pub mod boot;
 pub mod note;
 pub mod notice_page;
 pub mod options;
+pub mod virtio;
 
 pub use args::*;
 pub use boot::*;
@@ -101,6 +102,9 @@ pub enum Call {
     MemGrant = 11,
     /// Give granted extents back. Block: [`MemReleaseArgs`].
     MemRelease = 12,
+    /// Notify a paravirtual virtio device (a queue has buffers, or the device page changed).
+    /// No block: `rdi` is [`virtio::notify_value`]`(device, queue)`; the status is in `rax`.
+    DeviceNotify = 13,
 }
 
 impl Call {
@@ -118,6 +122,7 @@ impl Call {
         Call::Report,
         Call::MemGrant,
         Call::MemRelease,
+        Call::DeviceNotify,
     ];
 
     /// The call with number `n`, if this ABI revision defines one.
@@ -135,6 +140,7 @@ impl Call {
             10 => Some(Call::Report),
             11 => Some(Call::MemGrant),
             12 => Some(Call::MemRelease),
+            13 => Some(Call::DeviceNotify),
             _ => None,
         }
     }
@@ -159,6 +165,7 @@ impl Call {
             Call::Report => "report",
             Call::MemGrant => "mem_grant",
             Call::MemRelease => "mem_release",
+            Call::DeviceNotify => "device_notify",
         }
     }
 }
@@ -210,9 +217,15 @@ impl Status {
 }
 
 /// Feature bits negotiated by [`Call::Hello`]. The negotiated set is the intersection of what
-/// the guest asks for and what the host offers. ABI v1 defines none yet; bits are allocated
-/// from bit 0 upwards as features are added within v1.
-pub mod features {}
+/// the guest asks for and what the host offers. Bits are allocated from bit 0 upwards as
+/// features are added within v1.
+pub mod features {
+    /// The paravirtual virtio transport ([`crate::virtio`]): boot info describes device pages
+    /// and [`Call::DeviceNotify`](crate::Call::DeviceNotify) is served.
+    pub const VIRTIO_TRANSPORT: u64 = 1 << 0;
+    /// Every feature this revision defines.
+    pub const ALL: u64 = VIRTIO_TRANSPORT;
+}
 
 #[cfg(test)]
 mod tests {
@@ -242,6 +255,7 @@ mod tests {
             (Call::Report, 10),
             (Call::MemGrant, 11),
             (Call::MemRelease, 12),
+            (Call::DeviceNotify, 13),
         ];
         assert_eq!(pinned.len(), Call::ALL.len());
         for (c, n) in pinned {

@@ -129,6 +129,14 @@ struct RunArgs {
     /// Draw vCPUs and memory held over time, with the policy lines, reclaims and violations.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Forward TCP connections on a host port to a guest vsock port (repeatable). ADDR defaults
+    /// to 127.0.0.1 (loopback only); give 0.0.0.0 to publish on every interface.
+    #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = parse_publish_arg)]
+    publish: Vec<crate::devices::vsock::Publish>,
+    /// Listen on a Unix socket speaking Firecracker's hybrid-vsock protocol: a client writes
+    /// `CONNECT <guest port>\n` and reads `OK <host port>\n` once the guest accepted.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -179,6 +187,10 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 
 fn parse_guest_opt_arg(s: &str) -> Result<(String, String), String> {
     crate::config::parse_guest_opt(s).map_err(|e| e.to_string())
+}
+
+fn parse_publish_arg(s: &str) -> Result<crate::devices::vsock::Publish, String> {
+    crate::devices::vsock::endpoint::parse_publish(s).map_err(|e| e.to_string())
 }
 
 fn parse_log_arg(s: &str) -> Result<String, String> {
@@ -287,6 +299,8 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
             on_violation: args.on_violation,
         },
         weight: 1,
+        publish: args.publish.clone(),
+        vsock_uds: args.vsock_uds.clone(),
     };
     let spec = RunSpec {
         vms: vec![VmSpec { config, kernel: kernel_path(&args.guest), expect_exit: 0 }],

@@ -57,6 +57,8 @@ pub fn dispatch(vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, call: Option<u32>, g
         Call::Report => serve(vm, gpa, |a: &mut ReportArgs| report(vm, a)),
         Call::MemGrant => serve(vm, gpa, |a: &mut MemGrantArgs| mem_grant(vm, a)),
         Call::MemRelease => serve(vm, gpa, |a: &mut MemReleaseArgs| mem_release(vm, a)),
+        // No block: `gpa` (rdi) carries the device and queue.
+        Call::DeviceNotify => (vm.devices.notify(&vm.mem, gpa), Flow::Continue),
     }
 }
 
@@ -84,7 +86,7 @@ fn hello(vm: &VmShared, vcpu: u32, a: &mut HelloArgs) -> (Status, Flow) {
     }
     a.host_abi_version = ABI_VERSION;
     a.vcpu_id = vcpu;
-    a.host_features = 0;
+    a.host_features = if vm.devices.count() > 0 { hypercall_abi::features::VIRTIO_TRANSPORT } else { 0 };
     a.features = a.guest_features & a.host_features;
     a.vcpus = vm.vcpus.limits();
     a.memory = vm.memory.limits();

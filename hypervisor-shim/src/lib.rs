@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod devices;
 pub mod exit;
 pub mod fault;
 pub mod governor;

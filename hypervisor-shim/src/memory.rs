@@ -177,6 +177,13 @@ impl GuestMemory {
         self.hotplug.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The current set of regions, for code that works on guest memory directly (the device
+    /// models' virtqueues). Hold it for one pass only: a released extent stays mapped while a
+    /// snapshot that holds it lives.
+    pub fn snapshot(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
+        self.map.memory()
+    }
+
     /// Size of boot memory.
     pub fn ram_size(&self) -> u64 {
         self.ram_size

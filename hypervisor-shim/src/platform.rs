@@ -149,8 +149,10 @@ pub fn write_page_tables(mem: &GuestMemory, layout: &Layout) -> Result<(), Memor
 pub struct BootParams<'a> {
     /// Memory layout.
     pub layout: Layout,
-    /// First free byte above the kernel image.
+    /// First free byte above the kernel image and the device pages.
     pub heap_base: u64,
+    /// Device pages: address of the first, and how many.
+    pub devices: (u64, u64),
     /// TSC frequency.
     pub tsc_khz: u64,
     /// The command line.
@@ -178,6 +180,7 @@ pub fn write_boot_info(mem: &GuestMemory, p: &BootParams<'_>) -> Result<(), Memo
     info.cmdline_len = p.cmdline.len() as u64;
     info.vcpus = p.vcpus.limits();
     info.memory = p.memory.limits();
+    (info.devices, info.device_count) = if p.devices.1 > 0 { p.devices } else { (0, 0) };
     mem.write_obj(BOOT_INFO_ADDR, &info)
 }
 

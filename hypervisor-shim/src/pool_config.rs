@@ -237,6 +237,8 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
                 timeout,
                 policy,
                 weight: v.weight.unwrap_or(1).max(1),
+                publish: Vec::new(),
+                vsock_uds: None,
             },
             kernel: v.kernel.clone().unwrap_or_else(|| default_kernel.to_path_buf()),
             expect_exit: v.expect_exit.as_ref().map_or(0, |c| *c.get_ref()),

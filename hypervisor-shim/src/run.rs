@@ -26,6 +26,9 @@ pub enum RunError {
     /// A VM's thread failed.
     #[error("the thread running VM '{0}' failed")]
     Thread(String),
+    /// A host endpoint could not be set up (a port in use, a bad socket path).
+    #[error(transparent)]
+    Endpoint(#[from] crate::devices::vsock::EndpointError),
     /// The timeline file could not be created.
     #[error("cannot create timeline {path}: {source}")]
     Timeline {
@@ -42,6 +45,7 @@ impl RunError {
         match self {
             RunError::Vm(e) => e.exit_code(),
             RunError::Thread(_) => exit::INTERNAL,
+            RunError::Endpoint(_) => exit::USAGE,
             RunError::Timeline { .. } => exit::IO_ERROR,
         }
     }
@@ -173,10 +177,15 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     })?;
     let timeline = Arc::new(timeline);
     let pool = Arc::new(Pool::new(spec.capacity));
+    // Every endpoint is bound before any VM exists: a port in use stops the run up front.
+    let mut endpoints = Vec::new();
+    for vs in &spec.vms {
+        endpoints.push(crate::devices::vsock::endpoint::bind(&vs.config.publish, vs.config.vsock_uds.as_deref())?);
+    }
     let mut images: Vec<(PathBuf, Arc<KernelImage>)> = Vec::new();
     let mut vms = Vec::new();
     let mut captures = Vec::new();
-    for vs in &spec.vms {
+    for (vs, bound) in spec.vms.iter().zip(endpoints) {
         let image = match images.iter().find(|(p, _)| *p == vs.kernel) {
             Some((_, i)) => Arc::clone(i),
             None => {
@@ -192,7 +201,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
             echo: !matches!(spec.console, ConsoleMode::Capture { echo: false }),
             at_line_start: true,
         };
-        let vm = Vm::create(&vs.config, image, &kvm, started, Arc::clone(&timeline), &pool, Box::new(sink))?;
+        let vm = Vm::create(&vs.config, image, &kvm, started, Arc::clone(&timeline), &pool, Box::new(sink), bound)?;
         vms.push(vm);
         captures.push(capture);
     }

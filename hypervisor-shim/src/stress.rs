@@ -265,6 +265,8 @@ fn spec_for(s: &Scenario, kernel: &Path, out: &Path) -> RunSpec {
                 timeout: Some(Duration::from_secs(300)),
                 policy: PolicyConfig { budget: v.budget, refill: v.refill, ..PolicyConfig::default() },
                 weight: v.weight,
+                publish: Vec::new(),
+                vsock_uds: None,
             },
             kernel: kernel.to_path_buf(),
             expect_exit: 0,

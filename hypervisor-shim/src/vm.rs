@@ -57,6 +57,9 @@ pub enum VmError {
     /// A host-side failure with no more specific cause.
     #[error("{0}")]
     Internal(&'static str),
+    /// A device could not be set up.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 impl VmError {
@@ -67,7 +70,7 @@ impl VmError {
             VmError::Loader(LoaderError::Read { .. }) => exit::NO_INPUT,
             VmError::Loader(LoaderError::TooLarge { .. }) | VmError::Config(_) | VmError::Pool(_) => exit::USAGE,
             VmError::Loader(_) => exit::IMAGE_REFUSED,
-            VmError::Kvm { .. } | VmError::Memory(_) | VmError::Vcpu(_) | VmError::Internal(_) => exit::INTERNAL,
+            VmError::Kvm { .. } | VmError::Memory(_) | VmError::Vcpu(_) | VmError::Internal(_) | VmError::Device(_) => exit::INTERNAL,
         }
     }
 }
@@ -108,6 +111,10 @@ pub struct VmConfig {
     pub policy: PolicyConfig,
     /// Weight in the pool (a heavier VM keeps its burst longer under contention).
     pub weight: u64,
+    /// TCP ports published to the guest's request channel (`--publish`).
+    pub publish: Vec<crate::devices::vsock::Publish>,
+    /// The hybrid-vsock Unix socket (`--vsock-uds`).
+    pub vsock_uds: Option<std::path::PathBuf>,
 }
 
 /// How a run ended.
@@ -292,6 +299,8 @@ pub struct VmShared {
     pub timeline: Arc<Timeline>,
     /// The VM's resource policy and its place in the pool.
     pub policy: VmPolicy,
+    /// Paravirtual devices.
+    pub devices: crate::devices::Devices,
     notices: Mutex<Notices>,
     console: Mutex<Box<dyn Write + Send>>,
     state: Mutex<RunState>,
@@ -341,6 +350,22 @@ impl VmShared {
             out.push_str(&format!("  vCPU {}: {:?}, last exit at RIP {rip:#x}{sym}\n", ctl.id, ctl.state()));
         }
         out
+    }
+
+    /// Wakes the guest because a device put packets in its queues: a blocked vCPU if there is
+    /// one; otherwise vCPU 0 keeps the wake-up for its next BLOCK (running vCPUs poll at their
+    /// next task boundary anyway).
+    pub fn wake_for_device(&self) {
+        let all = self.vcpu_set.all();
+        let target = all.iter().find(|c| c.state() == crate::vcpu_set::State::Blocked).or(all.first());
+        if let Some(t) = target {
+            if t.state() == crate::vcpu_set::State::Blocked
+                && let Some(v) = &self.devices.vsock
+            {
+                v.shared.stats.guest_wakeups.fetch_add(1, Ordering::Relaxed);
+            }
+            t.wake(wake::DEVICE, false);
+        }
     }
 
     /// Whether the run is ending.
@@ -494,6 +519,7 @@ impl Vm {
         timeline: Arc<Timeline>,
         pool: &Arc<Pool>,
         console: Box<dyn Write + Send>,
+        endpoints: Vec<crate::devices::vsock::Bound>,
     ) -> Result<Vm, VmError> {
         let mut options = vec![("log", config.log_level.clone())];
         options.extend(config.guest_opts.iter().map(|(k, v)| (k.as_str(), v.clone())));
@@ -504,7 +530,7 @@ impl Vm {
         }
         let member = pool.admit(&config.name, config.vcpus, config.memory, config.weight)?;
         let policy = VmPolicy::new(Arc::clone(pool), member, config.vcpus, config.memory, config.policy);
-        let built = Self::build(config, image, kvm, started, timeline, policy, console, layout, cmdline);
+        let built = Self::build(config, image, kvm, started, timeline, policy, console, layout, cmdline, endpoints);
         if built.is_err() {
             pool.leave(member);
         }
@@ -522,6 +548,7 @@ impl Vm {
         console: Box<dyn Write + Send>,
         layout: Layout,
         cmdline: String,
+        endpoints: Vec<crate::devices::vsock::Bound>,
     ) -> Result<Vm, VmError> {
         let fd = kvm.create_vm().map_err(|source| VmError::Kvm { what: "create VM", source })?;
         // Two independent halves of the boot path run side by side: the boot vCPU (CPUID query,
@@ -549,6 +576,11 @@ impl Vm {
         });
         let (cpuid, boot_vcpu) = prepared?;
         let mem = mem?;
+        // Device pages follow the kernel image; the heap starts after them.
+        let devices_base = image.end.next_multiple_of(4096);
+        let vsock = crate::devices::vsock::Vsock::new(devices_base, &mem).map_err(|e| VmError::Device(e.to_string()))?;
+        let devices = crate::devices::Devices { vsock: Some(vsock) };
+        let heap_base = devices_base + devices.count() * hypercall_abi::virtio::VIRTIO_DEVICE_PAGE;
         let mut shared = VmShared {
             name: config.name.clone(),
             fd,
@@ -566,6 +598,7 @@ impl Vm {
             vcpu_set: VcpuSet::default(),
             timeline,
             policy,
+            devices,
             notices: Mutex::new(Notices::default()),
             console: Mutex::new(console),
             state: Mutex::new(RunState { outcome: None, threads: Vec::new() }),
@@ -576,7 +609,8 @@ impl Vm {
             &shared.mem,
             &BootParams {
                 layout,
-                heap_base: image.end.next_multiple_of(4096),
+                heap_base,
+                devices: (devices_base, shared.devices.count()),
                 tsc_khz: shared.tsc_khz,
                 cmdline: &cmdline,
                 vcpus: config.vcpus,
@@ -586,7 +620,19 @@ impl Vm {
         boot_vcpu.enter(image.entry, 0, hypercall_abi::BOOT_INFO_ADDR, 0)?;
         let ctl = shared.vcpu_set.add_boot_vcpu();
         shared.refresh_notice_page();
-        Ok(Vm { shared: Arc::new(shared), timeout: config.timeout, boot_vcpu: Some((boot_vcpu, ctl)) })
+        let shared = Arc::new(shared);
+        if !endpoints.is_empty()
+            && let Some(vsock) = &shared.devices.vsock
+        {
+            let weak = Arc::downgrade(&shared);
+            let wake: crate::devices::vsock::Wake = Arc::new(move || {
+                if let Some(vm) = weak.upgrade() {
+                    vm.wake_for_device();
+                }
+            });
+            vsock.start(&config.name, shared.mem.clone(), endpoints, wake).map_err(|e| VmError::Device(e.to_string()))?;
+        }
+        Ok(Vm { shared, timeout: config.timeout, boot_vcpu: Some((boot_vcpu, ctl)) })
     }
 
     /// The shared state (for tests and tools).
@@ -630,6 +676,8 @@ impl Vm {
                 }
             }
         }
+        // The device threads end first (their clients are closed).
+        shared.devices.stop();
         // Join every vCPU thread; new ones cannot start once `stopping` is set.
         loop {
             let next = shared.state().threads.pop();

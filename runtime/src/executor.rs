@@ -234,6 +234,7 @@ pub fn yield_now() -> impl Future<Output = ()> {
 pub fn worker_loop(slot: &'static PerCpu, until: &dyn Fn() -> bool) {
     loop {
         notices::poll();
+        crate::net::poll();
         if until() {
             return;
         }

@@ -28,7 +28,7 @@ pub fn call<T: ArgBlock>(block: &mut T) -> Status {
 
 /// HELLO: negotiates the ABI. `None` when no host answered (the kernel is not under the shim).
 pub fn hello() -> Option<HelloArgs> {
-    let mut args = HelloArgs::new(0);
+    let mut args = HelloArgs::new(hypercall_abi::features::ALL);
     match call(&mut args) {
         Status::PENDING => None,
         _ => Some(args),

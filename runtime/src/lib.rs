@@ -53,6 +53,7 @@ mod executor;
 mod heap;
 mod hypercall;
 mod logger;
+pub mod net;
 mod notices;
 mod panic;
 mod percpu;
@@ -62,6 +63,7 @@ pub mod service;
 mod smp;
 pub mod time;
 mod timer;
+mod virtio;
 
 pub use service::{Env, Service, ServiceFuture, boxed, run_sync, services, usage_error};
 
@@ -112,7 +114,7 @@ pub mod raw {
 pub mod prelude {
     pub use crate::task::{JoinHandle, sleep_ms, sleep_ns, spawn, yield_now};
     pub use crate::{Env, Service, ServiceFuture, boxed, run_sync, usage_error};
-    pub use crate::{console, memory, platform, raw, report, task, time, vcpus};
+    pub use crate::{console, memory, net, platform, raw, report, task, time, vcpus};
 }
 
 /// `SERVICE_EXIT` while the service runs.
@@ -189,6 +191,7 @@ pub(crate) fn kernel_main(boot: BootInfo) -> ! {
     }
     elastic::init(tuning);
     smp::init(hello.as_ref().map(|h| h.vcpus));
+    virtio::init(&boot, hello.as_ref());
     log::debug!("per-CPU pointer in GS: {}", arch::cpu::has_fsgsbase());
     let name = cmd.option("app").unwrap_or("hello");
     let Some(service) = service::find(name) else {

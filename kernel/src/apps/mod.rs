@@ -5,6 +5,7 @@ use elastic_rt::{Env, Service, run_sync};
 use hypercall_abi::exit_code;
 
 mod cpu_burst;
+mod echo;
 mod faults;
 mod hello;
 mod hostile;
@@ -20,6 +21,7 @@ mod vcpu_churn;
 /// Every service in the default image.
 pub const SERVICES: &[Service] = &[
     hello::SERVICE,
+    echo::SERVICE,
     spin::SERVICE,
     cpu_burst::SERVICE,
     vcpu_churn::SERVICE,

@@ -1,0 +1,292 @@
+//! The virtio-vsock device: the request channel between clients on the host and services in
+//! the guest.
+//!
+//! * [`endpoint`]: the host side clients connect to (published TCP ports, the hybrid-vsock
+//!   Unix socket).
+//! * [`muxer`]: the I/O thread (epoll) that moves bytes between host sockets and the guest's
+//!   virtqueues, one state machine per connection, with vsock credit flow in both directions.
+//! * This module: the state vCPU threads and the I/O thread share (the transport's device
+//!   page and the live queues), and the DEVICE_NOTIFY handling.
+//!
+//! Bounds (a guest or a client cannot grow the shim's memory without limit): at most
+//! [`MAX_CONNECTIONS`] connections per VM; per connection at most
+//! [`HOST_BUF_ALLOC`](hypercall_abi::virtio::vsock::HOST_BUF_ALLOC) bytes from the guest
+//! waiting for a slow client (the guest's credit), and at most one packet's worth read from
+//! the client ahead of the guest's credit.
+
+pub mod endpoint;
+mod muxer;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use hypercall_abi::Status;
+use hypercall_abi::virtio::{VIRTIO_CONFIG_SIZE, VIRTIO_ID_VSOCK, feature, vsock};
+use serde::Serialize;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::pv::{PvDevice, StatusChange};
+use crate::memory::GuestMemory;
+
+pub use endpoint::{Bound, EndpointError, Publish};
+
+/// Most connections one VM may have open; further clients are refused (closed at once).
+pub const MAX_CONNECTIONS: usize = 2048;
+
+/// Largest queue the device accepts.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+
+/// Wakes the guest so it polls its queues (the VM wakes a blocked vCPU).
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// The device's live queues.
+#[derive(Debug)]
+pub(crate) struct Queues {
+    pub(crate) rx: Queue,
+    pub(crate) tx: Queue,
+}
+
+/// What the vCPU threads and the I/O thread share.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) pv: PvDevice,
+    pub(crate) queues: Option<Queues>,
+    /// Changes at every reset and activation.
+    pub(crate) generation: u64,
+    /// Set when a queue turned out malformed: the device stops for this VM.
+    pub(crate) broken: Option<String>,
+}
+
+/// Counters of the device (the summary's `vsock` section).
+#[derive(Debug, Default)]
+pub struct VsockStats {
+    /// Connections accepted from clients.
+    pub connections: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Clients refused (connection cap, or the guest never accepted).
+    pub refused: AtomicU64,
+    /// Packets taken from the guest's transmit queue.
+    pub packets_from_guest: AtomicU64,
+    /// Packets put in the guest's receive queue.
+    pub packets_to_guest: AtomicU64,
+    /// Payload bytes from clients to the guest.
+    pub bytes_to_guest: AtomicU64,
+    /// Payload bytes from the guest to clients.
+    pub bytes_from_guest: AtomicU64,
+    /// Malformed packets or descriptor chains (answered, dropped).
+    pub malformed: AtomicU64,
+    /// DEVICE_NOTIFY calls for this device's queues.
+    pub queue_notifies: AtomicU64,
+    /// Times the guest woke up because the device had packets for it.
+    pub guest_wakeups: AtomicU64,
+    /// Device resets by the guest.
+    pub resets: AtomicU64,
+    /// The device was marked broken.
+    pub broken: AtomicBool,
+}
+
+/// A snapshot of [`VsockStats`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VsockFigures {
+    /// Connections accepted from clients.
+    pub connections: u64,
+    /// Clients refused.
+    pub refused: u64,
+    /// Packets from the guest.
+    pub packets_from_guest: u64,
+    /// Packets to the guest.
+    pub packets_to_guest: u64,
+    /// Bytes clients sent to the guest.
+    pub bytes_to_guest: u64,
+    /// Bytes the guest sent to clients.
+    pub bytes_from_guest: u64,
+    /// Malformed packets or chains.
+    pub malformed: u64,
+    /// DEVICE_NOTIFY calls for queues.
+    pub queue_notifies: u64,
+    /// Wake-ups of a blocked vCPU for packets.
+    pub guest_wakeups: u64,
+    /// Whether the device was marked broken.
+    pub broken: bool,
+}
+
+impl VsockStats {
+    /// The current figures.
+    pub fn figures(&self) -> VsockFigures {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        VsockFigures {
+            connections: l(&self.connections),
+            refused: l(&self.refused),
+            packets_from_guest: l(&self.packets_from_guest),
+            packets_to_guest: l(&self.packets_to_guest),
+            bytes_to_guest: l(&self.bytes_to_guest),
+            bytes_from_guest: l(&self.bytes_from_guest),
+            malformed: l(&self.malformed),
+            queue_notifies: l(&self.queue_notifies),
+            guest_wakeups: l(&self.guest_wakeups),
+            broken: self.broken.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// State shared by the vCPU threads (notifies) and the I/O thread.
+#[derive(Debug)]
+pub struct VsockShared {
+    core: Mutex<Core>,
+    kick: EventFd,
+    /// Counters.
+    pub stats: VsockStats,
+}
+
+impl VsockShared {
+    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the device broken for this VM (a malformed queue): it stops serving; the shim
+    /// carries on.
+    pub(crate) fn mark_broken(&self, core: &mut Core, mem: &GuestMemory, why: String) {
+        if core.broken.is_none() {
+            eprintln!("hypervisor-shim: vsock device stopped for this VM: {why}");
+            core.broken = Some(why);
+            core.queues = None;
+            core.generation += 1;
+            core.pv.set_needs_reset(mem);
+            self.stats.broken.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One VM's vsock device.
+pub struct Vsock {
+    /// Shared state.
+    pub shared: Arc<VsockShared>,
+    thread: Mutex<Option<(JoinHandle<()>, EventFd)>>,
+}
+
+impl std::fmt::Debug for Vsock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vsock").field("shared", &self.shared).finish_non_exhaustive()
+    }
+}
+
+/// Failures setting the device up.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// The I/O thread could not start.
+    #[error("cannot start the vsock I/O thread: {0}")]
+    Thread(std::io::Error),
+    /// The device page could not be written.
+    #[error(transparent)]
+    Page(#[from] super::pv::TransportError),
+}
+
+impl Vsock {
+    /// The device whose page is at `page`, not yet serving.
+    pub fn new(page: u64, mem: &GuestMemory) -> Result<Vsock, VsockError> {
+        let mut config = [0u8; VIRTIO_CONFIG_SIZE];
+        config[..8].copy_from_slice(&vsock::GUEST_CID.to_le_bytes());
+        let pv = PvDevice {
+            page,
+            device_id: VIRTIO_ID_VSOCK,
+            num_queues: 3,
+            // EVENT_IDX is not offered: with virtio-drivers it costs more notifies than
+            // the used-ring flag (see docs/abi.md).
+            offered: feature::VERSION_1 | feature::RING_INDIRECT_DESC,
+            queue_max_size: QUEUE_MAX_SIZE,
+            config,
+            negotiated: 0,
+            status: 0,
+        };
+        pv.write_page(mem)?;
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
+        let core = Core { pv, queues: None, generation: 0, broken: None };
+        let shared = Arc::new(VsockShared { core: Mutex::new(core), kick, stats: VsockStats::default() });
+        Ok(Vsock { shared, thread: Mutex::new(None) })
+    }
+
+    /// Starts the I/O thread serving `endpoints` (named `name-io`).
+    pub fn start(&self, name: &str, mem: GuestMemory, endpoints: Vec<Bound>, wake: Wake) -> Result<(), VsockError> {
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
+        let stop_thread = stop.try_clone().map_err(VsockError::EventFd)?;
+        let kick = self.shared.kick.try_clone().map_err(VsockError::EventFd)?;
+        let shared = Arc::clone(&self.shared);
+        let handle = std::thread::Builder::new()
+            .name(format!("{name}-io"))
+            .spawn(move || muxer::run(shared, mem, endpoints, wake, kick, stop_thread))
+            .map_err(VsockError::Thread)?;
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some((handle, stop));
+        Ok(())
+    }
+
+    /// Serves DEVICE_NOTIFY for queue `queue` of this device (or a status change), from a
+    /// vCPU thread.
+    pub fn notify(&self, mem: &GuestMemory, queue: u16) -> Status {
+        if queue == hypercall_abi::virtio::STATUS_CHANGED {
+            return self.status_changed(mem);
+        }
+        if u32::from(queue) >= 3 {
+            return Status::INVALID;
+        }
+        self.shared.stats.queue_notifies.fetch_add(1, Ordering::Relaxed);
+        // The I/O thread does the work; a full counter (it cannot be, at 2^64) would only
+        // mean a kick is already pending.
+        let _ = self.shared.kick.write(1);
+        Status::OK
+    }
+
+    fn status_changed(&self, mem: &GuestMemory) -> Status {
+        let shared = &self.shared;
+        let mut core = shared.core();
+        if core.broken.is_some() {
+            return Status::INVALID;
+        }
+        match core.pv.status_changed(mem) {
+            Ok(StatusChange::Reset) => {
+                core.queues = None;
+                core.generation += 1;
+                shared.stats.resets.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(StatusChange::DriverOk(mut queues)) => {
+                if queues.len() < 2 {
+                    shared.mark_broken(&mut core, mem, "the driver set up fewer than two queues".into());
+                    return Status::INVALID;
+                }
+                let tx = queues.swap_remove(1);
+                let rx = queues.swap_remove(0);
+                core.queues = Some(Queues { rx, tx });
+                core.generation += 1;
+            }
+            Ok(StatusChange::Progress) => return Status::OK,
+            Err(e) => {
+                core.pv.set_needs_reset(mem);
+                eprintln!("hypervisor-shim: vsock device: the guest's setup was refused: {e}");
+                return Status::INVALID;
+            }
+        }
+        drop(core);
+        let _ = shared.kick.write(1);
+        Status::OK
+    }
+
+    /// Stops the I/O thread (closing every connection) and waits for it.
+    pub fn stop(&self) {
+        let running = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((handle, stop)) = running {
+            let _ = stop.write(1);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
