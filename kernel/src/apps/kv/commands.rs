@@ -8,7 +8,7 @@ use core::num::NonZeroU64;
 use super::glob::Glob;
 use super::info::{self, Figures};
 use super::resp::{self, MAX_BULK_BYTES, parse_i64};
-use super::store::{Store, Ttl};
+use super::store::{Detached, Store, Ttl};
 
 /// What the connection does after a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +29,8 @@ pub struct Ctx<'a> {
     pub figures: &'a dyn Fn() -> Figures,
     /// Where replies go.
     pub out: &'a mut Vec<u8>,
+    /// Where FLUSHALL puts the old keyspace, to be freed after the store's lock is released.
+    pub detached: &'a mut Option<Detached>,
 }
 
 impl core::fmt::Debug for Ctx<'_> {
@@ -540,14 +542,16 @@ fn dbsize(c: &mut Ctx<'_>, _args: &mut [Vec<u8>]) -> Result<Flow, CommandError> 
     done()
 }
 
-/// FLUSHALL/FLUSHDB [ASYNC|SYNC]: always synchronous; frees everything.
+/// FLUSHALL/FLUSHDB [ASYNC|SYNC]: the store is empty at once; the old keys and values are
+/// freed by [`super::Session::release`] (outside the lock) whatever the mode.
 fn flush(c: &mut Ctx<'_>, args: &mut [Vec<u8>]) -> Result<Flow, CommandError> {
     match args {
         [_] => {}
         [_, mode] if is(mode, "async") || is(mode, "sync") => {}
         _ => return Err(CommandError::Syntax),
     }
-    c.store.flush();
+    // A keyspace detached earlier and not released yet is freed here.
+    *c.detached = Some(c.store.detach());
     ok(c.out)
 }
 

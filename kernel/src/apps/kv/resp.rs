@@ -142,7 +142,7 @@ impl Parser {
     /// Parses from `input[*pos..]`, advancing `*pos` over every byte it took in. Returns
     /// `Ok(true)` when a whole request is ready in [`Parser::args`] (the caller runs it, then
     /// calls [`Parser::finish`]); `Ok(false)` when more input is needed — then everything up
-    /// to `*pos` has been absorbed and `input[*pos..]` is an unfinished line (shorter than
+    /// to `*pos` has been absorbed and `input[*pos..]` is an unfinished line (at most
     /// [`MAX_INLINE_BYTES`]) to present again with more bytes after it.
     pub fn parse(&mut self, input: &[u8], pos: &mut usize) -> Result<bool, ProtocolError> {
         loop {
@@ -265,7 +265,7 @@ fn grow_within(arg: &mut Vec<u8>, more: usize, cap: usize) {
 /// byte after it is skipped unchecked.
 fn header_line(rest: &[u8], too_big: ProtocolError) -> Result<Option<(&[u8], usize)>, ProtocolError> {
     match memchr(b'\r', rest) {
-        Some(cr) if cr > MAX_INLINE_BYTES => Err(too_big),
+        Some(cr) if cr >= MAX_INLINE_BYTES => Err(too_big),
         Some(cr) if cr + 2 <= rest.len() => Ok(Some((rest.get(..cr).unwrap_or(&[]), cr + 2))),
         Some(_) => Ok(None),
         None if rest.len() > MAX_INLINE_BYTES => Err(too_big),
@@ -595,6 +595,13 @@ mod tests {
         let mut star = vec![b'*'];
         star.resize(MAX_INLINE_BYTES + 2, b'1');
         assert_eq!(parse_all(&star), Err(ProtocolError::TooBigMultibulkCount));
+        // An unfinished header never leaves more than the cap with the caller.
+        let mut edge = vec![b'*'];
+        edge.resize(MAX_INLINE_BYTES - 1, b'1');
+        edge.push(b'\r');
+        assert_eq!(parse_all(&edge).map(|(r, left)| (r.len(), left)), Ok((0, MAX_INLINE_BYTES)));
+        edge.insert(1, b'1');
+        assert_eq!(parse_all(&edge), Err(ProtocolError::TooBigMultibulkCount));
         let mut dollar = b"*1\r\n$".to_vec();
         dollar.resize(MAX_INLINE_BYTES + 10, b'1');
         assert_eq!(parse_all(&dollar), Err(ProtocolError::TooBigBulkCount));
@@ -653,6 +660,12 @@ mod tests {
                 b"PING".to_vec()
             ]]
         );
+    }
+
+    #[test]
+    fn inline_nul_ends_the_line_and_only_blanks_split_words() {
+        let (reqs, _) = parse_all(b"ECHO a\x0bb\0 ignored\r\n\x0c PING\r\n").unwrap();
+        assert_eq!(reqs, vec![words(&["ECHO", "a\x0bb"]), words(&["PING"])]);
     }
 
     #[test]

@@ -34,6 +34,7 @@ fn feed_at(store: &mut Store, session: &mut Session, chunks: &[&[u8]], now: u64)
         buf.extend_from_slice(chunk);
         loop {
             let h = session.handle(store, &buf, now, &figures, &mut out);
+            session.release();
             assert!(h.consumed <= buf.len());
             if h.close {
                 return (out, true);
@@ -334,6 +335,12 @@ const REDIS: &[Case] = &[
         reply: b"-ERR Protocol error: unbalanced quotes in request\r\n",
         closed: true,
     },
+    Case {
+        name: "inline_blanks",
+        input: b"ECHO a\x0bb\r\n\x0c PING\r\nECHO \x0b x\r\n",
+        reply: b"$3\r\na\x0bb\r\n+PONG\r\n$1\r\nx\r\n",
+        closed: false,
+    },
 ];
 
 #[test]
@@ -575,8 +582,15 @@ fn byte_accounting_follows_every_write_and_flushall_frees_everything() {
         st.set(alloc::format!("big{i}").into_bytes(), v.clone(), store::Ttl::Clear, NOW);
     }
     assert!(st.bytes() > 5_000_000);
-    assert_eq!(cmd(&mut st, NOW, "FLUSHALL\r\nDBSIZE\r\n"), "+OK\r\n:0\r\n");
+    let mut session = Session::new();
+    let mut out = Vec::new();
+    session.handle(&mut st, b"FLUSHALL\r\nDBSIZE\r\n", NOW, &figures, &mut out);
+    assert_eq!(out, b"+OK\r\n:0\r\n");
     assert_eq!((st.len(), st.volatile_len(), st.bytes()), (0, 0, 0));
+    // The old keyspace waits in the session until the caller releases it (outside the lock).
+    assert_eq!(session.detached_keys(), 52);
+    session.release();
+    assert_eq!(session.detached_keys(), 0);
     assert_eq!(cmd(&mut st, NOW, "INFO keyspace\r\n"), "$12\r\n# Keyspace\r\n\r\n");
 }
 
