@@ -10,6 +10,7 @@ mod faults;
 mod hello;
 mod hostile;
 mod idle;
+mod kv;
 mod load;
 mod mem_bench;
 mod mem_churn;

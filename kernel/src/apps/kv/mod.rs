@@ -1,0 +1,148 @@
+//! `kv`: the protocol and data core of a key-value service that speaks the Redis protocol
+//! (RESP2 multibulk and inline requests), so unmodified `redis-cli` and `redis-benchmark` can
+//! drive it.
+//!
+//! Pure logic, no kernel dependencies: the caller owns the sockets, the clock and the lock.
+//! Per connection it keeps a [`Session`]; the keyspace is one [`Store`] behind a lock held for
+//! one [`Session::handle`] call:
+//!
+//! ```text
+//! let mut session = Session::new();
+//! let mut buf = Vec::new();             // unconsumed input
+//! loop {
+//!     read more bytes onto the end of buf;   (skip the read when the last call said `more`)
+//!     let mut out = Vec::new();
+//!     let h = session.handle(&mut store.lock(), &buf, now_ms, &figures, &mut out);
+//!     session.release();                 // lock dropped: free what FLUSHALL detached
+//!     buf.drain(..h.consumed);
+//!     write all of out;
+//!     if h.close { close the connection }
+//! }
+//! ```
+//!
+//! Commands: PING ECHO SET GET DEL UNLINK EXISTS INCR DECR INCRBY DECRBY MGET MSET APPEND
+//! STRLEN SETNX SETEX PSETEX GETDEL TYPE TTL PTTL EXPIRE PEXPIRE PERSIST DBSIZE FLUSHALL
+//! FLUSHDB KEYS INFO CONFIG COMMAND SELECT QUIT — replies and error texts as Redis 7.0's.
+//! Limits: [`MAX_BULK_BYTES`], [`MAX_MULTIBULK_ARGS`], [`MAX_INLINE_BYTES`],
+//! [`MAX_REQUEST_BYTES`], [`OUTPUT_SOFT_LIMIT`].
+
+// Nothing calls into this module until the socket glue lands (then drop this line).
+#![allow(dead_code, unused_imports)]
+
+mod commands;
+mod glob;
+mod info;
+mod resp;
+mod store;
+#[cfg(test)]
+mod tests;
+
+use alloc::vec::Vec;
+
+pub use commands::{COMMANDS, Command};
+pub use info::{Figures, Human, REDIS_VERSION};
+pub use resp::{ARG_OVERHEAD, MAX_BULK_BYTES, MAX_INLINE_BYTES, MAX_MULTIBULK_ARGS, MAX_REQUEST_BYTES, ProtocolError};
+pub use store::{Detached, Stats, Store};
+
+/// Once a call has written this many reply bytes, it stops before the next request and
+/// reports [`Handled::more`], so one connection cannot pile up unbounded output (e.g. a
+/// pipeline of GETs of 8 MiB values): 1 MiB. A single reply may still exceed it.
+pub const OUTPUT_SOFT_LIMIT: usize = 1 << 20;
+
+/// Expired keys each [`Session::handle`] call removes from the store before its requests
+/// (earliest deadline first). [`Store::sweep`] does more on demand.
+pub const SWEEP_PER_CALL: usize = 16;
+
+/// What one [`Session::handle`] call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handled {
+    /// Bytes of the input taken in; drop them from the front of the buffer. What is left is
+    /// an unfinished line (at most [`MAX_INLINE_BYTES`]) or, if `more`, unprocessed requests.
+    /// When `close` is set, the whole input counts as consumed.
+    pub consumed: usize,
+    /// Close the connection once the output is written: after QUIT (`+OK` was written) or a
+    /// protocol error (`-ERR Protocol error: …` was written). Further input is ignored.
+    pub close: bool,
+    /// Stopped early at [`OUTPUT_SOFT_LIMIT`]: write the output, then call again with the
+    /// unconsumed rest before waiting for more input.
+    pub more: bool,
+}
+
+/// One client connection's protocol state.
+#[derive(Debug, Default)]
+pub struct Session {
+    parser: resp::Parser,
+    closed: bool,
+    /// A keyspace FLUSHALL took out of the store, not freed yet.
+    detached: Option<Detached>,
+}
+
+impl Session {
+    /// A fresh connection.
+    pub const fn new() -> Self {
+        Self { parser: resp::Parser::new(), closed: false, detached: None }
+    }
+
+    /// Runs every complete request in `input` (pipelining) against `store`, appending the
+    /// replies to `out`; `now_ms` is the caller's clock (any monotonic ms) and `figures` is
+    /// asked only by INFO. Never panics on any input, and never reserves memory for announced
+    /// lengths before their bytes arrive.
+    pub fn handle(
+        &mut self,
+        store: &mut Store,
+        input: &[u8],
+        now_ms: u64,
+        figures: &dyn Fn() -> Figures,
+        out: &mut Vec<u8>,
+    ) -> Handled {
+        if self.closed {
+            return Handled { consumed: input.len(), close: true, more: false };
+        }
+        store.sweep(now_ms, SWEEP_PER_CALL);
+        let start = out.len();
+        let mut pos = 0;
+        loop {
+            match self.parser.parse(input, &mut pos) {
+                Ok(false) => return Handled { consumed: pos, close: false, more: false },
+                Ok(true) => {}
+                Err(e) => {
+                    e.reply(out);
+                    return self.close(input);
+                }
+            }
+            let mut ctx = commands::Ctx { store, now: now_ms, figures, out, detached: &mut self.detached };
+            let flow = commands::execute(&mut ctx, self.parser.args());
+            self.parser.finish();
+            if flow == commands::Flow::Close {
+                return self.close(input);
+            }
+            if out.len() - start >= OUTPUT_SOFT_LIMIT && pos < input.len() {
+                return Handled { consumed: pos, close: false, more: true };
+            }
+        }
+    }
+
+    fn close(&mut self, input: &[u8]) -> Handled {
+        self.closed = true;
+        self.parser = resp::Parser::new();
+        Handled { consumed: input.len(), close: true, more: false }
+    }
+
+    /// Frees what FLUSHALL/FLUSHDB took out of the store during the last [`Session::handle`]
+    /// (dropping 1M keys takes ~0.2 s): call it after releasing the store's lock. Cheap when
+    /// there is nothing to free; if never called, the memory goes at the next FLUSHALL on this
+    /// connection or when the session is dropped.
+    pub fn release(&mut self) {
+        self.detached = None;
+    }
+
+    /// Keys detached by FLUSHALL and not yet freed by [`Session::release`].
+    pub fn detached_keys(&self) -> usize {
+        self.detached.as_ref().map_or(0, Detached::len)
+    }
+
+    /// Heap bytes this connection holds for a request still arriving.
+    pub fn held_bytes(&self) -> usize {
+        self.parser.held_bytes()
+    }
+}
