@@ -16,6 +16,7 @@ mod cpu_burst;
 mod faults;
 mod hello;
 mod hostile;
+mod http;
 mod idle;
 mod load;
 mod mem_bench;
