@@ -9,6 +9,7 @@ mod echo;
 mod faults;
 mod hello;
 mod hostile;
+mod http;
 mod idle;
 mod kv;
 mod load;
