@@ -91,9 +91,14 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     }
 }
 
+const EXIT_CODES: &str = "\
+Exit codes: 0 every request answered correctly; 77 some failed (wrong answer, timeout, broken
+connection, or missed: not sent within a timeout of its due time); 64 bad flag; 69 the service
+refused the first connection; 74 cannot write --out; 130 ended early by Ctrl-C.";
+
 /// Flags of `hypervisor-shim load`.
 #[derive(Debug, Clone, Args)]
-#[command(group(ArgGroup::new("level").required(true).args(["rate", "concurrency"])))]
+#[command(group(ArgGroup::new("level").required(true).args(["rate", "concurrency"])), after_help = EXIT_CODES)]
 pub struct LoadArgs {
     /// The service: IP:PORT (or localhost:PORT).
     #[arg(long, value_name = "IP:PORT", value_parser = parse_target)]

@@ -187,14 +187,14 @@ pub fn chunked_len(buf: &[u8]) -> Result<Option<usize>, HttpError> {
 
 /// The `http` client state of one connection.
 #[derive(Debug)]
-pub struct HttpClient {
+pub(crate) struct HttpClient {
     request: Vec<u8>,
     path: String,
 }
 
 /// A verified answer and whether the connection may carry the next request.
 #[derive(Debug)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// The verdict.
     pub verdict: Verdict,
     /// False when the service closes (or will close) the connection.

@@ -61,7 +61,7 @@ struct Key {
 
 /// The `kv` client state of one connection.
 #[derive(Debug)]
-pub struct KvClient {
+pub(crate) struct KvClient {
     run: u64,
     value_size: usize,
     set_ratio: f64,

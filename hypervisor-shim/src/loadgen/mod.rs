@@ -39,7 +39,7 @@
 //! on time with errors rather than hanging it. Connections, rate, duration, keys and value
 //! size are capped (the `MAX_*` constants).
 //!
-//! The library prints nothing; [`command`] is the command line around it (progress bar on a
+//! The library prints nothing; [`command()`] is the command line around it (progress bar on a
 //! terminal, per-second lines otherwise, JSON report with `--out`).
 
 pub mod command;
@@ -507,9 +507,8 @@ impl Worker {
 
     fn run(mut self, shared: &Shared<'_>, tx: &Sender<Event>) {
         fine_timer_slack();
-        let now = Instant::now();
-        if shared.start > now {
-            thread::sleep(shared.start - now);
+        if !sleep_until(shared.start, &shared.stop) {
+            return;
         }
         match shared.config.mode {
             Mode::Open { .. } => self.open_loop(shared, tx),
@@ -532,7 +531,9 @@ impl Worker {
                 continue;
             }
             let reference = if due > now {
-                thread::sleep(due - now);
+                if !sleep_until(due, &shared.stop) {
+                    break;
+                }
                 Instant::now()
             } else {
                 due
@@ -592,6 +593,21 @@ impl Worker {
             }
         };
         let _ = tx.send(Event { at: shared.since_start(done), outcome });
+    }
+}
+
+/// Sleeps until `deadline`, waking every [`TICK`] to see whether the run was stopped; false
+/// if it was.
+fn sleep_until(deadline: Instant, stop: &AtomicBool) -> bool {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return true;
+        }
+        thread::sleep((deadline - now).min(TICK));
     }
 }
 
