@@ -55,6 +55,8 @@ enum Command {
     Qemu(QemuArgs),
     /// Measure boot time and the elasticity operations; write the medians as JSON.
     Bench(BenchArgs),
+    /// Drive a service over TCP (kv or http), verify every answer, measure latency.
+    Load(crate::loadgen::LoadArgs),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -274,6 +276,7 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
         Some(Command::Stress(args)) => run_stress(args),
         Some(Command::Qemu(args)) => run_qemu(args),
         Some(Command::Bench(args)) => run_bench(args),
+        Some(Command::Load(args)) => crate::loadgen::command(&args),
     }
 }
 

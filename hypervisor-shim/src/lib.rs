@@ -17,6 +17,7 @@ pub mod governor;
 pub mod hypercall;
 pub mod layout;
 pub mod loader;
+pub mod loadgen;
 pub mod memory;
 pub mod platform;
 pub mod plot;
