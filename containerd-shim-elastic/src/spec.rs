@@ -391,4 +391,116 @@ mod tests {
     }
 
     const GIB: u64 = 1 << 30;
+
+    /// A spec like the one `ctr run --rootfs` writes, with `extra` merged into the top level.
+    fn spec(extra: serde_json::Value) -> Spec {
+        let mut base = serde_json::json!({
+            "ociVersion": "1.0.2-dev",
+            "process": {"user": {"uid": 0, "gid": 0}, "cwd": "/", "env": ["PATH=/bin"], "terminal": false},
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]}
+            ],
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]}
+        });
+        let (serde_json::Value::Object(b), serde_json::Value::Object(e)) = (&mut base, extra) else {
+            panic!("objects")
+        };
+        b.extend(e);
+        serde_json::from_value(base).expect("a valid spec")
+    }
+
+    /// A rootfs with a kernel file and `elastic.toml`.
+    fn rootfs(name: &str, toml: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ctd-elastic-spec-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("kernel"), b"\x7fELF").expect("kernel");
+        std::fs::write(dir.join("elastic.toml"), toml).expect("toml");
+        dir
+    }
+
+    fn vm(w: Workload) -> VmPlan {
+        match w {
+            Workload::Vm(p) => p,
+            Workload::Sandbox => panic!("a sandbox"),
+        }
+    }
+
+    #[test]
+    fn process_args_override_the_service() {
+        let dir = rootfs("args", "service = \"hello\"\nargs = [\"x\"]\n");
+        let p = vm(plan(&spec(serde_json::json!({})), &dir).expect("plan"));
+        assert_eq!((p.service.as_str(), p.args.clone()), ("hello", vec!["x".to_string()]));
+        assert_eq!(p.kernel, dir.join("kernel"));
+        assert_eq!(p.netns, None, "a namespace without a path is not joined");
+        let s =
+            spec(serde_json::json!({"process": {"user": {"uid": 0, "gid": 0}, "cwd": "/", "args": ["spin", "1000"]}}));
+        let p = vm(plan(&s, &dir).expect("plan"));
+        assert_eq!((p.service.as_str(), p.args.clone()), ("spin", vec!["1000".to_string()]));
+        let s = spec(serde_json::json!({"process": {"user": {"uid": 0, "gid": 0}, "cwd": "/", "args": ["two words"]}}));
+        assert!(matches!(plan(&s, &dir), Err(SpecError::BadService(_))));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn what_cannot_be_honoured_is_refused() {
+        let dir = rootfs("refuse", "service = \"hello\"\n");
+        let refused = |extra: serde_json::Value, needle: &str| {
+            let e = plan(&spec(extra.clone()), &dir).expect_err(&format!("{extra} accepted"));
+            assert!(e.to_string().contains(needle), "{extra}: {e}");
+        };
+        refused(
+            serde_json::json!({"process": {"user": {"uid": 0, "gid": 0}, "cwd": "/", "terminal": true}}),
+            "terminal",
+        );
+        refused(
+            serde_json::json!({"mounts": [{"destination": "/data", "type": "bind", "source": "/srv", "options": ["rbind"]}]}),
+            "mount of /srv at /data",
+        );
+        refused(serde_json::json!({"hooks": {"prestart": [{"path": "/bin/true"}]}}), "OCI hooks (prestart)");
+        refused(
+            serde_json::json!({"linux": {"devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]}}),
+            "/dev/fuse",
+        );
+        refused(serde_json::json!({"linux": {"sysctl": {"net.core.somaxconn": "1024"}}}), "net.core.somaxconn");
+        refused(serde_json::json!({"annotations": {"elastic.publish": "6379"}}), "elastic.publish");
+        refused(serde_json::json!({"annotations": {"elastic.vcpus": "1:2:4"}}), "unknown annotation");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn cri_mounts_and_namespaces_are_accepted() {
+        let dir = rootfs("cri", "service = \"hello\"\npublish = [\"1:2\"]\n");
+        let bind = |dst: &str| serde_json::json!({"destination": dst, "type": "bind", "source": "/var/lib/x", "options": ["rbind", "ro"]});
+        let s = spec(serde_json::json!({
+            "mounts": [
+                bind("/etc/hosts"), bind("/etc/resolv.conf"), bind("/etc/hostname"), bind("/dev/termination-log"),
+                bind("/dev/shm"), bind("/var/run/secrets/kubernetes.io/serviceaccount"),
+                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue"},
+                {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}
+            ],
+            "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}]},
+            "annotations": {
+                "io.kubernetes.cri.container-type": "container",
+                "elastic.publish": "127.0.0.1:16379:6379,8080:80"
+            }
+        }));
+        let p = vm(plan(&s, &dir).expect("plan"));
+        assert_eq!(p.netns, Some(PathBuf::from("/var/run/netns/cni-1")));
+        let published: Vec<String> = p.publish.iter().map(ToString::to_string).collect();
+        assert_eq!(published, ["127.0.0.1:16379:6379", "127.0.0.1:8080:80"], "the annotation replaces elastic.toml");
+        let sandbox = spec(serde_json::json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox"}}));
+        assert_eq!(plan(&sandbox, Path::new("/nonexistent")).expect("sandbox"), Workload::Sandbox);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_rootfs_without_kernel_is_refused() {
+        let dir = rootfs("nokernel", "service = \"hello\"\nkernel = \"boot/vmlinux\"\n");
+        let e = plan(&spec(serde_json::json!({})), &dir).expect_err("no kernel");
+        assert!(e.to_string().contains("boot/vmlinux"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -269,10 +269,26 @@ impl Drop for Containerd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // A shim or VMM that outlived all that (a failed test) names this directory on its
+        // command line: end it.
+        kill_processes_naming(&self.dir);
         // Snapshot mounts live below root/; never delete through a live mount.
         let _ = Command::new("umount").arg("-R").arg(self.dir.join("root")).stderr(Stdio::null()).status();
         if !mounted_below(&self.dir) {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// SIGKILLs every process (other than this one) whose command line mentions `dir`.
+fn kill_processes_naming(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        if pid != me && String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
 }
@@ -398,6 +414,39 @@ fn kill_stops_a_running_service() {
         assert!(exit.contains(&format!("\"exit_status\":{status}")), "{exit}");
     }
     assert!(events.contains("/tasks/start") && events.contains("/tasks/delete"), "{events}");
+}
+
+/// If the shim process dies, containerd runs `containerd-shim-elastic-v1 delete`, which must
+/// end the VM the dead shim left behind.
+#[test]
+fn a_vm_left_by_a_dead_shim_is_ended() {
+    let c = Containerd::start("deadshim");
+    let rootfs = c.rootfs("rootfs", "service = \"idle\"\nargs = [\"600000\"]\n");
+    c.run(&["-d", "--rootfs"], &[rootfs.to_str().expect("path")], "orphan", &[]).expect_code(0, "ctr run -d");
+    let vmm = c.wait_status("orphan", "RUNNING");
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).expect("status");
+    let shim: i32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the VMM's parent");
+    let cmdline = std::fs::read(format!("/proc/{shim}/cmdline")).expect("cmdline");
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("containerd-shim-elastic-v1"),
+        "the VMM's parent {shim} is not our shim"
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), Signal::SIGKILL).expect("kill the shim");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Path::new(&format!("/proc/{vmm}")).exists() {
+        assert!(Instant::now() < deadline, "the VMM {vmm} outlived its dead shim by 20 s\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.task("orphan").is_some() {
+        assert!(Instant::now() < deadline, "containerd still lists the task of a dead shim");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.ctr(&["container", "delete", "orphan"]).expect_code(0, "container delete");
 }
 
 #[test]
