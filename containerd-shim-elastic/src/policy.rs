@@ -154,7 +154,8 @@ pub fn round_memory(bytes: u64) -> u64 {
     bytes - bytes % MEMORY_ALIGN
 }
 
-/// Parses `N[K|M|G|T]` (binary units, optional `B`/`iB`).
+/// Parses `N[K|M|G|T]` (binary units; `B`, `i` and `iB` suffixes too, so Kubernetes
+/// quantities such as `1Gi` parse).
 pub fn parse_size(text: &str) -> Result<u64, PolicyError> {
     let t = text.trim();
     let bad = || PolicyError::Size(text.to_string());
@@ -163,10 +164,10 @@ pub fn parse_size(text: &str) -> Result<u64, PolicyError> {
     let n: u64 = num.parse().map_err(|_| bad())?;
     let shift = match suffix.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
+        "k" | "kb" | "ki" | "kib" => 10,
+        "m" | "mb" | "mi" | "mib" => 20,
+        "g" | "gb" | "gi" | "gib" => 30,
+        "t" | "tb" | "ti" | "tib" => 40,
         _ => return Err(bad()),
     };
     n.checked_mul(1u64 << shift).ok_or_else(bad)
@@ -244,6 +245,8 @@ mod tests {
         assert_eq!(MemoryPolicy::parse("300000000").expect("bytes").min, 286 << 20);
         assert!(matches!(MemoryPolicy::parse("4M"), Err(PolicyError::MemoryFloor(_))));
         assert!(matches!(MemoryPolicy::parse("64Q"), Err(PolicyError::Size(_))));
+        assert_eq!(parse_size("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
         assert!(matches!(MemoryPolicy::parse("128M:64M:1G"), Err(PolicyError::Unordered { .. })));
     }
 

@@ -316,6 +316,14 @@ fn hello_prints_the_banner_and_exits_zero() {
     assert!(ran.stdout.contains(BANNER), "no banner in ctr's output:\n{}", ran.stdout);
     assert!(ran.stdout.contains("policy min 1 / max 1 / burst 1"), "{}", ran.stdout);
     assert!(c.task("hello").is_none(), "--rm left the task behind");
+
+    // A file:// log URI: the shim appends the console to the file.
+    let log = c.dir.join("console.log");
+    let uri = format!("file://{}", log.display());
+    c.run(&["--rm", "--log-uri", &uri, "--rootfs"], &[rootfs.to_str().expect("path")], "hello-log", &[])
+        .expect_code(0, "ctr run --log-uri");
+    let text = std::fs::read_to_string(&log).expect("the log file exists");
+    assert!(text.contains(BANNER), "no banner in {}:\n{text}", log.display());
 }
 
 #[test]
