@@ -140,6 +140,12 @@ struct Containerd {
 
 impl Containerd {
     fn start(name: &str) -> Self {
+        Self::start_with(name, None)
+    }
+
+    /// Starts containerd; `shim_dir` replaces the directory PATH finds the shim in (the
+    /// build directory, where `hypervisor-shim` also is).
+    fn start_with(name: &str, shim_dir: Option<&Path>) -> Self {
         require_environment();
         // Short: the shim's ttrpc socket name and the VM's control socket live below it.
         let dir = std::env::temp_dir().join(format!("ecs-{}-{name}", std::process::id()));
@@ -153,10 +159,11 @@ impl Containerd {
         );
         std::fs::write(dir.join("config.toml"), config).expect("config");
         let log = std::fs::File::create(dir.join("containerd.log")).expect("log");
-        let path = std::env::join_paths(
-            std::iter::once(bin_dir()).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-        )
-        .expect("PATH");
+        let system_path = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .filter(|d| shim_dir.is_none() || !d.join("hypervisor-shim").exists())
+            .collect::<Vec<_>>();
+        let first = shim_dir.map_or_else(bin_dir, Path::to_path_buf);
+        let path = std::env::join_paths(std::iter::once(first).chain(system_path)).expect("PATH");
         let daemon = Command::new("containerd")
             .arg("--config")
             .arg(dir.join("config.toml"))
@@ -481,6 +488,31 @@ fn unsupported_specs_are_refused_at_create() {
     let ran = c.run(&["--rm", "--rootfs"], &[empty.to_str().expect("path")], "empty", &[]);
     assert!(ran.stderr.contains("elastic.toml"), "{}", ran.stderr);
     assert_eq!(c.ctr(&["container", "ls", "-q"]).stdout.trim(), "", "refused containers were left behind");
+}
+
+/// Without `hypervisor-shim` beside the shim or on PATH, create fails and says so.
+#[test]
+fn a_missing_vmm_is_a_create_error() {
+    let lonely = std::env::temp_dir().join(format!("ecs-{}-lonely-bin", std::process::id()));
+    let _ = std::fs::remove_dir_all(&lonely);
+    std::fs::create_dir_all(&lonely).expect("dir");
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _lonely_guard = Remove(lonely.clone());
+    let shim = lonely.join("containerd-shim-elastic-v1");
+    if std::fs::hard_link(SHIM, &shim).is_err() {
+        std::fs::copy(SHIM, &shim).expect("copy the shim");
+    }
+    let c = Containerd::start_with("novmm", Some(&lonely));
+    let rootfs = c.rootfs("rootfs", "service = \"hello\"\n");
+    let ran = c.run(&["--rm", "--rootfs"], &[rootfs.to_str().expect("path")], "novmm", &[]);
+    assert_ne!(ran.code, Some(0), "ran without a VMM");
+    assert!(ran.stderr.contains("hypervisor-shim not found beside"), "{}", ran.stderr);
+    assert_eq!(c.ctr(&["container", "ls", "-q"]).stdout.trim(), "", "the refused container was left behind");
 }
 
 /// An OCI image (one layer holding the kernel and elastic.toml), imported and run through
