@@ -160,6 +160,7 @@ impl containerd_shim::Shim for ElasticShim {
             warn!("{e}");
         }
         let _ = std::fs::remove_file(self.bundle.join(vmm::API_SOCK));
+        remove_shim_socket(&self.bundle);
         Ok(DeleteResponse {
             pid: pid.unwrap_or(0),
             exit_status: 128 + Signal::SIGKILL as u32,
@@ -552,6 +553,15 @@ fn prepare(spec: &Spec, bundle: &Path, req: &api::CreateTaskRequest) -> Result<(
 
 fn display_args(args: &[std::ffi::OsString]) -> String {
     args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+}
+
+/// Removes the ttrpc socket a dead shim left (its address is in the bundle's `address` file).
+fn remove_shim_socket(bundle: &Path) {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else { return };
+    let path = Path::new(address.trim().trim_start_matches("unix://"));
+    if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 fn read_pid(bundle: &Path) -> Option<u32> {

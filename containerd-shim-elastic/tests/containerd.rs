@@ -450,6 +450,13 @@ fn a_vm_left_by_a_dead_shim_is_ended() {
         String::from_utf8_lossy(&cmdline).contains("containerd-shim-elastic-v1"),
         "the VMM's parent {shim} is not our shim"
     );
+    let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+    let socket = cmdline
+        .split('\0')
+        .skip_while(|a| *a != "-socket")
+        .nth(1)
+        .map(|a| PathBuf::from(a.trim_start_matches("unix://")))
+        .expect("the shim's -socket");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), Signal::SIGKILL).expect("kill the shim");
     let deadline = Instant::now() + Duration::from_secs(20);
     while Path::new(&format!("/proc/{vmm}")).exists() {
@@ -462,6 +469,7 @@ fn a_vm_left_by_a_dead_shim_is_ended() {
         std::thread::sleep(Duration::from_millis(50));
     }
     c.ctr(&["container", "delete", "orphan"]).expect_code(0, "container delete");
+    assert!(!socket.exists(), "the dead shim's socket {} was left behind", socket.display());
 }
 
 #[test]
