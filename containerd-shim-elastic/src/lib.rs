@@ -1,0 +1,21 @@
+//! containerd runtime v2 shim for the elastic unikernel: `ctr run --runtime
+//! io.containerd.elastic.v1` (or a Kubernetes RuntimeClass) starts one `hypervisor-shim run`
+//! per task, with the service, policies and published ports taken from the OCI bundle.
+//!
+//! * [`config`]: the rootfs's `elastic.toml`.
+//! * [`policy`]: min / max / burst policies and published ports.
+//! * [`spec`]: OCI spec → what the VM runs (and what is refused).
+//! * [`vmm`]: the `hypervisor-shim` child process and its `ctl` commands.
+//! * [`stdio`]: the console FIFOs.
+//! * [`rootfs`]: image rootfs mounts.
+//! * [`events`]: lifecycle events to containerd.
+//! * [`service`]: the shim and its task service.
+
+pub mod config;
+pub mod events;
+pub mod policy;
+pub mod rootfs;
+pub mod service;
+pub mod spec;
+pub mod stdio;
+pub mod vmm;

@@ -1,0 +1,370 @@
+//! Our VMM, `hypervisor-shim`, as a child process: finding it, asking it what it supports,
+//! building its `run` command line, starting it, and its `ctl` control commands.
+//!
+//! The containerd-shim library reaps every child (it is a subreaper and waits for any pid on
+//! SIGCHLD), so no child here is waited for with `std::process::Child::wait`: exits arrive
+//! through the library's monitor, subscribed to before the child is spawned.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use containerd_shim::monitor::{ExitEvent, Subject, Subscription, Topic, monitor_subscribe};
+use nix::sched::CloneFlags;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use thiserror::Error;
+
+use crate::spec::VmPlan;
+
+/// The VMM binary's name.
+pub const BINARY: &str = "hypervisor-shim";
+/// The name `hypervisor-shim run` gives its VM on the control API.
+pub const VM_NAME: &str = "vm0";
+/// How long a `ctl` command or the feature probe may take.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// A problem starting or controlling the VMM.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    /// No `hypervisor-shim` beside this binary or on PATH.
+    #[error("{BINARY} not found beside {beside} or on PATH (install it next to containerd-shim-elastic-v1)")]
+    NotFound {
+        /// The directory searched first.
+        beside: PathBuf,
+    },
+    /// Spawning a process failed.
+    #[error("cannot run {path}: {source}")]
+    Spawn {
+        /// The binary.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The library's exit monitor could not be subscribed to.
+    #[error("cannot watch child exits: {0}")]
+    Monitor(String),
+    /// A helper command did not finish in time (it was killed).
+    #[error("`{command}` did not finish within {HELPER_TIMEOUT:?} and was killed")]
+    Timeout {
+        /// The command.
+        command: String,
+    },
+    /// A helper command failed.
+    #[error("`{command}` failed (exit {code}): {message}")]
+    Failed {
+        /// The command.
+        command: String,
+        /// Its exit status.
+        code: i32,
+        /// The last line it wrote to stderr.
+        message: String,
+    },
+    /// The installed VMM lacks a flag this task needs.
+    #[error("{path} does not support `run {flag}` (needed for {what}); update hypervisor-shim")]
+    Unsupported {
+        /// The binary.
+        path: PathBuf,
+        /// The flag.
+        flag: &'static str,
+        /// What needs it.
+        what: &'static str,
+    },
+    /// The VM was started without a control API socket.
+    #[error("this VM has no control API: {path} does not support `run --api-sock`, which {what} needs")]
+    NoControlApi {
+        /// The binary.
+        path: PathBuf,
+        /// The operation.
+        what: &'static str,
+    },
+    /// The network namespace to join cannot be opened.
+    #[error("cannot open network namespace {path}: {source}")]
+    Netns {
+        /// The namespace path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Optional `run` flags, found by reading `hypervisor-shim run --help`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `--api-sock PATH` (the control API `ctl` talks to).
+    pub api_sock: bool,
+    /// `--publish ADDR:HOST:GUEST`.
+    pub publish: bool,
+}
+
+impl Features {
+    /// Reads the flags from `run --help` output.
+    pub fn from_help(help: &str) -> Self {
+        Features { api_sock: help.contains("--api-sock"), publish: help.contains("--publish") }
+    }
+}
+
+/// A located and probed `hypervisor-shim`.
+#[derive(Debug, Clone)]
+pub struct Vmm {
+    /// The binary.
+    pub path: PathBuf,
+    /// What its `run` supports.
+    pub features: Features,
+}
+
+/// A child's exit: its code, or 128 + the signal that ended it (as the library reports).
+pub type ExitCode = i32;
+
+impl Vmm {
+    /// Finds `hypervisor-shim` beside this executable, then on PATH, and probes its flags.
+    pub fn locate() -> Result<Self, VmmError> {
+        let exe = std::env::current_exe().unwrap_or_default();
+        let beside = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        let path = std::iter::once(beside.clone())
+            .chain(std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default())
+            .map(|dir| dir.join(BINARY))
+            .find(|p| is_executable(p))
+            .ok_or(VmmError::NotFound { beside })?;
+        let help = run_helper(Command::new(&path).args(["run", "--help"]))?;
+        if help.code != 0 {
+            return Err(VmmError::Failed {
+                command: format!("{} run --help", path.display()),
+                code: help.code,
+                message: last_line(&help.stderr),
+            });
+        }
+        let features = Features::from_help(&help.stdout);
+        Ok(Vmm { path, features })
+    }
+
+    /// The `run` command line for `plan` (everything after the binary).
+    pub fn run_args(&self, plan: &VmPlan, api_sock: Option<&Path>) -> Result<Vec<OsString>, VmmError> {
+        let mut args: Vec<OsString> = vec!["run".into(), "--kernel".into(), plan.kernel.clone().into()];
+        for (flag, value) in [
+            ("--app", plan.service.clone()),
+            ("--vcpus", plan.vcpus.to_string()),
+            ("--memory", plan.memory.to_string()),
+            ("--log", plan.log.clone()),
+        ] {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+        if !plan.publish.is_empty() && !self.features.publish {
+            return Err(VmmError::Unsupported {
+                path: self.path.clone(),
+                flag: "--publish",
+                what: "published ports (elastic.publish)",
+            });
+        }
+        for p in &plan.publish {
+            args.push("--publish".into());
+            args.push(p.to_string().into());
+        }
+        if let Some(sock) = api_sock {
+            args.push("--api-sock".into());
+            args.push(sock.into());
+        }
+        if !plan.args.is_empty() {
+            args.push("--".into());
+            args.extend(plan.args.iter().map(OsString::from));
+        }
+        Ok(args)
+    }
+
+    /// Starts `hypervisor-shim` with `args` in `cwd`, its stdout and stderr on the given files,
+    /// inside the network namespace `netns` if given. Returns the pid and the subscription its
+    /// exit will arrive on (see [`wait_exit`]).
+    pub fn spawn(
+        &self,
+        args: &[OsString],
+        cwd: &Path,
+        stdout: File,
+        stderr: File,
+        netns: Option<&Path>,
+    ) -> Result<(u32, Subscription), VmmError> {
+        let mut cmd = Command::new(&self.path);
+        cmd.args(args).current_dir(cwd).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+        if let Some(path) = netns {
+            let ns: OwnedFd =
+                File::open(path).map_err(|source| VmmError::Netns { path: path.to_path_buf(), source })?.into();
+            // SAFETY: the closure runs in the forked child before exec and only calls setns(2),
+            // which is async-signal-safe; it allocates nothing and takes no locks. The
+            // descriptor is close-on-exec, so the VMM does not inherit it.
+            unsafe {
+                cmd.pre_exec(move || nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+            }
+        }
+        let subscription = monitor_subscribe(Topic::Pid).map_err(|e| VmmError::Monitor(e.to_string()))?;
+        let child = cmd.spawn().map_err(|source| VmmError::Spawn { path: self.path.clone(), source })?;
+        Ok((child.id(), subscription))
+    }
+
+    /// `hypervisor-shim ctl --api-sock SOCK VERB vm0`, run in `cwd` (the socket path may be
+    /// relative to it).
+    pub fn ctl(&self, api_sock: &Path, verb: &str, cwd: &Path) -> Result<(), VmmError> {
+        let mut cmd = Command::new(&self.path);
+        cmd.arg("ctl").arg("--api-sock").arg(api_sock).args([verb, VM_NAME]).current_dir(cwd);
+        let out = run_helper(&mut cmd)?;
+        if out.code != 0 {
+            return Err(VmmError::Failed {
+                command: format!("{BINARY} ctl {verb} {VM_NAME}"),
+                code: out.code,
+                message: last_line(&out.stderr),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The `--api-sock` argument for a VM whose bundle (and working directory) is `bundle`: the
+/// absolute path if it fits a Unix socket address, else the name relative to the bundle
+/// (Kubernetes bundle paths with 64-character ids do not fit).
+pub fn api_sock_arg(bundle: &Path) -> PathBuf {
+    let abs = bundle.join(API_SOCK);
+    if abs.as_os_str().len() <= SUN_PATH_MAX { abs } else { PathBuf::from(API_SOCK) }
+}
+
+/// The control socket's name inside the bundle.
+pub const API_SOCK: &str = "api.sock";
+
+/// Blocks until the child `pid` exits; returns its code.
+pub fn wait_exit(pid: u32, subscription: &Subscription) -> ExitCode {
+    loop {
+        match subscription.rx.recv() {
+            Ok(ExitEvent { subject: Subject::Pid(p), exit_code }) if p as u32 == pid => return exit_code,
+            Ok(_) => {}
+            // The monitor never drops a live subscription's sender; if it did, nothing more
+            // can arrive: report the child as killed.
+            Err(_) => return 128 + Signal::SIGKILL as i32,
+        }
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: u32, signal: Signal) -> Result<(), nix::Error> {
+    nix::sys::signal::kill(Pid::from_raw(pid as i32), signal)
+}
+
+struct HelperOutput {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs a short helper command to completion (killing it after [`HELPER_TIMEOUT`]).
+fn run_helper(cmd: &mut Command) -> Result<HelperOutput, VmmError> {
+    let program = PathBuf::from(cmd.get_program());
+    let command = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let subscription = monitor_subscribe(Topic::Pid).map_err(|e| VmmError::Monitor(e.to_string()))?;
+    let mut child = cmd.spawn().map_err(|source| VmmError::Spawn { path: program, source })?;
+    let pid = child.id();
+    let readers = [child.stdout.take().map(reader), child.stderr.take().map(reader)];
+    let deadline = Instant::now() + HELPER_TIMEOUT;
+    let mut timed_out = false;
+    let code = loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match subscription.rx.recv_timeout(if timed_out { Duration::from_secs(3600) } else { wait }) {
+            Ok(ExitEvent { subject: Subject::Pid(p), exit_code }) if p as u32 == pid => break exit_code,
+            Ok(_) => {}
+            Err(RecvTimeoutError::Timeout) if !timed_out => {
+                timed_out = true;
+                let _ = signal(pid, Signal::SIGKILL);
+            }
+            Err(_) => break 128 + Signal::SIGKILL as i32,
+        }
+    };
+    let [stdout, stderr] = readers.map(|r| r.and_then(|h| h.join().ok()).unwrap_or_default());
+    if timed_out {
+        return Err(VmmError::Timeout { command });
+    }
+    Ok(HelperOutput { code, stdout, stderr })
+}
+
+fn reader(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+fn last_line(text: &str) -> String {
+    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no message)").trim().to_string()
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{MemoryPolicy, Publish, VcpuPolicy};
+
+    fn plan() -> VmPlan {
+        VmPlan {
+            kernel: "/r/kernel".into(),
+            service: "kv".into(),
+            args: vec!["a".into(), "--b".into()],
+            vcpus: VcpuPolicy { min: 1, max: 2, burst: 4 },
+            memory: MemoryPolicy { min: 64 << 20, max: 256 << 20, burst: 1 << 30 },
+            publish: vec![Publish::parse("6379:6379").expect("publish")],
+            log: "info".into(),
+            netns: None,
+        }
+    }
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn run_command_line() {
+        let vmm = Vmm { path: "/x/hypervisor-shim".into(), features: Features { api_sock: true, publish: true } };
+        let args = vmm.run_args(&plan(), Some(Path::new("/b/api.sock"))).expect("args");
+        assert_eq!(
+            strings(&args).join(" "),
+            "run --kernel /r/kernel --app kv --vcpus 1:2:4 --memory 64M:256M:1G --log info \
+             --publish 127.0.0.1:6379:6379 --api-sock /b/api.sock -- a --b"
+        );
+    }
+
+    #[test]
+    fn publish_needs_the_flag() {
+        let vmm = Vmm { path: "/x/hypervisor-shim".into(), features: Features::default() };
+        let e = vmm.run_args(&plan(), None).expect_err("no --publish");
+        assert!(e.to_string().contains("--publish"), "{e}");
+        let mut p = plan();
+        p.publish.clear();
+        p.args.clear();
+        assert!(!strings(&vmm.run_args(&p, None).expect("args")).contains(&"--".to_string()));
+    }
+
+    #[test]
+    fn features_from_help() {
+        assert_eq!(Features::from_help("  --api-sock <PATH>\n"), Features { api_sock: true, publish: false });
+        assert_eq!(Features::from_help("--publish <A:H:G>"), Features { api_sock: false, publish: true });
+    }
+
+    #[test]
+    fn long_bundles_use_a_relative_socket() {
+        assert_eq!(api_sock_arg(Path::new("/run/b")), PathBuf::from("/run/b/api.sock"));
+        let long = format!("/run/containerd/io.containerd.runtime.v2.task/k8s.io/{}", "f".repeat(64));
+        assert_eq!(api_sock_arg(Path::new(&long)), PathBuf::from("api.sock"));
+    }
+}
