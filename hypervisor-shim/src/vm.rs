@@ -70,7 +70,9 @@ impl VmError {
             VmError::Loader(LoaderError::Read { .. }) => exit::NO_INPUT,
             VmError::Loader(LoaderError::TooLarge { .. }) | VmError::Config(_) | VmError::Pool(_) => exit::USAGE,
             VmError::Loader(_) => exit::IMAGE_REFUSED,
-            VmError::Kvm { .. } | VmError::Memory(_) | VmError::Vcpu(_) | VmError::Internal(_) | VmError::Device(_) => exit::INTERNAL,
+            VmError::Kvm { .. } | VmError::Memory(_) | VmError::Vcpu(_) | VmError::Internal(_) | VmError::Device(_) => {
+                exit::INTERNAL
+            }
         }
     }
 }
@@ -352,19 +354,17 @@ impl VmShared {
         out
     }
 
-    /// Wakes the guest because a device put packets in its queues: a blocked vCPU if there is
-    /// one; otherwise vCPU 0 keeps the wake-up for its next BLOCK (running vCPUs poll at their
-    /// next task boundary anyway).
+    /// Wakes the guest because a device put packets in its queues. The guest drives its
+    /// devices from vCPU 0, so that is the one woken (from BLOCK; a running vCPU 0 keeps the
+    /// wake-up for its next BLOCK and meanwhile polls at its task boundaries anyway).
     pub fn wake_for_device(&self) {
-        let all = self.vcpu_set.all();
-        let target = all.iter().find(|c| c.state() == crate::vcpu_set::State::Blocked).or(all.first());
-        if let Some(t) = target {
-            if t.state() == crate::vcpu_set::State::Blocked
+        if let Some(v0) = self.vcpu_set.get(0) {
+            if v0.state() == crate::vcpu_set::State::Blocked
                 && let Some(v) = &self.devices.vsock
             {
                 v.shared.stats.guest_wakeups.fetch_add(1, Ordering::Relaxed);
             }
-            t.wake(wake::DEVICE, false);
+            v0.wake(wake::DEVICE, false);
         }
     }
 
@@ -511,6 +511,7 @@ impl Vm {
     /// Builds the VM from an already validated `image`: creates the KVM VM and boot memory,
     /// writes the platform structures and boot info, loads the kernel and prepares vCPU 0.
     /// Guest console output goes to `console`.
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         config: &VmConfig,
         image: Arc<KernelImage>,
@@ -578,7 +579,8 @@ impl Vm {
         let mem = mem?;
         // Device pages follow the kernel image; the heap starts after them.
         let devices_base = image.end.next_multiple_of(4096);
-        let vsock = crate::devices::vsock::Vsock::new(devices_base, &mem).map_err(|e| VmError::Device(e.to_string()))?;
+        let vsock =
+            crate::devices::vsock::Vsock::new(devices_base, &mem).map_err(|e| VmError::Device(e.to_string()))?;
         let devices = crate::devices::Devices { vsock: Some(vsock) };
         let heap_base = devices_base + devices.count() * hypercall_abi::virtio::VIRTIO_DEVICE_PAGE;
         let mut shared = VmShared {
@@ -630,7 +632,9 @@ impl Vm {
                     vm.wake_for_device();
                 }
             });
-            vsock.start(&config.name, shared.mem.clone(), endpoints, wake).map_err(|e| VmError::Device(e.to_string()))?;
+            vsock
+                .start(&config.name, shared.mem.clone(), endpoints, wake)
+                .map_err(|e| VmError::Device(e.to_string()))?;
         }
         Ok(Vm { shared, timeout: config.timeout, boot_vcpu: Some((boot_vcpu, ctl)) })
     }

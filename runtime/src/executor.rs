@@ -119,9 +119,10 @@ impl Wake for Task {
 fn push(task: Arc<Task>) {
     QUEUE.lock().push_back(task);
     let queued = QUEUED.fetch_add(1, Ordering::AcqRel) + 1;
-    // Outside a task (e.g. firing timers in the scheduler loop) this vCPU takes the next task
-    // itself; only work beyond that needs another vCPU.
-    if queued > 1 || crate::percpu::current().in_task.load(Ordering::Relaxed) {
+    // Waking an idle vCPU costs two exits (its KICK and, later, its BLOCK): worth it only for
+    // work the busy vCPUs will not get to soon, i.e. more queued tasks than busy vCPUs.
+    let busy = smp::online().saturating_sub(smp::idle()).max(1);
+    if queued > busy {
         smp::kick_one_idle();
     }
 }

@@ -9,19 +9,29 @@
 //! }
 //! ```
 //!
-//! Underneath, one `virtio-drivers` `VsockConnectionManager` (over the paravirtual transport
-//! of [`crate::virtio`]) is shared by every vCPU behind a lock. It is polled at every task
-//! boundary and whenever a vCPU wakes from BLOCK (the host wakes a blocked vCPU when it has
-//! queued packets), so there are no interrupts and, while the guest is busy, no exits for
-//! incoming data. Reads and writes are futures: a reader waits for data, a writer waits for the
-//! host's credit (backpressure: the host buffers at most
-//! [`HOST_BUF_ALLOC`](hypercall_abi::virtio::vsock::HOST_BUF_ALLOC) bytes per connection).
-//! Each connection's task becomes runnable when its data arrives, which is what the elastic
-//! vCPU controller sees as load.
+//! # How it works
+//!
+//! One `virtio-drivers` `VsockConnectionManager` (over the paravirtual transport of
+//! [`crate::virtio`]) drives the device. Tasks never touch it: they read from and write to
+//! per-connection buffers, and a *pump* moves bytes between those buffers and the driver. The
+//! pump runs on whichever vCPU gets to it first (at every task boundary, after every wake-up,
+//! and right after a task queued data); a vCPU that finds another one pumping just carries on
+//! with its own work, so vCPUs never spin on the driver. The driver waits for the host to take
+//! each packet it sends; only the pumping vCPU does that.
+//!
+//! There are no interrupts: the host wakes a blocked vCPU when it queued packets, and a busy
+//! guest notices them at its next task boundary by reading the used ring's index (no exit).
+//! Backpressure: a writer waits while its connection has [`OUT_BUFFER`] bytes queued; the host
+//! takes at most its advertised credit
+//! ([`HOST_BUF_ALLOC`](hypercall_abi::virtio::vsock::HOST_BUF_ALLOC)) per connection. Each
+//! connection's task becomes runnable when its data arrives, which is what the elastic vCPU
+//! controller sees as load.
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::vec;
+use alloc::vec::Vec;
 use core::future::poll_fn;
-use core::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, Ordering};
 use core::task::{Poll, Waker};
 
 use hypercall_abi::virtio::VIRTIO_ID_VSOCK;
@@ -29,7 +39,7 @@ use hypercall_abi::virtio::vsock::{HOST_BUF_ALLOC, HOST_CID, RX_QUEUE};
 use spin::Mutex;
 use virtio_drivers::Error as DriverError;
 use virtio_drivers::device::socket::{
-    DisconnectReason, SocketError, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent, VsockEventType,
+    SocketError, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent, VsockEventType,
 };
 
 use crate::virtio::{IdentityHal, PageTransport, Unavailable};
@@ -38,10 +48,17 @@ use crate::virtio::{IdentityHal, PageTransport, Unavailable};
 /// per packet.
 const RX_BUFFER_SIZE: usize = 4096;
 
-/// Receive buffer per connection (what the guest advertises to the host as `buf_alloc`).
+/// The driver's receive buffer per connection (what the guest advertises to the host).
 pub const CONNECTION_BUFFER: u32 = 16 * 1024;
 
-/// Largest write sent as one packet (a quarter of the host's buffer, so a few are in flight).
+/// Bytes received and not yet read by the service, per connection, beyond which the pump
+/// leaves data with the driver (and so stops the host by credit).
+pub const IN_BUFFER: usize = 64 * 1024;
+
+/// Bytes a connection may have queued for sending before a writer waits.
+pub const OUT_BUFFER: usize = 64 * 1024;
+
+/// Largest packet the pump sends (a quarter of the host's buffer, so a few are in flight).
 const SEND_CHUNK: usize = (HOST_BUF_ALLOC / 4) as usize;
 
 /// Connections accepted by the driver but not yet taken by `accept`, per listener; beyond it
@@ -92,11 +109,19 @@ impl Key {
 
 #[derive(Debug, Default)]
 struct Conn {
+    inbound: VecDeque<u8>,
+    outbound: VecDeque<u8>,
     read_waker: Option<Waker>,
     write_waker: Option<Waker>,
-    /// The peer shut down or reset: no more data will arrive.
+    /// The peer shut down or reset: once `inbound` is drained, reads see EOF.
     peer_closed: bool,
-    /// Bytes read since the guest last told the host (credit update).
+    /// The peer disconnected; data may still wait in the driver.
+    peer_disconnecting: bool,
+    /// Sending failed for good: writes fail.
+    reset: bool,
+    /// The service closed it: shut down once `outbound` is sent.
+    local_closed: bool,
+    /// Bytes taken from the driver since the host was last told (credit update).
     unacked: u32,
 }
 
@@ -106,16 +131,13 @@ struct ListenerState {
     waker: Option<Waker>,
 }
 
-struct Net {
-    mgr: Manager,
+/// Connections and listeners: what tasks and the pump share (short critical sections only).
+#[derive(Debug, Default)]
+struct Table {
     conns: BTreeMap<Key, Conn>,
     listeners: BTreeMap<u32, ListenerState>,
-}
-
-impl core::fmt::Debug for Net {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Net").field("connections", &self.conns.len()).field("listeners", &self.listeners.len()).finish()
-    }
+    /// Connections the pump should look at.
+    dirty: BTreeSet<Key>,
 }
 
 const UNINIT: u8 = 0;
@@ -123,7 +145,11 @@ const READY: u8 = 1;
 const FAILED: u8 = 2;
 
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
-static NET: Mutex<Option<Net>> = Mutex::new(None);
+static DRIVER: Mutex<Option<Manager>> = Mutex::new(None);
+static TABLE: Mutex<Table> =
+    Mutex::new(Table { conns: BTreeMap::new(), listeners: BTreeMap::new(), dirty: BTreeSet::new() });
+/// Something for the pump besides received packets (queued data, a close, room made).
+static PUMP_WANTED: AtomicBool = AtomicBool::new(false);
 /// The RX used index up to which the driver has been polled.
 static RX_SEEN: AtomicU16 = AtomicU16::new(0);
 /// Address of the RX used ring's `idx` (0 before the device is set up).
@@ -148,10 +174,8 @@ pub struct NetStats {
 
 /// Current connection counters (zeros before the channel is used).
 pub fn stats() -> NetStats {
-    match NET.lock().as_ref() {
-        Some(n) => NetStats { open: n.conns.len(), listeners: n.listeners.len() },
-        None => NetStats::default(),
-    }
+    let t = TABLE.lock();
+    NetStats { open: t.conns.len(), listeners: t.listeners.len() }
 }
 
 /// Whether the request channel can be used here (without setting it up).
@@ -165,7 +189,7 @@ fn ensure_ready() -> Result<(), NetError> {
         FAILED => return Err(NetError::DeviceFailed),
         _ => {}
     }
-    let mut guard = NET.lock();
+    let mut guard = DRIVER.lock();
     if guard.is_some() {
         return Ok(());
     }
@@ -190,7 +214,7 @@ fn ensure_ready() -> Result<(), NetError> {
         return Err(NetError::DeviceFailed);
     }
     RX_USED_IDX.store(used + 2, Ordering::Release);
-    *guard = Some(Net { mgr, conns: BTreeMap::new(), listeners: BTreeMap::new() });
+    *guard = Some(mgr);
     STATE.store(READY, Ordering::Release);
     log::debug!("vsock: device ready (guest cid {})", hypercall_abi::virtio::vsock::GUEST_CID);
     Ok(())
@@ -200,94 +224,222 @@ fn ensure_ready() -> Result<(), NetError> {
 /// [`Listener::accept`].
 pub fn listen(port: u32) -> Result<Listener, NetError> {
     ensure_ready()?;
-    let mut guard = NET.lock();
-    let net = guard.as_mut().ok_or(NetError::DeviceFailed)?;
-    if net.listeners.contains_key(&port) {
-        return Err(NetError::PortInUse);
+    {
+        let mut t = TABLE.lock();
+        if t.listeners.contains_key(&port) {
+            return Err(NetError::PortInUse);
+        }
+        t.listeners.insert(port, ListenerState::default());
     }
-    net.listeners.insert(port, ListenerState::default());
-    net.mgr.listen(port);
+    // Setting up needs the driver itself (a plain lock: this is not a hot path).
+    match DRIVER.lock().as_mut() {
+        Some(mgr) => mgr.listen(port),
+        None => return Err(NetError::DeviceFailed),
+    }
     Ok(Listener { port })
 }
 
-/// Handles whatever the device delivered. Called by the executor at task boundaries and after
-/// every wake-up; cheap when nothing arrived (one read of the used ring's index, no exit).
+/// Runs the pump if there is anything for it. Called by the executor at task boundaries and
+/// after every wake-up; costs one read of the used ring's index when nothing arrived.
 pub(crate) fn poll() {
-    if STATE.load(Ordering::Acquire) != READY || rx_used_now() == Some(RX_SEEN.load(Ordering::Acquire)) {
-        return;
+    if pending() {
+        pump();
     }
-    // Another vCPU is polling or sending: it will see what arrived.
-    let Some(mut guard) = NET.try_lock() else { return };
-    let Some(net) = guard.as_mut() else { return };
-    net.drain();
 }
 
-impl Net {
-    /// Polls the driver once per used RX buffer since the last drain.
-    fn drain(&mut self) {
-        let Some(now) = rx_used_now() else { return };
-        let seen = RX_SEEN.load(Ordering::Acquire);
-        let pending = now.wrapping_sub(seen);
-        if pending == 0 {
-            return;
-        }
-        for _ in 0..pending {
-            match self.mgr.poll() {
-                Ok(Some(event)) => self.dispatch(event),
-                Ok(None) => {}
-                Err(e) => log::debug!("vsock: dropped a packet: {e}"),
-            }
-        }
-        RX_SEEN.store(now, Ordering::Release);
-    }
+/// Whether the pump has something to do (packets arrived, or a task asked for it) that this
+/// vCPU would do: only vCPU 0 pumps.
+pub(crate) fn pending() -> bool {
+    crate::percpu::current().index() == 0
+        && STATE.load(Ordering::Acquire) == READY
+        && (PUMP_WANTED.load(Ordering::Acquire) || rx_used_now() != Some(RX_SEEN.load(Ordering::Acquire)))
+}
 
-    fn dispatch(&mut self, event: VsockEvent) {
-        let key = Key { peer_port: event.source.port, local_port: event.destination.port };
-        match event.event_type {
-            VsockEventType::ConnectionRequest => {
-                let Some(l) = self.listeners.get_mut(&key.local_port) else {
-                    let _ = self.mgr.force_close(key.peer(), key.local_port);
-                    return;
-                };
-                if l.backlog.len() >= BACKLOG {
-                    let _ = self.mgr.force_close(key.peer(), key.local_port);
-                    return;
-                }
-                l.backlog.push_back(key);
-                if let Some(w) = l.waker.take() {
-                    w.wake();
-                }
-                self.conns.insert(key, Conn::default());
+/// Asks for a pump and runs it unless another vCPU is pumping (it will see the request).
+fn kick_pump() {
+    PUMP_WANTED.store(true, Ordering::Release);
+    pump();
+}
+
+/// Moves bytes between the driver and the connection buffers until there is nothing left to
+/// do. Only vCPU 0 pumps: the driver waits (spinning) for the host to take every packet it
+/// sends, and on a host with few cores a second vCPU spinning there, or on the driver's lock,
+/// starves the very thread it waits for. Another vCPU that needs the pump wakes vCPU 0 if it
+/// sleeps.
+fn pump() {
+    if crate::percpu::current().index() != 0 {
+        crate::smp::kick_boot_vcpu_if_idle();
+        return;
+    }
+    let Some(mut guard) = DRIVER.try_lock() else { return };
+    let Some(mgr) = guard.as_mut() else { return };
+    let mut scratch = vec![0u8; SEND_CHUNK.max(RX_BUFFER_SIZE)];
+    let mut wake: Vec<Waker> = Vec::new();
+    for _ in 0..64 {
+        PUMP_WANTED.store(false, Ordering::Release);
+        let received = receive(mgr, &mut wake);
+        let keys: Vec<Key> = core::mem::take(&mut TABLE.lock().dirty).into_iter().collect();
+        for key in &keys {
+            service(mgr, *key, &mut scratch, &mut wake);
+        }
+        // Wake outside every lock: waking may kick another vCPU (an exit).
+        for w in wake.drain(..) {
+            w.wake();
+        }
+        let more = PUMP_WANTED.load(Ordering::Acquire) || rx_used_now() != Some(RX_SEEN.load(Ordering::Acquire));
+        if !received && keys.is_empty() && !more {
+            break;
+        }
+        if !more {
+            break;
+        }
+    }
+}
+
+/// Polls the driver once per used RX buffer since the last time; records what happened.
+fn receive(mgr: &mut Manager, wake: &mut Vec<Waker>) -> bool {
+    let Some(now) = rx_used_now() else { return false };
+    let seen = RX_SEEN.load(Ordering::Acquire);
+    let pending = now.wrapping_sub(seen);
+    if pending == 0 {
+        return false;
+    }
+    for _ in 0..pending {
+        match mgr.poll() {
+            Ok(Some(event)) => dispatch(mgr, event, wake),
+            Ok(None) => {}
+            Err(e) => log::debug!("vsock: dropped a packet: {e}"),
+        }
+    }
+    RX_SEEN.store(now, Ordering::Release);
+    true
+}
+
+fn dispatch(mgr: &mut Manager, event: VsockEvent, wake: &mut Vec<Waker>) {
+    let key = Key { peer_port: event.source.port, local_port: event.destination.port };
+    let mut t = TABLE.lock();
+    match event.event_type {
+        VsockEventType::ConnectionRequest => {
+            let Some(l) = t.listeners.get_mut(&key.local_port) else {
+                drop(t);
+                let _ = mgr.force_close(key.peer(), key.local_port);
+                return;
+            };
+            if l.backlog.len() >= BACKLOG {
+                drop(t);
+                let _ = mgr.force_close(key.peer(), key.local_port);
+                return;
             }
-            VsockEventType::Received { .. } => {
-                if let Some(c) = self.conns.get_mut(&key)
-                    && let Some(w) = c.read_waker.take()
-                {
-                    w.wake();
-                }
+            l.backlog.push_back(key);
+            wake.extend(l.waker.take());
+            t.conns.insert(key, Conn::default());
+        }
+        VsockEventType::Received { .. } | VsockEventType::CreditUpdate => {
+            if t.conns.contains_key(&key) {
+                t.dirty.insert(key);
             }
-            VsockEventType::Disconnected { reason } => {
-                if let Some(c) = self.conns.get_mut(&key) {
-                    c.peer_closed = true;
-                    if reason == DisconnectReason::Reset {
-                        log::trace!("vsock: {key:?} reset by the host");
-                    }
-                    if let Some(w) = c.read_waker.take() {
-                        w.wake();
-                    }
-                    if let Some(w) = c.write_waker.take() {
-                        w.wake();
-                    }
-                }
+        }
+        VsockEventType::Disconnected { .. } => {
+            if let Some(c) = t.conns.get_mut(&key) {
+                c.peer_disconnecting = true;
+                t.dirty.insert(key);
             }
-            VsockEventType::CreditUpdate => {
-                if let Some(c) = self.conns.get_mut(&key)
-                    && let Some(w) = c.write_waker.take()
-                {
-                    w.wake();
-                }
+        }
+        VsockEventType::Connected | VsockEventType::CreditRequest => {}
+    }
+}
+
+/// Brings one connection up to date: received data into its buffer, queued data out, a
+/// close through.
+fn service(mgr: &mut Manager, key: Key, scratch: &mut [u8], wake: &mut Vec<Waker>) {
+    // 1. Received data, as far as the service's buffer has room.
+    loop {
+        let room = {
+            let t = TABLE.lock();
+            let Some(c) = t.conns.get(&key) else { return };
+            IN_BUFFER.saturating_sub(c.inbound.len()).min(scratch.len())
+        };
+        if room == 0 {
+            break;
+        }
+        let (n, gone) = match mgr.recv(key.peer(), key.local_port, &mut scratch[..room]) {
+            Ok(n) => (n, false),
+            // The driver dropped the connection (reset, or shut down and drained).
+            Err(_) => (0, true),
+        };
+        let mut t = TABLE.lock();
+        let Some(c) = t.conns.get_mut(&key) else { return };
+        if n > 0 {
+            c.inbound.extend(&scratch[..n]);
+            c.unacked = c.unacked.saturating_add(n as u32);
+            wake.extend(c.read_waker.take());
+        }
+        if gone || (n == 0 && c.peer_disconnecting) {
+            c.peer_closed = true;
+            wake.extend(c.read_waker.take());
+            wake.extend(c.write_waker.take());
+        }
+        let ack = c.unacked >= CONNECTION_BUFFER / 2 && !c.peer_closed;
+        if ack {
+            c.unacked = 0;
+        }
+        drop(t);
+        if ack {
+            // The driver does not tell the host about room made; without this the host would
+            // wait for credit (it asks, eventually, but that costs a round trip).
+            let _ = mgr.update_credit(key.peer(), key.local_port);
+        }
+        if n < room || gone {
+            break;
+        }
+    }
+    // 2. Queued data, as far as the host's credit goes.
+    loop {
+        let n = {
+            let t = TABLE.lock();
+            let Some(c) = t.conns.get(&key) else { return };
+            if c.reset || c.peer_closed || c.outbound.is_empty() {
+                break;
             }
-            VsockEventType::Connected | VsockEventType::CreditRequest => {}
+            let n = c.outbound.len().min(scratch.len());
+            let (a, b) = c.outbound.as_slices();
+            let first = a.len().min(n);
+            scratch[..first].copy_from_slice(&a[..first]);
+            scratch[first..n].copy_from_slice(&b[..n - first]);
+            n
+        };
+        let sent = mgr.send(key.peer(), key.local_port, &scratch[..n]);
+        let mut t = TABLE.lock();
+        let Some(c) = t.conns.get_mut(&key) else { return };
+        match sent {
+            Ok(()) => {
+                c.outbound.drain(..n);
+                if c.outbound.is_empty() && c.outbound.capacity() > 4 * RX_BUFFER_SIZE {
+                    c.outbound = VecDeque::new();
+                }
+                wake.extend(c.write_waker.take());
+            }
+            // Wait for the host's credit update (the driver asked for one).
+            Err(DriverError::SocketDeviceError(SocketError::InsufficientBufferSpaceInPeer)) => break,
+            Err(_) => {
+                c.reset = true;
+                c.outbound.clear();
+                wake.extend(c.write_waker.take());
+                break;
+            }
+        }
+    }
+    // 3. A close, once everything queued went out (or cannot).
+    let close = {
+        let t = TABLE.lock();
+        t.conns.get(&key).and_then(|c| {
+            (c.local_closed && (c.outbound.is_empty() || c.reset || c.peer_closed)).then_some(c.peer_closed || c.reset)
+        })
+    };
+    if let Some(abort) = close {
+        TABLE.lock().conns.remove(&key);
+        if abort || mgr.shutdown(key.peer(), key.local_port).is_err() {
+            let _ = mgr.force_close(key.peer(), key.local_port);
         }
     }
 }
@@ -300,15 +452,18 @@ pub struct Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let mut guard = NET.lock();
-        let Some(net) = guard.as_mut() else { return };
-        net.mgr.unlisten(self.port);
-        if let Some(l) = net.listeners.remove(&self.port) {
-            for key in l.backlog {
-                net.conns.remove(&key);
-                let _ = net.mgr.force_close(key.peer(), key.local_port);
+        let backlog = TABLE.lock().listeners.remove(&self.port).map(|l| l.backlog).unwrap_or_default();
+        for key in &backlog {
+            if let Some(c) = TABLE.lock().conns.get_mut(key) {
+                c.local_closed = true;
+                c.reset = true;
             }
+            TABLE.lock().dirty.insert(*key);
         }
+        if let Some(mgr) = DRIVER.lock().as_mut() {
+            mgr.unlisten(self.port);
+        }
+        kick_pump();
     }
 }
 
@@ -321,10 +476,9 @@ impl Listener {
     /// Waits for the next connection.
     pub async fn accept(&self) -> Result<Stream, NetError> {
         poll_fn(|cx| {
-            let mut guard = NET.lock();
-            let Some(net) = guard.as_mut() else { return Poll::Ready(Err(NetError::DeviceFailed)) };
-            net.drain();
-            let Some(l) = net.listeners.get_mut(&self.port) else { return Poll::Ready(Err(NetError::DeviceFailed)) };
+            poll();
+            let mut t = TABLE.lock();
+            let Some(l) = t.listeners.get_mut(&self.port) else { return Poll::Ready(Err(NetError::DeviceFailed)) };
             match l.backlog.pop_front() {
                 Some(key) => Poll::Ready(Ok(Stream { key, closed: false })),
                 None => {
@@ -355,72 +509,64 @@ impl Stream {
     pub async fn read(&mut self, buf: &mut [u8]) -> Result<usize, NetError> {
         let key = self.key;
         poll_fn(|cx| {
-            let mut guard = NET.lock();
-            let Some(net) = guard.as_mut() else { return Poll::Ready(Err(NetError::DeviceFailed)) };
-            net.drain();
-            match net.mgr.recv(key.peer(), key.local_port, buf) {
-                Ok(0) => {
-                    let closed = net.conns.get(&key).is_none_or(|c| c.peer_closed);
-                    if closed || buf.is_empty() {
-                        return Poll::Ready(Ok(0));
-                    }
-                    if let Some(c) = net.conns.get_mut(&key) {
-                        c.read_waker = Some(cx.waker().clone());
-                    }
-                    Poll::Pending
+            let mut t = TABLE.lock();
+            let Some(c) = t.conns.get_mut(&key) else { return Poll::Ready(Ok(0)) };
+            if !c.inbound.is_empty() {
+                let was_full = c.inbound.len() >= IN_BUFFER;
+                let n = c.inbound.len().min(buf.len());
+                for (dst, src) in buf.iter_mut().zip(c.inbound.drain(..n)) {
+                    *dst = src;
                 }
-                Ok(n) => {
-                    // Tell the host about the room made (the driver does not by itself), once
-                    // half the buffer is free again or it ran empty.
-                    let left = net.mgr.recv_buffer_available_bytes(key.peer(), key.local_port).unwrap_or(0);
-                    if let Some(c) = net.conns.get_mut(&key) {
-                        c.unacked = c.unacked.saturating_add(n as u32);
-                        if c.unacked >= CONNECTION_BUFFER / 2 || left == 0 {
-                            c.unacked = 0;
-                            let _ = net.mgr.update_credit(key.peer(), key.local_port);
-                        }
-                    }
-                    Poll::Ready(Ok(n))
+                if c.inbound.is_empty() && c.inbound.capacity() > 4 * RX_BUFFER_SIZE {
+                    c.inbound = VecDeque::new();
                 }
-                // The driver removed the connection (reset, or shut down and drained).
-                Err(_) => Poll::Ready(Ok(0)),
+                if was_full {
+                    // Data may still wait in the driver for room.
+                    t.dirty.insert(key);
+                    drop(t);
+                    kick_pump();
+                }
+                return Poll::Ready(Ok(n));
             }
+            if c.peer_closed || buf.is_empty() {
+                return Poll::Ready(Ok(0));
+            }
+            c.read_waker = Some(cx.waker().clone());
+            Poll::Pending
         })
         .await
     }
 
-    /// Writes all of `buf`, waiting for the host's credit when its buffer for this connection
-    /// is full.
+    /// Queues all of `buf` for sending, waiting while [`OUT_BUFFER`] bytes are already queued
+    /// on this connection. Fails once the connection was reset.
     pub async fn write_all(&mut self, mut buf: &[u8]) -> Result<(), NetError> {
         let key = self.key;
         while !buf.is_empty() {
-            let chunk = buf.len().min(SEND_CHUNK);
-            poll_fn(|cx| {
-                let mut guard = NET.lock();
-                let Some(net) = guard.as_mut() else { return Poll::Ready(Err(NetError::DeviceFailed)) };
-                net.drain();
-                if net.conns.get(&key).is_none_or(|c| c.peer_closed) {
+            let taken = poll_fn(|cx| {
+                let mut t = TABLE.lock();
+                let Some(c) = t.conns.get_mut(&key) else { return Poll::Ready(Err(NetError::ConnectionReset)) };
+                if c.reset || c.peer_closed {
                     return Poll::Ready(Err(NetError::ConnectionReset));
                 }
-                match net.mgr.send(key.peer(), key.local_port, &buf[..chunk]) {
-                    Ok(()) => Poll::Ready(Ok(())),
-                    Err(DriverError::SocketDeviceError(SocketError::InsufficientBufferSpaceInPeer)) => {
-                        if let Some(c) = net.conns.get_mut(&key) {
-                            c.write_waker = Some(cx.waker().clone());
-                        }
-                        Poll::Pending
-                    }
-                    Err(_) => Poll::Ready(Err(NetError::ConnectionReset)),
+                let room = OUT_BUFFER.saturating_sub(c.outbound.len());
+                if room == 0 {
+                    c.write_waker = Some(cx.waker().clone());
+                    return Poll::Pending;
                 }
+                let n = room.min(buf.len());
+                c.outbound.extend(&buf[..n]);
+                t.dirty.insert(key);
+                Poll::Ready(Ok(n))
             })
             .await?;
-            buf = &buf[chunk..];
+            buf = &buf[taken..];
+            kick_pump();
         }
         Ok(())
     }
 
-    /// Closes the connection (the host then closes the client's side once it has sent what
-    /// the guest wrote).
+    /// Closes the connection once what was written is sent (the host then closes the
+    /// client's side).
     pub fn close(mut self) {
         self.shutdown();
     }
@@ -430,16 +576,14 @@ impl Stream {
             return;
         }
         self.closed = true;
-        let key = self.key;
-        let mut guard = NET.lock();
-        let Some(net) = guard.as_mut() else { return };
-        let peer_gone = net.conns.remove(&key).is_none_or(|c| c.peer_closed);
-        if peer_gone {
-            // Already removed by the driver, or to be reset now.
-            let _ = net.mgr.force_close(key.peer(), key.local_port);
-        } else if net.mgr.shutdown(key.peer(), key.local_port).is_err() {
-            let _ = net.mgr.force_close(key.peer(), key.local_port);
+        {
+            let mut t = TABLE.lock();
+            if let Some(c) = t.conns.get_mut(&self.key) {
+                c.local_closed = true;
+                t.dirty.insert(self.key);
+            }
         }
+        kick_pump();
     }
 }
 

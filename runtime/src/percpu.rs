@@ -49,6 +49,9 @@ pub struct PerCpu {
     pub stack_base: AtomicUsize,
     /// Whether this vCPU is inside a task's poll (work it queues then needs another vCPU).
     pub in_task: AtomicBool,
+    /// Set right before BLOCK: a vCPU that wakes this one must then KICK it (an idle vCPU
+    /// that is still spinning notices new work by itself).
+    pub blocked: AtomicBool,
 }
 
 impl PerCpu {
@@ -61,6 +64,7 @@ impl PerCpu {
             down_tsc: AtomicU64::new(0),
             woke_tsc: AtomicU64::new(0),
             idle_since_ns: AtomicU64::new(0),
+            blocked: AtomicBool::new(false),
             stack_base: AtomicUsize::new(0),
             in_task: AtomicBool::new(false),
         }

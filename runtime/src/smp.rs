@@ -23,6 +23,9 @@ use crate::percpu::{CPUS, MAX_CPUS, PerCpu, state};
 use crate::platform::{self, Platform};
 use crate::{executor, hypercall, percpu, time};
 
+/// How long an idle vCPU spins for new work before it BLOCKs.
+pub const IDLE_SPIN_NS: u64 = 30000;
+
 /// Stack size of every secondary vCPU.
 pub const STACK_SIZE: usize = 128 * 1024;
 
@@ -185,7 +188,9 @@ pub fn kick_boot_vcpu_if_idle() {
         return;
     }
     let boot = &CPUS[0];
-    if boot.state.compare_exchange(state::IDLE, state::WAKING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+    if boot.state.compare_exchange(state::IDLE, state::WAKING, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+        && boot.blocked.load(Ordering::SeqCst)
+    {
         let _ = hypercall::kick(boot.vcpu_id.load(Ordering::Acquire));
     }
 }
@@ -220,8 +225,11 @@ pub fn kick_one_idle() {
         if core::ptr::eq(slot, me) {
             continue;
         }
-        if slot.state.compare_exchange(state::IDLE, state::WAKING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            let _ = hypercall::kick(slot.vcpu_id.load(Ordering::Acquire));
+        if slot.state.compare_exchange(state::IDLE, state::WAKING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            // A vCPU still spinning before its BLOCK sees WAKING by itself (see `idle_block`).
+            if slot.blocked.load(Ordering::SeqCst) {
+                let _ = hypercall::kick(slot.vcpu_id.load(Ordering::Acquire));
+            }
             return;
         }
     }
@@ -235,7 +243,26 @@ pub fn idle_block(slot: &'static PerCpu, timeout_ns: u64) {
         return;
     }
     crate::console::flush_if_pending();
-    let _ = hypercall::block(timeout_ns);
+    // Spin a little first: work that shows up within a few tens of microseconds is then taken
+    // without the two exits a BLOCK and the KICK that ends it cost.
+    let woken = |slot: &PerCpu| {
+        executor::runnable() > 0 || slot.state.load(Ordering::SeqCst) != state::IDLE || crate::net::pending()
+    };
+    // Only a vCPU that was busy a moment ago spins: an idle VM's wake-ups (timers) block at once.
+    let now = time::now_ns();
+    let recently_busy = now.saturating_sub(slot.idle_since_ns.load(Ordering::Acquire)) < IDLE_SPIN_NS;
+    let until = if recently_busy { now.saturating_add(IDLE_SPIN_NS.min(timeout_ns)) } else { now };
+    while time::now_ns() < until {
+        if woken(slot) {
+            return;
+        }
+        cpu::pause();
+    }
+    slot.blocked.store(true, Ordering::SeqCst);
+    if !woken(slot) {
+        let _ = hypercall::block(timeout_ns);
+    }
+    slot.blocked.store(false, Ordering::SeqCst);
     slot.woke_tsc.store(cpu::rdtsc(), Ordering::Release);
 }
 

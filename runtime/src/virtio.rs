@@ -183,8 +183,18 @@ impl Transport for PageTransport {
         false
     }
 
-    fn queue_set(&mut self, queue: u16, size: u32, descriptors: PhysAddr, driver_area: PhysAddr, device_area: PhysAddr) {
-        self.set_queue(queue, VirtioQueueRegs { size, ready: 1, desc: descriptors, driver: driver_area, device: device_area });
+    fn queue_set(
+        &mut self,
+        queue: u16,
+        size: u32,
+        descriptors: PhysAddr,
+        driver_area: PhysAddr,
+        device_area: PhysAddr,
+    ) {
+        self.set_queue(
+            queue,
+            VirtioQueueRegs { size, ready: 1, desc: descriptors, driver: driver_area, device: device_area },
+        );
     }
 
     fn queue_unset(&mut self, queue: u16) {

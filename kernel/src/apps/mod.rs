@@ -24,6 +24,8 @@ mod vcpu_churn;
 pub const SERVICES: &[Service] = &[
     hello::SERVICE,
     echo::SERVICE,
+    kv::SERVICE,
+    http::SERVICE,
     spin::SERVICE,
     cpu_burst::SERVICE,
     vcpu_churn::SERVICE,

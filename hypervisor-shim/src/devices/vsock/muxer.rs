@@ -49,6 +49,9 @@ mod op {
 
 /// How long the thread keeps polling after the last traffic before it sleeps.
 const POLL_WINDOW: Duration = Duration::from_micros(200);
+/// How long after re-enabling notifications the rings are looked at once more (see
+/// `Muxer::settled_late`).
+const SETTLE: Duration = Duration::from_micros(50);
 /// How long a client waits for the guest to accept (a booting guest may not listen yet).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the guest has to answer a SHUTDOWN with RST.
@@ -183,7 +186,14 @@ struct Muxer {
 }
 
 /// The thread's body.
-pub(super) fn run(shared: Arc<VsockShared>, mem: GuestMemory, endpoints: Vec<Bound>, wake: Wake, kick: EventFd, stop: EventFd) {
+pub(super) fn run(
+    shared: Arc<VsockShared>,
+    mem: GuestMemory,
+    endpoints: Vec<Bound>,
+    wake: Wake,
+    kick: EventFd,
+    stop: EventFd,
+) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
@@ -218,9 +228,8 @@ pub(super) fn run(shared: Arc<VsockShared>, mem: GuestMemory, endpoints: Vec<Bou
 
 impl Muxer {
     fn register(&mut self) -> std::io::Result<()> {
-        let add = |fd: RawFd, token: u64| {
-            self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
-        };
+        let add =
+            |fd: RawFd, token: u64| self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
         add(self.kick.as_raw_fd(), TOKEN_KICK)?;
         add(self.stop.as_raw_fd(), TOKEN_STOP)?;
         for (i, e) in self.endpoints.iter().enumerate() {
@@ -237,11 +246,14 @@ impl Muxer {
         let mut events = vec![EpollEvent::default(); 256];
         let mut busy_until: Option<Instant> = None;
         loop {
-            let now = Instant::now();
-            let timeout = match busy_until {
-                Some(t) if now < t => 0,
-                _ => self.next_timer_ms(now),
-            };
+            // While busy, poll; the end of the iteration decides when to stop (and turns the
+            // guest's notifications back on first), so the thread never sleeps with them off.
+            let timeout = if busy_until.is_some() { 0 } else { self.next_timer_ms(Instant::now()) };
+            if busy_until.is_some() {
+                // Polling: leave the core to a vCPU that wants it (this host may have fewer
+                // cores than runnable threads).
+                std::thread::yield_now();
+            }
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => 0,
@@ -271,7 +283,9 @@ impl Muxer {
                 busy_until = None;
                 // Going to sleep: let the guest notify again, and look once more for what it
                 // queued meanwhile.
-                if self.tx_suppressed && self.enable_tx_notifications() {
+                let enabled = self.tx_suppressed;
+                if (enabled && self.enable_tx_notifications()) || ((enabled || self.rx_starved) && self.settled_late())
+                {
                     busy_until = Some(Instant::now() + POLL_WINDOW);
                 }
             }
@@ -293,7 +307,9 @@ impl Muxer {
         }
         match next {
             None => -1,
-            Some(t) => i32::try_from(t.saturating_duration_since(now).as_millis().saturating_add(1)).unwrap_or(i32::MAX),
+            Some(t) => {
+                i32::try_from(t.saturating_duration_since(now).as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+            }
         }
     }
 
@@ -547,6 +563,29 @@ impl Muxer {
         }
     }
 
+    /// Looks at the rings once more a little after notifications were turned back on.
+    ///
+    /// virtio-drivers 0.13 publishes a new available index with a release store and then reads
+    /// the device's `NO_NOTIFY` flag with an acquire load, with no full fence between them: the
+    /// guest's load can pass its own store, see the flag the host is just clearing, and skip
+    /// the notify while the host's re-check still sees the old index. The guest would then wait
+    /// forever. Its store is visible within microseconds (a store buffer drains that fast, and
+    /// any exit drains it), so a second look after [`SETTLE`] closes the window.
+    fn settled_late(&mut self) -> bool {
+        if !self.live {
+            return false;
+        }
+        std::thread::sleep(SETTLE);
+        let snapshot = self.mem.snapshot();
+        let mem: &GuestMemoryMmap = &snapshot;
+        let mut core = self.shared.core();
+        let Some(q) = core.queues.as_mut() else { return false };
+        let fresh = |q: &virtio_queue::Queue| {
+            q.avail_idx(mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
+        };
+        fresh(&q.tx) || (self.rx_starved && fresh(&q.rx))
+    }
+
     fn handle_tx(&mut self, pkt: &VsockPacket<'_, ()>) {
         let stats = &self.shared.stats;
         if pkt.src_cid() != GUEST_CID || pkt.dst_cid() != HOST_CID {
@@ -589,7 +628,8 @@ impl Muxer {
                 // Not listening (yet): ask again shortly, with back-off.
                 let attempts = attempts + 1;
                 let backoff = Duration::from_millis(1u64 << attempts.min(6));
-                c.state = State::Connecting { deadline, retry_at: Some(Instant::now() + backoff), attempts, sent: false };
+                c.state =
+                    State::Connecting { deadline, retry_at: Some(Instant::now() + backoff), attempts, sent: false };
             }
             (op::RW, State::Established | State::ClientClosed { .. }) => {
                 let len = pkt.len() as usize;

@@ -33,14 +33,12 @@
 //! counted off, not stored. The caller never needs to buffer more than [`MAX_HEAD`] bytes to
 //! make progress: with that many bytes available `feed` always consumes some or answers.
 
-// The socket glue that drives this core is not linked yet; until then only the tests use it.
-#![cfg_attr(target_os = "none", allow(dead_code, unused_imports))]
-
 mod body;
 mod conn;
 mod request;
 mod response;
 mod routes;
+mod service;
 mod work;
 
 #[cfg(test)]
@@ -48,8 +46,12 @@ mod client_tests;
 #[cfg(test)]
 mod tests;
 
+// The core's public API (documented above); the service uses part of it.
+#[allow(unused_imports)]
 pub use conn::{Action, Conn, Reply};
 pub use routes::Figures;
+pub use service::SERVICE;
+#[allow(unused_imports)]
 pub use work::{WORK_UNIT_ROUNDS, WorkDone, WorkOrder, work_unit, work_units};
 
 /// Largest request head (request line, header fields and the blank line), in bytes; larger →

@@ -31,6 +31,7 @@ pub fn work_unit(x: u64) -> u64 {
     x
 }
 
+#[cfg_attr(not(test), allow(dead_code))] // part of the core's API; the tests use it
 /// `units` work units chained from `seed`: the checksum a `/work` reply must report.
 pub fn work_units(seed: u64, units: u64) -> u64 {
     (0..units).fold(seed, |x, _| work_unit(x))
@@ -67,6 +68,7 @@ impl WorkOrder {
         WorkOrder { ms, seed: seed_for(ms), close: persist == Persist::Close, head_only, persist }
     }
 
+    #[cfg_attr(not(test), allow(dead_code))] // part of the core's API; the tests use it
     /// Does the work, reading a microsecond clock with `now_us`; at least one unit runs.
     /// (A caller that must yield during long work repeats [`work_unit`] itself instead.)
     pub fn perform(&self, now_us: &mut dyn FnMut() -> u64) -> WorkDone {

@@ -26,22 +26,26 @@
 //! Limits: [`MAX_BULK_BYTES`], [`MAX_MULTIBULK_ARGS`], [`MAX_INLINE_BYTES`],
 //! [`MAX_REQUEST_BYTES`], [`OUTPUT_SOFT_LIMIT`].
 
-// Nothing calls into this module until the socket glue lands (then drop this line).
-#![allow(dead_code, unused_imports)]
-
 mod commands;
 mod glob;
 mod info;
 mod resp;
+mod service;
 mod store;
 #[cfg(test)]
 mod tests;
 
 use alloc::vec::Vec;
 
+// The core's public API (documented above); the service uses part of it.
+#[allow(unused_imports)]
 pub use commands::{COMMANDS, Command};
+#[allow(unused_imports)]
 pub use info::{Figures, Human, REDIS_VERSION};
+#[allow(unused_imports)]
 pub use resp::{ARG_OVERHEAD, MAX_BULK_BYTES, MAX_INLINE_BYTES, MAX_MULTIBULK_ARGS, MAX_REQUEST_BYTES, ProtocolError};
+pub use service::SERVICE;
+#[allow(unused_imports)]
 pub use store::{Detached, Stats, Store};
 
 /// Once a call has written this many reply bytes, it stops before the next request and
@@ -136,11 +140,13 @@ impl Session {
         self.detached = None;
     }
 
+    #[cfg_attr(not(test), allow(dead_code))] // part of the core's API; the tests use it
     /// Keys detached by FLUSHALL and not yet freed by [`Session::release`].
     pub fn detached_keys(&self) -> usize {
         self.detached.as_ref().map_or(0, Detached::len)
     }
 
+    #[cfg_attr(not(test), allow(dead_code))] // part of the core's API; the tests use it
     /// Heap bytes this connection holds for a request still arriving.
     pub fn held_bytes(&self) -> usize {
         self.parser.held_bytes()

@@ -117,9 +117,12 @@ impl Ord for dyn DueKey + '_ {
 #[derive(Debug, Default)]
 pub struct Detached {
     map: BTreeMap<Box<[u8]>, Entry>,
+    /// Kept only to be freed with the rest.
+    #[allow(dead_code)]
     index: BTreeSet<Due>,
 }
 
+#[cfg_attr(not(test), allow(dead_code))] // part of the core's API; the tests use it
 impl Detached {
     /// Keys it holds.
     pub fn len(&self) -> usize {
@@ -319,6 +322,7 @@ impl Store {
         Detached { map: mem::take(&mut self.map), index: mem::take(&mut self.index) }
     }
 
+    #[cfg_attr(not(test), allow(dead_code))] // part of the core's API; the tests use it
     /// Drops every key and frees all the memory the store held, now.
     pub fn flush(&mut self) {
         drop(self.detach());

@@ -1,0 +1,142 @@
+//! The `http` service: the HTTP/1.1 core of this module behind a vsock listener, one task per
+//! client connection. `GET /work?ms=N` burns CPU (yielding every few units, so other
+//! connections keep being served and the vCPU controller sees the runnable tasks).
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use elastic_rt::net::Stream;
+use elastic_rt::prelude::*;
+use elastic_rt::println;
+use hypercall_abi::exit_code;
+
+use super::{Action, Conn, Figures, WorkDone, status_class, work_unit};
+
+const NAME: &str = "http";
+const USAGE: &str = "[PORT]";
+
+/// Bytes read from a connection at a time (at least the core's head limit).
+const READ_CHUNK: usize = 16 * 1024;
+/// Work units between yields (a unit is a few µs).
+const UNITS_PER_YIELD: u64 = 64;
+
+static OPEN: AtomicU64 = AtomicU64::new(0);
+static TOTAL: AtomicU64 = AtomicU64::new(0);
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+static BY_CLASS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+
+/// The `http` service.
+pub const SERVICE: Service =
+    Service::new(NAME, USAGE, "HTTP/1.1 server on vsock PORT (default 80): /, /work?ms=N, /stats", |env| {
+        boxed(main(env))
+    });
+
+async fn main(env: Env) -> u32 {
+    let port = match env.args.first().map(String::as_str) {
+        None => 80,
+        Some(p) => match p.parse::<u32>() {
+            Ok(p) if p > 0 => p,
+            _ => return usage_error(NAME, USAGE, format_args!("'{p}' is not a port number")),
+        },
+    };
+    let listener = match net::listen(port) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("http: {e}");
+            return exit_code::FAILURE;
+        }
+    };
+    println!("http: listening on vsock port {port}");
+    while let Ok(stream) = listener.accept().await {
+        OPEN.fetch_add(1, Ordering::Relaxed);
+        TOTAL.fetch_add(1, Ordering::Relaxed);
+        spawn(async move {
+            serve(stream).await;
+            OPEN.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    exit_code::FAILURE
+}
+
+fn figures() -> Figures {
+    let heap = memory::stats();
+    let (min, max, burst) = vcpus::limits();
+    Figures {
+        vcpus_online: vcpus::online() as u32,
+        vcpus_min: min as u32,
+        vcpus_max: max as u32,
+        vcpus_burst: burst as u32,
+        memory_held: memory::held(),
+        heap_used: heap.claimed.saturating_sub(heap.available) as u64,
+        connections_open: OPEN.load(Ordering::Relaxed),
+        connections_total: TOTAL.load(Ordering::Relaxed),
+        requests_total: REQUESTS.load(Ordering::Relaxed),
+        requests_by_class: core::array::from_fn(|i| BY_CLASS[i].load(Ordering::Relaxed)),
+    }
+}
+
+fn count(status: u16) {
+    REQUESTS.fetch_add(1, Ordering::Relaxed);
+    if let Some(c) = status_class(status) {
+        BY_CLASS[c].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Does `ms` milliseconds of work, yielding between batches of units.
+async fn work(ms: u64, seed: u64) -> WorkDone {
+    let start = time::now_ns();
+    let budget = ms.saturating_mul(1_000_000);
+    let (mut checksum, mut units) = (seed, 0u64);
+    loop {
+        checksum = work_unit(checksum);
+        units += 1;
+        let elapsed = time::now_ns().saturating_sub(start);
+        if elapsed >= budget {
+            return WorkDone { units, checksum, elapsed_us: elapsed / 1000 };
+        }
+        if units.is_multiple_of(UNITS_PER_YIELD) {
+            yield_now().await;
+        }
+    }
+}
+
+async fn serve(mut stream: Stream) {
+    let mut conn = Conn::new();
+    let mut input: Vec<u8> = Vec::new();
+    loop {
+        // Answer every complete request in the buffer, in order.
+        loop {
+            let (consumed, action) = conn.feed(&input, &figures);
+            input.drain(..consumed.min(input.len()));
+            let (bytes, close) = match action {
+                Action::NeedMore => break,
+                Action::Close => return stream.close(),
+                Action::Reply(r) => {
+                    if r.is_final() {
+                        count(r.status);
+                    }
+                    (r.bytes, r.close)
+                }
+                Action::Work(order) => {
+                    let done = work(order.ms, order.seed).await;
+                    let r = order.reply(&done);
+                    count(r.status);
+                    (r.bytes, r.close)
+                }
+            };
+            if stream.write_all(&bytes).await.is_err() {
+                return;
+            }
+            if close {
+                return stream.close();
+            }
+        }
+        let at = input.len();
+        input.resize(at + READ_CHUNK, 0);
+        match stream.read(&mut input[at..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => input.truncate(at + n),
+        }
+    }
+}
