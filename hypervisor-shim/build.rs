@@ -40,6 +40,9 @@ fn main() -> ExitCode {
         "runtime/Cargo.toml",
         "runtime/build.rs",
         "runtime/linker.ld",
+        "examples/my-service/src",
+        "examples/my-service/Cargo.toml",
+        "examples/my-service/build.rs",
         "hypercall-abi/src",
         "hypercall-abi/Cargo.toml",
         "Cargo.toml",
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
     let under_clippy = env::var("RUSTC_WORKSPACE_WRAPPER").is_ok_and(|w| w.contains("clippy-driver"));
     if under_clippy {
         println!("cargo::rustc-env=KERNEL_PATH={}", out.join("kernel-not-built-under-clippy").display());
+        println!("cargo::rustc-env=EXAMPLE_SERVICE_PATH={}", out.join("example-not-built-under-clippy").display());
         return ExitCode::SUCCESS;
     }
 
@@ -67,7 +71,8 @@ fn main() -> ExitCode {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
-        .args(["build", "-p", "kernel", "--target", TARGET, "--profile", profile, "--target-dir"])
+        // The default image, and the README's own-service example (tests boot it).
+        .args(["build", "-p", "kernel", "-p", "my-service", "--target", TARGET, "--profile", profile, "--target-dir"])
         .arg(&target_dir);
     if env::var_os("CARGO_NET_OFFLINE").is_some() {
         cmd.arg("--offline");
@@ -85,6 +90,8 @@ fn main() -> ExitCode {
         return stop(&format!("the kernel build succeeded but {} is missing", kernel.display()));
     }
     println!("cargo::rustc-env=KERNEL_PATH={}", kernel.display());
+    let example = target_dir.join(TARGET).join(profile_dir).join("my-service");
+    println!("cargo::rustc-env=EXAMPLE_SERVICE_PATH={}", example.display());
     ExitCode::SUCCESS
 }
 

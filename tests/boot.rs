@@ -77,11 +77,25 @@ fn spin_runs_natively_at_cpl3() {
 }
 
 #[test]
-fn unknown_service_is_a_clean_guest_error() {
+fn unknown_service_is_refused_before_any_vm_with_the_list() {
     let r = shim(&["run", "--app", "no-such-service", "--timeout", "60"]);
-    r.expect_code(4);
-    assert!(r.stdout.contains("no service named 'no-such-service'"), "{}", r.stdout);
-    assert!(r.stdout.contains("hello"), "the list of services is shown: {}", r.stdout);
+    r.expect_code(64);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("no service named 'no-such-service'"), "{}", r.stderr);
+    assert!(r.stderr.contains("hello, ") && r.stderr.contains("kv"), "the services are listed: {}", r.stderr);
+    assert!(r.stdout.is_empty(), "no VM ran: {}", r.stdout);
+    // The same check for every VM of a pool, before any of them boots.
+    let dir = temp_dir("pool-unknown-app");
+    let config = dir.join("pool.toml");
+    std::fs::write(
+        &config,
+        "[pool]\nvcpus = 2\nmemory = \"256M\"\n\n[[vm]]\nname = \"a\"\napp = \"hello\"\nvcpus = \"1\"\nmemory = \"64M\"\n\n[[vm]]\nname = \"b\"\napp = \"nope\"\nvcpus = \"1\"\nmemory = \"64M\"\n",
+    )
+    .unwrap();
+    let r = shim(&["pool", config.to_str().unwrap()]);
+    r.expect_code(64);
+    assert!(r.stderr.contains("no service named 'nope'"), "{}", r.stderr);
+    assert!(!r.stdout.contains("Hello from"), "no VM booted: {}", r.stdout);
 }
 
 /// Copies the kernel with `edit` applied to the bytes of its ABI note.

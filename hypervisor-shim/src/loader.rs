@@ -174,6 +174,16 @@ const _: () = assert!(EHDR_SIZE == 64 && PHDR_SIZE == 56 && SHDR_SIZE == 64 && S
 /// Why an image could not be loaded. Every message is one line naming the problem.
 #[derive(Debug, Error)]
 pub enum LoaderError {
+    /// `--app` names a service the image does not offer.
+    #[error("no service named '{app}' in kernel image {path}; it offers: {known}")]
+    UnknownService {
+        /// The image.
+        path: PathBuf,
+        /// The name given.
+        app: String,
+        /// The services it has.
+        known: String,
+    },
     /// The file could not be opened or read.
     #[error("cannot read kernel image {path}: {source}")]
     Read {
@@ -375,6 +385,7 @@ impl Symbols {
 struct Notes {
     abi: Option<AbiNoteDesc>,
     pvh_entry: bool,
+    services: Option<Vec<String>>,
 }
 
 /// A checked kernel image. The file stays open; see the module documentation.
@@ -391,6 +402,7 @@ pub struct KernelImage {
     pub abi_version: u32,
     segments: Vec<Segment>,
     pvh_entry: bool,
+    services: Option<Vec<String>>,
     header: FileHeader,
     file_size: u64,
     source: Source,
@@ -561,6 +573,7 @@ impl KernelImage {
             abi_version: abi.abi_version,
             segments,
             pvh_entry: notes.pvh_entry,
+            services: notes.services,
             header,
             file_size: size,
             source,
@@ -573,6 +586,25 @@ impl KernelImage {
     /// parser as the ABI note, when the image was opened.
     pub fn has_pvh_note(&self) -> bool {
         self.pvh_entry
+    }
+
+    /// The services the image declares in its service-list note (`None` for an image
+    /// without one: then only the guest can say whether `--app` names one).
+    pub fn services(&self) -> Option<&[String]> {
+        self.services.as_deref()
+    }
+
+    /// Checks that the image offers service `app`: a one-line error listing the ones it has
+    /// otherwise.
+    pub fn check_service(&self, app: &str) -> Result<(), LoaderError> {
+        match self.services() {
+            Some(list) if !list.iter().any(|s| s == app) => Err(LoaderError::UnknownService {
+                path: self.path.clone(),
+                app: app.to_string(),
+                known: list.join(", "),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The loadable segments, sorted by address.
@@ -758,6 +790,11 @@ fn read_notes(phdrs: &[ProgramHeader], size: u64, source: &Source, path: &Path) 
                     return Err(NoteError::Abi("the image carries two ABI notes that disagree".into()));
                 }
                 found.abi = Some(desc);
+            } else if note.name == ABI_NOTE_NAME && note.n_type == hypercall_abi::NT_ELASTIC_SERVICES {
+                // The names the image offers for --app (bounded by the note budget).
+                let names: Vec<String> =
+                    hypercall_abi::ServiceListNote::names(note.desc).map(str::to_string).collect();
+                found.services = Some(names);
             } else if note.name == XEN_NOTE_NAME
                 && note.n_type == XEN_ELFNOTE_PHYS32_ENTRY
                 && matches!(note.desc.len(), 4 | 8)

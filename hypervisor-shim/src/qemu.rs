@@ -57,6 +57,7 @@ impl QemuError {
     pub fn exit_code(&self) -> u8 {
         match self {
             QemuError::Loader(LoaderError::Read { .. }) => exit::NO_INPUT,
+            QemuError::Loader(LoaderError::UnknownService { .. }) => exit::USAGE,
             QemuError::Loader(_) | QemuError::NoPvhNote(_) => exit::IMAGE_REFUSED,
             QemuError::Config(_) => exit::USAGE,
             QemuError::NotFound(_) | QemuError::NoKvm(_) | QemuError::KvmFailed(_) => exit::UNAVAILABLE,
@@ -162,6 +163,7 @@ enum Attempt {
 /// (QEMU exits before the guest runs) is retried under TCG and the accelerator line says why.
 pub fn run(config: &QemuConfig) -> Result<QemuOutcome, QemuError> {
     let image = KernelImage::open(&config.kernel)?;
+    image.check_service(&config.app)?;
     if !image.has_pvh_note() {
         return Err(QemuError::NoPvhNote(config.kernel.clone()));
     }

@@ -168,6 +168,20 @@ impl Write for ConsoleSink {
     }
 }
 
+/// Raises this process's open-file limit to its hard limit: each client of a published port
+/// is a file descriptor, and the default soft limit (often 1024) is below the device's
+/// connection cap.
+fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Runs every VM of `spec` to its end.
 pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     let kvm = open_kvm()?;
@@ -177,6 +191,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     })?;
     let timeline = Arc::new(timeline);
     let pool = Arc::new(Pool::new(spec.capacity));
+    raise_open_file_limit();
     // Every endpoint is bound before any VM exists: a port in use stops the run up front.
     let mut endpoints = Vec::new();
     for vs in &spec.vms {
@@ -185,7 +200,9 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     let mut images: Vec<(PathBuf, Arc<KernelImage>)> = Vec::new();
     let mut vms = Vec::new();
     let mut captures = Vec::new();
-    for (vs, bound) in spec.vms.iter().zip(endpoints) {
+    // Every image is opened, and every VM's service checked, before any VM is created.
+    let mut vm_images = Vec::new();
+    for vs in &spec.vms {
         let image = match images.iter().find(|(p, _)| *p == vs.kernel) {
             Some((_, i)) => Arc::clone(i),
             None => {
@@ -194,6 +211,10 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
                 i
             }
         };
+        image.check_service(&vs.config.app).map_err(VmError::from)?;
+        vm_images.push(image);
+    }
+    for ((vs, bound), image) in spec.vms.iter().zip(endpoints).zip(vm_images) {
         let capture = matches!(spec.console, ConsoleMode::Capture { .. }).then(|| Arc::new(Mutex::new(Vec::new())));
         let sink = ConsoleSink {
             prefix: (spec.console != ConsoleMode::Stdout).then(|| format!("[{}] ", vs.config.name)),

@@ -173,6 +173,8 @@ pub struct Summary {
     pub policy: PolicySummary,
     /// Invariant checks from the shim's own accounting.
     pub invariants: Invariants,
+    /// The request channel's figures (`null` when the VM had no vsock device).
+    pub vsock: Option<crate::devices::vsock::VsockFigures>,
 }
 
 /// The pool's figures in a pool run's summary.
@@ -294,6 +296,7 @@ impl Summary {
             },
             reclaims: pv.reclaims + pm.reclaims,
             violations: pv.violations + pm.violations,
+            vsock: report.vsock.clone(),
             again: report.again,
             exhausted: report.exhausted,
             policy: PolicySummary { vcpus: pv.into(), memory: pm.into() },

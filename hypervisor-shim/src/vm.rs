@@ -68,7 +68,9 @@ impl VmError {
         match self {
             VmError::KvmUnavailable(_) => exit::UNAVAILABLE,
             VmError::Loader(LoaderError::Read { .. }) => exit::NO_INPUT,
-            VmError::Loader(LoaderError::TooLarge { .. }) | VmError::Config(_) | VmError::Pool(_) => exit::USAGE,
+            VmError::Loader(LoaderError::TooLarge { .. } | LoaderError::UnknownService { .. })
+            | VmError::Config(_)
+            | VmError::Pool(_) => exit::USAGE,
             VmError::Loader(_) => exit::IMAGE_REFUSED,
             VmError::Kvm { .. } | VmError::Memory(_) | VmError::Vcpu(_) | VmError::Internal(_) | VmError::Device(_) => {
                 exit::INTERNAL
@@ -478,6 +480,8 @@ pub struct RunReport {
     pub exhausted: u64,
     /// The invariant checks made during the run.
     pub invariants: crate::governor::Invariants,
+    /// The request channel's figures.
+    pub vsock: Option<crate::devices::vsock::VsockFigures>,
 }
 
 /// Memory figures of a run.
@@ -725,6 +729,7 @@ impl Vm {
             again: shared.policy.answers.again.load(Ordering::Relaxed),
             exhausted: shared.policy.answers.exhausted.load(Ordering::Relaxed),
             invariants: shared.policy.invariants(),
+            vsock: shared.devices.vsock.as_ref().map(|v| v.shared.stats.figures()),
         }
     }
 }

@@ -161,3 +161,133 @@ pub fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}")))
         .collect()
 }
+
+/// A free TCP port on 127.0.0.1 (bound and released; another process could take it first,
+/// which makes the shim fail with a clear message rather than a wrong result).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A shim running a service in the background (killed when dropped).
+#[derive(Debug)]
+pub struct Served {
+    /// The shim process.
+    pub child: std::process::Child,
+    /// Guest console lines as they arrive.
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Everything printed so far.
+    pub stdout: Vec<String>,
+    /// Where the summary and timeline go.
+    pub dir: TempDir,
+    stderr_thread: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Served {
+    /// Starts `hypervisor-shim run ARGS --summary --timeline --timeout 300` and waits until
+    /// the guest prints a line containing `ready` (e.g. "listening on vsock port").
+    pub fn start(name: &str, args: &[&str], ready: &str) -> Served {
+        require_kvm();
+        let dir = temp_dir(name);
+        let mut all: Vec<String> = vec!["run".into()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        for (flag, file) in [("--summary", "summary.json"), ("--timeline", "timeline.jsonl")] {
+            all.push(flag.into());
+            all.push(dir.join(file).to_str().expect("UTF-8 temp path").into());
+        }
+        all.extend(["--timeout".into(), "300".into()]);
+        let mut child = Command::new(SHIM)
+            .args(&all)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the shim starts");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut err = child.stderr.take().expect("piped stderr");
+        let stderr_thread = Some(std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut s);
+            s
+        }));
+        let mut s = Served { child, lines, stdout: Vec::new(), dir, stderr_thread };
+        s.wait_for(ready, std::time::Duration::from_secs(30));
+        s
+    }
+
+    /// Waits until a console line contains `needle`; panics (with the output) after `within`.
+    pub fn wait_for(&mut self, needle: &str, within: std::time::Duration) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(l) = self.stdout.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.stdout.push(l),
+                Err(_) => panic!("no line with '{needle}' within {within:?}; output:\n{}", self.stdout.join("\n")),
+            }
+        }
+    }
+
+    /// The shim's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The shim's resident set size now (bytes).
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Asks the guest to stop (SIGINT: a STOP notice) and waits for the shim; returns its exit
+    /// code, its stderr and the summary.
+    pub fn stop(mut self) -> (Option<i32>, String, serde_json::Value) {
+        let _ = Command::new("kill").args(["-INT", &self.pid().to_string()]).status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(std::time::Instant::now() < deadline, "the shim did not stop after SIGINT");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        while let Ok(l) = self.lines.recv_timeout(std::time::Duration::from_millis(200)) {
+            self.stdout.push(l);
+        }
+        let stderr = self.stderr_thread.take().and_then(|t| t.join().ok()).unwrap_or_default();
+        let summary = read_json(&self.dir.join("summary.json"));
+        (status.code(), stderr, summary)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs an installed client program (redis-cli, curl, wrk...) and returns its output;
+/// fails the test with the command that installs it when it is missing (CI installs them).
+pub fn client(program: &str, package: &str, args: &[&str]) -> Run {
+    match Command::new(program).args(args).output() {
+        Ok(o) => o.into(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("{program} is not installed: apt-get install {package} (.ci/run installs it)")
+        }
+        Err(e) => panic!("cannot run {program}: {e}"),
+    }
+}
