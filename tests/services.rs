@@ -42,7 +42,8 @@ fn read_line(s: &mut TcpStream) -> String {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     while !line.ends_with(b"\r\n") {
-        s.read_exact(&mut b).unwrap_or_else(|e| panic!("reading a line ({:?} so far): {e}", String::from_utf8_lossy(&line)));
+        s.read_exact(&mut b)
+            .unwrap_or_else(|e| panic!("reading a line ({:?} so far): {e}", String::from_utf8_lossy(&line)));
         line.push(b[0]);
     }
     String::from_utf8_lossy(&line[..line.len() - 2]).into_owned()

@@ -11,6 +11,8 @@ use std::time::Instant;
 use serde::Serialize;
 use thiserror::Error;
 
+mod services;
+
 /// Benchmark failures.
 #[derive(Debug, Error)]
 pub enum BenchError {
@@ -103,6 +105,17 @@ pub struct BenchOptions {
     pub kernel: PathBuf,
     /// Boots per boot figure.
     pub runs: usize,
+    /// Sections to measure (empty: all of [`SECTIONS`]).
+    pub only: Vec<String>,
+}
+
+/// The benchmark's sections, in the order they run.
+pub const SECTIONS: &[&str] = &["boot", "vcpus", "memory", "services"];
+
+impl BenchOptions {
+    fn wants(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
 }
 
 fn monotonic_ns() -> u64 {
@@ -192,9 +205,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let summary = dir.join("boot.json");
     let vcpu_boots = opts.runs.div_ceil(4).max(3);
     let mem_boots = opts.runs.div_ceil(10).max(2);
-    let bar = progress_bar((opts.runs + vcpu_boots + mem_boots + 1) as u64);
+    let bar = progress_bar((opts.runs + vcpu_boots + mem_boots + 2) as u64);
     let (mut boots, mut from_spawn, mut floor, mut whole) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..opts.runs {
+    for _ in 0..if opts.wants("boot") { opts.runs } else { 0 } {
         progress(&bar, "boot");
         let (b, s) = boot_once(opts, &summary)?;
         boots.push(b);
@@ -205,10 +218,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         whole.push(process_us(opts, &["run", "--app", "hello", "--timeout", "30"], true)?);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    report.add("boot_us", boots, 1.0);
-    report.add("boot_from_spawn_us", from_spawn, 1.0);
-    report.add("spawn_floor_us", floor, 1.0);
-    report.add("hello_process_us", whole, 1.0);
+    if opts.wants("boot") {
+        report.add("boot_us", boots, 1.0);
+        report.add("boot_from_spawn_us", from_spawn, 1.0);
+        report.add("spawn_floor_us", floor, 1.0);
+        report.add("hello_process_us", whole, 1.0);
+    }
     if let (Some(h), Some(f)) = (report.get("hello_process_us"), report.get("spawn_floor_us")) {
         report.figures.insert("hello_process_over_floor".into(), h / f);
     }
@@ -223,7 +238,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         ("vcpu_down_ns", "vcpu_down_us", 1e-3),
         ("kick_wake_ns", "kick_wake_us", 1e-3),
     ];
-    add_guest_figures(opts, &bar, "vCPU figures", vcpu_boots, &vcpu_args, &vcpu_keys, &mut report)?;
+    if opts.wants("vcpus") {
+        add_guest_figures(opts, &bar, "vCPU figures", vcpu_boots, &vcpu_args, &vcpu_keys, &mut report)?;
+    }
     if let (Some(h), Some(f)) = (report.get("hypercall_rtt_ns"), report.get("bare_pio_exit_rtt_ns")) {
         report.figures.insert("hypercall_over_exit".into(), h / f);
     }
@@ -237,9 +254,23 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         ("mem_touch_1g_ns", "mem_touch_1g_us", 1e-3),
         ("mem_release_1g_ns", "mem_release_1g_us", 1e-3),
     ];
-    add_guest_figures(opts, &bar, "memory figures", mem_boots, &mem_args, &mem_keys, &mut report)?;
-    progress(&bar, "memslot floor");
-    report.add("memslot_floor_1g_us", memslot_floor(20)?, 1.0);
+    if opts.wants("memory") {
+        add_guest_figures(opts, &bar, "memory figures", mem_boots, &mem_args, &mem_keys, &mut report)?;
+        progress(&bar, "memslot floor");
+        report.add("memslot_floor_1g_us", memslot_floor(20)?, 1.0);
+    }
+    if !opts.wants("services") {
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        return Ok(report);
+    }
+    progress(&bar, "services (kv, redis-server, http)");
+    let dir = std::env::temp_dir().join(format!("hypervisor-shim-bench-svc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| BenchError::Write(dir.clone(), e))?;
+    let served = services::add(opts, &dir, &mut report);
+    let _ = std::fs::remove_dir_all(&dir);
+    served?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }

@@ -70,6 +70,9 @@ struct BenchArgs {
     /// Kernel ELF to measure [default: the image built with this shim].
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// Measure only these sections (repeatable): boot, vcpus, memory, services.
+    #[arg(long, value_name = "SECTION", value_parser = clap::builder::PossibleValuesParser::new(bench::SECTIONS))]
+    only: Vec<String>,
 }
 
 /// Options shared by every way of booting a kernel.
@@ -477,7 +480,7 @@ fn run_bench(args: BenchArgs) -> ExitCode {
     if let Err(e) = open_kvm() {
         return fail(e.exit_code(), e);
     }
-    let opts = bench::BenchOptions { shim, kernel, runs: args.runs as usize };
+    let opts = bench::BenchOptions { shim, kernel, runs: args.runs as usize, only: args.only.clone() };
     let report = match bench::run(&opts) {
         Ok(r) => r,
         Err(e) => return fail(exit::INTERNAL, e),

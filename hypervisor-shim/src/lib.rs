@@ -7,6 +7,7 @@
 //! (dispatch), [`fault`] (diagnoses), [`summary`] (JSON), [`qemu`] (the QEMU path),
 //! [`bench`] (measurements) and [`cli`].
 
+pub mod affinity;
 pub mod bench;
 pub mod cli;
 pub mod config;

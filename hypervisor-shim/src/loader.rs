@@ -792,8 +792,7 @@ fn read_notes(phdrs: &[ProgramHeader], size: u64, source: &Source, path: &Path) 
                 found.abi = Some(desc);
             } else if note.name == ABI_NOTE_NAME && note.n_type == hypercall_abi::NT_ELASTIC_SERVICES {
                 // The names the image offers for --app (bounded by the note budget).
-                let names: Vec<String> =
-                    hypercall_abi::ServiceListNote::names(note.desc).map(str::to_string).collect();
+                let names: Vec<String> = hypercall_abi::ServiceListNote::names(note.desc).map(str::to_string).collect();
                 found.services = Some(names);
             } else if note.name == XEN_NOTE_NAME
                 && note.n_type == XEN_ELFNOTE_PHYS32_ENTRY

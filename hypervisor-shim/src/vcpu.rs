@@ -175,6 +175,9 @@ impl Vcpu {
     /// The vCPU thread: runs the guest until the VM stops, parking while the vCPU is down.
     pub fn run(mut self, vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>) {
         install_kick_handler();
+        if self.id == 0 && vm.devices.serving() {
+            crate::affinity::place(crate::affinity::Role::DeviceVcpu);
+        }
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
         ctl.bind_current_thread();
         while !vm.is_stopping() {

@@ -145,7 +145,13 @@ const READY: u8 = 1;
 const FAILED: u8 = 2;
 
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
-static DRIVER: Mutex<Option<Manager>> = Mutex::new(None);
+static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
+
+/// The driver and the pump's bounce buffer (used only under the driver's lock).
+struct Driver {
+    mgr: Manager,
+    scratch: Vec<u8>,
+}
 static TABLE: Mutex<Table> =
     Mutex::new(Table { conns: BTreeMap::new(), listeners: BTreeMap::new(), dirty: BTreeSet::new() });
 /// Something for the pump besides received packets (queued data, a close, room made).
@@ -214,7 +220,7 @@ fn ensure_ready() -> Result<(), NetError> {
         return Err(NetError::DeviceFailed);
     }
     RX_USED_IDX.store(used + 2, Ordering::Release);
-    *guard = Some(mgr);
+    *guard = Some(Driver { mgr, scratch: vec![0u8; SEND_CHUNK.max(RX_BUFFER_SIZE)] });
     STATE.store(READY, Ordering::Release);
     log::debug!("vsock: device ready (guest cid {})", hypercall_abi::virtio::vsock::GUEST_CID);
     Ok(())
@@ -233,7 +239,7 @@ pub fn listen(port: u32) -> Result<Listener, NetError> {
     }
     // Setting up needs the driver itself (a plain lock: this is not a hot path).
     match DRIVER.lock().as_mut() {
-        Some(mgr) => mgr.listen(port),
+        Some(d) => d.mgr.listen(port),
         None => return Err(NetError::DeviceFailed),
     }
     Ok(Listener { port })
@@ -272,15 +278,15 @@ fn pump() {
         return;
     }
     let Some(mut guard) = DRIVER.try_lock() else { return };
-    let Some(mgr) = guard.as_mut() else { return };
-    let mut scratch = vec![0u8; SEND_CHUNK.max(RX_BUFFER_SIZE)];
+    let Some(driver) = guard.as_mut() else { return };
+    let (mgr, scratch) = (&mut driver.mgr, &mut driver.scratch);
     let mut wake: Vec<Waker> = Vec::new();
     for _ in 0..64 {
         PUMP_WANTED.store(false, Ordering::Release);
         let received = receive(mgr, &mut wake);
         let keys: Vec<Key> = core::mem::take(&mut TABLE.lock().dirty).into_iter().collect();
         for key in &keys {
-            service(mgr, *key, &mut scratch, &mut wake);
+            service(mgr, *key, scratch, &mut wake);
         }
         // Wake outside every lock: waking may kick another vCPU (an exit).
         for w in wake.drain(..) {
@@ -460,8 +466,8 @@ impl Drop for Listener {
             }
             TABLE.lock().dirty.insert(*key);
         }
-        if let Some(mgr) = DRIVER.lock().as_mut() {
-            mgr.unlisten(self.port);
+        if let Some(d) = DRIVER.lock().as_mut() {
+            d.mgr.unlisten(self.port);
         }
         kick_pump();
     }
@@ -514,9 +520,11 @@ impl Stream {
             if !c.inbound.is_empty() {
                 let was_full = c.inbound.len() >= IN_BUFFER;
                 let n = c.inbound.len().min(buf.len());
-                for (dst, src) in buf.iter_mut().zip(c.inbound.drain(..n)) {
-                    *dst = src;
-                }
+                let (a, b) = c.inbound.as_slices();
+                let first = a.len().min(n);
+                buf[..first].copy_from_slice(&a[..first]);
+                buf[first..n].copy_from_slice(&b[..n - first]);
+                c.inbound.drain(..n);
                 if c.inbound.is_empty() && c.inbound.capacity() > 4 * RX_BUFFER_SIZE {
                     c.inbound = VecDeque::new();
                 }

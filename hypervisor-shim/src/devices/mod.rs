@@ -34,6 +34,11 @@ impl Devices {
         }
     }
 
+    /// Whether a device thread serves the guest (a vsock device with host endpoints).
+    pub fn serving(&self) -> bool {
+        self.vsock.as_ref().is_some_and(|v| v.is_running())
+    }
+
     /// Stops every device thread.
     pub fn stop(&self) {
         if let Some(v) = &self.vsock {

@@ -197,8 +197,9 @@ impl Vsock {
             device_id: VIRTIO_ID_VSOCK,
             num_queues: 3,
             // EVENT_IDX is not offered: with virtio-drivers it costs more notifies than
-            // the used-ring flag (see docs/abi.md).
-            offered: feature::VERSION_1 | feature::RING_INDIRECT_DESC,
+            // the used-ring flag; nor are indirect descriptors (a heap allocation per packet
+            // in the driver, for chains of two). See docs/abi.md.
+            offered: feature::VERSION_1,
             queue_max_size: QUEUE_MAX_SIZE,
             config,
             negotiated: 0,
@@ -223,6 +224,11 @@ impl Vsock {
             .map_err(VsockError::Thread)?;
         *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some((handle, stop));
         Ok(())
+    }
+
+    /// Whether the I/O thread runs.
+    pub fn is_running(&self) -> bool {
+        self.thread.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
     /// Serves DEVICE_NOTIFY for queue `queue` of this device (or a status change), from a

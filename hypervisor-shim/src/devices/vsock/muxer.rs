@@ -182,6 +182,8 @@ struct Muxer {
     rx_starved: bool,
     /// The guest's transmit notifications are off (the thread is polling).
     tx_suppressed: bool,
+    /// Connections with guest data to write out after the current transmit batch.
+    to_flush: Vec<u32>,
     buf: Vec<u8>,
 }
 
@@ -217,6 +219,7 @@ pub(super) fn run(
         stop,
         rx_starved: false,
         tx_suppressed: false,
+        to_flush: Vec::new(),
         buf: vec![0u8; 64 * 1024],
     };
     if let Err(e) = m.register() {
@@ -245,14 +248,18 @@ impl Muxer {
     fn main_loop(&mut self) {
         let mut events = vec![EpollEvent::default(); 256];
         let mut busy_until: Option<Instant> = None;
+        let mut polls = 0u32;
         loop {
             // While busy, poll; the end of the iteration decides when to stop (and turns the
             // guest's notifications back on first), so the thread never sleeps with them off.
             let timeout = if busy_until.is_some() { 0 } else { self.next_timer_ms(Instant::now()) };
             if busy_until.is_some() {
-                // Polling: leave the core to a vCPU that wants it (this host may have fewer
-                // cores than runnable threads).
-                std::thread::yield_now();
+                // Polling: now and then leave the core to a vCPU that wants it (this host may
+                // have fewer cores than runnable threads).
+                polls = polls.wrapping_add(1);
+                if polls.is_multiple_of(8) {
+                    std::thread::yield_now();
+                }
             }
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
@@ -545,6 +552,13 @@ impl Muxer {
                 break;
             }
         }
+        drop(core);
+        // The chains are answered; now the (slower) socket writes, so the guest waiting for
+        // its transmit buffer does not wait for them too.
+        let ports = std::mem::take(&mut self.to_flush);
+        for port in ports {
+            self.flush(port);
+        }
         handled > 0
     }
 
@@ -622,7 +636,7 @@ impl Muxer {
                     }
                 }
                 self.mark_ready(host_port);
-                self.flush(host_port);
+                self.to_flush.push(host_port);
             }
             (op::RST, State::Connecting { deadline, attempts, .. }) => {
                 // Not listening (yet): ask again shortly, with back-off.
@@ -649,11 +663,11 @@ impl Muxer {
                 }
                 c.outbound.extend(&self.buf[..len]);
                 stats.bytes_from_guest.fetch_add(len as u64, Ordering::Relaxed);
-                self.flush(host_port);
+                self.to_flush.push(host_port);
             }
             (op::SHUTDOWN, _) => {
                 c.state = State::GuestClosed;
-                self.flush(host_port);
+                self.to_flush.push(host_port);
             }
             (op::RST, _) => self.close(host_port),
             (op::CREDIT_UPDATE, _) => {}

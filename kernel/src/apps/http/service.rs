@@ -104,6 +104,7 @@ async fn work(ms: u64, seed: u64) -> WorkDone {
 async fn serve(mut stream: Stream) {
     let mut conn = Conn::new();
     let mut input: Vec<u8> = Vec::new();
+    let mut chunk = alloc::vec![0u8; READ_CHUNK];
     loop {
         // Answer every complete request in the buffer, in order.
         loop {
@@ -132,11 +133,9 @@ async fn serve(mut stream: Stream) {
                 return stream.close();
             }
         }
-        let at = input.len();
-        input.resize(at + READ_CHUNK, 0);
-        match stream.read(&mut input[at..]).await {
+        match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => input.truncate(at + n),
+            Ok(n) => input.extend_from_slice(&chunk[..n]),
         }
     }
 }

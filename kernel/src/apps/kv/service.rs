@@ -79,14 +79,13 @@ async fn serve(mut stream: Stream, port: u32) {
     let mut session = Session::new();
     let mut input: Vec<u8> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
+    let mut chunk = alloc::vec![0u8; READ_CHUNK];
     let mut more = false;
     loop {
         if !more {
-            let at = input.len();
-            input.resize(at + READ_CHUNK, 0);
-            match stream.read(&mut input[at..]).await {
+            match stream.read(&mut chunk).await {
                 Ok(0) | Err(_) => return,
-                Ok(n) => input.truncate(at + n),
+                Ok(n) => input.extend_from_slice(&chunk[..n]),
             }
         }
         out.clear();

@@ -1,0 +1,51 @@
+//! CPU placement of the threads that hand packets to each other.
+//!
+//! The guest's virtio driver waits for the host to take each packet it sends by spinning on
+//! vCPU 0, while the vsock I/O thread does the taking. When the host scheduler puts the two on
+//! the same CPU (a wake-up lands the I/O thread next to the vCPU that woke it), the spinning
+//! vCPU holds that CPU for a whole time slice (milliseconds) before the I/O thread runs. So on a
+//! host with at least two CPUs the shim keeps them apart: vCPU 0 on the first CPU the process
+//! may use, the I/O thread on the last. Other vCPUs are left to the scheduler.
+
+/// The CPUs this process may run on.
+fn allowed() -> Vec<usize> {
+    // SAFETY: `set` is a zeroed cpu_set_t that sched_getaffinity fills; CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: `set` is a zeroed cpu_set_t with one CPU added; sched_setaffinity(0) applies to
+    // the calling thread. A failure leaves the thread where it was.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Which end of the pair the calling thread is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// vCPU 0 (drives the guest's devices).
+    DeviceVcpu,
+    /// A device's I/O thread.
+    DeviceIo,
+}
+
+/// Pins the calling thread for `role`, when the process may use at least two CPUs.
+pub fn place(role: Role) {
+    let cpus = allowed();
+    if cpus.len() < 2 {
+        return;
+    }
+    match role {
+        Role::DeviceVcpu => pin_to(cpus[0]),
+        Role::DeviceIo => pin_to(cpus[cpus.len() - 1]),
+    }
+}
