@@ -390,3 +390,29 @@ fn the_readme_example_service_builds_and_serves() {
     assert!(r.stderr.contains("it offers: shout"), "{}", r.stderr);
     stop_cleanly(shout);
 }
+
+/// Small values fill boot memory first and then spill into granted memory: every block must go
+/// back to the heap it came from (a regression test: blocks from the elastic heap's metadata
+/// arena were once returned to the boot heap and corrupted it).
+#[test]
+fn kv_small_values_spill_from_boot_memory_into_granted_memory() {
+    let (kv, port) = start_kv("kv-spill", &["--memory", "64M:256M:512M"]);
+    let mut s = connect(port);
+    let value = |i: u32| format!("{i:08}").repeat(512).into_bytes(); // 4 KiB
+    for chunk in (0..24_000u32).collect::<Vec<_>>().chunks(200) {
+        let mut batch = Vec::new();
+        for &i in chunk {
+            batch.extend(resp(&[b"SET", format!("small:{i}").as_bytes(), &value(i)]));
+        }
+        s.write_all(&batch).unwrap();
+        for _ in chunk {
+            assert_eq!(read_line(&mut s), "+OK");
+        }
+    }
+    assert!(info_field(port, "memory_held") > 64 * MIB, "the data spilled into granted memory");
+    for i in (0..24_000u32).step_by(997) {
+        s.write_all(&resp(&[b"GET", format!("small:{i}").as_bytes()])).unwrap();
+        assert_eq!(read_bulk(&mut s), Some(value(i)), "small:{i}");
+    }
+    stop_cleanly(kv);
+}

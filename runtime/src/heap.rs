@@ -148,6 +148,8 @@ const _: () = assert!(META_ARENA >= talc::min_first_heap_size::<talc::DefaultBin
 static BOOT: TalcLock<spin::Mutex<()>, Manual> = TalcLock::new(Manual);
 static ELASTIC: TalcLock<spin::Mutex<()>, ElasticSource> = TalcLock::new(ElasticSource::new());
 static WINDOW_BASE: AtomicUsize = AtomicUsize::new(0);
+/// Start of the elastic heap's metadata arena (0 before `init`).
+static META_BASE: AtomicUsize = AtomicUsize::new(0);
 static WINDOW_SIZE: AtomicUsize = AtomicUsize::new(0);
 static GRANTED: AtomicUsize = AtomicUsize::new(0);
 static RAW_GRANTED: AtomicUsize = AtomicUsize::new(0);
@@ -173,10 +175,14 @@ const AGAIN_WAITS: u32 = 500;
 #[derive(Debug)]
 pub struct KernelAllocator;
 
-fn in_window(ptr: *mut u8) -> bool {
+/// Whether `ptr` belongs to the elastic heap: an extent in the hot-plug window, or the small
+/// metadata arena that heap starts with (its leftover space serves small allocations too, so
+/// a block from there must go back to the elastic heap, never to the boot heap).
+fn in_elastic(ptr: *mut u8) -> bool {
     let a = ptr as usize;
     let base = WINDOW_BASE.load(Ordering::Relaxed);
-    a >= base && a - base < WINDOW_SIZE.load(Ordering::Relaxed)
+    let meta = META_BASE.load(Ordering::Relaxed);
+    (a >= base && a - base < WINDOW_SIZE.load(Ordering::Relaxed)) || (meta != 0 && a >= meta && a - meta < META_ARENA)
 }
 
 // SAFETY: every block is allocated from and returned to exactly one of the two talc heaps,
@@ -214,7 +220,7 @@ unsafe impl GlobalAlloc for KernelAllocator {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` came from `alloc` with `layout`; the address says which heap.
-        unsafe { if in_window(ptr) { ELASTIC.dealloc(ptr, layout) } else { BOOT.dealloc(ptr, layout) } }
+        unsafe { if in_elastic(ptr) { ELASTIC.dealloc(ptr, layout) } else { BOOT.dealloc(ptr, layout) } }
     }
 }
 
@@ -239,7 +245,9 @@ pub fn init(base: u64, size: u64, boot_ram: u64, window_base: u64, window_size: 
             if BOOT.lock().claim(base as *mut u8, size as usize).is_none() {
                 return false;
             }
-            let _ = ELASTIC.lock().claim(core::ptr::addr_of_mut!(META).cast(), META_ARENA);
+            let meta = core::ptr::addr_of_mut!(META).cast::<u8>();
+            META_BASE.store(meta as usize, Ordering::Relaxed);
+            let _ = ELASTIC.lock().claim(meta, META_ARENA);
         }
     }
     #[cfg(not(target_os = "none"))]
