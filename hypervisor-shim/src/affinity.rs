@@ -8,7 +8,7 @@
 //! may use, the I/O thread on the last. Other vCPUs are left to the scheduler.
 
 /// The CPUs this process may run on.
-fn allowed() -> Vec<usize> {
+pub fn allowed() -> Vec<usize> {
     // SAFETY: `set` is a zeroed cpu_set_t that sched_getaffinity fills; CPU_ISSET only reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -38,8 +38,19 @@ pub enum Role {
     DeviceIo,
 }
 
-/// Pins the calling thread for `role`, when the process may use at least two CPUs.
+/// Pins the calling thread for `role`, when the process may use at least two CPUs, and sets
+/// its scheduling weight: the I/O thread gets a higher one (nice -5, when the process may
+/// raise it), so that on a host with fewer CPUs than runnable vCPUs it is not left waiting
+/// behind vCPUs (one of them spins until it has taken its packet).
 pub fn place(role: Role) {
+    if role == Role::DeviceIo {
+        // SAFETY: setpriority on the calling thread (tid) only changes its nice value; a
+        // refusal (no CAP_SYS_NICE) leaves it as it was.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, -5);
+        }
+    }
     let cpus = allowed();
     if cpus.len() < 2 {
         return;

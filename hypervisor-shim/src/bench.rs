@@ -125,6 +125,14 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_loopback_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free loopback port: {e}"))
+}
+
 /// CLOCK_MONOTONIC now, in ns (comparable across processes on this machine).
 pub fn now_monotonic_ns() -> u64 {
     monotonic_ns()

@@ -55,8 +55,36 @@ enum Command {
     Qemu(QemuArgs),
     /// Measure boot time and the elasticity operations; write the medians as JSON.
     Bench(BenchArgs),
+    /// The self-driving demo (what a bare `hypervisor-shim` runs): an elastic http service under
+    /// a ramp and a spike of real requests; writes demo.svg and demo.json.
+    Demo(DemoArgs),
     /// Drive a service over TCP (kv or http), verify every answer, measure latency.
     Load(crate::loadgen::LoadArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+struct DemoArgs {
+    /// Peak requests per second of the ramp and the spike [default: 225 per vCPU of the burst
+    /// ceiling].
+    #[arg(long, value_name = "N", value_parser = parse_rate)]
+    rate: Option<f64>,
+    /// The VM's vCPU burst ceiling (its policy is 1:min(2,N):N) [default: the CPUs this process
+    /// may use, between 2 and 4].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    burst: Option<u32>,
+    /// Directory for demo.svg and demo.json.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    out_dir: PathBuf,
+    /// Kernel ELF [default: the image built with this shim].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (10.0..=100_000.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a rate between 10 and 100000 requests per second")),
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -258,6 +286,10 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 /// Parses the command line and runs it; returns the process exit code. `started` and
 /// `started_monotonic_ns` are taken at the top of `main`.
 pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
+    // No arguments at all (a bare `cargo run`): the demo.
+    if std::env::args_os().len() == 1 {
+        return run_demo(DemoArgs { rate: None, burst: None, out_dir: PathBuf::from("."), kernel: None });
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -279,6 +311,7 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
         Some(Command::Stress(args)) => run_stress(args),
         Some(Command::Qemu(args)) => run_qemu(args),
         Some(Command::Bench(args)) => run_bench(args),
+        Some(Command::Demo(args)) => run_demo(args),
         Some(Command::Load(args)) => crate::loadgen::command(&args),
     }
 }
@@ -461,6 +494,44 @@ fn run_stress(args: StressArgs) -> ExitCode {
         }
         Err(e @ crate::stress::StressError::UnknownScenario(_)) => fail(exit::USAGE, e),
         Err(e) => fail(exit::IO_ERROR, e),
+    }
+}
+
+fn run_demo(args: DemoArgs) -> ExitCode {
+    let shim = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return fail(exit::INTERNAL, format_args!("cannot find this program's path: {e}")),
+    };
+    if !args.out_dir.is_dir() {
+        return fail(exit::USAGE, format_args!("--out-dir {}: not a directory", args.out_dir.display()));
+    }
+    if let Err(e) = open_kvm() {
+        return fail(e.exit_code(), e);
+    }
+    let burst = args.burst.unwrap_or_else(crate::demo::default_burst);
+    let opts = crate::demo::DemoOptions {
+        shim,
+        kernel: default_kernel(&args.kernel),
+        out_dir: args.out_dir,
+        rate: args.rate.unwrap_or_else(|| crate::demo::default_rate(burst)),
+        burst,
+    };
+    match crate::demo::run(&opts) {
+        Ok(r) => {
+            let scaled = r.peak_vcpus > 1 && r.final_vcpus == 1;
+            if r.errors == 0 && scaled {
+                ExitCode::SUCCESS
+            } else {
+                fail(
+                    exit::RUN_FAILED,
+                    format_args!(
+                        "the demo did not go as expected ({} errors; vCPUs peak {}, final {})",
+                        r.errors, r.peak_vcpus, r.final_vcpus
+                    ),
+                )
+            }
+        }
+        Err(e) => fail(exit::RUN_FAILED, e),
     }
 }
 

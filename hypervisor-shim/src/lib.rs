@@ -11,6 +11,7 @@ pub mod affinity;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod devices;
 pub mod exit;
 pub mod fault;

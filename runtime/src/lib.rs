@@ -86,7 +86,7 @@ pub mod vcpus {
         cancel_down_requests, counters, request_down, set_auto, up, vcpu_target as reclaim_target,
     };
     pub use crate::notices::host_online_vcpus;
-    pub use crate::smp::{UpError, idle, limits, online};
+    pub use crate::smp::{UpError, idle, limits, online, take_peak};
 }
 
 /// Memory: what the VM holds, heap figures, and raw extents for services that manage memory

@@ -99,6 +99,16 @@ pub fn online() -> usize {
     ONLINE.load(Ordering::Acquire)
 }
 
+/// Most vCPUs online since the last [`take_peak`].
+static PEAK: AtomicUsize = AtomicUsize::new(1);
+
+/// The most vCPUs that were online since the previous call (or boot), and starts a new
+/// period from the count online now. For figures sampled less often than vCPUs come and go.
+pub fn take_peak() -> usize {
+    let now = ONLINE.load(Ordering::Acquire);
+    PEAK.swap(now, Ordering::AcqRel).max(now)
+}
+
 /// Idle vCPUs.
 pub fn idle() -> usize {
     IDLE.load(Ordering::Acquire)
@@ -165,7 +175,10 @@ pub fn bring_up() -> Result<(u32, &'static PerCpu), UpError> {
         // Only the new vCPU stores its id (at entry, from `rsi`). Storing it here too would
         // race: by the time this call returns, the new vCPU may already have gone down and
         // its slot been reused by another vCPU, whose id this would overwrite.
-        Ok(id) => Ok((id, slot)),
+        Ok(id) => {
+            PEAK.fetch_max(ONLINE.load(Ordering::Acquire), Ordering::AcqRel);
+            Ok((id, slot))
+        }
         Err(s) => {
             slot.state.store(state::OFFLINE, Ordering::Release);
             ONLINE.fetch_sub(1, Ordering::AcqRel);

@@ -251,6 +251,9 @@ pub struct LoadReport {
     pub config: LoadConfig,
     /// When the measured phase started (Unix time, milliseconds).
     pub started_unix_ms: u64,
+    /// The same moment on CLOCK_MONOTONIC, in ns (to line the run up with a shim's timeline:
+    /// see the shim summary's `started_monotonic_ns`).
+    pub started_monotonic_ns: u64,
     /// Length of the measured phase, seconds (shorter than the pattern if cancelled).
     pub duration_s: f64,
     /// Whether the run was cancelled before the end of its pattern.
@@ -352,6 +355,7 @@ pub fn run_until(
     let start = Instant::now() + START_DELAY;
     let started_unix_ms =
         (SystemTime::now() + START_DELAY).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let started_monotonic_ns = crate::bench::now_monotonic_ns() + START_DELAY.as_nanos() as u64;
     let shared = Shared {
         config,
         start,
@@ -383,6 +387,7 @@ pub fn run_until(
     Ok(LoadReport {
         config: config.clone(),
         started_unix_ms,
+        started_monotonic_ns,
         duration_s: (duration_s * 1000.0).round() / 1000.0,
         cancelled: measured < config.pattern.duration(),
         requests: completed + errors.total() - setup.errors,

@@ -30,6 +30,7 @@ impl Counters {
     fn figures(&self) -> Figures {
         Figures {
             vcpus_online: 2,
+            vcpus_peak: 2,
             vcpus_min: 1,
             vcpus_max: 2,
             vcpus_burst: 2,

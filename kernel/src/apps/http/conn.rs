@@ -158,7 +158,7 @@ impl Conn {
         };
         match route {
             Route::Root => reply(200, TEXT, GREETING.as_bytes(), None),
-            Route::Work { ms } => Action::Work(WorkOrder::new(ms, head_only, persist)),
+            Route::Work { ms, kb } => Action::Work(WorkOrder::new(ms, kb, head_only, persist)),
             Route::BadWork(why) => {
                 let mut body = Vec::with_capacity(why.len() + 16);
                 body.extend_from_slice(b"Bad Request: ");

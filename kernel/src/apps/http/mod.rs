@@ -15,8 +15,8 @@
 //! - [`Action::NeedMore`]: wait for more bytes.
 //! - [`Action::Close`]: the connection already ended (after a closing reply); close it.
 //!
-//! Routes: `GET /` (a short greeting), `GET /work?ms=N` (CPU-bound work, `N` ≤
-//! [`MAX_WORK_MS`]), `GET /stats` (JSON built from the caller's [`Figures`]); `HEAD` for all
+//! Routes: `GET /` (a short greeting), `GET /work?ms=N[&kb=M]` (CPU-bound work, `N` ≤
+//! [`MAX_WORK_MS`], over an `M` KiB working set held for its duration, `M` ≤ [`MAX_WORK_KB`]), `GET /stats` (JSON built from the caller's [`Figures`]); `HEAD` for all
 //! three (`HEAD /work` still asks for the work: the reply's length depends on it). Unknown
 //! paths get 404; methods other than `GET`/`HEAD` get 405 with `Allow`.
 //!
@@ -72,6 +72,9 @@ pub const MAX_TRAILERS: usize = MAX_HEAD;
 
 /// Most milliseconds of work `GET /work?ms=N` may ask for; more → 400.
 pub const MAX_WORK_MS: u64 = 10_000;
+
+/// Largest working set `/work?kb=M` may ask for: 64 MiB.
+pub const MAX_WORK_KB: u64 = 64 * 1024;
 
 /// The `Server` header's value.
 pub const SERVER: &str = "elastic-unikernel";

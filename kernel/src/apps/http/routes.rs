@@ -3,17 +3,19 @@
 use alloc::string::String;
 use core::fmt::Write;
 
-use super::MAX_WORK_MS;
+use super::{MAX_WORK_KB, MAX_WORK_MS};
 
 /// What a request asks for, decided from its method and target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Route {
     /// `/`: a short greeting.
     Root,
-    /// `/work?ms=N`: `N` milliseconds of CPU-bound work.
+    /// `/work?ms=N[&kb=M]`: `N` milliseconds of CPU-bound work over an `M` KiB working set.
     Work {
         /// Milliseconds of work (at most [`MAX_WORK_MS`]).
         ms: u64,
+        /// KiB of working set the work touches (at most [`MAX_WORK_KB`]).
+        kb: u64,
     },
     /// `/work` with a missing, malformed or too large `ms` (the detail says which).
     BadWork(&'static str),
@@ -69,17 +71,29 @@ fn strip_authority(target: &str) -> &str {
 }
 
 fn work_route(query: Option<&str>) -> Route {
-    let Some(value) = query.and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("ms="))) else {
+    let param = |name: &str| query.and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix(name)));
+    let number = |v: &str| {
+        (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| v.bytes().fold(0u64, |n, d| n.saturating_mul(10).saturating_add(u64::from(d - b'0'))))
+    };
+    let Some(value) = param("ms=") else {
         return Route::BadWork("missing ms (use /work?ms=N)");
     };
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+    let Some(ms) = number(value) else {
         return Route::BadWork("ms must be a decimal number of milliseconds");
-    }
-    let ms = value.bytes().fold(0u64, |n, d| n.saturating_mul(10).saturating_add(u64::from(d - b'0')));
+    };
     if ms > MAX_WORK_MS {
         return Route::BadWork("ms is over the maximum of 10000");
     }
-    Route::Work { ms }
+    let kb = match param("kb=") {
+        None => 0,
+        Some(v) => match number(v) {
+            Some(kb) if kb <= MAX_WORK_KB => kb,
+            Some(_) => return Route::BadWork("kb is over the maximum of 65536"),
+            None => return Route::BadWork("kb must be a decimal number of KiB"),
+        },
+    };
+    Route::Work { ms, kb }
 }
 
 /// The figures `GET /stats` reports, supplied by the caller when it is asked.
@@ -87,6 +101,8 @@ fn work_route(query: Option<&str>) -> Route {
 pub struct Figures {
     /// vCPUs online now.
     pub vcpus_online: u32,
+    /// Most vCPUs online since the previous `/stats` (or boot).
+    pub vcpus_peak: u32,
     /// The vCPU policy's minimum.
     pub vcpus_min: u32,
     /// The vCPU policy's maximum.
@@ -117,12 +133,13 @@ impl Figures {
         let _ = writeln!(
             out,
             concat!(
-                "{{\"vcpus\":{{\"online\":{},\"min\":{},\"max\":{},\"burst\":{}}},",
+                "{{\"vcpus\":{{\"online\":{},\"peak_since_last_stats\":{},\"min\":{},\"max\":{},\"burst\":{}}},",
                 "\"memory\":{{\"held_bytes\":{},\"heap_used_bytes\":{}}},",
                 "\"connections\":{{\"open\":{},\"total\":{}}},",
                 "\"requests\":{{\"total\":{},\"1xx\":{},\"2xx\":{},\"3xx\":{},\"4xx\":{},\"5xx\":{}}}}}"
             ),
             self.vcpus_online,
+            self.vcpus_peak,
             self.vcpus_min,
             self.vcpus_max,
             self.vcpus_burst,

@@ -47,6 +47,7 @@ async fn main(env: Env) -> u32 {
             return exit_code::FAILURE;
         }
     };
+    calibrate();
     println!("http: listening on vsock port {port}");
     while let Ok(stream) = listener.accept().await {
         OPEN.fetch_add(1, Ordering::Relaxed);
@@ -64,6 +65,7 @@ fn figures() -> Figures {
     let (min, max, burst) = vcpus::limits();
     Figures {
         vcpus_online: vcpus::online() as u32,
+        vcpus_peak: vcpus::take_peak() as u32,
         vcpus_min: min as u32,
         vcpus_max: max as u32,
         vcpus_burst: burst as u32,
@@ -83,22 +85,43 @@ fn count(status: u16) {
     }
 }
 
-/// Does `ms` milliseconds of work, yielding between batches of units.
-async fn work(ms: u64, seed: u64) -> WorkDone {
+/// Work units per millisecond of one vCPU, measured when the service starts.
+static UNITS_PER_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Measures how many work units one vCPU does per millisecond.
+fn calibrate() {
     let start = time::now_ns();
-    let budget = ms.saturating_mul(1_000_000);
-    let (mut checksum, mut units) = (seed, 0u64);
-    loop {
-        checksum = work_unit(checksum);
+    let (mut x, mut units) = (1u64, 0u64);
+    while time::now_ns() - start < 5_000_000 {
+        x = work_unit(x);
         units += 1;
-        let elapsed = time::now_ns().saturating_sub(start);
-        if elapsed >= budget {
-            return WorkDone { units, checksum, elapsed_us: elapsed / 1000 };
+    }
+    let per_ms = (units * 1_000_000 / (time::now_ns() - start).max(1)).max(1);
+    UNITS_PER_MS.store(per_ms, Ordering::Relaxed);
+    core::hint::black_box(x);
+}
+
+/// Does `ms` milliseconds of one vCPU's work (a fixed number of units, so concurrent requests
+/// add up to CPU demand) over a `kb` KiB working set (allocated on the heap for the duration:
+/// memory held follows the requests in flight), yielding between batches of units.
+async fn work(ms: u64, kb: u64, seed: u64) -> WorkDone {
+    let mut set = alloc::vec![0u8; (kb as usize) * 1024];
+    let start = time::now_ns();
+    let total = ms.saturating_mul(UNITS_PER_MS.load(Ordering::Relaxed)).max(1);
+    let mut checksum = seed;
+    for units in 0..total {
+        checksum = work_unit(checksum);
+        if !set.is_empty() {
+            // Touch one byte per page of the working set per unit, round robin.
+            let pages = set.len() / 4096 + 1;
+            let at = ((units as usize) % pages * 4096).min(set.len() - 1);
+            set[at] = set[at].wrapping_add(checksum as u8);
         }
-        if units.is_multiple_of(UNITS_PER_YIELD) {
+        if (units + 1).is_multiple_of(UNITS_PER_YIELD) {
             yield_now().await;
         }
     }
+    WorkDone { units: total, checksum, elapsed_us: time::now_ns().saturating_sub(start) / 1000 }
 }
 
 async fn serve(mut stream: Stream) {
@@ -120,7 +143,7 @@ async fn serve(mut stream: Stream) {
                     (r.bytes, r.close)
                 }
                 Action::Work(order) => {
-                    let done = work(order.ms, order.seed).await;
+                    let done = work(order.ms, order.kb, order.seed).await;
                     let r = order.reply(&done);
                     count(r.status);
                     (r.bytes, r.close)

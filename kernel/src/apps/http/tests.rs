@@ -10,6 +10,7 @@ use super::*;
 fn figures() -> Figures {
     Figures {
         vcpus_online: 3,
+        vcpus_peak: 3,
         vcpus_min: 1,
         vcpus_max: 4,
         vcpus_burst: 8,

@@ -55,6 +55,9 @@ pub struct WorkDone {
 pub struct WorkOrder {
     /// Milliseconds of work asked for (at most [`MAX_WORK_MS`](super::MAX_WORK_MS)).
     pub ms: u64,
+    /// KiB of working set the work should touch (at most [`MAX_WORK_KB`](super::MAX_WORK_KB));
+    /// the caller allocates it for the duration of the work.
+    pub kb: u64,
     /// The first unit's input.
     pub seed: u64,
     /// The connection closes after the reply.
@@ -64,8 +67,8 @@ pub struct WorkOrder {
 }
 
 impl WorkOrder {
-    pub(super) fn new(ms: u64, head_only: bool, persist: Persist) -> Self {
-        WorkOrder { ms, seed: seed_for(ms), close: persist == Persist::Close, head_only, persist }
+    pub(super) fn new(ms: u64, kb: u64, head_only: bool, persist: Persist) -> Self {
+        WorkOrder { ms, kb, seed: seed_for(ms), close: persist == Persist::Close, head_only, persist }
     }
 
     #[cfg_attr(not(test), allow(dead_code))] // part of the core's API; the tests use it
