@@ -191,7 +191,7 @@ fn stats_reports_the_callers_figures_as_json() {
     assert_eq!(header(&head, "content-type"), Some("application/json"));
     assert_eq!(
         body,
-        "{\"vcpus\":{\"online\":3,\"min\":1,\"max\":4,\"burst\":8},\
+        "{\"vcpus\":{\"online\":3,\"peak_since_last_stats\":3,\"min\":1,\"max\":4,\"burst\":8},\
          \"memory\":{\"held_bytes\":67108864,\"heap_used_bytes\":12345},\
          \"connections\":{\"open\":2,\"total\":17},\
          \"requests\":{\"total\":99,\"1xx\":1,\"2xx\":90,\"3xx\":0,\"4xx\":7,\"5xx\":1}}\n"
