@@ -90,3 +90,214 @@ fn kv_square_wave_against_the_guest_is_all_correct() {
     let (code, stderr, _) = served.stop();
     assert_eq!(code, Some(5), "the service stops at the host's request; stderr:\n{stderr}");
 }
+
+/// A shim started with `--on-demand`, once it says it waits for clients (killed when dropped).
+struct OnDemand {
+    child: std::process::Child,
+    port: u16,
+    dir: common::TempDir,
+}
+
+impl OnDemand {
+    fn start(name: &str, extra: &[&str]) -> OnDemand {
+        use std::io::BufRead;
+        require_kvm();
+        let dir = temp_dir(name);
+        let port = free_port();
+        let mut child = Command::new(SHIM)
+            .args(["run", "--app", "http", "--publish", &format!("127.0.0.1:{port}:80"), "--on-demand"])
+            .args(extra)
+            .arg("--timeline")
+            .arg(dir.join("timeline.jsonl"))
+            .arg("--summary")
+            .arg(dir.join("summary.json"))
+            .args(["--timeout", "120"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the shim starts");
+        let err = child.stderr.take().expect("stderr");
+        let mut lines = std::io::BufReader::new(err).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert!(first.contains("on demand, no VM running"), "unexpected first line: {first}");
+        assert!(first.contains(&format!("127.0.0.1:{port}")), "{first}");
+        std::thread::spawn(move || for _ in lines {});
+        OnDemand { child, port, dir }
+    }
+
+    /// Whether a vCPU thread of the VM exists now.
+    fn vm_running(&self) -> bool {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("the shim runs");
+        tasks
+            .filter_map(Result::ok)
+            .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end().starts_with("vm0-vcpu")))
+    }
+
+    fn curl(&self, path: &str) -> Run {
+        common::client("curl", "curl", &["-sS", "-m", "10", &format!("http://127.0.0.1:{}{path}", self.port)])
+    }
+
+    /// SIGINT, wait; returns (exit code, timeline events, summary).
+    fn stop(mut self) -> (Option<i32>, Vec<String>, serde_json::Value) {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let status = self.child.wait().expect("wait");
+        let events = common::read_json_lines(&self.dir.join("timeline.jsonl"))
+            .into_iter()
+            .filter_map(|l| l["event"].as_str().map(str::to_string))
+            .filter(|e| e != "report" && e != "notice" && e != "credit")
+            .collect();
+        (status.code(), events, read_json(&self.dir.join("summary.json")))
+    }
+}
+
+impl Drop for OnDemand {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn on_demand_boots_at_the_first_client_stops_when_idle_and_boots_again() {
+    let od = OnDemand::start("on-demand", &["--idle-shutdown", "1s"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!od.vm_running(), "a VM runs before any client came");
+    let first = od.curl("/");
+    first.expect_code(0);
+    assert!(first.stdout.contains("Hello"), "{}", first.stdout);
+    assert!(od.vm_running(), "no VM after the first request");
+    // 1 s idle: the VM stops (and the shim keeps listening).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while od.vm_running() {
+        assert!(Instant::now() < deadline, "the VM did not stop after 1 s idle");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = od.curl("/stats");
+    second.expect_code(0);
+    assert!(second.stdout.contains("\"vcpus\""), "{}", second.stdout);
+    let (code, events, summary) = od.stop();
+    // Ctrl-C with the second VM running: it stops at the host's request.
+    assert_eq!(code, Some(5), "{events:?}");
+    assert_eq!(
+        events,
+        ["cold_start", "boot", "idle_shutdown", "end", "cold_start", "boot", "end"],
+        "timeline (reports, notices and credit lines left out)"
+    );
+    assert_eq!(summary["on_demand"]["cold_starts"], 2, "{summary}");
+    assert_eq!(summary["on_demand"]["idle_shutdowns"], 1, "{summary}");
+    assert_eq!(summary["on_demand"]["boot_us"].as_array().map(Vec::len), Some(2), "{summary}");
+}
+
+#[test]
+fn clients_that_arrive_during_a_cold_start_are_all_served() {
+    let od = OnDemand::start("on-demand-burst", &["--idle-shutdown", "30s"]);
+    let port = od.port;
+    let clients: Vec<_> = (0..24)
+        .map(|i| {
+            std::thread::spawn(move || {
+                common::client("curl", "curl", &["-sS", "-m", "10", &format!("http://127.0.0.1:{port}/?client={i}")])
+            })
+        })
+        .collect();
+    for c in clients {
+        let run = c.join().expect("client thread");
+        run.expect_code(0);
+        assert!(run.stdout.contains("Hello"), "{}", run.stdout);
+    }
+    let (code, events, summary) = od.stop();
+    assert_eq!(code, Some(5));
+    assert_eq!(summary["on_demand"]["cold_starts"], 1, "one VM served them all: {events:?}");
+    assert_eq!(summary["vsock"]["connections"], 24, "{summary}");
+    assert_eq!(summary["vsock"]["refused"], 0, "{summary}");
+}
+
+#[test]
+fn on_demand_with_no_client_ends_cleanly_and_needs_an_endpoint() {
+    let od = OnDemand::start("on-demand-none", &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, events, summary) = od.stop();
+    assert_eq!(code, Some(0), "interrupted with no VM running");
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(summary["exit_reason"], "no_vm_running", "{summary}");
+    assert_eq!(summary["on_demand"]["cold_starts"], 0, "{summary}");
+    let run = common::shim(&["run", "--app", "http", "--on-demand"]);
+    run.expect_code(64);
+    assert!(run.stderr.contains("--on-demand needs a client endpoint"), "{}", run.stderr);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+}
+
+#[test]
+fn the_services_pool_example_serves_two_services_at_once_and_one_on_demand() {
+    use std::io::{BufRead, Read, Write};
+    require_kvm();
+    let dir = temp_dir("services-pool");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/services.toml");
+    let mut child = Command::new(SHIM)
+        .args(["pool", example, "--summary"])
+        .arg(dir.join("pool.json"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the shim starts");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let out = child.stdout.take().expect("stdout");
+    let mut child = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut listening = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while listening.len() < 2 {
+        let l =
+            rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("kv and web start listening");
+        if l.contains("listening on vsock port") {
+            listening.push(l);
+        }
+    }
+    // kv and web under load at once.
+    let load = |args: &[&str], out: &str| {
+        let mut all: Vec<String> = vec!["load".into()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        all.extend(["--duration".into(), "3s".into(), "--out".into(), dir.join(out).to_str().expect("UTF-8").into()]);
+        Command::new(SHIM).args(&all).spawn().expect("load starts")
+    };
+    let mut kv = load(&["--target", "127.0.0.1:16379", "--protocol", "kv", "--concurrency", "16"], "kv.json");
+    let mut web = load(
+        &["--target", "127.0.0.1:18080", "--protocol", "http", "--path", "/work?ms=2", "--concurrency", "8"],
+        "web.json",
+    );
+    assert!(kv.wait().expect("kv load").success());
+    assert!(web.wait().expect("web load").success());
+    for f in ["kv.json", "web.json"] {
+        let r = read_json(&dir.join(f));
+        assert_eq!(r["errors"], 0, "{f}: {r}");
+        assert!(r["completed"].as_u64().unwrap_or(0) > 100, "{f}: {r}");
+    }
+    // echo boots on its first connection.
+    let mut s = std::net::TcpStream::connect("127.0.0.1:17007").expect("echo endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"on demand\n").expect("write");
+    let mut got = [0u8; 10];
+    s.read_exact(&mut got).expect("echoed");
+    assert_eq!(&got, b"on demand\n");
+    drop(s);
+    let _ = Command::new("kill").args(["-INT", &child.0.id().to_string()]).status();
+    let status = child.0.wait().expect("wait");
+    let pool = read_json(&dir.join("pool.json"));
+    assert_eq!(status.code(), Some(0), "{pool}");
+    assert_eq!(pool["exit_code"], 0, "{pool}");
+    let vms = pool["vms"].as_array().expect("vms");
+    let echo = vms.iter().find(|v| v["name"] == "echo").expect("echo VM");
+    assert_eq!(echo["on_demand"]["cold_starts"], 1, "{echo}");
+    // The pool held at most its 4 vCPUs although kv and web could burst to 6.
+    assert!(pool["pool"]["peak_vcpus"].as_u64().is_some_and(|p| p <= 4), "{}", pool["pool"]);
+}

@@ -12,6 +12,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 mod services;
+mod serving;
 
 /// Benchmark failures.
 #[derive(Debug, Error)]
@@ -110,7 +111,7 @@ pub struct BenchOptions {
 }
 
 /// The benchmark's sections, in the order they run.
-pub const SECTIONS: &[&str] = &["boot", "vcpus", "memory", "services"];
+pub const SECTIONS: &[&str] = &["boot", "vcpus", "memory", "services", "serving"];
 
 impl BenchOptions {
     fn wants(&self, section: &str) -> bool {
@@ -267,18 +268,23 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         progress(&bar, "memslot floor");
         report.add("memslot_floor_1g_us", memslot_floor(20)?, 1.0);
     }
-    if !opts.wants("services") {
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
-        return Ok(report);
-    }
-    progress(&bar, "services (kv, redis-server, http)");
     let dir = std::env::temp_dir().join(format!("hypervisor-shim-bench-svc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Write(dir.clone(), e))?;
-    let served = services::add(opts, &dir, &mut report);
+    let result = (|| {
+        if opts.wants("services") {
+            progress(&bar, "services (kv, redis-server, http)");
+            services::add(opts, &dir, &mut report)?;
+        }
+        if opts.wants("serving") {
+            progress(&bar, "on demand (cold starts)");
+            serving::add_on_demand(opts, &dir, &mut report)?;
+            progress(&bar, "the demo (controller under request load)");
+            serving::add_demo(opts, &dir, &mut report)?;
+        }
+        Ok(())
+    })();
     let _ = std::fs::remove_dir_all(&dir);
-    served?;
+    result?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }

@@ -98,7 +98,7 @@ struct BenchArgs {
     /// Kernel ELF to measure [default: the image built with this shim].
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
-    /// Measure only these sections (repeatable): boot, vcpus, memory, services.
+    /// Measure only these sections (repeatable): boot, vcpus, memory, services, serving.
     #[arg(long, value_name = "SECTION", value_parser = clap::builder::PossibleValuesParser::new(bench::SECTIONS))]
     only: Vec<String>,
 }
@@ -170,6 +170,16 @@ struct RunArgs {
     /// `CONNECT <guest port>\n` and reads `OK <host port>\n` once the guest accepted.
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
+    /// Scale to zero: hold the published endpoints with no VM; the first client boots the VM
+    /// (clients that come meanwhile wait and are served); after --idle-shutdown without a
+    /// connection the VM stops and the next client boots it again. Runs until Ctrl-C or
+    /// --timeout.
+    #[arg(long)]
+    on_demand: bool,
+    /// Stop the VM after this long with no client connection open (e.g. 1s, 500ms)
+    /// [default with --on-demand: 30s]. Without --on-demand the run then ends.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    idle_shutdown: Option<Duration>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -316,11 +326,22 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
     }
 }
 
+/// The idle time before an on-demand VM stops, when `--idle-shutdown` is not given.
+pub const DEFAULT_IDLE_SHUTDOWN: Duration = Duration::from_secs(30);
+
 fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
     if let Err(e) =
         check_outputs(&[("--summary", &args.summary), ("--timeline", &args.timeline), ("--plot", &args.plot)])
     {
         return fail(exit::USAGE, e);
+    }
+    let endpoints = !args.publish.is_empty() || args.vsock_uds.is_some();
+    if (args.on_demand || args.idle_shutdown.is_some()) && !endpoints {
+        let flag = if args.on_demand { "--on-demand" } else { "--idle-shutdown" };
+        return fail(exit::USAGE, format_args!("{flag} needs a client endpoint: give --publish or --vsock-uds"));
+    }
+    if args.idle_shutdown.is_some_and(|d| d.is_zero()) {
+        return fail(exit::USAGE, "--idle-shutdown must be longer than 0");
     }
     let config = VmConfig {
         name: "vm0".into(),
@@ -340,6 +361,9 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
         weight: 1,
         publish: args.publish.clone(),
         vsock_uds: args.vsock_uds.clone(),
+        on_demand: args.on_demand,
+        idle_shutdown: args.idle_shutdown.or(args.on_demand.then_some(DEFAULT_IDLE_SHUTDOWN)),
+        pool_member: None,
     };
     let spec = RunSpec {
         vms: vec![VmSpec { config, kernel: kernel_path(&args.guest), expect_exit: 0 }],
@@ -515,6 +539,7 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         out_dir: args.out_dir,
         rate: args.rate.unwrap_or_else(|| crate::demo::default_rate(burst)),
         burst,
+        quiet: false,
     };
     match crate::demo::run(&opts) {
         Ok(r) => {

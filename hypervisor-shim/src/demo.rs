@@ -58,6 +58,8 @@ pub struct DemoOptions {
     pub rate: f64,
     /// vCPU burst ceiling (max is the smaller of 2 and this).
     pub burst: u32,
+    /// Print nothing (the benchmark runs the demo for its figures).
+    pub quiet: bool,
 }
 
 impl DemoOptions {
@@ -186,7 +188,7 @@ impl DemoVm {
             .arg("--summary")
             .arg(dir.join("summary.json"))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if opts.quiet { Stdio::null() } else { Stdio::inherit() })
             .spawn()
             .map_err(|e| DemoError::Start(e.to_string()))?;
         let out = child.stdout.take().ok_or_else(|| DemoError::Start("no console".into()))?;
@@ -288,6 +290,7 @@ fn fmt_latency(us: Option<f64>) -> String {
 struct Printer {
     started: Instant,
     seconds: Vec<DemoSecond>,
+    quiet: bool,
 }
 
 impl Printer {
@@ -296,13 +299,15 @@ impl Printer {
         let (vcpus, memory) = vm.figures().unwrap_or((0, 0));
         let rss = vm.rss();
         let t_s = self.started.elapsed().as_secs_f64();
-        println!(
-            "{t_s:5.1}s  {phase:<9} offered {offered:>6.0}/s  served {served:>6.0}/s  p99 {}  errors {errors:<3}| vCPUs {vcpus}  memory {:>4.0} MiB  RSS {:>4.0} MiB",
-            fmt_latency(p99),
-            memory as f64 / MIB,
-            rss as f64 / MIB
-        );
-        let _ = std::io::stdout().flush();
+        if !self.quiet {
+            println!(
+                "{t_s:5.1}s  {phase:<9} offered {offered:>6.0}/s  served {served:>6.0}/s  p99 {}  errors {errors:<3}| vCPUs {vcpus}  memory {:>4.0} MiB  RSS {:>4.0} MiB",
+                fmt_latency(p99),
+                memory as f64 / MIB,
+                rss as f64 / MIB
+            );
+            let _ = std::io::stdout().flush();
+        }
         self.seconds.push(DemoSecond {
             t_s,
             phase,
@@ -319,18 +324,23 @@ impl Printer {
 
 /// Runs the demo; returns its report (also written to `demo.json`, with `demo.svg`).
 pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
-    println!("Elastic unikernel demo: an HTTP service in a VM that scales itself.");
-    println!(
+    let say = |text: String| {
+        if !opts.quiet {
+            println!("{text}");
+        }
+    };
+    say("Elastic unikernel demo: an HTTP service in a VM that scales itself.".into());
+    say(format!(
         "  policy: vCPUs {} (min:max:burst), memory {MEMORY}; the guest asks for more under load and gives it back",
         opts.vcpus()
-    );
+    ));
     let mut vm = DemoVm::start(opts)?;
-    println!("  published on 127.0.0.1:{} (try: curl 127.0.0.1:{}/stats)", vm.port, vm.port);
-    let mut printer = Printer { started: Instant::now(), seconds: Vec::new() };
+    say(format!("  published on 127.0.0.1:{} (try: curl 127.0.0.1:{}/stats)", vm.port, vm.port));
+    let mut printer = Printer { started: Instant::now(), seconds: Vec::new(), quiet: opts.quiet };
     printer.line(&mut vm, "booted", 0.0, 0.0, None, 0);
 
     // 1. Traffic: a ramp, then a spike.
-    println!("  load: GET {REQUEST} (2 ms of CPU over 256 KiB each), a ramp to {:.0}/s then a spike\n", opts.rate);
+    say(format!("  load: GET {REQUEST} (2 ms of CPU over 256 KiB each), a ramp to {:.0}/s then a spike\n", opts.rate));
     let config = LoadConfig {
         target: std::net::SocketAddr::from(([127, 0, 0, 1], vm.port)),
         protocol: Protocol::Http(HttpOptions { path: REQUEST.into() }),
@@ -354,7 +364,9 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     }
     let (exit_code, timeline, summary) = vm.stop();
     let report = analyse(printer.seconds, &report, exit_code, &timeline, &summary, opts);
-    print_summary(&report);
+    if !opts.quiet {
+        print_summary(&report);
+    }
     write_outputs(opts, &report, &timeline, &summary)?;
     Ok(report)
 }
@@ -467,7 +479,9 @@ fn write_outputs(
     let svg_path = opts.out_dir.join("demo.svg");
     draw(&svg_path, report, timeline, opts.burst)
         .map_err(|reason| DemoError::Write { path: svg_path.display().to_string(), reason })?;
-    println!("  wrote {} and {}", svg_path.display(), json_path.display());
+    if !opts.quiet {
+        println!("  wrote {} and {}", svg_path.display(), json_path.display());
+    }
     Ok(())
 }
 

@@ -328,18 +328,33 @@ fn apply(vm: &VmShared, r: Resource, event: PolicyEvent, state: &ResourcePolicy)
     }
 }
 
+/// Adds VMs to a running [`Governor`] (an on-demand VM booted after the run started).
+#[derive(Debug, Clone)]
+pub struct Members(Arc<std::sync::Mutex<Vec<Arc<VmShared>>>>);
+
+impl Members {
+    /// Governs `vm` from the next tick on.
+    pub fn add(&self, vm: Arc<VmShared>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(vm);
+    }
+}
+
 /// The governor thread of a run.
 #[derive(Debug)]
 pub struct Governor {
     handle: Option<JoinHandle<()>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    members: Arc<std::sync::Mutex<Vec<Arc<VmShared>>>>,
 }
 
 impl Governor {
-    /// Starts governing `vms` (times are measured from `started`).
+    /// Starts governing `vms` (times are measured from `started`); more join through
+    /// [`Governor::members`], and VMs that ended leave by themselves.
     pub fn start(vms: Vec<Arc<VmShared>>, started: Instant) -> Governor {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop2 = stop.clone();
+        let members = Arc::new(std::sync::Mutex::new(vms));
+        let list = Arc::clone(&members);
         let handle = std::thread::Builder::new()
             .name("governor".into())
             .spawn(move || {
@@ -352,7 +367,12 @@ impl Governor {
                     }
                     let now = started.elapsed();
                     let credit_line = now.saturating_sub(last_credit_line) >= Duration::from_millis(100);
-                    for vm in vms.iter().filter(|vm| !vm.is_stopping()) {
+                    let vms: Vec<Arc<VmShared>> = {
+                        let mut l = list.lock().unwrap_or_else(|p| p.into_inner());
+                        l.retain(|vm| !vm.is_stopping());
+                        l.clone()
+                    };
+                    for vm in &vms {
                         step_vm(vm, now);
                         if credit_line {
                             let [c, m] = vm.policy.credits();
@@ -369,7 +389,12 @@ impl Governor {
                 }
             })
             .ok();
-        Governor { handle, stop }
+        Governor { handle, stop, members }
+    }
+
+    /// A handle that adds VMs to this governor (from any thread).
+    pub fn members(&self) -> Members {
+        Members(Arc::clone(&self.members))
     }
 
     /// Stops the thread and waits for it.

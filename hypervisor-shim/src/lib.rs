@@ -21,6 +21,7 @@ pub mod layout;
 pub mod loader;
 pub mod loadgen;
 pub mod memory;
+pub mod on_demand;
 pub mod platform;
 pub mod plot;
 pub mod policy;

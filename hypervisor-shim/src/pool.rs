@@ -83,6 +83,8 @@ struct Member {
     active: bool,
     /// The pool asked this VM to give `r` back (read and cleared by the governor).
     reclaim_wanted: [bool; 2],
+    /// An on-demand slot: its min stays reserved between its VMs (see [`Pool::reserve`]).
+    keep_min: bool,
 }
 
 impl Member {
@@ -155,6 +157,7 @@ impl Pool {
             held: [vcpus.min, memory.min],
             active: true,
             reclaim_wanted: [false, false],
+            keep_min: false,
         });
         for r in Resource::ALL {
             p.peak[r as usize] = p.peak[r as usize].max(p.used(r));
@@ -242,9 +245,34 @@ impl Pool {
         }
     }
 
-    /// Removes member `id` (its VM ended): everything it held returns to the pool.
+    /// Admits an on-demand slot: its mins are reserved now and stay reserved while no VM runs
+    /// (a VM the slot boots later always fits); every VM it boots uses this member, and
+    /// [`Pool::leave`] of one of them gives back only what it held above min.
+    pub fn reserve(&self, name: &str, vcpus: Policy, memory: Policy, weight: u64) -> Result<usize, PoolError> {
+        let id = self.admit(name, vcpus, memory, weight)?;
+        if let Some(m) = self.lock().members.get_mut(id) {
+            m.keep_min = true;
+        }
+        Ok(id)
+    }
+
+    /// Member `id`'s VM ended: everything it held returns to the pool (for an on-demand slot,
+    /// everything above its reserved min).
     pub fn leave(&self, id: usize) {
         if let Some(m) = self.lock().members.get_mut(id) {
+            if m.keep_min {
+                m.held = [m.limits[0].min, m.limits[1].min];
+                m.reclaim_wanted = [false, false];
+            } else {
+                m.active = false;
+            }
+        }
+    }
+
+    /// Ends an on-demand slot: its reservation returns to the pool.
+    pub fn close(&self, id: usize) {
+        if let Some(m) = self.lock().members.get_mut(id) {
+            m.keep_min = false;
             m.active = false;
         }
     }
@@ -287,6 +315,24 @@ mod tests {
             e.to_string().contains("VM 'c' needs at least 2 vCPU slot(s) but the pool has only 1 vCPU slot(s) left"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_on_demand_reservation_keeps_min_between_vms_and_only_close_frees_it() {
+        let pool = Pool::new(Capacity { vcpus: 4, memory: 256 * MB });
+        let od = pool.reserve("od", pol(1, 2, 2), pol(64 * MB, 64 * MB, 64 * MB), 1).unwrap();
+        let other = pool.admit("busy", pol(1, 3, 3), pol(64 * MB, 64 * MB, 64 * MB), 1).unwrap();
+        // The other VM takes everything else; the slot's min is still there for its next VM.
+        assert_eq!(pool.take(other, Resource::Vcpus, 2, 1).0, Take::Granted(2));
+        assert_eq!(pool.used(), [4, 128 * MB]);
+        assert_eq!(pool.take(od, Resource::Vcpus, 1, 1).0, Take::Exhausted, "pool full, nobody above max");
+        // Its VM ends: what it held above min returns, the min stays reserved.
+        pool.leave(od);
+        assert_eq!(pool.held(od), [1, 64 * MB]);
+        assert_eq!(pool.used(), [4, 128 * MB]);
+        assert!(pool.admit("late", pol(1, 1, 1), pol(64 * MB, 64 * MB, 64 * MB), 1).is_err(), "nothing free");
+        pool.close(od);
+        assert_eq!(pool.used(), [3, 64 * MB]);
     }
 
     #[test]

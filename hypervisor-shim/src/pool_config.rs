@@ -21,6 +21,10 @@
 //! expect_exit = 0           # optional: the exit code the VM should end with
 //! log = "info"              # optional guest log level
 //! kernel = "path/to/kernel" # optional (default: the image built with the shim)
+//! publish = ["127.0.0.1:8080:80"]  # optional: like --publish (repeatable)
+//! vsock_uds = "/tmp/web.sock"      # optional: like --vsock-uds
+//! on_demand = true                 # optional: like --on-demand (needs publish or vsock_uds)
+//! idle_shutdown = "5s"             # optional: like --idle-shutdown
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -118,6 +122,11 @@ struct VmSection {
     expect_exit: Option<Spanned<u8>>,
     log: Option<Spanned<String>>,
     kernel: Option<PathBuf>,
+    #[serde(default)]
+    publish: Vec<Spanned<String>>,
+    vsock_uds: Option<PathBuf>,
+    on_demand: Option<Spanned<bool>>,
+    idle_shutdown: Option<Spanned<String>>,
 }
 
 /// A parsed pool configuration.
@@ -221,6 +230,29 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
                 return Err(invalid(code.span(), format!("vm '{name}': expect_exit {c} is not an exit code")));
             }
         }
+        let mut publish = Vec::new();
+        for p in &v.publish {
+            let parsed = crate::devices::vsock::endpoint::parse_publish(p.get_ref())
+                .map_err(|e| invalid(p.span(), format!("vm '{name}': publish: {e}")))?;
+            publish.push(parsed);
+        }
+        let on_demand = v.on_demand.as_ref().is_some_and(|o| *o.get_ref());
+        let idle_shutdown = match &v.idle_shutdown {
+            Some(d) => {
+                let t = parse_duration(d.get_ref()).map_err(|e| value(d.span(), at("idle_shutdown"), e))?;
+                if t.is_zero() {
+                    return Err(invalid(d.span(), format!("vm '{name}': idle_shutdown must be longer than 0")));
+                }
+                Some(t)
+            }
+            None => on_demand.then_some(crate::cli::DEFAULT_IDLE_SHUTDOWN),
+        };
+        if (on_demand || idle_shutdown.is_some()) && publish.is_empty() && v.vsock_uds.is_none() {
+            return Err(invalid(
+                table.span(),
+                format!("vm '{name}': on_demand and idle_shutdown need a client endpoint: add publish or vsock_uds"),
+            ));
+        }
         // The service name's syntax is checked here; whether the image has it is checked
         // when the image is opened.
         crate::config::kernel_cmdline(v.app.get_ref(), &[], &[]).map_err(|e| value(v.app.span(), at("app"), e))?;
@@ -237,8 +269,11 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
                 timeout,
                 policy,
                 weight: v.weight.unwrap_or(1).max(1),
-                publish: Vec::new(),
-                vsock_uds: None,
+                publish,
+                vsock_uds: v.vsock_uds.clone(),
+                on_demand,
+                idle_shutdown,
+                pool_member: None,
             },
             kernel: v.kernel.clone().unwrap_or_else(|| default_kernel.to_path_buf()),
             expect_exit: v.expect_exit.as_ref().map_or(0, |c| *c.get_ref()),

@@ -15,7 +15,7 @@ use crate::loader::KernelImage;
 use crate::pool::{Capacity, Pool};
 use crate::summary::Summary;
 use crate::timeline::Timeline;
-use crate::vm::{RunReport, Vm, VmConfig, VmError, open_kvm};
+use crate::vm::{Outcome, RunReport, Vm, VmConfig, VmError, open_kvm};
 
 /// Failures before any VM ran.
 #[derive(Debug, Error)]
@@ -100,18 +100,60 @@ pub struct VmResult {
     pub report: RunReport,
     /// Its captured console (capture mode).
     pub output: Option<String>,
+    /// Its on-demand figures (an on-demand VM).
+    pub on_demand: Option<crate::on_demand::OnDemandFigures>,
+}
+
+/// A VM ready to run, or an on-demand slot.
+enum Prepared {
+    /// Runs from the start.
+    Now(Vm),
+    /// Boots when a client connects.
+    OnDemand {
+        /// Its listening endpoints.
+        endpoints: Vec<crate::devices::vsock::Bound>,
+        /// Its image.
+        image: Arc<KernelImage>,
+        /// Its pool reservation.
+        member: usize,
+    },
+}
+
+/// A finished VM slot: its (last) report and, on demand, its figures.
+type Ran = (RunReport, Option<crate::on_demand::OnDemandFigures>);
+
+/// Makes console sinks for one VM (an on-demand VM gets a new one at every boot; they share
+/// the capture buffer).
+struct SinkMaker {
+    prefix: Option<String>,
+    capture: Option<Arc<Mutex<Vec<u8>>>>,
+    echo: bool,
+}
+
+impl SinkMaker {
+    fn make(&self) -> Box<dyn Write + Send> {
+        Box::new(ConsoleSink {
+            prefix: self.prefix.clone(),
+            capture: self.capture.clone(),
+            echo: self.echo,
+            at_line_start: true,
+        })
+    }
 }
 
 impl VmResult {
     /// Whether it ended with the expected exit code.
     pub fn as_expected(&self) -> bool {
-        self.report.outcome.exit_code() == self.spec.expect_exit
+        // An on-demand VM may have been stopped for being idle when the run ended.
+        self.report.outcome.exit_code() == self.spec.expect_exit || matches!(self.report.outcome, Outcome::NoVm)
     }
 
     /// Its summary.
     pub fn summary(&self, started_monotonic_ns: u64) -> Summary {
         let c = &self.spec.config;
-        Summary::new(&self.report, &c.name, &c.app, c.vcpus, c.memory, started_monotonic_ns)
+        let mut s = Summary::new(&self.report, &c.name, &c.app, c.vcpus, c.memory, started_monotonic_ns);
+        s.on_demand = self.on_demand.clone();
+        s
     }
 }
 
@@ -198,7 +240,6 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
         endpoints.push(crate::devices::vsock::endpoint::bind(&vs.config.publish, vs.config.vsock_uds.as_deref())?);
     }
     let mut images: Vec<(PathBuf, Arc<KernelImage>)> = Vec::new();
-    let mut vms = Vec::new();
     let mut captures = Vec::new();
     // Every image is opened, and every VM's service checked, before any VM is created.
     let mut vm_images = Vec::new();
@@ -214,23 +255,40 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
         image.check_service(&vs.config.app).map_err(VmError::from)?;
         vm_images.push(image);
     }
+    // VMs that run from the start are created now (an admission failure stops the run before
+    // any VM runs); on-demand ones boot when their first client arrives.
+    let mut prepared = Vec::new();
+    let mut sinks = Vec::new();
     for ((vs, bound), image) in spec.vms.iter().zip(endpoints).zip(vm_images) {
         let capture = matches!(spec.console, ConsoleMode::Capture { .. }).then(|| Arc::new(Mutex::new(Vec::new())));
-        let sink = ConsoleSink {
+        let sink = SinkMaker {
             prefix: (spec.console != ConsoleMode::Stdout).then(|| format!("[{}] ", vs.config.name)),
             capture: capture.clone(),
             echo: !matches!(spec.console, ConsoleMode::Capture { echo: false }),
-            at_line_start: true,
         };
-        let vm = Vm::create(&vs.config, image, &kvm, started, Arc::clone(&timeline), &pool, Box::new(sink), bound)?;
-        vms.push(vm);
+        if vs.config.on_demand {
+            // Its min is reserved now, as for a VM that runs from the start.
+            let c = &vs.config;
+            let member = pool.reserve(&c.name, c.vcpus, c.memory, c.weight).map_err(VmError::from)?;
+            prepared.push(Prepared::OnDemand { endpoints: bound, image, member });
+        } else {
+            let vm = Vm::create(&vs.config, image, &kvm, started, Arc::clone(&timeline), &pool, sink.make(), bound)?;
+            prepared.push(Prepared::Now(vm));
+        }
+        sinks.push(sink);
         captures.push(capture);
     }
     crate::signals::install();
-    let shared: Vec<_> = vms.iter().map(|v| Arc::clone(v.shared())).collect();
-    let governor = Governor::start(shared.clone(), started);
-    let bar = (spec.progress && std::io::stderr().is_terminal() && vms.len() > 1).then(|| {
-        let b = indicatif::ProgressBar::new(vms.len() as u64);
+    let shared: Vec<_> = prepared
+        .iter()
+        .filter_map(|p| match p {
+            Prepared::Now(vm) => Some(Arc::clone(vm.shared())),
+            Prepared::OnDemand { .. } => None,
+        })
+        .collect();
+    let governor = Governor::start(shared, started);
+    let bar = (spec.progress && std::io::stderr().is_terminal() && prepared.len() > 1).then(|| {
+        let b = indicatif::ProgressBar::new(prepared.len() as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} VMs finished {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
@@ -238,34 +296,65 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
         b.enable_steady_tick(Duration::from_millis(200));
         b
     });
+    let members = governor.members();
+    let run_one = |p: Prepared, vs: &VmSpec, sink: &SinkMaker| -> Result<Ran, VmError> {
+        let ran = match p {
+            Prepared::Now(vm) => (vm.run(), None),
+            Prepared::OnDemand { endpoints, image, member } => {
+                let make = || sink.make();
+                let slot = crate::on_demand::Slot {
+                    config: &vs.config,
+                    image,
+                    kvm: &kvm,
+                    started,
+                    timeline: Arc::clone(&timeline),
+                    pool: &pool,
+                    members: members.clone(),
+                    endpoints,
+                    console: &make,
+                    member,
+                };
+                let served = crate::on_demand::serve(slot);
+                pool.close(member);
+                let (report, figures) = served?;
+                (report, Some(figures))
+            }
+        };
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
+        Ok(ran)
+    };
     // One VM runs on this thread (no thread to start and join on the path of a short run);
     // several run on a thread each.
-    let reports: Vec<Result<RunReport, ()>> = if vms.len() == 1 {
-        vms.into_iter().map(|vm| Ok(vm.run())).collect()
+    let reports: Vec<Result<Ran, RunError>> = if prepared.len() == 1 {
+        prepared.into_iter().zip(&spec.vms).zip(&sinks).map(|((p, vs), sink)| Ok(run_one(p, vs, sink)?)).collect()
     } else {
-        let handles: Vec<_> = vms
-            .into_iter()
-            .map(|vm| {
-                let bar = bar.clone();
-                std::thread::spawn(move || {
-                    let r = vm.run();
-                    if let Some(b) = bar {
-                        b.inc(1);
-                    }
-                    r
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = prepared
+                .into_iter()
+                .zip(&spec.vms)
+                .zip(&sinks)
+                .map(|((p, vs), sink)| {
+                    let run_one = &run_one;
+                    (vs, scope.spawn(move || run_one(p, vs, sink)))
                 })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().map_err(|_| ())).collect()
+                .collect();
+            handles
+                .into_iter()
+                .map(|(vs, h)| match h.join() {
+                    Ok(r) => Ok(r?),
+                    Err(_) => Err(RunError::Thread(vs.config.name.clone())),
+                })
+                .collect()
+        })
     };
     let mut results = Vec::new();
-    for ((report, vs), capture) in reports.into_iter().zip(&spec.vms).zip(captures) {
-        let Ok(report) = report else {
-            return Err(RunError::Thread(vs.config.name.clone()));
-        };
+    for ((ran, vs), capture) in reports.into_iter().zip(&spec.vms).zip(captures) {
+        let (report, on_demand) = ran?;
         let output =
             capture.map(|c| String::from_utf8_lossy(&c.lock().unwrap_or_else(|p| p.into_inner())).into_owned());
-        results.push(VmResult { spec: vs.clone(), report, output });
+        results.push(VmResult { spec: vs.clone(), report, output, on_demand });
     }
     governor.stop();
     if let Some(b) = bar {

@@ -175,6 +175,9 @@ pub struct Summary {
     pub invariants: Invariants,
     /// The request channel's figures (`null` when the VM had no vsock device).
     pub vsock: Option<crate::devices::vsock::VsockFigures>,
+    /// Cold starts and idle shutdowns (an on-demand VM only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<crate::on_demand::OnDemandFigures>,
 }
 
 /// The pool's figures in a pool run's summary.
@@ -297,6 +300,7 @@ impl Summary {
             reclaims: pv.reclaims + pm.reclaims,
             violations: pv.violations + pm.violations,
             vsock: report.vsock.clone(),
+            on_demand: None,
             again: report.again,
             exhausted: report.exhausted,
             policy: PolicySummary { vcpus: pv.into(), memory: pm.into() },

@@ -119,7 +119,19 @@ pub struct VmConfig {
     pub publish: Vec<crate::devices::vsock::Publish>,
     /// The hybrid-vsock Unix socket (`--vsock-uds`).
     pub vsock_uds: Option<std::path::PathBuf>,
+    /// Scale to zero (`--on-demand`): no VM until a client connects to an endpoint; after
+    /// `idle_shutdown` the VM stops and the next client boots a new one.
+    pub on_demand: bool,
+    /// Ask the guest to stop after this long with no client connection open
+    /// (`--idle-shutdown`).
+    pub idle_shutdown: Option<Duration>,
+    /// The pool member to run as, when the pool already admitted this VM (an on-demand slot's
+    /// reservation); `None`: admit it at creation.
+    pub pool_member: Option<usize>,
 }
+
+/// How long a guest has to end after the idle shutdown's STOP notice before it is ended.
+pub const IDLE_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// How a run ended.
 #[derive(Debug, Clone)]
@@ -160,6 +172,11 @@ pub enum Outcome {
         /// The resource it would not give back.
         resource: &'static str,
     },
+    /// The VM was ended for not stopping within [`IDLE_STOP_GRACE`] of its idle shutdown.
+    IgnoredStop,
+    /// On demand: the run ended while no VM was running (no client came, or the last VM had
+    /// stopped for being idle).
+    NoVm,
 }
 
 impl Outcome {
@@ -173,7 +190,8 @@ impl Outcome {
             Outcome::Internal(_) => exit::INTERNAL,
             Outcome::Timeout(..) => exit::TIMEOUT,
             Outcome::Interrupted => exit::INTERRUPTED,
-            Outcome::Killed { .. } => exit::POLICY_KILL,
+            Outcome::Killed { .. } | Outcome::IgnoredStop => exit::POLICY_KILL,
+            Outcome::NoVm => 0,
         }
     }
 
@@ -188,6 +206,8 @@ impl Outcome {
             Outcome::Timeout(..) => "timeout",
             Outcome::Interrupted => "interrupted",
             Outcome::Killed { .. } => "policy_kill",
+            Outcome::IgnoredStop => "ignored_stop",
+            Outcome::NoVm => "no_vm_running",
         }
     }
 
@@ -209,6 +229,11 @@ impl Outcome {
             Outcome::Killed { resource } => Some(format!(
                 "VM ended: it kept its {resource} above max past the reclaim grace period (--on-violation kill)"
             )),
+            Outcome::IgnoredStop => Some(format!(
+                "VM ended: it did not stop within {} s of the idle shutdown's STOP notice",
+                IDLE_STOP_GRACE.as_secs()
+            )),
+            Outcome::NoVm => None,
         }
     }
 }
@@ -484,6 +509,34 @@ pub struct RunReport {
     pub vsock: Option<crate::devices::vsock::VsockFigures>,
 }
 
+impl RunReport {
+    /// The report of an on-demand slot whose run ended with no VM running and none run before
+    /// (`outcome` says why: interrupted or timed out while waiting for a client).
+    pub fn without_vm(config: &VmConfig, outcome: Outcome, wall: Duration) -> RunReport {
+        use crate::policy::{Resource, ResourcePolicy};
+        let p = &config.policy;
+        RunReport {
+            outcome,
+            boot: None,
+            wall,
+            hypercalls: 0,
+            per_call: Call::ALL.iter().map(|c| (c.name(), 0)).collect(),
+            vcpus: VcpuCounts::default(),
+            denied: 0,
+            reports: 0,
+            memory: MemoryCounts::default(),
+            policy: [
+                ResourcePolicy::new(Resource::Vcpus, config.vcpus, p.budget[0], p.refill[0]),
+                ResourcePolicy::new(Resource::Memory, config.memory, p.budget[1], p.refill[1]),
+            ],
+            again: 0,
+            exhausted: 0,
+            invariants: crate::governor::Invariants::default(),
+            vsock: None,
+        }
+    }
+}
+
 /// Memory figures of a run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MemoryCounts {
@@ -533,7 +586,10 @@ impl Vm {
         if image.end + hypercall_abi::EXTENT_ALIGN > layout.ram_size {
             return Err(LoaderError::TooLarge { end: image.end, ram: layout.ram_size }.into());
         }
-        let member = pool.admit(&config.name, config.vcpus, config.memory, config.weight)?;
+        let member = match config.pool_member {
+            Some(m) => m,
+            None => pool.admit(&config.name, config.vcpus, config.memory, config.weight)?,
+        };
         let policy = VmPolicy::new(Arc::clone(pool), member, config.vcpus, config.memory, config.policy);
         let built = Self::build(config, image, kvm, started, timeline, policy, console, layout, cmdline, endpoints);
         if built.is_err() {
@@ -636,8 +692,18 @@ impl Vm {
                     vm.wake_for_device();
                 }
             });
+            let idle = config.idle_shutdown.map(|after| {
+                let weak = Arc::downgrade(&shared);
+                let fire: crate::devices::vsock::Wake = Arc::new(move || {
+                    if let Some(vm) = weak.upgrade() {
+                        vm.record("idle_shutdown", detail([("idle_ms", (after.as_millis() as u64).into())]));
+                        vm.post_notice(notice::STOP, |_| {});
+                    }
+                });
+                crate::devices::vsock::IdleShutdown { after, fire }
+            });
             vsock
-                .start(&config.name, shared.mem.clone(), endpoints, wake)
+                .start(&config.name, shared.mem.clone(), endpoints, wake, idle)
                 .map_err(|e| VmError::Device(e.to_string()))?;
         }
         Ok(Vm { shared, timeout: config.timeout, boot_vcpu: Some((boot_vcpu, ctl)) })
@@ -659,6 +725,7 @@ impl Vm {
         }
         let deadline = self.timeout.map(|t| Instant::now() + t);
         let mut interrupts_seen = crate::signals::interrupts();
+        let mut idle_stop_at: Option<Instant> = None;
         loop {
             let st = shared.state();
             if st.outcome.is_some() {
@@ -672,6 +739,12 @@ impl Vm {
             drop(shared.ended.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()));
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 shared.finish(Outcome::Timeout(self.timeout.unwrap_or_default(), shared.vcpu_states()));
+            }
+            if shared.devices.vsock.as_ref().is_some_and(|v| v.shared.stats.idle_shutdown.load(Ordering::Acquire)) {
+                let at = *idle_stop_at.get_or_insert_with(Instant::now);
+                if at.elapsed() >= IDLE_STOP_GRACE {
+                    shared.finish(Outcome::IgnoredStop);
+                }
             }
             let interrupts = crate::signals::interrupts();
             if interrupts != interrupts_seen {

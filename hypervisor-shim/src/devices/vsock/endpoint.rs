@@ -100,8 +100,10 @@ pub enum Bound {
     Uds {
         /// The listening socket (non-blocking).
         listener: UnixListener,
-        /// Its path (removed when the endpoint goes).
+        /// Its path (removed when the owning endpoint goes).
         path: PathBuf,
+        /// Whether this handle removes the path when dropped (not a [`Bound::try_clone`]).
+        owner: bool,
     },
 }
 
@@ -131,14 +133,46 @@ pub fn bind(publish: &[Publish], uds: Option<&Path>) -> Result<Vec<Bound>, Endpo
         }
         let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
         listener.set_nonblocking(true).map_err(|e| err(e.to_string()))?;
-        bound.push(Bound::Uds { listener, path: path.to_path_buf() });
+        bound.push(Bound::Uds { listener, path: path.to_path_buf(), owner: true });
     }
     Ok(bound)
 }
 
+impl Bound {
+    /// The listening socket's descriptor.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Bound::Tcp { listener, .. } => listener.as_raw_fd(),
+            Bound::Uds { listener, .. } => listener.as_raw_fd(),
+        }
+    }
+
+    /// Where clients connect (`127.0.0.1:8080`, or the Unix socket's path).
+    pub fn describe(&self) -> String {
+        match self {
+            Bound::Tcp { listener, .. } => listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+            Bound::Uds { path, .. } => path.display().to_string(),
+        }
+    }
+
+    /// Another handle on the same listening socket (its backlog is shared). The copy of a
+    /// Unix socket does not remove the socket's path when dropped; the original does.
+    pub fn try_clone(&self) -> std::io::Result<Bound> {
+        Ok(match self {
+            Bound::Tcp { listener, guest_port } => {
+                Bound::Tcp { listener: listener.try_clone()?, guest_port: *guest_port }
+            }
+            Bound::Uds { listener, path, owner: _ } => {
+                Bound::Uds { listener: listener.try_clone()?, path: path.clone(), owner: false }
+            }
+        })
+    }
+}
+
 impl Drop for Bound {
     fn drop(&mut self) {
-        if let Bound::Uds { path, .. } = self {
+        if let Bound::Uds { path, owner: true, .. } = self {
             let _ = std::fs::remove_file(path);
         }
     }

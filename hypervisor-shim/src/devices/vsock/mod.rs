@@ -32,6 +32,12 @@ use crate::memory::GuestMemory;
 
 pub use endpoint::{Bound, EndpointError, Publish};
 
+impl std::fmt::Debug for IdleShutdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleShutdown").field("after", &self.after).finish_non_exhaustive()
+    }
+}
+
 /// Most connections one VM may have open; further clients are refused (closed at once).
 pub const MAX_CONNECTIONS: usize = 2048;
 
@@ -40,6 +46,16 @@ pub const QUEUE_MAX_SIZE: u16 = 256;
 
 /// Wakes the guest so it polls its queues (the VM wakes a blocked vCPU).
 pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// Scale to zero: after `after` with no connection open, the I/O thread stops accepting (new
+/// clients wait in the listen backlog) and calls `fire` (which asks the guest to stop).
+#[derive(Clone)]
+pub struct IdleShutdown {
+    /// Idle time before the shutdown.
+    pub after: std::time::Duration,
+    /// Called once, from the I/O thread.
+    pub fire: Wake,
+}
 
 /// The device's live queues.
 #[derive(Debug)]
@@ -86,6 +102,8 @@ pub struct VsockStats {
     pub resets: AtomicU64,
     /// The device was marked broken.
     pub broken: AtomicBool,
+    /// The idle shutdown fired.
+    pub idle_shutdown: AtomicBool,
 }
 
 /// A snapshot of [`VsockStats`].
@@ -111,6 +129,9 @@ pub struct VsockFigures {
     pub guest_wakeups: u64,
     /// Whether the device was marked broken.
     pub broken: bool,
+    /// Whether the VM was asked to stop because no client had a connection open for the
+    /// idle-shutdown time.
+    pub idle_shutdown: bool,
 }
 
 impl VsockStats {
@@ -128,6 +149,7 @@ impl VsockStats {
             queue_notifies: l(&self.queue_notifies),
             guest_wakeups: l(&self.guest_wakeups),
             broken: self.broken.load(Ordering::Relaxed),
+            idle_shutdown: self.idle_shutdown.load(Ordering::Relaxed),
         }
     }
 }
@@ -212,15 +234,23 @@ impl Vsock {
         Ok(Vsock { shared, thread: Mutex::new(None) })
     }
 
-    /// Starts the I/O thread serving `endpoints` (named `name-io`).
-    pub fn start(&self, name: &str, mem: GuestMemory, endpoints: Vec<Bound>, wake: Wake) -> Result<(), VsockError> {
+    /// Starts the I/O thread serving `endpoints` (named `name-io`), with an optional idle
+    /// shutdown.
+    pub fn start(
+        &self,
+        name: &str,
+        mem: GuestMemory,
+        endpoints: Vec<Bound>,
+        wake: Wake,
+        idle: Option<IdleShutdown>,
+    ) -> Result<(), VsockError> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
         let stop_thread = stop.try_clone().map_err(VsockError::EventFd)?;
         let kick = self.shared.kick.try_clone().map_err(VsockError::EventFd)?;
         let shared = Arc::clone(&self.shared);
         let handle = std::thread::Builder::new()
             .name(format!("{name}-io"))
-            .spawn(move || muxer::run(shared, mem, endpoints, wake, kick, stop_thread))
+            .spawn(move || muxer::run(shared, mem, endpoints, wake, kick, stop_thread, idle))
             .map_err(VsockError::Thread)?;
         *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some((handle, stop));
         Ok(())

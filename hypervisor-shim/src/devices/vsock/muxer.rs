@@ -54,6 +54,10 @@ const POLL_WINDOW: Duration = Duration::from_micros(200);
 const SETTLE: Duration = Duration::from_micros(50);
 /// How long a client waits for the guest to accept (a booting guest may not listen yet).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval of the first connection retries to a guest port nobody listens on yet.
+const FAST_RETRY: Duration = Duration::from_micros(250);
+/// How many retries come at [`FAST_RETRY`] (50 ms worth) before the back-off.
+const FAST_RETRIES: u32 = 200;
 /// How long the guest has to answer a SHUTDOWN with RST.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a hybrid-vsock client has to send its CONNECT line.
@@ -185,6 +189,14 @@ struct Muxer {
     /// Connections with guest data to write out after the current transmit batch.
     to_flush: Vec<u32>,
     buf: Vec<u8>,
+    /// Idle shutdown: after this long with no connection open, stop accepting and call the
+    /// closure (which asks the guest to stop).
+    idle: Option<super::IdleShutdown>,
+    /// The last time a connection opened or closed (or the thread started).
+    last_activity: Instant,
+    /// Whether the listeners are watched (false once the idle shutdown fired: clients that
+    /// connect from then on wait in the listen backlog for the next VM).
+    accepting: bool,
 }
 
 /// The thread's body.
@@ -195,6 +207,7 @@ pub(super) fn run(
     wake: Wake,
     kick: EventFd,
     stop: EventFd,
+    idle: Option<super::IdleShutdown>,
 ) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
@@ -221,6 +234,9 @@ pub(super) fn run(
         tx_suppressed: false,
         to_flush: Vec::new(),
         buf: vec![0u8; 64 * 1024],
+        idle,
+        last_activity: Instant::now(),
+        accepting: true,
     };
     if let Err(e) = m.register() {
         eprintln!("hypervisor-shim: vsock I/O thread: cannot watch its sockets: {e}");
@@ -236,13 +252,31 @@ impl Muxer {
         add(self.kick.as_raw_fd(), TOKEN_KICK)?;
         add(self.stop.as_raw_fd(), TOKEN_STOP)?;
         for (i, e) in self.endpoints.iter().enumerate() {
-            let fd = match e {
-                Bound::Tcp { listener, .. } => listener.as_raw_fd(),
-                Bound::Uds { listener, .. } => listener.as_raw_fd(),
-            };
-            add(fd, TOKEN_LISTENER + i as u64)?;
+            add(e.raw_fd(), TOKEN_LISTENER + i as u64)?;
         }
         Ok(())
+    }
+
+    /// When the idle shutdown is due (`None`: not armed, or connections are open).
+    fn idle_deadline(&self) -> Option<Instant> {
+        let idle = self.idle.as_ref()?;
+        (self.accepting && self.conns.is_empty()).then(|| self.last_activity + idle.after)
+    }
+
+    /// Fires the idle shutdown if it is due: the listeners are no longer watched (new clients
+    /// wait in the backlog), and the VM is asked to stop.
+    fn check_idle(&mut self, now: Instant) {
+        if self.idle_deadline().is_none_or(|d| now < d) {
+            return;
+        }
+        self.accepting = false;
+        for e in &self.endpoints {
+            let _ = self.epoll.ctl(ControlOperation::Delete, e.raw_fd(), EpollEvent::default());
+        }
+        self.shared.stats.idle_shutdown.store(true, Ordering::Release);
+        if let Some(idle) = &self.idle {
+            (idle.fire)();
+        }
     }
 
     fn main_loop(&mut self) {
@@ -283,7 +317,9 @@ impl Muxer {
             work |= self.sync_device();
             work |= self.process_tx();
             work |= self.process_rx();
-            self.run_timers(Instant::now());
+            let now = Instant::now();
+            self.run_timers(now);
+            self.check_idle(now);
             if work {
                 busy_until = Some(Instant::now() + POLL_WINDOW);
             } else if busy_until.is_none_or(|t| Instant::now() >= t) {
@@ -311,6 +347,9 @@ impl Muxer {
             if let Some(t) = t {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
+        }
+        if let Some(t) = self.idle_deadline() {
+            next = Some(next.map_or(t, |n| n.min(t)));
         }
         match next {
             None => -1,
@@ -369,6 +408,7 @@ impl Muxer {
         };
         stats.connections.fetch_add(1, Ordering::Relaxed);
         stats.open.fetch_add(1, Ordering::Relaxed);
+        self.last_activity = now;
         self.conns.insert(
             host_port,
             Conn {
@@ -639,9 +679,15 @@ impl Muxer {
                 self.to_flush.push(host_port);
             }
             (op::RST, State::Connecting { deadline, attempts, .. }) => {
-                // Not listening (yet): ask again shortly, with back-off.
+                // Not listening (yet): ask again shortly. A booting service (a cold start)
+                // listens within milliseconds, so the first retries come every
+                // FAST_RETRY; after FAST_RETRIES of them, with back-off up to 64 ms.
                 let attempts = attempts + 1;
-                let backoff = Duration::from_millis(1u64 << attempts.min(6));
+                let backoff = if attempts <= FAST_RETRIES {
+                    FAST_RETRY
+                } else {
+                    Duration::from_millis(1u64 << (attempts - FAST_RETRIES).min(6))
+                };
                 c.state =
                     State::Connecting { deadline, retry_at: Some(Instant::now() + backoff), attempts, sent: false };
             }
@@ -730,6 +776,7 @@ impl Muxer {
     fn close(&mut self, port: u32) {
         if self.conns.remove(&port).is_some() {
             self.shared.stats.open.fetch_sub(1, Ordering::Relaxed);
+            self.last_activity = Instant::now();
         }
     }
 

@@ -47,7 +47,6 @@ async fn main(env: Env) -> u32 {
             return exit_code::FAILURE;
         }
     };
-    calibrate();
     println!("http: listening on vsock port {port}");
     while let Ok(stream) = listener.accept().await {
         OPEN.fetch_add(1, Ordering::Relaxed);
@@ -88,6 +87,18 @@ fn count(status: u16) {
 /// Work units per millisecond of one vCPU, measured when the service starts.
 static UNITS_PER_MS: AtomicU64 = AtomicU64::new(0);
 
+/// Work units per millisecond, measured at the first `/work` request (not at start: a cold
+/// start's first request should not wait for it unless it asks for work).
+fn units_per_ms() -> u64 {
+    match UNITS_PER_MS.load(Ordering::Relaxed) {
+        0 => {
+            calibrate();
+            UNITS_PER_MS.load(Ordering::Relaxed)
+        }
+        n => n,
+    }
+}
+
 /// Measures how many work units one vCPU does per millisecond.
 fn calibrate() {
     let start = time::now_ns();
@@ -107,7 +118,7 @@ fn calibrate() {
 async fn work(ms: u64, kb: u64, seed: u64) -> WorkDone {
     let mut set = alloc::vec![0u8; (kb as usize) * 1024];
     let start = time::now_ns();
-    let total = ms.saturating_mul(UNITS_PER_MS.load(Ordering::Relaxed)).max(1);
+    let total = ms.saturating_mul(units_per_ms()).max(1);
     let mut checksum = seed;
     for units in 0..total {
         checksum = work_unit(checksum);
