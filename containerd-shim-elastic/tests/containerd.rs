@@ -661,7 +661,6 @@ fn pause_and_resume_go_through_the_control_api() {
 }
 
 #[test]
-#[ignore = "pending: needs the kv service and `hypervisor-shim run --publish`"]
 fn kv_answers_redis_cli_on_its_published_port() {
     let c = Containerd::start("kv");
     let rootfs = c.rootfs("rootfs", "service = \"kv\"\n");
