@@ -631,7 +631,6 @@ fn pod_network_namespace_is_joined_and_sandboxes_run_no_vm() {
 }
 
 #[test]
-#[ignore = "pending: needs hypervisor-shim's control API (`run --api-sock`, `ctl pause|resume vm0`)"]
 fn pause_and_resume_go_through_the_control_api() {
     let c = Containerd::start("pause");
     let rootfs = c.rootfs("rootfs", "service = \"spin\"\nargs = [\"10000000000000\"]\n");

@@ -46,7 +46,7 @@ Exit codes: 0-63 are the guest's own shutdown code (0 = success, 1 = service fai
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot the kernel under this shim on /dev/kvm (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run several VMs sharing one host pool, as described by a TOML file.
     Pool(PoolArgs),
     /// Run the elasticity stress scenarios and check their invariants.
@@ -60,6 +60,9 @@ enum Command {
     Demo(DemoArgs),
     /// Drive a service over TCP (kv or http), verify every answer, measure latency.
     Load(crate::loadgen::LoadArgs),
+    /// Talk to a running shim's control API (`--api-sock`): list, get, metrics, policy,
+    /// pause, resume, stop.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -180,6 +183,11 @@ struct RunArgs {
     /// [default with --on-demand: 30s]. Without --on-demand the run then ends.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
     idle_shutdown: Option<Duration>,
+    /// Serve the control API (HTTP/1.1 + JSON, docs/api.yaml) on this Unix socket, for
+    /// `hypervisor-shim ctl`: list, live figures, metrics, policy changes, pause/resume, stop.
+    /// The VM is named vm0.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -199,6 +207,10 @@ struct PoolArgs {
     /// Do not print the guests' consoles.
     #[arg(long)]
     quiet: bool,
+    /// Serve the control API (HTTP/1.1 + JSON, docs/api.yaml) on this Unix socket, for
+    /// `hypervisor-shim ctl`.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -315,7 +327,7 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Run(args)) => run(args, started, started_monotonic_ns),
+        Some(Command::Run(args)) => run(*args, started, started_monotonic_ns),
         None => run(cli.run, started, started_monotonic_ns),
         Some(Command::Pool(args)) => run_pool(args, started, started_monotonic_ns),
         Some(Command::Stress(args)) => run_stress(args),
@@ -323,6 +335,7 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
         Some(Command::Bench(args)) => run_bench(args),
         Some(Command::Demo(args)) => run_demo(args),
         Some(Command::Load(args)) => crate::loadgen::command(&args),
+        Some(Command::Ctl(args)) => ExitCode::from(crate::ctl::command(&args)),
     }
 }
 
@@ -371,6 +384,7 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
         timeline: args.timeline.clone(),
         console: ConsoleMode::Stdout,
         progress: false,
+        api_sock: args.api_sock.clone(),
     };
     let result = match runner::run(&spec, started) {
         Ok(r) => r,
@@ -468,6 +482,7 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
         timeline: args.timeline.clone(),
         console: if args.quiet { ConsoleMode::Capture { echo: false } } else { ConsoleMode::Prefixed },
         progress: true,
+        api_sock: args.api_sock.clone(),
     };
     let result = match runner::run(&spec, started) {
         Ok(r) => r,

@@ -206,6 +206,27 @@ impl VmPolicy {
         }
     }
 
+    /// Changes the max and burst of `r` on a running VM (`min` cannot change: it was reserved
+    /// at admission). When the VM holds more than the new max, a reclaim starts at the
+    /// governor's next tick; grants above the new ceiling are refused from now on.
+    pub fn set_limits(&self, r: Resource, limits: crate::config::Policy, held: u64) -> Result<(), String> {
+        let mut st = self.state();
+        let cur = st[r as usize].limits;
+        if limits.min != cur.min {
+            return Err(format!("{}: min cannot change on a running VM (it is {})", r.name(), cur.min));
+        }
+        if !(limits.min <= limits.max && limits.max <= limits.burst) {
+            return Err(format!("{}: need min <= max <= burst", r.name()));
+        }
+        st[r as usize].limits = limits;
+        if held > limits.max {
+            st[r as usize].operator_wants = true;
+        }
+        drop(st);
+        self.pool.set_limits(self.member, r, limits);
+        Ok(())
+    }
+
     /// Balances for the timeline: vCPU-seconds, GiB-seconds.
     pub fn credits(&self) -> [f64; 2] {
         let s = self.state();
@@ -336,6 +357,11 @@ impl Members {
     /// Governs `vm` from the next tick on.
     pub fn add(&self, vm: Arc<VmShared>) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).push(vm);
+    }
+
+    /// The VMs governed now (those still running; a VM that ended leaves at the next tick).
+    pub fn list(&self) -> Vec<Arc<VmShared>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|vm| !vm.is_stopping()).cloned().collect()
     }
 }
 

@@ -8,9 +8,11 @@
 //! [`bench`] (measurements) and [`cli`].
 
 pub mod affinity;
+pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod devices;
 pub mod exit;

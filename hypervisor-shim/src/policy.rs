@@ -100,6 +100,8 @@ pub enum ReclaimReason {
     Credit,
     /// The pool needs the capacity for a VM below its own max.
     Pool,
+    /// The operator lowered the VM's max (`ctl policy`).
+    Operator,
 }
 
 impl ReclaimReason {
@@ -108,6 +110,7 @@ impl ReclaimReason {
         match self {
             ReclaimReason::Credit => "credit",
             ReclaimReason::Pool => "pool",
+            ReclaimReason::Operator => "operator",
         }
     }
 }
@@ -165,6 +168,8 @@ pub struct ResourcePolicy {
     pub reclaim: Option<Reclaim>,
     /// The pool asked for this resource back.
     pub pool_wants: bool,
+    /// The operator lowered max below what the VM holds.
+    pub operator_wants: bool,
     /// Reclaims started.
     pub reclaims: u64,
     /// Reclaims answered within their grace.
@@ -182,6 +187,7 @@ impl ResourcePolicy {
             credit: Credit::new(budget, refill),
             reclaim: None,
             pool_wants: false,
+            operator_wants: false,
             reclaims: 0,
             answered_in_grace: 0,
             violations: 0,
@@ -221,6 +227,8 @@ impl ResourcePolicy {
                 Some(ReclaimReason::Credit)
             } else if self.pool_wants {
                 Some(ReclaimReason::Pool)
+            } else if self.operator_wants {
+                Some(ReclaimReason::Operator)
             } else {
                 None
             };
@@ -241,6 +249,7 @@ impl ResourcePolicy {
         }
         if excess == 0 {
             self.pool_wants = false;
+            self.operator_wants = false;
         }
         if let Some(r) = self.reclaim.as_mut() {
             if held <= r.target && r.answered.is_none() {
@@ -266,7 +275,9 @@ impl ResourcePolicy {
             let lift = match (r.reason, r.answered) {
                 (_, None) => false,
                 (ReclaimReason::Credit, Some(_)) => self.credit.balance >= self.credit.cap / 2.0,
-                (ReclaimReason::Pool, Some(at)) => now.saturating_sub(at) >= POOL_RECLAIM_HOLD,
+                (ReclaimReason::Pool | ReclaimReason::Operator, Some(at)) => {
+                    now.saturating_sub(at) >= POOL_RECLAIM_HOLD
+                }
             };
             if lift {
                 self.reclaim = None;

@@ -269,6 +269,13 @@ impl Pool {
         }
     }
 
+    /// New limits for member `id`'s resource `r` (a live policy change; min unchanged).
+    pub fn set_limits(&self, id: usize, r: Resource, limits: Policy) {
+        if let Some(m) = self.lock().members.get_mut(id) {
+            m.limits[r as usize] = limits;
+        }
+    }
+
     /// Ends an on-demand slot: its reservation returns to the pool.
     pub fn close(&self, id: usize) {
         if let Some(m) = self.lock().members.get_mut(id) {

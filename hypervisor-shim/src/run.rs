@@ -29,6 +29,9 @@ pub enum RunError {
     /// A host endpoint could not be set up (a port in use, a bad socket path).
     #[error(transparent)]
     Endpoint(#[from] crate::devices::vsock::EndpointError),
+    /// The control API could not start.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     /// The timeline file could not be created.
     #[error("cannot create timeline {path}: {source}")]
     Timeline {
@@ -45,7 +48,7 @@ impl RunError {
         match self {
             RunError::Vm(e) => e.exit_code(),
             RunError::Thread(_) => exit::INTERNAL,
-            RunError::Endpoint(_) => exit::USAGE,
+            RunError::Endpoint(_) | RunError::Api(_) => exit::USAGE,
             RunError::Timeline { .. } => exit::IO_ERROR,
         }
     }
@@ -89,6 +92,8 @@ pub struct RunSpec {
     pub console: ConsoleMode,
     /// Show a progress bar on a terminal.
     pub progress: bool,
+    /// Serve the control API on this Unix socket.
+    pub api_sock: Option<PathBuf>,
 }
 
 /// One VM's result.
@@ -255,6 +260,19 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
         image.check_service(&vs.config.app).map_err(VmError::from)?;
         vm_images.push(image);
     }
+    // The governor, and the control API, before any VM exists (a bad socket path stops the run
+    // up front).
+    let governor = Governor::start(Vec::new(), started);
+    let _api = match &spec.api_sock {
+        Some(path) => match crate::api::ApiServer::start(path, governor.members()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                governor.stop();
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
     // VMs that run from the start are created now (an admission failure stops the run before
     // any VM runs); on-demand ones boot when their first client arrives.
     let mut prepared = Vec::new();
@@ -279,14 +297,11 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
         captures.push(capture);
     }
     crate::signals::install();
-    let shared: Vec<_> = prepared
-        .iter()
-        .filter_map(|p| match p {
-            Prepared::Now(vm) => Some(Arc::clone(vm.shared())),
-            Prepared::OnDemand { .. } => None,
-        })
-        .collect();
-    let governor = Governor::start(shared, started);
+    for p in &prepared {
+        if let Prepared::Now(vm) = p {
+            governor.members().add(Arc::clone(vm.shared()));
+        }
+    }
     let bar = (spec.progress && std::io::stderr().is_terminal() && prepared.len() > 1).then(|| {
         let b = indicatif::ProgressBar::new(prepared.len() as u64);
         b.set_style(

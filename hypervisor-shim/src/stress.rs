@@ -281,6 +281,7 @@ fn spec_for(s: &Scenario, kernel: &Path, out: &Path) -> RunSpec {
         timeline: Some(out.join(format!("{}.timeline.jsonl", s.name))),
         console: ConsoleMode::Capture { echo: false },
         progress: false,
+        api_sock: None,
     }
 }
 

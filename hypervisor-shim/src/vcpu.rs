@@ -181,6 +181,10 @@ impl Vcpu {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
         ctl.bind_current_thread();
         while !vm.is_stopping() {
+            if vm.is_paused() {
+                vm.wait_while_paused();
+                continue;
+            }
             let exit = self.next_exit();
             ctl.last_rip.store(self.fd.sync_regs().regs.rip, Ordering::Relaxed);
             let flow = match exit {

@@ -334,6 +334,13 @@ pub struct VmShared {
     console: Mutex<Box<dyn Write + Send>>,
     state: Mutex<RunState>,
     ended: Condvar,
+    /// The service it runs.
+    pub app: String,
+    /// Paused by the operator (`ctl pause`): vCPU threads wait instead of entering the guest.
+    paused: AtomicBool,
+    /// vCPU threads waiting in a pause.
+    pause_waiters: Mutex<u32>,
+    pause_cond: Condvar,
 }
 
 impl std::fmt::Debug for VmShared {
@@ -368,6 +375,100 @@ impl VmShared {
             ctl.stop();
         }
         self.ended.notify_all();
+    }
+
+    /// Whether the operator paused the VM.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Pauses the VM: every vCPU leaves the guest (a running one is kicked out of KVM_RUN) and
+    /// waits without using CPU until [`VmShared::resume`]. Returns once every vCPU that was
+    /// running guest code is waiting (or after `within`, whichever is first); `false` if the
+    /// VM was already paused.
+    pub fn pause(&self, within: Duration) -> bool {
+        if self.paused.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let all = self.vcpu_set.all();
+        for ctl in &all {
+            ctl.interrupt();
+        }
+        let deadline = Instant::now() + within;
+        let mut waiting = self.pause_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let running = all.iter().filter(|c| matches!(c.state(), crate::vcpu_set::State::Running)).count();
+            if *waiting as usize >= running || Instant::now() >= deadline || self.is_stopping() {
+                break;
+            }
+            waiting =
+                self.pause_cond.wait_timeout(waiting, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        drop(waiting);
+        self.record("pause", serde_json::Map::new());
+        true
+    }
+
+    /// Resumes a paused VM; `false` if it was not paused.
+    pub fn resume(&self) -> bool {
+        if !self.paused.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        let _w = self.pause_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        self.pause_cond.notify_all();
+        drop(_w);
+        self.record("resume", serde_json::Map::new());
+        true
+    }
+
+    /// Called by a vCPU thread before it enters the guest: waits while the VM is paused.
+    pub fn wait_while_paused(&self) {
+        if !self.is_paused() {
+            return;
+        }
+        let mut waiting = self.pause_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        *waiting += 1;
+        self.pause_cond.notify_all();
+        while self.is_paused() && !self.is_stopping() {
+            waiting =
+                self.pause_cond.wait_timeout(waiting, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        *waiting -= 1;
+    }
+
+    /// The run's figures so far (the report a run that ended now with `outcome` would give).
+    pub fn report(&self, outcome: Outcome) -> RunReport {
+        let per_call = Call::ALL
+            .iter()
+            .map(|c| (c.name(), self.stats.per_call[c.number() as usize].load(Ordering::Relaxed)))
+            .collect();
+        RunReport {
+            outcome,
+            boot: self.first_hello.get().copied(),
+            wall: self.started.elapsed(),
+            hypercalls: self.stats.hypercalls.load(Ordering::Relaxed),
+            per_call,
+            vcpus: self.vcpu_set.counts(),
+            denied: self.stats.denied.load(Ordering::Relaxed),
+            reports: self.stats.reports.load(Ordering::Relaxed),
+            memory: MemoryCounts {
+                peak: self.stats.mem_peak.load(Ordering::Relaxed).max(self.layout.ram_size),
+                final_bytes: self.memory_held(),
+                grants: self.stats.mem_grants.load(Ordering::Relaxed),
+                releases: self.stats.mem_releases.load(Ordering::Relaxed),
+                rss_boot: self.stats.rss_boot.get().copied().unwrap_or(0),
+                rss_peak: crate::memory::process_peak_rss_bytes(),
+                rss_end: crate::memory::process_rss_bytes(),
+            },
+            policy: [
+                self.policy.resource(crate::policy::Resource::Vcpus),
+                self.policy.resource(crate::policy::Resource::Memory),
+            ],
+            again: self.policy.answers.again.load(Ordering::Relaxed),
+            exhausted: self.policy.answers.exhausted.load(Ordering::Relaxed),
+            invariants: self.policy.invariants(),
+            vsock: self.devices.vsock.as_ref().map(|v| v.shared.stats.figures()),
+        }
     }
 
     /// One line per vCPU: state and the RIP of its latest exit (for hang diagnoses).
@@ -657,6 +758,10 @@ impl Vm {
             first_hello: OnceLock::new(),
             stats: Stats::default(),
             stopping: AtomicBool::new(false),
+            app: config.app.clone(),
+            paused: AtomicBool::new(false),
+            pause_waiters: Mutex::new(0),
+            pause_cond: Condvar::new(),
             vcpu_set: VcpuSet::default(),
             timeline,
             policy,
@@ -769,40 +874,9 @@ impl Vm {
                 None => break,
             }
         }
-        let wall = shared.started.elapsed();
         let outcome = shared.state().outcome.clone().unwrap_or(Outcome::Internal("no outcome recorded".into()));
         shared.record("end", detail([("exit_code", outcome.exit_code().into())]));
         shared.policy.pool.leave(shared.policy.member);
-        let per_call = Call::ALL
-            .iter()
-            .map(|c| (c.name(), shared.stats.per_call[c.number() as usize].load(Ordering::Relaxed)))
-            .collect();
-        RunReport {
-            outcome,
-            boot: shared.first_hello.get().copied(),
-            wall,
-            hypercalls: shared.stats.hypercalls.load(Ordering::Relaxed),
-            per_call,
-            vcpus: shared.vcpu_set.counts(),
-            denied: shared.stats.denied.load(Ordering::Relaxed),
-            reports: shared.stats.reports.load(Ordering::Relaxed),
-            memory: MemoryCounts {
-                peak: shared.stats.mem_peak.load(Ordering::Relaxed).max(shared.layout.ram_size),
-                final_bytes: shared.memory_held(),
-                grants: shared.stats.mem_grants.load(Ordering::Relaxed),
-                releases: shared.stats.mem_releases.load(Ordering::Relaxed),
-                rss_boot: shared.stats.rss_boot.get().copied().unwrap_or(0),
-                rss_peak: crate::memory::process_peak_rss_bytes(),
-                rss_end: crate::memory::process_rss_bytes(),
-            },
-            policy: [
-                shared.policy.resource(crate::policy::Resource::Vcpus),
-                shared.policy.resource(crate::policy::Resource::Memory),
-            ],
-            again: shared.policy.answers.again.load(Ordering::Relaxed),
-            exhausted: shared.policy.answers.exhausted.load(Ordering::Relaxed),
-            invariants: shared.policy.invariants(),
-            vsock: shared.devices.vsock.as_ref().map(|v| v.shared.stats.figures()),
-        }
+        shared.report(outcome)
     }
 }

@@ -1,0 +1,247 @@
+//! The control API (`--api-sock`) and its client (`ctl`) against running VMs: list, live
+//! figures, Prometheus metrics, a live policy change that makes the VM come down, pause (no
+//! CPU) and resume, stop, and the errors a user can make.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Run, SHIM, read_json_lines, require_kvm, temp_dir};
+
+/// A shim run with `--api-sock DIR/api.sock` (killed when dropped).
+struct Controlled {
+    child: Child,
+    dir: common::TempDir,
+}
+
+impl Controlled {
+    fn start(name: &str, args: &[&str]) -> Controlled {
+        require_kvm();
+        let dir = temp_dir(name);
+        let child = Command::new(SHIM)
+            .arg("run")
+            .args(["--api-sock", "api.sock", "--timeline", "timeline.jsonl", "--timeout", "120"])
+            .args(args)
+            .current_dir(&*dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the shim starts");
+        let c = Controlled { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.ctl(&["list"]).code != Some(0) {
+            assert!(Instant::now() < deadline, "the control API never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    /// `ctl --api-sock api.sock ARGS`, run in the VM's directory (a relative socket path).
+    fn ctl(&self, args: &[&str]) -> Run {
+        Command::new(SHIM)
+            .args(["ctl", "--api-sock", "api.sock"])
+            .args(args)
+            .current_dir(&*self.dir)
+            .output()
+            .expect("ctl runs")
+            .into()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let r = self.ctl(args);
+        r.expect_code(0);
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("ctl {args:?} printed no JSON ({e}):\n{}", r.stdout))
+    }
+
+    fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("stat");
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0)
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        read_json_lines(&self.dir.join("timeline.jsonl"))
+    }
+
+    fn finish(&mut self) -> Option<i32> {
+        self.ctl(&["stop", "vm0"]).expect_code(0);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s.code();
+            }
+            assert!(Instant::now() < deadline, "the VM did not stop after ctl stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Controlled {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Checks Prometheus text format 0.0.4: every sample's family has HELP and TYPE lines before
+/// it, names and labels are well formed, values are numbers. Returns the samples.
+fn parse_prometheus(text: &str) -> Vec<(String, String, f64)> {
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let (name, kind) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
+            assert!(name_ok(name), "bad metric name in {line}");
+            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "bad type: {line}");
+            typed.insert(name.to_string());
+        } else if line.starts_with("# HELP ") || line.is_empty() {
+        } else {
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => {
+                    assert!(l.ends_with('}'), "unclosed labels: {line}");
+                    for pair in l.trim_end_matches('}').split(',') {
+                        let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("bad label: {line}"));
+                        assert!(name_ok(k) && v.starts_with('"') && v.ends_with('"'), "bad label: {line}");
+                    }
+                    (n, l.to_string())
+                }
+                None => (series, String::new()),
+            };
+            assert!(typed.contains(name), "sample before its TYPE line: {line}");
+            let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+            samples.push((name.to_string(), labels, v));
+        }
+    }
+    samples
+}
+
+#[test]
+fn list_get_and_metrics_answer_while_a_kv_vm_serves() {
+    let port = common::free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    let mut c = Controlled::start(
+        "ctl-kv",
+        &["--app", "kv", "--vcpus", "1:2:4", "--memory", "64M:256M:512M", "--publish", &publish],
+    );
+    let list = c.json(&["list"]);
+    assert_eq!(list[0]["name"], "vm0", "{list}");
+    assert_eq!(list[0]["app"], "kv", "{list}");
+    assert_eq!(list[0]["state"], "running", "{list}");
+    let get = c.json(&["get", "vm0"]);
+    for key in ["vcpus", "memory_bytes", "hypercalls", "policy", "vsock", "host_rss_bytes", "state"] {
+        assert!(get.get(key).is_some(), "get lacks {key}: {get}");
+    }
+    assert_eq!(get["vcpus"]["max"], 2, "{get}");
+    let m = c.ctl(&["metrics"]);
+    m.expect_code(0);
+    let samples = parse_prometheus(&m.stdout);
+    let online = samples.iter().find(|(n, l, _)| n == "elastic_vcpus_online" && l.contains("vm=\"vm0\""));
+    assert_eq!(online.map(|s| s.2), Some(1.0), "{}", m.stdout);
+    assert!(samples.iter().any(|(n, _, v)| n == "elastic_memory_bytes" && *v >= 64.0 * 1048576.0), "{}", m.stdout);
+    assert_eq!(c.finish(), Some(5));
+}
+
+#[test]
+fn lowering_max_makes_the_vm_come_down_with_a_reclaim() {
+    let mut c = Controlled::start(
+        "ctl-policy",
+        &[
+            "--app",
+            "load",
+            "--vcpus",
+            "1:4:4",
+            "--reclaim-grace",
+            "2s",
+            "--memory",
+            "64M:256M:256M",
+            "--",
+            "square",
+            "100",
+            "3000",
+            "4",
+            "16",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.json(&["list"])[0]["vcpus"].as_u64().unwrap_or(0) < 3 {
+        assert!(Instant::now() < deadline, "the load never brought 3 vCPUs up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = c.json(&["policy", "vm0", "--vcpus", "1:2:2"]);
+    assert_eq!(after["vcpus"]["max"], 2, "{after}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.json(&["list"])[0]["vcpus"].as_u64().unwrap_or(9) > 2 {
+        assert!(Instant::now() < deadline, "the VM did not come down to the new max");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Changing min is refused, with one line.
+    let r = c.ctl(&["policy", "vm0", "--vcpus", "2:2:2"]);
+    r.expect_code(64);
+    assert!(r.stderr.contains("min cannot change"), "{}", r.stderr);
+    assert_eq!(c.finish(), Some(5));
+    let events = c.events();
+    let reclaim = events.iter().find(|e| e["event"] == "reclaim" && e["reason"] == "operator");
+    assert!(reclaim.is_some_and(|r| r["target"] == 2), "no operator reclaim to 2 in the timeline");
+    assert!(events.iter().any(|e| e["event"] == "reclaim_answered" && e["in_grace"] == true), "not answered in grace");
+    assert!(events.iter().any(|e| e["event"] == "policy"), "no policy line");
+}
+
+#[test]
+fn a_paused_vm_uses_no_cpu_and_resumes() {
+    let c = Controlled::start("ctl-pause", &["--app", "spin", "--", "100000000000000"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.json(&["pause", "vm0"])["state"], "paused");
+    std::thread::sleep(Duration::from_millis(100));
+    let before = c.cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let paused = c.cpu_ticks() - before;
+    let again = c.ctl(&["pause", "vm0"]);
+    again.expect_code(64);
+    assert!(again.stderr.contains("already paused"), "{}", again.stderr);
+    assert_eq!(c.json(&["resume", "vm0"])["state"], "running");
+    let before = c.cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let resumed = c.cpu_ticks() - before;
+    // Clock ticks are 10 ms: paused, (almost) none; spinning, most of a core.
+    assert!(paused <= 5, "the paused VM used {paused} ticks in 1 s");
+    assert!(resumed >= 50, "the resumed VM used only {resumed} ticks in 1 s");
+    assert_eq!(c.json(&["list"])[0]["state"], "running");
+}
+
+#[test]
+fn control_errors_are_one_line() {
+    let dir = temp_dir("ctl-errors");
+    let sock = dir.join("none.sock");
+    let r: Run = Command::new(SHIM).args(["ctl", "--api-sock"]).arg(&sock).arg("list").output().expect("runs").into();
+    r.expect_code(69);
+    assert!(r.stderr.contains("cannot reach the control API"), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    // An existing path is refused before any VM.
+    std::fs::write(&sock, b"").expect("file");
+    let r = common::shim(&["run", "--app", "hello", "--api-sock", sock.to_str().expect("UTF-8")]);
+    r.expect_code(64);
+    assert!(r.stderr.contains("already exists"), "{}", r.stderr);
+    assert!(!r.stdout.contains("Hello"), "a VM booted: {}", r.stdout);
+    let c = Controlled::start("ctl-errors-vm", &["--app", "idle", "--", "60000"]);
+    for (args, needle) in [
+        (&["get", "nope"][..], "no running VM named 'nope'"),
+        (&["policy", "vm0", "--memory", "64M:1M:2M"], "memory"),
+        (&["resume", "vm0"], "not paused"),
+    ] {
+        let r = c.ctl(args);
+        r.expect_code(64);
+        assert!(r.stderr.contains(needle), "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    }
+    let _ = c.ctl(&["stop", "vm0"]);
+    assert!(Path::new(&*c.dir).join("api.sock").exists());
+}
