@@ -245,3 +245,64 @@ fn control_errors_are_one_line() {
     let _ = c.ctl(&["stop", "vm0"]);
     assert!(Path::new(&*c.dir).join("api.sock").exists());
 }
+
+#[test]
+fn a_pool_vm_that_faults_is_restarted_and_counted() {
+    require_kvm();
+    let dir = temp_dir("restart");
+    let config = dir.join("pool.toml");
+    std::fs::write(
+        &config,
+        r#"
+[pool]
+vcpus = 2
+memory = "256M"
+timeout = "60s"
+
+[[vm]]
+name = "crashy"
+app = "fault"
+vcpus = "1:1:1"
+memory = "64M:64M:64M"
+restart = "on-failure"
+restart_limit = 2
+restart_backoff = "50ms"
+expect_exit = 71
+
+[[vm]]
+name = "steady"
+app = "hello"
+vcpus = "1:1:1"
+memory = "64M:64M:64M"
+"#,
+    )
+    .expect("config");
+    let summary = dir.join("pool.json");
+    let timeline = dir.join("pool.jsonl");
+    let run = common::shim(&[
+        "pool",
+        config.to_str().expect("UTF-8"),
+        "--summary",
+        summary.to_str().expect("UTF-8"),
+        "--timeline",
+        timeline.to_str().expect("UTF-8"),
+    ]);
+    run.expect_code(0);
+    assert!(run.stderr.contains("crashy: ended with exit code 71; restart 1 of 2"), "{}", run.stderr);
+    let s = common::read_json(&summary);
+    let crashy = s["vms"].as_array().and_then(|v| v.iter().find(|v| v["name"] == "crashy")).expect("crashy");
+    assert_eq!(crashy["restarts"], 2, "{crashy}");
+    assert_eq!(crashy["exit_code"], 71, "{crashy}");
+    let steady = s["vms"].as_array().and_then(|v| v.iter().find(|v| v["name"] == "steady")).expect("steady");
+    assert_eq!(steady["restarts"], 0, "{steady}");
+    let lines = read_json_lines(&timeline);
+    let restarts: Vec<u64> =
+        lines.iter().filter(|l| l["event"] == "restart").filter_map(|l| l["restarts"].as_u64()).collect();
+    assert_eq!(restarts, [1, 2]);
+    assert_eq!(lines.iter().filter(|l| l["vm"] == "crashy" && l["event"] == "boot").count(), 3);
+    // A bad restart value is a one-line configuration error.
+    std::fs::write(&config, "[pool]\nvcpus = 1\nmemory = \"64M\"\n[[vm]]\nname = \"a\"\napp = \"hello\"\nvcpus = \"1:1:1\"\nmemory = \"64M:64M:64M\"\nrestart = \"always\"\n").expect("config");
+    let run = common::shim(&["pool", config.to_str().expect("UTF-8")]);
+    run.expect_code(64);
+    assert!(run.stderr.contains("restart 'always' is not"), "{}", run.stderr);
+}

@@ -188,6 +188,25 @@ struct RunArgs {
     /// The VM is named vm0.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Boot the VM again when it fails (a guest fault, unbacked memory, an unserved exit, or an
+    /// exit code other than 0 and 5), at most --restart-limit times.
+    #[arg(long, value_enum, default_value = "never")]
+    restart: RestartMode,
+    /// Most restarts with --restart on-failure.
+    #[arg(long, value_name = "N", default_value_t = crate::pool_config::DEFAULT_RESTART_LIMIT)]
+    restart_limit: u32,
+    /// Wait before the first restart (doubling after each, at most 5 s).
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration_arg)]
+    restart_backoff: Duration,
+}
+
+/// `--restart`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RestartMode {
+    /// The run ends with the VM.
+    Never,
+    /// Boot the VM again after a failure.
+    OnFailure,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -376,6 +395,8 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
         vsock_uds: args.vsock_uds.clone(),
         on_demand: args.on_demand,
         idle_shutdown: args.idle_shutdown.or(args.on_demand.then_some(DEFAULT_IDLE_SHUTDOWN)),
+        restart: (args.restart == RestartMode::OnFailure)
+            .then_some(crate::vm::RestartPolicy { limit: args.restart_limit, backoff: args.restart_backoff }),
         pool_member: None,
     };
     let spec = RunSpec {

@@ -1,3 +1,5 @@
+//! VM slots that boot a VM more than once: scale to zero and restart on failure.
+//!
 //! Scale to zero (`--on-demand`): the shim holds a VM's published endpoints with no VM
 //! running; the first client to connect boots one, which is handed that connection (and every
 //! one that queued meanwhile in the listen backlog). After `--idle-shutdown` with no connection
@@ -28,6 +30,9 @@ pub struct OnDemandFigures {
     pub idle_shutdowns: u64,
     /// For each cold start: µs from the shim seeing the waiting client to the guest's HELLO.
     pub boot_us: Vec<u64>,
+    /// VMs booted again after a failure (`restart = "on-failure"`).
+    #[serde(skip)]
+    pub restarts: u64,
 }
 
 /// What a slot needs to boot its VM again and again.
@@ -96,8 +101,9 @@ fn wait_for_client(endpoints: &[Bound], deadline: Option<Instant>, seen: u32) ->
     }
 }
 
-/// Runs an on-demand slot until the operator stops it, its timeout passes, or a VM ends for
-/// any reason other than an idle shutdown (a crash, its service returning). Returns the last
+/// Runs a slot (an on-demand VM, or one that restarts on failure) until the operator stops it,
+/// its timeout passes, or a VM ends for a reason that neither an idle shutdown nor the
+/// restart policy covers. Returns the last
 /// VM's report (or one saying no VM ran) and the slot's figures.
 pub fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmError> {
     let config = slot.config;
@@ -113,29 +119,37 @@ pub fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmError> {
         }
         None => RunReport::without_vm(config, outcome, slot.started.elapsed()),
     };
-    let addresses: Vec<String> = slot.endpoints.iter().map(Bound::describe).collect();
-    eprintln!(
-        "hypervisor-shim: {}: on demand, no VM running; the first client on {} boots it",
-        config.name,
-        addresses.join(", ")
-    );
+    if config.on_demand {
+        let addresses: Vec<String> = slot.endpoints.iter().map(Bound::describe).collect();
+        eprintln!(
+            "hypervisor-shim: {}: on demand, no VM running; the first client on {} boots it",
+            config.name,
+            addresses.join(", ")
+        );
+    }
+    let mut boot_now = !config.on_demand;
     loop {
-        match wait_for_client(&slot.endpoints, deadline, interrupts) {
-            Waited::Client => {}
-            Waited::Interrupted => return Ok((end_without_vm(last, Outcome::NoVm), figures)),
-            Waited::Timeout => {
-                let outcome = Outcome::Timeout(config.timeout.unwrap_or_default(), "no VM running".into());
-                return Ok((end_without_vm(last, outcome), figures));
+        if !boot_now {
+            match wait_for_client(&slot.endpoints, deadline, interrupts) {
+                Waited::Client => {}
+                Waited::Interrupted => return Ok((end_without_vm(last, Outcome::NoVm), figures)),
+                Waited::Timeout => {
+                    let outcome = Outcome::Timeout(config.timeout.unwrap_or_default(), "no VM running".into());
+                    return Ok((end_without_vm(last, outcome), figures));
+                }
             }
         }
+        boot_now = false;
         let seen_at = slot.started.elapsed();
-        slot.timeline.record(
-            &config.name,
-            "cold_start",
-            0,
-            0,
-            detail([("cold_starts", (figures.cold_starts + 1).into())]),
-        );
+        if config.on_demand {
+            slot.timeline.record(
+                &config.name,
+                "cold_start",
+                0,
+                0,
+                detail([("cold_starts", (figures.cold_starts + 1).into())]),
+            );
+        }
         let endpoints = slot
             .endpoints
             .iter()
@@ -158,15 +172,57 @@ pub fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmError> {
         slot.members.add(Arc::clone(vm.shared()));
         let report = vm.run();
         let _ = slot.timeline.flush();
-        figures.cold_starts += 1;
-        if let Some(boot) = report.boot {
-            figures.boot_us.push(boot.saturating_sub(seen_at).as_micros() as u64);
+        if config.on_demand {
+            figures.cold_starts += 1;
+            if let Some(boot) = report.boot {
+                figures.boot_us.push(boot.saturating_sub(seen_at).as_micros() as u64);
+            }
         }
         let idle = report.vsock.as_ref().is_some_and(|v| v.idle_shutdown);
-        if !(idle && matches!(report.outcome, Outcome::Shutdown { .. })) {
+        if idle && matches!(report.outcome, Outcome::Shutdown { .. }) {
+            figures.idle_shutdowns += 1;
+            last = Some(report);
+            continue;
+        }
+        // Restart on failure, unless the operator interrupted or the time is up.
+        let Some(restart) = config.restart else { return Ok((report, figures)) };
+        let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+        if !report.outcome.is_failure()
+            || figures.restarts >= u64::from(restart.limit)
+            || crate::signals::interrupts() != interrupts
+            || out_of_time
+        {
             return Ok((report, figures));
         }
-        figures.idle_shutdowns += 1;
+        figures.restarts += 1;
+        let backoff = restart
+            .backoff
+            .saturating_mul(1u32 << (figures.restarts - 1).min(16) as u32)
+            .min(crate::vm::RESTART_BACKOFF_MAX);
+        slot.timeline.record(
+            &config.name,
+            "restart",
+            0,
+            0,
+            detail([
+                ("restarts", figures.restarts.into()),
+                ("after_exit_code", report.outcome.exit_code().into()),
+                ("backoff_ms", (backoff.as_millis() as u64).into()),
+            ]),
+        );
+        eprintln!(
+            "hypervisor-shim: {}: ended with exit code {}; restart {} of {} in {} ms",
+            config.name,
+            report.outcome.exit_code(),
+            figures.restarts,
+            restart.limit,
+            backoff.as_millis()
+        );
+        if let Some(d) = report.outcome.diagnosis() {
+            eprintln!("hypervisor-shim: {}: {}", config.name, d.trim_end());
+        }
+        std::thread::sleep(backoff);
+        boot_now = true;
         last = Some(report);
     }
 }

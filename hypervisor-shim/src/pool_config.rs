@@ -25,6 +25,9 @@
 //! vsock_uds = "/tmp/web.sock"      # optional: like --vsock-uds
 //! on_demand = true                 # optional: like --on-demand (needs publish or vsock_uds)
 //! idle_shutdown = "5s"             # optional: like --idle-shutdown
+//! restart = "on-failure"           # optional: never (default) | on-failure
+//! restart_limit = 3                # optional: most restarts (default 3)
+//! restart_backoff = "100ms"        # optional: first wait, doubling (default 100ms, at most 5 s)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -127,7 +130,15 @@ struct VmSection {
     vsock_uds: Option<PathBuf>,
     on_demand: Option<Spanned<bool>>,
     idle_shutdown: Option<Spanned<String>>,
+    restart: Option<Spanned<String>>,
+    restart_limit: Option<u32>,
+    restart_backoff: Option<Spanned<String>>,
 }
+
+/// Most restarts of a VM with `restart = "on-failure"` when `restart_limit` is not given.
+pub const DEFAULT_RESTART_LIMIT: u32 = 3;
+/// Wait before the first restart when `restart_backoff` is not given (doubling after each).
+pub const DEFAULT_RESTART_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A parsed pool configuration.
 #[derive(Debug, Clone)]
@@ -253,6 +264,22 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
                 format!("vm '{name}': on_demand and idle_shutdown need a client endpoint: add publish or vsock_uds"),
             ));
         }
+        let restart = match v.restart.as_ref().map(|r| (r.get_ref().as_str(), r.span())) {
+            None | Some(("never", _)) => None,
+            Some(("on-failure", _)) => {
+                let backoff = match &v.restart_backoff {
+                    Some(b) => parse_duration(b.get_ref()).map_err(|e| value(b.span(), at("restart_backoff"), e))?,
+                    None => DEFAULT_RESTART_BACKOFF,
+                };
+                Some(crate::vm::RestartPolicy { limit: v.restart_limit.unwrap_or(DEFAULT_RESTART_LIMIT), backoff })
+            }
+            Some((other, span)) => {
+                return Err(invalid(
+                    span,
+                    format!("vm '{name}': restart '{other}' is not \"never\" or \"on-failure\""),
+                ));
+            }
+        };
         // The service name's syntax is checked here; whether the image has it is checked
         // when the image is opened.
         crate::config::kernel_cmdline(v.app.get_ref(), &[], &[]).map_err(|e| value(v.app.span(), at("app"), e))?;
@@ -273,6 +300,7 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
                 vsock_uds: v.vsock_uds.clone(),
                 on_demand,
                 idle_shutdown,
+                restart,
                 pool_member: None,
             },
             kernel: v.kernel.clone().unwrap_or_else(|| default_kernel.to_path_buf()),

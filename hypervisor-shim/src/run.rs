@@ -157,7 +157,8 @@ impl VmResult {
     pub fn summary(&self, started_monotonic_ns: u64) -> Summary {
         let c = &self.spec.config;
         let mut s = Summary::new(&self.report, &c.name, &c.app, c.vcpus, c.memory, started_monotonic_ns);
-        s.on_demand = self.on_demand.clone();
+        s.restarts = self.on_demand.as_ref().map_or(0, |f| f.restarts);
+        s.on_demand = self.on_demand.clone().filter(|_| c.on_demand);
         s
     }
 }
@@ -284,7 +285,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
             capture: capture.clone(),
             echo: !matches!(spec.console, ConsoleMode::Capture { echo: false }),
         };
-        if vs.config.on_demand {
+        if vs.config.on_demand || vs.config.restart.is_some() {
             // Its min is reserved now, as for a VM that runs from the start.
             let c = &vs.config;
             let member = pool.reserve(&c.name, c.vcpus, c.memory, c.weight).map_err(VmError::from)?;

@@ -269,6 +269,7 @@ fn spec_for(s: &Scenario, kernel: &Path, out: &Path) -> RunSpec {
                 vsock_uds: None,
                 on_demand: false,
                 idle_shutdown: None,
+                restart: None,
                 pool_member: None,
             },
             kernel: kernel.to_path_buf(),

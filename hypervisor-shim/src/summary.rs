@@ -175,6 +175,9 @@ pub struct Summary {
     pub invariants: Invariants,
     /// The request channel's figures (`null` when the VM had no vsock device).
     pub vsock: Option<crate::devices::vsock::VsockFigures>,
+    /// Times the VM was booted again after a failure (`restart = "on-failure"`); the other
+    /// figures are the last VM's.
+    pub restarts: u64,
     /// Cold starts and idle shutdowns (an on-demand VM only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_demand: Option<crate::on_demand::OnDemandFigures>,
@@ -300,6 +303,7 @@ impl Summary {
             reclaims: pv.reclaims + pm.reclaims,
             violations: pv.violations + pm.violations,
             vsock: report.vsock.clone(),
+            restarts: 0,
             on_demand: None,
             again: report.again,
             exhausted: report.exhausted,

@@ -125,9 +125,38 @@ pub struct VmConfig {
     /// Ask the guest to stop after this long with no client connection open
     /// (`--idle-shutdown`).
     pub idle_shutdown: Option<Duration>,
+    /// Restart the VM when it fails (`restart = "on-failure"`, `--restart on-failure`).
+    pub restart: Option<RestartPolicy>,
     /// The pool member to run as, when the pool already admitted this VM (an on-demand slot's
     /// reservation); `None`: admit it at creation.
     pub pool_member: Option<usize>,
+}
+
+/// Restart on failure: a VM that faults or exits with a code other than 0 and 5 (stopped at
+/// the host's request) is booted again, at most `limit` times, after `backoff` (doubling per
+/// restart, at most [`RESTART_BACKOFF_MAX`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Most restarts.
+    pub limit: u32,
+    /// Wait before the first restart.
+    pub backoff: Duration,
+}
+
+/// Longest wait between restarts.
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Outcome {
+    /// Whether a restart policy treats this ending as a failure: a guest fault, unbacked
+    /// memory, an unserved exit, or a SHUTDOWN code other than 0 and 5. Timeouts, Ctrl-C,
+    /// policy kills and the shim's own errors are not restarted.
+    pub fn is_failure(&self) -> bool {
+        match self {
+            Outcome::Shutdown { code } => *code != 0 && *code != 5,
+            Outcome::Fault(_) | Outcome::Unbacked { .. } | Outcome::Unserved { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// How long a guest has to end after the idle shutdown's STOP notice before it is ended.
