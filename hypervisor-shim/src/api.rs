@@ -7,6 +7,8 @@
 //! | `GET /api/v1/vms/{name}` | one VM's live figures (the summary's keys, `state` for `exit_code`) |
 //! | `PUT /api/v1/vms/{name}/policy` | `{"vcpus": "MIN:MAX:BURST", "memory": "MIN:MAX:BURST"}` (either) |
 //! | `PUT /api/v1/vms/{name}/pause`, `/resume`, `/stop` | lifecycle |
+//! | `PUT /api/v1/vms/{name}/snapshot` | `{"dir": "/abs/path"}`: save the VM there (it runs on) |
+//! | `PUT /api/v1/vms/{name}/migrate` | `{"to": "unix:PATH"}`: move it to `receive --listen` |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request body), 404 (no such VM or path), 405
@@ -209,7 +211,55 @@ fn act(vm: &VmShared, action: &str, body: &str) -> Reply {
             Reply::json(202, &brief(vm))
         }
         "policy" => policy(vm, body),
-        other => Reply::error(404, format!("no such action: {other} (pause, resume, stop, policy)")),
+        "snapshot" => snapshot(vm, body),
+        "migrate" => migrate(vm, body),
+        other => Reply::error(404, format!("no such action: {other} (pause, resume, stop, policy, snapshot, migrate)")),
+    }
+}
+
+/// The string `key` of a JSON object body.
+fn body_string(body: &str, key: &str) -> Result<String, Reply> {
+    let v: Value = serde_json::from_str(body).map_err(|e| Reply::error(400, format!("the body is not JSON: {e}")))?;
+    match v.get(key).and_then(Value::as_str) {
+        Some(s) if !s.is_empty() => Ok(s.to_string()),
+        _ => Err(Reply::error(400, format!("the body must be an object with a string \"{key}\""))),
+    }
+}
+
+fn snapshot(vm: &VmShared, body: &str) -> Reply {
+    let dir = match body_string(body, "dir") {
+        Ok(d) => PathBuf::from(d),
+        Err(r) => return r,
+    };
+    if !dir.is_absolute() {
+        return Reply::error(400, format!("\"dir\" must be an absolute path (got {})", dir.display()));
+    }
+    if vm.is_stopping() {
+        return Reply::error(409, format!("VM '{}' is stopping", vm.name));
+    }
+    match crate::snapshot::save(vm, &dir) {
+        Ok(f) => Reply::json(200, &serde_json::to_value(f).unwrap_or(Value::Null)),
+        Err(e) => Reply::error(500, e),
+    }
+}
+
+fn migrate(vm: &VmShared, body: &str) -> Reply {
+    let to = match body_string(body, "to") {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let Some(path) = to.strip_prefix("unix:") else {
+        return Reply::error(400, format!("\"to\" must be unix:PATH (got {to})"));
+    };
+    if vm.is_stopping() {
+        return Reply::error(409, format!("VM '{}' is stopping", vm.name));
+    }
+    match crate::snapshot::migrate::send(vm, Path::new(path)) {
+        Ok(f) => {
+            vm.finish(Outcome::Migrated { to: to.clone() });
+            Reply::json(200, &serde_json::to_value(f).unwrap_or(Value::Null))
+        }
+        Err(e) => Reply::error(500, format!("{e} (the VM keeps running here)")),
     }
 }
 

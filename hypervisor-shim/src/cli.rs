@@ -61,8 +61,56 @@ enum Command {
     /// Drive a service over TCP (kv or http), verify every answer, measure latency.
     Load(crate::loadgen::LoadArgs),
     /// Talk to a running shim's control API (`--api-sock`): list, get, metrics, policy,
-    /// pause, resume, stop.
+    /// pause, resume, stop, snapshot, migrate.
     Ctl(crate::ctl::CtlArgs),
+    /// Bring back a VM saved with `ctl snapshot` in this process: memory mapped from the
+    /// snapshot (read on first touch), vCPUs where they were, published ports listened on
+    /// again (open connections are reset).
+    Restore(RestoreArgs),
+    /// Wait for a VM that another shim migrates here (`ctl migrate --to unix:PATH`), then run
+    /// it; its published ports come along.
+    Receive(ReceiveArgs),
+}
+
+/// Options of a VM that resumes here (`restore`, `receive`).
+#[derive(Debug, Args, Clone)]
+struct ResumeArgs {
+    /// Kernel ELF, for fault diagnoses [default: the path the snapshot names].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Serve the control API on this Unix socket (see `run --api-sock`).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Write a JSON summary of the run to FILE (`restore_us`: start to VM ready).
+    #[arg(long, value_name = "FILE")]
+    summary: Option<PathBuf>,
+    /// Record vCPUs and memory held over time (JSON lines).
+    #[arg(long, value_name = "FILE.jsonl")]
+    timeline: Option<PathBuf>,
+    /// Stop the run after this many seconds (exit code 76).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
+    timeout: Option<Duration>,
+    /// Publish these ports instead of the snapshot's (repeatable; `restore` only).
+    #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = parse_publish_arg)]
+    publish: Vec<crate::devices::vsock::Publish>,
+}
+
+#[derive(Debug, Args, Clone)]
+struct RestoreArgs {
+    /// The snapshot directory (`ctl snapshot --to DIR`).
+    #[arg(value_name = "DIR")]
+    dir: PathBuf,
+    #[command(flatten)]
+    resume: ResumeArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+struct ReceiveArgs {
+    /// Where to wait for the source: unix:PATH (the path must not exist).
+    #[arg(long, value_name = "unix:PATH")]
+    listen: String,
+    #[command(flatten)]
+    resume: ResumeArgs,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -355,7 +403,102 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
         Some(Command::Demo(args)) => run_demo(args),
         Some(Command::Load(args)) => crate::loadgen::command(&args),
         Some(Command::Ctl(args)) => ExitCode::from(crate::ctl::command(&args)),
+        Some(Command::Restore(args)) => restore(args, started, started_monotonic_ns),
+        Some(Command::Receive(args)) => receive(args, started, started_monotonic_ns),
     }
+}
+
+fn restore(args: RestoreArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
+    let loaded = match crate::snapshot::load(&args.dir) {
+        Ok(l) => l,
+        Err(e) => return fail(e.exit_code(), e),
+    };
+    let source = runner::RestoreSource {
+        state: loaded.state,
+        memory: crate::vm::RestoreMemory::File(loaded.memory),
+        endpoints: None,
+        on_ready: None,
+    };
+    resume_vm(source, &args.resume, started, started_monotonic_ns)
+}
+
+fn receive(args: ReceiveArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
+    let Some(path) = args.listen.strip_prefix("unix:") else {
+        return fail(exit::USAGE, format_args!("--listen must be unix:PATH (got {})", args.listen));
+    };
+    if !args.resume.publish.is_empty() {
+        return fail(exit::USAGE, "--publish: a migrated VM keeps the ports its source published");
+    }
+    let kvm = match open_kvm() {
+        Ok(k) => k,
+        Err(e) => return fail(e.exit_code(), e),
+    };
+    eprintln!("hypervisor-shim: waiting for a migration on {path}");
+    let mut channel = match crate::snapshot::migrate::accept_one(std::path::Path::new(path)) {
+        Ok(c) => c,
+        Err(e) => return fail(exit::USAGE, e),
+    };
+    let received = match crate::snapshot::migrate::receive(&kvm, &mut channel) {
+        Ok(r) => r,
+        Err(e) => return fail(exit::IO_ERROR, e),
+    };
+    let crate::snapshot::migrate::Received { fd, mem, state, endpoints, answer, stopped_at } = received;
+    let source = runner::RestoreSource {
+        state,
+        memory: crate::vm::RestoreMemory::Live { fd, mem },
+        endpoints: Some(endpoints),
+        on_ready: Some(answer),
+    };
+    let _ = started;
+    resume_vm(source, &args.resume, stopped_at, started_monotonic_ns)
+}
+
+/// Runs a restored or received VM to its end, as `run` does.
+fn resume_vm(
+    mut source: runner::RestoreSource,
+    args: &ResumeArgs,
+    started: Instant,
+    started_monotonic_ns: u64,
+) -> ExitCode {
+    if let Err(e) = check_outputs(&[("--summary", &args.summary), ("--timeline", &args.timeline)]) {
+        return fail(exit::USAGE, e);
+    }
+    let mut config = match source.state.config.to_config() {
+        Ok(c) => c,
+        Err(e) => return fail(exit::IMAGE_REFUSED, format_args!("the saved configuration: {e}")),
+    };
+    config.timeout = args.timeout;
+    if !args.publish.is_empty() {
+        config.publish = args.publish.clone();
+    }
+    let kernel = args.kernel.clone().unwrap_or_else(|| source.state.config.kernel.clone());
+    source.state.config.kernel = kernel.clone();
+    let spec = RunSpec {
+        vms: vec![VmSpec {
+            config,
+            kernel,
+            expect_exit: 0,
+            restore: Some(std::sync::Arc::new(std::sync::Mutex::new(Some(source)))),
+        }],
+        capacity: Capacity::UNLIMITED,
+        timeline: args.timeline.clone(),
+        console: ConsoleMode::Stdout,
+        progress: false,
+        api_sock: args.api_sock.clone(),
+    };
+    let result = match runner::run(&spec, started) {
+        Ok(r) => r,
+        Err(e) => return fail(e.exit_code(), e),
+    };
+    let Some(vm) = result.vms.first() else {
+        return fail(exit::INTERNAL, "the run produced no result");
+    };
+    if let Some(d) = vm.report.outcome.diagnosis() {
+        eprintln!("hypervisor-shim: {}", d.trim_end());
+    }
+    let code = vm.report.outcome.exit_code();
+    let summary = args.summary.as_ref().map(|path| (path, vm.summary(started_monotonic_ns)));
+    ExitCode::from(write_outputs(code, summary, None, &result))
 }
 
 /// The idle time before an on-demand VM stops, when `--idle-shutdown` is not given.
@@ -400,7 +543,7 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
         pool_member: None,
     };
     let spec = RunSpec {
-        vms: vec![VmSpec { config, kernel: kernel_path(&args.guest), expect_exit: 0 }],
+        vms: vec![VmSpec { config, kernel: kernel_path(&args.guest), expect_exit: 0, restore: None }],
         capacity: Capacity::UNLIMITED,
         timeline: args.timeline.clone(),
         console: ConsoleMode::Stdout,

@@ -96,7 +96,7 @@ pub enum ConfigError {
 }
 
 /// One resource's `min <= max <= burst` policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Policy {
     /// Reserved at admission and held from boot.
     pub min: u64,

@@ -63,6 +63,24 @@ pub enum Verb {
         /// The VM.
         vm: String,
     },
+    /// Save the VM's whole state in DIR (it runs on; a paused VM stays paused); bring it back
+    /// in a new process with `hypervisor-shim restore DIR`.
+    Snapshot {
+        /// The VM.
+        vm: String,
+        /// Directory for the snapshot (created; an older snapshot there is replaced).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
+    /// Move the running VM to a shim started with `hypervisor-shim receive --listen
+    /// unix:PATH` (pre-copy live migration); this VM ends once the target runs it.
+    Migrate {
+        /// The VM.
+        vm: String,
+        /// The receiver's socket, `unix:PATH`.
+        #[arg(long, value_name = "unix:PATH")]
+        to: String,
+    },
 }
 
 /// `ctl` failures.
@@ -162,6 +180,19 @@ pub fn command(args: &CtlArgs) -> u8 {
         Verb::Pause { vm } => ("PUT", format!("/api/v1/vms/{vm}/pause"), String::new()),
         Verb::Resume { vm } => ("PUT", format!("/api/v1/vms/{vm}/resume"), String::new()),
         Verb::Stop { vm } => ("PUT", format!("/api/v1/vms/{vm}/stop"), String::new()),
+        Verb::Snapshot { vm, to } => {
+            let dir = std::path::absolute(to).unwrap_or_else(|_| to.clone());
+            ("PUT", format!("/api/v1/vms/{vm}/snapshot"), serde_json::json!({ "dir": dir }).to_string())
+        }
+        Verb::Migrate { vm, to } => {
+            let Some(path) = to.strip_prefix("unix:") else {
+                eprintln!("hypervisor-shim: ctl migrate: --to must be unix:PATH (got {to})");
+                return exit::USAGE;
+            };
+            let abs = std::path::absolute(path).unwrap_or_else(|_| PathBuf::from(path));
+            let body = serde_json::json!({ "to": format!("unix:{}", abs.display()) }).to_string();
+            ("PUT", format!("/api/v1/vms/{vm}/migrate"), body)
+        }
     };
     match request(&args.api_sock, method, &path, &body) {
         Ok(text) => {

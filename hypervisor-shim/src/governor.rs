@@ -227,6 +227,16 @@ impl VmPolicy {
         Ok(())
     }
 
+    /// Sets the credit balances (a restored VM keeps what it had).
+    pub fn set_credits(&self, balances: [f64; 2]) {
+        let mut s = self.state();
+        for (r, b) in s.iter_mut().zip(balances) {
+            if b.is_finite() {
+                r.credit.balance = b.min(r.credit.cap);
+            }
+        }
+    }
+
     /// Balances for the timeline: vCPU-seconds, GiB-seconds.
     pub fn credits(&self) -> [f64; 2] {
         let s = self.state();

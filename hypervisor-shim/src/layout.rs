@@ -105,7 +105,7 @@ pub const fn window_base(ram_size: u64) -> u64 {
 }
 
 /// One VM's memory layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Layout {
     /// Boot memory size (`memory.min`), a multiple of 2 MiB.
     pub ram_size: u64,

@@ -19,9 +19,52 @@ use hypercall_abi::{EXTENT_ALIGN, Extent};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use thiserror::Error;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{MmapRegion as MmapRegionDeref, MmapRegionBuilder};
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+    Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
 };
+
+/// Guest memory as the shim maps it: every region carries a dirty bitmap that records the
+/// shim's own writes (hypercall blocks, device queues), which live migration sends along with
+/// the pages KVM's dirty log reports for the guest's writes.
+pub type Mmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// One region of [`Mmap`].
+pub type Region = vm_memory::GuestRegionMmap<AtomicBitmap>;
+
+/// Where a restored region's contents come from.
+#[derive(Debug)]
+pub enum Backing<'a> {
+    /// Fresh zeroed memory.
+    Anonymous,
+    /// A private (copy-on-write) mapping of `file` at `offset`: pages are read lazily, on
+    /// first touch, and the guest's writes never reach the file.
+    File {
+        /// The snapshot's memory file.
+        file: &'a std::fs::File,
+        /// Offset of the region's contents.
+        offset: u64,
+    },
+}
+
+/// Maps `len` bytes at `gpa` with `backing`.
+fn map_region(gpa: u64, len: u64, backing: &Backing<'_>) -> Result<Region, MemoryError> {
+    let map_err = |reason: String| MemoryError::Map { size: len, reason };
+    let size = usize::try_from(len).map_err(|e| map_err(e.to_string()))?;
+    let mut builder = MmapRegionBuilder::new_with_bitmap(size, vm_memory::bitmap::NewBitmap::with_len(size))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+    builder = match backing {
+        Backing::Anonymous => builder.with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS),
+        Backing::File { file, offset } => {
+            let file = file.try_clone().map_err(|e| map_err(e.to_string()))?;
+            builder
+                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+                .with_file_offset(FileOffset::new(file, *offset))
+        }
+    };
+    let mapping = builder.build().map_err(|e| map_err(e.to_string()))?;
+    Region::new(mapping, GuestAddress(gpa)).ok_or_else(|| map_err("region overflows the address space".into()))
+}
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Guest-memory failures.
@@ -64,11 +107,16 @@ pub enum MemoryError {
     },
 }
 
+/// The page size of dirty tracking (KVM's and the shim's).
+pub const PAGE_SIZE: u64 = 4096;
+
 /// One granted extent.
 #[derive(Debug, Clone, Copy)]
 struct Granted {
     len: u64,
     slot: u32,
+    /// Unique per grant (a migration tells a re-granted range from the one before it).
+    serial: u64,
 }
 
 #[derive(Debug)]
@@ -81,6 +129,7 @@ struct Hotplug {
     free_slots: Vec<u32>,
     next_slot: u32,
     max_slots: u32,
+    next_serial: u64,
 }
 
 impl Hotplug {
@@ -112,6 +161,20 @@ impl Hotplug {
         out
     }
 
+    /// Takes exactly `[base, base + len)` out of the free ranges; `false` if it is not free.
+    fn take_exact(&mut self, base: u64, len: u64) -> bool {
+        let Some(end) = base.checked_add(len) else { return false };
+        let Some(i) = self.free.iter().position(|&(b, l)| b <= base && end <= b + l) else { return false };
+        let (b, l) = self.free.remove(i);
+        if end < b + l {
+            self.free.insert(i, (end, b + l - end));
+        }
+        if b < base {
+            self.free.insert(i, (b, base - b));
+        }
+        true
+    }
+
     /// Returns a range to the free list, coalescing neighbours.
     fn give_back(&mut self, base: u64, len: u64) {
         let i = self.free.partition_point(|r| r.0 < base);
@@ -130,10 +193,23 @@ impl Hotplug {
 /// The VM's RAM, shared by all vCPU threads.
 #[derive(Debug, Clone)]
 pub struct GuestMemory {
-    map: GuestMemoryAtomic<GuestMemoryMmap>,
+    map: GuestMemoryAtomic<Mmap>,
     ram_size: u64,
     hotplug: Arc<Mutex<Hotplug>>,
     held: Arc<AtomicU64>,
+    /// KVM logs the guest's writes (live migration is under way).
+    log_dirty: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// One region of guest RAM as a snapshot or a migration sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// Guest-physical base.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// 0 for boot memory; unique per grant for extents.
+    pub serial: u64,
 }
 
 /// Asks the host kernel to back `[addr, addr + len)` with transparent huge pages where it
@@ -153,11 +229,21 @@ impl GuestMemory {
 
     /// As [`GuestMemory::new`], with a hot-plug window and at most `max_slots` KVM slots.
     pub fn with_window(ram_size: u64, window_base: u64, window_size: u64, max_slots: u32) -> Result<Self, MemoryError> {
+        Self::with_backing(ram_size, window_base, window_size, max_slots, &Backing::Anonymous)
+    }
+
+    /// As [`GuestMemory::with_window`], with boot memory's contents from `backing` (a
+    /// restored snapshot).
+    pub fn with_backing(
+        ram_size: u64,
+        window_base: u64,
+        window_size: u64,
+        max_slots: u32,
+        backing: &Backing<'_>,
+    ) -> Result<Self, MemoryError> {
         let map_err = |reason: String| MemoryError::Map { size: ram_size, reason };
-        let size = usize::try_from(ram_size).map_err(|e| map_err(e.to_string()))?;
-        let region =
-            GuestRegionMmap::<()>::from_range(GuestAddress(0), size, None).map_err(|e| map_err(e.to_string()))?;
-        let mmap = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| map_err(e.to_string()))?;
+        let region = map_region(0, ram_size, backing)?;
+        let mmap = Mmap::from_regions(vec![region]).map_err(|e| map_err(e.to_string()))?;
         let free = if window_size > 0 { vec![(window_base, window_size)] } else { Vec::new() };
         Ok(GuestMemory {
             map: GuestMemoryAtomic::new(mmap),
@@ -168,8 +254,10 @@ impl GuestMemory {
                 free_slots: Vec::new(),
                 next_slot: 1,
                 max_slots,
+                next_serial: 1,
             })),
             held: Arc::new(AtomicU64::new(ram_size)),
+            log_dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -180,7 +268,7 @@ impl GuestMemory {
     /// The current set of regions, for code that works on guest memory directly (the device
     /// models' virtqueues). Hold it for one pass only: a released extent stays mapped while a
     /// snapshot that holds it lives.
-    pub fn snapshot(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
+    pub fn snapshot(&self) -> vm_memory::GuestMemoryLoadGuard<Mmap> {
         self.map.memory()
     }
 
@@ -199,10 +287,11 @@ impl GuestMemory {
         self.hotplug().granted.iter().map(|(&base, g)| Extent { base, len: g.len }).collect()
     }
 
-    fn set_slot(vm: &VmFd, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), MemoryError> {
+    fn set_slot(&self, vm: &VmFd, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), MemoryError> {
+        let log = size > 0 && self.log_dirty.load(Ordering::Acquire);
         let region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if log { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: gpa,
             memory_size: size,
             userspace_addr: host,
@@ -219,7 +308,7 @@ impl GuestMemory {
         let host = snapshot
             .get_host_address(GuestAddress(0))
             .map_err(|_| MemoryError::OutOfRange { gpa: 0, len: self.ram_size })?;
-        Self::set_slot(vm, 0, 0, self.ram_size, host as u64)
+        self.set_slot(vm, 0, 0, self.ram_size, host as u64)
     }
 
     /// Grants up to `bytes` (rounded up to 2 MiB) in at most `max_extents` extents, each with
@@ -255,11 +344,20 @@ impl GuestMemory {
 
     /// Maps one extent: host mapping, region snapshot, KVM slot.
     fn map_extent(&self, vm: &VmFd, hp: &mut Hotplug, e: Extent) -> Result<(), MemoryError> {
+        self.map_extent_from(vm, hp, e, &Backing::Anonymous)
+    }
+
+    /// Maps one extent with its contents from `backing`.
+    fn map_extent_from(
+        &self,
+        vm: &VmFd,
+        hp: &mut Hotplug,
+        e: Extent,
+        backing: &Backing<'_>,
+    ) -> Result<(), MemoryError> {
         let slot = hp.take_slot().ok_or(MemoryError::NoRoom)?;
         let map_err = |reason: String| MemoryError::Map { size: e.len, reason };
-        let region = usize::try_from(e.len).map_err(|err| map_err(err.to_string())).and_then(|len| {
-            GuestRegionMmap::<()>::from_range(GuestAddress(e.base), len, None).map_err(|err| map_err(err.to_string()))
-        });
+        let region = map_region(e.base, e.len, backing);
         let region = match region {
             Ok(r) => Arc::new(r),
             Err(err) => {
@@ -279,14 +377,99 @@ impl GuestMemory {
                 }
             }
         }
-        if let Err(err) = Self::set_slot(vm, slot, e.base, e.len, host as u64) {
+        if let Err(err) = self.set_slot(vm, slot, e.base, e.len, host as u64) {
             self.unpublish(e);
             hp.free_slots.push(slot);
             return Err(err);
         }
-        hp.granted.insert(e.base, Granted { len: e.len, slot });
+        hp.next_serial += 1;
+        let serial = hp.next_serial;
+        hp.granted.insert(e.base, Granted { len: e.len, slot, serial });
         self.held.fetch_add(e.len, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Maps extent `e` exactly where it was (a restored snapshot or a migrated VM), with its
+    /// contents from `backing`. The range must be free in the window.
+    pub fn restore_extent(&self, vm: &VmFd, e: Extent, backing: &Backing<'_>) -> Result<(), MemoryError> {
+        let mut hp = self.hotplug();
+        if !hp.take_exact(e.base, e.len) {
+            return Err(MemoryError::NotGranted { base: e.base, len: e.len });
+        }
+        self.map_extent_from(vm, &mut hp, e, backing).inspect_err(|_| hp.give_back(e.base, e.len))
+    }
+
+    /// Every region of RAM now: boot memory first, then the granted extents by address.
+    pub fn regions(&self) -> Vec<RegionInfo> {
+        let mut out = vec![RegionInfo { gpa: 0, len: self.ram_size, serial: 0 }];
+        let hp = self.hotplug();
+        out.extend(hp.granted.iter().map(|(&gpa, g)| RegionInfo { gpa, len: g.len, serial: g.serial }));
+        out
+    }
+
+    /// The host address of `[gpa, gpa + len)` when it lies in one region (for bulk copies
+    /// while the VM is paused). The pointer stays valid while `guard` lives.
+    pub fn host_range<'g>(&self, guard: &'g Mmap, gpa: u64, len: u64) -> Option<&'g [u8]> {
+        let region = guard.find_region(GuestAddress(gpa))?;
+        let offset = gpa - region.start_addr().0;
+        if offset.checked_add(len)? > region.len() {
+            return None;
+        }
+        let size = usize::try_from(len).ok()?;
+        // SAFETY: the range lies inside the region's live mapping, which `guard` keeps mapped
+        // for the returned lifetime; the caller reads it as plain bytes (the guest may change
+        // them concurrently unless it is paused, which only makes the copy stale, never
+        // unsound for `u8`).
+        Some(unsafe { std::slice::from_raw_parts(region.as_ptr().add(offset as usize), size) })
+    }
+
+    /// Starts (or stops) KVM's dirty-page logging on every slot, and clears the shim's own
+    /// dirty bitmaps, so that [`GuestMemory::take_dirty`] reports writes from now on.
+    pub fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), MemoryError> {
+        let hp = self.hotplug();
+        self.log_dirty.store(on, Ordering::Release);
+        let guard = self.map.memory();
+        for region in guard.iter() {
+            let gpa = region.start_addr().0;
+            let slot = if gpa == 0 { Some(0) } else { hp.granted.get(&gpa).map(|g| g.slot) };
+            if let Some(slot) = slot {
+                self.set_slot(vm, slot, gpa, region.len(), region.as_ptr() as u64)?;
+            }
+            MmapRegionDeref::bitmap(&**region).reset();
+        }
+        Ok(())
+    }
+
+    /// The pages written since the previous call (or since logging started), by the guest
+    /// (KVM's dirty log) or by the shim (the regions' bitmaps), as guest-physical page
+    /// addresses in ascending order. Both logs are read and cleared atomically.
+    pub fn take_dirty(&self, vm: &VmFd) -> Result<Vec<u64>, MemoryError> {
+        let hp = self.hotplug();
+        let guard = self.map.memory();
+        let mut pages = Vec::new();
+        for region in guard.iter() {
+            let gpa = region.start_addr().0;
+            let slot = if gpa == 0 { Some(0) } else { hp.granted.get(&gpa).map(|g| g.slot) };
+            let size = region.len() as usize;
+            let kvm = match slot {
+                Some(slot) => vm.get_dirty_log(slot, size).map_err(|source| MemoryError::Slot { slot, source })?,
+                None => Vec::new(),
+            };
+            let shim = MmapRegionDeref::bitmap(&**region).get_and_reset();
+            let words = kvm.len().max(shim.len());
+            for w in 0..words {
+                let mut bits = kvm.get(w).copied().unwrap_or(0) | shim.get(w).copied().unwrap_or(0);
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    let page = (w as u64 * 64 + b) * PAGE_SIZE;
+                    if page < region.len() {
+                        pages.push(gpa + page);
+                    }
+                }
+            }
+        }
+        Ok(pages)
     }
 
     /// Publishes a snapshot without extent `e` (its mapping goes when the last reader is done).
@@ -312,7 +495,7 @@ impl GuestMemory {
         for e in extents {
             let Some(g) = hp.granted.remove(&e.base) else { continue };
             // Slot first: from here on the guest cannot reach the memory.
-            Self::set_slot(vm, g.slot, e.base, 0, 0)?;
+            self.set_slot(vm, g.slot, e.base, 0, 0)?;
             self.unpublish(*e);
             hp.free_slots.push(g.slot);
             hp.give_back(e.base, e.len);
@@ -415,6 +598,7 @@ mod tests {
             free_slots: vec![],
             next_slot: 1,
             max_slots: 10,
+            next_serial: 1,
         };
         let a = hp.carve(8 * mb, 4);
         assert_eq!(a, [Extent { base: 1 << 30, len: 8 * mb }]);

@@ -305,6 +305,7 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
             },
             kernel: v.kernel.clone().unwrap_or_else(|| default_kernel.to_path_buf()),
             expect_exit: v.expect_exit.as_ref().map_or(0, |c| *c.get_ref()),
+            restore: None,
         });
     }
     Ok(PoolConfig { capacity: Capacity { vcpus: *pool.vcpus.get_ref(), memory }, vms, timeout, vm_lines })

@@ -63,6 +63,30 @@ pub struct VmSpec {
     pub kernel: PathBuf,
     /// The exit code it should end with (pool and stress runs check it).
     pub expect_exit: u8,
+    /// Restore it from a snapshot or a migration instead of booting it (taken by the run).
+    pub restore: Option<Arc<Mutex<Option<RestoreSource>>>>,
+}
+
+/// Told whether a restored VM was built (`Err`: why not).
+pub type ReadyCallback = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// A VM to restore: its state and memory, its endpoints when they were handed over (else the
+/// configuration's are bound), and whom to tell once it is built.
+pub struct RestoreSource {
+    /// The state.
+    pub state: crate::snapshot::VmState,
+    /// Its memory.
+    pub memory: crate::vm::RestoreMemory,
+    /// Endpoints handed over by a migration source.
+    pub endpoints: Option<Vec<crate::devices::vsock::Bound>>,
+    /// Called once the VM is built (or failed to be).
+    pub on_ready: Option<ReadyCallback>,
+}
+
+impl std::fmt::Debug for RestoreSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreSource").field("memory", &self.memory).finish_non_exhaustive()
+    }
 }
 
 /// Where guest consoles go.
@@ -242,8 +266,15 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     raise_open_file_limit();
     // Every endpoint is bound before any VM exists: a port in use stops the run up front.
     let mut endpoints = Vec::new();
+    let mut restores = Vec::new();
     for vs in &spec.vms {
-        endpoints.push(crate::devices::vsock::endpoint::bind(&vs.config.publish, vs.config.vsock_uds.as_deref())?);
+        let mut restore = vs.restore.as_ref().and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).take());
+        match restore.as_mut().and_then(|r| r.endpoints.take()) {
+            Some(handed_over) => endpoints.push(handed_over),
+            None => endpoints
+                .push(crate::devices::vsock::endpoint::bind(&vs.config.publish, vs.config.vsock_uds.as_deref())?),
+        }
+        restores.push(restore);
     }
     let mut images: Vec<(PathBuf, Arc<KernelImage>)> = Vec::new();
     let mut captures = Vec::new();
@@ -278,14 +309,21 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     // any VM runs); on-demand ones boot when their first client arrives.
     let mut prepared = Vec::new();
     let mut sinks = Vec::new();
-    for ((vs, bound), image) in spec.vms.iter().zip(endpoints).zip(vm_images) {
+    for (((vs, bound), image), restore) in spec.vms.iter().zip(endpoints).zip(vm_images).zip(restores) {
         let capture = matches!(spec.console, ConsoleMode::Capture { .. }).then(|| Arc::new(Mutex::new(Vec::new())));
         let sink = SinkMaker {
             prefix: (spec.console != ConsoleMode::Stdout).then(|| format!("[{}] ", vs.config.name)),
             capture: capture.clone(),
             echo: !matches!(spec.console, ConsoleMode::Capture { echo: false }),
         };
-        if vs.config.on_demand || vs.config.restart.is_some() {
+        if let Some(mut r) = restore {
+            let tl = Arc::clone(&timeline);
+            let vm = Vm::restore(&vs.config, image, &kvm, started, tl, &pool, sink.make(), bound, r.state, r.memory);
+            if let Some(ready) = r.on_ready.take() {
+                ready(vm.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            }
+            prepared.push(Prepared::Now(vm?));
+        } else if vs.config.on_demand || vs.config.restart.is_some() {
             // Its min is reserved now, as for a VM that runs from the start.
             let c = &vs.config;
             let member = pool.reserve(&c.name, c.vcpus, c.memory, c.weight).map_err(VmError::from)?;

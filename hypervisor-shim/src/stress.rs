@@ -274,6 +274,7 @@ fn spec_for(s: &Scenario, kernel: &Path, out: &Path) -> RunSpec {
             },
             kernel: kernel.to_path_buf(),
             expect_exit: 0,
+            restore: None,
         })
         .collect();
     RunSpec {

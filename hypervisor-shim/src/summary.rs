@@ -134,6 +134,9 @@ pub struct Summary {
     /// Shim process start (entry of `main`) to the guest's first HELLO, in µs (`null` if the
     /// guest never said HELLO).
     pub boot_us: Option<u64>,
+    /// A restored or migrated VM: shim start to the VM ready to run (µs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_us: Option<u64>,
     /// Shim process start to the end of the run, in µs.
     pub wall_us: u64,
     /// CLOCK_MONOTONIC (ns) at shim `main` entry, so an external tool can add the process
@@ -266,6 +269,7 @@ impl Summary {
             exit_code: report.outcome.exit_code(),
             exit_reason: report.outcome.reason().to_string(),
             boot_us: report.boot.map(|d| d.as_micros() as u64),
+            restore_us: report.restored.map(|d| d.as_micros() as u64),
             wall_us: report.wall.as_micros() as u64,
             started_monotonic_ns,
             hypercalls: report.hypercalls,

@@ -5,8 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Once};
 
 use hypercall_abi::{FAULT_PORT, HYPERCALL_PORT, NOP_PORT};
-use kvm_bindings::{CpuId, kvm_regs, kvm_run, kvm_segment};
+use kvm_bindings::{CpuId, Msrs, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_xsave};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
@@ -99,6 +100,37 @@ fn user_segment(selector: u16, code: bool) -> kvm_segment {
     }
 }
 
+/// MSRs a snapshot carries (those this KVM reads are saved; the rest are skipped): the TSC,
+/// syscall and segment-base MSRs, PAT.
+const SAVED_MSRS: [u32; 11] = [
+    0x10,        // IA32_TSC
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x277,       // PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+];
+
+/// One vCPU's architectural state, as a snapshot or a migration carries it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// The vCPU id.
+    pub id: u32,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// FPU/SSE/AVX state.
+    pub xsave: kvm_xsave,
+    /// The MSRs of [`SAVED_MSRS`] this KVM could read.
+    pub msrs: Vec<kvm_msr_entry>,
+}
+
 /// What a vCPU exit asks the loop to do (copied out of `kvm_run` before handling).
 enum Exit {
     Hypercall { call: Option<u32>, gpa: u64 },
@@ -172,17 +204,78 @@ impl Vcpu {
         self.fd.set_regs(&regs).map_err(|source| VcpuError::Kvm { id: self.id, what: "set regs", source })
     }
 
+    /// Saves the vCPU's state, called on its own thread while the VM is paused. A call the
+    /// vCPU made (its `out`) is completed first (one KVM_RUN with `immediate_exit`, which
+    /// loads the status written to `rax` and steps past the instruction without entering the
+    /// guest), so the state resumes after the call.
+    pub fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
+        let id = self.id;
+        let err = |what| move |source| VcpuError::Kvm { id, what, source };
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run().map(|_| ()).map_err(|e| e.errno());
+        self.fd.set_kvm_immediate_exit(0);
+        match r {
+            Err(e) if e == libc::EINTR || e == libc::EAGAIN => {}
+            Ok(()) | Err(_) => {
+                return Err(VcpuError::Thread(format!("vCPU {}: could not complete its pending exit", self.id)));
+            }
+        }
+        let regs = self.fd.get_regs().map_err(err("get regs"))?;
+        let sregs = self.fd.get_sregs().map_err(err("get sregs"))?;
+        let xsave = self.fd.get_xsave().map_err(err("get xsave"))?;
+        let mut msrs = Vec::new();
+        for index in SAVED_MSRS {
+            let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
+                .map_err(|_| VcpuError::Thread("MSR list".into()))?;
+            if matches!(self.fd.get_msrs(&mut one), Ok(1)) {
+                msrs.extend_from_slice(one.as_slice());
+            }
+        }
+        Ok(VcpuState { id: self.id, regs, sregs, xsave, msrs })
+    }
+
+    /// Loads a saved state into this (new) vCPU.
+    pub fn load_state(&self, st: &VcpuState) -> Result<(), VcpuError> {
+        let err = |what| move |source| VcpuError::Kvm { id: self.id, what, source };
+        self.fd.set_sregs(&st.sregs).map_err(err("set sregs"))?;
+        // SAFETY: `st.xsave` is a whole 4 KiB `kvm_xsave` (the legacy size, which KVM_SET_XSAVE
+        // reads; the VM did not enable KVM_CAP_XSAVE2).
+        unsafe { self.fd.set_xsave(&st.xsave) }.map_err(err("set xsave"))?;
+        for e in &st.msrs {
+            // An MSR this KVM refuses to set is left at its reset value (none of them matters
+            // to the guest's correctness: the TSC only moves time forward).
+            if let Ok(one) = Msrs::from_entries(&[*e]) {
+                let _ = self.fd.set_msrs(&one);
+            }
+        }
+        self.fd.set_regs(&st.regs).map_err(err("set regs"))
+    }
+
     /// The vCPU thread: runs the guest until the VM stops, parking while the vCPU is down.
-    pub fn run(mut self, vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>) {
+    pub fn run(self, vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>) {
+        self.run_from(vm, ctl, false);
+    }
+
+    /// As [`Vcpu::run`]; a restored vCPU that was down starts `parked`.
+    pub fn run_from(mut self, vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, parked: bool) {
         install_kick_handler();
         if self.id == 0 && vm.devices.serving() {
             crate::affinity::place(crate::affinity::Role::DeviceVcpu);
         }
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
         ctl.bind_current_thread();
+        if parked {
+            match ctl.park(&|| vm.is_stopping()) {
+                Some(entry) => self.resume_at(entry),
+                None => {
+                    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+                    return;
+                }
+            }
+        }
         while !vm.is_stopping() {
             if vm.is_paused() {
-                vm.wait_while_paused();
+                vm.wait_while_paused(self.id, &mut || self.save_state().map_err(|e| e.to_string()));
                 continue;
             }
             let exit = self.next_exit();

@@ -249,6 +249,28 @@ impl VcpuSet {
         ctl
     }
 
+    /// Rebuilds the set of a restored VM: one control block per vCPU, `online[id]` running,
+    /// the rest parked (their threads wait to be reused, as before the snapshot).
+    pub fn restore(&self, online: &[bool]) -> Vec<std::sync::Arc<VcpuControl>> {
+        let mut inner = self.lock();
+        let ctls: Vec<_> = online
+            .iter()
+            .enumerate()
+            .map(|(id, &on)| {
+                let c = std::sync::Arc::new(VcpuControl::new(id as u32));
+                if !on {
+                    c.set_parked();
+                }
+                c
+            })
+            .collect();
+        let up = online.iter().filter(|&&on| on).count() as u32;
+        inner.ctls = ctls.clone();
+        inner.counts = VcpuCounts { online: up, peak: up, ups: 0, downs: 0, created: online.len() as u32 };
+        self.online.store(up, Ordering::Release);
+        ctls
+    }
+
     /// Counts now.
     pub fn counts(&self) -> VcpuCounts {
         self.lock().counts

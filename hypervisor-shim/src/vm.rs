@@ -60,6 +60,9 @@ pub enum VmError {
     /// A device could not be set up.
     #[error("device: {0}")]
     Device(String),
+    /// A snapshot or migrated state could not be restored.
+    #[error("restore: {0}")]
+    Restore(String),
 }
 
 impl VmError {
@@ -71,7 +74,7 @@ impl VmError {
             VmError::Loader(LoaderError::TooLarge { .. } | LoaderError::UnknownService { .. })
             | VmError::Config(_)
             | VmError::Pool(_) => exit::USAGE,
-            VmError::Loader(_) => exit::IMAGE_REFUSED,
+            VmError::Loader(_) | VmError::Restore(_) => exit::IMAGE_REFUSED,
             VmError::Kvm { .. } | VmError::Memory(_) | VmError::Vcpu(_) | VmError::Internal(_) | VmError::Device(_) => {
                 exit::INTERNAL
             }
@@ -206,6 +209,11 @@ pub enum Outcome {
     /// On demand: the run ended while no VM was running (no client came, or the last VM had
     /// stopped for being idle).
     NoVm,
+    /// The VM moved to another shim process (`ctl migrate`) and runs there.
+    Migrated {
+        /// Where to.
+        to: String,
+    },
 }
 
 impl Outcome {
@@ -220,7 +228,7 @@ impl Outcome {
             Outcome::Timeout(..) => exit::TIMEOUT,
             Outcome::Interrupted => exit::INTERRUPTED,
             Outcome::Killed { .. } | Outcome::IgnoredStop => exit::POLICY_KILL,
-            Outcome::NoVm => 0,
+            Outcome::NoVm | Outcome::Migrated { .. } => 0,
         }
     }
 
@@ -237,6 +245,7 @@ impl Outcome {
             Outcome::Killed { .. } => "policy_kill",
             Outcome::IgnoredStop => "ignored_stop",
             Outcome::NoVm => "no_vm_running",
+            Outcome::Migrated { .. } => "migrated",
         }
     }
 
@@ -263,6 +272,7 @@ impl Outcome {
                 IDLE_STOP_GRACE.as_secs()
             )),
             Outcome::NoVm => None,
+            Outcome::Migrated { to } => Some(format!("VM migrated to {to}; it runs there now")),
         }
     }
 }
@@ -309,7 +319,7 @@ struct RunState {
 }
 
 /// Host notices posted to the guest and not yet acknowledged.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Notices {
     /// Pending [`notice`] bits.
     pub pending: u64,
@@ -367,9 +377,37 @@ pub struct VmShared {
     pub app: String,
     /// Paused by the operator (`ctl pause`): vCPU threads wait instead of entering the guest.
     paused: AtomicBool,
-    /// vCPU threads waiting in a pause.
-    pause_waiters: Mutex<u32>,
+    /// vCPU threads waiting in a pause, and a snapshot's state capture.
+    pause_waiters: Mutex<PauseState>,
     pause_cond: Condvar,
+    /// The configuration it was created from (a snapshot carries it).
+    pub config: VmConfig,
+    /// Time from `started` to the moment a restored VM was ready to run.
+    pub restored_in: OnceLock<Duration>,
+}
+
+/// What a VM is built from (boot or restore).
+struct Parts {
+    fd: VmFd,
+    mem: GuestMemory,
+    layout: Layout,
+    image: Arc<KernelImage>,
+    cpuid: CpuId,
+    tsc_khz: u64,
+    policy: VmPolicy,
+    devices: crate::devices::Devices,
+    console: Box<dyn Write + Send>,
+}
+
+/// The vCPU threads' side of a pause.
+#[derive(Debug, Default)]
+struct PauseState {
+    /// Threads waiting.
+    waiting: u32,
+    /// A snapshot is collecting vCPU states.
+    capturing: bool,
+    /// States saved by the waiting threads (vCPU id, state or why not).
+    saved: Vec<(u32, Result<crate::vcpu::VcpuState, String>)>,
 }
 
 impl std::fmt::Debug for VmShared {
@@ -382,6 +420,66 @@ impl VmShared {
     fn state(&self) -> MutexGuard<'_, RunState> {
         // A poisoned lock only means a vCPU thread panicked; the state itself is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shared state of a VM being built.
+    fn new(config: &VmConfig, parts: Parts, started: Instant, timeline: Arc<Timeline>) -> VmShared {
+        let Parts { fd, mem, layout, image, cpuid, tsc_khz, policy, devices, console } = parts;
+        VmShared {
+            name: config.name.clone(),
+            fd,
+            mem,
+            layout,
+            image,
+            vcpus: config.vcpus,
+            memory: config.memory,
+            cpuid,
+            tsc_khz,
+            started,
+            first_hello: OnceLock::new(),
+            stats: Stats::default(),
+            stopping: AtomicBool::new(false),
+            app: config.app.clone(),
+            paused: AtomicBool::new(false),
+            pause_waiters: Mutex::new(PauseState::default()),
+            pause_cond: Condvar::new(),
+            config: config.clone(),
+            restored_in: OnceLock::new(),
+            vcpu_set: VcpuSet::default(),
+            timeline,
+            policy,
+            devices,
+            notices: Mutex::new(Notices::default()),
+            console: Mutex::new(console),
+            state: Mutex::new(RunState { outcome: None, threads: Vec::new() }),
+            ended: Condvar::new(),
+        }
+    }
+
+    /// Starts the device threads serving `endpoints` (none: the devices stay idle).
+    fn start_devices(
+        self: &Arc<Self>,
+        config: &VmConfig,
+        endpoints: Vec<crate::devices::vsock::Bound>,
+    ) -> Result<(), VmError> {
+        let Some(vsock) = self.devices.vsock.as_ref().filter(|_| !endpoints.is_empty()) else { return Ok(()) };
+        let weak = Arc::downgrade(self);
+        let wake: crate::devices::vsock::Wake = Arc::new(move || {
+            if let Some(vm) = weak.upgrade() {
+                vm.wake_for_device();
+            }
+        });
+        let idle = config.idle_shutdown.map(|after| {
+            let weak = Arc::downgrade(self);
+            let fire: crate::devices::vsock::Wake = Arc::new(move || {
+                if let Some(vm) = weak.upgrade() {
+                    vm.record("idle_shutdown", detail([("idle_ms", (after.as_millis() as u64).into())]));
+                    vm.post_notice(notice::STOP, |_| {});
+                }
+            });
+            crate::devices::vsock::IdleShutdown { after, fire }
+        });
+        vsock.start(&config.name, self.mem.clone(), endpoints, wake, idle).map_err(|e| VmError::Device(e.to_string()))
     }
 
     /// Writes guest console bytes to the shim's standard output.
@@ -427,7 +525,7 @@ impl VmShared {
         let mut waiting = self.pause_waiters.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let running = all.iter().filter(|c| matches!(c.state(), crate::vcpu_set::State::Running)).count();
-            if *waiting as usize >= running || Instant::now() >= deadline || self.is_stopping() {
+            if waiting.waiting as usize >= running || Instant::now() >= deadline || self.is_stopping() {
                 break;
             }
             waiting =
@@ -450,19 +548,80 @@ impl VmShared {
         true
     }
 
-    /// Called by a vCPU thread before it enters the guest: waits while the VM is paused.
-    pub fn wait_while_paused(&self) {
+    /// Called by vCPU `id`'s thread before it enters the guest: waits while the VM is paused,
+    /// and saves its state with `save` when a snapshot asks.
+    pub fn wait_while_paused(&self, id: u32, save: &mut dyn FnMut() -> Result<crate::vcpu::VcpuState, String>) {
         if !self.is_paused() {
             return;
         }
-        let mut waiting = self.pause_waiters.lock().unwrap_or_else(|p| p.into_inner());
-        *waiting += 1;
+        let mut ps = self.pause_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        ps.waiting += 1;
         self.pause_cond.notify_all();
         while self.is_paused() && !self.is_stopping() {
-            waiting =
-                self.pause_cond.wait_timeout(waiting, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+            if ps.capturing && !ps.saved.iter().any(|(v, _)| *v == id) {
+                drop(ps);
+                let state = save();
+                ps = self.pause_waiters.lock().unwrap_or_else(|p| p.into_inner());
+                ps.saved.push((id, state));
+                self.pause_cond.notify_all();
+                continue;
+            }
+            ps = self.pause_cond.wait_timeout(ps, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
         }
-        *waiting -= 1;
+        ps.waiting -= 1;
+    }
+
+    /// Collects the state of every vCPU that is not parked, from their threads, while the VM
+    /// is paused. A vCPU sleeping in BLOCK is woken (its BLOCK returns `KICK`, which a guest
+    /// treats as a spurious wake-up) so that its thread reaches the pause. At most `within`.
+    pub fn capture_vcpus(&self, within: Duration) -> Result<Vec<crate::vcpu::VcpuState>, String> {
+        if !self.is_paused() {
+            return Err("the VM is not paused".into());
+        }
+        let mut ps = self.pause_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        ps.capturing = true;
+        ps.saved.clear();
+        self.pause_cond.notify_all();
+        drop(ps);
+        for ctl in self.vcpu_set.all() {
+            if ctl.state() == crate::vcpu_set::State::Blocked {
+                ctl.wake(wake::KICK, false);
+            }
+        }
+        let deadline = Instant::now() + within;
+        let mut ps = self.pause_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let result = loop {
+            let want: Vec<u32> = self
+                .vcpu_set
+                .all()
+                .iter()
+                .filter(|c| c.state() != crate::vcpu_set::State::Parked)
+                .map(|c| c.id)
+                .collect();
+            if want.iter().all(|id| ps.saved.iter().any(|(v, _)| v == id)) {
+                break Ok(want);
+            }
+            if self.is_stopping() {
+                break Err("the VM is ending".to_string());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(format!("a vCPU did not stop within {} ms", within.as_millis()));
+            }
+            ps = self.pause_cond.wait_timeout(ps, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        };
+        ps.capturing = false;
+        let mut saved = std::mem::take(&mut ps.saved);
+        drop(ps);
+        let want = result?;
+        saved.retain(|(id, _)| want.contains(id));
+        saved.sort_by_key(|(id, _)| *id);
+        saved.into_iter().map(|(id, st)| st.map_err(|e| format!("vCPU {id}: {e}"))).collect()
+    }
+
+    /// Pending notices and targets (a snapshot carries them).
+    pub fn notices(&self) -> Notices {
+        *self.notices.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The run's figures so far (the report a run that ended now with `outcome` would give).
@@ -474,6 +633,7 @@ impl VmShared {
         RunReport {
             outcome,
             boot: self.first_hello.get().copied(),
+            restored: self.restored_in.get().copied(),
             wall: self.started.elapsed(),
             hypercalls: self.stats.hypercalls.load(Ordering::Relaxed),
             per_call,
@@ -542,11 +702,16 @@ impl VmShared {
 
     /// Starts `vcpu` on its own thread.
     pub fn spawn_vcpu(self: &Arc<Self>, vcpu: Vcpu, ctl: Arc<VcpuControl>) -> Result<(), VmError> {
+        self.spawn_vcpu_from(vcpu, ctl, false)
+    }
+
+    /// Starts `vcpu` on its own thread, `parked` (a restored vCPU that was down) or running.
+    pub fn spawn_vcpu_from(self: &Arc<Self>, vcpu: Vcpu, ctl: Arc<VcpuControl>, parked: bool) -> Result<(), VmError> {
         let id = vcpu.id();
         let shared = Arc::clone(self);
         let handle = std::thread::Builder::new()
             .name(format!("{}-vcpu{id}", self.name))
-            .spawn(move || vcpu.run(&shared, &ctl))
+            .spawn(move || vcpu.run_from(&shared, &ctl, parked))
             .map_err(|e| VmError::Vcpu(VcpuError::Thread(e.to_string())))?;
         self.state().threads.push((id, handle));
         Ok(())
@@ -613,6 +778,8 @@ pub struct RunReport {
     pub outcome: Outcome,
     /// Shim start to first HELLO (`None` if the guest never said HELLO).
     pub boot: Option<Duration>,
+    /// Shim start to a restored VM ready to run.
+    pub restored: Option<Duration>,
     /// Shim start to the end of the run.
     pub wall: Duration,
     /// Hypercalls served.
@@ -648,6 +815,7 @@ impl RunReport {
         RunReport {
             outcome,
             boot: None,
+            restored: None,
             wall,
             hypercalls: 0,
             per_call: Call::ALL.iter().map(|c| (c.name(), 0)).collect(),
@@ -691,7 +859,22 @@ pub struct MemoryCounts {
 pub struct Vm {
     shared: Arc<VmShared>,
     timeout: Option<Duration>,
-    boot_vcpu: Option<(Vcpu, Arc<VcpuControl>)>,
+    /// vCPUs to start: the boot vCPU, or every vCPU of a restored VM (`true`: parked).
+    initial: Vec<(Vcpu, Arc<VcpuControl>, bool)>,
+}
+
+/// Where a restored VM's memory comes from.
+#[derive(Debug)]
+pub enum RestoreMemory {
+    /// A snapshot's memory file (mapped privately, read lazily).
+    File(std::fs::File),
+    /// Memory already filled by a migration receiver, with its KVM VM (slots registered).
+    Live {
+        /// The KVM VM the memory is registered with.
+        fd: VmFd,
+        /// The memory.
+        mem: GuestMemory,
+    },
 }
 
 impl Vm {
@@ -773,34 +956,9 @@ impl Vm {
             crate::devices::vsock::Vsock::new(devices_base, &mem).map_err(|e| VmError::Device(e.to_string()))?;
         let devices = crate::devices::Devices { vsock: Some(vsock) };
         let heap_base = devices_base + devices.count() * hypercall_abi::virtio::VIRTIO_DEVICE_PAGE;
-        let mut shared = VmShared {
-            name: config.name.clone(),
-            fd,
-            mem,
-            layout,
-            image: Arc::clone(&image),
-            vcpus: config.vcpus,
-            memory: config.memory,
-            cpuid,
-            tsc_khz: 0,
-            started,
-            first_hello: OnceLock::new(),
-            stats: Stats::default(),
-            stopping: AtomicBool::new(false),
-            app: config.app.clone(),
-            paused: AtomicBool::new(false),
-            pause_waiters: Mutex::new(0),
-            pause_cond: Condvar::new(),
-            vcpu_set: VcpuSet::default(),
-            timeline,
-            policy,
-            devices,
-            notices: Mutex::new(Notices::default()),
-            console: Mutex::new(console),
-            state: Mutex::new(RunState { outcome: None, threads: Vec::new() }),
-            ended: Condvar::new(),
-        };
-        shared.tsc_khz = boot_vcpu.tsc_khz();
+        let tsc_khz = boot_vcpu.tsc_khz();
+        let parts = Parts { fd, mem, layout, image, cpuid, tsc_khz, policy, devices, console };
+        let shared = VmShared::new(config, parts, started, timeline);
         platform::write_boot_info(
             &shared.mem,
             &BootParams {
@@ -813,34 +971,131 @@ impl Vm {
                 memory: config.memory,
             },
         )?;
-        boot_vcpu.enter(image.entry, 0, hypercall_abi::BOOT_INFO_ADDR, 0)?;
+        boot_vcpu.enter(shared.image.entry, 0, hypercall_abi::BOOT_INFO_ADDR, 0)?;
         let ctl = shared.vcpu_set.add_boot_vcpu();
         shared.refresh_notice_page();
         let shared = Arc::new(shared);
-        if !endpoints.is_empty()
-            && let Some(vsock) = &shared.devices.vsock
-        {
-            let weak = Arc::downgrade(&shared);
-            let wake: crate::devices::vsock::Wake = Arc::new(move || {
-                if let Some(vm) = weak.upgrade() {
-                    vm.wake_for_device();
-                }
-            });
-            let idle = config.idle_shutdown.map(|after| {
-                let weak = Arc::downgrade(&shared);
-                let fire: crate::devices::vsock::Wake = Arc::new(move || {
-                    if let Some(vm) = weak.upgrade() {
-                        vm.record("idle_shutdown", detail([("idle_ms", (after.as_millis() as u64).into())]));
-                        vm.post_notice(notice::STOP, |_| {});
-                    }
-                });
-                crate::devices::vsock::IdleShutdown { after, fire }
-            });
-            vsock
-                .start(&config.name, shared.mem.clone(), endpoints, wake, idle)
-                .map_err(|e| VmError::Device(e.to_string()))?;
+        shared.start_devices(config, endpoints)?;
+        Ok(Vm { shared, timeout: config.timeout, initial: vec![(boot_vcpu, ctl, false)] })
+    }
+
+    /// Rebuilds a VM from a snapshot or a migration: memory, vCPUs (running ones with their
+    /// saved state, parked ones parked), the device (its open connections reset), notices,
+    /// policy limits and credit; its holdings are charged to `pool`. Published `endpoints`
+    /// are served again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        config: &VmConfig,
+        image: Arc<KernelImage>,
+        kvm: &Kvm,
+        started: Instant,
+        timeline: Arc<Timeline>,
+        pool: &Arc<Pool>,
+        console: Box<dyn Write + Send>,
+        endpoints: Vec<crate::devices::vsock::Bound>,
+        state: crate::snapshot::VmState,
+        memory: RestoreMemory,
+    ) -> Result<Vm, VmError> {
+        let member = pool.admit(&config.name, config.vcpus, config.memory, config.weight)?;
+        let vm = Self::rebuild(config, image, kvm, started, timeline, pool, member, console, endpoints, state, memory);
+        if vm.is_err() {
+            pool.leave(member);
         }
-        Ok(Vm { shared, timeout: config.timeout, boot_vcpu: Some((boot_vcpu, ctl)) })
+        vm
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rebuild(
+        config: &VmConfig,
+        image: Arc<KernelImage>,
+        kvm: &Kvm,
+        started: Instant,
+        timeline: Arc<Timeline>,
+        pool: &Arc<Pool>,
+        member: usize,
+        console: Box<dyn Write + Send>,
+        endpoints: Vec<crate::devices::vsock::Bound>,
+        state: crate::snapshot::VmState,
+        memory: RestoreMemory,
+    ) -> Result<Vm, VmError> {
+        use crate::policy::Resource;
+        let bad = |what: String| VmError::Restore(what);
+        let layout = state.layout;
+        let (fd, mem) = match memory {
+            RestoreMemory::Live { fd, mem } => (fd, mem),
+            RestoreMemory::File(file) => {
+                let fd = kvm.create_vm().map_err(|source| VmError::Kvm { what: "create VM", source })?;
+                let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX).max(2);
+                let boot = state.regions.first().ok_or_else(|| bad("the snapshot lists no memory".into()))?;
+                if boot.gpa != 0 || boot.len != layout.ram_size {
+                    return Err(bad("the snapshot's boot memory does not match its layout".into()));
+                }
+                let backing = crate::memory::Backing::File { file: &file, offset: boot.offset };
+                let mem = GuestMemory::with_backing(
+                    layout.ram_size,
+                    layout.window_base,
+                    layout.window_size,
+                    max_slots,
+                    &backing,
+                )?;
+                mem.register_boot_slot(&fd)?;
+                for r in &state.regions[1..] {
+                    let e = hypercall_abi::Extent { base: r.gpa, len: r.len };
+                    mem.restore_extent(&fd, e, &crate::memory::Backing::File { file: &file, offset: r.offset })?;
+                }
+                (fd, mem)
+            }
+        };
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Kvm { what: "get supported CPUID", source })?;
+        let mut vcpus = Vec::new();
+        for (id, &online) in state.online.iter().enumerate() {
+            let vcpu = Vcpu::create_on(&fd, &cpuid, id as u32)?;
+            if online {
+                let saved = state
+                    .vcpus
+                    .iter()
+                    .find(|v| v.id == id as u32)
+                    .ok_or_else(|| bad(format!("vCPU {id} is online but has no saved state")))?;
+                vcpu.load_state(saved)?;
+            }
+            vcpus.push((vcpu, !online));
+        }
+        let devices = match &state.device {
+            Some(d) => crate::devices::Devices {
+                vsock: Some(
+                    crate::devices::vsock::Vsock::restore(state.device_page, &mem, d)
+                        .map_err(|e| VmError::Device(e.to_string()))?,
+                ),
+            },
+            None => crate::devices::Devices::default(),
+        };
+        // Charge what the VM holds above its min (admission reserved the min).
+        let online = state.online.iter().filter(|&&o| o).count() as u64;
+        let held = [online, mem.held()];
+        for r in Resource::ALL {
+            let above = held[r as usize].saturating_sub([config.vcpus.min, config.memory.min][r as usize]);
+            if above > 0 {
+                let granularity = if r == Resource::Memory { hypercall_abi::EXTENT_ALIGN } else { 1 };
+                match pool.take(member, r, above, granularity).0 {
+                    crate::pool::Take::Granted(n) if n == above => {}
+                    _ => return Err(bad(format!("the pool has no room for the {} the VM holds", r.name()))),
+                }
+            }
+        }
+        let policy = VmPolicy::new(Arc::clone(pool), member, config.vcpus, config.memory, config.policy);
+        policy.set_credits(state.credits);
+        let parts = Parts { fd, mem, layout, image, cpuid, tsc_khz: state.tsc_khz, policy, devices, console };
+        let mut shared = VmShared::new(config, parts, started, timeline);
+        *shared.notices.get_mut().unwrap_or_else(|p| p.into_inner()) = state.notices;
+        let ctls = shared.vcpu_set.restore(&state.online);
+        shared.refresh_notice_page();
+        let shared = Arc::new(shared);
+        shared.start_devices(config, endpoints)?;
+        let _ = shared.restored_in.set(started.elapsed());
+        let initial = vcpus.into_iter().zip(ctls).map(|((v, parked), c)| (v, c, parked)).collect();
+        Ok(Vm { shared, timeout: config.timeout, initial })
     }
 
     /// The shared state (for tests and tools).
@@ -852,10 +1107,10 @@ impl Vm {
     pub fn run(mut self) -> RunReport {
         let shared = Arc::clone(&self.shared);
         shared.record("boot", detail([("app", "".into())]));
-        if let Some((v, ctl)) = self.boot_vcpu.take()
-            && let Err(e) = shared.spawn_vcpu(v, ctl)
-        {
-            shared.finish(Outcome::Internal(e.to_string()));
+        for (v, ctl, parked) in std::mem::take(&mut self.initial) {
+            if let Err(e) = shared.spawn_vcpu_from(v, ctl, parked) {
+                shared.finish(Outcome::Internal(e.to_string()));
+            }
         }
         let deadline = self.timeout.map(|t| Instant::now() + t);
         let mut interrupts_seen = crate::signals::interrupts();

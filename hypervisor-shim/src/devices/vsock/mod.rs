@@ -154,6 +154,98 @@ impl VsockStats {
     }
 }
 
+/// One virtqueue's device-side state, as a snapshot carries it.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+pub struct SavedQueue {
+    /// Largest size the device accepts.
+    pub max_size: u16,
+    /// Next available-ring entry the device takes.
+    pub next_avail: u16,
+    /// Next used-ring entry the device fills.
+    pub next_used: u16,
+    /// EVENT_IDX negotiated.
+    pub event_idx: bool,
+    /// Size the driver chose.
+    pub size: u16,
+    /// Ready.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+}
+
+impl SavedQueue {
+    fn of(q: &Queue) -> SavedQueue {
+        let s = q.state();
+        SavedQueue {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+
+    fn queue(&self, mem: &GuestMemory) -> Result<Queue, String> {
+        let q = Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| format!("saved queue refused: {e:?}"))?;
+        if self.ready && !virtio_queue::QueueT::is_valid(&q, &*mem.snapshot()) {
+            return Err("saved queue lies outside guest memory".into());
+        }
+        Ok(q)
+    }
+}
+
+/// The device's state in a snapshot: the transport's negotiation, the live queues, and the
+/// connections that were open (reset on restore: their clients belonged to the old process).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct DeviceState {
+    /// Features the driver accepted.
+    pub negotiated: u64,
+    /// Device status.
+    pub status: u32,
+    /// RX and TX queues when the driver had set them up.
+    pub queues: Option<[SavedQueue; 2]>,
+    /// Why the device was broken, if it was.
+    pub broken: Option<String>,
+    /// Open connections: (guest port, host port).
+    pub connections: Vec<(u32, u32)>,
+    /// Next host port the device hands out.
+    pub next_port: u32,
+}
+
+/// What the I/O thread reports when it holds still.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Held {
+    pub(crate) connections: Vec<(u32, u32)>,
+    pub(crate) next_port: u32,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Hold {
+    /// A snapshot asked the I/O thread to hold still.
+    pub(crate) requested: bool,
+    /// Set by the I/O thread while it holds.
+    pub(crate) held: Option<Held>,
+}
+
 /// State shared by the vCPU threads (notifies) and the I/O thread.
 #[derive(Debug)]
 pub struct VsockShared {
@@ -161,6 +253,10 @@ pub struct VsockShared {
     kick: EventFd,
     /// Counters.
     pub stats: VsockStats,
+    pub(crate) hold: Mutex<Hold>,
+    pub(crate) hold_cond: std::sync::Condvar,
+    /// The endpoints moved to another process (a migration): their Unix socket paths stay.
+    pub(crate) keep_paths: AtomicBool,
 }
 
 impl VsockShared {
@@ -187,6 +283,10 @@ pub struct Vsock {
     /// Shared state.
     pub shared: Arc<VsockShared>,
     thread: Mutex<Option<(JoinHandle<()>, EventFd)>>,
+    /// A restored device: the connections to reset and the next host port.
+    resume: Mutex<Option<Held>>,
+    /// Copies of the listening sockets the I/O thread serves (a migration hands them over).
+    listeners: Mutex<Vec<Bound>>,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -207,14 +307,17 @@ pub enum VsockError {
     /// The device page could not be written.
     #[error(transparent)]
     Page(#[from] super::pv::TransportError),
+    /// A saved device state was refused.
+    #[error("restoring the vsock device: {0}")]
+    Restore(String),
 }
 
 impl Vsock {
-    /// The device whose page is at `page`, not yet serving.
-    pub fn new(page: u64, mem: &GuestMemory) -> Result<Vsock, VsockError> {
+    /// The transport's description of the device whose page is at `page`.
+    fn pv(page: u64) -> PvDevice {
         let mut config = [0u8; VIRTIO_CONFIG_SIZE];
         config[..8].copy_from_slice(&vsock::GUEST_CID.to_le_bytes());
-        let pv = PvDevice {
+        PvDevice {
             page,
             device_id: VIRTIO_ID_VSOCK,
             num_queues: 3,
@@ -226,12 +329,103 @@ impl Vsock {
             config,
             negotiated: 0,
             status: 0,
-        };
+        }
+    }
+
+    /// The device whose page is at `page`, not yet serving.
+    pub fn new(page: u64, mem: &GuestMemory) -> Result<Vsock, VsockError> {
+        let pv = Self::pv(page);
         pv.write_page(mem)?;
+        Self::with_core(Core { pv, queues: None, generation: 0, broken: None })
+    }
+
+    fn with_core(core: Core) -> Result<Vsock, VsockError> {
         let kick = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
-        let core = Core { pv, queues: None, generation: 0, broken: None };
-        let shared = Arc::new(VsockShared { core: Mutex::new(core), kick, stats: VsockStats::default() });
-        Ok(Vsock { shared, thread: Mutex::new(None) })
+        let shared = Arc::new(VsockShared {
+            core: Mutex::new(core),
+            kick,
+            stats: VsockStats::default(),
+            hold: Mutex::new(Hold::default()),
+            hold_cond: std::sync::Condvar::new(),
+            keep_paths: AtomicBool::new(false),
+        });
+        Ok(Vsock { shared, thread: Mutex::new(None), resume: Mutex::new(None), listeners: Mutex::new(Vec::new()) })
+    }
+
+    /// The device of a restored VM: its page is already in guest memory (not rewritten), the
+    /// negotiation and queues come from `state`; the connections it lists are reset when the
+    /// I/O thread starts.
+    pub fn restore(page: u64, mem: &GuestMemory, state: &DeviceState) -> Result<Vsock, VsockError> {
+        let mut core = Core { pv: Self::pv(page), queues: None, generation: 0, broken: None };
+        core.pv.negotiated = state.negotiated;
+        core.pv.status = state.status;
+        core.broken = state.broken.clone();
+        core.queues = match &state.queues {
+            Some([rx, tx]) if state.broken.is_none() => Some(Queues {
+                rx: rx.queue(mem).map_err(VsockError::Restore)?,
+                tx: tx.queue(mem).map_err(VsockError::Restore)?,
+            }),
+            _ => None,
+        };
+        let v = Self::with_core(core)?;
+        *v.resume.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Held { connections: state.connections.clone(), next_port: state.next_port });
+        Ok(v)
+    }
+
+    /// The device's state for a snapshot, with the I/O thread holding still (`held`).
+    pub(crate) fn state(&self, held: &Held) -> DeviceState {
+        let core = self.shared.core();
+        DeviceState {
+            negotiated: core.pv.negotiated,
+            status: core.pv.status,
+            queues: core.queues.as_ref().map(|q| [SavedQueue::of(&q.rx), SavedQueue::of(&q.tx)]),
+            broken: core.broken.clone(),
+            connections: held.connections.clone(),
+            next_port: held.next_port,
+        }
+    }
+
+    /// Makes the I/O thread hold still (it stops touching the queues and sockets; clients
+    /// wait in the kernel's buffers) and returns what it reports; at most `within`.
+    pub(crate) fn hold(&self, within: std::time::Duration) -> Result<Held, String> {
+        if !self.is_running() {
+            let resume = self.resume.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            return Ok(resume.unwrap_or(Held { connections: Vec::new(), next_port: muxer::FIRST_HOST_PORT }));
+        }
+        let deadline = std::time::Instant::now() + within;
+        let mut h = self.shared.hold.lock().unwrap_or_else(|p| p.into_inner());
+        h.requested = true;
+        let _ = self.shared.kick.write(1);
+        loop {
+            if let Some(held) = &h.held {
+                return Ok(held.clone());
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                h.requested = false;
+                return Err("the vsock I/O thread did not hold still".into());
+            }
+            h = self.shared.hold_cond.wait_timeout(h, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// The listening sockets, for a migration to hand over; after it succeeded, `handed_over`
+    /// keeps Unix socket paths in place when this process ends.
+    pub(crate) fn listeners(&self) -> std::sync::MutexGuard<'_, Vec<Bound>> {
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The endpoints now belong to another process: their Unix socket paths stay.
+    pub(crate) fn handed_over(&self) {
+        self.shared.keep_paths.store(true, Ordering::Release);
+    }
+
+    /// Lets a held I/O thread go on.
+    pub(crate) fn release(&self) {
+        let mut h = self.shared.hold.lock().unwrap_or_else(|p| p.into_inner());
+        h.requested = false;
+        self.shared.hold_cond.notify_all();
     }
 
     /// Starts the I/O thread serving `endpoints` (named `name-io`), with an optional idle
@@ -244,13 +438,17 @@ impl Vsock {
         wake: Wake,
         idle: Option<IdleShutdown>,
     ) -> Result<(), VsockError> {
+        let copies =
+            endpoints.iter().map(Bound::try_clone).collect::<Result<Vec<_>, _>>().map_err(VsockError::EventFd)?;
+        *self.listeners.lock().unwrap_or_else(|p| p.into_inner()) = copies;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
         let stop_thread = stop.try_clone().map_err(VsockError::EventFd)?;
         let kick = self.shared.kick.try_clone().map_err(VsockError::EventFd)?;
         let shared = Arc::clone(&self.shared);
+        let resume = self.resume.lock().unwrap_or_else(|p| p.into_inner()).take();
         let handle = std::thread::Builder::new()
             .name(format!("{name}-io"))
-            .spawn(move || muxer::run(shared, mem, endpoints, wake, kick, stop_thread, idle))
+            .spawn(move || muxer::run(shared, mem, endpoints, wake, kick, stop_thread, idle, resume))
             .map_err(VsockError::Thread)?;
         *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some((handle, stop));
         Ok(())
@@ -314,6 +512,7 @@ impl Vsock {
     /// Stops the I/O thread (closing every connection) and waits for it.
     pub fn stop(&self) {
         let running = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.release();
         if let Some((handle, stop)) = running {
             let _ = stop.write(1);
             let _ = handle.join();

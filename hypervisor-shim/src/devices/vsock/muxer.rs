@@ -22,10 +22,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::memory::Mmap as GuestMemoryMmap;
 use hypercall_abi::virtio::vsock::{GUEST_CID, HOST_BUF_ALLOC, HOST_CID, MAX_PACKET_DATA};
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -65,7 +65,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Packets handled per queue per pass (bounded work between socket events).
 const BATCH: usize = 256;
 /// First host-side port number given to connections.
-const FIRST_HOST_PORT: u32 = 1 << 30;
+pub(super) const FIRST_HOST_PORT: u32 = 1 << 30;
 
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
@@ -197,9 +197,13 @@ struct Muxer {
     /// Whether the listeners are watched (false once the idle shutdown fired: clients that
     /// connect from then on wait in the listen backlog for the next VM).
     accepting: bool,
+    /// A restored device: RSTs for the connections the guest had open at the snapshot (their
+    /// clients belonged to the old process), sent once the queues are live.
+    pending_resets: Vec<Control>,
 }
 
 /// The thread's body.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn run(
     shared: Arc<VsockShared>,
     mem: GuestMemory,
@@ -208,6 +212,7 @@ pub(super) fn run(
     kick: EventFd,
     stop: EventFd,
     idle: Option<super::IdleShutdown>,
+    resume: Option<super::Held>,
 ) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
@@ -224,7 +229,7 @@ pub(super) fn run(
         conns: HashMap::new(),
         control: VecDeque::new(),
         ready: VecDeque::new(),
-        next_port: FIRST_HOST_PORT,
+        next_port: resume.as_ref().map_or(FIRST_HOST_PORT, |r| r.next_port.max(FIRST_HOST_PORT)),
         generation: u64::MAX,
         live: false,
         wake,
@@ -237,12 +242,27 @@ pub(super) fn run(
         idle,
         last_activity: Instant::now(),
         accepting: true,
+        pending_resets: resume
+            .map(|r| {
+                r.connections
+                    .into_iter()
+                    .map(|(guest_port, host_port)| Control { guest_port, host_port, op: op::RST, flags: 0 })
+                    .collect()
+            })
+            .unwrap_or_default(),
     };
     if let Err(e) = m.register() {
         eprintln!("hypervisor-shim: vsock I/O thread: cannot watch its sockets: {e}");
         return;
     }
     m.main_loop();
+    if m.shared.keep_paths.load(Ordering::Acquire) {
+        for e in &mut m.endpoints {
+            if let Bound::Uds { owner, .. } = e {
+                *owner = false;
+            }
+        }
+    }
 }
 
 impl Muxer {
@@ -284,6 +304,9 @@ impl Muxer {
         let mut busy_until: Option<Instant> = None;
         let mut polls = 0u32;
         loop {
+            if self.hold_requested() && !self.hold_still() {
+                return;
+            }
             // While busy, poll; the end of the iteration decides when to stop (and turns the
             // guest's notifications back on first), so the thread never sleeps with them off.
             let timeout = if busy_until.is_some() { 0 } else { self.next_timer_ms(Instant::now()) };
@@ -333,6 +356,35 @@ impl Muxer {
                 }
             }
         }
+    }
+
+    fn hold_requested(&self) -> bool {
+        self.shared.hold.lock().unwrap_or_else(|p| p.into_inner()).requested
+    }
+
+    /// A snapshot asked the thread to hold still: it reports its connections and waits
+    /// (touching neither queues nor sockets) until released. `false` when the thread is to
+    /// stop meanwhile.
+    fn hold_still(&mut self) -> bool {
+        let mut connections: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !matches!(c.state, State::Handshake { .. }))
+            .map(|(&host_port, c)| (c.guest_port, host_port))
+            .collect();
+        connections.sort_unstable();
+        let mut h = self.shared.hold.lock().unwrap_or_else(|p| p.into_inner());
+        h.held = Some(super::Held { connections, next_port: self.next_port });
+        self.shared.hold_cond.notify_all();
+        while h.requested {
+            h = self.shared.hold_cond.wait_timeout(h, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
+            if self.stop.read().is_ok() {
+                h.held = None;
+                return false;
+            }
+        }
+        h.held = None;
+        true
     }
 
     /// Milliseconds until the next timer (-1: none).
@@ -526,6 +578,9 @@ impl Muxer {
         self.generation = generation;
         self.live = live;
         self.control.clear();
+        if live {
+            self.control.extend(self.pending_resets.drain(..));
+        }
         self.rx_starved = false;
         self.tx_suppressed = false;
         let ports: Vec<u32> = self.conns.keys().copied().collect();
@@ -640,7 +695,7 @@ impl Muxer {
         fresh(&q.tx) || (self.rx_starved && fresh(&q.rx))
     }
 
-    fn handle_tx(&mut self, pkt: &VsockPacket<'_, ()>) {
+    fn handle_tx<B: vm_memory::bitmap::BitmapSlice>(&mut self, pkt: &VsockPacket<'_, B>) {
         let stats = &self.shared.stats;
         if pkt.src_cid() != GUEST_CID || pkt.dst_cid() != HOST_CID {
             stats.malformed.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,310 @@
+//! Snapshot/restore and live migration of a running kv service: every key comes back (values
+//! checksummed) in a new shim process, extents included; a corrupt or foreign snapshot is
+//! refused with one line; a migrated VM keeps its published port and the source ends with
+//! `migrated`.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Run, SHIM, free_port, read_json, read_json_lines, require_kvm, temp_dir};
+
+/// Keys written, and the size of each value (enough for the VM to grow past its 32 MiB min).
+const KEYS: usize = 1200;
+const VALUE_LEN: usize = 32 * 1024;
+
+fn value(i: usize) -> String {
+    let seed = format!("{i:06}-");
+    seed.repeat(VALUE_LEN / seed.len())
+}
+
+/// FNV-1a over the bytes.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Pipes `commands` (one per line) into `redis-cli -p port`; returns its output.
+fn redis(port: u16, commands: &str) -> String {
+    let mut child = match Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!("redis-cli is not installed ({e}): apt-get install redis-tools (.ci/run installs it)"),
+    };
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = commands.to_string();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let out = child.wait_with_output().expect("redis-cli runs");
+    let _ = writer.join();
+    assert!(out.status.success(), "redis-cli failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn write_keys(port: u16) {
+    let cmds: String = (0..KEYS).map(|i| format!("SET key{i} {}\n", value(i))).collect();
+    let out = redis(port, &cmds);
+    assert_eq!(out.lines().filter(|l| *l == "OK").count(), KEYS, "every SET answered OK");
+}
+
+/// Reads every key back; returns (keys found, checksum of the values in key order).
+fn read_keys(port: u16) -> (usize, u64) {
+    let cmds: String = (0..KEYS).map(|i| format!("GET key{i}\n")).collect();
+    let out = redis(port, &cmds);
+    let values: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    (values.len(), checksum(values.join("\n").as_bytes()))
+}
+
+fn expected_checksum() -> u64 {
+    let values: Vec<String> = (0..KEYS).map(value).collect();
+    checksum(values.join("\n").as_bytes())
+}
+
+/// A shim process in `dir` (killed when dropped).
+struct Shim {
+    child: Child,
+}
+
+impl Shim {
+    fn start(dir: &Path, args: &[&str]) -> Shim {
+        let child = Command::new(SHIM)
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the shim starts");
+        Shim { child }
+    }
+
+    /// Waits for the process to end; returns its exit code and stderr.
+    fn wait(mut self, within: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the shim did not end within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status.code(), err)
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ctl(dir: &Path, sock: &str, args: &[&str]) -> Run {
+    Command::new(SHIM).args(["ctl", "--api-sock", sock]).args(args).current_dir(dir).output().expect("ctl").into()
+}
+
+fn wait_for_api(dir: &Path, sock: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ctl(dir, sock, &["list"]).code != Some(0) {
+        assert!(Instant::now() < deadline, "the control API at {sock} never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while redis(port, "PING\n").trim() != "PONG" {
+        assert!(Instant::now() < deadline, "kv on port {port} never answered PING");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn json_of(r: &Run) -> serde_json::Value {
+    r.expect_code(0);
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("no JSON ({e}):\n{}", r.stdout))
+}
+
+#[test]
+fn kv_keeps_every_key_across_snapshot_and_restore_and_a_corrupt_snapshot_is_refused() {
+    require_kvm();
+    let dir = temp_dir("lifecycle-snapshot");
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    let src = Shim::start(
+        &dir,
+        &[
+            "run",
+            "--app",
+            "kv",
+            "--publish",
+            &publish,
+            "--api-sock",
+            "src.sock",
+            "--vcpus",
+            "1:2:2",
+            "--memory",
+            "32M:256M:256M",
+            "--summary",
+            "src.json",
+            "--timeline",
+            "src.jsonl",
+            "--timeout",
+            "120",
+        ],
+    );
+    wait_for_api(&dir, "src.sock");
+    wait_for_port(port);
+    write_keys(port);
+    assert_eq!(read_keys(port), (KEYS, expected_checksum()), "the keys before the snapshot");
+    let snap = json_of(&ctl(&dir, "src.sock", &["snapshot", "vm0", "--to", "snap"]));
+    let held = snap["held_bytes"].as_u64().expect("held_bytes");
+    assert!(held > 32 << 20, "the VM grew past its min (extents in the snapshot): {snap}");
+    let written = snap["written_bytes"].as_u64().expect("written_bytes");
+    assert!(written < held, "zero pages are not written: {snap}");
+    // The source runs on after the snapshot; a key written now is not in the snapshot.
+    assert_eq!(redis(port, "SET after-snapshot 1\n").trim(), "OK");
+    ctl(&dir, "src.sock", &["stop", "vm0"]).expect_code(0);
+    let (code, err) = src.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(5), "the source stopped at the host's request: {err}");
+    assert!(read_json_lines(&dir.join("src.jsonl")).iter().any(|e| e["event"] == "snapshot"));
+
+    // A new process, same port: every key, nothing written after the snapshot.
+    let dst = Shim::start(&dir, &["restore", "snap", "--api-sock", "dst.sock", "--summary", "dst.json"]);
+    wait_for_api(&dir, "dst.sock");
+    wait_for_port(port);
+    assert_eq!(read_keys(port), (KEYS, expected_checksum()), "every key back, values checksummed");
+    assert_eq!(redis(port, "GET after-snapshot\n").trim(), "", "the snapshot predates this key");
+    assert_eq!(redis(port, "SET new 1\n").trim(), "OK", "the restored VM serves writes");
+    let live = json_of(&ctl(&dir, "dst.sock", &["get", "vm0"]));
+    assert_eq!(live["memory_bytes"]["final"].as_u64(), Some(held), "the extents came back: {live}");
+    ctl(&dir, "dst.sock", &["stop", "vm0"]).expect_code(0);
+    let (code, err) = dst.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(5), "{err}");
+    let summary = read_json(&dir.join("dst.json"));
+    assert!(summary["restore_us"].as_u64().is_some_and(|us| us > 0), "{summary}");
+
+    // Refusals: one line each, exit 65 (or 74 when unreadable), no VM.
+    let snapdir = dir.join("snap");
+    let restore = |what: &str| -> Run {
+        Command::new(SHIM)
+            .args(["restore", what, "--timeout", "10"])
+            .current_dir(&*dir)
+            .output()
+            .expect("restore")
+            .into()
+    };
+    let state = std::fs::read(snapdir.join("state.json")).expect("state.json");
+    let mut flipped = state.clone();
+    let at = flipped.len() - 10;
+    flipped[at] ^= 0x20;
+    std::fs::create_dir_all(dir.join("bad1")).expect("dir");
+    std::fs::write(dir.join("bad1/state.json"), &flipped).expect("write");
+    std::fs::copy(snapdir.join("memory"), dir.join("bad1/memory")).expect("copy");
+    let r = restore("bad1");
+    r.expect_code(65);
+    assert!(r.stderr.contains("checksum") && r.stderr.trim().lines().count() == 1, "{}", r.stderr);
+    std::fs::create_dir_all(dir.join("bad2")).expect("dir");
+    std::fs::write(dir.join("bad2/state.json"), &state).expect("write");
+    std::fs::write(dir.join("bad2/memory"), b"short").expect("write");
+    let r = restore("bad2");
+    r.expect_code(65);
+    assert!(r.stderr.contains("memory file") && r.stderr.trim().lines().count() == 1, "{}", r.stderr);
+    std::fs::create_dir_all(dir.join("bad3")).expect("dir");
+    std::fs::write(dir.join("bad3/state.json"), b"{\"not\": \"a snapshot\"}\n").expect("write");
+    let r = restore("bad3");
+    r.expect_code(65);
+    assert!(r.stderr.contains("not a snapshot"), "{}", r.stderr);
+    let r = restore("no-such-dir");
+    r.expect_code(74);
+    assert!(r.stderr.contains("cannot read"), "{}", r.stderr);
+}
+
+#[test]
+fn kv_keeps_every_key_and_its_port_across_live_migration() {
+    require_kvm();
+    let dir = temp_dir("lifecycle-migrate");
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    let src = Shim::start(
+        &dir,
+        &[
+            "run",
+            "--app",
+            "kv",
+            "--publish",
+            &publish,
+            "--api-sock",
+            "src.sock",
+            "--vcpus",
+            "1:2:2",
+            "--memory",
+            "32M:256M:256M",
+            "--summary",
+            "src.json",
+            "--timeline",
+            "src.jsonl",
+            "--timeout",
+            "120",
+        ],
+    );
+    let dst = Shim::start(
+        &dir,
+        &[
+            "receive",
+            "--listen",
+            "unix:mig.sock",
+            "--api-sock",
+            "dst.sock",
+            "--summary",
+            "dst.json",
+            "--timeout",
+            "120",
+        ],
+    );
+    wait_for_api(&dir, "src.sock");
+    wait_for_port(port);
+    write_keys(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.join("mig.sock").exists() {
+        assert!(Instant::now() < deadline, "the receiver never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let m = json_of(&ctl(&dir, "src.sock", &["migrate", "vm0", "--to", "unix:mig.sock"]));
+    assert!(m["downtime_us"].as_u64().is_some_and(|d| d > 0) && m["rounds"].as_u64() >= Some(2), "{m}");
+    let (code, err) = src.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "the source ends once the target runs the VM: {err}");
+    assert!(err.contains("migrated"), "{err}");
+    let s = read_json(&dir.join("src.json"));
+    assert_eq!(s["exit_reason"], "migrated", "{s}");
+    // Same port, now served by the target process.
+    wait_for_api(&dir, "dst.sock");
+    assert_eq!(read_keys(port), (KEYS, expected_checksum()), "every key on the target, values checksummed");
+    assert_eq!(redis(port, "SET after-migration 1\n").trim(), "OK");
+    ctl(&dir, "dst.sock", &["stop", "vm0"]).expect_code(0);
+    let (code, err) = dst.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(5), "{err}");
+    // A migration to nobody fails and leaves the VM where it was.
+    let port2 = free_port();
+    let publish2 = format!("127.0.0.1:{port2}:6379");
+    let lone = Shim::start(&dir, &["run", "--app", "kv", "--publish", &publish2, "--api-sock", "lone.sock"]);
+    wait_for_api(&dir, "lone.sock");
+    wait_for_port(port2);
+    let r = ctl(&dir, "lone.sock", &["migrate", "vm0", "--to", "unix:nobody.sock"]);
+    r.expect_code(70);
+    assert!(r.stderr.contains("keeps running"), "{}", r.stderr);
+    assert_eq!(redis(port2, "PING\n").trim(), "PONG", "still served here");
+    ctl(&dir, "lone.sock", &["stop", "vm0"]).expect_code(0);
+    let (code, _) = lone.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(5));
+}
