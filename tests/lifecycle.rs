@@ -280,7 +280,42 @@ fn kv_keeps_every_key_and_its_port_across_live_migration() {
         assert!(Instant::now() < deadline, "the receiver never listened");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A client keeps writing while the VM moves: every write it saw acknowledged must be on the
+    // target (the pre-copy rounds and the final copy catch pages dirtied meanwhile).
+    let stop_writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = std::sync::Arc::clone(&stop_writing);
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut batch = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) || batch < 3 {
+                let cmds: String = (0..50).map(|j| format!("SET w{batch}-{j} v{batch}-{j}\n")).collect();
+                let out = Command::new("redis-cli")
+                    .args(["-p", &port.to_string()])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .and_then(|mut c| {
+                        let _ = c.stdin.take().map(|mut i| i.write_all(cmds.as_bytes()));
+                        c.wait_with_output()
+                    });
+                if let Ok(out) = out {
+                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    let oks = text.lines().take_while(|l| *l == "OK").count();
+                    acked.extend((0..oks).map(|j| format!("w{batch}-{j}")));
+                }
+                batch += 1;
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
     let m = json_of(&ctl(&dir, "src.sock", &["migrate", "vm0", "--to", "unix:mig.sock"]));
+    eprintln!("migration: {m}");
+    stop_writing.store(true, std::sync::atomic::Ordering::Release);
+    let acked = writer.join().expect("writer");
+    assert!(acked.len() >= 100, "the writer got {} writes acknowledged", acked.len());
     assert!(m["downtime_us"].as_u64().is_some_and(|d| d > 0) && m["rounds"].as_u64() >= Some(2), "{m}");
     let (code, err) = src.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "the source ends once the target runs the VM: {err}");
@@ -290,6 +325,10 @@ fn kv_keeps_every_key_and_its_port_across_live_migration() {
     // Same port, now served by the target process.
     wait_for_api(&dir, "dst.sock");
     assert_eq!(read_keys(port), (KEYS, expected_checksum()), "every key on the target, values checksummed");
+    let gets: String = acked.iter().map(|k| format!("GET {k}\n")).collect();
+    let got = redis(port, &gets);
+    let want: Vec<String> = acked.iter().map(|k| k.replacen('w', "v", 1)).collect();
+    assert_eq!(got.lines().collect::<Vec<_>>(), want, "every acknowledged write survived the move");
     assert_eq!(redis(port, "SET after-migration 1\n").trim(), "OK");
     ctl(&dir, "dst.sock", &["stop", "vm0"]).expect_code(0);
     let (code, err) = dst.wait(Duration::from_secs(30));

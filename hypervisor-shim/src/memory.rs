@@ -423,6 +423,12 @@ impl GuestMemory {
         Some(unsafe { std::slice::from_raw_parts(region.as_ptr().add(offset as usize), size) })
     }
 
+    /// The end of the region holding `gpa` (`None`: no region does).
+    pub fn region_end(&self, guard: &Mmap, gpa: u64) -> Option<u64> {
+        let region = guard.find_region(GuestAddress(gpa))?;
+        Some(region.start_addr().0 + region.len())
+    }
+
     /// Starts (or stops) KVM's dirty-page logging on every slot, and clears the shim's own
     /// dirty bitmaps, so that [`GuestMemory::take_dirty`] reports writes from now on.
     pub fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), MemoryError> {

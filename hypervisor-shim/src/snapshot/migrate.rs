@@ -81,6 +81,8 @@ pub struct MigrateFigures {
     pub rounds: u32,
     /// Pages sent in all.
     pub pages_sent: u64,
+    /// Pages the final check found changed although no dirty log reported them (sent too).
+    pub missed_by_log: u64,
     /// Memory the VM held (bytes).
     pub held_bytes: u64,
     /// Time the VM did not run: quiesce to the target's answer (µs).
@@ -138,18 +140,52 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-/// Sends the pages at `pages` (sorted guest-physical page addresses) that lie in live regions.
-fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64]) -> Result<u64, MigrateError> {
+/// What the target holds: per region (by serial), the CRC-32 of each page as last sent
+/// (`None`: never sent, zero there).
+#[derive(Debug, Default)]
+struct Sent {
+    regions: BTreeMap<u64, (u64, Vec<Option<u32>>)>,
+}
+
+impl Sent {
+    /// Follows the source's regions: forgets released ones, adds new ones (all zero there).
+    fn sync(&mut self, regions: &[crate::memory::RegionInfo]) {
+        self.regions.retain(|serial, _| regions.iter().any(|r| r.serial == *serial));
+        for r in regions {
+            self.regions.entry(r.serial).or_insert_with(|| (r.gpa, vec![None; (r.len / PAGE_SIZE) as usize]));
+        }
+    }
+
+    fn slot(&mut self, gpa: u64) -> Option<&mut Option<u32>> {
+        let (_, (base, pages)) =
+            self.regions.iter_mut().find(|(_, (b, p))| *b <= gpa && gpa < b + p.len() as u64 * PAGE_SIZE)?;
+        pages.get_mut(((gpa - *base) / PAGE_SIZE) as usize)
+    }
+}
+
+/// Sends the pages at `pages` (sorted guest-physical page addresses) that lie in live regions,
+/// recording what was sent.
+fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64], sent_map: &mut Sent) -> Result<u64, MigrateError> {
     let guard = vm.mem.snapshot();
     let mut sent = 0u64;
     let mut buf = Vec::with_capacity(BATCH_PAGES * (PAGE_SIZE as usize + 12));
     let mut in_batch = 0;
     let mut i = 0;
     while i < pages.len() {
-        // A run of consecutive pages inside one region.
+        // A run of consecutive pages inside one region (adjacent extents are separate
+        // mappings: a run never crosses into the next one).
         let start = pages[i];
+        let Some(end) = vm.mem.region_end(&guard, start) else {
+            // Released since it was written: the target drops the region.
+            i += 1;
+            continue;
+        };
         let mut n = 1;
-        while i + n < pages.len() && pages[i + n] == start + n as u64 * PAGE_SIZE && in_batch + n < BATCH_PAGES {
+        while i + n < pages.len()
+            && pages[i + n] == start + n as u64 * PAGE_SIZE
+            && pages[i + n] < end
+            && in_batch + n < BATCH_PAGES
+        {
             n += 1;
         }
         i += n;
@@ -159,7 +195,13 @@ fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64]) -> Result<u64, M
         };
         buf.extend_from_slice(&start.to_le_bytes());
         buf.extend_from_slice(&(n as u32).to_le_bytes());
+        let at = buf.len();
         buf.extend_from_slice(bytes);
+        for (k, page) in buf[at..].chunks(PAGE_SIZE as usize).enumerate() {
+            if let Some(slot) = sent_map.slot(start + k as u64 * PAGE_SIZE) {
+                *slot = Some(crc32fast::hash(page));
+            }
+        }
         in_batch += n;
         sent += n as u64;
         if in_batch >= BATCH_PAGES {
@@ -174,14 +216,20 @@ fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64]) -> Result<u64, M
     Ok(sent)
 }
 
-/// Every non-zero page of every region (the first round).
-fn all_pages(vm: &VmShared) -> Vec<u64> {
+/// Every page whose contents differ from what the target holds (the first round: every
+/// non-zero page; with the VM paused, the final check that nothing was missed).
+fn changed_pages(vm: &VmShared, sent: &Sent) -> Vec<u64> {
     let guard = vm.mem.snapshot();
     let mut pages = Vec::new();
     for r in vm.mem.regions() {
         let Some(bytes) = vm.mem.host_range(&guard, r.gpa, r.len) else { continue };
+        let hashes = sent.regions.get(&r.serial).map(|(_, h)| h.as_slice()).unwrap_or(&[]);
         for (i, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
-            if !super::is_zero(page) {
+            let changed = match hashes.get(i).copied().flatten() {
+                None => !super::is_zero(page),
+                Some(h) => crc32fast::hash(page) != h,
+            };
+            if changed {
                 pages.push(r.gpa + i as u64 * PAGE_SIZE);
             }
         }
@@ -189,10 +237,12 @@ fn all_pages(vm: &VmShared) -> Vec<u64> {
     pages
 }
 
-fn send_regions(s: &mut UnixStream, vm: &VmShared) -> Result<(), MigrateError> {
-    let regions: Vec<WireRegion> =
-        vm.mem.regions().iter().map(|r| WireRegion { gpa: r.gpa, len: r.len, serial: r.serial }).collect();
-    Ok(write_msg(s, b'R', &json(&regions))?)
+fn send_regions(s: &mut UnixStream, vm: &VmShared, sent: &mut Sent) -> Result<(), MigrateError> {
+    let regions = vm.mem.regions();
+    sent.sync(&regions);
+    let wire: Vec<WireRegion> =
+        regions.iter().map(|r| WireRegion { gpa: r.gpa, len: r.len, serial: r.serial }).collect();
+    Ok(write_msg(s, b'R', &json(&wire))?)
 }
 
 /// Migrates `vm` to the receiver listening on `to`. On success the VM runs there and the
@@ -216,24 +266,28 @@ pub fn send(vm: &VmShared, to: &Path) -> Result<MigrateFigures, MigrateError> {
 
 fn pre_copy_and_switch(vm: &VmShared, s: &mut UnixStream, t0: Instant) -> Result<MigrateFigures, MigrateError> {
     // Round 1: everything held (the log collects what changes meanwhile).
-    send_regions(s, vm)?;
-    let mut pages_sent = send_pages(s, vm, &all_pages(vm))?;
+    let mut sent = Sent::default();
+    send_regions(s, vm, &mut sent)?;
+    let mut pages_sent = send_pages(s, vm, &changed_pages(vm, &sent), &mut sent)?;
     let mut rounds = 1;
     loop {
         let dirty = vm.mem.take_dirty(&vm.fd)?;
-        send_regions(s, vm)?;
-        pages_sent += send_pages(s, vm, &dirty)?;
+        send_regions(s, vm, &mut sent)?;
+        pages_sent += send_pages(s, vm, &dirty, &mut sent)?;
         rounds += 1;
         if dirty.len() < SMALL_ROUND || rounds >= MAX_ROUNDS {
             break;
         }
     }
-    // Stop and copy.
+    // Stop and copy: the pages logged since, then a check of every page against what was sent
+    // (a page the logs missed is sent too, and counted).
     let t_stop = Instant::now();
     let mut q = Quiesced::new(vm)?;
     let dirty = vm.mem.take_dirty(&vm.fd)?;
-    send_regions(s, vm)?;
-    pages_sent += send_pages(s, vm, &dirty)?;
+    send_regions(s, vm, &mut sent)?;
+    pages_sent += send_pages(s, vm, &dirty, &mut sent)?;
+    let missed = changed_pages(vm, &sent);
+    pages_sent += send_pages(s, vm, &missed, &mut sent)?;
     if let Some(v) = &vm.devices.vsock {
         for l in v.listeners().iter() {
             let meta = match l {
@@ -253,7 +307,7 @@ fn pre_copy_and_switch(vm: &VmShared, s: &mut UnixStream, t0: Instant) -> Result
     let (kind, payload, _) = read_msg(s, MAX_JSON)?;
     match kind {
         b'A' => {
-            q.keep_paused();
+            q.keep_stopped();
             if let Some(v) = &vm.devices.vsock {
                 v.handed_over();
             }
@@ -266,6 +320,7 @@ fn pre_copy_and_switch(vm: &VmShared, s: &mut UnixStream, t0: Instant) -> Result
             Ok(MigrateFigures {
                 rounds,
                 pages_sent,
+                missed_by_log: missed.len() as u64,
                 held_bytes,
                 downtime_us,
                 total_us: t0.elapsed().as_micros() as u64,

@@ -258,6 +258,7 @@ pub struct Quiesced<'a> {
     /// The online vCPUs' states.
     pub vcpus: Vec<VcpuState>,
     held: crate::devices::vsock::Held,
+    keep_held: bool,
     /// How long quiescing took.
     pub took: Duration,
 }
@@ -281,7 +282,7 @@ impl<'a> Quiesced<'a> {
             None => crate::devices::vsock::Held::default(),
         };
         match vm.capture_vcpus(QUIESCE_TIMEOUT) {
-            Ok(vcpus) => Ok(Quiesced { vm, was_paused, vcpus, held, took: t.elapsed() }),
+            Ok(vcpus) => Ok(Quiesced { vm, was_paused, vcpus, held, keep_held: false, took: t.elapsed() }),
             Err(e) => {
                 if let Some(v) = &vm.devices.vsock {
                     v.release();
@@ -316,15 +317,17 @@ impl<'a> Quiesced<'a> {
         self.vm
     }
 
-    /// Keeps the VM paused after the guard goes (a migrated VM must not run on).
-    pub fn keep_paused(&mut self) {
+    /// Keeps the VM paused and its device holding after the guard goes (a migrated VM must
+    /// not run on, nor accept clients from the listening sockets it handed over).
+    pub fn keep_stopped(&mut self) {
         self.was_paused = true;
+        self.keep_held = true;
     }
 }
 
 impl Drop for Quiesced<'_> {
     fn drop(&mut self) {
-        if let Some(v) = &self.vm.devices.vsock {
+        if let Some(v) = self.vm.devices.vsock.as_ref().filter(|_| !self.keep_held) {
             v.release();
         }
         if !self.was_paused {

@@ -512,9 +512,10 @@ impl Vsock {
     /// Stops the I/O thread (closing every connection) and waits for it.
     pub fn stop(&self) {
         let running = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.release();
         if let Some((handle, stop)) = running {
+            // Stop first, then release a hold: a held thread ends without serving again.
             let _ = stop.write(1);
+            self.release();
             let _ = handle.join();
         }
     }

@@ -384,7 +384,8 @@ impl Muxer {
             }
         }
         h.held = None;
-        true
+        // Released because the thread is to stop: stop before touching anything.
+        self.stop.read().is_err()
     }
 
     /// Milliseconds until the next timer (-1: none).
