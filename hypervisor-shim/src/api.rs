@@ -8,7 +8,7 @@
 //! | `PUT /api/v1/vms/{name}/policy` | `{"vcpus": "MIN:MAX:BURST", "memory": "MIN:MAX:BURST"}` (either) |
 //! | `PUT /api/v1/vms/{name}/pause`, `/resume`, `/stop` | lifecycle |
 //! | `PUT /api/v1/vms/{name}/snapshot` | `{"dir": "/abs/path"}`: save the VM there (it runs on) |
-//! | `PUT /api/v1/vms/{name}/migrate` | `{"to": "unix:PATH"}`: move it to `receive --listen` |
+//! | `PUT /api/v1/vms/{name}/migrate` | `{"to": "unix:PATH", "verify": false}`: move it to `receive --listen` |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request body), 404 (no such VM or path), 405
@@ -190,18 +190,29 @@ fn live(vm: &VmShared) -> Value {
     v
 }
 
+/// Adds `took_us`: how long the operation took inside the shim (pause: until every running
+/// vCPU left the guest).
+fn with_took(mut v: Value, since: std::time::Instant) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        o.insert("took_us".into(), (since.elapsed().as_micros() as u64).into());
+    }
+    v
+}
+
 fn act(vm: &VmShared, action: &str, body: &str) -> Reply {
     match action {
         "pause" => {
+            let t = std::time::Instant::now();
             if vm.pause(PAUSE_WAIT) {
-                Reply::json(200, &brief(vm))
+                Reply::json(200, &with_took(brief(vm), t))
             } else {
                 Reply::error(409, format!("VM '{}' is already paused", vm.name))
             }
         }
         "resume" => {
+            let t = std::time::Instant::now();
             if vm.resume() {
-                Reply::json(200, &brief(vm))
+                Reply::json(200, &with_took(brief(vm), t))
             } else {
                 Reply::error(409, format!("VM '{}' is not paused", vm.name))
             }
@@ -254,7 +265,8 @@ fn migrate(vm: &VmShared, body: &str) -> Reply {
     if vm.is_stopping() {
         return Reply::error(409, format!("VM '{}' is stopping", vm.name));
     }
-    match crate::snapshot::migrate::send(vm, Path::new(path)) {
+    let verify = serde_json::from_str::<Value>(body).ok().and_then(|v| v["verify"].as_bool()).unwrap_or(false);
+    match crate::snapshot::migrate::send(vm, Path::new(path), verify) {
         Ok(f) => {
             vm.finish(Outcome::Migrated { to: to.clone() });
             Reply::json(200, &serde_json::to_value(f).unwrap_or(Value::Null))

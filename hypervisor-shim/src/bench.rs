@@ -11,6 +11,7 @@ use std::time::Instant;
 use serde::Serialize;
 use thiserror::Error;
 
+mod lifecycle;
 mod services;
 mod serving;
 
@@ -111,7 +112,7 @@ pub struct BenchOptions {
 }
 
 /// The benchmark's sections, in the order they run.
-pub const SECTIONS: &[&str] = &["boot", "vcpus", "memory", "services", "serving"];
+pub const SECTIONS: &[&str] = &["boot", "vcpus", "memory", "services", "serving", "lifecycle"];
 
 impl BenchOptions {
     fn wants(&self, section: &str) -> bool {
@@ -285,6 +286,14 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result?;
+    if opts.wants("lifecycle") {
+        progress(&bar, "lifecycle (pause, snapshot, restore, migrate)");
+        let dir = lifecycle::work_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| BenchError::Write(dir.clone(), e))?;
+        let result = lifecycle::add(opts, &dir, &mut report);
+        let _ = std::fs::remove_dir_all(&dir);
+        result?;
+    }
     if let Some(b) = bar {
         b.finish_and_clear();
     }

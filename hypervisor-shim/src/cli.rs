@@ -149,7 +149,8 @@ struct BenchArgs {
     /// Kernel ELF to measure [default: the image built with this shim].
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
-    /// Measure only these sections (repeatable): boot, vcpus, memory, services, serving.
+    /// Measure only these sections (repeatable): boot, vcpus, memory, services, serving,
+    /// lifecycle.
     #[arg(long, value_name = "SECTION", value_parser = clap::builder::PossibleValuesParser::new(bench::SECTIONS))]
     only: Vec<String>,
 }

@@ -80,6 +80,11 @@ pub enum Verb {
         /// The receiver's socket, `unix:PATH`.
         #[arg(long, value_name = "unix:PATH")]
         to: String,
+        /// After the last copy, compare every held page with what was sent and send any the
+        /// dirty logs missed (counted in `missed_by_log`; adds the time to read all memory to
+        /// the downtime).
+        #[arg(long)]
+        verify: bool,
     },
 }
 
@@ -184,13 +189,13 @@ pub fn command(args: &CtlArgs) -> u8 {
             let dir = std::path::absolute(to).unwrap_or_else(|_| to.clone());
             ("PUT", format!("/api/v1/vms/{vm}/snapshot"), serde_json::json!({ "dir": dir }).to_string())
         }
-        Verb::Migrate { vm, to } => {
+        Verb::Migrate { vm, to, verify } => {
             let Some(path) = to.strip_prefix("unix:") else {
                 eprintln!("hypervisor-shim: ctl migrate: --to must be unix:PATH (got {to})");
                 return exit::USAGE;
             };
             let abs = std::path::absolute(path).unwrap_or_else(|_| PathBuf::from(path));
-            let body = serde_json::json!({ "to": format!("unix:{}", abs.display()) }).to_string();
+            let body = serde_json::json!({ "to": format!("unix:{}", abs.display()), "verify": verify }).to_string();
             ("PUT", format!("/api/v1/vms/{vm}/migrate"), body)
         }
     };

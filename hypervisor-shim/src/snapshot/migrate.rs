@@ -12,6 +12,9 @@
 //!    holding), sends the last dirty pages, the region list, the published listening sockets
 //!    (as file descriptors: clients keep connecting to the same socket, and wait in its
 //!    backlog meanwhile) and the state;
+//!    With `verify`, every held page is then compared (CRC-32) with what was sent, and a
+//!    page the logs missed is sent too and counted (`missed_by_log`; it costs downtime: the
+//!    whole memory is read while the VM is stopped);
 //! 4. waits for the target to say its VM is built. Then the source's VM ends (exit reason
 //!    `migrated`) and the target's vCPUs start. If anything fails before that, the source
 //!    resumes and the target gives up.
@@ -81,8 +84,9 @@ pub struct MigrateFigures {
     pub rounds: u32,
     /// Pages sent in all.
     pub pages_sent: u64,
-    /// Pages the final check found changed although no dirty log reported them (sent too).
-    pub missed_by_log: u64,
+    /// With `verify`: pages the final check found changed although no dirty log reported
+    /// them (sent too); 0 means the logs caught every write.
+    pub missed_by_log: Option<u64>,
     /// Memory the VM held (bytes).
     pub held_bytes: u64,
     /// Time the VM did not run: quiesce to the target's answer (µs).
@@ -247,7 +251,7 @@ fn send_regions(s: &mut UnixStream, vm: &VmShared, sent: &mut Sent) -> Result<()
 
 /// Migrates `vm` to the receiver listening on `to`. On success the VM runs there and the
 /// caller ends it here; on failure it keeps running here.
-pub fn send(vm: &VmShared, to: &Path) -> Result<MigrateFigures, MigrateError> {
+pub fn send(vm: &VmShared, to: &Path, verify: bool) -> Result<MigrateFigures, MigrateError> {
     if vm.config.on_demand {
         return Err(MigrateError::Protocol("an on-demand VM cannot be migrated".into()));
     }
@@ -257,14 +261,19 @@ pub fn send(vm: &VmShared, to: &Path) -> Result<MigrateFigures, MigrateError> {
     let hello = Hello { format: super::FORMAT_VERSION, abi_version: hypercall_abi::ABI_VERSION, layout: vm.layout };
     write_msg(&mut s, b'H', &json(&hello))?;
     vm.mem.set_dirty_logging(&vm.fd, true)?;
-    let result = pre_copy_and_switch(vm, &mut s, t0);
+    let result = pre_copy_and_switch(vm, &mut s, t0, verify);
     if result.is_err() {
         let _ = vm.mem.set_dirty_logging(&vm.fd, false);
     }
     result
 }
 
-fn pre_copy_and_switch(vm: &VmShared, s: &mut UnixStream, t0: Instant) -> Result<MigrateFigures, MigrateError> {
+fn pre_copy_and_switch(
+    vm: &VmShared,
+    s: &mut UnixStream,
+    t0: Instant,
+    verify: bool,
+) -> Result<MigrateFigures, MigrateError> {
     // Round 1: everything held (the log collects what changes meanwhile).
     let mut sent = Sent::default();
     send_regions(s, vm, &mut sent)?;
@@ -279,15 +288,17 @@ fn pre_copy_and_switch(vm: &VmShared, s: &mut UnixStream, t0: Instant) -> Result
             break;
         }
     }
-    // Stop and copy: the pages logged since, then a check of every page against what was sent
-    // (a page the logs missed is sent too, and counted).
+    // Stop and copy: the pages logged since; with `verify`, then a check of every page
+    // against what was sent (a page the logs missed is sent too, and counted).
     let t_stop = Instant::now();
     let mut q = Quiesced::new(vm)?;
     let dirty = vm.mem.take_dirty(&vm.fd)?;
     send_regions(s, vm, &mut sent)?;
     pages_sent += send_pages(s, vm, &dirty, &mut sent)?;
-    let missed = changed_pages(vm, &sent);
-    pages_sent += send_pages(s, vm, &missed, &mut sent)?;
+    let missed = if verify { Some(changed_pages(vm, &sent)) } else { None };
+    if let Some(m) = &missed {
+        pages_sent += send_pages(s, vm, m, &mut sent)?;
+    }
     if let Some(v) = &vm.devices.vsock {
         for l in v.listeners().iter() {
             let meta = match l {
@@ -320,7 +331,7 @@ fn pre_copy_and_switch(vm: &VmShared, s: &mut UnixStream, t0: Instant) -> Result
             Ok(MigrateFigures {
                 rounds,
                 pages_sent,
-                missed_by_log: missed.len() as u64,
+                missed_by_log: missed.map(|m| m.len() as u64),
                 held_bytes,
                 downtime_us,
                 total_us: t0.elapsed().as_micros() as u64,
