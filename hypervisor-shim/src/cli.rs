@@ -487,7 +487,18 @@ fn resume_vm(
         progress: false,
         api_sock: args.api_sock.clone(),
     };
-    let result = match runner::run(&spec, started) {
+    run_one_vm(&spec, started, started_monotonic_ns, args.summary.as_ref(), None)
+}
+
+/// Runs a one-VM spec: prints the diagnosis, writes the outputs asked for, returns the exit code.
+fn run_one_vm(
+    spec: &RunSpec,
+    started: Instant,
+    started_monotonic_ns: u64,
+    summary: Option<&PathBuf>,
+    plot: Option<&std::path::Path>,
+) -> ExitCode {
+    let result = match runner::run(spec, started) {
         Ok(r) => r,
         Err(e) => return fail(e.exit_code(), e),
     };
@@ -498,8 +509,8 @@ fn resume_vm(
         eprintln!("hypervisor-shim: {}", d.trim_end());
     }
     let code = vm.report.outcome.exit_code();
-    let summary = args.summary.as_ref().map(|path| (path, vm.summary(started_monotonic_ns)));
-    ExitCode::from(write_outputs(code, summary, None, &result))
+    let summary = summary.map(|path| (path, vm.summary(started_monotonic_ns)));
+    ExitCode::from(write_outputs(code, summary, plot, &result))
 }
 
 /// The idle time before an on-demand VM stops, when `--idle-shutdown` is not given.
@@ -551,19 +562,7 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
         progress: false,
         api_sock: args.api_sock.clone(),
     };
-    let result = match runner::run(&spec, started) {
-        Ok(r) => r,
-        Err(e) => return fail(e.exit_code(), e),
-    };
-    let Some(vm) = result.vms.first() else {
-        return fail(exit::INTERNAL, "the run produced no result");
-    };
-    if let Some(d) = vm.report.outcome.diagnosis() {
-        eprintln!("hypervisor-shim: {}", d.trim_end());
-    }
-    let code = vm.report.outcome.exit_code();
-    let summary = args.summary.as_ref().map(|path| (path, vm.summary(started_monotonic_ns)));
-    ExitCode::from(write_outputs(code, summary, args.plot.as_deref(), &result))
+    run_one_vm(&spec, started, started_monotonic_ns, args.summary.as_ref(), args.plot.as_deref())
 }
 
 /// Writes the summary and the plot a run asked for; an output that cannot be written turns the
