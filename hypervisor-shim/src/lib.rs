@@ -12,6 +12,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod ctl;
 pub mod demo;
 pub mod devices;

@@ -137,6 +137,8 @@ pub struct Summary {
     /// A restored or migrated VM: shim start to the VM ready to run (µs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_us: Option<u64>,
+    /// Guest console bytes dropped because the shim's output was not read fast enough.
+    pub console_dropped_bytes: u64,
     /// Shim process start to the end of the run, in µs.
     pub wall_us: u64,
     /// CLOCK_MONOTONIC (ns) at shim `main` entry, so an external tool can add the process
@@ -270,6 +272,7 @@ impl Summary {
             exit_reason: report.outcome.reason().to_string(),
             boot_us: report.boot.map(|d| d.as_micros() as u64),
             restore_us: report.restored.map(|d| d.as_micros() as u64),
+            console_dropped_bytes: report.console_dropped,
             wall_us: report.wall.as_micros() as u64,
             started_monotonic_ns,
             hypercalls: report.hypercalls,

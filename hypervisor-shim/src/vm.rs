@@ -370,7 +370,7 @@ pub struct VmShared {
     /// Paravirtual devices.
     pub devices: crate::devices::Devices,
     notices: Mutex<Notices>,
-    console: Mutex<Box<dyn Write + Send>>,
+    console: crate::console::Console,
     state: Mutex<RunState>,
     ended: Condvar,
     /// The service it runs.
@@ -450,7 +450,7 @@ impl VmShared {
             policy,
             devices,
             notices: Mutex::new(Notices::default()),
-            console: Mutex::new(console),
+            console: crate::console::Console::new(&config.name, console),
             state: Mutex::new(RunState { outcome: None, threads: Vec::new() }),
             ended: Condvar::new(),
         }
@@ -482,11 +482,9 @@ impl VmShared {
         vsock.start(&config.name, self.mem.clone(), endpoints, wake, idle).map_err(|e| VmError::Device(e.to_string()))
     }
 
-    /// Writes guest console bytes to the shim's standard output.
+    /// Hands guest console bytes to the console thread (never blocks; see [`crate::console`]).
     pub fn console_write(&self, bytes: &[u8]) {
-        let mut out = self.console.lock().unwrap_or_else(|p| p.into_inner());
-        // A closed stdout must not stop the guest; the bytes are dropped.
-        let _ = out.write_all(bytes).and_then(|_| out.flush());
+        self.console.write(bytes);
         self.stats.console_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     }
 
@@ -657,6 +655,7 @@ impl VmShared {
             exhausted: self.policy.answers.exhausted.load(Ordering::Relaxed),
             invariants: self.policy.invariants(),
             vsock: self.devices.vsock.as_ref().map(|v| v.shared.stats.figures()),
+            console_dropped: self.console.dropped(),
         }
     }
 
@@ -804,6 +803,8 @@ pub struct RunReport {
     pub invariants: crate::governor::Invariants,
     /// The request channel's figures.
     pub vsock: Option<crate::devices::vsock::VsockFigures>,
+    /// Guest console bytes dropped because nobody read the shim's output fast enough.
+    pub console_dropped: u64,
 }
 
 impl RunReport {
@@ -831,6 +832,7 @@ impl RunReport {
             exhausted: 0,
             invariants: crate::governor::Invariants::default(),
             vsock: None,
+            console_dropped: 0,
         }
     }
 }
@@ -1160,6 +1162,7 @@ impl Vm {
         }
         let outcome = shared.state().outcome.clone().unwrap_or(Outcome::Internal("no outcome recorded".into()));
         shared.record("end", detail([("exit_code", outcome.exit_code().into())]));
+        shared.console.finish(crate::console::DRAIN_TIMEOUT);
         shared.policy.pool.leave(shared.policy.member);
         shared.report(outcome)
     }
