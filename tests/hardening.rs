@@ -67,10 +67,21 @@ fn a_full_stdout_pipe_neither_hangs_the_run_nor_defeats_the_timeout() {
     assert_eq!(code, Some(0), "{err}");
     assert!(secs < 6.0, "took {secs:.1} s");
     // A guest that never ends still stops at --timeout 3.
-    let (code, secs, err) = run_into_full_pipe(
-        &["run", "--app", "spin", "--timeout", "3", "--", "1000000000000"],
-        Duration::from_secs(15),
-    );
+    let (code, secs, err) =
+        run_into_full_pipe(&["run", "--app", "spin", "--timeout", "3", "--", "1000000000000"], Duration::from_secs(15));
     assert_eq!(code, Some(76), "the timeout holds: {err}");
     assert!((2.5..9.0).contains(&secs), "stopped after {secs:.1} s");
+}
+
+#[test]
+fn hypercalls_naming_the_region_below_the_kernel_get_invalid_and_boot_info_stays_intact() {
+    require_kvm();
+    let out = Command::new(SHIM)
+        .args(["run", "--app", "hostile", "--memory", "64M:128M:128M", "--timeout", "60"])
+        .output()
+        .expect("the shim runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("hostile: boot info intact after 70 calls below the kernel"), "{stdout}");
+    assert!(stdout.contains(", 0 failed"), "{stdout}");
 }

@@ -62,8 +62,19 @@ pub fn dispatch(vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, call: Option<u32>, g
     }
 }
 
+/// Whether the guest may name `[gpa, gpa + len)` as a hypercall block, buffer or extent
+/// array: guest RAM at or above [`KERNEL_MIN_LOAD_ADDR`]. Below it lie the shim's GDT, TSS,
+/// IDT, exception stubs, page tables, boot info, command line and notice page, which no call
+/// may read or overwrite (the guest-protected region, docs/abi.md).
+pub fn guest_range(vm: &VmShared, gpa: u64, len: u64) -> bool {
+    gpa >= KERNEL_MIN_LOAD_ADDR && vm.mem.is_ram(gpa, len)
+}
+
 /// Copies the block in, runs `f` on the copy, writes the copy (with its status) back.
 fn serve<T: ArgBlock>(vm: &VmShared, gpa: u64, f: impl FnOnce(&mut T) -> (Status, Flow)) -> (Status, Flow) {
+    if !guest_range(vm, gpa, size_of::<T>() as u64) {
+        return (Status::INVALID, Flow::Continue);
+    }
     let Ok(mut block) = vm.mem.read_obj::<T>(gpa) else {
         return (Status::INVALID, Flow::Continue);
     };
@@ -74,9 +85,11 @@ fn serve<T: ArgBlock>(vm: &VmShared, gpa: u64, f: impl FnOnce(&mut T) -> (Status
     (status, flow)
 }
 
-/// Writes `status` into the header at `gpa` if that is guest RAM.
+/// Writes `status` into the header at `gpa` if the guest may name it.
 fn write_status_only(vm: &VmShared, gpa: u64, status: Status) -> Status {
-    let _ = vm.mem.write_obj(gpa, &status.0);
+    if guest_range(vm, gpa, size_of::<i32>() as u64) {
+        let _ = vm.mem.write_obj(gpa, &status.0);
+    }
     status
 }
 
@@ -100,6 +113,9 @@ fn console_write(vm: &VmShared, a: &mut ConsoleWriteArgs) -> (Status, Flow) {
     if a.len > CONSOLE_WRITE_MAX {
         return (Status::INVALID, Flow::Continue);
     }
+    if !guest_range(vm, a.buf, a.len) {
+        return (Status::INVALID, Flow::Continue);
+    }
     match vm.mem.read_vec(a.buf, a.len) {
         Ok(bytes) => {
             vm.console_write(&bytes);
@@ -120,7 +136,7 @@ fn shutdown(a: &mut ShutdownArgs) -> (Status, Flow) {
 /// `true` when `[addr, addr + len)` is guest RAM the kernel may use (not the platform's first
 /// 2 MiB).
 fn kernel_ram(vm: &VmShared, addr: u64, len: u64) -> bool {
-    addr >= KERNEL_MIN_LOAD_ADDR && vm.mem.read_vec(addr, len).is_ok()
+    guest_range(vm, addr, len)
 }
 
 fn vcpu_up(vm: &Arc<VmShared>, a: &mut VcpuUpArgs) -> (Status, Flow) {
@@ -208,7 +224,7 @@ fn mem_grant(vm: &VmShared, a: &mut MemGrantArgs) -> (Status, Flow) {
     a.count = 0;
     a.granted = 0;
     let array_len = u64::from(a.max_extents) * size_of::<Extent>() as u64;
-    if a.bytes == 0 || a.max_extents == 0 || a.max_extents > MEM_EXTENTS_MAX || !vm.mem.is_ram(a.extents, array_len) {
+    if a.bytes == 0 || a.max_extents == 0 || a.max_extents > MEM_EXTENTS_MAX || !guest_range(vm, a.extents, array_len) {
         return (Status::INVALID, Flow::Continue);
     }
     // Policy (never above the ceiling: burst, or max without credit / during a reclaim), then
@@ -257,7 +273,11 @@ fn mem_release(vm: &VmShared, a: &mut MemReleaseArgs) -> (Status, Flow) {
     if a.count == 0 || a.count > MEM_EXTENTS_MAX {
         return (Status::INVALID, Flow::Continue);
     }
-    let Ok(raw) = vm.mem.read_vec(a.extents, u64::from(a.count) * size_of::<Extent>() as u64) else {
+    let array_len = u64::from(a.count) * size_of::<Extent>() as u64;
+    if !guest_range(vm, a.extents, array_len) {
+        return (Status::INVALID, Flow::Continue);
+    }
+    let Ok(raw) = vm.mem.read_vec(a.extents, array_len) else {
         return (Status::INVALID, Flow::Continue);
     };
     let extents: Vec<Extent> =

@@ -154,6 +154,10 @@ impl PvDevice {
             return Err(bad(format!("size {size} is not a power of two up to {}", self.queue_max_size)));
         }
         queue.try_set_size(size).map_err(|e| bad(format!("size {size}: {e:?}")))?;
+        // Rings live in the kernel's RAM, never in the guest-protected region below it.
+        if [q.desc, q.driver, q.device].iter().any(|&a| a < hypercall_abi::KERNEL_MIN_LOAD_ADDR) {
+            return Err(bad("a ring lies below the kernel (the guest-protected region)".into()));
+        }
         queue.try_set_desc_table_address(GuestAddress(q.desc)).map_err(|e| bad(format!("descriptors: {e:?}")))?;
         queue.try_set_avail_ring_address(GuestAddress(q.driver)).map_err(|e| bad(format!("driver ring: {e:?}")))?;
         queue.try_set_used_ring_address(GuestAddress(q.device)).map_err(|e| bad(format!("device ring: {e:?}")))?;

@@ -109,6 +109,38 @@ fn memory_checks(c: &mut Checks, has_window: bool) {
     c.expect("MEM_RELEASE of an already released extent", release(&ext[..n as usize]), Status::INVALID);
 }
 
+/// Calls whose block, buffer or extent array lies below the kernel (GDT, IDT, page tables,
+/// boot info, notice page) must be refused with INVALID, and nothing there may change.
+fn protected_checks(c: &mut Checks) {
+    let info = hypercall_abi::BOOT_INFO_ADDR as *const u8;
+    let len = core::mem::size_of::<hypercall_abi::BootInfo>();
+    let read_info = || -> alloc::vec::Vec<u8> {
+        // SAFETY: boot info is identity-mapped and readable at CPL 3 (the runtime reads it at
+        // boot); this only copies it.
+        (0..len).map(|i| unsafe { info.add(i).read_volatile() }).collect()
+    };
+    let before = read_info();
+    let protected =
+        [0u64, 0x1000, 0x2000, hypercall_abi::BOOT_INFO_ADDR, hypercall_abi::NOTICE_ADDR, 0x10_0000, 0x1f_fff0];
+    for gpa in protected {
+        for call in [Call::Ping, Call::Events, Call::Report, Call::Shutdown, Call::Hello, Call::Block] {
+            c.expect("a block below the kernel", raw(call.number(), gpa), Status::INVALID);
+        }
+        let _ = raw(999, gpa);
+        let mut w = ConsoleWriteArgs::new(gpa, 16);
+        c.expect("CONSOLE_WRITE of a buffer below the kernel", call(&mut w), Status::INVALID);
+        let mut g = MemGrantArgs::new(2 << 20, gpa, 1);
+        c.expect("MEM_GRANT with its array below the kernel", call(&mut g), Status::INVALID);
+        let mut r = MemReleaseArgs::new(gpa, 1);
+        c.expect("MEM_RELEASE with its array below the kernel", call(&mut r), Status::INVALID);
+    }
+    let intact = read_info() == before;
+    c.expect("boot info intact after the calls", if intact { Status::OK } else { Status::INVALID }, Status::OK);
+    if intact {
+        println!("hostile: boot info intact after {} calls below the kernel", protected.len() * 10);
+    }
+}
+
 fn main(env: &Env) -> u32 {
     if env.hello.is_none() {
         println!("hostile: needs the shim (no host answered HELLO)");
@@ -156,6 +188,7 @@ fn main(env: &Env) -> u32 {
     }
     c.expect("1-byte out to the hypercall port", Status(eax as i32), Status::INVALID);
     memory_checks(&mut c, env.boot.window_size > 0);
+    protected_checks(&mut c);
     // The VM is still healthy: a normal call works.
     c.expect("a normal call afterwards", raw::ping(), Status::OK);
     println!("hostile: {} checks passed, {} failed", c.passed, c.failed);

@@ -160,6 +160,14 @@ impl Conn {
     }
 }
 
+/// Whether every buffer of `chain` lies at or above the kernel's load address (the device
+/// never reads or writes the guest-protected region).
+fn chain_in_kernel_ram<M: vm_memory::GuestMemory, T: std::ops::Deref<Target = M> + Clone>(
+    chain: &virtio_queue::DescriptorChain<T>,
+) -> bool {
+    chain.clone().all(|d| d.addr().0 >= hypercall_abi::KERNEL_MIN_LOAD_ADDR)
+}
+
 /// A control packet to send.
 #[derive(Debug, Clone, Copy)]
 struct Control {
@@ -633,6 +641,11 @@ impl Muxer {
                 self.tx_suppressed = true;
             }
             let head = chain.head_index();
+            if !chain_in_kernel_ram(&chain) {
+                shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                let _ = queues.tx.add_used(mem, head, 0);
+                continue;
+            }
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PACKET_DATA) {
                 Ok(pkt) => self.handle_tx(&pkt),
                 Err(_) => {
@@ -987,6 +1000,9 @@ impl Muxer {
         };
         let Some(mut chain) = chain else { return Delivery::NoBuffer };
         let head = chain.head_index();
+        if !chain_in_kernel_ram(&chain) {
+            return Delivery::Broken("a receive buffer lies below the kernel (the guest-protected region)".into());
+        }
         let (used, bytes) = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PACKET_DATA) {
             Ok(mut pkt) => {
                 let (guest_port, host_port, kind, flags, data) = match out {
