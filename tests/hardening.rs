@@ -85,3 +85,43 @@ fn hypercalls_naming_the_region_below_the_kernel_get_invalid_and_boot_info_stays
     assert!(stdout.contains("hostile: boot info intact after 70 calls below the kernel"), "{stdout}");
     assert!(stdout.contains(", 0 failed"), "{stdout}");
 }
+
+/// Runs `flood ARGS` with a timeline file; returns the summary.
+fn flood(name: &str, args: &[&str]) -> serde_json::Value {
+    require_kvm();
+    let dir = common::temp_dir(name);
+    let summary = dir.join("summary.json");
+    let timeline = dir.join("timeline.jsonl");
+    let mut all = vec!["run", "--app", "flood", "--memory", "64M:66M:66M", "--timeout", "600"];
+    let (s, t) = (summary.to_str().expect("utf-8"), timeline.to_str().expect("utf-8"));
+    all.extend(["--summary", s, "--timeline", t, "--"]);
+    all.extend(args);
+    let out = Command::new(SHIM).args(&all).output().expect("the shim runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(", 0 not OK"), "every call answered OK: {stdout}");
+    common::read_json(&summary)
+}
+
+fn rss_growth(s: &serde_json::Value) -> i64 {
+    let rss = &s["host_rss_bytes"];
+    rss["end"].as_i64().expect("end") - rss["boot"].as_i64().expect("boot")
+}
+
+#[test]
+fn a_million_reports_leave_the_shim_rss_flat() {
+    let s = flood("flood-reports", &["reports", "1000000"]);
+    assert_eq!(s["reports"], 1_000_000);
+    assert!(s["reports_not_recorded"].as_u64() > Some(0), "REPORTs above the rate are not recorded: {s}");
+    let grew = rss_growth(&s);
+    assert!(grew < 16 << 20, "RSS grew by {} KiB over 10^6 REPORTs", grew >> 10);
+}
+
+#[test]
+fn a_hundred_thousand_grant_release_pairs_leave_the_shim_rss_flat() {
+    let s = flood("flood-grants", &["grants", "100000"]);
+    assert_eq!(s["memory_bytes"]["grants"], 100_000, "{s}");
+    assert_eq!(s["memory_bytes"]["final"], 64 << 20, "{s}");
+    let grew = rss_growth(&s);
+    assert!(grew < 16 << 20, "RSS grew by {} KiB over 10^5 grant/release pairs", grew >> 10);
+}

@@ -477,6 +477,10 @@ impl Extent {
 /// Most extents one MEM_GRANT returns or one MEM_RELEASE takes.
 pub const MEM_EXTENTS_MAX: u32 = 64;
 
+/// Most extents a VM holds at once (each is a host mapping and a KVM memory slot). A grant at
+/// the limit is `DENIED`; a grant near it returns fewer extents (a partial grant).
+pub const EXTENTS_HELD_MAX: u32 = 1024;
+
 /// [`Call::MemGrant`]: ask for `bytes` more memory.
 ///
 /// `bytes` is rounded up to a multiple of 2 MiB. The host answers with up to `max_extents`
@@ -484,7 +488,8 @@ pub const MEM_EXTENTS_MAX: u32 = 64;
 /// immediately usable (the boot page tables already map the whole hot-plug window).
 /// Statuses: `OK` with `granted <= bytes` (a partial grant is reported in `granted`);
 /// `DENIED` when the policy allows nothing more (burst reached, or above max without burst
-/// credit); `EXHAUSTED` when the host pool has no room; `INVALID` when `bytes` is 0,
+/// credit) or the VM already holds [`EXTENTS_HELD_MAX`] extents; `EXHAUSTED` when the host
+/// pool (or the host's memory slots) has no room; `INVALID` when `bytes` is 0,
 /// `max_extents` is 0 or above [`MEM_EXTENTS_MAX`], or the array is not in guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]

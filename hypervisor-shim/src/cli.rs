@@ -486,6 +486,7 @@ fn resume_vm(
         console: ConsoleMode::Stdout,
         progress: false,
         api_sock: args.api_sock.clone(),
+        keep_timeline: false,
     };
     run_one_vm(&spec, started, started_monotonic_ns, args.summary.as_ref(), None)
 }
@@ -561,6 +562,7 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
         console: ConsoleMode::Stdout,
         progress: false,
         api_sock: args.api_sock.clone(),
+        keep_timeline: args.plot.is_some(),
     };
     run_one_vm(&spec, started, started_monotonic_ns, args.summary.as_ref(), args.plot.as_deref())
 }
@@ -647,6 +649,7 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
         console: if args.quiet { ConsoleMode::Capture { echo: false } } else { ConsoleMode::Prefixed },
         progress: true,
         api_sock: args.api_sock.clone(),
+        keep_timeline: args.plot.is_some(),
     };
     let result = match runner::run(&spec, started) {
         Ok(r) => r,

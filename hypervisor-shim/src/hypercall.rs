@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use hypercall_abi::{
     ABI_VERSION, ArgBlock, BLOCK_FOREVER, BlockArgs, CONSOLE_WRITE_MAX, Call, ConsoleWriteArgs, EXTENT_ALIGN,
-    EventsArgs, Extent, HelloArgs, KERNEL_MIN_LOAD_ADDR, KickArgs, MEM_EXTENTS_MAX, MemGrantArgs, MemReleaseArgs,
-    PingArgs, ReportArgs, SHUTDOWN_CODE_MAX, ShutdownArgs, Status, VcpuUpArgs, wake,
+    EXTENTS_HELD_MAX, EventsArgs, Extent, HelloArgs, KERNEL_MIN_LOAD_ADDR, KickArgs, MEM_EXTENTS_MAX, MemGrantArgs,
+    MemReleaseArgs, PingArgs, ReportArgs, SHUTDOWN_CODE_MAX, ShutdownArgs, Status, VcpuUpArgs, wake,
 };
 use serde_json::Value;
 use zerocopy::{FromBytes, IntoBytes};
@@ -54,7 +54,7 @@ pub fn dispatch(vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, call: Option<u32>, g
         Call::Block => serve(vm, gpa, |a: &mut BlockArgs| block(vm, ctl, a)),
         Call::Kick => serve(vm, gpa, |a: &mut KickArgs| kick(vm, a)),
         Call::Events => serve(vm, gpa, |a: &mut EventsArgs| events(vm, a)),
-        Call::Report => serve(vm, gpa, |a: &mut ReportArgs| report(vm, a)),
+        Call::Report => serve(vm, gpa, |a: &mut ReportArgs| report(vm, ctl, a)),
         Call::MemGrant => serve(vm, gpa, |a: &mut MemGrantArgs| mem_grant(vm, a)),
         Call::MemRelease => serve(vm, gpa, |a: &mut MemReleaseArgs| mem_release(vm, a)),
         // No block: `gpa` (rdi) carries the device and queue.
@@ -205,8 +205,13 @@ fn events(vm: &VmShared, a: &mut EventsArgs) -> (Status, Flow) {
     (Status::OK, Flow::Continue)
 }
 
-fn report(vm: &VmShared, a: &mut ReportArgs) -> (Status, Flow) {
+fn report(vm: &VmShared, ctl: &VcpuControl, a: &mut ReportArgs) -> (Status, Flow) {
     vm.stats.reports.fetch_add(1, Ordering::Relaxed);
+    if !ctl.report_allowed(vm.started.elapsed().as_secs()) {
+        // Answered, counted, not recorded: a flood of REPORTs costs the host nothing more.
+        vm.stats.reports_not_recorded.fetch_add(1, Ordering::Relaxed);
+        return (Status::OK, Flow::Continue);
+    }
     let figures: [(&str, Value); 7] = [
         ("host_cpu_us", crate::summary::process_cpu_us().into()),
         ("runnable", a.runnable.into()),
@@ -235,7 +240,14 @@ fn mem_grant(vm: &VmShared, a: &mut MemGrantArgs) -> (Status, Flow) {
         Ok(n) => n,
         Err(status) => return (status, Flow::Continue),
     };
-    let extents = match vm.mem.grant(&vm.fd, reserved, a.max_extents as usize) {
+    // A VM holds a bounded number of extents (host mappings, KVM slots, shim records).
+    let room = (EXTENTS_HELD_MAX as usize).saturating_sub(vm.mem.extent_count());
+    if room == 0 {
+        vm.policy.give_back(Resource::Memory, reserved);
+        vm.stats.denied.fetch_add(1, Ordering::Relaxed);
+        return (Status::DENIED, Flow::Continue);
+    }
+    let extents = match vm.mem.grant(&vm.fd, reserved, (a.max_extents as usize).min(room)) {
         Ok(e) => e,
         Err(e) => {
             vm.policy.give_back(Resource::Memory, reserved);

@@ -282,6 +282,11 @@ impl GuestMemory {
         self.held.load(Ordering::Acquire)
     }
 
+    /// Number of granted extents now.
+    pub fn extent_count(&self) -> usize {
+        self.hotplug().granted.len()
+    }
+
     /// Granted extents now.
     pub fn extents(&self) -> Vec<Extent> {
         self.hotplug().granted.iter().map(|(&base, g)| Extent { base, len: g.len }).collect()

@@ -118,6 +118,8 @@ pub struct RunSpec {
     pub progress: bool,
     /// Serve the control API on this Unix socket.
     pub api_sock: Option<PathBuf>,
+    /// Keep the timeline in memory (a plot is drawn from it).
+    pub keep_timeline: bool,
 }
 
 /// One VM's result.
@@ -257,10 +259,11 @@ fn raise_open_file_limit() {
 /// Runs every VM of `spec` to its end.
 pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     let kvm = open_kvm()?;
-    let timeline = Timeline::new(started, spec.timeline.as_deref()).map_err(|source| RunError::Timeline {
-        path: spec.timeline.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
-        source,
-    })?;
+    let timeline =
+        Timeline::new(started, spec.timeline.as_deref(), spec.keep_timeline).map_err(|source| RunError::Timeline {
+            path: spec.timeline.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            source,
+        })?;
     let timeline = Arc::new(timeline);
     let pool = Arc::new(Pool::new(spec.capacity));
     raise_open_file_limit();

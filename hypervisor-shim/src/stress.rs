@@ -284,6 +284,7 @@ fn spec_for(s: &Scenario, kernel: &Path, out: &Path) -> RunSpec {
         console: ConsoleMode::Capture { echo: false },
         progress: false,
         api_sock: None,
+        keep_timeline: true,
     }
 }
 

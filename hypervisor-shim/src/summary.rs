@@ -160,6 +160,8 @@ pub struct Summary {
     pub denied: u64,
     /// REPORT calls.
     pub reports: u64,
+    /// REPORT calls above 1000 per second per vCPU: answered, not recorded.
+    pub reports_not_recorded: u64,
     /// CPU time the shim process used (user + system), in µs.
     pub host_cpu_us: u64,
     /// Memory figures.
@@ -292,6 +294,7 @@ impl Summary {
             },
             denied: report.denied,
             reports: report.reports,
+            reports_not_recorded: report.reports_not_recorded,
             host_cpu_us: process_cpu_us(),
             memory_bytes: MemorySummary {
                 min: memory.min,

@@ -31,23 +31,35 @@ pub struct Line {
     pub detail: Map<String, Value>,
 }
 
-/// A timeline sink; a no-op unless `--timeline` was given. Lines are also kept in memory for
-/// plots and checks.
+/// Most lines kept in memory (for a plot); later ones go only to the file, and are counted.
+pub const MAX_KEPT_LINES: usize = 200_000;
+
+/// A timeline sink: lines stream to the `--timeline` file (a bounded buffer), and are kept in
+/// memory only when a plot needs them, at most [`MAX_KEPT_LINES`]. A guest cannot grow the
+/// shim's memory through it.
 #[derive(Debug)]
 pub struct Timeline {
     started: Instant,
     file: Option<Mutex<BufWriter<File>>>,
+    keep: bool,
     lines: Mutex<Vec<Line>>,
+    not_kept: std::sync::atomic::AtomicU64,
 }
 
 impl Timeline {
-    /// A timeline counting from `started`, writing to `path` when given.
-    pub fn new(started: Instant, path: Option<&Path>) -> std::io::Result<Timeline> {
+    /// A timeline counting from `started`, writing to `path` when given, keeping lines in
+    /// memory when `keep` (a plot will be drawn).
+    pub fn new(started: Instant, path: Option<&Path>, keep: bool) -> std::io::Result<Timeline> {
         let file = match path {
             Some(p) => Some(Mutex::new(BufWriter::new(File::create(p)?))),
             None => None,
         };
-        Ok(Timeline { started, file, lines: Mutex::new(Vec::new()) })
+        Ok(Timeline { started, file, keep, lines: Mutex::new(Vec::new()), not_kept: Default::default() })
+    }
+
+    /// Lines not kept in memory because [`MAX_KEPT_LINES`] were (0 unless a plot was asked for).
+    pub fn not_kept(&self) -> u64 {
+        self.not_kept.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// µs since the start.
@@ -57,6 +69,9 @@ impl Timeline {
 
     /// Records one event.
     pub fn record(&self, vm: &str, event: &str, vcpus: u32, memory_bytes: u64, detail: Map<String, Value>) {
+        if self.file.is_none() && !self.keep {
+            return;
+        }
         let line =
             Line { t_us: self.now_us(), vm: vm.to_string(), event: event.to_string(), vcpus, memory_bytes, detail };
         if let Some(f) = &self.file {
@@ -66,7 +81,14 @@ impl Timeline {
                 let _ = writeln!(f, "{json}");
             }
         }
-        self.lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        if self.keep {
+            let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+            if lines.len() < MAX_KEPT_LINES {
+                lines.push(line);
+            } else {
+                self.not_kept.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     }
 
     /// Every line recorded so far.
@@ -97,7 +119,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("timeline-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.jsonl");
-        let t = Timeline::new(Instant::now(), Some(&path)).unwrap();
+        let t = Timeline::new(Instant::now(), Some(&path), true).unwrap();
         t.record("vm0", "vcpu_up", 2, 64 << 20, detail([("vcpu", 1.into())]));
         t.record("vm0", "report", 2, 64 << 20, detail([("runnable", 5.into())]));
         t.flush().unwrap();

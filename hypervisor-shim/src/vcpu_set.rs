@@ -50,7 +50,13 @@ pub struct VcpuControl {
     pub last_rip: AtomicU64,
     /// Enforcement: the vCPU gets only a small share of run time.
     throttled: std::sync::atomic::AtomicBool,
+    /// REPORTs recorded in the current second: (second, count).
+    reports: Mutex<(u64, u32)>,
 }
+
+/// Most REPORTs per second per vCPU that the host records (the timeline's `report` lines);
+/// the rest are answered `OK` and counted (`reports_not_recorded`).
+pub const REPORTS_PER_SECOND: u32 = 1000;
 
 impl VcpuControl {
     /// A control block in state `Running`.
@@ -63,7 +69,19 @@ impl VcpuControl {
             thread: AtomicU64::new(0),
             last_rip: AtomicU64::new(0),
             throttled: std::sync::atomic::AtomicBool::new(false),
+            reports: Mutex::new((0, 0)),
         }
+    }
+
+    /// Whether a REPORT made in second `now_s` (of the run) may be recorded: at most
+    /// [`REPORTS_PER_SECOND`] per second.
+    pub fn report_allowed(&self, now_s: u64) -> bool {
+        let mut r = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        if r.0 != now_s {
+            *r = (now_s, 0);
+        }
+        r.1 += 1;
+        r.1 <= REPORTS_PER_SECOND
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -292,6 +292,8 @@ pub struct Stats {
     pub denied: AtomicU64,
     /// REPORT calls received.
     pub reports: AtomicU64,
+    /// REPORT calls above the per-vCPU rate, answered but not recorded.
+    pub reports_not_recorded: AtomicU64,
     /// Successful MEM_GRANT calls.
     pub mem_grants: AtomicU64,
     /// Successful MEM_RELEASE calls.
@@ -638,6 +640,7 @@ impl VmShared {
             vcpus: self.vcpu_set.counts(),
             denied: self.stats.denied.load(Ordering::Relaxed),
             reports: self.stats.reports.load(Ordering::Relaxed),
+            reports_not_recorded: self.stats.reports_not_recorded.load(Ordering::Relaxed),
             memory: MemoryCounts {
                 peak: self.stats.mem_peak.load(Ordering::Relaxed).max(self.layout.ram_size),
                 final_bytes: self.memory_held(),
@@ -791,6 +794,8 @@ pub struct RunReport {
     pub denied: u64,
     /// REPORT calls.
     pub reports: u64,
+    /// REPORT calls above the per-vCPU rate (not recorded).
+    pub reports_not_recorded: u64,
     /// Memory figures.
     pub memory: MemoryCounts,
     /// Per-resource policy state at the end (reclaims, violations, credit).
@@ -823,6 +828,7 @@ impl RunReport {
             vcpus: VcpuCounts::default(),
             denied: 0,
             reports: 0,
+            reports_not_recorded: 0,
             memory: MemoryCounts::default(),
             policy: [
                 ResourcePolicy::new(Resource::Vcpus, config.vcpus, p.budget[0], p.refill[0]),

@@ -7,6 +7,7 @@ use hypercall_abi::exit_code;
 mod cpu_burst;
 mod echo;
 mod faults;
+mod flood;
 mod hello;
 mod hostile;
 mod http;
@@ -36,6 +37,7 @@ pub const SERVICES: &[Service] = &[
     vcpu_bench::SERVICE,
     mem_bench::SERVICE,
     hostile::SERVICE,
+    flood::SERVICE,
     faults::PANIC,
     faults::FAULT,
     HELP,
