@@ -125,3 +125,58 @@ fn a_hundred_thousand_grant_release_pairs_leave_the_shim_rss_flat() {
     let grew = rss_growth(&s);
     assert!(grew < 16 << 20, "RSS grew by {} KiB over 10^5 grant/release pairs", grew >> 10);
 }
+
+/// `Seccomp:` of every thread of process `pid`: (thread name, value).
+fn seccomp_of_threads(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir").flatten() {
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_string());
+        out.push((field("Name:").unwrap_or_default(), field("Seccomp:").unwrap_or_default()));
+    }
+    out
+}
+
+#[test]
+fn every_thread_of_a_running_shim_is_under_seccomp_and_no_seccomp_turns_it_off() {
+    require_kvm();
+    let dir = common::temp_dir("seccomp");
+    let port = common::free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    let api = dir.join("api.sock");
+    let uds = dir.join("v.sock");
+    let start = |extra: &[&str]| {
+        let mut s = common::Served::start(
+            "seccomp-kv",
+            &[
+                &["--app", "kv", "--vcpus", "1:2:2", "--publish", &publish, "--api-sock", api.to_str().expect("utf-8")]
+                    [..],
+                &["--vsock-uds", uds.to_str().expect("utf-8")][..],
+                extra,
+            ]
+            .concat(),
+            "listening on vsock port",
+        );
+        // A client makes the I/O thread serve, and the API answers once.
+        let ping = Command::new("redis-cli").args(["-p", &port.to_string(), "ping"]).output().expect("redis-cli");
+        assert_eq!(String::from_utf8_lossy(&ping.stdout).trim(), "PONG");
+        let list = Command::new(SHIM).args(["ctl", "--api-sock", api.to_str().expect("utf-8"), "list"]).output();
+        assert!(list.expect("ctl").status.success());
+        let threads = seccomp_of_threads(s.pid());
+        let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
+        for role in ["vcpu0", "-io", "-console", "governor", "api"] {
+            assert!(names.iter().any(|n| n.contains(role)), "a {role} thread runs: {names:?}");
+        }
+        s.wait_for("listening", Duration::from_secs(1));
+        (s, threads)
+    };
+    let (s, threads) = start(&[]);
+    for (name, mode) in &threads {
+        assert_eq!(mode, "2", "thread {name} runs under a seccomp filter: {threads:?}");
+    }
+    let (code, stderr, _) = s.stop();
+    assert_eq!(code, Some(5), "{stderr}");
+    let (s, threads) = start(&["--no-seccomp"]);
+    assert!(threads.iter().all(|(_, m)| m == "0"), "--no-seccomp: no filter: {threads:?}");
+    drop(s);
+}

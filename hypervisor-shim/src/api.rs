@@ -68,6 +68,7 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                crate::seccomp::install_thread(crate::seccomp::Role::Api);
                 while !stop2.load(Ordering::Acquire) {
                     match server.recv_timeout(Duration::from_millis(100)) {
                         Ok(Some(request)) => serve(request, &members),

@@ -90,6 +90,9 @@ struct ResumeArgs {
     /// Stop the run after this many seconds (exit code 76).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Option<Duration>,
+    /// Run without the seccomp filters (for debugging a refused system call).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Publish these ports instead of the snapshot's (repeatable; `restore` only).
     #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = parse_publish_arg)]
     publish: Vec<crate::devices::vsock::Publish>,
@@ -241,6 +244,10 @@ struct RunArgs {
     /// exit code other than 0 and 5), at most --restart-limit times.
     #[arg(long, value_enum, default_value = "never")]
     restart: RestartMode,
+    /// Run without the seccomp filters (for debugging a refused system call; every VM thread
+    /// otherwise runs under an allow-list).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Most restarts with --restart on-failure.
     #[arg(long, value_name = "N", default_value_t = crate::pool_config::DEFAULT_RESTART_LIMIT)]
     restart_limit: u32,
@@ -279,6 +286,9 @@ struct PoolArgs {
     /// `hypervisor-shim ctl`.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Run without the seccomp filters (for debugging a refused system call).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -487,6 +497,7 @@ fn resume_vm(
         progress: false,
         api_sock: args.api_sock.clone(),
         keep_timeline: false,
+        seccomp: !args.no_seccomp,
     };
     run_one_vm(&spec, started, started_monotonic_ns, args.summary.as_ref(), None)
 }
@@ -563,6 +574,7 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
         progress: false,
         api_sock: args.api_sock.clone(),
         keep_timeline: args.plot.is_some(),
+        seccomp: !args.no_seccomp,
     };
     run_one_vm(&spec, started, started_monotonic_ns, args.summary.as_ref(), args.plot.as_deref())
 }
@@ -650,6 +662,7 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
         progress: true,
         api_sock: args.api_sock.clone(),
         keep_timeline: args.plot.is_some(),
+        seccomp: !args.no_seccomp,
     };
     let result = match runner::run(&spec, started) {
         Ok(r) => r,

@@ -105,6 +105,7 @@ impl Drop for Console {
 }
 
 fn drain(shared: &Shared, mut sink: Box<dyn Write + Send>) {
+    crate::seccomp::install_thread(crate::seccomp::Role::Console);
     let mut chunk = Vec::with_capacity(64 * 1024);
     loop {
         {

@@ -394,6 +394,7 @@ impl Governor {
         let handle = std::thread::Builder::new()
             .name("governor".into())
             .spawn(move || {
+                crate::seccomp::install_thread(crate::seccomp::Role::Governor);
                 let mut last_credit_line = Duration::ZERO;
                 while !stop2.load(Ordering::Acquire) {
                     // `stop` unparks the thread, so the run's end never waits for a tick.

@@ -32,6 +32,7 @@ pub mod pool;
 pub mod pool_config;
 pub mod qemu;
 pub mod run;
+pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
 pub mod stress;

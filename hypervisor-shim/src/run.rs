@@ -32,6 +32,9 @@ pub enum RunError {
     /// The control API could not start.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    /// The seccomp filters could not be applied.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The timeline file could not be created.
     #[error("cannot create timeline {path}: {source}")]
     Timeline {
@@ -47,7 +50,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Vm(e) => e.exit_code(),
-            RunError::Thread(_) => exit::INTERNAL,
+            RunError::Thread(_) | RunError::Seccomp(_) => exit::INTERNAL,
             RunError::Endpoint(_) | RunError::Api(_) => exit::USAGE,
             RunError::Timeline { .. } => exit::IO_ERROR,
         }
@@ -120,6 +123,8 @@ pub struct RunSpec {
     pub api_sock: Option<PathBuf>,
     /// Keep the timeline in memory (a plot is drawn from it).
     pub keep_timeline: bool,
+    /// Run under the seccomp filters (`--no-seccomp` turns them off).
+    pub seccomp: bool,
 }
 
 /// One VM's result.
@@ -259,6 +264,9 @@ fn raise_open_file_limit() {
 /// Runs every VM of `spec` to its end.
 pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     let kvm = open_kvm()?;
+    if spec.seccomp {
+        crate::seccomp::install_process()?;
+    }
     let timeline =
         Timeline::new(started, spec.timeline.as_deref(), spec.keep_timeline).map_err(|source| RunError::Timeline {
             path: spec.timeline.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),

@@ -285,6 +285,7 @@ fn spec_for(s: &Scenario, kernel: &Path, out: &Path) -> RunSpec {
         progress: false,
         api_sock: None,
         keep_timeline: true,
+        seccomp: true,
     }
 }
 

@@ -259,6 +259,7 @@ impl Vcpu {
     /// As [`Vcpu::run`]; a restored vCPU that was down starts `parked`.
     pub fn run_from(mut self, vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, parked: bool) {
         install_kick_handler();
+        crate::seccomp::install_thread(crate::seccomp::Role::Vcpu);
         if self.id == 0 && vm.devices.serving() {
             crate::affinity::place(crate::affinity::Role::DeviceVcpu);
         }

@@ -222,6 +222,7 @@ pub(super) fn run(
     idle: Option<super::IdleShutdown>,
     resume: Option<super::Held>,
 ) {
+    crate::seccomp::install_thread(crate::seccomp::Role::Io);
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
