@@ -111,7 +111,8 @@ fn rss_growth(s: &serde_json::Value) -> i64 {
 #[test]
 fn a_million_reports_leave_the_shim_rss_flat() {
     let s = flood("flood-reports", &["reports", "1000000"]);
-    assert_eq!(s["reports"], 1_000_000);
+    // The guest's own controller reports now and then, too.
+    assert!(s["reports"].as_u64() >= Some(1_000_000), "{s}");
     assert!(s["reports_not_recorded"].as_u64() > Some(0), "REPORTs above the rate are not recorded: {s}");
     let grew = rss_growth(&s);
     assert!(grew < 16 << 20, "RSS grew by {} KiB over 10^6 REPORTs", grew >> 10);

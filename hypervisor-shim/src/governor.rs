@@ -105,6 +105,9 @@ pub struct VmPolicy {
     /// Non-OK answers.
     pub answers: Answers,
     last_tick: Mutex<Option<Duration>>,
+    /// Held across a MEM_GRANT's ceiling check, pool reservation and grant: two vCPUs granting
+    /// at once cannot both pass the ceiling.
+    pub grant_decision: Mutex<()>,
 }
 
 impl VmPolicy {
@@ -127,6 +130,7 @@ impl VmPolicy {
             invariants: Mutex::new(Invariants::default()),
             answers: Answers::default(),
             last_tick: Mutex::new(None),
+            grant_decision: Mutex::new(()),
         }
     }
 

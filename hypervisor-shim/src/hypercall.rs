@@ -233,7 +233,9 @@ fn mem_grant(vm: &VmShared, a: &mut MemGrantArgs) -> (Status, Flow) {
         return (Status::INVALID, Flow::Continue);
     }
     // Policy (never above the ceiling: burst, or max without credit / during a reclaim), then
-    // the pool; both may shorten the grant.
+    // the pool; both may shorten the grant. One decision at a time per VM, so the ceiling
+    // check and the grant are atomic.
+    let _decision = vm.policy.grant_decision.lock().unwrap_or_else(|p| p.into_inner());
     let held = vm.memory_held();
     let want = a.bytes.div_ceil(EXTENT_ALIGN).saturating_mul(EXTENT_ALIGN);
     let reserved = match vm.policy.admit_memory(vm, held, want) {
@@ -307,6 +309,246 @@ fn mem_release(vm: &VmShared, a: &mut MemReleaseArgs) -> (Status, Flow) {
         Err(e) => {
             eprintln!("hypervisor-shim: memory release failed: {e}");
             (Status::INVALID, Flow::Continue)
+        }
+    }
+}
+
+/// Property tests of the dispatch against a real KVM VM whose guest never runs: the test
+/// plays the guest, writing random blocks at random places and calling from two "vCPUs" at
+/// once. Long run: `PROPTEST_CASES=100000 cargo test --release -p hypervisor-shim --lib
+/// hypercall::fuzz`.
+#[cfg(test)]
+mod fuzz {
+    use std::sync::{Arc, OnceLock};
+    use std::time::Instant;
+
+    use hypercall_abi::{NOTICE_ADDR, Status};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::Policy;
+    use crate::vm::{Vm, VmConfig};
+
+    const MIB: u64 = 1 << 20;
+    /// Where the fake guest puts its blocks and arrays.
+    const SCRATCH: u64 = 48 * MIB;
+
+    /// The tests share one VM and check its accounting at quiet moments: one at a time.
+    fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+        static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        ONE.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn vm() -> &'static Vm {
+        static VM: OnceLock<Vm> = OnceLock::new();
+        VM.get_or_init(|| {
+            let config = VmConfig {
+                name: "fuzz".into(),
+                app: "hello".into(),
+                app_args: Vec::new(),
+                log_level: "off".into(),
+                guest_opts: Vec::new(),
+                vcpus: Policy { min: 1, max: 2, burst: 2 },
+                memory: Policy { min: 64 * MIB, max: 96 * MIB, burst: 128 * MIB },
+                timeout: None,
+                policy: crate::governor::PolicyConfig::default(),
+                weight: 1,
+                publish: Vec::new(),
+                vsock_uds: None,
+                on_demand: false,
+                idle_shutdown: None,
+                restart: None,
+                pool_member: None,
+            };
+            let image = Arc::new(crate::loader::KernelImage::open(crate::cli::BUILT_KERNEL.as_ref()).expect("kernel"));
+            let kvm = crate::vm::open_kvm().expect("/dev/kvm");
+            let timeline = Arc::new(crate::timeline::Timeline::new(Instant::now(), None, false).expect("timeline"));
+            let pool = Arc::new(crate::pool::Pool::new(crate::pool::Capacity::UNLIMITED));
+            Vm::create(&config, image, &kvm, Instant::now(), timeline, &pool, Box::new(std::io::sink()), Vec::new())
+                .expect("a VM")
+        })
+    }
+
+    /// One call the fake guest makes: number, where its block is, the block's bytes.
+    #[derive(Debug, Clone)]
+    struct Op {
+        number: u32,
+        gpa: u64,
+        block: Vec<u8>,
+    }
+
+    fn gpa() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            4 => (0u64..64).prop_map(|k| SCRATCH + k * 256),
+            1 => (0u64..(2 * MIB)).prop_map(|a| a & !7),
+            1 => Just(hypercall_abi::BOOT_INFO_ADDR),
+            1 => Just(64 * MIB - 8),
+            1 => any::<u64>(),
+        ]
+    }
+
+    /// A block: random bytes, or a plausible MEM_GRANT / MEM_RELEASE whose array is in the
+    /// scratch area (so grants and releases really happen).
+    fn op() -> impl Strategy<Value = Op> {
+        let number = prop_oneof![
+            6 => prop::sample::select(vec![
+                Call::Hello, Call::ConsoleWrite, Call::Shutdown, Call::Ping, Call::Kick, Call::Events,
+                Call::Report, Call::MemGrant, Call::MemRelease, Call::DeviceNotify,
+            ]).prop_map(|c| c.number()),
+            1 => any::<u32>(),
+        ];
+        (number, gpa(), prop::collection::vec(any::<u8>(), 0..128), 1u64..=48, 1u32..=8, any::<bool>()).prop_map(
+            |(number, gpa, mut block, mb, n, plausible)| {
+                if plausible && number == Call::MemGrant.number() {
+                    let a = hypercall_abi::MemGrantArgs::new(mb * MIB, SCRATCH + 32 * 1024, n);
+                    block = a.as_bytes().to_vec();
+                } else if plausible && number == Call::MemRelease.number() {
+                    let a = hypercall_abi::MemReleaseArgs::new(SCRATCH + 32 * 1024, n.min(2));
+                    block = a.as_bytes().to_vec();
+                }
+                Op { number, gpa, block }
+            },
+        )
+    }
+
+    /// Plays one op on `ctl`'s "vCPU": writes the block (where a guest could), calls, checks
+    /// the status is one the spec allows for it.
+    fn play(vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, op: &Op) -> Result<(), String> {
+        if op.gpa >= KERNEL_MIN_LOAD_ADDR && vm.mem.is_ram(op.gpa, op.block.len() as u64) {
+            let _ = vm.mem.write(op.gpa, &op.block);
+        }
+        let (status, _flow) = dispatch(vm, ctl, Some(op.number), op.gpa);
+        let known =
+            [Status::OK, Status::INVALID, Status::DENIED, Status::EXHAUSTED, Status::AGAIN, Status::UNSUPPORTED];
+        if !known.contains(&status) {
+            return Err(format!("{op:?}: status {} is not in the spec", status.0));
+        }
+        let call = Call::from_number(op.number);
+        if call.is_none() && status != Status::UNSUPPORTED {
+            return Err(format!("unknown call {} answered {}", op.number, status.0));
+        }
+        if call.is_some_and(|c| c != Call::DeviceNotify) && op.gpa < KERNEL_MIN_LOAD_ADDR && status != Status::INVALID {
+            return Err(format!("{op:?}: a block below the kernel answered {}", status.0));
+        }
+        Ok(())
+    }
+
+    /// The shim's accounting agrees with itself.
+    fn invariants(vm: &VmShared) -> Result<(), String> {
+        let extents = vm.mem.extents();
+        let sum: u64 = extents.iter().map(|e| e.len).sum();
+        let held = vm.memory_held();
+        if held != vm.layout.ram_size + sum {
+            return Err(format!("held {held} != boot {} + extents {sum}", vm.layout.ram_size));
+        }
+        if held > vm.memory.burst {
+            return Err(format!("held {held} above burst {}", vm.memory.burst));
+        }
+        let charged = vm.policy.pool.held(vm.policy.member)[1];
+        if charged != held {
+            return Err(format!("the pool charges {charged}, the VM holds {held}"));
+        }
+        for (i, a) in extents.iter().enumerate() {
+            if !vm.layout.in_window(a.base, a.len)
+                || extents[i + 1..].iter().any(|b| a.base < b.end() && b.base < a.end())
+            {
+                return Err(format!("extent {a:?} outside the window or overlapping"));
+            }
+        }
+        Ok(())
+    }
+
+    fn low_memory(vm: &VmShared) -> Vec<u8> {
+        let mut low = vm.mem.read_vec(0, KERNEL_MIN_LOAD_ADDR).unwrap_or_default();
+        // The notice page is the host's to write.
+        low[NOTICE_ADDR as usize..NOTICE_ADDR as usize + 4096].fill(0);
+        low
+    }
+
+    #[test]
+    fn the_fake_guest_really_grants_and_releases() {
+        let _one = exclusive();
+        let vm = vm().shared();
+        let ctl = Arc::new(VcpuControl::new(1));
+        let grants = vm.stats.mem_grants.load(Ordering::Relaxed);
+        let g = hypercall_abi::MemGrantArgs::new(4 * MIB, SCRATCH + 32 * 1024, 2);
+        let op = Op { number: Call::MemGrant.number(), gpa: SCRATCH + 4096, block: g.as_bytes().to_vec() };
+        play(vm, &ctl, &op).unwrap();
+        let back: hypercall_abi::MemGrantArgs = vm.mem.read_obj(SCRATCH + 4096).unwrap();
+        assert!(vm.stats.mem_grants.load(Ordering::Relaxed) > grants && back.count >= 1, "{back:?}");
+        let r = hypercall_abi::MemReleaseArgs::new(SCRATCH + 32 * 1024, back.count);
+        let op = Op { number: Call::MemRelease.number(), gpa: SCRATCH + 4096, block: r.as_bytes().to_vec() };
+        play(vm, &ctl, &op).unwrap();
+        let back: hypercall_abi::MemReleaseArgs = vm.mem.read_obj(SCRATCH + 4096).unwrap();
+        assert_eq!(back.header.status, 0, "{back:?}");
+        invariants(vm).unwrap();
+    }
+
+    #[test]
+    fn two_vcpus_granting_at_once_never_pass_the_ceiling() {
+        let _one = exclusive();
+        let vm = vm().shared();
+        let burst = vm.memory.burst;
+        std::thread::scope(|s| {
+            for (id, array) in [(1u32, SCRATCH + 40 * 1024), (2, SCRATCH + 48 * 1024)] {
+                s.spawn(move || {
+                    let ctl = Arc::new(VcpuControl::new(id));
+                    let block = SCRATCH + 16 * 1024 + u64::from(id) * 512;
+                    for _ in 0..200 {
+                        let g = hypercall_abi::MemGrantArgs::new(burst - 64 * MIB, array, 8);
+                        play(
+                            vm,
+                            &ctl,
+                            &Op { number: Call::MemGrant.number(), gpa: block, block: g.as_bytes().to_vec() },
+                        )
+                        .unwrap();
+                        assert!(vm.memory_held() <= burst, "held {} above burst {burst}", vm.memory_held());
+                        let back: hypercall_abi::MemGrantArgs = vm.mem.read_obj(block).unwrap();
+                        if back.header.status == 0 {
+                            let r = hypercall_abi::MemReleaseArgs::new(array, back.count);
+                            play(
+                                vm,
+                                &ctl,
+                                &Op { number: Call::MemRelease.number(), gpa: block, block: r.as_bytes().to_vec() },
+                            )
+                            .unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        invariants(vm).unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn dispatch_answers_every_call_as_specified_and_keeps_its_accounting(
+            a in prop::collection::vec(op(), 1..12),
+            b in prop::collection::vec(op(), 1..12),
+        ) {
+            let _one = exclusive();
+            let vm = vm().shared();
+            let low = low_memory(vm);
+            let ctl0 = vm.vcpu_set.get(0).expect("vCPU 0");
+            let ctl1 = Arc::new(VcpuControl::new(1));
+            // Two vCPUs at once.
+            let results = std::thread::scope(|s| {
+                let h0 = s.spawn(|| a.iter().try_for_each(|op| play(vm, &ctl0, op)));
+                let h1 = s.spawn(|| b.iter().try_for_each(|op| play(vm, &ctl1, op)));
+                [h0.join(), h1.join()]
+            });
+            for r in results {
+                prop_assert!(r.is_ok(), "a dispatch panicked");
+                if let Ok(Err(e)) = r {
+                    prop_assert!(false, "{}", e);
+                }
+            }
+            if let Err(e) = invariants(vm) {
+                prop_assert!(false, "{}", e);
+            }
+            prop_assert!(low_memory(vm) == low, "the shim wrote below the kernel");
         }
     }
 }
