@@ -296,6 +296,7 @@ fn mem_release(vm: &VmShared, a: &mut MemReleaseArgs) -> (Status, Flow) {
     };
     let extents: Vec<Extent> =
         raw.chunks_exact(size_of::<Extent>()).filter_map(|c| Extent::read_from_bytes(c).ok()).collect();
+    let held_before = vm.memory_held();
     match vm.mem.release(&vm.fd, &extents) {
         Ok(released) => {
             a.released = released;
@@ -307,6 +308,12 @@ fn mem_release(vm: &VmShared, a: &mut MemReleaseArgs) -> (Status, Flow) {
         }
         Err(crate::memory::MemoryError::NotGranted { .. }) => (Status::INVALID, Flow::Continue),
         Err(e) => {
+            // KVM refused to delete a slot: the extents before it are released (given back to
+            // the pool), that one and the rest stay granted and accounted.
+            let released = held_before.saturating_sub(vm.memory_held());
+            a.released = released;
+            vm.policy.give_back(Resource::Memory, released);
+            vm.refresh_notice_page();
             eprintln!("hypervisor-shim: memory release failed: {e}");
             (Status::INVALID, Flow::Continue)
         }

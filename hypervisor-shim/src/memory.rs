@@ -504,9 +504,12 @@ impl GuestMemory {
         }
         let mut released = 0;
         for e in extents {
-            let Some(g) = hp.granted.remove(&e.base) else { continue };
-            // Slot first: from here on the guest cannot reach the memory.
+            let Some(g) = hp.granted.get(&e.base).copied() else { continue };
+            // Slot first: from here on the guest cannot reach the memory. If KVM refuses, the
+            // extent stays granted and accounted (nothing is orphaned); the rest of the list
+            // is not released either.
             self.set_slot(vm, g.slot, e.base, 0, 0)?;
+            hp.granted.remove(&e.base);
             self.unpublish(*e);
             hp.free_slots.push(g.slot);
             hp.give_back(e.base, e.len);

@@ -282,8 +282,9 @@ impl Outcome {
 pub struct Stats {
     /// Hypercalls served (all kinds, including refused ones).
     pub hypercalls: AtomicU64,
-    /// Hypercalls per call number (index = number; 0 collects unknown numbers).
-    pub per_call: [AtomicU64; 16],
+    /// Hypercalls per call: index 0 collects unknown numbers, index `i + 1` counts
+    /// `Call::ALL[i]` (sized from the ABI's call table).
+    pub per_call: [AtomicU64; Call::ALL.len() + 1],
     /// Writes to the NOP port.
     pub nop_exits: AtomicU64,
     /// Console bytes written.
@@ -308,7 +309,7 @@ impl Stats {
     /// Counts one hypercall with number `n`.
     pub fn count_call(&self, n: u32) {
         self.hypercalls.fetch_add(1, Ordering::Relaxed);
-        let i = Call::from_number(n).map_or(0, |c| c.number() as usize);
+        let i = Call::from_number(n).and_then(|c| Call::ALL.iter().position(|x| *x == c)).map_or(0, |p| p + 1);
         if let Some(c) = self.per_call.get(i) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -628,7 +629,8 @@ impl VmShared {
     pub fn report(&self, outcome: Outcome) -> RunReport {
         let per_call = Call::ALL
             .iter()
-            .map(|c| (c.name(), self.stats.per_call[c.number() as usize].load(Ordering::Relaxed)))
+            .zip(self.stats.per_call.iter().skip(1))
+            .map(|(c, n)| (c.name(), n.load(Ordering::Relaxed)))
             .collect();
         RunReport {
             outcome,
