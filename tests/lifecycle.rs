@@ -289,21 +289,23 @@ fn kv_keeps_every_key_and_its_port_across_live_migration() {
             let mut acked = Vec::new();
             let mut batch = 0;
             while !stop.load(std::sync::atomic::Ordering::Acquire) || batch < 3 {
-                let cmds: String = (0..50).map(|j| format!("SET w{batch}-{j} v{batch}-{j}\n")).collect();
-                let out = Command::new("redis-cli")
-                    .args(["-p", &port.to_string()])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .and_then(|mut c| {
-                        let _ = c.stdin.take().map(|mut i| i.write_all(cmds.as_bytes()));
-                        c.wait_with_output()
-                    });
-                if let Ok(out) = out {
-                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                    let oks = text.lines().take_while(|l| *l == "OK").count();
-                    acked.extend((0..oks).map(|j| format!("w{batch}-{j}")));
+                // One connection per batch, one command at a time: a write counts as acknowledged
+                // only when its own "+OK" arrived (redis-cli would reconnect after a reset and
+                // shift its replies).
+                if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                    for j in 0..50 {
+                        let (k, v) = (format!("w{batch}-{j}"), format!("v{batch}-{j}"));
+                        let cmd = format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n", k.len(), v.len());
+                        let mut reply = [0u8; 5];
+                        let ok = conn.write_all(cmd.as_bytes()).is_ok()
+                            && std::io::Read::read_exact(&mut conn, &mut reply).is_ok()
+                            && &reply == b"+OK\r\n";
+                        if !ok {
+                            break;
+                        }
+                        acked.push(k);
+                    }
                 }
                 batch += 1;
             }
