@@ -371,7 +371,7 @@ fn under_qemu_the_request_channel_says_it_is_unavailable() {
 
 #[test]
 fn the_readme_example_service_builds_and_serves() {
-    let image = env!("EXAMPLE_SERVICE_PATH");
+    let image = elastic_images::EXAMPLE_SERVICE;
     let port = free_port();
     let publish = format!("127.0.0.1:{port}:7000");
     let shout = Served::start(

@@ -1,4 +1,8 @@
-//! `hypervisor-shim` binary: see the library's `cli` module.
+//! `hypervisor-shim`: the command line of the elastic unikernel's VMM ([`elastic_vmm`]) and
+//! the tools around it (benchmark, demo, load generator, stress suite, plots, QEMU runner).
+
+mod cli;
+mod tools;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -6,6 +10,6 @@ use std::time::Instant;
 fn main() -> ExitCode {
     // Boot time is measured from here.
     let started = Instant::now();
-    let started_monotonic_ns = hypervisor_shim::bench::now_monotonic_ns();
-    hypervisor_shim::cli::main(started, started_monotonic_ns)
+    let started_monotonic_ns = tools::bench::now_monotonic_ns();
+    cli::main(started, started_monotonic_ns)
 }

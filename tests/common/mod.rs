@@ -91,7 +91,7 @@ pub fn read_json(path: &Path) -> serde_json::Value {
 
 /// The kernel image the shim was built with (`KERNEL_PATH` from the shim's build script).
 pub fn kernel_image() -> PathBuf {
-    PathBuf::from(env!("KERNEL_PATH"))
+    PathBuf::from(elastic_images::KERNEL)
 }
 
 /// Whether QEMU tests should run: `true` when `qemu-system-x86_64` is installed. When it is

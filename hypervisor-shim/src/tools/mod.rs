@@ -1,0 +1,8 @@
+//! Tools.
+
+pub mod bench;
+pub mod demo;
+pub mod loadgen;
+pub mod plot;
+pub mod qemu;
+pub mod stress;

@@ -1,0 +1,463 @@
+//! VM configuration: resource policies (`MIN:MAX:BURST`), sizes (`64M`, `1G`) and the guest
+//! command line, validated before anything touches KVM.
+
+use std::fmt;
+use std::time::Duration;
+
+use hypercall_abi::{CMDLINE_MAX, EXTENT_ALIGN, ResourceLimits};
+use thiserror::Error;
+
+use crate::base::layout::{MAX_GUEST_PHYS, MAX_VCPUS};
+
+/// Why a configuration value was rejected. Each message names the problem in one line.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A size such as `64M` could not be parsed.
+    #[error("'{0}' is not a size (examples: 4096, 512K, 64M, 1G)")]
+    BadSize(String),
+    /// A count could not be parsed.
+    #[error("'{0}' is not a whole number")]
+    BadCount(String),
+    /// A policy did not have the `MIN:MAX:BURST` shape.
+    #[error("'{0}' is not MIN:MAX:BURST (or MIN:MAX, or a single value)")]
+    BadPolicy(String),
+    /// `min <= max <= burst` does not hold.
+    #[error("{what} policy {policy} must satisfy min <= max <= burst")]
+    Unordered {
+        /// Which resource.
+        what: &'static str,
+        /// The policy as given.
+        policy: String,
+    },
+    /// vCPU counts out of range.
+    #[error("vCPU policy {0}: min must be at least 1 and burst at most {MAX_VCPUS}")]
+    VcpuRange(String),
+    /// Memory sizes out of range or misaligned.
+    #[error("memory policy {policy}: {problem}")]
+    MemoryRange {
+        /// The policy as given.
+        policy: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A service argument that the kernel command line cannot carry.
+    #[error(
+        "service argument '{0}' contains whitespace or a control character, which the kernel command line cannot carry"
+    )]
+    BadArgument(String),
+    /// The service name is not a plain word.
+    #[error("service name '{0}' must be a non-empty word of letters, digits, '-' or '_'")]
+    BadAppName(String),
+    /// The command line would be too long.
+    #[error("the kernel command line would be {0} bytes; the limit is {CMDLINE_MAX}")]
+    CommandLineTooLong(usize),
+    /// A credit figure could not be parsed.
+    #[error("'{0}' is not VCPU_SECONDS[:GIB_SECONDS] (non-negative numbers, e.g. 2 or 2:0.5)")]
+    BadCredit(String),
+    /// A duration could not be parsed.
+    #[error("'{0}' is not a duration (examples: 200ms, 0.5s, 2s; a bare number is milliseconds)")]
+    BadDuration(String),
+    /// A kernel option is not `KEY=VALUE`.
+    #[error("'{0}' is not KEY=VALUE without spaces")]
+    BadGuestOpt(String),
+    /// `app` given as a kernel option.
+    #[error("the service is chosen with --app (or `app` in a pool file), not as a kernel option")]
+    GuestOptApp,
+    /// An unknown kernel option.
+    #[error("unknown kernel option '{key}' (known: {known})")]
+    UnknownGuestOpt {
+        /// The key given.
+        key: String,
+        /// The known keys.
+        known: String,
+    },
+    /// A kernel option with an invalid value.
+    #[error("kernel option {key}={value}: the value must be {expected}")]
+    BadGuestOptValue {
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What it must look like.
+        expected: &'static str,
+    },
+    /// An unknown guest log level.
+    #[error("'{0}' is not a log level (off, error, warn, info, debug, trace)")]
+    BadLogLevel(String),
+    /// An output file that cannot be written.
+    #[error("{flag} {path}: {problem}")]
+    Output {
+        /// The flag that named it.
+        flag: String,
+        /// The path.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// What to do when a VM lets a reclaim's grace expire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnViolation {
+    /// Throttle the excess vCPUs and refuse grants above max (the VM keeps running).
+    Throttle,
+    /// End the VM (exit code 75).
+    Kill,
+}
+
+impl OnViolation {
+    /// The name used on the command line, in pool files and in timelines.
+    pub const fn name(self) -> &'static str {
+        match self {
+            OnViolation::Throttle => "throttle",
+            OnViolation::Kill => "kill",
+        }
+    }
+}
+
+/// Per-VM policy settings.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct PolicyConfig {
+    /// Credit caps: vCPU-seconds, GiB-seconds.
+    pub budget: [f64; 2],
+    /// Refill rates per second: vCPU-seconds, GiB-seconds.
+    pub refill: [f64; 2],
+    /// How long a VM has to come down to max after a reclaim notice.
+    pub grace: Duration,
+    /// What happens when it does not.
+    pub on_violation: OnViolation,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            budget: [10.0, 10.0],
+            refill: [1.0, 1.0],
+            grace: Duration::from_millis(200),
+            on_violation: OnViolation::Throttle,
+        }
+    }
+}
+
+/// One resource's `min <= max <= burst` policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Policy {
+    /// Reserved at admission and held from boot.
+    pub min: u64,
+    /// Sustained ceiling.
+    pub max: u64,
+    /// Temporary ceiling, paid from burst credit.
+    pub burst: u64,
+}
+
+impl Policy {
+    /// The same value for all three.
+    pub const fn fixed(v: u64) -> Self {
+        Policy { min: v, max: v, burst: v }
+    }
+
+    /// As the ABI's [`ResourceLimits`].
+    pub const fn limits(&self) -> ResourceLimits {
+        ResourceLimits { min: self.min, max: self.max, burst: self.burst }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.min, self.max, self.burst)
+    }
+}
+
+/// Parses a byte size: a whole number with an optional binary suffix `K`, `M`, `G` or `T`
+/// (`KiB`/`MiB`/... and lower case accepted).
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let t = text.trim();
+    let bad = || ConfigError::BadSize(text.to_string());
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits_end);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Formats a byte count with the largest exact binary suffix (`64M`, `1536K`).
+pub fn format_size(bytes: u64) -> String {
+    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
+            return format!("{}{suffix}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+fn split_policy(text: &str) -> Result<[&str; 3], ConfigError> {
+    let parts: Vec<&str> = text.split(':').collect();
+    match parts.as_slice() {
+        [v] => Ok([v, v, v]),
+        [a, b] => Ok([a, b, b]),
+        [a, b, c] => Ok([a, b, c]),
+        _ => Err(ConfigError::BadPolicy(text.to_string())),
+    }
+}
+
+/// Parses and validates a vCPU policy such as `1:4:8`.
+pub fn parse_vcpu_policy(text: &str) -> Result<Policy, ConfigError> {
+    let [a, b, c] = split_policy(text)?;
+    let count = |s: &str| s.trim().parse::<u64>().map_err(|_| ConfigError::BadCount(s.to_string()));
+    let p = Policy { min: count(a)?, max: count(b)?, burst: count(c)? };
+    if !(p.min <= p.max && p.max <= p.burst) {
+        return Err(ConfigError::Unordered { what: "vCPU", policy: text.to_string() });
+    }
+    if p.min == 0 || p.burst > u64::from(MAX_VCPUS) {
+        return Err(ConfigError::VcpuRange(text.to_string()));
+    }
+    Ok(p)
+}
+
+/// Smallest boot memory (`min`): the kernel image and its boot heap live there.
+pub const MEMORY_MIN_FLOOR: u64 = 8 << 20;
+
+/// Parses and validates a memory policy such as `64M:512M:1G`.
+pub fn parse_memory_policy(text: &str) -> Result<Policy, ConfigError> {
+    let [a, b, c] = split_policy(text)?;
+    let p = Policy { min: parse_size(a)?, max: parse_size(b)?, burst: parse_size(c)? };
+    let range = |problem: String| ConfigError::MemoryRange { policy: text.to_string(), problem };
+    if !(p.min <= p.max && p.max <= p.burst) {
+        return Err(ConfigError::Unordered { what: "memory", policy: text.to_string() });
+    }
+    if p.min < MEMORY_MIN_FLOOR {
+        return Err(range(format!("min must be at least {}", format_size(MEMORY_MIN_FLOOR))));
+    }
+    for v in [p.min, p.max, p.burst] {
+        if !v.is_multiple_of(EXTENT_ALIGN) {
+            return Err(range(format!("{} is not a multiple of 2M", format_size(v))));
+        }
+    }
+    let too_large = p.burst > MAX_GUEST_PHYS
+        || crate::base::layout::window_base(p.min).checked_add(p.burst - p.min).is_none_or(|end| end > MAX_GUEST_PHYS);
+    if too_large {
+        return Err(range(format!(
+            "burst is too large (guest-physical space ends at {})",
+            format_size(MAX_GUEST_PHYS)
+        )));
+    }
+    Ok(p)
+}
+
+/// Parses a credit pair `VCPU_SECONDS[:GIB_SECONDS]` (one value applies to both).
+pub fn parse_credit(text: &str) -> Result<[f64; 2], ConfigError> {
+    let bad = || ConfigError::BadCredit(text.to_string());
+    let num = |s: &str| s.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(bad);
+    match text.split_once(':') {
+        None => {
+            let v = num(text)?;
+            Ok([v, v])
+        }
+        Some((a, b)) => Ok([num(a)?, num(b)?]),
+    }
+}
+
+/// Parses a duration: `200ms`, `0.5s`, `2s`, or a bare number of milliseconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, ConfigError> {
+    let t = text.trim();
+    let bad = || ConfigError::BadDuration(text.to_string());
+    let (num, scale) = if let Some(v) = t.strip_suffix("ms") {
+        (v, 1e-3)
+    } else if let Some(v) = t.strip_suffix('s') {
+        (v, 1.0)
+    } else {
+        (t, 1e-3)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v < 0.0 || v * scale > 1e6 {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs_f64(v * scale))
+}
+
+/// Parses a `--guest-opt` `KEY=VALUE`: the key must be a kernel option
+/// ([`hypercall_abi::KERNEL_OPTIONS`]) and the value valid for it.
+pub fn parse_guest_opt(text: &str) -> Result<(String, String), ConfigError> {
+    let Some((key, value)) = text.split_once('=') else {
+        return Err(ConfigError::BadGuestOpt(text.to_string()));
+    };
+    if key.is_empty() || value.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::BadGuestOpt(text.to_string()));
+    }
+    if key == "app" {
+        return Err(ConfigError::GuestOptApp);
+    }
+    let Some(option) = hypercall_abi::find_option(key) else {
+        let known: Vec<&str> = hypercall_abi::KERNEL_OPTIONS.iter().map(|o| o.key).collect();
+        return Err(ConfigError::UnknownGuestOpt { key: key.to_string(), known: known.join(", ") });
+    };
+    if !option.kind.accepts(value) {
+        return Err(ConfigError::BadGuestOptValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            expected: option.kind.describe(),
+        });
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// Parses a guest log level.
+pub fn parse_log_level(text: &str) -> Result<String, ConfigError> {
+    if hypercall_abi::LOG_LEVELS.contains(&text) {
+        Ok(text.to_string())
+    } else {
+        Err(ConfigError::BadLogLevel(text.to_string()))
+    }
+}
+
+/// Checks, before any work starts, that `path` (given with `flag`) can be written: it is not a
+/// directory, its directory exists, and a file can be created there. A file this check
+/// creates is removed again.
+pub fn check_output_path(flag: &str, path: &std::path::Path) -> Result<(), ConfigError> {
+    let bad =
+        |problem: String| ConfigError::Output { flag: flag.to_string(), path: path.display().to_string(), problem };
+    if path.is_dir() {
+        return Err(bad("is a directory".into()));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(bad(format!("directory {} does not exist", parent.display())));
+    }
+    let existed = path.exists();
+    match std::fs::OpenOptions::new().append(true).create(true).open(path) {
+        Ok(_) => {
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(())
+        }
+        Err(e) => Err(bad(format!("cannot be written: {e}"))),
+    }
+}
+
+/// Builds the kernel command line `app=NAME [key=value...] -- ARGS...`.
+pub fn kernel_cmdline(app: &str, options: &[(&str, String)], args: &[String]) -> Result<String, ConfigError> {
+    if app.is_empty() || !app.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(ConfigError::BadAppName(app.to_string()));
+    }
+    let mut line = format!("app={app}");
+    for (k, v) in options {
+        line.push_str(&format!(" {k}={v}"));
+    }
+    line.push_str(" --");
+    for a in args {
+        if a.is_empty() || a.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::BadArgument(a.clone()));
+        }
+        line.push(' ');
+        line.push_str(a);
+    }
+    if line.len() as u64 > CMDLINE_MAX {
+        return Err(ConfigError::CommandLineTooLong(line.len()));
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2gib"), Ok(2 << 30));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999999999T").is_err());
+        assert!(parse_size("16777216T").is_err());
+        assert_eq!(format_size(64 << 20), "64M");
+        assert_eq!(format_size(1536 << 10), "1536K");
+        assert_eq!(format_size(1 << 30), "1G");
+    }
+
+    #[test]
+    fn vcpu_policies() {
+        assert_eq!(parse_vcpu_policy("1:4:8"), Ok(Policy { min: 1, max: 4, burst: 8 }));
+        assert_eq!(parse_vcpu_policy("2"), Ok(Policy::fixed(2)));
+        assert_eq!(parse_vcpu_policy("1:3"), Ok(Policy { min: 1, max: 3, burst: 3 }));
+        assert!(matches!(parse_vcpu_policy("4:2:8"), Err(ConfigError::Unordered { .. })));
+        assert!(matches!(parse_vcpu_policy("0:1:1"), Err(ConfigError::VcpuRange(_))));
+        assert!(matches!(parse_vcpu_policy("1:1:100000"), Err(ConfigError::VcpuRange(_))));
+        assert!(matches!(parse_vcpu_policy("1:x:2"), Err(ConfigError::BadCount(_))));
+        assert!(matches!(parse_vcpu_policy("1:2:3:4"), Err(ConfigError::BadPolicy(_))));
+    }
+
+    #[test]
+    fn memory_policies() {
+        let p = parse_memory_policy("64M:512M:1G").unwrap();
+        assert_eq!((p.min, p.max, p.burst), (64 << 20, 512 << 20, 1 << 30));
+        assert!(matches!(parse_memory_policy("4M"), Err(ConfigError::MemoryRange { .. })));
+        assert!(matches!(parse_memory_policy("65M"), Err(ConfigError::MemoryRange { .. })));
+        assert!(matches!(parse_memory_policy("64M:32M"), Err(ConfigError::Unordered { .. })));
+        assert!(matches!(parse_memory_policy("64M:64M:1000G"), Err(ConfigError::MemoryRange { .. })));
+        // Sizes near the top of u64 are refused, never overflow.
+        assert!(matches!(parse_memory_policy("17592186044414M"), Err(ConfigError::MemoryRange { .. })));
+        assert!(parse_memory_policy("64M:64M:17592186044414M").is_err());
+    }
+
+    #[test]
+    fn credits_and_durations() {
+        assert_eq!(parse_credit("2"), Ok([2.0, 2.0]));
+        assert_eq!(parse_credit("1:0.5"), Ok([1.0, 0.5]));
+        assert!(parse_credit("-1").is_err());
+        assert!(parse_credit("1:x").is_err());
+        assert_eq!(parse_duration("200ms"), Ok(std::time::Duration::from_millis(200)));
+        assert_eq!(parse_duration("0.5s"), Ok(std::time::Duration::from_millis(500)));
+        assert_eq!(parse_duration("150"), Ok(std::time::Duration::from_millis(150)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-5ms").is_err());
+    }
+
+    #[test]
+    fn guest_options_and_log_levels() {
+        assert_eq!(parse_guest_opt("vcpu.down_ms=10"), Ok(("vcpu.down_ms".into(), "10".into())));
+        assert!(matches!(parse_guest_opt("vcpu.down_mss=10"), Err(ConfigError::UnknownGuestOpt { .. })));
+        assert!(matches!(parse_guest_opt("vcpu.down_ms=soon"), Err(ConfigError::BadGuestOptValue { .. })));
+        assert!(matches!(parse_guest_opt("vcpu.up_load=1.234"), Err(ConfigError::BadGuestOptValue { .. })));
+        assert!(matches!(parse_guest_opt("novalue"), Err(ConfigError::BadGuestOpt(_))));
+        assert!(matches!(parse_guest_opt("app=hello"), Err(ConfigError::GuestOptApp)));
+        assert_eq!(parse_log_level("debug"), Ok("debug".into()));
+        assert!(parse_log_level("loud").is_err());
+    }
+
+    #[test]
+    fn output_paths_are_checked_without_leaving_files() {
+        let dir = std::env::temp_dir().join(format!("shim-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = dir.join("s.json");
+        assert_eq!(check_output_path("--summary", &ok), Ok(()));
+        assert!(!ok.exists(), "the check leaves no file behind");
+        assert!(check_output_path("--summary", &dir).is_err(), "a directory");
+        assert!(check_output_path("--summary", &dir.join("no/such/dir/s.json")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn command_lines() {
+        assert_eq!(kernel_cmdline("spin", &[], &["10".into()]).unwrap(), "app=spin -- 10");
+        assert_eq!(kernel_cmdline("hello", &[("log", "debug".into())], &[]).unwrap(), "app=hello log=debug --");
+        assert!(matches!(kernel_cmdline("a b", &[], &[]), Err(ConfigError::BadAppName(_))));
+        assert!(matches!(kernel_cmdline("x", &[], &["a b".into()]), Err(ConfigError::BadArgument(_))));
+        let long = vec!["x".repeat(100); 50];
+        assert!(matches!(kernel_cmdline("x", &[], &long), Err(ConfigError::CommandLineTooLong(_))));
+    }
+}

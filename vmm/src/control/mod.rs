@@ -1,0 +1,5 @@
+//! Control.
+
+pub mod api;
+pub mod on_demand;
+pub mod run;

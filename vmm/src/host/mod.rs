@@ -1,0 +1,5 @@
+//! Host helpers.
+
+pub mod affinity;
+pub mod seccomp;
+pub mod signals;

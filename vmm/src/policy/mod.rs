@@ -1,0 +1,5 @@
+//! Policy.
+
+pub mod admission;
+pub mod pool;
+pub mod resource;

@@ -1,0 +1,329 @@
+//! The JSON run summary (`run --summary FILE`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::base::config::Policy;
+use crate::policy::admission::Invariants;
+use crate::policy::resource::ResourcePolicy;
+use crate::vmm::vm::RunReport;
+
+/// A policy as it appears in the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct LimitsSummary {
+    /// Reserved minimum.
+    pub min: u64,
+    /// Sustained maximum.
+    pub max: u64,
+    /// Burst ceiling.
+    pub burst: u64,
+}
+
+impl From<Policy> for LimitsSummary {
+    fn from(p: Policy) -> Self {
+        LimitsSummary { min: p.min, max: p.max, burst: p.burst }
+    }
+}
+
+/// vCPU figures of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct VcpuSummary {
+    /// Policy minimum.
+    pub min: u64,
+    /// Policy maximum.
+    pub max: u64,
+    /// Policy burst ceiling.
+    pub burst: u64,
+    /// Most vCPUs online at once.
+    pub peak: u32,
+    /// vCPUs online at the end.
+    #[serde(rename = "final")]
+    pub final_: u32,
+    /// Successful VCPU_UPs.
+    pub ups: u64,
+    /// VCPU_DOWNs.
+    pub downs: u64,
+    /// KVM vCPUs created (the other ups reused parked ones).
+    pub created: u32,
+}
+
+/// Memory figures of a run (bytes).
+#[derive(Debug, Clone, Serialize)]
+pub struct MemorySummary {
+    /// Policy minimum (boot memory).
+    pub min: u64,
+    /// Policy maximum.
+    pub max: u64,
+    /// Policy burst ceiling.
+    pub burst: u64,
+    /// Most memory held at once.
+    pub peak: u64,
+    /// Memory held at the end.
+    #[serde(rename = "final")]
+    pub final_: u64,
+    /// Successful MEM_GRANT calls.
+    pub grants: u64,
+    /// Successful MEM_RELEASE calls.
+    pub releases: u64,
+}
+
+/// The shim process's resident set size (bytes).
+#[derive(Debug, Clone, Serialize)]
+pub struct RssSummary {
+    /// At the guest's first HELLO.
+    pub boot: u64,
+    /// The peak (kernel-tracked high-water mark).
+    pub peak: u64,
+    /// At the end of the run.
+    pub end: u64,
+}
+
+/// One resource's policy figures over the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyFigures {
+    /// Reclaims started.
+    pub reclaims: u64,
+    /// Reclaims answered within the grace period.
+    pub answered_in_grace: u64,
+    /// Reclaims whose grace expired first.
+    pub violations: u64,
+    /// Credit cap (vCPU-seconds or GiB-seconds).
+    pub credit_cap: f64,
+    /// Refill rate per second.
+    pub credit_refill: f64,
+    /// Lowest balance seen.
+    pub credit_lowest: f64,
+    /// Balance at the end.
+    pub credit_final: f64,
+}
+
+impl From<&ResourcePolicy> for PolicyFigures {
+    fn from(p: &ResourcePolicy) -> Self {
+        PolicyFigures {
+            reclaims: p.reclaims,
+            answered_in_grace: p.answered_in_grace,
+            violations: p.violations,
+            credit_cap: p.credit.cap,
+            credit_refill: p.credit.refill,
+            credit_lowest: p.credit.lowest,
+            credit_final: p.credit.balance,
+        }
+    }
+}
+
+/// Policy figures of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicySummary {
+    /// vCPUs.
+    pub vcpus: PolicyFigures,
+    /// Memory.
+    pub memory: PolicyFigures,
+}
+
+/// The summary of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// The VM's name.
+    pub name: String,
+    /// The shim's exit code.
+    pub exit_code: u8,
+    /// Why the run ended (`shutdown`, `guest_fault`, `timeout`, ...).
+    pub exit_reason: String,
+    /// Shim process start (entry of `main`) to the guest's first HELLO, in µs (`null` if the
+    /// guest never said HELLO).
+    pub boot_us: Option<u64>,
+    /// A restored or migrated VM: shim start to the VM ready to run (µs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_us: Option<u64>,
+    /// Guest console bytes dropped because the shim's output was not read fast enough.
+    pub console_dropped_bytes: u64,
+    /// Shim process start to the end of the run, in µs.
+    pub wall_us: u64,
+    /// CLOCK_MONOTONIC (ns) at shim `main` entry, so an external tool can add the process
+    /// start-up it measured itself.
+    pub started_monotonic_ns: u64,
+    /// Hypercalls served.
+    pub hypercalls: u64,
+    /// Hypercalls per call.
+    pub hypercalls_by_call: BTreeMap<String, u64>,
+    /// The service that ran.
+    pub app: String,
+    /// The vCPU policy.
+    pub vcpu_policy: LimitsSummary,
+    /// The memory policy (bytes).
+    pub memory_policy: LimitsSummary,
+    /// vCPU figures.
+    pub vcpus: VcpuSummary,
+    /// Requests refused with DENIED (vCPUs and memory).
+    pub denied: u64,
+    /// REPORT calls.
+    pub reports: u64,
+    /// REPORT calls above 1000 per second per vCPU: answered, not recorded.
+    pub reports_not_recorded: u64,
+    /// CPU time the shim process used (user + system), in µs.
+    pub host_cpu_us: u64,
+    /// Memory figures.
+    pub memory_bytes: MemorySummary,
+    /// The shim process's RSS.
+    pub host_rss_bytes: RssSummary,
+    /// Reclaims started (vCPUs and memory).
+    pub reclaims: u64,
+    /// Reclaims whose grace expired with the VM still above max (vCPUs and memory).
+    pub violations: u64,
+    /// Requests answered AGAIN (pool full, reclaim under way).
+    pub again: u64,
+    /// Requests answered EXHAUSTED (pool full).
+    pub exhausted: u64,
+    /// Burst credit and reclaims per resource.
+    pub policy: PolicySummary,
+    /// Invariant checks from the shim's own accounting.
+    pub invariants: Invariants,
+    /// The request channel's figures (`null` when the VM had no vsock device).
+    pub vsock: Option<crate::devices::vsock::VsockFigures>,
+    /// Times the VM was booted again after a failure (`restart = "on-failure"`); the other
+    /// figures are the last VM's.
+    pub restarts: u64,
+    /// Cold starts and idle shutdowns (an on-demand VM only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<crate::control::on_demand::OnDemandFigures>,
+}
+
+/// The pool's figures in a pool run's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolFigures {
+    /// vCPU slots.
+    pub vcpus: u64,
+    /// Bytes.
+    pub memory_bytes: u64,
+    /// Most vCPU slots in use at once.
+    pub peak_vcpus: u64,
+    /// Most bytes in use at once.
+    pub peak_memory_bytes: u64,
+}
+
+/// A VM's summary inside a pool run's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolVm {
+    /// The exit code it was expected to end with.
+    pub expected_exit_code: u8,
+    /// Whether it did.
+    pub as_expected: bool,
+    /// Its summary.
+    #[serde(flatten)]
+    pub summary: Summary,
+}
+
+/// The summary of a pool run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolSummary {
+    /// The run's exit code (0 when every VM ended as expected).
+    pub exit_code: u8,
+    /// Wall time of the run, µs.
+    pub wall_us: u64,
+    /// The pool.
+    pub pool: PoolFigures,
+    /// One summary per VM.
+    pub vms: Vec<PoolVm>,
+    /// Reclaims over all VMs.
+    pub reclaims: u64,
+    /// Violations over all VMs.
+    pub violations: u64,
+}
+
+impl PoolSummary {
+    /// Writes the summary as pretty JSON.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        write_json(self, path)
+    }
+}
+
+/// Writes any summary as pretty JSON with a trailing newline.
+pub fn write_json<T: serde::Serialize>(value: &T, path: &Path) -> std::io::Result<()> {
+    let json = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    std::fs::write(path, json + "\n")
+}
+
+/// CPU time used by this process so far (user + system), in µs.
+pub fn process_cpu_us() -> u64 {
+    // SAFETY: `getrusage` fills the zeroed struct it is given.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(usage.ru_utime) + us(usage.ru_stime)
+}
+
+impl Summary {
+    /// Builds a summary from a finished run.
+    pub fn new(
+        report: &RunReport,
+        name: &str,
+        app: &str,
+        vcpus: Policy,
+        memory: Policy,
+        started_monotonic_ns: u64,
+    ) -> Self {
+        let [pv, pm] = &report.policy;
+        Summary {
+            name: name.to_string(),
+            exit_code: report.outcome.exit_code(),
+            exit_reason: report.outcome.reason().to_string(),
+            boot_us: report.boot.map(|d| d.as_micros() as u64),
+            restore_us: report.restored.map(|d| d.as_micros() as u64),
+            console_dropped_bytes: report.console_dropped,
+            wall_us: report.wall.as_micros() as u64,
+            started_monotonic_ns,
+            hypercalls: report.hypercalls,
+            hypercalls_by_call: report.per_call.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            app: app.to_string(),
+            vcpu_policy: vcpus.into(),
+            memory_policy: memory.into(),
+            vcpus: VcpuSummary {
+                min: vcpus.min,
+                max: vcpus.max,
+                burst: vcpus.burst,
+                peak: report.vcpus.peak,
+                final_: report.vcpus.online,
+                ups: report.vcpus.ups,
+                downs: report.vcpus.downs,
+                created: report.vcpus.created,
+            },
+            denied: report.denied,
+            reports: report.reports,
+            reports_not_recorded: report.reports_not_recorded,
+            host_cpu_us: process_cpu_us(),
+            memory_bytes: MemorySummary {
+                min: memory.min,
+                max: memory.max,
+                burst: memory.burst,
+                peak: report.memory.peak,
+                final_: report.memory.final_bytes,
+                grants: report.memory.grants,
+                releases: report.memory.releases,
+            },
+            host_rss_bytes: RssSummary {
+                boot: report.memory.rss_boot,
+                peak: report.memory.rss_peak,
+                end: report.memory.rss_end,
+            },
+            reclaims: pv.reclaims + pm.reclaims,
+            violations: pv.violations + pm.violations,
+            vsock: report.vsock.clone(),
+            restarts: 0,
+            on_demand: None,
+            again: report.again,
+            exhausted: report.exhausted,
+            policy: PolicySummary { vcpus: pv.into(), memory: pm.into() },
+            invariants: report.invariants.clone(),
+        }
+    }
+
+    /// Writes the summary as pretty JSON.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        write_json(self, path)
+    }
+}

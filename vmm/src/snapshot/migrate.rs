@@ -1,0 +1,493 @@
+//! Live migration over a Unix socket: pre-copy with KVM's dirty log plus the shim's own
+//! writes, then a short stop-and-copy.
+//!
+//! The source ([`send`], from `ctl migrate`):
+//!
+//! 1. turns dirty logging on, sends the layout and every non-zero page the VM holds while it
+//!    runs;
+//! 2. repeats: sends the pages written since the previous round (the guest's, from KVM's
+//!    dirty log; the shim's, from the regions' bitmaps), until a round is small
+//!    ([`SMALL_ROUND`]) or [`MAX_ROUNDS`] passed;
+//! 3. quiesces the VM (vCPUs paused with their calls completed, the device's I/O thread
+//!    holding), sends the last dirty pages, the region list, the published listening sockets
+//!    (as file descriptors: clients keep connecting to the same socket, and wait in its
+//!    backlog meanwhile) and the state;
+//!    With `verify`, every held page is then compared (CRC-32) with what was sent, and a
+//!    page the logs missed is sent too and counted (`missed_by_log`; it costs downtime: the
+//!    whole memory is read while the VM is stopped);
+//! 4. waits for the target to say its VM is built. Then the source's VM ends (exit reason
+//!    `migrated`) and the target's vCPUs start. If anything fails before that, the source
+//!    resumes and the target gives up.
+//!
+//! Only held memory travels: zero pages are skipped in the first round, and extents the VM
+//! released are dropped on the target.
+//!
+//! Wire format: messages `[kind: u8][len: u64 LE][payload]`. `H` hello (JSON: format, ABI,
+//! layout), `R` regions (JSON list), `P` pages (`[gpa u64][pages u32][data]` runs), `L` one
+//! listening socket (JSON, with the descriptor attached), `S` the state
+//! ([`super::encode_state`]); the target answers `A` (ready) or `E` (JSON error).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hypercall_abi::Extent;
+use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::{Quiesced, SnapshotError, VmState};
+use crate::base::layout::Layout;
+use crate::base::memory::{Backing, GuestMemory, PAGE_SIZE};
+use crate::devices::vsock::Bound;
+use crate::vmm::vm::VmShared;
+
+/// A round that dirtied fewer pages than this ends the pre-copy (4 MiB).
+pub const SMALL_ROUND: usize = 1024;
+/// Most pre-copy rounds.
+pub const MAX_ROUNDS: u32 = 12;
+/// Pages per `P` message.
+const BATCH_PAGES: usize = 1024;
+/// Largest JSON message accepted.
+const MAX_JSON: u64 = 16 << 20;
+/// How long the source waits for the target's answer.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Migration failures.
+#[derive(Debug, Error)]
+pub enum MigrateError {
+    /// The socket failed.
+    #[error("migration channel: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer sent something malformed.
+    #[error("migration protocol: {0}")]
+    Protocol(String),
+    /// The target refused the VM.
+    #[error("the target refused the VM: {0}")]
+    Refused(String),
+    /// The VM could not be quiesced or read.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Guest memory failed.
+    #[error(transparent)]
+    Memory(#[from] crate::base::memory::MemoryError),
+}
+
+/// Figures of one migration (the API's answer).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateFigures {
+    /// Pre-copy rounds (the first full copy included).
+    pub rounds: u32,
+    /// Pages sent in all.
+    pub pages_sent: u64,
+    /// With `verify`: pages the final check found changed although no dirty log reported
+    /// them (sent too); 0 means the logs caught every write.
+    pub missed_by_log: Option<u64>,
+    /// Memory the VM held (bytes).
+    pub held_bytes: u64,
+    /// Time the VM did not run: quiesce to the target's answer (µs).
+    pub downtime_us: u64,
+    /// Whole migration (µs).
+    pub total_us: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    format: u32,
+    abi_version: u32,
+    layout: Layout,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct WireRegion {
+    gpa: u64,
+    len: u64,
+    serial: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum WireListener {
+    Tcp { guest_port: u32 },
+    Uds { path: PathBuf },
+}
+
+fn write_msg(s: &mut UnixStream, kind: u8, payload: &[u8]) -> std::io::Result<()> {
+    let mut head = [0u8; 9];
+    head[0] = kind;
+    head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    s.write_all(&head)?;
+    s.write_all(payload)
+}
+
+/// Reads one message; a descriptor sent with its header is returned too.
+fn read_msg(s: &mut UnixStream, max: u64) -> Result<(u8, Vec<u8>, Option<OwnedFd>), MigrateError> {
+    let mut head = [0u8; 9];
+    let (n, file) = s.recv_with_fd(&mut head).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    if n == 0 {
+        return Err(MigrateError::Protocol("the peer closed the channel".into()));
+    }
+    s.read_exact(&mut head[n..])?;
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap_or([0; 8]));
+    if len > max {
+        return Err(MigrateError::Protocol(format!("a '{}' message of {len} bytes", head[0] as char)));
+    }
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload)?;
+    Ok((head[0], payload, file.map(OwnedFd::from)))
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// What the target holds: per region (by serial), the CRC-32 of each page as last sent
+/// (`None`: never sent, zero there).
+#[derive(Debug, Default)]
+struct Sent {
+    regions: BTreeMap<u64, (u64, Vec<Option<u32>>)>,
+}
+
+impl Sent {
+    /// Follows the source's regions: forgets released ones, adds new ones (all zero there).
+    fn sync(&mut self, regions: &[crate::base::memory::RegionInfo]) {
+        self.regions.retain(|serial, _| regions.iter().any(|r| r.serial == *serial));
+        for r in regions {
+            self.regions.entry(r.serial).or_insert_with(|| (r.gpa, vec![None; (r.len / PAGE_SIZE) as usize]));
+        }
+    }
+
+    fn slot(&mut self, gpa: u64) -> Option<&mut Option<u32>> {
+        let (_, (base, pages)) =
+            self.regions.iter_mut().find(|(_, (b, p))| *b <= gpa && gpa < b + p.len() as u64 * PAGE_SIZE)?;
+        pages.get_mut(((gpa - *base) / PAGE_SIZE) as usize)
+    }
+}
+
+/// Sends the pages at `pages` (sorted guest-physical page addresses) that lie in live regions,
+/// recording what was sent.
+fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64], sent_map: &mut Sent) -> Result<u64, MigrateError> {
+    let guard = vm.mem.snapshot();
+    let mut sent = 0u64;
+    let mut buf = Vec::with_capacity(BATCH_PAGES * (PAGE_SIZE as usize + 12));
+    let mut in_batch = 0;
+    let mut i = 0;
+    while i < pages.len() {
+        // A run of consecutive pages inside one region (adjacent extents are separate
+        // mappings: a run never crosses into the next one).
+        let start = pages[i];
+        let Some(end) = vm.mem.region_end(&guard, start) else {
+            // Released since it was written: the target drops the region.
+            i += 1;
+            continue;
+        };
+        let mut n = 1;
+        while i + n < pages.len()
+            && pages[i + n] == start + n as u64 * PAGE_SIZE
+            && pages[i + n] < end
+            && in_batch + n < BATCH_PAGES
+        {
+            n += 1;
+        }
+        i += n;
+        let Some(bytes) = vm.mem.host_range(&guard, start, n as u64 * PAGE_SIZE) else {
+            // Released since it was written: the target drops the region.
+            continue;
+        };
+        buf.extend_from_slice(&start.to_le_bytes());
+        buf.extend_from_slice(&(n as u32).to_le_bytes());
+        let at = buf.len();
+        buf.extend_from_slice(bytes);
+        for (k, page) in buf[at..].chunks(PAGE_SIZE as usize).enumerate() {
+            if let Some(slot) = sent_map.slot(start + k as u64 * PAGE_SIZE) {
+                *slot = Some(crc32fast::hash(page));
+            }
+        }
+        in_batch += n;
+        sent += n as u64;
+        if in_batch >= BATCH_PAGES {
+            write_msg(s, b'P', &buf)?;
+            buf.clear();
+            in_batch = 0;
+        }
+    }
+    if !buf.is_empty() {
+        write_msg(s, b'P', &buf)?;
+    }
+    Ok(sent)
+}
+
+/// Every page whose contents differ from what the target holds (the first round: every
+/// non-zero page; with the VM paused, the final check that nothing was missed).
+fn changed_pages(vm: &VmShared, sent: &Sent) -> Vec<u64> {
+    let guard = vm.mem.snapshot();
+    let mut pages = Vec::new();
+    for r in vm.mem.regions() {
+        let Some(bytes) = vm.mem.host_range(&guard, r.gpa, r.len) else { continue };
+        let hashes = sent.regions.get(&r.serial).map(|(_, h)| h.as_slice()).unwrap_or(&[]);
+        for (i, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
+            let changed = match hashes.get(i).copied().flatten() {
+                None => !super::is_zero(page),
+                Some(h) => crc32fast::hash(page) != h,
+            };
+            if changed {
+                pages.push(r.gpa + i as u64 * PAGE_SIZE);
+            }
+        }
+    }
+    pages
+}
+
+fn send_regions(s: &mut UnixStream, vm: &VmShared, sent: &mut Sent) -> Result<(), MigrateError> {
+    let regions = vm.mem.regions();
+    sent.sync(&regions);
+    let wire: Vec<WireRegion> =
+        regions.iter().map(|r| WireRegion { gpa: r.gpa, len: r.len, serial: r.serial }).collect();
+    Ok(write_msg(s, b'R', &json(&wire))?)
+}
+
+/// Migrates `vm` to the receiver listening on `to`. On success the VM runs there and the
+/// caller ends it here; on failure it keeps running here.
+pub fn send(vm: &VmShared, to: &Path, verify: bool) -> Result<MigrateFigures, MigrateError> {
+    if vm.config.on_demand {
+        return Err(MigrateError::Protocol("an on-demand VM cannot be migrated".into()));
+    }
+    let t0 = Instant::now();
+    let mut s = UnixStream::connect(to)?;
+    s.set_read_timeout(Some(ACK_TIMEOUT))?;
+    let hello = Hello { format: super::FORMAT_VERSION, abi_version: hypercall_abi::ABI_VERSION, layout: vm.layout };
+    write_msg(&mut s, b'H', &json(&hello))?;
+    vm.mem.set_dirty_logging(&vm.fd, true)?;
+    let result = pre_copy_and_switch(vm, &mut s, t0, verify);
+    if result.is_err() {
+        let _ = vm.mem.set_dirty_logging(&vm.fd, false);
+    }
+    result
+}
+
+fn pre_copy_and_switch(
+    vm: &VmShared,
+    s: &mut UnixStream,
+    t0: Instant,
+    verify: bool,
+) -> Result<MigrateFigures, MigrateError> {
+    // Round 1: everything held (the log collects what changes meanwhile).
+    let mut sent = Sent::default();
+    send_regions(s, vm, &mut sent)?;
+    let mut pages_sent = send_pages(s, vm, &changed_pages(vm, &sent), &mut sent)?;
+    let mut rounds = 1;
+    loop {
+        let dirty = vm.mem.take_dirty(&vm.fd)?;
+        send_regions(s, vm, &mut sent)?;
+        pages_sent += send_pages(s, vm, &dirty, &mut sent)?;
+        rounds += 1;
+        if dirty.len() < SMALL_ROUND || rounds >= MAX_ROUNDS {
+            break;
+        }
+    }
+    // Stop and copy: the pages logged since; with `verify`, then a check of every page
+    // against what was sent (a page the logs missed is sent too, and counted).
+    let t_stop = Instant::now();
+    let mut q = Quiesced::new(vm)?;
+    let dirty = vm.mem.take_dirty(&vm.fd)?;
+    send_regions(s, vm, &mut sent)?;
+    pages_sent += send_pages(s, vm, &dirty, &mut sent)?;
+    let missed = if verify { Some(changed_pages(vm, &sent)) } else { None };
+    if let Some(m) = &missed {
+        pages_sent += send_pages(s, vm, m, &mut sent)?;
+    }
+    if let Some(v) = &vm.devices.vsock {
+        for l in v.listeners().iter() {
+            let meta = match l {
+                Bound::Tcp { guest_port, .. } => WireListener::Tcp { guest_port: *guest_port },
+                Bound::Uds { path, .. } => WireListener::Uds { path: path.clone() },
+            };
+            let payload = json(&meta);
+            let mut head = vec![b'L'];
+            head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            s.send_with_fd(&head[..], l.raw_fd()).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            s.write_all(&payload)?;
+        }
+    }
+    let state = q.state();
+    let held_bytes = state.regions.iter().map(|r| r.len).sum();
+    write_msg(s, b'S', &super::encode_state(&state)?)?;
+    let (kind, payload, _) = read_msg(s, MAX_JSON)?;
+    match kind {
+        b'A' => {
+            q.keep_stopped();
+            if let Some(v) = &vm.devices.vsock {
+                v.handed_over();
+            }
+            drop(q);
+            let downtime_us = t_stop.elapsed().as_micros() as u64;
+            vm.record(
+                "migrated",
+                crate::base::timeline::detail([("downtime_us", downtime_us.into()), ("rounds", rounds.into())]),
+            );
+            Ok(MigrateFigures {
+                rounds,
+                pages_sent,
+                missed_by_log: missed.map(|m| m.len() as u64),
+                held_bytes,
+                downtime_us,
+                total_us: t0.elapsed().as_micros() as u64,
+            })
+        }
+        b'E' => Err(MigrateError::Refused(
+            serde_json::from_slice::<String>(&payload).unwrap_or_else(|_| "unknown error".into()),
+        )),
+        k => Err(MigrateError::Protocol(format!("unexpected answer '{}'", k as char))),
+    }
+}
+
+/// A VM received from a source: its KVM VM and filled memory, its state, the listening
+/// sockets handed over, and the channel to answer on.
+pub struct Received {
+    /// The KVM VM, memory slots registered.
+    pub fd: VmFd,
+    /// Its memory, filled.
+    pub mem: GuestMemory,
+    /// The state.
+    pub state: VmState,
+    /// The published endpoints, handed over.
+    pub endpoints: Vec<Bound>,
+    /// When the state arrived.
+    pub stopped_at: Instant,
+    /// Tells the source the VM is built (it ends its copy) or why not (it resumes).
+    pub answer: crate::control::run::ReadyCallback,
+}
+
+impl std::fmt::Debug for Received {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received").field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
+/// Accepts one migration on `listener` and receives the VM.
+pub fn receive(kvm: &Kvm, s: &mut UnixStream) -> Result<Received, MigrateError> {
+    let bad = |w: String| MigrateError::Protocol(w);
+    let (kind, payload, _) = read_msg(s, MAX_JSON)?;
+    if kind != b'H' {
+        return Err(bad("the source did not start with hello".into()));
+    }
+    let hello: Hello = serde_json::from_slice(&payload).map_err(|e| bad(format!("hello: {e}")))?;
+    if hello.format != super::FORMAT_VERSION || hello.abi_version != hypercall_abi::ABI_VERSION {
+        return Err(bad(format!("format v{} / ABI v{} not served here", hello.format, hello.abi_version)));
+    }
+    let l = hello.layout;
+    if l.ram_size == 0 || !l.ram_size.is_multiple_of(PAGE_SIZE) || l.window_base < l.ram_size {
+        return Err(bad("bad layout".into()));
+    }
+    let fd = kvm.create_vm().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX).max(2);
+    let mem = GuestMemory::with_window(l.ram_size, l.window_base, l.window_size, max_slots)?;
+    mem.register_boot_slot(&fd)?;
+    // serial on the source -> extent here
+    let mut extents: BTreeMap<u64, Extent> = BTreeMap::new();
+    let mut endpoints = Vec::new();
+    loop {
+        let (kind, payload, file) = read_msg(s, MAX_JSON)?;
+        match kind {
+            b'R' => {
+                let list: Vec<WireRegion> =
+                    serde_json::from_slice(&payload).map_err(|e| bad(format!("regions: {e}")))?;
+                sync_extents(&fd, &mem, &mut extents, &list)?;
+            }
+            b'P' => write_pages(&mem, &payload)?,
+            b'L' => {
+                let fd = file.ok_or_else(|| bad("a listener without its descriptor".into()))?;
+                let meta: WireListener = serde_json::from_slice(&payload).map_err(|e| bad(format!("listener: {e}")))?;
+                endpoints.push(listener_from(fd, meta)?);
+            }
+            b'S' => {
+                let state = super::decode_state(&payload, Path::new("migration state"))?;
+                let here: Vec<(u64, u64)> = mem.regions().iter().map(|r| (r.gpa, r.len)).collect();
+                let there: Vec<(u64, u64)> = state.regions.iter().map(|r| (r.gpa, r.len)).collect();
+                if here != there || state.layout != l {
+                    return Err(bad("the state's memory regions differ from those received".into()));
+                }
+                let mut channel = s.try_clone()?;
+                let answer = Box::new(move |result: Result<(), String>| {
+                    let _ = match result {
+                        Ok(()) => write_msg(&mut channel, b'A', &[]),
+                        Err(e) => write_msg(&mut channel, b'E', &json(&e)),
+                    };
+                });
+                return Ok(Received { fd, mem, state, endpoints, stopped_at: Instant::now(), answer });
+            }
+            k => return Err(bad(format!("unexpected message '{}'", k as char))),
+        }
+    }
+}
+
+/// Makes the extents here match the source's list: released ones go, new ones are mapped
+/// (zeroed: their pages follow).
+fn sync_extents(
+    fd: &VmFd,
+    mem: &GuestMemory,
+    extents: &mut BTreeMap<u64, Extent>,
+    list: &[WireRegion],
+) -> Result<(), MigrateError> {
+    let wanted: BTreeMap<u64, WireRegion> = list.iter().filter(|r| r.serial != 0).map(|r| (r.serial, *r)).collect();
+    let gone: Vec<u64> = extents.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+    for serial in gone {
+        if let Some(e) = extents.remove(&serial) {
+            mem.release(fd, &[e])?;
+        }
+    }
+    for (serial, r) in wanted {
+        if let std::collections::btree_map::Entry::Vacant(v) = extents.entry(serial) {
+            let e = Extent { base: r.gpa, len: r.len };
+            mem.restore_extent(fd, e, &Backing::Anonymous)?;
+            v.insert(e);
+        }
+    }
+    Ok(())
+}
+
+/// Writes the runs of a `P` message into guest memory (every run bounds-checked).
+fn write_pages(mem: &GuestMemory, mut payload: &[u8]) -> Result<(), MigrateError> {
+    while !payload.is_empty() {
+        if payload.len() < 12 {
+            return Err(MigrateError::Protocol("a truncated page run".into()));
+        }
+        let gpa = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
+        let n = u32::from_le_bytes(payload[8..12].try_into().unwrap_or([0; 4])) as usize;
+        let len = n.checked_mul(PAGE_SIZE as usize).filter(|&l| l <= payload.len() - 12);
+        let Some(len) = len else { return Err(MigrateError::Protocol("a page run longer than its message".into())) };
+        mem.write(gpa, &payload[12..12 + len])?;
+        payload = &payload[12 + len..];
+    }
+    Ok(())
+}
+
+fn listener_from(fd: OwnedFd, meta: WireListener) -> Result<Bound, MigrateError> {
+    Ok(match meta {
+        WireListener::Tcp { guest_port } => {
+            let listener = std::net::TcpListener::from(fd);
+            listener.set_nonblocking(true)?;
+            Bound::Tcp { listener, guest_port }
+        }
+        WireListener::Uds { path } => {
+            let listener = std::os::unix::net::UnixListener::from(fd);
+            listener.set_nonblocking(true)?;
+            Bound::Uds { listener, path, owner: true }
+        }
+    })
+}
+
+/// Listens on `path` for one migration (the path must not exist; it is removed afterwards).
+pub fn accept_one(path: &Path) -> Result<UnixStream, MigrateError> {
+    if path.exists() {
+        return Err(MigrateError::Protocol(format!("{} already exists (remove it first)", path.display())));
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    let accepted = listener.accept();
+    let _ = std::fs::remove_file(path);
+    let (s, _) = accepted?;
+    Ok(s)
+}
