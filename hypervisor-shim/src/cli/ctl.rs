@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use thiserror::Error;
 
-use elastic_vmm::base::exit;
+use elastic_vmm::exit;
 
 /// `ctl` arguments.
 #[derive(Debug, Args, Clone)]

@@ -12,16 +12,11 @@ pub(crate) mod pool_config;
 use crate::tools::bench;
 use crate::tools::plot::{self, PlotVm};
 use crate::tools::qemu::{self, Accel, QemuConfig};
-use elastic_vmm::base::config::{OnViolation, PolicyConfig};
-use elastic_vmm::base::config::{
-    Policy, parse_credit, parse_duration, parse_memory_policy, parse_size, parse_vcpu_policy,
+use elastic_vmm::{
+    Capacity, ConsoleMode, DEFAULT_IDLE_SHUTDOWN, KernelImage, OnViolation, Policy, PolicyConfig, ResumeOptions,
+    RunOptions, RunResult, RunSpec, TimelineOptions, VmConfig, VmSpec, exit, parse_credit, parse_duration,
+    parse_memory_policy, parse_size, parse_vcpu_policy,
 };
-use elastic_vmm::base::exit;
-use elastic_vmm::control::run::{self as runner, ConsoleMode, RunResult, RunSpec, VmSpec};
-use elastic_vmm::policy::pool::Capacity;
-use elastic_vmm::report::summary::{PoolFigures, PoolSummary, PoolVm};
-use elastic_vmm::vmm::loader::KernelImage;
-use elastic_vmm::vmm::vm::{VmConfig, VmError, open_kvm};
 
 /// The kernel image built together with this shim.
 pub const BUILT_KERNEL: &str = elastic_images::KERNEL;
@@ -100,7 +95,7 @@ struct ResumeArgs {
     no_seccomp: bool,
     /// Publish these ports instead of the snapshot's (repeatable; `restore` only).
     #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = parse_publish_arg)]
-    publish: Vec<elastic_vmm::devices::vsock::Publish>,
+    publish: Vec<elastic_vmm::Publish>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -225,7 +220,7 @@ struct RunArgs {
     /// Forward TCP connections on a host port to a guest vsock port (repeatable). ADDR defaults
     /// to 127.0.0.1 (loopback only); give 0.0.0.0 to publish on every interface.
     #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = parse_publish_arg)]
-    publish: Vec<elastic_vmm::devices::vsock::Publish>,
+    publish: Vec<elastic_vmm::Publish>,
     /// Listen on a Unix socket speaking Firecracker's hybrid-vsock protocol: a client writes
     /// `CONNECT <guest port>\n` and reads `OK <host port>\n` once the guest accepted.
     #[arg(long, value_name = "PATH")]
@@ -254,7 +249,7 @@ struct RunArgs {
     #[arg(long)]
     no_seccomp: bool,
     /// Most restarts with --restart on-failure.
-    #[arg(long, value_name = "N", default_value_t = crate::cli::pool_config::DEFAULT_RESTART_LIMIT)]
+    #[arg(long, value_name = "N", default_value_t = elastic_vmm::DEFAULT_RESTART_LIMIT)]
     restart_limit: u32,
     /// Wait before the first restart (doubling after each, at most 5 s).
     #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration_arg)]
@@ -342,22 +337,22 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_guest_opt_arg(s: &str) -> Result<(String, String), String> {
-    elastic_vmm::base::config::parse_guest_opt(s).map_err(|e| e.to_string())
+    elastic_vmm::parse_guest_opt(s).map_err(|e| e.to_string())
 }
 
-fn parse_publish_arg(s: &str) -> Result<elastic_vmm::devices::vsock::Publish, String> {
-    elastic_vmm::devices::vsock::endpoint::parse_publish(s).map_err(|e| e.to_string())
+fn parse_publish_arg(s: &str) -> Result<elastic_vmm::Publish, String> {
+    elastic_vmm::parse_publish(s).map_err(|e| e.to_string())
 }
 
 fn parse_log_arg(s: &str) -> Result<String, String> {
-    elastic_vmm::base::config::parse_log_level(s).map_err(|e| e.to_string())
+    elastic_vmm::parse_log_level(s).map_err(|e| e.to_string())
 }
 
 /// Checks every output path a command names before any work starts.
-fn check_outputs(outputs: &[(&str, &Option<PathBuf>)]) -> Result<(), elastic_vmm::base::config::ConfigError> {
+fn check_outputs(outputs: &[(&str, &Option<PathBuf>)]) -> Result<(), elastic_vmm::ConfigError> {
     for (flag, path) in outputs {
         if let Some(p) = path {
-            elastic_vmm::base::config::check_output_path(flag, p)?;
+            elastic_vmm::check_output_path(flag, p)?;
         }
     }
     Ok(())
@@ -438,89 +433,47 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
         Some(Command::Load(args)) => crate::tools::loadgen::command(&args),
         Some(Command::Ctl(args)) => ExitCode::from(crate::cli::ctl::command(&args)),
         Some(Command::Restore(args)) => restore(args, started, started_monotonic_ns),
-        Some(Command::Receive(args)) => receive(args, started, started_monotonic_ns),
+        Some(Command::Receive(args)) => receive(args, started_monotonic_ns),
     }
+}
+
+fn resume_options(args: &ResumeArgs) -> ResumeOptions {
+    ResumeOptions { timeout: args.timeout, publish: args.publish.clone(), kernel: args.kernel.clone() }
 }
 
 fn restore(args: RestoreArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
-    let loaded = match elastic_vmm::snapshot::load(&args.dir) {
-        Ok(l) => l,
-        Err(e) => return fail(e.exit_code(), e),
-    };
-    let source = runner::RestoreSource {
-        state: loaded.state,
-        memory: elastic_vmm::vmm::vm::RestoreMemory::File(loaded.memory),
-        endpoints: None,
-        on_ready: None,
-    };
-    resume_vm(source, &args.resume, started, started_monotonic_ns)
+    if let Err(e) = check_outputs(&[("--summary", &args.resume.summary), ("--timeline", &args.resume.timeline)]) {
+        return fail(exit::USAGE, e);
+    }
+    match elastic_vmm::restore_spec(&args.dir, &resume_options(&args.resume)) {
+        Ok(vm) => resume_vm(vm, &args.resume, started, started_monotonic_ns),
+        Err(e) => fail(e.exit_code(), e),
+    }
 }
 
-fn receive(args: ReceiveArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
-    let Some(path) = args.listen.strip_prefix("unix:") else {
-        return fail(exit::USAGE, format_args!("--listen must be unix:PATH (got {})", args.listen));
-    };
-    if !args.resume.publish.is_empty() {
-        return fail(exit::USAGE, "--publish: a migrated VM keeps the ports its source published");
+fn receive(args: ReceiveArgs, started_monotonic_ns: u64) -> ExitCode {
+    if let Err(e) = check_outputs(&[("--summary", &args.resume.summary), ("--timeline", &args.resume.timeline)]) {
+        return fail(exit::USAGE, e);
     }
-    let kvm = match open_kvm() {
-        Ok(k) => k,
-        Err(e) => return fail(e.exit_code(), e),
-    };
-    eprintln!("hypervisor-shim: waiting for a migration on {path}");
-    let mut channel = match elastic_vmm::snapshot::migrate::accept_one(std::path::Path::new(path)) {
-        Ok(c) => c,
-        Err(e) => return fail(exit::USAGE, e),
-    };
-    let received = match elastic_vmm::snapshot::migrate::receive(&kvm, &mut channel) {
-        Ok(r) => r,
-        Err(e) => return fail(exit::IO_ERROR, e),
-    };
-    let elastic_vmm::snapshot::migrate::Received { fd, mem, state, endpoints, answer, stopped_at } = received;
-    let source = runner::RestoreSource {
-        state,
-        memory: elastic_vmm::vmm::vm::RestoreMemory::Live { fd, mem },
-        endpoints: Some(endpoints),
-        on_ready: Some(answer),
-    };
-    let _ = started;
-    resume_vm(source, &args.resume, stopped_at, started_monotonic_ns)
+    match elastic_vmm::receive_spec(&args.listen, &resume_options(&args.resume)) {
+        // The VM's restore time counts from the moment its state arrived.
+        Ok((vm, arrived)) => resume_vm(vm, &args.resume, arrived, started_monotonic_ns),
+        Err(e) => fail(e.exit_code(), e),
+    }
 }
 
 /// Runs a restored or received VM to its end, as `run` does.
-fn resume_vm(
-    mut source: runner::RestoreSource,
-    args: &ResumeArgs,
-    started: Instant,
-    started_monotonic_ns: u64,
-) -> ExitCode {
-    if let Err(e) = check_outputs(&[("--summary", &args.summary), ("--timeline", &args.timeline)]) {
-        return fail(exit::USAGE, e);
-    }
-    let mut config = match source.state.config.to_config() {
-        Ok(c) => c,
-        Err(e) => return fail(exit::IMAGE_REFUSED, format_args!("the saved configuration: {e}")),
-    };
-    config.timeout = args.timeout;
-    if !args.publish.is_empty() {
-        config.publish = args.publish.clone();
-    }
-    let kernel = args.kernel.clone().unwrap_or_else(|| source.state.config.kernel.clone());
-    source.state.config.kernel = kernel.clone();
+fn resume_vm(vm: VmSpec, args: &ResumeArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
     let spec = RunSpec {
-        vms: vec![VmSpec {
-            config,
-            kernel,
-            expect_exit: 0,
-            restore: Some(std::sync::Arc::new(std::sync::Mutex::new(Some(source)))),
-        }],
+        vms: vec![vm],
         capacity: Capacity::UNLIMITED,
-        timeline: args.timeline.clone(),
-        console: ConsoleMode::Stdout,
+        options: RunOptions {
+            timeline: TimelineOptions { file: args.timeline.clone(), keep: false },
+            console: ConsoleMode::Stdout,
+            api_sock: args.api_sock.clone(),
+            seccomp: !args.no_seccomp,
+        },
         on_vm_end: None,
-        api_sock: args.api_sock.clone(),
-        keep_timeline: false,
-        seccomp: !args.no_seccomp,
     };
     run_one_vm(&spec, started, started_monotonic_ns, args.summary.as_ref(), None)
 }
@@ -533,23 +486,20 @@ fn run_one_vm(
     summary: Option<&PathBuf>,
     plot: Option<&std::path::Path>,
 ) -> ExitCode {
-    let result = match runner::run(spec, started) {
+    let result = match elastic_vmm::run(spec, started) {
         Ok(r) => r,
         Err(e) => return fail(e.exit_code(), e),
     };
-    let Some(vm) = result.vms.first() else {
+    let Some(vm) = result.vms().first() else {
         return fail(exit::INTERNAL, "the run produced no result");
     };
-    if let Some(d) = vm.report.outcome.diagnosis() {
+    if let Some(d) = vm.outcome().diagnosis() {
         eprintln!("hypervisor-shim: {}", d.trim_end());
     }
-    let code = vm.report.outcome.exit_code();
+    let code = vm.outcome().exit_code();
     let summary = summary.map(|path| (path, vm.summary(started_monotonic_ns)));
     ExitCode::from(write_outputs(code, summary, plot, &result))
 }
-
-/// The idle time before an on-demand VM stops, when `--idle-shutdown` is not given.
-pub const DEFAULT_IDLE_SHUTDOWN: Duration = Duration::from_secs(30);
 
 fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
     if let Err(e) =
@@ -565,41 +515,35 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
     if args.idle_shutdown.is_some_and(|d| d.is_zero()) {
         return fail(exit::USAGE, "--idle-shutdown must be longer than 0");
     }
-    let config = VmConfig {
-        name: "vm0".into(),
-        guest_opts: args.guest_opts.clone(),
-        app: args.guest.app.clone(),
-        app_args: args.guest.args.clone(),
-        log_level: args.guest.log.clone(),
-        vcpus: args.vcpus,
-        memory: args.memory,
-        timeout: args.guest.timeout,
-        policy: PolicyConfig {
-            budget: args.burst_budget,
-            refill: args.burst_refill,
-            grace: args.reclaim_grace,
-            on_violation: args.on_violation.into(),
-        },
-        weight: 1,
-        publish: args.publish.clone(),
-        vsock_uds: args.vsock_uds.clone(),
-        on_demand: args.on_demand,
-        idle_shutdown: args.idle_shutdown.or(args.on_demand.then_some(DEFAULT_IDLE_SHUTDOWN)),
-        restart: (args.restart == RestartMode::OnFailure).then_some(elastic_vmm::vmm::vm::RestartPolicy {
-            limit: args.restart_limit,
-            backoff: args.restart_backoff,
-        }),
-        pool_member: None,
+    let mut config = VmConfig::new("vm0", args.guest.app.clone());
+    config.guest.args = args.guest.args.clone();
+    config.guest.log_level = args.guest.log.clone();
+    config.guest.options = args.guest_opts.clone();
+    config.resources.vcpus = args.vcpus;
+    config.resources.memory = args.memory;
+    config.resources.policy = PolicyConfig {
+        budget: args.burst_budget,
+        refill: args.burst_refill,
+        grace: args.reclaim_grace,
+        on_violation: args.on_violation.into(),
     };
+    config.endpoints.publish = args.publish.clone();
+    config.endpoints.vsock_uds = args.vsock_uds.clone();
+    config.lifecycle.timeout = args.guest.timeout;
+    config.lifecycle.on_demand = args.on_demand;
+    config.lifecycle.idle_shutdown = args.idle_shutdown.or(args.on_demand.then_some(DEFAULT_IDLE_SHUTDOWN));
+    config.lifecycle.restart = (args.restart == RestartMode::OnFailure)
+        .then_some(elastic_vmm::RestartPolicy { limit: args.restart_limit, backoff: args.restart_backoff });
     let spec = RunSpec {
-        vms: vec![VmSpec { config, kernel: kernel_path(&args.guest), expect_exit: 0, restore: None }],
+        vms: vec![VmSpec::new(config, kernel_path(&args.guest), 0)],
         capacity: Capacity::UNLIMITED,
-        timeline: args.timeline.clone(),
-        console: ConsoleMode::Stdout,
+        options: RunOptions {
+            timeline: TimelineOptions { file: args.timeline.clone(), keep: args.plot.is_some() },
+            console: ConsoleMode::Stdout,
+            api_sock: args.api_sock.clone(),
+            seccomp: !args.no_seccomp,
+        },
         on_vm_end: None,
-        api_sock: args.api_sock.clone(),
-        keep_timeline: args.plot.is_some(),
-        seccomp: !args.no_seccomp,
     };
     run_one_vm(&spec, started, started_monotonic_ns, args.summary.as_ref(), args.plot.as_deref())
 }
@@ -614,7 +558,7 @@ fn write_outputs<S: serde::Serialize>(
 ) -> u8 {
     let mut code = code;
     if let Some((path, summary)) = summary
-        && let Err(e) = elastic_vmm::report::summary::write_json(&summary, path)
+        && let Err(e) = elastic_vmm::write_json(&summary, path)
     {
         eprintln!("hypervisor-shim: cannot write summary {}: {e}", path.display());
         code = exit::IO_ERROR;
@@ -630,43 +574,12 @@ fn write_outputs<S: serde::Serialize>(
 
 /// Draws the run's plot.
 fn draw(path: &std::path::Path, result: &RunResult) -> Result<(), plot::PlotError> {
-    let vms: Vec<PlotVm> = result
-        .vms
-        .iter()
-        .map(|v| PlotVm { name: v.spec.config.name.clone(), vcpus: v.spec.config.vcpus, memory: v.spec.config.memory })
-        .collect();
-    let title = match result.vms.as_slice() {
-        [one] => format!("{} ({})", one.spec.config.name, one.spec.config.app),
+    let vms: Vec<PlotVm> = result.vms().iter().map(|v| PlotVm::of(&v.spec.config)).collect();
+    let title = match result.vms() {
+        [one] => format!("{} ({})", one.spec.config.name(), one.spec.config.guest.app),
         many => format!("pool of {} VMs", many.len()),
     };
-    plot::render(path, &title, &result.timeline.lines(), &vms)
-}
-
-/// The summary of a pool run.
-pub fn pool_summary(result: &RunResult, started_monotonic_ns: u64) -> PoolSummary {
-    let vms: Vec<PoolVm> = result
-        .vms
-        .iter()
-        .map(|v| PoolVm {
-            expected_exit_code: v.spec.expect_exit,
-            as_expected: v.as_expected(),
-            summary: v.summary(started_monotonic_ns),
-        })
-        .collect();
-    let all_ok = vms.iter().all(|v| v.as_expected);
-    PoolSummary {
-        exit_code: if all_ok { 0 } else { exit::RUN_FAILED },
-        wall_us: result.wall.as_micros() as u64,
-        pool: PoolFigures {
-            vcpus: result.capacity.vcpus,
-            memory_bytes: result.capacity.memory,
-            peak_vcpus: result.pool_peak[0],
-            peak_memory_bytes: result.pool_peak[1],
-        },
-        reclaims: vms.iter().map(|v| v.summary.reclaims).sum(),
-        violations: vms.iter().map(|v| v.summary.violations).sum(),
-        vms,
-    }
+    plot::render(path, &title, &result.timeline_lines(), &vms)
 }
 
 fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
@@ -683,14 +596,15 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
     let spec = RunSpec {
         vms: config.vms,
         capacity: config.capacity,
-        timeline: args.timeline.clone(),
-        console: if args.quiet { ConsoleMode::Capture { echo: false } } else { ConsoleMode::Prefixed },
-        on_vm_end: bar.clone().map(|b| runner::VmEndHook(std::sync::Arc::new(move |_, _| b.inc(1)))),
-        api_sock: args.api_sock.clone(),
-        keep_timeline: args.plot.is_some(),
-        seccomp: !args.no_seccomp,
+        options: RunOptions {
+            timeline: TimelineOptions { file: args.timeline.clone(), keep: args.plot.is_some() },
+            console: if args.quiet { ConsoleMode::Capture { echo: false } } else { ConsoleMode::Prefixed },
+            api_sock: args.api_sock.clone(),
+            seccomp: !args.no_seccomp,
+        },
+        on_vm_end: bar.clone().map(|b| elastic_vmm::VmEndHook(std::sync::Arc::new(move |_, _| b.inc(1)))),
     };
-    let result = runner::run(&spec, started);
+    let result = elastic_vmm::run(&spec, started);
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -698,23 +612,23 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
         Ok(r) => r,
         Err(e) => return fail(e.exit_code(), e),
     };
-    let summary = pool_summary(&result, started_monotonic_ns);
-    for v in &result.vms {
-        let code = v.report.outcome.exit_code();
+    let summary = result.pool_summary(started_monotonic_ns);
+    for v in result.vms() {
+        let code = v.outcome().exit_code();
         let mark = if v.as_expected() { "ok" } else { "UNEXPECTED" };
         eprintln!(
             "pool: {} ({}) exit {code} (expected {}) {mark}; {} reclaim(s), {} violation(s)",
-            v.spec.config.name,
-            v.spec.config.app,
+            v.spec.config.name(),
+            v.spec.config.guest.app,
             v.spec.expect_exit,
-            v.report.policy.iter().map(|p| p.reclaims).sum::<u64>(),
-            v.report.policy.iter().map(|p| p.violations).sum::<u64>()
+            v.reclaims(),
+            v.violations()
         );
-        if let Some(d) = v.report.outcome.diagnosis() {
-            eprintln!("pool: {}: {}", v.spec.config.name, d.trim_end());
+        if let Some(d) = v.outcome().diagnosis() {
+            eprintln!("pool: {}: {}", v.spec.config.name(), d.trim_end());
         }
     }
-    let code = summary.exit_code;
+    let code = summary.exit_code();
     let summary = args.summary.as_ref().map(|path| (path, &summary));
     ExitCode::from(write_outputs(code, summary, args.plot.as_deref(), &result))
 }
@@ -768,7 +682,7 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     if !args.out_dir.is_dir() {
         return fail(exit::USAGE, format_args!("--out-dir {}: not a directory", args.out_dir.display()));
     }
-    if let Err(e) = open_kvm() {
+    if let Err(e) = elastic_vmm::open_kvm() {
         return fail(e.exit_code(), e);
     }
     let burst = args.burst.unwrap_or_else(crate::tools::demo::default_burst);
@@ -809,10 +723,10 @@ fn run_bench(args: BenchArgs) -> ExitCode {
     };
     let kernel = default_kernel(&args.kernel);
     if let Err(e) = KernelImage::open(&kernel) {
-        let err = VmError::from(e);
+        let err = elastic_vmm::VmError::from(e);
         return fail(err.exit_code(), err);
     }
-    if let Err(e) = open_kvm() {
+    if let Err(e) = elastic_vmm::open_kvm() {
         return fail(e.exit_code(), e);
     }
     let opts = bench::BenchOptions { shim, kernel, runs: args.runs as usize, only: args.only.clone() };

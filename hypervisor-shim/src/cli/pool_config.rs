@@ -36,14 +36,11 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
-use elastic_vmm::base::config::{
-    ConfigError, Policy, parse_credit, parse_duration, parse_guest_opt, parse_log_level, parse_memory_policy,
-    parse_size, parse_vcpu_policy,
+use elastic_vmm::{
+    Capacity, ConfigError, DEFAULT_IDLE_SHUTDOWN, DEFAULT_RESTART_LIMIT, OnViolation, Policy, PolicyConfig, VmConfig,
+    VmSpec, parse_credit, parse_duration, parse_guest_opt, parse_log_level, parse_memory_policy, parse_size,
+    parse_vcpu_policy,
 };
-use elastic_vmm::base::config::{OnViolation, PolicyConfig};
-use elastic_vmm::control::run::VmSpec;
-use elastic_vmm::policy::pool::Capacity;
-use elastic_vmm::vmm::vm::VmConfig;
 
 /// Why a pool configuration was refused. One line, naming the file, the line and the field.
 #[derive(Debug, Error)]
@@ -135,8 +132,6 @@ struct VmSection {
     restart_backoff: Option<Spanned<String>>,
 }
 
-/// Most restarts of a VM with `restart = "on-failure"` when `restart_limit` is not given.
-pub const DEFAULT_RESTART_LIMIT: u32 = 3;
 /// Wait before the first restart when `restart_backoff` is not given (doubling after each).
 pub const DEFAULT_RESTART_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -147,10 +142,6 @@ pub struct PoolConfig {
     pub capacity: Capacity,
     /// The VMs, in admission order.
     pub vms: Vec<VmSpec>,
-    /// Optional run timeout.
-    pub timeout: Option<std::time::Duration>,
-    /// The line of each VM's `[[vm]]` table, in the same order (for later errors).
-    pub vm_lines: Vec<usize>,
 }
 
 /// Reads and validates `path`; `default_kernel` is used for VMs that name none.
@@ -197,7 +188,6 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
         return Err(invalid(file.pool.span(), "no [[vm]] entries: a pool needs at least one VM".into()));
     }
     let mut vms = Vec::new();
-    let mut vm_lines = Vec::new();
     for table in &file.vm {
         let v = table.get_ref();
         let name = v.name.get_ref();
@@ -208,7 +198,7 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
                 format!("vm name '{name}' must be a word of letters, digits, '-' or '_'"),
             ));
         }
-        if vms.iter().any(|s: &VmSpec| s.config.name == *name) {
+        if vms.iter().any(|s: &VmSpec| s.config.name() == name) {
             return Err(invalid(v.name.span(), format!("two VMs are named '{name}'")));
         }
         let vcpus: Policy = parse_vcpu_policy(v.vcpus.get_ref()).map_err(|e| value(v.vcpus.span(), at("vcpus"), e))?;
@@ -237,13 +227,13 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
         };
         if let Some(code) = &v.expect_exit {
             let c = *code.get_ref();
-            if c > elastic_vmm::base::exit::GUEST_MAX && c < elastic_vmm::base::exit::USAGE {
+            if c > elastic_vmm::exit::GUEST_MAX && c < elastic_vmm::exit::USAGE {
                 return Err(invalid(code.span(), format!("vm '{name}': expect_exit {c} is not an exit code")));
             }
         }
         let mut publish = Vec::new();
         for p in &v.publish {
-            let parsed = elastic_vmm::devices::vsock::endpoint::parse_publish(p.get_ref())
+            let parsed = elastic_vmm::parse_publish(p.get_ref())
                 .map_err(|e| invalid(p.span(), format!("vm '{name}': publish: {e}")))?;
             publish.push(parsed);
         }
@@ -256,7 +246,7 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
                 }
                 Some(t)
             }
-            None => on_demand.then_some(crate::cli::DEFAULT_IDLE_SHUTDOWN),
+            None => on_demand.then_some(DEFAULT_IDLE_SHUTDOWN),
         };
         if (on_demand || idle_shutdown.is_some()) && publish.is_empty() && v.vsock_uds.is_none() {
             return Err(invalid(
@@ -271,10 +261,7 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
                     Some(b) => parse_duration(b.get_ref()).map_err(|e| value(b.span(), at("restart_backoff"), e))?,
                     None => DEFAULT_RESTART_BACKOFF,
                 };
-                Some(elastic_vmm::vmm::vm::RestartPolicy {
-                    limit: v.restart_limit.unwrap_or(DEFAULT_RESTART_LIMIT),
-                    backoff,
-                })
+                Some(elastic_vmm::RestartPolicy { limit: v.restart_limit.unwrap_or(DEFAULT_RESTART_LIMIT), backoff })
             }
             Some((other, span)) => {
                 return Err(invalid(
@@ -285,34 +272,25 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
         };
         // The service name's syntax is checked here; whether the image has it is checked
         // when the image is opened.
-        elastic_vmm::base::config::kernel_cmdline(v.app.get_ref(), &[], &[])
-            .map_err(|e| value(v.app.span(), at("app"), e))?;
-        vm_lines.push(line(table.span()));
-        vms.push(VmSpec {
-            config: VmConfig {
-                name: name.clone(),
-                app: v.app.get_ref().clone(),
-                app_args: v.args.clone(),
-                log_level,
-                guest_opts,
-                vcpus,
-                memory: mem,
-                timeout,
-                policy,
-                weight: v.weight.unwrap_or(1).max(1),
-                publish,
-                vsock_uds: v.vsock_uds.clone(),
-                on_demand,
-                idle_shutdown,
-                restart,
-                pool_member: None,
-            },
-            kernel: v.kernel.clone().unwrap_or_else(|| default_kernel.to_path_buf()),
-            expect_exit: v.expect_exit.as_ref().map_or(0, |c| *c.get_ref()),
-            restore: None,
-        });
+        elastic_vmm::kernel_cmdline(v.app.get_ref(), &[], &[]).map_err(|e| value(v.app.span(), at("app"), e))?;
+        let mut config = VmConfig::new(name.clone(), v.app.get_ref().clone());
+        config.guest.args = v.args.clone();
+        config.guest.log_level = log_level;
+        config.guest.options = guest_opts;
+        config.resources.vcpus = vcpus;
+        config.resources.memory = mem;
+        config.resources.policy = policy;
+        config.resources.weight = v.weight.unwrap_or(1).max(1);
+        config.endpoints.publish = publish;
+        config.endpoints.vsock_uds = v.vsock_uds.clone();
+        config.lifecycle.timeout = timeout;
+        config.lifecycle.on_demand = on_demand;
+        config.lifecycle.idle_shutdown = idle_shutdown;
+        config.lifecycle.restart = restart;
+        let kernel = v.kernel.clone().unwrap_or_else(|| default_kernel.to_path_buf());
+        vms.push(VmSpec::new(config, kernel, v.expect_exit.as_ref().map_or(0, |c| *c.get_ref())));
     }
-    Ok(PoolConfig { capacity: Capacity { vcpus: *pool.vcpus.get_ref(), memory }, vms, timeout, vm_lines })
+    Ok(PoolConfig { capacity: Capacity { vcpus: *pool.vcpus.get_ref(), memory }, vms })
 }
 
 #[cfg(test)]
@@ -349,13 +327,14 @@ expect_exit = 3
     fn a_good_file_parses() {
         let c = parse(GOOD, "pool.toml", Path::new("/k")).unwrap();
         assert_eq!(c.capacity, Capacity { vcpus: 6, memory: 1 << 30 });
-        assert_eq!(c.timeout, Some(std::time::Duration::from_secs(30)));
         let web = &c.vms[0];
-        assert_eq!(web.config.weight, 2);
-        assert_eq!(web.config.policy.budget, [1.0, 0.5]);
-        assert_eq!(web.config.policy.grace, std::time::Duration::from_millis(150));
-        assert_eq!(web.config.policy.on_violation, OnViolation::Kill);
-        assert_eq!(web.config.guest_opts, [("vcpu.down_ms".to_string(), "10".to_string())]);
+        assert_eq!(web.config.lifecycle.timeout, Some(std::time::Duration::from_secs(30)));
+        let r = &web.config.resources;
+        assert_eq!(r.weight, 2);
+        assert_eq!(r.policy.budget, [1.0, 0.5]);
+        assert_eq!(r.policy.grace, std::time::Duration::from_millis(150));
+        assert_eq!(r.policy.on_violation, OnViolation::Kill);
+        assert_eq!(web.config.guest.options, [("vcpu.down_ms".to_string(), "10".to_string())]);
         assert_eq!(c.vms[1].expect_exit, 3);
         assert_eq!(c.vms[1].kernel, Path::new("/k"));
     }

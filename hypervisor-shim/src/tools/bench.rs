@@ -326,7 +326,7 @@ fn add_guest_figures(
 /// on a VM of our own, `rounds` times (µs each).
 fn memslot_floor(rounds: usize) -> Result<Vec<f64>, BenchError> {
     const GIB: usize = 1 << 30;
-    let kvm = elastic_vmm::vmm::vm::open_kvm().map_err(|e| BenchError::Summary(e.to_string()))?;
+    let kvm = elastic_vmm::open_kvm().map_err(|e| BenchError::Summary(e.to_string()))?;
     let vm = kvm.create_vm().map_err(|e| BenchError::Summary(format!("KVM_CREATE_VM: {e}")))?;
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {

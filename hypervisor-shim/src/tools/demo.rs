@@ -21,7 +21,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::tools::loadgen::{self, HttpOptions, LoadConfig, Mode, Pattern, Protocol, SecondStats};
-use elastic_vmm::base::timeline::Line;
+use elastic_vmm::Line;
 
 /// Demo failures.
 #[derive(Debug, Error)]
@@ -73,7 +73,7 @@ impl DemoOptions {
 /// vCPUs than host CPUs would only make them wait for each other (a vCPU holding a lock can be
 /// preempted by one spinning on it).
 pub fn default_burst() -> u32 {
-    (elastic_vmm::host::affinity::allowed().len() as u32).clamp(2, 4)
+    (elastic_vmm::allowed_cpus().len() as u32).clamp(2, 4)
 }
 
 /// The demo's default peak rate: what the default burst serves with room to spare (each
@@ -390,8 +390,8 @@ fn analyse(
     let spike_step_us = load_start_us + (RAMP.as_secs_f64() + 0.4 * SPIKE.as_secs_f64()) * 1e6;
     let spike_end_us = load_start_us + (RAMP.as_secs_f64() + 0.6 * SPIKE.as_secs_f64()) * 1e6;
     let min = 1u32;
-    let ups: Vec<&Line> = timeline.iter().filter(|l| l.event == "vcpu_up").collect();
-    let first_up_after = |t: f64| ups.iter().find(|l| l.t_us as f64 >= t).map(|l| (l.t_us as f64 - t) / 1000.0);
+    let ups: Vec<&Line> = timeline.iter().filter(|l| l.event() == "vcpu_up").collect();
+    let first_up_after = |t: f64| ups.iter().find(|l| l.t_us() as f64 >= t).map(|l| (l.t_us() as f64 - t) / 1000.0);
     let ramp_rate_at_first_extra_vcpu = first_up_after(load_start_us)
         .filter(|&ms| ms <= RAMP.as_secs_f64() * 1000.0)
         .map(|ms| (opts.rate * ms / (RAMP.as_secs_f64() * 1000.0)).round());
@@ -399,24 +399,24 @@ fn analyse(
     // The spike's step down → vCPUs back at min (the first time after it that they are).
     let back_to_min_ms = timeline
         .iter()
-        .find(|l| l.vcpus == min && l.t_us as f64 >= spike_end_us)
-        .map(|l| ((l.t_us as f64 - spike_end_us) / 1000.0).max(0.0));
+        .find(|l| l.vcpus() == min && l.t_us() as f64 >= spike_end_us)
+        .map(|l| ((l.t_us() as f64 - spike_end_us) / 1000.0).max(0.0));
     // Held vs needed over the traffic phase, from the guest's REPORTs (online, idle).
     let (mut held, mut needed) = (0.0, 0.0);
     let reports: Vec<&Line> = timeline
         .iter()
-        .filter(|l| l.event == "report" && (l.t_us as f64) >= load_start_us && (l.t_us as f64) <= load_end_us)
+        .filter(|l| l.event() == "report" && (l.t_us() as f64) >= load_start_us && (l.t_us() as f64) <= load_end_us)
         .collect();
     for w in reports.windows(2) {
-        let dt = (w[1].t_us - w[0].t_us) as f64 / 1e6;
-        let online = w[0].detail.get("guest_online").and_then(|v| v.as_f64()).unwrap_or(w[0].vcpus as f64);
-        let idle = w[0].detail.get("guest_idle").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        let dt = (w[1].t_us() - w[0].t_us()) as f64 / 1e6;
+        let online = w[0].get("guest_online").and_then(|v| v.as_f64()).unwrap_or(w[0].vcpus() as f64);
+        let idle = w[0].get("guest_idle").and_then(|v| v.as_f64()).unwrap_or(0.0);
         held += online * dt;
         // What the load kept busy, but never less than the policy's min (held whatever the load).
         needed += (online - idle).max(f64::from(min)) * dt;
     }
-    let peak_vcpus = timeline.iter().map(|l| u64::from(l.vcpus)).max().unwrap_or(1);
-    let peak_memory = timeline.iter().map(|l| l.memory_bytes).max().unwrap_or(0);
+    let peak_vcpus = timeline.iter().map(|l| u64::from(l.vcpus())).max().unwrap_or(1);
+    let peak_memory = timeline.iter().map(|l| l.memory_bytes()).max().unwrap_or(0);
     let last = seconds.last().cloned();
     DemoReport {
         vcpus_policy: opts.vcpus(),
@@ -516,12 +516,12 @@ fn draw(path: &Path, report: &DemoReport, timeline: &[Line], burst: u32) -> Resu
     c.configure_series_labels().border_style(BLACK).draw().map_err(|e| err(&e))?;
     // The VM's own timeline, in seconds: the demo's clock started just after the VM's
     // first line, close enough for a plot.
-    let offset = timeline.first().map_or(0.0, |l| l.t_us as f64 / 1e6);
+    let offset = timeline.first().map_or(0.0, |l| l.t_us() as f64 / 1e6);
     let step = |f: &dyn Fn(&Line) -> f64| -> Vec<(f64, f64)> {
         let mut out = Vec::new();
         let mut last: Option<f64> = None;
         for l in timeline {
-            let t = l.t_us as f64 / 1e6 - offset;
+            let t = l.t_us() as f64 / 1e6 - offset;
             let v = f(l);
             if let Some(prev) = last {
                 out.push((t, prev));
@@ -542,7 +542,7 @@ fn draw(path: &Path, report: &DemoReport, timeline: &[Line], burst: u32) -> Resu
         .build_cartesian_2d(0.0..end, 0.0..f64::from(burst) + 0.5)
         .map_err(|e| err(&e))?;
     c.configure_mesh().disable_x_mesh().draw().map_err(|e| err(&e))?;
-    c.draw_series(LineSeries::new(step(&|l| f64::from(l.vcpus)), RED.stroke_width(2))).map_err(|e| err(&e))?;
+    c.draw_series(LineSeries::new(step(&|l| f64::from(l.vcpus())), RED.stroke_width(2))).map_err(|e| err(&e))?;
     let mut c = ChartBuilder::on(&panels[2])
         .margin(8)
         .x_label_area_size(30)
@@ -551,7 +551,7 @@ fn draw(path: &Path, report: &DemoReport, timeline: &[Line], burst: u32) -> Resu
         .build_cartesian_2d(0.0..end, 0.0..(report.peak_memory_bytes as f64 / MIB * 1.15).max(80.0))
         .map_err(|e| err(&e))?;
     c.configure_mesh().disable_x_mesh().x_desc("seconds").draw().map_err(|e| err(&e))?;
-    c.draw_series(LineSeries::new(step(&|l| l.memory_bytes as f64 / MIB), MAGENTA.stroke_width(2)))
+    c.draw_series(LineSeries::new(step(&|l| l.memory_bytes() as f64 / MIB), MAGENTA.stroke_width(2)))
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())

@@ -6,8 +6,8 @@ use std::path::Path;
 use plotters::prelude::*;
 use thiserror::Error;
 
-use elastic_vmm::base::config::Policy;
-use elastic_vmm::base::timeline::Line;
+use elastic_vmm::Line;
+use elastic_vmm::Policy;
 
 /// Plot failures.
 #[derive(Debug, Error)]
@@ -31,6 +31,13 @@ pub struct PlotVm {
     pub vcpus: Policy,
     /// Memory policy (bytes).
     pub memory: Policy,
+}
+
+impl PlotVm {
+    /// The lines of the VM configured by `config`.
+    pub fn of(config: &elastic_vmm::VmConfig) -> PlotVm {
+        PlotVm { name: config.name().to_string(), vcpus: config.resources.vcpus, memory: config.resources.memory }
+    }
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -120,20 +127,20 @@ where
 /// Renders the plot of `vms` from `lines` to `path`.
 pub fn render(path: &Path, title: &str, lines: &[Line], vms: &[PlotVm]) -> Result<(), PlotError> {
     let err = |reason: String| PlotError::Draw { path: path.display().to_string(), reason };
-    let end = lines.iter().map(|l| l.t_us).max().unwrap_or(1) as f64 / 1e6;
+    let end = lines.iter().map(|l| l.t_us()).max().unwrap_or(1) as f64 / 1e6;
     let rows = vms.len().max(1) as u32;
     let root = SVGBackend::new(path, (1200, 40 + 300 * rows)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let body = root.titled(title, ("sans-serif", 20)).map_err(|e| err(e.to_string()))?;
     let row_areas = body.split_evenly((rows as usize, 1));
     for (vm, area) in vms.iter().zip(row_areas) {
-        let mine: Vec<&Line> = lines.iter().filter(|l| l.vm == vm.name).collect();
-        let t = |l: &Line| l.t_us as f64 / 1e6;
-        let vcpus: Vec<(f64, f64)> = mine.iter().map(|l| (t(l), f64::from(l.vcpus))).collect();
-        let memory: Vec<(f64, f64)> = mine.iter().map(|l| (t(l), l.memory_bytes as f64 / MIB)).collect();
+        let mine: Vec<&Line> = lines.iter().filter(|l| l.vm() == vm.name).collect();
+        let t = |l: &Line| l.t_us() as f64 / 1e6;
+        let vcpus: Vec<(f64, f64)> = mine.iter().map(|l| (t(l), f64::from(l.vcpus()))).collect();
+        let memory: Vec<(f64, f64)> = mine.iter().map(|l| (t(l), l.memory_bytes() as f64 / MIB)).collect();
         let marks = |event: &str, resource: &str| -> Vec<f64> {
             mine.iter()
-                .filter(|l| l.event == event && l.detail.get("resource").and_then(|r| r.as_str()) == Some(resource))
+                .filter(|l| l.event() == event && l.get("resource").and_then(|r| r.as_str()) == Some(resource))
                 .map(|l| t(l))
                 .collect()
         };
@@ -181,21 +188,21 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("plot-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("p.svg");
-        let line = |t_us: u64, event: &str, vcpus: u32, detail: serde_json::Map<String, serde_json::Value>| Line {
-            t_us,
-            vm: "vm0".into(),
-            event: event.into(),
-            vcpus,
-            memory_bytes: 64 << 20,
-            detail,
+        let line = |t_us: u64, event: &str, vcpus: u32, resource: Option<&str>| -> Line {
+            let mut v = serde_json::json!({
+                "t_us": t_us, "vm": "vm0", "event": event, "vcpus": vcpus, "memory_bytes": 64u64 << 20,
+            });
+            if let Some(r) = resource {
+                v["resource"] = r.into();
+            }
+            serde_json::from_value(v).unwrap()
         };
-        let r = elastic_vmm::base::timeline::detail([("resource", "vcpus".into())]);
         let lines = vec![
-            line(0, "boot", 1, Default::default()),
-            line(100_000, "vcpu_up", 3, Default::default()),
-            line(200_000, "reclaim", 3, r.clone()),
-            line(400_000, "violation", 3, r),
-            line(500_000, "vcpu_down", 2, Default::default()),
+            line(0, "boot", 1, None),
+            line(100_000, "vcpu_up", 3, None),
+            line(200_000, "reclaim", 3, Some("vcpus")),
+            line(400_000, "violation", 3, Some("vcpus")),
+            line(500_000, "vcpu_down", 2, None),
         ];
         let vm =
             PlotVm { name: "vm0".into(), vcpus: Policy { min: 1, max: 2, burst: 4 }, memory: Policy::fixed(64 << 20) };

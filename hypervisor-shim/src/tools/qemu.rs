@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use hypercall_abi::{QEMU_DEBUG_EXIT_PORT, QEMU_FAULT_EXIT_VALUE, SHUTDOWN_CODE_MAX};
 use thiserror::Error;
 
-use elastic_vmm::base::config::{ConfigError, format_size, kernel_cmdline};
-use elastic_vmm::base::exit;
-use elastic_vmm::vmm::loader::{KernelImage, LoaderError};
+use elastic_vmm::exit;
+use elastic_vmm::{ConfigError, format_size, kernel_cmdline};
+use elastic_vmm::{KernelImage, LoaderError};
 
 /// QEMU-path failures.
 #[derive(Debug, Error)]
@@ -168,7 +168,7 @@ pub fn run(config: &QemuConfig) -> Result<QemuOutcome, QemuError> {
         return Err(QemuError::NoPvhNote(config.kernel.clone()));
     }
     let cmdline = kernel_cmdline(&config.app, &[("log", config.log_level.clone())], &config.app_args)?;
-    elastic_vmm::host::signals::install();
+    elastic_vmm::install_signal_handlers();
     let started = Instant::now();
     match config.accel {
         Accel::Tcg => finish(attempt(config, &cmdline, "tcg", started, None)?),
@@ -292,7 +292,7 @@ fn attempt(
     });
     let spawn_err = |source| QemuError::Spawn { program: config.qemu.clone(), source };
     let mut stopped: Option<(u8, String)> = None;
-    let interrupts_at_start = elastic_vmm::host::signals::interrupts();
+    let interrupts_at_start = elastic_vmm::interrupts();
     let status = loop {
         if let Some(status) = child.try_wait().map_err(spawn_err)? {
             break status;
@@ -300,7 +300,7 @@ fn attempt(
         if stopped.is_none() {
             if config.timeout.is_some_and(|t| started.elapsed() >= t) {
                 stopped = Some((exit::TIMEOUT, "QEMU run stopped at the timeout".into()));
-            } else if elastic_vmm::host::signals::interrupts() != interrupts_at_start {
+            } else if elastic_vmm::interrupts() != interrupts_at_start {
                 stopped = Some((exit::INTERRUPTED, "QEMU run interrupted (signal)".into()));
             }
             if stopped.is_some() {

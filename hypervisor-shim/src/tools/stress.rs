@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
+use serde_json::Value;
+
 use crate::tools::plot::{self, PlotVm};
-use elastic_vmm::base::config::PolicyConfig;
-use elastic_vmm::base::config::{parse_memory_policy, parse_vcpu_policy};
-use elastic_vmm::control::run::{self, ConsoleMode, RunResult, RunSpec, VmSpec};
-use elastic_vmm::policy::pool::Capacity;
-use elastic_vmm::vmm::vm::VmConfig;
+use elastic_vmm::{
+    Capacity, ConsoleMode, PolicyConfig, RunOptions, RunResult, RunSpec, TimelineOptions, VmConfig, VmResult, VmSpec,
+    parse_memory_policy, parse_vcpu_policy,
+};
 
 /// Stress-suite failures (a scenario that runs but fails its checks is not an error).
 #[derive(Debug, Error)]
@@ -41,7 +42,7 @@ pub enum StressError {
         /// The scenario.
         scenario: String,
         /// Why.
-        source: run::RunError,
+        source: elastic_vmm::RunError,
     },
 }
 
@@ -252,40 +253,30 @@ fn spec_for(s: &Scenario, kernel: &Path, out: &Path) -> RunSpec {
     let vms = s
         .vms
         .iter()
-        .map(|v| VmSpec {
-            config: VmConfig {
-                name: v.name.to_string(),
-                app: v.app.to_string(),
-                app_args: v.args.clone(),
-                log_level: "warn".into(),
-                guest_opts: v.opts.iter().map(|(k, val)| (k.to_string(), val.to_string())).collect(),
-                // The scenario tables are static and validated by the unit tests.
-                vcpus: parse_vcpu_policy(v.vcpus).unwrap_or(elastic_vmm::base::config::Policy::fixed(1)),
-                memory: parse_memory_policy(v.memory).unwrap_or(elastic_vmm::base::config::Policy::fixed(64 << 20)),
-                timeout: Some(Duration::from_secs(300)),
-                policy: PolicyConfig { budget: v.budget, refill: v.refill, ..PolicyConfig::default() },
-                weight: v.weight,
-                publish: Vec::new(),
-                vsock_uds: None,
-                on_demand: false,
-                idle_shutdown: None,
-                restart: None,
-                pool_member: None,
-            },
-            kernel: kernel.to_path_buf(),
-            expect_exit: 0,
-            restore: None,
+        .map(|v| {
+            let mut config = VmConfig::new(v.name, v.app);
+            config.guest.args = v.args.clone();
+            config.guest.log_level = "warn".into();
+            config.guest.options = v.opts.iter().map(|(k, val)| (k.to_string(), val.to_string())).collect();
+            // The scenario tables are static and validated by the unit tests.
+            config.resources.vcpus = parse_vcpu_policy(v.vcpus).unwrap_or(elastic_vmm::Policy::fixed(1));
+            config.resources.memory = parse_memory_policy(v.memory).unwrap_or(elastic_vmm::Policy::fixed(64 << 20));
+            config.resources.policy = PolicyConfig { budget: v.budget, refill: v.refill, ..PolicyConfig::default() };
+            config.resources.weight = v.weight;
+            config.lifecycle.timeout = Some(Duration::from_secs(300));
+            VmSpec::new(config, kernel.to_path_buf(), 0)
         })
         .collect();
     RunSpec {
         vms,
         capacity: s.capacity,
-        timeline: Some(out.join(format!("{}.timeline.jsonl", s.name))),
-        console: ConsoleMode::Capture { echo: false },
+        options: RunOptions {
+            timeline: TimelineOptions { file: Some(out.join(format!("{}.timeline.jsonl", s.name))), keep: true },
+            console: ConsoleMode::Capture { echo: false },
+            api_sock: None,
+            seccomp: true,
+        },
         on_vm_end: None,
-        api_sock: None,
-        keep_timeline: true,
-        seccomp: true,
     }
 }
 
@@ -298,65 +289,72 @@ fn check(checks: &mut Vec<Check>, name: &str, passed: bool, detail: String) {
     checks.push(Check { name: name.to_string(), passed, detail });
 }
 
+/// A VM's summary as JSON (the format `run --summary` writes).
+fn summary_of(v: &VmResult) -> Value {
+    serde_json::to_value(v.summary(0)).unwrap_or(Value::Null)
+}
+
 /// Evaluates a finished scenario.
 fn evaluate(s: &Scenario, result: &RunResult) -> (Vec<Check>, Vec<VmOutcome>) {
     let mut checks = Vec::new();
     let mut outcomes = Vec::new();
-    for (plan, vm) in s.vms.iter().zip(&result.vms) {
-        let r = &vm.report;
+    for (plan, vm) in s.vms.iter().zip(result.vms()) {
         let output = vm.output.clone().unwrap_or_default();
         outcomes.push(VmOutcome {
             name: plan.name.to_string(),
             app: plan.app.to_string(),
-            exit_code: r.outcome.exit_code(),
+            exit_code: vm.outcome().exit_code(),
             expected_exit_code: vm.spec.expect_exit,
             violations_expected: plan.expect_violation,
-            violations_seen: r.policy.iter().map(|p| p.violations).sum(),
-            reclaims: r.policy.iter().map(|p| p.reclaims).sum(),
+            violations_seen: vm.violations(),
+            reclaims: vm.reclaims(),
             data_errors: data_errors(&output).unwrap_or(u64::MAX),
         });
     }
-    let all = |f: &dyn Fn(&elastic_vmm::control::run::VmResult) -> bool| result.vms.iter().all(f);
-    let per_vm = |f: &dyn Fn(&elastic_vmm::control::run::VmResult) -> String| {
-        result.vms.iter().map(|v| format!("{}: {}", v.spec.config.name, f(v))).collect::<Vec<_>>().join("; ")
+    let summaries: Vec<(&VmResult, Value)> = result.vms().iter().map(|v| (v, summary_of(v))).collect();
+    let all = |f: &dyn Fn(&VmResult, &Value) -> bool| summaries.iter().all(|(v, j)| f(v, j));
+    let per_vm = |f: &dyn Fn(&VmResult, &Value) -> String| {
+        summaries.iter().map(|(v, j)| format!("{}: {}", v.spec.config.name(), f(v, j))).collect::<Vec<_>>().join("; ")
     };
+    let n = |j: &Value, path: &[&str]| path.iter().fold(j, |v, k| &v[*k]).as_u64().unwrap_or(u64::MAX);
+    let f = |j: &Value, path: &[&str]| path.iter().fold(j, |v, k| &v[*k]).as_f64().unwrap_or(f64::NAN);
     check(
         &mut checks,
         "every VM exits with its expected code",
-        all(&|v| v.as_expected()),
-        per_vm(&|v| format!("exit {} (expected {})", v.report.outcome.exit_code(), v.spec.expect_exit)),
+        all(&|v, _| v.as_expected()),
+        per_vm(&|v, _| format!("exit {} (expected {})", v.outcome().exit_code(), v.spec.expect_exit)),
     );
     check(
         &mut checks,
         "never above burst",
-        all(&|v| {
-            v.report.invariants.above_burst == 0
-                && v.report.vcpus.peak as u64 <= v.spec.config.vcpus.burst
-                && v.report.memory.peak <= v.spec.config.memory.burst
+        all(&|v, j| {
+            let r = &v.spec.config.resources;
+            n(j, &["invariants", "above_burst"]) == 0
+                && n(j, &["vcpus", "peak"]) <= r.vcpus.burst
+                && n(j, &["memory_bytes", "peak"]) <= r.memory.burst
         }),
-        per_vm(&|v| {
+        per_vm(&|v, j| {
+            let r = &v.spec.config.resources;
             format!(
                 "peak {} vCPUs / {} MiB, burst {} / {} MiB, {} breaches in {} checks",
-                v.report.vcpus.peak,
-                v.report.memory.peak >> 20,
-                v.spec.config.vcpus.burst,
-                v.spec.config.memory.burst >> 20,
-                v.report.invariants.above_burst,
-                v.report.invariants.checks
+                n(j, &["vcpus", "peak"]),
+                n(j, &["memory_bytes", "peak"]) >> 20,
+                r.vcpus.burst,
+                r.memory.burst >> 20,
+                n(j, &["invariants", "above_burst"]),
+                n(j, &["invariants", "checks"])
             )
         }),
     );
-    let cap = result.capacity;
+    let (cap, peak) = result.pool_use();
     check(
         &mut checks,
         "never above pool capacity",
-        all(&|v| v.report.invariants.above_capacity == 0)
-            && result.pool_peak[0] <= cap.vcpus
-            && result.pool_peak[1] <= cap.memory,
+        all(&|_, j| n(j, &["invariants", "above_capacity"]) == 0) && peak[0] <= cap.vcpus && peak[1] <= cap.memory,
         format!(
             "pool peak {} vCPU slots / {} MiB of {} / {}",
-            result.pool_peak[0],
-            result.pool_peak[1] >> 20,
+            peak[0],
+            peak[1] >> 20,
             if cap.vcpus == u64::MAX { "unlimited".to_string() } else { cap.vcpus.to_string() },
             if cap.memory == u64::MAX { "unlimited".to_string() } else { format!("{} MiB", cap.memory >> 20) }
         ),
@@ -364,35 +362,37 @@ fn evaluate(s: &Scenario, result: &RunResult) -> (Vec<Check>, Vec<VmOutcome>) {
     check(
         &mut checks,
         "min always held",
-        all(&|v| v.report.invariants.below_min == 0 && v.report.memory.final_bytes >= v.spec.config.memory.min),
-        per_vm(&|v| format!("{} breaches", v.report.invariants.below_min)),
+        all(&|v, j| {
+            n(j, &["invariants", "below_min"]) == 0
+                && n(j, &["memory_bytes", "final"]) >= v.spec.config.resources.memory.min
+        }),
+        per_vm(&|_, j| format!("{} breaches", n(j, &["invariants", "below_min"]))),
     );
     check(
         &mut checks,
         "credit never below zero by more than one tick",
-        all(&|v| v.report.invariants.credit_overdrawn == 0),
-        per_vm(&|v| {
+        all(&|_, j| n(j, &["invariants", "credit_overdrawn"]) == 0),
+        per_vm(&|_, j| {
             format!(
                 "lowest {:.3} vCPU-s / {:.3} GiB-s",
-                v.report.policy[0].credit.lowest, v.report.policy[1].credit.lowest
+                f(j, &["policy", "vcpus", "credit_lowest"]),
+                f(j, &["policy", "memory", "credit_lowest"])
             )
         }),
     );
     check(
         &mut checks,
         "every reclaim answered within grace or counted as a violation",
-        all(&|v| v.report.policy.iter().all(|p| p.unresolved() == 0 || (p.unresolved() == 1 && p.open_within_grace()))),
-        per_vm(&|v| {
-            v.report
-                .policy
+        all(&|v, _| v.reclaims_settled()),
+        per_vm(&|_, j| {
+            ["vcpus", "memory"]
                 .iter()
-                .map(|p| {
+                .map(|r| {
                     format!(
-                        "{} {} reclaims = {} in grace + {} violations",
-                        p.resource.name(),
-                        p.reclaims,
-                        p.answered_in_grace,
-                        p.violations
+                        "{r} {} reclaims = {} in grace + {} violations",
+                        n(j, &["policy", r, "reclaims"]),
+                        n(j, &["policy", r, "answered_in_grace"]),
+                        n(j, &["policy", r, "violations"])
                     )
                 })
                 .collect::<Vec<_>>()
@@ -472,25 +472,17 @@ pub fn run(names: &[String], short: bool, out: &Path, kernel: &Path) -> Result<V
         }
         let started = Instant::now();
         let spec = spec_for(s, kernel, out);
-        let result =
-            run::run(&spec, started).map_err(|source| StressError::Start { scenario: s.name.to_string(), source })?;
+        let result = elastic_vmm::run(&spec, started)
+            .map_err(|source| StressError::Start { scenario: s.name.to_string(), source })?;
         let (checks, vms) = evaluate(s, &result);
-        for v in &result.vms {
-            let log = out.join(format!("{}-{}.log", s.name, v.spec.config.name));
+        for v in result.vms() {
+            let log = out.join(format!("{}-{}.log", s.name, v.spec.config.name()));
             std::fs::write(&log, v.output.clone().unwrap_or_default()).map_err(|e| write_err(&log, e))?;
         }
         let svg: PathBuf = out.join(format!("{}.svg", s.name));
-        let plot_vms: Vec<PlotVm> = result
-            .vms
-            .iter()
-            .map(|v| PlotVm {
-                name: v.spec.config.name.clone(),
-                vcpus: v.spec.config.vcpus,
-                memory: v.spec.config.memory,
-            })
-            .collect();
+        let plot_vms: Vec<PlotVm> = result.vms().iter().map(|v| PlotVm::of(&v.spec.config)).collect();
         let mut checks = checks;
-        if let Err(e) = plot::render(&svg, &format!("stress: {}", s.name), &result.timeline.lines(), &plot_vms) {
+        if let Err(e) = plot::render(&svg, &format!("stress: {}", s.name), &result.timeline_lines(), &plot_vms) {
             checks.push(Check { name: "plot written".into(), passed: false, detail: e.to_string() });
         }
         let report = ScenarioReport {

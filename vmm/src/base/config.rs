@@ -8,6 +8,7 @@ use hypercall_abi::{CMDLINE_MAX, EXTENT_ALIGN, ResourceLimits};
 use thiserror::Error;
 
 use crate::base::layout::{MAX_GUEST_PHYS, MAX_VCPUS};
+use crate::host::endpoint::Publish;
 
 /// Why a configuration value was rejected. Each message names the problem in one line.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -137,6 +138,121 @@ impl Default for PolicyConfig {
             grace: Duration::from_millis(200),
             on_violation: OnViolation::Throttle,
         }
+    }
+}
+
+/// The idle time before an on-demand VM stops, when `--idle-shutdown` is not given.
+pub const DEFAULT_IDLE_SHUTDOWN: Duration = Duration::from_secs(30);
+
+/// Most restarts of a VM that restarts on failure, when no limit is given.
+pub const DEFAULT_RESTART_LIMIT: u32 = 3;
+
+/// Longest wait between restarts.
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What runs in the guest: the service, its arguments and the kernel's options.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GuestConfig {
+    /// Service to start.
+    pub app: String,
+    /// Arguments for the service.
+    pub args: Vec<String>,
+    /// Guest log level (`off`..`trace`).
+    pub log_level: String,
+    /// Extra `key=value` kernel options (controller thresholds and the like).
+    pub options: Vec<(String, String)>,
+}
+
+/// The VM's share of the host: its min / max / burst policies, their credit and
+/// enforcement settings, and its weight in the pool.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct ResourceConfig {
+    /// vCPU policy.
+    pub vcpus: Policy,
+    /// Memory policy.
+    pub memory: Policy,
+    /// Burst credit, reclaim grace and enforcement.
+    pub policy: PolicyConfig,
+    /// Weight in the pool (a heavier VM keeps its burst longer under contention).
+    pub weight: u64,
+}
+
+/// How clients on the host reach the guest's services.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct EndpointConfig {
+    /// TCP ports published to the guest's request channel (`--publish`).
+    pub publish: Vec<Publish>,
+    /// The hybrid-vsock Unix socket (`--vsock-uds`).
+    pub vsock_uds: Option<std::path::PathBuf>,
+}
+
+/// When the VM runs: its time limit, scale to zero, restarts.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct Lifecycle {
+    /// Stop the run after this long.
+    pub timeout: Option<Duration>,
+    /// Scale to zero (`--on-demand`): no VM until a client connects to an endpoint; after
+    /// `idle_shutdown` the VM stops and the next client boots a new one.
+    pub on_demand: bool,
+    /// Ask the guest to stop after this long with no client connection open
+    /// (`--idle-shutdown`).
+    pub idle_shutdown: Option<Duration>,
+    /// Restart the VM when it fails (`restart = "on-failure"`, `--restart on-failure`).
+    pub restart: Option<RestartPolicy>,
+}
+
+/// Restart on failure: a VM that faults or exits with a code other than 0 and 5 (stopped at
+/// the host's request) is booted again, at most `limit` times, after `backoff` (doubling per
+/// restart, at most [`RESTART_BACKOFF_MAX`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RestartPolicy {
+    /// Most restarts.
+    pub limit: u32,
+    /// Wait before the first restart.
+    pub backoff: Duration,
+}
+
+/// One VM: what runs in it, its resources, its endpoints and its lifecycle.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmConfig {
+    /// The VM's name (timeline, summaries, the control API).
+    name: String,
+    /// What runs in the guest.
+    pub guest: GuestConfig,
+    /// Its resources.
+    pub resources: ResourceConfig,
+    /// How clients reach it.
+    pub endpoints: EndpointConfig,
+    /// When it runs.
+    pub lifecycle: Lifecycle,
+    /// The pool member to run as, when the pool already admitted this VM (an on-demand slot's
+    /// reservation); `None`: admit it at creation.
+    #[serde(skip)]
+    pub(crate) pool_member: Option<usize>,
+}
+
+impl VmConfig {
+    /// A VM named `name` running `app` with the defaults: `1:1:1` vCPUs, `64M:64M:64M` of
+    /// memory, no endpoints, no time limit.
+    pub fn new(name: impl Into<String>, app: impl Into<String>) -> VmConfig {
+        VmConfig {
+            name: name.into(),
+            guest: GuestConfig { app: app.into(), args: Vec::new(), log_level: "info".into(), options: Vec::new() },
+            resources: ResourceConfig {
+                vcpus: Policy::fixed(1),
+                memory: Policy::fixed(64 << 20),
+                policy: PolicyConfig::default(),
+                weight: 1,
+            },
+            endpoints: EndpointConfig::default(),
+            lifecycle: Lifecycle::default(),
+            pool_member: None,
+        }
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 

@@ -68,8 +68,6 @@ pub const MAX_GUEST_PHYS: u64 = ((PAGE_TABLES_END - PD_BASE) / 0x1000) << 30;
 pub mod selector {
     /// Kernel (CPL 0) 64-bit code: used only by the exception stubs.
     pub const KERNEL_CODE: u16 = 0x08;
-    /// Kernel (CPL 0) data.
-    pub const KERNEL_DATA: u16 = 0x10;
     /// User (CPL 3) 64-bit code, RPL 3.
     pub const USER_CODE: u16 = 0x18 | 3;
     /// User (CPL 3) data, RPL 3.

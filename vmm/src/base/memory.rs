@@ -565,26 +565,69 @@ impl GuestMemory {
     }
 }
 
-/// The shim process's resident set size now, in bytes (0 if /proc cannot say).
-pub fn process_rss_bytes() -> u64 {
-    let pages = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    pages * page
+/// One memory region: where it is in the guest and (in a snapshot) in the memory file.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub(crate) struct SavedRegion {
+    /// Guest-physical base.
+    pub(crate) gpa: u64,
+    /// Length.
+    pub(crate) len: u64,
+    /// Offset in the memory file.
+    pub(crate) offset: u64,
 }
 
-/// The shim process's peak resident set size so far, in bytes (kernel-tracked high water).
-pub fn process_peak_rss_bytes() -> u64 {
-    // SAFETY: `getrusage` fills the zeroed struct it is given.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        u
-    };
-    usage.ru_maxrss as u64 * 1024
+/// Guest memory's part of a snapshot: its regions (contents are in the memory file).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct MemoryState {
+    /// Boot memory first, then the granted extents by address.
+    pub(crate) regions: Vec<SavedRegion>,
+}
+
+impl MemoryState {
+    /// Boot memory of `ram_size` bytes and nothing granted.
+    #[cfg(test)]
+    pub(crate) fn boot_only(ram_size: u64) -> MemoryState {
+        MemoryState { regions: vec![SavedRegion { gpa: 0, len: ram_size, offset: 0 }] }
+    }
+}
+
+/// Where restored memory goes and comes from: the VM's KVM handle, the hot-plug window, the
+/// slot limit, and the snapshot's memory file.
+pub(crate) struct MemoryArgs<'a> {
+    pub(crate) vm: &'a VmFd,
+    pub(crate) window: (u64, u64),
+    pub(crate) max_slots: u32,
+    pub(crate) file: &'a std::fs::File,
+}
+
+impl crate::base::persist::Persist for GuestMemory {
+    type State = MemoryState;
+    type Args<'a> = MemoryArgs<'a>;
+    type Error = MemoryError;
+
+    /// The regions held now (file offsets are placed by the snapshot that writes them).
+    fn save(&self) -> Result<MemoryState, MemoryError> {
+        Ok(MemoryState {
+            regions: self.regions().iter().map(|r| SavedRegion { gpa: r.gpa, len: r.len, offset: 0 }).collect(),
+        })
+    }
+
+    /// Memory mapped privately from the snapshot's file (pages are read on first touch), boot
+    /// memory registered with KVM and every extent mapped where it was.
+    fn restore(args: MemoryArgs<'_>, state: &MemoryState) -> Result<GuestMemory, MemoryError> {
+        let Some(boot) = state.regions.first() else {
+            return Err(MemoryError::OutOfRange { gpa: 0, len: 0 });
+        };
+        let (window_base, window_size) = args.window;
+        let backing = Backing::File { file: args.file, offset: boot.offset };
+        let mem = GuestMemory::with_backing(boot.len, window_base, window_size, args.max_slots, &backing)?;
+        mem.register_boot_slot(args.vm)?;
+        for r in &state.regions[1..] {
+            let e = Extent { base: r.gpa, len: r.len };
+            mem.restore_extent(args.vm, e, &Backing::File { file: args.file, offset: r.offset })?;
+        }
+        Ok(mem)
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
-//! Base.
+//! The base layer: configuration and its grammar, the guest-physical layout, guest memory,
+//! the [`persist::Persist`] trait, the timeline and the exit codes. Everything above uses it;
+//! it uses nothing above it.
 
-pub mod config;
+pub(crate) mod config;
 pub mod exit;
-pub mod layout;
-pub mod memory;
-pub mod timeline;
+pub(crate) mod layout;
+pub(crate) mod memory;
+pub(crate) mod persist;
+pub(crate) mod timeline;

@@ -13,25 +13,57 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// One timeline line.
+/// One timeline line (one JSON object of a `--timeline` file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Line {
     /// µs since the shim started.
-    pub t_us: u64,
+    t_us: u64,
     /// The VM's name.
-    pub vm: String,
+    vm: String,
     /// What happened: `boot`, `vcpu_up`, `vcpu_down`, `denied`, `report`, `notice`, `end`...
-    pub event: String,
+    event: String,
     /// vCPUs online after the event.
-    pub vcpus: u32,
+    vcpus: u32,
     /// Memory bytes held after the event.
-    pub memory_bytes: u64,
+    memory_bytes: u64,
     /// Event-specific fields.
     #[serde(flatten)]
-    pub detail: Map<String, Value>,
+    detail: Map<String, Value>,
 }
 
-/// Most lines kept in memory (for a plot); later ones go only to the file, and are counted.
+impl Line {
+    /// µs since the shim started.
+    pub fn t_us(&self) -> u64 {
+        self.t_us
+    }
+
+    /// The VM's name.
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    /// What happened: `boot`, `vcpu_up`, `vcpu_down`, `denied`, `report`, `notice`, `end`...
+    pub fn event(&self) -> &str {
+        &self.event
+    }
+
+    /// vCPUs online after the event.
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus
+    }
+
+    /// Memory bytes held after the event.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes
+    }
+
+    /// An event-specific field.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.detail.get(key)
+    }
+}
+
+/// Most lines kept in memory (for a plot); later ones go only to the file.
 pub const MAX_KEPT_LINES: usize = 200_000;
 
 /// A timeline sink: lines stream to the `--timeline` file (a bounded buffer), and are kept in
@@ -43,7 +75,6 @@ pub struct Timeline {
     file: Option<Mutex<BufWriter<File>>>,
     keep: bool,
     lines: Mutex<Vec<Line>>,
-    not_kept: std::sync::atomic::AtomicU64,
 }
 
 impl Timeline {
@@ -54,12 +85,7 @@ impl Timeline {
             Some(p) => Some(Mutex::new(BufWriter::new(File::create(p)?))),
             None => None,
         };
-        Ok(Timeline { started, file, keep, lines: Mutex::new(Vec::new()), not_kept: Default::default() })
-    }
-
-    /// Lines not kept in memory because [`MAX_KEPT_LINES`] were (0 unless a plot was asked for).
-    pub fn not_kept(&self) -> u64 {
-        self.not_kept.load(std::sync::atomic::Ordering::Relaxed)
+        Ok(Timeline { started, file, keep, lines: Mutex::new(Vec::new()) })
     }
 
     /// µs since the start.
@@ -83,10 +109,9 @@ impl Timeline {
         }
         if self.keep {
             let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+            // Beyond the cap, lines go to the file only (a plot of them would be unreadable).
             if lines.len() < MAX_KEPT_LINES {
                 lines.push(line);
-            } else {
-                self.not_kept.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }

@@ -13,21 +13,25 @@
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request body), 404 (no such VM or path), 405
 //! (wrong method) or 409 (a state that does not allow it: resuming a running VM...).
+//!
+//! The API thread only speaks HTTP: it parses a request, hands it to the thread that owns the
+//! VM ([`crate::control::controller`]) and goes on; that thread does the work and answers the
+//! client. A long operation (a migration) therefore never holds the API up, and the API
+//! thread's seccomp list has no `ioctl` and no file creation.
 
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use thiserror::Error;
 
-use crate::policy::admission::Members;
-use crate::policy::resource::Resource;
-use crate::vmm::vm::{Outcome, VmShared};
+use crate::control::controller::{ControlReply, ControlRequest, Replier};
+use crate::control::registry::Registry;
 
 /// Control API failures.
 #[derive(Debug, Error)]
@@ -42,27 +46,47 @@ pub enum ApiError {
     },
 }
 
-/// How long `pause` waits for running vCPUs to leave the guest before answering.
-const PAUSE_WAIT: Duration = Duration::from_secs(1);
 /// Largest request body accepted.
 const MAX_BODY: u64 = 64 * 1024;
 
+/// The Prometheus families: name, type, help (the values come from each VM's owner).
+const FAMILIES: [(&str, &str, &str); 16] = [
+    ("elastic_vm_up", "gauge", "1 while the VM runs (0 paused)"),
+    ("elastic_vcpus_online", "gauge", "vCPUs online"),
+    ("elastic_vcpus_min", "gauge", "vCPU policy min"),
+    ("elastic_vcpus_max", "gauge", "vCPU policy max"),
+    ("elastic_vcpus_burst", "gauge", "vCPU policy burst"),
+    ("elastic_memory_bytes", "gauge", "guest memory held"),
+    ("elastic_memory_max_bytes", "gauge", "memory policy max"),
+    ("elastic_hypercalls_total", "counter", "hypercalls served"),
+    ("elastic_vcpu_ups_total", "counter", "vCPUs brought up"),
+    ("elastic_memory_grants_total", "counter", "memory grants"),
+    ("elastic_memory_releases_total", "counter", "memory releases"),
+    ("elastic_denied_total", "counter", "requests refused above the ceiling"),
+    ("elastic_reclaims_total", "counter", "reclaim notices"),
+    ("elastic_violations_total", "counter", "reclaims not answered in grace"),
+    ("elastic_vsock_connections_total", "counter", "client connections accepted"),
+    ("elastic_uptime_seconds", "gauge", "time since the VM was created"),
+];
+
 /// The API server thread (stopped and its socket removed when dropped).
 #[derive(Debug)]
-pub struct ApiServer {
+pub(crate) struct ApiServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
 }
 
 impl ApiServer {
-    /// Listens on `path` (which must not exist) and serves the VMs of `members`.
-    pub fn start(path: &Path, members: Members) -> Result<ApiServer, ApiError> {
+    /// Listens on `path` (which must not exist) and serves the VMs of `registry`.
+    pub(crate) fn start(path: &Path, registry: Registry) -> Result<ApiServer, ApiError> {
         let err = |reason: String| ApiError::Socket { path: path.display().to_string(), reason };
         if path.exists() {
             return Err(err("already exists (remove it first)".into()));
         }
         let server = tiny_http::Server::http_unix(path).map_err(|e| err(e.to_string()))?;
+        // /proc figures are opened now: the thread may not open files once narrowed.
+        let _ = crate::host::process::process_rss_bytes();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -71,7 +95,7 @@ impl ApiServer {
                 crate::host::seccomp::install_thread(crate::host::seccomp::Role::Api);
                 while !stop2.load(Ordering::Acquire) {
                     match server.recv_timeout(Duration::from_millis(100)) {
-                        Ok(Some(request)) => serve(request, &members),
+                        Ok(Some(request)) => serve(request, &registry),
                         Ok(None) => {}
                         Err(_) => break,
                     }
@@ -92,30 +116,24 @@ impl Drop for ApiServer {
     }
 }
 
-/// An answer: status and body.
+/// An answer to the client.
 struct Reply {
     status: u16,
     body: String,
     content_type: &'static str,
 }
 
-impl Reply {
-    fn json(status: u16, v: &Value) -> Reply {
-        Reply { status, body: format!("{v}\n"), content_type: "application/json" }
-    }
-
-    fn error(status: u16, message: impl std::fmt::Display) -> Reply {
-        Reply::json(status, &json!({ "error": message.to_string() }))
+impl From<ControlReply> for Reply {
+    fn from(r: ControlReply) -> Reply {
+        Reply { status: r.status, body: format!("{}\n", r.body), content_type: "application/json" }
     }
 }
 
-fn serve(mut request: tiny_http::Request, members: &Members) {
-    let mut body = String::new();
-    let read = request.as_reader().take(MAX_BODY).read_to_string(&mut body);
-    let reply = match read {
-        Ok(_) => route(request.method(), request.url(), &body, members),
-        Err(e) => Reply::error(400, format!("unreadable request body: {e}")),
-    };
+fn error(status: u16, message: impl std::fmt::Display) -> Reply {
+    ControlReply::error(status, message).into()
+}
+
+fn respond(request: tiny_http::Request, reply: Reply) {
     let mut response = tiny_http::Response::from_string(reply.body).with_status_code(reply.status);
     if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes()) {
         response = response.with_header(h);
@@ -123,256 +141,227 @@ fn serve(mut request: tiny_http::Request, members: &Members) {
     let _ = request.respond(response);
 }
 
-fn route(method: &tiny_http::Method, url: &str, body: &str, members: &Members) -> Reply {
+/// What to do with a request.
+enum Route {
+    /// Answer now.
+    Now(Reply),
+    /// Ask one VM's owner.
+    One(String, ControlRequest),
+    /// Ask every VM's owner and combine the answers.
+    All(ControlRequest, fn(Vec<Value>) -> Reply),
+}
+
+fn serve(mut request: tiny_http::Request, registry: &Registry) {
+    let mut body = String::new();
+    let read = request.as_reader().take(MAX_BODY).read_to_string(&mut body);
+    let route = match read {
+        Ok(_) => route(request.method(), request.url(), &body),
+        Err(e) => Route::Now(error(400, format!("unreadable request body: {e}"))),
+    };
+    match route {
+        Route::Now(reply) => respond(request, reply),
+        Route::One(name, what) => {
+            let replier = Replier::new(&name, move |r| respond(request, r.into()));
+            // No such VM: the replier answers 404 as it goes.
+            let _ = registry.send(&name, what, replier);
+        }
+        Route::All(what, combine) => {
+            let names = registry.names();
+            let gather = Gather::new(names.len(), move |answers| respond(request, combine(answers)));
+            for (i, name) in names.iter().enumerate() {
+                let g = gather.clone();
+                let replier = Replier::new(name, move |r| g.answer(i, (r.status == 200).then_some(r.body)));
+                let _ = registry.send(name, what.clone(), replier);
+            }
+        }
+    }
+}
+
+/// Answers from several VMs, combined once the last one is in.
+#[derive(Clone)]
+struct Gather(Arc<Mutex<(usize, Vec<Option<Value>>, Option<Box<dyn FnOnce(Vec<Value>) + Send>>)>>);
+
+impl Gather {
+    fn new(n: usize, done: impl FnOnce(Vec<Value>) + Send + 'static) -> Gather {
+        let g = Gather(Arc::new(Mutex::new((n, vec![None; n], Some(Box::new(done))))));
+        if n == 0 {
+            g.finish();
+        }
+        g
+    }
+
+    fn answer(&self, i: usize, v: Option<Value>) {
+        let last = {
+            let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slot) = inner.1.get_mut(i) {
+                *slot = v;
+            }
+            inner.0 = inner.0.saturating_sub(1);
+            inner.0 == 0
+        };
+        if last {
+            self.finish();
+        }
+    }
+
+    fn finish(&self) {
+        let (done, answers) = {
+            let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            (inner.2.take(), std::mem::take(&mut inner.1))
+        };
+        if let Some(done) = done {
+            done(answers.into_iter().flatten().collect());
+        }
+    }
+}
+
+fn route(method: &tiny_http::Method, url: &str, body: &str) -> Route {
     use tiny_http::Method::{Get, Put};
     let path = url.split('?').next().unwrap_or("");
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let find = |name: &str| members.list().into_iter().find(|vm| vm.name == name);
     match (method, parts.as_slice()) {
-        (Get, ["metrics"]) => {
-            Reply { status: 200, body: metrics(&members.list()), content_type: "text/plain; version=0.0.4" }
-        }
+        (Get, ["metrics"]) => Route::All(ControlRequest::Metrics, metrics),
         (Get, ["api", "v1", "vms"]) => {
-            let list: Vec<Value> = members.list().iter().map(|vm| brief(vm)).collect();
-            Reply::json(200, &Value::Array(list))
+            Route::All(ControlRequest::Brief, |list| ControlReply { status: 200, body: Value::Array(list) }.into())
         }
-        (Get, ["api", "v1", "vms", name]) => match find(name) {
-            Some(vm) => Reply::json(200, &live(&vm)),
-            None => no_such_vm(name),
-        },
-        (Put, ["api", "v1", "vms", name, action]) => match find(name) {
-            None => no_such_vm(name),
-            Some(vm) => act(&vm, action, body),
+        (Get, ["api", "v1", "vms", name]) => Route::One(name.to_string(), ControlRequest::Get),
+        (Put, ["api", "v1", "vms", name, action]) => match action_request(action, body) {
+            Ok(what) => Route::One(name.to_string(), what),
+            Err(reply) => Route::Now(reply),
         },
         (_, ["metrics"] | ["api", "v1", "vms"] | ["api", "v1", "vms", _] | ["api", "v1", "vms", _, _]) => {
-            Reply::error(405, format!("{method} is not allowed on {path}"))
+            Route::Now(error(405, format!("{method} is not allowed on {path}")))
         }
-        _ => Reply::error(404, format!("no such path: {path}")),
+        _ => Route::Now(error(404, format!("no such path: {path}"))),
     }
 }
 
-fn no_such_vm(name: &str) -> Reply {
-    Reply::error(404, format!("no running VM named '{name}'"))
-}
-
-fn state(vm: &VmShared) -> &'static str {
-    if vm.is_stopping() {
-        "stopping"
-    } else if vm.is_paused() {
-        "paused"
-    } else {
-        "running"
-    }
-}
-
-fn brief(vm: &VmShared) -> Value {
-    json!({
-        "name": vm.name,
-        "app": vm.app,
-        "state": state(vm),
-        "vcpus": vm.vcpu_set.online(),
-        "memory_bytes": vm.memory_held(),
-        "uptime_us": vm.started.elapsed().as_micros() as u64,
-    })
-}
-
-/// The summary's keys, live (`state` instead of `exit_code` and `exit_reason`).
-fn live(vm: &VmShared) -> Value {
-    let report = vm.report(Outcome::NoVm);
-    let [pv, pm] = &report.policy;
-    let summary = crate::report::summary::Summary::new(&report, &vm.name, &vm.app, pv.limits, pm.limits, 0);
-    let mut v = serde_json::to_value(summary).unwrap_or(Value::Null);
-    if let Some(o) = v.as_object_mut() {
-        o.remove("exit_code");
-        o.remove("exit_reason");
-        o.remove("started_monotonic_ns");
-        o.insert("state".into(), state(vm).into());
-    }
-    v
-}
-
-/// Adds `took_us`: how long the operation took inside the shim (pause: until every running
-/// vCPU left the guest).
-fn with_took(mut v: Value, since: std::time::Instant) -> Value {
-    if let Some(o) = v.as_object_mut() {
-        o.insert("took_us".into(), (since.elapsed().as_micros() as u64).into());
-    }
-    v
-}
-
-fn act(vm: &VmShared, action: &str, body: &str) -> Reply {
+fn action_request(action: &str, body: &str) -> Result<ControlRequest, Reply> {
     match action {
-        "pause" => {
-            let t = std::time::Instant::now();
-            if vm.pause(PAUSE_WAIT) {
-                Reply::json(200, &with_took(brief(vm), t))
-            } else {
-                Reply::error(409, format!("VM '{}' is already paused", vm.name))
+        "pause" => Ok(ControlRequest::Pause),
+        "resume" => Ok(ControlRequest::Resume),
+        "stop" => Ok(ControlRequest::Stop),
+        "policy" => policy_request(body),
+        "snapshot" => {
+            let dir = PathBuf::from(body_string(body, "dir")?);
+            if !dir.is_absolute() {
+                return Err(error(400, format!("\"dir\" must be an absolute path (got {})", dir.display())));
             }
+            Ok(ControlRequest::Snapshot { dir })
         }
-        "resume" => {
-            let t = std::time::Instant::now();
-            if vm.resume() {
-                Reply::json(200, &with_took(brief(vm), t))
-            } else {
-                Reply::error(409, format!("VM '{}' is not paused", vm.name))
-            }
+        "migrate" => {
+            let to = body_string(body, "to")?;
+            let Some(path) = to.strip_prefix("unix:") else {
+                return Err(error(400, format!("\"to\" must be unix:PATH (got {to})")));
+            };
+            let verify = serde_json::from_str::<Value>(body).ok().and_then(|v| v["verify"].as_bool()).unwrap_or(false);
+            Ok(ControlRequest::Migrate { to: PathBuf::from(path), verify })
         }
-        "stop" => {
-            vm.post_notice(hypercall_abi::notice::STOP, |_| {});
-            Reply::json(202, &brief(vm))
-        }
-        "policy" => policy(vm, body),
-        "snapshot" => snapshot(vm, body),
-        "migrate" => migrate(vm, body),
-        other => Reply::error(404, format!("no such action: {other} (pause, resume, stop, policy, snapshot, migrate)")),
+        other => Err(error(404, format!("no such action: {other} (pause, resume, stop, policy, snapshot, migrate)"))),
     }
 }
 
 /// The string `key` of a JSON object body.
 fn body_string(body: &str, key: &str) -> Result<String, Reply> {
-    let v: Value = serde_json::from_str(body).map_err(|e| Reply::error(400, format!("the body is not JSON: {e}")))?;
+    let v: Value = serde_json::from_str(body).map_err(|e| error(400, format!("the body is not JSON: {e}")))?;
     match v.get(key).and_then(Value::as_str) {
         Some(s) if !s.is_empty() => Ok(s.to_string()),
-        _ => Err(Reply::error(400, format!("the body must be an object with a string \"{key}\""))),
+        _ => Err(error(400, format!("the body must be an object with a string \"{key}\""))),
     }
 }
 
-fn snapshot(vm: &VmShared, body: &str) -> Reply {
-    let dir = match body_string(body, "dir") {
-        Ok(d) => PathBuf::from(d),
-        Err(r) => return r,
-    };
-    if !dir.is_absolute() {
-        return Reply::error(400, format!("\"dir\" must be an absolute path (got {})", dir.display()));
-    }
-    if vm.is_stopping() {
-        return Reply::error(409, format!("VM '{}' is stopping", vm.name));
-    }
-    match crate::snapshot::save(vm, &dir) {
-        Ok(f) => Reply::json(200, &serde_json::to_value(f).unwrap_or(Value::Null)),
-        Err(e) => Reply::error(500, e),
-    }
-}
-
-fn migrate(vm: &VmShared, body: &str) -> Reply {
-    let to = match body_string(body, "to") {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    let Some(path) = to.strip_prefix("unix:") else {
-        return Reply::error(400, format!("\"to\" must be unix:PATH (got {to})"));
-    };
-    if vm.is_stopping() {
-        return Reply::error(409, format!("VM '{}' is stopping", vm.name));
-    }
-    let verify = serde_json::from_str::<Value>(body).ok().and_then(|v| v["verify"].as_bool()).unwrap_or(false);
-    match crate::snapshot::migrate::send(vm, Path::new(path), verify) {
-        Ok(f) => {
-            vm.finish(Outcome::Migrated { to: to.clone() });
-            Reply::json(200, &serde_json::to_value(f).unwrap_or(Value::Null))
-        }
-        Err(e) => Reply::error(500, format!("{e} (the VM keeps running here)")),
-    }
-}
-
-fn policy(vm: &VmShared, body: &str) -> Reply {
-    let v: Value = match serde_json::from_str(body) {
-        Ok(v) => v,
-        Err(e) => return Reply::error(400, format!("the body is not JSON: {e}")),
-    };
+fn policy_request(body: &str) -> Result<ControlRequest, Reply> {
+    let v: Value = serde_json::from_str(body).map_err(|e| error(400, format!("the body is not JSON: {e}")))?;
     let Some(obj) = v.as_object() else {
-        return Reply::error(400, "the body must be an object with \"vcpus\" and/or \"memory\"");
+        return Err(error(400, "the body must be an object with \"vcpus\" and/or \"memory\""));
     };
     if let Some(k) = obj.keys().find(|k| *k != "vcpus" && *k != "memory") {
-        return Reply::error(400, format!("unknown key \"{k}\" (vcpus, memory)"));
+        return Err(error(400, format!("unknown key \"{k}\" (vcpus, memory)")));
     }
-    let mut changes = Vec::new();
-    for (key, r) in [("vcpus", Resource::Vcpus), ("memory", Resource::Memory)] {
-        let Some(val) = obj.get(key) else { continue };
-        let Some(text) = val.as_str() else {
-            return Reply::error(400, format!("\"{key}\" must be a string MIN:MAX:BURST"));
+    let parse =
+        |key: &str, grammar: fn(&str) -> Result<crate::base::config::Policy, crate::base::config::ConfigError>| {
+            match obj.get(key) {
+                None => Ok(None),
+                Some(Value::String(text)) => grammar(text).map(Some).map_err(|e| error(400, format!("{key}: {e}"))),
+                Some(_) => Err(error(400, format!("\"{key}\" must be a string MIN:MAX:BURST"))),
+            }
         };
-        let parsed = match r {
-            Resource::Vcpus => crate::base::config::parse_vcpu_policy(text),
-            Resource::Memory => crate::base::config::parse_memory_policy(text),
-        };
-        match parsed {
-            Ok(p) => changes.push((r, p)),
-            Err(e) => return Reply::error(400, format!("{key}: {e}")),
-        }
+    let vcpus = parse("vcpus", crate::base::config::parse_vcpu_policy)?;
+    let memory = parse("memory", crate::base::config::parse_memory_policy)?;
+    if vcpus.is_none() && memory.is_none() {
+        return Err(error(400, "nothing to change: give \"vcpus\" and/or \"memory\""));
     }
-    if changes.is_empty() {
-        return Reply::error(400, "nothing to change: give \"vcpus\" and/or \"memory\"");
-    }
-    // Check every change before applying any.
-    for (r, p) in &changes {
-        let cur = vm.policy.resource(*r).limits;
-        if p.min != cur.min {
-            return Reply::error(400, format!("{}: min cannot change on a running VM (it is {})", r.name(), cur.min));
-        }
-    }
-    for (r, p) in changes {
-        let held = match r {
-            Resource::Vcpus => u64::from(vm.vcpu_set.online()),
-            Resource::Memory => vm.memory_held(),
-        };
-        if let Err(e) = vm.policy.set_limits(r, p, held) {
-            return Reply::error(400, e);
-        }
-        vm.record(
-            "policy",
-            crate::base::timeline::detail([
-                ("resource", r.name().into()),
-                ("min", p.min.into()),
-                ("max", p.max.into()),
-                ("burst", p.burst.into()),
-            ]),
-        );
-    }
-    Reply::json(200, &live(vm))
+    Ok(ControlRequest::SetPolicy { vcpus, memory })
 }
 
-/// Prometheus text format (version 0.0.4).
-fn metrics(vms: &[Arc<VmShared>]) -> String {
+/// Prometheus text format (version 0.0.4) from each VM's figures.
+fn metrics(vms: Vec<Value>) -> Reply {
     let mut out = String::new();
-    type Get = fn(&VmShared, &crate::vmm::vm::RunReport) -> f64;
-    let families: [(&str, &str, &str, Get); 16] = [
-        ("elastic_vm_up", "gauge", "1 while the VM runs (0 paused)", |vm, _| f64::from(u8::from(!vm.is_paused()))),
-        ("elastic_vcpus_online", "gauge", "vCPUs online", |_, r| f64::from(r.vcpus.online)),
-        ("elastic_vcpus_min", "gauge", "vCPU policy min", |_, r| r.policy[0].limits.min as f64),
-        ("elastic_vcpus_max", "gauge", "vCPU policy max", |_, r| r.policy[0].limits.max as f64),
-        ("elastic_vcpus_burst", "gauge", "vCPU policy burst", |_, r| r.policy[0].limits.burst as f64),
-        ("elastic_memory_bytes", "gauge", "guest memory held", |_, r| r.memory.final_bytes as f64),
-        ("elastic_memory_max_bytes", "gauge", "memory policy max", |_, r| r.policy[1].limits.max as f64),
-        ("elastic_hypercalls_total", "counter", "hypercalls served", |_, r| r.hypercalls as f64),
-        ("elastic_vcpu_ups_total", "counter", "vCPUs brought up", |_, r| r.vcpus.ups as f64),
-        ("elastic_memory_grants_total", "counter", "memory grants", |_, r| r.memory.grants as f64),
-        ("elastic_memory_releases_total", "counter", "memory releases", |_, r| r.memory.releases as f64),
-        ("elastic_denied_total", "counter", "requests refused above the ceiling", |_, r| r.denied as f64),
-        ("elastic_reclaims_total", "counter", "reclaim notices", |_, r| {
-            (r.policy[0].reclaims + r.policy[1].reclaims) as f64
-        }),
-        ("elastic_violations_total", "counter", "reclaims not answered in grace", |_, r| {
-            (r.policy[0].violations + r.policy[1].violations) as f64
-        }),
-        ("elastic_vsock_connections_total", "counter", "client connections accepted", |_, r| {
-            r.vsock.as_ref().map_or(0.0, |v| v.connections as f64)
-        }),
-        ("elastic_uptime_seconds", "gauge", "time since the VM was created", |vm, _| {
-            vm.started.elapsed().as_secs_f64()
-        }),
-    ];
-    let reports: Vec<_> = vms.iter().map(|vm| (vm, vm.report(Outcome::NoVm))).collect();
-    for (name, kind, help, get) in families {
+    for (name, kind, help) in FAMILIES {
         let _ = writeln!(out, "# HELP {name} {help}.");
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (vm, r) in &reports {
-            let _ = writeln!(out, "{name}{{vm=\"{}\",app=\"{}\"}} {}", vm.name, vm.app, get(vm, r));
+        for vm in &vms {
+            let value = vm["values"][name].as_f64().unwrap_or(0.0);
+            let (n, app) = (vm["name"].as_str().unwrap_or(""), vm["app"].as_str().unwrap_or(""));
+            let _ = writeln!(out, "{name}{{vm=\"{n}\",app=\"{app}\"}} {value}");
         }
     }
     let _ = writeln!(out, "# HELP elastic_process_resident_bytes The shim's resident set size.");
     let _ = writeln!(out, "# TYPE elastic_process_resident_bytes gauge");
-    let _ = writeln!(out, "elastic_process_resident_bytes {}", crate::base::memory::process_rss_bytes());
-    out
+    let _ = writeln!(out, "elastic_process_resident_bytes {}", crate::host::process::process_rss_bytes());
+    Reply { status: 200, body: out, content_type: "text/plain; version=0.0.4" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn req(method: tiny_http::Method, url: &str, body: &str) -> Result<ControlRequest, u16> {
+        match route(&method, url, body) {
+            Route::One(_, r) | Route::All(r, _) => Ok(r),
+            Route::Now(reply) => Err(reply.status),
+        }
+    }
+
+    #[test]
+    fn requests_are_parsed_before_any_vm_sees_them() {
+        use tiny_http::Method::{Delete, Get, Put};
+        assert_eq!(req(Get, "/api/v1/vms/kv", ""), Ok(ControlRequest::Get));
+        assert_eq!(req(Put, "/api/v1/vms/kv/pause", ""), Ok(ControlRequest::Pause));
+        assert_eq!(
+            req(Put, "/api/v1/vms/kv/snapshot", r#"{"dir": "/tmp/s"}"#),
+            Ok(ControlRequest::Snapshot { dir: "/tmp/s".into() })
+        );
+        assert_eq!(req(Put, "/api/v1/vms/kv/snapshot", r#"{"dir": "rel"}"#), Err(400));
+        assert_eq!(
+            req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "unix:/tmp/m", "verify": true}"#),
+            Ok(ControlRequest::Migrate { to: "/tmp/m".into(), verify: true })
+        );
+        assert_eq!(req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "tcp:1.2.3.4:5"}"#), Err(400));
+        assert!(matches!(
+            req(Put, "/api/v1/vms/kv/policy", r#"{"vcpus": "1:2:4"}"#),
+            Ok(ControlRequest::SetPolicy { vcpus: Some(_), memory: None })
+        ));
+        assert_eq!(req(Put, "/api/v1/vms/kv/policy", r#"{"vcpus": "1:65:65"}"#), Err(400));
+        assert_eq!(req(Put, "/api/v1/vms/kv/policy", r#"{"cpus": "1"}"#), Err(400));
+        assert_eq!(req(Put, "/api/v1/vms/kv/policy", "{}"), Err(400));
+        assert_eq!(req(Put, "/api/v1/vms/kv/jump", ""), Err(404));
+        assert_eq!(req(Delete, "/api/v1/vms/kv", ""), Err(405));
+        assert_eq!(req(Get, "/nope", ""), Err(404));
+    }
+
+    #[test]
+    fn a_gather_answers_once_with_what_came() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let g = Gather::new(3, move |v| tx.send(v).unwrap());
+        g.answer(2, Some(json!(2)));
+        g.answer(0, None);
+        assert!(rx.try_recv().is_err());
+        g.answer(1, Some(json!(1)));
+        assert_eq!(rx.try_recv().unwrap(), vec![json!(1), json!(2)]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _none = Gather::new(0, move |v| tx.send(v).unwrap());
+        assert_eq!(rx.try_recv().unwrap(), Vec::<Value>::new());
+    }
 }

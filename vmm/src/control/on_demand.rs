@@ -8,62 +8,54 @@
 //! timeline, every idle stop an `idle_shutdown` line.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
-use serde::Serialize;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::base::config::{RESTART_BACKOFF_MAX, VmConfig};
 use crate::base::timeline::{Timeline, detail};
-use crate::devices::vsock::Bound;
-use crate::policy::admission::Members;
+use crate::control::controller::{Context, Driven, Owner, drive};
+use crate::host::endpoint::Bound;
 use crate::policy::pool::Pool;
+use crate::report::summary::OnDemandFigures;
+use crate::vmm::error::VmError;
 use crate::vmm::loader::KernelImage;
-use crate::vmm::vm::{Outcome, RunReport, Vm, VmConfig, VmError};
-
-/// The on-demand figures of a VM slot (the summary's `on_demand`).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct OnDemandFigures {
-    /// VMs booted because a client connected.
-    pub cold_starts: u64,
-    /// VMs stopped for being idle.
-    pub idle_shutdowns: u64,
-    /// For each cold start: µs from the shim seeing the waiting client to the guest's HELLO.
-    pub boot_us: Vec<u64>,
-    /// VMs booted again after a failure (`restart = "on-failure"`).
-    #[serde(skip)]
-    pub restarts: u64,
-}
+use crate::vmm::outcome::Outcome;
+use crate::vmm::stats::RunReport;
+use crate::vmm::vm::{Host, Vm};
 
 /// What a slot needs to boot its VM again and again.
-pub struct Slot<'a> {
+pub(crate) struct Slot<'a> {
     /// The VM's configuration (its `timeout` bounds the whole slot).
-    pub config: &'a VmConfig,
+    pub(crate) config: &'a VmConfig,
     /// Its kernel image.
-    pub image: Arc<KernelImage>,
+    pub(crate) image: Arc<KernelImage>,
     /// `/dev/kvm`.
-    pub kvm: &'a Kvm,
+    pub(crate) kvm: &'a Kvm,
     /// When the shim started.
-    pub started: Instant,
+    pub(crate) started: Instant,
     /// The run's timeline.
-    pub timeline: Arc<Timeline>,
+    pub(crate) timeline: Arc<Timeline>,
     /// The pool the VM is admitted to at every boot.
-    pub pool: &'a Arc<Pool>,
-    /// The governor the VM joins at every boot.
-    pub members: Members,
+    pub(crate) pool: &'a Arc<Pool>,
+    /// The run's registry and governor, which the VM joins at every boot.
+    pub(crate) ctx: &'a Context,
     /// The listening endpoints (the slot keeps them for the whole run; each VM gets copies).
-    pub endpoints: Vec<Bound>,
+    pub(crate) endpoints: Vec<Bound>,
     /// Makes a console sink for each VM.
-    pub console: &'a (dyn Fn() -> Box<dyn Write + Send> + Sync),
+    pub(crate) console: &'a (dyn Fn() -> Box<dyn Write + Send> + Sync),
     /// The slot's pool member (its min reserved for the whole run: see
     /// [`Pool::reserve`](crate::policy::pool::Pool::reserve)).
-    pub member: usize,
+    pub(crate) member: usize,
 }
 
 impl std::fmt::Debug for Slot<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Slot")
-            .field("vm", &self.config.name)
+            .field("vm", &self.config.name())
             .field("endpoints", &self.endpoints)
             .finish_non_exhaustive()
     }
@@ -77,25 +69,32 @@ enum Waited {
 }
 
 /// Waits until a client is waiting on one of `endpoints`, the operator interrupts (the
-/// interrupt count moves from `seen`), or `deadline` passes.
-fn wait_for_client(endpoints: &[Bound], deadline: Option<Instant>, seen: u32) -> Waited {
+/// signal thread writes `interrupted`), or `deadline` passes. Nothing polls: one `poll(2)`
+/// sleeps on the listening sockets and the eventfd.
+fn wait_for_client(endpoints: &[Bound], interrupted: &EventFd, deadline: Option<Instant>) -> Waited {
     let mut fds: Vec<libc::pollfd> =
         endpoints.iter().map(|e| libc::pollfd { fd: e.raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    fds.push(libc::pollfd { fd: interrupted.as_raw_fd(), events: libc::POLLIN, revents: 0 });
     loop {
-        if crate::host::signals::interrupts() != seen {
+        let timeout = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Waited::Timeout;
+                }
+                i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+            }
+            None => -1,
+        };
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that outlives the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n <= 0 {
+            continue;
+        }
+        if fds.last().is_some_and(|f| f.revents & libc::POLLIN != 0) {
             return Waited::Interrupted;
         }
-        let mut wait = Duration::from_millis(50);
-        if let Some(d) = deadline {
-            let left = d.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Waited::Timeout;
-            }
-            wait = wait.min(left);
-        }
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that outlives the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait.as_millis() as libc::c_int) };
-        if n > 0 && fds.iter().any(|f| f.revents & libc::POLLIN != 0) {
+        if fds.iter().any(|f| f.revents & libc::POLLIN != 0) {
             return Waited::Client;
         }
     }
@@ -105,12 +104,21 @@ fn wait_for_client(endpoints: &[Bound], deadline: Option<Instant>, seen: u32) ->
 /// its timeout passes, or a VM ends for a reason that neither an idle shutdown nor the
 /// restart policy covers. Returns the last
 /// VM's report (or one saying no VM ran) and the slot's figures.
-pub fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmError> {
+pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmError> {
     let config = slot.config;
-    let deadline = config.timeout.map(|t| Instant::now() + t);
+    let deadline = config.lifecycle.timeout.map(|t| Instant::now() + t);
     let mut figures = OnDemandFigures::default();
     let mut last: Option<RunReport> = None;
     let interrupts = crate::host::signals::interrupts();
+    let interrupted = Arc::new(
+        EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::KvmUnavailable(format!("cannot create an eventfd: {e}")))?,
+    );
+    let _subscription = {
+        let fd = Arc::clone(&interrupted);
+        crate::host::signals::subscribe(move |_| {
+            let _ = fd.write(1);
+        })
+    };
     let end_without_vm = |last: Option<RunReport>, outcome: Outcome| match last {
         Some(mut r) => {
             r.outcome = outcome;
@@ -119,73 +127,78 @@ pub fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmError> {
         }
         None => RunReport::without_vm(config, outcome, slot.started.elapsed()),
     };
-    if config.on_demand {
+    if config.lifecycle.on_demand {
         let addresses: Vec<String> = slot.endpoints.iter().map(Bound::describe).collect();
         eprintln!(
             "hypervisor-shim: {}: on demand, no VM running; the first client on {} boots it",
-            config.name,
+            config.name(),
             addresses.join(", ")
         );
     }
-    let mut boot_now = !config.on_demand;
+    let mut boot_now = !config.lifecycle.on_demand;
     loop {
         if !boot_now {
-            match wait_for_client(&slot.endpoints, deadline, interrupts) {
+            if crate::host::signals::interrupts() != interrupts {
+                return Ok((end_without_vm(last, Outcome::NoVm), figures));
+            }
+            match wait_for_client(&slot.endpoints, &interrupted, deadline) {
                 Waited::Client => {}
                 Waited::Interrupted => return Ok((end_without_vm(last, Outcome::NoVm), figures)),
                 Waited::Timeout => {
-                    let outcome = Outcome::Timeout(config.timeout.unwrap_or_default(), "no VM running".into());
+                    let outcome =
+                        Outcome::Timeout(config.lifecycle.timeout.unwrap_or_default(), "no VM running".into());
                     return Ok((end_without_vm(last, outcome), figures));
                 }
             }
         }
         boot_now = false;
         let seen_at = slot.started.elapsed();
-        if config.on_demand {
+        if config.lifecycle.on_demand {
             slot.timeline.record(
-                &config.name,
+                config.name(),
                 "cold_start",
                 0,
                 0,
                 detail([("cold_starts", (figures.cold_starts + 1).into())]),
             );
         }
-        let endpoints = slot
-            .endpoints
-            .iter()
-            .map(Bound::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| VmError::Device(format!("cannot share the listening sockets with the new VM: {e}")))?;
+        let endpoints =
+            slot.endpoints.iter().map(Bound::try_clone).collect::<Result<Vec<_>, _>>().map_err(|source| {
+                VmError::Device(crate::devices::DeviceError::Host {
+                    device: "every",
+                    what: "cannot share the listening sockets with the new VM",
+                    source,
+                })
+            })?;
         let mut cycle = config.clone();
         cycle.pool_member = Some(slot.member);
-        cycle.timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
-        let vm = Vm::create(
-            &cycle,
-            Arc::clone(&slot.image),
-            slot.kvm,
-            slot.started,
-            Arc::clone(&slot.timeline),
-            slot.pool,
-            (slot.console)(),
-            endpoints,
-        )?;
-        slot.members.add(Arc::clone(vm.shared()));
-        let report = vm.run();
+        cycle.lifecycle.timeout =
+            deadline.map(|d| d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+        let owner = Owner::new();
+        let host = Host {
+            kvm: slot.kvm,
+            started: slot.started,
+            timeline: Arc::clone(&slot.timeline),
+            pool: slot.pool,
+            console: (slot.console)(),
+            events: owner.sink(),
+        };
+        let vm = Vm::create(&cycle, Arc::clone(&slot.image), host, endpoints)?;
+        let Driven { report, idle_stopped } = drive(vm, owner, slot.ctx, cycle.lifecycle.timeout);
         let _ = slot.timeline.flush();
-        if config.on_demand {
+        if config.lifecycle.on_demand {
             figures.cold_starts += 1;
             if let Some(boot) = report.boot {
                 figures.boot_us.push(boot.saturating_sub(seen_at).as_micros() as u64);
             }
         }
-        let idle = report.vsock.as_ref().is_some_and(|v| v.idle_shutdown);
-        if idle && matches!(report.outcome, Outcome::Shutdown { .. }) {
+        if idle_stopped && matches!(report.outcome, Outcome::Shutdown { .. }) {
             figures.idle_shutdowns += 1;
             last = Some(report);
             continue;
         }
         // Restart on failure, unless the operator interrupted or the time is up.
-        let Some(restart) = config.restart else { return Ok((report, figures)) };
+        let Some(restart) = config.lifecycle.restart else { return Ok((report, figures)) };
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
         if !report.outcome.is_failure()
             || figures.restarts >= u64::from(restart.limit)
@@ -195,12 +208,10 @@ pub fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmError> {
             return Ok((report, figures));
         }
         figures.restarts += 1;
-        let backoff = restart
-            .backoff
-            .saturating_mul(1u32 << (figures.restarts - 1).min(16) as u32)
-            .min(crate::vmm::vm::RESTART_BACKOFF_MAX);
+        let backoff =
+            restart.backoff.saturating_mul(1u32 << (figures.restarts - 1).min(16) as u32).min(RESTART_BACKOFF_MAX);
         slot.timeline.record(
-            &config.name,
+            config.name(),
             "restart",
             0,
             0,
@@ -212,14 +223,14 @@ pub fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmError> {
         );
         eprintln!(
             "hypervisor-shim: {}: ended with exit code {}; restart {} of {} in {} ms",
-            config.name,
+            config.name(),
             report.outcome.exit_code(),
             figures.restarts,
             restart.limit,
             backoff.as_millis()
         );
         if let Some(d) = report.outcome.diagnosis() {
-            eprintln!("hypervisor-shim: {}: {}", config.name, d.trim_end());
+            eprintln!("hypervisor-shim: {}: {}", config.name(), d.trim_end());
         }
         std::thread::sleep(backoff);
         boot_now = true;

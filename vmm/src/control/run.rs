@@ -1,21 +1,35 @@
-//! Running VMs: one (`run`) or several sharing a pool (`pool`, `stress`). Creates and admits
-//! the VMs, routes their consoles, runs each on its own thread under one governor, and turns
-//! the results into summaries.
+//! Running VMs: one (`run`) or several sharing a pool (`pool`, `stress`). Binds every
+//! endpoint and checks every image before any VM exists, creates and admits the VMs, gives
+//! each an owner thread ([`crate::control::controller`]) under one governor, and turns the
+//! results into summaries.
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use thiserror::Error;
 
+use crate::base::config::VmConfig;
 use crate::base::exit;
-use crate::base::timeline::Timeline;
-use crate::policy::admission::Governor;
+use crate::base::timeline::{Line, Timeline};
+use crate::control::api::{ApiError, ApiServer};
+use crate::control::controller::{Context, Driven, Owner};
+use crate::control::governor::Governor;
+use crate::control::on_demand::{self, Slot};
+use crate::control::registry::Registry;
+use crate::host::endpoint::{Bound, EndpointError};
 use crate::policy::pool::{Capacity, Pool};
-use crate::report::summary::Summary;
+use crate::report::summary::{OnDemandFigures, PoolFigures, PoolSummary, PoolVm, Summary};
+use crate::snapshot::VmState;
+use crate::snapshot::migrate::ReadyCallback;
+use crate::snapshot::restore::{RestoreMemory, restore};
+use crate::vmm::error::{VmError, open_kvm};
 use crate::vmm::loader::KernelImage;
-use crate::vmm::vm::{Outcome, RunReport, Vm, VmConfig, VmError, open_kvm};
+use crate::vmm::outcome::Outcome;
+use crate::vmm::stats::RunReport;
+use crate::vmm::vm::{Host, Vm};
 
 /// Failures before any VM ran.
 #[derive(Debug, Error)]
@@ -28,10 +42,10 @@ pub enum RunError {
     Thread(String),
     /// A host endpoint could not be set up (a port in use, a bad socket path).
     #[error(transparent)]
-    Endpoint(#[from] crate::devices::vsock::EndpointError),
+    Endpoint(#[from] EndpointError),
     /// The control API could not start.
     #[error(transparent)]
-    Api(#[from] crate::control::api::ApiError),
+    Api(#[from] ApiError),
     /// The seccomp filters could not be applied.
     #[error(transparent)]
     Seccomp(#[from] crate::host::seccomp::SeccompError),
@@ -67,23 +81,23 @@ pub struct VmSpec {
     /// The exit code it should end with (pool and stress runs check it).
     pub expect_exit: u8,
     /// Restore it from a snapshot or a migration instead of booting it (taken by the run).
-    pub restore: Option<Arc<Mutex<Option<RestoreSource>>>>,
+    pub(crate) restore: Option<Arc<Mutex<Option<RestoreSource>>>>,
 }
 
-/// Told whether a restored VM was built (`Err`: why not).
-pub type ReadyCallback = Box<dyn FnOnce(Result<(), String>) + Send>;
+impl VmSpec {
+    /// A VM booted from `kernel` as `config` says, expected to end with `expect_exit`.
+    pub fn new(config: VmConfig, kernel: PathBuf, expect_exit: u8) -> VmSpec {
+        VmSpec { config, kernel, expect_exit, restore: None }
+    }
+}
 
 /// A VM to restore: its state and memory, its endpoints when they were handed over (else the
 /// configuration's are bound), and whom to tell once it is built.
-pub struct RestoreSource {
-    /// The state.
-    pub state: crate::snapshot::VmState,
-    /// Its memory.
-    pub memory: crate::vmm::vm::RestoreMemory,
-    /// Endpoints handed over by a migration source.
-    pub endpoints: Option<Vec<crate::devices::vsock::Bound>>,
-    /// Called once the VM is built (or failed to be).
-    pub on_ready: Option<ReadyCallback>,
+pub(crate) struct RestoreSource {
+    pub(crate) state: VmState,
+    pub(crate) memory: RestoreMemory,
+    pub(crate) endpoints: Option<Vec<Bound>>,
+    pub(crate) on_ready: Option<ReadyCallback>,
 }
 
 impl std::fmt::Debug for RestoreSource {
@@ -116,6 +130,34 @@ impl std::fmt::Debug for VmEndHook {
     }
 }
 
+/// Where the run's timeline goes.
+#[derive(Debug, Clone, Default)]
+pub struct TimelineOptions {
+    /// The file (JSON lines).
+    pub file: Option<PathBuf>,
+    /// Keep the lines in memory as well (a plot is drawn from them).
+    pub keep: bool,
+}
+
+/// How a run is set up on the host.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The timeline.
+    pub timeline: TimelineOptions,
+    /// Console routing.
+    pub console: ConsoleMode,
+    /// Serve the control API on this Unix socket.
+    pub api_sock: Option<PathBuf>,
+    /// Run under the seccomp filters (`--no-seccomp` turns them off).
+    pub seccomp: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { timeline: TimelineOptions::default(), console: ConsoleMode::Stdout, api_sock: None, seccomp: true }
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
@@ -123,18 +165,10 @@ pub struct RunSpec {
     pub vms: Vec<VmSpec>,
     /// The pool's capacity.
     pub capacity: Capacity,
-    /// Timeline file.
-    pub timeline: Option<PathBuf>,
-    /// Console routing.
-    pub console: ConsoleMode,
+    /// Timeline, consoles, control API, seccomp.
+    pub options: RunOptions,
     /// Called each time a VM (or on-demand slot) finishes, with how many of how many have.
     pub on_vm_end: Option<VmEndHook>,
-    /// Serve the control API on this Unix socket.
-    pub api_sock: Option<PathBuf>,
-    /// Keep the timeline in memory (a plot is drawn from it).
-    pub keep_timeline: bool,
-    /// Run under the seccomp filters (`--no-seccomp` turns them off).
-    pub seccomp: bool,
 }
 
 /// One VM's result.
@@ -142,31 +176,119 @@ pub struct RunSpec {
 pub struct VmResult {
     /// The spec it ran from.
     pub spec: VmSpec,
-    /// What happened.
-    pub report: RunReport,
     /// Its captured console (capture mode).
     pub output: Option<String>,
-    /// Its on-demand figures (an on-demand VM).
-    pub on_demand: Option<crate::control::on_demand::OnDemandFigures>,
+    report: RunReport,
+    on_demand: Option<OnDemandFigures>,
 }
 
-/// A VM ready to run, or an on-demand slot.
+impl VmResult {
+    /// How it ended.
+    pub fn outcome(&self) -> &Outcome {
+        &self.report.outcome
+    }
+
+    /// Whether it ended with the expected exit code.
+    pub fn as_expected(&self) -> bool {
+        // An on-demand VM may have been stopped for being idle when the run ended.
+        self.report.outcome.exit_code() == self.spec.expect_exit || matches!(self.report.outcome, Outcome::NoVm)
+    }
+
+    /// Reclaim notices it got (vCPUs and memory).
+    pub fn reclaims(&self) -> u64 {
+        self.report.policy.iter().map(|p| p.reclaims).sum()
+    }
+
+    /// Reclaims it let the grace expire on (vCPUs and memory).
+    pub fn violations(&self) -> u64 {
+        self.report.policy.iter().map(|p| p.violations).sum()
+    }
+
+    /// Whether every reclaim was answered in grace or counted as a violation (at most one
+    /// may still be open, within its grace, when the run ended).
+    pub fn reclaims_settled(&self) -> bool {
+        self.report.policy.iter().all(|p| p.unresolved() == 0 || (p.unresolved() == 1 && p.open_within_grace()))
+    }
+
+    /// Its summary (`started_monotonic_ns`: the shim's start on CLOCK_MONOTONIC).
+    pub fn summary(&self, started_monotonic_ns: u64) -> Summary {
+        let c = &self.spec.config;
+        let r = &c.resources;
+        let mut s = Summary::new(&self.report, c.name(), &c.guest.app, r.vcpus, r.memory, started_monotonic_ns);
+        s.restarts = self.on_demand.as_ref().map_or(0, |f| f.restarts);
+        s.on_demand = self.on_demand.clone().filter(|_| c.lifecycle.on_demand);
+        s
+    }
+}
+
+/// Everything a run produced.
+#[derive(Debug)]
+pub struct RunResult {
+    vms: Vec<VmResult>,
+    timeline: Arc<Timeline>,
+    capacity: Capacity,
+    pool_peak: [u64; 2],
+    wall: std::time::Duration,
+}
+
+impl RunResult {
+    /// One result per VM, in spec order.
+    pub fn vms(&self) -> &[VmResult] {
+        &self.vms
+    }
+
+    /// The timeline's lines (kept in memory when [`TimelineOptions::keep`]).
+    pub fn timeline_lines(&self) -> Vec<Line> {
+        self.timeline.lines()
+    }
+
+    /// The pool's capacity and the most of each resource it had in use at once.
+    pub fn pool_use(&self) -> (Capacity, [u64; 2]) {
+        (self.capacity, self.pool_peak)
+    }
+
+    /// The summary of a pool run: exit code 0 when every VM ended as expected, else
+    /// [`exit::RUN_FAILED`].
+    pub fn pool_summary(&self, started_monotonic_ns: u64) -> PoolSummary {
+        let vms: Vec<PoolVm> = self
+            .vms
+            .iter()
+            .map(|v| PoolVm {
+                expected_exit_code: v.spec.expect_exit,
+                as_expected: v.as_expected(),
+                summary: v.summary(started_monotonic_ns),
+            })
+            .collect();
+        PoolSummary {
+            exit_code: if self.vms.iter().all(VmResult::as_expected) { 0 } else { exit::RUN_FAILED },
+            wall_us: self.wall.as_micros() as u64,
+            pool: PoolFigures {
+                vcpus: self.capacity.vcpus,
+                memory_bytes: self.capacity.memory,
+                peak_vcpus: self.pool_peak[0],
+                peak_memory_bytes: self.pool_peak[1],
+            },
+            reclaims: self.vms.iter().map(VmResult::reclaims).sum(),
+            violations: self.vms.iter().map(VmResult::violations).sum(),
+            vms,
+        }
+    }
+}
+
+/// A VM ready to run, or a slot that boots one when asked (on demand, or again on failure).
 enum Prepared {
     /// Runs from the start.
-    Now(Vm),
-    /// Boots when a client connects.
-    OnDemand {
+    Now(Vm, Owner),
+    /// Boots when a client connects, or again after a failure.
+    Slot {
         /// Its listening endpoints.
-        endpoints: Vec<crate::devices::vsock::Bound>,
+        endpoints: Vec<Bound>,
         /// Its image.
         image: Arc<KernelImage>,
         /// Its pool reservation.
         member: usize,
     },
 }
-
-/// A finished VM slot: its (last) report and, on demand, its figures.
-type Ran = (RunReport, Option<crate::control::on_demand::OnDemandFigures>);
 
 /// Makes console sinks for one VM (an on-demand VM gets a new one at every boot; they share
 /// the capture buffer).
@@ -185,38 +307,6 @@ impl SinkMaker {
             at_line_start: true,
         })
     }
-}
-
-impl VmResult {
-    /// Whether it ended with the expected exit code.
-    pub fn as_expected(&self) -> bool {
-        // An on-demand VM may have been stopped for being idle when the run ended.
-        self.report.outcome.exit_code() == self.spec.expect_exit || matches!(self.report.outcome, Outcome::NoVm)
-    }
-
-    /// Its summary.
-    pub fn summary(&self, started_monotonic_ns: u64) -> Summary {
-        let c = &self.spec.config;
-        let mut s = Summary::new(&self.report, &c.name, &c.app, c.vcpus, c.memory, started_monotonic_ns);
-        s.restarts = self.on_demand.as_ref().map_or(0, |f| f.restarts);
-        s.on_demand = self.on_demand.clone().filter(|_| c.on_demand);
-        s
-    }
-}
-
-/// Everything a run produced.
-#[derive(Debug)]
-pub struct RunResult {
-    /// One result per VM, in spec order.
-    pub vms: Vec<VmResult>,
-    /// The timeline (lines kept in memory as well).
-    pub timeline: Arc<Timeline>,
-    /// The pool's capacity.
-    pub capacity: Capacity,
-    /// Peak pool use per resource.
-    pub pool_peak: [u64; 2],
-    /// Wall time of the whole run.
-    pub wall: Duration,
 }
 
 /// A console sink: optional `[name] ` prefix per line, optional capture.
@@ -271,16 +361,20 @@ fn raise_open_file_limit() {
     }
 }
 
-/// Runs every VM of `spec` to its end.
+/// Runs every VM of `spec` to its end (`started`: when the shim started; boot times are
+/// measured from it).
 pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     let kvm = open_kvm()?;
-    if spec.seccomp {
+    let options = &spec.options;
+    if options.seccomp {
         crate::host::seccomp::install_process()?;
     }
     let timeline =
-        Timeline::new(started, spec.timeline.as_deref(), spec.keep_timeline).map_err(|source| RunError::Timeline {
-            path: spec.timeline.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
-            source,
+        Timeline::new(started, options.timeline.file.as_deref(), options.timeline.keep).map_err(|source| {
+            RunError::Timeline {
+                path: options.timeline.file.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+                source,
+            }
         })?;
     let timeline = Arc::new(timeline);
     let pool = Arc::new(Pool::new(spec.capacity));
@@ -290,16 +384,15 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     let mut restores = Vec::new();
     for vs in &spec.vms {
         let mut restore = vs.restore.as_ref().and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let e = &vs.config.endpoints;
         match restore.as_mut().and_then(|r| r.endpoints.take()) {
             Some(handed_over) => endpoints.push(handed_over),
-            None => endpoints
-                .push(crate::devices::vsock::endpoint::bind(&vs.config.publish, vs.config.vsock_uds.as_deref())?),
+            None => endpoints.push(crate::host::endpoint::bind(&e.publish, e.vsock_uds.as_deref())?),
         }
         restores.push(restore);
     }
-    let mut images: Vec<(PathBuf, Arc<KernelImage>)> = Vec::new();
-    let mut captures = Vec::new();
     // Every image is opened, and every VM's service checked, before any VM is created.
+    let mut images: Vec<(PathBuf, Arc<KernelImage>)> = Vec::new();
     let mut vm_images = Vec::new();
     for vs in &spec.vms {
         let image = match images.iter().find(|(p, _)| *p == vs.kernel) {
@@ -310,14 +403,15 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
                 i
             }
         };
-        image.check_service(&vs.config.app).map_err(VmError::from)?;
+        image.check_service(&vs.config.guest.app).map_err(VmError::from)?;
         vm_images.push(image);
     }
     // The governor, and the control API, before any VM exists (a bad socket path stops the run
     // up front).
-    let governor = Governor::start(Vec::new(), started);
-    let _api = match &spec.api_sock {
-        Some(path) => match crate::control::api::ApiServer::start(path, governor.members()) {
+    let governor = Governor::start(started);
+    let registry = Registry::default();
+    let _api = match &options.api_sock {
+        Some(path) => match ApiServer::start(path, registry.clone()) {
             Ok(a) => Some(a),
             Err(e) => {
                 governor.stop();
@@ -326,76 +420,86 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
         },
         None => None,
     };
+    let ctx = Context { registry, members: governor.members() };
     // VMs that run from the start are created now (an admission failure stops the run before
     // any VM runs); on-demand ones boot when their first client arrives.
     let mut prepared = Vec::new();
     let mut sinks = Vec::new();
-    for (((vs, bound), image), restore) in spec.vms.iter().zip(endpoints).zip(vm_images).zip(restores) {
-        let capture = matches!(spec.console, ConsoleMode::Capture { .. }).then(|| Arc::new(Mutex::new(Vec::new())));
+    let mut captures = Vec::new();
+    for (((vs, bound), image), restored) in spec.vms.iter().zip(endpoints).zip(vm_images).zip(restores) {
+        let capture = matches!(options.console, ConsoleMode::Capture { .. }).then(|| Arc::new(Mutex::new(Vec::new())));
         let sink = SinkMaker {
-            prefix: (spec.console != ConsoleMode::Stdout).then(|| format!("[{}] ", vs.config.name)),
+            prefix: (options.console != ConsoleMode::Stdout).then(|| format!("[{}] ", vs.config.name())),
             capture: capture.clone(),
-            echo: !matches!(spec.console, ConsoleMode::Capture { echo: false }),
+            echo: !matches!(options.console, ConsoleMode::Capture { echo: false }),
         };
-        if let Some(mut r) = restore {
-            let tl = Arc::clone(&timeline);
-            let vm = Vm::restore(&vs.config, image, &kvm, started, tl, &pool, sink.make(), bound, r.state, r.memory);
+        let owner = Owner::new();
+        let host = |sink: &SinkMaker, owner: &Owner| Host {
+            kvm: &kvm,
+            started,
+            timeline: Arc::clone(&timeline),
+            pool: &pool,
+            console: sink.make(),
+            events: owner.sink(),
+        };
+        if let Some(mut r) = restored {
+            let vm = restore(&vs.config, &r.state, r.memory, image, host(&sink, &owner), bound);
             if let Some(ready) = r.on_ready.take() {
                 ready(vm.as_ref().map(|_| ()).map_err(|e| e.to_string()));
             }
-            prepared.push(Prepared::Now(vm?));
-        } else if vs.config.on_demand || vs.config.restart.is_some() {
+            prepared.push(Prepared::Now(vm?, owner));
+        } else if vs.config.lifecycle.on_demand || vs.config.lifecycle.restart.is_some() {
             // Its min is reserved now, as for a VM that runs from the start.
             let c = &vs.config;
-            let member = pool.reserve(&c.name, c.vcpus, c.memory, c.weight).map_err(VmError::from)?;
-            prepared.push(Prepared::OnDemand { endpoints: bound, image, member });
+            let r = &c.resources;
+            let member = pool.reserve(c.name(), r.vcpus, r.memory, r.weight).map_err(VmError::from)?;
+            prepared.push(Prepared::Slot { endpoints: bound, image, member });
         } else {
-            let vm = Vm::create(&vs.config, image, &kvm, started, Arc::clone(&timeline), &pool, sink.make(), bound)?;
-            prepared.push(Prepared::Now(vm));
+            let vm = Vm::create(&vs.config, image, host(&sink, &owner), bound)?;
+            prepared.push(Prepared::Now(vm, owner));
         }
         sinks.push(sink);
         captures.push(capture);
     }
     crate::host::signals::install();
-    for p in &prepared {
-        if let Prepared::Now(vm) = p {
-            governor.members().add(Arc::clone(vm.shared()));
-        }
-    }
-    let members = governor.members();
     let total = prepared.len();
-    let finished = std::sync::atomic::AtomicUsize::new(0);
-    let run_one = |p: Prepared, vs: &VmSpec, sink: &SinkMaker| -> Result<Ran, VmError> {
-        let ran = match p {
-            Prepared::Now(vm) => (vm.run(), None),
-            Prepared::OnDemand { endpoints, image, member } => {
-                let make = || sink.make();
-                let slot = crate::control::on_demand::Slot {
-                    config: &vs.config,
-                    image,
-                    kvm: &kvm,
-                    started,
-                    timeline: Arc::clone(&timeline),
-                    pool: &pool,
-                    members: members.clone(),
-                    endpoints,
-                    console: &make,
-                    member,
-                };
-                let served = crate::control::on_demand::serve(slot);
-                pool.close(member);
-                let (report, figures) = served?;
-                (report, Some(figures))
+    let finished = AtomicUsize::new(0);
+    let run_one =
+        |p: Prepared, vs: &VmSpec, sink: &SinkMaker| -> Result<(RunReport, Option<OnDemandFigures>), VmError> {
+            let ran = match p {
+                Prepared::Now(vm, owner) => {
+                    let Driven { report, .. } =
+                        crate::control::controller::drive(vm, owner, &ctx, vs.config.lifecycle.timeout);
+                    (report, None)
+                }
+                Prepared::Slot { endpoints, image, member } => {
+                    let make = || sink.make();
+                    let slot = Slot {
+                        config: &vs.config,
+                        image,
+                        kvm: &kvm,
+                        started,
+                        timeline: Arc::clone(&timeline),
+                        pool: &pool,
+                        ctx: &ctx,
+                        endpoints,
+                        console: &make,
+                        member,
+                    };
+                    let served = on_demand::serve(slot);
+                    pool.close(member);
+                    let (report, figures) = served?;
+                    (report, Some(figures))
+                }
+            };
+            if let Some(hook) = &spec.on_vm_end {
+                (hook.0)(finished.fetch_add(1, Ordering::Relaxed) + 1, total);
             }
+            Ok(ran)
         };
-        if let Some(hook) = &spec.on_vm_end {
-            (hook.0)(finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1, total);
-        }
-        Ok(ran)
-    };
     // One VM runs on this thread (no thread to start and join on the path of a short run);
     // several run on a thread each.
-    let reports: Vec<Result<Ran, RunError>> = if prepared.len() == 1 {
+    let reports: Vec<Result<(RunReport, Option<OnDemandFigures>), RunError>> = if prepared.len() == 1 {
         prepared.into_iter().zip(&spec.vms).zip(&sinks).map(|((p, vs), sink)| Ok(run_one(p, vs, sink)?)).collect()
     } else {
         std::thread::scope(|scope| {
@@ -412,7 +516,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
                 .into_iter()
                 .map(|(vs, h)| match h.join() {
                     Ok(r) => Ok(r?),
-                    Err(_) => Err(RunError::Thread(vs.config.name.clone())),
+                    Err(_) => Err(RunError::Thread(vs.config.name().to_string())),
                 })
                 .collect()
         })

@@ -1,48 +1,301 @@
-//! Paravirtual devices: the host half of the virtio transport ([`pv`]) and the devices that
-//! use it ([`vsock`]). Each device is a page in guest memory after the kernel image plus a
-//! device model the shim serves from its own thread; the guest reaches it with DEVICE_NOTIFY.
+//! Paravirtual devices: the host half of the virtio transport ([`pv`]), the [`Device`] model
+//! every device implements, the [`DeviceManager`] that places device pages and routes
+//! DEVICE_NOTIFY by device index, and the devices themselves ([`vsock`]).
+//!
+//! Each device is one page in guest memory after the kernel image plus a model the shim
+//! serves, usually from a thread of its own. A device reaches its VM only through the
+//! [`DeviceContext`] it is started with (wake the guest, ask the VM to stop); the VM reaches
+//! the device only through [`Device`]. A new device is a folder here and one line in
+//! [`KINDS`].
 
-pub mod pv;
-pub mod vsock;
+pub(crate) mod pv;
+pub(crate) mod vsock;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use hypercall_abi::Status;
-use hypercall_abi::virtio::split_notify_value;
+use hypercall_abi::virtio::{STATUS_CHANGED, VIRTIO_DEVICE_PAGE, split_notify_value};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use crate::base::memory::GuestMemory;
+use crate::host::endpoint::Bound;
 
-/// The devices of one VM (device index = position).
-#[derive(Debug, Default)]
-pub struct Devices {
-    /// The vsock device (index 0), when the VM has one.
-    pub vsock: Option<vsock::Vsock>,
+/// The device kinds every VM gets, in device-index order (the guest finds them in this order
+/// in its boot info). Adding a device is one line here.
+const KINDS: &[DeviceKind] = &[vsock::KIND];
+
+/// The names of the devices every VM gets, in index order.
+pub(crate) fn names() -> impl Iterator<Item = &'static str> {
+    KINDS.iter().map(|k| k.name)
 }
 
-impl Devices {
-    /// Number of device pages.
-    pub fn count(&self) -> u64 {
-        u64::from(self.vsock.is_some())
+/// Device failures.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    /// A host resource (eventfd, thread, epoll) could not be had.
+    #[error("{device}: {what}: {source}")]
+    Host {
+        /// The device.
+        device: &'static str,
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The device page could not be written.
+    #[error("{device}: {source}")]
+    Page {
+        /// The device.
+        device: &'static str,
+        /// Why.
+        source: pv::TransportError,
+    },
+    /// A saved state was refused.
+    #[error("restoring the {device} device: {why}")]
+    Restore {
+        /// The device.
+        device: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// The device did not hold still in time.
+    #[error("the {0} device did not hold still")]
+    Quiesce(&'static str),
+}
+
+/// Why a device asks the VM to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// Scale to zero: no client connection was open for this long.
+    Idle(Duration),
+}
+
+/// What a device may do to its VM: the only way it reaches it.
+#[derive(Clone)]
+pub(crate) struct DeviceContext {
+    wake: Arc<dyn Fn() -> bool + Send + Sync>,
+    request_stop: Arc<dyn Fn(StopReason) + Send + Sync>,
+}
+
+impl std::fmt::Debug for DeviceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceContext")
+    }
+}
+
+impl DeviceContext {
+    /// A context whose `wake` wakes the guest's device-driving vCPU (returning whether it was
+    /// asleep in BLOCK) and whose `request_stop` asks the VM's owner to stop the VM.
+    pub(crate) fn new(
+        wake: Arc<dyn Fn() -> bool + Send + Sync>,
+        request_stop: Arc<dyn Fn(StopReason) + Send + Sync>,
+    ) -> Self {
+        DeviceContext { wake, request_stop }
     }
 
-    /// Serves DEVICE_NOTIFY: `value` is the guest's `rdi`.
-    pub fn notify(&self, mem: &GuestMemory, value: u64) -> Status {
-        match split_notify_value(value) {
-            Some((0, queue)) => match &self.vsock {
-                Some(v) => v.notify(mem, queue),
-                None => Status::INVALID,
-            },
-            _ => Status::INVALID,
+    /// Wakes the guest so it looks at its queues; `true` if a vCPU was asleep in BLOCK.
+    pub(crate) fn wake(&self) -> bool {
+        (self.wake)()
+    }
+
+    /// Asks the VM to stop (its owner posts the STOP notice and watches the guest end).
+    pub(crate) fn request_stop(&self, why: StopReason) {
+        (self.request_stop)(why)
+    }
+}
+
+/// What a device is given at creation: the VM's name (thread names), the host endpoints its
+/// clients connect to (copies; the VM keeps the originals), and the idle time after which it
+/// asks the VM to stop.
+#[derive(Debug)]
+pub(crate) struct DeviceSetup {
+    pub(crate) vm_name: String,
+    pub(crate) endpoints: Vec<Bound>,
+    pub(crate) idle_shutdown: Option<Duration>,
+}
+
+/// One device as the VM sees it.
+pub(crate) trait Device: Send + Sync + std::fmt::Debug {
+    /// The device's name (its key in summaries and snapshots).
+    fn name(&self) -> &'static str;
+    /// DEVICE_NOTIFY for queue `queue` (from a vCPU thread).
+    fn notify(&self, mem: &GuestMemory, queue: u16) -> Status;
+    /// DEVICE_NOTIFY for a status change in the device page (from a vCPU thread).
+    fn status_changed(&self, mem: &GuestMemory) -> Status;
+    /// Starts serving (its thread, if it has one).
+    fn start(&self, mem: GuestMemory, ctx: DeviceContext) -> Result<(), DeviceError>;
+    /// Whether it serves the guest now (a thread of its own runs).
+    fn serving(&self) -> bool;
+    /// Holds still: no more access to guest memory or host sockets until [`Device::release`].
+    fn quiesce(&self, within: Duration) -> Result<(), DeviceError>;
+    /// Goes on after [`Device::quiesce`].
+    fn release(&self);
+    /// Its state, for a snapshot or a migration (while quiesced).
+    fn save(&self) -> serde_json::Value;
+    /// Stops serving and waits for its thread.
+    fn stop(&self);
+    /// Its figures (the summary's section named after it).
+    fn figures(&self) -> serde_json::Value;
+}
+
+/// How to make one kind of device.
+pub(crate) struct DeviceKind {
+    name: &'static str,
+    create: fn(page: u64, mem: &GuestMemory, setup: DeviceSetup) -> Result<Box<dyn Device>, DeviceError>,
+    restore: fn(
+        page: u64,
+        mem: &GuestMemory,
+        setup: DeviceSetup,
+        state: &serde_json::Value,
+    ) -> Result<Box<dyn Device>, DeviceError>,
+}
+
+impl DeviceKind {
+    /// A kind named `name`.
+    pub(crate) const fn new(
+        name: &'static str,
+        create: fn(u64, &GuestMemory, DeviceSetup) -> Result<Box<dyn Device>, DeviceError>,
+        restore: fn(u64, &GuestMemory, DeviceSetup, &serde_json::Value) -> Result<Box<dyn Device>, DeviceError>,
+    ) -> Self {
+        DeviceKind { name, create, restore }
+    }
+}
+
+/// One device's saved state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SavedDevice {
+    /// The device's name.
+    pub(crate) name: String,
+    /// Its state (the device's own format).
+    pub(crate) state: serde_json::Value,
+}
+
+/// The devices' part of a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DevicesState {
+    /// Guest-physical address of the first device page.
+    pub(crate) base: u64,
+    /// One per device, in index order.
+    pub(crate) devices: Vec<SavedDevice>,
+}
+
+/// The devices of one VM: device `i`'s page is at `base + i` pages.
+#[derive(Debug)]
+pub(crate) struct DeviceManager {
+    base: u64,
+    devices: Vec<Box<dyn Device>>,
+}
+
+impl DeviceManager {
+    /// Creates every device kind with its page from `base` on (written into guest memory).
+    /// Each device gets copies of the endpoints.
+    pub(crate) fn create(base: u64, mem: &GuestMemory, setup: &DeviceSetup) -> Result<Self, DeviceError> {
+        let mut devices = Vec::new();
+        for (i, kind) in KINDS.iter().enumerate() {
+            let page = base + i as u64 * VIRTIO_DEVICE_PAGE;
+            devices.push((kind.create)(page, mem, copy(setup, kind.name)?)?);
+        }
+        Ok(DeviceManager { base, devices })
+    }
+
+    /// Rebuilds the devices of a snapshot (their pages are already in guest memory).
+    pub(crate) fn restore(mem: &GuestMemory, setup: &DeviceSetup, state: &DevicesState) -> Result<Self, DeviceError> {
+        let mut devices = Vec::new();
+        if state.devices.len() != KINDS.len() {
+            return Err(DeviceError::Restore {
+                device: "every",
+                why: format!("{} devices saved, this shim has {}", state.devices.len(), KINDS.len()),
+            });
+        }
+        for (i, (kind, saved)) in KINDS.iter().zip(&state.devices).enumerate() {
+            if saved.name != kind.name {
+                return Err(DeviceError::Restore { device: kind.name, why: format!("device {i} is '{}'", saved.name) });
+            }
+            let page = state.base + i as u64 * VIRTIO_DEVICE_PAGE;
+            devices.push((kind.restore)(page, mem, copy(setup, kind.name)?, &saved.state)?);
+        }
+        Ok(DeviceManager { base: state.base, devices })
+    }
+
+    /// Guest-physical address of the first device page.
+    pub(crate) fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Number of devices (device pages).
+    pub(crate) fn count(&self) -> u64 {
+        self.devices.len() as u64
+    }
+
+    /// The first address after the device pages.
+    pub(crate) fn end(&self) -> u64 {
+        self.base + self.count() * VIRTIO_DEVICE_PAGE
+    }
+
+    /// Serves DEVICE_NOTIFY: `value` is the guest's `rdi` (device index and queue).
+    pub(crate) fn notify(&self, mem: &GuestMemory, value: u64) -> Status {
+        let Some((index, queue)) = split_notify_value(value) else { return Status::INVALID };
+        match self.devices.get(index as usize) {
+            Some(d) if queue == STATUS_CHANGED => d.status_changed(mem),
+            Some(d) => d.notify(mem, queue),
+            None => Status::INVALID,
         }
     }
 
-    /// Whether a device thread serves the guest (a vsock device with host endpoints).
-    pub fn serving(&self) -> bool {
-        self.vsock.as_ref().is_some_and(|v| v.is_running())
+    /// Starts every device.
+    pub(crate) fn start(&self, mem: &GuestMemory, ctx: &DeviceContext) -> Result<(), DeviceError> {
+        self.devices.iter().try_for_each(|d| d.start(mem.clone(), ctx.clone()))
+    }
+
+    /// Whether a device thread serves the guest.
+    pub(crate) fn serving(&self) -> bool {
+        self.devices.iter().any(|d| d.serving())
+    }
+
+    /// Holds every device still (all or none).
+    pub(crate) fn quiesce(&self, within: Duration) -> Result<(), DeviceError> {
+        for (i, d) in self.devices.iter().enumerate() {
+            if let Err(e) = d.quiesce(within) {
+                self.devices[..i].iter().for_each(|d| d.release());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every device go on.
+    pub(crate) fn release(&self) {
+        self.devices.iter().for_each(|d| d.release());
+    }
+
+    /// The devices' states (while quiesced).
+    pub(crate) fn save(&self) -> DevicesState {
+        DevicesState {
+            base: self.base,
+            devices: self.devices.iter().map(|d| SavedDevice { name: d.name().into(), state: d.save() }).collect(),
+        }
     }
 
     /// Stops every device thread.
-    pub fn stop(&self) {
-        if let Some(v) = &self.vsock {
-            v.stop();
-        }
+    pub(crate) fn stop(&self) {
+        self.devices.iter().for_each(|d| d.stop());
     }
+
+    /// Each device's figures, by name.
+    pub(crate) fn figures(&self) -> Vec<(&'static str, serde_json::Value)> {
+        self.devices.iter().map(|d| (d.name(), d.figures())).collect()
+    }
+}
+
+/// `setup` for one device (its own copies of the endpoints).
+fn copy(setup: &DeviceSetup, device: &'static str) -> Result<DeviceSetup, DeviceError> {
+    let endpoints = setup
+        .endpoints
+        .iter()
+        .map(Bound::try_clone)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| DeviceError::Host { device, what: "cannot share the listening sockets", source })?;
+    Ok(DeviceSetup { vm_name: setup.vm_name.clone(), endpoints, idle_shutdown: setup.idle_shutdown })
 }

@@ -1,5 +1,9 @@
-//! Host helpers.
+//! Host helpers (base layer): seccomp allow-lists, CPU placement, signals, clocks and process
+//! figures, and the host endpoints clients connect to.
 
-pub mod affinity;
-pub mod seccomp;
-pub mod signals;
+pub(crate) mod affinity;
+pub(crate) mod clock;
+pub(crate) mod endpoint;
+pub(crate) mod process;
+pub(crate) mod seccomp;
+pub(crate) mod signals;

@@ -296,6 +296,7 @@ impl Pool {
     }
 
     /// What member `id` holds, per resource.
+    #[cfg(test)]
     pub fn held(&self, id: usize) -> [u64; 2] {
         self.lock().members.get(id).map_or([0, 0], |m| m.held)
     }

@@ -1,3 +1,4 @@
-//! Reports.
+//! Reports: the JSON summary of a run ([`summary`]) and the one JSON writer ([`json`]).
 
-pub mod summary;
+pub(crate) mod json;
+pub(crate) mod summary;

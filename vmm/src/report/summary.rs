@@ -8,7 +8,22 @@ use serde::Serialize;
 use crate::base::config::Policy;
 use crate::policy::admission::Invariants;
 use crate::policy::resource::ResourcePolicy;
-use crate::vmm::vm::RunReport;
+use crate::report::json::write_json;
+use crate::vmm::stats::RunReport;
+
+/// The on-demand figures of a VM slot (the summary's `on_demand`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OnDemandFigures {
+    /// VMs booted because a client connected.
+    pub(crate) cold_starts: u64,
+    /// VMs stopped for being idle.
+    pub(crate) idle_shutdowns: u64,
+    /// For each cold start: µs from the shim seeing the waiting client to the guest's HELLO.
+    pub(crate) boot_us: Vec<u64>,
+    /// VMs booted again after a failure (`restart = "on-failure"`).
+    #[serde(skip)]
+    pub(crate) restarts: u64,
+}
 
 /// A policy as it appears in the summary.
 #[derive(Debug, Clone, Serialize)]
@@ -180,14 +195,16 @@ pub struct Summary {
     pub policy: PolicySummary,
     /// Invariant checks from the shim's own accounting.
     pub invariants: Invariants,
-    /// The request channel's figures (`null` when the VM had no vsock device).
-    pub vsock: Option<crate::devices::vsock::VsockFigures>,
+    /// Each device's figures, under its name (`vsock`: the request channel); `null` when no
+    /// VM ran.
+    #[serde(flatten)]
+    pub devices: BTreeMap<String, serde_json::Value>,
     /// Times the VM was booted again after a failure (`restart = "on-failure"`); the other
     /// figures are the last VM's.
     pub restarts: u64,
     /// Cold starts and idle shutdowns (an on-demand VM only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub on_demand: Option<crate::control::on_demand::OnDemandFigures>,
+    pub on_demand: Option<OnDemandFigures>,
 }
 
 /// The pool's figures in a pool run's summary.
@@ -233,33 +250,20 @@ pub struct PoolSummary {
 }
 
 impl PoolSummary {
+    /// The run's exit code: 0 when every VM ended as expected.
+    pub fn exit_code(&self) -> u8 {
+        self.exit_code
+    }
+
     /// Writes the summary as pretty JSON.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         write_json(self, path)
     }
 }
 
-/// Writes any summary as pretty JSON with a trailing newline.
-pub fn write_json<T: serde::Serialize>(value: &T, path: &Path) -> std::io::Result<()> {
-    let json = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
-    std::fs::write(path, json + "\n")
-}
-
-/// CPU time used by this process so far (user + system), in µs.
-pub fn process_cpu_us() -> u64 {
-    // SAFETY: `getrusage` fills the zeroed struct it is given.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        u
-    };
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    us(usage.ru_utime) + us(usage.ru_stime)
-}
-
 impl Summary {
     /// Builds a summary from a finished run.
-    pub fn new(
+    pub(crate) fn new(
         report: &RunReport,
         name: &str,
         app: &str,
@@ -295,7 +299,7 @@ impl Summary {
             denied: report.denied,
             reports: report.reports,
             reports_not_recorded: report.reports_not_recorded,
-            host_cpu_us: process_cpu_us(),
+            host_cpu_us: crate::host::process::process_cpu_us(),
             memory_bytes: MemorySummary {
                 min: memory.min,
                 max: memory.max,
@@ -312,7 +316,7 @@ impl Summary {
             },
             reclaims: pv.reclaims + pm.reclaims,
             violations: pv.violations + pm.violations,
-            vsock: report.vsock.clone(),
+            devices: report.devices.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
             restarts: 0,
             on_demand: None,
             again: report.again,

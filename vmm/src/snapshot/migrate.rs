@@ -43,8 +43,12 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::{Quiesced, SnapshotError, VmState};
 use crate::base::layout::Layout;
 use crate::base::memory::{Backing, GuestMemory, PAGE_SIZE};
-use crate::devices::vsock::Bound;
-use crate::vmm::vm::VmShared;
+use crate::host::endpoint::Bound;
+use crate::vmm::shared::VmShared;
+
+/// Told whether a received VM was built (`Err`: why not); the source then ends its copy (or
+/// resumes its VM).
+pub(crate) type ReadyCallback = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// A round that dirtied fewer pages than this ends the pre-copy (4 MiB).
 pub const SMALL_ROUND: usize = 1024;
@@ -170,7 +174,8 @@ impl Sent {
 /// Sends the pages at `pages` (sorted guest-physical page addresses) that lie in live regions,
 /// recording what was sent.
 fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64], sent_map: &mut Sent) -> Result<u64, MigrateError> {
-    let guard = vm.mem.snapshot();
+    let mem = vm.mem();
+    let guard = mem.snapshot();
     let mut sent = 0u64;
     let mut buf = Vec::with_capacity(BATCH_PAGES * (PAGE_SIZE as usize + 12));
     let mut in_batch = 0;
@@ -179,7 +184,7 @@ fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64], sent_map: &mut S
         // A run of consecutive pages inside one region (adjacent extents are separate
         // mappings: a run never crosses into the next one).
         let start = pages[i];
-        let Some(end) = vm.mem.region_end(&guard, start) else {
+        let Some(end) = mem.region_end(&guard, start) else {
             // Released since it was written: the target drops the region.
             i += 1;
             continue;
@@ -193,7 +198,7 @@ fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64], sent_map: &mut S
             n += 1;
         }
         i += n;
-        let Some(bytes) = vm.mem.host_range(&guard, start, n as u64 * PAGE_SIZE) else {
+        let Some(bytes) = mem.host_range(&guard, start, n as u64 * PAGE_SIZE) else {
             // Released since it was written: the target drops the region.
             continue;
         };
@@ -223,10 +228,11 @@ fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64], sent_map: &mut S
 /// Every page whose contents differ from what the target holds (the first round: every
 /// non-zero page; with the VM paused, the final check that nothing was missed).
 fn changed_pages(vm: &VmShared, sent: &Sent) -> Vec<u64> {
-    let guard = vm.mem.snapshot();
+    let mem = vm.mem();
+    let guard = mem.snapshot();
     let mut pages = Vec::new();
-    for r in vm.mem.regions() {
-        let Some(bytes) = vm.mem.host_range(&guard, r.gpa, r.len) else { continue };
+    for r in mem.regions() {
+        let Some(bytes) = mem.host_range(&guard, r.gpa, r.len) else { continue };
         let hashes = sent.regions.get(&r.serial).map(|(_, h)| h.as_slice()).unwrap_or(&[]);
         for (i, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
             let changed = match hashes.get(i).copied().flatten() {
@@ -242,7 +248,7 @@ fn changed_pages(vm: &VmShared, sent: &Sent) -> Vec<u64> {
 }
 
 fn send_regions(s: &mut UnixStream, vm: &VmShared, sent: &mut Sent) -> Result<(), MigrateError> {
-    let regions = vm.mem.regions();
+    let regions = vm.mem().regions();
     sent.sync(&regions);
     let wire: Vec<WireRegion> =
         regions.iter().map(|r| WireRegion { gpa: r.gpa, len: r.len, serial: r.serial }).collect();
@@ -251,19 +257,19 @@ fn send_regions(s: &mut UnixStream, vm: &VmShared, sent: &mut Sent) -> Result<()
 
 /// Migrates `vm` to the receiver listening on `to`. On success the VM runs there and the
 /// caller ends it here; on failure it keeps running here.
-pub fn send(vm: &VmShared, to: &Path, verify: bool) -> Result<MigrateFigures, MigrateError> {
-    if vm.config.on_demand {
+pub(crate) fn send(vm: &VmShared, to: &Path, verify: bool) -> Result<MigrateFigures, MigrateError> {
+    if vm.config().lifecycle.on_demand {
         return Err(MigrateError::Protocol("an on-demand VM cannot be migrated".into()));
     }
     let t0 = Instant::now();
     let mut s = UnixStream::connect(to)?;
     s.set_read_timeout(Some(ACK_TIMEOUT))?;
-    let hello = Hello { format: super::FORMAT_VERSION, abi_version: hypercall_abi::ABI_VERSION, layout: vm.layout };
+    let hello = Hello { format: super::FORMAT_VERSION, abi_version: hypercall_abi::ABI_VERSION, layout: vm.layout() };
     write_msg(&mut s, b'H', &json(&hello))?;
-    vm.mem.set_dirty_logging(&vm.fd, true)?;
+    vm.mem().set_dirty_logging(vm.fd(), true)?;
     let result = pre_copy_and_switch(vm, &mut s, t0, verify);
     if result.is_err() {
-        let _ = vm.mem.set_dirty_logging(&vm.fd, false);
+        let _ = vm.mem().set_dirty_logging(vm.fd(), false);
     }
     result
 }
@@ -280,7 +286,7 @@ fn pre_copy_and_switch(
     let mut pages_sent = send_pages(s, vm, &changed_pages(vm, &sent), &mut sent)?;
     let mut rounds = 1;
     loop {
-        let dirty = vm.mem.take_dirty(&vm.fd)?;
+        let dirty = vm.mem().take_dirty(vm.fd())?;
         send_regions(s, vm, &mut sent)?;
         pages_sent += send_pages(s, vm, &dirty, &mut sent)?;
         rounds += 1;
@@ -292,36 +298,33 @@ fn pre_copy_and_switch(
     // against what was sent (a page the logs missed is sent too, and counted).
     let t_stop = Instant::now();
     let mut q = Quiesced::new(vm)?;
-    let dirty = vm.mem.take_dirty(&vm.fd)?;
+    let dirty = vm.mem().take_dirty(vm.fd())?;
     send_regions(s, vm, &mut sent)?;
     pages_sent += send_pages(s, vm, &dirty, &mut sent)?;
     let missed = if verify { Some(changed_pages(vm, &sent)) } else { None };
     if let Some(m) = &missed {
         pages_sent += send_pages(s, vm, m, &mut sent)?;
     }
-    if let Some(v) = &vm.devices.vsock {
-        for l in v.listeners().iter() {
-            let meta = match l {
-                Bound::Tcp { guest_port, .. } => WireListener::Tcp { guest_port: *guest_port },
-                Bound::Uds { path, .. } => WireListener::Uds { path: path.clone() },
-            };
-            let payload = json(&meta);
-            let mut head = vec![b'L'];
-            head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-            s.send_with_fd(&head[..], l.raw_fd()).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-            s.write_all(&payload)?;
-        }
+    for l in vm.endpoints().iter() {
+        let meta = match l {
+            Bound::Tcp { guest_port, .. } => WireListener::Tcp { guest_port: *guest_port },
+            Bound::Uds { path, .. } => WireListener::Uds { path: path.clone() },
+        };
+        let payload = json(&meta);
+        let mut head = vec![b'L'];
+        head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        s.send_with_fd(&head[..], l.raw_fd()).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        s.write_all(&payload)?;
     }
-    let state = q.state();
-    let held_bytes = state.regions.iter().map(|r| r.len).sum();
+    let state = q.state()?;
+    let held_bytes = state.memory.regions.iter().map(|r| r.len).sum();
     write_msg(s, b'S', &super::encode_state(&state)?)?;
     let (kind, payload, _) = read_msg(s, MAX_JSON)?;
     match kind {
         b'A' => {
             q.keep_stopped();
-            if let Some(v) = &vm.devices.vsock {
-                v.handed_over();
-            }
+            // The endpoints belong to the target now: their Unix socket paths stay.
+            vm.endpoints().iter_mut().for_each(Bound::disown);
             drop(q);
             let downtime_us = t_stop.elapsed().as_micros() as u64;
             vm.record(
@@ -346,7 +349,7 @@ fn pre_copy_and_switch(
 
 /// A VM received from a source: its KVM VM and filled memory, its state, the listening
 /// sockets handed over, and the channel to answer on.
-pub struct Received {
+pub(crate) struct Received {
     /// The KVM VM, memory slots registered.
     pub fd: VmFd,
     /// Its memory, filled.
@@ -358,7 +361,7 @@ pub struct Received {
     /// When the state arrived.
     pub stopped_at: Instant,
     /// Tells the source the VM is built (it ends its copy) or why not (it resumes).
-    pub answer: crate::control::run::ReadyCallback,
+    pub answer: ReadyCallback,
 }
 
 impl std::fmt::Debug for Received {
@@ -368,7 +371,7 @@ impl std::fmt::Debug for Received {
 }
 
 /// Accepts one migration on `listener` and receives the VM.
-pub fn receive(kvm: &Kvm, s: &mut UnixStream) -> Result<Received, MigrateError> {
+pub(crate) fn receive(kvm: &Kvm, s: &mut UnixStream) -> Result<Received, MigrateError> {
     let bad = |w: String| MigrateError::Protocol(w);
     let (kind, payload, _) = read_msg(s, MAX_JSON)?;
     if kind != b'H' {
@@ -383,7 +386,7 @@ pub fn receive(kvm: &Kvm, s: &mut UnixStream) -> Result<Received, MigrateError> 
         return Err(bad("bad layout".into()));
     }
     let fd = kvm.create_vm().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-    let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX).max(2);
+    let max_slots = crate::vmm::vm::max_slots(kvm);
     let mem = GuestMemory::with_window(l.ram_size, l.window_base, l.window_size, max_slots)?;
     mem.register_boot_slot(&fd)?;
     // serial on the source -> extent here
@@ -406,7 +409,7 @@ pub fn receive(kvm: &Kvm, s: &mut UnixStream) -> Result<Received, MigrateError> 
             b'S' => {
                 let state = super::decode_state(&payload, Path::new("migration state"))?;
                 let here: Vec<(u64, u64)> = mem.regions().iter().map(|r| (r.gpa, r.len)).collect();
-                let there: Vec<(u64, u64)> = state.regions.iter().map(|r| (r.gpa, r.len)).collect();
+                let there: Vec<(u64, u64)> = state.memory.regions.iter().map(|r| (r.gpa, r.len)).collect();
                 if here != there || state.layout != l {
                     return Err(bad("the state's memory regions differ from those received".into()));
                 }
@@ -481,7 +484,7 @@ fn listener_from(fd: OwnedFd, meta: WireListener) -> Result<Bound, MigrateError>
 }
 
 /// Listens on `path` for one migration (the path must not exist; it is removed afterwards).
-pub fn accept_one(path: &Path) -> Result<UnixStream, MigrateError> {
+pub(crate) fn accept_one(path: &Path) -> Result<UnixStream, MigrateError> {
     if path.exists() {
         return Err(MigrateError::Protocol(format!("{} already exists (remove it first)", path.display())));
     }

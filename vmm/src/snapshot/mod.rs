@@ -14,7 +14,8 @@
 //! touches them and its writes never reach the file, so one snapshot restores many times.
 //! The submodule [`migrate`] sends the same state over a socket, with pre-copy.
 
-pub mod migrate;
+pub(crate) mod migrate;
+pub(crate) mod restore;
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -24,15 +25,19 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::base::config::Policy;
+use crate::base::config::VmConfig;
 use crate::base::layout::Layout;
-use crate::base::memory::PAGE_SIZE;
-use crate::devices::vsock::DeviceState;
-use crate::vmm::vcpu::VcpuState;
-use crate::vmm::vm::{Notices, VmConfig, VmShared};
+use crate::base::memory::{MemoryState, PAGE_SIZE};
+use crate::base::persist::Persist;
+use crate::devices::DevicesState;
+use crate::policy::admission::PolicyState;
+use crate::vmm::cpu_state::VcpuState;
+use crate::vmm::notices::Notices;
+use crate::vmm::shared::VmShared;
 
-/// The snapshot format this shim writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The snapshot format this shim writes and reads. v2: the state is composed of each
+/// component's own state (vCPUs, devices by name, policy, memory regions, notices).
+pub const FORMAT_VERSION: u32 = 2;
 /// The state file in a snapshot directory.
 pub const STATE_FILE: &str = "state.json";
 /// The memory file in a snapshot directory.
@@ -92,147 +97,43 @@ impl SnapshotError {
     }
 }
 
-/// The configuration a snapshot carries (what a restore needs to run the VM as before).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SavedConfig {
-    /// The VM's name.
-    pub name: String,
-    /// Its service.
-    pub app: String,
-    /// The kernel image (read again for fault diagnoses).
-    pub kernel: PathBuf,
-    /// vCPU limits (as they were, live changes included).
-    pub vcpus: Policy,
-    /// Memory limits.
-    pub memory: Policy,
-    /// Pool weight.
-    pub weight: u64,
-    /// Credit caps.
-    pub budget: [f64; 2],
-    /// Credit refill rates.
-    pub refill: [f64; 2],
-    /// Reclaim grace in milliseconds.
-    pub grace_ms: u64,
-    /// `throttle` or `kill`.
-    pub on_violation: String,
-    /// Published ports, as given.
-    pub publish: Vec<String>,
-    /// The hybrid-vsock socket.
-    pub vsock_uds: Option<PathBuf>,
-    /// Idle shutdown in milliseconds.
-    pub idle_shutdown_ms: Option<u64>,
-}
-
-impl SavedConfig {
-    /// The configuration of `vm` now.
-    pub fn of(vm: &VmShared) -> SavedConfig {
-        use crate::policy::resource::Resource;
-        let c = &vm.config;
-        SavedConfig {
-            name: c.name.clone(),
-            app: c.app.clone(),
-            kernel: vm.image.path.clone(),
-            vcpus: vm.policy.resource(Resource::Vcpus).limits,
-            memory: vm.policy.resource(Resource::Memory).limits,
-            weight: c.weight,
-            budget: c.policy.budget,
-            refill: c.policy.refill,
-            grace_ms: c.policy.grace.as_millis() as u64,
-            on_violation: match c.policy.on_violation {
-                crate::base::config::OnViolation::Throttle => "throttle".into(),
-                crate::base::config::OnViolation::Kill => "kill".into(),
-            },
-            publish: c.publish.iter().map(|p| p.spec.clone()).collect(),
-            vsock_uds: c.vsock_uds.clone(),
-            idle_shutdown_ms: c.idle_shutdown.map(|d| d.as_millis() as u64),
-        }
-    }
-
-    /// The VM configuration to restore with (no timeout, no restart policy).
-    pub fn to_config(&self) -> Result<VmConfig, String> {
-        let publish = self
-            .publish
-            .iter()
-            .map(|p| crate::devices::vsock::endpoint::parse_publish(p).map_err(|e| e.to_string()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let on_violation = match self.on_violation.as_str() {
-            "throttle" => crate::base::config::OnViolation::Throttle,
-            "kill" => crate::base::config::OnViolation::Kill,
-            other => return Err(format!("unknown on_violation '{other}'")),
-        };
-        Ok(VmConfig {
-            name: self.name.clone(),
-            app: self.app.clone(),
-            app_args: Vec::new(),
-            log_level: "info".into(),
-            guest_opts: Vec::new(),
-            vcpus: self.vcpus,
-            memory: self.memory,
-            timeout: None,
-            policy: crate::base::config::PolicyConfig {
-                budget: self.budget,
-                refill: self.refill,
-                grace: Duration::from_millis(self.grace_ms),
-                on_violation,
-            },
-            weight: self.weight,
-            publish,
-            vsock_uds: self.vsock_uds.clone(),
-            on_demand: false,
-            idle_shutdown: self.idle_shutdown_ms.map(Duration::from_millis),
-            restart: None,
-            pool_member: None,
-        })
-    }
-}
-
-/// One memory region: where it is in the guest and (in a snapshot) in the memory file.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SavedRegion {
-    /// Guest-physical base.
-    pub gpa: u64,
-    /// Length.
-    pub len: u64,
-    /// Offset in the memory file.
-    pub offset: u64,
-}
-
-/// Everything but memory contents.
+/// Everything but memory contents: the VM's configuration and each component's state.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct VmState {
+pub(crate) struct VmState {
     /// The hypercall ABI the guest was built for.
-    pub abi_version: u32,
-    /// The configuration.
-    pub config: SavedConfig,
+    pub(crate) abi_version: u32,
+    /// The kernel image (read again for fault diagnoses).
+    pub(crate) kernel: PathBuf,
+    /// The configuration (with the resource limits as they were, live changes included).
+    pub(crate) config: VmConfig,
     /// The memory layout (boot memory and the hot-plug window).
-    pub layout: Layout,
+    pub(crate) layout: Layout,
     /// The TSC frequency the guest was told.
-    pub tsc_khz: u64,
-    /// Burst credit balances.
-    pub credits: [f64; 2],
+    pub(crate) tsc_khz: u64,
+    /// Limits and burst credit.
+    pub(crate) policy: PolicyState,
     /// Notices posted and not yet taken.
-    pub notices: Notices,
+    pub(crate) notices: Notices,
     /// Per vCPU id: online (else parked).
-    pub online: Vec<bool>,
+    pub(crate) online: Vec<bool>,
     /// The online vCPUs' states.
-    pub vcpus: Vec<VcpuState>,
+    pub(crate) vcpus: Vec<VcpuState>,
     /// Memory regions: boot memory first, then extents.
-    pub regions: Vec<SavedRegion>,
-    /// The device page's address.
-    pub device_page: u64,
-    /// The vsock device.
-    pub device: Option<DeviceState>,
+    pub(crate) memory: MemoryState,
+    /// The devices.
+    pub(crate) devices: DevicesState,
 }
 
 impl VmState {
     /// Checks the state against itself: regions inside the layout, vCPU lists consistent.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let l = &self.layout;
-        let Some(boot) = self.regions.first() else { return Err("no memory regions".into()) };
+        let regions = &self.memory.regions;
+        let Some(boot) = regions.first() else { return Err("no memory regions".into()) };
         if boot.gpa != 0 || boot.len != l.ram_size || l.ram_size == 0 || !l.ram_size.is_multiple_of(PAGE_SIZE) {
             return Err("boot memory does not match the layout".into());
         }
-        for r in &self.regions[1..] {
+        for r in &regions[1..] {
             let aligned = r.gpa % hypercall_abi::EXTENT_ALIGN == 0 && r.len % hypercall_abi::EXTENT_ALIGN == 0;
             if !aligned || r.len == 0 || !l.in_window(r.gpa, r.len) {
                 return Err(format!("extent {:#x}+{:#x} is outside the hot-plug window", r.gpa, r.len));
@@ -245,27 +146,30 @@ impl VmState {
         if up == 0 || up != self.vcpus.len() {
             return Err("the saved vCPU states do not match the online vCPUs".into());
         }
+        if self.vcpus.iter().any(|v| !self.online.get(v.id as usize).copied().unwrap_or(false)) {
+            return Err("a saved vCPU state belongs to a vCPU that is not online".into());
+        }
         Ok(())
     }
 }
 
-/// A VM held still for a snapshot: paused, its device's I/O thread holding, its vCPU states
-/// collected. Dropping it lets the device go on and resumes the VM unless it was paused before.
+/// A VM held still for a snapshot: paused, its devices holding, its vCPU states collected.
+/// Dropping it lets the devices go on and resumes the VM unless it was paused before.
 #[derive(Debug)]
-pub struct Quiesced<'a> {
+pub(crate) struct Quiesced<'a> {
     vm: &'a VmShared,
     was_paused: bool,
-    /// The online vCPUs' states.
-    pub vcpus: Vec<VcpuState>,
-    held: crate::devices::vsock::Held,
+    online: Vec<bool>,
+    vcpus: Vec<VcpuState>,
     keep_held: bool,
     /// How long quiescing took.
-    pub took: Duration,
+    pub(crate) took: Duration,
 }
 
 impl<'a> Quiesced<'a> {
-    /// Quiesces `vm`.
-    pub fn new(vm: &'a VmShared) -> Result<Quiesced<'a>, SnapshotError> {
+    /// Quiesces `vm`: pauses its vCPUs, holds its devices, has every online vCPU save its
+    /// state.
+    pub(crate) fn new(vm: &'a VmShared) -> Result<Quiesced<'a>, SnapshotError> {
         let t = Instant::now();
         let was_paused = !vm.pause(QUIESCE_TIMEOUT);
         let release = |vm: &VmShared| {
@@ -273,53 +177,47 @@ impl<'a> Quiesced<'a> {
                 vm.resume();
             }
         };
-        let held = match vm.devices.vsock.as_ref().map(|v| v.hold(QUIESCE_TIMEOUT)) {
-            Some(Err(e)) => {
-                release(vm);
-                return Err(SnapshotError::Vm(e));
-            }
-            Some(Ok(h)) => h,
-            None => crate::devices::vsock::Held::default(),
-        };
-        match vm.capture_vcpus(QUIESCE_TIMEOUT) {
-            Ok(vcpus) => Ok(Quiesced { vm, was_paused, vcpus, held, keep_held: false, took: t.elapsed() }),
+        if let Err(e) = vm.devices().quiesce(QUIESCE_TIMEOUT) {
+            release(vm);
+            return Err(SnapshotError::Vm(e.to_string()));
+        }
+        match vm.save_vcpus(QUIESCE_TIMEOUT) {
+            Ok((online, vcpus)) => Ok(Quiesced { vm, was_paused, online, vcpus, keep_held: false, took: t.elapsed() }),
             Err(e) => {
-                if let Some(v) = &vm.devices.vsock {
-                    v.release();
-                }
+                vm.devices().release();
                 release(vm);
                 Err(SnapshotError::Vm(e))
             }
         }
     }
 
-    /// The VM's state (memory regions without file offsets: the caller places them).
-    pub fn state(&mut self) -> VmState {
+    /// The VM's state, composed of its components' (memory regions without file offsets:
+    /// the caller places them).
+    pub(crate) fn state(&mut self) -> Result<VmState, SnapshotError> {
         let vm = self.vm;
-        let online = vm.vcpu_set.all().iter().map(|c| c.state() != crate::vmm::vcpus::State::Parked).collect();
-        VmState {
+        let never = |e: std::convert::Infallible| -> SnapshotError { match e {} };
+        let policy = vm.policy().save().map_err(never)?;
+        let mut config = vm.config().clone();
+        config.resources.vcpus = policy.limits[0];
+        config.resources.memory = policy.limits[1];
+        Ok(VmState {
             abi_version: hypercall_abi::ABI_VERSION,
-            config: SavedConfig::of(vm),
-            layout: vm.layout,
-            tsc_khz: vm.tsc_khz,
-            credits: vm.policy.credits(),
-            notices: vm.notices(),
-            online,
+            kernel: vm.image().path.clone(),
+            config,
+            layout: vm.layout(),
+            tsc_khz: vm.tsc_khz(),
+            policy,
+            notices: vm.notices().save().map_err(never)?,
+            online: self.online.clone(),
             vcpus: std::mem::take(&mut self.vcpus),
-            regions: vm.mem.regions().iter().map(|r| SavedRegion { gpa: r.gpa, len: r.len, offset: 0 }).collect(),
-            device_page: vm.image.end.next_multiple_of(4096),
-            device: vm.devices.vsock.as_ref().map(|v| v.state(&self.held)),
-        }
+            memory: vm.mem().save().map_err(|e| SnapshotError::Vm(e.to_string()))?,
+            devices: vm.devices().save(),
+        })
     }
 
-    /// The VM.
-    pub fn vm(&self) -> &VmShared {
-        self.vm
-    }
-
-    /// Keeps the VM paused and its device holding after the guard goes (a migrated VM must
+    /// Keeps the VM paused and its devices holding after the guard goes (a migrated VM must
     /// not run on, nor accept clients from the listening sockets it handed over).
-    pub fn keep_stopped(&mut self) {
+    pub(crate) fn keep_stopped(&mut self) {
         self.was_paused = true;
         self.keep_held = true;
     }
@@ -327,8 +225,8 @@ impl<'a> Quiesced<'a> {
 
 impl Drop for Quiesced<'_> {
     fn drop(&mut self) {
-        if let Some(v) = self.vm.devices.vsock.as_ref().filter(|_| !self.keep_held) {
-            v.release();
+        if !self.keep_held {
+            self.vm.devices().release();
         }
         if !self.was_paused {
             self.vm.resume();
@@ -370,17 +268,17 @@ pub fn save(vm: &VmShared, dir: &Path) -> Result<SaveFigures, SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let mut q = Quiesced::new(vm)?;
     let t_held = Instant::now();
-    let mut state = q.state();
+    let mut state = q.state()?;
     let mem_tmp = dir.join(".memory.tmp");
     let file = std::fs::File::create(&mem_tmp).map_err(io("create", &mem_tmp))?;
     let mut offset = 0u64;
     let mut written = 0u64;
     {
-        let guard = vm.mem.snapshot();
-        for r in &mut state.regions {
+        let mem = vm.mem();
+        let guard = mem.snapshot();
+        for r in &mut state.memory.regions {
             r.offset = offset;
-            let bytes = vm
-                .mem
+            let bytes = mem
                 .host_range(&guard, r.gpa, r.len)
                 .ok_or_else(|| SnapshotError::Vm(format!("region {:#x} vanished", r.gpa)))?;
             written += write_sparse(&file, offset, bytes).map_err(io("write", &mem_tmp))?;
@@ -499,7 +397,7 @@ pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
     let mem_path = dir.join(MEMORY_FILE);
     let memory = std::fs::File::open(&mem_path).map_err(io("open", &mem_path))?;
     let size = memory.metadata().map_err(io("stat", &mem_path))?.len();
-    for r in &state.regions {
+    for r in &state.memory.regions {
         if r.offset % PAGE_SIZE != 0 || r.offset.checked_add(r.len).is_none_or(|end| end > size) {
             return Err(SnapshotError::Corrupt {
                 path: mem_path,
@@ -515,32 +413,23 @@ mod tests {
     use super::*;
 
     fn state() -> VmState {
+        let mut config = VmConfig::new("vm0", "kv");
+        config.endpoints.publish = vec![crate::host::endpoint::parse_publish("6379:6379").unwrap()];
         VmState {
             abi_version: hypercall_abi::ABI_VERSION,
-            config: SavedConfig {
-                name: "vm0".into(),
-                app: "kv".into(),
-                kernel: "/k".into(),
-                vcpus: Policy::fixed(1),
-                memory: Policy::fixed(64 << 20),
-                weight: 1,
-                budget: [10.0; 2],
-                refill: [1.0; 2],
-                grace_ms: 200,
-                on_violation: "throttle".into(),
-                publish: vec!["6379:6379".into()],
-                vsock_uds: None,
-                idle_shutdown_ms: None,
-            },
+            kernel: "/k".into(),
+            config,
             layout: Layout::new(64 << 20, 64 << 20),
             tsc_khz: 1,
-            credits: [1.0; 2],
+            policy: PolicyState {
+                limits: [crate::base::config::Policy::fixed(1), crate::base::config::Policy::fixed(64 << 20)],
+                credits: [1.0; 2],
+            },
             notices: Notices::default(),
             online: vec![false],
             vcpus: Vec::new(),
-            regions: vec![SavedRegion { gpa: 0, len: 64 << 20, offset: 0 }],
-            device_page: 0,
-            device: None,
+            memory: MemoryState::boot_only(64 << 20),
+            devices: DevicesState { base: 0, devices: Vec::new() },
         }
     }
 
@@ -555,8 +444,17 @@ mod tests {
         let last = flipped.len() - 2;
         flipped[last] ^= 1;
         assert!(matches!(decode_state(&flipped, p), Err(SnapshotError::Checksum(_))));
-        let other = String::from_utf8(bytes.clone()).unwrap().replacen(" v1 ", " v9 ", 1);
+        let other = String::from_utf8(bytes.clone()).unwrap().replacen(" v2 ", " v9 ", 1);
         assert!(matches!(decode_state(other.as_bytes(), p), Err(SnapshotError::Version { found: 9, .. })));
+        // A snapshot of the format before the per-component states is refused with one line.
+        let old = String::from_utf8(bytes.clone()).unwrap().replacen(" v2 ", " v1 ", 1);
+        let e = decode_state(old.as_bytes(), p).unwrap_err();
+        assert_eq!(e.to_string(), "s: snapshot format v1; this shim reads v2");
+        // The configuration travels whole.
+        let back: VmState =
+            serde_json::from_slice(&bytes[bytes.iter().position(|&b| b == b'\n').unwrap() + 1..]).unwrap();
+        assert_eq!(back.config.name(), "vm0");
+        assert_eq!(back.config.endpoints.publish[0].guest_port, 6379);
         assert!(matches!(decode_state(b"hello\n{}", p), Err(SnapshotError::NotSnapshot(_))));
     }
 

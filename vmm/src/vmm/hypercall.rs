@@ -4,7 +4,6 @@
 //! Nothing a guest passes is trusted: the block address, every address and length inside it
 //! and every count are checked before use, and a bad call gets a status back, never a crash.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -18,47 +17,98 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::base::timeline::detail;
 use crate::policy::resource::Resource;
-use crate::vmm::vcpus::{Entry, UpPlan, VcpuControl};
-use crate::vmm::vm::{Outcome, VmShared};
+use crate::vmm::outcome::Outcome;
+use crate::vmm::shared::VmShared;
+use crate::vmm::vcpus::{Entry, Served, UpPlan, VcpuEvent, VcpuHandle};
 
 /// What the vCPU loop does after a call.
 #[derive(Debug)]
-pub enum Flow {
+pub(crate) enum Flow {
     /// Resume the guest.
     Continue,
     /// The calling vCPU went down: park its thread until it is reused.
     Park,
     /// End the run with this outcome.
     Stop(Outcome),
+    /// VCPU_UP decided on a new KVM vCPU: the vCPU layer creates and starts it, then
+    /// [`VcpuStart::confirm`]s or [`VcpuStart::abandon`]s the decision.
+    Start(VcpuStart),
 }
 
-/// Serves one hypercall from the vCPU `ctl`: `call` is the number from `eax` (`None` if the
-/// `out` was not 4 bytes wide), `gpa` the argument block's address from `rdi`. Returns the
-/// status (also written into the block when it is readable) and what to do next.
-pub fn dispatch(vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, call: Option<u32>, gpa: u64) -> (Status, Flow) {
+/// A new vCPU that VCPU_UP admitted (its slot reserved in the policy and the pool).
+#[derive(Debug)]
+pub(crate) struct VcpuStart {
+    /// Its id.
+    pub(crate) id: u32,
+    /// Where it begins.
+    pub(crate) entry: Entry,
+    /// The VCPU_UP block (its status is rewritten if the vCPU cannot be made).
+    gpa: u64,
+    /// vCPUs online with it.
+    online: u32,
+}
+
+impl VcpuStart {
+    /// The vCPU runs: the call is recorded.
+    pub(crate) fn confirm(&self, vm: &VmShared) -> Status {
+        vm.refresh_notice_page();
+        vm.record(
+            "vcpu_up",
+            detail([("vcpu", self.id.into()), ("reused", false.into()), ("online", self.online.into())]),
+        );
+        Status::OK
+    }
+
+    /// The vCPU could not be made (`why`): its reservation is undone and the call answers
+    /// EXHAUSTED.
+    pub(crate) fn abandon(&self, vm: &VmShared, why: &dyn std::fmt::Display) -> Status {
+        vm.vcpus().abandon_create(self.id);
+        vm.policy().give_back(Resource::Vcpus, 1);
+        eprintln!("hypervisor-shim: cannot create vCPU {}: {why}", self.id);
+        if let Ok(mut block) = vm.mem().read_obj::<VcpuUpArgs>(self.gpa) {
+            block.header.status = Status::EXHAUSTED.0;
+            block.vcpu_id = 0;
+            let _ = vm.mem().write_obj(self.gpa, &block);
+        }
+        Status::EXHAUSTED
+    }
+}
+
+/// Serves one hypercall from the vCPU `me`: `call` is the number from `eax` (`None` if the
+/// `out` was not 4 bytes wide), `gpa` the argument block's address from `rdi`. `serve` handles
+/// the vCPU's events while it sleeps in BLOCK. Returns the status (also written into the
+/// block when it is readable) and what to do next.
+pub(crate) fn dispatch(
+    vm: &VmShared,
+    me: &VcpuHandle,
+    call: Option<u32>,
+    gpa: u64,
+    serve: &mut dyn FnMut(VcpuEvent) -> Served,
+) -> (Status, Flow) {
+    let stats = vm.stats();
     let Some(number) = call else {
-        vm.stats.count_call(0);
+        stats.count_call(0);
         return (write_status_only(vm, gpa, Status::INVALID), Flow::Continue);
     };
-    vm.stats.count_call(number);
+    stats.count_call(number);
     let Some(call) = Call::from_number(number) else {
         return (write_status_only(vm, gpa, Status::UNSUPPORTED), Flow::Continue);
     };
     match call {
-        Call::Hello => serve(vm, gpa, |a: &mut HelloArgs| hello(vm, ctl.id, a)),
-        Call::ConsoleWrite => serve(vm, gpa, |a: &mut ConsoleWriteArgs| console_write(vm, a)),
-        Call::Shutdown => serve(vm, gpa, |a: &mut ShutdownArgs| shutdown(a)),
-        Call::Ping => serve(vm, gpa, |_: &mut PingArgs| (Status::OK, Flow::Continue)),
-        Call::VcpuUp => serve(vm, gpa, |a: &mut VcpuUpArgs| vcpu_up(vm, a)),
-        Call::VcpuDown => vcpu_down(vm, ctl),
-        Call::Block => serve(vm, gpa, |a: &mut BlockArgs| block(vm, ctl, a)),
-        Call::Kick => serve(vm, gpa, |a: &mut KickArgs| kick(vm, a)),
-        Call::Events => serve(vm, gpa, |a: &mut EventsArgs| events(vm, a)),
-        Call::Report => serve(vm, gpa, |a: &mut ReportArgs| report(vm, ctl, a)),
-        Call::MemGrant => serve(vm, gpa, |a: &mut MemGrantArgs| mem_grant(vm, a)),
-        Call::MemRelease => serve(vm, gpa, |a: &mut MemReleaseArgs| mem_release(vm, a)),
+        Call::Hello => with_block(vm, gpa, |a: &mut HelloArgs| hello(vm, me.id(), a)),
+        Call::ConsoleWrite => with_block(vm, gpa, |a: &mut ConsoleWriteArgs| console_write(vm, a)),
+        Call::Shutdown => with_block(vm, gpa, |a: &mut ShutdownArgs| shutdown(a)),
+        Call::Ping => with_block(vm, gpa, |_: &mut PingArgs| (Status::OK, Flow::Continue)),
+        Call::VcpuUp => with_block(vm, gpa, |a: &mut VcpuUpArgs| vcpu_up(vm, gpa, a)),
+        Call::VcpuDown => vcpu_down(vm, me),
+        Call::Block => with_block(vm, gpa, |a: &mut BlockArgs| block(me, a, serve)),
+        Call::Kick => with_block(vm, gpa, |a: &mut KickArgs| kick(vm, a)),
+        Call::Events => with_block(vm, gpa, |a: &mut EventsArgs| events(vm, a)),
+        Call::Report => with_block(vm, gpa, |a: &mut ReportArgs| report(vm, me, a)),
+        Call::MemGrant => with_block(vm, gpa, |a: &mut MemGrantArgs| mem_grant(vm, a)),
+        Call::MemRelease => with_block(vm, gpa, |a: &mut MemReleaseArgs| mem_release(vm, a)),
         // No block: `gpa` (rdi) carries the device and queue.
-        Call::DeviceNotify => (vm.devices.notify(&vm.mem, gpa), Flow::Continue),
+        Call::DeviceNotify => (vm.devices().notify(vm.mem(), gpa), Flow::Continue),
     }
 }
 
@@ -66,44 +116,45 @@ pub fn dispatch(vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, call: Option<u32>, g
 /// array: guest RAM at or above [`KERNEL_MIN_LOAD_ADDR`]. Below it lie the shim's GDT, TSS,
 /// IDT, exception stubs, page tables, boot info, command line and notice page, which no call
 /// may read or overwrite (the guest-protected region, docs/abi.md).
-pub fn guest_range(vm: &VmShared, gpa: u64, len: u64) -> bool {
-    gpa >= KERNEL_MIN_LOAD_ADDR && vm.mem.is_ram(gpa, len)
+pub(crate) fn guest_range(vm: &VmShared, gpa: u64, len: u64) -> bool {
+    gpa >= KERNEL_MIN_LOAD_ADDR && vm.mem().is_ram(gpa, len)
 }
 
 /// Copies the block in, runs `f` on the copy, writes the copy (with its status) back.
-fn serve<T: ArgBlock>(vm: &VmShared, gpa: u64, f: impl FnOnce(&mut T) -> (Status, Flow)) -> (Status, Flow) {
+fn with_block<T: ArgBlock>(vm: &VmShared, gpa: u64, f: impl FnOnce(&mut T) -> (Status, Flow)) -> (Status, Flow) {
     if !guest_range(vm, gpa, size_of::<T>() as u64) {
         return (Status::INVALID, Flow::Continue);
     }
-    let Ok(mut block) = vm.mem.read_obj::<T>(gpa) else {
+    let Ok(mut block) = vm.mem().read_obj::<T>(gpa) else {
         return (Status::INVALID, Flow::Continue);
     };
     let (status, flow) = f(&mut block);
     block.header_mut().status = status.0;
     // The block was readable a moment ago; if it vanished since, rax still carries the status.
-    let _ = vm.mem.write_obj(gpa, &block);
+    let _ = vm.mem().write_obj(gpa, &block);
     (status, flow)
 }
 
 /// Writes `status` into the header at `gpa` if the guest may name it.
 fn write_status_only(vm: &VmShared, gpa: u64, status: Status) -> Status {
     if guest_range(vm, gpa, size_of::<i32>() as u64) {
-        let _ = vm.mem.write_obj(gpa, &status.0);
+        let _ = vm.mem().write_obj(gpa, &status.0);
     }
     status
 }
 
 fn hello(vm: &VmShared, vcpu: u32, a: &mut HelloArgs) -> (Status, Flow) {
-    if vm.first_hello.set(vm.started.elapsed()).is_ok() {
-        let _ = vm.stats.rss_boot.set(crate::base::memory::process_rss_bytes());
+    if vm.hello_seen() {
+        let _ = vm.stats().rss_boot.set(crate::host::process::process_rss_bytes());
     }
+    let r = &vm.config().resources;
     a.host_abi_version = ABI_VERSION;
     a.vcpu_id = vcpu;
-    a.host_features = if vm.devices.count() > 0 { hypercall_abi::features::VIRTIO_TRANSPORT } else { 0 };
+    a.host_features = if vm.devices().count() > 0 { hypercall_abi::features::VIRTIO_TRANSPORT } else { 0 };
     a.features = a.guest_features & a.host_features;
-    a.vcpus = vm.vcpus.limits();
-    a.memory = vm.memory.limits();
-    a.tsc_khz = vm.tsc_khz;
+    a.vcpus = r.vcpus.limits();
+    a.memory = r.memory.limits();
+    a.tsc_khz = vm.tsc_khz();
     let status = if a.guest_abi_version == ABI_VERSION { Status::OK } else { Status::UNSUPPORTED };
     (status, Flow::Continue)
 }
@@ -116,7 +167,7 @@ fn console_write(vm: &VmShared, a: &mut ConsoleWriteArgs) -> (Status, Flow) {
     if !guest_range(vm, a.buf, a.len) {
         return (Status::INVALID, Flow::Continue);
     }
-    match vm.mem.read_vec(a.buf, a.len) {
+    match vm.mem().read_vec(a.buf, a.len) {
         Ok(bytes) => {
             vm.console_write(&bytes);
             a.written = a.len;
@@ -133,62 +184,62 @@ fn shutdown(a: &mut ShutdownArgs) -> (Status, Flow) {
     (Status::OK, Flow::Stop(Outcome::Shutdown { code: a.code }))
 }
 
-/// `true` when `[addr, addr + len)` is guest RAM the kernel may use (not the platform's first
-/// 2 MiB).
-fn kernel_ram(vm: &VmShared, addr: u64, len: u64) -> bool {
-    guest_range(vm, addr, len)
-}
-
-fn vcpu_up(vm: &Arc<VmShared>, a: &mut VcpuUpArgs) -> (Status, Flow) {
-    if !kernel_ram(vm, a.entry, 1) || a.stack < 8 || !kernel_ram(vm, a.stack - 8, 8) {
+fn vcpu_up(vm: &VmShared, gpa: u64, a: &mut VcpuUpArgs) -> (Status, Flow) {
+    if !guest_range(vm, a.entry, 1) || a.stack < 8 || !guest_range(vm, a.stack - 8, 8) {
         return (Status::INVALID, Flow::Continue);
     }
     let entry = Entry { rip: a.entry, rsp: a.stack, arg: a.arg };
-    let planned = vm.vcpu_set.up(entry, |online| vm.policy.admit_vcpu(vm, online), |id| Arc::new(VcpuControl::new(id)));
+    let mut records = Vec::new();
+    let planned = vm.vcpus().up(entry, |online| {
+        let d = vm.policy().admit_vcpu(online);
+        records = d.records;
+        d.result
+    });
+    vm.record_all(records);
     let (plan, online) = match planned {
         Ok(p) => p,
-        Err(status) => return (status, Flow::Continue),
-    };
-    let (id, reused) = match plan {
-        UpPlan::Reused(id) => (id, true),
-        UpPlan::Create(id) => {
-            let ctl = vm.vcpu_set.get(id).expect("the set reserved this id");
-            if let Err(e) = vm.start_new_vcpu(id, entry, ctl) {
-                vm.vcpu_set.abandon_create(id);
-                vm.policy.give_back(Resource::Vcpus, 1);
-                eprintln!("hypervisor-shim: cannot create vCPU {id}: {e}");
-                return (Status::EXHAUSTED, Flow::Continue);
+        Err(status) => {
+            if status == Status::DENIED {
+                vm.stats().denied.fetch_add(1, Ordering::Relaxed);
             }
-            (id, false)
+            return (status, Flow::Continue);
         }
     };
-    a.vcpu_id = id;
-    vm.refresh_notice_page();
-    vm.record("vcpu_up", detail([("vcpu", id.into()), ("reused", reused.into()), ("online", online.into())]));
-    (Status::OK, Flow::Continue)
+    match plan {
+        UpPlan::Reused(id) => {
+            a.vcpu_id = id;
+            vm.refresh_notice_page();
+            vm.record("vcpu_up", detail([("vcpu", id.into()), ("reused", true.into()), ("online", online.into())]));
+            (Status::OK, Flow::Continue)
+        }
+        UpPlan::Create(id) => {
+            a.vcpu_id = id;
+            (Status::OK, Flow::Start(VcpuStart { id, entry, gpa, online }))
+        }
+    }
 }
 
-fn vcpu_down(vm: &VmShared, ctl: &VcpuControl) -> (Status, Flow) {
-    if ctl.id == 0 {
+fn vcpu_down(vm: &VmShared, me: &VcpuHandle) -> (Status, Flow) {
+    if me.id() == 0 {
         // vCPU 0 is the boot vCPU and stays online.
         return (Status::INVALID, Flow::Continue);
     }
-    let online = vm.vcpu_set.down(ctl.id);
-    vm.policy.give_back(Resource::Vcpus, 1);
+    let online = vm.vcpus().down(me.id());
+    vm.policy().give_back(Resource::Vcpus, 1);
     vm.refresh_notice_page();
-    vm.record("vcpu_down", detail([("vcpu", ctl.id.into()), ("online", online.into())]));
+    vm.record("vcpu_down", detail([("vcpu", me.id().into()), ("online", online.into())]));
     (Status::OK, Flow::Park)
 }
 
-fn block(vm: &VmShared, ctl: &VcpuControl, a: &mut BlockArgs) -> (Status, Flow) {
+fn block(me: &VcpuHandle, a: &mut BlockArgs, serve: &mut dyn FnMut(VcpuEvent) -> Served) -> (Status, Flow) {
     let timeout = (a.timeout_ns != BLOCK_FOREVER).then(|| Duration::from_nanos(a.timeout_ns));
-    a.woken_by = ctl.block(timeout, &|| vm.is_stopping());
+    a.woken_by = me.block(timeout, serve);
     (Status::OK, Flow::Continue)
 }
 
 fn kick(vm: &VmShared, a: &mut KickArgs) -> (Status, Flow) {
-    match vm.vcpu_set.get(a.vcpu_id) {
-        Some(target) if target.state() != crate::vmm::vcpus::State::Parked => {
+    match vm.vcpus().get(a.vcpu_id) {
+        Some(target) if target.state().online() => {
             target.wake(wake::KICK, true);
             (Status::OK, Flow::Continue)
         }
@@ -205,15 +256,15 @@ fn events(vm: &VmShared, a: &mut EventsArgs) -> (Status, Flow) {
     (Status::OK, Flow::Continue)
 }
 
-fn report(vm: &VmShared, ctl: &VcpuControl, a: &mut ReportArgs) -> (Status, Flow) {
-    vm.stats.reports.fetch_add(1, Ordering::Relaxed);
-    if !ctl.report_allowed(vm.started.elapsed().as_secs()) {
+fn report(vm: &VmShared, me: &VcpuHandle, a: &mut ReportArgs) -> (Status, Flow) {
+    vm.stats().reports.fetch_add(1, Ordering::Relaxed);
+    if !me.report_allowed(vm.started().elapsed().as_secs()) {
         // Answered, counted, not recorded: a flood of REPORTs costs the host nothing more.
-        vm.stats.reports_not_recorded.fetch_add(1, Ordering::Relaxed);
+        vm.stats().reports_not_recorded.fetch_add(1, Ordering::Relaxed);
         return (Status::OK, Flow::Continue);
     }
     let figures: [(&str, Value); 7] = [
-        ("host_cpu_us", crate::report::summary::process_cpu_us().into()),
+        ("host_cpu_us", crate::host::process::process_cpu_us().into()),
         ("runnable", a.runnable.into()),
         ("guest_online", a.online_vcpus.into()),
         ("guest_idle", a.idle_vcpus.into()),
@@ -235,24 +286,33 @@ fn mem_grant(vm: &VmShared, a: &mut MemGrantArgs) -> (Status, Flow) {
     // Policy (never above the ceiling: burst, or max without credit / during a reclaim), then
     // the pool; both may shorten the grant. One decision at a time per VM, so the ceiling
     // check and the grant are atomic.
-    let _decision = vm.policy.grant_decision.lock().unwrap_or_else(|p| p.into_inner());
+    let policy = vm.policy();
+    let mem = vm.mem();
+    let _decision = policy.grant_decision();
     let held = vm.memory_held();
     let want = a.bytes.div_ceil(EXTENT_ALIGN).saturating_mul(EXTENT_ALIGN);
-    let reserved = match vm.policy.admit_memory(vm, held, want) {
+    let decision = policy.admit_memory(held, want);
+    vm.record_all(decision.records);
+    let reserved = match decision.result {
         Ok(n) => n,
-        Err(status) => return (status, Flow::Continue),
+        Err(status) => {
+            if status == Status::DENIED {
+                vm.stats().denied.fetch_add(1, Ordering::Relaxed);
+            }
+            return (status, Flow::Continue);
+        }
     };
     // A VM holds a bounded number of extents (host mappings, KVM slots, shim records).
-    let room = (EXTENTS_HELD_MAX as usize).saturating_sub(vm.mem.extent_count());
+    let room = (EXTENTS_HELD_MAX as usize).saturating_sub(mem.extent_count());
     if room == 0 {
-        vm.policy.give_back(Resource::Memory, reserved);
-        vm.stats.denied.fetch_add(1, Ordering::Relaxed);
+        policy.give_back(Resource::Memory, reserved);
+        vm.stats().denied.fetch_add(1, Ordering::Relaxed);
         return (Status::DENIED, Flow::Continue);
     }
-    let extents = match vm.mem.grant(&vm.fd, reserved, (a.max_extents as usize).min(room)) {
+    let extents = match mem.grant(vm.fd(), reserved, (a.max_extents as usize).min(room)) {
         Ok(e) => e,
         Err(e) => {
-            vm.policy.give_back(Resource::Memory, reserved);
+            policy.give_back(Resource::Memory, reserved);
             if !matches!(e, crate::base::memory::MemoryError::NoRoom) {
                 eprintln!("hypervisor-shim: memory grant failed: {e}");
             }
@@ -260,20 +320,20 @@ fn mem_grant(vm: &VmShared, a: &mut MemGrantArgs) -> (Status, Flow) {
         }
     };
     let got: u64 = extents.iter().map(|e| e.len).sum();
-    vm.policy.give_back(Resource::Memory, reserved - got);
+    policy.give_back(Resource::Memory, reserved - got);
     let bytes: Vec<u8> = extents.iter().flat_map(|e| e.as_bytes().to_vec()).collect();
-    if vm.mem.write(a.extents, &bytes).is_err() {
+    if mem.write(a.extents, &bytes).is_err() {
         // The array vanished (released concurrently): undo, so nothing leaks.
-        if let Ok(n) = vm.mem.release(&vm.fd, &extents) {
-            vm.policy.give_back(Resource::Memory, n);
+        if let Ok(n) = mem.release(vm.fd(), &extents) {
+            policy.give_back(Resource::Memory, n);
         }
         return (Status::INVALID, Flow::Continue);
     }
     a.count = extents.len() as u32;
     a.granted = extents.iter().map(|e| e.len).sum();
     let now_held = vm.memory_held();
-    vm.stats.mem_grants.fetch_add(1, Ordering::Relaxed);
-    vm.stats.mem_peak.fetch_max(now_held, Ordering::Relaxed);
+    vm.stats().mem_grants.fetch_add(1, Ordering::Relaxed);
+    vm.stats().mem_peak.fetch_max(now_held, Ordering::Relaxed);
     vm.refresh_notice_page();
     vm.record(
         "memory_grant",
@@ -291,17 +351,17 @@ fn mem_release(vm: &VmShared, a: &mut MemReleaseArgs) -> (Status, Flow) {
     if !guest_range(vm, a.extents, array_len) {
         return (Status::INVALID, Flow::Continue);
     }
-    let Ok(raw) = vm.mem.read_vec(a.extents, array_len) else {
+    let Ok(raw) = vm.mem().read_vec(a.extents, array_len) else {
         return (Status::INVALID, Flow::Continue);
     };
     let extents: Vec<Extent> =
         raw.chunks_exact(size_of::<Extent>()).filter_map(|c| Extent::read_from_bytes(c).ok()).collect();
     let held_before = vm.memory_held();
-    match vm.mem.release(&vm.fd, &extents) {
+    match vm.mem().release(vm.fd(), &extents) {
         Ok(released) => {
             a.released = released;
-            vm.policy.give_back(Resource::Memory, released);
-            vm.stats.mem_releases.fetch_add(1, Ordering::Relaxed);
+            vm.policy().give_back(Resource::Memory, released);
+            vm.stats().mem_releases.fetch_add(1, Ordering::Relaxed);
             vm.refresh_notice_page();
             vm.record("memory_release", detail([("bytes", released.into()), ("extents", a.count.into())]));
             (Status::OK, Flow::Continue)
@@ -312,7 +372,7 @@ fn mem_release(vm: &VmShared, a: &mut MemReleaseArgs) -> (Status, Flow) {
             // the pool), that one and the rest stay granted and accounted.
             let released = held_before.saturating_sub(vm.memory_held());
             a.released = released;
-            vm.policy.give_back(Resource::Memory, released);
+            vm.policy().give_back(Resource::Memory, released);
             vm.refresh_notice_page();
             eprintln!("hypervisor-shim: memory release failed: {e}");
             (Status::INVALID, Flow::Continue)
@@ -333,8 +393,9 @@ mod fuzz {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::base::config::Policy;
-    use crate::vmm::vm::{Vm, VmConfig};
+    use crate::base::config::{Policy, VmConfig};
+    use crate::vmm::vcpus::VcpuHandle;
+    use crate::vmm::vm::{Host, Vm};
 
     const MIB: u64 = 1 << 20;
     /// Where the fake guest puts its blocks and arrays.
@@ -349,32 +410,25 @@ mod fuzz {
     fn vm() -> &'static Vm {
         static VM: OnceLock<Vm> = OnceLock::new();
         VM.get_or_init(|| {
-            let config = VmConfig {
-                name: "fuzz".into(),
-                app: "hello".into(),
-                app_args: Vec::new(),
-                log_level: "off".into(),
-                guest_opts: Vec::new(),
-                vcpus: Policy { min: 1, max: 2, burst: 2 },
-                memory: Policy { min: 64 * MIB, max: 96 * MIB, burst: 128 * MIB },
-                timeout: None,
-                policy: crate::base::config::PolicyConfig::default(),
-                weight: 1,
-                publish: Vec::new(),
-                vsock_uds: None,
-                on_demand: false,
-                idle_shutdown: None,
-                restart: None,
-                pool_member: None,
-            };
+            let mut config = VmConfig::new("fuzz", "hello");
+            config.guest.log_level = "off".into();
+            config.resources.vcpus = Policy { min: 1, max: 2, burst: 2 };
+            config.resources.memory = Policy { min: 64 * MIB, max: 96 * MIB, burst: 128 * MIB };
             let image =
                 Arc::new(crate::vmm::loader::KernelImage::open(elastic_images::KERNEL.as_ref()).expect("kernel"));
-            let kvm = crate::vmm::vm::open_kvm().expect("/dev/kvm");
+            let kvm = crate::vmm::error::open_kvm().expect("/dev/kvm");
             let timeline =
                 Arc::new(crate::base::timeline::Timeline::new(Instant::now(), None, false).expect("timeline"));
             let pool = Arc::new(crate::policy::pool::Pool::new(crate::policy::pool::Capacity::UNLIMITED));
-            Vm::create(&config, image, &kvm, Instant::now(), timeline, &pool, Box::new(std::io::sink()), Vec::new())
-                .expect("a VM")
+            let host = Host {
+                kvm: &kvm,
+                started: Instant::now(),
+                timeline,
+                pool: &pool,
+                console: Box::new(std::io::sink()),
+                events: Arc::new(|_| {}),
+            };
+            Vm::create(&config, image, host, Vec::new()).expect("a VM")
         })
     }
 
@@ -422,11 +476,11 @@ mod fuzz {
 
     /// Plays one op on `ctl`'s "vCPU": writes the block (where a guest could), calls, checks
     /// the status is one the spec allows for it.
-    fn play(vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, op: &Op) -> Result<(), String> {
-        if op.gpa >= KERNEL_MIN_LOAD_ADDR && vm.mem.is_ram(op.gpa, op.block.len() as u64) {
-            let _ = vm.mem.write(op.gpa, &op.block);
+    fn play(vm: &VmShared, me: &VcpuHandle, op: &Op) -> Result<(), String> {
+        if op.gpa >= KERNEL_MIN_LOAD_ADDR && vm.mem().is_ram(op.gpa, op.block.len() as u64) {
+            let _ = vm.mem().write(op.gpa, &op.block);
         }
-        let (status, _flow) = dispatch(vm, ctl, Some(op.number), op.gpa);
+        let (status, _flow) = dispatch(vm, me, Some(op.number), op.gpa, &mut |_| Served::Stay);
         let known =
             [Status::OK, Status::INVALID, Status::DENIED, Status::EXHAUSTED, Status::AGAIN, Status::UNSUPPORTED];
         if !known.contains(&status) {
@@ -444,22 +498,23 @@ mod fuzz {
 
     /// The shim's accounting agrees with itself.
     fn invariants(vm: &VmShared) -> Result<(), String> {
-        let extents = vm.mem.extents();
+        let extents = vm.mem().extents();
         let sum: u64 = extents.iter().map(|e| e.len).sum();
         let held = vm.memory_held();
-        if held != vm.layout.ram_size + sum {
-            return Err(format!("held {held} != boot {} + extents {sum}", vm.layout.ram_size));
+        let layout = vm.layout();
+        if held != layout.ram_size + sum {
+            return Err(format!("held {held} != boot {} + extents {sum}", layout.ram_size));
         }
-        if held > vm.memory.burst {
-            return Err(format!("held {held} above burst {}", vm.memory.burst));
+        let burst = vm.config().resources.memory.burst;
+        if held > burst {
+            return Err(format!("held {held} above burst {burst}"));
         }
-        let charged = vm.policy.pool.held(vm.policy.member)[1];
+        let charged = vm.policy().pool().held(vm.policy().member())[1];
         if charged != held {
             return Err(format!("the pool charges {charged}, the VM holds {held}"));
         }
         for (i, a) in extents.iter().enumerate() {
-            if !vm.layout.in_window(a.base, a.len)
-                || extents[i + 1..].iter().any(|b| a.base < b.end() && b.base < a.end())
+            if !layout.in_window(a.base, a.len) || extents[i + 1..].iter().any(|b| a.base < b.end() && b.base < a.end())
             {
                 return Err(format!("extent {a:?} outside the window or overlapping"));
             }
@@ -468,7 +523,7 @@ mod fuzz {
     }
 
     fn low_memory(vm: &VmShared) -> Vec<u8> {
-        let mut low = vm.mem.read_vec(0, KERNEL_MIN_LOAD_ADDR).unwrap_or_default();
+        let mut low = vm.mem().read_vec(0, KERNEL_MIN_LOAD_ADDR).unwrap_or_default();
         // The notice page is the host's to write.
         low[NOTICE_ADDR as usize..NOTICE_ADDR as usize + 4096].fill(0);
         low
@@ -478,17 +533,17 @@ mod fuzz {
     fn the_fake_guest_really_grants_and_releases() {
         let _one = exclusive();
         let vm = vm().shared();
-        let ctl = Arc::new(VcpuControl::new(1));
-        let grants = vm.stats.mem_grants.load(Ordering::Relaxed);
+        let ctl = VcpuHandle::new(1);
+        let grants = vm.stats().mem_grants.load(Ordering::Relaxed);
         let g = hypercall_abi::MemGrantArgs::new(4 * MIB, SCRATCH + 32 * 1024, 2);
         let op = Op { number: Call::MemGrant.number(), gpa: SCRATCH + 4096, block: g.as_bytes().to_vec() };
         play(vm, &ctl, &op).unwrap();
-        let back: hypercall_abi::MemGrantArgs = vm.mem.read_obj(SCRATCH + 4096).unwrap();
-        assert!(vm.stats.mem_grants.load(Ordering::Relaxed) > grants && back.count >= 1, "{back:?}");
+        let back: hypercall_abi::MemGrantArgs = vm.mem().read_obj(SCRATCH + 4096).unwrap();
+        assert!(vm.stats().mem_grants.load(Ordering::Relaxed) > grants && back.count >= 1, "{back:?}");
         let r = hypercall_abi::MemReleaseArgs::new(SCRATCH + 32 * 1024, back.count);
         let op = Op { number: Call::MemRelease.number(), gpa: SCRATCH + 4096, block: r.as_bytes().to_vec() };
         play(vm, &ctl, &op).unwrap();
-        let back: hypercall_abi::MemReleaseArgs = vm.mem.read_obj(SCRATCH + 4096).unwrap();
+        let back: hypercall_abi::MemReleaseArgs = vm.mem().read_obj(SCRATCH + 4096).unwrap();
         assert_eq!(back.header.status, 0, "{back:?}");
         invariants(vm).unwrap();
     }
@@ -497,11 +552,11 @@ mod fuzz {
     fn two_vcpus_granting_at_once_never_pass_the_ceiling() {
         let _one = exclusive();
         let vm = vm().shared();
-        let burst = vm.memory.burst;
+        let burst = vm.config().resources.memory.burst;
         std::thread::scope(|s| {
             for (id, array) in [(1u32, SCRATCH + 40 * 1024), (2, SCRATCH + 48 * 1024)] {
                 s.spawn(move || {
-                    let ctl = Arc::new(VcpuControl::new(id));
+                    let ctl = VcpuHandle::new(id);
                     let block = SCRATCH + 16 * 1024 + u64::from(id) * 512;
                     for _ in 0..200 {
                         let g = hypercall_abi::MemGrantArgs::new(burst - 64 * MIB, array, 8);
@@ -512,7 +567,7 @@ mod fuzz {
                         )
                         .unwrap();
                         assert!(vm.memory_held() <= burst, "held {} above burst {burst}", vm.memory_held());
-                        let back: hypercall_abi::MemGrantArgs = vm.mem.read_obj(block).unwrap();
+                        let back: hypercall_abi::MemGrantArgs = vm.mem().read_obj(block).unwrap();
                         if back.header.status == 0 {
                             let r = hypercall_abi::MemReleaseArgs::new(array, back.count);
                             play(
@@ -540,8 +595,8 @@ mod fuzz {
             let _one = exclusive();
             let vm = vm().shared();
             let low = low_memory(vm);
-            let ctl0 = vm.vcpu_set.get(0).expect("vCPU 0");
-            let ctl1 = Arc::new(VcpuControl::new(1));
+            let ctl0 = vm.vcpus().get(0).expect("vCPU 0");
+            let ctl1 = VcpuHandle::new(1);
             // Two vCPUs at once.
             let results = std::thread::scope(|s| {
                 let h0 = s.spawn(|| a.iter().try_for_each(|op| play(vm, &ctl0, op)));

@@ -1,21 +1,22 @@
-//! vCPUs: creation at CPL 3 in long mode, the per-thread run loop, exit dispatch and kicks.
+//! vCPUs: creation at CPL 3 in long mode, the per-thread run loop (exits, hypercalls, the
+//! events the vCPU's handle delivers), and the state a snapshot saves.
 
-use std::cell::Cell;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
+use std::time::Instant;
 
 use hypercall_abi::{FAULT_PORT, HYPERCALL_PORT, NOP_PORT};
-use kvm_bindings::{CpuId, Msrs, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_xsave};
+use kvm_bindings::{CpuId, Msrs, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::base::layout::{GDT_ADDR, GDT_SIZE, IDT_ADDR, Layout, PML4_ADDR, selector};
+use crate::base::persist::Persist;
+use crate::vmm::cpu_state::{SAVED_MSRS, VcpuState};
 use crate::vmm::fault::{self, GuestFault};
-use crate::vmm::hypercall::{self, Flow};
-use crate::vmm::vcpus::{Entry, VcpuControl};
-use crate::vmm::vm::{Outcome, VmShared};
+use crate::vmm::hypercall::{self, Flow, VcpuStart};
+use crate::vmm::outcome::Outcome;
+use crate::vmm::shared::VmShared;
+use crate::vmm::vcpus::{Entry, Served, THROTTLE_PAUSE, VcpuEvent, VcpuHandle, VcpuResponse, bind_kvm_run};
 
 /// vCPU failures.
 #[derive(Debug, Error)]
@@ -32,7 +33,13 @@ pub enum VcpuError {
     },
     /// The vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
-    Thread(String),
+    Thread(std::io::Error),
+    /// The call a vCPU made could not be completed before its state was read.
+    #[error("vCPU {0}: could not complete its pending exit")]
+    PendingExit(u32),
+    /// The list of MSRs to read could not be built.
+    #[error("vCPU {0}: cannot build the MSR list")]
+    MsrList(u32),
 }
 
 /// Control-register bits the shim sets.
@@ -53,35 +60,6 @@ mod bits {
     pub const RFLAGS_ENTRY: u64 = 0x2 | (3 << 12);
 }
 
-thread_local! {
-    /// This thread's `kvm_run`, for the kick signal handler.
-    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let run = KVM_RUN.with(Cell::get);
-    if !run.is_null() {
-        // SAFETY: the pointer is this thread's own `kvm_run` mapping, installed by `Vcpu::run`
-        // before the thread can be kicked and cleared before the mapping goes away. Setting
-        // `immediate_exit` makes the next (or current) KVM_RUN return EINTR.
-        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
-    }
-}
-
-/// The signal used to kick vCPU threads out of KVM_RUN.
-pub fn kick_signal() -> libc::c_int {
-    install_kick_handler();
-    SIGRTMIN()
-}
-
-fn install_kick_handler() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // Registration can only fail for an invalid signal number; SIGRTMIN is valid.
-        let _ = register_signal_handler(SIGRTMIN(), kick_handler);
-    });
-}
-
 fn user_segment(selector: u16, code: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
@@ -100,37 +78,6 @@ fn user_segment(selector: u16, code: bool) -> kvm_segment {
     }
 }
 
-/// MSRs a snapshot carries (those this KVM reads are saved; the rest are skipped): the TSC,
-/// syscall and segment-base MSRs, PAT.
-const SAVED_MSRS: [u32; 11] = [
-    0x10,        // IA32_TSC
-    0x174,       // SYSENTER_CS
-    0x175,       // SYSENTER_ESP
-    0x176,       // SYSENTER_EIP
-    0x277,       // PAT
-    0xc000_0081, // STAR
-    0xc000_0082, // LSTAR
-    0xc000_0083, // CSTAR
-    0xc000_0084, // SFMASK
-    0xc000_0102, // KERNEL_GS_BASE
-    0xc000_0103, // TSC_AUX
-];
-
-/// One vCPU's architectural state, as a snapshot or a migration carries it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VcpuState {
-    /// The vCPU id.
-    pub id: u32,
-    /// General-purpose registers.
-    pub regs: kvm_regs,
-    /// Segment and control registers.
-    pub sregs: kvm_sregs,
-    /// FPU/SSE/AVX state.
-    pub xsave: kvm_xsave,
-    /// The MSRs of [`SAVED_MSRS`] this KVM could read.
-    pub msrs: Vec<kvm_msr_entry>,
-}
-
 /// What a vCPU exit asks the loop to do (copied out of `kvm_run` before handling).
 enum Exit {
     Hypercall { call: Option<u32>, gpa: u64 },
@@ -144,7 +91,7 @@ enum Exit {
 
 /// One KVM vCPU.
 #[derive(Debug)]
-pub struct Vcpu {
+pub(crate) struct Vcpu {
     id: u32,
     fd: VcpuFd,
 }
@@ -152,13 +99,7 @@ pub struct Vcpu {
 impl Vcpu {
     /// Creates vCPU `id` in long mode at CPL 3 with the VM's CPUID, GDT, IDT, TSS and page
     /// tables. Registers are set by [`Vcpu::enter`].
-    pub fn create(vm: &VmShared, id: u32) -> Result<Vcpu, VcpuError> {
-        Self::create_on(&vm.fd, &vm.cpuid, id)
-    }
-
-    /// As [`Vcpu::create`], from the VM's KVM handle and CPUID (before its shared state
-    /// exists: the boot vCPU is prepared while guest memory is set up).
-    pub fn create_on(vm_fd: &VmFd, cpuid: &CpuId, id: u32) -> Result<Vcpu, VcpuError> {
+    pub(crate) fn create(vm_fd: &VmFd, cpuid: &CpuId, id: u32) -> Result<Vcpu, VcpuError> {
         let err = |what| move |source| VcpuError::Kvm { id, what, source };
         let mut fd = vm_fd.create_vcpu(u64::from(id)).map_err(err("create"))?;
         fd.set_cpuid2(cpuid).map_err(err("set CPUID"))?;
@@ -188,45 +129,61 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
-    /// The vCPU id.
-    pub fn id(&self) -> u32 {
-        self.id
-    }
-
     /// The TSC frequency KVM gives this vCPU, in kHz (0 if KVM does not say).
-    pub fn tsc_khz(&self) -> u64 {
+    pub(crate) fn tsc_khz(&self) -> u64 {
         self.fd.get_tsc_khz().map(u64::from).unwrap_or(0)
     }
 
     /// Sets the registers for entry at `rip` with `rsp`, `rdi`, `rsi` at CPL 3, IOPL 3.
-    pub fn enter(&self, rip: u64, rsp: u64, rdi: u64, rsi: u64) -> Result<(), VcpuError> {
+    pub(crate) fn enter(&self, rip: u64, rsp: u64, rdi: u64, rsi: u64) -> Result<(), VcpuError> {
         let regs = kvm_regs { rip, rsp, rdi, rsi, rflags: bits::RFLAGS_ENTRY, ..Default::default() };
         self.fd.set_regs(&regs).map_err(|source| VcpuError::Kvm { id: self.id, what: "set regs", source })
     }
 
-    /// Saves the vCPU's state, called on its own thread while the VM is paused. A call the
-    /// vCPU made (its `out`) is completed first (one KVM_RUN with `immediate_exit`, which
+    /// Completes the call the vCPU made (its `out`): one KVM_RUN with `immediate_exit`, which
     /// loads the status written to `rax` and steps past the instruction without entering the
-    /// guest), so the state resumes after the call.
-    pub fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
-        let id = self.id;
-        let err = |what| move |source| VcpuError::Kvm { id, what, source };
+    /// guest, so a state read now resumes after the call.
+    fn complete_pending_exit(&mut self) -> Result<(), VcpuError> {
         self.fd.set_kvm_immediate_exit(1);
         let r = self.fd.run().map(|_| ()).map_err(|e| e.errno());
         self.fd.set_kvm_immediate_exit(0);
         match r {
-            Err(e) if e == libc::EINTR || e == libc::EAGAIN => {}
-            Ok(()) | Err(_) => {
-                return Err(VcpuError::Thread(format!("vCPU {}: could not complete its pending exit", self.id)));
-            }
+            Err(e) if e == libc::EINTR || e == libc::EAGAIN => Ok(()),
+            Ok(()) | Err(_) => Err(VcpuError::PendingExit(self.id)),
         }
+    }
+
+    /// Saves the vCPU's state, on its own thread while the VM is paused: its pending call is
+    /// completed first.
+    fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
+        self.complete_pending_exit()?;
+        Persist::save(&*self)
+    }
+}
+
+/// Where a restored vCPU is made: the VM's KVM handle and CPUID, and its id.
+pub(crate) struct VcpuArgs<'a> {
+    pub(crate) vm: &'a VmFd,
+    pub(crate) cpuid: &'a CpuId,
+}
+
+impl Persist for Vcpu {
+    type State = VcpuState;
+    type Args<'a> = VcpuArgs<'a>;
+    type Error = VcpuError;
+
+    /// The registers, segment and control registers, FPU state and MSRs (the caller completes
+    /// a pending call first).
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        let id = self.id;
+        let err = |what| move |source| VcpuError::Kvm { id, what, source };
         let regs = self.fd.get_regs().map_err(err("get regs"))?;
         let sregs = self.fd.get_sregs().map_err(err("get sregs"))?;
         let xsave = self.fd.get_xsave().map_err(err("get xsave"))?;
         let mut msrs = Vec::new();
         for index in SAVED_MSRS {
             let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
-                .map_err(|_| VcpuError::Thread("MSR list".into()))?;
+                .map_err(|_| VcpuError::MsrList(id))?;
             if matches!(self.fd.get_msrs(&mut one), Ok(1)) {
                 msrs.extend_from_slice(one.as_slice());
             }
@@ -234,8 +191,17 @@ impl Vcpu {
         Ok(VcpuState { id: self.id, regs, sregs, xsave, msrs })
     }
 
+    /// A new vCPU with the saved state `st`.
+    fn restore(args: VcpuArgs<'_>, st: &VcpuState) -> Result<Vcpu, VcpuError> {
+        let vcpu = Vcpu::create(args.vm, args.cpuid, st.id)?;
+        vcpu.load(st)?;
+        Ok(vcpu)
+    }
+}
+
+impl Vcpu {
     /// Loads a saved state into this (new) vCPU.
-    pub fn load_state(&self, st: &VcpuState) -> Result<(), VcpuError> {
+    fn load(&self, st: &VcpuState) -> Result<(), VcpuError> {
         let err = |what| move |source| VcpuError::Kvm { id: self.id, what, source };
         self.fd.set_sregs(&st.sregs).map_err(err("set sregs"))?;
         // SAFETY: `st.xsave` is a whole 4 KiB `kvm_xsave` (the legacy size, which KVM_SET_XSAVE
@@ -250,92 +216,237 @@ impl Vcpu {
         }
         self.fd.set_regs(&st.regs).map_err(err("set regs"))
     }
+}
 
-    /// The vCPU thread: runs the guest until the VM stops, parking while the vCPU is down.
-    pub fn run(self, vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>) {
-        self.run_from(vm, ctl, false);
+/// Starts `vcpu` on a thread of its own (named `VM-vcpuN`), `parked` (a restored vCPU that
+/// was down) or running; the thread is joined when the VM ends.
+pub(crate) fn spawn(vm: &Arc<VmShared>, vcpu: Vcpu, handle: Arc<VcpuHandle>, parked: bool) -> Result<(), VcpuError> {
+    let shared = Arc::clone(vm);
+    let thread = std::thread::Builder::new()
+        .name(format!("{}-vcpu{}", vm.name(), vcpu.id))
+        .spawn(move || VcpuThread { vcpu, vm: shared, handle, mode: Mode::default() }.run(parked))
+        .map_err(VcpuError::Thread)?;
+    vm.add_thread(thread);
+    Ok(())
+}
+
+/// What the handle's events set on the thread.
+#[derive(Debug, Default)]
+struct Mode {
+    /// Stay out of the guest until resumed.
+    paused: bool,
+    /// Leave the loop.
+    finishing: bool,
+    /// Enforcement: stay out of the guest until then.
+    throttled_until: Option<Instant>,
+}
+
+/// Where the thread waits while it serves an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// At the top of its loop, out of the guest with its last call completable.
+    Loop,
+    /// Asleep in BLOCK (its call not yet answered).
+    Block,
+    /// Parked (the vCPU is down).
+    Parked,
+}
+
+impl Mode {
+    /// Serves `event` where the thread waits. `vcpu` saves the state (the loop only).
+    fn serve(&mut self, id: u32, event: VcpuEvent, at: Waiting, vcpu: Option<&mut Vcpu>) -> Served {
+        match event {
+            VcpuEvent::Pause(reply) => {
+                self.paused = true;
+                let _ = reply.send((id, VcpuResponse::Paused));
+                Served::Stay
+            }
+            VcpuEvent::Resume => {
+                self.paused = false;
+                Served::Stay
+            }
+            // A vCPU that does not run guest code needs no throttling.
+            VcpuEvent::Throttle if at != Waiting::Loop => Served::Stay,
+            VcpuEvent::Throttle => {
+                self.throttled_until = Some(Instant::now() + THROTTLE_PAUSE);
+                Served::Stay
+            }
+            VcpuEvent::SaveState(reply) => match (at, vcpu) {
+                (Waiting::Parked, _) => {
+                    let _ = reply.send((id, VcpuResponse::Parked));
+                    Served::Stay
+                }
+                (Waiting::Loop, Some(v)) => {
+                    let answer = match v.save_state() {
+                        Ok(s) => VcpuResponse::Saved(Box::new(s)),
+                        Err(e) => VcpuResponse::Failed(e.to_string()),
+                    };
+                    let _ = reply.send((id, answer));
+                    Served::Stay
+                }
+                // In BLOCK: leave it (its call completes), then the loop saves.
+                (_, _) => Served::Leave(Some(VcpuEvent::SaveState(reply))),
+            },
+            VcpuEvent::Finish => {
+                self.finishing = true;
+                Served::Leave(None)
+            }
+        }
     }
+}
 
-    /// As [`Vcpu::run`]; a restored vCPU that was down starts `parked`.
-    pub fn run_from(mut self, vm: &Arc<VmShared>, ctl: &Arc<VcpuControl>, parked: bool) {
-        install_kick_handler();
+/// A vCPU's thread.
+struct VcpuThread {
+    vcpu: Vcpu,
+    vm: Arc<VmShared>,
+    handle: Arc<VcpuHandle>,
+    mode: Mode,
+}
+
+impl VcpuThread {
+    /// Runs the guest until the VM stops, parking while the vCPU is down.
+    fn run(mut self, parked: bool) {
         crate::host::seccomp::install_thread(crate::host::seccomp::Role::Vcpu);
-        if self.id == 0 && vm.devices.serving() {
+        if self.vcpu.id == 0 && self.vm.devices().serving() {
             crate::host::affinity::place(crate::host::affinity::Role::DeviceVcpu);
         }
-        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
-        ctl.bind_current_thread();
-        if parked {
-            match ctl.park(&|| vm.is_stopping()) {
-                Some(entry) => self.resume_at(entry),
-                None => {
-                    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
-                    return;
-                }
-            }
+        bind_kvm_run(self.vcpu.fd.get_kvm_run() as *mut kvm_run);
+        self.handle.bind_current_thread();
+        // A vCPU that starts while the VM is paused starts paused.
+        self.mode.paused = self.vm.is_paused();
+        if !parked || self.park() {
+            self.run_loop();
         }
-        while !vm.is_stopping() {
-            if vm.is_paused() {
-                vm.wait_while_paused(self.id, &mut || self.save_state().map_err(|e| e.to_string()));
+        bind_kvm_run(std::ptr::null_mut());
+    }
+
+    /// Parks until the vCPU is reused (`true`: it resumes at its new entry) or the VM ends.
+    fn park(&mut self) -> bool {
+        let id = self.vcpu.id;
+        let mode = &mut self.mode;
+        match self.handle.park(&mut |e| mode.serve(id, e, Waiting::Parked, None)) {
+            Some(entry) => {
+                self.vcpu.resume_at(entry);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn run_loop(&mut self) {
+        let id = self.vcpu.id;
+        loop {
+            if self.vm.is_stopping() || self.mode.finishing {
+                return;
+            }
+            if self.handle.has_events() {
+                if let Some(e) = self.handle.next_event() {
+                    self.mode.serve(id, e, Waiting::Loop, Some(&mut self.vcpu));
+                }
                 continue;
             }
-            let exit = self.next_exit();
-            ctl.last_rip.store(self.fd.sync_regs().regs.rip, Ordering::Relaxed);
-            let flow = match exit {
-                Exit::Hypercall { call, gpa } => {
-                    let (status, flow) = hypercall::dispatch(vm, ctl, call, gpa);
-                    if !matches!(flow, Flow::Park) {
-                        // The status also goes to rax, so a call whose block is unreadable
-                        // still gets an answer. Sync regs make this free of extra ioctls.
-                        self.fd.sync_regs_mut().regs.rax = i64::from(status.0) as u64;
-                        self.fd.set_sync_dirty_reg(SyncReg::Register);
+            if self.mode.paused {
+                if let Some(e) = self.handle.wait_event(None) {
+                    self.mode.serve(id, e, Waiting::Loop, Some(&mut self.vcpu));
+                }
+                continue;
+            }
+            if let Some(until) = self.mode.throttled_until {
+                let left = until.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    // Enforcement: held out of the guest (its memory and registers untouched),
+                    // serving events meanwhile.
+                    if let Some(e) = self.handle.wait_event(Some(left)) {
+                        self.mode.serve(id, e, Waiting::Loop, Some(&mut self.vcpu));
                     }
-                    flow
+                    continue;
                 }
-                Exit::Nop => {
-                    vm.stats.nop_exits.fetch_add(1, Ordering::Relaxed);
-                    Flow::Continue
-                }
-                Exit::Fault => Flow::Stop(self.fault_outcome(vm)),
-                Exit::Port { port, write } => Flow::Stop(Outcome::Unserved {
-                    vcpu: self.id,
-                    what: format!(
-                        "{} I/O port {port:#x}, which the shim does not serve (RIP {})",
-                        if write { "wrote to" } else { "read from" },
-                        self.rip_description(vm)
-                    ),
-                }),
-                Exit::Mmio { gpa, write } => {
-                    Flow::Stop(Outcome::Unbacked { vcpu: self.id, gpa, write, rip: self.rip_description(vm) })
-                }
-                Exit::Interrupted => {
-                    self.fd.set_kvm_immediate_exit(0);
-                    if ctl.is_throttled() && !vm.is_stopping() {
-                        // Enforcement: the governor interrupts a throttled vCPU every tick;
-                        // holding it back here leaves it a small share of run time. Its
-                        // memory and registers are untouched.
-                        std::thread::sleep(crate::policy::admission::THROTTLE_PAUSE);
-                    }
-                    Flow::Continue
-                }
-                Exit::Other(what) => Flow::Stop(Outcome::Unserved {
-                    vcpu: self.id,
-                    what: format!("{what} (RIP {})\n{}", self.rip_description(vm), self.register_dump()),
-                }),
-            };
+                self.mode.throttled_until = None;
+            }
+            let flow = self.step();
             match flow {
                 Flow::Continue => {}
                 Flow::Stop(outcome) => {
-                    vm.finish(outcome);
-                    break;
+                    self.vm.finish(outcome);
+                    return;
                 }
-                Flow::Park => match ctl.park(&|| vm.is_stopping()) {
-                    Some(entry) => self.resume_at(entry),
-                    None => break,
-                },
+                Flow::Park => {
+                    if !self.park() {
+                        return;
+                    }
+                }
+                Flow::Start(start) => {
+                    let status = match self.start(&start) {
+                        Ok(()) => start.confirm(&self.vm),
+                        Err(e) => start.abandon(&self.vm, &e),
+                    };
+                    self.vcpu.set_rax(status);
+                }
             }
         }
-        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+
+    /// Runs the guest to its next exit and serves it.
+    fn step(&mut self) -> Flow {
+        let vm = &*self.vm;
+        let exit = self.vcpu.next_exit();
+        self.handle.set_last_rip(self.vcpu.fd.sync_regs().regs.rip);
+        match exit {
+            Exit::Hypercall { call, gpa } => {
+                let id = self.vcpu.id;
+                let mode = &mut self.mode;
+                let mut serve = |e| mode.serve(id, e, Waiting::Block, None);
+                let (status, flow) = hypercall::dispatch(vm, &self.handle, call, gpa, &mut serve);
+                if !matches!(flow, Flow::Park) {
+                    // The status also goes to rax, so a call whose block is unreadable still
+                    // gets an answer. Sync regs make this free of extra ioctls.
+                    self.vcpu.set_rax(status);
+                }
+                flow
+            }
+            Exit::Nop => {
+                vm.stats().nop_exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Flow::Continue
+            }
+            Exit::Fault => Flow::Stop(self.vcpu.fault_outcome(vm)),
+            Exit::Port { port, write } => Flow::Stop(Outcome::Unserved {
+                vcpu: self.vcpu.id,
+                what: format!(
+                    "{} I/O port {port:#x}, which the shim does not serve (RIP {})",
+                    if write { "wrote to" } else { "read from" },
+                    self.vcpu.rip_description(vm)
+                ),
+            }),
+            Exit::Mmio { gpa, write } => {
+                Flow::Stop(Outcome::Unbacked { vcpu: self.vcpu.id, gpa, write, rip: self.vcpu.rip_description(vm) })
+            }
+            Exit::Interrupted => {
+                // Kicked out of KVM_RUN: the loop serves the events that came.
+                self.vcpu.fd.set_kvm_immediate_exit(0);
+                Flow::Continue
+            }
+            Exit::Other(what) => Flow::Stop(Outcome::Unserved {
+                vcpu: self.vcpu.id,
+                what: format!("{what} (RIP {})\n{}", self.vcpu.rip_description(vm), self.vcpu.register_dump()),
+            }),
+        }
+    }
+
+    /// Creates the vCPU VCPU_UP admitted, points it at its entry and starts its thread.
+    fn start(&self, start: &VcpuStart) -> Result<(), VcpuError> {
+        let vm = &self.vm;
+        let handle = vm.vcpus().get(start.id).ok_or(VcpuError::PendingExit(start.id))?;
+        let vcpu = Vcpu::create(vm.fd(), vm.cpuid(), start.id)?;
+        vcpu.enter(start.entry.rip, start.entry.rsp, start.entry.arg, u64::from(start.id))?;
+        spawn(vm, vcpu, handle, false)
+    }
+}
+
+impl Vcpu {
+    /// Writes a call's status into `rax` (through sync regs, loaded at the next KVM_RUN).
+    fn set_rax(&mut self, status: hypercall_abi::Status) {
+        self.fd.sync_regs_mut().regs.rax = i64::from(status.0) as u64;
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
     }
 
     /// Points a reused vCPU at its new entry. Written through sync regs (marked dirty), which
@@ -384,7 +495,7 @@ impl Vcpu {
     /// Describes the current RIP (`0x...` plus `<symbol>` when known).
     fn rip_description(&self, vm: &VmShared) -> String {
         let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-        match vm.image.symbolize(rip) {
+        match vm.image().symbolize(rip) {
             Some(s) => format!("{rip:#x} <{s}>"),
             None => format!("{rip:#x}"),
         }
@@ -413,7 +524,7 @@ impl Vcpu {
         }
         let mut frame = [0u64; 7];
         for (i, slot) in frame.iter_mut().enumerate() {
-            match vm.mem.read_obj::<u64>(regs.rsp + 8 * i as u64) {
+            match vm.mem().read_obj::<u64>(regs.rsp + 8 * i as u64) {
                 Ok(v) => *slot = v,
                 Err(e) => return Outcome::Internal(format!("cannot read the exception frame: {e}")),
             }
@@ -426,7 +537,7 @@ impl Vcpu {
             vector,
             error_code,
             rip,
-            symbol: vm.image.symbolize(rip),
+            symbol: vm.image().symbolize(rip),
             cs,
             rflags,
             rsp,

@@ -1,30 +1,86 @@
-//! The VM's vCPUs as the shim tracks them: one control block per vCPU (its state, pending
-//! wake-ups, its thread), and the counts the policy and the summary need.
+//! The VM's vCPUs as the shim tracks them: one [`VcpuHandle`] per vCPU, through which every
+//! other thread drives it, and the [`VcpuSet`] with the counts the policy and the summary need.
 //!
-//! States: `Running` (in or around KVM_RUN), `Blocked` (sleeping in BLOCK), `Parked` (went
-//! down; its thread sleeps until the vCPU is reused), `Starting` (reused, not yet resumed).
-//! Blocked and parked vCPUs cost no host CPU: their threads wait on a condition variable.
+//! A handle carries two things to its vCPU thread:
+//!
+//! * **events** ([`VcpuEvent`]: pause, resume, save state, throttle, finish), queued and
+//!   answered on a channel the sender gives ([`VcpuResponse`]). Sending kicks the thread: a
+//!   vCPU in `KVM_RUN` is forced out by a signal whose handler sets `immediate_exit` (both live
+//!   here); one asleep in BLOCK or parked is woken. The thread serves events where it waits
+//!   (at the top of its loop, in BLOCK, parked), so a paused VM's vCPUs cost no CPU.
+//! * **wake bits** ([`wake`]) for the guest: a KICK, a device's packets, a host notice. They
+//!   end a BLOCK and are what the guest sees.
+//!
+//! States: `Running` (in or around KVM_RUN), `Blocked` (asleep in BLOCK), `Parked` (went down;
+//! its thread sleeps until the vCPU is reused), `Starting` (reused, not yet resumed), `Gone`
+//! (its creation failed; never reused).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use hypercall_abi::wake;
+use kvm_bindings::kvm_run;
+use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
+
+use crate::vmm::cpu_state::VcpuState;
+
+/// A throttled vCPU is held back this long each time the governor throttles it (every tick),
+/// so it gets about a tenth of the run time.
+pub(crate) const THROTTLE_PAUSE: Duration = Duration::from_millis(9);
+
+/// Most REPORTs per second per vCPU that the host records (the timeline's `report` lines);
+/// the rest are answered `OK` and counted (`reports_not_recorded`).
+pub(crate) const REPORTS_PER_SECOND: u32 = 1000;
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own `kvm_run` mapping, installed by
+        // `bind_kvm_run` before the thread can be kicked and cleared before the mapping goes
+        // away. Setting `immediate_exit` makes the next (or current) KVM_RUN return EINTR.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Registration can only fail for an invalid signal number; SIGRTMIN is valid.
+        let _ = register_signal_handler(SIGRTMIN(), kick_handler);
+    });
+    SIGRTMIN()
+}
+
+/// Makes the kick signal set `immediate_exit` in `run` (this thread's `kvm_run`) while this
+/// thread runs the vCPU; null unbinds it.
+pub(crate) fn bind_kvm_run(run: *mut kvm_run) {
+    kick_signal();
+    KVM_RUN.with(|c| c.set(run));
+}
 
 /// Where a (re)started vCPU begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// `rip`.
-    pub rip: u64,
+    pub(crate) rip: u64,
     /// `rsp`.
-    pub rsp: u64,
+    pub(crate) rsp: u64,
     /// `rdi`.
-    pub arg: u64,
+    pub(crate) arg: u64,
 }
 
 /// A vCPU's scheduling state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     /// Running guest code (or serving one of its exits).
     Running,
     /// Sleeping in BLOCK.
@@ -33,49 +89,128 @@ pub enum State {
     Parked,
     /// Reused by VCPU_UP; will resume at this entry.
     Starting(Entry),
+    /// Its creation failed: never reused, not counted.
+    Gone,
 }
 
-/// One vCPU's control block, shared by its thread and every other thread that wakes it.
+impl State {
+    /// Online (counted against the policy): everything but parked and gone.
+    pub(crate) fn online(self) -> bool {
+        !matches!(self, State::Parked | State::Gone)
+    }
+}
+
+/// What a vCPU thread is asked to do.
 #[derive(Debug)]
-pub struct VcpuControl {
-    /// The vCPU id.
-    pub id: u32,
-    state: Mutex<State>,
+pub(crate) enum VcpuEvent {
+    /// Stay out of the guest until [`VcpuEvent::Resume`]; answer [`VcpuResponse::Paused`]
+    /// once out.
+    Pause(Sender<(u32, VcpuResponse)>),
+    /// Enter the guest again.
+    Resume,
+    /// Answer the vCPU's state ([`VcpuResponse::Saved`]; [`VcpuResponse::Parked`] for a vCPU
+    /// that is down). A vCPU asleep in BLOCK leaves it first (its BLOCK returns KICK, which a
+    /// guest treats as a spurious wake-up) so its call completes before the state is read.
+    SaveState(Sender<(u32, VcpuResponse)>),
+    /// Enforcement: hold the vCPU out of the guest for [`THROTTLE_PAUSE`] (the governor sends
+    /// this every tick while the vCPU is throttled).
+    Throttle,
+    /// The VM is ending: leave the loop.
+    Finish,
+}
+
+/// A vCPU thread's answer.
+#[derive(Debug)]
+pub(crate) enum VcpuResponse {
+    /// Out of the guest, and staying out.
+    Paused,
+    /// Its state.
+    Saved(Box<VcpuState>),
+    /// It is down: no state to save.
+    Parked,
+    /// Its state could not be read.
+    Failed(String),
+}
+
+struct Inner {
+    state: State,
+    events: VecDeque<VcpuEvent>,
+}
+
+/// One vCPU's handle, shared by its thread and every thread that drives or wakes it.
+pub(crate) struct VcpuHandle {
+    id: u32,
+    inner: Mutex<Inner>,
     cond: Condvar,
+    /// Events are queued (checked without the lock after every exit).
+    has_events: AtomicBool,
     /// Pending [`wake`] bits, consumed by the next BLOCK.
     wake: AtomicU32,
     /// The thread running this vCPU (`pthread_t`), for kicks out of KVM_RUN; 0 until known.
     thread: AtomicU64,
     /// RIP at the vCPU's latest exit (for diagnosing a hang).
-    pub last_rip: AtomicU64,
-    /// Enforcement: the vCPU gets only a small share of run time.
-    throttled: std::sync::atomic::AtomicBool,
+    last_rip: AtomicU64,
     /// REPORTs recorded in the current second: (second, count).
     reports: Mutex<(u64, u32)>,
 }
 
-/// Most REPORTs per second per vCPU that the host records (the timeline's `report` lines);
-/// the rest are answered `OK` and counted (`reports_not_recorded`).
-pub const REPORTS_PER_SECOND: u32 = 1000;
+impl std::fmt::Debug for VcpuHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuHandle").field("id", &self.id).field("state", &self.state()).finish_non_exhaustive()
+    }
+}
 
-impl VcpuControl {
-    /// A control block in state `Running`.
-    pub fn new(id: u32) -> Self {
-        VcpuControl {
+/// What a vCPU thread does with an event it got while waiting (in BLOCK or parked).
+#[derive(Debug)]
+pub(crate) enum Served {
+    /// Keep waiting.
+    Stay,
+    /// Stop waiting; an event given back is served first by the thread's loop.
+    Leave(Option<VcpuEvent>),
+}
+
+impl VcpuHandle {
+    /// A handle in state `Running`.
+    pub(crate) fn new(id: u32) -> Self {
+        VcpuHandle {
             id,
-            state: Mutex::new(State::Running),
+            inner: Mutex::new(Inner { state: State::Running, events: VecDeque::new() }),
             cond: Condvar::new(),
+            has_events: AtomicBool::new(false),
             wake: AtomicU32::new(0),
             thread: AtomicU64::new(0),
             last_rip: AtomicU64::new(0),
-            throttled: std::sync::atomic::AtomicBool::new(false),
             reports: Mutex::new((0, 0)),
         }
     }
 
+    /// The vCPU id.
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current state.
+    pub(crate) fn state(&self) -> State {
+        self.lock().state
+    }
+
+    /// Records the RIP of the latest exit.
+    pub(crate) fn set_last_rip(&self, rip: u64) {
+        self.last_rip.store(rip, Ordering::Relaxed);
+    }
+
+    /// The RIP of the latest exit.
+    pub(crate) fn last_rip(&self) -> u64 {
+        self.last_rip.load(Ordering::Relaxed)
+    }
+
     /// Whether a REPORT made in second `now_s` (of the run) may be recorded: at most
     /// [`REPORTS_PER_SECOND`] per second.
-    pub fn report_allowed(&self, now_s: u64) -> bool {
+    pub(crate) fn report_allowed(&self, now_s: u64) -> bool {
         let mut r = self.reports.lock().unwrap_or_else(|p| p.into_inner());
         if r.0 != now_s {
             *r = (now_s, 0);
@@ -84,128 +219,185 @@ impl VcpuControl {
         r.1 <= REPORTS_PER_SECOND
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The current state.
-    pub fn state(&self) -> State {
-        *self.lock()
-    }
-
     /// Records the calling thread as this vCPU's thread.
-    pub fn bind_current_thread(&self) {
+    pub(crate) fn bind_current_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         self.thread.store(me as u64, Ordering::Release);
     }
 
-    /// Adds wake-up `bits` and wakes the vCPU: a blocked one returns from BLOCK; a running
-    /// one is forced out of KVM_RUN when `interrupt` is set.
-    pub fn wake(&self, bits: u32, interrupt: bool) {
-        self.wake.fetch_or(bits, Ordering::SeqCst);
-        let st = self.lock();
-        match *st {
-            State::Blocked | State::Parked => self.cond.notify_all(),
-            State::Running if interrupt => self.interrupt(),
-            _ => {}
-        }
+    /// Whether a thread runs this vCPU.
+    pub(crate) fn has_thread(&self) -> bool {
+        self.thread.load(Ordering::Acquire) != 0
     }
 
-    /// Whether the vCPU is throttled.
-    pub fn is_throttled(&self) -> bool {
-        self.throttled.load(Ordering::Acquire)
-    }
-
-    /// Throttles (or releases) the vCPU; a throttled running vCPU is also interrupted so the
-    /// throttle takes effect now.
-    pub fn set_throttled(&self, on: bool) {
-        let was = self.throttled.swap(on, Ordering::AcqRel);
-        if on && !was {
+    /// Sends `event` to the vCPU thread and kicks it: out of KVM_RUN, out of a wait.
+    pub(crate) fn send(&self, event: VcpuEvent) {
+        let mut inner = self.lock();
+        inner.events.push_back(event);
+        self.has_events.store(true, Ordering::Release);
+        let running = inner.state == State::Running;
+        self.cond.notify_all();
+        drop(inner);
+        if running {
             self.interrupt();
         }
     }
 
+    /// Whether events wait (a lock-free look, made after every exit).
+    pub(crate) fn has_events(&self) -> bool {
+        self.has_events.load(Ordering::Acquire)
+    }
+
+    /// The next event, if any.
+    pub(crate) fn next_event(&self) -> Option<VcpuEvent> {
+        let mut inner = self.lock();
+        Self::pop(&self.has_events, &mut inner)
+    }
+
+    fn pop(flag: &AtomicBool, inner: &mut Inner) -> Option<VcpuEvent> {
+        let e = inner.events.pop_front();
+        if inner.events.is_empty() {
+            flag.store(false, Ordering::Release);
+        }
+        e
+    }
+
+    /// Waits for the next event (a paused vCPU), at most `timeout` (`None`: without limit).
+    pub(crate) fn wait_event(&self, timeout: Option<Duration>) -> Option<VcpuEvent> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut inner = self.lock();
+        loop {
+            if let Some(e) = Self::pop(&self.has_events, &mut inner) {
+                return Some(e);
+            }
+            match deadline {
+                None => inner = self.cond.wait(inner).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    inner = self.cond.wait_timeout(inner, d - now).unwrap_or_else(|p| p.into_inner()).0;
+                }
+            }
+        }
+    }
+
+    /// Adds wake-up `bits` and wakes the vCPU: a blocked one returns from BLOCK; a running
+    /// one is forced out of KVM_RUN when `interrupt` is set. Returns whether it was blocked.
+    pub(crate) fn wake(&self, bits: u32, interrupt: bool) -> bool {
+        self.wake.fetch_or(bits, Ordering::SeqCst);
+        let inner = self.lock();
+        match inner.state {
+            State::Blocked | State::Parked => {
+                self.cond.notify_all();
+                inner.state == State::Blocked
+            }
+            State::Running if interrupt => {
+                drop(inner);
+                self.interrupt();
+                false
+            }
+            _ => false,
+        }
+    }
+
     /// Forces the vCPU's thread out of KVM_RUN (no-op before the thread is known).
-    pub fn interrupt(&self) {
+    fn interrupt(&self) {
         let t = self.thread.load(Ordering::Acquire);
         if t != 0 {
             // SAFETY: `t` is the pthread_t of this vCPU's thread, stored by the thread itself;
             // vCPU threads are joined only after the VM stops, and a signal to an exited
             // thread is harmless (ESRCH).
-            unsafe { libc::pthread_kill(t as libc::pthread_t, crate::vmm::vcpu::kick_signal()) };
+            unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
         }
     }
 
-    /// Wakes the vCPU's thread wherever it waits, so it notices that the VM is stopping.
-    pub fn stop(&self) {
-        let _st = self.lock();
-        self.cond.notify_all();
-        self.interrupt();
-    }
-
-    /// Sleeps in BLOCK for at most `timeout` (or until `stopping` turns true). Returns the
-    /// [`wake`] bits that ended the sleep.
-    pub fn block(&self, timeout: Option<Duration>, stopping: &dyn Fn() -> bool) -> u32 {
+    /// Sleeps in BLOCK for at most `timeout`, serving events meanwhile with `serve` (called
+    /// without the handle's lock; it may end the sleep). Returns the [`wake`] bits that ended
+    /// it (KICK when an event did).
+    pub(crate) fn block(&self, timeout: Option<Duration>, serve: &mut dyn FnMut(VcpuEvent) -> Served) -> u32 {
         let pending = self.wake.swap(0, Ordering::SeqCst);
         if pending != 0 {
             return pending;
         }
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut st = self.lock();
-        *st = State::Blocked;
+        let mut inner = self.lock();
+        inner.state = State::Blocked;
         let bits = loop {
+            if let Some(e) = Self::pop(&self.has_events, &mut inner) {
+                drop(inner);
+                let served = serve(e);
+                inner = self.lock();
+                if let Served::Leave(back) = served {
+                    self.requeue(&mut inner, back);
+                    break wake::KICK;
+                }
+                continue;
+            }
             let pending = self.wake.swap(0, Ordering::SeqCst);
             if pending != 0 {
                 break pending;
             }
-            if stopping() {
-                break 0;
-            }
             match deadline {
-                None => st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner()),
+                None => inner = self.cond.wait(inner).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
                         break wake::TIMEOUT;
                     }
-                    st = self.cond.wait_timeout(st, d - now).unwrap_or_else(|p| p.into_inner()).0;
+                    inner = self.cond.wait_timeout(inner, d - now).unwrap_or_else(|p| p.into_inner()).0;
                 }
             }
         };
-        *st = State::Running;
+        inner.state = State::Running;
         bits
     }
 
-    /// Parks the vCPU (it went down) and sleeps until it is reused or the VM stops. Returns
-    /// the entry to resume at, or `None` when the VM is stopping.
-    pub fn park(&self, stopping: &dyn Fn() -> bool) -> Option<Entry> {
-        let mut st = self.lock();
-        loop {
-            if let State::Starting(entry) = *st {
-                *st = State::Running;
-                self.wake.store(0, Ordering::SeqCst);
-                return Some(entry);
-            }
-            if stopping() {
-                return None;
-            }
-            st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+    fn requeue(&self, inner: &mut Inner, event: Option<VcpuEvent>) {
+        if let Some(e) = event {
+            inner.events.push_front(e);
+            self.has_events.store(true, Ordering::Release);
         }
     }
 
-    /// Marks the vCPU parked (called with the set's lock held, before the thread parks).
-    fn set_parked(&self) {
-        *self.lock() = State::Parked;
+    /// Parks the vCPU's thread (it went down) until it is reused, serving events meanwhile
+    /// with `serve` (called without the handle's lock). Returns the entry to resume at, or
+    /// `None` when `serve` ends the wait.
+    pub(crate) fn park(&self, serve: &mut dyn FnMut(VcpuEvent) -> Served) -> Option<Entry> {
+        let mut inner = self.lock();
+        loop {
+            if let State::Starting(entry) = inner.state {
+                inner.state = State::Running;
+                self.wake.store(0, Ordering::SeqCst);
+                return Some(entry);
+            }
+            if let Some(e) = Self::pop(&self.has_events, &mut inner) {
+                drop(inner);
+                let served = serve(e);
+                inner = self.lock();
+                if let Served::Leave(back) = served {
+                    self.requeue(&mut inner, back);
+                    return None;
+                }
+                continue;
+            }
+            inner = self.cond.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn set_state(&self, state: State) {
+        self.lock().state = state;
     }
 
     /// Hands a parked vCPU a new entry and wakes its thread. `false` if it was not parked.
     fn restart(&self, entry: Entry) -> bool {
-        let mut st = self.lock();
-        if *st != State::Parked {
+        let mut inner = self.lock();
+        if inner.state != State::Parked {
             return false;
         }
-        *st = State::Starting(entry);
+        inner.state = State::Starting(entry);
         self.cond.notify_all();
         true
     }
@@ -213,22 +405,22 @@ impl VcpuControl {
 
 /// Counts the summary reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VcpuCounts {
+pub(crate) struct VcpuCounts {
     /// vCPUs online now (not parked).
-    pub online: u32,
+    pub(crate) online: u32,
     /// Most vCPUs online at once.
-    pub peak: u32,
+    pub(crate) peak: u32,
     /// Successful VCPU_UPs.
-    pub ups: u64,
+    pub(crate) ups: u64,
     /// VCPU_DOWNs.
-    pub downs: u64,
+    pub(crate) downs: u64,
     /// KVM vCPUs created (the rest of the ups reused parked ones).
-    pub created: u32,
+    pub(crate) created: u32,
 }
 
 /// What VCPU_UP decided.
 #[derive(Debug)]
-pub enum UpPlan {
+pub(crate) enum UpPlan {
     /// A parked vCPU was restarted.
     Reused(u32),
     /// A new KVM vCPU with this id must be created (the slot is reserved and counted).
@@ -236,96 +428,93 @@ pub enum UpPlan {
 }
 
 #[derive(Debug, Default)]
-struct Inner {
-    ctls: Vec<std::sync::Arc<VcpuControl>>,
+struct SetInner {
+    handles: Vec<Arc<VcpuHandle>>,
     counts: VcpuCounts,
 }
 
 /// Every vCPU of one VM.
 #[derive(Debug, Default)]
-pub struct VcpuSet {
-    inner: Mutex<Inner>,
+pub(crate) struct VcpuSet {
+    inner: Mutex<SetInner>,
     /// `counts.online`, readable without the lock (policy decisions made while the lock is
     /// held record timeline lines that need it).
     online: AtomicU32,
 }
 
 impl VcpuSet {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, SetInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Registers vCPU 0 (online from boot).
-    pub fn add_boot_vcpu(&self) -> std::sync::Arc<VcpuControl> {
+    pub(crate) fn add_boot_vcpu(&self) -> Arc<VcpuHandle> {
         let mut inner = self.lock();
-        let ctl = std::sync::Arc::new(VcpuControl::new(inner.ctls.len() as u32));
-        inner.ctls.push(ctl.clone());
+        let h = Arc::new(VcpuHandle::new(inner.handles.len() as u32));
+        inner.handles.push(h.clone());
         inner.counts.online += 1;
         inner.counts.created += 1;
         inner.counts.peak = inner.counts.peak.max(inner.counts.online);
         self.online.store(inner.counts.online, Ordering::Release);
-        ctl
+        h
     }
 
-    /// Rebuilds the set of a restored VM: one control block per vCPU, `online[id]` running,
-    /// the rest parked (their threads wait to be reused, as before the snapshot).
-    pub fn restore(&self, online: &[bool]) -> Vec<std::sync::Arc<VcpuControl>> {
-        let mut inner = self.lock();
-        let ctls: Vec<_> = online
+    /// The set of a restored VM: one handle per vCPU, `online[id]` running, the rest parked
+    /// (their threads wait to be reused, as before the snapshot).
+    pub(crate) fn restored(online: &[bool]) -> (VcpuSet, Vec<Arc<VcpuHandle>>) {
+        let handles: Vec<_> = online
             .iter()
             .enumerate()
             .map(|(id, &on)| {
-                let c = std::sync::Arc::new(VcpuControl::new(id as u32));
+                let h = Arc::new(VcpuHandle::new(id as u32));
                 if !on {
-                    c.set_parked();
+                    h.set_state(State::Parked);
                 }
-                c
+                h
             })
             .collect();
         let up = online.iter().filter(|&&on| on).count() as u32;
-        inner.ctls = ctls.clone();
-        inner.counts = VcpuCounts { online: up, peak: up, ups: 0, downs: 0, created: online.len() as u32 };
-        self.online.store(up, Ordering::Release);
-        ctls
+        let counts = VcpuCounts { online: up, peak: up, ups: 0, downs: 0, created: online.len() as u32 };
+        let set = VcpuSet { inner: Mutex::new(SetInner { handles: handles.clone(), counts }), online: up.into() };
+        (set, handles)
     }
 
     /// Counts now.
-    pub fn counts(&self) -> VcpuCounts {
+    pub(crate) fn counts(&self) -> VcpuCounts {
         self.lock().counts
     }
 
     /// vCPUs online now (lock-free).
-    pub fn online(&self) -> u32 {
+    pub(crate) fn online(&self) -> u32 {
         self.online.load(Ordering::Acquire)
     }
 
-    /// The control block of vCPU `id`.
-    pub fn get(&self, id: u32) -> Option<std::sync::Arc<VcpuControl>> {
-        self.lock().ctls.get(id as usize).cloned()
+    /// Per vCPU id: online (else parked or gone).
+    pub(crate) fn online_map(&self) -> Vec<bool> {
+        self.lock().handles.iter().map(|h| h.state().online()).collect()
     }
 
-    /// Every control block.
-    pub fn all(&self) -> Vec<std::sync::Arc<VcpuControl>> {
-        self.lock().ctls.clone()
+    /// The handle of vCPU `id`.
+    pub(crate) fn get(&self, id: u32) -> Option<Arc<VcpuHandle>> {
+        self.lock().handles.get(id as usize).cloned()
+    }
+
+    /// Every handle.
+    pub(crate) fn all(&self) -> Vec<Arc<VcpuHandle>> {
+        self.lock().handles.clone()
     }
 
     /// Brings one vCPU up if `allowed(online)` says so (it may also reserve capacity):
     /// restarts a parked vCPU, or reserves a new id for the caller to create. Returns the plan
     /// and the new online count, or `allowed`'s refusal.
-    pub fn up<E>(
-        &self,
-        entry: Entry,
-        allowed: impl FnOnce(u32) -> Result<(), E>,
-        new_control: impl FnOnce(u32) -> std::sync::Arc<VcpuControl>,
-    ) -> Result<(UpPlan, u32), E> {
+    pub(crate) fn up<E>(&self, entry: Entry, allowed: impl FnOnce(u32) -> Result<(), E>) -> Result<(UpPlan, u32), E> {
         let mut inner = self.lock();
         allowed(inner.counts.online)?;
-        let plan = match inner.ctls.iter().find(|c| c.restart(entry)) {
-            Some(c) => UpPlan::Reused(c.id),
+        let plan = match inner.handles.iter().find(|h| h.restart(entry)) {
+            Some(h) => UpPlan::Reused(h.id),
             None => {
-                let id = inner.ctls.len() as u32;
-                let ctl = new_control(id);
-                inner.ctls.push(ctl);
+                let id = inner.handles.len() as u32;
+                inner.handles.push(Arc::new(VcpuHandle::new(id)));
                 inner.counts.created += 1;
                 UpPlan::Create(id)
             }
@@ -337,55 +526,91 @@ impl VcpuSet {
         Ok((plan, inner.counts.online))
     }
 
-    /// Undoes an `UpPlan::Create` whose vCPU could not be created.
-    pub fn abandon_create(&self, id: u32) {
+    /// Undoes an `UpPlan::Create` whose vCPU could not be created: its handle is gone for good.
+    pub(crate) fn abandon_create(&self, id: u32) {
         let mut inner = self.lock();
-        if let Some(c) = inner.ctls.get(id as usize) {
-            c.set_parked();
+        if let Some(h) = inner.handles.get(id as usize) {
+            h.set_state(State::Gone);
         }
         inner.counts.online -= 1;
         inner.counts.ups -= 1;
+        inner.counts.created -= 1;
         self.online.store(inner.counts.online, Ordering::Release);
     }
 
     /// The online vCPUs with the highest ids, `n` of them (the ones enforcement throttles).
-    pub fn highest_online(&self, n: usize) -> Vec<std::sync::Arc<VcpuControl>> {
+    pub(crate) fn highest_online(&self, n: usize) -> Vec<Arc<VcpuHandle>> {
         let inner = self.lock();
-        inner.ctls.iter().rev().filter(|c| !matches!(c.state(), State::Parked)).take(n).cloned().collect()
+        inner.handles.iter().rev().filter(|h| h.state().online()).take(n).cloned().collect()
     }
 
     /// Takes vCPU `id` down (its thread then parks). Returns the new online count.
-    pub fn down(&self, id: u32) -> u32 {
+    pub(crate) fn down(&self, id: u32) -> u32 {
         let mut inner = self.lock();
-        if let Some(c) = inner.ctls.get(id as usize) {
-            c.set_parked();
+        if let Some(h) = inner.handles.get(id as usize) {
+            h.set_state(State::Parked);
         }
         inner.counts.online -= 1;
         inner.counts.downs += 1;
         self.online.store(inner.counts.online, Ordering::Release);
         inner.counts.online
     }
+
+    /// Sends `make()` to every vCPU that has a thread and waits for their answers, at most
+    /// `within`. Returns the answers by vCPU id (a vCPU that did not answer in time is
+    /// missing).
+    pub(crate) fn ask_all(
+        &self,
+        make: impl Fn(Sender<(u32, VcpuResponse)>) -> VcpuEvent,
+        within: Duration,
+    ) -> Vec<(u32, VcpuResponse)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asked: Vec<_> = self.all().into_iter().filter(|h| h.has_thread() && h.state() != State::Gone).collect();
+        for h in &asked {
+            h.send(make(tx.clone()));
+        }
+        drop(tx);
+        let deadline = Instant::now() + within;
+        let mut answers = Vec::new();
+        while answers.len() < asked.len() {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(a) => answers.push(a),
+                Err(_) => break,
+            }
+        }
+        answers.sort_by_key(|(id, _)| *id);
+        answers
+    }
+
+    /// Sends `event()` to every vCPU (no answer expected).
+    pub(crate) fn tell_all(&self, event: impl Fn() -> VcpuEvent) {
+        for h in self.all() {
+            h.send(event());
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     fn entry(rip: u64) -> Entry {
         Entry { rip, rsp: 0x1000, arg: 0 }
     }
 
+    fn stay(_: VcpuEvent) -> Served {
+        Served::Stay
+    }
+
     #[test]
     fn up_reuses_parked_vcpus_before_creating() {
         let set = VcpuSet::default();
         set.add_boot_vcpu();
-        let (plan, online) = set.up(entry(1), |_| Ok::<(), ()>(()), |id| Arc::new(VcpuControl::new(id))).unwrap();
+        let (plan, online) = set.up(entry(1), |_| Ok::<(), ()>(())).unwrap();
         assert!(matches!(plan, UpPlan::Create(1)));
         assert_eq!(online, 2);
         assert_eq!(set.down(1), 1);
-        let (plan, _) = set.up(entry(2), |_| Ok::<(), ()>(()), |id| Arc::new(VcpuControl::new(id))).unwrap();
+        let (plan, _) = set.up(entry(2), |_| Ok::<(), ()>(())).unwrap();
         assert!(matches!(plan, UpPlan::Reused(1)));
         assert_eq!(set.get(1).unwrap().state(), State::Starting(entry(2)));
         let c = set.counts();
@@ -393,47 +618,100 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_creation_is_never_reused() {
+        let set = VcpuSet::default();
+        set.add_boot_vcpu();
+        let (plan, _) = set.up(entry(1), |_| Ok::<(), ()>(())).unwrap();
+        assert!(matches!(plan, UpPlan::Create(1)));
+        set.abandon_create(1);
+        assert_eq!(set.get(1).unwrap().state(), State::Gone);
+        let (plan, _) = set.up(entry(2), |_| Ok::<(), ()>(())).unwrap();
+        assert!(matches!(plan, UpPlan::Create(2)), "{plan:?}");
+        assert_eq!(set.online_map(), [true, false, true]);
+    }
+
+    #[test]
     fn up_respects_the_policy_check() {
         let set = VcpuSet::default();
         set.add_boot_vcpu();
-        let refused = set.up(
-            entry(1),
-            |online| if online < 1 { Ok(()) } else { Err(online) },
-            |id| Arc::new(VcpuControl::new(id)),
-        );
+        let refused = set.up(entry(1), |online| if online < 1 { Ok(()) } else { Err(online) });
         assert_eq!(refused.unwrap_err(), 1);
         assert_eq!(set.counts().ups, 0);
     }
 
     #[test]
     fn a_kick_before_block_is_not_lost() {
-        let c = VcpuControl::new(0);
+        let c = VcpuHandle::new(0);
         c.wake(wake::KICK, false);
-        assert_eq!(c.block(Some(Duration::from_secs(5)), &|| false), wake::KICK);
-        assert_eq!(c.block(Some(Duration::from_millis(1)), &|| false), wake::TIMEOUT);
+        assert_eq!(c.block(Some(Duration::from_secs(5)), &mut stay), wake::KICK);
+        assert_eq!(c.block(Some(Duration::from_millis(1)), &mut stay), wake::TIMEOUT);
     }
 
     #[test]
     fn a_kick_wakes_a_blocked_thread() {
-        let c = Arc::new(VcpuControl::new(0));
+        let c = Arc::new(VcpuHandle::new(0));
         let c2 = c.clone();
-        let t = std::thread::spawn(move || c2.block(None, &|| false));
+        let t = std::thread::spawn(move || c2.block(None, &mut stay));
         while c.state() != State::Blocked {
             std::thread::yield_now();
         }
-        c.wake(wake::KICK, false);
+        assert!(c.wake(wake::KICK, false), "it was blocked");
         assert_eq!(t.join().unwrap(), wake::KICK);
+    }
+
+    #[test]
+    fn events_are_served_where_the_thread_waits() {
+        let c = Arc::new(VcpuHandle::new(3));
+        let c2 = c.clone();
+        // A blocked vCPU answers a pause in place and stays blocked; a save makes it leave.
+        let t = std::thread::spawn(move || {
+            let mut served = Vec::new();
+            let bits = c2.block(None, &mut |e| match e {
+                VcpuEvent::Pause(tx) => {
+                    let _ = tx.send((3, VcpuResponse::Paused));
+                    served.push("pause");
+                    Served::Stay
+                }
+                other => Served::Leave(Some(other)),
+            });
+            (bits, served)
+        });
+        while c.state() != State::Blocked {
+            std::thread::yield_now();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        c.send(VcpuEvent::Pause(tx.clone()));
+        assert!(matches!(rx.recv_timeout(Duration::from_secs(5)), Ok((3, VcpuResponse::Paused))));
+        assert_eq!(c.state(), State::Blocked);
+        c.send(VcpuEvent::SaveState(tx));
+        let (bits, served) = t.join().unwrap();
+        assert_eq!((bits, served), (wake::KICK, vec!["pause"]));
+        assert!(matches!(c.next_event(), Some(VcpuEvent::SaveState(_))), "put back for the loop");
+        assert!(!c.has_events());
     }
 
     #[test]
     fn a_parked_vcpu_resumes_at_its_new_entry() {
         let set = Arc::new(VcpuSet::default());
         set.add_boot_vcpu();
-        set.up(entry(1), |_| Ok::<(), ()>(()), |id| Arc::new(VcpuControl::new(id))).unwrap();
+        set.up(entry(1), |_| Ok::<(), ()>(())).unwrap();
         set.down(1);
-        let ctl = set.get(1).unwrap();
-        let t = std::thread::spawn(move || ctl.park(&|| false));
-        set.up(entry(9), |_| Ok::<(), ()>(()), |id| Arc::new(VcpuControl::new(id))).unwrap();
+        let h = set.get(1).unwrap();
+        let t = std::thread::spawn(move || h.park(&mut stay));
+        set.up(entry(9), |_| Ok::<(), ()>(())).unwrap();
         assert_eq!(t.join().unwrap(), Some(entry(9)));
+    }
+
+    #[test]
+    fn a_finish_ends_a_park() {
+        let h = Arc::new(VcpuHandle::new(1));
+        h.set_state(State::Parked);
+        let h2 = h.clone();
+        let t = std::thread::spawn(move || {
+            h2.park(&mut |e| if matches!(e, VcpuEvent::Finish) { Served::Leave(None) } else { Served::Stay })
+        });
+        h.send(VcpuEvent::Throttle);
+        h.send(VcpuEvent::Finish);
+        assert_eq!(t.join().unwrap(), None);
     }
 }

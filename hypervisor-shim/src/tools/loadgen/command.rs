@@ -20,8 +20,8 @@ use super::{
     DEFAULT_CONNECTIONS, HttpOptions, KvOptions, LoadConfig, LoadError, LoadReport, Mode, Pattern, Phase, Protocol,
     SecondStats, Shape, run_until,
 };
-use elastic_vmm::base::config::parse_duration;
-use elastic_vmm::base::exit;
+use elastic_vmm::exit;
+use elastic_vmm::parse_duration;
 
 /// The protocols, as named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -302,14 +302,14 @@ pub fn command(args: &LoadArgs) -> ExitCode {
         Err(e) => return fail(e.exit_code(), e),
     };
     // Ctrl-C ends the run early; the report still covers the seconds played.
-    elastic_vmm::host::signals::install();
+    elastic_vmm::install_signal_handlers();
     let cancel = AtomicBool::new(false);
     let done = AtomicBool::new(false);
     let display = Display::new(&config);
     let result = std::thread::scope(|scope| {
         scope.spawn(|| {
             while !done.load(Ordering::Relaxed) {
-                if elastic_vmm::host::signals::interrupts() > 0 {
+                if elastic_vmm::interrupts() > 0 {
                     cancel.store(true, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -328,7 +328,7 @@ pub fn command(args: &LoadArgs) -> ExitCode {
         eprintln!("{line}");
     }
     if let Some(path) = &args.out {
-        if let Err(e) = elastic_vmm::report::summary::write_json(&report, path) {
+        if let Err(e) = elastic_vmm::write_json(&report, path) {
             return fail(exit::IO_ERROR, format_args!("cannot write {}: {e}", path.display()));
         }
         eprintln!("load: wrote {}", path.display());

@@ -74,7 +74,7 @@ use pattern::Schedule;
 use rng::SplitMix64;
 use stats::{Aggregator, ErrorKind, Event, Outcome};
 
-use elastic_vmm::base::exit;
+use elastic_vmm::exit;
 
 /// Most connections (open-loop pool or closed-loop concurrency).
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -92,8 +92,6 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_PATH: usize = 2048;
 /// Default open-loop pool size.
 pub const DEFAULT_CONNECTIONS: usize = 16;
-/// Default connect and answer timeout.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long after its end a second is reported (answers in flight at the boundary arrive).
 const REPORT_GRACE: Duration = Duration::from_millis(20);
@@ -309,7 +307,7 @@ pub enum LoadError {
 }
 
 impl LoadError {
-    /// The process exit code for this error ([`elastic_vmm::base::exit`]).
+    /// The process exit code for this error ([`elastic_vmm::exit`]).
     pub fn exit_code(&self) -> u8 {
         match self {
             LoadError::Config(_) | LoadError::Pattern(_) => exit::USAGE,

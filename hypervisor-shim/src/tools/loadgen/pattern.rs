@@ -107,6 +107,7 @@ impl Pattern {
     }
 
     /// `peak` throughout.
+    #[cfg(test)]
     pub fn steady(peak: f64, duration: Duration) -> Self {
         Self::single(Shape::Steady, peak, duration)
     }
@@ -117,6 +118,7 @@ impl Pattern {
     }
 
     /// `peak` and `peak / 10` alternating every half `period`.
+    #[cfg(test)]
     pub fn square(peak: f64, duration: Duration, period: Duration) -> Self {
         Self::single(Shape::Square { period }, peak, duration)
     }

@@ -1,12 +1,15 @@
 //! The virtio-vsock device: the request channel between clients on the host and services in
 //! the guest.
 //!
-//! * [`endpoint`]: the host side clients connect to (published TCP ports, the hybrid-vsock
-//!   Unix socket).
-//! * [`muxer`]: the I/O thread (epoll) that moves bytes between host sockets and the guest's
-//!   virtqueues, one state machine per connection, with vsock credit flow in both directions.
+//! * [`conn`]: one client connection (its socket, state machine, buffers and credit).
+//! * [`packets`]: the work on the guest's virtqueues (TX packets in, RX packets out).
+//! * [`muxer`]: the I/O thread (epoll) that accepts clients and drives the connections.
+//! * [`persist`]: the device's state in a snapshot.
 //! * This module: the state vCPU threads and the I/O thread share (the transport's device
-//!   page and the live queues), and the DEVICE_NOTIFY handling.
+//!   page and the live queues), DEVICE_NOTIFY, and the device as the VM sees it ([`Device`]).
+//!
+//! The host endpoints clients connect to are the VM's (`crate::host::endpoint`); the device
+//! serves copies of them.
 //!
 //! Bounds (a guest or a client cannot grow the shim's memory without limit): at most
 //! [`MAX_CONNECTIONS`] connections per VM; per connection at most
@@ -14,12 +17,16 @@
 //! waiting for a slow client (the guest's credit), and at most one packet's worth read from
 //! the client ahead of the guest's credit.
 
-pub mod endpoint;
+mod conn;
 mod muxer;
+mod packets;
+mod persist;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Sender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use hypercall_abi::Status;
 use hypercall_abi::virtio::{VIRTIO_CONFIG_SIZE, VIRTIO_ID_VSOCK, feature, vsock};
@@ -28,115 +35,117 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::pv::{PvDevice, StatusChange};
+use super::{Device, DeviceContext, DeviceError, DeviceKind, DeviceSetup};
 use crate::base::memory::GuestMemory;
+use crate::base::persist::Persist;
+use muxer::IoCommand;
 
-pub use endpoint::{Bound, EndpointError, Publish};
+/// The device's name (summaries, snapshots).
+const NAME: &str = "vsock";
 
-impl std::fmt::Debug for IdleShutdown {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdleShutdown").field("after", &self.after).finish_non_exhaustive()
-    }
+/// How the device manager makes and restores this device.
+pub(super) const KIND: DeviceKind = DeviceKind::new(NAME, create, restore);
+
+fn create(page: u64, mem: &GuestMemory, setup: DeviceSetup) -> Result<Box<dyn Device>, DeviceError> {
+    Ok(Box::new(Vsock::new(page, mem, setup)?))
+}
+
+fn restore(
+    page: u64,
+    mem: &GuestMemory,
+    setup: DeviceSetup,
+    state: &serde_json::Value,
+) -> Result<Box<dyn Device>, DeviceError> {
+    let state: persist::VsockState = serde_json::from_value(state.clone())
+        .map_err(|e| DeviceError::Restore { device: NAME, why: format!("state does not parse: {e}") })?;
+    Ok(Box::new(Vsock::restore(persist::RestoreArgs { page, mem, setup }, &state)?))
 }
 
 /// Most connections one VM may have open; further clients are refused (closed at once).
-pub const MAX_CONNECTIONS: usize = 2048;
+pub(crate) const MAX_CONNECTIONS: usize = 2048;
 
 /// Largest queue the device accepts.
-pub const QUEUE_MAX_SIZE: u16 = 256;
-
-/// Wakes the guest so it polls its queues (the VM wakes a blocked vCPU).
-pub type Wake = Arc<dyn Fn() + Send + Sync>;
-
-/// Scale to zero: after `after` with no connection open, the I/O thread stops accepting (new
-/// clients wait in the listen backlog) and calls `fire` (which asks the guest to stop).
-#[derive(Clone)]
-pub struct IdleShutdown {
-    /// Idle time before the shutdown.
-    pub after: std::time::Duration,
-    /// Called once, from the I/O thread.
-    pub fire: Wake,
-}
+const QUEUE_MAX_SIZE: u16 = 256;
 
 /// The device's live queues.
 #[derive(Debug)]
-pub(crate) struct Queues {
-    pub(crate) rx: Queue,
-    pub(crate) tx: Queue,
+struct Queues {
+    rx: Queue,
+    tx: Queue,
 }
 
 /// What the vCPU threads and the I/O thread share.
 #[derive(Debug)]
-pub(crate) struct Core {
-    pub(crate) pv: PvDevice,
-    pub(crate) queues: Option<Queues>,
+struct Core {
+    pv: PvDevice,
+    queues: Option<Queues>,
     /// Changes at every reset and activation.
-    pub(crate) generation: u64,
+    generation: u64,
     /// Set when a queue turned out malformed: the device stops for this VM.
-    pub(crate) broken: Option<String>,
+    broken: Option<String>,
 }
 
 /// Counters of the device (the summary's `vsock` section).
 #[derive(Debug, Default)]
-pub struct VsockStats {
+struct VsockStats {
     /// Connections accepted from clients.
-    pub connections: AtomicU64,
+    connections: AtomicU64,
     /// Connections open now.
-    pub open: AtomicU64,
+    open: AtomicU64,
     /// Clients refused (connection cap, or the guest never accepted).
-    pub refused: AtomicU64,
+    refused: AtomicU64,
     /// Packets taken from the guest's transmit queue.
-    pub packets_from_guest: AtomicU64,
+    packets_from_guest: AtomicU64,
     /// Packets put in the guest's receive queue.
-    pub packets_to_guest: AtomicU64,
+    packets_to_guest: AtomicU64,
     /// Payload bytes from clients to the guest.
-    pub bytes_to_guest: AtomicU64,
+    bytes_to_guest: AtomicU64,
     /// Payload bytes from the guest to clients.
-    pub bytes_from_guest: AtomicU64,
+    bytes_from_guest: AtomicU64,
     /// Malformed packets or descriptor chains (answered, dropped).
-    pub malformed: AtomicU64,
+    malformed: AtomicU64,
     /// DEVICE_NOTIFY calls for this device's queues.
-    pub queue_notifies: AtomicU64,
+    queue_notifies: AtomicU64,
     /// Times the guest woke up because the device had packets for it.
-    pub guest_wakeups: AtomicU64,
+    guest_wakeups: AtomicU64,
     /// Device resets by the guest.
-    pub resets: AtomicU64,
+    resets: AtomicU64,
     /// The device was marked broken.
-    pub broken: AtomicBool,
+    broken: AtomicBool,
     /// The idle shutdown fired.
-    pub idle_shutdown: AtomicBool,
+    idle_shutdown: AtomicBool,
 }
 
-/// A snapshot of [`VsockStats`].
+/// The device's figures (the summary's `vsock` section).
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct VsockFigures {
+struct VsockFigures {
     /// Connections accepted from clients.
-    pub connections: u64,
+    connections: u64,
     /// Clients refused.
-    pub refused: u64,
+    refused: u64,
     /// Packets from the guest.
-    pub packets_from_guest: u64,
+    packets_from_guest: u64,
     /// Packets to the guest.
-    pub packets_to_guest: u64,
+    packets_to_guest: u64,
     /// Bytes clients sent to the guest.
-    pub bytes_to_guest: u64,
+    bytes_to_guest: u64,
     /// Bytes the guest sent to clients.
-    pub bytes_from_guest: u64,
+    bytes_from_guest: u64,
     /// Malformed packets or chains.
-    pub malformed: u64,
+    malformed: u64,
     /// DEVICE_NOTIFY calls for queues.
-    pub queue_notifies: u64,
+    queue_notifies: u64,
     /// Wake-ups of a blocked vCPU for packets.
-    pub guest_wakeups: u64,
+    guest_wakeups: u64,
     /// Whether the device was marked broken.
-    pub broken: bool,
-    /// Whether the VM was asked to stop because no client had a connection open for the
+    broken: bool,
+    /// Whether the device stopped accepting because no connection was open for the
     /// idle-shutdown time.
-    pub idle_shutdown: bool,
+    idle_shutdown: bool,
 }
 
 impl VsockStats {
-    /// The current figures.
-    pub fn figures(&self) -> VsockFigures {
+    fn figures(&self) -> VsockFigures {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         VsockFigures {
             connections: l(&self.connections),
@@ -154,119 +163,31 @@ impl VsockStats {
     }
 }
 
-/// One virtqueue's device-side state, as a snapshot carries it.
-#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
-pub struct SavedQueue {
-    /// Largest size the device accepts.
-    pub max_size: u16,
-    /// Next available-ring entry the device takes.
-    pub next_avail: u16,
-    /// Next used-ring entry the device fills.
-    pub next_used: u16,
-    /// EVENT_IDX negotiated.
-    pub event_idx: bool,
-    /// Size the driver chose.
-    pub size: u16,
-    /// Ready.
-    pub ready: bool,
-    /// Descriptor table address.
-    pub desc_table: u64,
-    /// Available ring address.
-    pub avail_ring: u64,
-    /// Used ring address.
-    pub used_ring: u64,
-}
-
-impl SavedQueue {
-    fn of(q: &Queue) -> SavedQueue {
-        let s = q.state();
-        SavedQueue {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-        }
-    }
-
-    fn queue(&self, mem: &GuestMemory) -> Result<Queue, String> {
-        let q = Queue::try_from(virtio_queue::QueueState {
-            max_size: self.max_size,
-            next_avail: self.next_avail,
-            next_used: self.next_used,
-            event_idx_enabled: self.event_idx,
-            size: self.size,
-            ready: self.ready,
-            desc_table: self.desc_table,
-            avail_ring: self.avail_ring,
-            used_ring: self.used_ring,
-        })
-        .map_err(|e| format!("saved queue refused: {e:?}"))?;
-        if self.ready && !virtio_queue::QueueT::is_valid(&q, &*mem.snapshot()) {
-            return Err("saved queue lies outside guest memory".into());
-        }
-        Ok(q)
-    }
-}
-
-/// The device's state in a snapshot: the transport's negotiation, the live queues, and the
-/// connections that were open (reset on restore: their clients belonged to the old process).
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct DeviceState {
-    /// Features the driver accepted.
-    pub negotiated: u64,
-    /// Device status.
-    pub status: u32,
-    /// RX and TX queues when the driver had set them up.
-    pub queues: Option<[SavedQueue; 2]>,
-    /// Why the device was broken, if it was.
-    pub broken: Option<String>,
-    /// Open connections: (guest port, host port).
-    pub connections: Vec<(u32, u32)>,
-    /// Next host port the device hands out.
-    pub next_port: u32,
-}
-
-/// What the I/O thread reports when it holds still.
+/// What the I/O thread reports when it holds still: the connections open (guest port, host
+/// port) and the next host port it would hand out.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Held {
-    pub(crate) connections: Vec<(u32, u32)>,
-    pub(crate) next_port: u32,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Hold {
-    /// A snapshot asked the I/O thread to hold still.
-    pub(crate) requested: bool,
-    /// Set by the I/O thread while it holds.
-    pub(crate) held: Option<Held>,
+struct Held {
+    connections: Vec<(u32, u32)>,
+    next_port: u32,
 }
 
 /// State shared by the vCPU threads (notifies) and the I/O thread.
 #[derive(Debug)]
-pub struct VsockShared {
+struct VsockShared {
     core: Mutex<Core>,
-    kick: EventFd,
-    /// Counters.
-    pub stats: VsockStats,
-    pub(crate) hold: Mutex<Hold>,
-    pub(crate) hold_cond: std::sync::Condvar,
-    /// The endpoints moved to another process (a migration): their Unix socket paths stay.
-    pub(crate) keep_paths: AtomicBool,
+    /// Written by DEVICE_NOTIFY: the I/O thread looks at the queues.
+    kick: Arc<EventFd>,
+    stats: VsockStats,
 }
 
 impl VsockShared {
-    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
+    fn core(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Marks the device broken for this VM (a malformed queue): it stops serving; the shim
     /// carries on.
-    pub(crate) fn mark_broken(&self, core: &mut Core, mem: &GuestMemory, why: String) {
+    fn mark_broken(&self, core: &mut Core, mem: &GuestMemory, why: String) {
         if core.broken.is_none() {
             eprintln!("hypervisor-shim: vsock device stopped for this VM: {why}");
             core.broken = Some(why);
@@ -278,15 +199,33 @@ impl VsockShared {
     }
 }
 
+/// The running I/O thread and how to reach it.
+#[derive(Debug)]
+struct Running {
+    handle: JoinHandle<()>,
+    commands: Sender<IoCommand>,
+    command_kick: Arc<EventFd>,
+}
+
+impl Running {
+    fn send(&self, c: IoCommand) {
+        // A thread that ended (it failed to start its loop) no longer listens: nothing to do.
+        if self.commands.send(c).is_ok() {
+            let _ = self.command_kick.write(1);
+        }
+    }
+}
+
 /// One VM's vsock device.
-pub struct Vsock {
-    /// Shared state.
-    pub shared: Arc<VsockShared>,
-    thread: Mutex<Option<(JoinHandle<()>, EventFd)>>,
+pub(crate) struct Vsock {
+    shared: Arc<VsockShared>,
+    /// Until the I/O thread starts: what it serves.
+    setup: Mutex<Option<DeviceSetup>>,
+    thread: Mutex<Option<Running>>,
     /// A restored device: the connections to reset and the next host port.
     resume: Mutex<Option<Held>>,
-    /// Copies of the listening sockets the I/O thread serves (a migration hands them over).
-    listeners: Mutex<Vec<Bound>>,
+    /// What the I/O thread reported while it holds still.
+    held: Mutex<Option<Held>>,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -295,21 +234,8 @@ impl std::fmt::Debug for Vsock {
     }
 }
 
-/// Failures setting the device up.
-#[derive(Debug, thiserror::Error)]
-pub enum VsockError {
-    /// An eventfd could not be created.
-    #[error("cannot create an eventfd: {0}")]
-    EventFd(std::io::Error),
-    /// The I/O thread could not start.
-    #[error("cannot start the vsock I/O thread: {0}")]
-    Thread(std::io::Error),
-    /// The device page could not be written.
-    #[error(transparent)]
-    Page(#[from] super::pv::TransportError),
-    /// A saved device state was refused.
-    #[error("restoring the vsock device: {0}")]
-    Restore(String),
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Vsock {
@@ -333,138 +259,44 @@ impl Vsock {
     }
 
     /// The device whose page is at `page`, not yet serving.
-    pub fn new(page: u64, mem: &GuestMemory) -> Result<Vsock, VsockError> {
+    fn new(page: u64, mem: &GuestMemory, setup: DeviceSetup) -> Result<Vsock, DeviceError> {
         let pv = Self::pv(page);
-        pv.write_page(mem)?;
-        Self::with_core(Core { pv, queues: None, generation: 0, broken: None })
+        pv.write_page(mem).map_err(|source| DeviceError::Page { device: NAME, source })?;
+        Self::with_core(Core { pv, queues: None, generation: 0, broken: None }, setup, None)
     }
 
-    fn with_core(core: Core) -> Result<Vsock, VsockError> {
-        let kick = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
-        let shared = Arc::new(VsockShared {
-            core: Mutex::new(core),
-            kick,
-            stats: VsockStats::default(),
-            hold: Mutex::new(Hold::default()),
-            hold_cond: std::sync::Condvar::new(),
-            keep_paths: AtomicBool::new(false),
-        });
-        Ok(Vsock { shared, thread: Mutex::new(None), resume: Mutex::new(None), listeners: Mutex::new(Vec::new()) })
+    fn with_core(core: Core, setup: DeviceSetup, resume: Option<Held>) -> Result<Vsock, DeviceError> {
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::Host {
+            device: NAME,
+            what: "cannot create an eventfd",
+            source,
+        })?;
+        let shared =
+            Arc::new(VsockShared { core: Mutex::new(core), kick: Arc::new(kick), stats: VsockStats::default() });
+        Ok(Vsock {
+            shared,
+            setup: Mutex::new(Some(setup)),
+            thread: Mutex::new(None),
+            resume: Mutex::new(resume),
+            held: Mutex::new(None),
+        })
     }
 
-    /// The device of a restored VM: its page is already in guest memory (not rewritten), the
-    /// negotiation and queues come from `state`; the connections it lists are reset when the
-    /// I/O thread starts.
-    pub fn restore(page: u64, mem: &GuestMemory, state: &DeviceState) -> Result<Vsock, VsockError> {
-        let mut core = Core { pv: Self::pv(page), queues: None, generation: 0, broken: None };
-        core.pv.negotiated = state.negotiated;
-        core.pv.status = state.status;
-        core.broken = state.broken.clone();
-        core.queues = match &state.queues {
-            Some([rx, tx]) if state.broken.is_none() => Some(Queues {
-                rx: rx.queue(mem).map_err(VsockError::Restore)?,
-                tx: tx.queue(mem).map_err(VsockError::Restore)?,
-            }),
-            _ => None,
-        };
-        let v = Self::with_core(core)?;
-        *v.resume.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Held { connections: state.connections.clone(), next_port: state.next_port });
-        Ok(v)
-    }
-
-    /// The device's state for a snapshot, with the I/O thread holding still (`held`).
-    pub(crate) fn state(&self, held: &Held) -> DeviceState {
-        let core = self.shared.core();
-        DeviceState {
-            negotiated: core.pv.negotiated,
-            status: core.pv.status,
-            queues: core.queues.as_ref().map(|q| [SavedQueue::of(&q.rx), SavedQueue::of(&q.tx)]),
-            broken: core.broken.clone(),
-            connections: held.connections.clone(),
-            next_port: held.next_port,
+    /// What the I/O thread reported while holding (or, if it never ran, what a restore gave).
+    fn held(&self) -> Held {
+        if let Some(h) = lock(&self.held).clone() {
+            return h;
         }
+        lock(&self.resume).clone().unwrap_or(Held { connections: Vec::new(), next_port: muxer::FIRST_HOST_PORT })
+    }
+}
+
+impl Device for Vsock {
+    fn name(&self) -> &'static str {
+        NAME
     }
 
-    /// Makes the I/O thread hold still (it stops touching the queues and sockets; clients
-    /// wait in the kernel's buffers) and returns what it reports; at most `within`.
-    pub(crate) fn hold(&self, within: std::time::Duration) -> Result<Held, String> {
-        if !self.is_running() {
-            let resume = self.resume.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            return Ok(resume.unwrap_or(Held { connections: Vec::new(), next_port: muxer::FIRST_HOST_PORT }));
-        }
-        let deadline = std::time::Instant::now() + within;
-        let mut h = self.shared.hold.lock().unwrap_or_else(|p| p.into_inner());
-        h.requested = true;
-        let _ = self.shared.kick.write(1);
-        loop {
-            if let Some(held) = &h.held {
-                return Ok(held.clone());
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                h.requested = false;
-                return Err("the vsock I/O thread did not hold still".into());
-            }
-            h = self.shared.hold_cond.wait_timeout(h, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
-        }
-    }
-
-    /// The listening sockets, for a migration to hand over; after it succeeded, `handed_over`
-    /// keeps Unix socket paths in place when this process ends.
-    pub(crate) fn listeners(&self) -> std::sync::MutexGuard<'_, Vec<Bound>> {
-        self.listeners.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The endpoints now belong to another process: their Unix socket paths stay.
-    pub(crate) fn handed_over(&self) {
-        self.shared.keep_paths.store(true, Ordering::Release);
-    }
-
-    /// Lets a held I/O thread go on.
-    pub(crate) fn release(&self) {
-        let mut h = self.shared.hold.lock().unwrap_or_else(|p| p.into_inner());
-        h.requested = false;
-        self.shared.hold_cond.notify_all();
-    }
-
-    /// Starts the I/O thread serving `endpoints` (named `name-io`), with an optional idle
-    /// shutdown.
-    pub fn start(
-        &self,
-        name: &str,
-        mem: GuestMemory,
-        endpoints: Vec<Bound>,
-        wake: Wake,
-        idle: Option<IdleShutdown>,
-    ) -> Result<(), VsockError> {
-        let copies =
-            endpoints.iter().map(Bound::try_clone).collect::<Result<Vec<_>, _>>().map_err(VsockError::EventFd)?;
-        *self.listeners.lock().unwrap_or_else(|p| p.into_inner()) = copies;
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
-        let stop_thread = stop.try_clone().map_err(VsockError::EventFd)?;
-        let kick = self.shared.kick.try_clone().map_err(VsockError::EventFd)?;
-        let shared = Arc::clone(&self.shared);
-        let resume = self.resume.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let handle = std::thread::Builder::new()
-            .name(format!("{name}-io"))
-            .spawn(move || muxer::run(shared, mem, endpoints, wake, kick, stop_thread, idle, resume))
-            .map_err(VsockError::Thread)?;
-        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some((handle, stop));
-        Ok(())
-    }
-
-    /// Whether the I/O thread runs.
-    pub fn is_running(&self) -> bool {
-        self.thread.lock().unwrap_or_else(|p| p.into_inner()).is_some()
-    }
-
-    /// Serves DEVICE_NOTIFY for queue `queue` of this device (or a status change), from a
-    /// vCPU thread.
-    pub fn notify(&self, mem: &GuestMemory, queue: u16) -> Status {
-        if queue == hypercall_abi::virtio::STATUS_CHANGED {
-            return self.status_changed(mem);
-        }
+    fn notify(&self, _mem: &GuestMemory, queue: u16) -> Status {
         if u32::from(queue) >= 3 {
             return Status::INVALID;
         }
@@ -509,15 +341,84 @@ impl Vsock {
         Status::OK
     }
 
-    /// Stops the I/O thread (closing every connection) and waits for it.
-    pub fn stop(&self) {
-        let running = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some((handle, stop)) = running {
-            // Stop first, then release a hold: a held thread ends without serving again.
-            let _ = stop.write(1);
-            self.release();
-            let _ = handle.join();
+    /// Starts the I/O thread (named `VM-io`) when the VM has endpoints; without any the device
+    /// stays idle.
+    fn start(&self, mem: GuestMemory, ctx: DeviceContext) -> Result<(), DeviceError> {
+        let Some(setup) = lock(&self.setup).take() else { return Ok(()) };
+        if setup.endpoints.is_empty() {
+            return Ok(());
         }
+        let host = |what| move |source| DeviceError::Host { device: NAME, what, source };
+        let command_kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(host("cannot create an eventfd"))?);
+        let (commands, receiver) = std::sync::mpsc::channel();
+        let start = muxer::Start {
+            shared: Arc::clone(&self.shared),
+            mem,
+            endpoints: setup.endpoints,
+            ctx,
+            kick: Arc::clone(&self.shared.kick),
+            commands: receiver,
+            command_kick: Arc::clone(&command_kick),
+            idle: setup.idle_shutdown,
+            resume: lock(&self.resume).clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("{}-io", setup.vm_name))
+            .spawn(move || muxer::run(start))
+            .map_err(host("cannot start the I/O thread"))?;
+        *lock(&self.thread) = Some(Running { handle, commands, command_kick });
+        Ok(())
+    }
+
+    fn serving(&self) -> bool {
+        lock(&self.thread).is_some()
+    }
+
+    fn quiesce(&self, within: Duration) -> Result<(), DeviceError> {
+        let thread = lock(&self.thread);
+        let Some(running) = thread.as_ref() else {
+            // No thread: nothing moves; the state is what the device was restored with.
+            *lock(&self.held) = None;
+            return Ok(());
+        };
+        let (tx, rx) = sync_channel(1);
+        running.send(IoCommand::Hold(tx));
+        match rx.recv_timeout(within) {
+            Ok(held) => {
+                *lock(&self.held) = Some(held);
+                Ok(())
+            }
+            Err(_) => {
+                // Given up on: if the thread holds later, it goes on at once.
+                running.send(IoCommand::Release);
+                Err(DeviceError::Quiesce(NAME))
+            }
+        }
+    }
+
+    fn release(&self) {
+        if lock(&self.held).take().is_some()
+            && let Some(running) = lock(&self.thread).as_ref()
+        {
+            running.send(IoCommand::Release);
+        }
+    }
+
+    fn save(&self) -> serde_json::Value {
+        Persist::save(self).ok().and_then(|s| serde_json::to_value(s).ok()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Stops the I/O thread (closing every connection) and waits for it.
+    fn stop(&self) {
+        let running = lock(&self.thread).take();
+        if let Some(r) = running {
+            r.send(IoCommand::Stop);
+            let _ = r.handle.join();
+        }
+    }
+
+    fn figures(&self) -> serde_json::Value {
+        serde_json::to_value(self.shared.stats.figures()).unwrap_or(serde_json::Value::Null)
     }
 }
 

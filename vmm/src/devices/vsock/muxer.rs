@@ -1,5 +1,6 @@
-//! The vsock I/O thread: accepts clients on the published endpoints, runs one state machine
-//! per connection, and moves bytes between host sockets and the guest's virtqueues.
+//! The vsock device's I/O thread: accepts clients on the published endpoints, runs one state
+//! machine per connection ([`super::conn`]), and moves bytes between host sockets and the
+//! guest's virtqueues (the ring work is in [`super::packets`]).
 //!
 //! * Guest to host (TX queue): packets are taken from the queue and answered at once (the
 //!   guest's driver waits for each); payload goes to the client's socket, and what the socket
@@ -12,194 +13,86 @@
 //! * Connection set-up is host-initiated (a client connects; the device sends REQUEST to the
 //!   guest port). A guest that is not listening yet (still booting) answers RST: the request is
 //!   repeated with back-off for [`CONNECT_TIMEOUT`] before the client is closed.
+//! * The VM drives the thread with [`IoCommand`]s (hold still for a snapshot, go on, stop),
+//!   and the thread reaches the VM only through its [`DeviceContext`] (wake the guest, ask the
+//!   VM to stop when idle).
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 
-use crate::base::memory::Mmap as GuestMemoryMmap;
-use hypercall_abi::virtio::vsock::{GUEST_CID, HOST_BUF_ALLOC, HOST_CID, MAX_PACKET_DATA};
-use virtio_queue::{QueueOwnedT, QueueT};
-use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
+use hypercall_abi::virtio::vsock::HOST_BUF_ALLOC;
+use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::endpoint::{Bound, CONNECT_LINE_MAX, parse_connect_line};
-use super::{Core, MAX_CONNECTIONS, VsockShared, Wake};
+use super::conn::{CONNECT_LINE_MAX, Conn, Control, HostStream, State, op, parse_connect_line};
+use super::{Held, MAX_CONNECTIONS, VsockShared};
 use crate::base::memory::GuestMemory;
-
-/// Vsock packet types and operations (virtio spec 5.10.6).
-mod op {
-    pub const TYPE_STREAM: u16 = 1;
-    pub const REQUEST: u16 = 1;
-    pub const RESPONSE: u16 = 2;
-    pub const RST: u16 = 3;
-    pub const SHUTDOWN: u16 = 4;
-    pub const RW: u16 = 5;
-    pub const CREDIT_UPDATE: u16 = 6;
-    pub const CREDIT_REQUEST: u16 = 7;
-    /// SHUTDOWN flags: no more receiving, no more sending.
-    pub const SHUTDOWN_BOTH: u32 = 3;
-}
+use crate::devices::{DeviceContext, StopReason};
+use crate::host::endpoint::Bound;
 
 /// How long the thread keeps polling after the last traffic before it sleeps.
 const POLL_WINDOW: Duration = Duration::from_micros(200);
-/// How long after re-enabling notifications the rings are looked at once more (see
-/// `Muxer::settled_late`).
-const SETTLE: Duration = Duration::from_micros(50);
 /// How long a client waits for the guest to accept (a booting guest may not listen yet).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval of the first connection retries to a guest port nobody listens on yet.
-const FAST_RETRY: Duration = Duration::from_micros(250);
+pub(super) const FAST_RETRY: Duration = Duration::from_micros(250);
 /// How many retries come at [`FAST_RETRY`] (50 ms worth) before the back-off.
-const FAST_RETRIES: u32 = 200;
+pub(super) const FAST_RETRIES: u32 = 200;
 /// How long the guest has to answer a SHUTDOWN with RST.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a hybrid-vsock client has to send its CONNECT line.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Packets handled per queue per pass (bounded work between socket events).
-const BATCH: usize = 256;
 /// First host-side port number given to connections.
 pub(super) const FIRST_HOST_PORT: u32 = 1 << 30;
 
 const TOKEN_KICK: u64 = 0;
-const TOKEN_STOP: u64 = 1;
+const TOKEN_COMMAND: u64 = 1;
 const TOKEN_LISTENER: u64 = 2;
 const TOKEN_CONN: u64 = 1 << 32;
 
-/// A client's socket.
+/// What the VM asks of the I/O thread.
 #[derive(Debug)]
-enum HostStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+pub(super) enum IoCommand {
+    /// Hold still (touch neither queues nor sockets; clients wait in the kernel's buffers)
+    /// and answer what is open, until [`IoCommand::Release`] or [`IoCommand::Stop`].
+    Hold(SyncSender<Held>),
+    /// Go on after a hold.
+    Release,
+    /// End the thread (every connection closes).
+    Stop,
 }
 
-impl HostStream {
-    fn fd(&self) -> RawFd {
-        match self {
-            HostStream::Tcp(s) => s.as_raw_fd(),
-            HostStream::Unix(s) => s.as_raw_fd(),
-        }
-    }
-
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            HostStream::Tcp(s) => s.read(buf),
-            HostStream::Unix(s) => s.read(buf),
-        }
-    }
-
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            HostStream::Tcp(s) => s.write(buf),
-            HostStream::Unix(s) => s.write(buf),
-        }
-    }
-
-    fn shutdown_write(&self) {
-        let _ = match self {
-            HostStream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
-            HostStream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
-        };
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// Hybrid socket: waiting for `CONNECT <port>\n`.
-    Handshake { deadline: Instant },
-    /// Waiting for the guest's RESPONSE (or for the device to come up).
-    Connecting { deadline: Instant, retry_at: Option<Instant>, attempts: u32, sent: bool },
-    /// Data flows both ways.
-    Established,
-    /// The client closed: SHUTDOWN sent, waiting for the guest's RST.
-    ClientClosed { deadline: Instant },
-    /// The guest shut down: flushing what it sent, then closing.
-    GuestClosed,
-}
-
-#[derive(Debug)]
-struct Conn {
-    stream: HostStream,
-    guest_port: u32,
-    state: State,
-    uds: bool,
-    readable: bool,
-    writable: bool,
-    /// The client's socket reported EOF or an error.
-    client_eof: bool,
-    /// Bytes from the guest not yet written to the client (at most HOST_BUF_ALLOC).
-    outbound: VecDeque<u8>,
-    /// Bytes read from the client not yet delivered (at most one packet).
-    inbound: Vec<u8>,
-    /// In the RX ready list.
-    queued: bool,
-    handshake: Vec<u8>,
-    // Credit: the guest's receive buffer and what it consumed; what the host sent it.
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: u32,
-    rx_cnt: u32,
-    // Credit: bytes the host forwarded to the client, and the figure last told the guest.
-    fwd_cnt: u32,
-    fwd_cnt_told: u32,
-    credit_requested: bool,
-}
-
-impl Conn {
-    fn guest_free(&self) -> u32 {
-        self.peer_buf_alloc.saturating_sub(self.rx_cnt.wrapping_sub(self.peer_fwd_cnt))
-    }
-
-    fn host_free(&self) -> usize {
-        (HOST_BUF_ALLOC as usize).saturating_sub(self.outbound.len())
-    }
-}
-
-/// Whether every buffer of `chain` lies at or above the kernel's load address (the device
-/// never reads or writes the guest-protected region).
-fn chain_in_kernel_ram<M: vm_memory::GuestMemory, T: std::ops::Deref<Target = M> + Clone>(
-    chain: &virtio_queue::DescriptorChain<T>,
-) -> bool {
-    chain.clone().all(|d| d.addr().0 >= hypercall_abi::KERNEL_MIN_LOAD_ADDR)
-}
-
-/// A control packet to send.
-#[derive(Debug, Clone, Copy)]
-struct Control {
-    guest_port: u32,
-    host_port: u32,
-    op: u16,
-    flags: u32,
-}
-
-struct Muxer {
-    shared: Arc<VsockShared>,
-    mem: GuestMemory,
+/// The I/O thread's state.
+pub(super) struct Muxer {
+    pub(super) shared: Arc<VsockShared>,
+    pub(super) mem: GuestMemory,
     epoll: Epoll,
     endpoints: Vec<Bound>,
-    conns: HashMap<u32, Conn>,
-    control: VecDeque<Control>,
-    ready: VecDeque<u32>,
+    pub(super) conns: HashMap<u32, Conn>,
+    pub(super) control: VecDeque<Control>,
+    pub(super) ready: VecDeque<u32>,
     next_port: u32,
     generation: u64,
-    live: bool,
-    wake: Wake,
-    kick: EventFd,
-    stop: EventFd,
-    rx_starved: bool,
+    pub(super) live: bool,
+    pub(super) ctx: DeviceContext,
+    kick: Arc<EventFd>,
+    commands: Receiver<IoCommand>,
+    command_kick: Arc<EventFd>,
+    pub(super) rx_starved: bool,
     /// The guest's transmit notifications are off (the thread is polling).
-    tx_suppressed: bool,
+    pub(super) tx_suppressed: bool,
     /// Connections with guest data to write out after the current transmit batch.
-    to_flush: Vec<u32>,
-    buf: Vec<u8>,
-    /// Idle shutdown: after this long with no connection open, stop accepting and call the
-    /// closure (which asks the guest to stop).
-    idle: Option<super::IdleShutdown>,
+    pub(super) to_flush: Vec<u32>,
+    pub(super) buf: Vec<u8>,
+    /// Idle shutdown: after this long with no connection open, stop accepting and ask the VM
+    /// to stop.
+    idle: Option<Duration>,
     /// The last time a connection opened or closed (or the thread started).
     last_activity: Instant,
     /// Whether the listeners are watched (false once the idle shutdown fired: clients that
@@ -210,18 +103,21 @@ struct Muxer {
     pending_resets: Vec<Control>,
 }
 
+/// Everything the thread starts from.
+pub(super) struct Start {
+    pub(super) shared: Arc<VsockShared>,
+    pub(super) mem: GuestMemory,
+    pub(super) endpoints: Vec<Bound>,
+    pub(super) ctx: DeviceContext,
+    pub(super) kick: Arc<EventFd>,
+    pub(super) commands: Receiver<IoCommand>,
+    pub(super) command_kick: Arc<EventFd>,
+    pub(super) idle: Option<Duration>,
+    pub(super) resume: Option<Held>,
+}
+
 /// The thread's body.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn run(
-    shared: Arc<VsockShared>,
-    mem: GuestMemory,
-    endpoints: Vec<Bound>,
-    wake: Wake,
-    kick: EventFd,
-    stop: EventFd,
-    idle: Option<super::IdleShutdown>,
-    resume: Option<super::Held>,
-) {
+pub(super) fn run(start: Start) {
     crate::host::seccomp::install_thread(crate::host::seccomp::Role::Io);
     let epoll = match Epoll::new() {
         Ok(e) => e,
@@ -230,6 +126,7 @@ pub(super) fn run(
             return;
         }
     };
+    let Start { shared, mem, endpoints, ctx, kick, commands, command_kick, idle, resume } = start;
     let mut m = Muxer {
         shared,
         mem,
@@ -241,9 +138,10 @@ pub(super) fn run(
         next_port: resume.as_ref().map_or(FIRST_HOST_PORT, |r| r.next_port.max(FIRST_HOST_PORT)),
         generation: u64::MAX,
         live: false,
-        wake,
+        ctx,
         kick,
-        stop,
+        commands,
+        command_kick,
         rx_starved: false,
         tx_suppressed: false,
         to_flush: Vec::new(),
@@ -255,7 +153,7 @@ pub(super) fn run(
             .map(|r| {
                 r.connections
                     .into_iter()
-                    .map(|(guest_port, host_port)| Control { guest_port, host_port, op: op::RST, flags: 0 })
+                    .map(|(guest_port, host_port)| Control::new(guest_port, host_port, op::RST))
                     .collect()
             })
             .unwrap_or_default(),
@@ -265,13 +163,6 @@ pub(super) fn run(
         return;
     }
     m.main_loop();
-    if m.shared.keep_paths.load(Ordering::Acquire) {
-        for e in &mut m.endpoints {
-            if let Bound::Uds { owner, .. } = e {
-                *owner = false;
-            }
-        }
-    }
 }
 
 impl Muxer {
@@ -279,7 +170,7 @@ impl Muxer {
         let add =
             |fd: RawFd, token: u64| self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
         add(self.kick.as_raw_fd(), TOKEN_KICK)?;
-        add(self.stop.as_raw_fd(), TOKEN_STOP)?;
+        add(self.command_kick.as_raw_fd(), TOKEN_COMMAND)?;
         for (i, e) in self.endpoints.iter().enumerate() {
             add(e.raw_fd(), TOKEN_LISTENER + i as u64)?;
         }
@@ -288,8 +179,8 @@ impl Muxer {
 
     /// When the idle shutdown is due (`None`: not armed, or connections are open).
     fn idle_deadline(&self) -> Option<Instant> {
-        let idle = self.idle.as_ref()?;
-        (self.accepting && self.conns.is_empty()).then(|| self.last_activity + idle.after)
+        let idle = self.idle?;
+        (self.accepting && self.conns.is_empty()).then(|| self.last_activity + idle)
     }
 
     /// Fires the idle shutdown if it is due: the listeners are no longer watched (new clients
@@ -303,8 +194,8 @@ impl Muxer {
             let _ = self.epoll.ctl(ControlOperation::Delete, e.raw_fd(), EpollEvent::default());
         }
         self.shared.stats.idle_shutdown.store(true, Ordering::Release);
-        if let Some(idle) = &self.idle {
-            (idle.fire)();
+        if let Some(after) = self.idle {
+            self.ctx.request_stop(StopReason::Idle(after));
         }
     }
 
@@ -313,9 +204,6 @@ impl Muxer {
         let mut busy_until: Option<Instant> = None;
         let mut polls = 0u32;
         loop {
-            if self.hold_requested() && !self.hold_still() {
-                return;
-            }
             // While busy, poll; the end of the iteration decides when to stop (and turns the
             // guest's notifications back on first), so the thread never sleeps with them off.
             let timeout = if busy_until.is_some() { 0 } else { self.next_timer_ms(Instant::now()) };
@@ -341,7 +229,12 @@ impl Muxer {
                     TOKEN_KICK => {
                         let _ = self.kick.read();
                     }
-                    TOKEN_STOP => return,
+                    TOKEN_COMMAND => {
+                        let _ = self.command_kick.read();
+                        if !self.serve_commands() {
+                            return;
+                        }
+                    }
                     t if t >= TOKEN_CONN => self.conn_event((t - TOKEN_CONN) as u32, ev.event_set()),
                     t => self.accept((t - TOKEN_LISTENER) as usize),
                 }
@@ -367,14 +260,27 @@ impl Muxer {
         }
     }
 
-    fn hold_requested(&self) -> bool {
-        self.shared.hold.lock().unwrap_or_else(|p| p.into_inner()).requested
+    /// Serves the VM's commands; `false` when the thread is to end.
+    fn serve_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(IoCommand::Hold(reply)) => {
+                    if !self.hold_still(&reply) {
+                        return false;
+                    }
+                }
+                // A release with no hold under way (the hold was given up on): nothing to do.
+                Ok(IoCommand::Release) => {}
+                Ok(IoCommand::Stop) | Err(TryRecvError::Disconnected) => return false,
+                Err(TryRecvError::Empty) => return true,
+            }
+        }
     }
 
     /// A snapshot asked the thread to hold still: it reports its connections and waits
-    /// (touching neither queues nor sockets) until released. `false` when the thread is to
-    /// stop meanwhile.
-    fn hold_still(&mut self) -> bool {
+    /// (touching neither queues nor sockets) for the release. `false` when it is to stop
+    /// instead.
+    fn hold_still(&mut self, reply: &SyncSender<Held>) -> bool {
         let mut connections: Vec<(u32, u32)> = self
             .conns
             .iter()
@@ -382,19 +288,16 @@ impl Muxer {
             .map(|(&host_port, c)| (c.guest_port, host_port))
             .collect();
         connections.sort_unstable();
-        let mut h = self.shared.hold.lock().unwrap_or_else(|p| p.into_inner());
-        h.held = Some(super::Held { connections, next_port: self.next_port });
-        self.shared.hold_cond.notify_all();
-        while h.requested {
-            h = self.shared.hold_cond.wait_timeout(h, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
-            if self.stop.read().is_ok() {
-                h.held = None;
-                return false;
+        let _ = reply.send(Held { connections, next_port: self.next_port });
+        loop {
+            match self.commands.recv() {
+                Ok(IoCommand::Release) => return true,
+                Ok(IoCommand::Hold(again)) => {
+                    let _ = again.send(Held { connections: Vec::new(), next_port: self.next_port });
+                }
+                Ok(IoCommand::Stop) | Err(_) => return false,
             }
         }
-        h.held = None;
-        // Released because the thread is to stop: stop before touching anything.
-        self.stop.read().is_err()
     }
 
     /// Milliseconds until the next timer (-1: none).
@@ -448,11 +351,7 @@ impl Muxer {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let nonblocking = match &stream {
-            HostStream::Tcp(s) => s.set_nonblocking(true).and_then(|_| s.set_nodelay(true)),
-            HostStream::Unix(s) => s.set_nonblocking(true),
-        };
-        if nonblocking.is_err() {
+        if stream.prepare().is_err() {
             return;
         }
         let host_port = self.allocate_port();
@@ -471,28 +370,7 @@ impl Muxer {
         stats.connections.fetch_add(1, Ordering::Relaxed);
         stats.open.fetch_add(1, Ordering::Relaxed);
         self.last_activity = now;
-        self.conns.insert(
-            host_port,
-            Conn {
-                stream,
-                guest_port: guest_port.unwrap_or(0),
-                state,
-                uds,
-                readable: uds,
-                writable: true,
-                client_eof: false,
-                outbound: VecDeque::new(),
-                inbound: Vec::new(),
-                queued: false,
-                handshake: Vec::new(),
-                peer_buf_alloc: 0,
-                peer_fwd_cnt: 0,
-                rx_cnt: 0,
-                fwd_cnt: 0,
-                fwd_cnt_told: 0,
-                credit_requested: false,
-            },
-        );
+        self.conns.insert(host_port, Conn::new(stream, guest_port.unwrap_or(0), state, uds));
         if uds {
             self.read_handshake(host_port);
         } else {
@@ -528,7 +406,7 @@ impl Muxer {
         }
     }
 
-    fn mark_ready(&mut self, port: u32) {
+    pub(super) fn mark_ready(&mut self, port: u32) {
         if let Some(c) = self.conns.get_mut(&port)
             && !c.queued
         {
@@ -571,7 +449,7 @@ impl Muxer {
             && live
         {
             c.state = State::Connecting { deadline, retry_at: None, attempts, sent: true };
-            self.control.push_back(Control { guest_port: c.guest_port, host_port: port, op: op::REQUEST, flags: 0 });
+            self.control.push_back(Control::new(c.guest_port, port, op::REQUEST));
         }
     }
 
@@ -616,195 +494,8 @@ impl Muxer {
         true
     }
 
-    /// Takes what the guest queued for the host and answers each chain.
-    fn process_tx(&mut self) -> bool {
-        if !self.live {
-            return false;
-        }
-        let shared = Arc::clone(&self.shared);
-        let snapshot = self.mem.snapshot();
-        let mem: &GuestMemoryMmap = &snapshot;
-        let mut core = shared.core();
-        let mut handled = 0;
-        while handled < BATCH {
-            let Some(queues) = core.queues.as_mut() else { break };
-            let chain = match queues.tx.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    shared.mark_broken(&mut core, &self.mem, format!("transmit queue: {e}"));
-                    break;
-                }
-            };
-            let Some(mut chain) = chain else { break };
-            if !self.tx_suppressed {
-                // Traffic: the thread polls for a while, so the guest need not notify.
-                let _ = queues.tx.disable_notification(mem);
-                self.tx_suppressed = true;
-            }
-            let head = chain.head_index();
-            if !chain_in_kernel_ram(&chain) {
-                shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                let _ = queues.tx.add_used(mem, head, 0);
-                continue;
-            }
-            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PACKET_DATA) {
-                Ok(pkt) => self.handle_tx(&pkt),
-                Err(_) => {
-                    shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            shared.stats.packets_from_guest.fetch_add(1, Ordering::Relaxed);
-            handled += 1;
-            if let Some(queues) = core.queues.as_mut()
-                && let Err(e) = queues.tx.add_used(mem, head, 0)
-            {
-                shared.mark_broken(&mut core, &self.mem, format!("transmit queue: {e}"));
-                break;
-            }
-        }
-        drop(core);
-        // The chains are answered; now the (slower) socket writes, so the guest waiting for
-        // its transmit buffer does not wait for them too.
-        let ports = std::mem::take(&mut self.to_flush);
-        for port in ports {
-            self.flush(port);
-        }
-        handled > 0
-    }
-
-    /// Re-enables the guest's transmit notifications before sleeping; `true` when the guest
-    /// queued something meanwhile.
-    fn enable_tx_notifications(&mut self) -> bool {
-        if !self.live {
-            return false;
-        }
-        let snapshot = self.mem.snapshot();
-        let mut core = self.shared.core();
-        self.tx_suppressed = false;
-        match core.queues.as_mut() {
-            Some(q) => q.tx.enable_notification(&*snapshot).unwrap_or(false),
-            None => false,
-        }
-    }
-
-    /// Looks at the rings once more a little after notifications were turned back on.
-    ///
-    /// virtio-drivers 0.13 publishes a new available index with a release store and then reads
-    /// the device's `NO_NOTIFY` flag with an acquire load, with no full fence between them: the
-    /// guest's load can pass its own store, see the flag the host is just clearing, and skip
-    /// the notify while the host's re-check still sees the old index. The guest would then wait
-    /// forever. Its store is visible within microseconds (a store buffer drains that fast, and
-    /// any exit drains it), so a second look after [`SETTLE`] closes the window.
-    fn settled_late(&mut self) -> bool {
-        if !self.live {
-            return false;
-        }
-        std::thread::sleep(SETTLE);
-        let snapshot = self.mem.snapshot();
-        let mem: &GuestMemoryMmap = &snapshot;
-        let mut core = self.shared.core();
-        let Some(q) = core.queues.as_mut() else { return false };
-        let fresh = |q: &virtio_queue::Queue| {
-            q.avail_idx(mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
-        };
-        fresh(&q.tx) || (self.rx_starved && fresh(&q.rx))
-    }
-
-    fn handle_tx<B: vm_memory::bitmap::BitmapSlice>(&mut self, pkt: &VsockPacket<'_, B>) {
-        let stats = &self.shared.stats;
-        if pkt.src_cid() != GUEST_CID || pkt.dst_cid() != HOST_CID {
-            stats.malformed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let (guest_port, host_port, kind) = (pkt.src_port(), pkt.dst_port(), pkt.op());
-        let rst = Control { guest_port, host_port, op: op::RST, flags: 0 };
-        if pkt.type_() != op::TYPE_STREAM {
-            self.control.push_back(rst);
-            return;
-        }
-        let Some(c) = self.conns.get_mut(&host_port).filter(|c| c.guest_port == guest_port) else {
-            if kind != op::RST {
-                self.control.push_back(rst);
-            }
-            return;
-        };
-        // Every packet carries the guest's credit.
-        let credit_moved = pkt.fwd_cnt() != c.peer_fwd_cnt || pkt.buf_alloc() != c.peer_buf_alloc;
-        c.peer_buf_alloc = pkt.buf_alloc();
-        c.peer_fwd_cnt = pkt.fwd_cnt();
-        if credit_moved {
-            c.credit_requested = false;
-        }
-        let wants_data = credit_moved || kind == op::CREDIT_UPDATE;
-        match (kind, c.state) {
-            (op::RESPONSE, State::Connecting { .. }) => {
-                c.state = State::Established;
-                if c.uds {
-                    let ok = format!("OK {host_port}\n");
-                    for (i, b) in ok.bytes().enumerate() {
-                        c.outbound.insert(i, b);
-                    }
-                }
-                self.mark_ready(host_port);
-                self.to_flush.push(host_port);
-            }
-            (op::RST, State::Connecting { deadline, attempts, .. }) => {
-                // Not listening (yet): ask again shortly. A booting service (a cold start)
-                // listens within milliseconds, so the first retries come every
-                // FAST_RETRY; after FAST_RETRIES of them, with back-off up to 64 ms.
-                let attempts = attempts + 1;
-                let backoff = if attempts <= FAST_RETRIES {
-                    FAST_RETRY
-                } else {
-                    Duration::from_millis(1u64 << (attempts - FAST_RETRIES).min(6))
-                };
-                c.state =
-                    State::Connecting { deadline, retry_at: Some(Instant::now() + backoff), attempts, sent: false };
-            }
-            (op::RW, State::Established | State::ClientClosed { .. }) => {
-                let len = pkt.len() as usize;
-                let Some(data) = pkt.data_slice() else { return };
-                if len > c.host_free() || len > data.len() {
-                    // The guest ignored the credit the host gave it.
-                    stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    self.control.push_back(rst);
-                    return self.close(host_port);
-                }
-                if self.buf.len() < len {
-                    self.buf.resize(len, 0);
-                }
-                if data.subslice(0, len).map(|d| d.copy_to(&mut self.buf[..len])).is_err() {
-                    stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                c.outbound.extend(&self.buf[..len]);
-                stats.bytes_from_guest.fetch_add(len as u64, Ordering::Relaxed);
-                self.to_flush.push(host_port);
-            }
-            (op::SHUTDOWN, _) => {
-                c.state = State::GuestClosed;
-                self.to_flush.push(host_port);
-            }
-            (op::RST, _) => self.close(host_port),
-            (op::CREDIT_UPDATE, _) => {}
-            (op::CREDIT_REQUEST, _) => {
-                self.control.push_back(Control { guest_port, host_port, op: op::CREDIT_UPDATE, flags: 0 });
-            }
-            // REQUEST (the guest connecting out) is not offered; anything else is a protocol
-            // error on this connection.
-            _ => {
-                self.control.push_back(rst);
-                self.close(host_port);
-            }
-        }
-        // More room in the guest: data from the client may flow again.
-        if wants_data {
-            self.mark_ready(host_port);
-        }
-    }
-
     /// Writes what the guest sent to the client; tells the guest about the room made.
-    fn flush(&mut self, port: u32) {
+    pub(super) fn flush(&mut self, port: u32) {
         let Some(c) = self.conns.get_mut(&port) else { return };
         while c.writable && !c.outbound.is_empty() {
             let (front, _) = c.outbound.as_slices();
@@ -818,7 +509,7 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => c.writable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => {
-                    let rst = Control { guest_port: c.guest_port, host_port: port, op: op::RST, flags: 0 };
+                    let rst = Control::new(c.guest_port, port, op::RST);
                     self.control.push_back(rst);
                     return self.close(port);
                 }
@@ -827,15 +518,10 @@ impl Muxer {
         let told = c.fwd_cnt.wrapping_sub(c.fwd_cnt_told);
         if told >= HOST_BUF_ALLOC / 4 {
             c.fwd_cnt_told = c.fwd_cnt;
-            self.control.push_back(Control {
-                guest_port: c.guest_port,
-                host_port: port,
-                op: op::CREDIT_UPDATE,
-                flags: 0,
-            });
+            self.control.push_back(Control::new(c.guest_port, port, op::CREDIT_UPDATE));
         }
         if c.state == State::GuestClosed && c.outbound.is_empty() {
-            let rst = Control { guest_port: c.guest_port, host_port: port, op: op::RST, flags: 0 };
+            let rst = Control::new(c.guest_port, port, op::RST);
             self.control.push_back(rst);
             c.stream.shutdown_write();
             self.close(port);
@@ -843,216 +529,10 @@ impl Muxer {
     }
 
     /// Drops a connection (its socket closes).
-    fn close(&mut self, port: u32) {
+    pub(super) fn close(&mut self, port: u32) {
         if self.conns.remove(&port).is_some() {
             self.shared.stats.open.fetch_sub(1, Ordering::Relaxed);
             self.last_activity = Instant::now();
-        }
-    }
-
-    /// Fills the guest's receive queue: control packets first, then data the guest has
-    /// credit for. Wakes the guest when it put anything there.
-    fn process_rx(&mut self) -> bool {
-        if !self.live || (self.control.is_empty() && self.ready.is_empty()) {
-            return false;
-        }
-        let shared = Arc::clone(&self.shared);
-        let snapshot = self.mem.snapshot();
-        let mem: &GuestMemoryMmap = &snapshot;
-        let mut core = shared.core();
-        if self.rx_starved {
-            // Buffers came back (that is why we run): stop the guest's notifications again.
-            if let Some(q) = core.queues.as_mut() {
-                let _ = q.rx.disable_notification(mem);
-            }
-            self.rx_starved = false;
-        }
-        let mut delivered = 0usize;
-        let mut rounds = 0usize;
-        while rounds < BATCH * 2 {
-            rounds += 1;
-            let next = match self.control.pop_front() {
-                Some(c) => Some(Outgoing::Control(c)),
-                None => self.next_data(),
-            };
-            let Some(out) = next else { break };
-            match Self::deliver(&mut core, mem, &out, &self.conns, &shared) {
-                Delivery::Done(bytes) => {
-                    delivered += 1;
-                    self.after_delivery(out, bytes);
-                }
-                Delivery::NoBuffer => {
-                    // Keep it for when the guest recycles a buffer; let the guest notify then.
-                    match out {
-                        Outgoing::Control(c) => self.control.push_front(c),
-                        Outgoing::Data(port) => {
-                            if let Some(c) = self.conns.get_mut(&port) {
-                                c.queued = true;
-                            }
-                            self.ready.push_front(port);
-                        }
-                    }
-                    // The guest recycles buffers as it polls: ask it to notify when it does.
-                    if let Some(q) = core.queues.as_mut()
-                        && q.rx.enable_notification(mem).unwrap_or(false)
-                    {
-                        let _ = q.rx.disable_notification(mem);
-                        continue;
-                    }
-                    self.rx_starved = true;
-                    break;
-                }
-                Delivery::Broken(why) => {
-                    shared.mark_broken(&mut core, &self.mem, why);
-                    break;
-                }
-            }
-        }
-        drop(core);
-        if delivered > 0 {
-            shared.stats.packets_to_guest.fetch_add(delivered as u64, Ordering::Relaxed);
-            (self.wake)();
-        }
-        delivered > 0
-    }
-
-    /// The next connection with data for the guest (read from its client if needed).
-    fn next_data(&mut self) -> Option<Outgoing> {
-        while let Some(port) = self.ready.pop_front() {
-            let Some(c) = self.conns.get_mut(&port) else { continue };
-            c.queued = false;
-            if c.state != State::Established {
-                continue;
-            }
-            if c.inbound.is_empty() && c.readable && !c.client_eof {
-                let room = (c.guest_free() as usize).min(4096 - PKT_HEADER_SIZE);
-                if room == 0 {
-                    if !c.credit_requested {
-                        c.credit_requested = true;
-                        self.control.push_back(Control {
-                            guest_port: c.guest_port,
-                            host_port: port,
-                            op: op::CREDIT_REQUEST,
-                            flags: 0,
-                        });
-                    }
-                    continue;
-                }
-                c.inbound.resize(room, 0);
-                match c.stream.read(&mut c.inbound) {
-                    Ok(0) => {
-                        c.inbound.clear();
-                        c.client_eof = true;
-                    }
-                    Ok(n) => c.inbound.truncate(n),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
-                        c.inbound.clear();
-                        c.readable = e.kind() == ErrorKind::Interrupted;
-                    }
-                    Err(_) => {
-                        c.inbound.clear();
-                        c.client_eof = true;
-                    }
-                }
-            }
-            if c.client_eof && c.inbound.is_empty() {
-                // The client is done: tell the guest, then wait for its RST.
-                c.state = State::ClientClosed { deadline: Instant::now() + CLOSE_TIMEOUT };
-                self.control.push_back(Control {
-                    guest_port: c.guest_port,
-                    host_port: port,
-                    op: op::SHUTDOWN,
-                    flags: op::SHUTDOWN_BOTH,
-                });
-                return self.control.pop_front().map(Outgoing::Control);
-            }
-            if !c.inbound.is_empty() {
-                return Some(Outgoing::Data(port));
-            }
-        }
-        None
-    }
-
-    fn after_delivery(&mut self, out: Outgoing, bytes: usize) {
-        if let Outgoing::Data(port) = out
-            && let Some(c) = self.conns.get_mut(&port)
-        {
-            c.rx_cnt = c.rx_cnt.wrapping_add(bytes as u32);
-            c.inbound.drain(..bytes.min(c.inbound.len()));
-            self.shared.stats.bytes_to_guest.fetch_add(bytes as u64, Ordering::Relaxed);
-            if c.readable || !c.inbound.is_empty() {
-                self.mark_ready(port);
-            }
-        }
-    }
-
-    /// Writes one packet into the next receive buffer.
-    fn deliver(
-        core: &mut Core,
-        mem: &GuestMemoryMmap,
-        out: &Outgoing,
-        conns: &HashMap<u32, Conn>,
-        shared: &VsockShared,
-    ) -> Delivery {
-        let Some(queues) = core.queues.as_mut() else { return Delivery::NoBuffer };
-        let chain = match queues.rx.iter(mem) {
-            Ok(mut it) => it.next(),
-            Err(e) => return Delivery::Broken(format!("receive queue: {e}")),
-        };
-        let Some(mut chain) = chain else { return Delivery::NoBuffer };
-        let head = chain.head_index();
-        if !chain_in_kernel_ram(&chain) {
-            return Delivery::Broken("a receive buffer lies below the kernel (the guest-protected region)".into());
-        }
-        let (used, bytes) = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PACKET_DATA) {
-            Ok(mut pkt) => {
-                let (guest_port, host_port, kind, flags, data) = match out {
-                    Outgoing::Control(c) => (c.guest_port, c.host_port, c.op, c.flags, &[][..]),
-                    Outgoing::Data(port) => match conns.get(port) {
-                        Some(c) => (c.guest_port, *port, op::RW, 0, &c.inbound[..]),
-                        None => return Delivery::Done(0),
-                    },
-                };
-                let room = pkt.data_slice().map_or(0, |d| d.len());
-                let n = data.len().min(room);
-                let (buf_alloc, fwd_cnt) = conns.get(&host_port).map_or((0, 0), |c| (HOST_BUF_ALLOC, c.fwd_cnt));
-                if pkt.set_header_from_raw(&[0u8; PKT_HEADER_SIZE]).is_err() {
-                    shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    (0, 0)
-                } else {
-                    if n > 0
-                        && let Some(d) = pkt.data_slice()
-                    {
-                        match d.subslice(0, n) {
-                            Ok(s) => s.copy_from(&data[..n]),
-                            Err(_) => {
-                                shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                    pkt.set_src_cid(HOST_CID)
-                        .set_dst_cid(GUEST_CID)
-                        .set_src_port(host_port)
-                        .set_dst_port(guest_port)
-                        .set_type(op::TYPE_STREAM)
-                        .set_op(kind)
-                        .set_flags(flags)
-                        .set_len(n as u32)
-                        .set_buf_alloc(buf_alloc)
-                        .set_fwd_cnt(fwd_cnt);
-                    ((PKT_HEADER_SIZE + n) as u32, n)
-                }
-            }
-            Err(_) => {
-                shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                (0, 0)
-            }
-        };
-        match queues.rx.add_used(mem, head, used) {
-            Ok(()) if used > 0 => Delivery::Done(bytes),
-            // An unusable buffer was returned empty; try the next one.
-            Ok(()) => Delivery::Done(0),
-            Err(e) => Delivery::Broken(format!("receive queue: {e}")),
         }
     }
 
@@ -1075,7 +555,7 @@ impl Muxer {
                         self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
                     }
                     if matches!(c.state, State::ClientClosed { .. }) {
-                        let rst = Control { guest_port: c.guest_port, host_port: port, op: op::RST, flags: 0 };
+                        let rst = Control::new(c.guest_port, port, op::RST);
                         self.control.push_back(rst);
                     }
                 }
@@ -1085,20 +565,4 @@ impl Muxer {
             }
         }
     }
-}
-
-/// What to put in the next receive buffer.
-#[derive(Debug, Clone, Copy)]
-enum Outgoing {
-    Control(Control),
-    Data(u32),
-}
-
-enum Delivery {
-    /// Delivered, with this many payload bytes.
-    Done(usize),
-    /// No receive buffer is free.
-    NoBuffer,
-    /// The queue is malformed.
-    Broken(String),
 }

@@ -1,7 +1,7 @@
 //! Host endpoints of the request channel: TCP ports published with `--publish
 //! [ADDR:]HOST_PORT:GUEST_PORT` (loopback unless an address is given), and a Unix socket that
-//! speaks Firecracker's hybrid-vsock protocol (`--vsock-uds PATH`: a client writes
-//! `CONNECT <port>\n` and, once the guest accepted, reads `OK <hostport>\n`).
+//! speaks Firecracker's hybrid-vsock protocol (`--vsock-uds PATH`; the protocol itself is the
+//! vsock device's).
 //!
 //! Listening sockets are bound before any VM boots, so a port already in use is a one-line
 //! error up front.
@@ -44,8 +44,9 @@ pub enum EndpointError {
     },
 }
 
-/// One published port.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One published port (kept as its spec in a snapshot).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Publish {
     /// Host address to listen on.
     pub host: SocketAddr,
@@ -53,6 +54,20 @@ pub struct Publish {
     pub guest_port: u32,
     /// The spec as given (for messages).
     pub spec: String,
+}
+
+impl TryFrom<String> for Publish {
+    type Error = EndpointError;
+
+    fn try_from(spec: String) -> Result<Self, Self::Error> {
+        parse_publish(&spec)
+    }
+}
+
+impl From<Publish> for String {
+    fn from(p: Publish) -> String {
+        p.spec
+    }
 }
 
 impl std::fmt::Display for Publish {
@@ -170,26 +185,22 @@ impl Bound {
     }
 }
 
+impl Bound {
+    /// Leaves a Unix socket's path in place when this handle goes (another process took the
+    /// socket over).
+    pub fn disown(&mut self) {
+        if let Bound::Uds { owner, .. } = self {
+            *owner = false;
+        }
+    }
+}
+
 impl Drop for Bound {
     fn drop(&mut self) {
         if let Bound::Uds { path, owner: true, .. } = self {
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-/// Longest `CONNECT <port>\n` line accepted on the hybrid socket.
-pub const CONNECT_LINE_MAX: usize = 32;
-
-/// Parses a complete hybrid-vsock `CONNECT <port>` line (without the newline; the keyword is
-/// case-insensitive, as Firecracker's is).
-pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
-    let text = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
-    let (word, port) = text.split_once(' ')?;
-    if !word.eq_ignore_ascii_case("connect") {
-        return None;
-    }
-    port.trim().parse::<u32>().ok().filter(|&p| p != 0)
 }
 
 #[cfg(test)]
@@ -209,15 +220,6 @@ mod tests {
         for bad in ["6379", "a:b", "1:2:3:4", "0:80", "80:0", "70000:80", "x.y:1:2", ":80"] {
             assert!(parse_publish(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn connect_lines() {
-        assert_eq!(parse_connect_line(b"CONNECT 52"), Some(52));
-        assert_eq!(parse_connect_line(b"connect 52\r"), Some(52));
-        assert_eq!(parse_connect_line(b"CONNECT x"), None);
-        assert_eq!(parse_connect_line(b"HELLO 52"), None);
-        assert_eq!(parse_connect_line(b"CONNECT 0"), None);
     }
 
     #[test]

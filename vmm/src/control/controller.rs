@@ -1,0 +1,382 @@
+//! The thread that owns a VM: it starts the VM, then serves, one at a time, everything that
+//! happens to it — the VM's own events (it ended, a device asks it to stop), Ctrl-C, its time
+//! limit, and the control requests the API sends ([`ControlRequest`]) — until the VM ends.
+//! No other thread pauses, snapshots or migrates a VM: they send a request here and get the
+//! answer back through a [`Replier`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use hypercall_abi::notice;
+use serde_json::{Value, json};
+
+use crate::base::config::Policy;
+use crate::base::timeline::detail;
+use crate::control::governor::Members;
+use crate::control::registry::Registry;
+use crate::devices::StopReason;
+use crate::policy::resource::Resource;
+use crate::report::summary::Summary;
+use crate::vmm::outcome::{IDLE_STOP_GRACE, Outcome};
+use crate::vmm::shared::{EventSink, VmEvent, VmShared};
+use crate::vmm::stats::RunReport;
+use crate::vmm::vm::{RunningVm, Vm};
+
+/// How long `pause` waits for running vCPUs to leave the guest before answering.
+const PAUSE_WAIT: Duration = Duration::from_secs(1);
+
+/// What the API asks of a VM.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ControlRequest {
+    /// Name, service, state, holdings, uptime.
+    Brief,
+    /// The summary's figures, live.
+    Get,
+    /// The figures the Prometheus exposition shows.
+    Metrics,
+    /// Pause every vCPU.
+    Pause,
+    /// Resume a paused VM.
+    Resume,
+    /// Ask the guest to stop (a STOP notice).
+    Stop,
+    /// New max and burst (min stays) for the resources given.
+    SetPolicy { vcpus: Option<Policy>, memory: Option<Policy> },
+    /// Save the VM into this directory; it runs on.
+    Snapshot { dir: PathBuf },
+    /// Move the VM to the receiver listening on this Unix socket; it ends here.
+    Migrate { to: PathBuf, verify: bool },
+}
+
+/// An answer: an HTTP status and a JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ControlReply {
+    pub(crate) status: u16,
+    pub(crate) body: Value,
+}
+
+impl ControlReply {
+    fn ok(body: Value) -> Self {
+        ControlReply { status: 200, body }
+    }
+
+    /// An error: `{"error": message}`.
+    pub(crate) fn error(status: u16, message: impl std::fmt::Display) -> Self {
+        ControlReply { status, body: json!({ "error": message.to_string() }) }
+    }
+}
+
+/// Where an answer goes. A request dropped unanswered (its VM ended first) answers 404.
+pub(crate) struct Replier {
+    send: Option<Box<dyn FnOnce(ControlReply) + Send>>,
+    vm: String,
+}
+
+impl std::fmt::Debug for Replier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replier").field("vm", &self.vm).finish_non_exhaustive()
+    }
+}
+
+impl Replier {
+    /// Answers through `send` (a request about VM `vm`).
+    pub(crate) fn new(vm: &str, send: impl FnOnce(ControlReply) + Send + 'static) -> Self {
+        Replier { send: Some(Box::new(send)), vm: vm.to_string() }
+    }
+
+    /// Answers.
+    pub(crate) fn reply(mut self, r: ControlReply) {
+        if let Some(send) = self.send.take() {
+            send(r);
+        }
+    }
+}
+
+impl Drop for Replier {
+    fn drop(&mut self) {
+        if let Some(send) = self.send.take() {
+            send(ControlReply::error(404, format!("no running VM named '{}'", self.vm)));
+        }
+    }
+}
+
+/// What reaches the owner of a VM.
+#[derive(Debug)]
+pub(crate) enum OwnerEvent {
+    /// The VM's own events.
+    Vm(VmEvent),
+    /// The operator pressed Ctrl-C (the count so far).
+    Interrupt(u32),
+    /// A control request.
+    Control(ControlRequest, Replier),
+}
+
+/// The owner's channel: made before the VM (whose events go into it).
+#[derive(Debug)]
+pub(crate) struct Owner {
+    tx: Sender<OwnerEvent>,
+    rx: Receiver<OwnerEvent>,
+}
+
+impl Owner {
+    /// A new channel.
+    pub(crate) fn new() -> Owner {
+        let (tx, rx) = std::sync::mpsc::channel();
+        Owner { tx, rx }
+    }
+
+    /// Where the VM sends its events.
+    pub(crate) fn sink(&self) -> EventSink {
+        let tx = self.tx.clone();
+        Arc::new(move |e| {
+            let _ = tx.send(OwnerEvent::Vm(e));
+        })
+    }
+}
+
+/// How a driven VM ended.
+#[derive(Debug)]
+pub(crate) struct Driven {
+    /// Its report.
+    pub(crate) report: RunReport,
+    /// It stopped because a device asked (scale to zero: no client for the idle time).
+    pub(crate) idle_stopped: bool,
+}
+
+/// What an owner needs besides its VM: the registry the API finds VMs in, the governor's
+/// members, and the VM's time limit.
+#[derive(Debug, Clone)]
+pub(crate) struct Context {
+    pub(crate) registry: Registry,
+    pub(crate) members: Members,
+}
+
+/// Starts `vm` and serves everything that happens to it until it ends (`timeout`: its time
+/// limit). The calling thread is the VM's owner.
+pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duration>) -> Driven {
+    let Owner { tx, rx } = owner;
+    let interrupts = {
+        let tx = tx.clone();
+        crate::host::signals::subscribe(move |n| {
+            let _ = tx.send(OwnerEvent::Interrupt(n));
+        })
+    };
+    let running = vm.start();
+    let shared = Arc::clone(running.shared());
+    ctx.members.add(Arc::clone(&shared));
+    let registered = ctx.registry.register(shared.name(), tx);
+    let idle_stopped = serve(&running, &rx, timeout);
+    drop(registered);
+    drop(interrupts);
+    let report = running.end();
+    // Requests that came too late are answered (404) as the channel goes.
+    drop(rx);
+    Driven { report, idle_stopped }
+}
+
+/// The owner's loop. Returns whether a device's stop request ended the VM.
+fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duration>) -> bool {
+    let vm = running.shared();
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut idle_stop_at: Option<Instant> = None;
+    while vm.outcome().is_none() {
+        let wake_at = [deadline, idle_stop_at.map(|t| t + IDLE_STOP_GRACE)].into_iter().flatten().min();
+        let event = match wake_at {
+            Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match event {
+            Err(RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    vm.finish(Outcome::Timeout(timeout.unwrap_or_default(), vm.vcpu_states()));
+                } else if idle_stop_at.is_some_and(|t| now >= t + IDLE_STOP_GRACE) {
+                    vm.finish(Outcome::IgnoredStop);
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+            Ok(OwnerEvent::Vm(VmEvent::Ended)) => {}
+            Ok(OwnerEvent::Vm(VmEvent::DeviceStop(StopReason::Idle(after)))) => {
+                if idle_stop_at.is_none() {
+                    vm.record("idle_shutdown", detail([("idle_ms", (after.as_millis() as u64).into())]));
+                    vm.post_notice(notice::STOP, |_| {});
+                    idle_stop_at = Some(Instant::now());
+                }
+            }
+            Ok(OwnerEvent::Interrupt(n)) => {
+                if n >= 2 {
+                    vm.finish(Outcome::Interrupted);
+                } else {
+                    eprintln!("hypervisor-shim: asking the guest to stop (Ctrl-C again to end the run now)");
+                    vm.post_notice(notice::STOP, |_| {});
+                }
+            }
+            Ok(OwnerEvent::Control(request, replier)) => replier.reply(answer(vm, request)),
+        }
+    }
+    idle_stop_at.is_some()
+}
+
+/// `took_us`: how long the operation took inside the shim.
+fn with_took(mut v: Value, since: Instant) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        o.insert("took_us".into(), (since.elapsed().as_micros() as u64).into());
+    }
+    v
+}
+
+fn state(vm: &VmShared) -> &'static str {
+    if vm.is_stopping() {
+        "stopping"
+    } else if vm.is_paused() {
+        "paused"
+    } else {
+        "running"
+    }
+}
+
+fn brief(vm: &VmShared) -> Value {
+    json!({
+        "name": vm.name(),
+        "app": vm.app(),
+        "state": state(vm),
+        "vcpus": vm.vcpus().online(),
+        "memory_bytes": vm.memory_held(),
+        "uptime_us": vm.started().elapsed().as_micros() as u64,
+    })
+}
+
+/// The summary's keys, live (`state` instead of `exit_code` and `exit_reason`).
+fn live(vm: &VmShared) -> Value {
+    let report = vm.report(Outcome::NoVm);
+    let [pv, pm] = &report.policy;
+    let summary = Summary::new(&report, vm.name(), vm.app(), pv.limits, pm.limits, 0);
+    let mut v = serde_json::to_value(summary).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("exit_code");
+        o.remove("exit_reason");
+        o.remove("started_monotonic_ns");
+        o.insert("state".into(), state(vm).into());
+    }
+    v
+}
+
+/// The figures of [`crate::control::api`]'s Prometheus families, for this VM.
+fn metrics(vm: &VmShared) -> Value {
+    let r = vm.report(Outcome::NoVm);
+    let connections =
+        r.devices.iter().find(|(name, _)| *name == "vsock").and_then(|(_, f)| f["connections"].as_f64()).unwrap_or(0.0);
+    json!({
+        "name": vm.name(),
+        "app": vm.app(),
+        "values": {
+            "elastic_vm_up": f64::from(u8::from(!vm.is_paused())),
+            "elastic_vcpus_online": f64::from(r.vcpus.online),
+            "elastic_vcpus_min": r.policy[0].limits.min as f64,
+            "elastic_vcpus_max": r.policy[0].limits.max as f64,
+            "elastic_vcpus_burst": r.policy[0].limits.burst as f64,
+            "elastic_memory_bytes": r.memory.final_bytes as f64,
+            "elastic_memory_max_bytes": r.policy[1].limits.max as f64,
+            "elastic_hypercalls_total": r.hypercalls as f64,
+            "elastic_vcpu_ups_total": r.vcpus.ups as f64,
+            "elastic_memory_grants_total": r.memory.grants as f64,
+            "elastic_memory_releases_total": r.memory.releases as f64,
+            "elastic_denied_total": r.denied as f64,
+            "elastic_reclaims_total": (r.policy[0].reclaims + r.policy[1].reclaims) as f64,
+            "elastic_violations_total": (r.policy[0].violations + r.policy[1].violations) as f64,
+            "elastic_vsock_connections_total": connections,
+            "elastic_uptime_seconds": vm.started().elapsed().as_secs_f64(),
+        },
+    })
+}
+
+/// Serves one control request on the owner's thread.
+fn answer(vm: &VmShared, request: ControlRequest) -> ControlReply {
+    let name = vm.name();
+    match request {
+        ControlRequest::Brief => ControlReply::ok(brief(vm)),
+        ControlRequest::Get => ControlReply::ok(live(vm)),
+        ControlRequest::Metrics => ControlReply::ok(metrics(vm)),
+        ControlRequest::Pause => {
+            let t = Instant::now();
+            if vm.pause(PAUSE_WAIT) {
+                ControlReply::ok(with_took(brief(vm), t))
+            } else {
+                ControlReply::error(409, format!("VM '{name}' is already paused"))
+            }
+        }
+        ControlRequest::Resume => {
+            let t = Instant::now();
+            if vm.resume() {
+                ControlReply::ok(with_took(brief(vm), t))
+            } else {
+                ControlReply::error(409, format!("VM '{name}' is not paused"))
+            }
+        }
+        ControlRequest::Stop => {
+            vm.post_notice(notice::STOP, |_| {});
+            ControlReply { status: 202, body: brief(vm) }
+        }
+        ControlRequest::SetPolicy { vcpus, memory } => set_policy(vm, vcpus, memory),
+        ControlRequest::Snapshot { dir } => {
+            if vm.is_stopping() {
+                return ControlReply::error(409, format!("VM '{name}' is stopping"));
+            }
+            match crate::snapshot::save(vm, &dir) {
+                Ok(f) => ControlReply::ok(serde_json::to_value(f).unwrap_or(Value::Null)),
+                Err(e) => ControlReply::error(500, e),
+            }
+        }
+        ControlRequest::Migrate { to, verify } => {
+            if vm.is_stopping() {
+                return ControlReply::error(409, format!("VM '{name}' is stopping"));
+            }
+            match crate::snapshot::migrate::send(vm, &to, verify) {
+                Ok(f) => {
+                    vm.finish(Outcome::Migrated { to: format!("unix:{}", to.display()) });
+                    ControlReply::ok(serde_json::to_value(f).unwrap_or(Value::Null))
+                }
+                Err(e) => ControlReply::error(500, format!("{e} (the VM keeps running here)")),
+            }
+        }
+    }
+}
+
+fn set_policy(vm: &VmShared, vcpus: Option<Policy>, memory: Option<Policy>) -> ControlReply {
+    let changes: Vec<(Resource, Policy)> =
+        [(Resource::Vcpus, vcpus), (Resource::Memory, memory)].into_iter().filter_map(|(r, p)| Some((r, p?))).collect();
+    if changes.is_empty() {
+        return ControlReply::error(400, "nothing to change: give \"vcpus\" and/or \"memory\"");
+    }
+    // Check every change before applying any.
+    for (r, p) in &changes {
+        let cur = vm.policy().resource(*r).limits;
+        if p.min != cur.min {
+            return ControlReply::error(
+                400,
+                format!("{}: min cannot change on a running VM (it is {})", r.name(), cur.min),
+            );
+        }
+    }
+    for (r, p) in changes {
+        let held = match r {
+            Resource::Vcpus => u64::from(vm.vcpus().online()),
+            Resource::Memory => vm.memory_held(),
+        };
+        if let Err(e) = vm.policy().set_limits(r, p, held) {
+            return ControlReply::error(400, e);
+        }
+        vm.record(
+            "policy",
+            detail([
+                ("resource", r.name().into()),
+                ("min", p.min.into()),
+                ("max", p.max.into()),
+                ("burst", p.burst.into()),
+            ]),
+        );
+    }
+    ControlReply::ok(live(vm))
+}

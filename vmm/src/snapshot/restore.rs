@@ -1,0 +1,148 @@
+//! A VM built back from its state ([`super::VmState`]): every component restores itself
+//! from its own part ([`Persist`]), and the VM is assembled from them.
+
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+
+use super::VmState;
+use crate::base::config::VmConfig;
+use crate::base::memory::{GuestMemory, MemoryArgs};
+use crate::base::persist::Persist;
+use crate::devices::DeviceManager;
+use crate::host::endpoint::Bound;
+use crate::policy::admission::{PolicyArgs, VmPolicy};
+use crate::policy::pool::Take;
+use crate::policy::resource::Resource;
+use crate::vmm::console::Console;
+use crate::vmm::error::VmError;
+use crate::vmm::loader::KernelImage;
+use crate::vmm::notices::NoticeBoard;
+use crate::vmm::shared::Parts;
+use crate::vmm::vcpu::{Vcpu, VcpuArgs};
+use crate::vmm::vcpus::VcpuSet;
+use crate::vmm::vm::{Host, Initial, Vm, create_kvm_vm, device_setup, max_slots, supported_cpuid};
+
+/// Where a restored VM's memory comes from.
+#[derive(Debug)]
+pub(crate) enum RestoreMemory {
+    /// A snapshot's memory file (mapped privately, read lazily).
+    File(std::fs::File),
+    /// Memory already filled by a migration receiver, with its KVM VM (slots registered).
+    Live {
+        /// The KVM VM the memory is registered with.
+        fd: VmFd,
+        /// The memory.
+        mem: GuestMemory,
+    },
+}
+
+/// Builds the VM of `state` as `config` says (the state's own configuration, with what the
+/// restoring command changed): memory, vCPUs (running ones with their saved state, parked ones
+/// parked), devices (open connections reset), notices, policy limits and credit; its holdings
+/// are charged to the pool. Its `endpoints` are served again.
+pub(crate) fn restore(
+    config: &VmConfig,
+    state: &VmState,
+    memory: RestoreMemory,
+    image: Arc<KernelImage>,
+    host: Host<'_>,
+    endpoints: Vec<Bound>,
+) -> Result<Vm, VmError> {
+    let r = &config.resources;
+    let pool = Arc::clone(host.pool);
+    let member = pool.admit(config.name(), r.vcpus, r.memory, r.weight)?;
+    let vm = rebuild(config, state, memory, image, host, member, endpoints);
+    if vm.is_err() {
+        pool.leave(member);
+    }
+    vm
+}
+
+fn rebuild(
+    config: &VmConfig,
+    state: &VmState,
+    memory: RestoreMemory,
+    image: Arc<KernelImage>,
+    host: Host<'_>,
+    member: usize,
+    endpoints: Vec<Bound>,
+) -> Result<Vm, VmError> {
+    let bad = |what: String| VmError::Restore(what);
+    let layout = state.layout;
+    let (fd, mem) = match memory {
+        RestoreMemory::Live { fd, mem } => (fd, mem),
+        RestoreMemory::File(file) => {
+            let fd = create_kvm_vm(host.kvm)?;
+            let boot = state.memory.regions.first().ok_or_else(|| bad("the snapshot lists no memory".into()))?;
+            if boot.gpa != 0 || boot.len != layout.ram_size {
+                return Err(bad("the snapshot's boot memory does not match its layout".into()));
+            }
+            let args = MemoryArgs {
+                vm: &fd,
+                window: (layout.window_base, layout.window_size),
+                max_slots: max_slots(host.kvm),
+                file: &file,
+            };
+            let mem = GuestMemory::restore(args, &state.memory)?;
+            (fd, mem)
+        }
+    };
+    let cpuid = supported_cpuid(host.kvm)?;
+    let (vcpus, handles) = VcpuSet::restored(&state.online);
+    let mut initial: Vec<Initial> = Vec::new();
+    for ((id, &online), handle) in state.online.iter().enumerate().zip(handles) {
+        let id = id as u32;
+        let vcpu = if online {
+            let saved = state
+                .vcpus
+                .iter()
+                .find(|v| v.id == id)
+                .ok_or_else(|| bad(format!("vCPU {id} is online but has no saved state")))?;
+            Vcpu::restore(VcpuArgs { vm: &fd, cpuid: &cpuid }, saved)?
+        } else {
+            Vcpu::create(&fd, &cpuid, id)?
+        };
+        initial.push((vcpu, handle, !online));
+    }
+    let devices = DeviceManager::restore(&mem, &device_setup(config, &endpoints), &state.devices)?;
+    // Charge what the VM holds above its min (admission reserved the min).
+    let pool = host.pool;
+    let r = &config.resources;
+    let held = [vcpus.online() as u64, mem.held()];
+    for res in Resource::ALL {
+        let above = held[res as usize].saturating_sub([r.vcpus.min, r.memory.min][res as usize]);
+        if above > 0 {
+            let granularity = if res == Resource::Memory { hypercall_abi::EXTENT_ALIGN } else { 1 };
+            match pool.take(member, res, above, granularity).0 {
+                Take::Granted(n) if n == above => {}
+                _ => return Err(bad(format!("the pool has no room for the {} the VM holds", res.name()))),
+            }
+        }
+    }
+    let never = |e: std::convert::Infallible| -> VmError { match e {} };
+    let policy = VmPolicy::restore(PolicyArgs { pool: Arc::clone(pool), member, config: r.policy }, &state.policy)
+        .map_err(never)?;
+    let notices = NoticeBoard::restore((), &state.notices).map_err(never)?;
+    let parts = Parts {
+        config: config.clone(),
+        fd,
+        mem,
+        layout,
+        image,
+        cpuid,
+        tsc_khz: state.tsc_khz,
+        policy,
+        devices,
+        vcpus,
+        notices,
+        console: Console::new(config.name(), host.console),
+        endpoints,
+        started: host.started,
+        timeline: host.timeline,
+        events: host.events,
+    };
+    let vm = Vm::assemble(parts, initial)?;
+    vm.shared().restored_now();
+    Ok(vm)
+}

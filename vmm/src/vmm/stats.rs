@@ -1,0 +1,142 @@
+//! A VM's figures: the counters kept while it runs ([`Stats`]) and what a finished run
+//! reports ([`RunReport`]).
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hypercall_abi::Call;
+
+use crate::base::config::VmConfig;
+use crate::policy::admission::Invariants;
+use crate::policy::resource::{Resource, ResourcePolicy};
+use crate::vmm::outcome::Outcome;
+use crate::vmm::vcpus::VcpuCounts;
+
+/// Counters kept while the VM runs.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    /// Hypercalls served (all kinds, including refused ones).
+    pub(crate) hypercalls: AtomicU64,
+    /// Hypercalls per call: index 0 collects unknown numbers, index `i + 1` counts
+    /// `Call::ALL[i]` (sized from the ABI's call table).
+    pub(crate) per_call: [AtomicU64; Call::ALL.len() + 1],
+    /// Writes to the NOP port.
+    pub(crate) nop_exits: AtomicU64,
+    /// Console bytes written.
+    pub(crate) console_bytes: AtomicU64,
+    /// Requests refused with DENIED (vCPUs and memory).
+    pub(crate) denied: AtomicU64,
+    /// REPORT calls received.
+    pub(crate) reports: AtomicU64,
+    /// REPORT calls above the per-vCPU rate, answered but not recorded.
+    pub(crate) reports_not_recorded: AtomicU64,
+    /// Successful MEM_GRANT calls.
+    pub(crate) mem_grants: AtomicU64,
+    /// Successful MEM_RELEASE calls.
+    pub(crate) mem_releases: AtomicU64,
+    /// Most memory held at once (bytes).
+    pub(crate) mem_peak: AtomicU64,
+    /// The shim's RSS at the guest's first HELLO (bytes).
+    pub(crate) rss_boot: OnceLock<u64>,
+}
+
+impl Stats {
+    /// Counts one hypercall with number `n`.
+    pub(crate) fn count_call(&self, n: u32) {
+        self.hypercalls.fetch_add(1, Ordering::Relaxed);
+        let i = Call::from_number(n).and_then(|c| Call::ALL.iter().position(|x| *x == c)).map_or(0, |p| p + 1);
+        if let Some(c) = self.per_call.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Everything a finished run reports.
+#[derive(Debug, Clone)]
+pub(crate) struct RunReport {
+    /// How it ended.
+    pub(crate) outcome: Outcome,
+    /// Shim start to first HELLO (`None` if the guest never said HELLO).
+    pub(crate) boot: Option<Duration>,
+    /// Shim start to a restored VM ready to run.
+    pub(crate) restored: Option<Duration>,
+    /// Shim start to the end of the run.
+    pub(crate) wall: Duration,
+    /// Hypercalls served.
+    pub(crate) hypercalls: u64,
+    /// Hypercalls per call name.
+    pub(crate) per_call: Vec<(&'static str, u64)>,
+    /// vCPU counts at the end.
+    pub(crate) vcpus: VcpuCounts,
+    /// Requests refused with DENIED.
+    pub(crate) denied: u64,
+    /// REPORT calls.
+    pub(crate) reports: u64,
+    /// REPORT calls above the per-vCPU rate (not recorded).
+    pub(crate) reports_not_recorded: u64,
+    /// Memory figures.
+    pub(crate) memory: MemoryCounts,
+    /// Per-resource policy state at the end (reclaims, violations, credit).
+    pub(crate) policy: [ResourcePolicy; 2],
+    /// AGAIN and EXHAUSTED answers.
+    pub(crate) again: u64,
+    /// EXHAUSTED answers.
+    pub(crate) exhausted: u64,
+    /// The invariant checks made during the run.
+    pub(crate) invariants: Invariants,
+    /// Each device's figures, by device name.
+    pub(crate) devices: Vec<(&'static str, serde_json::Value)>,
+    /// Guest console bytes dropped because nobody read the shim's output fast enough.
+    pub(crate) console_dropped: u64,
+}
+
+impl RunReport {
+    /// The report of an on-demand slot whose run ended with no VM running and none run before
+    /// (`outcome` says why: interrupted or timed out while waiting for a client).
+    pub(crate) fn without_vm(config: &VmConfig, outcome: Outcome, wall: Duration) -> RunReport {
+        let r = &config.resources;
+        let p = &r.policy;
+        RunReport {
+            outcome,
+            boot: None,
+            restored: None,
+            wall,
+            hypercalls: 0,
+            per_call: Call::ALL.iter().map(|c| (c.name(), 0)).collect(),
+            vcpus: VcpuCounts::default(),
+            denied: 0,
+            reports: 0,
+            reports_not_recorded: 0,
+            memory: MemoryCounts::default(),
+            policy: [
+                ResourcePolicy::new(Resource::Vcpus, r.vcpus, p.budget[0], p.refill[0]),
+                ResourcePolicy::new(Resource::Memory, r.memory, p.budget[1], p.refill[1]),
+            ],
+            again: 0,
+            exhausted: 0,
+            invariants: Invariants::default(),
+            devices: crate::devices::names().map(|n| (n, serde_json::Value::Null)).collect(),
+            console_dropped: 0,
+        }
+    }
+}
+
+/// Memory figures of a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MemoryCounts {
+    /// Most bytes held at once.
+    pub(crate) peak: u64,
+    /// Bytes held at the end.
+    pub(crate) final_bytes: u64,
+    /// Successful MEM_GRANT calls.
+    pub(crate) grants: u64,
+    /// Successful MEM_RELEASE calls.
+    pub(crate) releases: u64,
+    /// The shim's RSS at the first HELLO.
+    pub(crate) rss_boot: u64,
+    /// The shim's peak RSS.
+    pub(crate) rss_peak: u64,
+    /// The shim's RSS at the end of the run.
+    pub(crate) rss_end: u64,
+}
