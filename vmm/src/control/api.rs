@@ -15,7 +15,7 @@
 //! (wrong method) or 409 (a state that does not allow it: resuming a running VM...).
 //!
 //! The API thread only speaks HTTP: it parses a request, hands it to the thread that owns the
-//! VM ([`crate::control::controller`]) and goes on; that thread does the work and answers the
+//! VM ([`crate::control::controller`], through [`crate::control::registry`]) and goes on; that thread does the work and answers the
 //! client. A long operation (a migration) therefore never holds the API up, and the API
 //! thread's seccomp list has no `ioctl` and no file creation.
 
@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::control::controller::{ControlReply, ControlRequest, Replier};
+use crate::control::request::{ControlReply, ControlRequest, Replier};
 use crate::control::registry::Registry;
 
 /// Control API failures.
@@ -70,11 +70,13 @@ const FAMILIES: [(&str, &str, &str); 16] = [
 ];
 
 /// The API server thread (stopped and its socket removed when dropped).
-#[derive(Debug)]
 pub(crate) struct ApiServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
+    /// Dropped here, after the thread ended: closing the server removes its socket file,
+    /// which the API thread's seccomp list does not allow.
+    server: Arc<tiny_http::Server>,
 }
 
 impl ApiServer {
@@ -84,7 +86,8 @@ impl ApiServer {
         if path.exists() {
             return Err(err("already exists (remove it first)".into()));
         }
-        let server = tiny_http::Server::http_unix(path).map_err(|e| err(e.to_string()))?;
+        let server = Arc::new(tiny_http::Server::http_unix(path).map_err(|e| err(e.to_string()))?);
+        let served = Arc::clone(&server);
         // /proc figures are opened now: the thread may not open files once narrowed.
         let _ = crate::host::process::process_rss_bytes();
         let stop = Arc::new(AtomicBool::new(false));
@@ -94,7 +97,7 @@ impl ApiServer {
             .spawn(move || {
                 crate::host::seccomp::install_thread(crate::host::seccomp::Role::Api);
                 while !stop2.load(Ordering::Acquire) {
-                    match server.recv_timeout(Duration::from_millis(100)) {
+                    match served.recv_timeout(Duration::from_millis(100)) {
                         Ok(Some(request)) => serve(request, &registry),
                         Ok(None) => {}
                         Err(_) => break,
@@ -102,7 +105,13 @@ impl ApiServer {
                 }
             })
             .map_err(|e| err(format!("cannot start the API thread: {e}")))?;
-        Ok(ApiServer { stop, thread: Some(thread), path: path.to_path_buf() })
+        Ok(ApiServer { stop, thread: Some(thread), path: path.to_path_buf(), server })
+    }
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -112,6 +121,7 @@ impl Drop for ApiServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.server.unblock();
         let _ = std::fs::remove_file(&self.path);
     }
 }

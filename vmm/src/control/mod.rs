@@ -4,8 +4,8 @@
 //!   the API), and [`on_demand`]: slots that boot a VM when a client comes or again after a
 //!   failure.
 //! * [`controller`]: the owner thread of each VM, which serves its events and control
-//!   requests; [`registry`]: the running VMs by name; [`api`]: the HTTP control API, which only
-//!   forwards requests to owners; [`governor`]: the accounting thread.
+//!   requests ([`request`]); [`registry`]: the running VMs by name; [`api`]: the HTTP control
+//!   API, which only forwards requests to owners; [`governor`]: the accounting thread.
 //! * [`resume`]: runs that start from a snapshot or a migration.
 
 pub(crate) mod api;
@@ -13,5 +13,6 @@ pub(crate) mod controller;
 pub(crate) mod governor;
 pub(crate) mod on_demand;
 pub(crate) mod registry;
+pub(crate) mod request;
 pub(crate) mod resume;
 pub(crate) mod run;

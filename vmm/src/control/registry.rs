@@ -4,7 +4,7 @@
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::control::controller::{ControlRequest, OwnerEvent, Replier};
+use crate::control::request::{ControlRequest, OwnerEvent, Replier};
 
 #[derive(Debug)]
 struct Entry {
