@@ -225,15 +225,18 @@ fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64], sent_map: &mut S
     Ok(sent)
 }
 
-/// Every page whose contents differ from what the target holds (the first round: every
-/// non-zero page; with the VM paused, the final check that nothing was missed).
+/// Every page, in the regions the target knows, whose contents differ from what the target
+/// holds (the first round: every non-zero page; with the VM paused, the final check that
+/// nothing was missed).
 fn changed_pages(vm: &VmShared, sent: &Sent) -> Vec<u64> {
     let mem = vm.mem();
     let guard = mem.snapshot();
     let mut pages = Vec::new();
     for r in mem.regions() {
+        // A region granted since the target was last told the regions is not there yet: its
+        // pages go in a later round (the dirty log has every write to it since).
+        let Some((_, hashes)) = sent.regions.get(&r.serial) else { continue };
         let Some(bytes) = mem.host_range(&guard, r.gpa, r.len) else { continue };
-        let hashes = sent.regions.get(&r.serial).map(|(_, h)| h.as_slice()).unwrap_or(&[]);
         for (i, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
             let changed = match hashes.get(i).copied().flatten() {
                 None => !super::is_zero(page),
