@@ -6,16 +6,22 @@
 //! kernel = "kernel"                  # kernel ELF, relative to the rootfs (default "kernel")
 //! vcpus = "1:2:4"                    # default vCPU policy MIN:MAX:BURST
 //! memory = "64M:256M:512M"           # default memory policy MIN:MAX:BURST
-//! publish = ["127.0.0.1:6379:6379"]  # default published ports [ADDR:]HOST:GUEST
+//! publish = ["127.0.0.1:6379:6379"]  # default published ports [ADDR:]HOST_PORT:GUEST_PORT
 //! log = "info"                       # guest log level
 //! ```
+//!
+//! `vcpus`, `memory` and `publish` are read with [`elastic_config`], the grammar and limits of
+//! `hypervisor-shim run --vcpus/--memory/--publish`: a value the VMM would refuse is refused
+//! here, with the VMM's message, before any VM starts.
 
 use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::policy::{MemoryPolicy, PolicyError, Publish, VcpuPolicy};
+use elastic_config::{
+    DEFAULT_MEMORY_POLICY, DEFAULT_VCPU_POLICY, Policy, Publish, parse_memory_policy, parse_publish, parse_vcpu_policy,
+};
 
 /// The file name looked up at the root of the rootfs.
 pub const FILE_NAME: &str = "elastic.toml";
@@ -47,7 +53,7 @@ pub enum ConfigError {
         /// The field.
         field: &'static str,
         /// Why.
-        source: PolicyError,
+        source: elastic_config::Error,
     },
     /// `kernel` escapes the rootfs or is empty.
     #[error("{path}: kernel = {kernel:?} must be a relative path inside the rootfs")]
@@ -90,18 +96,15 @@ pub struct RootfsConfig {
     pub args: Vec<String>,
     /// Kernel ELF, relative to the rootfs.
     pub kernel: PathBuf,
-    /// Default vCPU policy.
-    pub vcpus: VcpuPolicy,
-    /// Default memory policy.
-    pub memory: MemoryPolicy,
+    /// Default vCPU policy ([`DEFAULT_VCPU_POLICY`] when not given).
+    pub vcpus: Policy,
+    /// Default memory policy ([`DEFAULT_MEMORY_POLICY`] when not given).
+    pub memory: Policy,
     /// Default published ports.
     pub publish: Vec<Publish>,
     /// Guest log level.
     pub log: String,
 }
-
-/// Guest log levels `hypervisor-shim run --log` accepts.
-const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
 impl RootfsConfig {
     /// Reads `elastic.toml` from the root of `rootfs`.
@@ -115,35 +118,38 @@ impl RootfsConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.into(), message: one_line(&e) })?;
-        let field =
-            |field: &'static str| move |source: PolicyError| ConfigError::Field { path: path.into(), field, source };
+        let field = |field: &'static str, source: elastic_config::Error| ConfigError::Field {
+            path: path.into(),
+            field,
+            source,
+        };
         let kernel = raw.kernel.unwrap_or_else(|| "kernel".to_string());
         let kernel_path = PathBuf::from(&kernel);
         if kernel.is_empty() || !kernel_path.components().all(|c| matches!(c, Component::Normal(_))) {
             return Err(ConfigError::KernelPath { path: path.into(), kernel });
         }
         let log = raw.log.unwrap_or_else(|| "info".to_string());
-        if !LOG_LEVELS.contains(&log.as_str()) {
+        if !hypercall_abi::LOG_LEVELS.contains(&log.as_str()) {
             return Err(ConfigError::LogLevel { path: path.into(), level: log });
         }
         Ok(RootfsConfig {
             service: raw.service,
             args: raw.args,
             kernel: kernel_path,
-            vcpus: raw.vcpus.as_deref().map(VcpuPolicy::parse).transpose().map_err(field("vcpus"))?.unwrap_or_default(),
-            memory: raw
-                .memory
-                .as_deref()
-                .map(MemoryPolicy::parse)
-                .transpose()
-                .map_err(field("memory"))?
-                .unwrap_or_default(),
+            vcpus: match raw.vcpus.as_deref() {
+                Some(text) => parse_vcpu_policy(text).map_err(|e| field("vcpus", e.into()))?,
+                None => DEFAULT_VCPU_POLICY,
+            },
+            memory: match raw.memory.as_deref() {
+                Some(text) => parse_memory_policy(text).map_err(|e| field("memory", e.into()))?,
+                None => DEFAULT_MEMORY_POLICY,
+            },
             publish: raw
                 .publish
                 .iter()
-                .map(|p| Publish::parse(p))
+                .map(|p| parse_publish(p))
                 .collect::<Result<_, _>>()
-                .map_err(field("publish"))?,
+                .map_err(|e| field("publish", e.into()))?,
             log,
         })
     }
@@ -167,8 +173,8 @@ mod tests {
         let c = parse("service = \"hello\"").expect("valid");
         assert_eq!(c.service.as_deref(), Some("hello"));
         assert_eq!(c.kernel, PathBuf::from("kernel"));
-        assert_eq!(c.vcpus, VcpuPolicy::default());
-        assert_eq!(c.memory, MemoryPolicy::default());
+        assert_eq!(c.vcpus, Policy::fixed(1));
+        assert_eq!(c.memory, Policy::fixed(64 << 20));
         assert_eq!(c.log, "info");
         assert!(c.args.is_empty() && c.publish.is_empty());
     }
@@ -182,9 +188,9 @@ mod tests {
         .expect("valid");
         assert_eq!(c.args, ["a", "b"]);
         assert_eq!(c.kernel, PathBuf::from("boot/kernel"));
-        assert_eq!(c.vcpus, VcpuPolicy { min: 1, max: 2, burst: 4 });
-        assert_eq!(c.memory, MemoryPolicy { min: 64 << 20, max: 256 << 20, burst: 512 << 20 });
-        assert_eq!(c.publish[0].to_string(), "127.0.0.1:6379:6379");
+        assert_eq!(c.vcpus, Policy { min: 1, max: 2, burst: 4 });
+        assert_eq!(c.memory, Policy { min: 64 << 20, max: 256 << 20, burst: 512 << 20 });
+        assert_eq!(c.publish[0].canonical(), "127.0.0.1:6379:6379");
     }
 
     #[test]
@@ -199,5 +205,26 @@ mod tests {
         assert!(e.to_string().contains("inside the rootfs"), "{e}");
         let e = parse("log = \"loud\"").expect_err("level");
         assert!(e.to_string().contains("loud"), "{e}");
+    }
+
+    /// The shim's grammar, not a lookalike: two-value policies and `Mi`/`Gi` sizes parse, IPv6
+    /// publishes parse; 65 vCPUs, misaligned memory and 0 ports are refused with the shim's
+    /// messages.
+    #[test]
+    fn values_follow_the_shims_grammar() {
+        let c = parse("vcpus = \"1:2\"\nmemory = \"64Mi:1Gi\"\npublish = [\"[::1]:8080:4294967295\"]").expect("valid");
+        assert_eq!(c.vcpus, Policy { min: 1, max: 2, burst: 2 });
+        assert_eq!(c.memory, Policy { min: 64 << 20, max: 1 << 30, burst: 1 << 30 });
+        assert_eq!(c.publish[0].canonical(), "[::1]:8080:4294967295");
+        for (toml, message) in [
+            ("vcpus = \"1:65:65\"", "vcpus: vCPU policy 1:65:65: min must be at least 1 and burst at most 64"),
+            ("vcpus = \"4:2:1\"", "vcpus: vCPU policy 4:2:1 must satisfy min <= max <= burst"),
+            ("memory = \"300000000\"", "memory: memory policy 300000000: 300000000 is not a multiple of 2M"),
+            ("memory = \"5M\"", "memory: memory policy 5M: min must be at least 8M"),
+            ("publish = [\"0:80\"]", "publish: '0:80': ports are 1-65535 on the host and 1-4294967295 in the guest"),
+        ] {
+            let e = parse(toml).expect_err(toml);
+            assert_eq!(e.to_string(), format!("elastic.toml: {message}"), "{toml}");
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! per task, with the service, policies and published ports taken from the OCI bundle.
 //!
 //! * [`config`]: the rootfs's `elastic.toml`.
-//! * [`policy`]: min / max / burst policies and published ports.
+//! * [`policy`]: the containerd-specific steps around [`elastic_config`]'s policies and
+//!   published ports (memory limits rounded to extents, the publish list).
 //! * [`spec`]: OCI spec → what the VM runs (and what is refused).
 //! * [`vmm`]: the `hypervisor-shim` child process and its `ctl` commands.
 //! * [`stdio`]: the console FIFOs.

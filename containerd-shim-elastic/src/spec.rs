@@ -10,17 +10,20 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use elastic_config::{
+    Policy, PolicyError, Publish, parse_count, parse_size, validate_memory_policy, validate_vcpu_policy,
+};
 use oci_spec::runtime::{LinuxCpu, LinuxMemory, LinuxNamespaceType, Mount, Spec};
 use thiserror::Error;
 
 use crate::config::{ConfigError, RootfsConfig};
-use crate::policy::{MemoryPolicy, PolicyError, Publish, VcpuPolicy, parse_size, round_memory};
+use crate::policy::{limit_to_extents, parse_publish_list};
 
 /// Annotation: the vCPU burst ceiling (a count).
 pub const ANNOTATION_BURST_VCPUS: &str = "elastic.burst.vcpus";
 /// Annotation: the memory burst ceiling (a size such as `1G`).
 pub const ANNOTATION_BURST_MEMORY: &str = "elastic.burst.memory";
-/// Annotation: published ports, comma-separated `[ADDR:]HOST:GUEST`.
+/// Annotation: published ports, comma-separated `[ADDR:]HOST_PORT:GUEST_PORT`.
 pub const ANNOTATION_PUBLISH: &str = "elastic.publish";
 /// CRI's annotation naming a pod sandbox (`sandbox`) or an application container.
 pub const ANNOTATION_CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -92,14 +95,10 @@ pub enum SpecError {
         /// Why.
         problem: String,
     },
-    /// The resulting policy is inconsistent.
-    #[error("{what} policy from elastic.toml, linux.resources and annotations: {source}")]
-    Policy {
-        /// vCPU or memory.
-        what: &'static str,
-        /// Why.
-        source: PolicyError,
-    },
+    /// The resulting policy fails the checks `hypervisor-shim` applies (the message names the
+    /// resource and the policy).
+    #[error("policy from elastic.toml, linux.resources and annotations: {0}")]
+    Policy(#[source] PolicyError),
 }
 
 /// What a task runs.
@@ -121,10 +120,10 @@ pub struct VmPlan {
     pub service: String,
     /// Its arguments.
     pub args: Vec<String>,
-    /// vCPU policy.
-    pub vcpus: VcpuPolicy,
-    /// Memory policy.
-    pub memory: MemoryPolicy,
+    /// vCPU policy (validated).
+    pub vcpus: Policy,
+    /// Memory policy (validated).
+    pub memory: Policy,
     /// Published ports.
     pub publish: Vec<Publish>,
     /// Guest log level.
@@ -171,9 +170,9 @@ pub fn plan(spec: &Spec, rootfs: &Path) -> Result<Workload, SpecError> {
     let ann = Annotations::parse(annotations(spec))?;
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     let vcpus = vcpu_policy(config.vcpus, resources.and_then(|r| r.cpu().as_ref()), ann.burst_vcpus)
-        .map_err(|source| SpecError::Policy { what: "vCPU", source })?;
+        .map_err(SpecError::Policy)?;
     let memory = memory_policy(config.memory, resources.and_then(|r| r.memory().as_ref()), ann.burst_memory)
-        .map_err(|source| SpecError::Policy { what: "memory", source })?;
+        .map_err(SpecError::Policy)?;
     Ok(Workload::Vm(VmPlan {
         kernel,
         service,
@@ -262,16 +261,15 @@ impl Annotations {
             let bad = |key: &'static str, problem: String| SpecError::Annotation { key, value: value.clone(), problem };
             match key.as_str() {
                 ANNOTATION_BURST_VCPUS => {
-                    let n =
-                        value.trim().parse::<u64>().map_err(|_| bad(ANNOTATION_BURST_VCPUS, "not a count".into()))?;
-                    out.burst_vcpus = Some(n);
+                    out.burst_vcpus = Some(parse_count(value).map_err(|e| bad(ANNOTATION_BURST_VCPUS, e.to_string()))?);
                 }
                 ANNOTATION_BURST_MEMORY => {
-                    let n = parse_size(value).map_err(|e| bad(ANNOTATION_BURST_MEMORY, e.to_string()))?;
-                    out.burst_memory = Some(round_memory(n));
+                    // As written: a size that is not whole extents is refused by the policy check.
+                    out.burst_memory =
+                        Some(parse_size(value).map_err(|e| bad(ANNOTATION_BURST_MEMORY, e.to_string()))?);
                 }
                 ANNOTATION_PUBLISH => {
-                    out.publish = Some(Publish::parse_list(value).map_err(|e| bad(ANNOTATION_PUBLISH, e.to_string()))?);
+                    out.publish = Some(parse_publish_list(value).map_err(|e| bad(ANNOTATION_PUBLISH, e.to_string()))?);
                 }
                 _ => return Err(SpecError::UnknownAnnotation(key.clone())),
             }
@@ -281,12 +279,9 @@ impl Annotations {
 }
 
 /// vCPUs: `ceil(quota / period)` is max (and burst, unless the annotation raises it);
-/// `shares / 1024` (at least 1) is min. Without a quota, max is raised to min if needed.
-pub fn vcpu_policy(
-    defaults: VcpuPolicy,
-    cpu: Option<&LinuxCpu>,
-    burst: Option<u64>,
-) -> Result<VcpuPolicy, PolicyError> {
+/// `shares / 1024` (at least 1) is min. Without a quota, max is raised to min if needed. The
+/// result must pass the shim's own checks ([`validate_vcpu_policy`]).
+pub fn vcpu_policy(defaults: Policy, cpu: Option<&LinuxCpu>, burst: Option<u64>) -> Result<Policy, PolicyError> {
     let mut p = defaults;
     let quota = cpu.and_then(|c| c.quota()).filter(|q| *q > 0);
     let limit = quota.map(|q| {
@@ -308,20 +303,21 @@ pub fn vcpu_policy(
     if let Some(b) = burst {
         p.burst = b;
     }
-    p.check()?;
-    Ok(p)
+    validate_vcpu_policy(p)
 }
 
-/// Memory: the limit (rounded down to 2 MiB) is max (and burst, unless the annotation raises
-/// it); min (boot memory) comes from `elastic.toml`, lowered to the limit if above it.
+/// Memory: the limit (rounded down to 2 MiB: the one conversion, since Kubernetes computes
+/// it in bytes) is max (and burst, unless the annotation raises it); min (boot memory) comes
+/// from `elastic.toml`, lowered to the limit if above it. The result must pass the shim's own
+/// checks ([`validate_memory_policy`]).
 pub fn memory_policy(
-    defaults: MemoryPolicy,
+    defaults: Policy,
     memory: Option<&LinuxMemory>,
     burst: Option<u64>,
-) -> Result<MemoryPolicy, PolicyError> {
+) -> Result<Policy, PolicyError> {
     let mut p = defaults;
     if let Some(limit) = memory.and_then(|m| m.limit()).filter(|l| *l > 0) {
-        let limit = round_memory(limit as u64);
+        let limit = limit_to_extents(limit as u64);
         p.max = limit;
         p.burst = limit;
         p.min = p.min.min(limit);
@@ -329,8 +325,7 @@ pub fn memory_policy(
     if let Some(b) = burst {
         p.burst = b;
     }
-    p.check()?;
-    Ok(p)
+    validate_memory_policy(p)
 }
 
 #[cfg(test)]
@@ -356,38 +351,50 @@ mod tests {
 
     #[test]
     fn cpu_quota_is_max_and_shares_are_min() {
-        let d = VcpuPolicy::default();
+        let d = elastic_config::DEFAULT_VCPU_POLICY;
         // Kubernetes: requests 2, limits 3.5 -> shares 2048, quota 350000/100000.
         let p = vcpu_policy(d, Some(&cpu(Some(2048), Some(350_000), Some(100_000))), None).expect("valid");
-        assert_eq!(p, VcpuPolicy { min: 2, max: 4, burst: 4 });
+        assert_eq!(p, Policy { min: 2, max: 4, burst: 4 });
         // BestEffort pods get 2 shares: min is still one vCPU.
         let p = vcpu_policy(d, Some(&cpu(Some(2), None, None)), None).expect("valid");
-        assert_eq!(p, VcpuPolicy { min: 1, max: 1, burst: 1 });
+        assert_eq!(p, Policy { min: 1, max: 1, burst: 1 });
         // Shares without a quota raise max to min.
         let p = vcpu_policy(d, Some(&cpu(Some(3072), Some(-1), None)), None).expect("valid");
-        assert_eq!(p, VcpuPolicy { min: 3, max: 3, burst: 3 });
+        assert_eq!(p, Policy { min: 3, max: 3, burst: 3 });
         // A quota without a period uses the kernel's default period.
         let p = vcpu_policy(d, Some(&cpu(None, Some(150_000), None)), Some(8)).expect("valid");
-        assert_eq!(p, VcpuPolicy { min: 1, max: 2, burst: 8 });
+        assert_eq!(p, Policy { min: 1, max: 2, burst: 8 });
         // elastic.toml's burst survives when nothing limits max.
-        let toml = VcpuPolicy { min: 1, max: 2, burst: 4 };
+        let toml = Policy { min: 1, max: 2, burst: 4 };
         assert_eq!(vcpu_policy(toml, None, None).expect("valid"), toml);
         // A request above the limit is refused.
         assert!(vcpu_policy(d, Some(&cpu(Some(4096), Some(100_000), None)), None).is_err());
         // A burst below max is refused.
         assert!(vcpu_policy(d, Some(&cpu(None, Some(400_000), None)), Some(2)).is_err());
+        // 65 vCPUs pass no check the shim would refuse.
+        let e = vcpu_policy(d, Some(&cpu(None, Some(6_500_000), None)), None).expect_err("65 vCPUs");
+        assert_eq!(e.to_string(), "vCPU policy 1:65:65: min must be at least 1 and burst at most 64");
+        assert!(vcpu_policy(d, None, Some(65)).is_err(), "a burst of 65");
+        assert_eq!(
+            vcpu_policy(d, Some(&cpu(None, Some(6_400_000), None)), None).expect("64"),
+            Policy { min: 1, max: 64, burst: 64 }
+        );
     }
 
     #[test]
     fn memory_limit_is_max() {
-        let toml = MemoryPolicy { min: 64 * MIB, max: 128 * MIB, burst: 512 * MIB };
+        let toml = Policy { min: 64 * MIB, max: 128 * MIB, burst: 512 * MIB };
         let limit = |l: i64| LinuxMemoryBuilder::default().limit(l).build().expect("memory");
         let p = memory_policy(toml, Some(&limit(256 * MIB as i64)), None).expect("valid");
-        assert_eq!(p, MemoryPolicy { min: 64 * MIB, max: 256 * MIB, burst: 256 * MIB });
+        assert_eq!(p, Policy { min: 64 * MIB, max: 256 * MIB, burst: 256 * MIB });
         let p = memory_policy(toml, Some(&limit(32 * MIB as i64 + 12345)), Some(GIB)).expect("valid");
-        assert_eq!(p, MemoryPolicy { min: 32 * MIB, max: 32 * MIB, burst: GIB });
+        assert_eq!(p, Policy { min: 32 * MIB, max: 32 * MIB, burst: GIB });
         assert_eq!(memory_policy(toml, None, None).expect("valid"), toml);
         assert!(memory_policy(toml, Some(&limit(4 * MIB as i64)), None).is_err());
+        // A burst a user wrote is not rounded: whole extents, or refused as the shim would.
+        let e = memory_policy(toml, None, Some(GIB + 4096)).expect_err("misaligned burst");
+        assert_eq!(e.to_string(), "memory policy 64M:128M:1048580K: 1048580K is not a multiple of 2M");
+        assert!(memory_policy(toml, None, Some(254 * GIB)).is_err(), "beyond guest-physical space");
     }
 
     const GIB: u64 = 1 << 30;
@@ -489,7 +496,7 @@ mod tests {
         }));
         let p = vm(plan(&s, &dir).expect("plan"));
         assert_eq!(p.netns, Some(PathBuf::from("/var/run/netns/cni-1")));
-        let published: Vec<String> = p.publish.iter().map(ToString::to_string).collect();
+        let published: Vec<String> = p.publish.iter().map(Publish::canonical).collect();
         assert_eq!(published, ["127.0.0.1:16379:6379", "127.0.0.1:8080:80"], "the annotation replaces elastic.toml");
         let sandbox = spec(serde_json::json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox"}}));
         assert_eq!(plan(&sandbox, Path::new("/nonexistent")).expect("sandbox"), Workload::Sandbox);

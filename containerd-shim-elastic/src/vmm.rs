@@ -153,7 +153,7 @@ impl Vmm {
         for (flag, value) in [
             ("--app", plan.service.clone()),
             ("--vcpus", plan.vcpus.to_string()),
-            ("--memory", plan.memory.to_string()),
+            ("--memory", elastic_config::format_memory_policy(&plan.memory)),
             ("--log", plan.log.clone()),
         ] {
             args.push(flag.into());
@@ -168,7 +168,7 @@ impl Vmm {
         }
         for p in &plan.publish {
             args.push("--publish".into());
-            args.push(p.to_string().into());
+            args.push(p.canonical().into());
         }
         if let Some(sock) = api_sock {
             args.push("--api-sock".into());
@@ -314,16 +314,16 @@ fn is_executable(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{MemoryPolicy, Publish, VcpuPolicy};
+    use elastic_config::{Policy, parse_publish};
 
     fn plan() -> VmPlan {
         VmPlan {
             kernel: "/r/kernel".into(),
             service: "kv".into(),
             args: vec!["a".into(), "--b".into()],
-            vcpus: VcpuPolicy { min: 1, max: 2, burst: 4 },
-            memory: MemoryPolicy { min: 64 << 20, max: 256 << 20, burst: 1 << 30 },
-            publish: vec![Publish::parse("6379:6379").expect("publish")],
+            vcpus: Policy { min: 1, max: 2, burst: 4 },
+            memory: Policy { min: 64 << 20, max: 256 << 20, burst: 1 << 30 },
+            publish: vec![parse_publish("6379:6379").expect("publish"), parse_publish("[::1]:80:8080").expect("v6")],
             log: "info".into(),
             netns: None,
         }
@@ -340,7 +340,7 @@ mod tests {
         assert_eq!(
             strings(&args).join(" "),
             "run --kernel /r/kernel --app kv --vcpus 1:2:4 --memory 64M:256M:1G --log info \
-             --publish 127.0.0.1:6379:6379 --api-sock /b/api.sock -- a --b"
+             --publish 127.0.0.1:6379:6379 --publish [::1]:80:8080 --api-sock /b/api.sock -- a --b"
         );
     }
 

@@ -480,7 +480,7 @@ fn unsupported_specs_are_refused_at_create() {
     let cases: [(&[&str], &str); 3] = [
         (&["--mount", "type=bind,src=/tmp,dst=/data,options=rbind:ro"], "mount of /tmp at /data"),
         (&["--annotation", "elastic.burst.cpus=2"], "unknown annotation \"elastic.burst.cpus\""),
-        (&["--cpus", "1", "--cpu-shares", "4096"], "is not ordered min <= max <= burst"),
+        (&["--cpus", "1", "--cpu-shares", "4096"], "vCPU policy 4:1:1 must satisfy min <= max <= burst"),
     ];
     for (i, (opts, message)) in cases.iter().enumerate() {
         let mut all = vec!["--rm"];
@@ -490,6 +490,12 @@ fn unsupported_specs_are_refused_at_create() {
         assert_ne!(ran.code, Some(0), "{opts:?} was accepted");
         assert!(ran.stderr.contains(message), "{opts:?}: expected {message:?} in\n{}", ran.stderr);
     }
+    // A policy hypervisor-shim would refuse (65 vCPUs) is refused at Create, in its words.
+    let wide = c.rootfs("wide", "service = \"hello\"\nvcpus = \"1:65:65\"\n");
+    let ran = c.run(&["--rm", "--rootfs"], &[wide.to_str().expect("path")], "wide", &[]);
+    assert_ne!(ran.code, Some(0), "65 vCPUs were accepted");
+    let message = "elastic.toml: vcpus: vCPU policy 1:65:65: min must be at least 1 and burst at most 64";
+    assert!(ran.stderr.contains(message), "expected {message:?} in\n{}", ran.stderr);
     // A rootfs without elastic.toml and kernel.
     let empty = c.dir.join("empty");
     std::fs::create_dir_all(&empty).expect("dir");

@@ -1,4 +1,7 @@
-//! Argument blocks: one `#[repr(C)]` structure per call.
+//! Argument blocks: one `#[repr(C)]` structure per call that takes one. Which call takes which
+//! block is written once, in the call table of the crate root (`calls!`, which generates every
+//! [`ArgBlock`] impl); [`Call::block_name`](crate::Call::block_name) and [`ArgBlock::CALL`]
+//! read it back.
 //!
 //! Every block starts with a [`Header`] whose `status` the host overwrites with the call's
 //! [`Status`](crate::Status). Fields are marked *in* (written by the guest, read by the host),
@@ -34,7 +37,9 @@ impl Header {
     }
 }
 
-/// Implemented by every argument block: ties the layout to its call number.
+/// Implemented by every argument block: ties the layout to its call number. The impls are
+/// generated from the call table (`calls!` in the crate root), the one place that pairs a
+/// call with its block.
 pub trait ArgBlock: FromBytes + IntoBytes + Immutable + KnownLayout + Copy {
     /// The call this block belongs to.
     const CALL: Call;
@@ -46,17 +51,11 @@ pub trait ArgBlock: FromBytes + IntoBytes + Immutable + KnownLayout + Copy {
     fn header_mut(&mut self) -> &mut Header;
 }
 
-macro_rules! arg_block {
-    ($ty:ty, $call:expr, $size:expr) => {
-        impl ArgBlock for $ty {
-            const CALL: Call = $call;
-            fn header(&self) -> &Header {
-                &self.header
-            }
-            fn header_mut(&mut self) -> &mut Header {
-                &mut self.header
-            }
-        }
+/// Pins a block's size and that its [`Header`] comes first. Which call a block belongs to is
+/// not written here: the call table in the crate root (`calls!`) generates every [`ArgBlock`]
+/// impl.
+macro_rules! block_layout {
+    ($ty:ty, $size:expr) => {
         const _: () = assert!(size_of::<$ty>() == $size);
         const _: () = assert!(offset_of!($ty, header) == 0);
     };
@@ -76,7 +75,7 @@ pub struct ResourceLimits {
 
 const _: () = assert!(size_of::<ResourceLimits>() == 24);
 
-/// [`Call::Hello`]: negotiate version and features; learn the VM's limits.
+/// The block that negotiates version and features and returns the VM's limits.
 ///
 /// The first call a guest makes. Statuses: `OK`; `UNSUPPORTED` when `guest_abi_version` is not
 /// a version the host speaks (the *out* fields are then still filled so the guest can report).
@@ -109,7 +108,7 @@ pub struct HelloArgs {
     pub reserved: [u64; 8],
 }
 
-arg_block!(HelloArgs, Call::Hello, 168);
+block_layout!(HelloArgs, 168);
 const _: () = assert!(offset_of!(HelloArgs, guest_abi_version) == 8);
 const _: () = assert!(offset_of!(HelloArgs, guest_features) == 16);
 const _: () = assert!(offset_of!(HelloArgs, host_abi_version) == 24);
@@ -143,7 +142,7 @@ impl HelloArgs {
 /// Largest `len` one [`Call::ConsoleWrite`] accepts.
 pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
 
-/// [`Call::ConsoleWrite`]: write bytes to the VM's console (the shim's standard output).
+/// The block that writes bytes to the VM's console (the shim's standard output).
 ///
 /// Statuses: `OK` (all `len` bytes taken); `INVALID` when `len > CONSOLE_WRITE_MAX` or
 /// `[buf, buf + len)` is not inside guest RAM.
@@ -162,7 +161,7 @@ pub struct ConsoleWriteArgs {
     pub reserved: [u64; 2],
 }
 
-arg_block!(ConsoleWriteArgs, Call::ConsoleWrite, 48);
+block_layout!(ConsoleWriteArgs, 48);
 const _: () = assert!(offset_of!(ConsoleWriteArgs, buf) == 8);
 const _: () = assert!(offset_of!(ConsoleWriteArgs, len) == 16);
 const _: () = assert!(offset_of!(ConsoleWriteArgs, written) == 24);
@@ -194,7 +193,7 @@ pub mod exit_code {
     pub const STOPPED: u32 = 5;
 }
 
-/// [`Call::Shutdown`]: stop the whole VM with `code`.
+/// The block that stops the whole VM with `code`.
 ///
 /// Does not return when accepted. Statuses: `INVALID` when `code > SHUTDOWN_CODE_MAX`
 /// (the VM keeps running).
@@ -211,7 +210,7 @@ pub struct ShutdownArgs {
     pub reserved: [u64; 2],
 }
 
-arg_block!(ShutdownArgs, Call::Shutdown, 32);
+block_layout!(ShutdownArgs, 32);
 const _: () = assert!(offset_of!(ShutdownArgs, code) == 8);
 
 impl ShutdownArgs {
@@ -221,7 +220,7 @@ impl ShutdownArgs {
     }
 }
 
-/// [`Call::Ping`]: answered with `OK` and nothing else. Measures the cost of a call.
+/// The block answered with `OK` and nothing else: it measures the cost of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct PingArgs {
@@ -231,7 +230,7 @@ pub struct PingArgs {
     pub reserved: [u64; 1],
 }
 
-arg_block!(PingArgs, Call::Ping, 16);
+block_layout!(PingArgs, 16);
 
 impl PingArgs {
     /// A ping.
@@ -246,7 +245,7 @@ impl Default for PingArgs {
     }
 }
 
-/// [`Call::VcpuUp`]: bring one more vCPU online.
+/// The block that brings one more vCPU online.
 ///
 /// The new vCPU starts at CPL 3 in the same machine state as vCPU 0 (section 2 of
 /// `docs/abi.md`) with `rip = entry`, `rsp = stack`, `rdi = arg`, `rsi =` its id. The host
@@ -273,7 +272,7 @@ pub struct VcpuUpArgs {
     pub reserved: [u64; 2],
 }
 
-arg_block!(VcpuUpArgs, Call::VcpuUp, 56);
+block_layout!(VcpuUpArgs, 56);
 const _: () = assert!(offset_of!(VcpuUpArgs, entry) == 8);
 const _: () = assert!(offset_of!(VcpuUpArgs, stack) == 16);
 const _: () = assert!(offset_of!(VcpuUpArgs, arg) == 24);
@@ -301,7 +300,7 @@ pub mod wake {
 /// `BlockArgs::timeout_ns` value meaning "no timeout".
 pub const BLOCK_FOREVER: u64 = u64::MAX;
 
-/// [`Call::Block`]: sleep until kicked, a host notice, or `timeout_ns` elapses.
+/// The block that sleeps until kicked, a host notice, or `timeout_ns` elapses.
 ///
 /// A kick or notice that arrived since the vCPU's previous BLOCK returned makes this one
 /// return at once, so a wake-up racing with the decision to sleep is never lost. A blocked
@@ -322,7 +321,7 @@ pub struct BlockArgs {
     pub reserved: [u64; 2],
 }
 
-arg_block!(BlockArgs, Call::Block, 40);
+block_layout!(BlockArgs, 40);
 const _: () = assert!(offset_of!(BlockArgs, timeout_ns) == 8);
 const _: () = assert!(offset_of!(BlockArgs, woken_by) == 16);
 
@@ -333,7 +332,7 @@ impl BlockArgs {
     }
 }
 
-/// [`Call::Kick`]: wake vCPU `vcpu_id`.
+/// The block that wakes vCPU `vcpu_id`.
 ///
 /// A blocked target returns from BLOCK with [`wake::KICK`]; a running target is forced out of
 /// the hypervisor's run loop and its next BLOCK returns at once. Statuses: `OK`; `INVALID`
@@ -351,7 +350,7 @@ pub struct KickArgs {
     pub reserved: [u64; 1],
 }
 
-arg_block!(KickArgs, Call::Kick, 24);
+block_layout!(KickArgs, 24);
 const _: () = assert!(offset_of!(KickArgs, vcpu_id) == 8);
 
 impl KickArgs {
@@ -361,7 +360,7 @@ impl KickArgs {
     }
 }
 
-/// [`Call::Events`]: fetch and acknowledge the pending host notices.
+/// The block that fetches and acknowledges the pending host notices.
 ///
 /// Returns every notice posted since the last EVENTS and clears them. Statuses: `OK`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -381,7 +380,7 @@ pub struct EventsArgs {
     pub reserved: [u64; 4],
 }
 
-arg_block!(EventsArgs, Call::Events, 72);
+block_layout!(EventsArgs, 72);
 const _: () = assert!(offset_of!(EventsArgs, pending) == 8);
 const _: () = assert!(offset_of!(EventsArgs, vcpu_target) == 16);
 const _: () = assert!(offset_of!(EventsArgs, memory_target) == 24);
@@ -407,7 +406,7 @@ impl Default for EventsArgs {
     }
 }
 
-/// [`Call::Report`]: the guest's load figures, recorded in the host's timeline.
+/// The block that carries the guest's load figures, recorded in the host's timeline.
 ///
 /// Statuses: `OK`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -431,7 +430,7 @@ pub struct ReportArgs {
     pub reserved: [u64; 2],
 }
 
-arg_block!(ReportArgs, Call::Report, 72);
+block_layout!(ReportArgs, 72);
 const _: () = assert!(offset_of!(ReportArgs, runnable) == 8);
 const _: () = assert!(offset_of!(ReportArgs, online_vcpus) == 16);
 const _: () = assert!(offset_of!(ReportArgs, idle_vcpus) == 24);
@@ -481,7 +480,7 @@ pub const MEM_EXTENTS_MAX: u32 = 64;
 /// the limit is `DENIED`; a grant near it returns fewer extents (a partial grant).
 pub const EXTENTS_HELD_MAX: u32 = 1024;
 
-/// [`Call::MemGrant`]: ask for `bytes` more memory.
+/// The block that asks for `bytes` more memory.
 ///
 /// `bytes` is rounded up to a multiple of 2 MiB. The host answers with up to `max_extents`
 /// extents written to the array at `extents`, each backed by its own host mapping and
@@ -510,7 +509,7 @@ pub struct MemGrantArgs {
     pub reserved: [u64; 2],
 }
 
-arg_block!(MemGrantArgs, Call::MemGrant, 56);
+block_layout!(MemGrantArgs, 56);
 const _: () = assert!(offset_of!(MemGrantArgs, bytes) == 8);
 const _: () = assert!(offset_of!(MemGrantArgs, extents) == 16);
 const _: () = assert!(offset_of!(MemGrantArgs, max_extents) == 24);
@@ -524,7 +523,7 @@ impl MemGrantArgs {
     }
 }
 
-/// [`Call::MemRelease`]: give extents back.
+/// The block that gives extents back.
 ///
 /// Every extent must be exactly one the host granted (same base and length) and listed once;
 /// otherwise nothing is released and the status is `INVALID`. On `OK` the extents are no
@@ -547,7 +546,7 @@ pub struct MemReleaseArgs {
     pub reserved: [u64; 2],
 }
 
-arg_block!(MemReleaseArgs, Call::MemRelease, 48);
+block_layout!(MemReleaseArgs, 48);
 const _: () = assert!(offset_of!(MemReleaseArgs, extents) == 8);
 const _: () = assert!(offset_of!(MemReleaseArgs, count) == 16);
 const _: () = assert!(offset_of!(MemReleaseArgs, released) == 24);

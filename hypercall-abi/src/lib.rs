@@ -67,107 +67,159 @@ pub const QEMU_DEBUG_EXIT_PORT: u16 = 0xF4;
 /// shutdown: QEMU then exits with status `(0x7E << 1) | 1`.
 pub const QEMU_FAULT_EXIT_VALUE: u32 = 0x7E;
 
-/// Hypercall numbers (the value in `eax` at the `out`).
+/// Generates [`Call`] and everything derived from the call table, from one list.
 ///
-/// Unknown numbers are answered with [`Status::UNSUPPORTED`]. Deliberately exhaustive: a new
-/// call must be handled by every `match` in the shim before it compiles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u32)]
-pub enum Call {
-    /// Negotiate the ABI version and features; learn the VM's limits.
-    /// Block: [`HelloArgs`].
-    Hello = 1,
-    /// Write bytes to the VM's console. Block: [`ConsoleWriteArgs`].
-    ConsoleWrite = 2,
-    /// Stop the VM with an exit code. Block: [`ShutdownArgs`].
-    Shutdown = 3,
-    /// Do nothing but answer (measures the cost of a call). Block: [`PingArgs`].
-    Ping = 4,
-    /// Bring one more vCPU online at an entry point. Block: [`VcpuUpArgs`].
-    VcpuUp = 5,
-    /// Take the calling vCPU offline. No block: `rdi` is ignored and guest memory is not
-    /// touched (the caller's stack may be reused the moment the call is made).
-    VcpuDown = 6,
-    /// Sleep until kicked, a host notice, or a timeout. Block: [`BlockArgs`].
-    Block = 7,
-    /// Wake a blocked vCPU (or force a running one out of the hypervisor's run loop).
-    /// Block: [`KickArgs`].
-    Kick = 8,
-    /// Fetch and acknowledge pending host notices. Block: [`EventsArgs`].
-    Events = 9,
-    /// Report the guest's load figures (recorded in the host's timeline).
-    /// Block: [`ReportArgs`].
-    Report = 10,
-    /// Ask for memory: one or more extents in the hot-plug window. Block: [`MemGrantArgs`].
-    MemGrant = 11,
-    /// Give granted extents back. Block: [`MemReleaseArgs`].
-    MemRelease = 12,
-    /// Notify a paravirtual virtio device (a queue has buffers, or the device page changed).
-    /// No block: `rdi` is [`virtio::notify_value`]`(device, queue)`; the status is in `rax`.
-    DeviceNotify = 13,
+/// Each entry is `Variant = NUMBER => "name", block ArgsType;` or, for a call whose `rdi`
+/// carries a value instead of a block, `Variant = NUMBER => "name", no block;`, preceded by the
+/// variant's doc comment. From it come the enum (with those docs, plus a generated line naming
+/// the block), [`Call::ALL`], [`Call::from_number`], [`Call::number`], [`Call::name`],
+/// [`Call::block_name`], [`Call::block_size`], and the [`ArgBlock`] impl of each block type
+/// (which ties the type to its call: [`ArgBlock::CALL`]). A number, name or block type
+/// therefore appears exactly once in this crate, in the `calls!` invocation below; the
+/// compiler refuses a duplicate number (two equal discriminants) and a test refuses a
+/// duplicate name.
+macro_rules! calls {
+    ($(
+        $(#[doc = $doc:literal])*
+        $variant:ident = $number:literal => $name:literal, $($block:ident)+;
+    )*) => {
+        /// Hypercall numbers (the value in `eax` at the `out`).
+        ///
+        /// Unknown numbers are answered with [`Status::UNSUPPORTED`]. Deliberately exhaustive: a new
+        /// call must be handled by every `match` in the shim before it compiles.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u32)]
+        pub enum Call {
+            $(
+                $(#[doc = $doc])*
+                #[doc = ""]
+                #[doc = call_block_doc!($($block)+)]
+                $variant = $number,
+            )*
+        }
+
+        impl Call {
+            /// Every call this ABI revision defines, in number order.
+            pub const ALL: &'static [Call] = &[$(Call::$variant),*];
+
+            /// The call with number `n`, if this ABI revision defines one.
+            pub const fn from_number(n: u32) -> Option<Call> {
+                match n {
+                    $($number => Some(Call::$variant),)*
+                    _ => None,
+                }
+            }
+
+            /// The call's number.
+            pub const fn number(self) -> u32 {
+                self as u32
+            }
+
+            /// A short lower-case name (used in logs and summaries).
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Call::$variant => $name,)*
+                }
+            }
+
+            /// The name of the call's argument-block type (`"HelloArgs"`), or `None` for a call
+            /// that takes no block (its `rdi` carries a value).
+            pub const fn block_name(self) -> Option<&'static str> {
+                match self {
+                    $(Call::$variant => call_block_name!($($block)+),)*
+                }
+            }
+
+            /// The size in bytes of the call's argument block, or `None` for a call that takes
+            /// no block. The host copies exactly this many bytes from `rdi`.
+            pub const fn block_size(self) -> Option<usize> {
+                match self {
+                    $(Call::$variant => call_block_size!($($block)+),)*
+                }
+            }
+        }
+
+        $(call_arg_block!($variant, $($block)+);)*
+    };
 }
 
-impl Call {
-    /// Every call this ABI revision defines, in number order.
-    pub const ALL: &'static [Call] = &[
-        Call::Hello,
-        Call::ConsoleWrite,
-        Call::Shutdown,
-        Call::Ping,
-        Call::VcpuUp,
-        Call::VcpuDown,
-        Call::Block,
-        Call::Kick,
-        Call::Events,
-        Call::Report,
-        Call::MemGrant,
-        Call::MemRelease,
-        Call::DeviceNotify,
-    ];
+/// The generated doc line naming a variant's block (see `calls!`).
+macro_rules! call_block_doc {
+    (block $ty:ident) => {
+        concat!("Block: [`", stringify!($ty), "`].")
+    };
+    (no block) => {
+        "Takes no argument block."
+    };
+}
 
-    /// The call with number `n`, if this ABI revision defines one.
-    pub const fn from_number(n: u32) -> Option<Call> {
-        match n {
-            1 => Some(Call::Hello),
-            2 => Some(Call::ConsoleWrite),
-            3 => Some(Call::Shutdown),
-            4 => Some(Call::Ping),
-            5 => Some(Call::VcpuUp),
-            6 => Some(Call::VcpuDown),
-            7 => Some(Call::Block),
-            8 => Some(Call::Kick),
-            9 => Some(Call::Events),
-            10 => Some(Call::Report),
-            11 => Some(Call::MemGrant),
-            12 => Some(Call::MemRelease),
-            13 => Some(Call::DeviceNotify),
-            _ => None,
+/// [`Call::block_name`] of one entry (see `calls!`).
+macro_rules! call_block_name {
+    (block $ty:ident) => {
+        Some(stringify!($ty))
+    };
+    (no block) => {
+        None
+    };
+}
+
+/// [`Call::block_size`] of one entry (see `calls!`).
+macro_rules! call_block_size {
+    (block $ty:ident) => {
+        Some(core::mem::size_of::<$ty>())
+    };
+    (no block) => {
+        None
+    };
+}
+
+/// The [`ArgBlock`] impl of one entry's block type (see `calls!`).
+macro_rules! call_arg_block {
+    ($variant:ident, block $ty:ident) => {
+        impl ArgBlock for $ty {
+            #[doc = concat!("[`Call::", stringify!($variant), "`].")]
+            const CALL: Call = Call::$variant;
+            fn header(&self) -> &Header {
+                &self.header
+            }
+            fn header_mut(&mut self) -> &mut Header {
+                &mut self.header
+            }
         }
-    }
+    };
+    ($variant:ident, no block) => {};
+}
 
-    /// The call's number.
-    pub const fn number(self) -> u32 {
-        self as u32
-    }
-
-    /// A short lower-case name (used in logs and summaries).
-    pub const fn name(self) -> &'static str {
-        match self {
-            Call::Hello => "hello",
-            Call::ConsoleWrite => "console_write",
-            Call::Shutdown => "shutdown",
-            Call::Ping => "ping",
-            Call::VcpuUp => "vcpu_up",
-            Call::VcpuDown => "vcpu_down",
-            Call::Block => "block",
-            Call::Kick => "kick",
-            Call::Events => "events",
-            Call::Report => "report",
-            Call::MemGrant => "mem_grant",
-            Call::MemRelease => "mem_release",
-            Call::DeviceNotify => "device_notify",
-        }
-    }
+// The call table: the only place a call's number, name and argument block are written down.
+calls! {
+    /// Negotiate the ABI version and features; learn the VM's limits.
+    Hello = 1 => "hello", block HelloArgs;
+    /// Write bytes to the VM's console.
+    ConsoleWrite = 2 => "console_write", block ConsoleWriteArgs;
+    /// Stop the VM with an exit code.
+    Shutdown = 3 => "shutdown", block ShutdownArgs;
+    /// Do nothing but answer (measures the cost of a call).
+    Ping = 4 => "ping", block PingArgs;
+    /// Bring one more vCPU online at an entry point.
+    VcpuUp = 5 => "vcpu_up", block VcpuUpArgs;
+    /// Take the calling vCPU offline. `rdi` is ignored and guest memory is not touched (the
+    /// caller's stack may be reused the moment the call is made).
+    VcpuDown = 6 => "vcpu_down", no block;
+    /// Sleep until kicked, a host notice, or a timeout.
+    Block = 7 => "block", block BlockArgs;
+    /// Wake a blocked vCPU (or force a running one out of the hypervisor's run loop).
+    Kick = 8 => "kick", block KickArgs;
+    /// Fetch and acknowledge pending host notices.
+    Events = 9 => "events", block EventsArgs;
+    /// Report the guest's load figures (recorded in the host's timeline).
+    Report = 10 => "report", block ReportArgs;
+    /// Ask for memory: one or more extents in the hot-plug window.
+    MemGrant = 11 => "mem_grant", block MemGrantArgs;
+    /// Give granted extents back.
+    MemRelease = 12 => "mem_release", block MemReleaseArgs;
+    /// Notify a paravirtual virtio device (a queue has buffers, or the device page changed).
+    /// `rdi` is [`virtio::notify_value`]`(device, queue)`; the status is in `rax`.
+    DeviceNotify = 13 => "device_notify", no block;
 }
 
 /// A hypercall status code as stored in the `status` field of every argument block.
@@ -240,26 +292,64 @@ mod tests {
         assert_eq!(Call::from_number(u32::MAX), None);
     }
 
+    /// The wire facts restated by hand, as a check on the generated table: number, name and
+    /// block size of every call (`None`: the call takes no block).
     #[test]
-    fn call_numbers_are_pinned() {
+    fn call_numbers_names_and_blocks_are_pinned() {
         let pinned = [
-            (Call::Hello, 1),
-            (Call::ConsoleWrite, 2),
-            (Call::Shutdown, 3),
-            (Call::Ping, 4),
-            (Call::VcpuUp, 5),
-            (Call::VcpuDown, 6),
-            (Call::Block, 7),
-            (Call::Kick, 8),
-            (Call::Events, 9),
-            (Call::Report, 10),
-            (Call::MemGrant, 11),
-            (Call::MemRelease, 12),
-            (Call::DeviceNotify, 13),
+            (Call::Hello, 1, "hello", Some(168)),
+            (Call::ConsoleWrite, 2, "console_write", Some(48)),
+            (Call::Shutdown, 3, "shutdown", Some(32)),
+            (Call::Ping, 4, "ping", Some(16)),
+            (Call::VcpuUp, 5, "vcpu_up", Some(56)),
+            (Call::VcpuDown, 6, "vcpu_down", None),
+            (Call::Block, 7, "block", Some(40)),
+            (Call::Kick, 8, "kick", Some(24)),
+            (Call::Events, 9, "events", Some(72)),
+            (Call::Report, 10, "report", Some(72)),
+            (Call::MemGrant, 11, "mem_grant", Some(56)),
+            (Call::MemRelease, 12, "mem_release", Some(48)),
+            (Call::DeviceNotify, 13, "device_notify", None),
         ];
         assert_eq!(pinned.len(), Call::ALL.len());
-        for (c, n) in pinned {
-            assert_eq!(c.number(), n);
+        for ((c, n, name, size), &listed) in pinned.into_iter().zip(Call::ALL) {
+            assert_eq!(c, listed, "ALL is in number order");
+            assert_eq!(c.number(), n, "{name}");
+            assert_eq!(c.name(), name);
+            assert_eq!(c.block_size(), size, "{name}");
+        }
+    }
+
+    #[test]
+    fn blocks_belong_to_their_calls() {
+        fn check<T: ArgBlock>() {
+            let c = T::CALL;
+            assert_eq!(c.block_size(), Some(core::mem::size_of::<T>()), "{}", c.name());
+            let type_name = core::any::type_name::<T>();
+            assert!(type_name.ends_with(c.block_name().unwrap_or("(none)")), "{type_name} vs {}", c.name());
+        }
+        check::<HelloArgs>();
+        check::<ConsoleWriteArgs>();
+        check::<ShutdownArgs>();
+        check::<PingArgs>();
+        check::<VcpuUpArgs>();
+        check::<BlockArgs>();
+        check::<KickArgs>();
+        check::<EventsArgs>();
+        check::<ReportArgs>();
+        check::<MemGrantArgs>();
+        check::<MemReleaseArgs>();
+        assert_eq!(Call::VcpuDown.block_name(), None);
+        assert_eq!(Call::DeviceNotify.block_name(), None);
+    }
+
+    #[test]
+    fn call_names_are_distinct_lower_case_words() {
+        for (i, a) in Call::ALL.iter().enumerate() {
+            assert!(a.name().bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{}", a.name());
+            for b in &Call::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
         }
     }
 

@@ -176,9 +176,10 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
         message,
     };
     let pool = file.pool.get_ref();
-    let memory = parse_size(pool.memory.get_ref()).map_err(|e| value(pool.memory.span(), "pool: memory".into(), e))?;
+    let memory =
+        parse_size(pool.memory.get_ref()).map_err(|e| value(pool.memory.span(), "pool: memory".into(), e.into()))?;
     let timeout = match &pool.timeout {
-        Some(t) => Some(parse_duration(t.get_ref()).map_err(|e| value(t.span(), "pool: timeout".into(), e))?),
+        Some(t) => Some(parse_duration(t.get_ref()).map_err(|e| value(t.span(), "pool: timeout".into(), e.into()))?),
         None => None,
     };
     if *pool.vcpus.get_ref() == 0 {
@@ -201,28 +202,29 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
         if vms.iter().any(|s: &VmSpec| s.config.name() == name) {
             return Err(invalid(v.name.span(), format!("two VMs are named '{name}'")));
         }
-        let vcpus: Policy = parse_vcpu_policy(v.vcpus.get_ref()).map_err(|e| value(v.vcpus.span(), at("vcpus"), e))?;
+        let vcpus: Policy =
+            parse_vcpu_policy(v.vcpus.get_ref()).map_err(|e| value(v.vcpus.span(), at("vcpus"), e.into()))?;
         let mem: Policy =
-            parse_memory_policy(v.memory.get_ref()).map_err(|e| value(v.memory.span(), at("memory"), e))?;
+            parse_memory_policy(v.memory.get_ref()).map_err(|e| value(v.memory.span(), at("memory"), e.into()))?;
         let mut policy = PolicyConfig::default();
         if let Some(b) = &v.burst_budget {
-            policy.budget = parse_credit(b.get_ref()).map_err(|e| value(b.span(), at("burst_budget"), e))?;
+            policy.budget = parse_credit(b.get_ref()).map_err(|e| value(b.span(), at("burst_budget"), e.into()))?;
         }
         if let Some(r) = &v.burst_refill {
-            policy.refill = parse_credit(r.get_ref()).map_err(|e| value(r.span(), at("burst_refill"), e))?;
+            policy.refill = parse_credit(r.get_ref()).map_err(|e| value(r.span(), at("burst_refill"), e.into()))?;
         }
         if let Some(g) = &v.reclaim_grace {
-            policy.grace = parse_duration(g.get_ref()).map_err(|e| value(g.span(), at("reclaim_grace"), e))?;
+            policy.grace = parse_duration(g.get_ref()).map_err(|e| value(g.span(), at("reclaim_grace"), e.into()))?;
         }
         if let Some(o) = v.on_violation {
             policy.on_violation = o;
         }
         let mut guest_opts = Vec::new();
         for o in &v.guest_opts {
-            guest_opts.push(parse_guest_opt(o.get_ref()).map_err(|e| value(o.span(), at("guest_opts"), e))?);
+            guest_opts.push(parse_guest_opt(o.get_ref()).map_err(|e| value(o.span(), at("guest_opts"), e.into()))?);
         }
         let log_level = match &v.log {
-            Some(l) => parse_log_level(l.get_ref()).map_err(|e| value(l.span(), at("log"), e))?,
+            Some(l) => parse_log_level(l.get_ref()).map_err(|e| value(l.span(), at("log"), e.into()))?,
             None => "info".into(),
         };
         if let Some(code) = &v.expect_exit {
@@ -240,7 +242,7 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
         let on_demand = v.on_demand.as_ref().is_some_and(|o| *o.get_ref());
         let idle_shutdown = match &v.idle_shutdown {
             Some(d) => {
-                let t = parse_duration(d.get_ref()).map_err(|e| value(d.span(), at("idle_shutdown"), e))?;
+                let t = parse_duration(d.get_ref()).map_err(|e| value(d.span(), at("idle_shutdown"), e.into()))?;
                 if t.is_zero() {
                     return Err(invalid(d.span(), format!("vm '{name}': idle_shutdown must be longer than 0")));
                 }
@@ -258,7 +260,9 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
             None | Some(("never", _)) => None,
             Some(("on-failure", _)) => {
                 let backoff = match &v.restart_backoff {
-                    Some(b) => parse_duration(b.get_ref()).map_err(|e| value(b.span(), at("restart_backoff"), e))?,
+                    Some(b) => {
+                        parse_duration(b.get_ref()).map_err(|e| value(b.span(), at("restart_backoff"), e.into()))?
+                    }
                     None => DEFAULT_RESTART_BACKOFF,
                 };
                 Some(elastic_vmm::RestartPolicy { limit: v.restart_limit.unwrap_or(DEFAULT_RESTART_LIMIT), backoff })
@@ -272,7 +276,7 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
         };
         // The service name's syntax is checked here; whether the image has it is checked
         // when the image is opened.
-        elastic_vmm::kernel_cmdline(v.app.get_ref(), &[], &[]).map_err(|e| value(v.app.span(), at("app"), e))?;
+        elastic_vmm::kernel_cmdline(v.app.get_ref(), &[], &[]).map_err(|e| value(v.app.span(), at("app"), e.into()))?;
         let mut config = VmConfig::new(name.clone(), v.app.get_ref().clone());
         config.guest.args = v.args.clone();
         config.guest.log_level = log_level;

@@ -1,46 +1,25 @@
 //! VM configuration: resource policies (`MIN:MAX:BURST`), sizes (`64M`, `1G`) and the guest
 //! command line, validated before anything touches KVM.
 
-use std::fmt;
 use std::time::Duration;
 
-use hypercall_abi::{CMDLINE_MAX, EXTENT_ALIGN, ResourceLimits};
+use hypercall_abi::CMDLINE_MAX;
 use thiserror::Error;
 
-use crate::base::layout::{MAX_GUEST_PHYS, MAX_VCPUS};
-use crate::host::endpoint::Publish;
+pub use elastic_config::Publish;
 
 /// Why a configuration value was rejected. Each message names the problem in one line.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
-    /// A size such as `64M` could not be parsed.
-    #[error("'{0}' is not a size (examples: 4096, 512K, 64M, 1G)")]
-    BadSize(String),
-    /// A count could not be parsed.
-    #[error("'{0}' is not a whole number")]
-    BadCount(String),
-    /// A policy did not have the `MIN:MAX:BURST` shape.
-    #[error("'{0}' is not MIN:MAX:BURST (or MIN:MAX, or a single value)")]
-    BadPolicy(String),
-    /// `min <= max <= burst` does not hold.
-    #[error("{what} policy {policy} must satisfy min <= max <= burst")]
-    Unordered {
-        /// Which resource.
-        what: &'static str,
-        /// The policy as given.
-        policy: String,
-    },
-    /// vCPU counts out of range.
-    #[error("vCPU policy {0}: min must be at least 1 and burst at most {MAX_VCPUS}")]
-    VcpuRange(String),
-    /// Memory sizes out of range or misaligned.
-    #[error("memory policy {policy}: {problem}")]
-    MemoryRange {
-        /// The policy as given.
-        policy: String,
-        /// What is wrong with it.
-        problem: String,
-    },
+    /// A size.
+    #[error(transparent)]
+    Size(#[from] elastic_config::SizeError),
+    /// A count or a policy.
+    #[error(transparent)]
+    Policy(#[from] elastic_config::PolicyError),
+    /// A credit or a duration.
+    #[error(transparent)]
+    Time(#[from] elastic_config::TimeError),
     /// A service argument that the kernel command line cannot carry.
     #[error(
         "service argument '{0}' contains whitespace or a control character, which the kernel command line cannot carry"
@@ -52,12 +31,6 @@ pub enum ConfigError {
     /// The command line would be too long.
     #[error("the kernel command line would be {0} bytes; the limit is {CMDLINE_MAX}")]
     CommandLineTooLong(usize),
-    /// A credit figure could not be parsed.
-    #[error("'{0}' is not VCPU_SECONDS[:GIB_SECONDS] (non-negative numbers, e.g. 2 or 2:0.5)")]
-    BadCredit(String),
-    /// A duration could not be parsed.
-    #[error("'{0}' is not a duration (examples: 200ms, 0.5s, 2s; a bare number is milliseconds)")]
-    BadDuration(String),
     /// A kernel option is not `KEY=VALUE`.
     #[error("'{0}' is not KEY=VALUE without spaces")]
     BadGuestOpt(String),
@@ -256,148 +229,9 @@ impl VmConfig {
     }
 }
 
-/// One resource's `min <= max <= burst` policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Policy {
-    /// Reserved at admission and held from boot.
-    pub min: u64,
-    /// Sustained ceiling.
-    pub max: u64,
-    /// Temporary ceiling, paid from burst credit.
-    pub burst: u64,
-}
-
-impl Policy {
-    /// The same value for all three.
-    pub const fn fixed(v: u64) -> Self {
-        Policy { min: v, max: v, burst: v }
-    }
-
-    /// As the ABI's [`ResourceLimits`].
-    pub const fn limits(&self) -> ResourceLimits {
-        ResourceLimits { min: self.min, max: self.max, burst: self.burst }
-    }
-}
-
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.min, self.max, self.burst)
-    }
-}
-
-/// Parses a byte size: a whole number with an optional binary suffix `K`, `M`, `G` or `T`
-/// (`KiB`/`MiB`/... and lower case accepted).
-pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
-    let t = text.trim();
-    let bad = || ConfigError::BadSize(text.to_string());
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits_end);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(1u64 << shift).ok_or_else(bad)
-}
-
-/// Formats a byte count with the largest exact binary suffix (`64M`, `1536K`).
-pub fn format_size(bytes: u64) -> String {
-    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
-            return format!("{}{suffix}", bytes >> shift);
-        }
-    }
-    bytes.to_string()
-}
-
-fn split_policy(text: &str) -> Result<[&str; 3], ConfigError> {
-    let parts: Vec<&str> = text.split(':').collect();
-    match parts.as_slice() {
-        [v] => Ok([v, v, v]),
-        [a, b] => Ok([a, b, b]),
-        [a, b, c] => Ok([a, b, c]),
-        _ => Err(ConfigError::BadPolicy(text.to_string())),
-    }
-}
-
-/// Parses and validates a vCPU policy such as `1:4:8`.
-pub fn parse_vcpu_policy(text: &str) -> Result<Policy, ConfigError> {
-    let [a, b, c] = split_policy(text)?;
-    let count = |s: &str| s.trim().parse::<u64>().map_err(|_| ConfigError::BadCount(s.to_string()));
-    let p = Policy { min: count(a)?, max: count(b)?, burst: count(c)? };
-    if !(p.min <= p.max && p.max <= p.burst) {
-        return Err(ConfigError::Unordered { what: "vCPU", policy: text.to_string() });
-    }
-    if p.min == 0 || p.burst > u64::from(MAX_VCPUS) {
-        return Err(ConfigError::VcpuRange(text.to_string()));
-    }
-    Ok(p)
-}
-
-/// Smallest boot memory (`min`): the kernel image and its boot heap live there.
-pub const MEMORY_MIN_FLOOR: u64 = 8 << 20;
-
-/// Parses and validates a memory policy such as `64M:512M:1G`.
-pub fn parse_memory_policy(text: &str) -> Result<Policy, ConfigError> {
-    let [a, b, c] = split_policy(text)?;
-    let p = Policy { min: parse_size(a)?, max: parse_size(b)?, burst: parse_size(c)? };
-    let range = |problem: String| ConfigError::MemoryRange { policy: text.to_string(), problem };
-    if !(p.min <= p.max && p.max <= p.burst) {
-        return Err(ConfigError::Unordered { what: "memory", policy: text.to_string() });
-    }
-    if p.min < MEMORY_MIN_FLOOR {
-        return Err(range(format!("min must be at least {}", format_size(MEMORY_MIN_FLOOR))));
-    }
-    for v in [p.min, p.max, p.burst] {
-        if !v.is_multiple_of(EXTENT_ALIGN) {
-            return Err(range(format!("{} is not a multiple of 2M", format_size(v))));
-        }
-    }
-    let too_large = p.burst > MAX_GUEST_PHYS
-        || crate::base::layout::window_base(p.min).checked_add(p.burst - p.min).is_none_or(|end| end > MAX_GUEST_PHYS);
-    if too_large {
-        return Err(range(format!(
-            "burst is too large (guest-physical space ends at {})",
-            format_size(MAX_GUEST_PHYS)
-        )));
-    }
-    Ok(p)
-}
-
-/// Parses a credit pair `VCPU_SECONDS[:GIB_SECONDS]` (one value applies to both).
-pub fn parse_credit(text: &str) -> Result<[f64; 2], ConfigError> {
-    let bad = || ConfigError::BadCredit(text.to_string());
-    let num = |s: &str| s.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(bad);
-    match text.split_once(':') {
-        None => {
-            let v = num(text)?;
-            Ok([v, v])
-        }
-        Some((a, b)) => Ok([num(a)?, num(b)?]),
-    }
-}
-
-/// Parses a duration: `200ms`, `0.5s`, `2s`, or a bare number of milliseconds.
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, ConfigError> {
-    let t = text.trim();
-    let bad = || ConfigError::BadDuration(text.to_string());
-    let (num, scale) = if let Some(v) = t.strip_suffix("ms") {
-        (v, 1e-3)
-    } else if let Some(v) = t.strip_suffix('s') {
-        (v, 1.0)
-    } else {
-        (t, 1e-3)
-    };
-    let v: f64 = num.trim().parse().map_err(|_| bad())?;
-    if !v.is_finite() || v < 0.0 || v * scale > 1e6 {
-        return Err(bad());
-    }
-    Ok(std::time::Duration::from_secs_f64(v * scale))
-}
+pub use elastic_config::{
+    Policy, format_size, parse_credit, parse_duration, parse_memory_policy, parse_size, parse_vcpu_policy,
+};
 
 /// Parses a `--guest-opt` `KEY=VALUE`: the key must be a kernel option
 /// ([`hypercall_abi::KERNEL_OPTIONS`]) and the value valid for it.
@@ -488,60 +322,6 @@ pub fn kernel_cmdline(app: &str, options: &[(&str, String)], args: &[String]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("2gib"), Ok(2 << 30));
-        assert_eq!(parse_size("512k"), Ok(512 << 10));
-        assert!(parse_size("1.5G").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("99999999999999999999T").is_err());
-        assert!(parse_size("16777216T").is_err());
-        assert_eq!(format_size(64 << 20), "64M");
-        assert_eq!(format_size(1536 << 10), "1536K");
-        assert_eq!(format_size(1 << 30), "1G");
-    }
-
-    #[test]
-    fn vcpu_policies() {
-        assert_eq!(parse_vcpu_policy("1:4:8"), Ok(Policy { min: 1, max: 4, burst: 8 }));
-        assert_eq!(parse_vcpu_policy("2"), Ok(Policy::fixed(2)));
-        assert_eq!(parse_vcpu_policy("1:3"), Ok(Policy { min: 1, max: 3, burst: 3 }));
-        assert!(matches!(parse_vcpu_policy("4:2:8"), Err(ConfigError::Unordered { .. })));
-        assert!(matches!(parse_vcpu_policy("0:1:1"), Err(ConfigError::VcpuRange(_))));
-        assert!(matches!(parse_vcpu_policy("1:1:100000"), Err(ConfigError::VcpuRange(_))));
-        assert!(matches!(parse_vcpu_policy("1:x:2"), Err(ConfigError::BadCount(_))));
-        assert!(matches!(parse_vcpu_policy("1:2:3:4"), Err(ConfigError::BadPolicy(_))));
-    }
-
-    #[test]
-    fn memory_policies() {
-        let p = parse_memory_policy("64M:512M:1G").unwrap();
-        assert_eq!((p.min, p.max, p.burst), (64 << 20, 512 << 20, 1 << 30));
-        assert!(matches!(parse_memory_policy("4M"), Err(ConfigError::MemoryRange { .. })));
-        assert!(matches!(parse_memory_policy("65M"), Err(ConfigError::MemoryRange { .. })));
-        assert!(matches!(parse_memory_policy("64M:32M"), Err(ConfigError::Unordered { .. })));
-        assert!(matches!(parse_memory_policy("64M:64M:1000G"), Err(ConfigError::MemoryRange { .. })));
-        // Sizes near the top of u64 are refused, never overflow.
-        assert!(matches!(parse_memory_policy("17592186044414M"), Err(ConfigError::MemoryRange { .. })));
-        assert!(parse_memory_policy("64M:64M:17592186044414M").is_err());
-    }
-
-    #[test]
-    fn credits_and_durations() {
-        assert_eq!(parse_credit("2"), Ok([2.0, 2.0]));
-        assert_eq!(parse_credit("1:0.5"), Ok([1.0, 0.5]));
-        assert!(parse_credit("-1").is_err());
-        assert!(parse_credit("1:x").is_err());
-        assert_eq!(parse_duration("200ms"), Ok(std::time::Duration::from_millis(200)));
-        assert_eq!(parse_duration("0.5s"), Ok(std::time::Duration::from_millis(500)));
-        assert_eq!(parse_duration("150"), Ok(std::time::Duration::from_millis(150)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("-5ms").is_err());
-    }
 
     #[test]
     fn guest_options_and_log_levels() {

@@ -61,8 +61,10 @@ pub const PT_LOW_ADDR: u64 = 0x10_2000;
 pub const PD_BASE: u64 = 0x10_3000;
 /// End of the page-table area.
 pub const PAGE_TABLES_END: u64 = 0x20_0000;
-/// Highest guest-physical address the page-table area can map.
-pub const MAX_GUEST_PHYS: u64 = ((PAGE_TABLES_END - PD_BASE) / 0x1000) << 30;
+/// Highest guest-physical address a VM may have (the configuration grammar refuses policies
+/// beyond it); the page-table area maps exactly that far.
+pub use elastic_config::layout::{MAX_GUEST_PHYS, window_base};
+const _: () = assert!(((PAGE_TABLES_END - PD_BASE) / 0x1000) << 30 == MAX_GUEST_PHYS);
 
 /// GDT selectors.
 pub mod selector {
@@ -93,14 +95,6 @@ const _: () = assert!(CPL0_STACKS + CPL0_STACK_SIZE * MAX_VCPUS as u64 <= PML4_A
 const _: () = assert!(CMDLINE_ADDR + hypercall_abi::CMDLINE_MAX <= NOTICE_ADDR);
 const _: () = assert!(NOTICE_ADDR + 0x1000 <= TSS_BASE);
 const _: () = assert!(MAX_GUEST_PHYS >= 128 << 30);
-
-/// Where the hot-plug window starts for a VM whose boot memory is `ram_size`: the next GiB
-/// boundary at or above it (at least 1 GiB).
-pub const fn window_base(ram_size: u64) -> u64 {
-    let gib = 1u64 << 30;
-    let b = ram_size.div_ceil(gib) * gib;
-    if b < gib { gib } else { b }
-}
 
 /// One VM's memory layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -30,8 +30,8 @@ use std::time::Duration;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::control::request::{ControlReply, ControlRequest, Replier};
 use crate::control::registry::Registry;
+use crate::control::request::{ControlReply, ControlRequest, Replier};
 
 /// Control API failures.
 #[derive(Debug, Error)]
@@ -289,12 +289,12 @@ fn policy_request(body: &str) -> Result<ControlRequest, Reply> {
         return Err(error(400, format!("unknown key \"{k}\" (vcpus, memory)")));
     }
     let parse =
-        |key: &str, grammar: fn(&str) -> Result<crate::base::config::Policy, crate::base::config::ConfigError>| {
-            match obj.get(key) {
-                None => Ok(None),
-                Some(Value::String(text)) => grammar(text).map(Some).map_err(|e| error(400, format!("{key}: {e}"))),
-                Some(_) => Err(error(400, format!("\"{key}\" must be a string MIN:MAX:BURST"))),
-            }
+        |key: &str, grammar: fn(&str) -> Result<crate::base::config::Policy, elastic_config::PolicyError>| match obj
+            .get(key)
+        {
+            None => Ok(None),
+            Some(Value::String(text)) => grammar(text).map(Some).map_err(|e| error(400, format!("{key}: {e}"))),
+            Some(_) => Err(error(400, format!("\"{key}\" must be a string MIN:MAX:BURST"))),
         };
     let vcpus = parse("vcpus", crate::base::config::parse_vcpu_policy)?;
     let memory = parse("memory", crate::base::config::parse_memory_policy)?;

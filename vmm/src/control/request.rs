@@ -93,4 +93,3 @@ pub(crate) enum OwnerEvent {
     /// A control request.
     Control(ControlRequest, Replier),
 }
-

@@ -6,7 +6,7 @@
 //! Listening sockets are bound before any VM boots, so a port already in use is a one-line
 //! error up front.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -15,12 +15,9 @@ use thiserror::Error;
 /// Endpoint failures.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum EndpointError {
-    /// `--publish` value malformed.
-    #[error("'{0}' is not [ADDR:]HOST_PORT:GUEST_PORT (e.g. 6379:6379 or 127.0.0.1:8080:80)")]
-    BadPublish(String),
-    /// A port number out of range.
-    #[error("'{0}': ports are 1-65535 on the host and 1-4294967295 in the guest")]
-    BadPort(String),
+    /// A `--publish` value that does not parse.
+    #[error(transparent)]
+    Parse(#[from] elastic_config::PublishError),
     /// Binding failed.
     #[error("--publish {spec}: cannot listen on {addr}: {reason}")]
     Bind {
@@ -44,62 +41,7 @@ pub enum EndpointError {
     },
 }
 
-/// One published port (kept as its spec in a snapshot).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Publish {
-    /// Host address to listen on.
-    pub host: SocketAddr,
-    /// Guest vsock port connections are forwarded to.
-    pub guest_port: u32,
-    /// The spec as given (for messages).
-    pub spec: String,
-}
-
-impl TryFrom<String> for Publish {
-    type Error = EndpointError;
-
-    fn try_from(spec: String) -> Result<Self, Self::Error> {
-        parse_publish(&spec)
-    }
-}
-
-impl From<Publish> for String {
-    fn from(p: Publish) -> String {
-        p.spec
-    }
-}
-
-impl std::fmt::Display for Publish {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} -> guest port {}", self.host, self.guest_port)
-    }
-}
-
-/// Parses `[ADDR:]HOST_PORT:GUEST_PORT`; `ADDR` may be an IPv4 address or a bracketed IPv6
-/// one; without it the port is published on 127.0.0.1 only.
-pub fn parse_publish(spec: &str) -> Result<Publish, EndpointError> {
-    let bad = || EndpointError::BadPublish(spec.to_string());
-    let (addr, rest) = if let Some(stripped) = spec.strip_prefix('[') {
-        let (a, r) = stripped.split_once("]:").ok_or_else(bad)?;
-        (Some(a.parse::<IpAddr>().map_err(|_| bad())?), r)
-    } else {
-        let parts: Vec<&str> = spec.split(':').collect();
-        match parts.as_slice() {
-            [_, _] => (None, spec),
-            [a, _, _] => (Some(a.parse::<IpAddr>().map_err(|_| bad())?), spec.split_once(':').map_or("", |x| x.1)),
-            _ => return Err(bad()),
-        }
-    };
-    let (host_port, guest_port) = rest.split_once(':').ok_or_else(bad)?;
-    let host_port: u16 = host_port.parse().map_err(|_| EndpointError::BadPort(spec.to_string()))?;
-    let guest_port: u32 = guest_port.parse().map_err(|_| EndpointError::BadPort(spec.to_string()))?;
-    if host_port == 0 || guest_port == 0 {
-        return Err(EndpointError::BadPort(spec.to_string()));
-    }
-    let ip = addr.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    Ok(Publish { host: SocketAddr::new(ip, host_port), guest_port, spec: spec.to_string() })
-}
+pub use elastic_config::{Publish, parse_publish};
 
 /// A bound endpoint, handed to the I/O thread.
 #[derive(Debug)]
@@ -206,21 +148,6 @@ impl Drop for Bound {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn publish_specs() {
-        let p = parse_publish("6379:6379").unwrap();
-        assert_eq!(p.host, "127.0.0.1:6379".parse().unwrap());
-        assert_eq!(p.guest_port, 6379);
-        let p = parse_publish("0.0.0.0:8080:80").unwrap();
-        assert_eq!(p.host, "0.0.0.0:8080".parse().unwrap());
-        assert_eq!(p.guest_port, 80);
-        let p = parse_publish("[::1]:8080:80").unwrap();
-        assert_eq!(p.host, "[::1]:8080".parse().unwrap());
-        for bad in ["6379", "a:b", "1:2:3:4", "0:80", "80:0", "70000:80", "x.y:1:2", ":80"] {
-            assert!(parse_publish(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn a_port_in_use_is_refused_and_nothing_stays_bound() {
