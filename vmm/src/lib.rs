@@ -15,7 +15,8 @@
 //! | control | `control` (run, on-demand, controller, registry, API, governor, resume) | who runs VMs and how the outside reaches them |
 //!
 //! The public surface is what the command line needs: configure a run ([`VmConfig`],
-//! [`RunSpec`]), [`run`] it, and read its results ([`RunResult`], [`Summary`]).
+//! [`RunSpec`]), [`run`] it, and read its results ([`RunResult`], [`Summary`]). Policies, sizes,
+//! durations and published ports are written in the grammar of `elastic-config`.
 
 mod base;
 mod control;
@@ -28,8 +29,8 @@ mod vmm;
 
 pub use base::config::{
     ConfigError, DEFAULT_IDLE_SHUTDOWN, DEFAULT_RESTART_LIMIT, EndpointConfig, GuestConfig, Lifecycle, OnViolation,
-    Policy, PolicyConfig, ResourceConfig, RestartPolicy, VmConfig, check_output_path, format_size, kernel_cmdline,
-    parse_credit, parse_duration, parse_guest_opt, parse_log_level, parse_memory_policy, parse_size, parse_vcpu_policy,
+    PolicyConfig, ResourceConfig, RestartPolicy, VmConfig, check_output_path, kernel_cmdline, parse_guest_opt,
+    parse_log_level,
 };
 pub use base::exit;
 pub use base::timeline::Line;
@@ -39,7 +40,7 @@ pub use control::run::{
 };
 pub use host::affinity::allowed as allowed_cpus;
 pub use host::clock::now_monotonic_ns;
-pub use host::endpoint::{EndpointError, Publish, parse_publish};
+pub use host::endpoint::EndpointError;
 pub use host::signals::{install as install_signal_handlers, interrupts};
 pub use policy::pool::Capacity;
 pub use report::json::write_json;

@@ -12,10 +12,10 @@ pub(crate) mod pool_config;
 use crate::tools::bench;
 use crate::tools::plot::{self, PlotVm};
 use crate::tools::qemu::{self, Accel, QemuConfig};
+use elastic_config::{Policy, parse_credit, parse_duration, parse_memory_policy, parse_size, parse_vcpu_policy};
 use elastic_vmm::{
-    Capacity, ConsoleMode, DEFAULT_IDLE_SHUTDOWN, KernelImage, OnViolation, Policy, PolicyConfig, ResumeOptions,
-    RunOptions, RunResult, RunSpec, TimelineOptions, VmConfig, VmSpec, exit, parse_credit, parse_duration,
-    parse_memory_policy, parse_size, parse_vcpu_policy,
+    Capacity, ConsoleMode, DEFAULT_IDLE_SHUTDOWN, KernelImage, OnViolation, PolicyConfig, ResumeOptions, RunOptions,
+    RunResult, RunSpec, TimelineOptions, VmConfig, VmSpec, exit,
 };
 
 /// The kernel image built together with this shim.
@@ -95,7 +95,7 @@ struct ResumeArgs {
     no_seccomp: bool,
     /// Publish these ports instead of the snapshot's (repeatable; `restore` only).
     #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = parse_publish_arg)]
-    publish: Vec<elastic_vmm::Publish>,
+    publish: Vec<elastic_config::Publish>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -220,7 +220,7 @@ struct RunArgs {
     /// Forward TCP connections on a host port to a guest vsock port (repeatable). ADDR defaults
     /// to 127.0.0.1 (loopback only); give 0.0.0.0 to publish on every interface.
     #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = parse_publish_arg)]
-    publish: Vec<elastic_vmm::Publish>,
+    publish: Vec<elastic_config::Publish>,
     /// Listen on a Unix socket speaking Firecracker's hybrid-vsock protocol: a client writes
     /// `CONNECT <guest port>\n` and reads `OK <host port>\n` once the guest accepted.
     #[arg(long, value_name = "PATH")]
@@ -340,8 +340,8 @@ fn parse_guest_opt_arg(s: &str) -> Result<(String, String), String> {
     elastic_vmm::parse_guest_opt(s).map_err(|e| e.to_string())
 }
 
-fn parse_publish_arg(s: &str) -> Result<elastic_vmm::Publish, String> {
-    elastic_vmm::parse_publish(s).map_err(|e| e.to_string())
+fn parse_publish_arg(s: &str) -> Result<elastic_config::Publish, String> {
+    elastic_config::parse_publish(s).map_err(|e| e.to_string())
 }
 
 fn parse_log_arg(s: &str) -> Result<String, String> {

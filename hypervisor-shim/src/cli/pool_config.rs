@@ -36,10 +36,10 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
+use elastic_config::{Policy, parse_credit, parse_duration, parse_memory_policy, parse_size, parse_vcpu_policy};
 use elastic_vmm::{
-    Capacity, ConfigError, DEFAULT_IDLE_SHUTDOWN, DEFAULT_RESTART_LIMIT, OnViolation, Policy, PolicyConfig, VmConfig,
-    VmSpec, parse_credit, parse_duration, parse_guest_opt, parse_log_level, parse_memory_policy, parse_size,
-    parse_vcpu_policy,
+    Capacity, ConfigError, DEFAULT_IDLE_SHUTDOWN, DEFAULT_RESTART_LIMIT, OnViolation, PolicyConfig, VmConfig, VmSpec,
+    parse_guest_opt, parse_log_level,
 };
 
 /// Why a pool configuration was refused. One line, naming the file, the line and the field.
@@ -221,10 +221,10 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
         }
         let mut guest_opts = Vec::new();
         for o in &v.guest_opts {
-            guest_opts.push(parse_guest_opt(o.get_ref()).map_err(|e| value(o.span(), at("guest_opts"), e.into()))?);
+            guest_opts.push(parse_guest_opt(o.get_ref()).map_err(|e| value(o.span(), at("guest_opts"), e))?);
         }
         let log_level = match &v.log {
-            Some(l) => parse_log_level(l.get_ref()).map_err(|e| value(l.span(), at("log"), e.into()))?,
+            Some(l) => parse_log_level(l.get_ref()).map_err(|e| value(l.span(), at("log"), e))?,
             None => "info".into(),
         };
         if let Some(code) = &v.expect_exit {
@@ -235,7 +235,7 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
         }
         let mut publish = Vec::new();
         for p in &v.publish {
-            let parsed = elastic_vmm::parse_publish(p.get_ref())
+            let parsed = elastic_config::parse_publish(p.get_ref())
                 .map_err(|e| invalid(p.span(), format!("vm '{name}': publish: {e}")))?;
             publish.push(parsed);
         }
@@ -276,7 +276,7 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
         };
         // The service name's syntax is checked here; whether the image has it is checked
         // when the image is opened.
-        elastic_vmm::kernel_cmdline(v.app.get_ref(), &[], &[]).map_err(|e| value(v.app.span(), at("app"), e.into()))?;
+        elastic_vmm::kernel_cmdline(v.app.get_ref(), &[], &[]).map_err(|e| value(v.app.span(), at("app"), e))?;
         let mut config = VmConfig::new(name.clone(), v.app.get_ref().clone());
         config.guest.args = v.args.clone();
         config.guest.log_level = log_level;

@@ -6,8 +6,8 @@ use std::path::Path;
 use plotters::prelude::*;
 use thiserror::Error;
 
+use elastic_config::Policy;
 use elastic_vmm::Line;
-use elastic_vmm::Policy;
 
 /// Plot failures.
 #[derive(Debug, Error)]

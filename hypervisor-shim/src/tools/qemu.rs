@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use hypercall_abi::{QEMU_DEBUG_EXIT_PORT, QEMU_FAULT_EXIT_VALUE, SHUTDOWN_CODE_MAX};
 use thiserror::Error;
 
+use elastic_config::format_size;
 use elastic_vmm::exit;
-use elastic_vmm::{ConfigError, format_size, kernel_cmdline};
+use elastic_vmm::{ConfigError, kernel_cmdline};
 use elastic_vmm::{KernelImage, LoaderError};
 
 /// QEMU-path failures.

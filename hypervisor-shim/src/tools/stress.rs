@@ -17,9 +17,9 @@ use thiserror::Error;
 use serde_json::Value;
 
 use crate::tools::plot::{self, PlotVm};
+use elastic_config::{parse_memory_policy, parse_vcpu_policy};
 use elastic_vmm::{
     Capacity, ConsoleMode, PolicyConfig, RunOptions, RunResult, RunSpec, TimelineOptions, VmConfig, VmResult, VmSpec,
-    parse_memory_policy, parse_vcpu_policy,
 };
 
 /// Stress-suite failures (a scenario that runs but fails its checks is not an error).
@@ -259,8 +259,8 @@ fn spec_for(s: &Scenario, kernel: &Path, out: &Path) -> RunSpec {
             config.guest.log_level = "warn".into();
             config.guest.options = v.opts.iter().map(|(k, val)| (k.to_string(), val.to_string())).collect();
             // The scenario tables are static and validated by the unit tests.
-            config.resources.vcpus = parse_vcpu_policy(v.vcpus).unwrap_or(elastic_vmm::Policy::fixed(1));
-            config.resources.memory = parse_memory_policy(v.memory).unwrap_or(elastic_vmm::Policy::fixed(64 << 20));
+            config.resources.vcpus = parse_vcpu_policy(v.vcpus).unwrap_or(elastic_config::Policy::fixed(1));
+            config.resources.memory = parse_memory_policy(v.memory).unwrap_or(elastic_config::Policy::fixed(64 << 20));
             config.resources.policy = PolicyConfig { budget: v.budget, refill: v.refill, ..PolicyConfig::default() };
             config.resources.weight = v.weight;
             config.lifecycle.timeout = Some(Duration::from_secs(300));

@@ -6,7 +6,7 @@ use std::time::Duration;
 use hypercall_abi::CMDLINE_MAX;
 use thiserror::Error;
 
-pub use elastic_config::Publish;
+pub(crate) use elastic_config::Publish;
 
 /// Why a configuration value was rejected. Each message names the problem in one line.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -82,7 +82,7 @@ pub enum OnViolation {
 
 impl OnViolation {
     /// The name used on the command line, in pool files and in timelines.
-    pub const fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             OnViolation::Throttle => "throttle",
             OnViolation::Kill => "kill",
@@ -121,7 +121,7 @@ pub const DEFAULT_IDLE_SHUTDOWN: Duration = Duration::from_secs(30);
 pub const DEFAULT_RESTART_LIMIT: u32 = 3;
 
 /// Longest wait between restarts.
-pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(crate) const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// What runs in the guest: the service, its arguments and the kernel's options.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -229,9 +229,7 @@ impl VmConfig {
     }
 }
 
-pub use elastic_config::{
-    Policy, format_size, parse_credit, parse_duration, parse_memory_policy, parse_size, parse_vcpu_policy,
-};
+pub(crate) use elastic_config::{Policy, format_size, parse_memory_policy, parse_vcpu_policy};
 
 /// Parses a `--guest-opt` `KEY=VALUE`: the key must be a kernel option
 /// ([`hypercall_abi::KERNEL_OPTIONS`]) and the value valid for it.

@@ -24,67 +24,67 @@ use hypercall_abi::{BOOT_INFO_ADDR, CMDLINE_ADDR, NOTICE_ADDR};
 
 /// Most vCPUs a VM may have (the ABI's limit; GDT, TSS and CPL-0 stack space is reserved for
 /// this many).
-pub const MAX_VCPUS: u32 = hypercall_abi::MAX_VCPUS;
+pub(crate) const MAX_VCPUS: u32 = hypercall_abi::MAX_VCPUS;
 
 /// GDT.
-pub const GDT_ADDR: u64 = 0x1000;
+pub(crate) const GDT_ADDR: u64 = 0x1000;
 /// IDT.
-pub const IDT_ADDR: u64 = 0x2000;
+pub(crate) const IDT_ADDR: u64 = 0x2000;
 /// Exception stubs.
-pub const STUBS_ADDR: u64 = 0x3000;
+pub(crate) const STUBS_ADDR: u64 = 0x3000;
 /// Bytes per exception stub.
-pub const STUB_SIZE: u64 = 16;
+pub(crate) const STUB_SIZE: u64 = 16;
 /// First TSS.
-pub const TSS_BASE: u64 = 0x1_0000;
+pub(crate) const TSS_BASE: u64 = 0x1_0000;
 /// Distance between TSSs.
-pub const TSS_STRIDE: u64 = 128;
+pub(crate) const TSS_STRIDE: u64 = 128;
 /// Size of a 64-bit TSS without its I/O bitmap.
-pub const TSS_SIZE: u64 = 104;
+pub(crate) const TSS_SIZE: u64 = 104;
 /// The I/O permission bitmap every TSS points at: 8 KiB of zero bits (every port allowed)
 /// and the terminating 0xFF byte. The guest also gets IOPL = 3, but PVM (the KVM flavour on
 /// some nested hosts, including this project's CI machine) ignores IOPL at CPL 3 and
 /// consults this bitmap instead.
-pub const IO_BITMAP_ADDR: u64 = 0x1_4000;
+pub(crate) const IO_BITMAP_ADDR: u64 = 0x1_4000;
 /// Size of the I/O bitmap including its terminator.
-pub const IO_BITMAP_SIZE: u64 = 8192 + 1;
+pub(crate) const IO_BITMAP_SIZE: u64 = 8192 + 1;
 /// First CPL-0 exception stack.
-pub const CPL0_STACKS: u64 = 0x2_0000;
+pub(crate) const CPL0_STACKS: u64 = 0x2_0000;
 /// Size of each CPL-0 exception stack.
-pub const CPL0_STACK_SIZE: u64 = 0x400;
+pub(crate) const CPL0_STACK_SIZE: u64 = 0x400;
 /// PML4.
-pub const PML4_ADDR: u64 = 0x10_0000;
+pub(crate) const PML4_ADDR: u64 = 0x10_0000;
 /// The one PDPT (covers 512 GiB).
-pub const PDPT_ADDR: u64 = 0x10_1000;
+pub(crate) const PDPT_ADDR: u64 = 0x10_1000;
 /// Page table for the first 2 MiB (4 KiB pages).
-pub const PT_LOW_ADDR: u64 = 0x10_2000;
+pub(crate) const PT_LOW_ADDR: u64 = 0x10_2000;
 /// First page directory (one per GiB of guest-physical space).
-pub const PD_BASE: u64 = 0x10_3000;
+pub(crate) const PD_BASE: u64 = 0x10_3000;
 /// End of the page-table area.
-pub const PAGE_TABLES_END: u64 = 0x20_0000;
+pub(crate) const PAGE_TABLES_END: u64 = 0x20_0000;
 /// Highest guest-physical address a VM may have (the configuration grammar refuses policies
 /// beyond it); the page-table area maps exactly that far.
-pub use elastic_config::layout::{MAX_GUEST_PHYS, window_base};
+pub(crate) use elastic_config::layout::{MAX_GUEST_PHYS, window_base};
 const _: () = assert!(((PAGE_TABLES_END - PD_BASE) / 0x1000) << 30 == MAX_GUEST_PHYS);
 
 /// GDT selectors.
-pub mod selector {
+pub(crate) mod selector {
     /// Kernel (CPL 0) 64-bit code: used only by the exception stubs.
-    pub const KERNEL_CODE: u16 = 0x08;
+    pub(crate) const KERNEL_CODE: u16 = 0x08;
     /// User (CPL 3) 64-bit code, RPL 3.
-    pub const USER_CODE: u16 = 0x18 | 3;
+    pub(crate) const USER_CODE: u16 = 0x18 | 3;
     /// User (CPL 3) data, RPL 3.
-    pub const USER_DATA: u16 = 0x20 | 3;
+    pub(crate) const USER_DATA: u16 = 0x20 | 3;
     /// First TSS descriptor (16 bytes each).
-    pub const TSS_FIRST: u16 = 0x28;
+    pub(crate) const TSS_FIRST: u16 = 0x28;
 
     /// The TSS selector of vCPU `id`.
-    pub const fn tss(id: u32) -> u16 {
+    pub(crate) const fn tss(id: u32) -> u16 {
         TSS_FIRST + (id as u16) * 16
     }
 }
 
 /// Number of GDT bytes in use.
-pub const GDT_SIZE: u64 = selector::TSS_FIRST as u64 + 16 * MAX_VCPUS as u64;
+pub(crate) const GDT_SIZE: u64 = selector::TSS_FIRST as u64 + 16 * MAX_VCPUS as u64;
 
 const _: () = assert!(GDT_ADDR + GDT_SIZE <= IDT_ADDR);
 const _: () = assert!(STUBS_ADDR + 32 * STUB_SIZE <= BOOT_INFO_ADDR);
@@ -98,43 +98,43 @@ const _: () = assert!(MAX_GUEST_PHYS >= 128 << 30);
 
 /// One VM's memory layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Layout {
+pub(crate) struct Layout {
     /// Boot memory size (`memory.min`), a multiple of 2 MiB.
-    pub ram_size: u64,
+    pub(crate) ram_size: u64,
     /// Start of the hot-plug window (1 GiB aligned).
-    pub window_base: u64,
+    pub(crate) window_base: u64,
     /// Size of the hot-plug window (`memory.burst - memory.min`).
-    pub window_size: u64,
+    pub(crate) window_size: u64,
 }
 
 impl Layout {
     /// The layout for boot memory `min` and ceiling `burst`.
-    pub const fn new(min: u64, burst: u64) -> Self {
+    pub(crate) const fn new(min: u64, burst: u64) -> Self {
         Layout { ram_size: min, window_base: window_base(min), window_size: burst - min }
     }
 
     /// End of the hot-plug window.
-    pub const fn window_end(&self) -> u64 {
+    pub(crate) const fn window_end(&self) -> u64 {
         self.window_base + self.window_size
     }
 
     /// `true` when `[addr, addr + len)` lies inside the hot-plug window.
-    pub fn in_window(&self, addr: u64, len: u64) -> bool {
+    pub(crate) fn in_window(&self, addr: u64, len: u64) -> bool {
         addr >= self.window_base && addr.checked_add(len).is_some_and(|end| end <= self.window_end())
     }
 
     /// Top of vCPU `id`'s CPL-0 exception stack.
-    pub const fn cpl0_stack_top(id: u32) -> u64 {
+    pub(crate) const fn cpl0_stack_top(id: u32) -> u64 {
         CPL0_STACKS + (id as u64 + 1) * CPL0_STACK_SIZE
     }
 
     /// Address of vCPU `id`'s TSS.
-    pub const fn tss_addr(id: u32) -> u64 {
+    pub(crate) const fn tss_addr(id: u32) -> u64 {
         TSS_BASE + id as u64 * TSS_STRIDE
     }
 
     /// Limit of vCPU `id`'s TSS segment: it extends over the shared I/O bitmap.
-    pub const fn tss_limit(id: u32) -> u64 {
+    pub(crate) const fn tss_limit(id: u32) -> u64 {
         IO_BITMAP_ADDR + IO_BITMAP_SIZE - 1 - Self::tss_addr(id)
     }
 }

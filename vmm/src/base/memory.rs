@@ -28,13 +28,13 @@ use vm_memory::{
 /// Guest memory as the shim maps it: every region carries a dirty bitmap that records the
 /// shim's own writes (hypercall blocks, device queues), which live migration sends along with
 /// the pages KVM's dirty log reports for the guest's writes.
-pub type Mmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub(crate) type Mmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// One region of [`Mmap`].
-pub type Region = vm_memory::GuestRegionMmap<AtomicBitmap>;
+pub(crate) type Region = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// Where a restored region's contents come from.
 #[derive(Debug)]
-pub enum Backing<'a> {
+pub(crate) enum Backing<'a> {
     /// Fresh zeroed memory.
     Anonymous,
     /// A private (copy-on-write) mapping of `file` at `offset`: pages are read lazily, on
@@ -108,7 +108,7 @@ pub enum MemoryError {
 }
 
 /// The page size of dirty tracking (KVM's and the shim's).
-pub const PAGE_SIZE: u64 = 4096;
+pub(crate) const PAGE_SIZE: u64 = 4096;
 
 /// One granted extent.
 #[derive(Debug, Clone, Copy)]
@@ -192,7 +192,7 @@ impl Hotplug {
 
 /// The VM's RAM, shared by all vCPU threads.
 #[derive(Debug, Clone)]
-pub struct GuestMemory {
+pub(crate) struct GuestMemory {
     map: GuestMemoryAtomic<Mmap>,
     ram_size: u64,
     hotplug: Arc<Mutex<Hotplug>>,
@@ -203,13 +203,13 @@ pub struct GuestMemory {
 
 /// One region of guest RAM as a snapshot or a migration sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegionInfo {
+pub(crate) struct RegionInfo {
     /// Guest-physical base.
-    pub gpa: u64,
+    pub(crate) gpa: u64,
     /// Length in bytes.
-    pub len: u64,
+    pub(crate) len: u64,
     /// 0 for boot memory; unique per grant for extents.
-    pub serial: u64,
+    pub(crate) serial: u64,
 }
 
 /// Asks the host kernel to back `[addr, addr + len)` with transparent huge pages where it
@@ -223,18 +223,24 @@ fn advise_huge_pages(addr: *mut u8, len: usize) {
 impl GuestMemory {
     /// Maps `ram_size` bytes of boot memory at guest-physical 0 (not yet registered with KVM)
     /// and prepares the hot-plug window `[window_base, window_base + window_size)`.
-    pub fn new(ram_size: u64) -> Result<Self, MemoryError> {
+    #[cfg(test)]
+    pub(crate) fn new(ram_size: u64) -> Result<Self, MemoryError> {
         Self::with_window(ram_size, 0, 0, 1)
     }
 
     /// As [`GuestMemory::new`], with a hot-plug window and at most `max_slots` KVM slots.
-    pub fn with_window(ram_size: u64, window_base: u64, window_size: u64, max_slots: u32) -> Result<Self, MemoryError> {
+    pub(crate) fn with_window(
+        ram_size: u64,
+        window_base: u64,
+        window_size: u64,
+        max_slots: u32,
+    ) -> Result<Self, MemoryError> {
         Self::with_backing(ram_size, window_base, window_size, max_slots, &Backing::Anonymous)
     }
 
     /// As [`GuestMemory::with_window`], with boot memory's contents from `backing` (a
     /// restored snapshot).
-    pub fn with_backing(
+    pub(crate) fn with_backing(
         ram_size: u64,
         window_base: u64,
         window_size: u64,
@@ -268,27 +274,28 @@ impl GuestMemory {
     /// The current set of regions, for code that works on guest memory directly (the device
     /// models' virtqueues). Hold it for one pass only: a released extent stays mapped while a
     /// snapshot that holds it lives.
-    pub fn snapshot(&self) -> vm_memory::GuestMemoryLoadGuard<Mmap> {
+    pub(crate) fn snapshot(&self) -> vm_memory::GuestMemoryLoadGuard<Mmap> {
         self.map.memory()
     }
 
     /// Size of boot memory.
-    pub fn ram_size(&self) -> u64 {
+    pub(crate) fn ram_size(&self) -> u64 {
         self.ram_size
     }
 
     /// Memory held now: boot memory plus granted extents.
-    pub fn held(&self) -> u64 {
+    pub(crate) fn held(&self) -> u64 {
         self.held.load(Ordering::Acquire)
     }
 
     /// Number of granted extents now.
-    pub fn extent_count(&self) -> usize {
+    pub(crate) fn extent_count(&self) -> usize {
         self.hotplug().granted.len()
     }
 
     /// Granted extents now.
-    pub fn extents(&self) -> Vec<Extent> {
+    #[cfg(test)]
+    pub(crate) fn extents(&self) -> Vec<Extent> {
         self.hotplug().granted.iter().map(|(&base, g)| Extent { base, len: g.len }).collect()
     }
 
@@ -308,7 +315,7 @@ impl GuestMemory {
     }
 
     /// Registers boot memory as KVM slot 0.
-    pub fn register_boot_slot(&self, vm: &VmFd) -> Result<(), MemoryError> {
+    pub(crate) fn register_boot_slot(&self, vm: &VmFd) -> Result<(), MemoryError> {
         let snapshot = self.map.memory();
         let host = snapshot
             .get_host_address(GuestAddress(0))
@@ -319,7 +326,7 @@ impl GuestMemory {
     /// Grants up to `bytes` (rounded up to 2 MiB) in at most `max_extents` extents, each with
     /// its own host mapping and KVM slot. Returns the extents (they may cover less than asked
     /// when the window is short of room or fragmented); `NoRoom` when nothing is free.
-    pub fn grant(&self, vm: &VmFd, bytes: u64, max_extents: usize) -> Result<Vec<Extent>, MemoryError> {
+    pub(crate) fn grant(&self, vm: &VmFd, bytes: u64, max_extents: usize) -> Result<Vec<Extent>, MemoryError> {
         let bytes = bytes.div_ceil(EXTENT_ALIGN).saturating_mul(EXTENT_ALIGN);
         let mut hp = self.hotplug();
         let pieces = hp.carve(bytes, max_extents);
@@ -396,7 +403,7 @@ impl GuestMemory {
 
     /// Maps extent `e` exactly where it was (a restored snapshot or a migrated VM), with its
     /// contents from `backing`. The range must be free in the window.
-    pub fn restore_extent(&self, vm: &VmFd, e: Extent, backing: &Backing<'_>) -> Result<(), MemoryError> {
+    pub(crate) fn restore_extent(&self, vm: &VmFd, e: Extent, backing: &Backing<'_>) -> Result<(), MemoryError> {
         let mut hp = self.hotplug();
         if !hp.take_exact(e.base, e.len) {
             return Err(MemoryError::NotGranted { base: e.base, len: e.len });
@@ -405,7 +412,7 @@ impl GuestMemory {
     }
 
     /// Every region of RAM now: boot memory first, then the granted extents by address.
-    pub fn regions(&self) -> Vec<RegionInfo> {
+    pub(crate) fn regions(&self) -> Vec<RegionInfo> {
         let mut out = vec![RegionInfo { gpa: 0, len: self.ram_size, serial: 0 }];
         let hp = self.hotplug();
         out.extend(hp.granted.iter().map(|(&gpa, g)| RegionInfo { gpa, len: g.len, serial: g.serial }));
@@ -414,7 +421,7 @@ impl GuestMemory {
 
     /// The host address of `[gpa, gpa + len)` when it lies in one region (for bulk copies
     /// while the VM is paused). The pointer stays valid while `guard` lives.
-    pub fn host_range<'g>(&self, guard: &'g Mmap, gpa: u64, len: u64) -> Option<&'g [u8]> {
+    pub(crate) fn host_range<'g>(&self, guard: &'g Mmap, gpa: u64, len: u64) -> Option<&'g [u8]> {
         let region = guard.find_region(GuestAddress(gpa))?;
         let offset = gpa - region.start_addr().0;
         if offset.checked_add(len)? > region.len() {
@@ -429,14 +436,14 @@ impl GuestMemory {
     }
 
     /// The end of the region holding `gpa` (`None`: no region does).
-    pub fn region_end(&self, guard: &Mmap, gpa: u64) -> Option<u64> {
+    pub(crate) fn region_end(&self, guard: &Mmap, gpa: u64) -> Option<u64> {
         let region = guard.find_region(GuestAddress(gpa))?;
         Some(region.start_addr().0 + region.len())
     }
 
     /// Starts (or stops) KVM's dirty-page logging on every slot, and clears the shim's own
     /// dirty bitmaps, so that [`GuestMemory::take_dirty`] reports writes from now on.
-    pub fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), MemoryError> {
+    pub(crate) fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), MemoryError> {
         let hp = self.hotplug();
         self.log_dirty.store(on, Ordering::Release);
         let guard = self.map.memory();
@@ -454,7 +461,7 @@ impl GuestMemory {
     /// The pages written since the previous call (or since logging started), by the guest
     /// (KVM's dirty log) or by the shim (the regions' bitmaps), as guest-physical page
     /// addresses in ascending order. Both logs are read and cleared atomically.
-    pub fn take_dirty(&self, vm: &VmFd) -> Result<Vec<u64>, MemoryError> {
+    pub(crate) fn take_dirty(&self, vm: &VmFd) -> Result<Vec<u64>, MemoryError> {
         let hp = self.hotplug();
         let guard = self.map.memory();
         let mut pages = Vec::new();
@@ -493,7 +500,7 @@ impl GuestMemory {
 
     /// Releases `extents`, each of which must be exactly a granted extent, listed once.
     /// All-or-nothing: on any mismatch nothing changes. Returns the bytes released.
-    pub fn release(&self, vm: &VmFd, extents: &[Extent]) -> Result<u64, MemoryError> {
+    pub(crate) fn release(&self, vm: &VmFd, extents: &[Extent]) -> Result<u64, MemoryError> {
         let mut hp = self.hotplug();
         for (i, e) in extents.iter().enumerate() {
             let exact = hp.granted.get(&e.base).is_some_and(|g| g.len == e.len);
@@ -526,33 +533,36 @@ impl GuestMemory {
     }
 
     /// Copies `buf.len()` bytes out of guest memory at `gpa`.
-    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+    pub(crate) fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let len = buf.len() as u64;
         self.check(gpa, len)?;
         self.map.memory().read_slice(buf, GuestAddress(gpa)).map_err(|_| MemoryError::OutOfRange { gpa, len })
     }
 
     /// Copies `bytes` into guest memory at `gpa`.
-    pub fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemoryError> {
+    pub(crate) fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemoryError> {
         let len = bytes.len() as u64;
         self.check(gpa, len)?;
         self.map.memory().write_slice(bytes, GuestAddress(gpa)).map_err(|_| MemoryError::OutOfRange { gpa, len })
     }
 
     /// Reads a plain-data value at `gpa` (one copy; any bit pattern is valid for `T`).
-    pub fn read_obj<T: FromBytes + IntoBytes + KnownLayout + Immutable>(&self, gpa: u64) -> Result<T, MemoryError> {
+    pub(crate) fn read_obj<T: FromBytes + IntoBytes + KnownLayout + Immutable>(
+        &self,
+        gpa: u64,
+    ) -> Result<T, MemoryError> {
         let mut value = T::new_zeroed();
         self.read(gpa, value.as_mut_bytes())?;
         Ok(value)
     }
 
     /// Writes a plain-data value at `gpa`.
-    pub fn write_obj<T: IntoBytes + Immutable>(&self, gpa: u64, value: &T) -> Result<(), MemoryError> {
+    pub(crate) fn write_obj<T: IntoBytes + Immutable>(&self, gpa: u64, value: &T) -> Result<(), MemoryError> {
         self.write(gpa, value.as_bytes())
     }
 
     /// Reads `len` bytes at `gpa` into a new buffer.
-    pub fn read_vec(&self, gpa: u64, len: u64) -> Result<Vec<u8>, MemoryError> {
+    pub(crate) fn read_vec(&self, gpa: u64, len: u64) -> Result<Vec<u8>, MemoryError> {
         self.check(gpa, len)?;
         let mut v = vec![0u8; len as usize];
         self.read(gpa, &mut v)?;
@@ -560,7 +570,7 @@ impl GuestMemory {
     }
 
     /// Whether `[gpa, gpa + len)` is entirely guest RAM (boot memory or granted extents).
-    pub fn is_ram(&self, gpa: u64, len: u64) -> bool {
+    pub(crate) fn is_ram(&self, gpa: u64, len: u64) -> bool {
         self.check(gpa, len).is_ok()
     }
 }

@@ -64,13 +64,13 @@ impl Line {
 }
 
 /// Most lines kept in memory (for a plot); later ones go only to the file.
-pub const MAX_KEPT_LINES: usize = 200_000;
+pub(crate) const MAX_KEPT_LINES: usize = 200_000;
 
 /// A timeline sink: lines stream to the `--timeline` file (a bounded buffer), and are kept in
 /// memory only when a plot needs them, at most [`MAX_KEPT_LINES`]. A guest cannot grow the
 /// shim's memory through it.
 #[derive(Debug)]
-pub struct Timeline {
+pub(crate) struct Timeline {
     started: Instant,
     file: Option<Mutex<BufWriter<File>>>,
     keep: bool,
@@ -80,7 +80,7 @@ pub struct Timeline {
 impl Timeline {
     /// A timeline counting from `started`, writing to `path` when given, keeping lines in
     /// memory when `keep` (a plot will be drawn).
-    pub fn new(started: Instant, path: Option<&Path>, keep: bool) -> std::io::Result<Timeline> {
+    pub(crate) fn new(started: Instant, path: Option<&Path>, keep: bool) -> std::io::Result<Timeline> {
         let file = match path {
             Some(p) => Some(Mutex::new(BufWriter::new(File::create(p)?))),
             None => None,
@@ -89,12 +89,12 @@ impl Timeline {
     }
 
     /// µs since the start.
-    pub fn now_us(&self) -> u64 {
+    pub(crate) fn now_us(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
     }
 
     /// Records one event.
-    pub fn record(&self, vm: &str, event: &str, vcpus: u32, memory_bytes: u64, detail: Map<String, Value>) {
+    pub(crate) fn record(&self, vm: &str, event: &str, vcpus: u32, memory_bytes: u64, detail: Map<String, Value>) {
         if self.file.is_none() && !self.keep {
             return;
         }
@@ -117,12 +117,12 @@ impl Timeline {
     }
 
     /// Every line recorded so far.
-    pub fn lines(&self) -> Vec<Line> {
+    pub(crate) fn lines(&self) -> Vec<Line> {
         self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Flushes the file.
-    pub fn flush(&self) -> std::io::Result<()> {
+    pub(crate) fn flush(&self) -> std::io::Result<()> {
         match &self.file {
             Some(f) => f.lock().unwrap_or_else(|p| p.into_inner()).flush(),
             None => Ok(()),
@@ -131,7 +131,7 @@ impl Timeline {
 }
 
 /// Builds a detail map from `(key, value)` pairs.
-pub fn detail<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
+pub(crate) fn detail<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 

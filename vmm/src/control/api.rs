@@ -187,13 +187,21 @@ fn serve(mut request: tiny_http::Request, registry: &Registry) {
     }
 }
 
+/// What a [`Gather`] waits for: how many answers are still out, those in (by VM), and what to
+/// do with them.
+struct Gathering {
+    left: usize,
+    answers: Vec<Option<Value>>,
+    done: Option<Box<dyn FnOnce(Vec<Value>) + Send>>,
+}
+
 /// Answers from several VMs, combined once the last one is in.
 #[derive(Clone)]
-struct Gather(Arc<Mutex<(usize, Vec<Option<Value>>, Option<Box<dyn FnOnce(Vec<Value>) + Send>>)>>);
+struct Gather(Arc<Mutex<Gathering>>);
 
 impl Gather {
     fn new(n: usize, done: impl FnOnce(Vec<Value>) + Send + 'static) -> Gather {
-        let g = Gather(Arc::new(Mutex::new((n, vec![None; n], Some(Box::new(done))))));
+        let g = Gather(Arc::new(Mutex::new(Gathering { left: n, answers: vec![None; n], done: Some(Box::new(done)) })));
         if n == 0 {
             g.finish();
         }
@@ -203,11 +211,11 @@ impl Gather {
     fn answer(&self, i: usize, v: Option<Value>) {
         let last = {
             let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(slot) = inner.1.get_mut(i) {
+            if let Some(slot) = inner.answers.get_mut(i) {
                 *slot = v;
             }
-            inner.0 = inner.0.saturating_sub(1);
-            inner.0 == 0
+            inner.left = inner.left.saturating_sub(1);
+            inner.left == 0
         };
         if last {
             self.finish();
@@ -217,7 +225,7 @@ impl Gather {
     fn finish(&self) {
         let (done, answers) = {
             let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            (inner.2.take(), std::mem::take(&mut inner.1))
+            (inner.done.take(), std::mem::take(&mut inner.answers))
         };
         if let Some(done) = done {
             done(answers.into_iter().flatten().collect());

@@ -140,25 +140,27 @@ pub(crate) trait Device: Send + Sync + std::fmt::Debug {
     fn figures(&self) -> serde_json::Value;
 }
 
+/// Makes a device whose page is at `page`.
+type Create = fn(page: u64, mem: &GuestMemory, setup: DeviceSetup) -> Result<Box<dyn Device>, DeviceError>;
+
+/// Rebuilds a device from its saved state (its page is already in guest memory).
+type Restore = fn(
+    page: u64,
+    mem: &GuestMemory,
+    setup: DeviceSetup,
+    state: &serde_json::Value,
+) -> Result<Box<dyn Device>, DeviceError>;
+
 /// How to make one kind of device.
 pub(crate) struct DeviceKind {
     name: &'static str,
-    create: fn(page: u64, mem: &GuestMemory, setup: DeviceSetup) -> Result<Box<dyn Device>, DeviceError>,
-    restore: fn(
-        page: u64,
-        mem: &GuestMemory,
-        setup: DeviceSetup,
-        state: &serde_json::Value,
-    ) -> Result<Box<dyn Device>, DeviceError>,
+    create: Create,
+    restore: Restore,
 }
 
 impl DeviceKind {
     /// A kind named `name`.
-    pub(crate) const fn new(
-        name: &'static str,
-        create: fn(u64, &GuestMemory, DeviceSetup) -> Result<Box<dyn Device>, DeviceError>,
-        restore: fn(u64, &GuestMemory, DeviceSetup, &serde_json::Value) -> Result<Box<dyn Device>, DeviceError>,
-    ) -> Self {
+    pub(crate) const fn new(name: &'static str, create: Create, restore: Restore) -> Self {
         DeviceKind { name, create, restore }
     }
 }

@@ -44,7 +44,7 @@ pub enum TransportError {
 
 /// What a status change did.
 #[derive(Debug)]
-pub enum StatusChange {
+pub(crate) enum StatusChange {
     /// Status 0: the device was reset (queues and connections are gone).
     Reset,
     /// `DRIVER_OK`: the queues are live.
@@ -55,28 +55,28 @@ pub enum StatusChange {
 
 /// One paravirtual device as the host describes it.
 #[derive(Debug, Clone)]
-pub struct PvDevice {
+pub(crate) struct PvDevice {
     /// Guest-physical address of its page.
-    pub page: u64,
+    pub(crate) page: u64,
     /// Virtio device type.
-    pub device_id: u32,
+    pub(crate) device_id: u32,
     /// Queues it has.
-    pub num_queues: u32,
+    pub(crate) num_queues: u32,
     /// Features it offers.
-    pub offered: u64,
+    pub(crate) offered: u64,
     /// Largest queue size it accepts.
-    pub queue_max_size: u16,
+    pub(crate) queue_max_size: u16,
     /// Its configuration space.
-    pub config: [u8; VIRTIO_CONFIG_SIZE],
+    pub(crate) config: [u8; VIRTIO_CONFIG_SIZE],
     /// Features the driver accepted (valid from `FEATURES_OK`).
-    pub negotiated: u64,
+    pub(crate) negotiated: u64,
     /// Status as last accepted.
-    pub status: u32,
+    pub(crate) status: u32,
 }
 
 impl PvDevice {
     /// Writes the device's page (host fields set, guest fields zero).
-    pub fn write_page(&self, mem: &GuestMemory) -> Result<(), TransportError> {
+    pub(crate) fn write_page(&self, mem: &GuestMemory) -> Result<(), TransportError> {
         let regs = VirtioDeviceRegs {
             magic: VIRTIO_DEVICE_MAGIC,
             version: VIRTIO_TRANSPORT_VERSION,
@@ -100,7 +100,7 @@ impl PvDevice {
     }
 
     /// Marks the device as needing a reset in its page (what a refused step leaves behind).
-    pub fn set_needs_reset(&mut self, mem: &GuestMemory) {
+    pub(crate) fn set_needs_reset(&mut self, mem: &GuestMemory) {
         let at = self.page + std::mem::offset_of!(VirtioDeviceRegs, status) as u64;
         if let Ok(s) = mem.read_obj::<u32>(at) {
             let _ = mem.write_obj(at, &(s | status::DEVICE_NEEDS_RESET));
@@ -109,7 +109,7 @@ impl PvDevice {
 
     /// Reads the page after the guest notified a status change and applies it. The page is
     /// copied once; every value in it is checked.
-    pub fn status_changed(&mut self, mem: &GuestMemory) -> Result<StatusChange, TransportError> {
+    pub(crate) fn status_changed(&mut self, mem: &GuestMemory) -> Result<StatusChange, TransportError> {
         let regs = self.read_page(mem)?;
         let new = regs.status;
         if new == 0 {

@@ -31,7 +31,7 @@ fn pin_to(cpu: usize) {
 
 /// Which end of the pair the calling thread is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// vCPU 0 (drives the guest's devices).
     DeviceVcpu,
     /// A device's I/O thread.
@@ -42,7 +42,7 @@ pub enum Role {
 /// its scheduling weight: the I/O thread gets a higher one (nice -5, when the process may
 /// raise it), so that on a host with fewer CPUs than runnable vCPUs it is not left waiting
 /// behind vCPUs (one of them spins until it has taken its packet).
-pub fn place(role: Role) {
+pub(crate) fn place(role: Role) {
     if role == Role::DeviceIo {
         // SAFETY: setpriority on the calling thread (tid) only changes its nice value; a
         // refusal (no CAP_SYS_NICE) leaves it as it was.

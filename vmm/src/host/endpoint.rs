@@ -41,11 +41,11 @@ pub enum EndpointError {
     },
 }
 
-pub use elastic_config::{Publish, parse_publish};
+pub(crate) use elastic_config::Publish;
 
 /// A bound endpoint, handed to the I/O thread.
 #[derive(Debug)]
-pub enum Bound {
+pub(crate) enum Bound {
     /// A published TCP port.
     Tcp {
         /// The listening socket (non-blocking).
@@ -65,7 +65,7 @@ pub enum Bound {
 }
 
 /// Binds every endpoint (all or nothing).
-pub fn bind(publish: &[Publish], uds: Option<&Path>) -> Result<Vec<Bound>, EndpointError> {
+pub(crate) fn bind(publish: &[Publish], uds: Option<&Path>) -> Result<Vec<Bound>, EndpointError> {
     let mut bound = Vec::new();
     for (i, p) in publish.iter().enumerate() {
         if publish[..i].iter().any(|q| q.host == p.host) {
@@ -97,7 +97,7 @@ pub fn bind(publish: &[Publish], uds: Option<&Path>) -> Result<Vec<Bound>, Endpo
 
 impl Bound {
     /// The listening socket's descriptor.
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         match self {
             Bound::Tcp { listener, .. } => listener.as_raw_fd(),
@@ -106,7 +106,7 @@ impl Bound {
     }
 
     /// Where clients connect (`127.0.0.1:8080`, or the Unix socket's path).
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Bound::Tcp { listener, .. } => listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
             Bound::Uds { path, .. } => path.display().to_string(),
@@ -115,7 +115,7 @@ impl Bound {
 
     /// Another handle on the same listening socket (its backlog is shared). The copy of a
     /// Unix socket does not remove the socket's path when dropped; the original does.
-    pub fn try_clone(&self) -> std::io::Result<Bound> {
+    pub(crate) fn try_clone(&self) -> std::io::Result<Bound> {
         Ok(match self {
             Bound::Tcp { listener, guest_port } => {
                 Bound::Tcp { listener: listener.try_clone()?, guest_port: *guest_port }
@@ -130,7 +130,7 @@ impl Bound {
 impl Bound {
     /// Leaves a Unix socket's path in place when this handle goes (another process took the
     /// socket over).
-    pub fn disown(&mut self) {
+    pub(crate) fn disown(&mut self) {
         if let Bound::Uds { owner, .. } = self {
             *owner = false;
         }
@@ -156,6 +156,7 @@ mod tests {
         let free = TcpListener::bind("127.0.0.1:0").unwrap();
         let free_port = free.local_addr().unwrap().port();
         drop(free);
+        use elastic_config::parse_publish;
         let specs = [parse_publish(&format!("{free_port}:1")).unwrap(), parse_publish(&format!("{port}:2")).unwrap()];
         let e = bind(&specs, None).unwrap_err();
         assert!(matches!(e, EndpointError::Bind { .. }), "{e}");

@@ -211,7 +211,7 @@ fn program(role: Role) -> Result<BpfProgram, SeccompError> {
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 
 /// Whether the process runs filtered.
-pub fn active() -> bool {
+pub(crate) fn active() -> bool {
     ACTIVE.load(Ordering::Acquire)
 }
 
@@ -235,7 +235,7 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 
 /// Filters the whole process (every existing thread and all later ones) with the union list,
 /// after installing the `SIGSYS` diagnosis.
-pub fn install_process() -> Result<(), SeccompError> {
+pub(crate) fn install_process() -> Result<(), SeccompError> {
     let bpf = program(Role::Process)?;
     // SAFETY: installs a handler that only calls async-signal-safe functions.
     unsafe {
@@ -252,7 +252,7 @@ pub fn install_process() -> Result<(), SeccompError> {
 
 /// Narrows the calling thread to `role`'s list (a no-op when the process is not filtered).
 /// A failure is reported on stderr; the thread goes on under the process filter.
-pub fn install_thread(role: Role) {
+pub(crate) fn install_thread(role: Role) {
     if !active() {
         return;
     }

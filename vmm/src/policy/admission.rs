@@ -48,35 +48,28 @@ pub(crate) struct Tick {
 
 /// Invariant checks made while the VM ran (from the shim's own accounting).
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Invariants {
+pub(crate) struct Invariants {
     /// Checks made (each tick and each grant checks all of them).
-    pub checks: u64,
+    pub(crate) checks: u64,
     /// Times a resource was held above burst.
-    pub above_burst: u64,
+    pub(crate) above_burst: u64,
     /// Times the pool was charged above its capacity.
-    pub above_capacity: u64,
+    pub(crate) above_capacity: u64,
     /// Times the VM held less than its min.
-    pub below_min: u64,
+    pub(crate) below_min: u64,
     /// Times a credit balance was below zero by more than one tick's drain.
-    pub credit_overdrawn: u64,
-}
-
-impl Invariants {
-    /// Whether every check held.
-    pub fn all_held(&self) -> bool {
-        self.above_burst + self.above_capacity + self.below_min + self.credit_overdrawn == 0
-    }
+    pub(crate) credit_overdrawn: u64,
 }
 
 /// Counters of answers other than OK.
 #[derive(Debug, Default)]
-pub struct Answers {
+pub(crate) struct Answers {
     /// DENIED (policy).
-    pub denied: AtomicU64,
+    pub(crate) denied: AtomicU64,
     /// AGAIN (pool full, reclaim under way).
-    pub again: AtomicU64,
+    pub(crate) again: AtomicU64,
     /// EXHAUSTED (pool full, nobody to reclaim from).
-    pub exhausted: AtomicU64,
+    pub(crate) exhausted: AtomicU64,
 }
 
 /// One VM's policy: its state per resource, its place in the pool, and its counters.
@@ -146,12 +139,12 @@ impl VmPolicy {
     }
 
     /// A copy of the policy state of `r`.
-    pub fn resource(&self, r: Resource) -> ResourcePolicy {
+    pub(crate) fn resource(&self, r: Resource) -> ResourcePolicy {
         self.state()[r as usize].clone()
     }
 
     /// The invariant checks so far.
-    pub fn invariants(&self) -> Invariants {
+    pub(crate) fn invariants(&self) -> Invariants {
         self.invariants.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -217,7 +210,7 @@ impl VmPolicy {
     }
 
     /// Returns `amount` of `r` to the pool (a VCPU_DOWN, a release, an unused reservation).
-    pub fn give_back(&self, r: Resource, amount: u64) {
+    pub(crate) fn give_back(&self, r: Resource, amount: u64) {
         if amount > 0 {
             self.pool.give_back(self.member, r, amount);
         }

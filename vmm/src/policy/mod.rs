@@ -1,5 +1,5 @@
 //! Policy.
 
-pub mod admission;
-pub mod pool;
-pub mod resource;
+pub(crate) mod admission;
+pub(crate) mod pool;
+pub(crate) mod resource;

@@ -64,7 +64,7 @@ impl Capacity {
 
 /// What the pool said to a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Take {
+pub(crate) enum Take {
     /// Granted this much (for memory possibly less than asked).
     Granted(u64),
     /// The pool is full; the requester is below its max, and these VMs were asked to come
@@ -109,7 +109,7 @@ impl Inner {
 
 /// The shared pool.
 #[derive(Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     inner: Mutex<Inner>,
 }
 
@@ -123,7 +123,7 @@ fn format_amount(r: Resource, v: u64) -> String {
 
 impl Pool {
     /// A pool with `capacity`.
-    pub fn new(capacity: Capacity) -> Pool {
+    pub(crate) fn new(capacity: Capacity) -> Pool {
         Pool { inner: Mutex::new(Inner { capacity, members: Vec::new(), peak: [0, 0] }) }
     }
 
@@ -132,12 +132,12 @@ impl Pool {
     }
 
     /// The capacity.
-    pub fn capacity(&self) -> Capacity {
+    pub(crate) fn capacity(&self) -> Capacity {
         self.lock().capacity
     }
 
     /// Admits a VM: reserves its mins. Returns its member index.
-    pub fn admit(&self, name: &str, vcpus: Policy, memory: Policy, weight: u64) -> Result<usize, PoolError> {
+    pub(crate) fn admit(&self, name: &str, vcpus: Policy, memory: Policy, weight: u64) -> Result<usize, PoolError> {
         let mut p = self.lock();
         for (r, limits) in [(Resource::Vcpus, vcpus), (Resource::Memory, memory)] {
             let free = p.capacity.of(r).saturating_sub(p.used(r));
@@ -167,7 +167,7 @@ impl Pool {
 
     /// Asks for `amount` more of `r` for member `id`. For memory the answer may be partial
     /// (rounded down to `granularity`); for vCPUs it is all or nothing.
-    pub fn take(&self, id: usize, r: Resource, amount: u64, granularity: u64) -> (Take, Option<String>) {
+    pub(crate) fn take(&self, id: usize, r: Resource, amount: u64, granularity: u64) -> (Take, Option<String>) {
         let mut p = self.lock();
         let i = r as usize;
         let Some(m) = p.members.get(id) else { return (Take::Exhausted, None) };
@@ -232,13 +232,13 @@ impl Pool {
     }
 
     /// Which resources the pool wants member `id` to give back (and clears the requests).
-    pub fn take_reclaim_requests(&self, id: usize) -> [bool; 2] {
+    pub(crate) fn take_reclaim_requests(&self, id: usize) -> [bool; 2] {
         let mut p = self.lock();
         p.members.get_mut(id).map_or([false, false], |m| std::mem::take(&mut m.reclaim_wanted))
     }
 
     /// Gives `amount` of `r` back for member `id`.
-    pub fn give_back(&self, id: usize, r: Resource, amount: u64) {
+    pub(crate) fn give_back(&self, id: usize, r: Resource, amount: u64) {
         let mut p = self.lock();
         if let Some(m) = p.members.get_mut(id) {
             m.held[r as usize] = m.held[r as usize].saturating_sub(amount);
@@ -248,7 +248,7 @@ impl Pool {
     /// Admits an on-demand slot: its mins are reserved now and stay reserved while no VM runs
     /// (a VM the slot boots later always fits); every VM it boots uses this member, and
     /// [`Pool::leave`] of one of them gives back only what it held above min.
-    pub fn reserve(&self, name: &str, vcpus: Policy, memory: Policy, weight: u64) -> Result<usize, PoolError> {
+    pub(crate) fn reserve(&self, name: &str, vcpus: Policy, memory: Policy, weight: u64) -> Result<usize, PoolError> {
         let id = self.admit(name, vcpus, memory, weight)?;
         if let Some(m) = self.lock().members.get_mut(id) {
             m.keep_min = true;
@@ -258,7 +258,7 @@ impl Pool {
 
     /// Member `id`'s VM ended: everything it held returns to the pool (for an on-demand slot,
     /// everything above its reserved min).
-    pub fn leave(&self, id: usize) {
+    pub(crate) fn leave(&self, id: usize) {
         if let Some(m) = self.lock().members.get_mut(id) {
             if m.keep_min {
                 m.held = [m.limits[0].min, m.limits[1].min];
@@ -270,14 +270,14 @@ impl Pool {
     }
 
     /// New limits for member `id`'s resource `r` (a live policy change; min unchanged).
-    pub fn set_limits(&self, id: usize, r: Resource, limits: Policy) {
+    pub(crate) fn set_limits(&self, id: usize, r: Resource, limits: Policy) {
         if let Some(m) = self.lock().members.get_mut(id) {
             m.limits[r as usize] = limits;
         }
     }
 
     /// Ends an on-demand slot: its reservation returns to the pool.
-    pub fn close(&self, id: usize) {
+    pub(crate) fn close(&self, id: usize) {
         if let Some(m) = self.lock().members.get_mut(id) {
             m.keep_min = false;
             m.active = false;
@@ -285,19 +285,19 @@ impl Pool {
     }
 
     /// Capacity in use now, per resource.
-    pub fn used(&self) -> [u64; 2] {
+    pub(crate) fn used(&self) -> [u64; 2] {
         let p = self.lock();
         [p.used(Resource::Vcpus), p.used(Resource::Memory)]
     }
 
     /// Highest use seen, per resource.
-    pub fn peak(&self) -> [u64; 2] {
+    pub(crate) fn peak(&self) -> [u64; 2] {
         self.lock().peak
     }
 
     /// What member `id` holds, per resource.
     #[cfg(test)]
-    pub fn held(&self, id: usize) -> [u64; 2] {
+    pub(crate) fn held(&self, id: usize) -> [u64; 2] {
         self.lock().members.get(id).map_or([0, 0], |m| m.held)
     }
 }

@@ -16,7 +16,7 @@ use crate::base::config::Policy;
 
 /// The two resources a policy governs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Resource {
+pub(crate) enum Resource {
     /// vCPUs (units: vCPUs; credit in vCPU-seconds).
     Vcpus,
     /// Memory (units: bytes; credit in GiB-seconds).
@@ -25,10 +25,10 @@ pub enum Resource {
 
 impl Resource {
     /// Both resources.
-    pub const ALL: [Resource; 2] = [Resource::Vcpus, Resource::Memory];
+    pub(crate) const ALL: [Resource; 2] = [Resource::Vcpus, Resource::Memory];
 
     /// Lower-case name for logs, timelines and summaries.
-    pub const fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             Resource::Vcpus => "vcpus",
             Resource::Memory => "memory",
@@ -36,7 +36,7 @@ impl Resource {
     }
 
     /// How many units make one credit unit (1 vCPU; 1 GiB).
-    pub const fn credit_unit(self) -> f64 {
+    pub(crate) const fn credit_unit(self) -> f64 {
         match self {
             Resource::Vcpus => 1.0,
             Resource::Memory => (1u64 << 30) as f64,
@@ -46,30 +46,30 @@ impl Resource {
 
 /// A token bucket in resource-seconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Credit {
+pub(crate) struct Credit {
     /// Current balance (may dip below zero by at most one tick's drain).
-    pub balance: f64,
+    pub(crate) balance: f64,
     /// Cap.
-    pub cap: f64,
+    pub(crate) cap: f64,
     /// Refill rate per second while at or below max.
-    pub refill: f64,
+    pub(crate) refill: f64,
     /// Lowest balance seen.
-    pub lowest: f64,
+    pub(crate) lowest: f64,
     /// Largest drain of a single tick seen (the bound on how far below zero the balance may
     /// go).
-    pub largest_tick_drain: f64,
+    pub(crate) largest_tick_drain: f64,
 }
 
 impl Credit {
     /// A full bucket.
-    pub fn new(cap: f64, refill: f64) -> Credit {
+    pub(crate) fn new(cap: f64, refill: f64) -> Credit {
         Credit { balance: cap, cap, refill, lowest: cap, largest_tick_drain: 0.0 }
     }
 
     /// Advances by `dt` seconds while holding `excess` credit units above max. An empty
     /// bucket does not go further into debt: what the VM holds above max from then on is the
     /// reclaim's business, so the balance is never below zero by more than one tick's drain.
-    pub fn tick(&mut self, excess: f64, dt: f64) {
+    pub(crate) fn tick(&mut self, excess: f64, dt: f64) {
         if excess > 0.0 {
             let drain = excess * dt;
             self.largest_tick_drain = self.largest_tick_drain.max(drain);
@@ -83,19 +83,19 @@ impl Credit {
     }
 
     /// Whether the balance has stayed within one tick's drain below zero.
-    pub fn within_one_tick(&self) -> bool {
+    pub(crate) fn within_one_tick(&self) -> bool {
         self.lowest >= -self.largest_tick_drain - 1e-9
     }
 
     /// Whether the bucket is empty.
-    pub fn exhausted(&self) -> bool {
+    pub(crate) fn exhausted(&self) -> bool {
         self.balance <= 0.0
     }
 }
 
 /// Why a reclaim started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReclaimReason {
+pub(crate) enum ReclaimReason {
     /// The burst credit ran out.
     Credit,
     /// The pool needs the capacity for a VM below its own max.
@@ -106,7 +106,7 @@ pub enum ReclaimReason {
 
 impl ReclaimReason {
     /// Lower-case name.
-    pub const fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             ReclaimReason::Credit => "credit",
             ReclaimReason::Pool => "pool",
@@ -117,27 +117,27 @@ impl ReclaimReason {
 
 /// One reclaim in progress.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Reclaim {
+pub(crate) struct Reclaim {
     /// Why.
-    pub reason: ReclaimReason,
+    pub(crate) reason: ReclaimReason,
     /// When it started (run time).
-    pub started: Duration,
+    pub(crate) started: Duration,
     /// When the grace period ends.
-    pub deadline: Duration,
+    pub(crate) deadline: Duration,
     /// What the VM must come down to (its max).
-    pub target: u64,
+    pub(crate) target: u64,
     /// When the VM first was at or below the target.
-    pub answered: Option<Duration>,
+    pub(crate) answered: Option<Duration>,
     /// Whether the grace expired with the VM above the target.
-    pub violated: bool,
+    pub(crate) violated: bool,
     /// Whether this reclaim has been counted as answered (once, however often the VM dips
     /// above the target and back while the reclaim stays in force).
-    pub counted: bool,
+    pub(crate) counted: bool,
 }
 
 /// What a policy step changed, for the governor to act on.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum PolicyEvent {
+pub(crate) enum PolicyEvent {
     /// A reclaim started: post the notice.
     ReclaimStarted(Reclaim),
     /// The VM came down to the target (`in_grace`: before the deadline).
@@ -153,34 +153,34 @@ pub enum PolicyEvent {
 
 /// How long a VM must stay compliant before a pool reclaim is lifted (so the capacity it
 /// gave back can go to the VM that needed it).
-pub const POOL_RECLAIM_HOLD: Duration = Duration::from_millis(500);
+pub(crate) const POOL_RECLAIM_HOLD: Duration = Duration::from_millis(500);
 
 /// One resource's policy state.
 #[derive(Debug, Clone)]
-pub struct ResourcePolicy {
+pub(crate) struct ResourcePolicy {
     /// Which resource.
-    pub resource: Resource,
+    pub(crate) resource: Resource,
     /// `min <= max <= burst`.
-    pub limits: Policy,
+    pub(crate) limits: Policy,
     /// The burst credit.
-    pub credit: Credit,
+    pub(crate) credit: Credit,
     /// The reclaim in force, if any.
-    pub reclaim: Option<Reclaim>,
+    pub(crate) reclaim: Option<Reclaim>,
     /// The pool asked for this resource back.
-    pub pool_wants: bool,
+    pub(crate) pool_wants: bool,
     /// The operator lowered max below what the VM holds.
-    pub operator_wants: bool,
+    pub(crate) operator_wants: bool,
     /// Reclaims started.
-    pub reclaims: u64,
+    pub(crate) reclaims: u64,
     /// Reclaims answered within their grace.
-    pub answered_in_grace: u64,
+    pub(crate) answered_in_grace: u64,
     /// Reclaims whose grace expired first.
-    pub violations: u64,
+    pub(crate) violations: u64,
 }
 
 impl ResourcePolicy {
     /// A policy with a full credit bucket.
-    pub fn new(resource: Resource, limits: Policy, budget: f64, refill: f64) -> ResourcePolicy {
+    pub(crate) fn new(resource: Resource, limits: Policy, budget: f64, refill: f64) -> ResourcePolicy {
         ResourcePolicy {
             resource,
             limits,
@@ -196,29 +196,29 @@ impl ResourcePolicy {
 
     /// The most this VM may hold right now: burst normally, max while a reclaim is in force
     /// or the credit is empty.
-    pub fn ceiling(&self) -> u64 {
+    pub(crate) fn ceiling(&self) -> u64 {
         if self.reclaim.is_some() || self.credit.exhausted() { self.limits.max } else { self.limits.burst }
     }
 
     /// Whether the grace of the reclaim in force has expired with the VM above the target
     /// (enforcement applies).
-    pub fn enforcing(&self) -> bool {
+    pub(crate) fn enforcing(&self) -> bool {
         self.reclaim.is_some_and(|r| r.violated && r.answered.is_none())
     }
 
     /// Reclaims neither answered in grace nor counted as violations: at most the one still in
     /// force and within its grace.
-    pub fn unresolved(&self) -> u64 {
+    pub(crate) fn unresolved(&self) -> u64 {
         self.reclaims.saturating_sub(self.answered_in_grace + self.violations)
     }
 
     /// Whether a reclaim is in force, unanswered and still within its grace at `now`.
-    pub fn open_within_grace(&self) -> bool {
+    pub(crate) fn open_within_grace(&self) -> bool {
         self.reclaim.is_some_and(|r| !r.counted && !r.violated)
     }
 
     /// One accounting step: `held` now, `dt` since the last step, `now` run time.
-    pub fn step(&mut self, held: u64, dt: Duration, now: Duration, grace: Duration) -> Vec<PolicyEvent> {
+    pub(crate) fn step(&mut self, held: u64, dt: Duration, now: Duration, grace: Duration) -> Vec<PolicyEvent> {
         let mut events = Vec::new();
         let excess = held.saturating_sub(self.limits.max);
         self.credit.tick(excess as f64 / self.resource.credit_unit(), dt.as_secs_f64());

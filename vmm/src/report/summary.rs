@@ -13,7 +13,7 @@ use crate::vmm::stats::RunReport;
 
 /// The on-demand figures of a VM slot (the summary's `on_demand`).
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct OnDemandFigures {
+pub(crate) struct OnDemandFigures {
     /// VMs booted because a client connected.
     pub(crate) cold_starts: u64,
     /// VMs stopped for being idle.
@@ -27,13 +27,13 @@ pub struct OnDemandFigures {
 
 /// A policy as it appears in the summary.
 #[derive(Debug, Clone, Serialize)]
-pub struct LimitsSummary {
+pub(crate) struct LimitsSummary {
     /// Reserved minimum.
-    pub min: u64,
+    pub(crate) min: u64,
     /// Sustained maximum.
-    pub max: u64,
+    pub(crate) max: u64,
     /// Burst ceiling.
-    pub burst: u64,
+    pub(crate) burst: u64,
 }
 
 impl From<Policy> for LimitsSummary {
@@ -44,74 +44,74 @@ impl From<Policy> for LimitsSummary {
 
 /// vCPU figures of a run.
 #[derive(Debug, Clone, Serialize)]
-pub struct VcpuSummary {
+pub(crate) struct VcpuSummary {
     /// Policy minimum.
-    pub min: u64,
+    pub(crate) min: u64,
     /// Policy maximum.
-    pub max: u64,
+    pub(crate) max: u64,
     /// Policy burst ceiling.
-    pub burst: u64,
+    pub(crate) burst: u64,
     /// Most vCPUs online at once.
-    pub peak: u32,
+    pub(crate) peak: u32,
     /// vCPUs online at the end.
     #[serde(rename = "final")]
-    pub final_: u32,
+    pub(crate) final_: u32,
     /// Successful VCPU_UPs.
-    pub ups: u64,
+    pub(crate) ups: u64,
     /// VCPU_DOWNs.
-    pub downs: u64,
+    pub(crate) downs: u64,
     /// KVM vCPUs created (the other ups reused parked ones).
-    pub created: u32,
+    pub(crate) created: u32,
 }
 
 /// Memory figures of a run (bytes).
 #[derive(Debug, Clone, Serialize)]
-pub struct MemorySummary {
+pub(crate) struct MemorySummary {
     /// Policy minimum (boot memory).
-    pub min: u64,
+    pub(crate) min: u64,
     /// Policy maximum.
-    pub max: u64,
+    pub(crate) max: u64,
     /// Policy burst ceiling.
-    pub burst: u64,
+    pub(crate) burst: u64,
     /// Most memory held at once.
-    pub peak: u64,
+    pub(crate) peak: u64,
     /// Memory held at the end.
     #[serde(rename = "final")]
-    pub final_: u64,
+    pub(crate) final_: u64,
     /// Successful MEM_GRANT calls.
-    pub grants: u64,
+    pub(crate) grants: u64,
     /// Successful MEM_RELEASE calls.
-    pub releases: u64,
+    pub(crate) releases: u64,
 }
 
 /// The shim process's resident set size (bytes).
 #[derive(Debug, Clone, Serialize)]
-pub struct RssSummary {
+pub(crate) struct RssSummary {
     /// At the guest's first HELLO.
-    pub boot: u64,
+    pub(crate) boot: u64,
     /// The peak (kernel-tracked high-water mark).
-    pub peak: u64,
+    pub(crate) peak: u64,
     /// At the end of the run.
-    pub end: u64,
+    pub(crate) end: u64,
 }
 
 /// One resource's policy figures over the run.
 #[derive(Debug, Clone, Serialize)]
-pub struct PolicyFigures {
+pub(crate) struct PolicyFigures {
     /// Reclaims started.
-    pub reclaims: u64,
+    pub(crate) reclaims: u64,
     /// Reclaims answered within the grace period.
-    pub answered_in_grace: u64,
+    pub(crate) answered_in_grace: u64,
     /// Reclaims whose grace expired first.
-    pub violations: u64,
+    pub(crate) violations: u64,
     /// Credit cap (vCPU-seconds or GiB-seconds).
-    pub credit_cap: f64,
+    pub(crate) credit_cap: f64,
     /// Refill rate per second.
-    pub credit_refill: f64,
+    pub(crate) credit_refill: f64,
     /// Lowest balance seen.
-    pub credit_lowest: f64,
+    pub(crate) credit_lowest: f64,
     /// Balance at the end.
-    pub credit_final: f64,
+    pub(crate) credit_final: f64,
 }
 
 impl From<&ResourcePolicy> for PolicyFigures {
@@ -130,123 +130,123 @@ impl From<&ResourcePolicy> for PolicyFigures {
 
 /// Policy figures of a run.
 #[derive(Debug, Clone, Serialize)]
-pub struct PolicySummary {
+pub(crate) struct PolicySummary {
     /// vCPUs.
-    pub vcpus: PolicyFigures,
+    pub(crate) vcpus: PolicyFigures,
     /// Memory.
-    pub memory: PolicyFigures,
+    pub(crate) memory: PolicyFigures,
 }
 
 /// The summary of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     /// The VM's name.
-    pub name: String,
+    pub(crate) name: String,
     /// The shim's exit code.
-    pub exit_code: u8,
+    pub(crate) exit_code: u8,
     /// Why the run ended (`shutdown`, `guest_fault`, `timeout`, ...).
-    pub exit_reason: String,
+    pub(crate) exit_reason: String,
     /// Shim process start (entry of `main`) to the guest's first HELLO, in µs (`null` if the
     /// guest never said HELLO).
-    pub boot_us: Option<u64>,
+    pub(crate) boot_us: Option<u64>,
     /// A restored or migrated VM: shim start to the VM ready to run (µs).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub restore_us: Option<u64>,
+    pub(crate) restore_us: Option<u64>,
     /// Guest console bytes dropped because the shim's output was not read fast enough.
-    pub console_dropped_bytes: u64,
+    pub(crate) console_dropped_bytes: u64,
     /// Shim process start to the end of the run, in µs.
-    pub wall_us: u64,
+    pub(crate) wall_us: u64,
     /// CLOCK_MONOTONIC (ns) at shim `main` entry, so an external tool can add the process
     /// start-up it measured itself.
-    pub started_monotonic_ns: u64,
+    pub(crate) started_monotonic_ns: u64,
     /// Hypercalls served.
-    pub hypercalls: u64,
+    pub(crate) hypercalls: u64,
     /// Hypercalls per call.
-    pub hypercalls_by_call: BTreeMap<String, u64>,
+    pub(crate) hypercalls_by_call: BTreeMap<String, u64>,
     /// The service that ran.
-    pub app: String,
+    pub(crate) app: String,
     /// The vCPU policy.
-    pub vcpu_policy: LimitsSummary,
+    pub(crate) vcpu_policy: LimitsSummary,
     /// The memory policy (bytes).
-    pub memory_policy: LimitsSummary,
+    pub(crate) memory_policy: LimitsSummary,
     /// vCPU figures.
-    pub vcpus: VcpuSummary,
+    pub(crate) vcpus: VcpuSummary,
     /// Requests refused with DENIED (vCPUs and memory).
-    pub denied: u64,
+    pub(crate) denied: u64,
     /// REPORT calls.
-    pub reports: u64,
+    pub(crate) reports: u64,
     /// REPORT calls above 1000 per second per vCPU: answered, not recorded.
-    pub reports_not_recorded: u64,
+    pub(crate) reports_not_recorded: u64,
     /// CPU time the shim process used (user + system), in µs.
-    pub host_cpu_us: u64,
+    pub(crate) host_cpu_us: u64,
     /// Memory figures.
-    pub memory_bytes: MemorySummary,
+    pub(crate) memory_bytes: MemorySummary,
     /// The shim process's RSS.
-    pub host_rss_bytes: RssSummary,
+    pub(crate) host_rss_bytes: RssSummary,
     /// Reclaims started (vCPUs and memory).
-    pub reclaims: u64,
+    pub(crate) reclaims: u64,
     /// Reclaims whose grace expired with the VM still above max (vCPUs and memory).
-    pub violations: u64,
+    pub(crate) violations: u64,
     /// Requests answered AGAIN (pool full, reclaim under way).
-    pub again: u64,
+    pub(crate) again: u64,
     /// Requests answered EXHAUSTED (pool full).
-    pub exhausted: u64,
+    pub(crate) exhausted: u64,
     /// Burst credit and reclaims per resource.
-    pub policy: PolicySummary,
+    pub(crate) policy: PolicySummary,
     /// Invariant checks from the shim's own accounting.
-    pub invariants: Invariants,
+    pub(crate) invariants: Invariants,
     /// Each device's figures, under its name (`vsock`: the request channel); `null` when no
     /// VM ran.
     #[serde(flatten)]
-    pub devices: BTreeMap<String, serde_json::Value>,
+    pub(crate) devices: BTreeMap<String, serde_json::Value>,
     /// Times the VM was booted again after a failure (`restart = "on-failure"`); the other
     /// figures are the last VM's.
-    pub restarts: u64,
+    pub(crate) restarts: u64,
     /// Cold starts and idle shutdowns (an on-demand VM only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub on_demand: Option<OnDemandFigures>,
+    pub(crate) on_demand: Option<OnDemandFigures>,
 }
 
 /// The pool's figures in a pool run's summary.
 #[derive(Debug, Clone, Serialize)]
-pub struct PoolFigures {
+pub(crate) struct PoolFigures {
     /// vCPU slots.
-    pub vcpus: u64,
+    pub(crate) vcpus: u64,
     /// Bytes.
-    pub memory_bytes: u64,
+    pub(crate) memory_bytes: u64,
     /// Most vCPU slots in use at once.
-    pub peak_vcpus: u64,
+    pub(crate) peak_vcpus: u64,
     /// Most bytes in use at once.
-    pub peak_memory_bytes: u64,
+    pub(crate) peak_memory_bytes: u64,
 }
 
 /// A VM's summary inside a pool run's summary.
 #[derive(Debug, Clone, Serialize)]
-pub struct PoolVm {
+pub(crate) struct PoolVm {
     /// The exit code it was expected to end with.
-    pub expected_exit_code: u8,
+    pub(crate) expected_exit_code: u8,
     /// Whether it did.
-    pub as_expected: bool,
+    pub(crate) as_expected: bool,
     /// Its summary.
     #[serde(flatten)]
-    pub summary: Summary,
+    pub(crate) summary: Summary,
 }
 
 /// The summary of a pool run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolSummary {
     /// The run's exit code (0 when every VM ended as expected).
-    pub exit_code: u8,
+    pub(crate) exit_code: u8,
     /// Wall time of the run, µs.
-    pub wall_us: u64,
+    pub(crate) wall_us: u64,
     /// The pool.
-    pub pool: PoolFigures,
+    pub(crate) pool: PoolFigures,
     /// One summary per VM.
-    pub vms: Vec<PoolVm>,
+    pub(crate) vms: Vec<PoolVm>,
     /// Reclaims over all VMs.
-    pub reclaims: u64,
+    pub(crate) reclaims: u64,
     /// Violations over all VMs.
-    pub violations: u64,
+    pub(crate) violations: u64,
 }
 
 impl PoolSummary {

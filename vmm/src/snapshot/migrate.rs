@@ -51,9 +51,9 @@ use crate::vmm::shared::VmShared;
 pub(crate) type ReadyCallback = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// A round that dirtied fewer pages than this ends the pre-copy (4 MiB).
-pub const SMALL_ROUND: usize = 1024;
+pub(crate) const SMALL_ROUND: usize = 1024;
 /// Most pre-copy rounds.
-pub const MAX_ROUNDS: u32 = 12;
+pub(crate) const MAX_ROUNDS: u32 = 12;
 /// Pages per `P` message.
 const BATCH_PAGES: usize = 1024;
 /// Largest JSON message accepted.
@@ -83,20 +83,20 @@ pub enum MigrateError {
 
 /// Figures of one migration (the API's answer).
 #[derive(Debug, Clone, Serialize)]
-pub struct MigrateFigures {
+pub(crate) struct MigrateFigures {
     /// Pre-copy rounds (the first full copy included).
-    pub rounds: u32,
+    pub(crate) rounds: u32,
     /// Pages sent in all.
-    pub pages_sent: u64,
+    pub(crate) pages_sent: u64,
     /// With `verify`: pages the final check found changed although no dirty log reported
     /// them (sent too); 0 means the logs caught every write.
-    pub missed_by_log: Option<u64>,
+    pub(crate) missed_by_log: Option<u64>,
     /// Memory the VM held (bytes).
-    pub held_bytes: u64,
+    pub(crate) held_bytes: u64,
     /// Time the VM did not run: quiesce to the target's answer (µs).
-    pub downtime_us: u64,
+    pub(crate) downtime_us: u64,
     /// Whole migration (µs).
-    pub total_us: u64,
+    pub(crate) total_us: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -354,17 +354,17 @@ fn pre_copy_and_switch(
 /// sockets handed over, and the channel to answer on.
 pub(crate) struct Received {
     /// The KVM VM, memory slots registered.
-    pub fd: VmFd,
+    pub(crate) fd: VmFd,
     /// Its memory, filled.
-    pub mem: GuestMemory,
+    pub(crate) mem: GuestMemory,
     /// The state.
-    pub state: VmState,
+    pub(crate) state: VmState,
     /// The published endpoints, handed over.
-    pub endpoints: Vec<Bound>,
+    pub(crate) endpoints: Vec<Bound>,
     /// When the state arrived.
-    pub stopped_at: Instant,
+    pub(crate) stopped_at: Instant,
     /// Tells the source the VM is built (it ends its copy) or why not (it resumes).
-    pub answer: ReadyCallback,
+    pub(crate) answer: ReadyCallback,
 }
 
 impl std::fmt::Debug for Received {

@@ -37,14 +37,14 @@ use crate::vmm::shared::VmShared;
 
 /// The snapshot format this shim writes and reads. v2: the state is composed of each
 /// component's own state (vCPUs, devices by name, policy, memory regions, notices).
-pub const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// The state file in a snapshot directory.
-pub const STATE_FILE: &str = "state.json";
+pub(crate) const STATE_FILE: &str = "state.json";
 /// The memory file in a snapshot directory.
-pub const MEMORY_FILE: &str = "memory";
+pub(crate) const MEMORY_FILE: &str = "memory";
 const MAGIC: &str = "elastic-unikernel-snapshot";
 /// Longest wait for the VM's threads to quiesce.
-pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Snapshot failures.
 #[derive(Debug, Error)]
@@ -88,7 +88,7 @@ pub enum SnapshotError {
 
 impl SnapshotError {
     /// The process exit code for this error.
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             SnapshotError::Io { .. } => crate::base::exit::IO_ERROR,
             SnapshotError::Vm(_) => crate::base::exit::INTERNAL,
@@ -236,17 +236,17 @@ impl Drop for Quiesced<'_> {
 
 /// What a snapshot took.
 #[derive(Debug, Clone, Serialize)]
-pub struct SaveFigures {
+pub(crate) struct SaveFigures {
     /// The directory.
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Memory the VM held (bytes).
-    pub held_bytes: u64,
+    pub(crate) held_bytes: u64,
     /// Bytes written to the memory file (all-zero pages are holes).
-    pub written_bytes: u64,
+    pub(crate) written_bytes: u64,
     /// Time the VM was held still (µs).
-    pub paused_us: u64,
+    pub(crate) paused_us: u64,
     /// Whole snapshot time (µs).
-    pub total_us: u64,
+    pub(crate) total_us: u64,
 }
 
 fn io<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'p {
@@ -254,7 +254,7 @@ fn io<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> 
 }
 
 /// Whether a page is all zero.
-pub fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     // SAFETY: any bytes are valid u128s; `align_to` yields the aligned middle part.
     let (head, mid, tail) = unsafe { page.align_to::<u128>() };
     head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
@@ -263,7 +263,7 @@ pub fn is_zero(page: &[u8]) -> bool {
 /// Takes a snapshot of `vm` into `dir` (created if needed; an older snapshot there is
 /// replaced). The VM is held still while its memory is written and then resumes (unless it
 /// was paused before).
-pub fn save(vm: &VmShared, dir: &Path) -> Result<SaveFigures, SnapshotError> {
+pub(crate) fn save(vm: &VmShared, dir: &Path) -> Result<SaveFigures, SnapshotError> {
     let t0 = Instant::now();
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let mut q = Quiesced::new(vm)?;
@@ -328,7 +328,7 @@ fn write_sparse(file: &std::fs::File, offset: u64, bytes: &[u8]) -> std::io::Res
 }
 
 /// Encodes a state: header line (format, CRC-32 and length of the JSON) and the JSON.
-pub fn encode_state(state: &VmState) -> Result<Vec<u8>, SnapshotError> {
+pub(crate) fn encode_state(state: &VmState) -> Result<Vec<u8>, SnapshotError> {
     let body = serde_json::to_vec(state).map_err(|e| SnapshotError::Vm(format!("cannot encode the state: {e}")))?;
     let mut out =
         format!("{MAGIC} v{FORMAT_VERSION} crc32={:08x} len={}\n", crc32fast::hash(&body), body.len()).into_bytes();
@@ -337,7 +337,7 @@ pub fn encode_state(state: &VmState) -> Result<Vec<u8>, SnapshotError> {
 }
 
 /// Decodes and checks a state encoded by [`encode_state`] (`path` names it in errors).
-pub fn decode_state(bytes: &[u8], path: &Path) -> Result<VmState, SnapshotError> {
+pub(crate) fn decode_state(bytes: &[u8], path: &Path) -> Result<VmState, SnapshotError> {
     let nl = bytes.iter().position(|&b| b == b'\n').ok_or_else(|| SnapshotError::NotSnapshot(path.into()))?;
     let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| SnapshotError::NotSnapshot(path.into()))?;
     let mut words = header.split(' ');
@@ -381,16 +381,16 @@ fn write_state(dir: &Path, state: &VmState) -> Result<(), SnapshotError> {
 
 /// A snapshot read back: its state and its memory file.
 #[derive(Debug)]
-pub struct Loaded {
+pub(crate) struct Loaded {
     /// The state.
-    pub state: VmState,
+    pub(crate) state: VmState,
     /// The memory file (mapped privately by the restore).
-    pub memory: std::fs::File,
+    pub(crate) memory: std::fs::File,
 }
 
 /// Reads and checks the snapshot in `dir`: header, format, checksum, consistency, and that the
 /// memory file covers every region.
-pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
+pub(crate) fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).map_err(io("read", &path))?;
     let state = decode_state(&bytes, &path)?;
@@ -414,7 +414,7 @@ mod tests {
 
     fn state() -> VmState {
         let mut config = VmConfig::new("vm0", "kv");
-        config.endpoints.publish = vec![crate::host::endpoint::parse_publish("6379:6379").unwrap()];
+        config.endpoints.publish = vec![elastic_config::parse_publish("6379:6379").unwrap()];
         VmState {
             abi_version: hypercall_abi::ABI_VERSION,
             kernel: "/k".into(),

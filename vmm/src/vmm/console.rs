@@ -12,9 +12,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Bytes the buffer holds before output is dropped.
-pub const CONSOLE_BUFFER: usize = 1 << 20;
+pub(crate) const CONSOLE_BUFFER: usize = 1 << 20;
 /// How long the end of a run waits for the buffer to drain.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct Buffer {
@@ -31,7 +31,7 @@ struct Shared {
 }
 
 /// One VM's console.
-pub struct Console {
+pub(crate) struct Console {
     shared: Arc<Shared>,
 }
 
@@ -43,7 +43,7 @@ impl std::fmt::Debug for Console {
 
 impl Console {
     /// A console writing to `sink` from a thread named `name-console`.
-    pub fn new(name: &str, sink: Box<dyn Write + Send>) -> Console {
+    pub(crate) fn new(name: &str, sink: Box<dyn Write + Send>) -> Console {
         let shared =
             Arc::new(Shared { buf: Mutex::new(Buffer::default()), cond: Condvar::new(), dropped: AtomicU64::new(0) });
         let s = Arc::clone(&shared);
@@ -55,7 +55,7 @@ impl Console {
     }
 
     /// Appends guest output; what does not fit is dropped and counted. Never blocks on the sink.
-    pub fn write(&self, bytes: &[u8]) {
+    pub(crate) fn write(&self, bytes: &[u8]) {
         let mut b = self.shared.buf.lock().unwrap_or_else(|p| p.into_inner());
         let room = if b.closed { 0 } else { CONSOLE_BUFFER.saturating_sub(b.bytes.len()) };
         let take = bytes.len().min(room);
@@ -70,13 +70,13 @@ impl Console {
     }
 
     /// Bytes dropped because the buffer was full.
-    pub fn dropped(&self) -> u64 {
+    pub(crate) fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// Waits (at most `within`) until everything buffered is written, then stops the thread.
     /// A sink that does not drain in time keeps its thread blocked; the rest is dropped.
-    pub fn finish(&self, within: Duration) {
+    pub(crate) fn finish(&self, within: Duration) {
         let deadline = Instant::now() + within;
         let mut b = self.shared.buf.lock().unwrap_or_else(|p| p.into_inner());
         while (!b.bytes.is_empty() || b.writing) && !b.closed {

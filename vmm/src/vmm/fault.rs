@@ -6,7 +6,7 @@ use std::fmt;
 use kvm_bindings::kvm_regs;
 
 /// Name and mnemonic of exception `vector`.
-pub fn vector_name(vector: u64) -> &'static str {
+pub(crate) fn vector_name(vector: u64) -> &'static str {
     match vector {
         0 => "#DE divide error",
         1 => "#DB debug",
@@ -33,7 +33,7 @@ pub fn vector_name(vector: u64) -> &'static str {
 }
 
 /// Decodes a #PF error code into words.
-pub fn page_fault_cause(error: u64) -> String {
+pub(crate) fn page_fault_cause(error: u64) -> String {
     let mut parts = vec![
         if error & 1 != 0 { "protection violation" } else { "page not present" },
         if error & 2 != 0 { "write" } else { "read" },
@@ -52,25 +52,25 @@ pub fn page_fault_cause(error: u64) -> String {
 #[derive(Debug, Clone)]
 pub struct GuestFault {
     /// The vCPU.
-    pub vcpu: u32,
+    pub(crate) vcpu: u32,
     /// Exception vector.
-    pub vector: u64,
+    pub(crate) vector: u64,
     /// Error code (0 where the CPU pushes none).
-    pub error_code: u64,
+    pub(crate) error_code: u64,
     /// Faulting instruction.
-    pub rip: u64,
+    pub(crate) rip: u64,
     /// `function+offset` for `rip`, when the kernel's symbols name it.
-    pub symbol: Option<String>,
+    pub(crate) symbol: Option<String>,
     /// Code segment at the fault (its low bits are the CPL).
-    pub cs: u64,
+    pub(crate) cs: u64,
     /// Flags at the fault.
-    pub rflags: u64,
+    pub(crate) rflags: u64,
     /// Stack pointer at the fault.
-    pub rsp: u64,
+    pub(crate) rsp: u64,
     /// CR2 (the faulting address for #PF).
-    pub cr2: u64,
+    pub(crate) cr2: u64,
     /// General-purpose registers (rsp/rip as they were at the fault).
-    pub regs: kvm_regs,
+    pub(crate) regs: kvm_regs,
 }
 
 impl fmt::Display for GuestFault {
@@ -103,7 +103,7 @@ impl fmt::Display for GuestFault {
 }
 
 /// Writes the general-purpose registers in four columns (`rsp` overridden when given).
-pub fn write_regs(f: &mut impl fmt::Write, r: &kvm_regs, rsp: Option<u64>) -> fmt::Result {
+pub(crate) fn write_regs(f: &mut impl fmt::Write, r: &kvm_regs, rsp: Option<u64>) -> fmt::Result {
     let regs = [
         ("rax", r.rax),
         ("rbx", r.rbx),

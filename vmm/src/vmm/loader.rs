@@ -51,25 +51,25 @@ use crate::base::memory::{GuestMemory, MemoryError};
 /// Largest image file accepted (4 GiB). Only the headers, notes and segments are ever read, so
 /// the cap is not about memory: it rejects files that cannot be a kernel while leaving room
 /// for a debug build's symbols.
-pub const MAX_IMAGE_FILE_SIZE: u64 = 4 << 30;
+pub(crate) const MAX_IMAGE_FILE_SIZE: u64 = 4 << 30;
 
 /// Most program headers accepted (the kernel has four).
-pub const MAX_PROGRAM_HEADERS: u16 = 64;
+pub(crate) const MAX_PROGRAM_HEADERS: u16 = 64;
 
 /// Most bytes of `PT_NOTE` segments read, all segments together (the kernel has about 1 KiB).
-pub const MAX_NOTE_BYTES: u64 = 64 << 10;
+pub(crate) const MAX_NOTE_BYTES: u64 = 64 << 10;
 
 /// Highest guest-physical address a segment may end at, `.bss` included (1 GiB). The image
 /// must also fit in the VM's boot memory, which [`KernelImage::load`] checks.
-pub const MAX_IMAGE_END: u64 = 1 << 30;
+pub(crate) const MAX_IMAGE_END: u64 = 1 << 30;
 
 /// Bytes copied from the file into guest memory at a time, through one reused buffer that
 /// stays in cache (the 230 KB of kernel segments load in about 17 µs; 1 MiB chunks are no
 /// faster).
-pub const LOAD_CHUNK: usize = 64 << 10;
+pub(crate) const LOAD_CHUNK: usize = 64 << 10;
 
 /// Largest symbol table, and largest string table, read for diagnoses (each).
-pub const MAX_SYMBOL_TABLE_BYTES: u64 = 16 << 20;
+pub(crate) const MAX_SYMBOL_TABLE_BYTES: u64 = 16 << 20;
 
 /// Most section headers read when looking for the symbol table.
 const MAX_SECTION_HEADERS: u16 = 4096;
@@ -294,22 +294,23 @@ pub enum LoaderError {
 /// One `PT_LOAD` segment, checked: its file bytes lie inside the file, it lies inside
 /// `[KERNEL_MIN_LOAD_ADDR, MAX_IMAGE_END)`, and `filesz <= memsz`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Segment {
+pub(crate) struct Segment {
     /// Guest-physical load address.
-    pub paddr: u64,
+    pub(crate) paddr: u64,
     /// Bytes in memory (`filesz` of them from the file, the rest zero).
-    pub memsz: u64,
+    pub(crate) memsz: u64,
     /// Offset of the file bytes.
-    pub offset: u64,
+    pub(crate) offset: u64,
     /// Bytes from the file.
-    pub filesz: u64,
+    pub(crate) filesz: u64,
 }
 
 /// Where the image's bytes come from.
 enum Source {
     /// An open regular file, read with `pread`.
     File(File),
-    /// Bytes already in memory ([`KernelImage::parse`]).
+    /// Bytes already in memory ([`KernelImage::parse`], for tests).
+    #[cfg(test)]
     Memory(Vec<u8>),
 }
 
@@ -318,6 +319,7 @@ impl Source {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match self {
             Source::File(f) => f.read_exact_at(buf, offset),
+            #[cfg(test)]
             Source::Memory(bytes) => {
                 let range = usize::try_from(offset)
                     .ok()
@@ -391,15 +393,15 @@ struct Notes {
 /// A checked kernel image. The file stays open; see the module documentation.
 pub struct KernelImage {
     /// Where it came from.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Entry point (`_start`).
-    pub entry: u64,
+    pub(crate) entry: u64,
     /// Lowest load address.
-    pub start: u64,
+    pub(crate) start: u64,
     /// End of the highest segment.
-    pub end: u64,
+    pub(crate) end: u64,
     /// The declared ABI version.
-    pub abi_version: u32,
+    pub(crate) abi_version: u32,
     segments: Vec<Segment>,
     pvh_entry: bool,
     services: Option<Vec<String>>,
@@ -474,7 +476,8 @@ impl KernelImage {
     }
 
     /// Checks an image already in memory (`path` only names it in messages).
-    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self, LoaderError> {
+    #[cfg(test)]
+    pub(crate) fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self, LoaderError> {
         let size = bytes.len() as u64;
         if size == 0 {
             return Err(LoaderError::Empty(path.to_path_buf()));
@@ -590,7 +593,7 @@ impl KernelImage {
 
     /// The services the image declares in its service-list note (`None` for an image
     /// without one: then only the guest can say whether `--app` names one).
-    pub fn services(&self) -> Option<&[String]> {
+    pub(crate) fn services(&self) -> Option<&[String]> {
         self.services.as_deref()
     }
 
@@ -608,13 +611,14 @@ impl KernelImage {
     }
 
     /// The loadable segments, sorted by address.
-    pub fn segments(&self) -> &[Segment] {
+    #[cfg(test)]
+    pub(crate) fn segments(&self) -> &[Segment] {
         &self.segments
     }
 
     /// Copies the segments' file bytes into guest memory, [`LOAD_CHUNK`] bytes at a time (the
     /// zero-filled tails are already zero in a fresh mapping).
-    pub fn load(&self, mem: &GuestMemory) -> Result<(), LoaderError> {
+    pub(crate) fn load(&self, mem: &GuestMemory) -> Result<(), LoaderError> {
         if self.end > mem.ram_size() {
             return Err(LoaderError::TooLarge { end: self.end, ram: mem.ram_size() });
         }
@@ -641,7 +645,7 @@ impl KernelImage {
 
     /// `function+0xoffset` for an address inside the image, if a function symbol covers it.
     /// The symbol table is read on the first call (a malformed or missing one names nothing).
-    pub fn symbolize(&self, addr: u64) -> Option<String> {
+    pub(crate) fn symbolize(&self, addr: u64) -> Option<String> {
         let table = self.symbols.get_or_init(|| self.read_symbols().unwrap_or_default());
         let i = table.symbols.partition_point(|s| s.addr <= addr).checked_sub(1)?;
         let s = table.symbols[i];
@@ -654,7 +658,8 @@ impl KernelImage {
     }
 
     /// Whether the symbol table has been read (by a [`KernelImage::symbolize`] call).
-    pub fn symbols_loaded(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn symbols_loaded(&self) -> bool {
         self.symbols.get().is_some()
     }
 

@@ -10,10 +10,10 @@ use crate::base::memory::{GuestMemory, MemoryError};
 
 /// Page-table entry bits.
 mod pte {
-    pub const PRESENT: u64 = 1 << 0;
-    pub const WRITABLE: u64 = 1 << 1;
-    pub const USER: u64 = 1 << 2;
-    pub const HUGE: u64 = 1 << 7;
+    pub(crate) const PRESENT: u64 = 1 << 0;
+    pub(crate) const WRITABLE: u64 = 1 << 1;
+    pub(crate) const USER: u64 = 1 << 2;
+    pub(crate) const HUGE: u64 = 1 << 7;
 }
 
 /// Vectors for which the CPU pushes an error code.
@@ -24,7 +24,7 @@ const fn has_error_code(vector: u8) -> bool {
 /// Machine code of the exception stub for `vector`: make every frame look alike (push a zero
 /// error code where the CPU did not), push the vector, report through `out FAULT_PORT`, halt.
 /// No register is changed before the report, so the shim's register dump is the guest's.
-pub fn exception_stub(vector: u8) -> [u8; STUB_SIZE as usize] {
+pub(crate) fn exception_stub(vector: u8) -> [u8; STUB_SIZE as usize] {
     let mut code = [0xF4u8; STUB_SIZE as usize]; // hlt padding
     let mut i = 0;
     if !has_error_code(vector) {
@@ -65,7 +65,7 @@ fn write_u64s(mem: &GuestMemory, gpa: u64, values: &[u64]) -> Result<(), MemoryE
 }
 
 /// Writes the GDT, the TSSs, the IDT and the exception stubs.
-pub fn write_descriptor_tables(mem: &GuestMemory) -> Result<(), MemoryError> {
+pub(crate) fn write_descriptor_tables(mem: &GuestMemory) -> Result<(), MemoryError> {
     // Accessed bits preset so the CPU never has to write a descriptor.
     let mut gdt = vec![
         0,
@@ -101,7 +101,7 @@ pub fn write_descriptor_tables(mem: &GuestMemory) -> Result<(), MemoryError> {
 /// Writes page tables that identity-map boot memory and the whole hot-plug window with
 /// 2 MiB user pages, and the first 2 MiB with 4 KiB pages (platform pages supervisor-only,
 /// boot info, command line and notice page user read-only, page 0 absent).
-pub fn write_page_tables(mem: &GuestMemory, layout: &Layout) -> Result<(), MemoryError> {
+pub(crate) fn write_page_tables(mem: &GuestMemory, layout: &Layout) -> Result<(), MemoryError> {
     let table = pte::PRESENT | pte::WRITABLE | pte::USER;
     write_u64s(mem, PML4_ADDR, &[PDPT_ADDR | table])?;
     let top = layout.window_end().max(layout.ram_size);
@@ -146,25 +146,25 @@ pub fn write_page_tables(mem: &GuestMemory, layout: &Layout) -> Result<(), Memor
 
 /// Everything the boot-info block says.
 #[derive(Debug, Clone)]
-pub struct BootParams<'a> {
+pub(crate) struct BootParams<'a> {
     /// Memory layout.
-    pub layout: Layout,
+    pub(crate) layout: Layout,
     /// First free byte above the kernel image and the device pages.
-    pub heap_base: u64,
+    pub(crate) heap_base: u64,
     /// Device pages: address of the first, and how many.
-    pub devices: (u64, u64),
+    pub(crate) devices: (u64, u64),
     /// TSC frequency.
-    pub tsc_khz: u64,
+    pub(crate) tsc_khz: u64,
     /// The command line.
-    pub cmdline: &'a str,
+    pub(crate) cmdline: &'a str,
     /// vCPU policy.
-    pub vcpus: Policy,
+    pub(crate) vcpus: Policy,
     /// Memory policy.
-    pub memory: Policy,
+    pub(crate) memory: Policy,
 }
 
 /// Writes the boot-info block and the command line.
-pub fn write_boot_info(mem: &GuestMemory, p: &BootParams<'_>) -> Result<(), MemoryError> {
+pub(crate) fn write_boot_info(mem: &GuestMemory, p: &BootParams<'_>) -> Result<(), MemoryError> {
     mem.write(CMDLINE_ADDR, p.cmdline.as_bytes())?;
     let mut info = BootInfo::zeroed();
     info.magic = BOOT_INFO_MAGIC;

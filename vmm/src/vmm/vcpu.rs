@@ -44,20 +44,20 @@ pub enum VcpuError {
 
 /// Control-register bits the shim sets.
 mod bits {
-    pub const CR0_PE: u64 = 1 << 0;
-    pub const CR0_MP: u64 = 1 << 1;
-    pub const CR0_ET: u64 = 1 << 4;
-    pub const CR0_NE: u64 = 1 << 5;
-    pub const CR0_WP: u64 = 1 << 16;
-    pub const CR0_PG: u64 = 1 << 31;
-    pub const CR4_PAE: u64 = 1 << 5;
-    pub const CR4_OSFXSR: u64 = 1 << 9;
-    pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
-    pub const CR4_FSGSBASE: u64 = 1 << 16;
-    pub const EFER_LME: u64 = 1 << 8;
-    pub const EFER_LMA: u64 = 1 << 10;
+    pub(crate) const CR0_PE: u64 = 1 << 0;
+    pub(crate) const CR0_MP: u64 = 1 << 1;
+    pub(crate) const CR0_ET: u64 = 1 << 4;
+    pub(crate) const CR0_NE: u64 = 1 << 5;
+    pub(crate) const CR0_WP: u64 = 1 << 16;
+    pub(crate) const CR0_PG: u64 = 1 << 31;
+    pub(crate) const CR4_PAE: u64 = 1 << 5;
+    pub(crate) const CR4_OSFXSR: u64 = 1 << 9;
+    pub(crate) const CR4_OSXMMEXCPT: u64 = 1 << 10;
+    pub(crate) const CR4_FSGSBASE: u64 = 1 << 16;
+    pub(crate) const EFER_LME: u64 = 1 << 8;
+    pub(crate) const EFER_LMA: u64 = 1 << 10;
     /// RFLAGS: reserved bit 1 and IOPL = 3 (interrupts stay disabled: there are none).
-    pub const RFLAGS_ENTRY: u64 = 0x2 | (3 << 12);
+    pub(crate) const RFLAGS_ENTRY: u64 = 0x2 | (3 << 12);
 }
 
 fn user_segment(selector: u16, code: bool) -> kvm_segment {

@@ -20,8 +20,8 @@ use super::{
     DEFAULT_CONNECTIONS, HttpOptions, KvOptions, LoadConfig, LoadError, LoadReport, Mode, Pattern, Phase, Protocol,
     SecondStats, Shape, run_until,
 };
+use elastic_config::parse_duration;
 use elastic_vmm::exit;
-use elastic_vmm::parse_duration;
 
 /// The protocols, as named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
