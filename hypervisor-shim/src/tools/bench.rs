@@ -388,8 +388,7 @@ fn progress(bar: &Option<indicatif::ProgressBar>, what: &str) {
 
 /// Writes the report as pretty JSON.
 pub fn write(report: &BenchReport, path: &Path) -> Result<(), BenchError> {
-    let json = serde_json::to_string_pretty(report).map_err(|e| BenchError::Write(path.into(), e.into()))?;
-    std::fs::write(path, json + "\n").map_err(|e| BenchError::Write(path.into(), e))
+    elastic_vmm::write_json(report, path).map_err(|e| BenchError::Write(path.into(), e))
 }
 
 #[cfg(test)]

@@ -472,9 +472,7 @@ fn write_outputs(
 ) -> Result<(), DemoError> {
     let json_path = opts.out_dir.join("demo.json");
     let doc = serde_json::json!({ "demo": report, "vm": summary });
-    let text = serde_json::to_string_pretty(&doc)
-        .map_err(|e| DemoError::Write { path: json_path.display().to_string(), reason: e.to_string() })?;
-    std::fs::write(&json_path, text + "\n")
+    elastic_vmm::write_json(&doc, &json_path)
         .map_err(|e| DemoError::Write { path: json_path.display().to_string(), reason: e.to_string() })?;
     let svg_path = opts.out_dir.join("demo.svg");
     draw(&svg_path, report, timeline, opts.burst)

@@ -518,8 +518,7 @@ pub fn run(names: &[String], short: bool, out: &Path, kernel: &Path) -> Result<V
         }
         reports.push(report);
         let path = out.join("report.json");
-        let json = serde_json::to_string_pretty(&reports).map_err(|e| write_err(&path, std::io::Error::other(e)))?;
-        std::fs::write(&path, json + "\n").map_err(|e| write_err(&path, e))?;
+        elastic_vmm::write_json(&reports, &path).map_err(|e| write_err(&path, e))?;
     }
     if let Some(b) = bar {
         b.finish_and_clear();
