@@ -13,12 +13,11 @@
 //!   so no wake-up is lost.
 
 use alloc::alloc::{Layout, alloc};
-use core::arch::global_asm;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use hypercall_abi::{ResourceLimits, Status};
 
-use crate::arch::cpu;
+use crate::arch::{self, cpu};
 use crate::percpu::{CPUS, MAX_CPUS, PerCpu, state};
 use crate::platform::{self, Platform};
 use crate::{executor, hypercall, percpu, time};
@@ -34,42 +33,6 @@ static IDLE: AtomicUsize = AtomicUsize::new(0);
 static MIN: AtomicUsize = AtomicUsize::new(1);
 static BURST: AtomicUsize = AtomicUsize::new(1);
 static MAX: AtomicUsize = AtomicUsize::new(1);
-
-#[cfg(target_os = "none")]
-global_asm!(
-    r#"
-    .section .text.entry, "ax", @progbits
-    .global secondary_entry
-secondary_entry:
-    /* rdi = &PerCpu, rsi = vCPU id, rsp = the slot's stack. First: timestamp. */
-    rdtsc
-    shlq $32, %rdx
-    orq %rdx, %rax
-    movq %rax, {started}(%rdi)
-    xorl %ebp, %ebp
-    call secondary_main
-    ud2
-"#,
-    started = const core::mem::offset_of!(PerCpu, started_tsc),
-    options(att_syntax)
-);
-
-#[cfg(target_os = "none")]
-unsafe extern "C" {
-    fn secondary_entry();
-}
-
-/// Address of the secondary entry point.
-fn secondary_entry_addr() -> u64 {
-    #[cfg(target_os = "none")]
-    {
-        secondary_entry as *const () as u64
-    }
-    #[cfg(not(target_os = "none"))]
-    {
-        0
-    }
-}
 
 /// Rust side of `secondary_entry`.
 #[unsafe(no_mangle)]
@@ -171,7 +134,7 @@ pub fn bring_up() -> Result<(u32, &'static PerCpu), UpError> {
     slot.started_tsc.store(0, Ordering::Release);
     slot.down_requested.store(false, Ordering::Release);
     let top = (stack + STACK_SIZE) as u64;
-    match hypercall::vcpu_up(secondary_entry_addr(), top, slot as *const PerCpu as u64) {
+    match hypercall::vcpu_up(arch::secondary_entry_addr(), top, slot as *const PerCpu as u64) {
         // Only the new vCPU stores its id (at entry, from `rsi`). Storing it here too would
         // race: by the time this call returns, the new vCPU may already have gone down and
         // its slot been reused by another vCPU, whose id this would overwrite.
