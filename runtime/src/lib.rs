@@ -64,6 +64,7 @@ mod smp;
 pub mod time;
 mod timer;
 mod virtio;
+mod worker;
 
 pub use service::{Env, Service, ServiceFuture, boxed, run_sync, services, usage_error};
 
@@ -220,7 +221,7 @@ pub(crate) fn kernel_main(boot: BootInfo) -> ! {
         smp::kick_boot_vcpu();
     });
     let slot = percpu::current();
-    executor::worker_loop(slot, &|| SERVICE_EXIT.load(Ordering::Acquire) != RUNNING || notices::stop_requested());
+    worker::run(slot, &|| SERVICE_EXIT.load(Ordering::Acquire) != RUNNING || notices::stop_requested());
     let code = match SERVICE_EXIT.load(Ordering::Acquire) {
         RUNNING => {
             println!("kernel: stopping at the host's request");

@@ -5,7 +5,7 @@
 //!   continues in [`crate::kernel_main`].
 //! * `secondary_entry`: every other vCPU starts here (VCPU_UP), with `rdi` = its per-CPU slot,
 //!   `rsi` = its vCPU id and `rsp` = the slot's stack. It records its first TSC and continues
-//!   in `secondary_main` (by symbol).
+//!   in `secondary_main` (`crate::worker`), by symbol.
 
 use core::arch::global_asm;
 
