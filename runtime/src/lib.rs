@@ -30,7 +30,8 @@
 //! your own service"). A service uses only this crate's public API:
 //!
 //! * [`task`]: spawn tasks on any online vCPU, yield, sleep;
-//! * [`net`]: listen on a vsock port, accept connections, read and write them;
+//! * [`net`]: serve a vsock port with a task per connection ([`net::serve`]), or listen and
+//!   accept yourself; read and write connections;
 //! * [`time`]: the clock;
 //! * [`vcpus`] and [`memory`]: what the VM holds, and explicit requests to the host;
 //! * [`println!`], [`print!`] and the `log` crate for output;
