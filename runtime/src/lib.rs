@@ -49,7 +49,7 @@ extern crate alloc;
 // Layers, bottom up. A module uses modules of lower layers only, never its own layer or a
 // higher one; news travels up through return values and the closures a caller passes down
 // (`smp::idle_block` is told what counts as work, `smp::begin_idle_down` whether it may go).
-// `tools/module-cycles runtime/src` checks that there is no cycle.
+// The module-cycles check (`module-cycles runtime/src`) finds no cycle.
 //
 //   0  arch::cpu, cmdline         instructions legal at CPL 3; command-line parsing
 //   1  hypercall, time, percpu    typed hypercalls; the TSC clock; per-CPU slots

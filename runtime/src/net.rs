@@ -283,8 +283,9 @@ where
     })
 }
 
-/// Runs the pump if there is anything for it. Called by the executor at task boundaries and
-/// after every wake-up; costs one read of the used ring's index when nothing arrived.
+/// Runs the pump if there is anything for it and this is vCPU 0. Called by the worker loop at
+/// every task boundary (so after every wake-up too); costs one read of the used ring's index
+/// when nothing arrived.
 pub(crate) fn poll() {
     if pending() {
         pump();
@@ -299,7 +300,8 @@ pub(crate) fn pending() -> bool {
         && (PUMP_WANTED.load(Ordering::Acquire) || rx_used_now() != Some(RX_SEEN.load(Ordering::Acquire)))
 }
 
-/// Asks for a pump and runs it unless another vCPU is pumping (it will see the request).
+/// Asks for a pump. On vCPU 0 it runs now (unless the driver is busy: the request then waits
+/// for vCPU 0's next task boundary); on another vCPU it wakes vCPU 0 if that one is idle.
 fn kick_pump() {
     PUMP_WANTED.store(true, Ordering::Release);
     pump();
