@@ -1,15 +1,21 @@
-//! The kernel console: a buffered writer over the platform's console.
+//! The kernel console: a buffered writer over the platform's console device.
 //!
-//! Under the shim every flush is one CONSOLE_WRITE exit (~58 µs on this machine), so output is
-//! collected in a buffer and flushed when it fills, when a line ends more than
-//! [`FLUSH_INTERVAL_NS`] after the previous flush, and explicitly (before BLOCK, shutdown and
-//! panic). A `print!` is written under one lock, so lines from different vCPUs never interleave.
+//! The device is the shim's CONSOLE_WRITE hypercall, or COM1 under QEMU (chosen once at boot by
+//! [`crate::platform`], through `use_com1`). Under the shim every flush is one CONSOLE_WRITE
+//! exit (~58 µs on this machine), so output is collected in a buffer and flushed when it fills,
+//! when a line ends more than [`FLUSH_INTERVAL_NS`] after the previous flush, and explicitly
+//! (before BLOCK, shutdown and panic). A `print!` is written under one lock, so lines from
+//! different vCPUs never interleave.
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicBool, Ordering};
 
+use hypercall_abi::CONSOLE_WRITE_MAX;
 use spin::Mutex;
+use uart_16550::Uart16550;
+use uart_16550::backend::PioBackend;
 
-use crate::{platform, time};
+use crate::{hypercall, time};
 
 /// Console buffer size.
 const BUFFER_SIZE: usize = 8192;
@@ -26,7 +32,7 @@ struct Console {
 impl Console {
     fn flush(&mut self) {
         if self.len > 0 {
-            platform::console_out(&self.buf[..self.len]);
+            device_write(&self.buf[..self.len]);
             self.len = 0;
         }
         self.last_flush_ns = time::now_ns();
@@ -48,6 +54,55 @@ impl Write for Console {
             bytes = &bytes[n..];
         }
         Ok(())
+    }
+}
+
+/// Whether output goes to COM1 (QEMU) rather than to the shim.
+static TO_COM1: AtomicBool = AtomicBool::new(false);
+
+/// COM1, initialised only in QEMU mode. Under the shim the UART is never touched.
+static COM1: Mutex<Option<Uart16550<PioBackend>>> = Mutex::new(None);
+
+/// Sends the console to COM1 from now on (QEMU: no shim answered HELLO) and initialises it.
+pub(crate) fn use_com1() {
+    TO_COM1.store(true, Ordering::Release);
+    // SAFETY: 0x3f8 is COM1 on QEMU's PC-compatible machines, reachable at CPL 3 with IOPL 3,
+    // and only this module drives it.
+    if let Ok(mut uart) = unsafe { Uart16550::new_port(0x3f8) } {
+        // A UART that fails its self-test is left unused: output then only reaches nobody, but
+        // the exit code still does.
+        if uart.init(uart_16550::Config::default()).is_ok() {
+            *COM1.lock() = Some(uart);
+        }
+    }
+}
+
+/// Sends console bytes to the console device.
+fn device_write(bytes: &[u8]) {
+    if !TO_COM1.load(Ordering::Acquire) {
+        for chunk in bytes.chunks(CONSOLE_WRITE_MAX as usize) {
+            // A refused write has nowhere to be reported; the bytes are dropped.
+            let _ = hypercall::console_write(chunk);
+        }
+        return;
+    }
+    if let Some(uart) = COM1.lock().as_mut() {
+        // Translate "\n" to "\r\n" in small batches so the UART's FIFO is used.
+        let mut out = [0u8; 128];
+        let mut n = 0;
+        for &b in bytes {
+            if n + 2 > out.len() {
+                uart.send_bytes_exact(&out[..n]);
+                n = 0;
+            }
+            if b == b'\n' {
+                out[n] = b'\r';
+                n += 1;
+            }
+            out[n] = b;
+            n += 1;
+        }
+        uart.send_bytes_exact(&out[..n]);
     }
 }
 
@@ -107,7 +162,7 @@ impl<const N: usize> Write for StackWriter<N> {
 }
 
 /// Prints `args` even if the console lock is held (by a vCPU that faulted or panicked while
-/// printing): waits briefly for the lock, then bypasses it with a direct platform write.
+/// printing): waits briefly for the lock, then bypasses it with a direct device write.
 pub(crate) fn emergency_print(args: fmt::Arguments<'_>) {
     for _ in 0..1_000_000 {
         if let Some(mut c) = CONSOLE.try_lock() {
@@ -119,7 +174,7 @@ pub(crate) fn emergency_print(args: fmt::Arguments<'_>) {
     }
     let mut w = StackWriter::<512>::new();
     let _ = w.write_fmt(args);
-    platform::console_out(w.bytes());
+    device_write(w.bytes());
 }
 
 /// Prints to the kernel console.

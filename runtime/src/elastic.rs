@@ -21,7 +21,7 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use hypercall_abi::{ReportArgs, Status};
-use spin::Mutex;
+use spin::{Mutex, Once};
 
 use crate::cmdline::CommandLine;
 use crate::percpu::PerCpu;
@@ -110,7 +110,8 @@ pub use hypercall_abi::{parse_fraction_pct, parse_switch};
 /// Shortest gap between change-triggered REPORTs (each costs an exit).
 const MIN_REPORT_GAP_NS: u64 = 1_000_000;
 
-static TUNING: Mutex<Tuning> = Mutex::new(Tuning::DEFAULT);
+/// The tuning: set once at boot, then read at every task boundary without a lock.
+static TUNING: Once<Tuning> = Once::new();
 static AUTO: AtomicBool = AtomicBool::new(true);
 static CONTROLLER: Mutex<ControllerState> = Mutex::new(ControllerState::new());
 static LAST_TICK_NS: AtomicU64 = AtomicU64::new(0);
@@ -202,16 +203,16 @@ fn memory_step(st: &mut ControllerState, t: &Tuning, now: u64) {
     }
 }
 
-/// Installs the tuning.
+/// Installs the tuning (once, at boot: a later call changes nothing).
 pub fn init(t: Tuning) {
-    *TUNING.lock() = t;
+    let t = *TUNING.call_once(|| t);
     AUTO.store(t.auto, Ordering::Release);
     heap::configure(t.mem_chunk, t.deny_backoff_ns);
 }
 
-/// Current tuning.
-pub fn tuning() -> Tuning {
-    *TUNING.lock()
+/// Current tuning ([`Tuning::DEFAULT`] before [`init`]).
+pub fn tuning() -> &'static Tuning {
+    TUNING.get().unwrap_or(&Tuning::DEFAULT)
 }
 
 /// Turns automatic ups and idle downs on or off.
@@ -341,7 +342,7 @@ pub fn on_boundary(_slot: &'static PerCpu) {
     } else {
         st.pressure_since_ns = 0;
     }
-    memory_step(&mut st, &t, now);
+    memory_step(&mut st, t, now);
     let since = now - st.last_report_ns;
     let changed = since >= MIN_REPORT_GAP_NS && CHANGED.swap(false, Ordering::AcqRel);
     if changed || (runnable > 0 && since >= t.report_ns) {

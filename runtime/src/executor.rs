@@ -1,10 +1,8 @@
 //! The SMP task executor: cooperative, with one shared run queue that every online vCPU
-//! serves.
+//! serves (the loop that serves it is `crate::worker`).
 //!
-//! There are no interrupts. A vCPU runs a task until it returns `Pending` or finishes; between
-//! tasks (a *task boundary*) it reads host notices, lets the elastic controller decide, and
-//! fires timers. A vCPU that finds no work BLOCKs (costing the host nothing) until a kick, a
-//! host notice or its next timer; the vCPU that queues work kicks an idle one.
+//! There are no interrupts. A vCPU runs a task until it returns `Pending` or finishes. The
+//! vCPU that queues work kicks an idle one when the busy vCPUs will not get to it soon.
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -17,8 +15,7 @@ use core::task::{Context, Poll, Waker};
 
 use spin::Mutex;
 
-use crate::percpu::PerCpu;
-use crate::{elastic, notices, smp, timer};
+use crate::smp;
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
@@ -32,7 +29,8 @@ mod task_state {
     pub const DONE: u8 = 4;
 }
 
-struct Task {
+/// A spawned task (what the run queue holds).
+pub(crate) struct Task {
     state: AtomicU8,
     future: Mutex<Option<BoxFuture>>,
 }
@@ -73,7 +71,8 @@ impl Task {
         }
     }
 
-    fn run(self: Arc<Self>) {
+    /// Polls the task once on the calling vCPU (queueing it again if it was woken meanwhile).
+    pub(crate) fn run(self: Arc<Self>) {
         self.state.store(task_state::RUNNING, Ordering::Release);
         let waker = Waker::from(self.clone());
         let mut cx = Context::from_waker(&waker);
@@ -127,7 +126,8 @@ fn push(task: Arc<Task>) {
     }
 }
 
-fn pop() -> Option<Arc<Task>> {
+/// Takes the next queued task.
+pub(crate) fn pop() -> Option<Arc<Task>> {
     if QUEUED.load(Ordering::Acquire) == 0 {
         return None;
     }
@@ -228,38 +228,6 @@ pub fn yield_now() -> impl Future<Output = ()> {
         }
     }
     YieldNow(false)
-}
-
-/// Serves the run queue on the calling vCPU until `until()` returns true (checked at every
-/// task boundary). Secondary vCPUs pass `|| false` and leave only by going down.
-pub fn worker_loop(slot: &'static PerCpu, until: &dyn Fn() -> bool) {
-    loop {
-        notices::poll();
-        crate::net::poll();
-        if until() {
-            return;
-        }
-        if elastic::should_drain(slot) {
-            smp::drain(slot);
-        }
-        elastic::on_boundary(slot);
-        timer::fire_expired();
-        if let Some(task) = pop() {
-            smp::set_busy(slot);
-            slot.in_task.store(true, Ordering::Relaxed);
-            task.run();
-            slot.in_task.store(false, Ordering::Relaxed);
-            continue;
-        }
-        smp::set_idle(slot);
-        if runnable() > 0 {
-            continue;
-        }
-        match elastic::idle_action(slot) {
-            elastic::IdleAction::GoDown { consume_request } => smp::go_down(slot, consume_request),
-            elastic::IdleAction::Block(timeout_ns) => smp::idle_block(slot, timeout_ns),
-        }
-    }
 }
 
 #[cfg(test)]

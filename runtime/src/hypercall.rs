@@ -1,5 +1,6 @@
 //! Guest side of the hypercall ABI: typed wrappers over the `out`-based transport.
 
+use hypercall_abi::virtio::notify_value;
 use hypercall_abi::{
     ArgBlock, BlockArgs, Call, ConsoleWriteArgs, EventsArgs, HelloArgs, KickArgs, PingArgs, ReportArgs, ShutdownArgs,
     Status, VcpuUpArgs,
@@ -63,30 +64,28 @@ pub fn vcpu_up(entry: u64, stack: u64, arg: u64) -> Result<u32, Status> {
 
 /// VCPU_DOWN for the calling vCPU, after storing `offline` into `state`.
 ///
-/// The store and the `out` are one asm block that touches no stack, so the moment `state`
-/// reads `offline` another vCPU may reuse this vCPU's stack. Returns only if the host refused
-/// (it refuses only vCPU 0).
+/// The store and the `out` are one asm block that touches no stack
+/// ([`cpu::store_then_hypercall`]), so the moment `state` reads `offline` another vCPU may
+/// reuse this vCPU's stack. Returns only if the host refused (it refuses only vCPU 0).
 ///
 /// # Safety
 ///
 /// `state` must point to the caller's per-CPU state byte; nothing may rely on this vCPU's
 /// stack once the store is visible.
 pub unsafe fn vcpu_down(state: *mut u8, offline: u8) -> Status {
-    let eax: u32;
-    // SAFETY: the caller vouches for `state`; the `out` carries no argument block (VCPU_DOWN
-    // takes none) and uses no stack.
-    unsafe {
-        core::arch::asm!(
-            "mov byte ptr [{state}], {offline}",
-            "out dx, eax",
-            state = in(reg) state,
-            offline = in(reg_byte) offline,
-            in("dx") hypercall_abi::HYPERCALL_PORT,
-            inout("eax") Call::VcpuDown.number() => eax,
-            in("rdi") 0u64,
-            options(nostack, preserves_flags),
-        );
-    }
+    // SAFETY: the caller vouches for `state` and for not using the stack afterwards; VCPU_DOWN
+    // takes no argument block.
+    let eax = unsafe { cpu::store_then_hypercall(state, offline, Call::VcpuDown.number()) };
+    Status(eax as i32)
+}
+
+/// DEVICE_NOTIFY for `queue` of paravirtual device `device` (`queue` =
+/// [`STATUS_CHANGED`](hypercall_abi::virtio::STATUS_CHANGED): the device page changed). The
+/// call has no argument block: `rdi` carries the value and the status comes back in `eax`.
+pub fn device_notify(device: u16, queue: u16) -> Status {
+    // SAFETY: DEVICE_NOTIFY takes no argument block; the host touches no guest memory on its
+    // behalf but the device page and the rings the guest registered.
+    let eax = unsafe { cpu::hypercall(Call::DeviceNotify.number(), notify_value(device, queue)) };
     Status(eax as i32)
 }
 

@@ -30,7 +30,8 @@
 //! your own service"). A service uses only this crate's public API:
 //!
 //! * [`task`]: spawn tasks on any online vCPU, yield, sleep;
-//! * [`net`]: listen on a vsock port, accept connections, read and write them;
+//! * [`net`]: serve a vsock port with a task per connection ([`net::serve`]), or listen and
+//!   accept yourself; read and write connections;
 //! * [`time`]: the clock;
 //! * [`vcpus`] and [`memory`]: what the VM holds, and explicit requests to the host;
 //! * [`println!`], [`print!`] and the `log` crate for output;
@@ -45,6 +46,26 @@
 
 extern crate alloc;
 
+// Layers, bottom up. A module uses modules of lower layers only, never its own layer or a
+// higher one; news travels up through return values and the closures a caller passes down
+// (`smp::idle_block` is told what counts as work, `smp::begin_idle_down` whether it may go).
+// The module-cycles check (`module-cycles runtime/src`) finds no cycle.
+//
+//   0  arch::cpu, cmdline         instructions legal at CPL 3; command-line parsing
+//   1  hypercall, time, percpu    typed hypercalls; the TSC clock; per-CPU slots
+//   2  console, heap, virtio      console device and buffer; boot + elastic heap; PV transport
+//   3  platform, logger           shim or QEMU, and exit; `log` over the console
+//   4  service, smp               what an image offers; vCPU mechanics (up, down, idle, kick)
+//   5  executor, timer            the run queue (spawn, join); sleeps
+//   6  net, elastic               request channel and `serve`; the vCPU and memory controllers
+//   7  notices                    host notices, applied to the controllers
+//   8  worker                     each vCPU's loop: task boundaries, running tasks, idling
+//   9  lib.rs, panic, arch::entry, arch::pvh
+//                                 boot (`kernel_main`), the facade below, the panic handler,
+//                                 and the entry points. Entering the kernel is the one upward
+//                                 step: `_start` (and QEMU's `pvh_main`) continue in
+//                                 `kernel_main`, and `secondary_entry`, whose address `smp`
+//                                 hands to VCPU_UP, calls `worker::secondary_main` by symbol.
 mod arch;
 mod cmdline;
 pub mod console;
@@ -64,6 +85,7 @@ mod smp;
 pub mod time;
 mod timer;
 mod virtio;
+mod worker;
 
 pub use service::{Env, Service, ServiceFuture, boxed, run_sync, services, usage_error};
 
@@ -220,7 +242,7 @@ pub(crate) fn kernel_main(boot: BootInfo) -> ! {
         smp::kick_boot_vcpu();
     });
     let slot = percpu::current();
-    executor::worker_loop(slot, &|| SERVICE_EXIT.load(Ordering::Acquire) != RUNNING || notices::stop_requested());
+    worker::run(slot, &|| SERVICE_EXIT.load(Ordering::Acquire) != RUNNING || notices::stop_requested());
     let code = match SERVICE_EXIT.load(Ordering::Acquire) {
         RUNNING => {
             println!("kernel: stopping at the host's request");

@@ -2,22 +2,26 @@
 //! host reach through the shim's published ports (`--publish HOST_PORT:GUEST_PORT`).
 //!
 //! ```text
-//! let listener = net::listen(6379)?;
-//! loop {
-//!     let stream = listener.accept().await?;
-//!     task::spawn(async move { /* stream.read(..).await, stream.write_all(..).await */ });
-//! }
+//! let server = net::serve(6379, |mut stream| async move {
+//!     /* stream.read(..).await, stream.write_all(..).await */
+//! })?;
+//! println!("kv: listening on vsock port 6379");
+//! server.await; // one task per connection, until the listener stops accepting
 //! ```
+//!
+//! [`serve`] is the usual way in; [`listen`] and [`Listener::accept`] are what it is made of.
 //!
 //! # How it works
 //!
 //! One `virtio-drivers` `VsockConnectionManager` (over the paravirtual transport of
 //! [`crate::virtio`]) drives the device. Tasks never touch it: they read from and write to
-//! per-connection buffers, and a *pump* moves bytes between those buffers and the driver. The
-//! pump runs on whichever vCPU gets to it first (at every task boundary, after every wake-up,
-//! and right after a task queued data); a vCPU that finds another one pumping just carries on
-//! with its own work, so vCPUs never spin on the driver. The driver waits for the host to take
-//! each packet it sends; only the pumping vCPU does that.
+//! per-connection buffers, and a *pump* moves bytes between those buffers and the driver.
+//! Only vCPU 0 pumps: at each of its task boundaries, after each of its wake-ups, and right
+//! after one of its own tasks queued data, made room or closed a connection. A task on another
+//! vCPU that needs the pump wakes vCPU 0 if it is idle and carries on with its own work. The
+//! driver waits (spinning) for the host to take each packet it sends; with one pumping vCPU,
+//! no second vCPU spins on the driver or its lock, which on a host with few cores would starve
+//! the very thread it waits for.
 //!
 //! There are no interrupts: the host wakes a blocked vCPU when it queued packets, and a busy
 //! guest notices them at its next task boundary by reading the used ring's index (no exit).
@@ -30,7 +34,7 @@
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec;
 use alloc::vec::Vec;
-use core::future::poll_fn;
+use core::future::{Future, poll_fn};
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, Ordering};
 use core::task::{Poll, Waker};
 
@@ -42,6 +46,7 @@ use virtio_drivers::device::socket::{
     SocketError, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent, VsockEventType,
 };
 
+use crate::executor;
 use crate::virtio::{IdentityHal, PageTransport, Unavailable};
 
 /// Size of each receive buffer the driver posts (header included): up to 4052 payload bytes
@@ -245,8 +250,42 @@ pub fn listen(port: u32) -> Result<Listener, NetError> {
     Ok(Listener { port })
 }
 
-/// Runs the pump if there is anything for it. Called by the executor at task boundaries and
-/// after every wake-up; costs one read of the used ring's index when nothing arrived.
+/// Listens on vsock `port` and returns the server: a future that accepts the connections the
+/// host forwards to the port and runs `handler(stream)` for each as its own task, until the
+/// listener stops accepting (the request channel failed: the future's output says how).
+///
+/// Listening starts at once, and connections that arrive before the server is awaited wait in
+/// the backlog, so a service can announce the port in between (see the module example).
+/// `handler` is called on the server's task, once per connection in accept order; the future
+/// it returns is spawned and left to run. What the handler does before its `async` block, such
+/// as counting the connection, therefore happens at accept time. Dropping the server closes
+/// the listener: connections still in its backlog are reset, accepted ones run on.
+///
+/// # Errors
+///
+/// Those of [`listen`]: the channel is unavailable here, the device could not be set up, or
+/// the port is already listened on.
+pub fn serve<H, F>(port: u32, mut handler: H) -> Result<impl Future<Output = NetError> + Send + 'static, NetError>
+where
+    H: FnMut(Stream) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let listener = listen(port)?;
+    Ok(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    executor::spawn(handler(stream));
+                }
+                Err(e) => return e,
+            }
+        }
+    })
+}
+
+/// Runs the pump if there is anything for it and this is vCPU 0. Called by the worker loop at
+/// every task boundary (so after every wake-up too); costs one read of the used ring's index
+/// when nothing arrived.
 pub(crate) fn poll() {
     if pending() {
         pump();
@@ -261,7 +300,8 @@ pub(crate) fn pending() -> bool {
         && (PUMP_WANTED.load(Ordering::Acquire) || rx_used_now() != Some(RX_SEEN.load(Ordering::Acquire)))
 }
 
-/// Asks for a pump and runs it unless another vCPU is pumping (it will see the request).
+/// Asks for a pump. On vCPU 0 it runs now (unless the driver is busy: the request then waits
+/// for vCPU 0's next task boundary); on another vCPU it wakes vCPU 0 if that one is idle.
 fn kick_pump() {
     PUMP_WANTED.store(true, Ordering::Release);
     pump();

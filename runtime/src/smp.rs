@@ -1,27 +1,28 @@
 //! vCPU bring-up, going down, idling and kicking.
 //!
 //! * **Up**: reserve a free [`PerCpu`] slot, give it a stack (allocated once, kept for
-//!   reuse), and VCPU_UP at `secondary_entry` with the slot as argument. The host starts the
-//!   new vCPU directly at CPL 3; it records its first TSC, installs its slot in GS and serves
-//!   the run queue.
-//! * **Down**: only an idle vCPU goes down, so no task is ever lost. It commits (`IDLE ->
-//!   DOWNING`, which fails if another vCPU just kicked it), re-checks the queue, then stores
-//!   `OFFLINE` and issues VCPU_DOWN in one asm block that touches no stack: from that store on,
-//!   its slot and stack may be reused.
+//!   reuse), and VCPU_UP at `secondary_entry` (`crate::arch`) with the slot as argument. The
+//!   host starts the new vCPU directly at CPL 3; it records its first TSC, installs its slot in
+//!   GS and serves the run queue (`crate::worker`).
+//! * **Down**: only an idle vCPU goes down (or a busy one between tasks, for a host reclaim),
+//!   so no task is ever lost. It commits (`IDLE -> DOWNING`, which fails if another vCPU just
+//!   kicked it), lets the caller re-check the queue, then stores `OFFLINE` and issues
+//!   VCPU_DOWN in one asm block that touches no stack: from that store on, its slot and stack
+//!   may be reused. Whether a vCPU *should* go is the elastic controller's decision; this
+//!   module only knows how.
 //! * **Idle**: an idle vCPU publishes `IDLE` and BLOCKs; whoever queues work CASes one idle
 //!   slot to `WAKING` and KICKs it. A kick that lands before the BLOCK is kept by the host,
 //!   so no wake-up is lost.
 
 use alloc::alloc::{Layout, alloc};
-use core::arch::global_asm;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use hypercall_abi::{ResourceLimits, Status};
 
-use crate::arch::cpu;
+use crate::arch::{self, cpu};
 use crate::percpu::{CPUS, MAX_CPUS, PerCpu, state};
 use crate::platform::{self, Platform};
-use crate::{executor, hypercall, percpu, time};
+use crate::{hypercall, percpu, time};
 
 /// How long an idle vCPU spins for new work before it BLOCKs.
 pub const IDLE_SPIN_NS: u64 = 30000;
@@ -34,52 +35,6 @@ static IDLE: AtomicUsize = AtomicUsize::new(0);
 static MIN: AtomicUsize = AtomicUsize::new(1);
 static BURST: AtomicUsize = AtomicUsize::new(1);
 static MAX: AtomicUsize = AtomicUsize::new(1);
-
-#[cfg(target_os = "none")]
-global_asm!(
-    r#"
-    .section .text.entry, "ax", @progbits
-    .global secondary_entry
-secondary_entry:
-    /* rdi = &PerCpu, rsi = vCPU id, rsp = the slot's stack. First: timestamp. */
-    rdtsc
-    shlq $32, %rdx
-    orq %rdx, %rax
-    movq %rax, {started}(%rdi)
-    xorl %ebp, %ebp
-    call secondary_main
-    ud2
-"#,
-    started = const core::mem::offset_of!(PerCpu, started_tsc),
-    options(att_syntax)
-);
-
-#[cfg(target_os = "none")]
-unsafe extern "C" {
-    fn secondary_entry();
-}
-
-/// Address of the secondary entry point.
-fn secondary_entry_addr() -> u64 {
-    #[cfg(target_os = "none")]
-    {
-        secondary_entry as *const () as u64
-    }
-    #[cfg(not(target_os = "none"))]
-    {
-        0
-    }
-}
-
-/// Rust side of `secondary_entry`.
-#[unsafe(no_mangle)]
-extern "C" fn secondary_main(slot: &'static PerCpu, vcpu_id: u64) -> ! {
-    percpu::set_current(slot);
-    slot.vcpu_id.store(vcpu_id as u32, Ordering::Release);
-    slot.state.store(state::BUSY, Ordering::Release);
-    executor::worker_loop(slot, &|| false);
-    unreachable!("a secondary worker leaves its loop only by going down")
-}
 
 /// Sets up the boot vCPU's slot and the VM's vCPU limits (from HELLO; 1/1/1 without a host).
 pub fn init(limits: Option<ResourceLimits>) {
@@ -171,7 +126,7 @@ pub fn bring_up() -> Result<(u32, &'static PerCpu), UpError> {
     slot.started_tsc.store(0, Ordering::Release);
     slot.down_requested.store(false, Ordering::Release);
     let top = (stack + STACK_SIZE) as u64;
-    match hypercall::vcpu_up(secondary_entry_addr(), top, slot as *const PerCpu as u64) {
+    match hypercall::vcpu_up(arch::secondary_entry_addr(), top, slot as *const PerCpu as u64) {
         // Only the new vCPU stores its id (at entry, from `rsi`). Storing it here too would
         // race: by the time this call returns, the new vCPU may already have gone down and
         // its slot been reused by another vCPU, whose id this would overwrite.
@@ -248,9 +203,10 @@ pub fn kick_one_idle() {
     }
 }
 
-/// Blocks an idle vCPU until a kick, a host notice, or `timeout_ns`. Without a host it
-/// spins instead (QEMU: one vCPU, nothing else to wake it).
-pub fn idle_block(slot: &'static PerCpu, timeout_ns: u64) {
+/// Blocks an idle vCPU until a kick, a host notice, `has_work()` (work for this vCPU that
+/// arrived without a kick: queued tasks, packets for the pump), or `timeout_ns`. Without a
+/// host it spins instead (QEMU: one vCPU, nothing else to wake it).
+pub fn idle_block(slot: &'static PerCpu, timeout_ns: u64, has_work: &dyn Fn() -> bool) {
     if platform::current() != Platform::Shim {
         cpu::pause();
         return;
@@ -258,9 +214,7 @@ pub fn idle_block(slot: &'static PerCpu, timeout_ns: u64) {
     crate::console::flush_if_pending();
     // Spin a little first: work that shows up within a few tens of microseconds is then taken
     // without the two exits a BLOCK and the KICK that ends it cost.
-    let woken = |slot: &PerCpu| {
-        executor::runnable() > 0 || slot.state.load(Ordering::SeqCst) != state::IDLE || crate::net::pending()
-    };
+    let woken = |slot: &PerCpu| has_work() || slot.state.load(Ordering::SeqCst) != state::IDLE;
     // Only a vCPU that was busy a moment ago spins: an idle VM's wake-ups (timers) block at once.
     let now = time::now_ns();
     let recently_busy = now.saturating_sub(slot.idle_since_ns.load(Ordering::Acquire)) < IDLE_SPIN_NS;
@@ -279,17 +233,40 @@ pub fn idle_block(slot: &'static PerCpu, timeout_ns: u64) {
     slot.woke_tsc.store(cpu::rdtsc(), Ordering::Release);
 }
 
-/// Takes the calling busy vCPU down for a host reclaim (between tasks: whatever is queued
-/// stays in the shared queue for the vCPUs that remain). Returns if it did not go (another
-/// vCPU got there first and the VM is already at the target, or it is vCPU 0).
-pub fn drain(slot: &'static PerCpu) {
-    if slot.index() == 0 || platform::current() != Platform::Shim {
-        return;
+/// A vCPU committed to going down: its slot is `DOWNING` and it no longer counts as online or
+/// idle. What is left is [`GoingDown::finish`]; the caller may first do what must happen
+/// before the vCPU is gone (it runs on the vCPU's own stack, which stays usable until then).
+#[must_use = "a vCPU committed to going down must finish going down"]
+#[derive(Debug)]
+pub struct GoingDown {
+    slot: &'static PerCpu,
+}
+
+impl GoingDown {
+    /// Stores `OFFLINE` into the slot and issues VCPU_DOWN, in one step that touches no stack:
+    /// from that store on, the slot and its stack may be reused. Never returns (the host
+    /// refuses only vCPU 0, which never commits).
+    pub fn finish(self) -> ! {
+        let slot = self.slot;
+        // SAFETY: `state` is the calling vCPU's own slot byte (only a vCPU commits itself);
+        // after the store nothing uses this stack.
+        let status = unsafe { hypercall::vcpu_down(slot.state.as_ptr(), state::OFFLINE) };
+        // Only vCPU 0 may be refused, and it never gets here.
+        panic!("VCPU_DOWN returned ({}) on vCPU {}", status.name(), slot.vcpu_id.load(Ordering::Relaxed));
     }
-    let Some(target) = crate::elastic::vcpu_target() else { return };
+}
+
+/// Commits the calling busy vCPU to going down for a host reclaim down to `target` vCPUs
+/// (between tasks: whatever is queued stays in the shared queue for the vCPUs that remain).
+/// `None` if it may not go: it is vCPU 0, there is no host, or the VM is already at `target`
+/// or at min (another vCPU got there first).
+pub fn begin_drain(slot: &'static PerCpu, target: usize) -> Option<GoingDown> {
+    if slot.index() == 0 || platform::current() != Platform::Shim {
+        return None;
+    }
     let floor = target.max(MIN.load(Ordering::Relaxed));
     if ONLINE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > floor).then_some(n - 1)).is_err() {
-        return;
+        return None;
     }
     let prev = slot.state.swap(state::DOWNING, Ordering::AcqRel);
     if prev == state::IDLE || prev == state::WAKING {
@@ -297,41 +274,30 @@ pub fn drain(slot: &'static PerCpu) {
     }
     slot.down_requested.store(false, Ordering::Release);
     slot.down_tsc.store(cpu::rdtsc(), Ordering::Release);
-    crate::elastic::note_down();
-    // Queued work must not wait for this vCPU.
-    if executor::runnable() > 0 {
-        kick_one_idle();
-    }
-    // SAFETY: as in `go_down`: this vCPU's own slot; nothing uses its stack after the store.
-    let status = unsafe { hypercall::vcpu_down(slot.state.as_ptr(), state::OFFLINE) };
-    panic!("VCPU_DOWN returned ({}) on vCPU {}", status.name(), slot.vcpu_id.load(Ordering::Relaxed));
+    Some(GoingDown { slot })
 }
 
-/// Takes the calling (idle) vCPU down if it may still go: never below `min`, never vCPU 0,
-/// never when another vCPU just kicked it or work arrived, and (with `consume_request`) only
-/// if an explicit down request is still outstanding. Returns if it did not go.
-pub fn go_down(slot: &'static PerCpu, consume_request: bool) {
+/// Commits the calling (idle) vCPU to going down if it may still go: never below `min`, never
+/// vCPU 0, never when another vCPU just kicked it, and only if `may_go()` (asked once the
+/// vCPU holds its place: `DOWNING`, and one fewer online) agrees. `None` if it stays up.
+pub fn begin_idle_down(slot: &'static PerCpu, may_go: &dyn Fn() -> bool) -> Option<GoingDown> {
     if slot.index() == 0 || platform::current() != Platform::Shim {
-        return;
+        return None;
     }
     if slot.state.compare_exchange(state::IDLE, state::DOWNING, Ordering::AcqRel, Ordering::Acquire).is_err() {
-        return; // kicked meanwhile: stay up
+        return None; // kicked meanwhile: stay up
     }
     let min = MIN.load(Ordering::Relaxed);
     let reserved = ONLINE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > min).then_some(n - 1));
-    if reserved.is_err() || executor::runnable() > 0 || (consume_request && !crate::elastic::take_down_request()) {
+    if reserved.is_err() || !may_go() {
         if reserved.is_ok() {
             ONLINE.fetch_add(1, Ordering::AcqRel);
         }
         slot.state.store(state::IDLE, Ordering::Release);
-        return;
+        return None;
     }
     IDLE.fetch_sub(1, Ordering::AcqRel);
     slot.down_requested.store(false, Ordering::Release);
     slot.down_tsc.store(cpu::rdtsc(), Ordering::Release);
-    crate::elastic::note_down();
-    // SAFETY: `state` is this vCPU's own slot byte; after the store nothing uses this stack.
-    let status = unsafe { hypercall::vcpu_down(slot.state.as_ptr(), state::OFFLINE) };
-    // Only vCPU 0 may be refused, and it never gets here.
-    panic!("VCPU_DOWN returned ({}) on vCPU {}", status.name(), slot.vcpu_id.load(Ordering::Relaxed));
+    Some(GoingDown { slot })
 }

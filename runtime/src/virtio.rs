@@ -12,9 +12,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use hypercall_abi::virtio::{
     STATUS_CHANGED, VIRTIO_CONFIG_SIZE, VIRTIO_DEVICE_MAGIC, VIRTIO_DEVICE_PAGE, VIRTIO_QUEUES_MAX,
-    VIRTIO_TRANSPORT_VERSION, VirtioDeviceRegs, VirtioQueueRegs, notify_value, status,
+    VIRTIO_TRANSPORT_VERSION, VirtioDeviceRegs, VirtioQueueRegs, status,
 };
-use hypercall_abi::{BootInfo, Call, HelloArgs, Status, features};
+use hypercall_abi::{BootInfo, HelloArgs, Status, features};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{BufferDirection, Error, Hal, PAGE_SIZE, PhysAddr};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -130,10 +130,7 @@ impl PageTransport {
     }
 
     fn notify_host(&self, queue: u16) -> Status {
-        let value = notify_value(self.index, queue);
-        // SAFETY: DEVICE_NOTIFY takes no argument block: `rdi` carries the value and the host
-        // touches no guest memory on its behalf but the device page and the rings.
-        Status(unsafe { crate::arch::cpu::hypercall(Call::DeviceNotify.number(), value) } as i32)
+        crate::hypercall::device_notify(self.index, queue)
     }
 }
 

@@ -4,6 +4,7 @@
 use elastic_rt::{Env, Service, run_sync};
 use hypercall_abi::exit_code;
 
+mod args;
 mod cpu_burst;
 mod echo;
 mod faults;

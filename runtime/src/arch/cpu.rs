@@ -1,5 +1,5 @@
 //! CPU helpers that are legal at CPL 3 with IOPL = 3: the hypercall `out`, port I/O, `rdtsc`,
-//! `cpuid` and `pause`.
+//! `cpuid`, the GS base and `pause`.
 
 use core::arch::asm;
 
@@ -24,6 +24,35 @@ pub unsafe fn hypercall(call: u32, block: u64) -> u32 {
     unsafe {
         asm!("out dx, eax", in("dx") HYPERCALL_PORT, inout("eax") call => eax, in("rdi") block,
              options(nostack, preserves_flags));
+    }
+    eax
+}
+
+/// Stores `value` into the byte at `flag`, then issues hypercall `call` with no argument block
+/// (`rdi` = 0), in one asm block that touches no stack: from the moment the store is visible,
+/// another vCPU may reuse the calling vCPU's stack (VCPU_DOWN publishes `OFFLINE` this way).
+/// Returns `eax` afterwards (the status).
+///
+/// # Safety
+///
+/// `flag` must be valid for a one-byte write, and nothing may rely on the calling vCPU's stack
+/// once the store is visible.
+#[inline(always)]
+pub unsafe fn store_then_hypercall(flag: *mut u8, value: u8, call: u32) -> u32 {
+    let eax: u32;
+    // SAFETY: the caller vouches for `flag`; the `out` carries no argument block and neither
+    // instruction uses the stack.
+    unsafe {
+        asm!(
+            "mov byte ptr [{flag}], {value}",
+            "out dx, eax",
+            flag = in(reg) flag,
+            value = in(reg_byte) value,
+            in("dx") HYPERCALL_PORT,
+            inout("eax") call => eax,
+            in("rdi") 0u64,
+            options(nostack, preserves_flags),
+        );
     }
     eax
 }

@@ -8,3 +8,16 @@ pub mod cpu;
 pub mod entry;
 #[cfg(target_os = "none")]
 pub mod pvh;
+
+/// Address of the entry point for secondary vCPUs (VCPU_UP); 0 on a host build, which never
+/// starts one.
+pub fn secondary_entry_addr() -> u64 {
+    #[cfg(target_os = "none")]
+    {
+        entry::secondary_entry_addr()
+    }
+    #[cfg(not(target_os = "none"))]
+    {
+        0
+    }
+}

@@ -4,27 +4,9 @@ use alloc::vec::Vec;
 
 use super::body::Body;
 use super::request::{self, Framing, Head, Parsed, Persist, Reject};
-use super::response::{self, CONTINUE, JSON, Response, TEXT};
+use super::response::{self, CONTINUE, JSON, Reply, Response, TEXT};
 use super::routes::{ALLOW, Figures, GREETING, Route};
 use super::work::WorkOrder;
-
-/// Bytes to send, as decided by the core.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// The complete response (status line, headers and body).
-    pub bytes: Vec<u8>,
-    /// Its status code (`100` for the interim `100 Continue`).
-    pub status: u16,
-    /// Close the connection once `bytes` are sent.
-    pub close: bool,
-}
-
-impl Reply {
-    /// This is a final response (not `100 Continue`): count it as an answered request.
-    pub fn is_final(&self) -> bool {
-        self.status >= 200
-    }
-}
 
 /// What the caller is to do next on a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]

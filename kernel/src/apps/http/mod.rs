@@ -48,7 +48,9 @@ mod tests;
 
 // The core's public API (documented above); the service uses part of it.
 #[allow(unused_imports)]
-pub use conn::{Action, Conn, Reply};
+pub use conn::{Action, Conn};
+#[allow(unused_imports)]
+pub use response::Reply;
 pub use routes::Figures;
 pub use service::SERVICE;
 #[allow(unused_imports)]

@@ -1,4 +1,5 @@
-//! Response formatting: status line, the fixed header set, and the body.
+//! Responses: the [`Reply`] the core hands its caller, and its formatting (status line, the
+//! fixed header set, and the body).
 
 use alloc::vec::Vec;
 use core::fmt::{self, Write};
@@ -26,6 +27,24 @@ pub(super) fn reason(status: u16) -> &'static str {
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
         _ => "Unknown",
+    }
+}
+
+/// Bytes to send, as decided by the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The complete response (status line, headers and body).
+    pub bytes: Vec<u8>,
+    /// Its status code (`100` for the interim `100 Continue`).
+    pub status: u16,
+    /// Close the connection once `bytes` are sent.
+    pub close: bool,
+}
+
+impl Reply {
+    /// This is a final response (not `100 Continue`): count it as an answered request.
+    pub fn is_final(&self) -> bool {
+        self.status >= 200
     }
 }
 

@@ -2,7 +2,6 @@
 //! client connection. `GET /work?ms=N` burns CPU (yielding every few units, so other
 //! connections keep being served and the vCPU controller sees the runnable tasks).
 
-use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,6 +11,7 @@ use elastic_rt::println;
 use hypercall_abi::exit_code;
 
 use super::{Action, Conn, Figures, WorkDone, status_class, work_unit};
+use crate::apps::args;
 
 const NAME: &str = "http";
 const USAGE: &str = "[PORT]";
@@ -33,29 +33,27 @@ pub const SERVICE: Service =
     });
 
 async fn main(env: Env) -> u32 {
-    let port = match env.args.first().map(String::as_str) {
-        None => 80,
-        Some(p) => match p.parse::<u32>() {
-            Ok(p) if p > 0 => p,
-            _ => return usage_error(NAME, USAGE, format_args!("'{p}' is not a port number")),
-        },
+    let port = match args::port(&env, NAME, USAGE, 80) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
-    let listener = match net::listen(port) {
-        Ok(l) => l,
+    let server = net::serve(port, |stream| {
+        OPEN.fetch_add(1, Ordering::Relaxed);
+        TOTAL.fetch_add(1, Ordering::Relaxed);
+        async move {
+            client(stream).await;
+            OPEN.fetch_sub(1, Ordering::Relaxed);
+        }
+    });
+    let server = match server {
+        Ok(s) => s,
         Err(e) => {
             println!("http: {e}");
             return exit_code::FAILURE;
         }
     };
     println!("http: listening on vsock port {port}");
-    while let Ok(stream) = listener.accept().await {
-        OPEN.fetch_add(1, Ordering::Relaxed);
-        TOTAL.fetch_add(1, Ordering::Relaxed);
-        spawn(async move {
-            serve(stream).await;
-            OPEN.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
+    server.await;
     exit_code::FAILURE
 }
 
@@ -135,7 +133,9 @@ async fn work(ms: u64, kb: u64, seed: u64) -> WorkDone {
     WorkDone { units: total, checksum, elapsed_us: time::now_ns().saturating_sub(start) / 1000 }
 }
 
-async fn serve(mut stream: Stream) {
+/// One client connection: requests answered in order, until the client closes it or a reply
+/// closes it.
+async fn client(mut stream: Stream) {
     let mut conn = Conn::new();
     let mut input: Vec<u8> = Vec::new();
     let mut chunk = alloc::vec![0u8; READ_CHUNK];

@@ -7,9 +7,8 @@
 
 use alloc::format;
 
-use super::conn::Reply;
 use super::request::Persist;
-use super::response::{JSON, Response};
+use super::response::{JSON, Reply, Response};
 
 /// xorshift64 rounds in one [`work_unit`] (a few microseconds of CPU).
 pub const WORK_UNIT_ROUNDS: u32 = 4096;

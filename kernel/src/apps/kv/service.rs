@@ -2,7 +2,6 @@
 //! per client connection. The keyspace lives on the elastic heap, so loading data grows the
 //! memory the VM holds and FLUSHALL/DEL give it back.
 
-use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,6 +12,7 @@ use hypercall_abi::exit_code;
 use spin::Mutex;
 
 use super::{Figures, Session, Store};
+use crate::apps::args;
 
 const NAME: &str = "kv";
 const USAGE: &str = "[PORT]";
@@ -32,15 +32,19 @@ pub const SERVICE: Service =
     });
 
 async fn main(env: Env) -> u32 {
-    let port = match env.args.first().map(String::as_str) {
-        None => 6379,
-        Some(p) => match p.parse::<u32>() {
-            Ok(p) if p > 0 => p,
-            _ => return usage_error(NAME, USAGE, format_args!("'{p}' is not a port number")),
-        },
+    let port = match args::port(&env, NAME, USAGE, 6379) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
-    let listener = match net::listen(port) {
-        Ok(l) => l,
+    let server = net::serve(port, move |stream| {
+        OPEN.fetch_add(1, Ordering::Relaxed);
+        async move {
+            client(stream, port).await;
+            OPEN.fetch_sub(1, Ordering::Relaxed);
+        }
+    });
+    let server = match server {
+        Ok(s) => s,
         Err(e) => {
             println!("kv: {e}");
             return exit_code::FAILURE;
@@ -48,13 +52,7 @@ async fn main(env: Env) -> u32 {
     };
     STARTED_NS.store(time::now_ns(), Ordering::Relaxed);
     println!("kv: listening on vsock port {port}");
-    while let Ok(stream) = listener.accept().await {
-        OPEN.fetch_add(1, Ordering::Relaxed);
-        spawn(async move {
-            serve(stream, port).await;
-            OPEN.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
+    server.await;
     exit_code::FAILURE
 }
 
@@ -75,7 +73,8 @@ fn figures(port: u32) -> Figures {
     }
 }
 
-async fn serve(mut stream: Stream, port: u32) {
+/// One client connection: requests in, replies out, until the client closes it or QUITs.
+async fn client(mut stream: Stream, port: u32) {
     let mut session = Session::new();
     let mut input: Vec<u8> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
