@@ -53,8 +53,6 @@ pub(crate) enum Role {
     Governor,
     /// The control API.
     Api,
-    /// The thread that tells subscribers about Ctrl-C.
-    Signals,
 }
 
 impl Role {
@@ -66,7 +64,6 @@ impl Role {
             Role::Console => "a console thread",
             Role::Governor => "the governor",
             Role::Api => "the control API",
-            Role::Signals => "the signal thread",
         }
     }
 }
@@ -189,7 +186,6 @@ fn syscalls(role: Role) -> Vec<libc::c_long> {
         // the VMs (which do the work: snapshots, migrations); /proc figures come from a file
         // opened before the thread narrowed itself.
         Role::Api => &[SOCKETS, &[libc::SYS_read, libc::SYS_pread64]],
-        Role::Signals => &[&[libc::SYS_read]],
     };
     for e in extra {
         all.extend_from_slice(e);
@@ -271,7 +267,7 @@ mod tests {
     #[test]
     fn every_role_compiles_and_is_a_subset_of_the_process_list() {
         let all = syscalls(Role::Process);
-        for role in [Role::Vcpu, Role::Io, Role::Console, Role::Governor, Role::Api, Role::Signals] {
+        for role in [Role::Vcpu, Role::Io, Role::Console, Role::Governor, Role::Api] {
             assert!(program(role).is_ok());
             for n in syscalls(role) {
                 assert!(all.contains(&n), "{role:?} allows {n}, the process list does not");

@@ -58,9 +58,11 @@ pub fn install() {
     });
 }
 
-/// The signal thread: waits for the handler's eventfd and tells every subscriber.
+/// The signal thread: waits for the handler's eventfd and tells every subscriber. It lives as
+/// long as the process and keeps the process's seccomp filter as it is: a thread that narrowed
+/// its own would stop a later run (`stress` runs several) from synchronizing the process filter
+/// over every thread.
 fn watch(fd: libc::c_int) {
-    crate::host::seccomp::install_thread(crate::host::seccomp::Role::Signals);
     let mut buf = 0u64;
     loop {
         // SAFETY: `buf` is a valid 8-byte buffer, as an eventfd read needs; `fd` stays open

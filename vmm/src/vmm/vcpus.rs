@@ -226,11 +226,6 @@ impl VcpuHandle {
         self.thread.store(me as u64, Ordering::Release);
     }
 
-    /// Whether a thread runs this vCPU.
-    pub(crate) fn has_thread(&self) -> bool {
-        self.thread.load(Ordering::Acquire) != 0
-    }
-
     /// Sends `event` to the vCPU thread and kicks it: out of KVM_RUN, out of a wait.
     pub(crate) fn send(&self, event: VcpuEvent) {
         let mut inner = self.lock();
@@ -556,8 +551,8 @@ impl VcpuSet {
         inner.counts.online
     }
 
-    /// Sends `make()` to every vCPU that has a thread and waits for their answers, at most
-    /// `within`. Returns the answers by vCPU id (a vCPU that did not answer in time is
+    /// Sends `make()` to every vCPU (but those whose creation failed) and waits for their
+    /// answers, at most `within`. Returns the answers by vCPU id (a vCPU that did not answer in time is
     /// missing).
     pub(crate) fn ask_all(
         &self,
@@ -565,7 +560,8 @@ impl VcpuSet {
         within: Duration,
     ) -> Vec<(u32, VcpuResponse)> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let asked: Vec<_> = self.all().into_iter().filter(|h| h.has_thread() && h.state() != State::Gone).collect();
+        // A vCPU whose thread is only starting answers once it runs (the event waits for it).
+        let asked: Vec<_> = self.all().into_iter().filter(|h| h.state() != State::Gone).collect();
         for h in &asked {
             h.send(make(tx.clone()));
         }
