@@ -42,23 +42,12 @@ fn vmm_binary() -> PathBuf {
     path
 }
 
-/// The kernel image `hypervisor-shim`'s build script produced (the newest, if several builds
-/// left one), or `ELASTIC_KERNEL`.
+/// The kernel image built from this workspace (`elastic-images`), or `ELASTIC_KERNEL`.
 fn kernel_image() -> PathBuf {
-    if let Some(k) = std::env::var_os("ELASTIC_KERNEL") {
-        return PathBuf::from(k);
+    match std::env::var_os("ELASTIC_KERNEL") {
+        Some(k) => PathBuf::from(k),
+        None => PathBuf::from(elastic_images::KERNEL),
     }
-    let build = bin_dir().join("build");
-    let newest = std::fs::read_dir(&build)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", build.display()))
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with("hypervisor-shim-"))
-        .map(|e| e.path().join("out/kernel-target/x86_64-unknown-none/release/kernel"))
-        .filter_map(|k| Some((k.metadata().ok()?.modified().ok()?, k)))
-        .max();
-    newest
-        .map(|(_, k)| k)
-        .unwrap_or_else(|| panic!("no kernel image under {}: build hypervisor-shim first", build.display()))
 }
 
 /// Fails with the reason when this machine cannot run the tests at all.

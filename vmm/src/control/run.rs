@@ -521,6 +521,9 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
                 .collect()
         })
     };
+    // The governor stops whatever the VMs' threads returned.
+    governor.stop();
+    let _ = timeline.flush();
     let mut results = Vec::new();
     for ((ran, vs), capture) in reports.into_iter().zip(&spec.vms).zip(captures) {
         let (report, on_demand) = ran?;
@@ -528,7 +531,5 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
             capture.map(|c| String::from_utf8_lossy(&c.lock().unwrap_or_else(|p| p.into_inner())).into_owned());
         results.push(VmResult { spec: vs.clone(), report, output, on_demand });
     }
-    governor.stop();
-    let _ = timeline.flush();
     Ok(RunResult { vms: results, timeline, capacity: spec.capacity, pool_peak: pool.peak(), wall: started.elapsed() })
 }

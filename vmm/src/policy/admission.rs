@@ -64,8 +64,6 @@ pub(crate) struct Invariants {
 /// Counters of answers other than OK.
 #[derive(Debug, Default)]
 pub(crate) struct Answers {
-    /// DENIED (policy).
-    pub(crate) denied: AtomicU64,
     /// AGAIN (pool full, reclaim under way).
     pub(crate) again: AtomicU64,
     /// EXHAUSTED (pool full, nobody to reclaim from).
@@ -174,7 +172,6 @@ impl VmPolicy {
     }
 
     fn deny<T>(&self, r: Resource, held: u64, asked: u64, ceiling: u64) -> Decision<T> {
-        self.answers.denied.fetch_add(1, Ordering::Relaxed);
         let line = detail([
             ("resource", r.name().into()),
             ("held", held.into()),

@@ -1,14 +1,12 @@
 //! The JSON run summary (`run --summary FILE`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde::Serialize;
 
 use crate::base::config::Policy;
 use crate::policy::admission::Invariants;
 use crate::policy::resource::ResourcePolicy;
-use crate::report::json::write_json;
 use crate::vmm::stats::RunReport;
 
 /// The on-demand figures of a VM slot (the summary's `on_demand`).
@@ -254,11 +252,6 @@ impl PoolSummary {
     pub fn exit_code(&self) -> u8 {
         self.exit_code
     }
-
-    /// Writes the summary as pretty JSON.
-    pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        write_json(self, path)
-    }
 }
 
 impl Summary {
@@ -324,10 +317,5 @@ impl Summary {
             policy: PolicySummary { vcpus: pv.into(), memory: pm.into() },
             invariants: report.invariants.clone(),
         }
-    }
-
-    /// Writes the summary as pretty JSON.
-    pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        write_json(self, path)
     }
 }

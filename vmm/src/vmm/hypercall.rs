@@ -321,7 +321,7 @@ fn mem_grant(vm: &VmShared, a: &mut MemGrantArgs) -> (Status, Flow) {
     };
     let got: u64 = extents.iter().map(|e| e.len).sum();
     policy.give_back(Resource::Memory, reserved - got);
-    let bytes: Vec<u8> = extents.iter().flat_map(|e| e.as_bytes().to_vec()).collect();
+    let bytes: Vec<u8> = extents.iter().flat_map(|e| e.as_bytes().iter().copied()).collect();
     if mem.write(a.extents, &bytes).is_err() {
         // The array vanished (released concurrently): undo, so nothing leaks.
         if let Ok(n) = mem.release(vm.fd(), &extents) {

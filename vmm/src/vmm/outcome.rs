@@ -90,7 +90,7 @@ impl Outcome {
     }
 
     /// A short machine-readable reason (the summary's `exit_reason`).
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Outcome::Shutdown { .. } => "shutdown",
             Outcome::Fault(_) => "guest_fault",
