@@ -28,7 +28,7 @@ fn step_vm(vm: &VmShared, now: Duration, credit_line: bool) {
     }
     // Enforcement: the excess vCPUs are held out of the guest for most of the next tick.
     for h in vm.vcpus().highest_online(tick.throttle) {
-        h.send(VcpuEvent::Throttle);
+        let _ = h.send(VcpuEvent::Throttle);
     }
     if credit_line && let Some([c, m]) = vm.policy().credit_line() {
         vm.record("credit", detail([("vcpu_credit", c.into()), ("memory_credit", m.into())]));

@@ -28,7 +28,7 @@ use crate::vmm::loader::KernelImage;
 use crate::vmm::notices::{Holdings, NoticeBoard, Notices};
 use crate::vmm::outcome::Outcome;
 use crate::vmm::stats::{MemoryCounts, RunReport, Stats};
-use crate::vmm::vcpus::{VcpuEvent, VcpuResponse, VcpuSet};
+use crate::vmm::vcpus::{State, VcpuEvent, VcpuResponse, VcpuSet};
 
 /// What a VM tells its owner.
 #[derive(Debug)]
@@ -278,7 +278,9 @@ impl VmShared {
         if self.paused.swap(true, Ordering::SeqCst) {
             return false;
         }
-        self.vcpus.ask_all(VcpuEvent::Pause, within);
+        // A vCPU asleep in BLOCK or parked serves the pause before it could enter the guest
+        // again (its event waits in its queue): only those in or around KVM_RUN must answer.
+        self.vcpus.ask_all(VcpuEvent::Pause, |s| matches!(s, State::Running | State::Starting(_)), within);
         self.record("pause", serde_json::Map::new());
         true
     }
@@ -301,7 +303,7 @@ impl VmShared {
         }
         let online = self.vcpus.online_map();
         let want = online.iter().filter(|&&o| o).count();
-        let answers = self.vcpus.ask_all(VcpuEvent::SaveState, within);
+        let answers = self.vcpus.ask_all(VcpuEvent::SaveState, |_| true, within);
         if self.is_stopping() {
             return Err("the VM is ending".into());
         }

@@ -135,6 +135,9 @@ pub(crate) enum VcpuResponse {
 struct Inner {
     state: State,
     events: VecDeque<VcpuEvent>,
+    /// The thread waits for an event (paused or throttled at the top of its loop): a send
+    /// wakes it without a signal.
+    waiting: bool,
 }
 
 /// One vCPU's handle, shared by its thread and every thread that drives or wakes it.
@@ -174,7 +177,7 @@ impl VcpuHandle {
     pub(crate) fn new(id: u32) -> Self {
         VcpuHandle {
             id,
-            inner: Mutex::new(Inner { state: State::Running, events: VecDeque::new() }),
+            inner: Mutex::new(Inner { state: State::Running, events: VecDeque::new(), waiting: false }),
             cond: Condvar::new(),
             has_events: AtomicBool::new(false),
             wake: AtomicU32::new(0),
@@ -226,17 +229,20 @@ impl VcpuHandle {
         self.thread.store(me as u64, Ordering::Release);
     }
 
-    /// Sends `event` to the vCPU thread and kicks it: out of KVM_RUN, out of a wait.
-    pub(crate) fn send(&self, event: VcpuEvent) {
+    /// Sends `event` to the vCPU thread and kicks it: out of KVM_RUN (a signal), out of a
+    /// wait (the condition variable). Returns the state the vCPU was in.
+    pub(crate) fn send(&self, event: VcpuEvent) -> State {
         let mut inner = self.lock();
         inner.events.push_back(event);
         self.has_events.store(true, Ordering::Release);
-        let running = inner.state == State::Running;
+        let state = inner.state;
+        let in_guest = state == State::Running && !inner.waiting;
         self.cond.notify_all();
         drop(inner);
-        if running {
+        if in_guest {
             self.interrupt();
         }
+        state
     }
 
     /// Whether events wait (a lock-free look, made after every exit).
@@ -262,21 +268,24 @@ impl VcpuHandle {
     pub(crate) fn wait_event(&self, timeout: Option<Duration>) -> Option<VcpuEvent> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut inner = self.lock();
-        loop {
+        inner.waiting = true;
+        let event = loop {
             if let Some(e) = Self::pop(&self.has_events, &mut inner) {
-                return Some(e);
+                break Some(e);
             }
             match deadline {
                 None => inner = self.cond.wait(inner).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
-                        return None;
+                        break None;
                     }
                     inner = self.cond.wait_timeout(inner, d - now).unwrap_or_else(|p| p.into_inner()).0;
                 }
             }
-        }
+        };
+        inner.waiting = false;
+        event
     }
 
     /// Adds wake-up `bits` and wakes the vCPU: a blocked one returns from BLOCK; a running
@@ -551,24 +560,27 @@ impl VcpuSet {
         inner.counts.online
     }
 
-    /// Sends `make()` to every vCPU (but those whose creation failed) and waits for their
-    /// answers, at most `within`. Returns the answers by vCPU id (a vCPU that did not answer in time is
-    /// missing).
+    /// Sends `make()` to every vCPU (but those whose creation failed) and waits, at most
+    /// `within`, for the answers of those whose state when asked `must_answer` says. Returns
+    /// the answers that came, by vCPU id.
     pub(crate) fn ask_all(
         &self,
         make: impl Fn(Sender<(u32, VcpuResponse)>) -> VcpuEvent,
+        must_answer: impl Fn(State) -> bool,
         within: Duration,
     ) -> Vec<(u32, VcpuResponse)> {
         let (tx, rx) = std::sync::mpsc::channel();
-        // A vCPU whose thread is only starting answers once it runs (the event waits for it).
-        let asked: Vec<_> = self.all().into_iter().filter(|h| h.state() != State::Gone).collect();
-        for h in &asked {
-            h.send(make(tx.clone()));
+        let mut expected = 0;
+        for h in self.all().into_iter().filter(|h| h.state() != State::Gone) {
+            // A vCPU whose thread is only starting answers once it runs (the event waits).
+            if must_answer(h.send(make(tx.clone()))) {
+                expected += 1;
+            }
         }
         drop(tx);
         let deadline = Instant::now() + within;
         let mut answers = Vec::new();
-        while answers.len() < asked.len() {
+        while answers.len() < expected {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(a) => answers.push(a),
                 Err(_) => break,
@@ -581,7 +593,7 @@ impl VcpuSet {
     /// Sends `event()` to every vCPU (no answer expected).
     pub(crate) fn tell_all(&self, event: impl Fn() -> VcpuEvent) {
         for h in self.all() {
-            h.send(event());
+            let _ = h.send(event());
         }
     }
 }
@@ -676,10 +688,10 @@ mod tests {
             std::thread::yield_now();
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        c.send(VcpuEvent::Pause(tx.clone()));
+        let _ = c.send(VcpuEvent::Pause(tx.clone()));
         assert!(matches!(rx.recv_timeout(Duration::from_secs(5)), Ok((3, VcpuResponse::Paused))));
         assert_eq!(c.state(), State::Blocked);
-        c.send(VcpuEvent::SaveState(tx));
+        let _ = c.send(VcpuEvent::SaveState(tx));
         let (bits, served) = t.join().unwrap();
         assert_eq!((bits, served), (wake::KICK, vec!["pause"]));
         assert!(matches!(c.next_event(), Some(VcpuEvent::SaveState(_))), "put back for the loop");
@@ -706,8 +718,8 @@ mod tests {
         let t = std::thread::spawn(move || {
             h2.park(&mut |e| if matches!(e, VcpuEvent::Finish) { Served::Leave(None) } else { Served::Stay })
         });
-        h.send(VcpuEvent::Throttle);
-        h.send(VcpuEvent::Finish);
+        let _ = h.send(VcpuEvent::Throttle);
+        let _ = h.send(VcpuEvent::Finish);
         assert_eq!(t.join().unwrap(), None);
     }
 }
