@@ -9,11 +9,10 @@
 //! reaction times, writes `demo.json` and draws `demo.svg` (load and resources on one time
 //! axis).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use plotters::prelude::*;
@@ -191,24 +190,8 @@ impl DemoVm {
             .stderr(if opts.quiet { Stdio::null() } else { Stdio::inherit() })
             .spawn()
             .map_err(|e| DemoError::Start(e.to_string()))?;
-        let out = child.stdout.take().ok_or_else(|| DemoError::Start("no console".into()))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(l) if l.contains("listening on vsock port") => break,
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = child.kill();
-                    return Err(DemoError::Start("the http service did not start listening".into()));
-                }
-            }
-        }
+        crate::tools::child::wait_until_listening(&mut child, Duration::from_secs(30))
+            .map_err(|e| DemoError::Start(format!("http: {e}")))?;
         let info = connect(port)?;
         Ok(DemoVm { child, port, info, dir })
     }

@@ -1,6 +1,7 @@
 //! Tools.
 
 pub mod bench;
+pub mod child;
 pub mod demo;
 pub mod loadgen;
 pub mod plot;

@@ -1,10 +1,9 @@
 //! Service figures: the kv and http services under their real clients, against the native
 //! anchor (Debian's `redis-server` run on the host with the same command).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::{BenchError, BenchOptions, BenchReport};
@@ -49,24 +48,8 @@ impl ServiceRun {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| BenchError::Spawn(opts.shim.clone(), e))?;
-        let out = child.stdout.take().ok_or_else(|| BenchError::Summary("no stdout".into()))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(l) if l.contains("listening on vsock port") => break,
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = child.kill();
-                    return Err(BenchError::Summary(format!("the {app} service did not start listening")));
-                }
-            }
-        }
+        crate::tools::child::wait_until_listening(&mut child, Duration::from_secs(30))
+            .map_err(|e| BenchError::Summary(format!("{app}: {e}")))?;
         Ok(ServiceRun { child, port, summary })
     }
 
