@@ -10,8 +10,8 @@
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use crate::sync::Mutex;
 use hypercall_abi::CONSOLE_WRITE_MAX;
-use spin::Mutex;
 use uart_16550::Uart16550;
 use uart_16550::backend::PioBackend;
 

@@ -21,7 +21,9 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use hypercall_abi::{ReportArgs, Status};
-use spin::{Mutex, Once};
+use spin::Once;
+
+use crate::sync::Mutex;
 
 use crate::cmdline::CommandLine;
 use crate::percpu::PerCpu;

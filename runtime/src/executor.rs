@@ -13,7 +13,7 @@ use core::pin::Pin;
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use core::task::{Context, Poll, Waker};
 
-use spin::Mutex;
+use crate::sync::Mutex;
 
 use crate::smp;
 

@@ -145,8 +145,8 @@ fn release_to_host(extents: &[Extent]) -> Status {
 const META_ARENA: usize = 16 * 1024;
 const _: () = assert!(META_ARENA >= talc::min_first_heap_size::<talc::DefaultBinning>() + 64);
 
-static BOOT: TalcLock<spin::Mutex<()>, Manual> = TalcLock::new(Manual);
-static ELASTIC: TalcLock<spin::Mutex<()>, ElasticSource> = TalcLock::new(ElasticSource::new());
+static BOOT: TalcLock<crate::sync::Mutex<()>, Manual> = TalcLock::new(Manual);
+static ELASTIC: TalcLock<crate::sync::Mutex<()>, ElasticSource> = TalcLock::new(ElasticSource::new());
 static WINDOW_BASE: AtomicUsize = AtomicUsize::new(0);
 /// Start of the elastic heap's metadata arena (0 before `init`).
 static META_BASE: AtomicUsize = AtomicUsize::new(0);

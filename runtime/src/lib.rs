@@ -53,14 +53,15 @@ extern crate alloc;
 //
 //   0  arch::cpu, cmdline         instructions legal at CPL 3; command-line parsing
 //   1  hypercall, time, percpu    typed hypercalls; the TSC clock; per-CPU slots
-//   2  console, heap, virtio      console device and buffer; boot + elastic heap; PV transport
-//   3  platform, logger           shim or QEMU, and exit; `log` over the console
-//   4  service, smp               what an image offers; vCPU mechanics (up, down, idle, kick)
-//   5  executor, timer            the run queue (spawn, join); sleeps
-//   6  net, elastic               request channel and `serve`; the vCPU and memory controllers
-//   7  notices                    host notices, applied to the controllers
-//   8  worker                     each vCPU's loop: task boundaries, running tasks, idling
-//   9  lib.rs, panic, arch::entry, arch::pvh
+//   2  sync                       the lock vCPUs share (backs off to the host when held long)
+//   3  console, heap, virtio      console device and buffer; boot + elastic heap; PV transport
+//   4  platform, logger           shim or QEMU, and exit; `log` over the console
+//   5  service, smp               what an image offers; vCPU mechanics (up, down, idle, kick)
+//   6  executor, timer            the run queue (spawn, join); sleeps
+//   7  net, elastic               request channel and `serve`; the vCPU and memory controllers
+//   8  notices                    host notices, applied to the controllers
+//   9  worker                     each vCPU's loop: task boundaries, running tasks, idling
+//  10  lib.rs, panic, arch::entry, arch::pvh
 //                                 boot (`kernel_main`), the facade below, the panic handler,
 //                                 and the entry points. Entering the kernel is the one upward
 //                                 step: `_start` (and QEMU's `pvh_main`) continue in
@@ -82,6 +83,7 @@ pub mod platform;
 #[doc(hidden)]
 pub mod service;
 mod smp;
+mod sync;
 pub mod time;
 mod timer;
 mod virtio;
@@ -250,5 +252,16 @@ pub(crate) fn kernel_main(boot: BootInfo) -> ! {
         }
         code => code,
     };
+    let n = net::stats();
+    log::debug!(
+        "request path: {} pumps ({} left to another vCPU), {} packets sent, {} received, {} notifies, {} full transmit queues; {} lock back-offs",
+        n.pumps.0,
+        n.pumps.1,
+        n.packets.0,
+        n.packets.1,
+        n.packets.2,
+        n.packets.3,
+        sync::back_offs()
+    );
     platform::exit(code)
 }

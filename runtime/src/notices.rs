@@ -4,8 +4,8 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::sync::Mutex;
 use hypercall_abi::{NOTICE_ADDR, NoticePage, notice};
-use spin::Mutex;
 
 use crate::platform::{self, Platform};
 use crate::{elastic, hypercall};

@@ -52,6 +52,13 @@ pub struct PerCpu {
     /// Set right before BLOCK: a vCPU that wakes this one must then KICK it (an idle vCPU
     /// that is still spinning notices new work by itself).
     pub blocked: AtomicBool,
+    /// Kernel time (ns) when this vCPU started waiting for a lock, and of its last look
+    /// (`crate::sync`).
+    pub relax_start_ns: AtomicU64,
+    /// See `relax_start_ns`.
+    pub relax_last_ns: AtomicU64,
+    /// How long this vCPU spins for work before it BLOCKs (adapts, see `crate::smp`).
+    pub spin_window_ns: AtomicU64,
 }
 
 impl PerCpu {
@@ -67,6 +74,9 @@ impl PerCpu {
             blocked: AtomicBool::new(false),
             stack_base: AtomicUsize::new(0),
             in_task: AtomicBool::new(false),
+            relax_start_ns: AtomicU64::new(0),
+            relax_last_ns: AtomicU64::new(0),
+            spin_window_ns: AtomicU64::new(0),
         }
     }
 

@@ -17,15 +17,18 @@
 use alloc::alloc::{Layout, alloc};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use hypercall_abi::{ResourceLimits, Status};
+use hypercall_abi::{ResourceLimits, Status, wake};
 
 use crate::arch::{self, cpu};
 use crate::percpu::{CPUS, MAX_CPUS, PerCpu, state};
 use crate::platform::{self, Platform};
 use crate::{hypercall, percpu, time};
 
-/// How long an idle vCPU spins for new work before it BLOCKs.
-pub const IDLE_SPIN_NS: u64 = 30000;
+/// Longest an idle vCPU spins for new work before it BLOCKs: about what the BLOCK and the wake
+/// that ends it cost on a nested host.
+pub const IDLE_SPIN_MAX_NS: u64 = 50_000;
+/// Shortest spin that is not zero.
+pub const IDLE_SPIN_MIN_NS: u64 = 5_000;
 
 /// Stack size of every secondary vCPU.
 pub const STACK_SIZE: usize = 128 * 1024;
@@ -213,12 +216,16 @@ pub fn idle_block(slot: &'static PerCpu, timeout_ns: u64, has_work: &dyn Fn() ->
     }
     crate::console::flush_if_pending();
     // Spin a little first: work that shows up within a few tens of microseconds is then taken
-    // without the two exits a BLOCK and the KICK that ends it cost.
+    // without the two exits a BLOCK and the KICK that ends it cost. The window adapts the way
+    // KVM's halt polling does: a BLOCK that work ended soon (within IDLE_SPIN_MAX_NS) is one a
+    // longer spin would have saved, and the window doubles; a long one halves it, down to no
+    // spinning at all, so an idle or sparsely used VM spends no CPU on it. Only a vCPU that
+    // was busy within the window spins: an idle VM's wake-ups (timers) block at once.
     let woken = |slot: &PerCpu| has_work() || slot.state.load(Ordering::SeqCst) != state::IDLE;
-    // Only a vCPU that was busy a moment ago spins: an idle VM's wake-ups (timers) block at once.
+    let window = slot.spin_window_ns.load(Ordering::Relaxed);
     let now = time::now_ns();
-    let recently_busy = now.saturating_sub(slot.idle_since_ns.load(Ordering::Acquire)) < IDLE_SPIN_NS;
-    let until = if recently_busy { now.saturating_add(IDLE_SPIN_NS.min(timeout_ns)) } else { now };
+    let busy_until = slot.idle_since_ns.load(Ordering::Acquire).saturating_add(window);
+    let until = busy_until.min(now.saturating_add(timeout_ns));
     while time::now_ns() < until {
         if woken(slot) {
             return;
@@ -227,7 +234,19 @@ pub fn idle_block(slot: &'static PerCpu, timeout_ns: u64, has_work: &dyn Fn() ->
     }
     slot.blocked.store(true, Ordering::SeqCst);
     if !woken(slot) {
-        let _ = hypercall::block(timeout_ns);
+        let start = time::now_ns();
+        let why = hypercall::block(timeout_ns).unwrap_or(wake::TIMEOUT);
+        if why & wake::TIMEOUT == 0 {
+            let slept = time::now_ns().saturating_sub(start);
+            let next = if slept <= IDLE_SPIN_MAX_NS {
+                (window * 2).clamp(IDLE_SPIN_MIN_NS, IDLE_SPIN_MAX_NS)
+            } else if window / 2 < IDLE_SPIN_MIN_NS {
+                0
+            } else {
+                window / 2
+            };
+            slot.spin_window_ns.store(next, Ordering::Relaxed);
+        }
     }
     slot.blocked.store(false, Ordering::SeqCst);
     slot.woke_tsc.store(cpu::rdtsc(), Ordering::Release);

@@ -8,7 +8,7 @@ use core::pin::Pin;
 use core::sync::atomic::{AtomicU64, Ordering};
 use core::task::{Context, Poll, Waker};
 
-use spin::Mutex;
+use crate::sync::Mutex;
 
 use crate::time;
 
