@@ -218,6 +218,11 @@ pub(super) struct RunArgs {
     /// `CONNECT <guest port>\n` and reads `OK <host port>\n` once the guest accepted.
     #[arg(long, value_name = "PATH")]
     pub(super) vsock_uds: Option<PathBuf>,
+    /// For hosts that run only this VM: pin vCPU 0 and the request channel's I/O thread to two
+    /// different CPUs. Off by default, because on a shared host a pinned thread cannot move
+    /// off a CPU that another process keeps busy.
+    #[arg(long)]
+    pub(super) pin_io: bool,
     /// Scale to zero: hold the published endpoints with no VM; the first client boots the VM
     /// (clients that come meanwhile wait and are served); after --idle-shutdown without a
     /// connection the VM stops and the next client boots it again. Runs until Ctrl-C or

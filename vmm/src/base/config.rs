@@ -157,6 +157,11 @@ pub struct EndpointConfig {
     pub publish: Vec<Publish>,
     /// The hybrid-vsock Unix socket (`--vsock-uds`).
     pub vsock_uds: Option<std::path::PathBuf>,
+    /// Pin vCPU 0 and the device's I/O thread to two different host CPUs (`--pin-io`, for
+    /// dedicated hosts). Off by default: on a shared host a pinned thread cannot move off a
+    /// CPU that a neighbour keeps busy.
+    #[serde(default)]
+    pub pin_io: bool,
 }
 
 /// When the VM runs: its time limit, scale to zero, restarts.

@@ -114,6 +114,8 @@ pub(crate) struct DeviceSetup {
     pub(crate) vm_name: String,
     pub(crate) endpoints: Vec<Bound>,
     pub(crate) idle_shutdown: Option<Duration>,
+    /// Pin the I/O thread (see `EndpointConfig::pin_io`).
+    pub(crate) pin_io: bool,
 }
 
 /// One device as the VM sees it.
@@ -299,5 +301,10 @@ fn copy(setup: &DeviceSetup, device: &'static str) -> Result<DeviceSetup, Device
         .map(Bound::try_clone)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| DeviceError::Host { device, what: "cannot share the listening sockets", source })?;
-    Ok(DeviceSetup { vm_name: setup.vm_name.clone(), endpoints, idle_shutdown: setup.idle_shutdown })
+    Ok(DeviceSetup {
+        vm_name: setup.vm_name.clone(),
+        endpoints,
+        idle_shutdown: setup.idle_shutdown,
+        pin_io: setup.pin_io,
+    })
 }

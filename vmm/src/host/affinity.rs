@@ -1,11 +1,11 @@
-//! CPU placement of the threads that hand packets to each other.
+//! CPU placement of the threads that hand packets to each other, for dedicated hosts.
 //!
-//! The guest's virtio driver waits for the host to take each packet it sends by spinning on
-//! vCPU 0, while the vsock I/O thread does the taking. When the host scheduler puts the two on
-//! the same CPU (a wake-up lands the I/O thread next to the vCPU that woke it), the spinning
-//! vCPU holds that CPU for a whole time slice (milliseconds) before the I/O thread runs. So on a
-//! host with at least two CPUs the shim keeps them apart: vCPU 0 on the first CPU the process
-//! may use, the I/O thread on the last. Other vCPUs are left to the scheduler.
+//! By default nothing is pinned: on a shared host the scheduler must be free to move a thread
+//! off a CPU that a neighbour keeps busy (nothing in the request path waits by spinning, so
+//! two threads on one CPU cost a context switch, not a time slice). With `--pin-io`
+//! ([`EndpointConfig::pin_io`](crate::base::config::EndpointConfig)) a host that runs only
+//! this VM keeps vCPU 0 on the first CPU the process may use and the vsock I/O thread on the
+//! last, with the I/O thread at nice -5 when the process may raise it.
 
 /// The CPUs this process may run on.
 pub fn allowed() -> Vec<usize> {
@@ -38,10 +38,8 @@ pub(crate) enum Role {
     DeviceIo,
 }
 
-/// Pins the calling thread for `role`, when the process may use at least two CPUs, and sets
-/// its scheduling weight: the I/O thread gets a higher one (nice -5, when the process may
-/// raise it), so that on a host with fewer CPUs than runnable vCPUs it is not left waiting
-/// behind vCPUs (one of them spins until it has taken its packet).
+/// Pins the calling thread for `role`, when the process may use at least two CPUs, and gives
+/// the I/O thread a higher scheduling weight (nice -5, when the process may raise it).
 pub(crate) fn place(role: Role) {
     if role == Role::DeviceIo {
         // SAFETY: setpriority on the calling thread (tid) only changes its nice value; a

@@ -307,7 +307,7 @@ impl VcpuThread {
     /// Runs the guest until the VM stops, parking while the vCPU is down.
     fn run(mut self, parked: bool) {
         crate::host::seccomp::install_thread(crate::host::seccomp::Role::Vcpu);
-        if self.vcpu.id == 0 && self.vm.devices().serving() {
+        if self.vcpu.id == 0 && self.vm.config().endpoints.pin_io && self.vm.devices().serving() {
             crate::host::affinity::place(crate::host::affinity::Role::DeviceVcpu);
         }
         bind_kvm_run(self.vcpu.fd.get_kvm_run() as *mut kvm_run);

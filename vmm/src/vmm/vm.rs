@@ -209,6 +209,7 @@ pub(crate) fn device_setup(config: &VmConfig, endpoints: &[Bound]) -> DeviceSetu
         vm_name: config.name().to_string(),
         endpoints: endpoints.iter().filter_map(|e| e.try_clone().ok()).collect(),
         idle_shutdown: config.lifecycle.idle_shutdown,
+        pin_io: config.endpoints.pin_io,
     }
 }
 

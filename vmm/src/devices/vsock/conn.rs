@@ -93,6 +93,8 @@ pub(super) struct Conn {
     pub(super) state: State,
     pub(super) uds: bool,
     pub(super) readable: bool,
+    /// The socket reported a hang-up (EOF may follow the data): read it to the end.
+    pub(super) hung_up: bool,
     pub(super) writable: bool,
     /// The client's socket reported EOF or an error.
     pub(super) client_eof: bool,
@@ -103,6 +105,9 @@ pub(super) struct Conn {
     /// In the RX ready list.
     pub(super) queued: bool,
     pub(super) handshake: Vec<u8>,
+    /// Bytes at the front of `outbound` that are the host's own (the hybrid protocol's OK
+    /// line), not guest data: writing them frees no guest credit.
+    pub(super) preamble: usize,
     // Credit: the guest's receive buffer and what it consumed; what the host sent it.
     pub(super) peer_buf_alloc: u32,
     pub(super) peer_fwd_cnt: u32,
@@ -122,12 +127,14 @@ impl Conn {
             state,
             uds,
             readable: uds,
+            hung_up: false,
             writable: true,
             client_eof: false,
             outbound: VecDeque::new(),
             inbound: Vec::new(),
             queued: false,
             handshake: Vec::new(),
+            preamble: 0,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
             rx_cnt: 0,

@@ -21,6 +21,7 @@ mod conn;
 mod muxer;
 mod packets;
 mod persist;
+mod poll;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, sync_channel};
@@ -108,6 +109,12 @@ struct VsockStats {
     queue_notifies: AtomicU64,
     /// Times the guest woke up because the device had packets for it.
     guest_wakeups: AtomicU64,
+    /// Times the I/O thread went to sleep (epoll with a timeout).
+    io_sleeps: AtomicU64,
+    /// Microseconds the I/O thread spent polling (after traffic, before sleeping).
+    io_poll_us: AtomicU64,
+    /// The I/O thread's poll window when it last went to sleep (µs).
+    io_poll_window_us: AtomicU64,
     /// Device resets by the guest.
     resets: AtomicU64,
     /// The device was marked broken.
@@ -137,6 +144,12 @@ struct VsockFigures {
     queue_notifies: u64,
     /// Wake-ups of a blocked vCPU for packets.
     guest_wakeups: u64,
+    /// Times the I/O thread went to sleep.
+    io_sleeps: u64,
+    /// Microseconds the I/O thread spent polling.
+    io_poll_us: u64,
+    /// Its adaptive poll window when it last went to sleep (µs).
+    io_poll_window_us: u64,
     /// Whether the device was marked broken.
     broken: bool,
     /// Whether the device stopped accepting because no connection was open for the
@@ -157,6 +170,9 @@ impl VsockStats {
             malformed: l(&self.malformed),
             queue_notifies: l(&self.queue_notifies),
             guest_wakeups: l(&self.guest_wakeups),
+            io_sleeps: l(&self.io_sleeps),
+            io_poll_us: l(&self.io_poll_us),
+            io_poll_window_us: l(&self.io_poll_window_us),
             broken: self.broken.load(Ordering::Relaxed),
             idle_shutdown: self.idle_shutdown.load(Ordering::Relaxed),
         }
@@ -360,6 +376,7 @@ impl Device for Vsock {
             commands: receiver,
             command_kick: Arc::clone(&command_kick),
             idle: setup.idle_shutdown,
+            pin: setup.pin_io,
             resume: lock(&self.resume).clone(),
         };
         let handle = std::thread::Builder::new()

@@ -7,9 +7,11 @@
 //!   cannot take yet waits in a buffer bounded by the credit the host advertised.
 //! * Host to guest (RX queue): control packets first, then data, read from a client only when
 //!   the guest has credit for it and a receive buffer is free; a blocked vCPU is woken.
-//! * Notifications: while there is traffic the thread keeps polling (`POLL_WINDOW`) with the
-//!   guest's transmit notifications suppressed, so a busy guest sends without exits; the RX
-//!   queue's notifications stay off unless the thread waits for a receive buffer.
+//! * Notifications: after traffic the thread keeps polling for a window that adapts to what
+//!   polling catches ([`super::poll`]; zero when it does not pay), with the guest's transmit
+//!   notifications suppressed, so a busy guest sends without exits; the RX queue's
+//!   notifications stay off unless the thread waits for a receive buffer. The guest asks to be
+//!   woken for used transmit buffers only when its queue is full.
 //! * Connection set-up is host-initiated (a client connects; the device sends REQUEST to the
 //!   guest port). A guest that is not listening yet (still booting) answers RST: the request is
 //!   repeated with back-off for [`CONNECT_TIMEOUT`] before the client is closed.
@@ -31,13 +33,12 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::conn::{CONNECT_LINE_MAX, Conn, Control, HostStream, State, op, parse_connect_line};
+use super::poll::PollWindow;
 use super::{Held, MAX_CONNECTIONS, VsockShared};
 use crate::base::memory::GuestMemory;
 use crate::devices::{DeviceContext, StopReason};
 use crate::host::endpoint::Bound;
 
-/// How long the thread keeps polling after the last traffic before it sleeps.
-const POLL_WINDOW: Duration = Duration::from_micros(200);
 /// How long a client waits for the guest to accept (a booting guest may not listen yet).
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval of the first connection retries to a guest port nobody listens on yet.
@@ -114,10 +115,15 @@ pub(super) struct Start {
     pub(super) command_kick: Arc<EventFd>,
     pub(super) idle: Option<Duration>,
     pub(super) resume: Option<Held>,
+    /// Pin the thread (`--pin-io`).
+    pub(super) pin: bool,
 }
 
 /// The thread's body.
 pub(super) fn run(start: Start) {
+    if start.pin {
+        crate::host::affinity::place(crate::host::affinity::Role::DeviceIo);
+    }
     crate::host::seccomp::install_thread(crate::host::seccomp::Role::Io);
     let epoll = match Epoll::new() {
         Ok(e) => e,
@@ -126,7 +132,7 @@ pub(super) fn run(start: Start) {
             return;
         }
     };
-    let Start { shared, mem, endpoints, ctx, kick, commands, command_kick, idle, resume } = start;
+    let Start { shared, mem, endpoints, ctx, kick, commands, command_kick, idle, resume, pin: _ } = start;
     let mut m = Muxer {
         shared,
         mem,
@@ -201,19 +207,24 @@ impl Muxer {
 
     fn main_loop(&mut self) {
         let mut events = vec![EpollEvent::default(); 256];
+        let mut window = PollWindow::new();
+        // While polling: until when (the end of an iteration decides when to stop, and turns
+        // the guest's notifications back on first, so the thread never sleeps with them off).
         let mut busy_until: Option<Instant> = None;
         let mut polls = 0u32;
+        let mut poll_started: Option<Instant> = None;
         loop {
-            // While busy, poll; the end of the iteration decides when to stop (and turns the
-            // guest's notifications back on first), so the thread never sleeps with them off.
             let timeout = if busy_until.is_some() { 0 } else { self.next_timer_ms(Instant::now()) };
             if busy_until.is_some() {
-                // Polling: now and then leave the core to a vCPU that wants it (this host may
-                // have fewer cores than runnable threads).
+                // Polling: now and then leave the CPU to a thread that wants it (this host may
+                // have fewer CPUs than runnable threads).
                 polls = polls.wrapping_add(1);
                 if polls.is_multiple_of(8) {
                     std::thread::yield_now();
                 }
+            } else {
+                window.sleeping(Instant::now());
+                self.shared.stats.io_sleeps.fetch_add(1, Ordering::Relaxed);
             }
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
@@ -243,18 +254,25 @@ impl Muxer {
             work |= self.process_tx();
             work |= self.process_rx();
             let now = Instant::now();
+            window.woke(now, work);
             self.run_timers(now);
             self.check_idle(now);
             if work {
-                busy_until = Some(Instant::now() + POLL_WINDOW);
-            } else if busy_until.is_none_or(|t| Instant::now() >= t) {
+                // Look once more at once, and keep looking for the window's length.
+                busy_until = Some(window.after_work(now).unwrap_or(now));
+                poll_started.get_or_insert(now);
+            } else if busy_until.is_none_or(|t| now >= t) {
                 busy_until = None;
-                // Going to sleep: let the guest notify again, and look once more for what it
-                // queued meanwhile.
-                let enabled = self.tx_suppressed;
-                if (enabled && self.enable_tx_notifications()) || ((enabled || self.rx_starved) && self.settled_late())
-                {
-                    busy_until = Some(Instant::now() + POLL_WINDOW);
+                if let Some(at) = poll_started.take() {
+                    let us = now.saturating_duration_since(at).as_micros() as u64;
+                    self.shared.stats.io_poll_us.fetch_add(us, Ordering::Relaxed);
+                }
+                self.shared.stats.io_poll_window_us.store(window.window().as_micros() as u64, Ordering::Relaxed);
+                // Going to sleep: let the guest notify again; if it queued something
+                // meanwhile, go round once more.
+                if self.tx_suppressed && self.enable_tx_notifications() {
+                    busy_until = Some(now);
+                    poll_started = Some(now);
                 }
             }
         }
@@ -393,6 +411,7 @@ impl Muxer {
         let readable = events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR);
         let writable = events.contains(EventSet::OUT);
         c.readable |= readable;
+        c.hung_up |= events.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR);
         c.writable |= writable;
         let handshake = matches!(c.state, State::Handshake { .. });
         if readable && handshake {
@@ -504,7 +523,9 @@ impl Muxer {
                 Ok(n) => {
                     c.outbound.drain(..n);
                     // The OK line of the hybrid protocol is not guest data.
-                    c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+                    let own = n.min(c.preamble);
+                    c.preamble -= own;
+                    c.fwd_cnt = c.fwd_cnt.wrapping_add((n - own) as u32);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => c.writable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}

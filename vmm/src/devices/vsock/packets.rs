@@ -16,9 +16,6 @@ use super::muxer::{CLOSE_TIMEOUT, FAST_RETRIES, FAST_RETRY, Muxer};
 use super::{Core, VsockShared};
 use crate::base::memory::Mmap as GuestMemoryMmap;
 
-/// How long after re-enabling notifications the rings are looked at once more (see
-/// `Muxer::settled_late`).
-const SETTLE: Duration = Duration::from_micros(50);
 /// Packets handled per queue per pass (bounded work between socket events).
 const BATCH: usize = 256;
 
@@ -77,9 +74,14 @@ impl Muxer {
                 break;
             }
         }
+        // A guest whose transmit queue was full asked to hear when buffers come back.
+        let wants_wake =
+            handled > 0 && core.queues.as_mut().is_some_and(|q| q.tx.needs_notification(mem).unwrap_or(false));
         drop(core);
-        // The chains are answered; now the (slower) socket writes, so the guest waiting for
-        // its transmit buffer does not wait for them too.
+        if wants_wake && self.ctx.wake() {
+            shared.stats.guest_wakeups.fetch_add(1, Ordering::Relaxed);
+        }
+        // The chains are answered; now the (slower) socket writes.
         let ports = std::mem::take(&mut self.to_flush);
         for port in ports {
             self.flush(port);
@@ -100,29 +102,6 @@ impl Muxer {
             Some(q) => q.tx.enable_notification(&*snapshot).unwrap_or(false),
             None => false,
         }
-    }
-
-    /// Looks at the rings once more a little after notifications were turned back on.
-    ///
-    /// virtio-drivers 0.13 publishes a new available index with a release store and then reads
-    /// the device's `NO_NOTIFY` flag with an acquire load, with no full fence between them: the
-    /// guest's load can pass its own store, see the flag the host is just clearing, and skip
-    /// the notify while the host's re-check still sees the old index. The guest would then wait
-    /// forever. Its store is visible within microseconds (a store buffer drains that fast, and
-    /// any exit drains it), so a second look after [`SETTLE`] closes the window.
-    pub(super) fn settled_late(&mut self) -> bool {
-        if !self.live {
-            return false;
-        }
-        std::thread::sleep(SETTLE);
-        let snapshot = self.mem.snapshot();
-        let mem: &GuestMemoryMmap = &snapshot;
-        let mut core = self.shared.core();
-        let Some(q) = core.queues.as_mut() else { return false };
-        let fresh = |q: &virtio_queue::Queue| {
-            q.avail_idx(mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
-        };
-        fresh(&q.tx) || (self.rx_starved && fresh(&q.rx))
     }
 
     fn handle_tx<B: vm_memory::bitmap::BitmapSlice>(&mut self, pkt: &VsockPacket<'_, B>) {
@@ -159,6 +138,7 @@ impl Muxer {
                     for (i, b) in ok.bytes().enumerate() {
                         c.outbound.insert(i, b);
                     }
+                    c.preamble = ok.len();
                 }
                 self.mark_ready(host_port);
                 self.to_flush.push(host_port);
@@ -309,7 +289,15 @@ impl Muxer {
                         c.inbound.clear();
                         c.client_eof = true;
                     }
-                    Ok(n) => c.inbound.truncate(n),
+                    Ok(n) => {
+                        c.inbound.truncate(n);
+                        // A short read emptied the socket (the next data is a new edge), so
+                        // the read that would only say EAGAIN is skipped; after a hang-up the
+                        // EOF is still to be read.
+                        if n < room && !c.hung_up {
+                            c.readable = false;
+                        }
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
                         c.inbound.clear();
                         c.readable = e.kind() == ErrorKind::Interrupted;
