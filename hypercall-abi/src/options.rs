@@ -75,6 +75,11 @@ pub const KERNEL_OPTIONS: &[KernelOption] = &[
     opt("vcpu.deny_backoff_ms", ValueKind::Millis, "wait after a DENIED before asking again"),
     opt("vcpu.report_ms", ValueKind::Millis, "REPORT interval while busy (at least 1)"),
     opt("vcpu.tick_us", ValueKind::Micros, "shortest interval between controller decisions"),
+    opt(
+        "vcpu.kick_us",
+        ValueKind::Micros,
+        "queued work waits this long for busy vCPUs before an idle one is kicked (0: at once)",
+    ),
     opt("vcpu.auto", ValueKind::Switch, "automatic vCPU ups and idle downs"),
     opt("mem.low_mb", ValueKind::Mebibytes, "grow the heap when free heap drops below this"),
     opt("mem.high_mb", ValueKind::Mebibytes, "release when free heap stays above this"),

@@ -44,6 +44,9 @@ pub struct Tuning {
     pub deny_backoff_ns: u64,
     /// Shortest interval between controller decisions (ns).
     pub tick_ns: u64,
+    /// Queued work waits this long for the busy vCPUs before an idle one is kicked (ns; 0:
+    /// kick as soon as more tasks are queued than vCPUs are busy).
+    pub kick_ns: u64,
     /// Interval between REPORTs while busy (ns).
     pub report_ns: u64,
     /// Automatic ups and idle downs.
@@ -71,6 +74,7 @@ impl Tuning {
         down_ns: 20_000_000,
         deny_backoff_ns: 50_000_000,
         tick_ns: 200_000,
+        kick_ns: executor::KICK_AFTER_NS,
         report_ns: 25_000_000,
         auto: true,
         mem_low: 8 << 20,
@@ -93,6 +97,7 @@ impl Tuning {
                 "vcpu.deny_backoff_ms" => ms().map(|v| t.deny_backoff_ns = v),
                 "vcpu.report_ms" => ms().map(|v| t.report_ns = v.max(1_000_000)),
                 "vcpu.tick_us" => hypercall_abi::parse_whole(value).map(|v| t.tick_ns = v.saturating_mul(1000)),
+                "vcpu.kick_us" => hypercall_abi::parse_whole(value).map(|v| t.kick_ns = v.saturating_mul(1000)),
                 "vcpu.auto" => parse_switch(value).map(|on| t.auto = on),
                 "mem.low_mb" => mib().map(|v| t.mem_low = v),
                 "mem.high_mb" => mib().map(|v| t.mem_high = v),
@@ -211,6 +216,7 @@ fn memory_step(st: &mut ControllerState, t: &Tuning, now: u64) {
 pub fn init(t: Tuning) {
     let t = *TUNING.call_once(|| t);
     AUTO.store(t.auto, Ordering::Release);
+    executor::set_kick_after(t.kick_ns);
     heap::configure(t.mem_chunk, t.deny_backoff_ns);
 }
 

@@ -10,12 +10,12 @@ use alloc::sync::Arc;
 use alloc::task::Wake;
 use core::future::Future;
 use core::pin::Pin;
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use core::task::{Context, Poll, Waker};
 
 use crate::sync::Mutex;
 
-use crate::smp;
+use crate::{smp, time};
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
@@ -37,6 +37,28 @@ pub(crate) struct Task {
 
 static QUEUE: Mutex<VecDeque<Arc<Task>>> = Mutex::new(VecDeque::new());
 static QUEUED: AtomicUsize = AtomicUsize::new(0);
+/// Kernel time (ns) since when the queue has not been empty (0: it is empty).
+static WAITING_SINCE: AtomicU64 = AtomicU64::new(0);
+/// See [`set_kick_after`].
+static KICK_AFTER: AtomicU64 = AtomicU64::new(KICK_AFTER_NS);
+/// How long a task runs per poll, on average (ns; a moving average over the last ~8 polls).
+static AVG_RUN_NS: AtomicU64 = AtomicU64::new(0);
+
+fn note_run_time(ns: u64) {
+    let avg = AVG_RUN_NS.load(Ordering::Relaxed);
+    AVG_RUN_NS.store(avg - avg / 8 + ns / 8, Ordering::Relaxed);
+}
+
+/// How long queued work waits for the busy vCPUs before an idle one is kicked, by default:
+/// about what the KICK and the wake-up it causes cost on a nested host. Work the busy vCPUs
+/// get to sooner is cheaper left to them.
+pub(crate) const KICK_AFTER_NS: u64 = 50_000;
+
+/// Sets how long queued work waits for the busy vCPUs before an idle one is kicked (0: kick
+/// as soon as more tasks are queued than vCPUs are busy).
+pub(crate) fn set_kick_after(ns: u64) {
+    KICK_AFTER.store(ns, Ordering::Relaxed);
+}
 
 impl Task {
     fn schedule(self: &Arc<Self>) {
@@ -73,6 +95,12 @@ impl Task {
 
     /// Polls the task once on the calling vCPU (queueing it again if it was woken meanwhile).
     pub(crate) fn run(self: Arc<Self>) {
+        let started = time::now_ns();
+        self.run_once();
+        note_run_time(time::now_ns().saturating_sub(started));
+    }
+
+    fn run_once(self: Arc<Self>) {
         self.state.store(task_state::RUNNING, Ordering::Release);
         let waker = Waker::from(self.clone());
         let mut cx = Context::from_waker(&waker);
@@ -118,10 +146,35 @@ impl Wake for Task {
 fn push(task: Arc<Task>) {
     QUEUE.lock().push_back(task);
     let queued = QUEUED.fetch_add(1, Ordering::AcqRel) + 1;
-    // Waking an idle vCPU costs two exits (its KICK and, later, its BLOCK): worth it only for
-    // work the busy vCPUs will not get to soon, i.e. more queued tasks than busy vCPUs.
+    if queued == 1 {
+        let _ = WAITING_SINCE.compare_exchange(0, time::now_ns().max(1), Ordering::AcqRel, Ordering::Relaxed);
+    }
+    // Waking an idle vCPU costs two exits (its KICK and, later, its BLOCK): worth it when the
+    // queued work would otherwise wait longer than KICK_AFTER for the busy vCPUs, judging by
+    // how long tasks have been running per poll. Short tasks are left to the busy vCPUs (if
+    // they fall behind, `kick_if_waiting` kicks at a task boundary); long ones (the request
+    // that computes for milliseconds) kick at once.
     let busy = smp::online().saturating_sub(smp::idle()).max(1);
-    if queued > busy {
+    let after = KICK_AFTER.load(Ordering::Relaxed);
+    let expected_wait = (queued as u64).saturating_mul(AVG_RUN_NS.load(Ordering::Relaxed)) / busy as u64;
+    if queued > busy && (after == 0 || expected_wait > after) {
+        smp::kick_one_idle();
+    }
+}
+
+/// Kicks an idle vCPU when queued work has waited longer than the kick delay for the busy
+/// ones (see [`set_kick_after`]). Every vCPU calls it at its task boundaries.
+pub(crate) fn kick_if_waiting() {
+    let after = KICK_AFTER.load(Ordering::Relaxed);
+    let since = WAITING_SINCE.load(Ordering::Acquire);
+    if after == 0 || since == 0 || smp::idle() == 0 {
+        return;
+    }
+    let now = time::now_ns();
+    if now.saturating_sub(since) > after
+        && WAITING_SINCE.compare_exchange(since, now, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+    {
+        // The clock restarts: another kick only if the work waits that long again.
         smp::kick_one_idle();
     }
 }
@@ -132,8 +185,8 @@ pub(crate) fn pop() -> Option<Arc<Task>> {
         return None;
     }
     let t = QUEUE.lock().pop_front();
-    if t.is_some() {
-        QUEUED.fetch_sub(1, Ordering::AcqRel);
+    if t.is_some() && QUEUED.fetch_sub(1, Ordering::AcqRel) == 1 {
+        WAITING_SINCE.store(0, Ordering::Release);
     }
     t
 }

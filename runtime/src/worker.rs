@@ -21,6 +21,7 @@ pub(crate) fn run(slot: &'static PerCpu, until: &dyn Fn() -> bool) {
     loop {
         notices::poll();
         net::poll();
+        executor::kick_if_waiting();
         if until() {
             return;
         }
