@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::services::free_port;
+use super::host::free_port;
 use super::{BenchError, BenchOptions, BenchReport};
 
 /// Samples per on-demand figure.
