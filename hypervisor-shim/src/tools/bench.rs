@@ -13,7 +13,8 @@
 //! * `services`: the kv and http services under `redis-benchmark` and `wrk`, side by side with
 //!   Debian's `redis-server` and nginx on this host, quiet and with one busy process, host CPU
 //!   time per request, and the http service's 2-vCPU scaling (`services` module).
-//! * `serving`: cold starts on demand, and the demo's controller figures (`serving` module).
+//! * `serving`: cold starts on demand, and the demo's controller figures, quiet and with one
+//!   busy process (`serving` module).
 //! * `lifecycle`: pause, resume, snapshot, restore and migration (`lifecycle` module).
 
 use std::path::{Path, PathBuf};
@@ -231,7 +232,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let summary = dir.join("boot.json");
     let vcpu_boots = opts.runs.div_ceil(4).max(3);
     let mem_boots = opts.runs.div_ceil(10).max(2);
-    let bar = progress_bar((opts.runs + vcpu_boots + mem_boots + 2) as u64);
+    let bar = progress_bar((opts.runs + vcpu_boots + mem_boots + 3) as u64);
     let (mut boots, mut from_spawn, mut floor, mut whole) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..if opts.wants("boot") { opts.runs } else { 0 } {
         progress(&bar, "boot");
@@ -302,6 +303,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             serving::add_on_demand(opts, &dir, &mut report)?;
             progress(&bar, "the demo (controller under request load)");
             serving::add_demo(opts, &dir, &mut report)?;
+            progress(&bar, "the demo with one busy process");
+            serving::add_demo_busy(opts, &dir, &mut report)?;
         }
         Ok(())
     })();
