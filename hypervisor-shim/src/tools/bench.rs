@@ -3,6 +3,19 @@
 //! Every figure is the median of several runs on this machine, measured in one invocation
 //! together with the floor it should be compared against. Timings on a nested-virtualized
 //! host are noisy; the samples are kept in the output so the spread is visible.
+//!
+//! The sections (`--only SECTION`, repeatable; all of them by default), in the order they run:
+//!
+//! * `boot`: boot time, from the guest's view and from spawning the shim, against the floor of
+//!   a process spawn.
+//! * `vcpus`: hypercall and exit round trips, vCPU up and down, kick to wake.
+//! * `memory`: memory grants, first touch and release, against the bare memslot floor.
+//! * `services`: the kv and http services under `redis-benchmark` and `wrk`, side by side with
+//!   Debian's `redis-server` and nginx on this host, quiet and with one busy process, host CPU
+//!   time per request, and the http service's 2-vCPU scaling (`services` module).
+//! * `serving`: cold starts on demand, and the demo's controller figures, quiet and with one
+//!   busy process (`serving` module).
+//! * `lifecycle`: pause, resume, snapshot, restore and migration (`lifecycle` module).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,9 +24,13 @@ use std::time::Instant;
 use serde::Serialize;
 use thiserror::Error;
 
+mod clients;
+mod host;
 mod lifecycle;
+mod native;
 mod services;
 mod serving;
+mod vm;
 
 /// Benchmark failures.
 #[derive(Debug, Error)]
@@ -215,7 +232,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let summary = dir.join("boot.json");
     let vcpu_boots = opts.runs.div_ceil(4).max(3);
     let mem_boots = opts.runs.div_ceil(10).max(2);
-    let bar = progress_bar((opts.runs + vcpu_boots + mem_boots + 2) as u64);
+    let bar = progress_bar((opts.runs + vcpu_boots + mem_boots + 3) as u64);
     let (mut boots, mut from_spawn, mut floor, mut whole) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..if opts.wants("boot") { opts.runs } else { 0 } {
         progress(&bar, "boot");
@@ -273,14 +290,21 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Write(dir.clone(), e))?;
     let result = (|| {
         if opts.wants("services") {
-            progress(&bar, "services (kv, redis-server, http)");
-            services::add(opts, &dir, &mut report)?;
+            progress(&bar, "services (kv, redis-server, http, nginx)");
+            let note = |what: &str| {
+                if let Some(b) = &bar {
+                    b.set_message(format!("services: {what}"));
+                }
+            };
+            services::add(opts, &dir, &mut report, &note)?;
         }
         if opts.wants("serving") {
             progress(&bar, "on demand (cold starts)");
             serving::add_on_demand(opts, &dir, &mut report)?;
             progress(&bar, "the demo (controller under request load)");
             serving::add_demo(opts, &dir, &mut report)?;
+            progress(&bar, "the demo with one busy process");
+            serving::add_demo_busy(opts, &dir, &mut report)?;
         }
         Ok(())
     })();

@@ -1,12 +1,13 @@
 //! Serving figures: scale to zero (a cold start on demand against the same request with the
-//! VM running) and the demo's controller figures under request load.
+//! VM running) and the demo's controller figures under request load, on a quiet host and with
+//! one busy process.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::services::free_port;
+use super::host::{BusyProcess, free_port};
 use super::{BenchError, BenchOptions, BenchReport};
 
 /// Samples per on-demand figure.
@@ -116,8 +117,35 @@ impl Drop for KillOnDrop<'_> {
 }
 
 /// Runs the demo once (quietly) and adds its controller figures: `demo_spike_reaction_ms`,
-/// `demo_back_to_min_ms`, `demo_held_over_needed`, `demo_p99_us`, `demo_errors`.
+/// `demo_back_to_min_ms`, `demo_held_over_needed`, `demo_p99_us`, `demo_errors`,
+/// `demo_peak_vcpus`.
 pub(crate) fn add_demo(opts: &BenchOptions, dir: &std::path::Path, report: &mut BenchReport) -> Result<(), BenchError> {
+    demo_figures(opts, dir, "demo", report)
+}
+
+/// Runs the demo once more while one busy process spins on the host (`sh -c 'while :; do :;
+/// done'`, started before the demo and killed after it, an error included) and adds the same
+/// figures under `demo_busy_`: `demo_busy_p99_us` (p99 latency over the whole traffic phase),
+/// `demo_busy_errors` (requests that failed: wrong answer, 2 s timeout, I/O),
+/// `demo_busy_spike_reaction_ms`, `demo_busy_back_to_min_ms`, `demo_busy_held_over_needed`,
+/// `demo_busy_peak_vcpus`.
+pub(crate) fn add_demo_busy(
+    opts: &BenchOptions,
+    dir: &std::path::Path,
+    report: &mut BenchReport,
+) -> Result<(), BenchError> {
+    let mut busy = BusyProcess::start()?;
+    demo_figures(opts, dir, "demo_busy", report)?;
+    busy.check()
+}
+
+/// Runs the demo (quietly) and adds its figures as `PREFIX_...`.
+fn demo_figures(
+    opts: &BenchOptions,
+    dir: &std::path::Path,
+    prefix: &str,
+    report: &mut BenchReport,
+) -> Result<(), BenchError> {
     let burst = crate::tools::demo::default_burst();
     let demo = crate::tools::demo::DemoOptions {
         shim: opts.shim.clone(),
@@ -127,17 +155,17 @@ pub(crate) fn add_demo(opts: &BenchOptions, dir: &std::path::Path, report: &mut 
         burst,
         quiet: true,
     };
-    let r = crate::tools::demo::run(&demo).map_err(|e| BenchError::Summary(format!("demo: {e}")))?;
+    let r = crate::tools::demo::run(&demo).map_err(|e| BenchError::Summary(format!("{prefix}: {e}")))?;
     let mut put = |key: &str, v: Option<f64>| {
         if let Some(v) = v {
-            report.figures.insert(key.into(), v);
+            report.figures.insert(format!("{prefix}_{key}"), v);
         }
     };
-    put("demo_spike_reaction_ms", r.spike_reaction_ms);
-    put("demo_back_to_min_ms", r.back_to_min_ms);
-    put("demo_held_over_needed", r.held_over_needed);
-    put("demo_p99_us", r.p99_us);
-    put("demo_errors", Some(r.errors as f64));
-    put("demo_peak_vcpus", Some(r.peak_vcpus as f64));
+    put("spike_reaction_ms", r.spike_reaction_ms);
+    put("back_to_min_ms", r.back_to_min_ms);
+    put("held_over_needed", r.held_over_needed);
+    put("p99_us", r.p99_us);
+    put("errors", Some(r.errors as f64));
+    put("peak_vcpus", Some(r.peak_vcpus as f64));
     Ok(())
 }
