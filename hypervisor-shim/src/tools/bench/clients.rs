@@ -71,25 +71,45 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<S
     })
 }
 
-/// Checks that `GET /` on `port` answers 200 with `text/plain` and exactly [`GREETING`] (both
-/// sides of the http comparison serve the same thing).
-pub(crate) fn check_greeting(port: u16) -> Result<(), BenchError> {
-    let io = |e: std::io::Error| BenchError::Summary(format!("GET / on port {port}: {e}"));
+/// `GET PATH` on `port` with `Connection: close`: the answer's head and body (any status).
+fn http_get(port: u16, path: &str) -> Result<(String, String), BenchError> {
+    let io = |e: std::io::Error| BenchError::Summary(format!("GET {path} on port {port}: {e}"));
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(io)?;
     s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").map_err(io)?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes()).map_err(io)?;
     let mut answer = Vec::new();
     s.read_to_end(&mut answer).map_err(io)?;
     let text = String::from_utf8_lossy(&answer);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok((head.to_string(), body.to_string()))
+}
+
+/// Checks that `GET /` on `port` answers 200 with `text/plain` and exactly [`GREETING`] (both
+/// sides of the http comparison serve the same thing).
+pub(crate) fn check_greeting(port: u16) -> Result<(), BenchError> {
+    let (head, body) = http_get(port, "/")?;
     let plain = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("content-type:") && l.contains("text/plain")
     });
     if !head.starts_with("HTTP/1.1 200") || !plain || body != GREETING {
-        return Err(BenchError::Summary(format!("GET / on port {port} did not answer the greeting:\n{text}")));
+        return Err(BenchError::Summary(format!(
+            "GET / on port {port} did not answer the greeting:\n{head}\n\n{body}"
+        )));
     }
     Ok(())
+}
+
+/// The work units one `GET /work?ms=MS` on the http service on `port` ran (its reply's
+/// `units`: the guest sizes the work by a calibration at boot).
+pub(crate) fn work_units(port: u16, ms: u32) -> Result<f64, BenchError> {
+    let path = format!("/work?ms={ms}");
+    let (head, body) = http_get(port, &path)?;
+    let v: Option<serde_json::Value> = serde_json::from_str(&body).ok();
+    match (head.starts_with("HTTP/1.1 200"), v.as_ref().and_then(|v| v["units"].as_f64())) {
+        (true, Some(units)) => Ok(units),
+        _ => Err(BenchError::Summary(format!("GET {path} on port {port}: unexpected answer:\n{head}\n\n{body}"))),
+    }
 }
 
 /// What one `redis-benchmark -t set,get` run measured.
