@@ -183,6 +183,12 @@ fn lowering_max_makes_the_vm_come_down_with_a_reclaim() {
         assert!(Instant::now() < deadline, "the VM did not come down to the new max");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The governor sees the VM at the target at its next tick (every few ms); stopping the VM
+    // before that tick would leave the reclaim unanswered in the record.
+    while c.json(&["get", "vm0"])["policy"]["vcpus"]["answered_in_grace"].as_u64().unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "the governor never recorded the reclaim as answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Changing min is refused, with one line.
     let r = c.ctl(&["policy", "vm0", "--vcpus", "2:2:2"]);
     r.expect_code(64);
