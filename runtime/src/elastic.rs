@@ -67,9 +67,10 @@ pub struct Tuning {
 impl Tuning {
     /// The defaults.
     pub const DEFAULT: Tuning = Tuning {
-        // Any queueing for 2 ms on one vCPU: the demo's spike is met in 3.5–5.6 ms (it took
-        // 17–55 ms at 1.0, with p99 4–10× the quiet one under a busy neighbour).
-        up_load_pct: 50,
+        // At 0.5 (any queueing on one vCPU for 2 ms) the demo's spike was met in 3.5–5.6 ms
+        // instead of 17–55 ms, but a 1:1:1 VM then asks, and is denied, while its cold start's
+        // first requests queue: kept at 1.0 until the guest knows when asking cannot help.
+        up_load_pct: 100,
         up_ns: 2_000_000,
         down_ns: 20_000_000,
         deny_backoff_ns: 50_000_000,
