@@ -170,6 +170,32 @@ pub mod vsock {
     pub const TX_QUEUE: u16 = 1;
     /// Event queue (never used: this transport sends no transport events).
     pub const EVENT_QUEUE: u16 = 2;
+
+    /// Packet types, operations and SHUTDOWN flags (virtio spec 5.10.6), for both ends.
+    pub mod op {
+        /// Stream sockets (the only type).
+        pub const TYPE_STREAM: u16 = 1;
+        /// Connection request.
+        pub const REQUEST: u16 = 1;
+        /// Connection accepted.
+        pub const RESPONSE: u16 = 2;
+        /// Reset.
+        pub const RST: u16 = 3;
+        /// Shutdown (the flags say which directions).
+        pub const SHUTDOWN: u16 = 4;
+        /// Data.
+        pub const RW: u16 = 5;
+        /// Here is my credit.
+        pub const CREDIT_UPDATE: u16 = 6;
+        /// Tell me your credit.
+        pub const CREDIT_REQUEST: u16 = 7;
+        /// SHUTDOWN flag: the sender will receive no more.
+        pub const SHUTDOWN_RECEIVE: u32 = 1;
+        /// SHUTDOWN flag: the sender will send no more.
+        pub const SHUTDOWN_SEND: u32 = 2;
+        /// SHUTDOWN flags: both directions.
+        pub const SHUTDOWN_BOTH: u32 = SHUTDOWN_RECEIVE | SHUTDOWN_SEND;
+    }
 }
 
 #[cfg(test)]

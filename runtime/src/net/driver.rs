@@ -22,6 +22,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{Ordering, fence};
 
+pub(super) use hypercall_abi::virtio::vsock::op;
 use hypercall_abi::virtio::vsock::{GUEST_CID, HOST_CID, RX_QUEUE, TX_QUEUE};
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, Transport};
@@ -42,30 +43,6 @@ const TX_POOL_BUFFER: usize = 8 * 1024;
 
 /// `VIRTIO_F_VERSION_1`: the only feature this driver takes.
 const VERSION_1: u64 = 1 << 32;
-/// Stream sockets (the only type).
-const TYPE_STREAM: u16 = 1;
-
-/// Packet operations (virtio spec 5.10.6).
-pub(super) mod op {
-    /// Connection request.
-    pub(crate) const REQUEST: u16 = 1;
-    /// Connection accepted.
-    pub(crate) const RESPONSE: u16 = 2;
-    /// Reset.
-    pub(crate) const RST: u16 = 3;
-    /// Shutdown (the flags say which directions).
-    pub(crate) const SHUTDOWN: u16 = 4;
-    /// Data.
-    pub(crate) const RW: u16 = 5;
-    /// Here is my credit.
-    pub(crate) const CREDIT_UPDATE: u16 = 6;
-    /// Tell me your credit.
-    pub(crate) const CREDIT_REQUEST: u16 = 7;
-    /// SHUTDOWN flag: the sender will receive no more.
-    pub(crate) const SHUTDOWN_RECEIVE: u32 = 1;
-    /// SHUTDOWN flag: the sender will send no more.
-    pub(crate) const SHUTDOWN_SEND: u32 = 2;
-}
 
 /// The virtio-vsock packet header (little endian, as on x86_64).
 #[repr(C, packed)]
@@ -95,7 +72,7 @@ impl Header {
             dst_cid: HOST_CID,
             src_port: local,
             dst_port: peer,
-            kind: TYPE_STREAM,
+            kind: op::TYPE_STREAM,
             op,
             ..Header::default()
         }
@@ -104,7 +81,7 @@ impl Header {
     /// Whether the host sent it to this guest on a stream socket.
     pub(super) fn is_for_us(&self) -> bool {
         let (src, dst, kind) = (self.src_cid, self.dst_cid, self.kind);
-        src == HOST_CID && dst == GUEST_CID && kind == TYPE_STREAM
+        src == HOST_CID && dst == GUEST_CID && kind == op::TYPE_STREAM
     }
 }
 
@@ -368,7 +345,7 @@ mod tests {
 
     #[test]
     fn the_payload_never_reaches_past_what_the_host_wrote_or_declared() {
-        let mut h = Header { src_cid: HOST_CID, dst_cid: GUEST_CID, kind: TYPE_STREAM, ..Header::default() };
+        let mut h = Header { src_cid: HOST_CID, dst_cid: GUEST_CID, kind: op::TYPE_STREAM, ..Header::default() };
         h.len = 4000;
         assert_eq!(packet(h, b"abc", HEADER + 3).payload(), b"abc", "declared more than written");
         h.len = 2;

@@ -551,9 +551,8 @@ fn service(driver: &mut Driver, key: Key, wake: &mut Vec<Waker>) {
         }
     }
     if !blocked && c.local_closed && c.outbound.is_empty() {
-        let flags = op::SHUTDOWN_RECEIVE | op::SHUTDOWN_SEND;
         let mut header = key.header(op::SHUTDOWN, c);
-        header.flags = flags;
+        header.flags = op::SHUTDOWN_BOTH;
         if driver.post(header, &[]) {
             // The host flushes what it holds, closes the client and answers RST, which then
             // finds no connection (and is ignored).

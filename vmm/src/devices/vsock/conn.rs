@@ -11,19 +11,8 @@ use std::time::Instant;
 
 use hypercall_abi::virtio::vsock::HOST_BUF_ALLOC;
 
-/// Vsock packet types and operations (virtio spec 5.10.6).
-pub(super) mod op {
-    pub(crate) const TYPE_STREAM: u16 = 1;
-    pub(crate) const REQUEST: u16 = 1;
-    pub(crate) const RESPONSE: u16 = 2;
-    pub(crate) const RST: u16 = 3;
-    pub(crate) const SHUTDOWN: u16 = 4;
-    pub(crate) const RW: u16 = 5;
-    pub(crate) const CREDIT_UPDATE: u16 = 6;
-    pub(crate) const CREDIT_REQUEST: u16 = 7;
-    /// SHUTDOWN flags: no more receiving, no more sending.
-    pub(crate) const SHUTDOWN_BOTH: u32 = 3;
-}
+/// Vsock packet types and operations (virtio spec 5.10.6), shared with the guest.
+pub(super) use hypercall_abi::virtio::vsock::op;
 
 /// A client's socket.
 #[derive(Debug)]
