@@ -529,11 +529,26 @@ mod fuzz {
         low
     }
 
+    /// Gives back, through MEM_RELEASE, every extent the shared VM holds, so a test starts at
+    /// the boot size whatever the tests before it left granted.
+    fn release_everything(vm: &VmShared, me: &VcpuHandle) {
+        let array = SCRATCH + 56 * 1024;
+        for e in vm.mem().extents() {
+            let extent = hypercall_abi::Extent { base: e.base, len: e.len };
+            vm.mem().write(array, extent.as_bytes()).expect("the array is RAM");
+            let r = hypercall_abi::MemReleaseArgs::new(array, 1);
+            let op = Op { number: Call::MemRelease.number(), gpa: SCRATCH + 8192, block: r.as_bytes().to_vec() };
+            play(vm, me, &op).expect("a release");
+        }
+        assert_eq!(vm.memory_held(), vm.layout().ram_size, "the VM is back at its boot size");
+    }
+
     #[test]
     fn the_fake_guest_really_grants_and_releases() {
         let _one = exclusive();
         let vm = vm().shared();
         let ctl = VcpuHandle::new(1);
+        release_everything(vm, &ctl);
         let grants = vm.stats().mem_grants.load(Ordering::Relaxed);
         let g = hypercall_abi::MemGrantArgs::new(4 * MIB, SCRATCH + 32 * 1024, 2);
         let op = Op { number: Call::MemGrant.number(), gpa: SCRATCH + 4096, block: g.as_bytes().to_vec() };
