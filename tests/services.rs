@@ -160,7 +160,10 @@ fn kv_serves_redis_cli_and_redis_benchmark() {
 
 #[test]
 fn kv_data_grows_memory_held_and_rss_and_flushall_gives_it_back() {
-    let (kv, port) = start_kv("kv-memory", &["--memory", "64M:1G:1G"]);
+    let api_dir = temp_dir("kv-memory-api");
+    let api = api_dir.join("api.sock");
+    let api = api.to_str().expect("UTF-8 temp path");
+    let (kv, port) = start_kv("kv-memory", &["--memory", "64M:1G:1G", "--api-sock", api]);
     let min = 64 * MIB;
     let held_before = info_field(port, "memory_held");
     let rss_before = kv.rss();
@@ -193,18 +196,28 @@ fn kv_data_grows_memory_held_and_rss_and_flushall_gives_it_back() {
     }
     s.write_all(&resp(&[b"FLUSHALL"])).unwrap();
     assert_eq!(read_line(&mut s), "+OK");
-    // The heap gives the extents back once they have been free a while.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let flushed = Instant::now();
+    // With no further request (the figures come from the host's API, not from the guest),
+    // the idle VM gives the extents back once they have been free a while: its memory held
+    // comes to within 16 MiB of min and the shim's RSS follows.
+    let held_now = || -> u64 {
+        let r = shim(&["ctl", "--api-sock", api, "get", "vm0"]);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+        v["memory_bytes"]["final"].as_u64().unwrap_or(u64::MAX)
+    };
+    let deadline = flushed + Duration::from_secs(5);
     let (mut held, mut rss) = (held_full, rss_full);
     while Instant::now() < deadline {
-        held = info_field(port, "memory_held");
+        held = held_now();
         rss = kv.rss();
-        if held <= min + 64 * MIB && rss + 200 * MIB <= rss_full {
+        if held <= min + 16 * MIB && rss + 200 * MIB <= rss_full {
             break;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(held <= min + 64 * MIB, "memory held after FLUSHALL: {} MiB", held / MIB);
+    let took = flushed.elapsed();
+    eprintln!("after FLUSHALL, idle: held {} MiB, shim RSS {} MiB, after {took:?}", held / MIB, rss / MIB);
+    assert!(held <= min + 16 * MIB, "memory held after FLUSHALL, idle: {} MiB", held / MIB);
     assert!(rss + 200 * MIB <= rss_full, "shim RSS after FLUSHALL {} MiB (full {} MiB)", rss / MIB, rss_full / MIB);
     let summary = stop_cleanly(kv);
     assert!(summary["memory_bytes"]["releases"].as_u64().unwrap() >= 1, "{summary}");

@@ -140,6 +140,11 @@ struct ControllerState {
     last_report_ns: u64,
     mem_deny_until_ns: u64,
     above_high_since_ns: u64,
+    /// Gap before an idle VM looks at its free memory again after a look that released
+    /// nothing (doubles up to [`IDLE_MEM_CHECK_MAX_NS`]; back to `mem_release_ns` on a release).
+    idle_mem_gap_ns: u64,
+    /// Free heap bytes after the last look at free memory.
+    free_at_last_look: usize,
 }
 
 impl ControllerState {
@@ -150,9 +155,23 @@ impl ControllerState {
             last_report_ns: 0,
             mem_deny_until_ns: 0,
             above_high_since_ns: 0,
+            idle_mem_gap_ns: 0,
+            free_at_last_look: 0,
         }
     }
 }
+
+/// Kernel time at which an idle VM looks at its free memory again (0: nothing to look at).
+/// vCPU 0 bounds its idle BLOCK by it, so memory freed just before the VM went idle goes back
+/// to the host without waiting for the next request.
+static MEM_CHECK_AT_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Longest gap between two looks at free memory while idle (when free memory stays high but
+/// no extent is wholly free, e.g. a few live allocations pin each extent).
+const IDLE_MEM_CHECK_MAX_NS: u64 = 10_000_000_000;
+
+/// More free heap than at the last look by this much (bytes) means memory was freed since.
+const FREED_SINCE_LOOK: usize = 2 << 20;
 
 /// Host reclaim target for memory in bytes (u64::MAX when none).
 static MEMORY_TARGET: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -205,11 +224,35 @@ fn memory_step(st: &mut ControllerState, t: &Tuning, now: u64) {
         st.above_high_since_ns = 0;
     }
     let low = t.mem_low;
-    if st.above_high_since_ns != 0 && now - st.above_high_since_ns >= t.mem_release_ns {
-        let released = heap::release_free_extents(t.mem_release_ns, &|free_after, _| free_after >= low);
-        if released > 0 {
-            CHANGED.store(true, Ordering::Release);
+    let mut check_at = 0;
+    if st.above_high_since_ns != 0 && heap::elastic_granted() > 0 {
+        let due = st.above_high_since_ns + t.mem_release_ns;
+        check_at = due;
+        if now >= due {
+            let released = heap::release_free_extents(t.mem_release_ns, &|free_after, _| free_after >= low);
+            if released > 0 {
+                CHANGED.store(true, Ordering::Release);
+            }
+            // Memory freed since the last look (or released by this one) may leave more
+            // extents free soon: look again after `mem_release_ns` (extents this look found
+            // free go at the next). A look that finds nothing new waits longer each time.
+            if released > 0 || free > st.free_at_last_look + FREED_SINCE_LOOK {
+                st.idle_mem_gap_ns = t.mem_release_ns;
+            } else {
+                st.idle_mem_gap_ns = (st.idle_mem_gap_ns.max(t.mem_release_ns / 2) * 2).min(IDLE_MEM_CHECK_MAX_NS);
+            }
+            st.free_at_last_look = free.saturating_sub(released);
+            check_at = now + st.idle_mem_gap_ns;
         }
+    } else {
+        st.idle_mem_gap_ns = 0;
+    }
+    let check_at = if heap::elastic_granted() > 0 { check_at } else { 0 };
+    let before = MEM_CHECK_AT_NS.swap(check_at, Ordering::AcqRel);
+    if check_at != 0 && (before == 0 || check_at < before) {
+        // vCPU 0 may be asleep with no look planned (the memory was freed on another vCPU):
+        // it re-plans its sleep.
+        smp::kick_boot_vcpu_if_idle();
     }
 }
 
@@ -406,6 +449,18 @@ pub fn idle_action(slot: &'static PerCpu) -> IdleAction {
     let mut timeout = u64::MAX;
     if is_boot && let Some(d) = crate::timer::next_deadline() {
         timeout = d.saturating_sub(now);
+    }
+    // vCPU 0 also wakes when free memory is due for a look (the step runs at the boundary).
+    // The last boundary before going idle may have skipped the step (it is rate-limited), so
+    // an idle VM that holds granted memory and has no look planned takes one now.
+    if is_boot && MEM_CHECK_AT_NS.load(Ordering::Acquire) == 0 && heap::elastic_granted() > 0 {
+        if let Some(mut st) = CONTROLLER.try_lock() {
+            memory_step(&mut st, t, now);
+        }
+    }
+    let mem_check = MEM_CHECK_AT_NS.load(Ordering::Acquire);
+    if is_boot && mem_check != 0 {
+        timeout = timeout.min(mem_check.saturating_sub(now).max(t.tick_ns));
     }
     if !is_boot && online > min && AUTO.load(Ordering::Acquire) {
         let idle_for = now.saturating_sub(slot.idle_since_ns.load(Ordering::Acquire));

@@ -290,6 +290,11 @@ pub fn held() -> u64 {
     (BOOT_RAM.load(Ordering::Relaxed) + GRANTED.load(Ordering::Acquire) + RAW_GRANTED.load(Ordering::Acquire)) as u64
 }
 
+/// Bytes of granted extents in the elastic heap (raw grants not included).
+pub fn elastic_granted() -> u64 {
+    GRANTED.load(Ordering::Acquire) as u64
+}
+
 /// Boot memory size.
 pub fn boot_ram() -> u64 {
     BOOT_RAM.load(Ordering::Relaxed) as u64
