@@ -453,10 +453,12 @@ pub fn idle_action(slot: &'static PerCpu) -> IdleAction {
     // vCPU 0 also wakes when free memory is due for a look (the step runs at the boundary).
     // The last boundary before going idle may have skipped the step (it is rate-limited), so
     // an idle VM that holds granted memory and has no look planned takes one now.
-    if is_boot && MEM_CHECK_AT_NS.load(Ordering::Acquire) == 0 && heap::elastic_granted() > 0 {
-        if let Some(mut st) = CONTROLLER.try_lock() {
-            memory_step(&mut st, t, now);
-        }
+    if is_boot
+        && MEM_CHECK_AT_NS.load(Ordering::Acquire) == 0
+        && heap::elastic_granted() > 0
+        && let Some(mut st) = CONTROLLER.try_lock()
+    {
+        memory_step(&mut st, t, now);
     }
     let mem_check = MEM_CHECK_AT_NS.load(Ordering::Acquire);
     if is_boot && mem_check != 0 {
