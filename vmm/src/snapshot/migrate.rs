@@ -164,6 +164,11 @@ impl Sent {
         }
     }
 
+    /// Whether the target holds region `serial` at `gpa`.
+    fn knows(&self, serial: u64, gpa: u64) -> bool {
+        self.regions.get(&serial).is_some_and(|(base, _)| *base == gpa)
+    }
+
     fn slot(&mut self, gpa: u64) -> Option<&mut Option<u32>> {
         let (_, (base, pages)) =
             self.regions.iter_mut().find(|(_, (b, p))| *b <= gpa && gpa < b + p.len() as u64 * PAGE_SIZE)?;
@@ -171,10 +176,18 @@ impl Sent {
     }
 }
 
-/// Sends the pages at `pages` (sorted guest-physical page addresses) that lie in live regions,
-/// recording what was sent.
+/// Sends the pages at `pages` (sorted guest-physical page addresses) that lie in regions the
+/// target holds, recording what was sent.
+///
+/// The guest runs meanwhile and may release an extent and be granted another at the same
+/// address after the target was last told the regions: a page there is then skipped (the new
+/// region reaches the target with the next region list, and the dirty log has every write to
+/// it since its grant). The regions are read before the memory snapshot, so a page sent under
+/// a region the target knows is either that region's or belongs to one that replaced it since,
+/// which the target drops at the next region list.
 fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64], sent_map: &mut Sent) -> Result<u64, MigrateError> {
     let mem = vm.mem();
+    let live = mem.regions();
     let guard = mem.snapshot();
     let mut sent = 0u64;
     let mut buf = Vec::with_capacity(BATCH_PAGES * (PAGE_SIZE as usize + 12));
@@ -184,11 +197,14 @@ fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64], sent_map: &mut S
         // A run of consecutive pages inside one region (adjacent extents are separate
         // mappings: a run never crosses into the next one).
         let start = pages[i];
-        let Some(end) = mem.region_end(&guard, start) else {
-            // Released since it was written: the target drops the region.
+        let known = live.iter().find(|r| r.gpa <= start && start - r.gpa < r.len && sent_map.knows(r.serial, r.gpa));
+        let (Some(region), Some(end)) = (known, mem.region_end(&guard, start)) else {
+            // Released since it was written (the target drops the region), or granted since
+            // the target was last told the regions (its pages go in a later round).
             i += 1;
             continue;
         };
+        let end = end.min(region.gpa + region.len);
         let mut n = 1;
         while i + n < pages.len()
             && pages[i + n] == start + n as u64 * PAGE_SIZE
