@@ -214,12 +214,17 @@ fn a_paused_vm_uses_no_cpu_and_resumes() {
     again.expect_code(64);
     assert!(again.stderr.contains("already paused"), "{}", again.stderr);
     assert_eq!(c.json(&["resume", "vm0"])["state"], "running");
-    let before = c.cpu_ticks();
-    std::thread::sleep(Duration::from_secs(1));
-    let resumed = c.cpu_ticks() - before;
-    // Clock ticks are 10 ms: paused, (almost) none; spinning, most of a core.
+    // Clock ticks are 10 ms: paused, (almost) none, however busy the machine is.
     assert!(paused <= 5, "the paused VM used {paused} ticks in 1 s");
-    assert!(resumed >= 50, "the resumed VM used only {resumed} ticks in 1 s");
+    // Resumed, it spins again: 50 ticks (half a CPU second) come within 1 s on a quiet
+    // machine; beside other tests' builds and VMs it gets less of the CPUs, so the test waits
+    // (up to 20 s) for them rather than asking for them in one second.
+    let before = c.cpu_ticks();
+    let resumed_at = std::time::Instant::now();
+    while c.cpu_ticks() - before < 50 {
+        assert!(resumed_at.elapsed() < Duration::from_secs(20), "the resumed VM does not run");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(c.json(&["list"])[0]["state"], "running");
 }
 
