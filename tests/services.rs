@@ -433,3 +433,37 @@ fn kv_small_values_spill_from_boot_memory_into_granted_memory() {
     }
     stop_cleanly(kv);
 }
+
+#[test]
+fn a_published_port_no_guest_service_listens_on_is_refused_at_once() {
+    // kv listens on 6379; the second published port leads to guest port 6380, where nobody
+    // listens.
+    let unused = free_port();
+    let publish = format!("127.0.0.1:{unused}:6380");
+    let (kv, port) = start_kv("kv-unused-port", &["--publish", &publish]);
+    let mut s = connect(port);
+    s.write_all(b"PING\r\n").unwrap();
+    assert_eq!(read_line(&mut s), "+PONG", "the service itself is up");
+    // The client of the unused port is reset (or sees the close) at once instead of hanging
+    // through the retries a booting guest gets (10 s).
+    let asked = Instant::now();
+    let mut c = TcpStream::connect(("127.0.0.1", unused)).expect("the shim accepts, then refuses");
+    c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let _ = c.write_all(b"PING\r\n");
+    let mut buf = [0u8; 16];
+    match c.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the client of an unused guest port got {other:?} after {:?}", asked.elapsed()),
+    }
+    let took = asked.elapsed();
+    eprintln!("refused after {took:?}");
+    assert!(took < Duration::from_secs(5), "refused only after {took:?}");
+    let (code, stderr, summary, timeline) = kv.stop_with_timeline();
+    assert_eq!(code, Some(5), "{stderr}");
+    assert_eq!(summary["vsock"]["refused_unused_port"], 1, "{summary}");
+    assert!(
+        timeline.iter().any(|e| e["event"] == "vsock_refused" && e["guest_port"] == 6380),
+        "no vsock_refused line for guest port 6380 in the timeline"
+    );
+}

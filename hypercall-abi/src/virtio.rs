@@ -195,6 +195,11 @@ pub mod vsock {
         pub const SHUTDOWN_SEND: u32 = 2;
         /// SHUTDOWN flags: both directions.
         pub const SHUTDOWN_BOTH: u32 = SHUTDOWN_RECEIVE | SHUTDOWN_SEND;
+        /// RST flag (this ABI's own; virtio leaves RST's flags 0): the guest answers a REQUEST
+        /// for a port it does not listen on while it listens on another, so its service is up
+        /// and the port is unused. The host refuses the client at once instead of asking again
+        /// (a plain RST, during boot or with a full backlog, is retried for a while).
+        pub const RST_NO_LISTENER: u32 = 1;
     }
 }
 

@@ -255,6 +255,17 @@ impl Served {
     /// Asks the guest to stop (SIGINT: a STOP notice) and waits for the shim; returns its exit
     /// code, its stderr and the summary.
     pub fn stop(mut self) -> (Option<i32>, String, serde_json::Value) {
+        self.stop_here()
+    }
+
+    /// [`Served::stop`], and the timeline (complete once the shim has ended).
+    #[allow(dead_code)] // not every test file uses it
+    pub fn stop_with_timeline(mut self) -> (Option<i32>, String, serde_json::Value, Vec<serde_json::Value>) {
+        let (code, stderr, summary) = self.stop_here();
+        (code, stderr, summary, read_json_lines(&self.dir.join("timeline.jsonl")))
+    }
+
+    fn stop_here(&mut self) -> (Option<i32>, String, serde_json::Value) {
         let _ = Command::new("kill").args(["-INT", &self.pid().to_string()]).status();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let status = loop {

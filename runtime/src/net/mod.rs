@@ -414,8 +414,16 @@ fn dispatch(driver: &mut Driver, packet: &Received, wake: &mut Vec<Waker>) {
     if op == op::REQUEST {
         let has_room = t.listeners.get(&key.local_port).is_some_and(|l| l.backlog.len() < BACKLOG);
         if !has_room || t.conns.contains_key(&key) {
+            // Nobody listens on this port while the service listens on others: the port is
+            // unused, and the host refuses the client at once. Otherwise (booting, or a full
+            // backlog) the host asks again.
+            let unused = !t.listeners.is_empty() && !t.listeners.contains_key(&key.local_port);
             drop(t);
-            let _ = driver.post(Header::to_host(key.local_port, key.peer_port, op::RST), &[]);
+            let mut rst = Header::to_host(key.local_port, key.peer_port, op::RST);
+            if unused {
+                rst.flags = op::RST_NO_LISTENER;
+            }
+            let _ = driver.post(rst, &[]);
             return;
         }
         let conn = Conn { peer_buf_alloc: h.buf_alloc, peer_fwd_cnt: h.fwd_cnt, ..Conn::default() };

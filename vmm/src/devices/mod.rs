@@ -77,6 +77,7 @@ pub(crate) enum StopReason {
 pub(crate) struct DeviceContext {
     wake: Arc<dyn Fn() -> bool + Send + Sync>,
     request_stop: Arc<dyn Fn(StopReason) + Send + Sync>,
+    record: Arc<dyn Fn(&'static str, u32) + Send + Sync>,
 }
 
 impl std::fmt::Debug for DeviceContext {
@@ -88,11 +89,18 @@ impl std::fmt::Debug for DeviceContext {
 impl DeviceContext {
     /// A context whose `wake` wakes the guest's device-driving vCPU (returning whether it was
     /// asleep in BLOCK) and whose `request_stop` asks the VM's owner to stop the VM.
+    /// `record(event, port)` puts a line about a guest port in the VM's timeline.
     pub(crate) fn new(
         wake: Arc<dyn Fn() -> bool + Send + Sync>,
         request_stop: Arc<dyn Fn(StopReason) + Send + Sync>,
+        record: Arc<dyn Fn(&'static str, u32) + Send + Sync>,
     ) -> Self {
-        DeviceContext { wake, request_stop }
+        DeviceContext { wake, request_stop, record }
+    }
+
+    /// Records `event` about guest port `port` in the VM's timeline.
+    pub(crate) fn record(&self, event: &'static str, port: u32) {
+        (self.record)(event, port)
     }
 
     /// Wakes the guest so it looks at its queues; `true` if a vCPU was asleep in BLOCK.

@@ -217,11 +217,17 @@ pub(crate) fn device_setup(config: &VmConfig, endpoints: &[Bound]) -> DeviceSetu
 fn device_context(shared: &Arc<VmShared>) -> DeviceContext {
     let weak: Weak<VmShared> = Arc::downgrade(shared);
     let stop = weak.clone();
+    let record = weak.clone();
     DeviceContext::new(
         Arc::new(move || weak.upgrade().is_some_and(|vm| vm.wake_device_vcpu())),
         Arc::new(move |why| {
             if let Some(vm) = stop.upgrade() {
                 vm.device_stop(why);
+            }
+        }),
+        Arc::new(move |event, port| {
+            if let Some(vm) = record.upgrade() {
+                vm.record(event, crate::base::timeline::detail([("guest_port", port.into())]));
             }
         }),
     )

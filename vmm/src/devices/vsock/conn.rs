@@ -43,6 +43,25 @@ impl HostStream {
         }
     }
 
+    /// Makes closing send a reset (SO_LINGER with a zero timeout) on a TCP client, which then
+    /// sees "connection refused/reset" at once; a Unix client just sees the close.
+    pub(super) fn reset_on_close(&self) {
+        if let HostStream::Tcp(s) = self {
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            // SAFETY: setsockopt on a socket this connection owns, with a pointer to a
+            // `linger` that lives across the call and its exact size.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&raw const linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+
     pub(super) fn shutdown_write(&self) {
         let _ = match self {
             HostStream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),

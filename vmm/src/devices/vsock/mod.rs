@@ -93,8 +93,10 @@ struct VsockStats {
     connections: AtomicU64,
     /// Connections open now.
     open: AtomicU64,
-    /// Clients refused (connection cap, or the guest never accepted).
+    /// Clients refused (connection cap, the guest never accepted, or an unused guest port).
     refused: AtomicU64,
+    /// Of those, clients of a guest port nobody listens on (refused at once).
+    refused_unused_port: AtomicU64,
     /// Packets taken from the guest's transmit queue.
     packets_from_guest: AtomicU64,
     /// Packets put in the guest's receive queue.
@@ -130,6 +132,8 @@ struct VsockFigures {
     connections: u64,
     /// Clients refused.
     refused: u64,
+    /// Of those, clients of a guest port nobody listens on (refused at once).
+    refused_unused_port: u64,
     /// Packets from the guest.
     packets_from_guest: u64,
     /// Packets to the guest.
@@ -163,6 +167,7 @@ impl VsockStats {
         VsockFigures {
             connections: l(&self.connections),
             refused: l(&self.refused),
+            refused_unused_port: l(&self.refused_unused_port),
             packets_from_guest: l(&self.packets_from_guest),
             packets_to_guest: l(&self.packets_to_guest),
             bytes_to_guest: l(&self.bytes_to_guest),

@@ -143,6 +143,17 @@ impl Muxer {
                 self.mark_ready(host_port);
                 self.to_flush.push(host_port);
             }
+            (op::RST, State::Connecting { .. }) if pkt.flags() & op::RST_NO_LISTENER != 0 => {
+                // The service is up and nobody listens on that port: the client is refused at
+                // once (a reset, as a host with no listener would answer), not after the
+                // retries meant for a booting guest.
+                let guest_port = c.guest_port;
+                c.stream.reset_on_close();
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                stats.refused_unused_port.fetch_add(1, Ordering::Relaxed);
+                self.ctx.record("vsock_refused", guest_port);
+                self.close(host_port);
+            }
             (op::RST, State::Connecting { deadline, attempts, .. }) => {
                 // Not listening (yet): ask again shortly. A booting service (a cold start)
                 // listens within milliseconds, so the first retries come every
