@@ -16,7 +16,8 @@ pub(super) const BUILT_KERNEL: &str = elastic_images::KERNEL;
 
 /// Boots the elastic unikernel on KVM and serves its hypercalls.
 ///
-/// With no subcommand, `run` is assumed: `hypervisor-shim --app spin -- 1000` is
+/// With no arguments at all, `hypervisor-shim` runs the self-driving demo (`demo`). With flags
+/// but no subcommand, `run` is assumed: `hypervisor-shim --app spin -- 1000` is
 /// `hypervisor-shim run --app spin -- 1000`.
 #[derive(Debug, Parser)]
 #[command(name = "hypervisor-shim", version, args_conflicts_with_subcommands = true, after_help = EXIT_CODES)]
@@ -247,7 +248,8 @@ pub(super) struct RunArgs {
     #[arg(long)]
     pub(super) no_seccomp: bool,
     /// Most restarts with --restart on-failure.
-    #[arg(long, value_name = "N", default_value_t = elastic_vmm::DEFAULT_RESTART_LIMIT)]
+    #[arg(long, value_name = "N", default_value_t = elastic_vmm::DEFAULT_RESTART_LIMIT,
+          value_parser = parse_restart_limit, allow_negative_numbers = true)]
     pub(super) restart_limit: u32,
     /// Wait before the first restart (doubling after each, at most 5 s).
     #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration_arg)]
@@ -366,6 +368,10 @@ pub(super) fn parse_timeout(s: &str) -> Result<Duration, String> {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
         _ => Err(format!("'{s}' is not a positive number of seconds")),
     }
+}
+
+pub(super) fn parse_restart_limit(s: &str) -> Result<u32, String> {
+    s.parse::<u32>().map_err(|_| format!("'{s}' is not a number of restarts (a whole number, 0 or more)"))
 }
 
 pub(super) fn parse_qemu_memory(s: &str) -> Result<u64, String> {
