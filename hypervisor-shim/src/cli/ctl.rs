@@ -68,7 +68,8 @@ pub enum Verb {
     Snapshot {
         /// The VM.
         vm: String,
-        /// Directory for the snapshot (created; an older snapshot there is replaced).
+        /// Directory for the snapshot (created, but not its parent: a missing parent is refused;
+        /// an older snapshot there is replaced).
         #[arg(long, value_name = "DIR")]
         to: PathBuf,
     },
