@@ -194,7 +194,7 @@ fn kv_keeps_every_key_across_snapshot_and_restore_and_a_corrupt_snapshot_is_refu
     let summary = read_json(&dir.join("dst.json"));
     assert!(summary["restore_us"].as_u64().is_some_and(|us| us > 0), "{summary}");
 
-    // Refusals: one line each, exit 65 (or 74 when unreadable), no VM.
+    // Refusals: one line each, exit 65 (66 when the directory is missing), no VM.
     let snapdir = dir.join("snap");
     let restore = |what: &str| -> Run {
         Command::new(SHIM)
@@ -226,8 +226,8 @@ fn kv_keeps_every_key_across_snapshot_and_restore_and_a_corrupt_snapshot_is_refu
     r.expect_code(65);
     assert!(r.stderr.contains("not a snapshot"), "{}", r.stderr);
     let r = restore("no-such-dir");
-    r.expect_code(74);
-    assert!(r.stderr.contains("cannot read"), "{}", r.stderr);
+    r.expect_code(66);
+    assert!(r.stderr.contains("no such snapshot directory"), "{}", r.stderr);
 }
 
 #[test]
