@@ -212,7 +212,10 @@ impl Limiter {
             std::mem::take(&mut b.pending)
         };
         let line = if pending > 0 {
-            format!("hypervisor-shim: {args} ({pending} more such lines suppressed: at most {PER_SECOND} a second)")
+            format!(
+                "hypervisor-shim: {args} ({pending} earlier lines the guest caused were suppressed: \
+                 {BURST} at once, then at most {PER_SECOND} a second)"
+            )
         } else {
             format!("hypervisor-shim: {args}")
         };
