@@ -471,6 +471,23 @@ fn a_waiting_receiver_honours_its_timeout_and_signals_serves_its_api_and_leaves_
         // The next receiver on the same path starts (the first round's file did not stay).
         assert!(!dir.join("rx.sock").exists() && !dir.join("rx-api.sock").exists(), "round {round}");
     }
+    // A source that connects and then says nothing holds it neither past --timeout nor Ctrl-C.
+    let r = start_receiver(&dir, &["--timeout", "3"]);
+    let silent = std::os::unix::net::UnixStream::connect(dir.join("rx.sock")).expect("connect");
+    let (code, err) = r.wait(Duration::from_secs(20));
+    assert_eq!(code, Some(76), "{err}");
+    drop(silent);
+    let r = start_receiver(&dir, &[]);
+    let silent = std::os::unix::net::UnixStream::connect(dir.join("rx.sock")).expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir.join("rx.sock").exists() {
+        assert!(Instant::now() < deadline, "the receiver never accepted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("kill").args(["-INT", &r.child.id().to_string()]).status();
+    let (code, err) = r.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(130), "{err}");
+    drop(silent);
 }
 
 #[test]

@@ -2,13 +2,14 @@
 //! received on a socket (`receive --listen unix:PATH`). Each gives a [`VmSpec`] that
 //! [`crate::control::run::run`] runs like any other.
 //!
-//! While `receive` waits for its source it honours `--timeout` (exit 76) and Ctrl-C/SIGTERM
-//! (exit 130), serves its `--api-sock` (no VM is listed yet), and removes its socket file on
-//! every way out.
+//! While `receive` waits for its source, and while it receives the VM, it honours `--timeout`
+//! (exit 76) and Ctrl-C/SIGTERM (exit 130); while it waits it serves its `--api-sock` (no VM is
+//! listed yet); it removes its socket file on every way out.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,7 +51,7 @@ pub enum ResumeError {
     /// The control API could not be served while waiting.
     #[error(transparent)]
     Api(#[from] ApiError),
-    /// `--timeout` passed before a source arrived.
+    /// `--timeout` passed before a source arrived, or before its transfer was complete.
     #[error("no migration arrived on {path} within {secs} s (--timeout)")]
     TimedOut {
         /// The socket.
@@ -58,7 +59,7 @@ pub enum ResumeError {
         /// The time limit, in seconds.
         secs: f64,
     },
-    /// Ctrl-C or SIGTERM while waiting.
+    /// Ctrl-C or SIGTERM while waiting (or while the VM was being received).
     #[error("interrupted while waiting for a migration on {0}")]
     Interrupted(String),
 }
@@ -138,8 +139,28 @@ pub fn receive_spec(listen: &str, opts: &ResumeOptions) -> Result<(VmSpec, Insta
     if let Some(t) = left {
         let _ = channel.set_read_timeout(Some(t));
     }
-    let Received { fd, mem, mut state, endpoints, answer, stopped_at } =
-        receive(&kvm, &mut channel).map_err(ResumeError::Receive)?;
+    // Ctrl-C during the transfer shuts the channel down, so the read it is blocked in returns.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let received = {
+        let stopper = channel.try_clone().ok();
+        let flag = Arc::clone(&interrupted);
+        let _interrupts = crate::host::signals::subscribe(move |_| {
+            flag.store(true, Ordering::SeqCst);
+            if let Some(s) = &stopper {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        });
+        receive(&kvm, &mut channel)
+    };
+    let Received { fd, mem, mut state, endpoints, answer, stopped_at } = received.map_err(|e| {
+        if interrupted.load(Ordering::SeqCst) {
+            ResumeError::Interrupted(path.to_string())
+        } else if let Some(t) = opts.timeout.filter(|&t| waiting.elapsed() >= t) {
+            ResumeError::TimedOut { path: path.to_string(), secs: t.as_secs_f64() }
+        } else {
+            ResumeError::Receive(e)
+        }
+    })?;
     let _ = channel.set_read_timeout(None);
     let mut config = state.config.clone();
     // --timeout counts from the start of the command: the wait used part of it.
