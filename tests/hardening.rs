@@ -181,3 +181,116 @@ fn every_thread_of_a_running_shim_is_under_seccomp_and_no_seccomp_turns_it_off()
     assert!(threads.iter().all(|(_, m)| m == "0"), "--no-seccomp: no filter: {threads:?}");
     drop(s);
 }
+
+/// Waits for `child` at most `limit`; kills it and fails the test when it is still running.
+fn wait_within(child: &mut std::process::Child, limit: Duration, what: &str) -> (Option<i32>, f64) {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return (s.code(), t.elapsed().as_secs_f64());
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: the shim did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts the shim with stderr on a full pipe nobody reads (and stdout to /dev/null); the
+/// reader end is returned so the pipe stays open.
+fn spawn_with_unread_stderr(args: &[&str]) -> (std::process::Child, std::io::PipeReader) {
+    let (reader, writer) = full_pipe();
+    let child = Command::new(SHIM)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(writer))
+        .spawn()
+        .expect("the shim starts");
+    (child, reader)
+}
+
+#[test]
+fn a_guest_flooding_refused_device_setup_cannot_block_the_shim_on_an_unread_stderr() {
+    require_kvm();
+    let dir = common::temp_dir("setup-flood");
+    let summary = dir.join("s.json");
+    let s = summary.to_str().expect("utf-8");
+    // Every refused step wants a stderr line; stderr is full and never read. --timeout holds.
+    let (mut child, _reader) =
+        spawn_with_unread_stderr(&["run", "--app", "hostile", "--timeout", "3", "--summary", s, "--", "setup-flood"]);
+    let (code, secs) = wait_within(&mut child, Duration::from_secs(40), "--timeout 3 with stderr unread");
+    assert_eq!(code, Some(76), "the timeout ends the run");
+    assert!(secs < 15.0, "ended {secs:.1} s after the start (--timeout 3)");
+    let sum = common::read_json(&summary);
+    assert_eq!(sum["exit_reason"], "timeout", "{sum}");
+    let d = &sum["diagnostics"];
+    let (printed, suppressed, dropped) =
+        (d["printed"].as_u64().expect("printed"), d["suppressed"].as_u64().expect("suppressed"), d["dropped"].as_u64());
+    assert!(suppressed > 100, "the flood was rate-limited: {d}");
+    // A burst of 10, then 1 a second, over ~3 s; none waited for the full pipe.
+    assert!(printed + dropped.unwrap_or(0) <= 20, "{d}");
+    // Ctrl-C: the hostile guest ignores the STOP notice the first one posts; the second ends
+    // the run at once.
+    let (mut child, _reader) =
+        spawn_with_unread_stderr(&["run", "--app", "hostile", "--timeout", "120", "--", "setup-flood"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(child.try_wait().expect("wait").is_none(), "the flood runs until stopped");
+    let int = || Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
+    int();
+    std::thread::sleep(Duration::from_millis(500));
+    int();
+    let (code, secs) = wait_within(&mut child, Duration::from_secs(20), "two SIGINTs with stderr unread");
+    assert_eq!(code, Some(130), "the second Ctrl-C ends the run");
+    assert!(secs < 10.0, "ended {secs:.1} s after the second SIGINT");
+}
+
+#[test]
+fn a_closed_stdout_and_stderr_never_change_the_exit_code() {
+    require_kvm();
+    let dir = common::temp_dir("closed-pipe");
+    let summary = dir.join("s.json");
+    let s = summary.to_str().expect("utf-8");
+    // `2>&1 | head -1` after head has gone: both streams on a pipe with no reader.
+    let closed = |args: &[&str]| {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let err = writer.try_clone().expect("dup");
+        let mut child = Command::new(SHIM)
+            .args(args)
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("the shim starts");
+        wait_within(&mut child, Duration::from_secs(60), &format!("{args:?}")).0
+    };
+    assert_eq!(closed(&["run", "--app", "fault"]), Some(71), "a guest fault, not an abort");
+    assert_eq!(closed(&["run", "--app", "idle", "--timeout", "2", "--summary", s, "--", "10000"]), Some(76));
+    let sum = common::read_json(&summary);
+    assert!(sum["console_dropped_bytes"].as_u64() > Some(0), "the console output lost is counted: {sum}");
+    assert_eq!(closed(&["--restart-limit", "-1"]), Some(64), "a usage error stays one");
+}
+
+#[test]
+fn the_rss_peak_is_the_shim_s_own_and_never_below_boot() {
+    require_kvm();
+    let dir = common::temp_dir("rss-peak");
+    let summary = dir.join("s.json");
+    // This process holds 256 MiB while it starts the shim: a peak that survived exec (the
+    // parent's) would show it.
+    let ballast = vec![7u8; 256 << 20];
+    let out = Command::new(SHIM)
+        .args(["run", "--app", "hello", "--summary", summary.to_str().expect("utf-8")])
+        .output()
+        .expect("the shim runs");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ballast.iter().step_by(4096).map(|&b| u64::from(b)).sum::<u64>(), 7 * (256 << 20) / 4096);
+    drop(ballast);
+    let sum = common::read_json(&summary);
+    let rss = &sum["host_rss_bytes"];
+    let (boot, peak, end) =
+        (rss["boot"].as_u64().expect("boot"), rss["peak"].as_u64().expect("peak"), rss["end"].as_u64().expect("end"));
+    assert!(boot > 0 && peak >= boot && peak >= end, "{rss}");
+    assert!(peak < 128 << 20, "the peak is the shim's own (a few MiB), not its parent's: {rss}");
+}

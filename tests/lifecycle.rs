@@ -194,7 +194,7 @@ fn kv_keeps_every_key_across_snapshot_and_restore_and_a_corrupt_snapshot_is_refu
     let summary = read_json(&dir.join("dst.json"));
     assert!(summary["restore_us"].as_u64().is_some_and(|us| us > 0), "{summary}");
 
-    // Refusals: one line each, exit 65 (or 74 when unreadable), no VM.
+    // Refusals: one line each, exit 65 (66 when the directory is missing), no VM.
     let snapdir = dir.join("snap");
     let restore = |what: &str| -> Run {
         Command::new(SHIM)
@@ -226,8 +226,8 @@ fn kv_keeps_every_key_across_snapshot_and_restore_and_a_corrupt_snapshot_is_refu
     r.expect_code(65);
     assert!(r.stderr.contains("not a snapshot"), "{}", r.stderr);
     let r = restore("no-such-dir");
-    r.expect_code(74);
-    assert!(r.stderr.contains("cannot read"), "{}", r.stderr);
+    r.expect_code(66);
+    assert!(r.stderr.contains("no such snapshot directory"), "{}", r.stderr);
 }
 
 #[test]
@@ -436,4 +436,100 @@ fn work_in_flight_finishes_correctly_after_restore() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("PASSED"), "{stdout}");
+}
+
+/// Starts `receive --listen unix:rx.sock` plus `extra` in `dir` and waits until it listens.
+fn start_receiver(dir: &Path, extra: &[&str]) -> Shim {
+    let r = Shim::start(dir, &[&["receive", "--listen", "unix:rx.sock"][..], extra].concat());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.join("rx.sock").exists() {
+        assert!(Instant::now() < deadline, "the receiver never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r
+}
+
+#[test]
+fn a_waiting_receiver_honours_its_timeout_and_signals_serves_its_api_and_leaves_no_socket() {
+    require_kvm();
+    let dir = temp_dir("lifecycle-receive-wait");
+    // --timeout while nobody comes: exit 76, the socket file gone.
+    let r = start_receiver(&dir, &["--timeout", "2"]);
+    let (code, err) = r.wait(Duration::from_secs(20));
+    assert_eq!(code, Some(76), "{err}");
+    assert!(err.contains("no migration arrived"), "{err}");
+    assert!(!dir.join("rx.sock").exists(), "the socket file is removed after the timeout");
+    // The API answers while it waits (no VM yet); Ctrl-C ends the wait: exit 130, no files left.
+    for round in 0..2 {
+        let r = start_receiver(&dir, &["--api-sock", "rx-api.sock"]);
+        wait_for_api(&dir, "rx-api.sock");
+        assert_eq!(json_of(&ctl(&dir, "rx-api.sock", &["list"])), serde_json::json!([]), "round {round}");
+        let _ = Command::new("kill").args(["-INT", &r.child.id().to_string()]).status();
+        let (code, err) = r.wait(Duration::from_secs(10));
+        assert_eq!(code, Some(130), "round {round}: {err}");
+        assert!(err.contains("interrupted while waiting"), "{err}");
+        // The next receiver on the same path starts (the first round's file did not stay).
+        assert!(!dir.join("rx.sock").exists() && !dir.join("rx-api.sock").exists(), "round {round}");
+    }
+    // A source that connects and then says nothing holds it neither past --timeout nor Ctrl-C.
+    let r = start_receiver(&dir, &["--timeout", "3"]);
+    let silent = std::os::unix::net::UnixStream::connect(dir.join("rx.sock")).expect("connect");
+    let (code, err) = r.wait(Duration::from_secs(20));
+    assert_eq!(code, Some(76), "{err}");
+    drop(silent);
+    let r = start_receiver(&dir, &[]);
+    let silent = std::os::unix::net::UnixStream::connect(dir.join("rx.sock")).expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir.join("rx.sock").exists() {
+        assert!(Instant::now() < deadline, "the receiver never accepted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("kill").args(["-INT", &r.child.id().to_string()]).status();
+    let (code, err) = r.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(130), "{err}");
+    drop(silent);
+}
+
+#[test]
+fn snapshot_restore_and_flags_refuse_what_is_wrong_with_one_line_and_the_documented_code() {
+    require_kvm();
+    let dir = temp_dir("lifecycle-refusals");
+    let src = Shim::start(&dir, &["run", "--app", "idle", "--api-sock", "api.sock", "--timeout", "120", "--", "60000"]);
+    wait_for_api(&dir, "api.sock");
+    // A snapshot whose parent directory is missing is refused; nothing is created.
+    let missing = dir.join("no-such-parent");
+    let to = missing.join("snap");
+    let r = ctl(&dir, "api.sock", &["snapshot", "vm0", "--to", to.to_str().expect("utf-8")]);
+    r.expect_code(64);
+    assert!(r.stderr.contains("parent directory does not exist"), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(!missing.exists(), "the missing parent was not created");
+    ctl(&dir, "api.sock", &["stop", "vm0"]).expect_code(0);
+    let _ = src.wait(Duration::from_secs(30));
+    // A missing snapshot directory is missing input (66), not an output failure (74).
+    let r: Run =
+        Command::new(SHIM).args(["restore", "no-such-snapshot"]).current_dir(&*dir).output().expect("run").into();
+    r.expect_code(66);
+    assert!(r.stderr.contains("no-such-snapshot: no such snapshot directory"), "{}", r.stderr);
+    // Required arguments are named; a bad value is called invalid.
+    let usage = |args: &[&str], needle: &str| {
+        let r: Run = Command::new(SHIM).args(args).output().expect("run").into();
+        r.expect_code(64);
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{args:?}: {}", r.stderr);
+    };
+    for (args, name) in [
+        (&["ctl", "list"][..], "--api-sock <PATH>"),
+        (&["receive"][..], "--listen <unix:PATH>"),
+        (&["restore"][..], "<DIR>"),
+        (&["pool"][..], "<CONFIG.toml>"),
+        (&["load"][..], "--target <IP:PORT>"),
+    ] {
+        usage(args, &format!("the following required arguments were not provided: {name}"));
+    }
+    usage(&["run", "--restart-limit", "-1"], "invalid value '-1' for '--restart-limit <N>'");
+    // The help says what a bare command does.
+    let help = Command::new(SHIM).arg("--help").output().expect("help");
+    let help = String::from_utf8_lossy(&help.stdout).replace('\n', " ");
+    assert!(help.contains("With no arguments at all, `hypervisor-shim` runs the self-driving demo"), "{help}");
 }

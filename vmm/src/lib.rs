@@ -40,6 +40,9 @@ pub use control::run::{
 };
 pub use host::affinity::allowed as allowed_cpus;
 pub use host::clock::now_monotonic_ns;
+pub use host::diag::{
+    emit as diag_line, flush as flush_diagnostics, lost_lines as stderr_lost_lines, say, start as start_diagnostics,
+};
 pub use host::endpoint::EndpointError;
 pub use host::signals::{install as install_signal_handlers, interrupts};
 pub use policy::pool::Capacity;

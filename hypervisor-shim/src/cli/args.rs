@@ -16,7 +16,8 @@ pub(super) const BUILT_KERNEL: &str = elastic_images::KERNEL;
 
 /// Boots the elastic unikernel on KVM and serves its hypercalls.
 ///
-/// With no subcommand, `run` is assumed: `hypervisor-shim --app spin -- 1000` is
+/// With no arguments at all, `hypervisor-shim` runs the self-driving demo (`demo`). With flags
+/// but no subcommand, `run` is assumed: `hypervisor-shim --app spin -- 1000` is
 /// `hypervisor-shim run --app spin -- 1000`.
 #[derive(Debug, Parser)]
 #[command(name = "hypervisor-shim", version, args_conflicts_with_subcommands = true, after_help = EXIT_CODES)]
@@ -30,11 +31,13 @@ pub(super) struct Cli {
 pub(super) const EXIT_CODES: &str = "\
 Exit codes: 0-63 are the guest's own shutdown code (0 = success, 1 = service failure,
 2 = kernel panic, 3 = out of memory, 4 = bad command line). The shim's own:
-64 bad flag or configuration, 65 kernel image refused, 66 kernel image unreadable,
+64 bad flag or configuration, 65 kernel image refused, 66 kernel image unreadable or
+snapshot directory missing,
 69 /dev/kvm or QEMU unavailable, 70 internal error, 71 guest CPU exception,
 72 guest touched unbacked memory, 73 guest exit the shim does not serve,
 74 cannot write an output file, 75 ended for a policy violation (--on-violation kill),
-76 timeout, 77 a pool VM or stress scenario did not end as expected, 130 Ctrl-C twice.";
+76 timeout, 77 a pool VM or stress scenario did not end as expected, 130 Ctrl-C twice (once
+while `receive` waits). A closed or unread stdout/stderr never changes the code.";
 
 #[derive(Debug, Subcommand)]
 pub(super) enum Command {
@@ -61,7 +64,8 @@ pub(super) enum Command {
     /// again (open connections are reset).
     Restore(RestoreArgs),
     /// Wait for a VM that another shim migrates here (`ctl migrate --to unix:PATH`), then run
-    /// it; its published ports come along.
+    /// it; its published ports come along. While it waits, --timeout (exit 76) and Ctrl-C
+    /// (exit 130) end it, --api-sock is served, and the socket file is removed on every exit.
     Receive(ReceiveArgs),
 }
 
@@ -71,7 +75,8 @@ pub(super) struct ResumeArgs {
     /// Kernel ELF, for fault diagnoses [default: the path the snapshot names].
     #[arg(long, value_name = "PATH")]
     pub(super) kernel: Option<PathBuf>,
-    /// Serve the control API on this Unix socket (see `run --api-sock`).
+    /// Serve the control API on this Unix socket (see `run --api-sock`); `receive` serves it
+    /// while it waits, too (no VM listed yet).
     #[arg(long, value_name = "PATH")]
     pub(super) api_sock: Option<PathBuf>,
     /// Write a JSON summary of the run to FILE (`restore_us`: start to VM ready).
@@ -80,7 +85,8 @@ pub(super) struct ResumeArgs {
     /// Record vCPUs and memory held over time (JSON lines).
     #[arg(long, value_name = "FILE.jsonl")]
     pub(super) timeline: Option<PathBuf>,
-    /// Stop the run after this many seconds (exit code 76).
+    /// Stop after this many seconds, counted from the command's start (exit code 76; for
+    /// `receive`, the wait for the source counts too).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
     pub(super) timeout: Option<Duration>,
     /// Run without the seccomp filters (for debugging a refused system call).
@@ -93,7 +99,7 @@ pub(super) struct ResumeArgs {
 
 #[derive(Debug, Args, Clone)]
 pub(super) struct RestoreArgs {
-    /// The snapshot directory (`ctl snapshot --to DIR`).
+    /// The snapshot directory (`ctl snapshot --to DIR`); a missing one exits 66.
     #[arg(value_name = "DIR")]
     pub(super) dir: PathBuf,
     #[command(flatten)]
@@ -247,7 +253,8 @@ pub(super) struct RunArgs {
     #[arg(long)]
     pub(super) no_seccomp: bool,
     /// Most restarts with --restart on-failure.
-    #[arg(long, value_name = "N", default_value_t = elastic_vmm::DEFAULT_RESTART_LIMIT)]
+    #[arg(long, value_name = "N", default_value_t = elastic_vmm::DEFAULT_RESTART_LIMIT,
+          value_parser = parse_restart_limit, allow_negative_numbers = true)]
     pub(super) restart_limit: u32,
     /// Wait before the first restart (doubling after each, at most 5 s).
     #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration_arg)]
@@ -366,6 +373,10 @@ pub(super) fn parse_timeout(s: &str) -> Result<Duration, String> {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
         _ => Err(format!("'{s}' is not a positive number of seconds")),
     }
+}
+
+pub(super) fn parse_restart_limit(s: &str) -> Result<u32, String> {
+    s.parse::<u32>().map_err(|_| format!("'{s}' is not a number of restarts (a whole number, 0 or more)"))
 }
 
 pub(super) fn parse_qemu_memory(s: &str) -> Result<u64, String> {

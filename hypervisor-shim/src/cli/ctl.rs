@@ -68,7 +68,8 @@ pub enum Verb {
     Snapshot {
         /// The VM.
         vm: String,
-        /// Directory for the snapshot (created; an older snapshot there is replaced).
+        /// Directory for the snapshot (created, but not its parent: a missing parent is refused;
+        /// an older snapshot there is replaced).
         #[arg(long, value_name = "DIR")]
         to: PathBuf,
     },
@@ -170,7 +171,7 @@ pub fn command(args: &CtlArgs) -> u8 {
         Verb::Metrics => ("GET", "/metrics".to_string(), String::new()),
         Verb::Policy { vm, vcpus, memory } => {
             if vcpus.is_none() && memory.is_none() {
-                eprintln!("hypervisor-shim: ctl policy: give --vcpus and/or --memory");
+                crate::cli::eline!("hypervisor-shim: ctl policy: give --vcpus and/or --memory");
                 return exit::USAGE;
             }
             let mut b = serde_json::Map::new();
@@ -191,7 +192,7 @@ pub fn command(args: &CtlArgs) -> u8 {
         }
         Verb::Migrate { vm, to, verify } => {
             let Some(path) = to.strip_prefix("unix:") else {
-                eprintln!("hypervisor-shim: ctl migrate: --to must be unix:PATH (got {to})");
+                crate::cli::eline!("hypervisor-shim: ctl migrate: --to must be unix:PATH (got {to})");
                 return exit::USAGE;
             };
             let abs = std::path::absolute(path).unwrap_or_else(|_| PathBuf::from(path));
@@ -203,14 +204,16 @@ pub fn command(args: &CtlArgs) -> u8 {
         Ok(text) => {
             match serde_json::from_str::<serde_json::Value>(&text) {
                 Ok(v) if !matches!(args.verb, Verb::Metrics) => {
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or(text));
+                    crate::cli::oline!("{}", serde_json::to_string_pretty(&v).unwrap_or(text));
                 }
-                _ => print!("{text}"),
+                _ => {
+                    let _ = std::io::stdout().write_all(text.as_bytes());
+                }
             }
             0
         }
         Err(e) => {
-            eprintln!("hypervisor-shim: ctl: {e}");
+            crate::cli::eline!("hypervisor-shim: ctl: {e}");
             e.exit_code()
         }
     }

@@ -6,6 +6,22 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+/// `eprintln!` that never panics and never waits: the line goes through the shim's bounded
+/// stderr buffer (dropped and counted when nobody reads stderr or it is closed).
+macro_rules! eline {
+    ($($t:tt)*) => {{
+        let _ = elastic_vmm::diag_line(&format!($($t)*));
+    }};
+}
+/// `println!` that never panics: a failed write (a closed stdout) is ignored.
+macro_rules! oline {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+pub(crate) use {eline, oline};
+
 mod args;
 pub(crate) mod ctl;
 pub(crate) mod pool_config;
@@ -34,13 +50,30 @@ fn check_outputs(outputs: &[(&str, &Option<PathBuf>)]) -> Result<(), elastic_vmm
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("hypervisor-shim: {message}");
+    eline!("hypervisor-shim: {message}");
     ExitCode::from(code)
 }
 
+/// How long the end of the process waits for stderr's buffered lines to be read.
+const STDERR_DRAIN: Duration = Duration::from_millis(500);
+
 /// Parses the command line and runs it; returns the process exit code. `started` and
 /// `started_monotonic_ns` are taken at the top of `main`.
+///
+/// A closed or unread stdout or stderr never changes the exit code: SIGPIPE is ignored, no
+/// write to either panics, and stderr's lines go through a bounded buffer that the end of the
+/// process waits for at most [`STDERR_DRAIN`].
 pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
+    // SAFETY: setting SIGPIPE's disposition to "ignore" has no preconditions; a write to a
+    // closed pipe then fails with EPIPE, which every writer here handles.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    elastic_vmm::start_diagnostics();
+    let code = dispatch(started, started_monotonic_ns);
+    elastic_vmm::flush_diagnostics(STDERR_DRAIN);
+    code
+}
+
+fn dispatch(started: Instant, started_monotonic_ns: u64) -> ExitCode {
     // No arguments at all (a bare `cargo run`): the demo.
     if std::env::args_os().len() == 1 {
         return run_demo(DemoArgs { rate: None, burst: None, out_dir: PathBuf::from("."), kernel: None });
@@ -53,10 +86,7 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // One line: clap's first line names the problem.
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid command line").trim_start_matches("error: ");
-            return fail(exit::USAGE, format_args!("{first} (see --help)"));
+            return fail(exit::USAGE, format_args!("{} (see --help)", one_line(&e.to_string())));
         }
     };
     match cli.command {
@@ -74,8 +104,22 @@ pub fn main(started: Instant, started_monotonic_ns: u64) -> ExitCode {
     }
 }
 
+/// A clap error as one line: its first line names the problem; the lines right below it (up
+/// to the first blank one) name what it is about, e.g. the required arguments not given.
+fn one_line(text: &str) -> String {
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("invalid command line").trim_start_matches("error: ").trim_end();
+    let more: Vec<&str> = lines.take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+    if more.is_empty() { first.to_string() } else { format!("{first} {}", more.join(", ")) }
+}
+
 fn resume_options(args: &ResumeArgs) -> ResumeOptions {
-    ResumeOptions { timeout: args.timeout, publish: args.publish.clone(), kernel: args.kernel.clone() }
+    ResumeOptions {
+        timeout: args.timeout,
+        publish: args.publish.clone(),
+        kernel: args.kernel.clone(),
+        api_sock: args.api_sock.clone(),
+    }
 }
 
 fn restore(args: RestoreArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
@@ -131,7 +175,7 @@ fn run_one_vm(
         return fail(exit::INTERNAL, "the run produced no result");
     };
     if let Some(d) = vm.outcome().diagnosis() {
-        eprintln!("hypervisor-shim: {}", d.trim_end());
+        eline!("hypervisor-shim: {}", d.trim_end());
     }
     let code = vm.outcome().exit_code();
     let summary = summary.map(|path| (path, vm.summary(started_monotonic_ns)));
@@ -198,13 +242,13 @@ fn write_outputs<S: serde::Serialize>(
     if let Some((path, summary)) = summary
         && let Err(e) = elastic_vmm::write_json(&summary, path)
     {
-        eprintln!("hypervisor-shim: cannot write summary {}: {e}", path.display());
+        eline!("hypervisor-shim: cannot write summary {}: {e}", path.display());
         code = exit::IO_ERROR;
     }
     if let Some(path) = plot
         && let Err(e) = draw(path, result)
     {
-        eprintln!("hypervisor-shim: {e}");
+        eline!("hypervisor-shim: {e}");
         code = exit::IO_ERROR;
     }
     code
@@ -254,7 +298,7 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
     for v in result.vms() {
         let code = v.outcome().exit_code();
         let mark = if v.as_expected() { "ok" } else { "UNEXPECTED" };
-        eprintln!(
+        eline!(
             "pool: {} ({}) exit {code} (expected {}) {mark}; {} reclaim(s), {} violation(s)",
             v.spec.config.name(),
             v.spec.config.guest.app,
@@ -263,7 +307,7 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
             v.violations()
         );
         if let Some(d) = v.outcome().diagnosis() {
-            eprintln!("pool: {}: {}", v.spec.config.name(), d.trim_end());
+            eline!("pool: {}: {}", v.spec.config.name(), d.trim_end());
         }
     }
     let code = summary.exit_code();
@@ -288,7 +332,7 @@ fn pool_progress_bar(vms: usize) -> Option<indicatif::ProgressBar> {
 fn run_stress(args: StressArgs) -> ExitCode {
     if args.list {
         for (name, about) in crate::tools::stress::list() {
-            println!("{name:<18} {about}");
+            oline!("{name:<18} {about}");
         }
         return ExitCode::SUCCESS;
     }
@@ -296,7 +340,7 @@ fn run_stress(args: StressArgs) -> ExitCode {
     match crate::tools::stress::run(&args.scenario, args.short, &args.out, &kernel) {
         Ok(reports) => {
             let failed = reports.iter().filter(|r| !r.passed).count();
-            eprintln!(
+            eline!(
                 "stress: {} of {} scenario(s) passed; report in {}",
                 reports.len() - failed,
                 reports.len(),
@@ -376,9 +420,9 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         return fail(exit::IO_ERROR, e);
     }
     for (k, v) in &report.figures {
-        eprintln!("  {k:<24} {v:>12.3}");
+        eline!("  {k:<24} {v:>12.3}");
     }
-    eprintln!("bench: wrote {}", args.out.display());
+    eline!("bench: wrote {}", args.out.display());
     ExitCode::SUCCESS
 }
 
@@ -396,7 +440,7 @@ fn run_qemu(args: QemuArgs) -> ExitCode {
     match qemu::run(&config) {
         Ok(outcome) => {
             if let Some(d) = &outcome.diagnosis {
-                eprintln!("hypervisor-shim: {d}");
+                eline!("hypervisor-shim: {d}");
             }
             ExitCode::from(outcome.exit_code)
         }
@@ -422,6 +466,25 @@ mod tests {
         assert_eq!(cli.run.guest.args, ["10"]);
         let cli = Cli::try_parse_from(["hypervisor-shim", "run", "--vcpus", "1:2:4"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Run(ref r)) if r.vcpus.burst == 4));
+    }
+
+    #[test]
+    fn a_missing_required_argument_is_named() {
+        let cases: [(&[&str], &str); 5] = [
+            (&["ctl", "list"], "--api-sock <PATH>"),
+            (&["receive"], "--listen <unix:PATH>"),
+            (&["restore"], "<DIR>"),
+            (&["pool"], "<CONFIG.toml>"),
+            (&["load"], "--"),
+        ];
+        for (args, name) in cases {
+            let e = Cli::try_parse_from(std::iter::once("hypervisor-shim").chain(args.iter().copied())).unwrap_err();
+            let line = one_line(&e.to_string());
+            assert!(line.starts_with("the following required arguments were not provided: "), "{args:?}: {line}");
+            assert!(line.contains(name), "{args:?}: {line}");
+        }
+        let e = Cli::try_parse_from(["hypervisor-shim", "--restart-limit", "-1"]).unwrap_err();
+        assert!(one_line(&e.to_string()).contains("invalid value '-1' for '--restart-limit <N>'"), "{e}");
     }
 
     #[test]

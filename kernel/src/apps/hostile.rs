@@ -2,6 +2,10 @@
 //! blocks and buffers outside guest RAM, lengths that overflow, unknown call numbers, codes
 //! and ids out of range, an `out` of the wrong width) and checks that every one gets the
 //! documented status back while the VM keeps running.
+//!
+//! `hostile setup-flood [N]`: N (default: without end) refused device-setup steps, each of
+//! which makes the shim want to print a diagnostic; it must rate-limit them and never wait
+//! for a stderr that nobody reads.
 
 use core::arch::asm;
 use elastic_rt::prelude::*;
@@ -16,7 +20,7 @@ use hypercall_abi::{
 /// The `hostile` service.
 pub const SERVICE: Service = Service {
     name: "hostile",
-    usage: "",
+    usage: "[setup-flood [N]]",
     about: "issue malformed hypercalls and check each gets a status (the shim must stay up)",
     main: |env| run_sync(env, main),
 };
@@ -141,10 +145,52 @@ fn protected_checks(c: &mut Checks) {
     }
 }
 
+/// Refused vsock setup steps: the first device's page gets features the device never offered
+/// and FEATURES_OK, then a STATUS_CHANGED notify, `n` times (`None`: until the VM is stopped).
+fn setup_flood(env: &Env, n: Option<u64>) -> u32 {
+    use hypercall_abi::virtio::{STATUS_CHANGED, VirtioDeviceRegs, feature, notify_value, status};
+    if env.boot.device_count == 0 {
+        println!("hostile: setup-flood needs a device");
+        return exit_code::FAILURE;
+    }
+    let regs = env.boot.devices as *mut VirtioDeviceRegs;
+    let mut refused = 0u64;
+    let mut i = 0u64;
+    println!("hostile: flooding the device with refused setup steps");
+    while n.is_none_or(|n| i < n) {
+        // SAFETY: the first device page, identity-mapped and writable by the driver; only the
+        // driver's fields are written.
+        unsafe {
+            core::ptr::addr_of_mut!((*regs).status).write_volatile(0);
+            core::ptr::addr_of_mut!((*regs).driver_features).write_volatile(feature::VERSION_1 | 1 << 63);
+            core::ptr::addr_of_mut!((*regs).status)
+                .write_volatile(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        }
+        let s = raw(Call::DeviceNotify.number(), notify_value(0, STATUS_CHANGED));
+        refused += u64::from(s == Status::INVALID);
+        i += 1;
+    }
+    println!("hostile: {refused} of {i} setup steps refused");
+    if refused == i { exit_code::SUCCESS } else { exit_code::FAILURE }
+}
+
 fn main(env: &Env) -> u32 {
     if env.hello.is_none() {
         println!("hostile: needs the shim (no host answered HELLO)");
         return exit_code::FAILURE;
+    }
+    match env.args.first().map(alloc::string::String::as_str) {
+        None => {}
+        Some("setup-flood") => {
+            return match env.args.get(1).map(|a| a.parse::<u64>()) {
+                None => setup_flood(env, None),
+                Some(Ok(n)) if n > 0 => setup_flood(env, Some(n)),
+                _ => usage_error("hostile", "[setup-flood [N]]", format_args!("N must be a positive number")),
+            };
+        }
+        Some(other) => {
+            return usage_error("hostile", "[setup-flood [N]]", format_args!("unknown mode '{other}'"));
+        }
     }
     let mut c = Checks { passed: 0, failed: 0 };
     c.expect("unknown call number", raw(999, 0x20_0000), Status::UNSUPPORTED);

@@ -123,7 +123,7 @@ fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duratio
                 if n >= 2 {
                     vm.finish(Outcome::Interrupted);
                 } else {
-                    eprintln!("hypervisor-shim: asking the guest to stop (Ctrl-C again to end the run now)");
+                    crate::host::diag::say(format_args!("asking the guest to stop (Ctrl-C again to end the run now)"));
                     vm.post_notice(notice::STOP, |_| {});
                 }
             }
@@ -240,6 +240,7 @@ fn answer(vm: &VmShared, request: ControlRequest) -> ControlReply {
             }
             match crate::snapshot::save(vm, &dir) {
                 Ok(f) => ControlReply::ok(serde_json::to_value(f).unwrap_or(Value::Null)),
+                Err(e @ crate::snapshot::SnapshotError::NoParent(_)) => ControlReply::error(400, e),
                 Err(e) => ControlReply::error(500, e),
             }
         }

@@ -143,7 +143,9 @@ impl Governor {
             .inspect_err(|e| {
                 // The VMs still run; only the policy's timed steps (credit, reclaims,
                 // enforcement) are missing. Say so rather than run silently without them.
-                eprintln!("hypervisor-shim: cannot start the governor thread ({e}): credit, reclaims and enforcement are off for this run");
+                crate::host::diag::say(format_args!(
+                    "cannot start the governor thread ({e}): credit, reclaims and enforcement are off for this run"
+                ));
             })
             .ok();
         Governor { handle, stop, members }

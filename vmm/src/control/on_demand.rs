@@ -129,11 +129,11 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
     };
     if config.lifecycle.on_demand {
         let addresses: Vec<String> = slot.endpoints.iter().map(Bound::describe).collect();
-        eprintln!(
-            "hypervisor-shim: {}: on demand, no VM running; the first client on {} boots it",
+        crate::host::diag::say(format_args!(
+            "{}: on demand, no VM running; the first client on {} boots it",
             config.name(),
             addresses.join(", ")
-        );
+        ));
     }
     let mut boot_now = !config.lifecycle.on_demand;
     loop {
@@ -221,16 +221,16 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
                 ("backoff_ms", (backoff.as_millis() as u64).into()),
             ]),
         );
-        eprintln!(
-            "hypervisor-shim: {}: ended with exit code {}; restart {} of {} in {} ms",
+        crate::host::diag::say(format_args!(
+            "{}: ended with exit code {}; restart {} of {} in {} ms",
             config.name(),
             report.outcome.exit_code(),
             figures.restarts,
             restart.limit,
             backoff.as_millis()
-        );
+        ));
         if let Some(d) = report.outcome.diagnosis() {
-            eprintln!("hypervisor-shim: {}: {}", config.name(), d.trim_end());
+            crate::host::diag::say(format_args!("{}: {}", config.name(), d.trim_end()));
         }
         std::thread::sleep(backoff);
         boot_now = true;

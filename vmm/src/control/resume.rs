@@ -1,19 +1,29 @@
 //! Runs that start from a saved VM: a snapshot directory (`restore DIR`) or a live migration
 //! received on a socket (`receive --listen unix:PATH`). Each gives a [`VmSpec`] that
 //! [`crate::control::run::run`] runs like any other.
+//!
+//! While `receive` waits for its source, and while it receives the VM, it honours `--timeout`
+//! (exit 76) and Ctrl-C/SIGTERM (exit 130); while it waits it serves its `--api-sock` (no VM is
+//! listed yet); it removes its socket file on every way out.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::base::config::Lifecycle;
 use crate::base::exit;
+use crate::control::api::{ApiError, ApiServer};
+use crate::control::registry::Registry;
 use crate::control::run::{RestoreSource, VmSpec};
 use crate::host::endpoint::Publish;
 use crate::snapshot::SnapshotError;
-use crate::snapshot::migrate::{MigrateError, Received, accept_one, receive};
+use crate::snapshot::migrate::{MigrateError, Received, receive};
 use crate::snapshot::restore::RestoreMemory;
 use crate::vmm::error::{VmError, open_kvm};
 
@@ -35,14 +45,39 @@ pub enum ResumeError {
     /// The migration failed while receiving.
     #[error("{0}")]
     Receive(MigrateError),
+    /// The snapshot directory does not exist.
+    #[error("{0}: no such snapshot directory")]
+    NoSnapshot(PathBuf),
+    /// The control API could not be served while waiting.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// `--timeout` passed before a source arrived, or before its transfer was complete.
+    #[error("no migration arrived on {path} within {secs} s (--timeout)")]
+    TimedOut {
+        /// The socket.
+        path: String,
+        /// The time limit, in seconds.
+        secs: f64,
+    },
+    /// Ctrl-C or SIGTERM while waiting (or while the VM was being received).
+    #[error("interrupted while waiting for a migration on {0}")]
+    Interrupted(String),
 }
 
 impl ResumeError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
+            ResumeError::Snapshot(SnapshotError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                exit::NO_INPUT
+            }
+            ResumeError::NoSnapshot(_) => exit::NO_INPUT,
             ResumeError::Snapshot(e) => e.exit_code(),
-            ResumeError::Usage(_) | ResumeError::Listen(_) => exit::USAGE,
+            ResumeError::Usage(_) | ResumeError::Listen(_) | ResumeError::Api(_) => exit::USAGE,
+            ResumeError::TimedOut { .. } => exit::TIMEOUT,
+            ResumeError::Interrupted(_) => exit::INTERRUPTED,
             ResumeError::Kvm(e) => e.exit_code(),
             ResumeError::Receive(_) => exit::IO_ERROR,
         }
@@ -59,6 +94,8 @@ pub struct ResumeOptions {
     pub publish: Vec<Publish>,
     /// The kernel image (for diagnoses).
     pub kernel: Option<PathBuf>,
+    /// The control API socket, served while `receive` waits (the run serves it afterwards).
+    pub api_sock: Option<PathBuf>,
 }
 
 /// The saved configuration as the resumed VM runs it: no time limit but the command's, no
@@ -69,6 +106,9 @@ fn lifecycle(saved: Lifecycle, opts: &ResumeOptions) -> Lifecycle {
 
 /// The VM of the snapshot in `dir`, restored as `opts` says.
 pub fn restore_spec(dir: &Path, opts: &ResumeOptions) -> Result<VmSpec, ResumeError> {
+    if !dir.is_dir() {
+        return Err(ResumeError::NoSnapshot(dir.to_path_buf()));
+    }
     let loaded = crate::snapshot::load(dir)?;
     let mut state = loaded.state;
     let mut config = state.config.clone();
@@ -92,12 +132,39 @@ pub fn receive_spec(listen: &str, opts: &ResumeOptions) -> Result<(VmSpec, Insta
         return Err(ResumeError::Usage("--publish: a migrated VM keeps the ports its source published".into()));
     }
     let kvm = open_kvm().map_err(ResumeError::Kvm)?;
-    eprintln!("hypervisor-shim: waiting for a migration on {path}");
-    let mut channel = accept_one(Path::new(path)).map_err(ResumeError::Listen)?;
-    let Received { fd, mem, mut state, endpoints, answer, stopped_at } =
-        receive(&kvm, &mut channel).map_err(ResumeError::Receive)?;
+    let waiting = Instant::now();
+    let mut channel = wait_for_source(Path::new(path), opts)?;
+    let left = opts.timeout.map(|t| t.saturating_sub(waiting.elapsed()).max(Duration::from_millis(1)));
+    // A source that stops sending cannot hold the command past its time limit.
+    if let Some(t) = left {
+        let _ = channel.set_read_timeout(Some(t));
+    }
+    // Ctrl-C during the transfer shuts the channel down, so the read it is blocked in returns.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let received = {
+        let stopper = channel.try_clone().ok();
+        let flag = Arc::clone(&interrupted);
+        let _interrupts = crate::host::signals::subscribe(move |_| {
+            flag.store(true, Ordering::SeqCst);
+            if let Some(s) = &stopper {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        });
+        receive(&kvm, &mut channel)
+    };
+    let Received { fd, mem, mut state, endpoints, answer, stopped_at } = received.map_err(|e| {
+        if interrupted.load(Ordering::SeqCst) {
+            ResumeError::Interrupted(path.to_string())
+        } else if let Some(t) = opts.timeout.filter(|&t| waiting.elapsed() >= t) {
+            ResumeError::TimedOut { path: path.to_string(), secs: t.as_secs_f64() }
+        } else {
+            ResumeError::Receive(e)
+        }
+    })?;
+    let _ = channel.set_read_timeout(None);
     let mut config = state.config.clone();
-    config.lifecycle = lifecycle(config.lifecycle, opts);
+    // --timeout counts from the start of the command: the wait used part of it.
+    config.lifecycle = lifecycle(config.lifecycle, &ResumeOptions { timeout: left, ..opts.clone() });
     let kernel = opts.kernel.clone().unwrap_or_else(|| state.kernel.clone());
     state.kernel = kernel.clone();
     let source = RestoreSource {
@@ -108,4 +175,69 @@ pub fn receive_spec(listen: &str, opts: &ResumeOptions) -> Result<(VmSpec, Insta
     };
     let spec = VmSpec { config, kernel, expect_exit: 0, restore: Some(Arc::new(Mutex::new(Some(source)))) };
     Ok((spec, stopped_at))
+}
+
+/// A socket file this process created, removed when dropped (every way out of the wait).
+struct SocketFile<'p>(&'p Path);
+
+impl Drop for SocketFile<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
+/// Listens on `path` (which must not exist) until a source connects, `opts.timeout` passes or
+/// an interrupt arrives; serves `opts.api_sock` meanwhile. The socket file is removed on
+/// return, whatever the outcome.
+fn wait_for_source(path: &Path, opts: &ResumeOptions) -> Result<UnixStream, ResumeError> {
+    let listen_err = |reason: String| ResumeError::Usage(format!("--listen unix:{}: {reason}", path.display()));
+    if path.exists() {
+        return Err(listen_err("already exists (remove it first)".into()));
+    }
+    let listener = UnixListener::bind(path).map_err(|e| listen_err(e.to_string()))?;
+    let _file = SocketFile(path);
+    listener.set_nonblocking(true).map_err(|e| listen_err(e.to_string()))?;
+    // Interrupts wake the wait through an eventfd (nobody polls a counter).
+    crate::host::signals::install();
+    let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| listen_err(e.to_string()))?);
+    let w = Arc::clone(&wake);
+    let _interrupts = crate::host::signals::subscribe(move |_| {
+        let _ = w.write(1);
+    });
+    let _api = opts.api_sock.as_deref().map(|p| ApiServer::start(p, Registry::default())).transpose()?;
+    crate::host::diag::say(format_args!("waiting for a migration on {}", path.display()));
+    let deadline = opts.timeout.map(|t| Instant::now() + t);
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).map_err(|e| listen_err(e.to_string()))?;
+                return Ok(s);
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {}
+            Err(e) => return Err(listen_err(e.to_string())),
+        }
+        if wake.read().is_ok() {
+            return Err(ResumeError::Interrupted(path.display().to_string()));
+        }
+        let wait_ms = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ResumeError::TimedOut {
+                        path: path.display().to_string(),
+                        secs: opts.timeout.map_or(0.0, |t| t.as_secs_f64()),
+                    });
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+            None => -1,
+        };
+        let mut fds = [
+            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call; both
+        // descriptors stay open (owned by `listener` and `wake`).
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+    }
 }

@@ -124,6 +124,8 @@ pub(crate) struct DeviceSetup {
     pub(crate) idle_shutdown: Option<Duration>,
     /// Pin the I/O thread (see `EndpointConfig::pin_io`).
     pub(crate) pin_io: bool,
+    /// The VM's limit on the diagnostics its guest can cause.
+    pub(crate) diag: Arc<crate::host::diag::Limiter>,
 }
 
 /// One device as the VM sees it.
@@ -314,5 +316,6 @@ fn copy(setup: &DeviceSetup, device: &'static str) -> Result<DeviceSetup, Device
         endpoints,
         idle_shutdown: setup.idle_shutdown,
         pin_io: setup.pin_io,
+        diag: Arc::clone(&setup.diag),
     })
 }

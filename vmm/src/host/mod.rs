@@ -1,8 +1,9 @@
 //! Host helpers (base layer): seccomp allow-lists, CPU placement, signals, clocks and process
-//! figures, and the host endpoints clients connect to.
+//! figures, the host endpoints clients connect to, and stderr diagnostics that never block.
 
 pub(crate) mod affinity;
 pub(crate) mod clock;
+pub(crate) mod diag;
 pub(crate) mod endpoint;
 pub(crate) mod process;
 pub(crate) mod seccomp;

@@ -1,33 +1,45 @@
 //! Figures of this process: resident memory and CPU time.
 
-/// The shim process's resident set size now, in bytes (0 if /proc cannot say).
-///
-/// `/proc/self/statm` is opened once and read with `pread` afterwards, so a thread whose
-/// seccomp list has no `openat` (the control API) can read it too.
-pub(crate) fn process_rss_bytes() -> u64 {
+/// Reads `/proc/self/<name>` into `buf` through a file opened once (then `pread`), so a thread
+/// whose seccomp list has no `openat` (the control API) can read it too.
+fn read_proc<'b>(file: &std::sync::OnceLock<Option<std::fs::File>>, name: &str, buf: &'b mut [u8]) -> Option<&'b str> {
     use std::os::unix::fs::FileExt;
-    static STATM: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    let n =
+        file.get_or_init(|| std::fs::File::open(format!("/proc/self/{name}")).ok()).as_ref()?.read_at(buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()
+}
+
+static STATM: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+static STATUS: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+
+/// The shim process's resident set size now, in bytes (0 if /proc cannot say). The first call
+/// opens the /proc files of both figures.
+pub(crate) fn process_rss_bytes() -> u64 {
+    let _ = read_proc(&STATUS, "status", &mut []);
     let mut buf = [0u8; 128];
-    let text = STATM
-        .get_or_init(|| std::fs::File::open("/proc/self/statm").ok())
-        .as_ref()
-        .and_then(|f| f.read_at(&mut buf, 0).ok())
-        .and_then(|n| std::str::from_utf8(&buf[..n]).ok());
-    let pages = text.and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok())).unwrap_or(0);
+    let pages = read_proc(&STATM, "statm", &mut buf)
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     pages * page
 }
 
-/// The shim process's peak resident set size so far, in bytes (kernel-tracked high water).
+/// The `VmHWM:` line of a `/proc/PID/status` text, in bytes.
+fn vm_hwm_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line["VmHWM:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The shim process's own peak resident set size so far, in bytes: the kernel's high-water
+/// mark of this process's memory (`VmHWM`), never below the RSS now. Not `getrusage`'s
+/// `ru_maxrss`: that one survives `exec` and so includes the peak of whatever process
+/// (a test harness, a shell, cargo) this one was exec'd from.
 pub(crate) fn process_peak_rss_bytes() -> u64 {
-    // SAFETY: `getrusage` fills the zeroed struct it is given.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        u
-    };
-    usage.ru_maxrss as u64 * 1024
+    let mut buf = [0u8; 4096];
+    let hwm = read_proc(&STATUS, "status", &mut buf).and_then(vm_hwm_bytes).unwrap_or(0);
+    hwm.max(process_rss_bytes())
 }
 
 /// CPU time used by this process so far (user + system), in µs.
@@ -40,4 +52,28 @@ pub(crate) fn process_cpu_us() -> u64 {
     };
     let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
     us(usage.ru_utime) + us(usage.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peak_is_this_process_s_high_water_mark() {
+        assert_eq!(
+            vm_hwm_bytes("Name:\tx\nVmPeak:\t  9000 kB\nVmHWM:\t    6144 kB\nVmRSS:\t 5000 kB\n"),
+            Some(6144 * 1024)
+        );
+        assert_eq!(vm_hwm_bytes("Name:\tx\n"), None);
+        let now = process_rss_bytes();
+        let peak = process_peak_rss_bytes();
+        assert!(now > 0 && peak >= now, "peak {peak} now {now}");
+        // Touch 64 MiB: the high-water mark follows this process's own memory.
+        let big = vec![1u8; 64 << 20];
+        assert!(
+            process_peak_rss_bytes() >= peak.max(now + (60 << 20)),
+            "{}",
+            big.iter().map(|&b| b as usize).sum::<usize>()
+        );
+    }
 }

@@ -233,6 +233,8 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 /// after installing the `SIGSYS` diagnosis.
 pub(crate) fn install_process() -> Result<(), SeccompError> {
     let bpf = program(Role::Process)?;
+    // The stderr thread is started now: a filtered thread may have no `clone` to start it.
+    crate::host::diag::start();
     // SAFETY: installs a handler that only calls async-signal-safe functions.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
@@ -256,7 +258,7 @@ pub(crate) fn install_thread(role: Role) {
         seccompiler::apply_filter(&bpf).map_err(|e| SeccompError::Apply { role: role.name(), reason: e.to_string() })
     });
     if let Err(e) = applied {
-        eprintln!("hypervisor-shim: {e}");
+        crate::host::diag::say(format_args!("{e}"));
     }
 }
 

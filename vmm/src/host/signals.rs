@@ -40,7 +40,9 @@ pub fn install() {
             if spawned.is_ok() {
                 WAKE_FD.store(fd, Ordering::SeqCst);
             } else {
-                eprintln!("hypervisor-shim: cannot start the signal thread: Ctrl-C ends the run only with --timeout");
+                crate::host::diag::say(format_args!(
+                    "cannot start the signal thread: Ctrl-C ends the run only with --timeout"
+                ));
             }
         }
         for sig in [libc::SIGINT, libc::SIGTERM] {

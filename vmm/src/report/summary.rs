@@ -135,6 +135,19 @@ pub(crate) struct PolicySummary {
     pub(crate) memory: PolicyFigures,
 }
 
+/// The diagnostics a VM's guest caused (see `host::diag`).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct DiagSummary {
+    /// Lines written to stderr's buffer.
+    pub(crate) printed: u64,
+    /// Lines suppressed by the rate limit (a burst of 10, then 1 a second).
+    pub(crate) suppressed: u64,
+    /// Lines dropped because stderr's buffer was full.
+    pub(crate) dropped: u64,
+    /// Lines of the whole process (any cause) dropped or lost on a failed write, so far.
+    pub(crate) stderr_lost_lines: u64,
+}
+
 /// The summary of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -152,6 +165,9 @@ pub struct Summary {
     pub(crate) restore_us: Option<u64>,
     /// Guest console bytes dropped because the shim's output was not read fast enough.
     pub(crate) console_dropped_bytes: u64,
+    /// The stderr lines the guest caused: printed, suppressed by the per-VM rate limit, dropped
+    /// because nobody read stderr.
+    pub(crate) diagnostics: DiagSummary,
     /// Shim process start to the end of the run, in µs.
     pub(crate) wall_us: u64,
     /// CLOCK_MONOTONIC (ns) at shim `main` entry, so an external tool can add the process
@@ -272,6 +288,12 @@ impl Summary {
             boot_us: report.boot.map(|d| d.as_micros() as u64),
             restore_us: report.restored.map(|d| d.as_micros() as u64),
             console_dropped_bytes: report.console_dropped,
+            diagnostics: DiagSummary {
+                printed: report.diagnostics.printed,
+                suppressed: report.diagnostics.suppressed,
+                dropped: report.diagnostics.dropped,
+                stderr_lost_lines: crate::host::diag::lost_lines(),
+            },
             wall_us: report.wall.as_micros() as u64,
             started_monotonic_ns,
             hypercalls: report.hypercalls,
@@ -304,7 +326,8 @@ impl Summary {
             },
             host_rss_bytes: RssSummary {
                 boot: report.memory.rss_boot,
-                peak: report.memory.rss_peak,
+                // The kernel's high-water mark, never below a figure read on the way.
+                peak: report.memory.rss_peak.max(report.memory.rss_boot).max(report.memory.rss_end),
                 end: report.memory.rss_end,
             },
             reclaims: pv.reclaims + pm.reclaims,

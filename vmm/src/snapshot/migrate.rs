@@ -501,15 +501,3 @@ fn listener_from(fd: OwnedFd, meta: WireListener) -> Result<Bound, MigrateError>
         }
     })
 }
-
-/// Listens on `path` for one migration (the path must not exist; it is removed afterwards).
-pub(crate) fn accept_one(path: &Path) -> Result<UnixStream, MigrateError> {
-    if path.exists() {
-        return Err(MigrateError::Protocol(format!("{} already exists (remove it first)", path.display())));
-    }
-    let listener = std::os::unix::net::UnixListener::bind(path)?;
-    let accepted = listener.accept();
-    let _ = std::fs::remove_file(path);
-    let (s, _) = accepted?;
-    Ok(s)
-}

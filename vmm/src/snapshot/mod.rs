@@ -84,6 +84,9 @@ pub enum SnapshotError {
     /// The VM could not be quiesced or its state read.
     #[error("{0}")]
     Vm(String),
+    /// The snapshot directory's parent does not exist (it is not created).
+    #[error("{0}: its parent directory does not exist (create it first)")]
+    NoParent(PathBuf),
 }
 
 impl SnapshotError {
@@ -92,6 +95,7 @@ impl SnapshotError {
         match self {
             SnapshotError::Io { .. } => crate::base::exit::IO_ERROR,
             SnapshotError::Vm(_) => crate::base::exit::INTERNAL,
+            SnapshotError::NoParent(_) => crate::base::exit::USAGE,
             _ => crate::base::exit::IMAGE_REFUSED,
         }
     }
@@ -260,12 +264,17 @@ pub(crate) fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-/// Takes a snapshot of `vm` into `dir` (created if needed; an older snapshot there is
-/// replaced). The VM is held still while its memory is written and then resumes (unless it
+/// Takes a snapshot of `vm` into `dir` (created if needed, but not its parent; an older
+/// snapshot there is replaced). The VM is held still while its memory is written and then resumes (unless it
 /// was paused before).
 pub(crate) fn save(vm: &VmShared, dir: &Path) -> Result<SaveFigures, SnapshotError> {
     let t0 = Instant::now();
-    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    if !dir.is_dir() {
+        if dir.parent().is_some_and(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
+            return Err(SnapshotError::NoParent(dir.to_path_buf()));
+        }
+        std::fs::create_dir(dir).map_err(io("create", dir))?;
+    }
     let mut q = Quiesced::new(vm)?;
     let t_held = Instant::now();
     let mut state = q.state()?;

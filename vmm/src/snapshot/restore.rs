@@ -105,7 +105,9 @@ fn rebuild(
         };
         initial.push((vcpu, handle, !online));
     }
-    let devices = DeviceManager::restore(&mem, &device_setup(config, &endpoints), &state.devices)?;
+    let setup = device_setup(config, &endpoints);
+    let diag = Arc::clone(&setup.diag);
+    let devices = DeviceManager::restore(&mem, &setup, &state.devices)?;
     // Charge what the VM holds above its min (admission reserved the min).
     let pool = host.pool;
     let r = &config.resources;
@@ -141,6 +143,7 @@ fn rebuild(
         started: host.started,
         timeline: host.timeline,
         events: host.events,
+        diag,
     };
     let vm = Vm::assemble(parts, initial)?;
     vm.shared().restored_now();

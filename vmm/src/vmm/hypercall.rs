@@ -64,7 +64,7 @@ impl VcpuStart {
     pub(crate) fn abandon(&self, vm: &VmShared, why: &dyn std::fmt::Display) -> Status {
         vm.vcpus().abandon_create(self.id);
         vm.policy().give_back(Resource::Vcpus, 1);
-        eprintln!("hypervisor-shim: cannot create vCPU {}: {why}", self.id);
+        vm.diag().say(format_args!("cannot create vCPU {}: {why}", self.id));
         if let Ok(mut block) = vm.mem().read_obj::<VcpuUpArgs>(self.gpa) {
             block.header.status = Status::EXHAUSTED.0;
             block.vcpu_id = 0;
@@ -314,7 +314,7 @@ fn mem_grant(vm: &VmShared, a: &mut MemGrantArgs) -> (Status, Flow) {
         Err(e) => {
             policy.give_back(Resource::Memory, reserved);
             if !matches!(e, crate::base::memory::MemoryError::NoRoom) {
-                eprintln!("hypervisor-shim: memory grant failed: {e}");
+                vm.diag().say(format_args!("memory grant failed: {e}"));
             }
             return (Status::EXHAUSTED, Flow::Continue);
         }
@@ -374,7 +374,7 @@ fn mem_release(vm: &VmShared, a: &mut MemReleaseArgs) -> (Status, Flow) {
             a.released = released;
             vm.policy().give_back(Resource::Memory, released);
             vm.refresh_notice_page();
-            eprintln!("hypervisor-shim: memory release failed: {e}");
+            vm.diag().say(format_args!("memory release failed: {e}"));
             (Status::INVALID, Flow::Continue)
         }
     }

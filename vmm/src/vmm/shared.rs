@@ -19,6 +19,7 @@ use crate::base::layout::Layout;
 use crate::base::memory::GuestMemory;
 use crate::base::timeline::Timeline;
 use crate::devices::{DeviceManager, StopReason};
+use crate::host::diag::Limiter;
 use crate::host::endpoint::Bound;
 use crate::policy::admission::{Record, VmPolicy};
 use crate::policy::resource::Resource;
@@ -60,6 +61,8 @@ pub(crate) struct Parts {
     pub(crate) started: Instant,
     pub(crate) timeline: Arc<Timeline>,
     pub(crate) events: EventSink,
+    /// The limit on the diagnostics the guest can cause (shared with the devices).
+    pub(crate) diag: Arc<Limiter>,
 }
 
 /// State shared by the VM's threads.
@@ -82,6 +85,7 @@ pub(crate) struct VmShared {
     timeline: Arc<Timeline>,
     events: EventSink,
     stats: Stats,
+    diag: Arc<Limiter>,
     /// Time from `started` to the first HELLO.
     first_hello: OnceLock<Duration>,
     /// Time from `started` to the moment a restored VM was ready to run.
@@ -128,6 +132,7 @@ impl VmShared {
             started,
             timeline,
             events,
+            diag,
         } = parts;
         VmShared {
             config,
@@ -147,6 +152,7 @@ impl VmShared {
             timeline,
             events,
             stats: Stats::default(),
+            diag,
             first_hello: OnceLock::new(),
             restored_in: OnceLock::new(),
             stopping: AtomicBool::new(false),
@@ -154,6 +160,12 @@ impl VmShared {
             outcome: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The limit on the diagnostics the guest can cause: every stderr line a guest can
+    /// provoke goes through it.
+    pub(crate) fn diag(&self) -> &Limiter {
+        &self.diag
     }
 
     /// The VM's name.
@@ -451,6 +463,7 @@ impl VmShared {
             invariants: self.policy.invariants(),
             devices: self.devices.figures(),
             console_dropped: self.console.dropped(),
+            diagnostics: self.diag.figures(),
         }
     }
 }

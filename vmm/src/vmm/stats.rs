@@ -89,6 +89,8 @@ pub(crate) struct RunReport {
     pub(crate) devices: Vec<(&'static str, serde_json::Value)>,
     /// Guest console bytes dropped because nobody read the shim's output fast enough.
     pub(crate) console_dropped: u64,
+    /// The diagnostics the guest caused: printed, suppressed by the rate limit, dropped.
+    pub(crate) diagnostics: crate::host::diag::DiagFigures,
 }
 
 impl RunReport {
@@ -118,6 +120,7 @@ impl RunReport {
             invariants: Invariants::default(),
             devices: crate::devices::names().map(|n| (n, serde_json::Value::Null)).collect(),
             console_dropped: 0,
+            diagnostics: crate::host::diag::DiagFigures::default(),
         }
     }
 }

@@ -170,6 +170,7 @@ impl Vm {
             started: host.started,
             timeline: host.timeline,
             events: host.events,
+            diag: Arc::clone(&setup.diag),
         };
         Self::assemble(parts, vec![(boot_vcpu, handle, false)])
     }
@@ -210,6 +211,7 @@ pub(crate) fn device_setup(config: &VmConfig, endpoints: &[Bound]) -> DeviceSetu
         endpoints: endpoints.iter().filter_map(|e| e.try_clone().ok()).collect(),
         idle_shutdown: config.lifecycle.idle_shutdown,
         pin_io: config.endpoints.pin_io,
+        diag: Arc::new(crate::host::diag::Limiter::new()),
     }
 }
 

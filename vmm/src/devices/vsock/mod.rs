@@ -199,6 +199,8 @@ struct VsockShared {
     /// Written by DEVICE_NOTIFY: the I/O thread looks at the queues.
     kick: Arc<EventFd>,
     stats: VsockStats,
+    /// The VM's limit on guest-caused diagnostics.
+    diag: Arc<crate::host::diag::Limiter>,
 }
 
 impl VsockShared {
@@ -210,7 +212,7 @@ impl VsockShared {
     /// carries on.
     fn mark_broken(&self, core: &mut Core, mem: &GuestMemory, why: String) {
         if core.broken.is_none() {
-            eprintln!("hypervisor-shim: vsock device stopped for this VM: {why}");
+            self.diag.say(format_args!("vsock device stopped for this VM: {why}"));
             core.broken = Some(why);
             core.queues = None;
             core.generation += 1;
@@ -292,8 +294,12 @@ impl Vsock {
             what: "cannot create an eventfd",
             source,
         })?;
-        let shared =
-            Arc::new(VsockShared { core: Mutex::new(core), kick: Arc::new(kick), stats: VsockStats::default() });
+        let shared = Arc::new(VsockShared {
+            core: Mutex::new(core),
+            kick: Arc::new(kick),
+            stats: VsockStats::default(),
+            diag: Arc::clone(&setup.diag),
+        });
         Ok(Vsock {
             shared,
             setup: Mutex::new(Some(setup)),
@@ -353,7 +359,7 @@ impl Device for Vsock {
             Ok(StatusChange::Progress) => return Status::OK,
             Err(e) => {
                 core.pv.set_needs_reset(mem);
-                eprintln!("hypervisor-shim: vsock device: the guest's setup was refused: {e}");
+                shared.diag.say(format_args!("vsock device: the guest's setup was refused: {e}"));
                 return Status::INVALID;
             }
         }

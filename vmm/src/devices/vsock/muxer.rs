@@ -128,7 +128,7 @@ pub(super) fn run(start: Start) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("hypervisor-shim: vsock I/O thread: cannot create an epoll instance: {e}");
+            start.shared.diag.say(format_args!("vsock I/O thread: cannot create an epoll instance: {e}"));
             return;
         }
     };
@@ -165,7 +165,7 @@ pub(super) fn run(start: Start) {
             .unwrap_or_default(),
     };
     if let Err(e) = m.register() {
-        eprintln!("hypervisor-shim: vsock I/O thread: cannot watch its sockets: {e}");
+        m.shared.diag.say(format_args!("vsock I/O thread: cannot watch its sockets: {e}"));
         return;
     }
     m.main_loop();
@@ -230,7 +230,7 @@ impl Muxer {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => 0,
                 Err(e) => {
-                    eprintln!("hypervisor-shim: vsock I/O thread: epoll failed: {e}");
+                    self.shared.diag.say(format_args!("vsock I/O thread: epoll failed: {e}"));
                     return;
                 }
             };
