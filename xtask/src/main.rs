@@ -76,7 +76,10 @@ fn main() -> ExitCode {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(&root).args(["test", "--release"]).args(&args);
-    println!("xtask: running cargo test --release {}", args.join(" "));
+    println!(
+        "xtask: running {}",
+        std::iter::once("cargo test --release").chain(args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ")
+    );
     if dry_run {
         println!("xtask: (dry run: not running it)");
         return ExitCode::SUCCESS;
