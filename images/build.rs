@@ -1,6 +1,6 @@
 //! Builds the kernel for `x86_64-unknown-none` with a nested `cargo build` and exports its
-//! path as `KERNEL_PATH`, so `cargo run` / `cargo test` always boot a kernel built from the
-//! same sources. The nested build uses its own target directory under `OUT_DIR` (no lock
+//! path as `KERNEL_PATH` and its SHA-256 as `KERNEL_SHA256`, so `cargo run` / `cargo test`
+//! always boot a kernel built from the same sources, and the library can embed it. The nested build uses its own target directory under `OUT_DIR` (no lock
 //! contention with the outer build) and a scrubbed environment (the outer build's flags and
 //! wrappers must not leak into a different target).
 //!
@@ -13,6 +13,8 @@
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+use sha2::{Digest, Sha256};
 
 const TARGET: &str = "x86_64-unknown-none";
 
@@ -54,7 +56,13 @@ fn main() -> ExitCode {
     // Clippy only checks the host crates; it needs the variable, not the kernel.
     let under_clippy = env::var("RUSTC_WORKSPACE_WRAPPER").is_ok_and(|w| w.contains("clippy-driver"));
     if under_clippy {
-        println!("cargo::rustc-env=KERNEL_PATH={}", out.join("kernel-not-built-under-clippy").display());
+        // `include_bytes!` needs a file: an empty one stands in for the kernel.
+        let placeholder = out.join("kernel-not-built-under-clippy");
+        if let Err(e) = std::fs::write(&placeholder, b"") {
+            return stop(&format!("cannot write {}: {e}", placeholder.display()));
+        }
+        println!("cargo::rustc-env=KERNEL_PATH={}", placeholder.display());
+        println!("cargo::rustc-env=KERNEL_SHA256=not-built-under-clippy");
         println!("cargo::rustc-env=EXAMPLE_SERVICE_PATH={}", out.join("example-not-built-under-clippy").display());
         return ExitCode::SUCCESS;
     }
@@ -89,7 +97,15 @@ fn main() -> ExitCode {
     if !kernel.exists() {
         return stop(&format!("the kernel build succeeded but {} is missing", kernel.display()));
     }
+    // The binary embeds the image (`elastic_images::KERNEL_IMAGE`) and writes it out under a
+    // name made of its digest, so different builds never share a file.
+    let digest = match std::fs::read(&kernel) {
+        Ok(bytes) => Sha256::digest(&bytes),
+        Err(e) => return stop(&format!("cannot read the kernel just built at {}: {e}", kernel.display())),
+    };
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     println!("cargo::rustc-env=KERNEL_PATH={}", kernel.display());
+    println!("cargo::rustc-env=KERNEL_SHA256={hex}");
     let example = target_dir.join(TARGET).join(profile_dir).join("my-service");
     println!("cargo::rustc-env=EXAMPLE_SERVICE_PATH={}", example.display());
     ExitCode::SUCCESS

@@ -11,8 +11,14 @@ use elastic_vmm::OnViolation;
 use crate::tools::bench;
 use crate::tools::qemu::Accel;
 
-/// The kernel image built together with this shim.
-pub(super) const BUILT_KERNEL: &str = elastic_images::KERNEL;
+/// The kernel image built together with this shim: embedded in the binary and written to a
+/// per-user cache file on first use (`elastic_images::builtin`); exits 66 when it cannot be.
+pub(super) static BUILT_KERNEL: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(|| {
+    elastic_images::builtin::kernel_file().unwrap_or_else(|e| {
+        eprintln!("hypervisor-shim: the built-in kernel image is unavailable ({e}); give one with --kernel PATH");
+        std::process::exit(elastic_vmm::exit::NO_INPUT.into())
+    })
+});
 
 /// Boots the elastic unikernel on KVM and serves its hypercalls.
 ///
@@ -392,5 +398,5 @@ pub(super) fn kernel_path(guest: &GuestArgs) -> PathBuf {
 }
 
 pub(super) fn default_kernel(given: &Option<PathBuf>) -> PathBuf {
-    given.clone().unwrap_or_else(|| PathBuf::from(BUILT_KERNEL))
+    given.clone().unwrap_or_else(|| BUILT_KERNEL.clone())
 }

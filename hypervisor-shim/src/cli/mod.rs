@@ -270,7 +270,7 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
     {
         return fail(exit::USAGE, e);
     }
-    let config = match crate::cli::pool_config::load(&args.config, std::path::Path::new(BUILT_KERNEL)) {
+    let config = match crate::cli::pool_config::load(&args.config, &BUILT_KERNEL) {
         Ok(c) => c,
         Err(e) => return fail(exit::USAGE, e),
     };
