@@ -20,7 +20,7 @@ use core::cmp::Ordering;
 use super::resp::{parse_i64, push_decimal};
 
 /// Most fields a hash keeps in insertion order (Redis's `hash-max-listpack-entries`).
-pub const HASH_SMALL_ENTRIES: usize = 128;
+pub const HASH_SMALL_ENTRIES: usize = 512;
 /// Longest field or value a hash keeps in insertion order (`hash-max-listpack-value`).
 pub const HASH_SMALL_VALUE: usize = 64;
 /// Most members a set of integers keeps sorted numerically (`set-max-intset-entries`).
