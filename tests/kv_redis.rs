@@ -566,3 +566,76 @@ fn a_512_mib_value_round_trips_and_one_the_vm_cannot_hold_gets_the_oom_error() {
     assert_eq!(code, Some(5), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The value of `key` in kv's INFO.
+fn info_field(port: u16, key: &str) -> u64 {
+    let out = exchange_n(port, b"INFO\r\n", 1);
+    let text = String::from_utf8_lossy(&out);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in INFO:\n{text}"))
+}
+
+#[test]
+fn collections_live_in_the_elastic_heap_and_deleting_them_gives_the_memory_back() {
+    const MIB: u64 = 1 << 20;
+    let (kv, port) = start_kv("kv-collections-memory", "64M:1G:1G");
+    let held_before = info_field(port, "memory_held");
+    // 4 keys of ~60 MiB each: 4 KiB elements, 64 to a request.
+    let element = |key: u8, i: u32| -> Vec<u8> {
+        let mut e = format!("{key}:{i}:").into_bytes();
+        e.resize(4096, b'a' + (i % 26) as u8);
+        e
+    };
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    for batch in 0..240u32 {
+        let mut input = Vec::new();
+        for (key, cmd) in [(0u8, "RPUSH"), (1, "HSET"), (2, "SADD"), (3, "ZADD")] {
+            let mut args: Vec<Vec<u8>> = vec![cmd.into(), format!("c{key}").into()];
+            for i in batch * 64..(batch + 1) * 64 {
+                match key {
+                    1 => args.push(format!("f{i}").into()),
+                    3 => args.push(i.to_string().into()),
+                    _ => {}
+                }
+                args.push(element(key, i));
+            }
+            input.extend(resp(&args.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+        }
+        s.write_all(&input).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while got.iter().filter(|&&b| b == b'\n').count() < 4 {
+            let n = s.read(&mut buf).expect("replies");
+            assert!(n > 0, "kv closed the connection");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let want = if batch == 0 {
+            ":64\r\n:64\r\n:64\r\n:64\r\n".to_string()
+        } else {
+            format!(":{}\r\n:64\r\n:64\r\n:64\r\n", (batch + 1) * 64)
+        };
+        assert_eq!(String::from_utf8_lossy(&got), want, "batch {batch}");
+    }
+    let held_full = info_field(port, "memory_held");
+    assert!(held_full >= held_before + 200 * MIB, "memory held {held_before} -> {held_full}");
+    assert_eq!(
+        exchange(port, &reqs(&["LLEN c0", "HLEN c1", "SCARD c2", "ZCARD c3", "LINDEX c0 -1"]))[..32],
+        b":15360\r\n:15360\r\n:15360\r\n:15360\r\n"[..]
+    );
+    assert_eq!(exchange(port, &reqs(&["DEL c0 c1 c2 c3", "DBSIZE"])), b":4\r\n:0\r\n");
+    // The heap gives the extents back once they have been free a while.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut held = held_full;
+    while Instant::now() < deadline {
+        held = info_field(port, "memory_held");
+        if held <= held_before + 64 * MIB {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(held <= held_before + 64 * MIB, "memory held after DEL: {} MiB (full {} MiB)", held / MIB, held_full / MIB);
+    assert_eq!(kv.stop().0, Some(5));
+}
