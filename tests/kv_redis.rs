@@ -128,7 +128,9 @@ fn exchange_n(port: u16, input: &[u8], n: usize) -> Vec<u8> {
             Ok(k) => out.extend_from_slice(&buf[..k]),
         }
     }
-    writer.join().unwrap().expect("the request was written");
+    // A server that closed early (a protocol error) leaves the write broken: what it
+    // answered is the result.
+    let _ = writer.join();
     out
 }
 
