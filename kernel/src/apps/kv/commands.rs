@@ -96,6 +96,8 @@ pub enum CommandError {
     ClientName,
     /// ZRANGE's LIMIT without BYSCORE/BYLEX.
     LimitWithoutBy,
+    /// A score range end that is not a float.
+    MinMaxNotFloat,
     /// The VM could not get the memory the command needs.
     Oom,
 }
@@ -144,6 +146,7 @@ impl CommandError {
             Self::LimitWithoutBy => {
                 put(&[b"syntax error, LIMIT is only supported in combination with either BYSCORE or BYLEX"])
             }
+            Self::MinMaxNotFloat => put(&[b"min or max is not a float"]),
             Self::WrongType | Self::Oom => {}
         }
         resp::error(out, &m);
@@ -259,8 +262,11 @@ pub const COMMANDS: &[Command] = &[
     cmd("zcard", 2, zcard),
     cmd("zrank", 3, |c, a| zrank(c, a, false)),
     cmd("zrevrank", 3, |c, a| zrank(c, a, true)),
-    cmd("zrange", -4, |c, a| zrange(c, a, false)),
-    cmd("zrevrange", -4, |c, a| zrange(c, a, true)),
+    cmd("zrange", -4, |c, a| zrange(c, a, RangeBy::Auto, None)),
+    cmd("zrevrange", -4, |c, a| zrange(c, a, RangeBy::Rank, Some(true))),
+    cmd("zrangebyscore", -4, |c, a| zrange(c, a, RangeBy::Score, Some(false))),
+    cmd("zrevrangebyscore", -4, |c, a| zrange(c, a, RangeBy::Score, Some(true))),
+    cmd("zcount", 4, zcount),
     cmd("zpopmin", -2, |c, a| zpop(c, a, false)),
     cmd("zpopmax", -2, |c, a| zpop(c, a, true)),
     cmd("quit", -1, |c, _| {
@@ -1439,31 +1445,60 @@ fn zrank(c: &mut Ctx<'_>, args: &mut [Vec<u8>], rev: bool) -> Result<Flow, Comma
     done()
 }
 
-/// ZRANGE key start stop [REV] [WITHSCORES] (by index; BYSCORE and BYLEX are not supported:
-/// a syntax error) and ZREVRANGE key start stop [WITHSCORES].
-fn zrange(c: &mut Ctx<'_>, args: &mut [Vec<u8>], zrevrange: bool) -> Result<Flow, CommandError> {
-    let (mut rev, mut withscores, mut limit) = (zrevrange, false, false);
+/// What a ZRANGE-family command ranges over and in which direction, before its options.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RangeBy {
+    /// Not fixed by the command name (ZRANGE): options choose.
+    Auto,
+    Rank,
+    Score,
+}
+
+/// ZRANGE key start stop [BYSCORE] [REV] [LIMIT offset count] [WITHSCORES], ZREVRANGE,
+/// ZRANGEBYSCORE key min max [WITHSCORES] [LIMIT offset count] and ZREVRANGEBYSCORE key max
+/// min …: Redis 7.0's `zrangeGenericCommand` (BYLEX is not supported: a syntax error).
+fn zrange(c: &mut Ctx<'_>, args: &mut [Vec<u8>], by: RangeBy, rev: Option<bool>) -> Result<Flow, CommandError> {
+    let (mut by, mut rev, mut withscores) = (by, rev, false);
+    let (mut offset, mut limit) = (0i64, -1i64);
     let mut i = 4;
     while let Some(opt) = args.get(i) {
+        let left = args.len() - i - 1;
         if is(opt, "withscores") {
             withscores = true;
-        } else if is(opt, "rev") && !zrevrange {
-            rev = true;
-        } else if is(opt, "limit") && !zrevrange && i + 2 < args.len() {
-            limit = true;
+        } else if is(opt, "limit") && left >= 2 {
+            offset = integer(arg(args, i + 1))?;
+            limit = integer(arg(args, i + 2))?;
             i += 2;
+        } else if rev.is_none() && is(opt, "rev") {
+            rev = Some(true);
+        } else if by == RangeBy::Auto && is(opt, "byscore") {
+            by = RangeBy::Score;
         } else {
             return Err(CommandError::Syntax);
         }
         i += 1;
     }
-    if limit {
+    let rev = rev.unwrap_or(false);
+    if limit != -1 && by != RangeBy::Score {
         return Err(CommandError::LimitWithoutBy);
     }
-    let (start, end) = (integer(arg(args, 2))?, integer(arg(args, 3))?);
-    let items = match read::<ZSet>(c.store, arg(args, 1), c.now)? {
-        Some(z) => clamp_range(start, end, z.len()).map(|(s, e)| z.range(s, e, rev)).unwrap_or_default(),
-        None => Vec::new(),
+    let (lo, hi) =
+        if rev && by == RangeBy::Score { (arg(args, 3), arg(args, 2)) } else { (arg(args, 2), arg(args, 3)) };
+    let items = if by == RangeBy::Score {
+        let (lo, hi) = (score_bound(lo)?, score_bound(hi)?);
+        let Some(z) = read::<ZSet>(c.store, arg(args, 1), c.now)? else {
+            resp::array(c.out, 0);
+            return done();
+        };
+        let skip = if offset < 0 { usize::MAX } else { usize::try_from(offset).unwrap_or(usize::MAX) };
+        let take = if limit < 0 { usize::MAX } else { usize::try_from(limit).unwrap_or(usize::MAX) };
+        z.by_score(lo, hi, rev).skip(skip).take(take).collect()
+    } else {
+        let (start, end) = (integer(lo)?, integer(hi)?);
+        match read::<ZSet>(c.store, arg(args, 1), c.now)? {
+            Some(z) => clamp_range(start, end, z.len()).map(|(s, e)| z.range(s, e, rev)).unwrap_or_default(),
+            None => Vec::new(),
+        }
     };
     resp::array(c.out, items.len() * if withscores { 2 } else { 1 });
     for (m, s) in items {
@@ -1472,6 +1507,23 @@ fn zrange(c: &mut Ctx<'_>, args: &mut [Vec<u8>], zrevrange: bool) -> Result<Flow
             score_reply(c.out, s);
         }
     }
+    done()
+}
+
+/// A score range end as Redis's `zslParseRange`: `(x` excludes x.
+fn score_bound(a: &[u8]) -> Result<(f64, bool), CommandError> {
+    let (text, excl) = match a.strip_prefix(b"(") {
+        Some(rest) => (rest, true),
+        None => (a, false),
+    };
+    types::parse_score(text).map(|v| (v, excl)).ok_or(CommandError::MinMaxNotFloat)
+}
+
+/// ZCOUNT key min max.
+fn zcount(c: &mut Ctx<'_>, args: &mut [Vec<u8>]) -> Result<Flow, CommandError> {
+    let (lo, hi) = (score_bound(arg(args, 2))?, score_bound(arg(args, 3))?);
+    let n = read::<ZSet>(c.store, arg(args, 1), c.now)?.map_or(0, |z| z.by_score(lo, hi, false).count());
+    resp::int(c.out, n as i64);
     done()
 }
 

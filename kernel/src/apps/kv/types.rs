@@ -13,6 +13,7 @@
 //!
 //! Empty collections are never stored: the commands remove a key whose collection empties.
 
+use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 use core::cmp::Ordering;
@@ -472,6 +473,39 @@ impl ZSet {
             self.order.iter().rev().skip(start).take(n).map(pick).collect()
         } else {
             self.order.iter().skip(start).take(n).map(pick).collect()
+        }
+    }
+
+    /// Members with scores between `lo` and `hi` (each `(score, exclusive)`), ascending or,
+    /// if `rev`, from the highest.
+    pub fn by_score(
+        &self,
+        (lo, lo_excl): (f64, bool),
+        (hi, hi_excl): (f64, bool),
+        rev: bool,
+    ) -> Box<dyn Iterator<Item = (&[u8], f64)> + '_> {
+        let above_lo = move |s: f64| s > lo || (!lo_excl && s == lo);
+        let below_hi = move |s: f64| s < hi || (!hi_excl && s == hi);
+        fn pick((s, m): &(Score, Vec<u8>)) -> (&[u8], f64) {
+            (m, s.0)
+        }
+        if rev {
+            Box::new(
+                self.order
+                    .iter()
+                    .rev()
+                    .skip_while(move |(s, _)| !below_hi(s.0))
+                    .take_while(move |(s, _)| above_lo(s.0))
+                    .map(pick),
+            )
+        } else {
+            Box::new(
+                self.order
+                    .iter()
+                    .skip_while(move |(s, _)| !above_lo(s.0))
+                    .take_while(move |(s, _)| below_hi(s.0))
+                    .map(pick),
+            )
         }
     }
 
