@@ -583,7 +583,7 @@ fn redis_benchmark_default_tests_run_without_errors() {
 #[test]
 fn a_512_mib_value_round_trips_and_one_the_vm_cannot_hold_gets_the_oom_error() {
     const BIG: usize = 512 << 20;
-    let (kv, port) = start_kv("kv-512m", "64M:3G:3G");
+    let (kv, port) = start_kv("kv-512m", "64M:1536M:2G");
     let value: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
     let mut input = resp(&[b"SET", b"big", &value]);
     input.extend(reqs(&["STRLEN big", "GET big", "DEL big", "PING"]));

@@ -283,15 +283,23 @@ impl Parser {
     }
 }
 
+/// Once this much of an argument has arrived, the rest of its announced length is reserved
+/// in one step (Redis reserves a big argument's whole length as soon as its `$len` is read):
+/// one more copy instead of seven doublings for a 512 MiB value, and no trail of freed
+/// smaller buffers in the heap's extents.
+const RESERVE_ALL_AFTER: usize = 4 << 20;
+
 /// Makes room for `more` bytes in `arg` without reserving past `cap` (the argument's
 /// announced length): doubling, so a value arriving in small pieces is copied O(1) times per
-/// byte, but never more than twice what has arrived. False if the memory cannot be had.
+/// byte, but never more than twice what has arrived until [`RESERVE_ALL_AFTER`] has. False
+/// if the memory cannot be had.
 fn grow_within(arg: &mut Vec<u8>, more: usize, cap: usize) -> bool {
     let want = arg.len() + more;
     if want <= arg.capacity() {
         return true;
     }
-    let target = want.max(arg.capacity().saturating_mul(2)).min(cap);
+    let doubled = if want >= RESERVE_ALL_AFTER { cap } else { arg.capacity().saturating_mul(2) };
+    let target = want.max(doubled).min(cap);
     arg.try_reserve_exact(target - arg.len()).is_ok() || arg.try_reserve_exact(more).is_ok()
 }
 
@@ -657,6 +665,24 @@ mod tests {
             assert_eq!(p.parse(&chunk, &mut pos), Ok(false));
             got += chunk.len();
             assert!(p.held_bytes() <= 2 * got + 1024, "held {} after {got}", p.held_bytes());
+        }
+    }
+
+    #[test]
+    fn past_4_mib_the_whole_announced_length_is_reserved_at_once() {
+        let mut p = Parser::new();
+        let mut pos = 0;
+        assert_eq!(p.parse(b"*1\r\n$16777216\r\n", &mut pos), Ok(false));
+        let chunk = vec![b'x'; 1 << 20];
+        for mib in 1..=5 {
+            let mut pos = 0;
+            assert_eq!(p.parse(&chunk, &mut pos), Ok(false));
+            let held = p.held_bytes();
+            if mib <= 4 {
+                assert!(held <= 2 * (mib << 20) + 1024, "held {held} after {mib} MiB");
+            } else {
+                assert!((16 << 20..(16 << 20) + 1024).contains(&held), "held {held} after {mib} MiB");
+            }
         }
     }
 
