@@ -107,6 +107,8 @@ fn parse_reply(b: &[u8], pos: &mut usize) -> Option<Reply> {
             }
             _ => return None,
         },
+        // The null array (LPOP key count on a missing key).
+        b'*' if line == b"-1" => Reply::Bulk(None),
         b'*' => {
             let n = usize::try_from(num()?).ok()?;
             let mut items = Vec::new();
@@ -963,4 +965,93 @@ fn emptied_collections_are_removed_and_their_bytes_returned() {
     cmd(&mut st, NOW, "LPOP l 2\r\nHDEL h f\r\nSPOP s\r\nZREM z m\r\n");
     assert_eq!(st.len(), 0);
     assert_eq!(st.bytes(), 0);
+}
+
+#[test]
+fn random_requests_over_every_type_never_panic_and_get_one_reply_each() {
+    const WORDS: &[&str] = &[
+        "k0",
+        "k1",
+        "k2",
+        "f",
+        "m",
+        "0",
+        "1",
+        "-1",
+        "2",
+        "5",
+        "-3",
+        "99",
+        "1.5",
+        "(1",
+        "(2",
+        "inf",
+        "-inf",
+        "+inf",
+        "nan",
+        "x",
+        "",
+        "WITHSCORES",
+        "LIMIT",
+        "REV",
+        "BYSCORE",
+        "NX",
+        "XX",
+        "GT",
+        "LT",
+        "CH",
+        "INCR",
+        "GET",
+        "EX",
+        "10",
+        "9223372036854775807",
+        "-9223372036854775808",
+        "SETNAME",
+        "GETNAME",
+        "ID",
+    ];
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut store = Store::new();
+    let mut session = Session::new();
+    let names: Vec<&str> = COMMANDS.iter().map(|c| c.name).filter(|n| *n != "quit").collect();
+    let mut kinds = [0usize; 5];
+    for round in 0..40_000 {
+        let mut args: Vec<Vec<u8>> = vec![names[rng.below(names.len())].as_bytes().to_vec()];
+        for _ in 0..rng.below(7) {
+            args.push(WORDS[rng.below(WORDS.len())].as_bytes().to_vec());
+        }
+        let mut req = alloc::format!("*{}\r\n", args.len()).into_bytes();
+        for a in &args {
+            req.extend_from_slice(alloc::format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
+        }
+        let mut out = Vec::new();
+        let h = session.handle(&mut store, &req, NOW, &figures, &mut out);
+        session.release();
+        assert_eq!(h, Handled { consumed: req.len(), close: false, more: false }, "round {round}");
+        let replies = parse_replies(&out).unwrap_or_else(|| panic!("round {round}: malformed {out:?}"));
+        assert_eq!(replies.len(), 1, "round {round}: {args:?} -> {replies:?}");
+        if round % 1000 == 999 {
+            for k in ["k0", "k1", "k2"] {
+                let t = cmd(&mut store, NOW, &alloc::format!("TYPE {k}\r\n"));
+                let i = ["+string", "+list", "+hash", "+set", "+zset"].iter().position(|n| t.starts_with(n));
+                if let Some(i) = i {
+                    kinds[i] += 1;
+                }
+            }
+        }
+    }
+    // Every type was reached, and deleting everything returns every byte.
+    assert!(kinds.iter().all(|&n| n > 0), "types seen {kinds:?}");
+    let keys: Vec<Vec<u8>> = store.live_keys(NOW).map(<[u8]>::to_vec).collect();
+    assert!(store.bytes() > 0 && !keys.is_empty());
+    for k in keys {
+        let mut out = Vec::new();
+        let req = [alloc::format!("*2\r\n$3\r\nDEL\r\n${}\r\n", k.len()).as_bytes(), &k, b"\r\n"].concat();
+        session.handle(&mut store, &req, NOW, &figures, &mut out);
+        assert_eq!(out, b":1\r\n");
+    }
+    assert_eq!(store.len(), 0);
+    assert_eq!(store.bytes(), 0);
 }
