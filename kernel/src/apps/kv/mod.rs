@@ -20,9 +20,15 @@
 //! }
 //! ```
 //!
-//! Commands: PING ECHO SET GET DEL UNLINK EXISTS INCR DECR INCRBY DECRBY MGET MSET APPEND
-//! STRLEN SETNX SETEX PSETEX GETDEL TYPE TTL PTTL EXPIRE PEXPIRE PERSIST DBSIZE FLUSHALL
-//! FLUSHDB KEYS INFO CONFIG COMMAND SELECT QUIT — replies and error texts as Redis 7.0's.
+//! Commands: strings (PING ECHO SET GET GETDEL SETNX SETEX PSETEX MSET MGET APPEND STRLEN
+//! INCR DECR INCRBY DECRBY), lists (LPUSH RPUSH LPUSHX RPUSHX LPOP RPOP LLEN LINDEX LRANGE LREM
+//! LSET LTRIM), hashes (HSET HMSET HSETNX HGET HMGET HGETALL HKEYS HVALS HDEL HLEN HEXISTS
+//! HSTRLEN HINCRBY), sets (SADD SREM SMEMBERS SISMEMBER SMISMEMBER SCARD SPOP), sorted sets
+//! (ZADD ZINCRBY ZSCORE ZMSCORE ZREM ZCARD ZCOUNT ZRANK ZREVRANK ZRANGE ZREVRANGE
+//! ZRANGEBYSCORE ZREVRANGEBYSCORE ZPOPMIN ZPOPMAX),
+//! keys and server (DEL UNLINK EXISTS TYPE TTL PTTL EXPIRE PEXPIRE PERSIST DBSIZE FLUSHALL
+//! FLUSHDB KEYS INFO CONFIG COMMAND CLIENT SELECT QUIT) — replies and error texts as Redis
+//! 7.0's (the value types are in `types`).
 //! Limits: [`MAX_BULK_BYTES`], [`MAX_MULTIBULK_ARGS`], [`MAX_INLINE_BYTES`],
 //! [`MAX_REQUEST_BYTES`], [`OUTPUT_SOFT_LIMIT`].
 
@@ -34,8 +40,10 @@ mod service;
 mod store;
 #[cfg(test)]
 mod tests;
+mod types;
 
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 // The core's public API (documented above); the service uses part of it.
 #[allow(unused_imports)]
@@ -50,7 +58,7 @@ pub use store::{Detached, Stats, Store};
 
 /// Once a call has written this many reply bytes, it stops before the next request and
 /// reports [`Handled::more`], so one connection cannot pile up unbounded output (e.g. a
-/// pipeline of GETs of 8 MiB values): 1 MiB. A single reply may still exceed it.
+/// pipeline of GETs of large values): 1 MiB. A single reply may still exceed it.
 pub const OUTPUT_SOFT_LIMIT: usize = 1 << 20;
 
 /// Expired keys each [`Session::handle`] call removes from the store before its requests
@@ -72,19 +80,39 @@ pub struct Handled {
     pub more: bool,
 }
 
+/// A connection's identity, as CLIENT reports and sets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// Unique per connection, increasing in connection order (CLIENT ID).
+    pub id: u64,
+    /// Set by CLIENT SETNAME.
+    pub name: Option<Vec<u8>>,
+}
+
+/// The next connection's CLIENT ID.
+static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// One client connection's protocol state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Session {
     parser: resp::Parser,
     closed: bool,
     /// A keyspace FLUSHALL took out of the store, not freed yet.
     detached: Option<Detached>,
+    client: Client,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Session {
-    /// A fresh connection.
-    pub const fn new() -> Self {
-        Self { parser: resp::Parser::new(), closed: false, detached: None }
+    /// A fresh connection, with the next client id.
+    pub fn new() -> Self {
+        let id = NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed);
+        Self { parser: resp::Parser::new(), closed: false, detached: None, client: Client { id, name: None } }
     }
 
     /// Runs every complete request in `input` (pipelining) against `store`, appending the
@@ -114,7 +142,19 @@ impl Session {
                     return self.close(input);
                 }
             }
-            let mut ctx = commands::Ctx { store, now: now_ms, figures, out, detached: &mut self.detached };
+            if self.parser.out_of_memory() {
+                resp::error(out, commands::OOM);
+                self.parser.finish();
+                continue;
+            }
+            let mut ctx = commands::Ctx {
+                store,
+                now: now_ms,
+                figures,
+                out,
+                detached: &mut self.detached,
+                client: &mut self.client,
+            };
             let flow = commands::execute(&mut ctx, self.parser.args());
             self.parser.finish();
             if flow == commands::Flow::Close {

@@ -26,11 +26,13 @@ use core::cmp::Ordering;
 use core::mem;
 use core::num::NonZeroU64;
 
-/// A stored value.
+use super::types::Value;
+
+/// A stored key's value and deadline.
 #[derive(Debug)]
 pub struct Entry {
-    /// The value's bytes.
-    pub value: Vec<u8>,
+    /// The value.
+    pub value: Value,
     /// Deadline (caller's ms) after which the key is gone; `None` = persistent.
     due: Option<NonZeroU64>,
 }
@@ -136,7 +138,7 @@ impl Detached {
 }
 
 /// The key-value store.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Store {
     map: BTreeMap<Box<[u8]>, Entry>,
     /// (deadline, key) of every volatile key.
@@ -146,12 +148,27 @@ pub struct Store {
     /// Sum of the deadlines in `index` (for the average TTL).
     due_sum: u128,
     stats: Stats,
+    /// State of the generator SPOP draws from (xorshift64*).
+    rng: u64,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Store {
     /// An empty store.
     pub const fn new() -> Self {
-        Self { map: BTreeMap::new(), index: BTreeSet::new(), bytes: 0, due_sum: 0, stats: Stats::zero() }
+        Self {
+            map: BTreeMap::new(),
+            index: BTreeSet::new(),
+            bytes: 0,
+            due_sum: 0,
+            stats: Stats::zero(),
+            rng: 0x9E37_79B9_7F4A_7C15,
+        }
     }
 
     /// Keys held, including expired ones not removed yet (as Redis's DBSIZE).
@@ -177,6 +194,14 @@ impl Store {
     /// The counters.
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// A pseudo-random number below `n` (`n > 0`), for SPOP.
+    pub fn random_below(&mut self, n: usize) -> usize {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1) as u64) as usize
     }
 
     /// Counts one command.
@@ -224,12 +249,18 @@ impl Store {
         self.map.get(key)
     }
 
-    /// Stores `value` under `key` with the deadline policy `ttl`, replacing any value.
+    /// Stores the string `value` under `key` with the deadline policy `ttl`, replacing any
+    /// value.
     pub fn set(&mut self, key: Vec<u8>, mut value: Vec<u8>, ttl: Ttl, now: u64) {
-        self.expire_if_due(&key, now);
         value.shrink_to_fit();
+        self.set_value(key, Value::Str(value), ttl, now);
+    }
+
+    /// Stores `value` under `key` with the deadline policy `ttl`, replacing any value.
+    pub fn set_value(&mut self, key: Vec<u8>, value: Value, ttl: Ttl, now: u64) {
+        self.expire_if_due(&key, now);
         if let Some(e) = self.map.get_mut(&key[..]) {
-            self.bytes = self.bytes - e.value.len() + value.len();
+            self.bytes = self.bytes - e.value.weight() + value.weight();
             e.value = value;
             let old = e.due;
             match ttl {
@@ -240,7 +271,7 @@ impl Store {
             return;
         }
         let key = key.into_boxed_slice();
-        self.bytes += key.len() + value.len();
+        self.bytes += key.len() + value.weight();
         let due = match ttl {
             Ttl::At(d) => Some(d),
             Ttl::Keep | Ttl::Clear => None,
@@ -253,13 +284,17 @@ impl Store {
     }
 
     /// Changes the live `key`'s value in place (keeping its deadline); `f` gets the value.
-    /// Returns `None` if the key does not exist.
-    pub fn update<R>(&mut self, key: &[u8], now: u64, f: impl FnOnce(&mut Vec<u8>) -> R) -> Option<R> {
+    /// Returns `None` if the key does not exist. A collection left empty is removed with its
+    /// key, as Redis does.
+    pub fn update<R>(&mut self, key: &[u8], now: u64, f: impl FnOnce(&mut Value) -> R) -> Option<R> {
         self.expire_if_due(key, now);
         let e = self.map.get_mut(key)?;
-        let before = e.value.len();
+        let before = e.value.weight();
         let r = f(&mut e.value);
-        self.bytes = self.bytes - before + e.value.len();
+        self.bytes = self.bytes - before + e.value.weight();
+        if e.value.is_empty_collection() {
+            self.remove(key);
+        }
         Some(r)
     }
 
@@ -293,7 +328,7 @@ impl Store {
     /// Removes `key` (live or not), freeing its value; true if it was there.
     pub fn remove(&mut self, key: &[u8]) -> bool {
         let Some((k, e)) = self.map.remove_entry(key) else { return false };
-        self.bytes -= k.len() + e.value.len();
+        self.bytes -= k.len() + e.value.weight();
         if let Some(d) = e.due {
             self.index.remove(&(d.get(), key) as &dyn DueKey);
             self.due_sum -= u128::from(d.get());
@@ -302,10 +337,10 @@ impl Store {
     }
 
     /// Removes the live `key` and returns its value.
-    pub fn take(&mut self, key: &[u8], now: u64) -> Option<Vec<u8>> {
+    pub fn take(&mut self, key: &[u8], now: u64) -> Option<Value> {
         self.expire_if_due(key, now);
         let (k, e) = self.map.remove_entry(key)?;
-        self.bytes -= k.len() + e.value.len();
+        self.bytes -= k.len() + e.value.weight();
         if let Some(d) = e.due {
             self.index.remove(&(d.get(), key) as &dyn DueKey);
             self.due_sum -= u128::from(d.get());
@@ -340,7 +375,7 @@ impl Store {
             let Some((d, key)) = self.index.pop_first() else { break };
             self.due_sum -= u128::from(d);
             if let Some((k, e)) = self.map.remove_entry(&key) {
-                self.bytes -= k.len() + e.value.len();
+                self.bytes -= k.len() + e.value.weight();
             }
             self.stats.expired_keys += 1;
             n += 1;
