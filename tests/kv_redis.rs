@@ -559,13 +559,15 @@ fn replies_reach_a_client_that_half_closes_at_once() {
     assert_eq!(kv.stop().0, Some(5));
 }
 
-/// The full default run (`-n 100000`, no `-t`: 20 tests, LRANGE_600 the slowest) takes about
-/// 100 s on this 2-core machine; it is bounded at 600 s.
+/// The default test list (no `-t`: 20 tests, LRANGE_600 the slowest) with `-n 20000`: every
+/// test and command of the default run, in about a fifth of the time the full `-n 100000`
+/// takes on this 2-core machine (~100 s, run by hand for the figures), to keep the suite
+/// within its time budget; it is bounded at 600 s.
 #[test]
 fn redis_benchmark_default_tests_run_without_errors() {
     let (kv, port) = start_kv("kv-bench-default", "64M:512M:1G");
     let p = port.to_string();
-    let r = client("timeout", "coreutils", &["600", "redis-benchmark", "-p", &p, "-q", "-n", "100000"]);
+    let r = client("timeout", "coreutils", &["600", "redis-benchmark", "-p", &p, "-q", "-n", "20000"]);
     let text = format!("{}{}", r.stdout, r.stderr);
     let lines: Vec<&str> = text.split(['\r', '\n']).filter(|l| l.contains("requests per second")).collect();
     assert_eq!(r.code, Some(0), "redis-benchmark failed:\n{text}");

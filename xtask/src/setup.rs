@@ -32,6 +32,11 @@ const PACKAGES: &[Package] = &[
     Package { name: "wrk", commands: &["wrk"], why: "load on the http service" },
     Package { name: "curl", commands: &["curl"], why: "requests to the http service" },
     Package {
+        name: "netcat-openbsd",
+        commands: &["nc"],
+        why: "README's half-close example (`nc -N`) against the kv service (tests/kv_redis.rs)",
+    },
+    Package {
         name: "nginx-light",
         commands: &["nginx"],
         why: "the http service's native anchor in `bench` (/usr/sbin/nginx)",
