@@ -317,3 +317,44 @@ memory = "64M:64M:64M"
     run.expect_code(64);
     assert!(run.stderr.contains("restart 'always' is not"), "{}", run.stderr);
 }
+
+#[test]
+fn a_sleeping_on_demand_vm_stays_visible_and_ctl_stop_ends_it() {
+    let port = common::free_port();
+    let publish = format!("127.0.0.1:{port}:80");
+    let mut c = Controlled::start(
+        "ctl-sleeping",
+        &["--app", "http", "--publish", &publish, "--on-demand", "--idle-shutdown", "2s", "--vcpus", "1:2:2"],
+    );
+    // No VM runs yet: the VM is listed as sleeping, with its policy and nothing held.
+    let list = c.json(&["list"]);
+    assert_eq!((list[0]["name"].as_str(), list[0]["state"].as_str()), (Some("vm0"), Some("sleeping")), "{list}");
+    let get = c.json(&["get", "vm0"]);
+    assert_eq!(get["state"], "sleeping", "{get}");
+    assert_eq!((get["vcpus"]["max"].as_u64(), get["memory_bytes"]["final"].as_u64()), (Some(2), Some(0)), "{get}");
+    let m = c.ctl(&["metrics"]);
+    m.expect_code(0);
+    let samples = parse_prometheus(&m.stdout);
+    let value = |name: &str| samples.iter().find(|(n, l, _)| n == name && l.contains("vm=\"vm0\"")).map(|s| s.2);
+    assert_eq!(value("elastic_vm_up"), Some(0.0), "{}", m.stdout);
+    assert_eq!(value("elastic_memory_min_bytes"), Some(64.0 * 1048576.0), "{}", m.stdout);
+    let pause = c.ctl(&["pause", "vm0"]);
+    assert_ne!(pause.code, Some(0), "pausing a sleeping VM is refused");
+    assert!(pause.stderr.contains("sleeping"), "{}", pause.stderr);
+    // A client boots it: running, then sleeping again after the idle shutdown.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    std::io::Write::write_all(&mut s, b"GET / HTTP/1.0\r\n\r\n").expect("request");
+    let mut reply = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut reply);
+    assert!(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"), "{reply}");
+    assert_eq!(c.json(&["list"])[0]["state"], "running");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.json(&["list"])[0]["state"] != "sleeping" {
+        assert!(Instant::now() < deadline, "the VM never went back to sleep");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.json(&["get", "vm0"])["on_demand"]["cold_starts"], 1);
+    // `ctl stop` ends the sleeping slot as Ctrl-C does (0: no VM was running).
+    assert_eq!(c.finish(), Some(0));
+}

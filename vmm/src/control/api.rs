@@ -50,16 +50,19 @@ pub enum ApiError {
 const MAX_BODY: u64 = 64 * 1024;
 
 /// The Prometheus families: name, type, help (the values come from each VM's owner).
-const FAMILIES: [(&str, &str, &str); 16] = [
-    ("elastic_vm_up", "gauge", "1 while the VM runs (0 paused)"),
+pub(crate) const FAMILIES: [(&str, &str, &str); 20] = [
+    ("elastic_vm_up", "gauge", "1 while the VM runs (0 paused or sleeping)"),
     ("elastic_vcpus_online", "gauge", "vCPUs online"),
     ("elastic_vcpus_min", "gauge", "vCPU policy min"),
     ("elastic_vcpus_max", "gauge", "vCPU policy max"),
     ("elastic_vcpus_burst", "gauge", "vCPU policy burst"),
     ("elastic_memory_bytes", "gauge", "guest memory held"),
+    ("elastic_memory_min_bytes", "gauge", "memory policy min"),
     ("elastic_memory_max_bytes", "gauge", "memory policy max"),
+    ("elastic_memory_burst_bytes", "gauge", "memory policy burst"),
     ("elastic_hypercalls_total", "counter", "hypercalls served"),
     ("elastic_vcpu_ups_total", "counter", "vCPUs brought up"),
+    ("elastic_vcpu_downs_total", "counter", "vCPUs taken down"),
     ("elastic_memory_grants_total", "counter", "memory grants"),
     ("elastic_memory_releases_total", "counter", "memory releases"),
     ("elastic_denied_total", "counter", "requests refused above the ceiling"),
@@ -67,6 +70,11 @@ const FAMILIES: [(&str, &str, &str); 16] = [
     ("elastic_violations_total", "counter", "reclaims not answered in grace"),
     ("elastic_vsock_connections_total", "counter", "client connections accepted"),
     ("elastic_uptime_seconds", "gauge", "time since the VM was created"),
+    (
+        "elastic_host_cpu_seconds_total",
+        "counter",
+        "CPU time of the shim process serving the VM (shared by a pool's VMs)",
+    ),
 ];
 
 /// The API server thread (stopped and its socket removed when dropped).

@@ -192,9 +192,12 @@ fn metrics(vm: &VmShared) -> Value {
             "elastic_vcpus_max": r.policy[0].limits.max as f64,
             "elastic_vcpus_burst": r.policy[0].limits.burst as f64,
             "elastic_memory_bytes": r.memory.final_bytes as f64,
+            "elastic_memory_min_bytes": r.policy[1].limits.min as f64,
             "elastic_memory_max_bytes": r.policy[1].limits.max as f64,
+            "elastic_memory_burst_bytes": r.policy[1].limits.burst as f64,
             "elastic_hypercalls_total": r.hypercalls as f64,
             "elastic_vcpu_ups_total": r.vcpus.ups as f64,
+            "elastic_vcpu_downs_total": r.vcpus.downs as f64,
             "elastic_memory_grants_total": r.memory.grants as f64,
             "elastic_memory_releases_total": r.memory.releases as f64,
             "elastic_denied_total": r.denied as f64,
@@ -202,6 +205,7 @@ fn metrics(vm: &VmShared) -> Value {
             "elastic_violations_total": (r.policy[0].violations + r.policy[1].violations) as f64,
             "elastic_vsock_connections_total": connections,
             "elastic_uptime_seconds": vm.started().elapsed().as_secs_f64(),
+            "elastic_host_cpu_seconds_total": crate::host::process::process_cpu_us() as f64 / 1e6,
         },
     })
 }

@@ -12,12 +12,16 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::base::config::{RESTART_BACKOFF_MAX, VmConfig};
 use crate::base::timeline::{Timeline, detail};
 use crate::control::controller::{Context, Driven, Owner, drive};
+use crate::control::registry::StandIn;
+use crate::control::request::{ControlReply, ControlRequest};
 use crate::host::endpoint::Bound;
 use crate::policy::pool::Pool;
 use crate::report::summary::OnDemandFigures;
@@ -100,6 +104,61 @@ fn wait_for_client(endpoints: &[Bound], interrupted: &EventFd, deadline: Option<
     }
 }
 
+/// What the control API sees of an on-demand VM while no VM runs (between clients): `list`,
+/// `get` and `metrics` show it as `sleeping` with nothing held; `stop` ends the slot as Ctrl-C
+/// does; what needs a running VM (pause, policy, snapshot, migrate) is refused with 409.
+fn stand_in(config: &VmConfig, started: Instant, cold_starts: u64, interrupted: Arc<EventFd>) -> StandIn {
+    let (name, app) = (config.name().to_string(), config.guest.app.clone());
+    let (v, m) = (config.resources.vcpus, config.resources.memory);
+    Arc::new(move |request| {
+        let uptime = started.elapsed();
+        match request {
+            ControlRequest::Brief => ControlReply::ok(json!({
+                "name": name, "app": app, "state": "sleeping", "vcpus": 0, "memory_bytes": 0,
+                "uptime_us": uptime.as_micros() as u64,
+            })),
+            ControlRequest::Get => ControlReply::ok(json!({
+                "name": name, "app": app, "state": "sleeping",
+                "vcpus": { "min": v.min, "max": v.max, "burst": v.burst, "final": 0 },
+                "memory_bytes": { "min": m.min, "max": m.max, "burst": m.burst, "final": 0 },
+                "on_demand": { "cold_starts": cold_starts },
+                "uptime_us": uptime.as_micros() as u64,
+            })),
+            ControlRequest::Metrics => {
+                let mut values = serde_json::Map::new();
+                for (family, _, _) in crate::control::api::FAMILIES {
+                    values.insert(family.into(), json!(0.0));
+                }
+                for (family, value) in [
+                    ("elastic_vcpus_min", v.min),
+                    ("elastic_vcpus_max", v.max),
+                    ("elastic_vcpus_burst", v.burst),
+                    ("elastic_memory_min_bytes", m.min),
+                    ("elastic_memory_max_bytes", m.max),
+                    ("elastic_memory_burst_bytes", m.burst),
+                ] {
+                    values.insert(family.into(), json!(value as f64));
+                }
+                values.insert("elastic_uptime_seconds".into(), json!(uptime.as_secs_f64()));
+                values.insert(
+                    "elastic_host_cpu_seconds_total".into(),
+                    json!(crate::host::process::process_cpu_us() as f64 / 1e6),
+                );
+                ControlReply::ok(json!({ "name": name, "app": app, "values": Value::Object(values) }))
+            }
+            ControlRequest::Stop => {
+                // Ends the wait for a client, as Ctrl-C does.
+                let _ = interrupted.write(1);
+                ControlReply::ok(json!({ "name": name, "state": "stopping" }))
+            }
+            _ => ControlReply::error(
+                409,
+                format!("VM '{name}' is sleeping (on demand, no VM runs until the next client): nothing to act on"),
+            ),
+        }
+    })
+}
+
 /// Runs a slot (an on-demand VM, or one that restarts on failure) until the operator stops it,
 /// its timeout passes, or a VM ends for a reason that neither an idle shutdown nor the
 /// restart policy covers. Returns the last
@@ -141,6 +200,10 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
             if crate::host::signals::interrupts() != interrupts {
                 return Ok((end_without_vm(last, Outcome::NoVm), figures));
             }
+            let _sleeping = slot.ctx.registry.register_sleeping(
+                config.name(),
+                stand_in(config, slot.started, figures.cold_starts, Arc::clone(&interrupted)),
+            );
             match wait_for_client(&slot.endpoints, &interrupted, deadline) {
                 Waited::Client => {}
                 Waited::Interrupted => return Ok((end_without_vm(last, Outcome::NoVm), figures)),

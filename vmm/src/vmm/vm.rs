@@ -192,7 +192,7 @@ impl Vm {
     /// Starts the vCPU threads; the VM runs.
     pub(crate) fn start(self) -> RunningVm {
         let shared = self.shared;
-        shared.record("boot", detail([("app", "".into())]));
+        shared.record("boot", detail([("app", shared.app().into())]));
         for (v, handle, parked) in self.initial {
             if let Err(e) = vcpu::spawn(&shared, v, handle, parked) {
                 shared.finish(Outcome::Internal(e.to_string()));
