@@ -358,3 +358,10 @@ fn a_sleeping_on_demand_vm_stays_visible_and_ctl_stop_ends_it() {
     // `ctl stop` ends the sleeping slot as Ctrl-C does (0: no VM was running).
     assert_eq!(c.finish(), Some(0));
 }
+
+#[test]
+fn an_on_demand_run_that_reaches_its_timeout_exits_76() {
+    let publish = format!("127.0.0.1:{}:80", common::free_port());
+    let r = common::shim(&["run", "--app", "http", "--publish", &publish, "--on-demand", "--timeout", "1"]);
+    r.expect_code(76);
+}
