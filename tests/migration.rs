@@ -180,6 +180,7 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
     let mut here = Shim::start(&dir, &args);
     let mut sock = "vm0.sock".to_string();
     wait_for_api(&dir, &sock);
+    let first_up = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Mutex::new(Vec::new()));
     let writer = {
@@ -220,6 +221,10 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
         all.len()
     );
     check_acked(port, &all, HOPS);
+    // The VM's uptime goes on across the hops (it does not restart at each target).
+    let uptime_us = json_of(&ctl(&dir, &sock, &["list"]))[0]["uptime_us"].as_u64().unwrap_or(0);
+    let lived = first_up.elapsed();
+    assert!(uptime_us >= lived.as_micros() as u64, "uptime {uptime_us} µs after {HOPS} hops over {lived:?}");
     assert!(all.len() >= 200, "the client got only {} writes acknowledged", all.len());
     assert!(grants >= HOPS as u64 && releases >= HOPS as u64, "grants {grants}, releases {releases}");
     ctl(&dir, &sock, &["stop", "vm0"]).expect_code(0);

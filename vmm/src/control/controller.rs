@@ -158,7 +158,7 @@ fn brief(vm: &VmShared) -> Value {
         "state": state(vm),
         "vcpus": vm.vcpus().online(),
         "memory_bytes": vm.memory_held(),
-        "uptime_us": vm.started().elapsed().as_micros() as u64,
+        "uptime_us": vm.uptime().as_micros() as u64,
     })
 }
 
@@ -204,7 +204,7 @@ fn metrics(vm: &VmShared) -> Value {
             "elastic_reclaims_total": (r.policy[0].reclaims + r.policy[1].reclaims) as f64,
             "elastic_violations_total": (r.policy[0].violations + r.policy[1].violations) as f64,
             "elastic_vsock_connections_total": connections,
-            "elastic_uptime_seconds": vm.started().elapsed().as_secs_f64(),
+            "elastic_uptime_seconds": vm.uptime().as_secs_f64(),
             "elastic_host_cpu_seconds_total": crate::host::process::process_cpu_us() as f64 / 1e6,
         },
     })

@@ -126,6 +126,9 @@ pub(crate) struct VmState {
     pub(crate) memory: MemoryState,
     /// The devices.
     pub(crate) devices: DevicesState,
+    /// How long the VM had run when it was saved (its uptime goes on from there).
+    #[serde(default)]
+    pub(crate) uptime_us: u64,
 }
 
 impl VmState {
@@ -216,6 +219,7 @@ impl<'a> Quiesced<'a> {
             vcpus: std::mem::take(&mut self.vcpus),
             memory: vm.mem().save().map_err(|e| SnapshotError::Vm(e.to_string()))?,
             devices: vm.devices().save(),
+            uptime_us: vm.uptime().as_micros() as u64,
         })
     }
 
@@ -439,6 +443,7 @@ mod tests {
             vcpus: Vec::new(),
             memory: MemoryState::boot_only(64 << 20),
             devices: DevicesState { base: 0, devices: Vec::new() },
+            uptime_us: 0,
         }
     }
 

@@ -141,6 +141,7 @@ fn rebuild(
         console: Console::new(config.name(), host.console),
         endpoints,
         started: host.started,
+        uptime_before: std::time::Duration::from_micros(state.uptime_us),
         timeline: host.timeline,
         events: host.events,
         diag,

@@ -59,6 +59,8 @@ pub(crate) struct Parts {
     pub(crate) console: Console,
     pub(crate) endpoints: Vec<Bound>,
     pub(crate) started: Instant,
+    /// How long the VM had run before this process (restored or migrated; zero for a boot).
+    pub(crate) uptime_before: Duration,
     pub(crate) timeline: Arc<Timeline>,
     pub(crate) events: EventSink,
     /// The limit on the diagnostics the guest can cause (shared with the devices).
@@ -82,6 +84,7 @@ pub(crate) struct VmShared {
     /// The VM's host endpoints (the device serves copies); a migration hands them over.
     endpoints: Mutex<Vec<Bound>>,
     started: Instant,
+    uptime_before: Duration,
     timeline: Arc<Timeline>,
     events: EventSink,
     stats: Stats,
@@ -130,6 +133,7 @@ impl VmShared {
             console,
             endpoints,
             started,
+            uptime_before,
             timeline,
             events,
             diag,
@@ -149,6 +153,7 @@ impl VmShared {
             console,
             endpoints: Mutex::new(endpoints),
             started,
+            uptime_before,
             timeline,
             events,
             stats: Stats::default(),
@@ -236,6 +241,11 @@ impl VmShared {
     /// When the shim started (boot time is measured from here).
     pub(crate) fn started(&self) -> Instant {
         self.started
+    }
+
+    /// How long the VM has run, across the processes it was restored or migrated through.
+    pub(crate) fn uptime(&self) -> Duration {
+        self.uptime_before + self.started.elapsed()
     }
 
     /// Notes the first HELLO (boot time); `true` the first time.

@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
@@ -168,6 +168,7 @@ impl Vm {
             console: Console::new(config.name(), host.console),
             endpoints,
             started: host.started,
+            uptime_before: Duration::ZERO,
             timeline: host.timeline,
             events: host.events,
             diag: Arc::clone(&setup.diag),
