@@ -270,6 +270,11 @@ fn a_closed_stdout_and_stderr_never_change_the_exit_code() {
     let sum = common::read_json(&summary);
     assert!(sum["console_dropped_bytes"].as_u64() > Some(0), "the console output lost is counted: {sum}");
     assert_eq!(closed(&["--restart-limit", "-1"]), Some(64), "a usage error stays one");
+    // The tools too: the load generator reporting on stderr that nobody reads (69: nothing
+    // listens on the target; it was 134, an abort on the failed write).
+    let target = format!("127.0.0.1:{}", common::free_port());
+    let load = ["load", "--target", &target, "--protocol", "kv", "--rate", "10", "--duration", "1s"];
+    assert_eq!(closed(&load), Some(69), "the load generator's own code, not an abort");
 }
 
 #[test]

@@ -1,6 +1,22 @@
 //! `hypervisor-shim`: the command line of the elastic unikernel's VMM ([`elastic_vmm`]) and
 //! the tools around it (benchmark, demo, load generator, stress suite, plots, QEMU runner).
 
+/// `eprintln!` that never panics and never waits: the line goes through the shim's bounded
+/// stderr buffer (dropped and counted when nobody reads stderr or it is closed). Defined
+/// before the modules, so the command line and every tool use it.
+macro_rules! eline {
+    ($($t:tt)*) => {{
+        let _ = elastic_vmm::diag_line(&format!($($t)*));
+    }};
+}
+/// `println!` that never panics: a failed write (a closed stdout) is ignored.
+macro_rules! oline {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 mod cli;
 mod tools;
 

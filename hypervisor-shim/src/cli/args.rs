@@ -15,7 +15,7 @@ use crate::tools::qemu::Accel;
 /// per-user cache file on first use (`elastic_images::builtin`); exits 66 when it cannot be.
 pub(super) static BUILT_KERNEL: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(|| {
     elastic_images::builtin::kernel_file().unwrap_or_else(|e| {
-        eprintln!("hypervisor-shim: the built-in kernel image is unavailable ({e}); give one with --kernel PATH");
+        eline!("hypervisor-shim: the built-in kernel image is unavailable ({e}); give one with --kernel PATH");
         std::process::exit(elastic_vmm::exit::NO_INPUT.into())
     })
 });

@@ -171,7 +171,7 @@ pub fn command(args: &CtlArgs) -> u8 {
         Verb::Metrics => ("GET", "/metrics".to_string(), String::new()),
         Verb::Policy { vm, vcpus, memory } => {
             if vcpus.is_none() && memory.is_none() {
-                crate::cli::eline!("hypervisor-shim: ctl policy: give --vcpus and/or --memory");
+                eline!("hypervisor-shim: ctl policy: give --vcpus and/or --memory");
                 return exit::USAGE;
             }
             let mut b = serde_json::Map::new();
@@ -192,7 +192,7 @@ pub fn command(args: &CtlArgs) -> u8 {
         }
         Verb::Migrate { vm, to, verify } => {
             let Some(path) = to.strip_prefix("unix:") else {
-                crate::cli::eline!("hypervisor-shim: ctl migrate: --to must be unix:PATH (got {to})");
+                eline!("hypervisor-shim: ctl migrate: --to must be unix:PATH (got {to})");
                 return exit::USAGE;
             };
             let abs = std::path::absolute(path).unwrap_or_else(|_| PathBuf::from(path));
@@ -204,7 +204,7 @@ pub fn command(args: &CtlArgs) -> u8 {
         Ok(text) => {
             match serde_json::from_str::<serde_json::Value>(&text) {
                 Ok(v) if !matches!(args.verb, Verb::Metrics) => {
-                    crate::cli::oline!("{}", serde_json::to_string_pretty(&v).unwrap_or(text));
+                    oline!("{}", serde_json::to_string_pretty(&v).unwrap_or(text));
                 }
                 _ => {
                     let _ = std::io::stdout().write_all(text.as_bytes());
@@ -213,7 +213,7 @@ pub fn command(args: &CtlArgs) -> u8 {
             0
         }
         Err(e) => {
-            crate::cli::eline!("hypervisor-shim: ctl: {e}");
+            eline!("hypervisor-shim: ctl: {e}");
             e.exit_code()
         }
     }

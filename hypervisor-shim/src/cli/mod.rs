@@ -6,22 +6,6 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-/// `eprintln!` that never panics and never waits: the line goes through the shim's bounded
-/// stderr buffer (dropped and counted when nobody reads stderr or it is closed).
-macro_rules! eline {
-    ($($t:tt)*) => {{
-        let _ = elastic_vmm::diag_line(&format!($($t)*));
-    }};
-}
-/// `println!` that never panics: a failed write (a closed stdout) is ignored.
-macro_rules! oline {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($t)*);
-    }};
-}
-pub(crate) use {eline, oline};
-
 mod args;
 pub(crate) mod ctl;
 pub(crate) mod pool_config;

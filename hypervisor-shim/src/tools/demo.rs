@@ -283,7 +283,7 @@ impl Printer {
         let rss = vm.rss();
         let t_s = self.started.elapsed().as_secs_f64();
         if !self.quiet {
-            println!(
+            oline!(
                 "{t_s:5.1}s  {phase:<9} offered {offered:>6.0}/s  served {served:>6.0}/s  p99 {}  errors {errors:<3}| vCPUs {vcpus}  memory {:>4.0} MiB  RSS {:>4.0} MiB",
                 fmt_latency(p99),
                 memory as f64 / MIB,
@@ -309,7 +309,7 @@ impl Printer {
 pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     let say = |text: String| {
         if !opts.quiet {
-            println!("{text}");
+            oline!("{text}");
         }
     };
     say("Elastic unikernel demo: an HTTP service in a VM that scales itself.".into());
@@ -425,21 +425,21 @@ fn analyse(
 
 fn print_summary(r: &DemoReport) {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
-    println!("\nSummary");
-    println!("  requests: {} answered, {} errors, p99 {}", r.requests, r.errors, fmt_latency(r.p99_us).trim());
-    println!("  vCPUs:    min 1, peak {}, final {}", r.peak_vcpus, r.final_vcpus);
-    println!(
+    oline!("\nSummary");
+    oline!("  requests: {} answered, {} errors, p99 {}", r.requests, r.errors, fmt_latency(r.p99_us).trim());
+    oline!("  vCPUs:    min 1, peak {}, final {}", r.peak_vcpus, r.final_vcpus);
+    oline!(
         "  memory:   min 64 MiB, peak {:.0} MiB, final {:.0} MiB",
         r.peak_memory_bytes as f64 / MIB,
         r.final_memory_bytes as f64 / MIB
     );
-    println!(
+    oline!(
         "  controller: first extra vCPU at {} on the ramp, {} after the spike's step up; back at min {} after its step down",
         r.ramp_rate_at_first_extra_vcpu.map_or("-".to_string(), |v| format!("{v:.0}/s")),
         ms(r.spike_reaction_ms),
         ms(r.back_to_min_ms)
     );
-    println!(
+    oline!(
         "  vCPU-seconds held {:.2} for {:.2} needed (busy, at least min): {}",
         r.vcpu_seconds_held,
         r.vcpu_seconds_needed,
@@ -461,7 +461,7 @@ fn write_outputs(
     draw(&svg_path, report, timeline, opts.burst)
         .map_err(|reason| DemoError::Write { path: svg_path.display().to_string(), reason })?;
     if !opts.quiet {
-        println!("  wrote {} and {}", svg_path.display(), json_path.display());
+        oline!("  wrote {} and {}", svg_path.display(), json_path.display());
     }
     Ok(())
 }

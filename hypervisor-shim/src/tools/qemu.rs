@@ -210,7 +210,7 @@ fn announce(accel: &str, memory: u64, fallback: Option<&str>) {
         (_, Some(why)) => format!("software emulation; {why}"),
         _ => "software emulation".to_string(),
     };
-    eprintln!(
+    eline!(
         "[qemu] accelerator: {} ({what}), cpu {}, memory {}, machine microvm",
         accel.to_uppercase(),
         cpu_model(accel),

@@ -468,7 +468,7 @@ pub fn run(names: &[String], short: bool, out: &Path, kernel: &Path) -> Result<V
         if let Some(b) = &bar {
             b.set_message(s.name);
         } else {
-            eprintln!("stress: {} — {}", s.name, s.about);
+            eline!("stress: {} — {}", s.name, s.about);
         }
         let started = Instant::now();
         let spec = spec_for(s, kernel, out);
@@ -509,11 +509,11 @@ pub fn run(names: &[String], short: bool, out: &Path, kernel: &Path) -> Result<V
                 b.println(line);
                 b.inc(1);
             }
-            None => eprintln!("{line}"),
+            None => eline!("{line}"),
         }
         if !report.passed {
             for c in report.checks.iter().filter(|c| !c.passed) {
-                eprintln!("stress:   failed check '{}': {}", c.name, c.detail);
+                eline!("stress:   failed check '{}': {}", c.name, c.detail);
             }
         }
         reports.push(report);

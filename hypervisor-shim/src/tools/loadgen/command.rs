@@ -192,7 +192,7 @@ impl LoadArgs {
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("hypervisor-shim: {message}");
+    eline!("hypervisor-shim: {message}");
     ExitCode::from(code)
 }
 
@@ -284,7 +284,7 @@ impl Display {
                 bar.println(line);
                 bar.set_position(u64::from(s.second) + 1);
             }
-            Display::Lines => eprintln!("{line}"),
+            Display::Lines => eline!("{line}"),
         }
     }
 
@@ -325,13 +325,13 @@ pub fn command(args: &LoadArgs) -> ExitCode {
         Err(e) => return fail(e.exit_code(), e),
     };
     for line in summary_lines(&report) {
-        eprintln!("{line}");
+        eline!("{line}");
     }
     if let Some(path) = &args.out {
         if let Err(e) = elastic_vmm::write_json(&report, path) {
             return fail(exit::IO_ERROR, format_args!("cannot write {}: {e}", path.display()));
         }
-        eprintln!("load: wrote {}", path.display());
+        eline!("load: wrote {}", path.display());
     }
     ExitCode::from(if !report.passed() {
         exit::RUN_FAILED
