@@ -134,17 +134,6 @@ fn exchange_n(port: u16, input: &[u8], n: usize) -> Vec<u8> {
     out
 }
 
-/// A RESP request for `args`.
-fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend(format!("${}\r\n", a.len()).bytes());
-        out.extend_from_slice(a);
-        out.extend(b"\r\n");
-    }
-    out
-}
-
 /// Requests from inline-style lines (split at spaces), each sent as a RESP multibulk.
 fn reqs(lines: &[&str]) -> Vec<u8> {
     lines.iter().flat_map(|l| resp(&l.split(' ').map(str::as_bytes).collect::<Vec<_>>())).collect()

@@ -7,10 +7,12 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Run, SHIM, free_port, read_json, read_json_lines, require_kvm, temp_dir};
+use common::{
+    Run, SHIM, ShimProcess, ctl_in, free_port, json_of, read_json, read_json_lines, require_kvm, temp_dir, wait_for_api,
+};
 
 /// Keys written, and the size of each value (enough for the VM to grow past its 32 MiB min).
 const KEYS: usize = 1200;
@@ -69,59 +71,6 @@ fn expected_checksum() -> u64 {
 }
 
 /// A shim process in `dir` (killed when dropped).
-struct Shim {
-    child: Child,
-}
-
-impl Shim {
-    fn start(dir: &Path, args: &[&str]) -> Shim {
-        let child = Command::new(SHIM)
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the shim starts");
-        Shim { child }
-    }
-
-    /// Waits for the process to end; returns its exit code and stderr.
-    fn wait(mut self, within: Duration) -> (Option<i32>, String) {
-        let deadline = Instant::now() + within;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "the shim did not end within {within:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        (status.code(), err)
-    }
-}
-
-impl Drop for Shim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn ctl(dir: &Path, sock: &str, args: &[&str]) -> Run {
-    Command::new(SHIM).args(["ctl", "--api-sock", sock]).args(args).current_dir(dir).output().expect("ctl").into()
-}
-
-fn wait_for_api(dir: &Path, sock: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while ctl(dir, sock, &["list"]).code != Some(0) {
-        assert!(Instant::now() < deadline, "the control API at {sock} never answered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn wait_for_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while redis(port, "PING\n").trim() != "PONG" {
@@ -130,18 +79,13 @@ fn wait_for_port(port: u16) {
     }
 }
 
-fn json_of(r: &Run) -> serde_json::Value {
-    r.expect_code(0);
-    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("no JSON ({e}):\n{}", r.stdout))
-}
-
 #[test]
 fn kv_keeps_every_key_across_snapshot_and_restore_and_a_corrupt_snapshot_is_refused() {
     require_kvm();
     let dir = temp_dir("lifecycle-snapshot");
     let port = free_port();
     let publish = format!("127.0.0.1:{port}:6379");
-    let src = Shim::start(
+    let src = ShimProcess::start(
         &dir,
         &[
             "run",
@@ -167,28 +111,28 @@ fn kv_keeps_every_key_across_snapshot_and_restore_and_a_corrupt_snapshot_is_refu
     wait_for_port(port);
     write_keys(port);
     assert_eq!(read_keys(port), (KEYS, expected_checksum()), "the keys before the snapshot");
-    let snap = json_of(&ctl(&dir, "src.sock", &["snapshot", "vm0", "--to", "snap"]));
+    let snap = json_of(&ctl_in(&dir, "src.sock", &["snapshot", "vm0", "--to", "snap"]));
     let held = snap["held_bytes"].as_u64().expect("held_bytes");
     assert!(held > 32 << 20, "the VM grew past its min (extents in the snapshot): {snap}");
     let written = snap["written_bytes"].as_u64().expect("written_bytes");
     assert!(written < held, "zero pages are not written: {snap}");
     // The source runs on after the snapshot; a key written now is not in the snapshot.
     assert_eq!(redis(port, "SET after-snapshot 1\n").trim(), "OK");
-    ctl(&dir, "src.sock", &["stop", "vm0"]).expect_code(0);
+    ctl_in(&dir, "src.sock", &["stop", "vm0"]).expect_code(0);
     let (code, err) = src.wait(Duration::from_secs(30));
     assert_eq!(code, Some(5), "the source stopped at the host's request: {err}");
     assert!(read_json_lines(&dir.join("src.jsonl")).iter().any(|e| e["event"] == "snapshot"));
 
     // A new process, same port: every key, nothing written after the snapshot.
-    let dst = Shim::start(&dir, &["restore", "snap", "--api-sock", "dst.sock", "--summary", "dst.json"]);
+    let dst = ShimProcess::start(&dir, &["restore", "snap", "--api-sock", "dst.sock", "--summary", "dst.json"]);
     wait_for_api(&dir, "dst.sock");
     wait_for_port(port);
     assert_eq!(read_keys(port), (KEYS, expected_checksum()), "every key back, values checksummed");
     assert_eq!(redis(port, "GET after-snapshot\n").trim(), "", "the snapshot predates this key");
     assert_eq!(redis(port, "SET new 1\n").trim(), "OK", "the restored VM serves writes");
-    let live = json_of(&ctl(&dir, "dst.sock", &["get", "vm0"]));
+    let live = json_of(&ctl_in(&dir, "dst.sock", &["get", "vm0"]));
     assert_eq!(live["memory_bytes"]["final"].as_u64(), Some(held), "the extents came back: {live}");
-    ctl(&dir, "dst.sock", &["stop", "vm0"]).expect_code(0);
+    ctl_in(&dir, "dst.sock", &["stop", "vm0"]).expect_code(0);
     let (code, err) = dst.wait(Duration::from_secs(30));
     assert_eq!(code, Some(5), "{err}");
     let summary = read_json(&dir.join("dst.json"));
@@ -236,7 +180,7 @@ fn kv_keeps_every_key_and_its_port_across_live_migration() {
     let dir = temp_dir("lifecycle-migrate");
     let port = free_port();
     let publish = format!("127.0.0.1:{port}:6379");
-    let src = Shim::start(
+    let src = ShimProcess::start(
         &dir,
         &[
             "run",
@@ -258,7 +202,7 @@ fn kv_keeps_every_key_and_its_port_across_live_migration() {
             "120",
         ],
     );
-    let dst = Shim::start(
+    let dst = ShimProcess::start(
         &dir,
         &[
             "receive",
@@ -313,7 +257,7 @@ fn kv_keeps_every_key_and_its_port_across_live_migration() {
         })
     };
     std::thread::sleep(Duration::from_millis(100));
-    let m = json_of(&ctl(&dir, "src.sock", &["migrate", "vm0", "--to", "unix:mig.sock", "--verify"]));
+    let m = json_of(&ctl_in(&dir, "src.sock", &["migrate", "vm0", "--to", "unix:mig.sock", "--verify"]));
     assert_eq!(m["missed_by_log"], 0, "KVM's dirty log and the shim's bitmaps caught every write: {m}");
     eprintln!("migration: {m}");
     stop_writing.store(true, std::sync::atomic::Ordering::Release);
@@ -333,20 +277,20 @@ fn kv_keeps_every_key_and_its_port_across_live_migration() {
     let want: Vec<String> = acked.iter().map(|k| k.replacen('w', "v", 1)).collect();
     assert_eq!(got.lines().collect::<Vec<_>>(), want, "every acknowledged write survived the move");
     assert_eq!(redis(port, "SET after-migration 1\n").trim(), "OK");
-    ctl(&dir, "dst.sock", &["stop", "vm0"]).expect_code(0);
+    ctl_in(&dir, "dst.sock", &["stop", "vm0"]).expect_code(0);
     let (code, err) = dst.wait(Duration::from_secs(30));
     assert_eq!(code, Some(5), "{err}");
     // A migration to nobody fails and leaves the VM where it was.
     let port2 = free_port();
     let publish2 = format!("127.0.0.1:{port2}:6379");
-    let lone = Shim::start(&dir, &["run", "--app", "kv", "--publish", &publish2, "--api-sock", "lone.sock"]);
+    let lone = ShimProcess::start(&dir, &["run", "--app", "kv", "--publish", &publish2, "--api-sock", "lone.sock"]);
     wait_for_api(&dir, "lone.sock");
     wait_for_port(port2);
-    let r = ctl(&dir, "lone.sock", &["migrate", "vm0", "--to", "unix:nobody.sock"]);
+    let r = ctl_in(&dir, "lone.sock", &["migrate", "vm0", "--to", "unix:nobody.sock"]);
     r.expect_code(70);
     assert!(r.stderr.contains("keeps running"), "{}", r.stderr);
     assert_eq!(redis(port2, "PING\n").trim(), "PONG", "still served here");
-    ctl(&dir, "lone.sock", &["stop", "vm0"]).expect_code(0);
+    ctl_in(&dir, "lone.sock", &["stop", "vm0"]).expect_code(0);
     let (code, _) = lone.wait(Duration::from_secs(30));
     assert_eq!(code, Some(5));
 }
@@ -355,7 +299,7 @@ fn kv_keeps_every_key_and_its_port_across_live_migration() {
 fn wait_until(dir: &Path, sock: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let r = ctl(dir, sock, &["get", "vm0"]);
+        let r = ctl_in(dir, sock, &["get", "vm0"]);
         if r.code == Some(0)
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.stdout)
             && pred(&v)
@@ -373,7 +317,7 @@ fn work_in_flight_finishes_correctly_after_restore() {
     let dir = temp_dir("lifecycle-in-flight");
     // A checksummed working set of 192 MiB in granted extents, held for 3 s, then verified and
     // freed: the snapshot is taken during the hold, the source killed, the restore verifies.
-    let src = Shim::start(
+    let src = ShimProcess::start(
         &dir,
         &[
             "run",
@@ -394,7 +338,7 @@ fn work_in_flight_finishes_correctly_after_restore() {
     );
     wait_for_api(&dir, "mw.sock");
     wait_until(&dir, "mw.sock", "held 192 MiB", |v| v["memory_bytes"]["final"].as_u64() >= Some((64 + 192) << 20));
-    json_of(&ctl(&dir, "mw.sock", &["snapshot", "vm0", "--to", "mw-snap"]));
+    json_of(&ctl_in(&dir, "mw.sock", &["snapshot", "vm0", "--to", "mw-snap"]));
     drop(src);
     let out = Command::new(SHIM)
         .args(["restore", "mw-snap", "--timeout", "60"])
@@ -411,13 +355,13 @@ fn work_in_flight_finishes_correctly_after_restore() {
     assert!(stdout.contains("VERIFY data_errors=0") && stdout.contains("mem-wave: PASSED"), "{stdout}");
 
     // Several vCPUs at work, some parked: cpu-burst ramps 1-2-4 and back, checking its results.
-    let src = Shim::start(
+    let src = ShimProcess::start(
         &dir,
         &["run", "--app", "cpu-burst", "--vcpus", "1:4:4", "--api-sock", "cb.sock", "--timeout", "120", "--", "2"],
     );
     wait_for_api(&dir, "cb.sock");
     wait_until(&dir, "cb.sock", "two vCPUs online", |v| v["vcpus"]["final"].as_u64() >= Some(2));
-    json_of(&ctl(&dir, "cb.sock", &["snapshot", "vm0", "--to", "cb-snap"]));
+    json_of(&ctl_in(&dir, "cb.sock", &["snapshot", "vm0", "--to", "cb-snap"]));
     drop(src);
     let state = std::fs::read_to_string(dir.join("cb-snap/state.json")).expect("state");
     let body: serde_json::Value = serde_json::from_str(state.split_once('\n').expect("header").1).expect("json");
@@ -439,8 +383,8 @@ fn work_in_flight_finishes_correctly_after_restore() {
 }
 
 /// Starts `receive --listen unix:rx.sock` plus `extra` in `dir` and waits until it listens.
-fn start_receiver(dir: &Path, extra: &[&str]) -> Shim {
-    let r = Shim::start(dir, &[&["receive", "--listen", "unix:rx.sock"][..], extra].concat());
+fn start_receiver(dir: &Path, extra: &[&str]) -> ShimProcess {
+    let r = ShimProcess::start(dir, &[&["receive", "--listen", "unix:rx.sock"][..], extra].concat());
     let deadline = Instant::now() + Duration::from_secs(20);
     while !dir.join("rx.sock").exists() {
         assert!(Instant::now() < deadline, "the receiver never listened");
@@ -463,8 +407,8 @@ fn a_waiting_receiver_honours_its_timeout_and_signals_serves_its_api_and_leaves_
     for round in 0..2 {
         let r = start_receiver(&dir, &["--api-sock", "rx-api.sock"]);
         wait_for_api(&dir, "rx-api.sock");
-        assert_eq!(json_of(&ctl(&dir, "rx-api.sock", &["list"])), serde_json::json!([]), "round {round}");
-        let _ = Command::new("kill").args(["-INT", &r.child.id().to_string()]).status();
+        assert_eq!(json_of(&ctl_in(&dir, "rx-api.sock", &["list"])), serde_json::json!([]), "round {round}");
+        let _ = Command::new("kill").args(["-INT", &r.pid().to_string()]).status();
         let (code, err) = r.wait(Duration::from_secs(10));
         assert_eq!(code, Some(130), "round {round}: {err}");
         assert!(err.contains("interrupted while waiting"), "{err}");
@@ -484,7 +428,7 @@ fn a_waiting_receiver_honours_its_timeout_and_signals_serves_its_api_and_leaves_
         assert!(Instant::now() < deadline, "the receiver never accepted");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = Command::new("kill").args(["-INT", &r.child.id().to_string()]).status();
+    let _ = Command::new("kill").args(["-INT", &r.pid().to_string()]).status();
     let (code, err) = r.wait(Duration::from_secs(10));
     assert_eq!(code, Some(130), "{err}");
     drop(silent);
@@ -494,17 +438,20 @@ fn a_waiting_receiver_honours_its_timeout_and_signals_serves_its_api_and_leaves_
 fn snapshot_restore_and_flags_refuse_what_is_wrong_with_one_line_and_the_documented_code() {
     require_kvm();
     let dir = temp_dir("lifecycle-refusals");
-    let src = Shim::start(&dir, &["run", "--app", "idle", "--api-sock", "api.sock", "--timeout", "120", "--", "60000"]);
+    let src = ShimProcess::start(
+        &dir,
+        &["run", "--app", "idle", "--api-sock", "api.sock", "--timeout", "120", "--", "60000"],
+    );
     wait_for_api(&dir, "api.sock");
     // A snapshot whose parent directory is missing is refused; nothing is created.
     let missing = dir.join("no-such-parent");
     let to = missing.join("snap");
-    let r = ctl(&dir, "api.sock", &["snapshot", "vm0", "--to", to.to_str().expect("utf-8")]);
+    let r = ctl_in(&dir, "api.sock", &["snapshot", "vm0", "--to", to.to_str().expect("utf-8")]);
     r.expect_code(64);
     assert!(r.stderr.contains("parent directory does not exist"), "{}", r.stderr);
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
     assert!(!missing.exists(), "the missing parent was not created");
-    ctl(&dir, "api.sock", &["stop", "vm0"]).expect_code(0);
+    ctl_in(&dir, "api.sock", &["stop", "vm0"]).expect_code(0);
     let _ = src.wait(Duration::from_secs(30));
     // A missing snapshot directory is missing input (66), not an output failure (74).
     let r: Run =

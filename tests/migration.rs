@@ -8,13 +8,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Run, SHIM, free_port, require_kvm, temp_dir};
+use common::{ShimProcess, ctl_in, free_port, json_of, require_kvm, resp, temp_dir, wait_for_api};
 
 /// Hops the VM makes.
 const HOPS: usize = 20;
@@ -23,74 +21,10 @@ const BIG: usize = 1 << 20;
 /// Big values stored before they are all deleted again.
 const BIG_PER_CYCLE: usize = 12;
 
-/// A shim process (killed when dropped).
-struct Shim {
-    child: Child,
-}
-
-impl Shim {
-    fn start(dir: &Path, args: &[&str]) -> Shim {
-        let child = Command::new(SHIM)
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the shim starts");
-        Shim { child }
-    }
-
-    /// Waits for the process to end; returns its exit code.
-    fn wait(mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s.code();
-            }
-            assert!(Instant::now() < deadline, "the shim did not end within {within:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Shim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn ctl(dir: &Path, sock: &str, args: &[&str]) -> Run {
-    Command::new(SHIM).args(["ctl", "--api-sock", sock]).args(args).current_dir(dir).output().expect("ctl").into()
-}
-
-fn json_of(r: &Run) -> serde_json::Value {
-    r.expect_code(0);
-    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("no JSON ({e}):\n{}", r.stdout))
-}
-
-fn wait_for_api(dir: &Path, sock: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ctl(dir, sock, &["list"]).code != Some(0) {
-        assert!(Instant::now() < deadline, "the control API at {sock} never answered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn command(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
 /// Sends one command and reads a reply of exactly `want.len()` bytes; true when it is `want`.
 fn exchange(conn: &mut TcpStream, args: &[&[u8]], want: &[u8]) -> bool {
     let mut reply = vec![0u8; want.len()];
-    conn.write_all(&command(args)).is_ok() && conn.read_exact(&mut reply).is_ok() && reply == want
+    conn.write_all(&resp(args)).is_ok() && conn.read_exact(&mut reply).is_ok() && reply == want
 }
 
 /// The client: cycles of storing `BIG_PER_CYCLE` big values and deleting them, with a small
@@ -142,7 +76,7 @@ fn check_acked(port: u16, acked: &[String], hop: usize) {
         let mut out = Vec::new();
         want.clear();
         for k in chunk {
-            out.extend(command(&[b"GET", k.as_bytes()]));
+            out.extend(resp(&[b"GET", k.as_bytes()]));
             let v = k.replacen('w', "v", 1);
             want.extend(format!("${}\r\n{v}\r\n", v.len()).into_bytes());
         }
@@ -177,7 +111,7 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
     ];
     let mut args = vec!["run", "--app", "kv", "--publish", &publish, "--api-sock", "vm0.sock"];
     args.extend(vm_args);
-    let mut here = Shim::start(&dir, &args);
+    let mut here = ShimProcess::start(&dir, &args);
     let mut sock = "vm0.sock".to_string();
     wait_for_api(&dir, &sock);
     let first_up = Instant::now();
@@ -192,7 +126,8 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
         let next_sock = format!("vm{hop}.sock");
         let listen = format!("mig{hop}.sock");
         let target = format!("unix:{listen}");
-        let there = Shim::start(&dir, &["receive", "--listen", &target, "--api-sock", &next_sock, "--timeout", "600"]);
+        let there =
+            ShimProcess::start(&dir, &["receive", "--listen", &target, "--api-sock", &next_sock, "--timeout", "600"]);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !dir.join(&listen).exists() {
             assert!(Instant::now() < deadline, "hop {hop}: the receiver never listened");
@@ -200,12 +135,12 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
         }
         // Let the client store and delete a while on this host.
         std::thread::sleep(Duration::from_millis(500));
-        let before = json_of(&ctl(&dir, &sock, &["get", "vm0"]));
+        let before = json_of(&ctl_in(&dir, &sock, &["get", "vm0"]));
         grants += before["memory_bytes"]["grants"].as_u64().unwrap_or(0);
         releases += before["memory_bytes"]["releases"].as_u64().unwrap_or(0);
-        let m = json_of(&ctl(&dir, &sock, &["migrate", "vm0", "--to", &target, "--verify"]));
+        let m = json_of(&ctl_in(&dir, &sock, &["migrate", "vm0", "--to", &target, "--verify"]));
         assert_eq!(m["missed_by_log"], 0, "hop {hop}: the dirty log missed pages: {m}");
-        assert_eq!(here.wait(Duration::from_secs(30)), Some(0), "hop {hop}: the source ends once the target runs");
+        assert_eq!(here.wait(Duration::from_secs(30)).0, Some(0), "hop {hop}: the source ends once the target runs");
         here = there;
         sock = next_sock;
         wait_for_api(&dir, &sock);
@@ -222,11 +157,11 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
     );
     check_acked(port, &all, HOPS);
     // The VM's uptime goes on across the hops (it does not restart at each target).
-    let uptime_us = json_of(&ctl(&dir, &sock, &["list"]))[0]["uptime_us"].as_u64().unwrap_or(0);
+    let uptime_us = json_of(&ctl_in(&dir, &sock, &["list"]))[0]["uptime_us"].as_u64().unwrap_or(0);
     let lived = first_up.elapsed();
     assert!(uptime_us >= lived.as_micros() as u64, "uptime {uptime_us} µs after {HOPS} hops over {lived:?}");
     assert!(all.len() >= 200, "the client got only {} writes acknowledged", all.len());
     assert!(grants >= HOPS as u64 && releases >= HOPS as u64, "grants {grants}, releases {releases}");
-    ctl(&dir, &sock, &["stop", "vm0"]).expect_code(0);
-    assert_eq!(here.wait(Duration::from_secs(30)), Some(5), "the last target stops cleanly");
+    ctl_in(&dir, &sock, &["stop", "vm0"]).expect_code(0);
+    assert_eq!(here.wait(Duration::from_secs(30)).0, Some(5), "the last target stops cleanly");
 }

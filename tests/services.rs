@@ -19,17 +19,6 @@ fn connect(port: u16) -> TcpStream {
     s
 }
 
-/// A RESP request for `args`.
-fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend(format!("${}\r\n", a.len()).bytes());
-        out.extend_from_slice(a);
-        out.extend(b"\r\n");
-    }
-    out
-}
-
 /// Reads exactly `n` bytes.
 fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];

@@ -302,3 +302,89 @@ pub fn client(program: &str, package: &str, args: &[&str]) -> Run {
         Err(e) => panic!("cannot run {program}: {e}"),
     }
 }
+
+/// A RESP request (an array of bulk strings) for `args`.
+#[allow(dead_code)] // not every test file uses it
+pub fn resp(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend(format!("${}\r\n", a.len()).bytes());
+        out.extend_from_slice(a);
+        out.extend(b"\r\n");
+    }
+    out
+}
+
+/// A shim process started in `dir` (killed when dropped): for runs that several processes
+/// share a directory with (control sockets, snapshots, migration).
+#[allow(dead_code)] // not every test file uses it
+pub struct ShimProcess {
+    child: std::process::Child,
+}
+
+#[allow(dead_code)] // not every test file uses every method
+impl ShimProcess {
+    /// Starts `hypervisor-shim ARGS` in `dir`, stdout discarded, stderr kept for [`Self::wait`].
+    pub fn start(dir: &Path, args: &[&str]) -> ShimProcess {
+        let child = Command::new(SHIM)
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the shim starts");
+        ShimProcess { child }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to end; returns its exit code and stderr.
+    pub fn wait(mut self, within: std::time::Duration) -> (Option<i32>, String) {
+        let deadline = std::time::Instant::now() + within;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(std::time::Instant::now() < deadline, "the shim did not end within {within:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status.code(), err)
+    }
+}
+
+impl Drop for ShimProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `hypervisor-shim ctl --api-sock SOCK ARGS`, run in `dir`.
+#[allow(dead_code)] // not every test file uses it
+pub fn ctl_in(dir: &Path, sock: &str, args: &[&str]) -> Run {
+    Command::new(SHIM).args(["ctl", "--api-sock", sock]).args(args).current_dir(dir).output().expect("ctl").into()
+}
+
+/// Waits (up to 30 s) until the control API at `dir/sock` answers.
+#[allow(dead_code)] // not every test file uses it
+pub fn wait_for_api(dir: &Path, sock: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ctl_in(dir, sock, &["list"]).code != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "the control API at {sock} never answered");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The JSON a successful command printed.
+#[allow(dead_code)] // not every test file uses it
+pub fn json_of(r: &Run) -> serde_json::Value {
+    r.expect_code(0);
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("no JSON ({e}):\n{}", r.stdout))
+}
