@@ -16,6 +16,8 @@ use crate::tools::qemu::Accel;
 pub(super) static BUILT_KERNEL: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(|| {
     elastic_images::builtin::kernel_file().unwrap_or_else(|e| {
         eline!("hypervisor-shim: the built-in kernel image is unavailable ({e}); give one with --kernel PATH");
+        // The line goes through the stderr buffer: let it out before the process ends.
+        elastic_vmm::flush_diagnostics(super::STDERR_DRAIN);
         std::process::exit(elastic_vmm::exit::NO_INPUT.into())
     })
 });
