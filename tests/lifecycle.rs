@@ -11,7 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Run, SHIM, ShimProcess, ctl_in, free_port, json_of, read_json, read_json_lines, require_kvm, temp_dir, wait_for_api,
+    Run, SHIM, ShimProcess, ctl_in, free_port, json_of, read_json, read_json_lines, require_kvm, temp_dir,
+    wait_for_api, wait_for_path,
 };
 
 /// Keys written, and the size of each value (enough for the VM to grow past its 32 MiB min).
@@ -70,7 +71,6 @@ fn expected_checksum() -> u64 {
     checksum(values.join("\n").as_bytes())
 }
 
-/// A shim process in `dir` (killed when dropped).
 fn wait_for_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while redis(port, "PING\n").trim() != "PONG" {
@@ -219,11 +219,7 @@ fn kv_keeps_every_key_and_its_port_across_live_migration() {
     wait_for_api(&dir, "src.sock");
     wait_for_port(port);
     write_keys(port);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !dir.join("mig.sock").exists() {
-        assert!(Instant::now() < deadline, "the receiver never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_path(&dir.join("mig.sock"), Duration::from_secs(10), "the receiver never listened");
     // A client keeps writing while the VM moves: every write it saw acknowledged must be on the
     // target (the pre-copy rounds and the final copy catch pages dirtied meanwhile).
     let stop_writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -385,11 +381,7 @@ fn work_in_flight_finishes_correctly_after_restore() {
 /// Starts `receive --listen unix:rx.sock` plus `extra` in `dir` and waits until it listens.
 fn start_receiver(dir: &Path, extra: &[&str]) -> ShimProcess {
     let r = ShimProcess::start(dir, &[&["receive", "--listen", "unix:rx.sock"][..], extra].concat());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !dir.join("rx.sock").exists() {
-        assert!(Instant::now() < deadline, "the receiver never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_path(&dir.join("rx.sock"), Duration::from_secs(20), "the receiver never listened");
     r
 }
 

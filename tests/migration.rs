@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ShimProcess, ctl_in, free_port, json_of, require_kvm, resp, temp_dir, wait_for_api};
+use common::{ShimProcess, ctl_in, free_port, json_of, require_kvm, resp, temp_dir, wait_for_api, wait_for_path};
 
 /// Hops the VM makes.
 const HOPS: usize = 20;
@@ -128,11 +128,7 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
         let target = format!("unix:{listen}");
         let there =
             ShimProcess::start(&dir, &["receive", "--listen", &target, "--api-sock", &next_sock, "--timeout", "600"]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !dir.join(&listen).exists() {
-            assert!(Instant::now() < deadline, "hop {hop}: the receiver never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_path(&dir.join(&listen), Duration::from_secs(20), &format!("hop {hop}: the receiver never listened"));
         // Let the client store and delete a while on this host.
         std::thread::sleep(Duration::from_millis(500));
         let before = json_of(&ctl_in(&dir, &sock, &["get", "vm0"]));

@@ -388,3 +388,14 @@ pub fn json_of(r: &Run) -> serde_json::Value {
     r.expect_code(0);
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("no JSON ({e}):\n{}", r.stdout))
 }
+
+/// Waits (up to `within`) until `path` exists (a receiver's listening socket); `what` is the
+/// failure message.
+#[allow(dead_code)] // not every test file uses it
+pub fn wait_for_path(path: &Path, within: std::time::Duration, what: &str) {
+    let deadline = std::time::Instant::now() + within;
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
