@@ -1,7 +1,7 @@
 //! The default kernel travels inside the `hypervisor-shim` binary: a copy of the binary boots
 //! it from another directory without opening anything in the build's `target/` directory
 //! (checked with `strace`), repairs a damaged cache file, and says in one line (exit 66) when
-//! it has nowhere to write the image.
+//! it has nowhere to write the image; `kernel` prints its path or copies it.
 
 mod common;
 
@@ -108,4 +108,31 @@ fn nowhere_to_write_the_embedded_kernel_is_one_line_and_exit_66() {
         .output()
         .expect("the shim runs");
     Run::from(out).expect_code(0);
+}
+
+#[test]
+fn the_kernel_command_prints_the_cached_path_and_copies_the_image() {
+    let dir = temp_dir("builtin-kernel-command");
+    let cache = dir.join("cache");
+    let built = std::fs::read(kernel_image()).expect("the built kernel");
+    let out = Command::new(SHIM).arg("kernel").env("XDG_CACHE_HOME", &cache).output().expect("the shim runs");
+    let run = Run::from(out);
+    run.expect_code(0);
+    let printed = PathBuf::from(run.stdout.trim_end());
+    assert!(printed.starts_with(cache.join("elastic-unikernel")), "{}", printed.display());
+    assert_eq!(std::fs::read(&printed).expect("the printed path"), built);
+    // --output: a copy a containerd rootfs can hold, readable by others.
+    let copy = dir.join("rootfs-kernel");
+    let out = Command::new(SHIM).args(["kernel", "--output"]).arg(&copy).env("XDG_CACHE_HOME", &cache).output();
+    Run::from(out.expect("the shim runs")).expect_code(0);
+    assert_eq!(std::fs::read(&copy).expect("the copy"), built);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&copy).expect("the copy").permissions().mode() & 0o777, 0o644);
+    // A file that cannot be written: one line naming it, exit 74.
+    let bad = dir.join("no-such-dir").join("kernel");
+    let out = Command::new(SHIM).args(["kernel", "-o"]).arg(&bad).env("XDG_CACHE_HOME", &cache).output();
+    let run = Run::from(out.expect("the shim runs"));
+    run.expect_code(74);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains(bad.to_str().expect("UTF-8")), "{}", run.stderr);
 }

@@ -13,11 +13,18 @@
 //! over the name, so concurrent shims never see a partial image. The directory must be a real
 //! directory owned by this user that nobody else can write to; when the cache directory
 //! cannot be used, `$TMPDIR/elastic-unikernel-<uid>` (same checks) is tried.
+//!
+//! Each build has its own file, so they would pile up (about 0.5 MB a build). A use refreshes
+//! the file's modification time (at most once a day), and writing a new image removes the other
+//! `kernel-*` files of the directory unused for [`UNUSED_FOR`]. A snapshot names its kernel's
+//! path, so one whose build has not run for that long must be restored with `--kernel` naming
+//! a copy of that build's image.
 
 use std::fs::{self, DirBuilder};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 
@@ -25,6 +32,12 @@ use crate::{KERNEL_IMAGE, KERNEL_SHA256};
 
 /// The directory's name under the cache directory.
 const DIR_NAME: &str = "elastic-unikernel";
+
+/// How long another build's image may go unused before writing a new one removes it.
+const UNUSED_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How stale a used file's modification time may get before a use refreshes it.
+const REFRESH_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// Why the built-in kernel could not be written to a file.
 #[derive(Debug, Error)]
@@ -92,6 +105,7 @@ pub(crate) fn write_image(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBu
     private_dir(dir)?;
     let path = dir.join(name);
     if holds(&path, bytes) {
+        refresh(&path);
         return Ok(path);
     }
     let write_err = |path: &Path| {
@@ -102,7 +116,42 @@ pub(crate) fn write_image(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBu
     tmp.write_all(bytes).map_err(write_err(tmp.path()))?;
     tmp.as_file().sync_all().map_err(write_err(tmp.path()))?;
     tmp.persist(&path).map_err(|e| BuiltinError::Write { path: path.clone(), source: e.error })?;
+    prune(dir, name, SystemTime::now());
     Ok(path)
+}
+
+/// Marks `path` as used: its modification time becomes now when it is older than a day (one
+/// `stat`, and one `utimensat` a day). Failure only makes the file look older.
+fn refresh(path: &Path) {
+    let stale = fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| SystemTime::now().duration_since(t).is_ok_and(|age| age > REFRESH_AFTER));
+    if stale {
+        let _ = fs::File::options().append(true).open(path).and_then(|f| f.set_modified(SystemTime::now()));
+    }
+}
+
+/// Removes the `kernel-*` files of `dir` other than `keep` that were last used more than
+/// [`UNUSED_FOR`] before `now` (other builds' images). Best effort: what cannot be read or
+/// removed stays.
+fn prune(dir: &Path, keep: &str, now: SystemTime) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name == keep || !name.starts_with("kernel-") {
+            continue;
+        }
+        let unused = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.file_type().is_file())
+            .and_then(|m| m.modified().ok())
+            .is_some_and(|t| now.duration_since(t).is_ok_and(|age| age > UNUSED_FOR));
+        if unused {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Creates `dir` (mode 0700) when missing and checks it is a directory of this user that
@@ -154,6 +203,29 @@ mod tests {
         assert_eq!(fs::metadata(&path).unwrap().ino(), inode, "an intact file is not rewritten");
         let left: Vec<_> = fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, ["kernel-x"], "no temporary file is left behind");
+    }
+
+    #[test]
+    fn a_new_image_removes_other_builds_unused_for_a_month_and_a_use_keeps_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let month_ago = SystemTime::now() - UNUSED_FOR - Duration::from_secs(60);
+        let age = |name: &str, t: SystemTime| {
+            fs::File::options().append(true).open(d.join(name)).unwrap().set_modified(t).unwrap();
+        };
+        for name in ["kernel-old", "kernel-used", "kernel-recent", "notes"] {
+            fs::write(d.join(name), b"image").unwrap();
+        }
+        for name in ["kernel-old", "kernel-used", "notes"] {
+            age(name, month_ago);
+        }
+        // A use of an old build's file refreshes it.
+        write_image(d, "kernel-used", b"image").unwrap();
+        write_image(d, "kernel-new", b"image two").unwrap();
+        let mut left: Vec<_> =
+            fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["kernel-new", "kernel-recent", "kernel-used", "notes"]);
     }
 
     #[test]

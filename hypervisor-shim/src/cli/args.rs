@@ -44,8 +44,8 @@ snapshot directory missing,
 69 /dev/kvm or QEMU unavailable, 70 internal error, 71 guest CPU exception,
 72 guest touched unbacked memory, 73 guest exit the shim does not serve,
 74 cannot write an output file, 75 ended for a policy violation (--on-violation kill),
-76 timeout, 77 a pool VM or stress scenario did not end as expected, 130 Ctrl-C twice (once
-while `receive` waits). A closed or unread stdout/stderr never changes the code.";
+76 timeout, 77 a pool VM or stress scenario did not end as expected, 130 Ctrl-C twice, or once
+when the guest has not stopped 500 ms later (once while `receive` waits). A closed or unread stdout/stderr never changes the code.";
 
 #[derive(Debug, Subcommand)]
 pub(super) enum Command {
@@ -75,6 +75,18 @@ pub(super) enum Command {
     /// it; its published ports come along. While it waits, --timeout (exit 76) and Ctrl-C
     /// (exit 130) end it, --api-sock is served, and the socket file is removed on every exit.
     Receive(ReceiveArgs),
+    /// Print the path of the built-in kernel image (written to the per-user cache), or copy it
+    /// to a file with --output (a containerd rootfs needs one: `kernel --output rootfs/kernel`).
+    Kernel(KernelArgs),
+}
+
+/// `kernel`: where the built-in image is, or a copy of it.
+#[derive(Debug, Args, Clone)]
+pub(super) struct KernelArgs {
+    /// Copy the image to FILE (mode 0644, replaced if it exists) instead of printing its path;
+    /// a file that cannot be written exits 74.
+    #[arg(long, short, value_name = "FILE")]
+    pub(super) output: Option<PathBuf>,
 }
 
 /// Options of a VM that resumes here (`restore`, `receive`).

@@ -11,8 +11,8 @@ pub(crate) mod ctl;
 pub(crate) mod pool_config;
 
 use args::{
-    BUILT_KERNEL, BenchArgs, Cli, Command, DemoArgs, PoolArgs, QemuArgs, ReceiveArgs, RestartMode, RestoreArgs,
-    ResumeArgs, RunArgs, StressArgs, default_kernel, kernel_path,
+    BUILT_KERNEL, BenchArgs, Cli, Command, DemoArgs, KernelArgs, PoolArgs, QemuArgs, ReceiveArgs, RestartMode,
+    RestoreArgs, ResumeArgs, RunArgs, StressArgs, default_kernel, kernel_path,
 };
 
 use crate::tools::bench;
@@ -85,6 +85,7 @@ fn dispatch(started: Instant, started_monotonic_ns: u64) -> ExitCode {
         Some(Command::Ctl(args)) => ExitCode::from(crate::cli::ctl::command(&args)),
         Some(Command::Restore(args)) => restore(args, started, started_monotonic_ns),
         Some(Command::Receive(args)) => receive(args, started_monotonic_ns),
+        Some(Command::Kernel(args)) => kernel(&args),
     }
 }
 
@@ -408,6 +409,20 @@ fn run_bench(args: BenchArgs) -> ExitCode {
     }
     eline!("bench: wrote {}", args.out.display());
     ExitCode::SUCCESS
+}
+
+/// `kernel`: prints the built-in image's cached path, or copies the image to `--output`.
+fn kernel(args: &KernelArgs) -> ExitCode {
+    let Some(out) = &args.output else {
+        oline!("{}", BUILT_KERNEL.display());
+        return ExitCode::SUCCESS;
+    };
+    let copied = std::fs::copy(&*BUILT_KERNEL, out)
+        .and_then(|_| std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644)));
+    match copied {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(elastic_vmm::exit::IO_ERROR, format_args!("--output {}: {e}", out.display())),
+    }
 }
 
 fn run_qemu(args: QemuArgs) -> ExitCode {

@@ -17,6 +17,7 @@ use crate::control::governor::Members;
 use crate::control::registry::Registry;
 use crate::control::request::{ControlReply, ControlRequest, OwnerEvent};
 use crate::devices::StopReason;
+use crate::host::signals::SIGINT_STOP_GRACE;
 use crate::policy::resource::Resource;
 use crate::report::summary::Summary;
 use crate::vmm::outcome::{IDLE_STOP_GRACE, Outcome};
@@ -95,8 +96,11 @@ fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duratio
     let vm = running.shared();
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut idle_stop_at: Option<Instant> = None;
+    // After a SIGINT: when the run ends whether or not the guest stopped.
+    let mut interrupt_end_at: Option<Instant> = None;
     while vm.outcome().is_none() {
-        let wake_at = [deadline, idle_stop_at.map(|t| t + IDLE_STOP_GRACE)].into_iter().flatten().min();
+        let wake_at =
+            [deadline, idle_stop_at.map(|t| t + IDLE_STOP_GRACE), interrupt_end_at].into_iter().flatten().min();
         let event = match wake_at {
             Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -106,6 +110,8 @@ fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duratio
                 let now = Instant::now();
                 if deadline.is_some_and(|d| now >= d) {
                     vm.finish(Outcome::Timeout(timeout.unwrap_or_default(), vm.vcpu_states()));
+                } else if interrupt_end_at.is_some_and(|t| now >= t) {
+                    vm.finish(Outcome::InterruptIgnored(SIGINT_STOP_GRACE));
                 } else if idle_stop_at.is_some_and(|t| now >= t + IDLE_STOP_GRACE) {
                     vm.finish(Outcome::IgnoredStop);
                 }
@@ -122,8 +128,15 @@ fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duratio
             Ok(OwnerEvent::Interrupt(n)) => {
                 if n >= 2 {
                     vm.finish(Outcome::Interrupted);
+                } else if crate::host::signals::sigint_seen() {
+                    crate::host::diag::say(format_args!(
+                        "asking the guest to stop (the run ends in {} ms if it does not; Ctrl-C again to end it now)",
+                        SIGINT_STOP_GRACE.as_millis()
+                    ));
+                    vm.post_notice(notice::STOP, |_| {});
+                    interrupt_end_at = Some(Instant::now() + SIGINT_STOP_GRACE);
                 } else {
-                    crate::host::diag::say(format_args!("asking the guest to stop (Ctrl-C again to end the run now)"));
+                    crate::host::diag::say(format_args!("asking the guest to stop (a second signal ends the run now)"));
                     vm.post_notice(notice::STOP, |_| {});
                 }
             }

@@ -1,14 +1,21 @@
 //! Ctrl-C: the first SIGINT/SIGTERM asks the guest to stop (a STOP notice); the second ends the
-//! run at once.
+//! run at once. After a SIGINT (someone at a terminal) the run also ends by itself when the
+//! guest has not stopped within [`SIGINT_STOP_GRACE`]; after a SIGTERM whoever sent it
+//! (containerd, systemd, kubelet) owns the deadline.
 //!
 //! The handler only counts and writes to an eventfd (both async-signal-safe). A thread of its
 //! own, blocked reading that eventfd, tells every subscriber (each VM's owner, an on-demand
 //! slot waiting for a client): nobody polls for interrupts.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
 static INTERRUPTS: AtomicU32 = AtomicU32::new(0);
+/// Whether any of them was a SIGINT.
+static SIGINT_SEEN: AtomicBool = AtomicBool::new(false);
+
+/// How long a guest has to stop after a SIGINT's STOP notice before the run ends without it.
+pub(crate) const SIGINT_STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 /// The eventfd the handler writes (-1 until installed).
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 
@@ -17,7 +24,10 @@ type Callback = Arc<dyn Fn(u32) + Send + Sync>;
 static SUBSCRIBERS: Mutex<Vec<(u64, Callback)>> = Mutex::new(Vec::new());
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-extern "C" fn on_interrupt(_: libc::c_int) {
+extern "C" fn on_interrupt(sig: libc::c_int) {
+    if sig == libc::SIGINT {
+        SIGINT_SEEN.store(true, Ordering::SeqCst);
+    }
     INTERRUPTS.fetch_add(1, Ordering::SeqCst);
     let fd = WAKE_FD.load(Ordering::SeqCst);
     if fd >= 0 {
@@ -88,6 +98,11 @@ fn watch(fd: libc::c_int) {
 /// How many interrupts arrived so far.
 pub fn interrupts() -> u32 {
     INTERRUPTS.load(Ordering::SeqCst)
+}
+
+/// Whether a SIGINT was among the interrupts so far (a SIGTERM's sender keeps its own deadline).
+pub(crate) fn sigint_seen() -> bool {
+    SIGINT_SEEN.load(Ordering::SeqCst)
 }
 
 /// Calls `f` with the interrupt count after every interrupt, until the subscription is dropped.

@@ -54,8 +54,10 @@ pub enum Outcome {
     Internal(String),
     /// `--timeout` expired (with each vCPU's state at that moment).
     Timeout(Duration, String),
-    /// The operator interrupted the run twice (Ctrl-C).
+    /// The operator interrupted the run twice (Ctrl-C or SIGTERM).
     Interrupted,
+    /// The guest did not stop within the grace after a SIGINT's STOP notice.
+    InterruptIgnored(Duration),
     /// The VM was ended for ignoring a reclaim (`--on-violation kill`).
     Killed {
         /// The resource it would not give back.
@@ -83,7 +85,7 @@ impl Outcome {
             Outcome::Unserved { .. } => exit::GUEST_UNSERVED,
             Outcome::Internal(_) => exit::INTERNAL,
             Outcome::Timeout(..) => exit::TIMEOUT,
-            Outcome::Interrupted => exit::INTERRUPTED,
+            Outcome::Interrupted | Outcome::InterruptIgnored(_) => exit::INTERRUPTED,
             Outcome::Killed { .. } | Outcome::IgnoredStop => exit::POLICY_KILL,
             Outcome::NoVm | Outcome::Migrated { .. } => 0,
         }
@@ -98,7 +100,7 @@ impl Outcome {
             Outcome::Unserved { .. } => "unserved_exit",
             Outcome::Internal(_) => "internal_error",
             Outcome::Timeout(..) => "timeout",
-            Outcome::Interrupted => "interrupted",
+            Outcome::Interrupted | Outcome::InterruptIgnored(_) => "interrupted",
             Outcome::Killed { .. } => "policy_kill",
             Outcome::IgnoredStop => "ignored_stop",
             Outcome::NoVm => "no_vm_running",
@@ -121,6 +123,9 @@ impl Outcome {
                 Some(format!("run stopped after the {:.1} s timeout; vCPUs then:\n{states}", d.as_secs_f64()))
             }
             Outcome::Interrupted => Some("run interrupted (Ctrl-C twice)".into()),
+            Outcome::InterruptIgnored(grace) => {
+                Some(format!("run interrupted: the guest did not stop within {} ms of Ctrl-C", grace.as_millis()))
+            }
             Outcome::Killed { resource } => Some(format!(
                 "VM ended: it kept its {resource} above max past the reclaim grace period (--on-violation kill)"
             )),
