@@ -315,20 +315,48 @@ pub struct BlockArgs {
     pub timeout_ns: u64,
     /// *out*: [`wake`] bits.
     pub woken_by: u32,
+    /// *in*: [`block_flags`] bits (0 without the
+    /// [`BLOCK_NOTIFY`](crate::features::BLOCK_NOTIFY) feature).
+    pub flags: u32,
+    /// *in*: with [`block_flags::NOTIFY`], the DEVICE_NOTIFY value
+    /// ([`notify_value`](crate::virtio::notify_value)) served before the vCPU sleeps.
+    pub notify: u64,
     /// *reserved*.
-    pub reserved0: u32,
-    /// *reserved*.
-    pub reserved: [u64; 2],
+    pub reserved: [u64; 1],
 }
 
 block_layout!(BlockArgs, 40);
+const _: () = assert!(offset_of!(BlockArgs, flags) == 20);
+const _: () = assert!(offset_of!(BlockArgs, notify) == 24);
+
+/// [`BlockArgs::flags`] bits.
+pub mod block_flags {
+    /// Serve [`BlockArgs::notify`](super::BlockArgs::notify) as a DEVICE_NOTIFY first: a guest
+    /// that queued packets and has nothing else to do tells the device and sleeps in one exit.
+    pub const NOTIFY: u32 = 1 << 0;
+    /// Every flag this revision defines.
+    pub const ALL: u32 = NOTIFY;
+}
 const _: () = assert!(offset_of!(BlockArgs, timeout_ns) == 8);
 const _: () = assert!(offset_of!(BlockArgs, woken_by) == 16);
 
 impl BlockArgs {
     /// A block of at most `timeout_ns`.
     pub const fn new(timeout_ns: u64) -> Self {
-        BlockArgs { header: Header::pending(), timeout_ns, woken_by: 0, reserved0: 0, reserved: [0; 2] }
+        BlockArgs { header: Header::pending(), timeout_ns, woken_by: 0, flags: 0, notify: 0, reserved: [0; 1] }
+    }
+
+    /// A block of at most `timeout_ns` that first serves the DEVICE_NOTIFY `notify` (needs
+    /// the [`BLOCK_NOTIFY`](crate::features::BLOCK_NOTIFY) feature).
+    pub const fn notifying(timeout_ns: u64, notify: u64) -> Self {
+        BlockArgs {
+            header: Header::pending(),
+            timeout_ns,
+            woken_by: 0,
+            flags: block_flags::NOTIFY,
+            notify,
+            reserved: [0; 1],
+        }
     }
 }
 

@@ -44,6 +44,11 @@ static KICK_AFTER: AtomicU64 = AtomicU64::new(KICK_AFTER_NS);
 /// How long a task runs per poll, on average (ns; a moving average over the last ~8 polls).
 static AVG_RUN_NS: AtomicU64 = AtomicU64::new(0);
 
+/// How long a task runs per poll, on average (ns).
+pub(crate) fn avg_run_ns() -> u64 {
+    AVG_RUN_NS.load(Ordering::Relaxed)
+}
+
 fn note_run_time(ns: u64) {
     let avg = AVG_RUN_NS.load(Ordering::Relaxed);
     AVG_RUN_NS.store(avg - avg / 8 + ns / 8, Ordering::Relaxed);

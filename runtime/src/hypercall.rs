@@ -83,10 +83,7 @@ pub unsafe fn vcpu_down(state: *mut u8, offline: u8) -> Status {
 /// [`STATUS_CHANGED`](hypercall_abi::virtio::STATUS_CHANGED): the device page changed). The
 /// call has no argument block: `rdi` carries the value and the status comes back in `eax`.
 pub fn device_notify(device: u16, queue: u16) -> Status {
-    // SAFETY: DEVICE_NOTIFY takes no argument block; the host touches no guest memory on its
-    // behalf but the device page and the rings the guest registered.
-    let eax = unsafe { cpu::hypercall(Call::DeviceNotify.number(), notify_value(device, queue)) };
-    Status(eax as i32)
+    device_notify_value(notify_value(device, queue))
 }
 
 /// BLOCK for at most `timeout_ns`: the wake bits, or `None` when no host answered.
@@ -96,6 +93,25 @@ pub fn block(timeout_ns: u64) -> Option<u32> {
         Status::OK => Some(args.woken_by),
         _ => None,
     }
+}
+
+/// BLOCK for at most `timeout_ns` after the host served the DEVICE_NOTIFY `notify` (one exit
+/// for both; needs `features::BLOCK_NOTIFY`). `Err` with the status when the host refused it
+/// (the notify may not have been served, and the vCPU did not sleep).
+pub fn block_notifying(timeout_ns: u64, notify: u64) -> Result<u32, Status> {
+    let mut args = BlockArgs::notifying(timeout_ns, notify);
+    match call(&mut args) {
+        Status::OK => Ok(args.woken_by),
+        s => Err(s),
+    }
+}
+
+/// DEVICE_NOTIFY with a whole notify value ([`notify_value`]).
+pub fn device_notify_value(value: u64) -> Status {
+    // SAFETY: DEVICE_NOTIFY takes no argument block; the host touches no guest memory on its
+    // behalf but the device page and the rings the guest registered.
+    let eax = unsafe { cpu::hypercall(Call::DeviceNotify.number(), value) };
+    Status(eax as i32)
 }
 
 /// KICK vCPU `vcpu_id`.

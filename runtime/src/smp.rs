@@ -209,12 +209,26 @@ pub fn kick_one_idle() {
 /// Blocks an idle vCPU until a kick, a host notice, `has_work()` (work for this vCPU that
 /// arrived without a kick: queued tasks, packets for the pump), or `timeout_ns`. Without a
 /// host it spins instead (QEMU: one vCPU, nothing else to wake it).
-pub fn idle_block(slot: &'static PerCpu, timeout_ns: u64, has_work: &dyn Fn() -> bool) {
+///
+/// `notify`: a DEVICE_NOTIFY the vCPU owes the host (a deferred one, see `net`). It is served
+/// by the BLOCK itself, and the spin is skipped: what the vCPU waits for cannot come back
+/// before the host has been told.
+pub fn idle_block(slot: &'static PerCpu, timeout_ns: u64, notify: Option<u64>, has_work: &dyn Fn() -> bool) {
     if platform::current() != Platform::Shim {
         cpu::pause();
         return;
     }
     crate::console::flush_if_pending();
+    if let Some(value) = notify {
+        slot.blocked.store(true, Ordering::SeqCst);
+        let woken = has_work() || slot.state.load(Ordering::SeqCst) != state::IDLE;
+        if woken || hypercall::block_notifying(timeout_ns, value).is_err() {
+            let _ = hypercall::device_notify_value(value);
+        }
+        slot.blocked.store(false, Ordering::SeqCst);
+        slot.woke_tsc.store(cpu::rdtsc(), Ordering::Release);
+        return;
+    }
     // Spin a little first: work that shows up within a few tens of microseconds is then taken
     // without the two exits a BLOCK and the KICK that ends it cost. The window adapts the way
     // KVM's halt polling does: a BLOCK that work ended soon (within IDLE_SPIN_MAX_NS) is one a

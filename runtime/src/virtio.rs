@@ -8,7 +8,7 @@
 
 use core::alloc::Layout;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hypercall_abi::virtio::{
     STATUS_CHANGED, VIRTIO_CONFIG_SIZE, VIRTIO_DEVICE_MAGIC, VIRTIO_DEVICE_PAGE, VIRTIO_QUEUES_MAX,
@@ -24,9 +24,18 @@ static DEVICES: AtomicU64 = AtomicU64::new(0);
 /// Number of device pages.
 static DEVICE_COUNT: AtomicU64 = AtomicU64::new(0);
 
+/// Whether the host serves a DEVICE_NOTIFY inside BLOCK (`features::BLOCK_NOTIFY`).
+static BLOCK_NOTIFY: AtomicBool = AtomicBool::new(false);
+
+/// Whether BLOCK may carry a DEVICE_NOTIFY (the host offered `features::BLOCK_NOTIFY`).
+pub(crate) fn block_notify() -> bool {
+    BLOCK_NOTIFY.load(Ordering::Relaxed)
+}
+
 /// Records the devices the shim described, if it offered the transport.
 pub(crate) fn init(boot: &BootInfo, hello: Option<&HelloArgs>) {
     let offered = hello.is_some_and(|h| h.features & features::VIRTIO_TRANSPORT != 0);
+    BLOCK_NOTIFY.store(offered && hello.is_some_and(|h| h.features & features::BLOCK_NOTIFY != 0), Ordering::Relaxed);
     if offered && boot.devices != 0 && boot.device_count != 0 {
         DEVICES.store(boot.devices, Ordering::Release);
         DEVICE_COUNT.store(boot.device_count, Ordering::Release);
@@ -127,6 +136,11 @@ impl PageTransport {
             // SAFETY: as for `wr!`; `i` is in bounds.
             unsafe { (&raw mut (*self.regs).queues[i]).write_volatile(regs) };
         }
+    }
+
+    /// The DEVICE_NOTIFY value for `queue` of this device.
+    pub fn notify_value(&self, queue: u16) -> u64 {
+        hypercall_abi::virtio::notify_value(self.index, queue)
     }
 
     fn notify_host(&self, queue: u16) -> Status {

@@ -23,9 +23,11 @@ pub(crate) fn run(slot: &'static PerCpu, until: &dyn Fn() -> bool) {
         net::poll();
         executor::kick_if_waiting();
         if until() {
+            net::flush_deferred();
             return;
         }
         if elastic::should_drain(slot) {
+            net::flush_deferred();
             drain(slot);
         }
         elastic::on_boundary(slot);
@@ -42,9 +44,14 @@ pub(crate) fn run(slot: &'static PerCpu, until: &dyn Fn() -> bool) {
             continue;
         }
         match elastic::idle_action(slot) {
-            elastic::IdleAction::GoDown { consume_request } => go_down(slot, consume_request),
+            elastic::IdleAction::GoDown { consume_request } => {
+                net::flush_deferred();
+                go_down(slot, consume_request)
+            }
             elastic::IdleAction::Block(timeout_ns) => {
-                smp::idle_block(slot, timeout_ns, &|| executor::runnable() > 0 || net::pending());
+                // A notify the pump deferred rides on this BLOCK (one exit for both).
+                let notify = net::take_deferred();
+                smp::idle_block(slot, timeout_ns, notify, &|| executor::runnable() > 0 || net::pending());
             }
         }
     }

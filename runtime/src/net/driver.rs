@@ -11,7 +11,8 @@
 //!   puts its buffer back.
 //! * **Notifications**: a batch of posts or recycles costs at most one DEVICE_NOTIFY per queue
 //!   ([`Driver::flush_notify`]), and none while the host polls (it sets the used ring's
-//!   `NO_NOTIFY` flag). A full fence separates publishing the available index from reading
+//!   `NO_NOTIFY` flag). A notify may be deferred to the vCPU's next BLOCK (see the module
+//!   above). A full fence separates publishing the available index from reading
 //!   that flag, so a host that is just turning notifications back on cannot be missed.
 //!
 //! The caller serialises access (the driver sits behind a lock that is only ever tried, never
@@ -305,11 +306,11 @@ impl Driver {
         fence(Ordering::SeqCst);
         if core::mem::take(&mut self.tx_added) && self.tx.should_notify() {
             self.stats.notifies += 1;
-            self.transport.notify(TX_QUEUE);
+            super::notify_or_defer(&mut self.transport, TX_QUEUE);
         }
         if core::mem::take(&mut self.rx_added) && self.rx.should_notify() {
             self.stats.notifies += 1;
-            self.transport.notify(RX_QUEUE);
+            super::notify_or_defer(&mut self.transport, RX_QUEUE);
         }
     }
 }

@@ -187,7 +187,12 @@ static TX_SEEN: AtomicU16 = AtomicU16::new(0);
 /// Addresses of the RX and TX used rings' `idx` (0 before the device is set up).
 static RX_USED_IDX: AtomicU64 = AtomicU64::new(0);
 static TX_USED_IDX: AtomicU64 = AtomicU64::new(0);
+/// Deferred DEVICE_NOTIFYs, per queue (RX, TX): the notify value + 1 (0: none).
+static DEFERRED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+/// Kernel time (ns) of the oldest deferred notify (0: none).
+static DEFERRED_SINCE: AtomicU64 = AtomicU64::new(0);
 /// Counters (see [`NetStats`]).
+static NOTIFIES_IN_BLOCK: AtomicU64 = AtomicU64::new(0);
 static PUMPS: AtomicU64 = AtomicU64::new(0);
 static PUMP_BUSY: AtomicU64 = AtomicU64::new(0);
 
@@ -210,6 +215,8 @@ pub struct NetStats {
     pub pumps: (u64, u64),
     /// Packets sent and received, DEVICE_NOTIFY calls, and posts that found the queue full.
     pub packets: (u64, u64, u64, u64),
+    /// Of the DEVICE_NOTIFYs, those a BLOCK carried (no exit of their own).
+    pub notifies_in_block: u64,
 }
 
 /// Current connection counters (zeros before the channel is used).
@@ -224,6 +231,7 @@ pub fn stats() -> NetStats {
         listeners,
         pumps: (PUMPS.load(Ordering::Relaxed), PUMP_BUSY.load(Ordering::Relaxed)),
         packets: (d.sent, d.received, d.notifies, d.tx_full),
+        notifies_in_block: NOTIFIES_IN_BLOCK.load(Ordering::Relaxed),
     }
 }
 
@@ -313,12 +321,73 @@ where
     })
 }
 
-/// Runs the pump if there is anything for it. Called by the worker loop at every task
-/// boundary (so after every wake-up too); costs a read of the used rings' indexes when
-/// nothing arrived.
+/// Runs the pump if there is anything for it, and sends deferred notifies that waited
+/// [`NOTIFY_DEFER_NS`]. Called by the worker loop at every task boundary (so after every
+/// wake-up too); costs a read of the used rings' indexes when nothing arrived.
 pub(crate) fn poll() {
     if pending() {
         pump();
+    }
+    let since = DEFERRED_SINCE.load(Ordering::Acquire);
+    if since != 0 && crate::time::now_ns().saturating_sub(since) >= NOTIFY_DEFER_NS {
+        flush_deferred();
+    }
+}
+
+/// Longest a DEVICE_NOTIFY waits for the vCPU's next BLOCK (checked at task boundaries):
+/// about what the notify's own exit costs on a nested host, so a deferral never delays the
+/// host more than the exit it saves. Tasks that run longer than this on average are not
+/// deferred for.
+pub(crate) const NOTIFY_DEFER_NS: u64 = 50_000;
+
+/// A DEVICE_NOTIFY for `queue` that the driver owes the host: sent now, or, when the host
+/// serves notifies inside BLOCK and tasks are short, deferred so that the vCPU that next goes
+/// idle tells the host and sleeps in one exit ([`take_deferred`]). A task boundary sends
+/// what waited [`NOTIFY_DEFER_NS`] ([`poll`]).
+fn notify_or_defer(transport: &mut crate::virtio::PageTransport, queue: u16) {
+    let slot = DEFERRED.get(usize::from(queue));
+    match slot {
+        Some(slot) if crate::virtio::block_notify() && executor::avg_run_ns() < NOTIFY_DEFER_NS => {
+            slot.store(transport.notify_value(queue) + 1, Ordering::SeqCst);
+            let now = crate::time::now_ns().max(1);
+            let _ = DEFERRED_SINCE.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        _ => {
+            use virtio_drivers::transport::Transport;
+            transport.notify(queue);
+        }
+    }
+}
+
+/// Takes the deferred notifies (RX, TX).
+fn take_all_deferred() -> (Option<u64>, Option<u64>) {
+    if DEFERRED_SINCE.load(Ordering::SeqCst) == 0 {
+        return (None, None);
+    }
+    DEFERRED_SINCE.store(0, Ordering::SeqCst);
+    (DEFERRED[0].swap(0, Ordering::SeqCst).checked_sub(1), DEFERRED[1].swap(0, Ordering::SeqCst).checked_sub(1))
+}
+
+/// Takes the deferred notifies for a vCPU about to BLOCK: the one its BLOCK is to carry
+/// (`None`: none is owed); another one is sent here.
+pub(crate) fn take_deferred() -> Option<u64> {
+    let (rx, tx) = take_all_deferred();
+    if let (Some(rx), Some(_)) = (rx, tx) {
+        let _ = crate::hypercall::device_notify_value(rx);
+    }
+    let carried = tx.or(rx);
+    if carried.is_some() {
+        NOTIFIES_IN_BLOCK.fetch_add(1, Ordering::Relaxed);
+    }
+    carried
+}
+
+/// Sends the deferred notifies now (a vCPU leaving the worker loop or going down, or a
+/// notify that waited [`NOTIFY_DEFER_NS`]).
+pub(crate) fn flush_deferred() {
+    let (rx, tx) = take_all_deferred();
+    for value in [rx, tx].into_iter().flatten() {
+        let _ = crate::hypercall::device_notify_value(value);
     }
 }
 

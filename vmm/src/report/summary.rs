@@ -177,6 +177,8 @@ pub struct Summary {
     pub(crate) hypercalls: u64,
     /// Hypercalls per call.
     pub(crate) hypercalls_by_call: BTreeMap<String, u64>,
+    /// BLOCKs that carried a DEVICE_NOTIFY (a notify without an exit of its own).
+    pub(crate) notifies_in_block: u64,
     /// The service that ran.
     pub(crate) app: String,
     /// The vCPU policy.
@@ -298,6 +300,7 @@ impl Summary {
             started_monotonic_ns,
             hypercalls: report.hypercalls,
             hypercalls_by_call: report.per_call.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            notifies_in_block: report.notifies_in_block,
             app: app.to_string(),
             vcpu_policy: vcpus.into(),
             memory_policy: memory.into(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hypercall_abi::{
     ABI_VERSION, ArgBlock, BLOCK_FOREVER, BlockArgs, CONSOLE_WRITE_MAX, Call, ConsoleWriteArgs, EXTENT_ALIGN,
     EXTENTS_HELD_MAX, EventsArgs, Extent, HelloArgs, KERNEL_MIN_LOAD_ADDR, KickArgs, MEM_EXTENTS_MAX, MemGrantArgs,
-    MemReleaseArgs, PingArgs, ReportArgs, SHUTDOWN_CODE_MAX, ShutdownArgs, Status, VcpuUpArgs, wake,
+    MemReleaseArgs, PingArgs, ReportArgs, SHUTDOWN_CODE_MAX, ShutdownArgs, Status, VcpuUpArgs, block_flags, wake,
 };
 use serde_json::Value;
 use zerocopy::{FromBytes, IntoBytes};
@@ -101,7 +101,7 @@ pub(crate) fn dispatch(
         Call::Ping => with_block(vm, gpa, |_: &mut PingArgs| (Status::OK, Flow::Continue)),
         Call::VcpuUp => with_block(vm, gpa, |a: &mut VcpuUpArgs| vcpu_up(vm, gpa, a)),
         Call::VcpuDown => vcpu_down(vm, me),
-        Call::Block => with_block(vm, gpa, |a: &mut BlockArgs| block(me, a, serve)),
+        Call::Block => with_block(vm, gpa, |a: &mut BlockArgs| block(vm, me, a, serve)),
         Call::Kick => with_block(vm, gpa, |a: &mut KickArgs| kick(vm, a)),
         Call::Events => with_block(vm, gpa, |a: &mut EventsArgs| events(vm, a)),
         Call::Report => with_block(vm, gpa, |a: &mut ReportArgs| report(vm, me, a)),
@@ -150,7 +150,11 @@ fn hello(vm: &VmShared, vcpu: u32, a: &mut HelloArgs) -> (Status, Flow) {
     let r = &vm.config().resources;
     a.host_abi_version = ABI_VERSION;
     a.vcpu_id = vcpu;
-    a.host_features = if vm.devices().count() > 0 { hypercall_abi::features::VIRTIO_TRANSPORT } else { 0 };
+    a.host_features = if vm.devices().count() > 0 {
+        hypercall_abi::features::VIRTIO_TRANSPORT | hypercall_abi::features::BLOCK_NOTIFY
+    } else {
+        0
+    };
     a.features = a.guest_features & a.host_features;
     a.vcpus = r.vcpus.limits();
     a.memory = r.memory.limits();
@@ -231,7 +235,24 @@ fn vcpu_down(vm: &VmShared, me: &VcpuHandle) -> (Status, Flow) {
     (Status::OK, Flow::Park)
 }
 
-fn block(me: &VcpuHandle, a: &mut BlockArgs, serve: &mut dyn FnMut(VcpuEvent) -> Served) -> (Status, Flow) {
+/// BLOCK: with `block_flags::NOTIFY`, the DEVICE_NOTIFY in `notify` is served first (a bad
+/// one answers its status and the vCPU does not sleep); unknown flags are `INVALID`.
+fn block(
+    vm: &VmShared,
+    me: &VcpuHandle,
+    a: &mut BlockArgs,
+    serve: &mut dyn FnMut(VcpuEvent) -> Served,
+) -> (Status, Flow) {
+    if a.flags & !block_flags::ALL != 0 {
+        return (Status::INVALID, Flow::Continue);
+    }
+    if a.flags & block_flags::NOTIFY != 0 {
+        let status = vm.devices().notify(vm.mem(), a.notify);
+        if !status.is_ok() {
+            return (status, Flow::Continue);
+        }
+        vm.stats().notifies_in_block.fetch_add(1, Ordering::Relaxed);
+    }
     let timeout = (a.timeout_ns != BLOCK_FOREVER).then(|| Duration::from_nanos(a.timeout_ns));
     a.woken_by = me.block(timeout, serve);
     (Status::OK, Flow::Continue)
@@ -561,6 +582,38 @@ mod fuzz {
         let back: hypercall_abi::MemReleaseArgs = vm.mem().read_obj(SCRATCH + 4096).unwrap();
         assert_eq!(back.header.status, 0, "{back:?}");
         invariants(vm).unwrap();
+    }
+
+    #[test]
+    fn block_serves_its_notify_first_and_refuses_bad_flags_or_a_bad_notify_without_sleeping() {
+        let _one = exclusive();
+        let vm = vm().shared();
+        let ctl = VcpuHandle::new(1);
+        let at = SCRATCH + 12 * 1024;
+        let call = |b: BlockArgs| {
+            let start = Instant::now();
+            play(vm, &ctl, &Op { number: Call::Block.number(), gpa: at, block: b.as_bytes().to_vec() }).unwrap();
+            let back: BlockArgs = vm.mem().read_obj(at).unwrap();
+            (Status(back.header.status), start.elapsed())
+        };
+        let in_block = || vm.stats().notifies_in_block.load(Ordering::Relaxed);
+        let before = in_block();
+        // Unknown flags, and a notify for a device that does not exist: refused at once (a
+        // 10 s timeout that was slept would show).
+        let mut odd = BlockArgs::new(10_000_000_000);
+        odd.flags = 1 << 7;
+        let (status, took) = call(odd);
+        assert_eq!(status, Status::INVALID);
+        assert!(took < Duration::from_secs(5), "slept {took:?}");
+        let (status, took) = call(BlockArgs::notifying(10_000_000_000, hypercall_abi::virtio::notify_value(99, 1)));
+        assert_eq!(status, Status::INVALID);
+        assert!(took < Duration::from_secs(5), "slept {took:?}");
+        assert_eq!(in_block(), before, "refused notifies are not counted");
+        // A good one (device 0's TX queue) is served and counted; BLOCK(0) then returns.
+        let good = BlockArgs::notifying(0, hypercall_abi::virtio::notify_value(0, 1));
+        let expected = if vm.devices().count() > 0 { Status::OK } else { Status::INVALID };
+        assert_eq!(call(good).0, expected);
+        assert_eq!(in_block(), before + u64::from(expected == Status::OK));
     }
 
     #[test]

@@ -454,6 +454,7 @@ impl VmShared {
             wall: self.started.elapsed(),
             hypercalls: l(&s.hypercalls),
             per_call,
+            notifies_in_block: l(&s.notifies_in_block),
             vcpus: self.vcpus.counts(),
             denied: l(&s.denied),
             reports: l(&s.reports),

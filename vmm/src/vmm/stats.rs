@@ -21,6 +21,8 @@ pub(crate) struct Stats {
     /// Hypercalls per call: index 0 collects unknown numbers, index `i + 1` counts
     /// `Call::ALL[i]` (sized from the ABI's call table).
     pub(crate) per_call: [AtomicU64; Call::ALL.len() + 1],
+    /// BLOCKs that served a DEVICE_NOTIFY first (`block_flags::NOTIFY`).
+    pub(crate) notifies_in_block: AtomicU64,
     /// Writes to the NOP port.
     pub(crate) nop_exits: AtomicU64,
     /// Console bytes written.
@@ -67,6 +69,8 @@ pub(crate) struct RunReport {
     pub(crate) hypercalls: u64,
     /// Hypercalls per call name.
     pub(crate) per_call: Vec<(&'static str, u64)>,
+    /// BLOCKs that carried a DEVICE_NOTIFY.
+    pub(crate) notifies_in_block: u64,
     /// vCPU counts at the end.
     pub(crate) vcpus: VcpuCounts,
     /// Requests refused with DENIED.
@@ -106,6 +110,7 @@ impl RunReport {
             wall,
             hypercalls: 0,
             per_call: Call::ALL.iter().map(|c| (c.name(), 0)).collect(),
+            notifies_in_block: 0,
             vcpus: VcpuCounts::default(),
             denied: 0,
             reports: 0,
