@@ -605,6 +605,31 @@ fn a_512_mib_value_round_trips_and_one_the_vm_cannot_hold_gets_the_oom_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+#[test]
+fn a_collection_reply_the_vm_cannot_hold_is_an_oom_error_and_loses_nothing() {
+    // 64 MiB in one list on a VM that may hold 128 MiB: a reply of all of it would need as
+    // much again. Each such command gets Redis's OOM error, nothing is popped, and the
+    // connection goes on.
+    let (kv, port) = start_kv("kv-reply-oom", "64M:128M:128M");
+    let element: Vec<u8> = (0..4usize << 20).map(|i| (i % 251) as u8).collect();
+    let mut input = Vec::new();
+    for _ in 0..16 {
+        input.extend(resp(&[b"RPUSH", b"l", &element]));
+    }
+    let pushed = exchange_n(port, &input, 16);
+    assert!(pushed.ends_with(b":16\r\n"), "{}", show(&pushed));
+    let out = exchange_n(port, &reqs(&["LRANGE l 0 -1", "LPOP l 16", "RPOP l 16", "LLEN l", "PING"]), 5);
+    let oom = "-OOM command not allowed when used memory > 'maxmemory'.\r\n";
+    assert_eq!(String::from_utf8_lossy(&out), format!("{oom}{oom}{oom}:16\r\n+PONG\r\n"));
+    // The elements are intact: one comes back whole.
+    let out = exchange_n(port, &reqs(&["LINDEX l 15"]), 1);
+    let head = format!("${}\r\n", element.len());
+    assert!(out.starts_with(head.as_bytes()) && out[head.len()..head.len() + element.len()] == element[..]);
+    let (code, stderr, _) = kv.stop();
+    assert_eq!(code, Some(5), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 /// The value of `key` in kv's INFO.
 fn info_field(port: u16, key: &str) -> u64 {
     let out = exchange_n(port, b"INFO\r\n", 1);

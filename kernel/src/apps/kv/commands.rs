@@ -381,6 +381,17 @@ fn string_of(e: &Entry) -> Result<&[u8], CommandError> {
     }
 }
 
+/// Room for an array reply of `items` bulk strings holding `payload` bytes in all (their
+/// headers and CRLFs included), reserved in `out` before anything is written: a reply the VM
+/// cannot get the memory for is an OOM error, not an allocation failure halfway through it.
+fn reserve_reply(out: &mut Vec<u8>, items: usize, payload: usize) -> Result<(), CommandError> {
+    let bytes = payload.saturating_add(items.saturating_mul(REPLY_ITEM_OVERHEAD)).saturating_add(16);
+    out.try_reserve(bytes).map_err(|_| CommandError::Oom)
+}
+
+/// Most bytes a bulk string's framing takes (`$`, up to 20 digits, two CRLFs), or a score.
+const REPLY_ITEM_OVERHEAD: usize = 48;
+
 /// Appends a bulk reply of `data`, or fails with OOM when the reply cannot be buffered.
 fn bulk_or_oom(out: &mut Vec<u8>, data: &[u8]) -> Result<(), CommandError> {
     out.try_reserve(data.len() + 16).map_err(|_| CommandError::Oom)?;
@@ -691,6 +702,7 @@ fn keys(c: &mut Ctx<'_>, args: &mut [Vec<u8>]) -> Result<Flow, CommandError> {
     let all = pattern == b"*";
     let glob = Glob::new(pattern, false);
     let found: Vec<&[u8]> = c.store.live_keys(c.now).filter(|k| all || glob.matches(k)).collect();
+    reserve_reply(c.out, found.len(), found.iter().map(|k| k.len()).sum())?;
     resp::array(c.out, found.len());
     for k in found {
         resp::bulk(c.out, k);
@@ -990,6 +1002,14 @@ fn pop(c: &mut Ctx<'_>, args: &mut [Vec<u8>], left: bool) -> Result<Flow, Comman
         _ => return Err(CommandError::WrongArity(if left { "lpop" } else { "rpop" })),
     };
     let key = arg(args, 1);
+    // Room for the reply before anything leaves the list: an OOM then loses nothing.
+    if let Some(l) = read::<List>(c.store, key, c.now)? {
+        let k = n.unwrap_or(1).min(l.len());
+        if k > 0 {
+            let (s, e) = if left { (0, k - 1) } else { (l.len() - k, l.len() - 1) };
+            reserve_reply(c.out, k, l.range(s, e).map(<[u8]>::len).sum())?;
+        }
+    }
     let popped = with(c.store, key, c.now, false, |l: &mut List| {
         let k = n.unwrap_or(1).min(l.len());
         (0..k).filter_map(|_| l.pop(left)).collect::<Vec<_>>()
@@ -1036,6 +1056,7 @@ fn lrange(c: &mut Ctx<'_>, args: &mut [Vec<u8>]) -> Result<Flow, CommandError> {
     match clamp_range(start, end, l.len()) {
         None => resp::array(c.out, 0),
         Some((s, e)) => {
+            reserve_reply(c.out, e - s + 1, l.range(s, e).map(<[u8]>::len).sum())?;
             resp::array(c.out, e - s + 1);
             l.range(s, e).for_each(|v| resp::bulk(c.out, v));
         }
@@ -1130,6 +1151,8 @@ fn hmget(c: &mut Ctx<'_>, args: &mut [Vec<u8>]) -> Result<Flow, CommandError> {
 /// HGETALL (fields and values), HKEYS, HVALS.
 fn hgetall(c: &mut Ctx<'_>, args: &mut [Vec<u8>], fields: bool, values: bool) -> Result<Flow, CommandError> {
     let pairs = read::<Hash>(c.store, arg(args, 1), c.now)?.map(Hash::pairs).unwrap_or_default();
+    let payload = pairs.iter().map(|(f, v)| usize::from(fields) * f.len() + usize::from(values) * v.len()).sum();
+    reserve_reply(c.out, 2 * pairs.len(), payload)?;
     resp::array(c.out, pairs.len() * (usize::from(fields) + usize::from(values)));
     for (f, v) in pairs {
         if fields {
@@ -1208,9 +1231,14 @@ fn srem(c: &mut Ctx<'_>, args: &mut [Vec<u8>]) -> Result<Flow, CommandError> {
 }
 
 fn smembers(c: &mut Ctx<'_>, args: &mut [Vec<u8>]) -> Result<Flow, CommandError> {
-    let members = read::<Set>(c.store, arg(args, 1), c.now)?.map(Set::members).unwrap_or_default();
-    resp::array(c.out, members.len());
-    members.iter().for_each(|m| resp::bulk(c.out, m));
+    let Some(set) = read::<Set>(c.store, arg(args, 1), c.now)? else {
+        resp::array(c.out, 0);
+        return done();
+    };
+    // The set's weight bounds its members' bytes; they are written without a copy.
+    reserve_reply(c.out, set.len(), set.weight())?;
+    resp::array(c.out, set.len());
+    set.each_member(|m| resp::bulk(c.out, m));
     done()
 }
 
@@ -1244,7 +1272,10 @@ fn spop(c: &mut Ctx<'_>, args: &mut [Vec<u8>]) -> Result<Flow, CommandError> {
     };
     let key = arg(args, 1);
     let mut picks: Vec<usize> = Vec::new();
-    if let Some(len) = read::<Set>(c.store, key, c.now)?.map(Set::len) {
+    if let Some(set) = read::<Set>(c.store, key, c.now)? {
+        // Room for the reply before anything leaves the set (its weight bounds the members).
+        reserve_reply(c.out, n.unwrap_or(1).min(set.len()), set.weight())?;
+        let len = set.len();
         let mut left = len;
         for _ in 0..n.unwrap_or(1).min(len) {
             picks.push(c.store.random_below(left));
@@ -1500,6 +1531,7 @@ fn zrange(c: &mut Ctx<'_>, args: &mut [Vec<u8>], by: RangeBy, rev: Option<bool>)
             None => Vec::new(),
         }
     };
+    reserve_reply(c.out, 2 * items.len(), items.iter().map(|(m, _)| m.len()).sum())?;
     resp::array(c.out, items.len() * if withscores { 2 } else { 1 });
     for (m, s) in items {
         resp::bulk(c.out, m);
@@ -1534,6 +1566,10 @@ fn zpop(c: &mut Ctx<'_>, args: &mut [Vec<u8>], max: bool) -> Result<Flow, Comman
         3 => count(arg(args, 2))?,
         _ => return Err(CommandError::Syntax),
     };
+    // Room for the reply before anything leaves the set (its weight bounds the members).
+    if let Some(z) = read::<ZSet>(c.store, arg(args, 1), c.now)? {
+        reserve_reply(c.out, 2 * n.min(z.len()), z.weight())?;
+    }
     let popped = with(c.store, arg(args, 1), c.now, false, |z: &mut ZSet| {
         (0..n.min(z.len())).filter_map(|_| z.pop(max)).collect::<Vec<_>>()
     })?

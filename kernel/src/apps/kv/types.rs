@@ -360,12 +360,26 @@ impl Set {
         gone
     }
 
-    /// Every member (integers in ascending order, as Redis's intset).
-    pub fn members(&self) -> Vec<Vec<u8>> {
+    /// Calls `f` with every member (integers in ascending order, as Redis's intset), without
+    /// copying the set.
+    pub fn each_member(&self, mut f: impl FnMut(&[u8])) {
         match &self.repr {
-            SetRepr::Ints(v) => v.iter().map(|&n| decimal(n)).collect(),
-            SetRepr::Strs(s) => s.iter().cloned().collect(),
+            SetRepr::Ints(v) => {
+                let mut text = Vec::with_capacity(20);
+                for &n in v {
+                    text.clear();
+                    push_decimal(&mut text, n);
+                    f(&text);
+                }
+            }
+            SetRepr::Strs(s) => s.iter().for_each(|m| f(m)),
         }
+    }
+
+    /// Bytes charged for the set (its members plus a per-member overhead): an upper bound on
+    /// its members' bytes.
+    pub fn weight(&self) -> usize {
+        self.bytes
     }
 
     /// Removes and returns the member at position `i` (`i < len`).
@@ -419,6 +433,12 @@ pub struct ZSet {
 
 impl ZSet {
     /// Members.
+    /// Bytes charged for the set (members plus a per-member overhead): an upper bound on its
+    /// members' bytes.
+    pub fn weight(&self) -> usize {
+        self.bytes
+    }
+
     pub fn len(&self) -> usize {
         self.scores.len()
     }
