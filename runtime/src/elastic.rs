@@ -166,6 +166,11 @@ impl ControllerState {
 /// to the host without waiting for the next request.
 static MEM_CHECK_AT_NS: AtomicU64 = AtomicU64::new(0);
 
+/// A task boundary skipped the controller step (rate limit) since the last one ran: a vCPU
+/// going idle then runs the memory step, so memory freed by the last task (FLUSHALL) is
+/// looked at without waiting for a look planned long ago.
+static STEP_SKIPPED: AtomicBool = AtomicBool::new(false);
+
 /// Longest gap between two looks at free memory while idle (when free memory stays high but
 /// no extent is wholly free, e.g. a few live allocations pin each extent).
 const IDLE_MEM_CHECK_MAX_NS: u64 = 10_000_000_000;
@@ -370,9 +375,14 @@ pub fn on_boundary(_slot: &'static PerCpu) {
     let now = time::now_ns();
     let t = tuning();
     if now.saturating_sub(LAST_TICK_NS.load(Ordering::Relaxed)) < t.tick_ns {
+        STEP_SKIPPED.store(true, Ordering::Relaxed);
         return;
     }
-    let Some(mut st) = CONTROLLER.try_lock() else { return };
+    let Some(mut st) = CONTROLLER.try_lock() else {
+        STEP_SKIPPED.store(true, Ordering::Relaxed);
+        return;
+    };
+    STEP_SKIPPED.store(false, Ordering::Relaxed);
     LAST_TICK_NS.store(now, Ordering::Relaxed);
     let runnable = executor::runnable() as u64;
     let online = smp::online() as u64;
@@ -451,13 +461,16 @@ pub fn idle_action(slot: &'static PerCpu) -> IdleAction {
         timeout = d.saturating_sub(now);
     }
     // vCPU 0 also wakes when free memory is due for a look (the step runs at the boundary).
-    // The last boundary before going idle may have skipped the step (it is rate-limited), so
-    // an idle VM that holds granted memory and has no look planned takes one now.
-    if is_boot
-        && MEM_CHECK_AT_NS.load(Ordering::Acquire) == 0
+    // The last boundary before going idle may have skipped the step (it is rate-limited): a
+    // vCPU going idle then takes the memory step now, as does vCPU 0 when no look is planned,
+    // so memory the last task freed is looked at without waiting for a look planned long
+    // ago (the step re-plans vCPU 0's sleep).
+    let owed = STEP_SKIPPED.load(Ordering::Relaxed) || (is_boot && MEM_CHECK_AT_NS.load(Ordering::Acquire) == 0);
+    if owed
         && heap::elastic_granted() > 0
         && let Some(mut st) = CONTROLLER.try_lock()
     {
+        STEP_SKIPPED.store(false, Ordering::Relaxed);
         memory_step(&mut st, t, now);
     }
     let mem_check = MEM_CHECK_AT_NS.load(Ordering::Acquire);
