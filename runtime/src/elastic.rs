@@ -375,7 +375,10 @@ pub fn on_boundary(_slot: &'static PerCpu) {
     let now = time::now_ns();
     let t = tuning();
     if now.saturating_sub(LAST_TICK_NS.load(Ordering::Relaxed)) < t.tick_ns {
-        STEP_SKIPPED.store(true, Ordering::Relaxed);
+        // Every vCPU passes here at every boundary: write the shared flag only when it changes.
+        if !STEP_SKIPPED.load(Ordering::Relaxed) {
+            STEP_SKIPPED.store(true, Ordering::Relaxed);
+        }
         return;
     }
     let Some(mut st) = CONTROLLER.try_lock() else {

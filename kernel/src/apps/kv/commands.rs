@@ -1566,9 +1566,11 @@ fn zpop(c: &mut Ctx<'_>, args: &mut [Vec<u8>], max: bool) -> Result<Flow, Comman
         3 => count(arg(args, 2))?,
         _ => return Err(CommandError::Syntax),
     };
-    // Room for the reply before anything leaves the set (its weight bounds the members).
-    if let Some(z) = read::<ZSet>(c.store, arg(args, 1), c.now)? {
-        reserve_reply(c.out, 2 * n.min(z.len()), z.weight())?;
+    // Room for the reply before anything leaves the set: the members that will pop.
+    if let Some(z) = read::<ZSet>(c.store, arg(args, 1), c.now)?
+        && let Some(last) = n.min(z.len()).checked_sub(1)
+    {
+        reserve_reply(c.out, 2 * (last + 1), z.range(0, last, max).iter().map(|(m, _)| m.len()).sum())?;
     }
     let popped = with(c.store, arg(args, 1), c.now, false, |z: &mut ZSet| {
         (0..n.min(z.len())).filter_map(|_| z.pop(max)).collect::<Vec<_>>()

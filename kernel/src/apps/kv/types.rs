@@ -433,12 +433,6 @@ pub struct ZSet {
 
 impl ZSet {
     /// Members.
-    /// Bytes charged for the set (members plus a per-member overhead): an upper bound on its
-    /// members' bytes.
-    pub fn weight(&self) -> usize {
-        self.bytes
-    }
-
     pub fn len(&self) -> usize {
         self.scores.len()
     }
