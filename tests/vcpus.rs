@@ -31,6 +31,24 @@ fn cpu_burst_scales_up_and_returns_to_min() {
 }
 
 #[test]
+fn vcpus_that_wait_for_host_cpus_show_steal_time_in_the_summary() {
+    // One vCPU more than this process may use, all busy counting primes: each waits on the
+    // host's run queue at times, and KVM's steal-time records (which the shim turns on and
+    // the guest's controller reads) say so.
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()).min(7);
+    let n = (cpus + 1).to_string();
+    let policy = format!("{n}:{n}:{n}");
+    let t = run_traced("steal", &["--app", "cpu-burst", "--vcpus", &policy]);
+    t.run.expect_code(0);
+    assert!(t.run.stdout.contains("cpu-burst: result check PASSED"), "{}", t.run.stdout);
+    let s = t.summary();
+    let steal = s["steal_us"].as_u64().expect("steal_us");
+    let wall = s["wall_us"].as_u64().expect("wall_us");
+    assert!(steal > 0, "{} busy vCPUs on {cpus} CPUs never waited for one: {s}", cpus + 1);
+    assert!(steal <= wall * (cpus as u64 + 1), "more steal than the vCPUs' wall time: {s}");
+}
+
+#[test]
 fn vcpu_churn_runs_every_task_exactly_once() {
     let t = run_traced("churn", &["--app", "vcpu-churn", "--vcpus", "1:4:4", "--", "1000"]);
     let r = &t.run;

@@ -27,6 +27,7 @@ pub mod boot;
 pub mod note;
 pub mod notice_page;
 pub mod options;
+pub mod steal;
 pub mod virtio;
 
 pub use args::*;
@@ -34,6 +35,7 @@ pub use boot::*;
 pub use note::*;
 pub use notice_page::*;
 pub use options::*;
+pub use steal::*;
 
 /// Version of this ABI. The kernel declares it in its ELF note ([`note::AbiNote`]); the shim
 /// refuses, before creating a VM, any image whose note is missing or carries another version.
@@ -279,8 +281,10 @@ pub mod features {
     /// ([`block_flags::NOTIFY`](crate::block_flags::NOTIFY)): one exit instead of two when a
     /// guest queued packets and then goes idle. Offered with [`VIRTIO_TRANSPORT`].
     pub const BLOCK_NOTIFY: u64 = 1 << 1;
+    /// The steal-time page ([`crate::steal`]) is kept for every vCPU.
+    pub const STEAL_TIME: u64 = 1 << 2;
     /// Every feature this revision defines.
-    pub const ALL: u64 = VIRTIO_TRANSPORT | BLOCK_NOTIFY;
+    pub const ALL: u64 = VIRTIO_TRANSPORT | BLOCK_NOTIFY | STEAL_TIME;
 }
 
 #[cfg(test)]

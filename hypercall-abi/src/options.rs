@@ -20,6 +20,8 @@ pub enum ValueKind {
     Mebibytes,
     /// A decimal number with up to two fractional digits (`1`, `1.5`, `0.25`).
     Fraction,
+    /// A [`ValueKind::Fraction`] from 0 to 1 (a share of time).
+    Share,
     /// `on`/`off` (also `true`/`false`, `1`/`0`).
     Switch,
     /// One of [`LOG_LEVELS`].
@@ -34,6 +36,7 @@ impl ValueKind {
             ValueKind::Micros => "whole microseconds, e.g. 200",
             ValueKind::Mebibytes => "whole MiB, e.g. 16",
             ValueKind::Fraction => "a number with up to two decimals, e.g. 1.5",
+            ValueKind::Share => "a number from 0 to 1 with up to two decimals, e.g. 0.8",
             ValueKind::Switch => "on or off",
             ValueKind::LogLevel => "off, error, warn, info, debug or trace",
         }
@@ -44,6 +47,7 @@ impl ValueKind {
         match self {
             ValueKind::Millis | ValueKind::Micros | ValueKind::Mebibytes => parse_whole(value).is_some(),
             ValueKind::Fraction => parse_fraction_pct(value).is_some(),
+            ValueKind::Share => parse_share_pct(value).is_some(),
             ValueKind::Switch => parse_switch(value).is_some(),
             ValueKind::LogLevel => LOG_LEVELS.contains(&value),
         }
@@ -71,7 +75,13 @@ pub const KERNEL_OPTIONS: &[KernelOption] = &[
     opt("elastic.cooperate", ValueKind::Switch, "honour host reclaim notices (off: a misbehaving guest)"),
     opt("vcpu.up_load", ValueKind::Fraction, "ask for a vCPU when runnable tasks per online vCPU exceed this"),
     opt("vcpu.up_ms", ValueKind::Millis, "... for this long"),
+    opt("vcpu.up_busy", ValueKind::Share, "... while the online vCPUs were busy at least this share of it"),
     opt("vcpu.down_ms", ValueKind::Millis, "an idle vCPU goes down after this long"),
+    opt(
+        "vcpu.down_busy",
+        ValueKind::Share,
+        "one vCPU goes down when, over vcpu.down_ms, the vCPUs were busy less than this share of one fewer",
+    ),
     opt("vcpu.deny_backoff_ms", ValueKind::Millis, "wait after a DENIED before asking again"),
     opt("vcpu.report_ms", ValueKind::Millis, "REPORT interval while busy (at least 1)"),
     opt("vcpu.tick_us", ValueKind::Micros, "shortest interval between controller decisions"),
@@ -99,6 +109,11 @@ pub fn parse_whole(s: &str) -> Option<u64> {
         return None;
     }
     s.parse().ok()
+}
+
+/// Parses a share from 0 to 1 (see [`parse_fraction_pct`]) into percent (0 to 100).
+pub fn parse_share_pct(s: &str) -> Option<u64> {
+    parse_fraction_pct(s).filter(|&v| v <= 100)
 }
 
 /// Parses `on`/`off` (or `true`/`false`, `1`/`0`).
@@ -133,6 +148,9 @@ mod tests {
     #[test]
     fn values_parse_as_documented() {
         assert_eq!(parse_fraction_pct("1"), Some(100));
+        assert_eq!(parse_share_pct("0.8"), Some(80));
+        assert_eq!(parse_share_pct("1"), Some(100));
+        assert_eq!(parse_share_pct("1.01"), None);
         assert_eq!(parse_fraction_pct("1.5"), Some(150));
         assert_eq!(parse_fraction_pct("0.25"), Some(25));
         assert_eq!(parse_fraction_pct(".5"), Some(50));

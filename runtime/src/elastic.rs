@@ -1,11 +1,20 @@
 //! The elastic vCPU controller.
 //!
 //! * **Up**: when runnable tasks per online vCPU stay above `vcpu.up_load` for `vcpu.up_ms`,
-//!   ask for one more vCPU (one at a time; the host decides, so after a DENIED the controller
-//!   waits `vcpu.deny_backoff_ms` before asking again).
+//!   and the online vCPUs were busy for at least `vcpu.up_busy` of that time, ask for one more
+//!   vCPU (one at a time; the host decides, so after a DENIED the controller waits
+//!   `vcpu.deny_backoff_ms` before asking again). The busy test tells a VM short of vCPUs
+//!   from one whose queue fills in bursts its vCPUs clear before they go idle again (a kv
+//!   service wakes to a batch of requests from fifty clients): there another vCPU only adds
+//!   kicks and exits, and on a host with few CPUs takes a CPU from the I/O thread or the
+//!   clients.
 //! * **Down**: a vCPU that has been idle for `vcpu.down_ms` goes down (never below min, never
-//!   vCPU 0). Explicit requests ([`request_down`]) and host reclaim targets make idle vCPUs go
-//!   down at once.
+//!   vCPU 0). So does one idle vCPU when the vCPUs online ran work, together, for less than
+//!   `vcpu.down_busy` of what one vCPU fewer offers over a `vcpu.down_ms` window: their work
+//!   fits on fewer. Here time a vCPU waited for a host CPU (steal time, see [`crate::steal`])
+//!   is not work: two vCPUs that take turns on one host CPU get no more done than one. A shed
+//!   holds the next up back (see [`shed_step`]). Explicit requests ([`request_down`]) and host
+//!   reclaim targets make idle vCPUs go down at once.
 //! * **Report**: REPORT the load figures every `vcpu.report_ms` while there is work, and at
 //!   every change in vCPUs.
 //!
@@ -29,7 +38,7 @@ use crate::cmdline::CommandLine;
 use crate::percpu::PerCpu;
 use crate::platform::{self, Platform};
 use crate::smp::{self, UpError};
-use crate::{executor, heap, hypercall, time};
+use crate::{executor, heap, hypercall, steal, time};
 
 /// Controller settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +47,14 @@ pub struct Tuning {
     pub up_load_pct: u64,
     /// ... for this long (ns).
     pub up_ns: u64,
+    /// ... while the online vCPUs were busy (not idle) for at least this share of it, in
+    /// percent.
+    pub up_busy_pct: u64,
     /// An idle vCPU goes down after this long (ns).
     pub down_ns: u64,
+    /// One vCPU goes down when the online vCPUs' busy time over a `down_ns` window is below
+    /// this share of what one vCPU fewer offers, in percent (0: never for this reason).
+    pub down_busy_pct: u64,
     /// Wait this long after a DENIED before asking again (ns).
     pub deny_backoff_ns: u64,
     /// Shortest interval between controller decisions (ns).
@@ -72,7 +87,9 @@ impl Tuning {
         // first requests queue: kept at 1.0 until the guest knows when asking cannot help.
         up_load_pct: 100,
         up_ns: 2_000_000,
+        up_busy_pct: 80,
         down_ns: 20_000_000,
+        down_busy_pct: 60,
         deny_backoff_ns: 50_000_000,
         tick_ns: 200_000,
         kick_ns: executor::KICK_AFTER_NS,
@@ -94,7 +111,9 @@ impl Tuning {
             let parsed = match key {
                 "vcpu.up_load" => parse_fraction_pct(value).map(|v| t.up_load_pct = v),
                 "vcpu.up_ms" => ms().map(|v| t.up_ns = v),
+                "vcpu.up_busy" => parse_share_pct(value).map(|v| t.up_busy_pct = v),
                 "vcpu.down_ms" => ms().map(|v| t.down_ns = v),
+                "vcpu.down_busy" => parse_share_pct(value).map(|v| t.down_busy_pct = v),
                 "vcpu.deny_backoff_ms" => ms().map(|v| t.deny_backoff_ns = v),
                 "vcpu.report_ms" => ms().map(|v| t.report_ns = v.max(1_000_000)),
                 "vcpu.tick_us" => hypercall_abi::parse_whole(value).map(|v| t.tick_ns = v.saturating_mul(1000)),
@@ -115,7 +134,7 @@ impl Tuning {
     }
 }
 
-pub use hypercall_abi::{parse_fraction_pct, parse_switch};
+pub use hypercall_abi::{parse_fraction_pct, parse_share_pct, parse_switch};
 
 /// Shortest gap between change-triggered REPORTs (each costs an exit).
 const MIN_REPORT_GAP_NS: u64 = 1_000_000;
@@ -136,6 +155,18 @@ static DENIALS: AtomicU64 = AtomicU64::new(0);
 
 struct ControllerState {
     pressure_since_ns: u64,
+    /// [`smp::idle_ns`] and [`smp::online_changes`] when the pressure began.
+    idle_at_pressure_ns: u64,
+    changes_at_pressure: u64,
+    /// Start of the window in which the controller looks for a vCPU too many (0: none yet),
+    /// and [`unbusy_ns`] then.
+    load_since_ns: u64,
+    unbusy_at_load_ns: u64,
+    changes_at_load: u64,
+    /// When the controller last brought a vCPU up.
+    last_up_ns: u64,
+    /// How long a shed holds the next up back (see [`shed_step`]).
+    shed_backoff_ns: u64,
     deny_until_ns: u64,
     last_report_ns: u64,
     mem_deny_until_ns: u64,
@@ -148,9 +179,23 @@ struct ControllerState {
 }
 
 impl ControllerState {
+    /// Starts a new pressure window at `now`.
+    fn restart_window(&mut self, now: u64) {
+        self.pressure_since_ns = now;
+        self.idle_at_pressure_ns = smp::idle_ns(now);
+        self.changes_at_pressure = smp::online_changes();
+    }
+
     const fn new() -> Self {
         ControllerState {
             pressure_since_ns: 0,
+            idle_at_pressure_ns: 0,
+            changes_at_pressure: 0,
+            load_since_ns: 0,
+            unbusy_at_load_ns: 0,
+            changes_at_load: 0,
+            last_up_ns: 0,
+            shed_backoff_ns: SHED_BACKOFF_MIN_NS,
             deny_until_ns: 0,
             last_report_ns: 0,
             mem_deny_until_ns: 0,
@@ -170,6 +215,13 @@ static MEM_CHECK_AT_NS: AtomicU64 = AtomicU64::new(0);
 /// going idle then runs the memory step, so memory freed by the last task (FLUSHALL) is
 /// looked at without waiting for a look planned long ago.
 static STEP_SKIPPED: AtomicBool = AtomicBool::new(false);
+
+/// After a vCPU is shed, the next up waits at least this long (ns)...
+const SHED_BACKOFF_MIN_NS: u64 = 100_000_000;
+/// ...doubling, while vCPUs are shed soon after they came, up to this (ns).
+const SHED_BACKOFF_MAX_NS: u64 = 5_000_000_000;
+/// A vCPU shed this long (ns) after the last up paid for a while: the wait starts over.
+const SHED_PAID_NS: u64 = 1_000_000_000;
 
 /// Longest gap between two looks at free memory while idle (when free memory stays high but
 /// no extent is wholly free, e.g. a few live allocations pin each extent).
@@ -396,19 +448,28 @@ pub fn on_boundary(_slot: &'static PerCpu) {
     let pressured = runnable > 0 && runnable * 100 > t.up_load_pct * online;
     if AUTO.load(Ordering::Acquire) && pressured && !reclaiming {
         if st.pressure_since_ns == 0 {
-            st.pressure_since_ns = now;
+            st.restart_window(now);
         } else if now - st.pressure_since_ns >= t.up_ns && now >= st.deny_until_ns {
-            match up() {
-                Ok(_) => st.pressure_since_ns = now,
-                Err(UpError::Refused(Status::DENIED | Status::EXHAUSTED | Status::AGAIN)) => {
-                    st.deny_until_ns = now + t.deny_backoff_ns;
+            let idle = smp::idle_ns(now).saturating_sub(st.idle_at_pressure_ns);
+            let changed = smp::online_changes() != st.changes_at_pressure;
+            if changed || !busy_enough(now - st.pressure_since_ns, online, idle, t.up_busy_pct) {
+                // Bursts the vCPUs online cleared between idle spells (or the window spans a
+                // change of vCPUs, which its figures do not tell apart): watch a new window.
+                st.restart_window(now);
+            } else {
+                match up() {
+                    Ok(_) => {
+                        st.last_up_ns = now;
+                        st.restart_window(now);
+                    }
+                    Err(_) => st.deny_until_ns = now + t.deny_backoff_ns,
                 }
-                Err(_) => st.deny_until_ns = now + t.deny_backoff_ns,
             }
         }
     } else {
         st.pressure_since_ns = 0;
     }
+    shed_step(&mut st, t, now, online);
     memory_step(&mut st, t, now);
     let since = now - st.last_report_ns;
     let changed = since >= MIN_REPORT_GAP_NS && CHANGED.swap(false, Ordering::AcqRel);
@@ -417,6 +478,72 @@ pub fn on_boundary(_slot: &'static PerCpu) {
         drop(st);
         report();
     }
+}
+
+/// Every `down_ns`: when the vCPUs online ran work (idle and stolen time excluded) for less
+/// than `down_busy_pct` of what one vCPU fewer offers, one idle vCPU is asked to go down.
+///
+/// The up test reads idle time only: a vCPU that waits for a host CPU still has work queued,
+/// and on a host shared with CPU-bound neighbours one more vCPU is one more share of the
+/// host's CPUs. Whether it paid is what this test sees afterwards.
+fn shed_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64) {
+    let changes = smp::online_changes();
+    if st.load_since_ns == 0 || changes != st.changes_at_load {
+        // First look, or the vCPUs changed: a new window.
+        st.load_since_ns = now;
+        st.unbusy_at_load_ns = unbusy_ns(now);
+        st.changes_at_load = changes;
+        return;
+    }
+    let window = now - st.load_since_ns;
+    if window < t.down_ns {
+        return;
+    }
+    let unbusy_now = unbusy_ns(now);
+    let unbusy = unbusy_now.saturating_sub(st.unbusy_at_load_ns);
+    st.load_since_ns = now;
+    st.unbusy_at_load_ns = unbusy_now;
+    let (min, _, _) = smp::limits();
+    let auto = AUTO.load(Ordering::Acquire);
+    if !auto || t.down_busy_pct == 0 || online <= min as u64 || DOWN_REQUESTS.load(Ordering::Acquire) > 0 {
+        return;
+    }
+    if fits_on_fewer(window, online, unbusy, t.down_busy_pct) {
+        request_down(1);
+        // One vCPU saturated can be two that get no more done (they wait for the host's CPUs,
+        // or for the I/O thread and the clients): the next up waits, longer each time a vCPU
+        // is shed soon after it came, so the VM does not take and drop a vCPU ten times a
+        // second. A vCPU that stayed for a while resets the wait.
+        st.shed_backoff_ns = if now.saturating_sub(st.last_up_ns) >= SHED_PAID_NS {
+            SHED_BACKOFF_MIN_NS
+        } else {
+            (st.shed_backoff_ns * 2).min(SHED_BACKOFF_MAX_NS)
+        };
+        st.deny_until_ns = st.deny_until_ns.max(now + st.shed_backoff_ns);
+    }
+}
+
+/// Whether the work of `online` vCPUs, not running work for `unbusy_ns` in all during
+/// `window_ns` (see [`unbusy_ns`]), was less than `busy_pct` percent of what `online - 1`
+/// vCPUs offer.
+fn fits_on_fewer(window_ns: u64, online: u64, unbusy_ns: u64, busy_pct: u64) -> bool {
+    let busy = (u128::from(window_ns) * u128::from(online)).saturating_sub(u128::from(unbusy_ns));
+    let fewer = u128::from(window_ns) * u128::from(online.saturating_sub(1));
+    busy * 100 < fewer * u128::from(busy_pct)
+}
+
+/// Time the vCPUs did not spend running work, until `now` (ns): their idle time plus what the
+/// host stole (waiting for a host CPU is not being busy; see [`crate::steal`]).
+fn unbusy_ns(now: u64) -> u64 {
+    smp::idle_ns(now).saturating_add(steal::total_ns())
+}
+
+/// Whether `online` vCPUs, idle for `idle_ns` in all during a window of `window_ns`, were
+/// busy for at least `busy_pct` percent of it.
+fn busy_enough(window_ns: u64, online: u64, idle_ns: u64, busy_pct: u64) -> bool {
+    let capacity = u128::from(window_ns) * u128::from(online.max(1));
+    let busy = capacity.saturating_sub(u128::from(idle_ns));
+    busy * 100 >= capacity * u128::from(busy_pct)
 }
 
 /// Consumes one explicit down request; `false` when none is outstanding.
@@ -501,14 +628,39 @@ mod tests {
     }
 
     #[test]
+    fn the_busy_tests_tell_saturated_vcpus_from_bursts() {
+        let ms = 1_000_000;
+        // One vCPU, 2 ms window: busy 1.8 ms is 90% (asks at 80%), busy 1 ms is not.
+        assert!(busy_enough(2 * ms, 1, ms / 5, 80));
+        assert!(!busy_enough(2 * ms, 1, ms, 80));
+        // Two vCPUs idle 1 ms in all over 2 ms: 75% busy.
+        assert!(busy_enough(2 * ms, 2, ms, 75));
+        assert!(!busy_enough(2 * ms, 2, ms, 76));
+        // More idle than the window holds (figures read in flight) is simply idle.
+        assert!(!busy_enough(2 * ms, 1, 3 * ms, 1));
+        // Two vCPUs over 20 ms, 30 ms idle in all: 10 ms of work, under 60% of one vCPU.
+        assert!(fits_on_fewer(20 * ms, 2, 30 * ms, 60));
+        // 15 ms of work (25 ms idle) is 75% of one vCPU: both stay.
+        assert!(!fits_on_fewer(20 * ms, 2, 25 * ms, 60));
+        // One vCPU never fits on none; 0 disables.
+        assert!(!fits_on_fewer(20 * ms, 1, 20 * ms, 60));
+        assert!(!fits_on_fewer(20 * ms, 2, 40 * ms, 0));
+    }
+
+    #[test]
     fn tuning_reads_the_command_line() {
-        let cmd = CommandLine::parse("app=x vcpu.up_load=2.5 vcpu.down_ms=7 vcpu.auto=off vcpu.up_ms=zz -- 1").unwrap();
+        let cmd = CommandLine::parse(
+            "app=x vcpu.up_load=2.5 vcpu.down_ms=7 vcpu.auto=off vcpu.up_ms=zz vcpu.up_busy=0.9 vcpu.down_busy=1.5 -- 1",
+        )
+        .unwrap();
         let mut bad = alloc::vec::Vec::new();
         let t = Tuning::from_cmdline(&cmd, &mut |k, v| bad.push(alloc::format!("{k}={v}")));
         assert_eq!(t.up_load_pct, 250);
         assert_eq!(t.down_ns, 7_000_000);
         assert!(!t.auto);
         assert_eq!(t.up_ns, Tuning::DEFAULT.up_ns);
-        assert_eq!(bad, ["vcpu.up_ms=zz"]);
+        assert_eq!(t.up_busy_pct, 90);
+        assert_eq!(t.down_busy_pct, Tuning::DEFAULT.down_busy_pct);
+        assert_eq!(bad, ["vcpu.up_ms=zz", "vcpu.down_busy=1.5"]);
     }
 }

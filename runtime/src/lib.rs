@@ -83,6 +83,7 @@ pub mod platform;
 #[doc(hidden)]
 pub mod service;
 mod smp;
+mod steal;
 mod sync;
 pub mod time;
 mod timer;
@@ -216,6 +217,7 @@ pub(crate) fn kernel_main(boot: BootInfo) -> ! {
     elastic::init(tuning);
     smp::init(hello.as_ref().map(|h| h.vcpus));
     virtio::init(&boot, hello.as_ref());
+    steal::init(hello.as_ref());
     log::debug!("per-CPU pointer in GS: {}", arch::cpu::has_fsgsbase());
     let name = cmd.option("app").unwrap_or("hello");
     let Some(service) = service::find(name) else {

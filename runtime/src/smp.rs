@@ -15,7 +15,7 @@
 //!   so no wake-up is lost.
 
 use alloc::alloc::{Layout, alloc};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use hypercall_abi::{ResourceLimits, Status, wake};
 
@@ -38,6 +38,35 @@ static IDLE: AtomicUsize = AtomicUsize::new(0);
 static MIN: AtomicUsize = AtomicUsize::new(1);
 static BURST: AtomicUsize = AtomicUsize::new(1);
 static MAX: AtomicUsize = AtomicUsize::new(1);
+/// Idle time of all vCPUs (ns), counted when an idle vCPU finds work: see [`idle_ns`].
+static IDLE_NS: AtomicU64 = AtomicU64::new(0);
+/// Bumped whenever the count of online vCPUs changes (a window of [`idle_ns`] readings that
+/// spans a change compares unlike things).
+static ONLINE_CHANGES: AtomicU64 = AtomicU64::new(0);
+
+/// Changes the online count with `f` (`None`: no change); `Err` when `f` refused.
+fn online_update(f: impl FnMut(usize) -> Option<usize>) -> Result<usize, usize> {
+    let r = ONLINE.fetch_update(Ordering::AcqRel, Ordering::Acquire, f);
+    if r.is_ok() {
+        ONLINE_CHANGES.fetch_add(1, Ordering::AcqRel);
+    }
+    r
+}
+
+/// Adds `delta` (1 or -1) to the online count.
+fn online_add(delta: isize) {
+    if delta < 0 {
+        ONLINE.fetch_sub(delta.unsigned_abs(), Ordering::AcqRel);
+    } else {
+        ONLINE.fetch_add(delta.unsigned_abs(), Ordering::AcqRel);
+    }
+    ONLINE_CHANGES.fetch_add(1, Ordering::AcqRel);
+}
+
+/// How many times the count of online vCPUs has changed.
+pub fn online_changes() -> u64 {
+    ONLINE_CHANGES.load(Ordering::Acquire)
+}
 
 /// Sets up the boot vCPU's slot and the VM's vCPU limits (from HELLO; 1/1/1 without a host).
 pub fn init(limits: Option<ResourceLimits>) {
@@ -111,19 +140,19 @@ pub fn bring_up() -> Result<(u32, &'static PerCpu), UpError> {
     if platform::current() != Platform::Shim {
         return Err(UpError::Refused(Status::UNSUPPORTED));
     }
-    if ONLINE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_CPUS).then_some(n + 1)).is_err() {
+    if online_update(|n| (n < MAX_CPUS).then_some(n + 1)).is_err() {
         return Err(UpError::AtCeiling);
     }
     let slot = CPUS.iter().skip(1).find(|s| {
         s.state.compare_exchange(state::OFFLINE, state::STARTING, Ordering::AcqRel, Ordering::Acquire).is_ok()
     });
     let Some(slot) = slot else {
-        ONLINE.fetch_sub(1, Ordering::AcqRel);
+        online_add(-1);
         return Err(UpError::AtCeiling);
     };
     let Some(stack) = stack_for(slot) else {
         slot.state.store(state::OFFLINE, Ordering::Release);
-        ONLINE.fetch_sub(1, Ordering::AcqRel);
+        online_add(-1);
         return Err(UpError::NoMemory);
     };
     slot.started_tsc.store(0, Ordering::Release);
@@ -139,7 +168,7 @@ pub fn bring_up() -> Result<(u32, &'static PerCpu), UpError> {
         }
         Err(s) => {
             slot.state.store(state::OFFLINE, Ordering::Release);
-            ONLINE.fetch_sub(1, Ordering::AcqRel);
+            online_add(-1);
             Err(UpError::Refused(s))
         }
     }
@@ -171,7 +200,24 @@ pub fn set_busy(slot: &'static PerCpu) {
     let prev = slot.state.swap(state::BUSY, Ordering::AcqRel);
     if prev == state::IDLE || prev == state::WAKING {
         IDLE.fetch_sub(1, Ordering::AcqRel);
+        let since = slot.idle_since_ns.load(Ordering::Acquire);
+        IDLE_NS.fetch_add(time::now_ns().saturating_sub(since), Ordering::Relaxed);
     }
+}
+
+/// Idle time of all vCPUs until `now` (ns; spinning before a BLOCK counts as idle): what
+/// [`set_busy`] has counted, plus the vCPUs idle at this moment. The controller compares two
+/// readings to see how busy the online vCPUs were in between. A vCPU changing state during
+/// the call may be missed or counted twice for that instant: a figure for a heuristic, not
+/// an account.
+pub fn idle_ns(now: u64) -> u64 {
+    let counted = IDLE_NS.load(Ordering::Relaxed);
+    let ongoing: u64 = CPUS
+        .iter()
+        .filter(|s| matches!(s.state.load(Ordering::Acquire), state::IDLE | state::WAKING))
+        .map(|s| now.saturating_sub(s.idle_since_ns.load(Ordering::Acquire)))
+        .sum();
+    counted.saturating_add(ongoing)
 }
 
 /// Marks `slot` idle (it found no work). A kicked vCPU (`WAKING`) that found nothing either
@@ -298,7 +344,7 @@ pub fn begin_drain(slot: &'static PerCpu, target: usize) -> Option<GoingDown> {
         return None;
     }
     let floor = target.max(MIN.load(Ordering::Relaxed));
-    if ONLINE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > floor).then_some(n - 1)).is_err() {
+    if online_update(|n| (n > floor).then_some(n - 1)).is_err() {
         return None;
     }
     let prev = slot.state.swap(state::DOWNING, Ordering::AcqRel);
@@ -321,10 +367,10 @@ pub fn begin_idle_down(slot: &'static PerCpu, may_go: &dyn Fn() -> bool) -> Opti
         return None; // kicked meanwhile: stay up
     }
     let min = MIN.load(Ordering::Relaxed);
-    let reserved = ONLINE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > min).then_some(n - 1));
+    let reserved = online_update(|n| (n > min).then_some(n - 1));
     if reserved.is_err() || !may_go() {
         if reserved.is_ok() {
-            ONLINE.fetch_add(1, Ordering::AcqRel);
+            online_add(1);
         }
         slot.state.store(state::IDLE, Ordering::Release);
         return None;

@@ -8,6 +8,7 @@
 //! 0x0000_8000  boot info          (user read-only)
 //! 0x0000_9000  kernel command line (user read-only)
 //! 0x0000_A000  notice page, written by the shim (user read-only)
+//! 0x0000_B000  steal-time page, written by KVM: 64 bytes per vCPU (user read-only)
 //! 0x0001_0000  TSSs, 128 bytes per vCPU
 //! 0x0001_4000  I/O permission bitmap shared by every TSS (all ports allowed)
 //! 0x0002_0000  CPL-0 exception stacks, 1 KiB per vCPU
@@ -94,6 +95,7 @@ const _: () = assert!(IO_BITMAP_ADDR - TSS_BASE < 0x1_0000, "the bitmap offset i
 const _: () = assert!(CPL0_STACKS + CPL0_STACK_SIZE * MAX_VCPUS as u64 <= PML4_ADDR);
 const _: () = assert!(CMDLINE_ADDR + hypercall_abi::CMDLINE_MAX <= NOTICE_ADDR);
 const _: () = assert!(NOTICE_ADDR + 0x1000 <= TSS_BASE);
+const _: () = assert!(hypercall_abi::STEAL_TIME_ADDR + 0x1000 <= TSS_BASE);
 const _: () = assert!(MAX_GUEST_PHYS >= 128 << 30);
 
 /// One VM's memory layout.

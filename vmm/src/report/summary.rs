@@ -179,6 +179,9 @@ pub struct Summary {
     pub(crate) hypercalls_by_call: BTreeMap<String, u64>,
     /// BLOCKs that carried a DEVICE_NOTIFY (a notify without an exit of its own).
     pub(crate) notifies_in_block: u64,
+    /// Time the vCPUs were ready to run but waited for a host CPU, since boot (µs; KVM's
+    /// steal time, 0 where KVM keeps none).
+    pub(crate) steal_us: u64,
     /// The service that ran.
     pub(crate) app: String,
     /// The vCPU policy.
@@ -301,6 +304,7 @@ impl Summary {
             hypercalls: report.hypercalls,
             hypercalls_by_call: report.per_call.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             notifies_in_block: report.notifies_in_block,
+            steal_us: report.steal_us,
             app: app.to_string(),
             vcpu_policy: vcpus.into(),
             memory_policy: memory.into(),

@@ -134,6 +134,9 @@ fn rebuild(
         image,
         cpuid,
         tsc_khz: state.tsc_khz,
+        // The guest negotiated its features at boot, on the source host; a record KVM does
+        // not keep here simply stops growing.
+        steal_time: initial.first().is_some_and(|(v, _, _)| v.steal_time()),
         policy,
         devices,
         vcpus,

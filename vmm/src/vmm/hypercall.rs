@@ -150,11 +150,11 @@ fn hello(vm: &VmShared, vcpu: u32, a: &mut HelloArgs) -> (Status, Flow) {
     let r = &vm.config().resources;
     a.host_abi_version = ABI_VERSION;
     a.vcpu_id = vcpu;
-    a.host_features = if vm.devices().count() > 0 {
-        hypercall_abi::features::VIRTIO_TRANSPORT | hypercall_abi::features::BLOCK_NOTIFY
-    } else {
-        0
-    };
+    use hypercall_abi::features;
+    a.host_features = if vm.devices().count() > 0 { features::VIRTIO_TRANSPORT | features::BLOCK_NOTIFY } else { 0 };
+    if vm.steal_time() {
+        a.host_features |= features::STEAL_TIME;
+    }
     a.features = a.guest_features & a.host_features;
     a.vcpus = r.vcpus.limits();
     a.memory = r.memory.limits();

@@ -2,7 +2,9 @@
 //! with CPL-0 exception stubs that report to the shim, identity-mapping page tables for boot
 //! memory and the hot-plug window, the boot-info block and the command line.
 
-use hypercall_abi::{ABI_VERSION, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, CMDLINE_ADDR, FAULT_PORT, NOTICE_ADDR};
+use hypercall_abi::{
+    ABI_VERSION, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, BootInfo, CMDLINE_ADDR, FAULT_PORT, NOTICE_ADDR, STEAL_TIME_ADDR,
+};
 
 use crate::base::config::Policy;
 use crate::base::layout::*;
@@ -118,6 +120,7 @@ pub(crate) fn write_page_tables(mem: &GuestMemory, layout: &Layout) -> Result<()
     low[(BOOT_INFO_ADDR >> 12) as usize] = user_ro(BOOT_INFO_ADDR);
     low[(CMDLINE_ADDR >> 12) as usize] = user_ro(CMDLINE_ADDR);
     low[(NOTICE_ADDR >> 12) as usize] = user_ro(NOTICE_ADDR);
+    low[(STEAL_TIME_ADDR >> 12) as usize] = user_ro(STEAL_TIME_ADDR);
     let mut a = TSS_BASE;
     while a < CPL0_STACKS + CPL0_STACK_SIZE * u64::from(MAX_VCPUS) {
         low[(a >> 12) as usize] = supervisor(a);

@@ -52,6 +52,8 @@ pub(crate) struct Parts {
     pub(crate) image: Arc<KernelImage>,
     pub(crate) cpuid: CpuId,
     pub(crate) tsc_khz: u64,
+    /// KVM keeps steal time for the boot vCPU (offered to the guest at HELLO).
+    pub(crate) steal_time: bool,
     pub(crate) policy: VmPolicy,
     pub(crate) devices: DeviceManager,
     pub(crate) vcpus: VcpuSet,
@@ -76,6 +78,7 @@ pub(crate) struct VmShared {
     image: Arc<KernelImage>,
     cpuid: CpuId,
     tsc_khz: u64,
+    steal_time: bool,
     policy: VmPolicy,
     devices: DeviceManager,
     vcpus: VcpuSet,
@@ -126,6 +129,7 @@ impl VmShared {
             image,
             cpuid,
             tsc_khz,
+            steal_time,
             policy,
             devices,
             vcpus,
@@ -146,6 +150,7 @@ impl VmShared {
             image,
             cpuid,
             tsc_khz,
+            steal_time,
             policy,
             devices,
             vcpus,
@@ -216,6 +221,20 @@ impl VmShared {
     /// The TSC frequency the guest was told.
     pub(crate) fn tsc_khz(&self) -> u64 {
         self.tsc_khz
+    }
+
+    /// Whether KVM keeps steal time for the boot vCPU.
+    pub(crate) fn steal_time(&self) -> bool {
+        self.steal_time
+    }
+
+    /// The VM's steal time since boot (ns): the sum of KVM's records in the steal-time page
+    /// (a record KVM is writing at this instant may be read half-old; a figure, not an
+    /// account).
+    fn steal_ns(&self) -> u64 {
+        (0..hypercall_abi::MAX_VCPUS)
+            .filter_map(|id| self.mem.read_obj::<hypercall_abi::StealTime>(hypercall_abi::StealTime::addr(id)).ok())
+            .fold(0u64, |sum, r| sum.saturating_add(r.steal))
     }
 
     /// Its resource policy and its place in the pool.
@@ -455,6 +474,7 @@ impl VmShared {
             hypercalls: l(&s.hypercalls),
             per_call,
             notifies_in_block: l(&s.notifies_in_block),
+            steal_us: self.steal_ns() / 1000,
             vcpus: self.vcpus.counts(),
             denied: l(&s.denied),
             reports: l(&s.reports),

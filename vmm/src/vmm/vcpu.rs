@@ -94,7 +94,13 @@ enum Exit {
 pub(crate) struct Vcpu {
     id: u32,
     fd: VcpuFd,
+    /// KVM keeps this vCPU's steal-time record ([`hypercall_abi::steal`]).
+    steal_time: bool,
 }
+
+/// KVM's paravirtual steal-time MSR (`MSR_KVM_STEAL_TIME`): the guest-physical address of a
+/// 64-byte record, with bit 0 set to enable it.
+const MSR_KVM_STEAL_TIME: u32 = 0x4b56_4d03;
 
 impl Vcpu {
     /// Creates vCPU `id` in long mode at CPL 3 with the VM's CPUID, GDT, IDT, TSS and page
@@ -126,7 +132,13 @@ impl Vcpu {
         s.idt.limit = 256 * 16 - 1;
         fd.set_sregs(&s).map_err(err("set sregs"))?;
         fd.set_sync_valid_reg(SyncReg::Register);
-        Ok(Vcpu { id, fd })
+        let steal_time = enable_steal_time(&fd, id);
+        Ok(Vcpu { id, fd, steal_time })
+    }
+
+    /// Whether KVM keeps this vCPU's steal-time record.
+    pub(crate) fn steal_time(&self) -> bool {
+        self.steal_time
     }
 
     /// The TSC frequency KVM gives this vCPU, in kHz (0 if KVM does not say).
@@ -159,6 +171,14 @@ impl Vcpu {
         self.complete_pending_exit()?;
         Persist::save(&*self)
     }
+}
+
+/// Points KVM's steal-time record of vCPU `id` at its slot of the steal-time page; `false`
+/// when this KVM does not keep steal time (the guest then sees no steal, as before).
+fn enable_steal_time(fd: &VcpuFd, id: u32) -> bool {
+    let entry =
+        kvm_msr_entry { index: MSR_KVM_STEAL_TIME, data: hypercall_abi::StealTime::addr(id) | 1, ..Default::default() };
+    Msrs::from_entries(&[entry]).is_ok_and(|msrs| matches!(fd.set_msrs(&msrs), Ok(1)))
 }
 
 /// Where a restored vCPU is made: the VM's KVM handle and CPUID, and its id.

@@ -137,6 +137,7 @@ impl Vm {
         let setup = device_setup(config, &endpoints);
         let devices = DeviceManager::create(image.end.next_multiple_of(4096), &mem, &setup)?;
         let tsc_khz = boot_vcpu.tsc_khz();
+        let steal_time = boot_vcpu.steal_time();
         let r = &config.resources;
         platform::write_boot_info(
             &mem,
@@ -161,6 +162,7 @@ impl Vm {
             image,
             cpuid,
             tsc_khz,
+            steal_time,
             policy,
             devices,
             vcpus,
