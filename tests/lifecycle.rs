@@ -353,7 +353,22 @@ fn work_in_flight_finishes_correctly_after_restore() {
     // Several vCPUs at work, some parked: cpu-burst ramps 1-2-4 and back, checking its results.
     let src = ShimProcess::start(
         &dir,
-        &["run", "--app", "cpu-burst", "--vcpus", "1:4:4", "--api-sock", "cb.sock", "--timeout", "120", "--", "2"],
+        &[
+            "run",
+            "--app",
+            "cpu-burst",
+            "--vcpus",
+            "1:4:4",
+            // Keep the vCPUs taken until the snapshot (no shed in between on a small host).
+            "--guest-opt",
+            "vcpu.down_busy=0",
+            "--api-sock",
+            "cb.sock",
+            "--timeout",
+            "120",
+            "--",
+            "2",
+        ],
     );
     wait_for_api(&dir, "cb.sock");
     wait_until(&dir, "cb.sock", "two vCPUs online", |v| v["vcpus"]["final"].as_u64() >= Some(2));

@@ -171,7 +171,9 @@ fn kv_under_pipelined_load_does_not_take_and_drop_its_second_vcpu_again_and_agai
     assert_eq!(code, Some(5), "{stderr}");
     let ups = summary["vcpus"]["ups"].as_u64().expect("vcpus.ups");
     assert!(ups <= 12, "the VM took a second vCPU {ups} times in one redis-benchmark run: {summary}");
-    assert_eq!(summary["vcpus"]["ups"], summary["vcpus"]["downs"], "{summary}");
+    // (The stop may come before a second vCPU's last down.)
+    let (downs, last) = (summary["vcpus"]["downs"].as_u64(), summary["vcpus"]["final"].as_u64());
+    assert_eq!(Some(ups), downs.zip(last).map(|(d, f)| d + f - 1), "{summary}");
     // On a host of two CPUs (this project's CI machines), where the second vCPU cannot pay,
     // it is not kept: before the shed test the VM held it for the whole run.
     let mut two_us = 0;

@@ -76,7 +76,7 @@ pub const KERNEL_OPTIONS: &[KernelOption] = &[
     opt("vcpu.up_load", ValueKind::Fraction, "ask for a vCPU when runnable tasks per online vCPU exceed this"),
     opt("vcpu.up_ms", ValueKind::Millis, "... for this long"),
     opt("vcpu.up_busy", ValueKind::Share, "... while the online vCPUs were busy at least this share of it"),
-    opt("vcpu.down_ms", ValueKind::Millis, "an idle vCPU goes down after this long"),
+    opt("vcpu.down_ms", ValueKind::Millis, "an idle vCPU goes down after this long; also the window of vcpu.down_busy"),
     opt(
         "vcpu.down_busy",
         ValueKind::Share,

@@ -50,7 +50,8 @@ pub struct Tuning {
     /// ... while the online vCPUs were busy (not idle) for at least this share of it, in
     /// percent.
     pub up_busy_pct: u64,
-    /// An idle vCPU goes down after this long (ns).
+    /// An idle vCPU goes down after this long (ns); also the window of the shed test
+    /// (`down_busy_pct`).
     pub down_ns: u64,
     /// One vCPU goes down when the online vCPUs' busy time over a `down_ns` window is below
     /// this share of what one vCPU fewer offers, in percent (0: never for this reason).
@@ -145,6 +146,10 @@ static AUTO: AtomicBool = AtomicBool::new(true);
 static CONTROLLER: Mutex<ControllerState> = Mutex::new(ControllerState::new());
 static LAST_TICK_NS: AtomicU64 = AtomicU64::new(0);
 static DOWN_REQUESTS: AtomicUsize = AtomicUsize::new(0);
+/// A shed the controller decided: [`smp::online_changes`] + 1 at the decision (0: none). It
+/// lapses when the online count changes first (another vCPU went down, or one came up), so a
+/// stale shed never takes a vCPU the VM has since needed.
+static SHED: AtomicU64 = AtomicU64::new(0);
 /// Host reclaim target for vCPUs (usize::MAX when none).
 static VCPU_TARGET: AtomicUsize = AtomicUsize::new(usize::MAX);
 static CHANGED: AtomicBool = AtomicBool::new(true);
@@ -163,8 +168,9 @@ struct ControllerState {
     load_since_ns: u64,
     unbusy_at_load_ns: u64,
     changes_at_load: u64,
-    /// When the controller last brought a vCPU up.
+    /// When the controller last brought a vCPU up, and last decided a shed.
     last_up_ns: u64,
+    last_shed_ns: u64,
     /// How long a shed holds the next up back (see [`shed_step`]).
     shed_backoff_ns: u64,
     deny_until_ns: u64,
@@ -179,11 +185,12 @@ struct ControllerState {
 }
 
 impl ControllerState {
-    /// Starts a new pressure window at `now`.
+    /// Starts a new pressure window at `now` (the count of changes first: a change after it
+    /// makes the window's end look different, never the other way round).
     fn restart_window(&mut self, now: u64) {
+        self.changes_at_pressure = smp::online_changes();
         self.pressure_since_ns = now;
         self.idle_at_pressure_ns = smp::idle_ns(now);
-        self.changes_at_pressure = smp::online_changes();
     }
 
     const fn new() -> Self {
@@ -195,6 +202,7 @@ impl ControllerState {
             unbusy_at_load_ns: 0,
             changes_at_load: 0,
             last_up_ns: 0,
+            last_shed_ns: 0,
             shed_backoff_ns: SHED_BACKOFF_MIN_NS,
             deny_until_ns: 0,
             last_report_ns: 0,
@@ -449,16 +457,18 @@ pub fn on_boundary(_slot: &'static PerCpu) {
     if AUTO.load(Ordering::Acquire) && pressured && !reclaiming {
         if st.pressure_since_ns == 0 {
             st.restart_window(now);
-        } else if now - st.pressure_since_ns >= t.up_ns && now >= st.deny_until_ns {
+        } else if now.saturating_sub(st.pressure_since_ns) >= t.up_ns && now >= st.deny_until_ns {
             let idle = smp::idle_ns(now).saturating_sub(st.idle_at_pressure_ns);
             let changed = smp::online_changes() != st.changes_at_pressure;
-            if changed || !busy_enough(now - st.pressure_since_ns, online, idle, t.up_busy_pct) {
+            let window = now.saturating_sub(st.pressure_since_ns);
+            if changed || !busy_enough(window, online, idle, t.up_busy_pct) {
                 // Bursts the vCPUs online cleared between idle spells (or the window spans a
                 // change of vCPUs, which its figures do not tell apart): watch a new window.
                 st.restart_window(now);
             } else {
                 match up() {
                     Ok(_) => {
+                        SHED.store(0, Ordering::Release);
                         st.last_up_ns = now;
                         st.restart_window(now);
                     }
@@ -495,7 +505,8 @@ fn shed_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64) {
         st.changes_at_load = changes;
         return;
     }
-    let window = now - st.load_since_ns;
+    // `now` was read before the lock: another vCPU may have started a window after it.
+    let window = now.saturating_sub(st.load_since_ns);
     if window < t.down_ns {
         return;
     }
@@ -505,20 +516,20 @@ fn shed_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64) {
     st.unbusy_at_load_ns = unbusy_now;
     let (min, _, _) = smp::limits();
     let auto = AUTO.load(Ordering::Acquire);
-    if !auto || t.down_busy_pct == 0 || online <= min as u64 || DOWN_REQUESTS.load(Ordering::Acquire) > 0 {
+    if !auto || t.down_busy_pct == 0 || online <= min as u64 || shed_pending() {
         return;
     }
     if fits_on_fewer(window, online, unbusy, t.down_busy_pct) {
-        request_down(1);
+        SHED.store(changes + 1, Ordering::Release);
+        smp::kick_one_idle_secondary();
         // One vCPU saturated can be two that get no more done (they wait for the host's CPUs,
-        // or for the I/O thread and the clients): the next up waits, longer each time a vCPU
-        // is shed soon after it came, so the VM does not take and drop a vCPU ten times a
-        // second. A vCPU that stayed for a while resets the wait.
-        st.shed_backoff_ns = if now.saturating_sub(st.last_up_ns) >= SHED_PAID_NS {
-            SHED_BACKOFF_MIN_NS
-        } else {
-            (st.shed_backoff_ns * 2).min(SHED_BACKOFF_MAX_NS)
-        };
+        // or for the I/O thread and the clients): the next up waits, twice as long each time
+        // a vCPU is shed within a second of coming (a flap), so the VM does not take and drop
+        // a vCPU ten times a second. Any other shed (a vCPU that paid for a while, or a VM
+        // coming down step by step from a burst) starts the wait over.
+        let flap = st.last_up_ns > st.last_shed_ns && now.saturating_sub(st.last_up_ns) < SHED_PAID_NS;
+        st.shed_backoff_ns = if flap { (st.shed_backoff_ns * 2).min(SHED_BACKOFF_MAX_NS) } else { SHED_BACKOFF_MIN_NS };
+        st.last_shed_ns = now;
         st.deny_until_ns = st.deny_until_ns.max(now + st.shed_backoff_ns);
     }
 }
@@ -551,14 +562,36 @@ pub fn take_down_request() -> bool {
     DOWN_REQUESTS.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
 }
 
+/// Whether a shed is decided and still current.
+fn shed_pending() -> bool {
+    let shed = SHED.load(Ordering::Acquire);
+    shed != 0 && shed == smp::online_changes() + 1
+}
+
+/// Takes the decided shed (the vCPU that takes it goes down); `false` when another took it.
+pub fn take_shed() -> bool {
+    SHED.swap(0, Ordering::AcqRel) != 0
+}
+
+/// What justifies an idle vCPU's going down, and is consumed as it goes (so no more vCPUs go
+/// than were asked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownToken {
+    /// Nothing to consume: idle long enough, a host reclaim, or a request to this vCPU.
+    None,
+    /// One explicit down request ([`take_down_request`]).
+    Request,
+    /// The controller's shed ([`take_shed`]).
+    Shed,
+}
+
 /// What an idle vCPU should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdleAction {
-    /// Go down now; `consume_request` when only an explicit request justifies it (the
-    /// request is consumed at the moment of going, so no more vCPUs go than were asked).
+    /// Go down now, consuming `token` at the moment of going.
     GoDown {
-        /// Whether an explicit request must be consumed.
-        consume_request: bool,
+        /// What must be consumed.
+        token: DownToken,
     },
     /// BLOCK for at most this many ns.
     Block(u64),
@@ -577,10 +610,13 @@ pub fn idle_action(slot: &'static PerCpu) -> IdleAction {
         let idle_for = now.saturating_sub(slot.idle_since_ns.load(Ordering::Acquire));
         let timed_out = AUTO.load(Ordering::Acquire) && idle_for >= t.down_ns;
         if over_target || timed_out || slot.down_requested.load(Ordering::Acquire) {
-            return IdleAction::GoDown { consume_request: false };
+            return IdleAction::GoDown { token: DownToken::None };
         }
         if DOWN_REQUESTS.load(Ordering::Acquire) > 0 {
-            return IdleAction::GoDown { consume_request: true };
+            return IdleAction::GoDown { token: DownToken::Request };
+        }
+        if AUTO.load(Ordering::Acquire) && shed_pending() {
+            return IdleAction::GoDown { token: DownToken::Shed };
         }
     }
     // Only vCPU 0 (which never goes down) sleeps until the next timer; secondaries fire timers

@@ -45,6 +45,8 @@ pub struct PerCpu {
     pub woke_tsc: AtomicU64,
     /// Kernel time (ns) when it last became idle.
     pub idle_since_ns: AtomicU64,
+    /// Its steal time (ns, `crate::steal`) when it last became idle.
+    pub steal_at_idle_ns: AtomicU64,
     /// Base of this slot's stack (0 until first allocated; kept for reuse).
     pub stack_base: AtomicUsize,
     /// Whether this vCPU is inside a task's poll (work it queues then needs another vCPU).
@@ -71,6 +73,7 @@ impl PerCpu {
             down_tsc: AtomicU64::new(0),
             woke_tsc: AtomicU64::new(0),
             idle_since_ns: AtomicU64::new(0),
+            steal_at_idle_ns: AtomicU64::new(0),
             blocked: AtomicBool::new(false),
             stack_base: AtomicUsize::new(0),
             in_task: AtomicBool::new(false),

@@ -22,7 +22,7 @@ use hypercall_abi::{ResourceLimits, Status, wake};
 use crate::arch::{self, cpu};
 use crate::percpu::{CPUS, MAX_CPUS, PerCpu, state};
 use crate::platform::{self, Platform};
-use crate::{hypercall, percpu, time};
+use crate::{hypercall, percpu, steal, time};
 
 /// Longest an idle vCPU spins for new work before it BLOCKs: about what the BLOCK and the wake
 /// that ends it cost on a nested host.
@@ -64,7 +64,7 @@ fn online_add(delta: isize) {
 }
 
 /// How many times the count of online vCPUs has changed.
-pub fn online_changes() -> u64 {
+pub(crate) fn online_changes() -> u64 {
     ONLINE_CHANGES.load(Ordering::Acquire)
 }
 
@@ -197,25 +197,41 @@ pub fn kick_boot_vcpu_if_idle() {
 
 /// Marks `slot` busy (it found work).
 pub fn set_busy(slot: &'static PerCpu) {
+    // Only the vCPU itself leaves IDLE/WAKING for BUSY (others only make IDLE WAKING): its
+    // idle spell is counted before the state says busy, so `idle_ns` never loses it.
+    if matches!(slot.state.load(Ordering::Acquire), state::IDLE | state::WAKING) {
+        let now = time::now_ns();
+        IDLE_NS.fetch_add(idle_spell_ns(slot, now), Ordering::Relaxed);
+        slot.idle_since_ns.store(now, Ordering::Release);
+        slot.steal_at_idle_ns.store(steal::of(slot.vcpu_id.load(Ordering::Relaxed)), Ordering::Release);
+    }
     let prev = slot.state.swap(state::BUSY, Ordering::AcqRel);
     if prev == state::IDLE || prev == state::WAKING {
         IDLE.fetch_sub(1, Ordering::AcqRel);
-        let since = slot.idle_since_ns.load(Ordering::Acquire);
-        IDLE_NS.fetch_add(time::now_ns().saturating_sub(since), Ordering::Relaxed);
     }
 }
 
-/// Idle time of all vCPUs until `now` (ns; spinning before a BLOCK counts as idle): what
-/// [`set_busy`] has counted, plus the vCPUs idle at this moment. The controller compares two
-/// readings to see how busy the online vCPUs were in between. A vCPU changing state during
-/// the call may be missed or counted twice for that instant: a figure for a heuristic, not
-/// an account.
-pub fn idle_ns(now: u64) -> u64 {
+/// `slot`'s idle time from its idle-since until `now` that was not stolen: the time its
+/// thread waited for a host CPU meanwhile (kicked, or preempted while spinning) is steal
+/// time, and the controller counts steal apart (see `crate::elastic`).
+fn idle_spell_ns(slot: &PerCpu, now: u64) -> u64 {
+    let spell = now.saturating_sub(slot.idle_since_ns.load(Ordering::Acquire));
+    let stolen =
+        steal::of(slot.vcpu_id.load(Ordering::Relaxed)).saturating_sub(slot.steal_at_idle_ns.load(Ordering::Acquire));
+    spell.saturating_sub(stolen)
+}
+
+/// Idle time of all vCPUs until `now` (ns; spinning before a BLOCK counts as idle, time
+/// stolen meanwhile does not): what [`set_busy`] has counted, plus the vCPUs idle at this
+/// moment. The controller compares two readings to see how busy the online vCPUs were in
+/// between. A vCPU that goes down takes its last spell with it; the controller starts a new
+/// window whenever the online count changes, so no window spans that.
+pub(crate) fn idle_ns(now: u64) -> u64 {
     let counted = IDLE_NS.load(Ordering::Relaxed);
     let ongoing: u64 = CPUS
         .iter()
         .filter(|s| matches!(s.state.load(Ordering::Acquire), state::IDLE | state::WAKING))
-        .map(|s| now.saturating_sub(s.idle_since_ns.load(Ordering::Acquire)))
+        .map(|s| idle_spell_ns(s, now))
         .sum();
     counted.saturating_add(ongoing)
 }
@@ -223,10 +239,15 @@ pub fn idle_ns(now: u64) -> u64 {
 /// Marks `slot` idle (it found no work). A kicked vCPU (`WAKING`) that found nothing either
 /// becomes plainly idle again, keeping its idle-since time.
 pub fn set_idle(slot: &'static PerCpu) {
+    // Only the vCPU itself leaves BUSY: the spell's start is written before the state says
+    // idle, so `idle_ns` never reads a stale one.
+    if slot.state.load(Ordering::Acquire) == state::BUSY {
+        slot.idle_since_ns.store(time::now_ns(), Ordering::Release);
+        slot.steal_at_idle_ns.store(steal::of(slot.vcpu_id.load(Ordering::Relaxed)), Ordering::Release);
+    }
     // SeqCst: pairs with the timer's "publish deadline, then look for idle vCPU 0".
     if slot.state.compare_exchange(state::BUSY, state::IDLE, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
         IDLE.fetch_add(1, Ordering::AcqRel);
-        slot.idle_since_ns.store(time::now_ns(), Ordering::Release);
     } else {
         let _ = slot.state.compare_exchange(state::WAKING, state::IDLE, Ordering::SeqCst, Ordering::SeqCst);
     }
@@ -234,11 +255,22 @@ pub fn set_idle(slot: &'static PerCpu) {
 
 /// Wakes one idle vCPU (if any) because work was queued.
 pub fn kick_one_idle() {
+    kick_idle(0);
+}
+
+/// Wakes one idle vCPU other than vCPU 0 (which never goes down), so it sees a request to go
+/// down.
+pub(crate) fn kick_one_idle_secondary() {
+    kick_idle(1);
+}
+
+/// Wakes the first idle vCPU from slot `from` on, other than the caller.
+fn kick_idle(from: usize) {
     if IDLE.load(Ordering::Acquire) == 0 || platform::current() != Platform::Shim {
         return;
     }
     let me = percpu::current() as *const PerCpu;
-    for slot in CPUS.iter() {
+    for slot in CPUS.iter().skip(from) {
         if core::ptr::eq(slot, me) {
             continue;
         }

@@ -28,8 +28,16 @@ pub(crate) fn total_ns() -> u64 {
     (0..MAX_VCPUS).map(read).fold(0u64, u64::saturating_add)
 }
 
-/// vCPU `id`'s steal time: KVM makes `version` odd while it writes, so a read between two
-/// equal, even versions is whole (a few tries, then the last value read).
+/// vCPU `id`'s steal time (ns; 0 when the host keeps none).
+pub(crate) fn of(id: u32) -> u64 {
+    if !OFFERED.load(Ordering::Acquire) || id >= MAX_VCPUS {
+        return 0;
+    }
+    read(id)
+}
+
+/// vCPU `id`'s steal time from its record: KVM makes `version` odd while it writes, so a read
+/// between two equal, even versions is whole (a few tries, then the last value read).
 fn read(id: u32) -> u64 {
     let record = StealTime::addr(id) as *const StealTime;
     let mut steal = 0;

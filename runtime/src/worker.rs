@@ -44,9 +44,9 @@ pub(crate) fn run(slot: &'static PerCpu, until: &dyn Fn() -> bool) {
             continue;
         }
         match elastic::idle_action(slot) {
-            elastic::IdleAction::GoDown { consume_request } => {
+            elastic::IdleAction::GoDown { token } => {
                 net::flush_deferred();
-                go_down(slot, consume_request)
+                go_down(slot, token)
             }
             elastic::IdleAction::Block(timeout_ns) => {
                 // A notify the pump deferred rides on this BLOCK (one exit for both).
@@ -70,11 +70,18 @@ fn drain(slot: &'static PerCpu) {
     going.finish()
 }
 
-/// Takes the calling idle vCPU down if it may still go: not when work arrived, and (with
-/// `consume_request`) only if an explicit down request is still outstanding, which it then
-/// consumes. Returns if it did not go.
-fn go_down(slot: &'static PerCpu, consume_request: bool) {
-    let may_go = || executor::runnable() == 0 && (!consume_request || elastic::take_down_request());
+/// Takes the calling idle vCPU down if it may still go: not when work arrived, and only if
+/// the `token` that justifies it (an explicit down request, the controller's shed) is still
+/// there, which it then consumes. Returns if it did not go.
+fn go_down(slot: &'static PerCpu, token: elastic::DownToken) {
+    let may_go = || {
+        executor::runnable() == 0
+            && match token {
+                elastic::DownToken::None => true,
+                elastic::DownToken::Request => elastic::take_down_request(),
+                elastic::DownToken::Shed => elastic::take_shed(),
+            }
+    };
     if let Some(going) = smp::begin_idle_down(slot, &may_go) {
         elastic::note_down();
         going.finish()

@@ -18,7 +18,7 @@
 //! ```
 //!
 //! Everything below 2 MiB is the platform's, mapped with 4 KiB pages; CPL 3 may read only
-//! the boot-info and command-line pages. Boot memory and the whole hot-plug window are
+//! the boot-info, command-line, notice and steal-time pages. Boot memory and the whole hot-plug window are
 //! identity-mapped with 2 MiB user pages, so a memory grant needs no page-table change.
 
 use hypercall_abi::{BOOT_INFO_ADDR, CMDLINE_ADDR, NOTICE_ADDR};

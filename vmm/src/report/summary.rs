@@ -180,8 +180,8 @@ pub struct Summary {
     /// BLOCKs that carried a DEVICE_NOTIFY (a notify without an exit of its own).
     pub(crate) notifies_in_block: u64,
     /// Time the vCPUs were ready to run but waited for a host CPU, since boot (µs; KVM's
-    /// steal time, 0 where KVM keeps none).
-    pub(crate) steal_us: u64,
+    /// steal time, null where KVM keeps none).
+    pub(crate) steal_us: Option<u64>,
     /// The service that ran.
     pub(crate) app: String,
     /// The vCPU policy.

@@ -474,7 +474,7 @@ impl VmShared {
             hypercalls: l(&s.hypercalls),
             per_call,
             notifies_in_block: l(&s.notifies_in_block),
-            steal_us: self.steal_ns() / 1000,
+            steal_us: self.steal_time.then(|| self.steal_ns() / 1000),
             vcpus: self.vcpus.counts(),
             denied: l(&s.denied),
             reports: l(&s.reports),

@@ -71,9 +71,9 @@ pub(crate) struct RunReport {
     pub(crate) per_call: Vec<(&'static str, u64)>,
     /// BLOCKs that carried a DEVICE_NOTIFY.
     pub(crate) notifies_in_block: u64,
-    /// Time the vCPUs waited for a host CPU since boot, from KVM's steal-time records (µs; 0
-    /// where KVM keeps none).
-    pub(crate) steal_us: u64,
+    /// Time the vCPUs waited for a host CPU since boot, from KVM's steal-time records (µs;
+    /// `None` where KVM keeps none).
+    pub(crate) steal_us: Option<u64>,
     /// vCPU counts at the end.
     pub(crate) vcpus: VcpuCounts,
     /// Requests refused with DENIED.
@@ -114,7 +114,7 @@ impl RunReport {
             hypercalls: 0,
             per_call: Call::ALL.iter().map(|c| (c.name(), 0)).collect(),
             notifies_in_block: 0,
-            steal_us: 0,
+            steal_us: None,
             vcpus: VcpuCounts::default(),
             denied: 0,
             reports: 0,
