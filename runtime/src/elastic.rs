@@ -158,16 +158,51 @@ static USER_FIGURE: AtomicU64 = AtomicU64::new(0);
 static UPS: AtomicU64 = AtomicU64::new(0);
 static DENIALS: AtomicU64 = AtomicU64::new(0);
 
+/// A measuring window: when it began, a time counter's reading then ([`smp::idle_ns`] or
+/// [`unbusy_ns`]), and [`smp::online_changes`] then (a window that spans a change in online
+/// vCPUs compares unlike things).
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// Start (0: no window).
+    since_ns: u64,
+    base_ns: u64,
+    changes: u64,
+}
+
+impl Window {
+    const NONE: Window = Window { since_ns: 0, base_ns: 0, changes: 0 };
+
+    /// A window from `now` whose counter reads `base_ns`, with the change count read first: a
+    /// change after it makes the window's end look different, never the other way round.
+    fn from(now: u64, changes: u64, base_ns: u64) -> Window {
+        Window { since_ns: now, base_ns, changes }
+    }
+
+    /// A window from `now`, reading the counter with `read`.
+    fn start(now: u64, read: fn(u64) -> u64) -> Window {
+        let changes = smp::online_changes();
+        Window::from(now, changes, read(now))
+    }
+
+    fn is_open(&self) -> bool {
+        self.since_ns != 0
+    }
+
+    /// Its length at `now` (`now` may have been read before another vCPU started it).
+    fn len_ns(&self, now: u64) -> u64 {
+        now.saturating_sub(self.since_ns)
+    }
+
+    fn spans_change(&self) -> bool {
+        smp::online_changes() != self.changes
+    }
+}
+
 struct ControllerState {
-    pressure_since_ns: u64,
-    /// [`smp::idle_ns`] and [`smp::online_changes`] when the pressure began.
-    idle_at_pressure_ns: u64,
-    changes_at_pressure: u64,
-    /// Start of the window in which the controller looks for a vCPU too many (0: none yet),
-    /// and [`unbusy_ns`] then.
-    load_since_ns: u64,
-    unbusy_at_load_ns: u64,
-    changes_at_load: u64,
+    /// While the queue is long: the window of the up test (idle time).
+    pressure: Window,
+    /// The window of the shed test (idle and stolen time).
+    load: Window,
     /// When the controller last brought a vCPU up, and last decided a shed.
     last_up_ns: u64,
     last_shed_ns: u64,
@@ -185,22 +220,10 @@ struct ControllerState {
 }
 
 impl ControllerState {
-    /// Starts a new pressure window at `now` (the count of changes first: a change after it
-    /// makes the window's end look different, never the other way round).
-    fn restart_window(&mut self, now: u64) {
-        self.changes_at_pressure = smp::online_changes();
-        self.pressure_since_ns = now;
-        self.idle_at_pressure_ns = smp::idle_ns(now);
-    }
-
     const fn new() -> Self {
         ControllerState {
-            pressure_since_ns: 0,
-            idle_at_pressure_ns: 0,
-            changes_at_pressure: 0,
-            load_since_ns: 0,
-            unbusy_at_load_ns: 0,
-            changes_at_load: 0,
+            pressure: Window::NONE,
+            load: Window::NONE,
             last_up_ns: 0,
             last_shed_ns: 0,
             shed_backoff_ns: SHED_BACKOFF_MIN_NS,
@@ -455,29 +478,28 @@ pub fn on_boundary(_slot: &'static PerCpu) {
     let reclaiming = vcpu_target().is_some_and(|t| online as usize >= t);
     let pressured = runnable > 0 && runnable * 100 > t.up_load_pct * online;
     if AUTO.load(Ordering::Acquire) && pressured && !reclaiming {
-        if st.pressure_since_ns == 0 {
-            st.restart_window(now);
-        } else if now.saturating_sub(st.pressure_since_ns) >= t.up_ns && now >= st.deny_until_ns {
-            let idle = smp::idle_ns(now).saturating_sub(st.idle_at_pressure_ns);
-            let changed = smp::online_changes() != st.changes_at_pressure;
-            let window = now.saturating_sub(st.pressure_since_ns);
-            if changed || !busy_enough(window, online, idle, t.up_busy_pct) {
+        let w = st.pressure;
+        if !w.is_open() {
+            st.pressure = Window::start(now, smp::idle_ns);
+        } else if w.len_ns(now) >= t.up_ns && now >= st.deny_until_ns {
+            let idle = smp::idle_ns(now).saturating_sub(w.base_ns);
+            if w.spans_change() || !busy_enough(w.len_ns(now), online, idle, t.up_busy_pct) {
                 // Bursts the vCPUs online cleared between idle spells (or the window spans a
                 // change of vCPUs, which its figures do not tell apart): watch a new window.
-                st.restart_window(now);
+                st.pressure = Window::start(now, smp::idle_ns);
             } else {
                 match up() {
                     Ok(_) => {
                         SHED.store(0, Ordering::Release);
                         st.last_up_ns = now;
-                        st.restart_window(now);
+                        st.pressure = Window::start(now, smp::idle_ns);
                     }
                     Err(_) => st.deny_until_ns = now + t.deny_backoff_ns,
                 }
             }
         }
     } else {
-        st.pressure_since_ns = 0;
+        st.pressure = Window::NONE;
     }
     shed_step(&mut st, t, now, online);
     memory_step(&mut st, t, now);
@@ -497,23 +519,20 @@ pub fn on_boundary(_slot: &'static PerCpu) {
 /// and on a host shared with CPU-bound neighbours one more vCPU is one more share of the
 /// host's CPUs. Whether it paid is what this test sees afterwards.
 fn shed_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64) {
+    let w = st.load;
     let changes = smp::online_changes();
-    if st.load_since_ns == 0 || changes != st.changes_at_load {
+    if !w.is_open() || changes != w.changes {
         // First look, or the vCPUs changed: a new window.
-        st.load_since_ns = now;
-        st.unbusy_at_load_ns = unbusy_ns(now);
-        st.changes_at_load = changes;
+        st.load = Window::from(now, changes, unbusy_ns(now));
         return;
     }
-    // `now` was read before the lock: another vCPU may have started a window after it.
-    let window = now.saturating_sub(st.load_since_ns);
+    let window = w.len_ns(now);
     if window < t.down_ns {
         return;
     }
     let unbusy_now = unbusy_ns(now);
-    let unbusy = unbusy_now.saturating_sub(st.unbusy_at_load_ns);
-    st.load_since_ns = now;
-    st.unbusy_at_load_ns = unbusy_now;
+    let unbusy = unbusy_now.saturating_sub(w.base_ns);
+    st.load = Window::from(now, changes, unbusy_now);
     let (min, _, _) = smp::limits();
     let auto = AUTO.load(Ordering::Acquire);
     if !auto || t.down_busy_pct == 0 || online <= min as u64 || shed_pending() {
@@ -534,13 +553,20 @@ fn shed_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64) {
     }
 }
 
+/// The work `online` vCPUs did during `window_ns` when they did not run work for
+/// `unbusy_ns` in all, and what `vcpus` vCPUs offer in that window (ns, wide enough for any
+/// product).
+fn work_and_offer(window_ns: u64, online: u64, unbusy_ns: u64, vcpus: u64) -> (u128, u128) {
+    let work = (u128::from(window_ns) * u128::from(online)).saturating_sub(u128::from(unbusy_ns));
+    (work, u128::from(window_ns) * u128::from(vcpus))
+}
+
 /// Whether the work of `online` vCPUs, not running work for `unbusy_ns` in all during
 /// `window_ns` (see [`unbusy_ns`]), was less than `busy_pct` percent of what `online - 1`
 /// vCPUs offer.
 fn fits_on_fewer(window_ns: u64, online: u64, unbusy_ns: u64, busy_pct: u64) -> bool {
-    let busy = (u128::from(window_ns) * u128::from(online)).saturating_sub(u128::from(unbusy_ns));
-    let fewer = u128::from(window_ns) * u128::from(online.saturating_sub(1));
-    busy * 100 < fewer * u128::from(busy_pct)
+    let (work, fewer) = work_and_offer(window_ns, online, unbusy_ns, online.saturating_sub(1));
+    work * 100 < fewer * u128::from(busy_pct)
 }
 
 /// Time the vCPUs did not spend running work, until `now` (ns): their idle time plus what the
@@ -552,9 +578,9 @@ fn unbusy_ns(now: u64) -> u64 {
 /// Whether `online` vCPUs, idle for `idle_ns` in all during a window of `window_ns`, were
 /// busy for at least `busy_pct` percent of it.
 fn busy_enough(window_ns: u64, online: u64, idle_ns: u64, busy_pct: u64) -> bool {
-    let capacity = u128::from(window_ns) * u128::from(online.max(1));
-    let busy = capacity.saturating_sub(u128::from(idle_ns));
-    busy * 100 >= capacity * u128::from(busy_pct)
+    let online = online.max(1);
+    let (work, capacity) = work_and_offer(window_ns, online, idle_ns, online);
+    work * 100 >= capacity * u128::from(busy_pct)
 }
 
 /// Consumes one explicit down request; `false` when none is outstanding.

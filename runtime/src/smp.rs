@@ -53,12 +53,12 @@ fn online_update(f: impl FnMut(usize) -> Option<usize>) -> Result<usize, usize> 
     r
 }
 
-/// Adds `delta` (1 or -1) to the online count.
-fn online_add(delta: isize) {
-    if delta < 0 {
-        ONLINE.fetch_sub(delta.unsigned_abs(), Ordering::AcqRel);
+/// Gives back a place [`online_update`] reserved (an up that failed, a down that did not go).
+fn online_undo(reserved_up: bool) {
+    if reserved_up {
+        ONLINE.fetch_sub(1, Ordering::AcqRel);
     } else {
-        ONLINE.fetch_add(delta.unsigned_abs(), Ordering::AcqRel);
+        ONLINE.fetch_add(1, Ordering::AcqRel);
     }
     ONLINE_CHANGES.fetch_add(1, Ordering::AcqRel);
 }
@@ -147,12 +147,12 @@ pub fn bring_up() -> Result<(u32, &'static PerCpu), UpError> {
         s.state.compare_exchange(state::OFFLINE, state::STARTING, Ordering::AcqRel, Ordering::Acquire).is_ok()
     });
     let Some(slot) = slot else {
-        online_add(-1);
+        online_undo(true);
         return Err(UpError::AtCeiling);
     };
     let Some(stack) = stack_for(slot) else {
         slot.state.store(state::OFFLINE, Ordering::Release);
-        online_add(-1);
+        online_undo(true);
         return Err(UpError::NoMemory);
     };
     slot.started_tsc.store(0, Ordering::Release);
@@ -168,7 +168,7 @@ pub fn bring_up() -> Result<(u32, &'static PerCpu), UpError> {
         }
         Err(s) => {
             slot.state.store(state::OFFLINE, Ordering::Release);
-            online_add(-1);
+            online_undo(true);
             Err(UpError::Refused(s))
         }
     }
@@ -402,7 +402,7 @@ pub fn begin_idle_down(slot: &'static PerCpu, may_go: &dyn Fn() -> bool) -> Opti
     let reserved = online_update(|n| (n > min).then_some(n - 1));
     if reserved.is_err() || !may_go() {
         if reserved.is_ok() {
-            online_add(1);
+            online_undo(false);
         }
         slot.state.store(state::IDLE, Ordering::Release);
         return None;
