@@ -76,6 +76,11 @@ pub const KERNEL_OPTIONS: &[KernelOption] = &[
     opt("vcpu.up_load", ValueKind::Fraction, "ask for a vCPU when runnable tasks per online vCPU exceed this"),
     opt("vcpu.up_ms", ValueKind::Millis, "... for this long"),
     opt("vcpu.up_busy", ValueKind::Share, "... while the online vCPUs were busy at least this share of it"),
+    opt(
+        "vcpu.up_sat",
+        ValueKind::Share,
+        "also ask when the online vCPUs were busy this share of twice vcpu.up_ms and the queue is long at its end (0: never)",
+    ),
     opt("vcpu.down_ms", ValueKind::Millis, "an idle vCPU goes down after this long; also the window of vcpu.down_busy"),
     opt(
         "vcpu.down_busy",

@@ -50,6 +50,9 @@ pub struct Tuning {
     /// ... while the online vCPUs were busy (not idle) for at least this share of it, in
     /// percent.
     pub up_busy_pct: u64,
+    /// Also ask when the online vCPUs were busy at least this share (percent) of a window of
+    /// twice `up_ns` and the queue is long at its end, however briefly (0: never).
+    pub up_sat_pct: u64,
     /// An idle vCPU goes down after this long (ns); also the window of the shed test
     /// (`down_busy_pct`).
     pub down_ns: u64,
@@ -89,6 +92,7 @@ impl Tuning {
         up_load_pct: 100,
         up_ns: 2_000_000,
         up_busy_pct: 80,
+        up_sat_pct: 90,
         down_ns: 20_000_000,
         down_busy_pct: 60,
         deny_backoff_ns: 50_000_000,
@@ -113,6 +117,7 @@ impl Tuning {
                 "vcpu.up_load" => parse_fraction_pct(value).map(|v| t.up_load_pct = v),
                 "vcpu.up_ms" => ms().map(|v| t.up_ns = v),
                 "vcpu.up_busy" => parse_share_pct(value).map(|v| t.up_busy_pct = v),
+                "vcpu.up_sat" => parse_share_pct(value).map(|v| t.up_sat_pct = v),
                 "vcpu.down_ms" => ms().map(|v| t.down_ns = v),
                 "vcpu.down_busy" => parse_share_pct(value).map(|v| t.down_busy_pct = v),
                 "vcpu.deny_backoff_ms" => ms().map(|v| t.deny_backoff_ns = v),
@@ -201,14 +206,23 @@ impl Window {
 struct ControllerState {
     /// While the queue is long: the window of the up test (idle time).
     pressure: Window,
+    /// The window of the saturation test (idle time), always open.
+    saturation: Window,
+    /// Since when every saturation window was saturated (0: the last one was not).
+    saturated_since_ns: u64,
     /// The window of the shed test (idle and stolen time).
     load: Window,
+    /// Idle time at the start of `load`.
+    load_idle_base_ns: u64,
     /// When the controller last brought a vCPU up, and last decided a shed.
     last_up_ns: u64,
     last_shed_ns: u64,
     /// How long a shed holds the next up back (see [`shed_step`]).
     shed_backoff_ns: u64,
+    /// No ask before this: a DENIED's backoff.
     deny_until_ns: u64,
+    /// No ask before this either, unless saturation lasts: a shed's hold.
+    hold_until_ns: u64,
     last_report_ns: u64,
     mem_deny_until_ns: u64,
     above_high_since_ns: u64,
@@ -223,11 +237,15 @@ impl ControllerState {
     const fn new() -> Self {
         ControllerState {
             pressure: Window::NONE,
+            saturation: Window::NONE,
+            saturated_since_ns: 0,
             load: Window::NONE,
+            load_idle_base_ns: 0,
             last_up_ns: 0,
             last_shed_ns: 0,
             shed_backoff_ns: SHED_BACKOFF_MIN_NS,
             deny_until_ns: 0,
+            hold_until_ns: 0,
             last_report_ns: 0,
             mem_deny_until_ns: 0,
             above_high_since_ns: 0,
@@ -253,6 +271,9 @@ const SHED_BACKOFF_MIN_NS: u64 = 100_000_000;
 const SHED_BACKOFF_MAX_NS: u64 = 5_000_000_000;
 /// A vCPU shed this long (ns) after the last up paid for a while: the wait starts over.
 const SHED_PAID_NS: u64 = 1_000_000_000;
+/// Saturation this long asks for a vCPU even while a shed's hold runs (see
+/// [`saturation_step`]).
+const SATURATED_OVERRIDES_HOLD_NS: u64 = 200_000_000;
 
 /// Longest gap between two looks at free memory while idle (when free memory stays high but
 /// no extent is wholly free, e.g. a few live allocations pin each extent).
@@ -476,30 +497,33 @@ pub fn on_boundary(_slot: &'static PerCpu) {
     // the pool change what it grants), so a pressured guest asks and backs off on DENIED.
     // Only an explicit reclaim target from the host holds the controller back.
     let reclaiming = vcpu_target().is_some_and(|t| online as usize >= t);
+    let may_ask = AUTO.load(Ordering::Acquire) && !reclaiming;
     let pressured = runnable > 0 && runnable * 100 > t.up_load_pct * online;
-    if AUTO.load(Ordering::Acquire) && pressured && !reclaiming {
+    if may_ask && pressured {
         let w = st.pressure;
         if !w.is_open() {
             st.pressure = Window::start(now, smp::idle_ns);
-        } else if w.len_ns(now) >= t.up_ns && now >= st.deny_until_ns {
+        } else if w.len_ns(now) >= t.up_ns && now >= st.deny_until_ns.max(st.hold_until_ns) {
             let idle = smp::idle_ns(now).saturating_sub(w.base_ns);
             if w.spans_change() || !busy_enough(w.len_ns(now), online, idle, t.up_busy_pct) {
                 // Bursts the vCPUs online cleared between idle spells (or the window spans a
                 // change of vCPUs, which its figures do not tell apart): watch a new window.
                 st.pressure = Window::start(now, smp::idle_ns);
             } else {
-                match up() {
-                    Ok(_) => {
-                        SHED.store(0, Ordering::Release);
-                        st.last_up_ns = now;
-                        st.pressure = Window::start(now, smp::idle_ns);
-                    }
-                    Err(_) => st.deny_until_ns = now + t.deny_backoff_ns,
-                }
+                try_up(&mut st, t, now);
             }
         }
     } else {
         st.pressure = Window::NONE;
+    }
+    let sat = saturation_step(&mut st, t, now, online, pressured);
+    let asks = match sat {
+        Saturation::No => false,
+        Saturation::Now => now >= st.deny_until_ns.max(st.hold_until_ns),
+        Saturation::Lasting => now >= st.deny_until_ns,
+    };
+    if may_ask && asks {
+        try_up(&mut st, t, now);
     }
     shed_step(&mut st, t, now, online);
     memory_step(&mut st, t, now);
@@ -510,6 +534,67 @@ pub fn on_boundary(_slot: &'static PerCpu) {
         drop(st);
         report();
     }
+}
+
+/// Asks for one more vCPU; a DENIED holds the next ask back `deny_backoff_ns`.
+fn try_up(st: &mut ControllerState, t: &Tuning, now: u64) {
+    match up() {
+        Ok(_) => {
+            SHED.store(0, Ordering::Release);
+            st.last_up_ns = now;
+            st.pressure = Window::start(now, smp::idle_ns);
+        }
+        Err(_) => st.deny_until_ns = now + t.deny_backoff_ns,
+    }
+}
+
+/// The saturation test, every two `up_ns`: the vCPUs online were busy at least `up_sat_pct`
+/// of the window and the queue is long (`up_load`) at its end. It sees a load step that keeps
+/// every vCPU busy without a queue that stays long (requests that arrive about as fast as one
+/// vCPU serves them: the queue test, which needs it long all through `up_ns`, meets such a
+/// step late). One task that keeps one vCPU busy is not a long queue: one more vCPU would
+/// not help it.
+///
+/// Saturation that lasts [`SATURATED_OVERRIDES_HOLD_NS`] (window after window, at this count
+/// of vCPUs) asks even while a shed's hold runs: the shed saw two vCPUs that did not pay over
+/// 20 ms, this is one that has not kept up for much longer.
+fn saturation_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64, pressured: bool) -> Saturation {
+    let w = st.saturation;
+    if !w.is_open() || w.spans_change() {
+        st.saturation = Window::start(now, smp::idle_ns);
+        st.saturated_since_ns = 0;
+        return Saturation::No;
+    }
+    let len = w.len_ns(now);
+    if len < t.up_ns.saturating_mul(2) {
+        return Saturation::No;
+    }
+    let idle = smp::idle_ns(now).saturating_sub(w.base_ns);
+    st.saturation = Window::start(now, smp::idle_ns);
+    if t.up_sat_pct == 0 || !busy_enough(len, online, idle, t.up_sat_pct) {
+        st.saturated_since_ns = 0;
+        return Saturation::No;
+    }
+    if st.saturated_since_ns == 0 {
+        st.saturated_since_ns = w.since_ns;
+    }
+    if !pressured {
+        Saturation::No
+    } else if now.saturating_sub(st.saturated_since_ns) >= SATURATED_OVERRIDES_HOLD_NS {
+        Saturation::Lasting
+    } else {
+        Saturation::Now
+    }
+}
+
+/// What [`saturation_step`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Saturation {
+    No,
+    /// Saturated over the last window, with a task queued.
+    Now,
+    /// ... and over every window for [`SATURATED_OVERRIDES_HOLD_NS`].
+    Lasting,
 }
 
 /// Every `down_ns`: when the vCPUs online ran work (idle and stolen time excluded) for less
@@ -523,6 +608,7 @@ fn shed_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64) {
     let changes = smp::online_changes();
     if !w.is_open() || changes != w.changes {
         // First look, or the vCPUs changed: a new window.
+        st.load_idle_base_ns = smp::idle_ns(now);
         st.load = Window::from(now, changes, unbusy_ns(now));
         return;
     }
@@ -530,15 +616,22 @@ fn shed_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64) {
     if window < t.down_ns {
         return;
     }
+    let idle_now = smp::idle_ns(now);
+    let idle = idle_now.saturating_sub(st.load_idle_base_ns);
     let unbusy_now = unbusy_ns(now);
     let unbusy = unbusy_now.saturating_sub(w.base_ns);
+    st.load_idle_base_ns = idle_now;
     st.load = Window::from(now, changes, unbusy_now);
     let (min, _, _) = smp::limits();
     let auto = AUTO.load(Ordering::Acquire);
     if !auto || t.down_busy_pct == 0 || online <= min as u64 || shed_pending() {
         return;
     }
-    if fits_on_fewer(window, online, unbusy, t.down_busy_pct) {
+    // vCPUs that had work nearly all the window (the saturation test would ask for one more)
+    // stay, however much of it the host stole: fewer would only queue the work longer, and
+    // shedding here would loop with the up test.
+    let saturated = t.up_sat_pct > 0 && busy_enough(window, online, idle, t.up_sat_pct);
+    if !saturated && fits_on_fewer(window, online, unbusy, t.down_busy_pct) {
         SHED.store(changes + 1, Ordering::Release);
         smp::kick_one_idle_secondary();
         // One vCPU saturated can be two that get no more done (they wait for the host's CPUs,
@@ -549,7 +642,7 @@ fn shed_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64) {
         let flap = st.last_up_ns > st.last_shed_ns && now.saturating_sub(st.last_up_ns) < SHED_PAID_NS;
         st.shed_backoff_ns = if flap { (st.shed_backoff_ns * 2).min(SHED_BACKOFF_MAX_NS) } else { SHED_BACKOFF_MIN_NS };
         st.last_shed_ns = now;
-        st.deny_until_ns = st.deny_until_ns.max(now + st.shed_backoff_ns);
+        st.hold_until_ns = now + st.shed_backoff_ns;
     }
 }
 
@@ -712,7 +805,7 @@ mod tests {
     #[test]
     fn tuning_reads_the_command_line() {
         let cmd = CommandLine::parse(
-            "app=x vcpu.up_load=2.5 vcpu.down_ms=7 vcpu.auto=off vcpu.up_ms=zz vcpu.up_busy=0.9 vcpu.down_busy=1.5 -- 1",
+            "app=x vcpu.up_load=2.5 vcpu.down_ms=7 vcpu.auto=off vcpu.up_ms=zz vcpu.up_busy=0.9 vcpu.down_busy=1.5 vcpu.up_sat=0 -- 1",
         )
         .unwrap();
         let mut bad = alloc::vec::Vec::new();
@@ -722,6 +815,7 @@ mod tests {
         assert!(!t.auto);
         assert_eq!(t.up_ns, Tuning::DEFAULT.up_ns);
         assert_eq!(t.up_busy_pct, 90);
+        assert_eq!(t.up_sat_pct, 0);
         assert_eq!(t.down_busy_pct, Tuning::DEFAULT.down_busy_pct);
         assert_eq!(bad, ["vcpu.up_ms=zz", "vcpu.down_busy=1.5"]);
     }

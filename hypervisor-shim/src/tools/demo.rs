@@ -6,8 +6,8 @@
 //! brings vCPUs up and takes memory as requests pile up, and gives both back when they stop;
 //! the demo prints one line per second (offered load, served requests per second, p99
 //! latency, vCPUs held, memory held, the shim's RSS), then a summary with the controller's
-//! reaction times, writes `demo.json` and draws `demo.svg` (load and resources on one time
-//! axis).
+//! reaction times, writes `demo.json` (the report, the VM's summary and its timeline) and draws
+//! `demo.svg` (load and resources on one time axis).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -454,7 +454,7 @@ fn write_outputs(
     summary: &serde_json::Value,
 ) -> Result<(), DemoError> {
     let json_path = opts.out_dir.join("demo.json");
-    let doc = serde_json::json!({ "demo": report, "vm": summary });
+    let doc = serde_json::json!({ "demo": report, "vm": summary, "timeline": timeline });
     elastic_vmm::write_json(&doc, &json_path)
         .map_err(|e| DemoError::Write { path: json_path.display().to_string(), reason: e.to_string() })?;
     let svg_path = opts.out_dir.join("demo.svg");
