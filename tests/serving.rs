@@ -45,6 +45,11 @@ fn bare_invocation_runs_the_demo_which_scales_up_and_back_with_no_errors() {
     assert_eq!(demo["final_vcpus"], 1, "{demo}");
     assert_eq!(demo["vm_exit_code"], 5, "the VM should end at the demo's STOP (exit 5): {demo}");
     assert!(demo["peak_memory_bytes"].as_u64() > demo["final_memory_bytes"].as_u64(), "{demo}");
+    // The timeline behind the plot: a line for every vCPU brought up, each with its time.
+    let timeline = report["timeline"].as_array().expect("demo.json has the VM's timeline");
+    let ups = timeline.iter().filter(|l| l["event"] == "vcpu_up").count() as u64;
+    assert!(ups >= 1 && ups == report["vm"]["vcpus"]["ups"].as_u64().unwrap_or(0), "{ups} vcpu_up lines");
+    assert!(timeline.iter().all(|l| l["t_us"].is_u64()), "timeline lines without t_us");
     let svg = std::fs::read_to_string(dir.join("demo.svg")).expect("demo.svg written");
     for caption in ["requests per second", "vCPUs held", "memory held"] {
         assert!(svg.contains(caption), "demo.svg lacks the '{caption}' panel");

@@ -571,16 +571,24 @@ fn saturation_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64, 
     }
     let idle = smp::idle_ns(now).saturating_sub(w.base_ns);
     st.saturation = Window::start(now, smp::idle_ns);
-    if t.up_sat_pct == 0 || !busy_enough(len, online, idle, t.up_sat_pct) {
-        st.saturated_since_ns = 0;
+    let busy = t.up_sat_pct > 0 && busy_enough(len, online, idle, t.up_sat_pct);
+    saturation_verdict(&mut st.saturated_since_ns, w.since_ns, now, busy, pressured)
+}
+
+/// The verdict on a saturation window that started at `window_start` and ends `now`, whose
+/// vCPUs were `busy` enough and whose queue is `pressured` at its end. `since_ns` keeps when
+/// the unbroken run of busy windows began (0: none).
+fn saturation_verdict(since_ns: &mut u64, window_start: u64, now: u64, busy: bool, pressured: bool) -> Saturation {
+    if !busy {
+        *since_ns = 0;
         return Saturation::No;
     }
-    if st.saturated_since_ns == 0 {
-        st.saturated_since_ns = w.since_ns;
+    if *since_ns == 0 {
+        *since_ns = window_start.max(1);
     }
     if !pressured {
         Saturation::No
-    } else if now.saturating_sub(st.saturated_since_ns) >= SATURATED_OVERRIDES_HOLD_NS {
+    } else if now.saturating_sub(*since_ns) >= SATURATED_OVERRIDES_HOLD_NS {
         Saturation::Lasting
     } else {
         Saturation::Now
@@ -800,6 +808,24 @@ mod tests {
         // One vCPU never fits on none; 0 disables.
         assert!(!fits_on_fewer(20 * ms, 1, 20 * ms, 60));
         assert!(!fits_on_fewer(20 * ms, 2, 40 * ms, 0));
+    }
+
+    #[test]
+    fn saturation_needs_busy_windows_and_a_long_queue_and_lasts_only_unbroken() {
+        const MS: u64 = 1_000_000;
+        let mut since = 0;
+        // Busy, but one task (no long queue): no ask, though the run of busy windows starts.
+        assert_eq!(saturation_verdict(&mut since, 10 * MS, 14 * MS, true, false), Saturation::No);
+        assert_eq!(since, 10 * MS);
+        // Busy with a long queue: ask, subject to a shed's hold.
+        assert_eq!(saturation_verdict(&mut since, 14 * MS, 18 * MS, true, true), Saturation::Now);
+        // Busy window after window for 200 ms: ask through the hold.
+        assert_eq!(saturation_verdict(&mut since, 206 * MS, 210 * MS, true, true), Saturation::Lasting);
+        // One window that was not busy breaks the run: the 200 ms start over.
+        assert_eq!(saturation_verdict(&mut since, 210 * MS, 214 * MS, false, true), Saturation::No);
+        assert_eq!(since, 0);
+        assert_eq!(saturation_verdict(&mut since, 214 * MS, 218 * MS, true, true), Saturation::Now);
+        assert_eq!(saturation_verdict(&mut since, 410 * MS, 414 * MS, true, true), Saturation::Lasting);
     }
 
     #[test]
