@@ -104,13 +104,19 @@ struct OnDemand {
 }
 
 impl OnDemand {
+    /// The http service, `--on-demand` (waking by resume).
     fn start(name: &str, extra: &[&str]) -> OnDemand {
+        OnDemand::start_as(name, "http", 80, "--on-demand", extra)
+    }
+
+    /// `app` (listening on `guest_port`) with `on_demand` (`--on-demand` or `--on-demand=MODE`).
+    fn start_as(name: &str, app: &str, guest_port: u16, on_demand: &str, extra: &[&str]) -> OnDemand {
         use std::io::BufRead;
         require_kvm();
         let dir = temp_dir(name);
         let port = free_port();
         let mut child = Command::new(SHIM)
-            .args(["run", "--app", "http", "--publish", &format!("127.0.0.1:{port}:80"), "--on-demand"])
+            .args(["run", "--app", app, "--publish", &format!("127.0.0.1:{port}:{guest_port}"), on_demand])
             .args(extra)
             .arg("--timeline")
             .arg(dir.join("timeline.jsonl"))
@@ -138,6 +144,34 @@ impl OnDemand {
             .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end().starts_with("vm0-vcpu")))
     }
 
+    /// The shim's resident set (bytes).
+    fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Waits until the VM has gone (asleep or stopped after its idle time).
+    fn wait_until_no_vm(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.vm_running() {
+            assert!(Instant::now() < deadline, "the VM did not go after its idle time");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn redis(&self, args: &[&str]) -> String {
+        let port = self.port.to_string();
+        let mut all = vec!["-p", &port];
+        all.extend_from_slice(args);
+        let run = common::client("redis-cli", "redis-tools", &all);
+        run.expect_code(0);
+        run.stdout.trim().to_string()
+    }
+
     fn curl(&self, path: &str) -> Run {
         common::client("curl", "curl", &["-sS", "-m", "10", &format!("http://127.0.0.1:{}{path}", self.port)])
     }
@@ -163,8 +197,48 @@ impl Drop for OnDemand {
 }
 
 #[test]
-fn on_demand_boots_at_the_first_client_stops_when_idle_and_boots_again() {
-    let od = OnDemand::start("on-demand", &["--idle-shutdown", "1s"]);
+fn on_demand_sleeps_with_its_state_and_the_next_client_resumes_it() {
+    let od = OnDemand::start_as("on-demand-kv", "kv", 6379, "--on-demand", &["--idle-shutdown", "500ms"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!od.vm_running(), "a VM runs before any client came");
+    let rss_before = od.rss();
+    assert_eq!(od.redis(&["ping"]), "PONG");
+    // 800 KB of data the VM keeps in memory (eight values, each under the 128 KiB an argument
+    // may have), with checksums to compare after the wake.
+    let values: Vec<String> =
+        (0..8u64).map(|k| (0..100_000u64).map(|i| char::from(b'a' + ((i * 7 + k) % 26) as u8)).collect()).collect();
+    let sum = |s: &str| s.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    for (k, v) in values.iter().enumerate() {
+        assert_eq!(od.redis(&["set", &format!("big{k}"), v]), "OK");
+    }
+    assert_eq!(od.redis(&["set", "k", "before the sleep"]), "OK");
+    od.wait_until_no_vm();
+    // Asleep: the shim holds no guest memory (its RSS is that of the shim before any VM, give
+    // or take allocator slack; the VM held 64 MiB or more).
+    let rss_asleep = od.rss();
+    assert!(rss_asleep < rss_before + (8 << 20), "RSS asleep {rss_asleep} B, before any VM {rss_before} B");
+    assert_eq!(od.redis(&["get", "k"]), "before the sleep", "the key set before the sleep is gone");
+    for (k, v) in values.iter().enumerate() {
+        assert_eq!(sum(&od.redis(&["get", &format!("big{k}")])), sum(v), "big{k} changed across the sleep");
+    }
+    assert_eq!(od.redis(&["incr", "n"]), "1");
+    od.wait_until_no_vm();
+    assert_eq!(od.redis(&["incr", "n"]), "2", "a second sleep and wake lost the counter");
+    let (code, events, summary) = od.stop();
+    assert_eq!(code, Some(5), "{events:?}");
+    let wake_lines: Vec<&str> =
+        events.iter().map(String::as_str).filter(|e| ["cold_start", "sleep", "wake"].contains(e)).collect();
+    assert_eq!(wake_lines, ["cold_start", "sleep", "wake", "sleep", "wake"], "{events:?}");
+    let od_figures = &summary["on_demand"];
+    assert_eq!(od_figures["cold_starts"], 1, "{summary}");
+    assert_eq!(od_figures["sleeps"], 2, "{summary}");
+    assert_eq!(od_figures["wakes"], 2, "{summary}");
+    assert_eq!(od_figures["wake_us"].as_array().map(Vec::len), Some(2), "{summary}");
+}
+
+#[test]
+fn on_demand_boot_boots_at_the_first_client_stops_when_idle_and_boots_again() {
+    let od = OnDemand::start_as("on-demand", "http", 80, "--on-demand=boot", &["--idle-shutdown", "1s"]);
     std::thread::sleep(Duration::from_millis(300));
     assert!(!od.vm_running(), "a VM runs before any client came");
     let first = od.curl("/");

@@ -29,7 +29,7 @@ mod vmm;
 
 pub use base::config::{
     ConfigError, DEFAULT_IDLE_SHUTDOWN, DEFAULT_RESTART_LIMIT, EndpointConfig, GuestConfig, Lifecycle, OnViolation,
-    PolicyConfig, ResourceConfig, RestartPolicy, VmConfig, check_output_path, kernel_cmdline, parse_guest_opt,
+    PolicyConfig, ResourceConfig, RestartPolicy, VmConfig, Wake, check_output_path, kernel_cmdline, parse_guest_opt,
     parse_log_level,
 };
 pub use base::exit;

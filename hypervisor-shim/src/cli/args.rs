@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use elastic_config::{Policy, parse_credit, parse_duration, parse_memory_policy, parse_size, parse_vcpu_policy};
-use elastic_vmm::OnViolation;
+use elastic_vmm::{OnViolation, Wake};
 
 use crate::tools::bench;
 use crate::tools::qemu::Accel;
@@ -251,10 +251,12 @@ pub(super) struct RunArgs {
     pub(super) pin_io: bool,
     /// Scale to zero: hold the published endpoints with no VM; the first client boots the VM
     /// (clients that come meanwhile wait and are served); after --idle-shutdown without a
-    /// connection the VM stops and the next client boots it again. Runs until Ctrl-C or
+    /// connection the VM goes to sleep: it is snapshotted (state and the memory it holds) and
+    /// ends, and the next client resumes it with what it kept. --on-demand=boot stops it
+    /// instead and boots a new one for the next client (state lost). Runs until Ctrl-C or
     /// --timeout.
-    #[arg(long)]
-    pub(super) on_demand: bool,
+    #[arg(long, value_name = "WAKE", num_args = 0..=1, require_equals = true, default_missing_value = "resume")]
+    pub(super) on_demand: Option<WakeArg>,
     /// Stop the VM after this long with no client connection open (e.g. 1s, 500ms)
     /// [default with --on-demand: 30s]. Without --on-demand the run then ends.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
@@ -295,6 +297,24 @@ impl From<OnViolationArg> for OnViolation {
         match a {
             OnViolationArg::Throttle => OnViolation::Throttle,
             OnViolationArg::Kill => OnViolation::Kill,
+        }
+    }
+}
+
+/// `--on-demand=WAKE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum WakeArg {
+    /// Resume the VM from its sleep (the default).
+    Resume,
+    /// Boot a new VM (state lost).
+    Boot,
+}
+
+impl From<WakeArg> for Wake {
+    fn from(a: WakeArg) -> Self {
+        match a {
+            WakeArg::Resume => Wake::Resume,
+            WakeArg::Boot => Wake::Boot,
         }
     }
 }

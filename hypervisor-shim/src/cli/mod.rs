@@ -20,7 +20,7 @@ use crate::tools::plot::{self, PlotVm};
 use crate::tools::qemu::{self, QemuConfig};
 use elastic_vmm::{
     Capacity, ConsoleMode, DEFAULT_IDLE_SHUTDOWN, KernelImage, PolicyConfig, ResumeOptions, RunOptions, RunResult,
-    RunSpec, TimelineOptions, VmConfig, VmSpec, exit,
+    RunSpec, TimelineOptions, VmConfig, VmSpec, Wake, exit,
 };
 
 /// Checks every output path a command names before any work starts.
@@ -174,8 +174,8 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
         return fail(exit::USAGE, e);
     }
     let endpoints = !args.publish.is_empty() || args.vsock_uds.is_some();
-    if (args.on_demand || args.idle_shutdown.is_some()) && !endpoints {
-        let flag = if args.on_demand { "--on-demand" } else { "--idle-shutdown" };
+    if (args.on_demand.is_some() || args.idle_shutdown.is_some()) && !endpoints {
+        let flag = if args.on_demand.is_some() { "--on-demand" } else { "--idle-shutdown" };
         return fail(exit::USAGE, format_args!("{flag} needs a client endpoint: give --publish or --vsock-uds"));
     }
     if args.idle_shutdown.is_some_and(|d| d.is_zero()) {
@@ -197,8 +197,8 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
     config.endpoints.vsock_uds = args.vsock_uds.clone();
     config.endpoints.pin_io = args.pin_io;
     config.lifecycle.timeout = args.guest.timeout;
-    config.lifecycle.on_demand = args.on_demand;
-    config.lifecycle.idle_shutdown = args.idle_shutdown.or(args.on_demand.then_some(DEFAULT_IDLE_SHUTDOWN));
+    config.lifecycle.on_demand = args.on_demand.map(Wake::from);
+    config.lifecycle.idle_shutdown = args.idle_shutdown.or(args.on_demand.is_some().then_some(DEFAULT_IDLE_SHUTDOWN));
     config.lifecycle.restart = (args.restart == RestartMode::OnFailure)
         .then_some(elastic_vmm::RestartPolicy { limit: args.restart_limit, backoff: args.restart_backoff });
     let spec = RunSpec {

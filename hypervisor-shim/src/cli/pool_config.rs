@@ -24,6 +24,7 @@
 //! publish = ["127.0.0.1:8080:80"]  # optional: like --publish (repeatable)
 //! vsock_uds = "/tmp/web.sock"      # optional: like --vsock-uds
 //! on_demand = true                 # optional: like --on-demand (needs publish or vsock_uds)
+//! wake = "resume"                  # optional: resume (default) | boot, like --on-demand=boot
 //! idle_shutdown = "5s"             # optional: like --idle-shutdown
 //! restart = "on-failure"           # optional: never (default) | on-failure
 //! restart_limit = 3                # optional: most restarts (default 3)
@@ -126,6 +127,7 @@ struct VmSection {
     publish: Vec<Spanned<String>>,
     vsock_uds: Option<PathBuf>,
     on_demand: Option<Spanned<bool>>,
+    wake: Option<elastic_vmm::Wake>,
     idle_shutdown: Option<Spanned<String>>,
     restart: Option<Spanned<String>>,
     restart_limit: Option<u32>,
@@ -288,7 +290,7 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
         config.endpoints.publish = publish;
         config.endpoints.vsock_uds = v.vsock_uds.clone();
         config.lifecycle.timeout = timeout;
-        config.lifecycle.on_demand = on_demand;
+        config.lifecycle.on_demand = on_demand.then(|| v.wake.unwrap_or_default());
         config.lifecycle.idle_shutdown = idle_shutdown;
         config.lifecycle.restart = restart;
         let kernel = v.kernel.clone().unwrap_or_else(|| default_kernel.to_path_buf());
@@ -326,6 +328,22 @@ vcpus = "1"
 memory = "64M"
 expect_exit = 3
 "#;
+
+    #[test]
+    fn on_demand_wakes_by_resume_unless_told_boot() {
+        let file = |wake: &str| {
+            format!(
+                "[pool]\nvcpus = 2\nmemory = \"256M\"\n[[vm]]\nname = \"s\"\napp = \"kv\"\nvcpus = \"1\"\n\
+                 memory = \"64M\"\npublish = [\"127.0.0.1:1:6379\"]\non_demand = true\n{wake}"
+            )
+        };
+        let wake_of =
+            |text: &str| parse(text, "pool.toml", Path::new("/k")).map(|c| c.vms[0].config.lifecycle.on_demand);
+        assert_eq!(wake_of(&file("")).unwrap(), Some(elastic_vmm::Wake::Resume));
+        assert_eq!(wake_of(&file("wake = \"boot\"")).unwrap(), Some(elastic_vmm::Wake::Boot));
+        let bad = wake_of(&file("wake = \"later\"")).unwrap_err().to_string();
+        assert!(bad.contains("later"), "{bad}");
+    }
 
     #[test]
     fn a_good_file_parses() {

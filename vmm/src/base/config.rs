@@ -169,14 +169,55 @@ pub struct EndpointConfig {
 pub struct Lifecycle {
     /// Stop the run after this long.
     pub timeout: Option<Duration>,
-    /// Scale to zero (`--on-demand`): no VM until a client connects to an endpoint; after
-    /// `idle_shutdown` the VM stops and the next client boots a new one.
-    pub on_demand: bool,
+    /// Scale to zero (`--on-demand[=WAKE]`): no VM until a client connects to an endpoint;
+    /// after `idle_shutdown` the VM goes to sleep and the next client resumes it
+    /// ([`Wake::Resume`]), or it stops and the next client boots a new one ([`Wake::Boot`]).
+    /// `None`: the VM runs from the start.
+    #[serde(default, deserialize_with = "on_demand_of")]
+    pub on_demand: Option<Wake>,
     /// Ask the guest to stop after this long with no client connection open
     /// (`--idle-shutdown`).
     pub idle_shutdown: Option<Duration>,
     /// Restart the VM when it fails (`restart = "on-failure"`, `--restart on-failure`).
     pub restart: Option<RestartPolicy>,
+}
+
+/// How an on-demand VM wakes for the next client after an idle stop (`--on-demand=MODE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wake {
+    /// The idle VM is snapshotted (its state and the memory it holds, zero pages as holes) and
+    /// ends; the next client resumes it from there, so what it kept in memory is still there.
+    #[default]
+    Resume,
+    /// The idle VM is asked to stop; the next client boots a new one (state lost).
+    Boot,
+}
+
+impl Wake {
+    /// Its name on the command line and in the timeline.
+    pub fn name(self) -> &'static str {
+        match self {
+            Wake::Resume => "resume",
+            Wake::Boot => "boot",
+        }
+    }
+}
+
+/// Reads `on_demand`, also as the flag that states written before [`Wake`] existed hold (then
+/// an on-demand VM always booted: `true` is [`Wake::Boot`]).
+fn on_demand_of<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Wake>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Saved {
+        Flag(bool),
+        Mode(Option<Wake>),
+    }
+    Ok(match <Saved as serde::Deserialize>::deserialize(d)? {
+        Saved::Flag(true) => Some(Wake::Boot),
+        Saved::Flag(false) => None,
+        Saved::Mode(m) => m,
+    })
 }
 
 /// Restart on failure: a VM that faults or exits with a code other than 0 and 5 (stopped at
@@ -325,6 +366,23 @@ pub fn kernel_cmdline(app: &str, options: &[(&str, String)], args: &[String]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_demand_reads_its_mode_and_the_older_flag() {
+        let read = |v: &str| {
+            serde_json::from_str::<Lifecycle>(&format!(
+                r#"{{"timeout":null,"on_demand":{v},"idle_shutdown":null,"restart":null}}"#
+            ))
+        };
+        assert_eq!(read("null").unwrap().on_demand, None);
+        assert_eq!(read("false").unwrap().on_demand, None);
+        assert_eq!(read("true").unwrap().on_demand, Some(Wake::Boot));
+        assert_eq!(read(r#""resume""#).unwrap().on_demand, Some(Wake::Resume));
+        assert_eq!(read(r#""boot""#).unwrap().on_demand, Some(Wake::Boot));
+        assert!(read(r#""later""#).is_err());
+        let back = serde_json::to_string(&Lifecycle { on_demand: Some(Wake::Resume), ..Lifecycle::default() }).unwrap();
+        assert!(back.contains(r#""on_demand":"resume""#), "{back}");
+    }
 
     #[test]
     fn guest_options_and_log_levels() {

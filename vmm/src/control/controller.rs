@@ -4,6 +4,7 @@
 //! No other thread pauses, snapshots or migrates a VM: they send a request here and get the
 //! answer back through a [`crate::control::request::Replier`].
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
@@ -69,8 +70,9 @@ pub(crate) struct Context {
 }
 
 /// Starts `vm` and serves everything that happens to it until it ends (`timeout`: its time
-/// limit). The calling thread is the VM's owner.
-pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duration>) -> Driven {
+/// limit). The calling thread is the VM's owner. With `sleep_to`, an idle stop snapshots the
+/// VM there and ends it ([`Outcome::Asleep`]) instead of asking the guest to stop.
+pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duration>, sleep_to: Option<&Path>) -> Driven {
     let Owner { tx, rx } = owner;
     let interrupts = {
         let tx = tx.clone();
@@ -82,7 +84,7 @@ pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duratio
     let shared = Arc::clone(running.shared());
     ctx.members.add(Arc::clone(&shared));
     let registered = ctx.registry.register(shared.name(), tx);
-    let idle_stopped = serve(&running, &rx, timeout);
+    let idle_stopped = serve(&running, &rx, timeout, sleep_to);
     drop(registered);
     drop(interrupts);
     let report = running.end();
@@ -92,7 +94,7 @@ pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duratio
 }
 
 /// The owner's loop. Returns whether a device's stop request ended the VM.
-fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duration>) -> bool {
+fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duration>, sleep_to: Option<&Path>) -> bool {
     let vm = running.shared();
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut idle_stop_at: Option<Instant> = None;
@@ -121,8 +123,10 @@ fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duratio
             Ok(OwnerEvent::Vm(VmEvent::DeviceStop(StopReason::Idle(after)))) => {
                 if idle_stop_at.is_none() {
                     vm.record("idle_shutdown", detail([("idle_ms", (after.as_millis() as u64).into())]));
-                    vm.post_notice(notice::STOP, |_| {});
                     idle_stop_at = Some(Instant::now());
+                    if !sleep_to.is_some_and(|dir| go_to_sleep(vm, dir)) {
+                        vm.post_notice(notice::STOP, |_| {});
+                    }
                 }
             }
             Ok(OwnerEvent::Interrupt(n)) => {
@@ -144,6 +148,32 @@ fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duratio
         }
     }
     idle_stop_at.is_some()
+}
+
+/// Snapshots the idle `vm` into `dir` and ends it asleep; `false` (said on stderr) when the
+/// snapshot failed and the VM runs on (the caller then stops it: the next client boots).
+fn go_to_sleep(vm: &VmShared, dir: &Path) -> bool {
+    match crate::snapshot::save_and_keep_stopped(vm, dir) {
+        Ok(f) => {
+            vm.record(
+                "sleep",
+                detail([
+                    ("held_bytes", f.held_bytes.into()),
+                    ("written_bytes", f.written_bytes.into()),
+                    ("took_us", f.total_us.into()),
+                ]),
+            );
+            vm.finish(Outcome::Asleep);
+            true
+        }
+        Err(e) => {
+            crate::host::diag::say(format_args!(
+                "{}: cannot go to sleep ({e}); stopping instead (the next client boots afresh)",
+                vm.name()
+            ));
+            false
+        }
+    }
 }
 
 /// `took_us`: how long the operation took inside the shim.

@@ -3,9 +3,12 @@
 //! Scale to zero (`--on-demand`): the shim holds a VM's published endpoints with no VM
 //! running; the first client to connect boots one, which is handed that connection (and every
 //! one that queued meanwhile in the listen backlog). After `--idle-shutdown` with no connection
-//! open, the device stops accepting (newcomers wait in the backlog), the guest is asked to stop,
-//! and once it has, the shim waits for the next client. Every boot is a `cold_start` line in the
-//! timeline, every idle stop an `idle_shutdown` line.
+//! open, the device stops accepting (newcomers wait in the backlog) and the VM goes to sleep:
+//! it is snapshotted into the slot's sleep directory (its state and the memory it holds, zero
+//! pages as holes) and ends, and the next client resumes it from there, with what it kept in
+//! memory. With `--on-demand=boot` the guest is asked to stop instead and the next client boots
+//! a new VM. Every boot is a `cold_start` line in the timeline, every wake a `wake` line, every
+//! idle stop an `idle_shutdown` line (followed by `sleep` when the VM went to sleep).
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -17,7 +20,7 @@ use serde_json::{Value, json};
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::base::config::{RESTART_BACKOFF_MAX, VmConfig};
+use crate::base::config::{RESTART_BACKOFF_MAX, VmConfig, Wake};
 use crate::base::timeline::{Timeline, detail};
 use crate::control::controller::{Context, Driven, Owner, drive};
 use crate::control::registry::StandIn;
@@ -25,6 +28,7 @@ use crate::control::request::{ControlReply, ControlRequest};
 use crate::host::endpoint::Bound;
 use crate::policy::pool::Pool;
 use crate::report::summary::OnDemandFigures;
+use crate::snapshot::restore::{RestoreMemory, restore};
 use crate::vmm::error::VmError;
 use crate::vmm::loader::KernelImage;
 use crate::vmm::outcome::Outcome;
@@ -62,6 +66,37 @@ impl std::fmt::Debug for Slot<'_> {
             .field("vm", &self.config.name())
             .field("endpoints", &self.endpoints)
             .finish_non_exhaustive()
+    }
+}
+
+/// The directory a slot's VM sleeps in: private to this process, removed when the slot ends.
+struct SleepDir(std::path::PathBuf);
+
+impl SleepDir {
+    fn create(vm: &str) -> Result<SleepDir, VmError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let name: String = vm.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let path = std::env::temp_dir().join(format!("elastic-sleep-{}-{nanos}-{name}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&path).map_err(|source| {
+            VmError::Device(crate::devices::DeviceError::Host {
+                device: "every",
+                what: "cannot create the sleep directory in the temporary directory",
+                source,
+            })
+        })?;
+        Ok(SleepDir(path))
+    }
+}
+
+impl Drop for SleepDir {
+    fn drop(&mut self) {
+        // The files a snapshot writes, one by one: listing the directory is not in the
+        // shim's system-call allow-list.
+        for file in crate::snapshot::FILES {
+            let _ = std::fs::remove_file(self.0.join(file));
+        }
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 
@@ -159,6 +194,60 @@ fn stand_in(config: &VmConfig, started: Instant, cold_starts: u64, interrupted: 
     })
 }
 
+/// Resumes the VM asleep in `dir` for a waiting client (a `wake` line in the timeline). When
+/// the snapshot cannot be used (it no longer matches the kernel file, the pool has no room for
+/// what it held...), says why and hands `host` and `endpoints` back: the caller boots afresh.
+fn wake<'h>(
+    slot: &Slot<'_>,
+    cycle: &VmConfig,
+    dir: &std::path::Path,
+    host: Host<'h>,
+    endpoints: Vec<Bound>,
+    figures: &mut OnDemandFigures,
+    seen_at: Duration,
+) -> Result<Vm, (Host<'h>, Vec<Bound>)> {
+    let name = cycle.name();
+    let loaded = match crate::snapshot::load(dir) {
+        Ok(l) => l,
+        Err(e) => {
+            crate::host::diag::say(format_args!("{name}: cannot resume from its sleep ({e}); booting afresh"));
+            return Err((host, endpoints));
+        }
+    };
+    if loaded.state.kernel != slot.image.path {
+        crate::host::diag::say(format_args!(
+            "{name}: it went to sleep with another kernel file ({}); booting afresh",
+            loaded.state.kernel.display()
+        ));
+        return Err((host, endpoints));
+    }
+    let copies = match endpoints.iter().map(Bound::try_clone).collect::<Result<Vec<_>, _>>() {
+        Ok(c) => c,
+        Err(_) => return Err((host, endpoints)),
+    };
+    let retry = Host {
+        kvm: host.kvm,
+        started: host.started,
+        timeline: Arc::clone(&host.timeline),
+        pool: host.pool,
+        console: (slot.console)(),
+        events: host.events.clone(),
+    };
+    match restore(cycle, &loaded.state, RestoreMemory::File(loaded.memory), Arc::clone(&slot.image), host, copies) {
+        Ok(vm) => {
+            figures.wakes += 1;
+            let us = slot.started.elapsed().saturating_sub(seen_at).as_micros() as u64;
+            figures.wake_us.push(us);
+            slot.timeline.record(name, "wake", 0, 0, detail([("wakes", figures.wakes.into()), ("wake_us", us.into())]));
+            Ok(vm)
+        }
+        Err(e) => {
+            crate::host::diag::say(format_args!("{name}: cannot resume from its sleep ({e}); booting afresh"));
+            Err((retry, endpoints))
+        }
+    }
+}
+
 /// Runs a slot (an on-demand VM, or one that restarts on failure) until the operator stops it,
 /// its timeout passes, or a VM ends for a reason that neither an idle shutdown nor the
 /// restart policy covers. Returns the last
@@ -186,7 +275,7 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
         }
         None => RunReport::without_vm(config, outcome, slot.started.elapsed()),
     };
-    if config.lifecycle.on_demand {
+    if config.lifecycle.on_demand.is_some() {
         let addresses: Vec<String> = slot.endpoints.iter().map(Bound::describe).collect();
         crate::host::diag::say(format_args!(
             "{}: on demand, no VM running; the first client on {} boots it",
@@ -194,7 +283,13 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
             addresses.join(", ")
         ));
     }
-    let mut boot_now = !config.lifecycle.on_demand;
+    let mut boot_now = config.lifecycle.on_demand.is_none();
+    let sleep_dir = match config.lifecycle.on_demand {
+        Some(Wake::Resume) => Some(SleepDir::create(config.name())?),
+        _ => None,
+    };
+    // A complete snapshot of the last VM waits in the sleep directory.
+    let mut asleep = false;
     loop {
         if !boot_now {
             if crate::host::signals::interrupts() != interrupts {
@@ -216,15 +311,6 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
         }
         boot_now = false;
         let seen_at = slot.started.elapsed();
-        if config.lifecycle.on_demand {
-            slot.timeline.record(
-                config.name(),
-                "cold_start",
-                0,
-                0,
-                detail([("cold_starts", (figures.cold_starts + 1).into())]),
-            );
-        }
         let endpoints =
             slot.endpoints.iter().map(Bound::try_clone).collect::<Result<Vec<_>, _>>().map_err(|source| {
                 VmError::Device(crate::devices::DeviceError::Host {
@@ -246,17 +332,38 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
             console: (slot.console)(),
             events: owner.sink(),
         };
-        let vm = Vm::create(&cycle, Arc::clone(&slot.image), host, endpoints)?;
-        let Driven { report, idle_stopped } = drive(vm, owner, slot.ctx, cycle.lifecycle.timeout);
+        let woken = match sleep_dir.as_ref().filter(|_| std::mem::take(&mut asleep)) {
+            Some(dir) => wake(&slot, &cycle, &dir.0, host, endpoints, &mut figures, seen_at),
+            None => Err((host, endpoints)),
+        };
+        let (vm, resumed) = match woken {
+            Ok(vm) => (vm, true),
+            Err((host, endpoints)) => {
+                if config.lifecycle.on_demand.is_some() {
+                    slot.timeline.record(
+                        config.name(),
+                        "cold_start",
+                        0,
+                        0,
+                        detail([("cold_starts", (figures.cold_starts + 1).into())]),
+                    );
+                }
+                (Vm::create(&cycle, Arc::clone(&slot.image), host, endpoints)?, false)
+            }
+        };
+        let Driven { report, idle_stopped } =
+            drive(vm, owner, slot.ctx, cycle.lifecycle.timeout, sleep_dir.as_ref().map(|d| d.0.as_path()));
         let _ = slot.timeline.flush();
-        if config.lifecycle.on_demand {
+        if config.lifecycle.on_demand.is_some() && !resumed {
             figures.cold_starts += 1;
             if let Some(boot) = report.boot {
                 figures.boot_us.push(boot.saturating_sub(seen_at).as_micros() as u64);
             }
         }
-        if idle_stopped && matches!(report.outcome, Outcome::Shutdown { .. }) {
+        asleep = matches!(report.outcome, Outcome::Asleep);
+        if idle_stopped && (asleep || matches!(report.outcome, Outcome::Shutdown { .. })) {
             figures.idle_shutdowns += 1;
+            figures.sleeps += u64::from(asleep);
             last = Some(report);
             continue;
         }

@@ -101,7 +101,7 @@ pub struct ResumeOptions {
 /// The saved configuration as the resumed VM runs it: no time limit but the command's, no
 /// scale to zero, no restarts.
 fn lifecycle(saved: Lifecycle, opts: &ResumeOptions) -> Lifecycle {
-    Lifecycle { timeout: opts.timeout, on_demand: false, idle_shutdown: saved.idle_shutdown, restart: None }
+    Lifecycle { timeout: opts.timeout, on_demand: None, idle_shutdown: saved.idle_shutdown, restart: None }
 }
 
 /// The VM of the snapshot in `dir`, restored as `opts` says.

@@ -216,7 +216,7 @@ impl VmResult {
         let r = &c.resources;
         let mut s = Summary::new(&self.report, c.name(), &c.guest.app, r.vcpus, r.memory, started_monotonic_ns);
         s.restarts = self.on_demand.as_ref().map_or(0, |f| f.restarts);
-        s.on_demand = self.on_demand.clone().filter(|_| c.lifecycle.on_demand);
+        s.on_demand = self.on_demand.clone().filter(|_| c.lifecycle.on_demand.is_some());
         s
     }
 }
@@ -448,7 +448,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
                 ready(vm.as_ref().map(|_| ()).map_err(|e| e.to_string()));
             }
             prepared.push(Prepared::Now(vm?, owner));
-        } else if vs.config.lifecycle.on_demand || vs.config.lifecycle.restart.is_some() {
+        } else if vs.config.lifecycle.on_demand.is_some() || vs.config.lifecycle.restart.is_some() {
             // Its min is reserved now, as for a VM that runs from the start.
             let c = &vs.config;
             let r = &c.resources;
@@ -469,7 +469,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
             let ran = match p {
                 Prepared::Now(vm, owner) => {
                     let Driven { report, .. } =
-                        crate::control::controller::drive(vm, owner, &ctx, vs.config.lifecycle.timeout);
+                        crate::control::controller::drive(vm, owner, &ctx, vs.config.lifecycle.timeout, None);
                     (report, None)
                 }
                 Prepared::Slot { endpoints, image, member } => {

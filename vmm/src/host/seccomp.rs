@@ -122,6 +122,7 @@ const FILES: &[libc::c_long] = &[
     libc::SYS_mkdir,
     libc::SYS_rename,
     libc::SYS_unlink,
+    libc::SYS_rmdir,
     libc::SYS_fcntl,
 ];
 

@@ -14,10 +14,17 @@ use crate::vmm::stats::RunReport;
 pub(crate) struct OnDemandFigures {
     /// VMs booted because a client connected.
     pub(crate) cold_starts: u64,
-    /// VMs stopped for being idle.
+    /// VMs stopped or put to sleep for being idle.
     pub(crate) idle_shutdowns: u64,
+    /// Of those, the ones put to sleep (snapshotted, to be resumed).
+    pub(crate) sleeps: u64,
+    /// VMs resumed from sleep because a client connected.
+    pub(crate) wakes: u64,
     /// For each cold start: µs from the shim seeing the waiting client to the guest's HELLO.
     pub(crate) boot_us: Vec<u64>,
+    /// For each wake: µs from the shim seeing the waiting client to the resumed VM built
+    /// (its vCPUs start right after).
+    pub(crate) wake_us: Vec<u64>,
     /// VMs booted again after a failure (`restart = "on-failure"`).
     #[serde(skip)]
     pub(crate) restarts: u64,

@@ -277,7 +277,7 @@ fn send_regions(s: &mut UnixStream, vm: &VmShared, sent: &mut Sent) -> Result<()
 /// Migrates `vm` to the receiver listening on `to`. On success the VM runs there and the
 /// caller ends it here; on failure it keeps running here.
 pub(crate) fn send(vm: &VmShared, to: &Path, verify: bool) -> Result<MigrateFigures, MigrateError> {
-    if vm.config().lifecycle.on_demand {
+    if vm.config().lifecycle.on_demand.is_some() {
         return Err(MigrateError::Protocol("an on-demand VM cannot be migrated".into()));
     }
     let t0 = Instant::now();

@@ -42,6 +42,12 @@ pub(crate) const FORMAT_VERSION: u32 = 2;
 pub(crate) const STATE_FILE: &str = "state.json";
 /// The memory file in a snapshot directory.
 pub(crate) const MEMORY_FILE: &str = "memory";
+/// The memory file while it is written.
+const MEMORY_TMP: &str = ".memory.tmp";
+/// The state file while it is written.
+const STATE_TMP: &str = ".state.tmp";
+/// Every file a snapshot directory may hold.
+pub(crate) const FILES: [&str; 4] = [STATE_FILE, MEMORY_FILE, MEMORY_TMP, STATE_TMP];
 const MAGIC: &str = "elastic-unikernel-snapshot";
 /// Longest wait for the VM's threads to quiesce.
 pub(crate) const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -272,6 +278,16 @@ pub(crate) fn is_zero(page: &[u8]) -> bool {
 /// snapshot there is replaced). The VM is held still while its memory is written and then resumes (unless it
 /// was paused before).
 pub(crate) fn save(vm: &VmShared, dir: &Path) -> Result<SaveFigures, SnapshotError> {
+    save_then(vm, dir, false)
+}
+
+/// Like [`save`], but the VM stays paused and its devices holding afterwards (it is about to
+/// end: an on-demand VM going to sleep).
+pub(crate) fn save_and_keep_stopped(vm: &VmShared, dir: &Path) -> Result<SaveFigures, SnapshotError> {
+    save_then(vm, dir, true)
+}
+
+fn save_then(vm: &VmShared, dir: &Path, keep_stopped: bool) -> Result<SaveFigures, SnapshotError> {
     let t0 = Instant::now();
     if !dir.is_dir() {
         if dir.parent().is_some_and(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
@@ -282,7 +298,7 @@ pub(crate) fn save(vm: &VmShared, dir: &Path) -> Result<SaveFigures, SnapshotErr
     let mut q = Quiesced::new(vm)?;
     let t_held = Instant::now();
     let mut state = q.state()?;
-    let mem_tmp = dir.join(".memory.tmp");
+    let mem_tmp = dir.join(MEMORY_TMP);
     let file = std::fs::File::create(&mem_tmp).map_err(io("create", &mem_tmp))?;
     let mut offset = 0u64;
     let mut written = 0u64;
@@ -301,10 +317,20 @@ pub(crate) fn save(vm: &VmShared, dir: &Path) -> Result<SaveFigures, SnapshotErr
     file.set_len(offset).map_err(io("size", &mem_tmp))?;
     let held_bytes = offset;
     let paused_us = (t_held.elapsed() + q.took).as_micros() as u64;
-    drop(q);
-    write_state(dir, &state)?;
     let mem_path = dir.join(MEMORY_FILE);
-    std::fs::rename(&mem_tmp, &mem_path).map_err(io("rename", &mem_path))?;
+    let write_rest = || -> Result<(), SnapshotError> {
+        write_state(dir, &state)?;
+        std::fs::rename(&mem_tmp, &mem_path).map_err(io("rename", &mem_path))
+    };
+    if keep_stopped {
+        // Only a complete snapshot keeps the VM stopped: after any error it runs on.
+        write_rest()?;
+        q.keep_stopped();
+        drop(q);
+    } else {
+        drop(q);
+        write_rest()?;
+    }
     vm.record(
         "snapshot",
         crate::base::timeline::detail([("dir", dir.display().to_string().into()), ("paused_us", paused_us.into())]),
@@ -385,7 +411,7 @@ pub(crate) fn decode_state(bytes: &[u8], path: &Path) -> Result<VmState, Snapsho
 
 fn write_state(dir: &Path, state: &VmState) -> Result<(), SnapshotError> {
     let path = dir.join(STATE_FILE);
-    let tmp = dir.join(".state.tmp");
+    let tmp = dir.join(STATE_TMP);
     let bytes = encode_state(state)?;
     let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
     f.write_all(&bytes).map_err(io("write", &tmp))?;

@@ -51,9 +51,13 @@ pub(crate) fn restore(
 ) -> Result<Vm, VmError> {
     let r = &config.resources;
     let pool = Arc::clone(host.pool);
-    let member = pool.admit(config.name(), r.vcpus, r.memory, r.weight)?;
+    // An on-demand slot's member is reserved for the whole run; any other VM is admitted now.
+    let (member, admitted) = match config.pool_member {
+        Some(m) => (m, false),
+        None => (pool.admit(config.name(), r.vcpus, r.memory, r.weight)?, true),
+    };
     let vm = rebuild(config, state, memory, image, host, member, endpoints);
-    if vm.is_err() {
+    if vm.is_err() && admitted {
         pool.leave(member);
     }
     vm

@@ -73,6 +73,8 @@ pub enum Outcome {
         /// Where to.
         to: String,
     },
+    /// On demand: the idle VM was snapshotted and ended; the next client resumes it.
+    Asleep,
 }
 
 impl Outcome {
@@ -87,7 +89,7 @@ impl Outcome {
             Outcome::Timeout(..) => exit::TIMEOUT,
             Outcome::Interrupted | Outcome::InterruptIgnored(_) => exit::INTERRUPTED,
             Outcome::Killed { .. } | Outcome::IgnoredStop => exit::POLICY_KILL,
-            Outcome::NoVm | Outcome::Migrated { .. } => 0,
+            Outcome::NoVm | Outcome::Migrated { .. } | Outcome::Asleep => 0,
         }
     }
 
@@ -105,6 +107,7 @@ impl Outcome {
             Outcome::IgnoredStop => "ignored_stop",
             Outcome::NoVm => "no_vm_running",
             Outcome::Migrated { .. } => "migrated",
+            Outcome::Asleep => "asleep",
         }
     }
 
@@ -133,7 +136,7 @@ impl Outcome {
                 "VM ended: it did not stop within {} s of the idle shutdown's STOP notice",
                 IDLE_STOP_GRACE.as_secs()
             )),
-            Outcome::NoVm => None,
+            Outcome::NoVm | Outcome::Asleep => None,
             Outcome::Migrated { to } => Some(format!("VM migrated to {to}; it runs there now")),
         }
     }

@@ -1,6 +1,6 @@
-//! Serving figures: scale to zero (a cold start on demand against the same request with the
-//! VM running) and the demo's controller figures under request load, on a quiet host and with
-//! one busy process.
+//! Serving figures: scale to zero (a wake from sleep and a cold boot on demand against the same
+//! request with the VM running) and the demo's controller figures under request load, on a
+//! quiet host and with one busy process.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -12,6 +12,8 @@ use super::{BenchError, BenchOptions, BenchReport};
 
 /// Samples per on-demand figure.
 const SAMPLES: usize = 20;
+/// Wakes from sleep measured (p50 and p99).
+const WAKES: usize = 50;
 /// The on-demand VM's idle shutdown in the benchmark.
 const IDLE: Duration = Duration::from_millis(100);
 /// How long the benchmark waits after a cold sample for the VM to have stopped (the idle
@@ -37,30 +39,67 @@ fn first_byte_us(port: u16) -> Result<f64, BenchError> {
     Ok(us)
 }
 
-/// Adds `cold_start_us` and `warm_rtt_us` (medians of [`SAMPLES`]): an `http` VM with
-/// `--on-demand --idle-shutdown 100ms`; each cold sample comes after the VM stopped for being
-/// idle (the run's summary must count one cold start per cold sample), each warm one while a
-/// held connection keeps the VM running.
+/// Adds the on-demand figures of an `http` VM with `--idle-shutdown 100ms`, each sample after
+/// the VM went for being idle:
+/// * `--on-demand=boot`: `cold_start_us` and `warm_rtt_us` (medians of [`SAMPLES`]; the run's
+///   summary must count one cold start per cold sample), `cold_start_boot_us`; each warm
+///   sample while a held connection keeps the VM running.
+/// * `--on-demand` (resume): `wake_us` and `wake_us_p99` over [`WAKES`] wakes (connect → first
+///   byte; the summary must count one wake per sample), `wake_rebuild_us` (client seen → VM
+///   rebuilt, from the summary), `sleeping_rss_kib` (the shim's RSS while its VM sleeps).
 pub(crate) fn add_on_demand(
     opts: &BenchOptions,
     dir: &std::path::Path,
     report: &mut BenchReport,
 ) -> Result<(), BenchError> {
+    add_cold_starts(opts, dir, report)?;
+    add_wakes(opts, dir, report)
+}
+
+/// An on-demand http shim (killed when dropped, after an early error return).
+struct OnDemandShim {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for OnDemandShim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl OnDemandShim {
+    /// Ends it as Ctrl-C does and reads its summary.
+    fn end(mut self, summary: &std::path::Path) -> Result<serde_json::Value, BenchError> {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(summary).map_err(|e| BenchError::Summary(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| BenchError::Summary(e.to_string()))
+    }
+}
+
+/// Starts an on-demand http shim (`on_demand`: the flag with its mode) and waits until it
+/// waits for clients.
+fn start_on_demand(
+    opts: &BenchOptions,
+    on_demand: &str,
+    summary: &std::path::Path,
+) -> Result<OnDemandShim, BenchError> {
     let port = free_port()?;
-    let summary = dir.join("on-demand.json");
-    let mut child = Command::new(&opts.shim)
-        .args(["run", "--app", "http", "--publish", &format!("127.0.0.1:{port}:80"), "--on-demand"])
+    let child = Command::new(&opts.shim)
+        .args(["run", "--app", "http", "--publish", &format!("127.0.0.1:{port}:80"), on_demand])
         .args(["--idle-shutdown", &format!("{}ms", IDLE.as_millis()), "--timeout", "600", "--log", "warn"])
         .arg("--kernel")
         .arg(&opts.kernel)
         .arg("--summary")
-        .arg(&summary)
+        .arg(summary)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| BenchError::Spawn(opts.shim.clone(), e))?;
-    let guard = KillOnDrop(&mut child);
-    let err = guard.0.stderr.take().ok_or_else(|| BenchError::Summary("no stderr".into()))?;
+    let mut shim = OnDemandShim { child, port };
+    let err = shim.child.stderr.take().ok_or_else(|| BenchError::Summary("no stderr".into()))?;
     let mut lines = BufReader::new(err).lines();
     loop {
         match lines.next() {
@@ -70,6 +109,54 @@ pub(crate) fn add_on_demand(
         }
     }
     std::thread::spawn(move || for _ in lines {});
+    Ok(shim)
+}
+
+/// A process's resident set (KiB).
+fn rss_kib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// The wake figures (see [`add_on_demand`]).
+fn add_wakes(opts: &BenchOptions, dir: &std::path::Path, report: &mut BenchReport) -> Result<(), BenchError> {
+    let summary = dir.join("on-demand-resume.json");
+    let shim = start_on_demand(opts, "--on-demand", &summary)?;
+    // The first client boots the VM; every later one wakes it.
+    first_byte_us(shim.port)?;
+    std::thread::sleep(IDLE + SETTLE);
+    let mut wakes = Vec::new();
+    let mut rss = Vec::new();
+    for _ in 0..WAKES {
+        rss.extend(rss_kib(shim.child.id()));
+        wakes.push(first_byte_us(shim.port)?);
+        std::thread::sleep(IDLE + SETTLE);
+    }
+    let s = shim.end(&summary)?;
+    let counted = s["on_demand"]["wakes"].as_u64().unwrap_or(0);
+    if counted != WAKES as u64 {
+        return Err(BenchError::Summary(format!(
+            "expected {WAKES} wakes (one per sample), the shim counted {counted} (cold starts: {})",
+            s["on_demand"]["cold_starts"]
+        )));
+    }
+    let mut sorted = wakes.clone();
+    sorted.sort_by(f64::total_cmp);
+    let p99 = sorted[(sorted.len() * 99).div_ceil(100).saturating_sub(1)];
+    report.add("wake_us", wakes, 1.0);
+    report.add("wake_us_p99", vec![p99], 1.0);
+    if let Some(w) = s["on_demand"]["wake_us"].as_array() {
+        report.add("wake_rebuild_us", w.iter().filter_map(|v| v.as_f64()).collect(), 1.0);
+    }
+    report.add("sleeping_rss_kib", rss, 1.0);
+    Ok(())
+}
+
+/// The cold-start figures (see [`add_on_demand`]).
+fn add_cold_starts(opts: &BenchOptions, dir: &std::path::Path, report: &mut BenchReport) -> Result<(), BenchError> {
+    let summary = dir.join("on-demand.json");
+    let shim = start_on_demand(opts, "--on-demand=boot", &summary)?;
+    let port = shim.port;
     let mut cold = Vec::new();
     for _ in 0..SAMPLES {
         cold.push(first_byte_us(port)?);
@@ -86,11 +173,7 @@ pub(crate) fn add_on_demand(
         warm.push(first_byte_us(port)?);
     }
     drop(holder);
-    let _ = Command::new("kill").args(["-INT", &guard.0.id().to_string()]).status();
-    let _ = guard.0.wait();
-    drop(guard);
-    let text = std::fs::read_to_string(&summary).map_err(|e| BenchError::Summary(e.to_string()))?;
-    let s: serde_json::Value = serde_json::from_str(&text).map_err(|e| BenchError::Summary(e.to_string()))?;
+    let s = shim.end(&summary)?;
     let starts = s["on_demand"]["cold_starts"].as_u64().unwrap_or(0);
     if starts != SAMPLES as u64 + 1 {
         return Err(BenchError::Summary(format!(
@@ -104,16 +187,6 @@ pub(crate) fn add_on_demand(
         report.add("cold_start_boot_us", boot.iter().filter_map(|v| v.as_f64()).collect(), 1.0);
     }
     Ok(())
-}
-
-/// Kills the child when dropped (an early error return).
-struct KillOnDrop<'a>(&'a mut std::process::Child);
-
-impl Drop for KillOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Runs the demo once (quietly) and adds its controller figures: `demo_spike_reaction_ms`,
