@@ -194,11 +194,23 @@ fn stand_in(config: &VmConfig, started: Instant, cold_starts: u64, interrupted: 
     })
 }
 
+/// What a VM of `slot` is built with, its events going to `events`.
+fn host_for<'h>(slot: &Slot<'h>, events: crate::vmm::shared::EventSink) -> Host<'h> {
+    Host {
+        kvm: slot.kvm,
+        started: slot.started,
+        timeline: Arc::clone(&slot.timeline),
+        pool: slot.pool,
+        console: (slot.console)(),
+        events,
+    }
+}
+
 /// Resumes the VM asleep in `dir` for a waiting client (a `wake` line in the timeline). When
 /// the snapshot cannot be used (it no longer matches the kernel file, the pool has no room for
 /// what it held...), says why and hands `host` and `endpoints` back: the caller boots afresh.
 fn wake<'h>(
-    slot: &Slot<'_>,
+    slot: &Slot<'h>,
     cycle: &VmConfig,
     dir: &std::path::Path,
     host: Host<'h>,
@@ -225,14 +237,7 @@ fn wake<'h>(
         Ok(c) => c,
         Err(_) => return Err((host, endpoints)),
     };
-    let retry = Host {
-        kvm: host.kvm,
-        started: host.started,
-        timeline: Arc::clone(&host.timeline),
-        pool: host.pool,
-        console: (slot.console)(),
-        events: host.events.clone(),
-    };
+    let retry = host_for(slot, host.events.clone());
     match restore(cycle, &loaded.state, RestoreMemory::File(loaded.memory), Arc::clone(&slot.image), host, copies) {
         Ok(vm) => {
             figures.wakes += 1;
@@ -324,14 +329,7 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
         cycle.lifecycle.timeout =
             deadline.map(|d| d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
         let owner = Owner::new();
-        let host = Host {
-            kvm: slot.kvm,
-            started: slot.started,
-            timeline: Arc::clone(&slot.timeline),
-            pool: slot.pool,
-            console: (slot.console)(),
-            events: owner.sink(),
-        };
+        let host = host_for(&slot, owner.sink());
         let woken = match sleep_dir.as_ref().filter(|_| std::mem::take(&mut asleep)) {
             Some(dir) => wake(&slot, &cycle, &dir.0, host, endpoints, &mut figures, seen_at),
             None => Err((host, endpoints)),
