@@ -354,7 +354,14 @@ fn a_sleeping_on_demand_vm_stays_visible_and_ctl_stop_ends_it() {
         assert!(Instant::now() < deadline, "the VM never went back to sleep");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(c.json(&["get", "vm0"])["on_demand"]["cold_starts"], 1);
+    let get = c.json(&["get", "vm0"]);
+    assert_eq!(get["on_demand"]["cold_starts"], 1, "{get}");
+    // It went to sleep with its state: the next client resumes it.
+    assert_eq!(
+        (get["on_demand"]["sleeps"].as_u64(), get["on_demand"]["next"].as_str()),
+        (Some(1), Some("resume")),
+        "{get}"
+    );
     // `ctl stop` ends the sleeping slot as Ctrl-C does (0: no VM was running).
     assert_eq!(c.finish(), Some(0));
 }

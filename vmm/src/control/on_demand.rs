@@ -140,9 +140,18 @@ fn wait_for_client(endpoints: &[Bound], interrupted: &EventFd, deadline: Option<
 }
 
 /// What the control API sees of an on-demand VM while no VM runs (between clients): `list`,
-/// `get` and `metrics` show it as `sleeping` with nothing held; `stop` ends the slot as Ctrl-C
-/// does; what needs a running VM (pause, policy, snapshot, migrate) is refused with 409.
-fn stand_in(config: &VmConfig, started: Instant, cold_starts: u64, interrupted: Arc<EventFd>) -> StandIn {
+/// `get` and `metrics` show it as `sleeping` with nothing held (`get` adds the slot's cold
+/// starts, sleeps and wakes, and whether a sleeping VM waits to be resumed); `stop` ends the
+/// slot as Ctrl-C does; what needs a running VM (pause, policy, snapshot, migrate) is refused
+/// with 409.
+fn stand_in(
+    config: &VmConfig,
+    started: Instant,
+    figures: &OnDemandFigures,
+    resumable: bool,
+    interrupted: Arc<EventFd>,
+) -> StandIn {
+    let (cold_starts, sleeps, wakes) = (figures.cold_starts, figures.sleeps, figures.wakes);
     let (name, app) = (config.name().to_string(), config.guest.app.clone());
     let (v, m) = (config.resources.vcpus, config.resources.memory);
     Arc::new(move |request| {
@@ -156,7 +165,10 @@ fn stand_in(config: &VmConfig, started: Instant, cold_starts: u64, interrupted: 
                 "name": name, "app": app, "state": "sleeping",
                 "vcpus": { "min": v.min, "max": v.max, "burst": v.burst, "final": 0 },
                 "memory_bytes": { "min": m.min, "max": m.max, "burst": m.burst, "final": 0 },
-                "on_demand": { "cold_starts": cold_starts },
+                "on_demand": {
+                    "cold_starts": cold_starts, "sleeps": sleeps, "wakes": wakes,
+                    "next": if resumable { "resume" } else { "boot" },
+                },
                 "uptime_us": uptime.as_micros() as u64,
             })),
             ControlRequest::Metrics => {
@@ -302,7 +314,7 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
             }
             let _sleeping = slot.ctx.registry.register_sleeping(
                 config.name(),
-                stand_in(config, slot.started, figures.cold_starts, Arc::clone(&interrupted)),
+                stand_in(config, slot.started, &figures, asleep, Arc::clone(&interrupted)),
             );
             match wait_for_client(&slot.endpoints, &interrupted, deadline) {
                 Waited::Client => {}

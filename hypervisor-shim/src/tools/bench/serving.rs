@@ -20,21 +20,58 @@ const IDLE: Duration = Duration::from_millis(100);
 /// time plus the guest's stop, with room).
 const SETTLE: Duration = Duration::from_millis(400);
 
-/// Connect, send `GET /` and wait for the first byte of the answer: µs. Then reads the rest.
-fn first_byte_us(port: u16) -> Result<f64, BenchError> {
+/// The service an on-demand figure is measured on, and its one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// http, `GET /` (closing the connection): `HTTP/1.1 200`.
+    Http,
+    /// kv, `PING`: `+PONG`.
+    Kv,
+}
+
+impl Probe {
+    fn app(self) -> &'static str {
+        match self {
+            Probe::Http => "http",
+            Probe::Kv => "kv",
+        }
+    }
+
+    fn guest_port(self) -> u16 {
+        match self {
+            Probe::Http => 80,
+            Probe::Kv => 6379,
+        }
+    }
+}
+
+/// Connect, send the probe's request and wait for the first byte of the answer: µs. Then reads
+/// the rest of the answer and checks it.
+fn first_byte_us(port: u16, probe: Probe) -> Result<f64, BenchError> {
     let io = |e: std::io::Error| BenchError::Summary(format!("on-demand request: {e}"));
     let t = Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(io)?;
     s.set_nodelay(true).map_err(io)?;
     s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").map_err(io)?;
-    let mut first = [0u8; 1];
-    s.read_exact(&mut first).map_err(io)?;
+    let (request, answer): (&[u8], &[u8]) = match probe {
+        Probe::Http => (b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n", b"HTTP/1.1 200"),
+        Probe::Kv => (b"PING\r\n", b"+PONG\r\n"),
+    };
+    s.write_all(request).map_err(io)?;
+    let mut got = vec![0u8; answer.len()];
+    s.read_exact(&mut got[..1]).map_err(io)?;
     let us = t.elapsed().as_secs_f64() * 1e6;
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).map_err(io)?;
-    if first[0] != b'H' || !rest.starts_with(b"TTP/1.1 200") {
-        return Err(BenchError::Summary("the on-demand service answered something other than 200".into()));
+    s.read_exact(&mut got[1..]).map_err(io)?;
+    if got != answer {
+        return Err(BenchError::Summary(format!(
+            "the on-demand {} service answered {:?}",
+            probe.app(),
+            String::from_utf8_lossy(&got)
+        )));
+    }
+    if probe == Probe::Http {
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).map_err(io)?;
     }
     Ok(us)
 }
@@ -46,14 +83,16 @@ fn first_byte_us(port: u16) -> Result<f64, BenchError> {
 ///   sample while a held connection keeps the VM running.
 /// * `--on-demand` (resume): `wake_us` and `wake_us_p99` over [`WAKES`] wakes (connect → first
 ///   byte; the summary must count one wake per sample), `wake_rebuild_us` (client seen → VM
-///   rebuilt, from the summary), `sleeping_rss_kib` (the shim's RSS while its VM sleeps).
+///   rebuilt, from the summary), `sleeping_rss_kib` (the shim's RSS while its VM sleeps); the
+///   same for kv with `PING`: `kv_wake_us` and `kv_wake_us_p99`.
 pub(crate) fn add_on_demand(
     opts: &BenchOptions,
     dir: &std::path::Path,
     report: &mut BenchReport,
 ) -> Result<(), BenchError> {
     add_cold_starts(opts, dir, report)?;
-    add_wakes(opts, dir, report)
+    add_wakes(opts, dir, report, Probe::Http)?;
+    add_wakes(opts, dir, report, Probe::Kv)
 }
 
 /// An on-demand http shim (killed when dropped, after an early error return).
@@ -83,12 +122,14 @@ impl OnDemandShim {
 /// waits for clients.
 fn start_on_demand(
     opts: &BenchOptions,
+    probe: Probe,
     on_demand: &str,
     summary: &std::path::Path,
 ) -> Result<OnDemandShim, BenchError> {
     let port = free_port()?;
+    let publish = format!("127.0.0.1:{port}:{}", probe.guest_port());
     let child = Command::new(&opts.shim)
-        .args(["run", "--app", "http", "--publish", &format!("127.0.0.1:{port}:80"), on_demand])
+        .args(["run", "--app", probe.app(), "--publish", &publish, on_demand])
         .args(["--idle-shutdown", &format!("{}ms", IDLE.as_millis()), "--timeout", "600", "--log", "warn"])
         .arg("--kernel")
         .arg(&opts.kernel)
@@ -118,18 +159,23 @@ fn rss_kib(pid: u32) -> Option<f64> {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
-/// The wake figures (see [`add_on_demand`]).
-fn add_wakes(opts: &BenchOptions, dir: &std::path::Path, report: &mut BenchReport) -> Result<(), BenchError> {
-    let summary = dir.join("on-demand-resume.json");
-    let shim = start_on_demand(opts, "--on-demand", &summary)?;
+/// The wake figures of `probe`'s service (see [`add_on_demand`]; kv's keys start `kv_`).
+fn add_wakes(
+    opts: &BenchOptions,
+    dir: &std::path::Path,
+    report: &mut BenchReport,
+    probe: Probe,
+) -> Result<(), BenchError> {
+    let summary = dir.join(format!("on-demand-resume-{}.json", probe.app()));
+    let shim = start_on_demand(opts, probe, "--on-demand", &summary)?;
     // The first client boots the VM; every later one wakes it.
-    first_byte_us(shim.port)?;
+    first_byte_us(shim.port, probe)?;
     std::thread::sleep(IDLE + SETTLE);
     let mut wakes = Vec::new();
     let mut rss = Vec::new();
     for _ in 0..WAKES {
         rss.extend(rss_kib(shim.child.id()));
-        wakes.push(first_byte_us(shim.port)?);
+        wakes.push(first_byte_us(shim.port, probe)?);
         std::thread::sleep(IDLE + SETTLE);
     }
     let s = shim.end(&summary)?;
@@ -143,6 +189,11 @@ fn add_wakes(opts: &BenchOptions, dir: &std::path::Path, report: &mut BenchRepor
     let mut sorted = wakes.clone();
     sorted.sort_by(f64::total_cmp);
     let p99 = sorted[(sorted.len() * 99).div_ceil(100).saturating_sub(1)];
+    if probe == Probe::Kv {
+        report.add("kv_wake_us", wakes, 1.0);
+        report.add("kv_wake_us_p99", vec![p99], 1.0);
+        return Ok(());
+    }
     report.add("wake_us", wakes, 1.0);
     report.add("wake_us_p99", vec![p99], 1.0);
     if let Some(w) = s["on_demand"]["wake_us"].as_array() {
@@ -155,11 +206,11 @@ fn add_wakes(opts: &BenchOptions, dir: &std::path::Path, report: &mut BenchRepor
 /// The cold-start figures (see [`add_on_demand`]).
 fn add_cold_starts(opts: &BenchOptions, dir: &std::path::Path, report: &mut BenchReport) -> Result<(), BenchError> {
     let summary = dir.join("on-demand.json");
-    let shim = start_on_demand(opts, "--on-demand=boot", &summary)?;
+    let shim = start_on_demand(opts, Probe::Http, "--on-demand=boot", &summary)?;
     let port = shim.port;
     let mut cold = Vec::new();
     for _ in 0..SAMPLES {
-        cold.push(first_byte_us(port)?);
+        cold.push(first_byte_us(port, Probe::Http)?);
         std::thread::sleep(IDLE + SETTLE);
     }
     // Warm: a held connection keeps the VM up (it boots once more for it).
@@ -170,7 +221,7 @@ fn add_cold_starts(opts: &BenchOptions, dir: &std::path::Path, report: &mut Benc
     let mut warm = Vec::new();
     for _ in 0..SAMPLES {
         std::thread::sleep(Duration::from_millis(20));
-        warm.push(first_byte_us(port)?);
+        warm.push(first_byte_us(port, Probe::Http)?);
     }
     drop(holder);
     let s = shim.end(&summary)?;
