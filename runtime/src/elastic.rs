@@ -183,10 +183,10 @@ impl Window {
         Window { since_ns: now, base_ns, changes }
     }
 
-    /// A window from `now`, reading the counter with `read`.
-    fn start(now: u64, read: fn(u64) -> u64) -> Window {
-        let changes = smp::online_changes();
-        Window::from(now, changes, read(now))
+    /// An idle-time window from the step's readings.
+    fn start(r: &mut Readings) -> Window {
+        let (changes, idle) = r.idle();
+        Window::from(r.now, changes, idle)
     }
 
     fn is_open(&self) -> bool {
@@ -200,6 +200,31 @@ impl Window {
 
     fn spans_change(&self) -> bool {
         smp::online_changes() != self.changes
+    }
+}
+
+/// What one controller step reads of the vCPUs, each at most once ([`smp::idle_ns`] walks
+/// every slot and its steal record): the step's time, and the online-change count read just
+/// before the idle time (see [`Window::from`]).
+struct Readings {
+    now: u64,
+    idle: Option<(u64, u64)>,
+}
+
+impl Readings {
+    fn new(now: u64) -> Readings {
+        Readings { now, idle: None }
+    }
+
+    /// ([`smp::online_changes`], [`smp::idle_ns`]) at the step's time.
+    fn idle(&mut self) -> (u64, u64) {
+        let now = self.now;
+        *self.idle.get_or_insert_with(|| (smp::online_changes(), smp::idle_ns(now)))
+    }
+
+    /// The vCPUs changed (an up): read again when next asked.
+    fn invalidate(&mut self) {
+        self.idle = None;
     }
 }
 
@@ -499,33 +524,34 @@ pub fn on_boundary(_slot: &'static PerCpu) {
     let reclaiming = vcpu_target().is_some_and(|t| online as usize >= t);
     let may_ask = AUTO.load(Ordering::Acquire) && !reclaiming;
     let pressured = runnable > 0 && runnable * 100 > t.up_load_pct * online;
+    let mut r = Readings::new(now);
     if may_ask && pressured {
         let w = st.pressure;
         if !w.is_open() {
-            st.pressure = Window::start(now, smp::idle_ns);
+            st.pressure = Window::start(&mut r);
         } else if w.len_ns(now) >= t.up_ns && now >= st.deny_until_ns.max(st.hold_until_ns) {
-            let idle = smp::idle_ns(now).saturating_sub(w.base_ns);
+            let idle = r.idle().1.saturating_sub(w.base_ns);
             if w.spans_change() || !busy_enough(w.len_ns(now), online, idle, t.up_busy_pct) {
                 // Bursts the vCPUs online cleared between idle spells (or the window spans a
                 // change of vCPUs, which its figures do not tell apart): watch a new window.
-                st.pressure = Window::start(now, smp::idle_ns);
+                st.pressure = Window::start(&mut r);
             } else {
-                try_up(&mut st, t, now);
+                try_up(&mut st, t, &mut r);
             }
         }
     } else {
         st.pressure = Window::NONE;
     }
-    let sat = saturation_step(&mut st, t, now, online, pressured);
+    let sat = saturation_step(&mut st, t, &mut r, online, pressured);
     let asks = match sat {
         Saturation::No => false,
         Saturation::Now => now >= st.deny_until_ns.max(st.hold_until_ns),
         Saturation::Lasting => now >= st.deny_until_ns,
     };
     if may_ask && asks {
-        try_up(&mut st, t, now);
+        try_up(&mut st, t, &mut r);
     }
-    shed_step(&mut st, t, now, online);
+    shed_step(&mut st, t, &mut r, online);
     memory_step(&mut st, t, now);
     let since = now - st.last_report_ns;
     let changed = since >= MIN_REPORT_GAP_NS && CHANGED.swap(false, Ordering::AcqRel);
@@ -537,14 +563,15 @@ pub fn on_boundary(_slot: &'static PerCpu) {
 }
 
 /// Asks for one more vCPU; a DENIED holds the next ask back `deny_backoff_ns`.
-fn try_up(st: &mut ControllerState, t: &Tuning, now: u64) {
+fn try_up(st: &mut ControllerState, t: &Tuning, r: &mut Readings) {
     match up() {
         Ok(_) => {
             SHED.store(0, Ordering::Release);
-            st.last_up_ns = now;
-            st.pressure = Window::start(now, smp::idle_ns);
+            st.last_up_ns = r.now;
+            r.invalidate();
+            st.pressure = Window::start(r);
         }
-        Err(_) => st.deny_until_ns = now + t.deny_backoff_ns,
+        Err(_) => st.deny_until_ns = r.now + t.deny_backoff_ns,
     }
 }
 
@@ -558,10 +585,11 @@ fn try_up(st: &mut ControllerState, t: &Tuning, now: u64) {
 /// Saturation that lasts [`SATURATED_OVERRIDES_HOLD_NS`] (window after window, at this count
 /// of vCPUs) asks even while a shed's hold runs: the shed saw two vCPUs that did not pay over
 /// 20 ms, this is one that has not kept up for much longer.
-fn saturation_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64, pressured: bool) -> Saturation {
+fn saturation_step(st: &mut ControllerState, t: &Tuning, r: &mut Readings, online: u64, pressured: bool) -> Saturation {
+    let now = r.now;
     let w = st.saturation;
     if !w.is_open() || w.spans_change() {
-        st.saturation = Window::start(now, smp::idle_ns);
+        st.saturation = Window::start(r);
         st.saturated_since_ns = 0;
         return Saturation::No;
     }
@@ -569,8 +597,8 @@ fn saturation_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64, 
     if len < t.up_ns.saturating_mul(2) {
         return Saturation::No;
     }
-    let idle = smp::idle_ns(now).saturating_sub(w.base_ns);
-    st.saturation = Window::start(now, smp::idle_ns);
+    let idle = r.idle().1.saturating_sub(w.base_ns);
+    st.saturation = Window::start(r);
     let busy = t.up_sat_pct > 0 && busy_enough(len, online, idle, t.up_sat_pct);
     saturation_verdict(&mut st.saturated_since_ns, w.since_ns, now, busy, pressured)
 }
@@ -611,22 +639,24 @@ enum Saturation {
 /// The up test reads idle time only: a vCPU that waits for a host CPU still has work queued,
 /// and on a host shared with CPU-bound neighbours one more vCPU is one more share of the
 /// host's CPUs. Whether it paid is what this test sees afterwards.
-fn shed_step(st: &mut ControllerState, t: &Tuning, now: u64, online: u64) {
+fn shed_step(st: &mut ControllerState, t: &Tuning, r: &mut Readings, online: u64) {
+    let now = r.now;
     let w = st.load;
     let changes = smp::online_changes();
     if !w.is_open() || changes != w.changes {
         // First look, or the vCPUs changed: a new window.
-        st.load_idle_base_ns = smp::idle_ns(now);
-        st.load = Window::from(now, changes, unbusy_ns(now));
+        let idle_now = r.idle().1;
+        st.load_idle_base_ns = idle_now;
+        st.load = Window::from(now, changes, unbusy_ns(idle_now));
         return;
     }
     let window = w.len_ns(now);
     if window < t.down_ns {
         return;
     }
-    let idle_now = smp::idle_ns(now);
+    let idle_now = r.idle().1;
     let idle = idle_now.saturating_sub(st.load_idle_base_ns);
-    let unbusy_now = unbusy_ns(now);
+    let unbusy_now = unbusy_ns(idle_now);
     let unbusy = unbusy_now.saturating_sub(w.base_ns);
     st.load_idle_base_ns = idle_now;
     st.load = Window::from(now, changes, unbusy_now);
@@ -670,10 +700,10 @@ fn fits_on_fewer(window_ns: u64, online: u64, unbusy_ns: u64, busy_pct: u64) -> 
     work * 100 < fewer * u128::from(busy_pct)
 }
 
-/// Time the vCPUs did not spend running work, until `now` (ns): their idle time plus what the
-/// host stole (waiting for a host CPU is not being busy; see [`crate::steal`]).
-fn unbusy_ns(now: u64) -> u64 {
-    smp::idle_ns(now).saturating_add(steal::total_ns())
+/// Time the vCPUs did not spend running work until now (ns): their idle time `idle_ns` plus
+/// what the host stole (waiting for a host CPU is not being busy; see [`crate::steal`]).
+fn unbusy_ns(idle_ns: u64) -> u64 {
+    idle_ns.saturating_add(steal::total_ns())
 }
 
 /// Whether `online` vCPUs, idle for `idle_ns` in all during a window of `window_ns`, were

@@ -201,9 +201,10 @@ pub fn set_busy(slot: &'static PerCpu) {
     // idle spell is counted before the state says busy, so `idle_ns` never loses it.
     if matches!(slot.state.load(Ordering::Acquire), state::IDLE | state::WAKING) {
         let now = time::now_ns();
-        IDLE_NS.fetch_add(idle_spell_ns(slot, now), Ordering::Relaxed);
+        let stolen = steal::of(slot.vcpu_id.load(Ordering::Relaxed));
+        IDLE_NS.fetch_add(spell_ns(slot, now, stolen), Ordering::Relaxed);
         slot.idle_since_ns.store(now, Ordering::Release);
-        slot.steal_at_idle_ns.store(steal::of(slot.vcpu_id.load(Ordering::Relaxed)), Ordering::Release);
+        slot.steal_at_idle_ns.store(stolen, Ordering::Release);
     }
     let prev = slot.state.swap(state::BUSY, Ordering::AcqRel);
     if prev == state::IDLE || prev == state::WAKING {
@@ -215,10 +216,13 @@ pub fn set_busy(slot: &'static PerCpu) {
 /// thread waited for a host CPU meanwhile (kicked, or preempted while spinning) is steal
 /// time, and the controller counts steal apart (see `crate::elastic`).
 fn idle_spell_ns(slot: &PerCpu, now: u64) -> u64 {
+    spell_ns(slot, now, steal::of(slot.vcpu_id.load(Ordering::Relaxed)))
+}
+
+/// [`idle_spell_ns`] with the vCPU's steal time `steal_now` already read.
+fn spell_ns(slot: &PerCpu, now: u64, steal_now: u64) -> u64 {
     let spell = now.saturating_sub(slot.idle_since_ns.load(Ordering::Acquire));
-    let stolen =
-        steal::of(slot.vcpu_id.load(Ordering::Relaxed)).saturating_sub(slot.steal_at_idle_ns.load(Ordering::Acquire));
-    spell.saturating_sub(stolen)
+    spell.saturating_sub(steal_now.saturating_sub(slot.steal_at_idle_ns.load(Ordering::Acquire)))
 }
 
 /// Idle time of all vCPUs until `now` (ns; spinning before a BLOCK counts as idle, time

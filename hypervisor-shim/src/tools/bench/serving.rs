@@ -2,12 +2,12 @@
 //! request with the VM running) and the demo's controller figures under request load, on a
 //! quiet host and with one busy process.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::host::{BusyProcess, free_port};
+use super::host::BusyProcess;
+use super::vm::ServiceRun;
 use super::{BenchError, BenchOptions, BenchReport};
 
 /// Samples per on-demand figure.
@@ -37,7 +37,7 @@ impl Probe {
         }
     }
 
-    fn guest_port(self) -> u16 {
+    fn guest_port(self) -> u32 {
         match self {
             Probe::Http => 80,
             Probe::Kv => 6379,
@@ -95,62 +95,17 @@ pub(crate) fn add_on_demand(
     add_wakes(opts, dir, report, Probe::Kv)
 }
 
-/// An on-demand http shim (killed when dropped, after an early error return).
-struct OnDemandShim {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Drop for OnDemandShim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl OnDemandShim {
-    /// Ends it as Ctrl-C does and reads its summary.
-    fn end(mut self, summary: &std::path::Path) -> Result<serde_json::Value, BenchError> {
-        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-        let text = std::fs::read_to_string(summary).map_err(|e| BenchError::Summary(e.to_string()))?;
-        serde_json::from_str(&text).map_err(|e| BenchError::Summary(e.to_string()))
-    }
-}
-
-/// Starts an on-demand http shim (`on_demand`: the flag with its mode) and waits until it
-/// waits for clients.
+/// Starts an on-demand shim for `probe`'s service (`on_demand`: the flag with its mode) and
+/// waits until it waits for clients.
 fn start_on_demand(
     opts: &BenchOptions,
+    dir: &std::path::Path,
     probe: Probe,
     on_demand: &str,
-    summary: &std::path::Path,
-) -> Result<OnDemandShim, BenchError> {
-    let port = free_port()?;
-    let publish = format!("127.0.0.1:{port}:{}", probe.guest_port());
-    let child = Command::new(&opts.shim)
-        .args(["run", "--app", probe.app(), "--publish", &publish, on_demand])
-        .args(["--idle-shutdown", &format!("{}ms", IDLE.as_millis()), "--timeout", "600", "--log", "warn"])
-        .arg("--kernel")
-        .arg(&opts.kernel)
-        .arg("--summary")
-        .arg(summary)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| BenchError::Spawn(opts.shim.clone(), e))?;
-    let mut shim = OnDemandShim { child, port };
-    let err = shim.child.stderr.take().ok_or_else(|| BenchError::Summary("no stderr".into()))?;
-    let mut lines = BufReader::new(err).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("on demand, no VM running") => break,
-            Some(Ok(_)) => {}
-            _ => return Err(BenchError::Summary("the on-demand shim did not start waiting for clients".into())),
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Ok(shim)
+) -> Result<ServiceRun, BenchError> {
+    let idle = format!("{}ms", IDLE.as_millis());
+    let extra = [on_demand, "--idle-shutdown", idle.as_str(), "--log", "warn"];
+    ServiceRun::start_on_demand(opts, probe.app(), probe.guest_port(), &extra, dir)
 }
 
 /// A process's resident set (KiB).
@@ -166,19 +121,18 @@ fn add_wakes(
     report: &mut BenchReport,
     probe: Probe,
 ) -> Result<(), BenchError> {
-    let summary = dir.join(format!("on-demand-resume-{}.json", probe.app()));
-    let shim = start_on_demand(opts, probe, "--on-demand", &summary)?;
+    let shim = start_on_demand(opts, dir, probe, "--on-demand")?;
     // The first client boots the VM; every later one wakes it.
     first_byte_us(shim.port, probe)?;
     std::thread::sleep(IDLE + SETTLE);
     let mut wakes = Vec::new();
     let mut rss = Vec::new();
     for _ in 0..WAKES {
-        rss.extend(rss_kib(shim.child.id()));
+        rss.extend(rss_kib(shim.pid()));
         wakes.push(first_byte_us(shim.port, probe)?);
         std::thread::sleep(IDLE + SETTLE);
     }
-    let s = shim.end(&summary)?;
+    let s = shim.stop()?;
     let counted = s["on_demand"]["wakes"].as_u64().unwrap_or(0);
     if counted != WAKES as u64 {
         return Err(BenchError::Summary(format!(
@@ -205,8 +159,7 @@ fn add_wakes(
 
 /// The cold-start figures (see [`add_on_demand`]).
 fn add_cold_starts(opts: &BenchOptions, dir: &std::path::Path, report: &mut BenchReport) -> Result<(), BenchError> {
-    let summary = dir.join("on-demand.json");
-    let shim = start_on_demand(opts, Probe::Http, "--on-demand=boot", &summary)?;
+    let shim = start_on_demand(opts, dir, Probe::Http, "--on-demand=boot")?;
     let port = shim.port;
     let mut cold = Vec::new();
     for _ in 0..SAMPLES {
@@ -224,7 +177,7 @@ fn add_cold_starts(opts: &BenchOptions, dir: &std::path::Path, report: &mut Benc
         warm.push(first_byte_us(port, Probe::Http)?);
     }
     drop(holder);
-    let s = shim.end(&summary)?;
+    let s = shim.stop()?;
     let starts = s["on_demand"]["cold_starts"].as_u64().unwrap_or(0);
     if starts != SAMPLES as u64 + 1 {
         return Err(BenchError::Summary(format!(

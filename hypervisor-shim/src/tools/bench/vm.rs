@@ -24,9 +24,48 @@ impl ServiceRun {
         extra: &[&str],
         dir: &std::path::Path,
     ) -> Result<ServiceRun, BenchError> {
+        let mut run = ServiceRun::spawn(opts, app, guest_port, extra, dir, Stdio::piped(), Stdio::null())?;
+        crate::tools::child::wait_until_listening(&mut run.child, Duration::from_secs(30))
+            .map_err(|e| BenchError::Summary(format!("{app}: {e}")))?;
+        Ok(run)
+    }
+
+    /// Starts `run --app APP --publish PORT:GUEST_PORT EXTRA...` for an on-demand VM (EXTRA
+    /// holds `--on-demand[=MODE]`) and waits until the shim waits for its first client.
+    pub(crate) fn start_on_demand(
+        opts: &BenchOptions,
+        app: &str,
+        guest_port: u32,
+        extra: &[&str],
+        dir: &std::path::Path,
+    ) -> Result<ServiceRun, BenchError> {
+        use std::io::BufRead;
+        let mut run = ServiceRun::spawn(opts, app, guest_port, extra, dir, Stdio::null(), Stdio::piped())?;
+        let err = run.child.stderr.take().ok_or_else(|| BenchError::Summary("no stderr".into()))?;
+        let mut lines = std::io::BufReader::new(err).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("on demand, no VM running") => break,
+                Some(Ok(_)) => {}
+                _ => return Err(BenchError::Summary(format!("{app}: the on-demand shim did not wait for clients"))),
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Ok(run)
+    }
+
+    fn spawn(
+        opts: &BenchOptions,
+        app: &str,
+        guest_port: u32,
+        extra: &[&str],
+        dir: &std::path::Path,
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<ServiceRun, BenchError> {
         let port = free_port()?;
         let summary = dir.join(format!("{app}-{port}.json"));
-        let mut child = Command::new(&opts.shim)
+        let child = Command::new(&opts.shim)
             .args(["run", "--app", app, "--publish", &format!("127.0.0.1:{port}:{guest_port}")])
             .args(extra)
             .arg("--kernel")
@@ -34,12 +73,10 @@ impl ServiceRun {
             .arg("--summary")
             .arg(&summary)
             .args(["--timeout", "600"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .map_err(|e| BenchError::Spawn(opts.shim.clone(), e))?;
-        crate::tools::child::wait_until_listening(&mut child, Duration::from_secs(30))
-            .map_err(|e| BenchError::Summary(format!("{app}: {e}")))?;
         Ok(ServiceRun { child, port, summary })
     }
 
