@@ -177,15 +177,22 @@ impl OnDemand {
     }
 
     /// SIGINT, wait; returns (exit code, timeline events, summary).
-    fn stop(mut self) -> (Option<i32>, Vec<String>, serde_json::Value) {
-        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
-        let status = self.child.wait().expect("wait");
-        let events = common::read_json_lines(&self.dir.join("timeline.jsonl"))
+    fn stop(self) -> (Option<i32>, Vec<String>, serde_json::Value) {
+        let (code, lines, summary) = self.stop_with_timeline();
+        let events = lines
             .into_iter()
             .filter_map(|l| l["event"].as_str().map(str::to_string))
             .filter(|e| e != "report" && e != "notice" && e != "credit")
             .collect();
-        (status.code(), events, read_json(&self.dir.join("summary.json")))
+        (code, events, summary)
+    }
+
+    /// SIGINT, wait; returns (exit code, timeline lines, summary).
+    fn stop_with_timeline(mut self) -> (Option<i32>, Vec<serde_json::Value>, serde_json::Value) {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let status = self.child.wait().expect("wait");
+        let lines = common::read_json_lines(&self.dir.join("timeline.jsonl"));
+        (status.code(), lines, read_json(&self.dir.join("summary.json")))
     }
 }
 
@@ -224,16 +231,99 @@ fn on_demand_sleeps_with_its_state_and_the_next_client_resumes_it() {
     assert_eq!(od.redis(&["incr", "n"]), "1");
     od.wait_until_no_vm();
     assert_eq!(od.redis(&["incr", "n"]), "2", "a second sleep and wake lost the counter");
-    let (code, events, summary) = od.stop();
-    assert_eq!(code, Some(5), "{events:?}");
-    let wake_lines: Vec<&str> =
-        events.iter().map(String::as_str).filter(|e| ["cold_start", "sleep", "wake"].contains(e)).collect();
-    assert_eq!(wake_lines, ["cold_start", "sleep", "wake", "sleep", "wake"], "{events:?}");
+    // The first boot took the service's template (before the first client's bytes reached
+    // the guest); each wake says its path and phases.
+    let (code, timeline, summary) = od.stop_with_timeline();
+    let path_of = |event: &str| -> Vec<String> {
+        timeline.iter().filter(|l| l["event"] == event).map(|l| l["path"].as_str().unwrap_or("?").to_string()).collect()
+    };
+    assert_eq!(path_of("cold_start"), ["boot"]);
+    assert_eq!(path_of("wake"), ["resume", "resume"]);
+    assert_eq!(timeline.iter().filter(|l| l["event"] == "template").count(), 1, "{timeline:?}");
+    assert_eq!(code, Some(5), "{timeline:?}");
+    let wake_lines: Vec<&str> = timeline
+        .iter()
+        .filter_map(|l| l["event"].as_str())
+        .filter(|e| ["cold_start", "sleep", "wake"].contains(e))
+        .collect();
+    assert_eq!(wake_lines, ["cold_start", "sleep", "wake", "sleep", "wake"], "{timeline:?}");
     let od_figures = &summary["on_demand"];
     assert_eq!(od_figures["cold_starts"], 1, "{summary}");
     assert_eq!(od_figures["sleeps"], 2, "{summary}");
     assert_eq!(od_figures["wakes"], 2, "{summary}");
     assert_eq!(od_figures["wake_us"].as_array().map(Vec::len), Some(2), "{summary}");
+    let phases = od_figures["wake_phases"].as_array().expect("wake phases");
+    assert_eq!(phases.len(), 2, "{summary}");
+    for p in phases {
+        let ready = p["ready_us"].as_u64().expect("ready_us");
+        let parts: u64 = ["kvm_us", "memory_us", "vcpus_us", "devices_us"].iter().filter_map(|k| p[*k].as_u64()).sum();
+        assert!(parts > 0 && parts <= ready, "{p}");
+        assert!(p["first_reply_us"].as_u64().is_some_and(|f| f >= ready), "{p}");
+        assert!(p["post_wake_faults"].as_u64().is_some(), "{p}");
+    }
+}
+
+/// A pool of two on-demand slots of one service: the first boots and takes the service's
+/// template at its first client; the second starts from that template (no boot), with none of
+/// the first's data.
+#[test]
+fn the_second_instance_of_a_service_starts_from_the_template_the_first_took() {
+    require_kvm();
+    let dir = temp_dir("template-pool");
+    let (a, b) = (free_port(), free_port());
+    let slot = |name: &str, port: u16| {
+        format!(
+            "[[vm]]\nname = \"{name}\"\napp = \"kv\"\nvcpus = \"1:1:1\"\nmemory = \"64M:64M:64M\"\n\
+             publish = [\"127.0.0.1:{port}:6379\"]\non_demand = true\nidle_shutdown = \"30s\"\n"
+        )
+    };
+    let config = format!("[pool]\nvcpus = 2\nmemory = \"256M\"\ntimeout = \"60s\"\n{}{}", slot("a", a), slot("b", b));
+    std::fs::write(dir.join("pool.toml"), config).unwrap();
+    let mut child = Command::new(SHIM)
+        .arg("pool")
+        .arg(dir.join("pool.toml"))
+        .arg("--timeline")
+        .arg(dir.join("timeline.jsonl"))
+        .arg("--summary")
+        .arg(dir.join("summary.json"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the shim starts");
+    let redis = |port: u16, args: &[&str]| {
+        let port = port.to_string();
+        let mut all = vec!["-p", &port];
+        all.extend_from_slice(args);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let run = common::client("redis-cli", "redis-tools", &all);
+            if run.code == Some(0) && !run.stdout.contains("Connection refused") {
+                return run.stdout.trim().to_string();
+            }
+            assert!(Instant::now() < deadline, "{all:?}: {}", run.stdout);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(redis(a, &["set", "secret", "of a"]), "OK");
+    assert_eq!(redis(a, &["get", "secret"]), "of a");
+    assert_eq!(redis(b, &["get", "secret"]), "", "the template carried a's data into b");
+    assert_eq!(redis(b, &["ping"]), "PONG");
+    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let timeline = common::read_json_lines(&dir.join("timeline.jsonl"));
+    let starts: Vec<(String, String)> = timeline
+        .iter()
+        .filter(|l| l["event"] == "cold_start")
+        .map(|l| (l["vm"].as_str().unwrap_or("").to_string(), l["path"].as_str().unwrap_or("").to_string()))
+        .collect();
+    assert_eq!(starts, [("a".to_string(), "boot".to_string()), ("b".to_string(), "template".to_string())]);
+    assert!(timeline.iter().any(|l| l["event"] == "template" && l["vm"] == "a"), "{timeline:?}");
+    let summary = read_json(&dir.join("summary.json"));
+    let b_figures = summary["vms"].as_array().and_then(|v| v.iter().find(|v| v["name"] == "b")).expect("b");
+    let phases = &b_figures["on_demand"]["template_phases"];
+    assert_eq!(phases.as_array().map(Vec::len), Some(1), "{summary}");
+    assert!(phases[0]["first_reply_us"].as_u64().is_some(), "{summary}");
+    assert_eq!(b_figures["on_demand"]["boot_us"].as_array().map(Vec::len), Some(0), "b booted: {summary}");
 }
 
 #[test]
@@ -259,7 +349,7 @@ fn on_demand_boot_boots_at_the_first_client_stops_when_idle_and_boots_again() {
     assert_eq!(code, Some(5), "{events:?}");
     assert_eq!(
         events,
-        ["cold_start", "boot", "idle_shutdown", "end", "cold_start", "boot", "end"],
+        ["cold_start", "boot", "first_reply", "idle_shutdown", "end", "cold_start", "boot", "first_reply", "end"],
         "timeline (reports, notices and credit lines left out)"
     );
     assert_eq!(summary["on_demand"]["cold_starts"], 2, "{summary}");

@@ -248,6 +248,10 @@ pub struct VmConfig {
     /// reservation); `None`: admit it at creation.
     #[serde(skip)]
     pub(crate) pool_member: Option<usize>,
+    /// This boot is to leave a template when its service first accepts a client (an on-demand
+    /// slot with no template yet: see `snapshot::template`).
+    #[serde(skip)]
+    pub(crate) take_template: bool,
 }
 
 impl VmConfig {
@@ -266,6 +270,7 @@ impl VmConfig {
             endpoints: EndpointConfig::default(),
             lifecycle: Lifecycle::default(),
             pool_member: None,
+            take_template: false,
         }
     }
 

@@ -12,6 +12,7 @@
 //! snapshot holding it goes away, and the host's RSS falls.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -37,8 +38,13 @@ pub(crate) type Region = vm_memory::GuestRegionMmap<AtomicBitmap>;
 pub(crate) enum Backing<'a> {
     /// Fresh zeroed memory.
     Anonymous,
-    /// A private (copy-on-write) mapping of `file` at `offset`: pages are read lazily, on
-    /// first touch, and the guest's writes never reach the file.
+    /// A snapshot's memory file at `offset`. When the region holds at most
+    /// [`EAGER_LOAD_MAX`] bytes of data (the file's holes are zero pages), they are read at
+    /// once into fresh memory backed by transparent huge pages: the guest maps its RAM with
+    /// 2 MiB pages, so KVM can then map it 2 MiB at a time, and a woken VM takes a handful of
+    /// shadow-paging faults instead of one per 4 KiB page (6 ms of a 8 ms wake here). A larger
+    /// region is mapped privately (copy-on-write) and read lazily, on first touch; the guest's
+    /// writes never reach the file either way.
     File {
         /// The snapshot's memory file.
         file: &'a std::fs::File,
@@ -47,23 +53,83 @@ pub(crate) enum Backing<'a> {
     },
 }
 
+/// Most data (bytes outside the file's holes) a restored region may hold to be read at once
+/// into huge-page-backed memory (see [`Backing::File`]); a region with more is mapped lazily.
+pub(crate) const EAGER_LOAD_MAX: u64 = 16 << 20;
+
 /// Maps `len` bytes at `gpa` with `backing`.
 fn map_region(gpa: u64, len: u64, backing: &Backing<'_>) -> Result<Region, MemoryError> {
     let map_err = |reason: String| MemoryError::Map { size: len, reason };
     let size = usize::try_from(len).map_err(|e| map_err(e.to_string()))?;
-    let mut builder = MmapRegionBuilder::new_with_bitmap(size, vm_memory::bitmap::NewBitmap::with_len(size))
+    let builder = MmapRegionBuilder::new_with_bitmap(size, vm_memory::bitmap::NewBitmap::with_len(size))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
-    builder = match backing {
-        Backing::Anonymous => builder.with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS),
-        Backing::File { file, offset } => {
-            let file = file.try_clone().map_err(|e| map_err(e.to_string()))?;
-            builder
-                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
-                .with_file_offset(FileOffset::new(file, *offset))
-        }
+    let anonymous = libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let region = |mapping| {
+        Region::new(mapping, GuestAddress(gpa)).ok_or_else(|| map_err("region overflows the address space".into()))
     };
-    let mapping = builder.build().map_err(|e| map_err(e.to_string()))?;
-    Region::new(mapping, GuestAddress(gpa)).ok_or_else(|| map_err("region overflows the address space".into()))
+    match backing {
+        Backing::Anonymous => region(builder.with_mmap_flags(anonymous).build().map_err(|e| map_err(e.to_string()))?),
+        Backing::File { file, offset } => {
+            let runs =
+                data_runs(file, *offset, len).map_err(|e| map_err(format!("cannot read the memory file: {e}")))?;
+            if runs.iter().map(|&(_, n)| n).sum::<u64>() <= EAGER_LOAD_MAX {
+                let mapping = builder.with_mmap_flags(anonymous).build().map_err(|e| map_err(e.to_string()))?;
+                // The guest maps its first 2 MiB with 4 KiB pages (platform structures): a huge
+                // page there would only cost its allocation (~0.3 ms here).
+                let skip = if gpa == 0 { EXTENT_ALIGN.min(len) as usize } else { 0 };
+                // SAFETY: `skip <= size`: the advice covers the rest of this fresh mapping.
+                advise_huge_pages(unsafe { mapping.as_ptr().add(skip) }, size - skip);
+                for &(at, n) in &runs {
+                    // SAFETY: `data_runs` keeps every run inside `[0, len)` of the region,
+                    // whose fresh mapping of `size` bytes nothing else references yet.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(mapping.as_ptr().add(at as usize), n as usize) };
+                    file.read_exact_at(dst, offset + at)
+                        .map_err(|e| map_err(format!("cannot read the memory file: {e}")))?;
+                }
+                return region(mapping);
+            }
+            let file = file.try_clone().map_err(|e| map_err(e.to_string()))?;
+            let builder = builder
+                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+                .with_file_offset(FileOffset::new(file, *offset));
+            region(builder.build().map_err(|e| map_err(e.to_string()))?)
+        }
+    }
+}
+
+/// The data runs of `file` in `[offset, offset + len)`, as `(start, length)` relative to
+/// `offset`: everything but the holes (`SEEK_DATA` / `SEEK_HOLE`; a file system without hole
+/// support reports one run).
+fn data_runs(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let end = offset.checked_add(len).ok_or_else(|| std::io::Error::other("region overflows"))?;
+    let seek = |at: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let at = libc::off_t::try_from(at).map_err(std::io::Error::other)?;
+        // SAFETY: lseek on a descriptor `file` keeps open; it only moves the file offset,
+        // which nothing else of this file handle relies on (reads use explicit offsets).
+        let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `at`.
+        if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) }
+    };
+    let mut runs = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let Some(data) = seek(at, libc::SEEK_DATA)? else { break };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        if hole <= data {
+            break;
+        }
+        runs.push((data - offset, hole - data));
+        at = hole;
+    }
+    Ok(runs)
 }
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -622,8 +688,8 @@ impl crate::base::persist::Persist for GuestMemory {
         })
     }
 
-    /// Memory mapped privately from the snapshot's file (pages are read on first touch), boot
-    /// memory registered with KVM and every extent mapped where it was.
+    /// Memory from the snapshot's file (each region read at once or mapped lazily: see
+    /// [`Backing::File`]), boot memory registered with KVM and every extent mapped where it was.
     fn restore(args: MemoryArgs<'_>, state: &MemoryState) -> Result<GuestMemory, MemoryError> {
         let Some(boot) = state.regions.first() else {
             return Err(MemoryError::OutOfRange { gpa: 0, len: 0 });
@@ -654,6 +720,45 @@ mod tests {
         assert!(m.read_vec(4 << 20, 1).is_err());
         assert!(m.read_vec(0, 4 << 20).is_ok());
         assert!(m.read_vec(0, 0).is_ok());
+    }
+
+    /// A sparse file: a region with little data is read at once, one with more than
+    /// [`EAGER_LOAD_MAX`] is mapped lazily; both read back exactly the file's bytes (holes as
+    /// zeros) and neither writes to the file.
+    #[test]
+    fn restored_regions_hold_the_files_bytes_read_at_once_or_lazily() {
+        let path = std::env::temp_dir().join(format!("mem-restore-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let page = PAGE_SIZE as usize;
+        let small = 8 << 20;
+        file.set_len(4096 + small + 2 * EAGER_LOAD_MAX).unwrap();
+        // Region 1 at offset 4096: two pages of data, the rest holes.
+        file.write_all_at(&[7u8; 4096], 4096 + 3 * 4096).unwrap();
+        file.write_all_at(&[9u8; 4096], 4096 + small - 4096).unwrap();
+        let runs = data_runs(&file, 4096, small).unwrap();
+        assert!(runs.iter().map(|r| r.1).sum::<u64>() <= 2 * 4096 || runs == vec![(0, small)], "{runs:?}");
+        let r = map_region(0, small, &Backing::File { file: &file, offset: 4096 }).unwrap();
+        // SAFETY: the region's mapping lives as long as `r`.
+        let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), small as usize) };
+        assert!(bytes[3 * page..4 * page].iter().all(|&b| b == 7));
+        assert!(bytes[small as usize - page..].iter().all(|&b| b == 9));
+        assert!(
+            bytes[..3 * page].iter().all(|&b| b == 0) && bytes[4 * page..small as usize - page].iter().all(|&b| b == 0)
+        );
+        // Region 2: more data than the eager bound, mapped lazily.
+        let big = EAGER_LOAD_MAX + (2 << 20);
+        let at = 4096 + small;
+        file.write_all_at(&vec![5u8; big as usize], at).unwrap();
+        let r2 = map_region(0, big, &Backing::File { file: &file, offset: at }).unwrap();
+        // SAFETY: as above.
+        let bytes2 = unsafe { std::slice::from_raw_parts_mut(r2.as_ptr(), big as usize) };
+        assert!(bytes2.iter().all(|&b| b == 5));
+        bytes2[0] = 6;
+        let mut back = [0u8; 1];
+        file.read_exact_at(&mut back, at).unwrap();
+        assert_eq!(back[0], 5, "a guest write reached the file");
+        drop((r, r2));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::devices::StopReason;
 use crate::host::signals::SIGINT_STOP_GRACE;
 use crate::policy::resource::Resource;
 use crate::report::summary::Summary;
+use crate::snapshot::template::{TemplateKey, Templates};
 use crate::vmm::outcome::{IDLE_STOP_GRACE, Outcome};
 use crate::vmm::shared::{EventSink, VmEvent, VmShared};
 use crate::vmm::stats::RunReport;
@@ -69,10 +70,22 @@ pub(crate) struct Context {
     pub(crate) members: Members,
 }
 
+/// What an on-demand slot's VM does at rest: where an idle stop puts it to sleep, and where
+/// the template of its service goes when the VM is to take it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AtRest<'a> {
+    /// With it, an idle stop snapshots the VM there and ends it ([`Outcome::Asleep`])
+    /// instead of asking the guest to stop.
+    pub(crate) sleep_to: Option<&'a Path>,
+    /// With it, the VM's template point (its device stopped at the first accepted client)
+    /// takes the service's template into this store.
+    pub(crate) template: Option<(&'a Templates, &'a TemplateKey)>,
+}
+
 /// Starts `vm` and serves everything that happens to it until it ends (`timeout`: its time
-/// limit). The calling thread is the VM's owner. With `sleep_to`, an idle stop snapshots the
-/// VM there and ends it ([`Outcome::Asleep`]) instead of asking the guest to stop.
-pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duration>, sleep_to: Option<&Path>) -> Driven {
+/// limit). The calling thread is the VM's owner; `rest` says what it does when the VM is idle
+/// or first serves.
+pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duration>, rest: AtRest<'_>) -> Driven {
     let Owner { tx, rx } = owner;
     let interrupts = {
         let tx = tx.clone();
@@ -84,7 +97,7 @@ pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duratio
     let shared = Arc::clone(running.shared());
     ctx.members.add(Arc::clone(&shared));
     let registered = ctx.registry.register(shared.name(), tx);
-    let idle_stopped = serve(&running, &rx, timeout, sleep_to);
+    let idle_stopped = serve(&running, &rx, timeout, rest);
     drop(registered);
     drop(interrupts);
     let report = running.end();
@@ -94,7 +107,7 @@ pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duratio
 }
 
 /// The owner's loop. Returns whether a device's stop request ended the VM.
-fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duration>, sleep_to: Option<&Path>) -> bool {
+fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duration>, rest: AtRest<'_>) -> bool {
     let vm = running.shared();
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut idle_stop_at: Option<Instant> = None;
@@ -120,11 +133,16 @@ fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duratio
             }
             Err(RecvTimeoutError::Disconnected) => break,
             Ok(OwnerEvent::Vm(VmEvent::Ended)) => {}
+            Ok(OwnerEvent::Vm(VmEvent::TemplatePoint)) => {
+                if let Some((store, key)) = rest.template {
+                    take_template(vm, store, key);
+                }
+            }
             Ok(OwnerEvent::Vm(VmEvent::DeviceStop(StopReason::Idle(after)))) => {
                 if idle_stop_at.is_none() {
                     vm.record("idle_shutdown", detail([("idle_ms", (after.as_millis() as u64).into())]));
                     idle_stop_at = Some(Instant::now());
-                    if !sleep_to.is_some_and(|dir| go_to_sleep(vm, dir)) {
+                    if !rest.sleep_to.is_some_and(|dir| go_to_sleep(vm, dir)) {
                         vm.post_notice(notice::STOP, |_| {});
                     }
                 }
@@ -172,6 +190,25 @@ fn go_to_sleep(vm: &VmShared, dir: &Path) -> bool {
                 vm.name()
             ));
             false
+        }
+    }
+}
+
+/// Takes the service's template from `vm`, stopped at its template point (a `template` line in
+/// the timeline); a failure is said on stderr and the VM serves on (the next first start boots).
+fn take_template(vm: &VmShared, store: &Templates, key: &TemplateKey) {
+    match store.take(vm, key) {
+        Ok(f) => vm.record(
+            "template",
+            detail([
+                ("held_bytes", f.held_bytes.into()),
+                ("written_bytes", f.written_bytes.into()),
+                ("paused_us", f.paused_us.into()),
+                ("took_us", f.total_us.into()),
+            ]),
+        ),
+        Err(e) => {
+            crate::host::diag::say(format_args!("{}: cannot take the service's template ({e})", vm.name()));
         }
     }
 }

@@ -22,13 +22,14 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::base::config::{RESTART_BACKOFF_MAX, VmConfig, Wake};
 use crate::base::timeline::{Timeline, detail};
-use crate::control::controller::{Context, Driven, Owner, drive};
+use crate::control::controller::{AtRest, Context, Driven, Owner, drive};
 use crate::control::registry::StandIn;
 use crate::control::request::{ControlReply, ControlRequest};
 use crate::host::endpoint::Bound;
 use crate::policy::pool::Pool;
-use crate::report::summary::OnDemandFigures;
+use crate::report::summary::{OnDemandFigures, WakePhases};
 use crate::snapshot::restore::{RestoreMemory, restore};
+use crate::snapshot::template::{TemplateKey, Templates};
 use crate::vmm::error::VmError;
 use crate::vmm::loader::KernelImage;
 use crate::vmm::outcome::Outcome;
@@ -58,6 +59,9 @@ pub(crate) struct Slot<'a> {
     /// The slot's pool member (its min reserved for the whole run: see
     /// [`Pool::reserve`](crate::policy::pool::Pool::reserve)).
     pub(crate) member: usize,
+    /// The run's templates (an on-demand slot that wakes by resume starts from its service's
+    /// template, or takes it at its first boot).
+    pub(crate) templates: Option<&'a Templates>,
 }
 
 impl std::fmt::Debug for Slot<'_> {
@@ -218,29 +222,46 @@ fn host_for<'h>(slot: &Slot<'h>, events: crate::vmm::shared::EventSink) -> Host<
     }
 }
 
-/// Resumes the VM asleep in `dir` for a waiting client (a `wake` line in the timeline). When
-/// the snapshot cannot be used (it no longer matches the kernel file, the pool has no room for
-/// what it held...), says why and hands `host` and `endpoints` back: the caller boots afresh.
-fn wake<'h>(
+/// Where a VM that does not boot comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum From {
+    /// Its own sleep (a wake).
+    Sleep,
+    /// The service's template (a cold start that resumes instead of booting).
+    Template,
+}
+
+impl From {
+    fn path(self) -> &'static str {
+        match self {
+            From::Sleep => "resume",
+            From::Template => "template",
+        }
+    }
+}
+
+/// Resumes a VM for a waiting client from `loaded` (its sleep, or its service's template, read
+/// in `load_us`): a `wake` or `cold_start` line in the timeline with the phases. When the
+/// state cannot be used (it belongs to another kernel file, the pool has no room for what it
+/// held...), says why and hands `host` and `endpoints` back: the caller boots afresh.
+#[allow(clippy::too_many_arguments)]
+fn resume_from<'h>(
     slot: &Slot<'h>,
     cycle: &VmConfig,
-    dir: &std::path::Path,
+    (loaded, load_us, from): (crate::snapshot::Loaded, u64, From),
     host: Host<'h>,
     endpoints: Vec<Bound>,
     figures: &mut OnDemandFigures,
     seen_at: Duration,
 ) -> Result<Vm, (Host<'h>, Vec<Bound>)> {
     let name = cycle.name();
-    let loaded = match crate::snapshot::load(dir) {
-        Ok(l) => l,
-        Err(e) => {
-            crate::host::diag::say(format_args!("{name}: cannot resume from its sleep ({e}); booting afresh"));
-            return Err((host, endpoints));
-        }
+    let what = match from {
+        From::Sleep => "its sleep",
+        From::Template => "its service's template",
     };
     if loaded.state.kernel != slot.image.path {
         crate::host::diag::say(format_args!(
-            "{name}: it went to sleep with another kernel file ({}); booting afresh",
+            "{name}: {what} is of another kernel file ({}); booting afresh",
             loaded.state.kernel.display()
         ));
         return Err((host, endpoints));
@@ -251,16 +272,76 @@ fn wake<'h>(
     };
     let retry = host_for(slot, host.events.clone());
     match restore(cycle, &loaded.state, RestoreMemory::File(loaded.memory), Arc::clone(&slot.image), host, copies) {
-        Ok(vm) => {
-            figures.wakes += 1;
+        Ok((vm, p)) => {
             let us = slot.started.elapsed().saturating_sub(seen_at).as_micros() as u64;
-            figures.wake_us.push(us);
-            slot.timeline.record(name, "wake", 0, 0, detail([("wakes", figures.wakes.into()), ("wake_us", us.into())]));
+            let phases = WakePhases {
+                load_us,
+                kvm_us: p.kvm_us,
+                memory_us: p.memory_us,
+                vcpus_us: p.vcpus_us,
+                devices_us: p.devices_us,
+                ready_us: us,
+                first_reply_us: None,
+                post_wake_faults: None,
+            };
+            let mut line = detail([
+                ("path", from.path().into()),
+                ("load_us", load_us.into()),
+                ("kvm_us", p.kvm_us.into()),
+                ("memory_us", p.memory_us.into()),
+                ("vcpus_us", p.vcpus_us.into()),
+                ("devices_us", p.devices_us.into()),
+            ]);
+            match from {
+                From::Sleep => {
+                    figures.wakes += 1;
+                    figures.wake_us.push(us);
+                    figures.wake_phases.push(phases);
+                    line.insert("wakes".into(), figures.wakes.into());
+                    line.insert("wake_us".into(), us.into());
+                    slot.timeline.record(name, "wake", 0, 0, line);
+                }
+                From::Template => {
+                    figures.cold_starts += 1;
+                    figures.template_phases.push(phases);
+                    line.insert("cold_starts".into(), figures.cold_starts.into());
+                    line.insert("ready_us".into(), us.into());
+                    slot.timeline.record(name, "cold_start", 0, 0, line);
+                }
+            }
             Ok(vm)
         }
         Err(e) => {
-            crate::host::diag::say(format_args!("{name}: cannot resume from its sleep ({e}); booting afresh"));
+            crate::host::diag::say(format_args!("{name}: cannot resume from {what} ({e}); booting afresh"));
             Err((retry, endpoints))
+        }
+    }
+}
+
+/// Reads the sleep in `dir` (`None`, said on stderr, when it cannot be used).
+fn load_sleep(name: &str, dir: &std::path::Path) -> Option<(crate::snapshot::Loaded, u64, From)> {
+    let loading = Instant::now();
+    match crate::snapshot::load(dir) {
+        Ok(l) => Some((l, loading.elapsed().as_micros() as u64, From::Sleep)),
+        Err(e) => {
+            crate::host::diag::say(format_args!("{name}: cannot resume from its sleep ({e}); booting afresh"));
+            None
+        }
+    }
+}
+
+/// Reads the service's template: `Ok(Some)` to start from, `Ok(None)` when there is none yet
+/// (or it was refused, said on stderr): the boot takes it.
+fn load_template(name: &str, store: &Templates, key: &TemplateKey) -> Option<(crate::snapshot::Loaded, u64, From)> {
+    let loading = Instant::now();
+    match store.load(key) {
+        Ok(Some(l)) => Some((l, loading.elapsed().as_micros() as u64, From::Template)),
+        Ok(None) => None,
+        Err(e) => {
+            crate::host::diag::say(format_args!(
+                "{name}: the service's template is refused ({e}); booting to take it again"
+            ));
+            None
         }
     }
 }
@@ -342,12 +423,21 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
             deadline.map(|d| d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
         let owner = Owner::new();
         let host = host_for(&slot, owner.sink());
-        let woken = match sleep_dir.as_ref().filter(|_| std::mem::take(&mut asleep)) {
-            Some(dir) => wake(&slot, &cycle, &dir.0, host, endpoints, &mut figures, seen_at),
+        // Where the VM comes from: its sleep, its service's template, or a boot (which takes
+        // the template when the slot keeps them and there is none yet).
+        let templates = slot.templates.filter(|_| config.lifecycle.on_demand == Some(Wake::Resume));
+        let key = templates.map(|_| TemplateKey::of(&cycle, &slot.image));
+        let source = match sleep_dir.as_ref().filter(|_| std::mem::take(&mut asleep)) {
+            Some(dir) => load_sleep(config.name(), &dir.0),
+            None => templates.zip(key.as_ref()).and_then(|(t, k)| load_template(config.name(), t, k)),
+        };
+        let started_from = source.as_ref().map(|s| s.2);
+        let woken = match source {
+            Some(source) => resume_from(&slot, &cycle, source, host, endpoints, &mut figures, seen_at),
             None => Err((host, endpoints)),
         };
-        let (vm, resumed) = match woken {
-            Ok(vm) => (vm, true),
+        let (vm, from) = match woken {
+            Ok(vm) => (vm, started_from),
             Err((host, endpoints)) => {
                 if config.lifecycle.on_demand.is_some() {
                     slot.timeline.record(
@@ -355,20 +445,34 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
                         "cold_start",
                         0,
                         0,
-                        detail([("cold_starts", (figures.cold_starts + 1).into())]),
+                        detail([("cold_starts", (figures.cold_starts + 1).into()), ("path", "boot".into())]),
                     );
                 }
-                (Vm::create(&cycle, Arc::clone(&slot.image), host, endpoints)?, false)
+                cycle.take_template = key.is_some();
+                (Vm::create(&cycle, Arc::clone(&slot.image), host, endpoints)?, None)
             }
         };
-        let Driven { report, idle_stopped } =
-            drive(vm, owner, slot.ctx, cycle.lifecycle.timeout, sleep_dir.as_ref().map(|d| d.0.as_path()));
+        let rest = AtRest {
+            sleep_to: sleep_dir.as_ref().map(|d| d.0.as_path()),
+            template: templates.zip(key.as_ref()).filter(|_| cycle.take_template),
+        };
+        let Driven { report, idle_stopped } = drive(vm, owner, slot.ctx, cycle.lifecycle.timeout, rest);
         let _ = slot.timeline.flush();
-        if config.lifecycle.on_demand.is_some() && !resumed {
+        let first_reply_us = report.first_reply.map(|f| f.at.saturating_sub(seen_at).as_micros() as u64);
+        let resumed = match from {
+            Some(From::Sleep) => figures.wake_phases.last_mut(),
+            Some(From::Template) => figures.template_phases.last_mut(),
+            None => None,
+        };
+        if let Some(w) = resumed {
+            w.first_reply_us = first_reply_us;
+            w.post_wake_faults = report.first_reply.map(|f| f.faults);
+        } else if config.lifecycle.on_demand.is_some() {
             figures.cold_starts += 1;
             if let Some(boot) = report.boot {
                 figures.boot_us.push(boot.saturating_sub(seen_at).as_micros() as u64);
             }
+            figures.boot_first_reply_us.push(first_reply_us);
         }
         asleep = matches!(report.outcome, Outcome::Asleep);
         if idle_stopped && (asleep || matches!(report.outcome, Outcome::Shutdown { .. })) {

@@ -25,6 +25,7 @@ use crate::report::summary::{OnDemandFigures, PoolFigures, PoolSummary, PoolVm, 
 use crate::snapshot::VmState;
 use crate::snapshot::migrate::ReadyCallback;
 use crate::snapshot::restore::{RestoreMemory, restore};
+use crate::snapshot::template::Templates;
 use crate::vmm::error::{VmError, open_kvm};
 use crate::vmm::loader::KernelImage;
 use crate::vmm::outcome::Outcome;
@@ -443,7 +444,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
             events: owner.sink(),
         };
         if let Some(mut r) = restored {
-            let vm = restore(&vs.config, &r.state, r.memory, image, host(&sink, &owner), bound);
+            let vm = restore(&vs.config, &r.state, r.memory, image, host(&sink, &owner), bound).map(|(vm, _)| vm);
             if let Some(ready) = r.on_ready.take() {
                 ready(vm.as_ref().map(|_| ()).map_err(|e| e.to_string()));
             }
@@ -461,42 +462,61 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
         sinks.push(sink);
         captures.push(capture);
     }
+    // One template store for the whole run: every on-demand slot of a service (a pool of many)
+    // starts from the template the first one took.
+    let templates = if spec.vms.iter().any(|v| v.config.lifecycle.on_demand == Some(crate::base::config::Wake::Resume))
+    {
+        match Templates::create() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                crate::host::diag::say(format_args!(
+                    "no templates for this run ({e}): on-demand VMs boot at every first start"
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
     crate::host::signals::install();
     let total = prepared.len();
     let finished = AtomicUsize::new(0);
-    let run_one =
-        |p: Prepared, vs: &VmSpec, sink: &SinkMaker| -> Result<(RunReport, Option<OnDemandFigures>), VmError> {
-            let ran = match p {
-                Prepared::Now(vm, owner) => {
-                    let Driven { report, .. } =
-                        crate::control::controller::drive(vm, owner, &ctx, vs.config.lifecycle.timeout, None);
-                    (report, None)
-                }
-                Prepared::Slot { endpoints, image, member } => {
-                    let make = || sink.make();
-                    let slot = Slot {
-                        config: &vs.config,
-                        image,
-                        kvm: &kvm,
-                        started,
-                        timeline: Arc::clone(&timeline),
-                        pool: &pool,
-                        ctx: &ctx,
-                        endpoints,
-                        console: &make,
-                        member,
-                    };
-                    let served = on_demand::serve(slot);
-                    pool.close(member);
-                    let (report, figures) = served?;
-                    (report, Some(figures))
-                }
-            };
-            if let Some(hook) = &spec.on_vm_end {
-                (hook.0)(finished.fetch_add(1, Ordering::Relaxed) + 1, total);
+    let run_one = |p: Prepared,
+                   vs: &VmSpec,
+                   sink: &SinkMaker|
+     -> Result<(RunReport, Option<OnDemandFigures>), VmError> {
+        let ran = match p {
+            Prepared::Now(vm, owner) => {
+                let Driven { report, .. } =
+                    crate::control::controller::drive(vm, owner, &ctx, vs.config.lifecycle.timeout, Default::default());
+                (report, None)
             }
-            Ok(ran)
+            Prepared::Slot { endpoints, image, member } => {
+                let make = || sink.make();
+                let slot = Slot {
+                    config: &vs.config,
+                    image,
+                    kvm: &kvm,
+                    started,
+                    timeline: Arc::clone(&timeline),
+                    pool: &pool,
+                    ctx: &ctx,
+                    endpoints,
+                    console: &make,
+                    member,
+                    templates: templates.as_ref(),
+                };
+                let served = on_demand::serve(slot);
+                pool.close(member);
+                let (report, figures) = served?;
+                (report, Some(figures))
+            }
         };
+        if let Some(hook) = &spec.on_vm_end {
+            (hook.0)(finished.fetch_add(1, Ordering::Relaxed) + 1, total);
+        }
+        Ok(ran)
+    };
     // One VM runs on this thread (no thread to start and join on the path of a short run);
     // several run on a thread each.
     let reports: Vec<Result<(RunReport, Option<OnDemandFigures>), RunError>> = if prepared.len() == 1 {

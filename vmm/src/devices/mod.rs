@@ -72,12 +72,17 @@ pub(crate) enum StopReason {
     Idle(Duration),
 }
 
+/// Longest a device waits, stopped at its template point, for the VM to take the template.
+pub(crate) const TEMPLATE_GATE_MAX: Duration = Duration::from_secs(5);
+
 /// What a device may do to its VM: the only way it reaches it.
 #[derive(Clone)]
 pub(crate) struct DeviceContext {
     wake: Arc<dyn Fn() -> bool + Send + Sync>,
     request_stop: Arc<dyn Fn(StopReason) + Send + Sync>,
     record: Arc<dyn Fn(&'static str, u32) + Send + Sync>,
+    replied: Arc<dyn Fn() + Send + Sync>,
+    template_point: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl std::fmt::Debug for DeviceContext {
@@ -89,13 +94,29 @@ impl std::fmt::Debug for DeviceContext {
 impl DeviceContext {
     /// A context whose `wake` wakes the guest's device-driving vCPU (returning whether it was
     /// asleep in BLOCK) and whose `request_stop` asks the VM's owner to stop the VM.
-    /// `record(event, port)` puts a line about a guest port in the VM's timeline.
+    /// `record(event, port)` puts a line about a guest port in the VM's timeline; `replied`
+    /// notes that the guest's bytes reached a client (a device calls it once, at the first).
     pub(crate) fn new(
         wake: Arc<dyn Fn() -> bool + Send + Sync>,
         request_stop: Arc<dyn Fn(StopReason) + Send + Sync>,
         record: Arc<dyn Fn(&'static str, u32) + Send + Sync>,
+        replied: Arc<dyn Fn() + Send + Sync>,
+        template_point: Arc<dyn Fn() + Send + Sync>,
     ) -> Self {
-        DeviceContext { wake, request_stop, record }
+        DeviceContext { wake, request_stop, record, replied, template_point }
+    }
+
+    /// Tells the VM that its service accepted its first client and that no client byte has
+    /// reached the guest: the moment for a template (the device goes on after the next hold
+    /// and release, or by itself after [`TEMPLATE_GATE_MAX`]).
+    pub(crate) fn template_point(&self) {
+        (self.template_point)()
+    }
+
+    /// Notes that the guest's first bytes reached a client (the time to a first answer after a
+    /// boot or a wake).
+    pub(crate) fn replied(&self) {
+        (self.replied)()
     }
 
     /// Records `event` about guest port `port` in the VM's timeline.
@@ -126,6 +147,9 @@ pub(crate) struct DeviceSetup {
     pub(crate) pin_io: bool,
     /// The VM's limit on the diagnostics its guest can cause.
     pub(crate) diag: Arc<crate::host::diag::Limiter>,
+    /// Stop at the guest's first accepted connection, before any client byte reaches it, and
+    /// tell the VM ([`DeviceContext::template_point`]) so that it can take a template.
+    pub(crate) template_gate: bool,
 }
 
 /// One device as the VM sees it.
@@ -317,5 +341,6 @@ fn copy(setup: &DeviceSetup, device: &'static str) -> Result<DeviceSetup, Device
         idle_shutdown: setup.idle_shutdown,
         pin_io: setup.pin_io,
         diag: Arc::clone(&setup.diag),
+        template_gate: setup.template_gate,
     })
 }

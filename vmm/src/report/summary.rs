@@ -25,9 +25,41 @@ pub(crate) struct OnDemandFigures {
     /// For each wake: µs from the shim seeing the waiting client to the resumed VM built
     /// (its vCPUs start right after).
     pub(crate) wake_us: Vec<u64>,
+    /// For each wake: where its time went.
+    pub(crate) wake_phases: Vec<WakePhases>,
+    /// For each cold start that resumed the service's template instead of booting: where its
+    /// time went (`load_us` reads the template).
+    pub(crate) template_phases: Vec<WakePhases>,
+    /// For each cold start: µs from the shim seeing the waiting client to the VM's first
+    /// bytes to a client (`null`: none before the VM ended).
+    pub(crate) boot_first_reply_us: Vec<Option<u64>>,
     /// VMs booted again after a failure (`restart = "on-failure"`).
     #[serde(skip)]
     pub(crate) restarts: u64,
+}
+
+/// Where one wake's time went, in µs from the shim seeing the waiting client (the summary's
+/// `on_demand.wake_phases`; the wake's `wake` and `first_reply` lines in the timeline carry the
+/// same figures).
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct WakePhases {
+    /// Reading and checking the sleep's state (the phases after it add up to `ready_us`).
+    pub(crate) load_us: u64,
+    /// Creating the KVM VM.
+    pub(crate) kvm_us: u64,
+    /// Mapping guest memory and loading what it held.
+    pub(crate) memory_us: u64,
+    /// Creating the vCPUs with their saved state.
+    pub(crate) vcpus_us: u64,
+    /// Devices, policy and notices restored, the VM assembled.
+    pub(crate) devices_us: u64,
+    /// The VM ready to run (the wake's `wake_us`).
+    pub(crate) ready_us: u64,
+    /// The guest's first bytes handed to a client (`null`: none before the VM ended).
+    pub(crate) first_reply_us: Option<u64>,
+    /// Host page faults the shim took from the VM ready to that first reply: what loading
+    /// memory on touch costs after a wake.
+    pub(crate) post_wake_faults: Option<u64>,
 }
 
 /// A policy as it appears in the summary.

@@ -10,12 +10,15 @@
 //! * `memory`: the memory the VM holds and nothing else (boot memory, then each granted
 //!   extent), written sparse: all-zero pages are holes, so a VM at min snapshots small.
 //!
-//! Restore maps `memory` privately (copy-on-write): pages are read when the guest first
-//! touches them and its writes never reach the file, so one snapshot restores many times.
+//! Restore reads `memory` at once into huge-page-backed memory when a region holds little data
+//! (a VM at min: the guest then takes few paging faults), and otherwise maps it privately
+//! (copy-on-write), pages read when the guest first touches them; the guest's writes never
+//! reach the file either way, so one snapshot restores many times (a [`template`] does).
 //! The submodule [`migrate`] sends the same state over a socket, with pre-copy.
 
 pub(crate) mod migrate;
 pub(crate) mod restore;
+pub(crate) mod template;
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;

@@ -37,10 +37,24 @@ pub(crate) enum RestoreMemory {
     },
 }
 
+/// Where a restore's time went (µs, each phase on its own).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RestorePhases {
+    /// Creating the KVM VM.
+    pub(crate) kvm_us: u64,
+    /// Mapping guest memory and loading what it held.
+    pub(crate) memory_us: u64,
+    /// Creating the vCPUs with their saved state.
+    pub(crate) vcpus_us: u64,
+    /// Devices, policy and notices restored, the VM assembled.
+    pub(crate) devices_us: u64,
+}
+
 /// Builds the VM of `state` as `config` says (the state's own configuration, with what the
 /// restoring command changed): memory, vCPUs (running ones with their saved state, parked ones
 /// parked), devices (open connections reset), notices, policy limits and credit; its holdings
-/// are charged to the pool. Its `endpoints` are served again.
+/// are charged to the pool. Its `endpoints` are served again. Returns the VM and where the
+/// time went.
 pub(crate) fn restore(
     config: &VmConfig,
     state: &VmState,
@@ -48,7 +62,7 @@ pub(crate) fn restore(
     image: Arc<KernelImage>,
     host: Host<'_>,
     endpoints: Vec<Bound>,
-) -> Result<Vm, VmError> {
+) -> Result<(Vm, RestorePhases), VmError> {
     let r = &config.resources;
     let pool = Arc::clone(host.pool);
     // An on-demand slot's member is reserved for the whole run; any other VM is admitted now.
@@ -71,13 +85,22 @@ fn rebuild(
     host: Host<'_>,
     member: usize,
     endpoints: Vec<Bound>,
-) -> Result<Vm, VmError> {
+) -> Result<(Vm, RestorePhases), VmError> {
     let bad = |what: String| VmError::Restore(what);
     let layout = state.layout;
+    let mut phases = RestorePhases::default();
+    let mut clock = std::time::Instant::now();
+    let mut lap = || {
+        let now = std::time::Instant::now();
+        let us = now.duration_since(clock).as_micros() as u64;
+        clock = now;
+        us
+    };
     let (fd, mem) = match memory {
         RestoreMemory::Live { fd, mem } => (fd, mem),
         RestoreMemory::File(file) => {
             let fd = create_kvm_vm(host.kvm)?;
+            phases.kvm_us = lap();
             let boot = state.memory.regions.first().ok_or_else(|| bad("the snapshot lists no memory".into()))?;
             if boot.gpa != 0 || boot.len != layout.ram_size {
                 return Err(bad("the snapshot's boot memory does not match its layout".into()));
@@ -89,6 +112,7 @@ fn rebuild(
                 file: &file,
             };
             let mem = GuestMemory::restore(args, &state.memory)?;
+            phases.memory_us = lap();
             (fd, mem)
         }
     };
@@ -109,6 +133,7 @@ fn rebuild(
         };
         initial.push((vcpu, handle, !online));
     }
+    phases.vcpus_us = lap();
     let setup = device_setup(config, &endpoints);
     let diag = Arc::clone(&setup.diag);
     let devices = DeviceManager::restore(&mem, &setup, &state.devices)?;
@@ -155,5 +180,6 @@ fn rebuild(
     };
     let vm = Vm::assemble(parts, initial)?;
     vm.shared().restored_now();
-    Ok(vm)
+    phases.devices_us = lap();
+    Ok((vm, phases))
 }

@@ -17,7 +17,7 @@ use kvm_ioctls::VmFd;
 use crate::base::config::VmConfig;
 use crate::base::layout::Layout;
 use crate::base::memory::GuestMemory;
-use crate::base::timeline::Timeline;
+use crate::base::timeline::{Timeline, detail};
 use crate::devices::{DeviceManager, StopReason};
 use crate::host::diag::Limiter;
 use crate::host::endpoint::Bound;
@@ -28,7 +28,7 @@ use crate::vmm::cpu_state::VcpuState;
 use crate::vmm::loader::KernelImage;
 use crate::vmm::notices::{Holdings, NoticeBoard, Notices};
 use crate::vmm::outcome::Outcome;
-use crate::vmm::stats::{MemoryCounts, RunReport, Stats};
+use crate::vmm::stats::{FirstReply, MemoryCounts, RunReport, Stats};
 use crate::vmm::vcpus::{State, VcpuEvent, VcpuResponse, VcpuSet};
 
 /// What a VM tells its owner.
@@ -38,6 +38,9 @@ pub(crate) enum VmEvent {
     Ended,
     /// A device asks the VM to stop.
     DeviceStop(StopReason),
+    /// The service accepted its first client, none of whose bytes reached the guest yet: the
+    /// moment to take a template (the device waits for it).
+    TemplatePoint,
 }
 
 /// Where a VM's events go (its owner's channel).
@@ -96,6 +99,10 @@ pub(crate) struct VmShared {
     first_hello: OnceLock<Duration>,
     /// Time from `started` to the moment a restored VM was ready to run.
     restored_in: OnceLock<Duration>,
+    /// The first bytes the VM wrote to a client.
+    first_reply: OnceLock<FirstReply>,
+    /// The shim's page faults when this VM was built.
+    faults_at_start: u64,
     /// Set once the run is ending; vCPU threads leave their loops.
     stopping: AtomicBool,
     /// Paused by the operator: vCPUs stay out of the guest (new ones start paused).
@@ -165,6 +172,8 @@ impl VmShared {
             diag,
             first_hello: OnceLock::new(),
             restored_in: OnceLock::new(),
+            first_reply: OnceLock::new(),
+            faults_at_start: crate::host::process::page_faults(),
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             outcome: Mutex::new(None),
@@ -270,6 +279,22 @@ impl VmShared {
     /// Notes the first HELLO (boot time); `true` the first time.
     pub(crate) fn hello_seen(&self) -> bool {
         self.first_hello.set(self.started.elapsed()).is_ok()
+    }
+
+    /// Notes the VM's first bytes to a client (the first call counts): a `first_reply` line
+    /// in the timeline, with the page faults the shim took since the VM was built.
+    pub(crate) fn replied(&self) {
+        if self.first_reply.get().is_none() {
+            let faults = crate::host::process::page_faults().saturating_sub(self.faults_at_start);
+            if self.first_reply.set(FirstReply { at: self.started.elapsed(), faults }).is_ok() {
+                self.record("first_reply", detail([("faults", faults.into())]));
+            }
+        }
+    }
+
+    /// The device stopped at its template point: tells the owner.
+    pub(crate) fn template_point(&self) {
+        (self.events)(VmEvent::TemplatePoint);
     }
 
     /// Notes that a restored VM is ready to run.
@@ -470,6 +495,7 @@ impl VmShared {
             outcome,
             boot: self.first_hello.get().copied(),
             restored: self.restored_in.get().copied(),
+            first_reply: self.first_reply.get().copied(),
             wall: self.started.elapsed(),
             hypercalls: l(&s.hypercalls),
             per_call,

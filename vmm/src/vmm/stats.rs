@@ -54,6 +54,17 @@ impl Stats {
     }
 }
 
+/// When a VM first wrote bytes to a client (the first answer after a boot or a wake).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FirstReply {
+    /// Shim start to the first byte handed to a client's socket.
+    pub(crate) at: Duration,
+    /// The shim process's page faults from the VM built to then
+    /// ([`page_faults`](crate::host::process::page_faults)): after a wake, what loading memory
+    /// on touch cost.
+    pub(crate) faults: u64,
+}
+
 /// Everything a finished run reports.
 #[derive(Debug, Clone)]
 pub(crate) struct RunReport {
@@ -63,6 +74,8 @@ pub(crate) struct RunReport {
     pub(crate) boot: Option<Duration>,
     /// Shim start to a restored VM ready to run.
     pub(crate) restored: Option<Duration>,
+    /// The VM's first bytes to a client.
+    pub(crate) first_reply: Option<FirstReply>,
     /// Shim start to the end of the run.
     pub(crate) wall: Duration,
     /// Hypercalls served.
@@ -110,6 +123,7 @@ impl RunReport {
             outcome,
             boot: None,
             restored: None,
+            first_reply: None,
             wall,
             hypercalls: 0,
             per_call: Call::ALL.iter().map(|c| (c.name(), 0)).collect(),

@@ -388,6 +388,7 @@ impl Device for Vsock {
             command_kick: Arc::clone(&command_kick),
             idle: setup.idle_shutdown,
             pin: setup.pin_io,
+            template_gate: setup.template_gate,
             resume: lock(&self.resume).clone(),
         };
         let handle = std::thread::Builder::new()

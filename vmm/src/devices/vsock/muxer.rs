@@ -102,6 +102,25 @@ pub(super) struct Muxer {
     /// A restored device: RSTs for the connections the guest had open at the snapshot (their
     /// clients belonged to the old process), sent once the queues are live.
     pending_resets: Vec<Control>,
+    /// The guest's bytes have reached a client (told to the VM once).
+    replied: bool,
+    /// The template point: where client data waits while the VM takes a template.
+    gate: Gate,
+}
+
+/// The template point of a VM that is to leave a template (see
+/// [`DeviceSetup::template_gate`](crate::devices::DeviceSetup)): at the guest's first accepted
+/// connection, client data stops short of the guest until the VM has held the device still
+/// and released it (the template is taken), or for at most
+/// [`TEMPLATE_GATE_MAX`](crate::devices::TEMPLATE_GATE_MAX).
+#[derive(Debug)]
+enum Gate {
+    /// No template wanted, or taken.
+    Open,
+    /// Closes at the guest's first accepted connection.
+    Armed,
+    /// Closed: the connections whose data waits, and when the gate opens by itself.
+    Closed { waiting: Vec<u32>, until: Instant },
 }
 
 /// Everything the thread starts from.
@@ -117,6 +136,8 @@ pub(super) struct Start {
     pub(super) resume: Option<Held>,
     /// Pin the thread (`--pin-io`).
     pub(super) pin: bool,
+    /// Stop at the template point (see [`Gate`]).
+    pub(super) template_gate: bool,
 }
 
 /// The thread's body.
@@ -132,7 +153,8 @@ pub(super) fn run(start: Start) {
             return;
         }
     };
-    let Start { shared, mem, endpoints, ctx, kick, commands, command_kick, idle, resume, pin: _ } = start;
+    let Start { shared, mem, endpoints, ctx, kick, commands, command_kick, idle, resume, pin: _, template_gate } =
+        start;
     let mut m = Muxer {
         shared,
         mem,
@@ -163,6 +185,8 @@ pub(super) fn run(start: Start) {
                     .collect()
             })
             .unwrap_or_default(),
+        replied: false,
+        gate: if template_gate { Gate::Armed } else { Gate::Open },
     };
     if let Err(e) = m.register() {
         m.shared.diag.say(format_args!("vsock I/O thread: cannot watch its sockets: {e}"));
@@ -309,7 +333,11 @@ impl Muxer {
         let _ = reply.send(Held { connections, next_port: self.next_port });
         loop {
             match self.commands.recv() {
-                Ok(IoCommand::Release) => return true,
+                Ok(IoCommand::Release) => {
+                    // A template point's hold (the template is taken): data flows again.
+                    self.open_gate();
+                    return true;
+                }
                 Ok(IoCommand::Hold(again)) => {
                     let _ = again.send(Held { connections: Vec::new(), next_port: self.next_port });
                 }
@@ -333,6 +361,9 @@ impl Muxer {
         }
         if let Some(t) = self.idle_deadline() {
             next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        if let Gate::Closed { until, .. } = self.gate {
+            next = Some(next.map_or(until, |n| n.min(until)));
         }
         match next {
             None => -1,
@@ -425,7 +456,32 @@ impl Muxer {
         }
     }
 
+    /// The guest accepted a connection: at the first one, a VM taking a template closes the
+    /// gate and is told (see [`Gate`]).
+    pub(super) fn accepted(&mut self) {
+        if matches!(self.gate, Gate::Armed) {
+            self.gate = Gate::Closed { waiting: Vec::new(), until: Instant::now() + crate::devices::TEMPLATE_GATE_MAX };
+            self.ctx.template_point();
+        }
+    }
+
+    /// Lets the data that waited at the template point flow.
+    fn open_gate(&mut self) {
+        if let Gate::Closed { waiting, .. } = std::mem::replace(&mut self.gate, Gate::Open) {
+            for port in waiting {
+                self.mark_ready(port);
+                self.to_flush.push(port);
+            }
+        }
+    }
+
     pub(super) fn mark_ready(&mut self, port: u32) {
+        if let Gate::Closed { waiting, .. } = &mut self.gate {
+            if !waiting.contains(&port) {
+                waiting.push(port);
+            }
+            return;
+        }
         if let Some(c) = self.conns.get_mut(&port)
             && !c.queued
         {
@@ -503,11 +559,14 @@ impl Muxer {
             }
         }
         if live {
-            // RX notifications stay off until the device waits for a buffer.
+            // RX notifications stay off until the device waits for a buffer. TX notifications
+            // go on: a device restored from a snapshot taken while it polled would otherwise
+            // inherit, in guest memory, a guest told not to notify, with no thread polling.
             let snapshot = self.mem.snapshot();
             let mut core = self.shared.core();
             if let Some(q) = core.queues.as_mut() {
                 let _ = q.rx.disable_notification(&*snapshot);
+                let _ = q.tx.enable_notification(&*snapshot);
             }
         }
         true
@@ -526,6 +585,10 @@ impl Muxer {
                     let own = n.min(c.preamble);
                     c.preamble -= own;
                     c.fwd_cnt = c.fwd_cnt.wrapping_add((n - own) as u32);
+                    if n > own && !self.replied {
+                        self.replied = true;
+                        self.ctx.replied();
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => c.writable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -558,6 +621,9 @@ impl Muxer {
     }
 
     fn run_timers(&mut self, now: Instant) {
+        if matches!(self.gate, Gate::Closed { until, .. } if now >= until) {
+            self.open_gate();
+        }
         let mut due = Vec::new();
         for (&port, c) in &self.conns {
             match c.state {

@@ -140,6 +140,7 @@ impl Muxer {
                     }
                     c.preamble = ok.len();
                 }
+                self.accepted();
                 self.mark_ready(host_port);
                 self.to_flush.push(host_port);
             }
