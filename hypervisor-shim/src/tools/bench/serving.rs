@@ -84,7 +84,11 @@ fn first_byte_us(port: u16, probe: Probe) -> Result<f64, BenchError> {
 /// * `--on-demand` (resume): `wake_us` and `wake_us_p99` over [`WAKES`] wakes (connect → first
 ///   byte; the summary must count one wake per sample), `wake_rebuild_us` (client seen → VM
 ///   rebuilt, from the summary), `sleeping_rss_kib` (the shim's RSS while its VM sleeps); the
-///   same for kv with `PING`: `kv_wake_us` and `kv_wake_us_p99`.
+///   same for kv with `PING`: `kv_wake_us` and `kv_wake_us_p99`. From the shim's summary: each
+///   wake's phases (`wake_phase_load_us`, `_kvm_us`, `_memory_us`, `_vcpus_us`,
+///   `_devices_us`), `wake_first_reply_us` (client seen → first answer byte, inside the shim)
+///   and `post_wake_faults` (the shim's page faults from the VM ready to that answer), with
+///   `kv_` for kv; `wake_from_boot_us` is `cold_start_us` (the path a wake took before).
 pub(crate) fn add_on_demand(
     opts: &BenchOptions,
     dir: &std::path::Path,
@@ -143,6 +147,21 @@ fn add_wakes(
     let mut sorted = wakes.clone();
     sorted.sort_by(f64::total_cmp);
     let p99 = sorted[(sorted.len() * 99).div_ceil(100).saturating_sub(1)];
+    // The shim's own account of each wake: its phases, and the page faults between the VM
+    // ready and its first answer.
+    let phase = |key: &str| -> Vec<f64> {
+        s["on_demand"]["wake_phases"]
+            .as_array()
+            .map_or(Vec::new(), |a| a.iter().filter_map(|p| p[key].as_f64()).collect())
+    };
+    let prefix = if probe == Probe::Kv { "kv_" } else { "" };
+    report.add(&format!("{prefix}post_wake_faults"), phase("post_wake_faults"), 1.0);
+    report.add(&format!("{prefix}wake_first_reply_us"), phase("first_reply_us"), 1.0);
+    if probe == Probe::Http {
+        for key in ["load_us", "kvm_us", "memory_us", "vcpus_us", "devices_us"] {
+            report.add(&format!("wake_phase_{key}"), phase(key), 1.0);
+        }
+    }
     if probe == Probe::Kv {
         report.add("kv_wake_us", wakes, 1.0);
         report.add("kv_wake_us_p99", vec![p99], 1.0);
@@ -185,6 +204,8 @@ fn add_cold_starts(opts: &BenchOptions, dir: &std::path::Path, report: &mut Benc
             SAMPLES + 1
         )));
     }
+    // The same path as a wake from boot (issue 20's `wake_from_boot_us`).
+    report.add("wake_from_boot_us", cold.clone(), 1.0);
     report.add("cold_start_us", cold, 1.0);
     report.add("warm_rtt_us", warm, 1.0);
     if let Some(boot) = s["on_demand"]["boot_us"].as_array() {
