@@ -25,6 +25,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 mod clients;
+mod density;
 mod host;
 mod lifecycle;
 mod native;
@@ -301,6 +302,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         if opts.wants("serving") {
             progress(&bar, "on demand (cold starts)");
             serving::add_on_demand(opts, &dir, &mut report)?;
+            progress(&bar, "a thousand sleeping services");
+            density::add(opts, &dir, &mut report)?;
             progress(&bar, "the demo (controller under request load)");
             serving::add_demo(opts, &dir, &mut report)?;
             progress(&bar, "the demo with one busy process");

@@ -34,7 +34,7 @@ use crate::vmm::error::VmError;
 use crate::vmm::loader::KernelImage;
 use crate::vmm::outcome::Outcome;
 use crate::vmm::stats::RunReport;
-use crate::vmm::vm::{Host, Vm};
+use crate::vmm::vm::{Host, Shell, Vm, WarmPool};
 
 /// What a slot needs to boot its VM again and again.
 pub(crate) struct Slot<'a> {
@@ -62,6 +62,8 @@ pub(crate) struct Slot<'a> {
     /// The run's templates (an on-demand slot that wakes by resume starts from its service's
     /// template, or takes it at its first boot).
     pub(crate) templates: Option<&'a Templates>,
+    /// The run's KVM VMs made ahead (see [`WarmPool`]).
+    pub(crate) warm: &'a WarmPool,
 }
 
 impl std::fmt::Debug for Slot<'_> {
@@ -210,8 +212,9 @@ fn stand_in(
     })
 }
 
-/// What a VM of `slot` is built with, its events going to `events`.
-fn host_for<'h>(slot: &Slot<'h>, events: crate::vmm::shared::EventSink) -> Host<'h> {
+/// What a VM of `slot` is built with, its events going to `events` (in `shell`, when one was
+/// made ahead).
+fn host_for<'h>(slot: &Slot<'h>, events: crate::vmm::shared::EventSink, shell: Option<Box<Shell>>) -> Host<'h> {
     Host {
         kvm: slot.kvm,
         started: slot.started,
@@ -219,6 +222,7 @@ fn host_for<'h>(slot: &Slot<'h>, events: crate::vmm::shared::EventSink) -> Host<
         pool: slot.pool,
         console: (slot.console)(),
         events,
+        shell,
     }
 }
 
@@ -270,7 +274,7 @@ fn resume_from<'h>(
         Ok(c) => c,
         Err(_) => return Err((host, endpoints)),
     };
-    let retry = host_for(slot, host.events.clone());
+    let retry = host_for(slot, host.events.clone(), None);
     match restore(cycle, &loaded.state, RestoreMemory::File(loaded.memory), Arc::clone(&slot.image), host, copies) {
         Ok((vm, p)) => {
             let us = slot.started.elapsed().saturating_sub(seen_at).as_micros() as u64;
@@ -397,6 +401,8 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
                 config.name(),
                 stand_in(config, slot.started, &figures, asleep, Arc::clone(&interrupted)),
             );
+            // The KVM VM the next VM is made in, made while the slot waits.
+            slot.warm.top_up(slot.kvm);
             match wait_for_client(&slot.endpoints, &interrupted, deadline) {
                 Waited::Client => {}
                 Waited::Interrupted => return Ok((end_without_vm(last, Outcome::NoVm), figures)),
@@ -422,7 +428,7 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
         cycle.lifecycle.timeout =
             deadline.map(|d| d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
         let owner = Owner::new();
-        let host = host_for(&slot, owner.sink());
+        let host = host_for(&slot, owner.sink(), slot.warm.take());
         // Where the VM comes from: its sleep, its service's template, or a boot (which takes
         // the template when the slot keeps them and there is none yet).
         let templates = slot.templates.filter(|_| config.lifecycle.on_demand == Some(Wake::Resume));

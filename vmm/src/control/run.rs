@@ -442,6 +442,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
             pool: &pool,
             console: sink.make(),
             events: owner.sink(),
+            shell: None,
         };
         if let Some(mut r) = restored {
             let vm = restore(&vs.config, &r.state, r.memory, image, host(&sink, &owner), bound).map(|(vm, _)| vm);
@@ -478,6 +479,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     } else {
         None
     };
+    let warm = crate::vmm::vm::WarmPool::default();
     crate::host::signals::install();
     let total = prepared.len();
     let finished = AtomicUsize::new(0);
@@ -505,6 +507,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
                     console: &make,
                     member,
                     templates: templates.as_ref(),
+                    warm: &warm,
                 };
                 let served = on_demand::serve(slot);
                 pool.close(member);

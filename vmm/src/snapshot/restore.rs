@@ -96,10 +96,19 @@ fn rebuild(
         clock = now;
         us
     };
+    let mut host = host;
+    let mut warm: Vec<Vcpu> = Vec::new();
     let (fd, mem) = match memory {
         RestoreMemory::Live { fd, mem } => (fd, mem),
         RestoreMemory::File(file) => {
-            let fd = create_kvm_vm(host.kvm)?;
+            let fd = match host.shell.take() {
+                Some(shell) => {
+                    let (fd, vcpus) = (*shell).into_parts();
+                    warm = vcpus;
+                    fd
+                }
+                None => create_kvm_vm(host.kvm)?,
+            };
             phases.kvm_us = lap();
             let boot = state.memory.regions.first().ok_or_else(|| bad("the snapshot lists no memory".into()))?;
             if boot.gpa != 0 || boot.len != layout.ram_size {
@@ -121,15 +130,23 @@ fn rebuild(
     let mut initial: Vec<Initial> = Vec::new();
     for ((id, &online), handle) in state.online.iter().enumerate().zip(handles) {
         let id = id as u32;
+        // A vCPU of the shell the VM was made in, if it has this one.
+        let fresh = warm.iter().position(|v| v.id() == id).map(|i| warm.swap_remove(i));
         let vcpu = if online {
             let saved = state
                 .vcpus
                 .iter()
                 .find(|v| v.id == id)
                 .ok_or_else(|| bad(format!("vCPU {id} is online but has no saved state")))?;
-            Vcpu::restore(VcpuArgs { vm: &fd, cpuid: &cpuid }, saved)?
+            match fresh {
+                Some(v) => v.with_state(saved)?,
+                None => Vcpu::restore(VcpuArgs { vm: &fd, cpuid: &cpuid }, saved)?,
+            }
         } else {
-            Vcpu::create(&fd, &cpuid, id)?
+            match fresh {
+                Some(v) => v,
+                None => Vcpu::create(&fd, &cpuid, id)?,
+            }
         };
         initial.push((vcpu, handle, !online));
     }

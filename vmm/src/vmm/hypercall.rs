@@ -448,6 +448,7 @@ mod fuzz {
                 pool: &pool,
                 console: Box::new(std::io::sink()),
                 events: Arc::new(|_| {}),
+                shell: None,
             };
             Vm::create(&config, image, host, Vec::new()).expect("a VM")
         })

@@ -136,6 +136,18 @@ impl Vcpu {
         Ok(Vcpu { id, fd, steal_time })
     }
 
+    /// Its id.
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// This fresh vCPU (made by [`Vcpu::create`], never run) with the saved state `st`; its
+    /// id must be `st`'s.
+    pub(crate) fn with_state(self, st: &VcpuState) -> Result<Vcpu, VcpuError> {
+        self.load(st)?;
+        Ok(self)
+    }
+
     /// Whether KVM keeps this vCPU's steal-time record.
     pub(crate) fn steal_time(&self) -> bool {
         self.steal_time

@@ -22,7 +22,7 @@ const SETTLE: Duration = Duration::from_millis(400);
 
 /// The service an on-demand figure is measured on, and its one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Probe {
+pub(super) enum Probe {
     /// http, `GET /` (closing the connection): `HTTP/1.1 200`.
     Http,
     /// kv, `PING`: `+PONG`.
@@ -47,7 +47,7 @@ impl Probe {
 
 /// Connect, send the probe's request and wait for the first byte of the answer: µs. Then reads
 /// the rest of the answer and checks it.
-fn first_byte_us(port: u16, probe: Probe) -> Result<f64, BenchError> {
+pub(super) fn first_byte_us(port: u16, probe: Probe) -> Result<f64, BenchError> {
     let io = |e: std::io::Error| BenchError::Summary(format!("on-demand request: {e}"));
     let t = Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(io)?;
@@ -113,7 +113,7 @@ fn start_on_demand(
 }
 
 /// A process's resident set (KiB).
-fn rss_kib(pid: u32) -> Option<f64> {
+pub(super) fn rss_kib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()
 }
