@@ -470,3 +470,76 @@ fn the_services_pool_example_serves_two_services_at_once_and_one_on_demand() {
     // The pool held at most its 4 vCPUs although kv and web could burst to 6.
     assert!(pool["pool"]["peak_vcpus"].as_u64().is_some_and(|p| p <= 4), "{}", pool["pool"]);
 }
+
+/// Forty on-demand kv services in one pool, all asleep: the shim's RSS per service stays far
+/// below a VM's memory (512 KiB each, shim included), and any of them wakes with its state
+/// while the others sleep (the bench does the same with 1,000).
+#[test]
+fn forty_sleeping_services_cost_little_and_each_wakes_with_its_state() {
+    require_kvm();
+    const N: usize = 40;
+    let dir = temp_dir("density");
+    // Distinct ports: every listener stays bound until all are chosen.
+    let held: Vec<std::net::TcpListener> =
+        (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port")).collect();
+    let ports: Vec<u16> = held.iter().map(|l| l.local_addr().expect("port").port()).collect();
+    drop(held);
+    let mut config = format!("[pool]\nvcpus = {N}\nmemory = \"{}M\"\ntimeout = \"90s\"\n", N * 64);
+    for (i, port) in ports.iter().enumerate() {
+        config.push_str(&format!(
+            "[[vm]]\nname = \"s{i}\"\napp = \"kv\"\nvcpus = \"1:1:1\"\nmemory = \"64M:64M:64M\"\nlog = \"warn\"\n\
+             publish = [\"127.0.0.1:{port}:6379\"]\non_demand = true\nidle_shutdown = \"200ms\"\n"
+        ));
+    }
+    std::fs::write(dir.join("pool.toml"), config).unwrap();
+    let mut child = Command::new(SHIM)
+        .arg("pool")
+        .arg(dir.join("pool.toml"))
+        .arg("--summary")
+        .arg(dir.join("summary.json"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the shim starts");
+    {
+        use std::io::BufRead;
+        let err = child.stderr.take().expect("stderr");
+        let mut lines = std::io::BufReader::new(err).lines();
+        let mut waiting = 0;
+        while waiting < N {
+            let line = lines.next().and_then(Result::ok).expect("the pool stopped before every service waited");
+            waiting += usize::from(line.contains("on demand, no VM running"));
+        }
+        std::thread::spawn(move || for _ in lines {});
+    }
+    let redis = |port: u16, args: &[&str]| {
+        let port = port.to_string();
+        let mut all = vec!["-p", &port];
+        all.extend_from_slice(args);
+        let run = common::client("redis-cli", "redis-tools", &all);
+        run.expect_code(0);
+        run.stdout.trim().to_string()
+    };
+    let woken: Vec<u16> = (0..5).map(|i| ports[i * N / 5 + 3]).collect();
+    for (i, &port) in woken.iter().enumerate() {
+        assert_eq!(redis(port, &["set", "mine", &format!("service {i}")]), "OK");
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    assert!(rss_kib / (N as u64) < 512, "{rss_kib} KiB for {N} sleeping services");
+    for (i, &port) in woken.iter().enumerate() {
+        assert_eq!(redis(port, &["get", "mine"]), format!("service {i}"), "service {i} lost its state");
+    }
+    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let summary = read_json(&dir.join("summary.json"));
+    let vms = summary["vms"].as_array().expect("vms");
+    let wakes: u64 = vms.iter().filter_map(|v| v["on_demand"]["wakes"].as_u64()).sum();
+    let starts: u64 = vms.iter().filter_map(|v| v["on_demand"]["cold_starts"].as_u64()).sum();
+    assert_eq!((starts, wakes), (5, 5), "{summary}");
+}

@@ -5,7 +5,6 @@ use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::host::free_port;
 use super::serving::{Probe, first_byte_us, rss_kib};
 use super::{BenchError, BenchOptions, BenchReport};
 
@@ -34,7 +33,13 @@ impl Drop for PoolRun {
 /// byte of `PING`'s answer, one service woken at a time while the others sleep) and
 /// `density_start_ms` (the pool's start until every service waits for clients).
 pub(crate) fn add(opts: &BenchOptions, dir: &std::path::Path, report: &mut BenchReport) -> Result<(), BenchError> {
-    let ports: Vec<u16> = (0..SERVICES).map(|_| free_port()).collect::<Result<_, _>>()?;
+    // Distinct ports: every listener stays bound until all are chosen.
+    let held: Vec<std::net::TcpListener> = (0..SERVICES)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(|e| BenchError::Summary(format!("no free port: {e}")))?;
+    let ports: Vec<u16> = held.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.port()).collect();
+    drop(held);
     let mut config = format!("[pool]\nvcpus = {SERVICES}\nmemory = \"{}M\"\ntimeout = \"900s\"\n", SERVICES * 64);
     for (i, port) in ports.iter().enumerate() {
         config.push_str(&format!(
@@ -61,11 +66,16 @@ pub(crate) fn add(opts: &BenchOptions, dir: &std::path::Path, report: &mut Bench
     let mut run = PoolRun(child);
     let mut lines = std::io::BufReader::new(err).lines();
     let mut waiting = 0;
+    let mut last = String::new();
     while waiting < SERVICES {
         match lines.next() {
             Some(Ok(l)) if l.contains("on demand, no VM running") => waiting += 1,
-            Some(Ok(_)) => {}
-            _ => return Err(BenchError::Summary(format!("the pool stopped with {waiting} services waiting"))),
+            Some(Ok(l)) => last = l,
+            _ => {
+                return Err(BenchError::Summary(format!(
+                    "the pool of {SERVICES} services stopped with {waiting} waiting: {last}"
+                )));
+            }
         }
     }
     report.add("density_start_ms", vec![t.elapsed().as_secs_f64() * 1e3], 1.0);
