@@ -158,7 +158,10 @@ pub fn now_monotonic_ns() -> u64 {
     monotonic_ns()
 }
 
-fn boot_once(opts: &BenchOptions, summary: &Path) -> Result<(f64, f64), BenchError> {
+/// The boot phases of a run's summary (`boot_phases`), in [`BOOT_PHASES`] order.
+const BOOT_PHASES: [&str; 6] = ["before_us", "kvm_us", "memory_us", "vcpu_us", "devices_us", "guest_us"];
+
+fn boot_once(opts: &BenchOptions, summary: &Path) -> Result<(f64, f64, Vec<f64>), BenchError> {
     let spawned = monotonic_ns();
     let summary_arg = summary.to_string_lossy();
     run_shim(opts, &["run", "--app", "hello", "--timeout", "30", "--summary", &summary_arg])?;
@@ -167,7 +170,8 @@ fn boot_once(opts: &BenchOptions, summary: &Path) -> Result<(f64, f64), BenchErr
     let boot = v["boot_us"].as_f64().ok_or_else(|| BenchError::Summary("no boot_us".into()))?;
     let main_at = v["started_monotonic_ns"].as_u64().ok_or_else(|| BenchError::Summary("no start time".into()))?;
     let from_spawn = main_at.saturating_sub(spawned) as f64 / 1000.0 + boot;
-    Ok((boot, from_spawn))
+    let phases = BOOT_PHASES.iter().map(|k| v["boot_phases"][*k].as_f64().unwrap_or(0.0)).collect();
+    Ok((boot, from_spawn, phases))
 }
 
 /// Time from spawning the shim with `args` to reaping it, in µs (output discarded; a failed
@@ -235,10 +239,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let mem_boots = opts.runs.div_ceil(10).max(2);
     let bar = progress_bar((opts.runs + vcpu_boots + mem_boots + 3) as u64);
     let (mut boots, mut from_spawn, mut floor, mut whole) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut phases: Vec<Vec<f64>> = Vec::new();
     for _ in 0..if opts.wants("boot") { opts.runs } else { 0 } {
         progress(&bar, "boot");
-        let (b, s) = boot_once(opts, &summary)?;
+        let (b, s, p) = boot_once(opts, &summary)?;
         boots.push(b);
+        phases.push(p);
         from_spawn.push(s);
         // The floor: spawn -> reap of a run that only prints its version.
         floor.push(process_us(opts, &["--version"], false)?);
@@ -248,6 +254,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let _ = std::fs::remove_dir_all(&dir);
     if opts.wants("boot") {
         report.add("boot_us", boots, 1.0);
+        for (i, key) in BOOT_PHASES.iter().enumerate() {
+            report.add(&format!("boot_phase_{key}"), phases.iter().map(|p| p[i]).collect(), 1.0);
+        }
         report.add("boot_from_spawn_us", from_spawn, 1.0);
         report.add("spawn_floor_us", floor, 1.0);
         report.add("hello_process_us", whole, 1.0);

@@ -196,7 +196,21 @@ fn syscalls(role: Role) -> Vec<libc::c_long> {
     all
 }
 
+/// `role`'s filter, compiled once per process: every VM an on-demand slot boots or wakes
+/// starts its threads again, each narrowing itself.
 fn program(role: Role) -> Result<BpfProgram, SeccompError> {
+    const ROLES: usize = 6;
+    const _: () = assert!(Role::Api as usize + 1 == ROLES, "one compiled filter per role");
+    static COMPILED: [std::sync::OnceLock<BpfProgram>; ROLES] = [const { std::sync::OnceLock::new() }; ROLES];
+    let slot = &COMPILED[role as usize];
+    if let Some(p) = slot.get() {
+        return Ok(p.clone());
+    }
+    let compiled = compile(role)?;
+    Ok(slot.get_or_init(|| compiled).clone())
+}
+
+fn compile(role: Role) -> Result<BpfProgram, SeccompError> {
     let err = |reason: String| SeccompError::Build { role: role.name(), reason };
     let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = syscalls(role).into_iter().map(|n| (n, vec![])).collect();
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| err(e.to_string()))?;

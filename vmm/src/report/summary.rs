@@ -202,6 +202,9 @@ pub struct Summary {
     /// A restored or migrated VM: shim start to the VM ready to run (µs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) restore_us: Option<u64>,
+    /// A booted VM: where the time to HELLO went (the last boot of an on-demand slot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) boot_phases: Option<crate::vmm::stats::BootPhases>,
     /// Guest console bytes dropped because the shim's output was not read fast enough.
     pub(crate) console_dropped_bytes: u64,
     /// The stderr lines the guest caused: printed, suppressed by the per-VM rate limit, dropped
@@ -331,6 +334,7 @@ impl Summary {
             exit_reason: report.outcome.reason().to_string(),
             boot_us: report.boot.map(|d| d.as_micros() as u64),
             restore_us: report.restored.map(|d| d.as_micros() as u64),
+            boot_phases: report.boot_phases,
             console_dropped_bytes: report.console_dropped,
             diagnostics: DiagSummary {
                 printed: report.diagnostics.printed,

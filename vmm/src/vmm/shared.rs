@@ -28,7 +28,7 @@ use crate::vmm::cpu_state::VcpuState;
 use crate::vmm::loader::KernelImage;
 use crate::vmm::notices::{Holdings, NoticeBoard, Notices};
 use crate::vmm::outcome::Outcome;
-use crate::vmm::stats::{FirstReply, MemoryCounts, RunReport, Stats};
+use crate::vmm::stats::{BootPhases, FirstReply, MemoryCounts, RunReport, Stats};
 use crate::vmm::vcpus::{State, VcpuEvent, VcpuResponse, VcpuSet};
 
 /// What a VM tells its owner.
@@ -101,6 +101,10 @@ pub(crate) struct VmShared {
     restored_in: OnceLock<Duration>,
     /// The first bytes the VM wrote to a client.
     first_reply: OnceLock<FirstReply>,
+    /// A booted VM's creation phases (the guest's is added at HELLO).
+    boot_phases: OnceLock<BootPhases>,
+    /// Time from `started` to the vCPU threads started.
+    running_at: OnceLock<Duration>,
     /// The shim's page faults when this VM was built.
     faults_at_start: u64,
     /// Set once the run is ending; vCPU threads leave their loops.
@@ -173,6 +177,8 @@ impl VmShared {
             first_hello: OnceLock::new(),
             restored_in: OnceLock::new(),
             first_reply: OnceLock::new(),
+            boot_phases: OnceLock::new(),
+            running_at: OnceLock::new(),
             faults_at_start: crate::host::process::page_faults(),
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),
@@ -274,6 +280,16 @@ impl VmShared {
     /// How long the VM has run, across the processes it was restored or migrated through.
     pub(crate) fn uptime(&self) -> Duration {
         self.uptime_before + self.started.elapsed()
+    }
+
+    /// Notes where a booted VM's creation took its time.
+    pub(crate) fn set_boot_phases(&self, phases: BootPhases) {
+        let _ = self.boot_phases.set(phases);
+    }
+
+    /// Notes that the vCPU threads start now.
+    pub(crate) fn running_now(&self) {
+        let _ = self.running_at.set(self.started.elapsed());
     }
 
     /// Notes the first HELLO (boot time); `true` the first time.
@@ -496,6 +512,13 @@ impl VmShared {
             boot: self.first_hello.get().copied(),
             restored: self.restored_in.get().copied(),
             first_reply: self.first_reply.get().copied(),
+            boot_phases: self.boot_phases.get().map(|p| BootPhases {
+                guest_us: match (self.first_hello.get(), self.running_at.get()) {
+                    (Some(h), Some(r)) => h.saturating_sub(*r).as_micros() as u64,
+                    _ => 0,
+                },
+                ..*p
+            }),
             wall: self.started.elapsed(),
             hypercalls: l(&s.hypercalls),
             per_call,

@@ -25,7 +25,7 @@ use crate::vmm::notices::NoticeBoard;
 use crate::vmm::outcome::Outcome;
 use crate::vmm::platform::{self, BootParams};
 use crate::vmm::shared::{EventSink, Parts, VmShared};
-use crate::vmm::stats::RunReport;
+use crate::vmm::stats::{BootPhases, RunReport};
 use crate::vmm::vcpu::{self, Vcpu};
 use crate::vmm::vcpus::{VcpuHandle, VcpuSet};
 
@@ -182,6 +182,8 @@ impl Vm {
         endpoints: Vec<Bound>,
     ) -> Result<Vm, VmError> {
         let kvm = host.kvm;
+        let t0 = Instant::now();
+        let mut phases = BootPhases { before_us: host.started.elapsed().as_micros() as u64, ..BootPhases::default() };
         let (fd, warm) = match host.shell {
             Some(shell) => {
                 let (fd, vcpus) = (*shell).into_parts();
@@ -192,29 +194,34 @@ impl Vm {
         // Two independent halves of the boot path run side by side: the boot vCPU (CPUID query,
         // vCPU creation, its registers; made ahead in a shell) on a helper thread, guest memory
         // (mapping, KVM slot, platform structures, kernel image) on this one.
+        phases.kvm_us = t0.elapsed().as_micros() as u64;
+        let t1 = Instant::now();
         let (prepared, mem) = std::thread::scope(|scope| {
-            let vcpu = scope.spawn(|| -> Result<(CpuId, Vcpu), VmError> {
+            let vcpu = scope.spawn(|| -> Result<(CpuId, Vcpu, u64), VmError> {
+                let t = Instant::now();
                 let cpuid = supported_cpuid(kvm)?;
                 let vcpu = match warm {
                     Some(v) => v,
                     None => Vcpu::create(&fd, &cpuid, 0)?,
                 };
-                Ok((cpuid, vcpu))
+                Ok((cpuid, vcpu, t.elapsed().as_micros() as u64))
             });
-            let mem = (|| -> Result<GuestMemory, VmError> {
+            let mem = (|| -> Result<(GuestMemory, u64), VmError> {
                 let mem =
                     GuestMemory::with_window(layout.ram_size, layout.window_base, layout.window_size, max_slots(kvm))?;
                 mem.register_boot_slot(&fd)?;
                 platform::write_descriptor_tables(&mem)?;
                 platform::write_page_tables(&mem, &layout)?;
                 image.load(&mem)?;
-                Ok(mem)
+                Ok((mem, t1.elapsed().as_micros() as u64))
             })();
             let prepared = vcpu.join().unwrap_or_else(|_| Err(VmError::Internal("the vCPU preparation thread failed")));
             (prepared, mem)
         });
-        let (cpuid, boot_vcpu) = prepared?;
-        let mem = mem?;
+        let (cpuid, boot_vcpu, vcpu_us) = prepared?;
+        let (mem, memory_us) = mem?;
+        (phases.vcpu_us, phases.memory_us) = (vcpu_us, memory_us);
+        let t2 = Instant::now();
         // Device pages follow the kernel image; the heap starts after them.
         let setup = device_setup(config, &endpoints);
         let devices = DeviceManager::create(image.end.next_multiple_of(4096), &mem, &setup)?;
@@ -257,7 +264,10 @@ impl Vm {
             events: host.events,
             diag: Arc::clone(&setup.diag),
         };
-        Self::assemble(parts, vec![(boot_vcpu, handle, false)])
+        let vm = Self::assemble(parts, vec![(boot_vcpu, handle, false)])?;
+        phases.devices_us = t2.elapsed().as_micros() as u64;
+        vm.shared.set_boot_phases(phases);
+        Ok(vm)
     }
 
     /// A VM of `parts` (a booted one, or one restored from saved parts) with the vCPUs it
@@ -278,6 +288,7 @@ impl Vm {
     pub(crate) fn start(self) -> RunningVm {
         let shared = self.shared;
         shared.record("boot", detail([("app", shared.app().into())]));
+        shared.running_now();
         for (v, handle, parked) in self.initial {
             if let Err(e) = vcpu::spawn(&shared, v, handle, parked) {
                 shared.finish(Outcome::Internal(e.to_string()));
