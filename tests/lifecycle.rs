@@ -487,3 +487,49 @@ fn snapshot_restore_and_flags_refuse_what_is_wrong_with_one_line_and_the_documen
     let help = String::from_utf8_lossy(&help.stdout).replace('\n', " ");
     assert!(help.contains("With no arguments at all, `hypervisor-shim` runs the self-driving demo"), "{help}");
 }
+
+/// A restored on-demand VM stays on demand: it serves at once with every key, goes to sleep
+/// when idle, and the next client wakes it with the keys still there.
+#[test]
+fn a_restored_on_demand_vm_sleeps_when_idle_and_wakes_with_its_keys() {
+    require_kvm();
+    let dir = temp_dir("lifecycle-on-demand-restore");
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    let args = ["run", "--app", "kv", "--publish", &publish, "--on-demand", "--idle-shutdown", "2s"];
+    let src = ShimProcess::start(&dir, &[&args[..], &["--api-sock", "src.sock", "--timeout", "120"]].concat());
+    wait_for_api(&dir, "src.sock");
+    write_keys(port);
+    json_of(&ctl_in(&dir, "src.sock", &["snapshot", "vm0", "--to", "snap"]));
+    ctl_in(&dir, "src.sock", &["stop", "vm0"]).expect_code(0);
+    let (code, err) = src.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(5), "the source stopped at the host's request: {err}");
+
+    let dst = ShimProcess::start(
+        &dir,
+        &["restore", "snap", "--api-sock", "dst.sock", "--summary", "dst.json", "--timeline", "dst.jsonl"],
+    );
+    wait_for_api(&dir, "dst.sock");
+    wait_for_port(port);
+    assert_eq!(read_keys(port), (KEYS, expected_checksum()), "every key after the restore");
+    // Idle for 2 s: it goes to sleep (the API shows it sleeping), and the next client wakes it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    // (Between the VM's end and the slot's stand-in, `get` finds no VM: asked again.)
+    let sleeping = |r: Run| r.code == Some(0) && json_of(&r)["state"] == "sleeping";
+    while !sleeping(ctl_in(&dir, "dst.sock", &["get", "vm0"])) {
+        assert!(Instant::now() < deadline, "the restored VM never went to sleep");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(read_keys(port), (KEYS, expected_checksum()), "every key after the wake");
+    ctl_in(&dir, "dst.sock", &["stop", "vm0"]).expect_code(0);
+    let (code, err) = dst.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(5), "{err}");
+    let events: Vec<String> = read_json_lines(&dir.join("dst.jsonl"))
+        .iter()
+        .filter_map(|l| l["event"].as_str().map(str::to_string))
+        .filter(|e| ["sleep", "wake", "cold_start"].contains(&e.as_str()))
+        .collect();
+    assert_eq!(events, ["sleep", "wake"], "the restored VM slept and woke once");
+    let summary = read_json(&dir.join("dst.json"));
+    assert_eq!(summary["on_demand"]["wakes"], 1, "{summary}");
+}

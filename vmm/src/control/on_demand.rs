@@ -64,6 +64,8 @@ pub(crate) struct Slot<'a> {
     pub(crate) templates: Option<&'a Templates>,
     /// The run's KVM VMs made ahead (see [`WarmPool`]).
     pub(crate) warm: &'a WarmPool,
+    /// A VM made before the slot started (restored from a snapshot), which it runs first.
+    pub(crate) first: Option<(Vm, Owner)>,
 }
 
 impl std::fmt::Debug for Slot<'_> {
@@ -233,6 +235,9 @@ enum From {
     Sleep,
     /// The service's template (a cold start that resumes instead of booting).
     Template,
+    /// A snapshot the run was started from (`resume DIR` of an on-demand VM): the slot's
+    /// first VM.
+    Restored,
 }
 
 impl From {
@@ -240,6 +245,7 @@ impl From {
         match self {
             From::Sleep => "resume",
             From::Template => "template",
+            From::Restored => "restore",
         }
     }
 }
@@ -261,7 +267,7 @@ fn resume_from<'h>(
     let name = cycle.name();
     let what = match from {
         From::Sleep => "its sleep",
-        From::Template => "its service's template",
+        From::Template | From::Restored => "its service's template",
     };
     if loaded.state.kernel != slot.image.path {
         crate::host::diag::say(format_args!(
@@ -305,7 +311,7 @@ fn resume_from<'h>(
                     line.insert("wake_us".into(), us.into());
                     slot.timeline.record(name, "wake", 0, 0, line);
                 }
-                From::Template => {
+                From::Template | From::Restored => {
                     figures.cold_starts += 1;
                     figures.template_phases.push(phases);
                     line.insert("cold_starts".into(), figures.cold_starts.into());
@@ -354,7 +360,7 @@ fn load_template(name: &str, store: &Templates, key: &TemplateKey) -> Option<(cr
 /// its timeout passes, or a VM ends for a reason that neither an idle shutdown nor the
 /// restart policy covers. Returns the last
 /// VM's report (or one saying no VM ran) and the slot's figures.
-pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmError> {
+pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmError> {
     let config = slot.config;
     let deadline = config.lifecycle.timeout.map(|t| Instant::now() + t);
     let mut figures = OnDemandFigures::default();
@@ -385,7 +391,8 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
             addresses.join(", ")
         ));
     }
-    let mut boot_now = config.lifecycle.on_demand.is_none();
+    let mut first = slot.first.take();
+    let mut boot_now = config.lifecycle.on_demand.is_none() || first.is_some();
     let sleep_dir = match config.lifecycle.on_demand {
         Some(Wake::Resume) => Some(SleepDir::create(config.name())?),
         _ => None,
@@ -427,35 +434,42 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
         cycle.pool_member = Some(slot.member);
         cycle.lifecycle.timeout =
             deadline.map(|d| d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
-        let owner = Owner::new();
-        let host = host_for(&slot, owner.sink(), slot.warm.take());
-        // Where the VM comes from: its sleep, its service's template, or a boot (which takes
-        // the template when the slot keeps them and there is none yet).
+        // Where the VM comes from: the VM the slot started with, its sleep, its service's
+        // template, or a boot (which takes the template when the slot keeps them and there is
+        // none yet).
         let templates = slot.templates.filter(|_| config.lifecycle.on_demand == Some(Wake::Resume));
         let key = templates.map(|_| TemplateKey::of(&cycle, &slot.image));
-        let source = match sleep_dir.as_ref().filter(|_| std::mem::take(&mut asleep)) {
-            Some(dir) => load_sleep(config.name(), &dir.0),
-            None => templates.zip(key.as_ref()).and_then(|(t, k)| load_template(config.name(), t, k)),
-        };
-        let started_from = source.as_ref().map(|s| s.2);
-        let woken = match source {
-            Some(source) => resume_from(&slot, &cycle, source, host, endpoints, &mut figures, seen_at),
-            None => Err((host, endpoints)),
-        };
-        let (vm, from) = match woken {
-            Ok(vm) => (vm, started_from),
-            Err((host, endpoints)) => {
-                if config.lifecycle.on_demand.is_some() {
-                    slot.timeline.record(
-                        config.name(),
-                        "cold_start",
-                        0,
-                        0,
-                        detail([("cold_starts", (figures.cold_starts + 1).into()), ("path", "boot".into())]),
-                    );
-                }
-                cycle.take_template = key.is_some();
-                (Vm::create(&cycle, Arc::clone(&slot.image), host, endpoints)?, None)
+        let (vm, from, owner) = match first.take() {
+            Some((vm, owner)) => (vm, Some(From::Restored), owner),
+            None => {
+                let owner = Owner::new();
+                let host = host_for(&slot, owner.sink(), slot.warm.take());
+                let source = match sleep_dir.as_ref().filter(|_| std::mem::take(&mut asleep)) {
+                    Some(dir) => load_sleep(config.name(), &dir.0),
+                    None => templates.zip(key.as_ref()).and_then(|(t, k)| load_template(config.name(), t, k)),
+                };
+                let started_from = source.as_ref().map(|s| s.2);
+                let woken = match source {
+                    Some(source) => resume_from(&slot, &cycle, source, host, endpoints, &mut figures, seen_at),
+                    None => Err((host, endpoints)),
+                };
+                let (vm, from) = match woken {
+                    Ok(vm) => (vm, started_from),
+                    Err((host, endpoints)) => {
+                        if config.lifecycle.on_demand.is_some() {
+                            slot.timeline.record(
+                                config.name(),
+                                "cold_start",
+                                0,
+                                0,
+                                detail([("cold_starts", (figures.cold_starts + 1).into()), ("path", "boot".into())]),
+                            );
+                        }
+                        cycle.take_template = key.is_some();
+                        (Vm::create(&cycle, Arc::clone(&slot.image), host, endpoints)?, None)
+                    }
+                };
+                (vm, from, owner)
             }
         };
         let rest = AtRest {
@@ -468,12 +482,12 @@ pub(crate) fn serve(slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), VmEr
         let resumed = match from {
             Some(From::Sleep) => figures.wake_phases.last_mut(),
             Some(From::Template) => figures.template_phases.last_mut(),
-            None => None,
+            Some(From::Restored) | None => None,
         };
         if let Some(w) = resumed {
             w.first_reply_us = first_reply_us;
             w.post_wake_faults = report.first_reply.map(|f| f.faults);
-        } else if config.lifecycle.on_demand.is_some() {
+        } else if from.is_none() && config.lifecycle.on_demand.is_some() {
             figures.cold_starts += 1;
             if let Some(boot) = report.boot {
                 figures.boot_us.push(boot.saturating_sub(seen_at).as_micros() as u64);

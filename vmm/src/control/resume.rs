@@ -98,10 +98,11 @@ pub struct ResumeOptions {
     pub api_sock: Option<PathBuf>,
 }
 
-/// The saved configuration as the resumed VM runs it: no time limit but the command's, no
-/// scale to zero, no restarts.
+/// The saved configuration as the resumed VM runs it: no time limit but the command's, scale
+/// to zero as saved (an on-demand VM sleeps when idle and wakes for the next client), no
+/// restarts.
 fn lifecycle(saved: Lifecycle, opts: &ResumeOptions) -> Lifecycle {
-    Lifecycle { timeout: opts.timeout, on_demand: None, idle_shutdown: saved.idle_shutdown, restart: None }
+    Lifecycle { timeout: opts.timeout, on_demand: saved.on_demand, idle_shutdown: saved.idle_shutdown, restart: None }
 }
 
 /// The VM of the snapshot in `dir`, restored as `opts` says.

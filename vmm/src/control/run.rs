@@ -288,6 +288,8 @@ enum Prepared {
         image: Arc<KernelImage>,
         /// Its pool reservation.
         member: usize,
+        /// A VM restored for it, which it runs first.
+        first: Option<(Vm, Owner)>,
     },
 }
 
@@ -445,17 +447,47 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
             shell: None,
         };
         if let Some(mut r) = restored {
-            let vm = restore(&vs.config, &r.state, r.memory, image, host(&sink, &owner), bound).map(|(vm, _)| vm);
+            // A restored on-demand VM runs in a slot of its own (its min reserved for the run):
+            // idle, it goes to sleep, and the next client wakes it.
+            let on_demand = vs.config.lifecycle.on_demand.is_some();
+            let mut config = vs.config.clone();
+            let mut slot_endpoints = Vec::new();
+            let bound = if on_demand {
+                let r = &config.resources;
+                config.pool_member =
+                    Some(pool.reserve(config.name(), r.vcpus, r.memory, r.weight).map_err(VmError::from)?);
+                let copies = bound.iter().map(Bound::try_clone).collect::<Result<Vec<_>, _>>().map_err(|source| {
+                    VmError::Device(crate::devices::DeviceError::Host {
+                        device: "every",
+                        what: "cannot share the listening sockets with the restored VM",
+                        source,
+                    })
+                })?;
+                slot_endpoints = bound;
+                copies
+            } else {
+                bound
+            };
+            let vm =
+                restore(&config, &r.state, r.memory, Arc::clone(&image), host(&sink, &owner), bound).map(|(vm, _)| vm);
             if let Some(ready) = r.on_ready.take() {
                 ready(vm.as_ref().map(|_| ()).map_err(|e| e.to_string()));
             }
-            prepared.push(Prepared::Now(vm?, owner));
+            match config.pool_member {
+                Some(member) => prepared.push(Prepared::Slot {
+                    endpoints: slot_endpoints,
+                    image,
+                    member,
+                    first: Some((vm?, owner)),
+                }),
+                None => prepared.push(Prepared::Now(vm?, owner)),
+            }
         } else if vs.config.lifecycle.on_demand.is_some() || vs.config.lifecycle.restart.is_some() {
             // Its min is reserved now, as for a VM that runs from the start.
             let c = &vs.config;
             let r = &c.resources;
             let member = pool.reserve(c.name(), r.vcpus, r.memory, r.weight).map_err(VmError::from)?;
-            prepared.push(Prepared::Slot { endpoints: bound, image, member });
+            prepared.push(Prepared::Slot { endpoints: bound, image, member, first: None });
         } else {
             let vm = Vm::create(&vs.config, image, host(&sink, &owner), bound)?;
             prepared.push(Prepared::Now(vm, owner));
@@ -493,7 +525,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
                     crate::control::controller::drive(vm, owner, &ctx, vs.config.lifecycle.timeout, Default::default());
                 (report, None)
             }
-            Prepared::Slot { endpoints, image, member } => {
+            Prepared::Slot { endpoints, image, member, first } => {
                 let make = || sink.make();
                 let slot = Slot {
                     config: &vs.config,
@@ -508,6 +540,7 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
                     member,
                     templates: templates.as_ref(),
                     warm: &warm,
+                    first,
                 };
                 let served = on_demand::serve(slot);
                 pool.close(member);
