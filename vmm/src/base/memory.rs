@@ -70,8 +70,8 @@ fn map_region(gpa: u64, len: u64, backing: &Backing<'_>) -> Result<Region, Memor
     match backing {
         Backing::Anonymous => region(builder.with_mmap_flags(anonymous).build().map_err(|e| map_err(e.to_string()))?),
         Backing::File { file, offset } => {
-            let runs =
-                data_runs(file, *offset, len).map_err(|e| map_err(format!("cannot read the memory file: {e}")))?;
+            let runs = data_runs(file, *offset, len, Some(EAGER_LOAD_MAX))
+                .map_err(|e| map_err(format!("cannot read the memory file: {e}")))?;
             if runs.iter().map(|&(_, n)| n).sum::<u64>() <= EAGER_LOAD_MAX {
                 let mapping = builder.with_mmap_flags(anonymous).build().map_err(|e| map_err(e.to_string()))?;
                 // The guest maps its first 2 MiB with 4 KiB pages (platform structures): a huge
@@ -99,8 +99,8 @@ fn map_region(gpa: u64, len: u64, backing: &Backing<'_>) -> Result<Region, Memor
 
 /// The data runs of `file` in `[offset, offset + len)`, as `(start, length)` relative to
 /// `offset`: everything but the holes (`SEEK_DATA` / `SEEK_HOLE`; a file system without hole
-/// support reports one run).
-fn data_runs(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+/// support reports one run). With `stop_after`, stops once the runs hold more than that.
+fn data_runs(file: &std::fs::File, offset: u64, len: u64, stop_after: Option<u64>) -> std::io::Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     let end = offset.checked_add(len).ok_or_else(|| std::io::Error::other("region overflows"))?;
     let seek = |at: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
@@ -128,6 +128,9 @@ fn data_runs(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<Vec
         }
         runs.push((data - offset, hole - data));
         at = hole;
+        if stop_after.is_some_and(|most| runs.iter().map(|&(_, n)| n).sum::<u64>() > most) {
+            break;
+        }
     }
     Ok(runs)
 }
@@ -735,7 +738,7 @@ mod tests {
         // Region 1 at offset 4096: two pages of data, the rest holes.
         file.write_all_at(&[7u8; 4096], 4096 + 3 * 4096).unwrap();
         file.write_all_at(&[9u8; 4096], 4096 + small - 4096).unwrap();
-        let runs = data_runs(&file, 4096, small).unwrap();
+        let runs = data_runs(&file, 4096, small, None).unwrap();
         assert!(runs.iter().map(|r| r.1).sum::<u64>() <= 2 * 4096 || runs == vec![(0, small)], "{runs:?}");
         let r = map_region(0, small, &Backing::File { file: &file, offset: 4096 }).unwrap();
         // SAFETY: the region's mapping lives as long as `r`.

@@ -195,9 +195,12 @@ fn go_to_sleep(vm: &VmShared, dir: &Path) -> bool {
 }
 
 /// Takes the service's template from `vm`, stopped at its template point (a `template` line in
-/// the timeline); a failure is said on stderr and the VM serves on (the next first start boots).
+/// the timeline), then lets client data flow; a failure is said on stderr and the VM serves on
+/// (the next first start boots).
 fn take_template(vm: &VmShared, store: &Templates, key: &TemplateKey) {
-    match store.take(vm, key) {
+    let taken = store.take(vm, key);
+    vm.devices().open_gates();
+    match taken {
         Ok(f) => vm.record(
             "template",
             detail([

@@ -230,7 +230,7 @@ fn host_for<'h>(slot: &Slot<'h>, events: crate::vmm::shared::EventSink, shell: O
 
 /// Where a VM that does not boot comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum From {
+enum Origin {
     /// Its own sleep (a wake).
     Sleep,
     /// The service's template (a cold start that resumes instead of booting).
@@ -240,12 +240,12 @@ enum From {
     Restored,
 }
 
-impl From {
+impl Origin {
     fn path(self) -> &'static str {
         match self {
-            From::Sleep => "resume",
-            From::Template => "template",
-            From::Restored => "restore",
+            Origin::Sleep => "resume",
+            Origin::Template => "template",
+            Origin::Restored => "restore",
         }
     }
 }
@@ -258,7 +258,7 @@ impl From {
 fn resume_from<'h>(
     slot: &Slot<'h>,
     cycle: &VmConfig,
-    (loaded, load_us, from): (crate::snapshot::Loaded, u64, From),
+    (loaded, load_us, from): (crate::snapshot::Loaded, u64, Origin),
     host: Host<'h>,
     endpoints: Vec<Bound>,
     figures: &mut OnDemandFigures,
@@ -266,8 +266,8 @@ fn resume_from<'h>(
 ) -> Result<Vm, (Host<'h>, Vec<Bound>)> {
     let name = cycle.name();
     let what = match from {
-        From::Sleep => "its sleep",
-        From::Template | From::Restored => "its service's template",
+        Origin::Sleep => "its sleep",
+        Origin::Template | Origin::Restored => "its service's template",
     };
     if loaded.state.kernel != slot.image.path {
         crate::host::diag::say(format_args!(
@@ -303,7 +303,7 @@ fn resume_from<'h>(
                 ("devices_us", p.devices_us.into()),
             ]);
             match from {
-                From::Sleep => {
+                Origin::Sleep => {
                     figures.wakes += 1;
                     figures.wake_us.push(us);
                     figures.wake_phases.push(phases);
@@ -311,7 +311,7 @@ fn resume_from<'h>(
                     line.insert("wake_us".into(), us.into());
                     slot.timeline.record(name, "wake", 0, 0, line);
                 }
-                From::Template | From::Restored => {
+                Origin::Template | Origin::Restored => {
                     figures.cold_starts += 1;
                     figures.template_phases.push(phases);
                     line.insert("cold_starts".into(), figures.cold_starts.into());
@@ -329,10 +329,10 @@ fn resume_from<'h>(
 }
 
 /// Reads the sleep in `dir` (`None`, said on stderr, when it cannot be used).
-fn load_sleep(name: &str, dir: &std::path::Path) -> Option<(crate::snapshot::Loaded, u64, From)> {
+fn load_sleep(name: &str, dir: &std::path::Path) -> Option<(crate::snapshot::Loaded, u64, Origin)> {
     let loading = Instant::now();
     match crate::snapshot::load(dir) {
-        Ok(l) => Some((l, loading.elapsed().as_micros() as u64, From::Sleep)),
+        Ok(l) => Some((l, loading.elapsed().as_micros() as u64, Origin::Sleep)),
         Err(e) => {
             crate::host::diag::say(format_args!("{name}: cannot resume from its sleep ({e}); booting afresh"));
             None
@@ -342,10 +342,10 @@ fn load_sleep(name: &str, dir: &std::path::Path) -> Option<(crate::snapshot::Loa
 
 /// Reads the service's template: `Ok(Some)` to start from, `Ok(None)` when there is none yet
 /// (or it was refused, said on stderr): the boot takes it.
-fn load_template(name: &str, store: &Templates, key: &TemplateKey) -> Option<(crate::snapshot::Loaded, u64, From)> {
+fn load_template(name: &str, store: &Templates, key: &TemplateKey) -> Option<(crate::snapshot::Loaded, u64, Origin)> {
     let loading = Instant::now();
     match store.load(key) {
-        Ok(Some(l)) => Some((l, loading.elapsed().as_micros() as u64, From::Template)),
+        Ok(Some(l)) => Some((l, loading.elapsed().as_micros() as u64, Origin::Template)),
         Ok(None) => None,
         Err(e) => {
             crate::host::diag::say(format_args!(
@@ -440,7 +440,7 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
         let templates = slot.templates.filter(|_| config.lifecycle.on_demand == Some(Wake::Resume));
         let key = templates.map(|_| TemplateKey::of(&cycle, &slot.image));
         let (vm, from, owner) = match first.take() {
-            Some((vm, owner)) => (vm, Some(From::Restored), owner),
+            Some((vm, owner)) => (vm, Some(Origin::Restored), owner),
             None => {
                 let owner = Owner::new();
                 let host = host_for(&slot, owner.sink(), slot.warm.take());
@@ -465,7 +465,9 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
                                 detail([("cold_starts", (figures.cold_starts + 1).into()), ("path", "boot".into())]),
                             );
                         }
-                        cycle.take_template = key.is_some();
+                        // A template taken meanwhile (or one a failed resume did not use) is
+                        // not taken again.
+                        cycle.take_template = templates.zip(key.as_ref()).is_some_and(|(t, k)| !t.has(k));
                         (Vm::create(&cycle, Arc::clone(&slot.image), host, endpoints)?, None)
                     }
                 };
@@ -480,9 +482,9 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
         let _ = slot.timeline.flush();
         let first_reply_us = report.first_reply.map(|f| f.at.saturating_sub(seen_at).as_micros() as u64);
         let resumed = match from {
-            Some(From::Sleep) => figures.wake_phases.last_mut(),
-            Some(From::Template) => figures.template_phases.last_mut(),
-            Some(From::Restored) | None => None,
+            Some(Origin::Sleep) => figures.wake_phases.last_mut(),
+            Some(Origin::Template) => figures.template_phases.last_mut(),
+            Some(Origin::Restored) | None => None,
         };
         if let Some(w) = resumed {
             w.first_reply_us = first_reply_us;

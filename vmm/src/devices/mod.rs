@@ -107,8 +107,8 @@ impl DeviceContext {
     }
 
     /// Tells the VM that its service accepted its first client and that no client byte has
-    /// reached the guest: the moment for a template (the device goes on after the next hold
-    /// and release, or by itself after [`TEMPLATE_GATE_MAX`]).
+    /// reached the guest: the moment for a template (the device goes on when the VM opens the
+    /// gate, [`DeviceManager::open_gates`], or by itself after [`TEMPLATE_GATE_MAX`]).
     pub(crate) fn template_point(&self) {
         (self.template_point)()
     }
@@ -168,6 +168,9 @@ pub(crate) trait Device: Send + Sync + std::fmt::Debug {
     fn quiesce(&self, within: Duration) -> Result<(), DeviceError>;
     /// Goes on after [`Device::quiesce`].
     fn release(&self);
+    /// Lets client data flow after the template point (see [`DeviceSetup::template_gate`]);
+    /// nothing for a device without one.
+    fn open_gate(&self) {}
     /// Its state, for a snapshot or a migration (while quiesced).
     fn save(&self) -> serde_json::Value;
     /// Stops serving and waits for its thread.
@@ -306,6 +309,11 @@ impl DeviceManager {
     /// Lets every device go on.
     pub(crate) fn release(&self) {
         self.devices.iter().for_each(|d| d.release());
+    }
+
+    /// Opens every device's template gate (the template is taken, or will not be).
+    pub(crate) fn open_gates(&self) {
+        self.devices.iter().for_each(|d| d.open_gate());
     }
 
     /// The devices' states (while quiesced).

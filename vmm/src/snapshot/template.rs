@@ -50,6 +50,8 @@ impl TemplateKey {
             "options": config.guest.options,
             "vcpus": [config.resources.vcpus.min, config.resources.vcpus.max, config.resources.vcpus.burst],
             "memory": [config.resources.memory.min, config.resources.memory.max, config.resources.memory.burst],
+            "policy": config.resources.policy,
+            "weight": config.resources.weight,
             "kernel": image.path,
             "snapshot_format": super::FORMAT_VERSION,
             "abi": hypercall_abi::ABI_VERSION,
@@ -128,6 +130,11 @@ impl Templates {
         load(&dir).inspect_err(|_| remove(&dir)).map(Some)
     }
 
+    /// Whether the template of `key` is there (taken by this run, not yet found stale).
+    pub(crate) fn has(&self, key: &TemplateKey) -> bool {
+        self.root.join(&key.name).join(KEY_FILE).exists()
+    }
+
     /// Takes the template of `key` from `vm`, stopped at its template point (see
     /// [`crate::devices::DeviceSetup::template_gate`]); the VM runs on. Another slot's template
     /// of the same key, taken meanwhile, wins.
@@ -140,22 +147,23 @@ impl Templates {
             }
             r
         };
-        // The device's gate keeps every client byte from the guest until the hold of this
-        // snapshot is released; had one passed before, the template would carry a client's
-        // data into every instance.
-        let to_guest = vm
-            .devices()
-            .figures()
-            .iter()
-            .filter_map(|(_, v)| v.get("bytes_to_guest").and_then(Value::as_u64))
-            .sum::<u64>();
-        if to_guest > 0 {
-            return Err(SnapshotError::Vm(format!("{to_guest} client bytes reached the guest before the template")));
+        // The device's gate keeps every client byte from the guest until the VM opens it, after
+        // this; had one passed anyway (the gate gave up waiting), the template would carry a
+        // client's data into every instance: the count is checked before and after the hold.
+        let to_guest = || -> u64 {
+            vm.devices().figures().iter().filter_map(|(_, v)| v.get("bytes_to_guest").and_then(Value::as_u64)).sum()
+        };
+        let leaked = |n: u64| SnapshotError::Vm(format!("{n} client bytes reached the guest before the template"));
+        if to_guest() > 0 {
+            return Err(leaked(to_guest()));
         }
         let figures = match save(vm, &tmp) {
             Ok(f) => f,
             Err(e) => return done(Err(e)),
         };
+        if to_guest() > 0 {
+            return done(Err(leaked(to_guest())));
+        }
         let key_path = tmp.join(KEY_FILE);
         if let Err(source) = std::fs::write(&key_path, key.doc.to_string()) {
             return done(Err(SnapshotError::Io { what: "write", path: key_path, source }));

@@ -59,7 +59,8 @@ impl Stats {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub(crate) struct BootPhases {
     /// Shim start to the VM's creation: process start-up, arguments, the kernel image read and
-    /// checked, the pool, the endpoints bound (or, on demand, the shim seeing the client).
+    /// checked, the pool, the endpoints bound (for an on-demand boot, the wait for its client
+    /// too: its `on_demand.boot_us` counts from the client instead).
     pub(crate) before_us: u64,
     /// The KVM VM created (0 when it was made ahead, on demand).
     pub(crate) kvm_us: u64,

@@ -433,6 +433,12 @@ impl Device for Vsock {
         }
     }
 
+    fn open_gate(&self) {
+        if let Some(running) = lock(&self.thread).as_ref() {
+            running.send(IoCommand::OpenGate);
+        }
+    }
+
     fn save(&self) -> serde_json::Value {
         Persist::save(self).ok().and_then(|s| serde_json::to_value(s).ok()).unwrap_or(serde_json::Value::Null)
     }

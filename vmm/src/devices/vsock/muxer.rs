@@ -65,6 +65,8 @@ pub(super) enum IoCommand {
     Hold(SyncSender<Held>),
     /// Go on after a hold.
     Release,
+    /// Let client data flow after the template point (the template is taken, or will not be).
+    OpenGate,
     /// End the thread (every connection closes).
     Stop,
 }
@@ -110,8 +112,9 @@ pub(super) struct Muxer {
 
 /// The template point of a VM that is to leave a template (see
 /// [`DeviceSetup::template_gate`](crate::devices::DeviceSetup)): at the guest's first accepted
-/// connection, client data stops short of the guest until the VM has held the device still
-/// and released it (the template is taken), or for at most
+/// connection, client data stops short of the guest (the connections queued for data move to
+/// `waiting`, and no data leaves while the gate is closed) until the VM opens the gate
+/// ([`IoCommand::OpenGate`], after the template is taken or given up), or for at most
 /// [`TEMPLATE_GATE_MAX`](crate::devices::TEMPLATE_GATE_MAX).
 #[derive(Debug)]
 enum Gate {
@@ -313,6 +316,7 @@ impl Muxer {
                 }
                 // A release with no hold under way (the hold was given up on): nothing to do.
                 Ok(IoCommand::Release) => {}
+                Ok(IoCommand::OpenGate) => self.open_gate(),
                 Ok(IoCommand::Stop) | Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => return true,
             }
@@ -333,11 +337,9 @@ impl Muxer {
         let _ = reply.send(Held { connections, next_port: self.next_port });
         loop {
             match self.commands.recv() {
-                Ok(IoCommand::Release) => {
-                    // A template point's hold (the template is taken): data flows again.
-                    self.open_gate();
-                    return true;
-                }
+                Ok(IoCommand::Release) => return true,
+                // Only after the template's hold is released.
+                Ok(IoCommand::OpenGate) => {}
                 Ok(IoCommand::Hold(again)) => {
                     let _ = again.send(Held { connections: Vec::new(), next_port: self.next_port });
                 }
@@ -460,12 +462,26 @@ impl Muxer {
     /// gate and is told (see [`Gate`]).
     pub(super) fn accepted(&mut self) {
         if matches!(self.gate, Gate::Armed) {
-            self.gate = Gate::Closed { waiting: Vec::new(), until: Instant::now() + crate::devices::TEMPLATE_GATE_MAX };
+            // Connections already queued for data wait too (the ready queue holds them).
+            let mut waiting = Vec::new();
+            for port in self.ready.drain(..) {
+                if let Some(c) = self.conns.get_mut(&port) {
+                    c.queued = false;
+                }
+                if !waiting.contains(&port) {
+                    waiting.push(port);
+                }
+            }
+            self.gate = Gate::Closed { waiting, until: Instant::now() + crate::devices::TEMPLATE_GATE_MAX };
             self.ctx.template_point();
         }
     }
 
     /// Lets the data that waited at the template point flow.
+    pub(super) fn gate_closed(&self) -> bool {
+        matches!(self.gate, Gate::Closed { .. })
+    }
+
     fn open_gate(&mut self) {
         if let Gate::Closed { waiting, .. } = std::mem::replace(&mut self.gate, Gate::Open) {
             for port in waiting {

@@ -233,6 +233,9 @@ impl Muxer {
             rounds += 1;
             let next = match self.control.pop_front() {
                 Some(c) => Some(Outgoing::Control(c)),
+                // No client data while the template gate is closed (a second guard: the gate
+                // also keeps connections out of the ready queue).
+                None if self.gate_closed() => None,
                 None => self.next_data(),
             };
             let Some(out) = next else { break };
