@@ -263,6 +263,31 @@ fn on_demand_sleeps_with_its_state_and_the_next_client_resumes_it() {
     }
 }
 
+/// One on-demand kv slot of a pool file, published on `port`, idle after `idle`.
+fn kv_slot(name: &str, port: u16, idle: &str) -> String {
+    format!(
+        "[[vm]]\nname = \"{name}\"\napp = \"kv\"\nvcpus = \"1:1:1\"\nmemory = \"64M:64M:64M\"\nlog = \"warn\"\n\
+         publish = [\"127.0.0.1:{port}:6379\"]\non_demand = true\nidle_shutdown = \"{idle}\"\n"
+    )
+}
+
+/// Writes `config` to `dir/pool.toml` and starts a pool on it, with its timeline and summary in
+/// `dir` (stderr as `stderr` says).
+fn start_pool(dir: &std::path::Path, config: &str, stderr: std::process::Stdio) -> std::process::Child {
+    std::fs::write(dir.join("pool.toml"), config).expect("the pool file");
+    Command::new(SHIM)
+        .arg("pool")
+        .arg(dir.join("pool.toml"))
+        .arg("--timeline")
+        .arg(dir.join("timeline.jsonl"))
+        .arg("--summary")
+        .arg(dir.join("summary.json"))
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("the shim starts")
+}
+
 /// A pool of two on-demand slots of one service: the first boots and takes the service's
 /// template at its first client; the second starts from that template (no boot), with none of
 /// the first's data.
@@ -271,25 +296,12 @@ fn the_second_instance_of_a_service_starts_from_the_template_the_first_took() {
     require_kvm();
     let dir = temp_dir("template-pool");
     let (a, b) = (free_port(), free_port());
-    let slot = |name: &str, port: u16| {
-        format!(
-            "[[vm]]\nname = \"{name}\"\napp = \"kv\"\nvcpus = \"1:1:1\"\nmemory = \"64M:64M:64M\"\n\
-             publish = [\"127.0.0.1:{port}:6379\"]\non_demand = true\nidle_shutdown = \"30s\"\n"
-        )
-    };
-    let config = format!("[pool]\nvcpus = 2\nmemory = \"256M\"\ntimeout = \"60s\"\n{}{}", slot("a", a), slot("b", b));
-    std::fs::write(dir.join("pool.toml"), config).unwrap();
-    let mut child = Command::new(SHIM)
-        .arg("pool")
-        .arg(dir.join("pool.toml"))
-        .arg("--timeline")
-        .arg(dir.join("timeline.jsonl"))
-        .arg("--summary")
-        .arg(dir.join("summary.json"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("the shim starts");
+    let config = format!(
+        "[pool]\nvcpus = 2\nmemory = \"256M\"\ntimeout = \"60s\"\n{}{}",
+        kv_slot("a", a, "30s"),
+        kv_slot("b", b, "30s")
+    );
+    let mut child = start_pool(&dir, &config, std::process::Stdio::null());
     let redis = |port: u16, args: &[&str]| {
         let port = port.to_string();
         let mut all = vec!["-p", &port];
@@ -486,21 +498,9 @@ fn forty_sleeping_services_cost_little_and_each_wakes_with_its_state() {
     drop(held);
     let mut config = format!("[pool]\nvcpus = {N}\nmemory = \"{}M\"\ntimeout = \"90s\"\n", N * 64);
     for (i, port) in ports.iter().enumerate() {
-        config.push_str(&format!(
-            "[[vm]]\nname = \"s{i}\"\napp = \"kv\"\nvcpus = \"1:1:1\"\nmemory = \"64M:64M:64M\"\nlog = \"warn\"\n\
-             publish = [\"127.0.0.1:{port}:6379\"]\non_demand = true\nidle_shutdown = \"200ms\"\n"
-        ));
+        config.push_str(&kv_slot(&format!("s{i}"), *port, "200ms"));
     }
-    std::fs::write(dir.join("pool.toml"), config).unwrap();
-    let mut child = Command::new(SHIM)
-        .arg("pool")
-        .arg(dir.join("pool.toml"))
-        .arg("--summary")
-        .arg(dir.join("summary.json"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the shim starts");
+    let mut child = start_pool(&dir, &config, std::process::Stdio::piped());
     {
         use std::io::BufRead;
         let err = child.stderr.take().expect("stderr");
