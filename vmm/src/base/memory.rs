@@ -116,6 +116,7 @@ fn data_runs(file: &std::fs::File, offset: u64, len: u64, stop_after: Option<u64
         if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) }
     };
     let mut runs = Vec::new();
+    let mut total = 0u64;
     let mut at = offset;
     while at < end {
         let Some(data) = seek(at, libc::SEEK_DATA)? else { break };
@@ -127,8 +128,9 @@ fn data_runs(file: &std::fs::File, offset: u64, len: u64, stop_after: Option<u64
             break;
         }
         runs.push((data - offset, hole - data));
+        total += hole - data;
         at = hole;
-        if stop_after.is_some_and(|most| runs.iter().map(|&(_, n)| n).sum::<u64>() > most) {
+        if stop_after.is_some_and(|most| total > most) {
             break;
         }
     }

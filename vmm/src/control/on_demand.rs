@@ -25,7 +25,7 @@ use crate::base::timeline::{Timeline, detail};
 use crate::control::controller::{AtRest, Context, Driven, Owner, drive};
 use crate::control::registry::StandIn;
 use crate::control::request::{ControlReply, ControlRequest};
-use crate::host::endpoint::Bound;
+use crate::host::endpoint::{Bound, copies};
 use crate::policy::pool::Pool;
 use crate::report::summary::{OnDemandFigures, WakePhases};
 use crate::snapshot::restore::{RestoreMemory, restore};
@@ -214,6 +214,12 @@ fn stand_in(
     })
 }
 
+/// Copies of a slot's `endpoints` for one of its VMs (`what` says why when they cannot be made).
+pub(crate) fn shared_endpoints(endpoints: &[Bound], what: &'static str) -> Result<Vec<Bound>, VmError> {
+    copies(endpoints)
+        .map_err(|source| VmError::Device(crate::devices::DeviceError::Host { device: "every", what, source }))
+}
+
 /// What a VM of `slot` is built with, its events going to `events` (in `shell`, when one was
 /// made ahead).
 fn host_for<'h>(slot: &Slot<'h>, events: crate::vmm::shared::EventSink, shell: Option<Box<Shell>>) -> Host<'h> {
@@ -276,10 +282,7 @@ fn resume_from<'h>(
         ));
         return Err((host, endpoints));
     }
-    let copies = match endpoints.iter().map(Bound::try_clone).collect::<Result<Vec<_>, _>>() {
-        Ok(c) => c,
-        Err(_) => return Err((host, endpoints)),
-    };
+    let Ok(copies) = copies(&endpoints) else { return Err((host, endpoints)) };
     let retry = host_for(slot, host.events.clone(), None);
     match restore(cycle, &loaded.state, RestoreMemory::File(loaded.memory), Arc::clone(&slot.image), host, copies) {
         Ok((vm, p)) => {
@@ -422,14 +425,6 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
         }
         boot_now = false;
         let seen_at = slot.started.elapsed();
-        let endpoints =
-            slot.endpoints.iter().map(Bound::try_clone).collect::<Result<Vec<_>, _>>().map_err(|source| {
-                VmError::Device(crate::devices::DeviceError::Host {
-                    device: "every",
-                    what: "cannot share the listening sockets with the new VM",
-                    source,
-                })
-            })?;
         let mut cycle = config.clone();
         cycle.pool_member = Some(slot.member);
         cycle.lifecycle.timeout =
@@ -442,6 +437,8 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
         let (vm, from, owner) = match first.take() {
             Some((vm, owner)) => (vm, Some(Origin::Restored), owner),
             None => {
+                let endpoints =
+                    shared_endpoints(&slot.endpoints, "cannot share the listening sockets with the new VM")?;
                 let owner = Owner::new();
                 let host = host_for(&slot, owner.sink(), slot.warm.take());
                 let source = match sleep_dir.as_ref().filter(|_| std::mem::take(&mut asleep)) {

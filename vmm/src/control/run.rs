@@ -456,13 +456,8 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
                 let r = &config.resources;
                 config.pool_member =
                     Some(pool.reserve(config.name(), r.vcpus, r.memory, r.weight).map_err(VmError::from)?);
-                let copies = bound.iter().map(Bound::try_clone).collect::<Result<Vec<_>, _>>().map_err(|source| {
-                    VmError::Device(crate::devices::DeviceError::Host {
-                        device: "every",
-                        what: "cannot share the listening sockets with the restored VM",
-                        source,
-                    })
-                })?;
+                let copies =
+                    on_demand::shared_endpoints(&bound, "cannot share the listening sockets with the restored VM")?;
                 slot_endpoints = bound;
                 copies
             } else {
@@ -497,20 +492,11 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     }
     // One template store for the whole run: every on-demand slot of a service (a pool of many)
     // starts from the template the first one took.
-    let templates = if spec.vms.iter().any(|v| v.config.lifecycle.on_demand == Some(crate::base::config::Wake::Resume))
-    {
-        match Templates::create() {
-            Ok(t) => Some(t),
-            Err(e) => {
-                crate::host::diag::say(format_args!(
-                    "no templates for this run ({e}): on-demand VMs boot at every first start"
-                ));
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let templates = spec
+        .vms
+        .iter()
+        .any(|v| v.config.lifecycle.on_demand == Some(crate::base::config::Wake::Resume))
+        .then(Templates::new);
     let warm = crate::vmm::vm::WarmPool::default();
     crate::host::signals::install();
     let total = prepared.len();

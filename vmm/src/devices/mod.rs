@@ -337,12 +337,11 @@ impl DeviceManager {
 
 /// `setup` for one device (its own copies of the endpoints).
 fn copy(setup: &DeviceSetup, device: &'static str) -> Result<DeviceSetup, DeviceError> {
-    let endpoints = setup
-        .endpoints
-        .iter()
-        .map(Bound::try_clone)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| DeviceError::Host { device, what: "cannot share the listening sockets", source })?;
+    let endpoints = crate::host::endpoint::copies(&setup.endpoints).map_err(|source| DeviceError::Host {
+        device,
+        what: "cannot share the listening sockets",
+        source,
+    })?;
     Ok(DeviceSetup {
         vm_name: setup.vm_name.clone(),
         endpoints,

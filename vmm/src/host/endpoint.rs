@@ -127,6 +127,11 @@ impl Bound {
     }
 }
 
+/// Copies of every endpoint of `endpoints` (see [`Bound::try_clone`]).
+pub(crate) fn copies(endpoints: &[Bound]) -> std::io::Result<Vec<Bound>> {
+    endpoints.iter().map(Bound::try_clone).collect()
+}
+
 impl Bound {
     /// Leaves a Unix socket's path in place when this handle goes (another process took the
     /// socket over).

@@ -89,17 +89,12 @@ pub(crate) struct Templates {
 }
 
 impl Templates {
-    /// A new, empty store private to this process.
-    pub(crate) fn create() -> Result<Templates, SnapshotError> {
-        use std::os::unix::fs::DirBuilderExt;
+    /// A new, empty store private to this process (its directory is made with the first
+    /// template: a run that takes none touches nothing).
+    pub(crate) fn new() -> Templates {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let root = std::env::temp_dir().join(format!("elastic-templates-{}-{nanos}", std::process::id()));
-        std::fs::DirBuilder::new().mode(0o700).create(&root).map_err(|source| SnapshotError::Io {
-            what: "create",
-            path: root.clone(),
-            source,
-        })?;
-        Ok(Templates { root, made: Mutex::new(Vec::new()) })
+        Templates { root, made: Mutex::new(Vec::new()) }
     }
 
     fn made(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
@@ -139,6 +134,13 @@ impl Templates {
     /// [`crate::devices::DeviceSetup::template_gate`]); the VM runs on. Another slot's template
     /// of the same key, taken meanwhile, wins.
     pub(crate) fn take(&self, vm: &VmShared, key: &TemplateKey) -> Result<SaveFigures, SnapshotError> {
+        use std::os::unix::fs::DirBuilderExt;
+        match std::fs::DirBuilder::new().mode(0o700).create(&self.root) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(SnapshotError::Io { what: "create", path: self.root.clone(), source: e });
+            }
+            _ => {}
+        }
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let tmp = self.root.join(format!(".{}-{nanos}", key.name));
         let done = |r: Result<SaveFigures, SnapshotError>| {
