@@ -57,28 +57,111 @@ pub(crate) enum Backing<'a> {
 /// into huge-page-backed memory (see [`Backing::File`]); a region with more is mapped lazily.
 pub(crate) const EAGER_LOAD_MAX: u64 = 16 << 20;
 
-/// Maps `len` bytes at `gpa` with `backing`.
-fn map_region(gpa: u64, len: u64, backing: &Backing<'_>) -> Result<Region, MemoryError> {
+/// A fresh private anonymous mapping of `size` bytes (zeroed on first touch).
+fn anonymous_mapping(size: usize) -> Result<MmapRegionDeref<AtomicBitmap>, MemoryError> {
+    MmapRegionBuilder::new_with_bitmap(size, vm_memory::bitmap::NewBitmap::with_len(size))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+        .build()
+        .map_err(|e| MemoryError::Map { size: size as u64, reason: e.to_string() })
+}
+
+/// Boot memory mapped and registered with a KVM VM ahead of need (a warm pool's VM): a fresh
+/// anonymous mapping, KVM slot 0 at guest-physical 0 (registering a slot costs ~0.2 ms here,
+/// on the path of a wake), with the 2 MiB blocks where the kernel image goes already backed
+/// by zeroed huge pages (every VM of the image has data there; a fresh huge page costs
+/// 0.3 ms to several ms).
+#[derive(Debug)]
+pub(crate) struct Premapped {
+    mapping: MmapRegionDeref<AtomicBitmap>,
+    /// The blocks `[from, to)` (block numbers) backed ahead.
+    faulted: (usize, usize),
+}
+
+/// The blocks of a mapping already backed by zeroed huge pages: `[from, to)`, block numbers.
+type Faulted = (usize, usize);
+
+impl Premapped {
+    /// Maps `size` bytes, backs the 2 MiB blocks holding guest-physical `image` with huge
+    /// pages (none of the first block, which the guest maps with 4 KiB pages), and registers
+    /// them as `vm`'s slot 0.
+    pub(crate) fn new(vm: &VmFd, size: u64, image: (u64, u64)) -> Result<Premapped, MemoryError> {
+        let len = usize::try_from(size).map_err(|e| MemoryError::Map { size, reason: e.to_string() })?;
+        let mapping = anonymous_mapping(len)?;
+        let block = EXTENT_ALIGN as usize;
+        let from = ((image.0 / EXTENT_ALIGN) as usize).max(1);
+        let to = (image.1.div_ceil(EXTENT_ALIGN) as usize).min(len / block).max(from);
+        if to > from {
+            // SAFETY: `[from, to)` are whole blocks inside the fresh mapping.
+            let start = unsafe { mapping.as_ptr().add(from * block) };
+            advise_huge_pages(start, (to - from) * block);
+            for b in 0..to - from {
+                // SAFETY: one byte of each block of the range; a write fault backs the block
+                // with a zeroed huge page (the byte written is a zero).
+                unsafe { std::ptr::write_volatile(start.add(b * block), 0) };
+            }
+        }
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: size,
+            userspace_addr: mapping.as_ptr() as u64,
+        };
+        // SAFETY: the mapping of `size` bytes lives in the returned value, which deletes the
+        // slot ([`Premapped::discard`]) or hands the mapping to the `GuestMemory` that keeps
+        // it as long as the VM.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::Slot { slot: 0, source })?;
+        Ok(Premapped { mapping, faulted: (from, to) })
+    }
+
+    /// Its size in bytes.
+    pub(crate) fn size(&self) -> u64 {
+        self.mapping.size() as u64
+    }
+
+    /// Gives it up: deletes slot 0 (another boot memory can then be registered) and unmaps.
+    fn discard(self, vm: &VmFd) -> Result<(), MemoryError> {
+        Self::discard_slot(vm)
+    }
+
+    /// Deletes `vm`'s slot 0.
+    fn discard_slot(vm: &VmFd) -> Result<(), MemoryError> {
+        let region = kvm_userspace_memory_region { slot: 0, ..Default::default() };
+        // SAFETY: a size of 0 deletes the slot; nothing is mapped.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::Slot { slot: 0, source })
+    }
+}
+
+/// Maps `len` bytes at `gpa` with `backing`, in `premapped` when it is given and the backing
+/// is read into fresh memory (the second value says whether it was used).
+fn map_region(
+    gpa: u64,
+    len: u64,
+    backing: &Backing<'_>,
+    premapped: Option<(MmapRegionDeref<AtomicBitmap>, Faulted)>,
+) -> Result<(Region, bool), MemoryError> {
     let map_err = |reason: String| MemoryError::Map { size: len, reason };
     let size = usize::try_from(len).map_err(|e| map_err(e.to_string()))?;
-    let builder = MmapRegionBuilder::new_with_bitmap(size, vm_memory::bitmap::NewBitmap::with_len(size))
-        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
-    let anonymous = libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let premapped = premapped.filter(|(m, _)| m.size() == size);
+    let used = premapped.is_some();
+    let faulted = premapped.as_ref().map_or((0, 0), |p| p.1);
+    let premapped = premapped.map(|p| p.0);
     let region = |mapping| {
         Region::new(mapping, GuestAddress(gpa)).ok_or_else(|| map_err("region overflows the address space".into()))
     };
+    let fresh = |premapped: Option<MmapRegionDeref<AtomicBitmap>>| match premapped {
+        Some(m) => Ok(m),
+        None => anonymous_mapping(size),
+    };
     match backing {
-        Backing::Anonymous => region(builder.with_mmap_flags(anonymous).build().map_err(|e| map_err(e.to_string()))?),
+        Backing::Anonymous => Ok((region(fresh(premapped)?)?, used)),
         Backing::File { file, offset } => {
             let runs = data_runs(file, *offset, len, Some(EAGER_LOAD_MAX))
                 .map_err(|e| map_err(format!("cannot read the memory file: {e}")))?;
             if runs.iter().map(|&(_, n)| n).sum::<u64>() <= EAGER_LOAD_MAX {
-                let mapping = builder.with_mmap_flags(anonymous).build().map_err(|e| map_err(e.to_string()))?;
-                // The guest maps its first 2 MiB with 4 KiB pages (platform structures): a huge
-                // page there would only cost its allocation (~0.3 ms here).
-                let skip = if gpa == 0 { EXTENT_ALIGN.min(len) as usize } else { 0 };
-                // SAFETY: `skip <= size`: the advice covers the rest of this fresh mapping.
-                advise_huge_pages(unsafe { mapping.as_ptr().add(skip) }, size - skip);
+                let mapping = fresh(premapped)?;
+                place_pages(mapping.as_ptr(), (gpa, len), &runs, faulted);
                 for &(at, n) in &runs {
                     // SAFETY: `data_runs` keeps every run inside `[0, len)` of the region,
                     // whose fresh mapping of `size` bytes nothing else references yet.
@@ -86,15 +169,77 @@ fn map_region(gpa: u64, len: u64, backing: &Backing<'_>) -> Result<Region, Memor
                     file.read_exact_at(dst, offset + at)
                         .map_err(|e| map_err(format!("cannot read the memory file: {e}")))?;
                 }
-                return region(mapping);
+                return Ok((region(mapping)?, used));
             }
             let file = file.try_clone().map_err(|e| map_err(e.to_string()))?;
-            let builder = builder
+            let builder = MmapRegionBuilder::new_with_bitmap(size, vm_memory::bitmap::NewBitmap::with_len(size))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
                 .with_file_offset(FileOffset::new(file, *offset));
-            region(builder.build().map_err(|e| map_err(e.to_string()))?)
+            Ok((region(builder.build().map_err(|e| map_err(e.to_string()))?)?, false))
         }
     }
+}
+
+/// Least data a 2 MiB block of a restored region holds to be loaded into a fresh huge page
+/// when none is ready (see [`place_pages`]).
+const HUGE_BLOCK_MIN_DATA: u64 = 64 << 10;
+
+/// Prepares the fresh mapping at `base` of a region (`gpa`, `len`) about to receive the data
+/// `runs`, 2 MiB block by block:
+/// * a block with data gets a huge page faulted in ahead ([`crate::host::hugepages`]) when one
+///   is ready: no allocation on this path, and KVM maps the block 2 MiB at a time where the
+///   guest does;
+/// * when none is ready, a block with at least [`HUGE_BLOCK_MIN_DATA`] is advised to fault a
+///   fresh huge page (0.3 ms to several ms here), and a block with a few pages of data (a
+///   stack, a page table) is left in 4 KiB pages, cheaper then;
+/// * an empty block is advised, so that the guest's later first touches fault 2 MiB at a time.
+///
+/// Blocks `faulted` (block numbers) are backed already, and the first 2 MiB of boot memory
+/// (`gpa` 0), which the guest maps with 4 KiB pages, stays in 4 KiB pages.
+fn place_pages(base: *mut u8, (gpa, len): (u64, u64), runs: &[(u64, u64)], faulted: Faulted) {
+    let blocks = (len / EXTENT_ALIGN) as usize;
+    let mut data = vec![0u64; blocks];
+    for &(at, n) in runs {
+        let mut at = at;
+        let end = at + n;
+        while at < end {
+            let block = at / EXTENT_ALIGN;
+            let stop = ((block + 1) * EXTENT_ALIGN).min(end);
+            if let Some(d) = data.get_mut(block as usize) {
+                *d += stop - at;
+            }
+            at = stop;
+        }
+    }
+    let mut advise: Option<(usize, usize)> = None;
+    let flush = |range: &mut Option<(usize, usize)>| {
+        if let Some((from, to)) = range.take() {
+            // SAFETY: `[from, to)` are whole blocks inside the region's mapping at `base`.
+            advise_huge_pages(unsafe { base.add(from) }, to - from);
+        }
+    };
+    for (block, &d) in data.iter().enumerate() {
+        let at = block * EXTENT_ALIGN as usize;
+        let first = gpa == 0 && block == 0;
+        let dense = !first && d >= HUGE_BLOCK_MIN_DATA;
+        if (faulted.0..faulted.1).contains(&block) {
+            flush(&mut advise);
+            continue;
+        }
+        // SAFETY: the block lies inside the fresh private anonymous mapping at `base`, which
+        // nothing references yet.
+        if dense && unsafe { crate::host::hugepages::place(base.add(at)) } {
+            flush(&mut advise);
+            continue;
+        }
+        if !first && (d == 0 || dense) {
+            advise = Some((advise.map_or(at, |(from, _)| from), at + EXTENT_ALIGN as usize));
+        } else {
+            flush(&mut advise);
+        }
+    }
+    flush(&mut advise);
 }
 
 /// The data runs of `file` in `[offset, offset + len)`, as `(start, length)` relative to
@@ -300,29 +445,62 @@ impl GuestMemory {
     }
 
     /// As [`GuestMemory::new`], with a hot-plug window and at most `max_slots` KVM slots.
+    #[cfg(test)]
     pub(crate) fn with_window(
         ram_size: u64,
         window_base: u64,
         window_size: u64,
         max_slots: u32,
     ) -> Result<Self, MemoryError> {
-        Self::with_backing(ram_size, window_base, window_size, max_slots, &Backing::Anonymous)
+        Ok(Self::with_backing(ram_size, window_base, window_size, max_slots, &Backing::Anonymous, None)?.0)
     }
 
-    /// As [`GuestMemory::with_window`], with boot memory's contents from `backing` (a
-    /// restored snapshot).
-    pub(crate) fn with_backing(
+    /// Boot memory of `ram_size` bytes from `backing` (fresh zeroed memory, or a snapshot's
+    /// file), registered with `vm` as slot 0, and the hot-plug window. `premapped` (memory a
+    /// warm pool registered ahead) is used when it has the size and the backing is read into
+    /// fresh memory; otherwise its slot is deleted first.
+    pub(crate) fn boot(
+        vm: &VmFd,
+        (ram_size, window_base, window_size, max_slots): (u64, u64, u64, u32),
+        backing: &Backing<'_>,
+        premapped: Option<Premapped>,
+    ) -> Result<Self, MemoryError> {
+        let (premapped, registered) = match premapped {
+            Some(p) if p.size() == ram_size => (Some((p.mapping, p.faulted)), true),
+            Some(p) => {
+                p.discard(vm)?;
+                (None, false)
+            }
+            None => (None, false),
+        };
+        let (mem, used) = Self::with_backing(ram_size, window_base, window_size, max_slots, backing, premapped)?;
+        if registered && !used {
+            // The premapped memory was not used (the region is mapped from its file).
+            Premapped::discard_slot(vm)?;
+        }
+        if !used {
+            mem.register_boot_slot(vm)?;
+        }
+        Ok(mem)
+    }
+
+    /// `ram_size` bytes of boot memory at guest-physical 0 (not yet registered with KVM) with
+    /// its contents from `backing` (fresh memory, or a restored snapshot), a hot-plug window
+    /// and at most `max_slots` KVM slots; in `premapped` when given (see [`map_region`]; the second value
+    /// says whether it was used).
+    fn with_backing(
         ram_size: u64,
         window_base: u64,
         window_size: u64,
         max_slots: u32,
         backing: &Backing<'_>,
-    ) -> Result<Self, MemoryError> {
+        premapped: Option<(MmapRegionDeref<AtomicBitmap>, Faulted)>,
+    ) -> Result<(Self, bool), MemoryError> {
         let map_err = |reason: String| MemoryError::Map { size: ram_size, reason };
-        let region = map_region(0, ram_size, backing)?;
+        let (region, used) = map_region(0, ram_size, backing, premapped)?;
         let mmap = Mmap::from_regions(vec![region]).map_err(|e| map_err(e.to_string()))?;
         let free = if window_size > 0 { vec![(window_base, window_size)] } else { Vec::new() };
-        Ok(GuestMemory {
+        let mem = GuestMemory {
             map: GuestMemoryAtomic::new(mmap),
             ram_size,
             hotplug: Arc::new(Mutex::new(Hotplug {
@@ -335,7 +513,8 @@ impl GuestMemory {
             })),
             held: Arc::new(AtomicU64::new(ram_size)),
             log_dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        })
+        };
+        Ok((mem, used))
     }
 
     fn hotplug(&self) -> MutexGuard<'_, Hotplug> {
@@ -440,7 +619,7 @@ impl GuestMemory {
     ) -> Result<(), MemoryError> {
         let slot = hp.take_slot().ok_or(MemoryError::NoRoom)?;
         let map_err = |reason: String| MemoryError::Map { size: e.len, reason };
-        let region = map_region(e.base, e.len, backing);
+        let region = map_region(e.base, e.len, backing, None).map(|(r, _)| r);
         let region = match region {
             Ok(r) => Arc::new(r),
             Err(err) => {
@@ -504,6 +683,22 @@ impl GuestMemory {
         // them concurrently unless it is paused, which only makes the copy stale, never
         // unsound for `u8`).
         Some(unsafe { std::slice::from_raw_parts(region.as_ptr().add(offset as usize), size) })
+    }
+
+    /// Which 4 KiB pages of `[gpa, gpa + len)` (inside one region) may hold data: in an
+    /// anonymous region, the pages the host backs (a page never touched reads as zeroes);
+    /// `None` means any page may (a region mapped from a snapshot's file, or the host cannot
+    /// say).
+    pub(crate) fn pages_in_use(&self, guard: &Mmap, gpa: u64, len: u64) -> Option<Vec<bool>> {
+        let region = guard.find_region(GuestAddress(gpa))?;
+        if region.file_offset().is_some() {
+            return None;
+        }
+        let offset = gpa - region.start_addr().0;
+        if offset.checked_add(len)? > region.len() {
+            return None;
+        }
+        crate::host::process::pages_in_use(region.as_ptr() as usize + offset as usize, usize::try_from(len).ok()?)
     }
 
     /// The end of the region holding `gpa` (`None`: no region does).
@@ -679,6 +874,8 @@ pub(crate) struct MemoryArgs<'a> {
     pub(crate) window: (u64, u64),
     pub(crate) max_slots: u32,
     pub(crate) file: &'a std::fs::File,
+    /// Boot memory a warm pool registered ahead, if any.
+    pub(crate) premapped: Option<Premapped>,
 }
 
 impl crate::base::persist::Persist for GuestMemory {
@@ -701,8 +898,8 @@ impl crate::base::persist::Persist for GuestMemory {
         };
         let (window_base, window_size) = args.window;
         let backing = Backing::File { file: args.file, offset: boot.offset };
-        let mem = GuestMemory::with_backing(boot.len, window_base, window_size, args.max_slots, &backing)?;
-        mem.register_boot_slot(args.vm)?;
+        let sizes = (boot.len, window_base, window_size, args.max_slots);
+        let mem = GuestMemory::boot(args.vm, sizes, &backing, args.premapped)?;
         for r in &state.regions[1..] {
             let e = Extent { base: r.gpa, len: r.len };
             mem.restore_extent(args.vm, e, &Backing::File { file: args.file, offset: r.offset })?;
@@ -742,7 +939,7 @@ mod tests {
         file.write_all_at(&[9u8; 4096], 4096 + small - 4096).unwrap();
         let runs = data_runs(&file, 4096, small, None).unwrap();
         assert!(runs.iter().map(|r| r.1).sum::<u64>() <= 2 * 4096 || runs == vec![(0, small)], "{runs:?}");
-        let r = map_region(0, small, &Backing::File { file: &file, offset: 4096 }).unwrap();
+        let (r, _) = map_region(0, small, &Backing::File { file: &file, offset: 4096 }, None).unwrap();
         // SAFETY: the region's mapping lives as long as `r`.
         let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), small as usize) };
         assert!(bytes[3 * page..4 * page].iter().all(|&b| b == 7));
@@ -754,7 +951,7 @@ mod tests {
         let big = EAGER_LOAD_MAX + (2 << 20);
         let at = 4096 + small;
         file.write_all_at(&vec![5u8; big as usize], at).unwrap();
-        let r2 = map_region(0, big, &Backing::File { file: &file, offset: at }).unwrap();
+        let (r2, _) = map_region(0, big, &Backing::File { file: &file, offset: at }, None).unwrap();
         // SAFETY: as above.
         let bytes2 = unsafe { std::slice::from_raw_parts_mut(r2.as_ptr(), big as usize) };
         assert!(bytes2.iter().all(|&b| b == 5));
@@ -763,6 +960,41 @@ mod tests {
         file.read_exact_at(&mut back, at).unwrap();
         assert_eq!(back[0], 5, "a guest write reached the file");
         drop((r, r2));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Data read into memory made ahead (blocks backed already, huge pages from the stock,
+    /// blocks left in 4 KiB pages) reads back exactly the file's bytes; memory of another size
+    /// is not used.
+    #[test]
+    fn a_region_read_into_memory_made_ahead_holds_the_files_bytes() {
+        let path = std::env::temp_dir().join(format!("mem-premapped-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let block = EXTENT_ALIGN as usize;
+        let len = 8 * block;
+        file.set_len(len as u64).unwrap();
+        // Block 0: one page; block 1 (backed ahead): dense; block 3: dense (a stock page);
+        // block 7: one page (4 KiB pages).
+        file.write_all_at(&[1u8; 4096], 4096).unwrap();
+        file.write_all_at(&vec![2u8; 300 << 10], block as u64 + 8192).unwrap();
+        file.write_all_at(&vec![3u8; 200 << 10], 3 * block as u64).unwrap();
+        file.write_all_at(&[4u8; 4096], (len - 4096) as u64).unwrap();
+        let mut expected = vec![0u8; len];
+        file.read_exact_at(&mut expected, 0).unwrap();
+        crate::host::hugepages::top_up();
+        let ahead = anonymous_mapping(len).unwrap();
+        // SAFETY: block 1 of the fresh mapping; a zero written backs it, as `Premapped` does.
+        unsafe { std::ptr::write_volatile(ahead.as_ptr().add(block), 0) };
+        let backing = Backing::File { file: &file, offset: 0 };
+        let (r, used) = map_region(0, len as u64, &backing, Some((ahead, (1, 2)))).unwrap();
+        assert!(used);
+        // SAFETY: the region's mapping lives as long as `r`.
+        let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), len) };
+        assert!(bytes == expected.as_slice(), "the region differs from the file");
+        let other = anonymous_mapping(len / 2).unwrap();
+        let (_, used) = map_region(0, len as u64, &backing, Some((other, (0, 0)))).unwrap();
+        assert!(!used, "memory of another size was used");
+        drop(r);
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -21,6 +21,7 @@ use crate::devices::StopReason;
 use crate::host::signals::SIGINT_STOP_GRACE;
 use crate::policy::resource::Resource;
 use crate::report::summary::Summary;
+use crate::snapshot::VmState;
 use crate::snapshot::template::{TemplateKey, Templates};
 use crate::vmm::outcome::{IDLE_STOP_GRACE, Outcome};
 use crate::vmm::shared::{EventSink, VmEvent, VmShared};
@@ -60,6 +61,8 @@ pub(crate) struct Driven {
     pub(crate) report: RunReport,
     /// It stopped because a device asked (scale to zero: no client for the idle time).
     pub(crate) idle_stopped: bool,
+    /// It went to sleep: the state its sleep directory holds.
+    pub(crate) slept: Option<Box<VmState>>,
 }
 
 /// What an owner needs besides its VM: the registry the API finds VMs in, the governor's
@@ -97,20 +100,27 @@ pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duratio
     let shared = Arc::clone(running.shared());
     ctx.members.add(Arc::clone(&shared));
     let registered = ctx.registry.register(shared.name(), tx);
-    let idle_stopped = serve(&running, &rx, timeout, rest);
+    let (idle_stopped, slept) = serve(&running, &rx, timeout, rest);
     drop(registered);
     drop(interrupts);
     let report = running.end();
     // Requests that came too late are answered (404) as the channel goes.
     drop(rx);
-    Driven { report, idle_stopped }
+    Driven { report, idle_stopped, slept }
 }
 
-/// The owner's loop. Returns whether a device's stop request ended the VM.
-fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duration>, rest: AtRest<'_>) -> bool {
+/// The owner's loop. Returns whether a device's stop request ended the VM, and the state of
+/// its sleep if it went to sleep.
+fn serve(
+    running: &RunningVm,
+    rx: &Receiver<OwnerEvent>,
+    timeout: Option<Duration>,
+    rest: AtRest<'_>,
+) -> (bool, Option<Box<VmState>>) {
     let vm = running.shared();
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut idle_stop_at: Option<Instant> = None;
+    let mut slept = None;
     // After a SIGINT: when the run ends whether or not the guest stopped.
     let mut interrupt_end_at: Option<Instant> = None;
     while vm.outcome().is_none() {
@@ -142,7 +152,8 @@ fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duratio
                 if idle_stop_at.is_none() {
                     vm.record("idle_shutdown", detail([("idle_ms", (after.as_millis() as u64).into())]));
                     idle_stop_at = Some(Instant::now());
-                    if !rest.sleep_to.is_some_and(|dir| go_to_sleep(vm, dir)) {
+                    slept = rest.sleep_to.and_then(|dir| go_to_sleep(vm, dir));
+                    if slept.is_none() {
                         vm.post_notice(notice::STOP, |_| {});
                     }
                 }
@@ -165,14 +176,15 @@ fn serve(running: &RunningVm, rx: &Receiver<OwnerEvent>, timeout: Option<Duratio
             Ok(OwnerEvent::Control(request, replier)) => replier.reply(answer(vm, request)),
         }
     }
-    idle_stop_at.is_some()
+    (idle_stop_at.is_some(), slept)
 }
 
-/// Snapshots the idle `vm` into `dir` and ends it asleep; `false` (said on stderr) when the
-/// snapshot failed and the VM runs on (the caller then stops it: the next client boots).
-fn go_to_sleep(vm: &VmShared, dir: &Path) -> bool {
+/// Snapshots the idle `vm` into `dir` and ends it asleep, returning the state written; `None`
+/// (said on stderr) when the snapshot failed and the VM runs on (the caller then stops it:
+/// the next client boots).
+fn go_to_sleep(vm: &VmShared, dir: &Path) -> Option<Box<VmState>> {
     match crate::snapshot::save_and_keep_stopped(vm, dir) {
-        Ok(f) => {
+        Ok((f, state)) => {
             vm.record(
                 "sleep",
                 detail([
@@ -182,14 +194,14 @@ fn go_to_sleep(vm: &VmShared, dir: &Path) -> bool {
                 ]),
             );
             vm.finish(Outcome::Asleep);
-            true
+            Some(state)
         }
         Err(e) => {
             crate::host::diag::say(format_args!(
                 "{}: cannot go to sleep ({e}); stopping instead (the next client boots afresh)",
                 vm.name()
             ));
-            false
+            None
         }
     }
 }

@@ -332,9 +332,18 @@ fn resume_from<'h>(
 }
 
 /// Reads the sleep in `dir` (`None`, said on stderr, when it cannot be used).
-fn load_sleep(name: &str, dir: &std::path::Path) -> Option<(crate::snapshot::Loaded, u64, Origin)> {
+fn load_sleep(
+    name: &str,
+    dir: &std::path::Path,
+    kept: Option<Box<crate::snapshot::VmState>>,
+) -> Option<(crate::snapshot::Loaded, u64, Origin)> {
     let loading = Instant::now();
-    match crate::snapshot::load(dir) {
+    // The state the sleep wrote, when this slot kept it, is not decoded from its file again.
+    let loaded = match kept {
+        Some(state) => crate::snapshot::load_kept(dir, *state),
+        None => crate::snapshot::load(dir),
+    };
+    match loaded {
         Ok(l) => Some((l, loading.elapsed().as_micros() as u64, Origin::Sleep)),
         Err(e) => {
             crate::host::diag::say(format_args!("{name}: cannot resume from its sleep ({e}); booting afresh"));
@@ -396,12 +405,16 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
     }
     let mut first = slot.first.take();
     let mut boot_now = config.lifecycle.on_demand.is_none() || first.is_some();
+    // The size of the VMs' boot memory, which the warm pool maps ahead.
+    let ram_size =
+        crate::base::layout::Layout::new(config.resources.memory.min, config.resources.memory.burst).ram_size;
     let sleep_dir = match config.lifecycle.on_demand {
         Some(Wake::Resume) => Some(SleepDir::create(config.name())?),
         _ => None,
     };
-    // A complete snapshot of the last VM waits in the sleep directory.
+    // A complete snapshot of the last VM waits in the sleep directory (and its state here).
     let mut asleep = false;
+    let mut kept: Option<Box<crate::snapshot::VmState>> = None;
     loop {
         if !boot_now {
             if crate::host::signals::interrupts() != interrupts {
@@ -412,7 +425,9 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
                 stand_in(config, slot.started, &figures, asleep, Arc::clone(&interrupted)),
             );
             // The KVM VM the next VM is made in, made while the slot waits.
-            slot.warm.top_up(slot.kvm);
+            slot.warm.top_up(slot.kvm, ram_size, &slot.image);
+            crate::host::standby::top_up();
+            crate::host::hugepages::top_up();
             match wait_for_client(&slot.endpoints, &interrupted, deadline) {
                 Waited::Client => {}
                 Waited::Interrupted => return Ok((end_without_vm(last, Outcome::NoVm), figures)),
@@ -433,16 +448,18 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
         // template, or a boot (which takes the template when the slot keeps them and there is
         // none yet).
         let templates = slot.templates.filter(|_| config.lifecycle.on_demand == Some(Wake::Resume));
-        let key = templates.map(|_| TemplateKey::of(&cycle, &slot.image));
+        // The template's key (it looks at the kernel file) is not needed to wake from a sleep.
+        let from_sleep = first.is_none() && asleep && sleep_dir.is_some();
+        let mut key = templates.filter(|_| !from_sleep).map(|_| TemplateKey::of(&cycle, &slot.image));
         let (vm, from, owner) = match first.take() {
             Some((vm, owner)) => (vm, Some(Origin::Restored), owner),
             None => {
                 let endpoints =
                     shared_endpoints(&slot.endpoints, "cannot share the listening sockets with the new VM")?;
                 let owner = Owner::new();
-                let host = host_for(&slot, owner.sink(), slot.warm.take());
+                let host = host_for(&slot, owner.sink(), slot.warm.take(ram_size));
                 let source = match sleep_dir.as_ref().filter(|_| std::mem::take(&mut asleep)) {
-                    Some(dir) => load_sleep(config.name(), &dir.0),
+                    Some(dir) => load_sleep(config.name(), &dir.0, kept.take()),
                     None => templates.zip(key.as_ref()).and_then(|(t, k)| load_template(config.name(), t, k)),
                 };
                 let started_from = source.as_ref().map(|s| s.2);
@@ -464,6 +481,9 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
                         }
                         // A template taken meanwhile (or one a failed resume did not use) is
                         // not taken again.
+                        if key.is_none() {
+                            key = templates.map(|_| TemplateKey::of(&cycle, &slot.image));
+                        }
                         cycle.take_template = templates.zip(key.as_ref()).is_some_and(|(t, k)| !t.has(k));
                         (Vm::create(&cycle, Arc::clone(&slot.image), host, endpoints)?, None)
                     }
@@ -475,7 +495,8 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
             sleep_to: sleep_dir.as_ref().map(|d| d.0.as_path()),
             template: templates.zip(key.as_ref()).filter(|_| cycle.take_template),
         };
-        let Driven { report, idle_stopped } = drive(vm, owner, slot.ctx, cycle.lifecycle.timeout, rest);
+        let Driven { report, idle_stopped, slept } = drive(vm, owner, slot.ctx, cycle.lifecycle.timeout, rest);
+        kept = slept;
         let _ = slot.timeline.flush();
         let first_reply_us = report.first_reply.map(|f| f.at.saturating_sub(seen_at).as_micros() as u64);
         let resumed = match from {

@@ -1,10 +1,13 @@
 //! Host helpers (base layer): seccomp allow-lists, CPU placement, signals, clocks and process
-//! figures, the host endpoints clients connect to, and stderr diagnostics that never block.
+//! figures, the host endpoints clients connect to, threads and huge pages made ahead of need, and stderr
+//! diagnostics that never block.
 
 pub(crate) mod affinity;
 pub(crate) mod clock;
 pub(crate) mod diag;
 pub(crate) mod endpoint;
+pub(crate) mod hugepages;
 pub(crate) mod process;
 pub(crate) mod seccomp;
 pub(crate) mod signals;
+pub(crate) mod standby;

@@ -1,4 +1,4 @@
-//! Figures of this process: resident memory and CPU time.
+//! Figures of this process: resident memory, the pages in use, CPU time.
 
 /// Reads `/proc/self/<name>` into `buf` through a file opened once (then `pread`), so a thread
 /// whose seccomp list has no `openat` (the control API) can read it too.
@@ -65,6 +65,30 @@ pub(crate) fn page_faults() -> u64 {
     (usage.ru_minflt as u64).saturating_add(usage.ru_majflt as u64)
 }
 
+static PAGEMAP: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+
+/// Which 4 KiB pages of `[addr, addr + len)` of this process's private anonymous memory may
+/// hold data: those present or swapped out (`/proc/self/pagemap`). A page never touched is
+/// neither, and reads as zeroes; reading it just to learn that costs a fault on this host.
+/// `None` when the kernel cannot say. (For file-backed memory, a page that is neither may
+/// still hold the file's data: ask only about anonymous memory.)
+pub(crate) fn pages_in_use(addr: usize, len: usize) -> Option<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let file = PAGEMAP.get_or_init(|| std::fs::File::open("/proc/self/pagemap").ok()).as_ref()?;
+    let first = addr / 4096;
+    let pages = len.div_ceil(4096);
+    let mut entries = vec![0u8; pages * 8];
+    file.read_exact_at(&mut entries, (first as u64).checked_mul(8)?).ok()?;
+    Some(
+        entries
+            .chunks_exact(8)
+            .map(|e| u64::from_le_bytes(e.try_into().unwrap_or_default()) & (PRESENT | SWAPPED) != 0)
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +109,28 @@ mod tests {
         let during = process_rss_bytes();
         assert!(during >= 60 << 20, "RSS {during} with 64 MiB touched");
         assert!(process_peak_rss_bytes() >= during, "{}", big.iter().map(|&b| b as usize).sum::<usize>());
+    }
+
+    #[test]
+    fn only_touched_pages_of_fresh_memory_are_in_use() {
+        let len = 16 * 4096;
+        // SAFETY: a fresh private anonymous mapping this test owns and unmaps.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as usize;
+        // SAFETY: page 3 of the mapping.
+        unsafe { std::ptr::write_volatile((at + 3 * 4096) as *mut u8, 1) };
+        let used = pages_in_use(at, len).expect("pagemap");
+        assert_eq!(used.len(), 16);
+        assert_eq!(used.iter().enumerate().filter(|(_, u)| **u).map(|(i, _)| i).collect::<Vec<_>>(), [3]);
+        // SAFETY: the test's own mapping.
+        unsafe { libc::munmap(at as *mut libc::c_void, len) };
     }
 }

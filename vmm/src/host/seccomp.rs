@@ -266,9 +266,15 @@ pub(crate) fn install_process() -> Result<(), SeccompError> {
 /// Narrows the calling thread to `role`'s list (a no-op when the process is not filtered).
 /// A failure is reported on stderr; the thread goes on under the process filter.
 pub(crate) fn install_thread(role: Role) {
-    if !active() {
+    thread_local! {
+        /// The role this thread narrowed itself to (a thread started ahead of need narrows
+        /// itself before it is given its work, which asks again).
+        static NARROWED: std::cell::Cell<Option<Role>> = const { std::cell::Cell::new(None) };
+    }
+    if !active() || NARROWED.get() == Some(role) {
         return;
     }
+    NARROWED.set(Some(role));
     let applied = program(role).and_then(|bpf| {
         seccompiler::apply_filter(&bpf).map_err(|e| SeccompError::Apply { role: role.name(), reason: e.to_string() })
     });

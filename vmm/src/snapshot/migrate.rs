@@ -406,8 +406,8 @@ pub(crate) fn receive(kvm: &Kvm, s: &mut UnixStream) -> Result<Received, Migrate
     }
     let fd = kvm.create_vm().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     let max_slots = crate::vmm::vm::max_slots(kvm);
-    let mem = GuestMemory::with_window(l.ram_size, l.window_base, l.window_size, max_slots)?;
-    mem.register_boot_slot(&fd)?;
+    let sizes = (l.ram_size, l.window_base, l.window_size, max_slots);
+    let mem = GuestMemory::boot(&fd, sizes, &Backing::Anonymous, None)?;
     // serial on the source -> extent here
     let mut extents: BTreeMap<u64, Extent> = BTreeMap::new();
     let mut endpoints = Vec::new();

@@ -281,16 +281,17 @@ pub(crate) fn is_zero(page: &[u8]) -> bool {
 /// snapshot there is replaced). The VM is held still while its memory is written and then resumes (unless it
 /// was paused before).
 pub(crate) fn save(vm: &VmShared, dir: &Path) -> Result<SaveFigures, SnapshotError> {
-    save_then(vm, dir, false)
+    save_then(vm, dir, false).map(|(figures, _)| figures)
 }
 
 /// Like [`save`], but the VM stays paused and its devices holding afterwards (it is about to
-/// end: an on-demand VM going to sleep).
-pub(crate) fn save_and_keep_stopped(vm: &VmShared, dir: &Path) -> Result<SaveFigures, SnapshotError> {
-    save_then(vm, dir, true)
+/// end: an on-demand VM going to sleep). Also returns the state written, which the wake can
+/// use instead of decoding its file again ([`load_kept`]).
+pub(crate) fn save_and_keep_stopped(vm: &VmShared, dir: &Path) -> Result<(SaveFigures, Box<VmState>), SnapshotError> {
+    save_then(vm, dir, true).map(|(figures, state)| (figures, Box::new(state)))
 }
 
-fn save_then(vm: &VmShared, dir: &Path, keep_stopped: bool) -> Result<SaveFigures, SnapshotError> {
+fn save_then(vm: &VmShared, dir: &Path, keep_stopped: bool) -> Result<(SaveFigures, VmState), SnapshotError> {
     let t0 = Instant::now();
     if !dir.is_dir() {
         if dir.parent().is_some_and(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
@@ -313,7 +314,9 @@ fn save_then(vm: &VmShared, dir: &Path, keep_stopped: bool) -> Result<SaveFigure
             let bytes = mem
                 .host_range(&guard, r.gpa, r.len)
                 .ok_or_else(|| SnapshotError::Vm(format!("region {:#x} vanished", r.gpa)))?;
-            written += write_sparse(&file, offset, bytes).map_err(io("write", &mem_tmp))?;
+            // Pages the host never backed are zeroes: not even read (a read would fault them in).
+            let in_use = mem.pages_in_use(&guard, r.gpa, r.len);
+            written += write_sparse(&file, offset, bytes, in_use.as_deref()).map_err(io("write", &mem_tmp))?;
             offset += r.len;
         }
     }
@@ -338,23 +341,26 @@ fn save_then(vm: &VmShared, dir: &Path, keep_stopped: bool) -> Result<SaveFigure
         "snapshot",
         crate::base::timeline::detail([("dir", dir.display().to_string().into()), ("paused_us", paused_us.into())]),
     );
-    Ok(SaveFigures {
+    let figures = SaveFigures {
         dir: dir.to_path_buf(),
         held_bytes,
         written_bytes: written,
         paused_us,
         total_us: t0.elapsed().as_micros() as u64,
-    })
+    };
+    Ok((figures, state))
 }
 
-/// Writes `bytes` at `offset`, skipping all-zero pages (holes). Returns the bytes written.
-fn write_sparse(file: &std::fs::File, offset: u64, bytes: &[u8]) -> std::io::Result<u64> {
+/// Writes `bytes` at `offset`, skipping all-zero pages (holes) and, with `in_use`, the pages
+/// it marks unused (known zeroes, not read). Returns the bytes written.
+fn write_sparse(file: &std::fs::File, offset: u64, bytes: &[u8], in_use: Option<&[bool]>) -> std::io::Result<u64> {
     let page = PAGE_SIZE as usize;
     let mut written = 0u64;
     let mut run_start: Option<usize> = None;
     let pages = bytes.len().div_ceil(page);
     for i in 0..=pages {
-        let nonzero = i < pages && !is_zero(&bytes[i * page..((i + 1) * page).min(bytes.len())]);
+        let used = in_use.is_none_or(|u| u.get(i).copied().unwrap_or(true));
+        let nonzero = i < pages && used && !is_zero(&bytes[i * page..((i + 1) * page).min(bytes.len())]);
         match (nonzero, run_start) {
             (true, None) => run_start = Some(i * page),
             (false, Some(s)) => {
@@ -436,6 +442,12 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).map_err(io("read", &path))?;
     let state = decode_state(&bytes, &path)?;
+    load_kept(dir, state)
+}
+
+/// Like [`load`], with the state this process wrote to `dir` and kept
+/// ([`save_and_keep_stopped`]): only the memory file is opened (and checked against it).
+pub(crate) fn load_kept(dir: &Path, state: VmState) -> Result<Loaded, SnapshotError> {
     let mem_path = dir.join(MEMORY_FILE);
     let memory = std::fs::File::open(&mem_path).map_err(io("open", &mem_path))?;
     let size = memory.metadata().map_err(io("stat", &mem_path))?.len();
@@ -509,10 +521,15 @@ mod tests {
         let mut bytes = vec![0u8; 16 * 4096];
         bytes[5 * 4096 + 7] = 1;
         bytes[6 * 4096] = 2;
-        assert_eq!(write_sparse(&f, 0, &bytes).unwrap(), 2 * 4096);
+        assert_eq!(write_sparse(&f, 0, &bytes, None).unwrap(), 2 * 4096);
         f.set_len(bytes.len() as u64).unwrap();
         let back = std::fs::read(dir.join("m")).unwrap();
         assert_eq!(back, bytes);
+        // Pages marked unused are not written (nor read); the others as before.
+        let g = std::fs::File::create(dir.join("g")).unwrap();
+        let mut in_use = vec![true; 16];
+        in_use[6] = false;
+        assert_eq!(write_sparse(&g, 0, &bytes, Some(&in_use)).unwrap(), 4096);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -98,13 +98,15 @@ fn rebuild(
     };
     let mut host = host;
     let mut warm: Vec<Vcpu> = Vec::new();
+    let mut premapped = None;
     let (fd, mem) = match memory {
         RestoreMemory::Live { fd, mem } => (fd, mem),
         RestoreMemory::File(file) => {
             let fd = match host.shell.take() {
                 Some(shell) => {
-                    let (fd, vcpus) = (*shell).into_parts();
+                    let (fd, vcpus, boot) = (*shell).into_parts();
                     warm = vcpus;
+                    premapped = boot;
                     fd
                 }
                 None => create_kvm_vm(host.kvm)?,
@@ -119,6 +121,7 @@ fn rebuild(
                 window: (layout.window_base, layout.window_size),
                 max_slots: max_slots(host.kvm),
                 file: &file,
+                premapped,
             };
             let mem = GuestMemory::restore(args, &state.memory)?;
             phases.memory_us = lap();

@@ -48,7 +48,10 @@ impl Console {
             Arc::new(Shared { buf: Mutex::new(Buffer::default()), cond: Condvar::new(), dropped: AtomicU64::new(0) });
         let s = Arc::clone(&shared);
         // Without the thread (the host is out of threads) output is counted as dropped.
-        if std::thread::Builder::new().name(format!("{name}-console")).spawn(move || drain(&s, sink)).is_err() {
+        let job = Box::new(move || drain(&s, sink));
+        if crate::host::standby::spawn(Some(crate::host::seccomp::Role::Console), format!("{name}-console"), job)
+            .is_err()
+        {
             shared.buf.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
         }
         Console { shared }

@@ -212,13 +212,17 @@ impl Persist for Vcpu {
         let regs = self.fd.get_regs().map_err(err("get regs"))?;
         let sregs = self.fd.get_sregs().map_err(err("get sregs"))?;
         let xsave = self.fd.get_xsave().map_err(err("get xsave"))?;
+        // One call reads them all; KVM stops at the first it refuses, which is left out, and
+        // the rest are read by the next call.
         let mut msrs = Vec::new();
-        for index in SAVED_MSRS {
-            let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
-                .map_err(|_| VcpuError::MsrList(id))?;
-            if matches!(self.fd.get_msrs(&mut one), Ok(1)) {
-                msrs.extend_from_slice(one.as_slice());
-            }
+        let mut rest: &[u32] = &SAVED_MSRS;
+        while !rest.is_empty() {
+            let entries: Vec<kvm_msr_entry> =
+                rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+            let mut batch = Msrs::from_entries(&entries).map_err(|_| VcpuError::MsrList(id))?;
+            let read = self.fd.get_msrs(&mut batch).unwrap_or(0);
+            msrs.extend_from_slice(batch.as_slice().get(..read).unwrap_or_default());
+            rest = rest.get(read + 1..).unwrap_or_default();
         }
         Ok(VcpuState { id: self.id, regs, sregs, xsave, msrs })
     }
@@ -239,12 +243,16 @@ impl Vcpu {
         // SAFETY: `st.xsave` is a whole 4 KiB `kvm_xsave` (the legacy size, which KVM_SET_XSAVE
         // reads; the VM did not enable KVM_CAP_XSAVE2).
         unsafe { self.fd.set_xsave(&st.xsave) }.map_err(err("set xsave"))?;
-        for e in &st.msrs {
-            // An MSR this KVM refuses to set is left at its reset value (none of them matters
-            // to the guest's correctness: the TSC only moves time forward).
-            if let Ok(one) = Msrs::from_entries(&[*e]) {
-                let _ = self.fd.set_msrs(&one);
-            }
+        // One call sets them all; KVM stops at the first it refuses, which is left at its reset
+        // value (none of them matters to the guest's correctness: the TSC only moves time
+        // forward), and the rest are set by the next call.
+        let mut rest: &[kvm_msr_entry] = &st.msrs;
+        while !rest.is_empty() {
+            let set = match Msrs::from_entries(rest) {
+                Ok(batch) => self.fd.set_msrs(&batch).unwrap_or(0),
+                Err(_) => 0,
+            };
+            rest = rest.get(set + 1..).unwrap_or_default();
         }
         self.fd.set_regs(&st.regs).map_err(err("set regs"))
     }
@@ -254,10 +262,10 @@ impl Vcpu {
 /// was down) or running; the thread is joined when the VM ends.
 pub(crate) fn spawn(vm: &Arc<VmShared>, vcpu: Vcpu, handle: Arc<VcpuHandle>, parked: bool) -> Result<(), VcpuError> {
     let shared = Arc::clone(vm);
-    let thread = std::thread::Builder::new()
-        .name(format!("{}-vcpu{}", vm.name(), vcpu.id))
-        .spawn(move || VcpuThread { vcpu, vm: shared, handle, mode: Mode::default() }.run(parked))
-        .map_err(VcpuError::Thread)?;
+    let name = format!("{}-vcpu{}", vm.name(), vcpu.id);
+    let job = Box::new(move || VcpuThread { vcpu, vm: shared, handle, mode: Mode::default() }.run(parked));
+    let thread =
+        crate::host::standby::spawn(Some(crate::host::seccomp::Role::Vcpu), name, job).map_err(VcpuError::Thread)?;
     vm.add_thread(thread);
     Ok(())
 }

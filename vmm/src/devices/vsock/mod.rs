@@ -391,10 +391,11 @@ impl Device for Vsock {
             template_gate: setup.template_gate,
             resume: lock(&self.resume).clone(),
         };
-        let handle = std::thread::Builder::new()
-            .name(format!("{}-io", setup.vm_name))
-            .spawn(move || muxer::run(start))
-            .map_err(host("cannot start the I/O thread"))?;
+        // A pinned thread places itself before it narrows itself: it starts afresh.
+        let role = (!start.pin).then_some(crate::host::seccomp::Role::Io);
+        let handle =
+            crate::host::standby::spawn(role, format!("{}-io", setup.vm_name), Box::new(move || muxer::run(start)))
+                .map_err(host("cannot start the I/O thread"))?;
         *lock(&self.thread) = Some(Running { handle, commands, command_kick });
         Ok(())
     }
