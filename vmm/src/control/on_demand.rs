@@ -425,9 +425,7 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
                 stand_in(config, slot.started, &figures, asleep, Arc::clone(&interrupted)),
             );
             // The KVM VM the next VM is made in, made while the slot waits.
-            slot.warm.top_up(slot.kvm, ram_size, &slot.image);
-            crate::host::standby::top_up();
-            crate::host::hugepages::top_up();
+            slot.warm.top_up(ram_size, &slot.image);
             match wait_for_client(&slot.endpoints, &interrupted, deadline) {
                 Waited::Client => {}
                 Waited::Interrupted => return Ok((end_without_vm(last, Outcome::NoVm), figures)),

@@ -56,41 +56,63 @@ pub(crate) struct Shell {
     boot: Option<Premapped>,
 }
 
-/// A few [`Shell`]s made ahead for the on-demand slots of a run: a slot that waits for a
-/// client tops the pool up, and a wake or cold start takes one. Small and shared, so that a
-/// thousand sleeping slots do not each keep a KVM VM.
+/// A few [`Shell`]s made ahead for the on-demand slots of a run, and the other things a VM
+/// starts faster with (standby threads, huge pages): a slot that waits for a client asks for
+/// them ([`WarmPool::top_up`]), a thread of the pool makes them (not in the way of the slot
+/// seeing its next client; not at a lower priority, which the standby threads it starts would
+/// inherit, and an unprivileged thread cannot raise again), and a
+/// wake or cold start takes a shell. Small and shared, so that a thousand sleeping slots do not
+/// each keep a KVM VM.
 #[derive(Debug, Default)]
 pub(crate) struct WarmPool {
+    inner: Arc<WarmInner>,
+}
+
+#[derive(Debug, Default)]
+struct WarmInner {
     shells: std::sync::Mutex<Vec<Shell>>,
+    wanted: std::sync::Mutex<Wanted>,
+    cond: std::sync::Condvar,
+}
+
+/// What the pool's thread is asked to make.
+#[derive(Debug, Default)]
+struct Wanted {
+    /// Boot memory size and the kernel image's guest-physical range of the next shells.
+    memory: Option<(u64, (u64, u64))>,
+    /// The thread runs.
+    started: bool,
+    /// The pool is gone: the thread ends.
+    closed: bool,
 }
 
 impl WarmPool {
     /// Most shells kept ready.
     pub(crate) const SIZE: usize = 2;
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Shell>> {
-        self.shells.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Makes a one-vCPU shell with `ram_size` bytes of boot memory for `image` if fewer than
-    /// [`WarmPool::SIZE`] are ready (best effort: a failure leaves the next VM to be made from
-    /// scratch).
-    pub(crate) fn top_up(&self, kvm: &Kvm, ram_size: u64, image: &KernelImage) {
-        if self.lock().len() >= Self::SIZE {
-            return;
-        }
-        if let Ok(shell) = Shell::new(kvm, 1, Some((ram_size, image))) {
-            let mut shells = self.lock();
-            if shells.len() < Self::SIZE {
-                shells.push(shell);
+    /// Asks for shells with `ram_size` bytes of boot memory for `image` (up to
+    /// [`WarmPool::SIZE`]), standby threads and huge pages, made by the pool's thread (started
+    /// the first time). Returns at once; best effort (what cannot be made is made on the path
+    /// of the next VM, as without the pool).
+    pub(crate) fn top_up(&self, ram_size: u64, image: &KernelImage) {
+        let mut wanted = lock(&self.inner.wanted);
+        wanted.memory = Some((ram_size, (image.start, image.end)));
+        if !wanted.started {
+            wanted.started = true;
+            let inner = Arc::clone(&self.inner);
+            let started = std::thread::Builder::new().name("warm-pool".into()).spawn(move || inner.serve());
+            if started.is_err() {
+                wanted.started = false;
             }
         }
+        drop(wanted);
+        self.inner.cond.notify_one();
     }
 
     /// A ready shell, if there is one: one with `ram_size` bytes of boot memory if there is
     /// one (another's boot slot is given up when the VM is made).
     pub(crate) fn take(&self, ram_size: u64) -> Option<Box<Shell>> {
-        let mut shells = self.lock();
+        let mut shells = lock(&self.inner.shells);
         let fits = shells.iter().position(|s| s.boot.as_ref().is_some_and(|b| b.size() == ram_size));
         let shell = match fits {
             Some(i) => shells.swap_remove(i),
@@ -100,13 +122,52 @@ impl WarmPool {
     }
 }
 
+impl Drop for WarmPool {
+    fn drop(&mut self) {
+        lock(&self.inner.wanted).closed = true;
+        self.inner.cond.notify_one();
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl WarmInner {
+    /// The pool's thread: makes what is asked for until the pool is dropped.
+    fn serve(&self) {
+        let Ok(kvm) = Kvm::new() else { return };
+        loop {
+            let memory = {
+                let mut wanted = lock(&self.wanted);
+                loop {
+                    if wanted.closed {
+                        return;
+                    }
+                    if let Some(m) = wanted.memory.take() {
+                        break m;
+                    }
+                    wanted = self.cond.wait(wanted).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            while lock(&self.shells).len() < WarmPool::SIZE {
+                let Ok(shell) = Shell::new(&kvm, 1, Some(memory)) else { break };
+                lock(&self.shells).push(shell);
+            }
+            crate::host::standby::top_up();
+            crate::host::hugepages::top_up();
+        }
+    }
+}
+
 impl Shell {
-    /// A KVM VM with vCPUs `0..vcpus` and, with `memory`, that much boot memory for the image.
-    pub(crate) fn new(kvm: &Kvm, vcpus: u32, memory: Option<(u64, &KernelImage)>) -> Result<Shell, VmError> {
+    /// A KVM VM with vCPUs `0..vcpus` and, with `memory`, that much boot memory for a kernel
+    /// image at that guest-physical range.
+    fn new(kvm: &Kvm, vcpus: u32, memory: Option<(u64, (u64, u64))>) -> Result<Shell, VmError> {
         let fd = create_kvm_vm(kvm)?;
         let cpuid = supported_cpuid(kvm)?;
         let vcpus = (0..vcpus).map(|id| Vcpu::create(&fd, &cpuid, id)).collect::<Result<Vec<_>, _>>()?;
-        let boot = memory.map(|(size, image)| Premapped::new(&fd, size, (image.start, image.end))).transpose()?;
+        let boot = memory.map(|(size, image)| Premapped::new(&fd, size, image)).transpose()?;
         Ok(Shell { fd, vcpus, boot })
     }
 
