@@ -543,3 +543,72 @@ fn forty_sleeping_services_cost_little_and_each_wakes_with_its_state() {
     let starts: u64 = vms.iter().filter_map(|v| v["on_demand"]["cold_starts"].as_u64()).sum();
     assert_eq!((starts, wakes), (5, 5), "{summary}");
 }
+
+/// A shim killed with SIGKILL cannot remove its sleep and template directories; the next
+/// on-demand run removes those of shims that no longer run (and says so), and no others.
+#[test]
+fn a_killed_shim_s_sleep_and_template_directories_are_removed_by_the_next_run() {
+    use std::io::BufRead;
+    require_kvm();
+    let dir = temp_dir("leftovers");
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    let port = free_port();
+    let start = || {
+        let mut child = Command::new(SHIM)
+            .env("TMPDIR", &tmp)
+            .args(["run", "--app", "kv", "--publish", &format!("127.0.0.1:{port}:6379"), "--on-demand"])
+            .args(["--idle-shutdown", "200ms", "--timeout", "60"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the shim starts");
+        let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let mut before = Vec::new();
+        loop {
+            let line = lines.next().and_then(Result::ok).expect("the shim ended before it waited");
+            if line.contains("on demand, no VM running") {
+                break;
+            }
+            before.push(line);
+        }
+        std::thread::spawn(move || for _ in lines {});
+        (child, before)
+    };
+    let ours = |pid: u32| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&tmp)
+            .expect("tmp")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| {
+                n.starts_with(&format!("elastic-sleep-{pid}-")) || n.starts_with(&format!("elastic-templates-{pid}-"))
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    let (mut first, _) = start();
+    let ping = common::client("redis-cli", "redis-tools", &["-p", &port.to_string(), "ping"]);
+    ping.expect_code(0);
+    assert_eq!(ping.stdout.trim(), "PONG");
+    // Asleep: its sleep directory holds a state.
+    let slept = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        ours(first.id()).iter().any(|n| n.starts_with("elastic-sleep-") && tmp.join(n).join("state.json").exists())
+    });
+    assert!(slept, "no sleep in {}: {:?}", tmp.display(), ours(first.id()));
+    let old = first.id();
+    first.kill().expect("SIGKILL");
+    let _ = first.wait();
+    assert_eq!(ours(old).len(), 2, "{:?}", ours(old));
+    // Someone else's directory with a similar name stays.
+    std::fs::create_dir_all(tmp.join("elastic-sleep-notes")).expect("mkdir");
+    let (mut second, said) = start();
+    assert!(
+        said.iter().any(|l| l.contains("removed 2 sleep or template directories")),
+        "the second run did not say what it removed: {said:?}"
+    );
+    assert!(ours(old).is_empty(), "{:?}", ours(old));
+    assert!(tmp.join("elastic-sleep-notes").exists());
+    let _ = second.kill();
+    let _ = second.wait();
+}

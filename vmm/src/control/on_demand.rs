@@ -85,7 +85,11 @@ impl SleepDir {
         use std::os::unix::fs::DirBuilderExt;
         let name: String = vm.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let path = std::env::temp_dir().join(format!("elastic-sleep-{}-{nanos}-{name}", std::process::id()));
+        let path = std::env::temp_dir().join(format!(
+            "{}{}-{nanos}-{name}",
+            crate::snapshot::leftovers::SLEEP_PREFIX,
+            std::process::id()
+        ));
         std::fs::DirBuilder::new().mode(0o700).create(&path).map_err(|source| {
             VmError::Device(crate::devices::DeviceError::Host {
                 device: "every",

@@ -369,6 +369,17 @@ fn raise_open_file_limit() {
 pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     let kvm = open_kvm()?;
     let options = &spec.options;
+    if spec.vms.iter().any(|v| v.config.lifecycle.on_demand == Some(crate::base::config::Wake::Resume)) {
+        // What killed shims left (listing a directory is not allowed once filtered).
+        let removed = crate::snapshot::leftovers::sweep(&std::env::temp_dir());
+        if removed > 0 {
+            crate::host::diag::say(format_args!(
+                "removed {removed} sleep or template director{} left in {} by shims that were killed",
+                if removed == 1 { "y" } else { "ies" },
+                std::env::temp_dir().display()
+            ));
+        }
+    }
     if options.seccomp {
         crate::host::seccomp::install_process()?;
     }

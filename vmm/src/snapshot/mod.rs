@@ -14,8 +14,10 @@
 //! (a VM at min: the guest then takes few paging faults), and otherwise maps it privately
 //! (copy-on-write), pages read when the guest first touches them; the guest's writes never
 //! reach the file either way, so one snapshot restores many times (a [`template`] does).
-//! The submodule [`migrate`] sends the same state over a socket, with pre-copy.
+//! The submodule [`migrate`] sends the same state over a socket, with pre-copy; [`leftovers`]
+//! removes the sleep and template directories of shims that were killed.
 
+pub(crate) mod leftovers;
 pub(crate) mod migrate;
 pub(crate) mod restore;
 pub(crate) mod template;

@@ -93,7 +93,8 @@ impl Templates {
     /// template: a run that takes none touches nothing).
     pub(crate) fn new() -> Templates {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let root = std::env::temp_dir().join(format!("elastic-templates-{}-{nanos}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("{}{}-{nanos}", super::leftovers::TEMPLATES_PREFIX, std::process::id()));
         Templates { root, made: Mutex::new(Vec::new()) }
     }
 
