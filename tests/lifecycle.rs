@@ -533,3 +533,69 @@ fn a_restored_on_demand_vm_sleeps_when_idle_and_wakes_with_its_keys() {
     let summary = read_json(&dir.join("dst.json"));
     assert_eq!(summary["on_demand"]["wakes"], 1, "{summary}");
 }
+
+/// `--restart on-failure --restart-from DIR`: a kv VM killed by its policy (asked to come down
+/// to a lower max, it kept its keys) restarts from the snapshot the operator took, with every
+/// key it held then and none written after; the flag without `--restart on-failure` is
+/// refused with one line.
+#[test]
+fn a_failed_vm_restarts_from_its_last_snapshot_with_the_keys_it_held_then() {
+    require_kvm();
+    let dir = temp_dir("lifecycle-restart-from");
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    let refused = common::shim(&["run", "--app", "kv", "--publish", &publish, "--restart-from", "snap"]);
+    refused.expect_code(64);
+    assert!(refused.stderr.contains("--restart-from needs --restart on-failure"), "{}", refused.stderr);
+    let vm = ShimProcess::start(
+        &dir,
+        &[
+            "run",
+            "--app",
+            "kv",
+            "--publish",
+            &publish,
+            "--memory",
+            "32M:256M:256M",
+            "--on-violation",
+            "kill",
+            "--reclaim-grace",
+            "200ms",
+            "--restart",
+            "on-failure",
+            "--restart-from",
+            "snap",
+            "--api-sock",
+            "api.sock",
+            "--timeline",
+            "tl.jsonl",
+            "--summary",
+            "sum.json",
+            "--timeout",
+            "120",
+        ],
+    );
+    wait_for_api(&dir, "api.sock");
+    wait_for_port(port);
+    write_keys(port);
+    json_of(&ctl_in(&dir, "api.sock", &["snapshot", "vm0", "--to", "snap"]));
+    assert_eq!(redis(port, "SET after the-snapshot\n").trim(), "OK");
+    // Max down to min: the VM cannot give back memory its keys live in, and is killed (75).
+    ctl_in(&dir, "api.sock", &["policy", "vm0", "--memory", "32M:32M:32M"]).expect_code(0);
+    // The restarted VM runs under its configured policy again (max 256 MiB).
+    wait_until(&dir, "api.sock", "restarted", |v| v["memory_policy"]["max"] == 256u64 << 20 && v["state"] == "running");
+    wait_for_port(port);
+    assert_eq!(read_keys(port), (KEYS, expected_checksum()), "every key of the snapshot after the restart");
+    assert_eq!(redis(port, "GET after\n").trim(), "", "a key written after the snapshot came back");
+    ctl_in(&dir, "api.sock", &["stop", "vm0"]).expect_code(0);
+    let (code, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("ended with exit code 75; restart 1 of"), "{err}");
+    let events: Vec<String> = read_json_lines(&dir.join("tl.jsonl"))
+        .iter()
+        .filter_map(|l| l["event"].as_str().map(str::to_string))
+        .filter(|e| ["violation", "restart", "restore"].contains(&e.as_str()))
+        .collect();
+    assert_eq!(events, ["violation", "restart", "restore"]);
+    assert_eq!(read_json(&dir.join("sum.json"))["restarts"], 1);
+}

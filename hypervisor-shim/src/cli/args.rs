@@ -266,8 +266,8 @@ pub(super) struct RunArgs {
     /// The VM is named vm0.
     #[arg(long, value_name = "PATH")]
     pub(super) api_sock: Option<PathBuf>,
-    /// Boot the VM again when it fails (a guest fault, unbacked memory, an unserved exit, or an
-    /// exit code other than 0 and 5), at most --restart-limit times.
+    /// Boot the VM again when it fails (a guest fault, unbacked memory, an unserved exit, a
+    /// policy kill, or another exit code other than 0 and 5), at most --restart-limit times.
     #[arg(long, value_enum, default_value = "never")]
     pub(super) restart: RestartMode,
     /// Run without the seccomp filters (for debugging a refused system call; every VM thread
@@ -281,6 +281,11 @@ pub(super) struct RunArgs {
     /// Wait before the first restart (doubling after each, at most 5 s).
     #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration_arg)]
     pub(super) restart_backoff: Duration,
+    /// With --restart on-failure: restart the VM from the snapshot in DIR (the last one written
+    /// there, e.g. by `ctl snapshot vm0 DIR`) instead of booting it afresh. A snapshot that is
+    /// missing or cannot be used is said on stderr and the VM boots.
+    #[arg(long, value_name = "DIR")]
+    pub(super) restart_from: Option<PathBuf>,
 }
 
 /// `--on-violation`.

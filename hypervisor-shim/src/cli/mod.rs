@@ -181,6 +181,9 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
     if args.idle_shutdown.is_some_and(|d| d.is_zero()) {
         return fail(exit::USAGE, "--idle-shutdown must be longer than 0");
     }
+    if args.restart_from.is_some() && args.restart != RestartMode::OnFailure {
+        return fail(exit::USAGE, "--restart-from needs --restart on-failure");
+    }
     let mut config = VmConfig::new("vm0", args.guest.app.clone());
     config.guest.args = args.guest.args.clone();
     config.guest.log_level = args.guest.log.clone();
@@ -199,8 +202,11 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
     config.lifecycle.timeout = args.guest.timeout;
     config.lifecycle.on_demand = args.on_demand.map(Wake::from);
     config.lifecycle.idle_shutdown = args.idle_shutdown.or(args.on_demand.is_some().then_some(DEFAULT_IDLE_SHUTDOWN));
-    config.lifecycle.restart = (args.restart == RestartMode::OnFailure)
-        .then_some(elastic_vmm::RestartPolicy { limit: args.restart_limit, backoff: args.restart_backoff });
+    config.lifecycle.restart = (args.restart == RestartMode::OnFailure).then(|| elastic_vmm::RestartPolicy {
+        limit: args.restart_limit,
+        backoff: args.restart_backoff,
+        from: args.restart_from.clone(),
+    });
     let spec = RunSpec {
         vms: vec![VmSpec::new(config, kernel_path(&args.guest), 0)],
         capacity: Capacity::UNLIMITED,

@@ -29,6 +29,7 @@
 //! restart = "on-failure"           # optional: never (default) | on-failure
 //! restart_limit = 3                # optional: most restarts (default 3)
 //! restart_backoff = "100ms"        # optional: first wait, doubling (default 100ms, at most 5 s)
+//! restart_from = "snapshots/web"   # optional: like --restart-from (needs restart = "on-failure")
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -132,6 +133,7 @@ struct VmSection {
     restart: Option<Spanned<String>>,
     restart_limit: Option<u32>,
     restart_backoff: Option<Spanned<String>>,
+    restart_from: Option<Spanned<PathBuf>>,
 }
 
 /// Wait before the first restart when `restart_backoff` is not given (doubling after each).
@@ -258,6 +260,11 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
                 format!("vm '{name}': on_demand and idle_shutdown need a client endpoint: add publish or vsock_uds"),
             ));
         }
+        if let Some(from) = &v.restart_from
+            && v.restart.as_ref().is_none_or(|r| r.get_ref() != "on-failure")
+        {
+            return Err(invalid(from.span(), format!("vm '{name}': restart_from needs restart = \"on-failure\"")));
+        }
         let restart = match v.restart.as_ref().map(|r| (r.get_ref().as_str(), r.span())) {
             None | Some(("never", _)) => None,
             Some(("on-failure", _)) => {
@@ -267,7 +274,11 @@ pub fn parse(text: &str, origin: &str, default_kernel: &Path) -> Result<PoolConf
                     }
                     None => DEFAULT_RESTART_BACKOFF,
                 };
-                Some(elastic_vmm::RestartPolicy { limit: v.restart_limit.unwrap_or(DEFAULT_RESTART_LIMIT), backoff })
+                Some(elastic_vmm::RestartPolicy {
+                    limit: v.restart_limit.unwrap_or(DEFAULT_RESTART_LIMIT),
+                    backoff,
+                    from: v.restart_from.as_ref().map(|d| d.get_ref().clone()),
+                })
             }
             Some((other, span)) => {
                 return Err(invalid(
@@ -376,6 +387,10 @@ expect_exit = 3
             (GOOD.replace("name = \"batch\"", "name = \"web\""), "two VMs are named 'web'"),
             (GOOD.replace("burst_budget = \"1:0.5\"", "burst_budget = \"many\""), "vm 'web': burst_budget"),
             ("[pool]\nvcpus = 2\nmemory = \"1G\"\n".to_string(), "no [[vm]] entries"),
+            (
+                GOOD.replace("weight = 2", "weight = 2\nrestart_from = \"snap\""),
+                "vm 'web': restart_from needs restart = \"on-failure\"",
+            ),
         ];
         for (text, needle) in cases {
             let e = parse(&text, "pool.toml", Path::new("/k")).unwrap_err().to_string();

@@ -165,7 +165,7 @@ pub struct EndpointConfig {
 }
 
 /// When the VM runs: its time limit, scale to zero, restarts.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Lifecycle {
     /// Stop the run after this long.
     pub timeout: Option<Duration>,
@@ -222,13 +222,17 @@ fn on_demand_of<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Wake>, 
 
 /// Restart on failure: a VM that faults or exits with a code other than 0 and 5 (stopped at
 /// the host's request) is booted again, at most `limit` times, after `backoff` (doubling per
-/// restart, at most [`RESTART_BACKOFF_MAX`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// restart, at most [`RESTART_BACKOFF_MAX`]); with `from`, restored from the snapshot in that
+/// directory instead (the last one written there: `ctl snapshot VM DIR`), when it can be.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RestartPolicy {
     /// Most restarts.
     pub limit: u32,
     /// Wait before the first restart.
     pub backoff: Duration,
+    /// The snapshot directory a restart restores from.
+    #[serde(default)]
+    pub from: Option<std::path::PathBuf>,
 }
 
 /// One VM: what runs in it, its resources, its endpoints and its lifecycle.

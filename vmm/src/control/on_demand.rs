@@ -248,6 +248,8 @@ enum Origin {
     /// A snapshot the run was started from (`resume DIR` of an on-demand VM): the slot's
     /// first VM.
     Restored,
+    /// The snapshot a restart restores from (`--restart-from DIR`).
+    Snapshot,
 }
 
 impl Origin {
@@ -255,7 +257,7 @@ impl Origin {
         match self {
             Origin::Sleep => "resume",
             Origin::Template => "template",
-            Origin::Restored => "restore",
+            Origin::Restored | Origin::Snapshot => "restore",
         }
     }
 }
@@ -278,7 +280,15 @@ fn resume_from<'h>(
     let what = match from {
         Origin::Sleep => "its sleep",
         Origin::Template | Origin::Restored => "its service's template",
+        Origin::Snapshot => "the snapshot to restart from",
     };
+    if from == Origin::Snapshot && loaded.state.config.guest.app != cycle.guest.app {
+        crate::host::diag::say(format_args!(
+            "{name}: {what} is of another service ({}); booting afresh",
+            loaded.state.config.guest.app
+        ));
+        return Err((host, endpoints));
+    }
     if loaded.state.kernel != slot.image.path {
         crate::host::diag::say(format_args!(
             "{name}: {what} is of another kernel file ({}); booting afresh",
@@ -318,6 +328,10 @@ fn resume_from<'h>(
                     line.insert("wake_us".into(), us.into());
                     slot.timeline.record(name, "wake", 0, 0, line);
                 }
+                Origin::Snapshot => {
+                    line.insert("ready_us".into(), us.into());
+                    slot.timeline.record(name, "restore", 0, 0, line);
+                }
                 Origin::Template | Origin::Restored => {
                     figures.cold_starts += 1;
                     figures.template_phases.push(phases);
@@ -351,6 +365,19 @@ fn load_sleep(
         Ok(l) => Some((l, loading.elapsed().as_micros() as u64, Origin::Sleep)),
         Err(e) => {
             crate::host::diag::say(format_args!("{name}: cannot resume from its sleep ({e}); booting afresh"));
+            None
+        }
+    }
+}
+
+/// Reads the snapshot a restart restores from (`None`, said on stderr, when there is none or
+/// it cannot be used: the VM boots).
+fn load_restart(name: &str, dir: &std::path::Path) -> Option<(crate::snapshot::Loaded, u64, Origin)> {
+    let loading = Instant::now();
+    match crate::snapshot::load(dir) {
+        Ok(l) => Some((l, loading.elapsed().as_micros() as u64, Origin::Snapshot)),
+        Err(e) => {
+            crate::host::diag::say(format_args!("{name}: cannot restart from {} ({e}); booting afresh", dir.display()));
             None
         }
     }
@@ -419,6 +446,8 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
     // A complete snapshot of the last VM waits in the sleep directory (and its state here).
     let mut asleep = false;
     let mut kept: Option<Box<crate::snapshot::VmState>> = None;
+    // This start is a restart after a failure.
+    let mut restarting = false;
     loop {
         if !boot_now {
             if crate::host::signals::interrupts() != interrupts {
@@ -460,9 +489,13 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
                     shared_endpoints(&slot.endpoints, "cannot share the listening sockets with the new VM")?;
                 let owner = Owner::new();
                 let host = host_for(&slot, owner.sink(), slot.warm.take(ram_size));
+                let restart_from = config.lifecycle.restart.as_ref().and_then(|r| r.from.as_deref());
                 let source = match sleep_dir.as_ref().filter(|_| std::mem::take(&mut asleep)) {
                     Some(dir) => load_sleep(config.name(), &dir.0, kept.take()),
-                    None => templates.zip(key.as_ref()).and_then(|(t, k)| load_template(config.name(), t, k)),
+                    None => restart_from
+                        .filter(|_| std::mem::take(&mut restarting))
+                        .and_then(|dir| load_restart(config.name(), dir))
+                        .or_else(|| templates.zip(key.as_ref()).and_then(|(t, k)| load_template(config.name(), t, k))),
                 };
                 let started_from = source.as_ref().map(|s| s.2);
                 let woken = match source {
@@ -504,7 +537,7 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
         let resumed = match from {
             Some(Origin::Sleep) => figures.wake_phases.last_mut(),
             Some(Origin::Template) => figures.template_phases.last_mut(),
-            Some(Origin::Restored) | None => None,
+            Some(Origin::Restored | Origin::Snapshot) | None => None,
         };
         if let Some(w) = resumed {
             w.first_reply_us = first_reply_us;
@@ -524,7 +557,7 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
             continue;
         }
         // Restart on failure, unless the operator interrupted or the time is up.
-        let Some(restart) = config.lifecycle.restart else { return Ok((report, figures)) };
+        let Some(restart) = &config.lifecycle.restart else { return Ok((report, figures)) };
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
         if !report.outcome.is_failure()
             || figures.restarts >= u64::from(restart.limit)
@@ -560,6 +593,7 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
         }
         std::thread::sleep(backoff);
         boot_now = true;
+        restarting = true;
         last = Some(report);
     }
 }

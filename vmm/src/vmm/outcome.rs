@@ -8,12 +8,15 @@ use crate::vmm::fault::GuestFault;
 
 impl Outcome {
     /// Whether a restart policy treats this ending as a failure: a guest fault, unbacked
-    /// memory, an unserved exit, or a SHUTDOWN code other than 0 and 5. Timeouts, Ctrl-C,
-    /// policy kills and the shim's own errors are not restarted.
+    /// memory, an unserved exit, a policy kill (`--on-violation kill`, exit code 75), or a
+    /// SHUTDOWN code other than 0 and 5. Timeouts, Ctrl-C and the shim's own errors are not
+    /// restarted.
     pub(crate) fn is_failure(&self) -> bool {
         match self {
             Outcome::Shutdown { code } => *code != 0 && *code != 5,
-            Outcome::Fault(_) | Outcome::Unbacked { .. } | Outcome::Unserved { .. } => true,
+            // A VM ended for keeping what it was asked to give back (exit code 75) failed too,
+            // as a container killed for its memory limit has.
+            Outcome::Fault(_) | Outcome::Unbacked { .. } | Outcome::Unserved { .. } | Outcome::Killed { .. } => true,
             _ => false,
         }
     }
