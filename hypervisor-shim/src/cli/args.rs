@@ -267,7 +267,7 @@ pub(super) struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub(super) api_sock: Option<PathBuf>,
     /// Boot the VM again when it fails (a guest fault, unbacked memory, an unserved exit, a
-    /// policy kill, or another exit code other than 0 and 5), at most --restart-limit times.
+    /// policy kill, or a guest exit code other than 0 and 5), at most --restart-limit times.
     #[arg(long, value_enum, default_value = "never")]
     pub(super) restart: RestartMode,
     /// Run without the seccomp filters (for debugging a refused system call; every VM thread

@@ -109,8 +109,9 @@ impl Premapped {
             userspace_addr: mapping.as_ptr() as u64,
         };
         // SAFETY: the mapping of `size` bytes lives in the returned value, which deletes the
-        // slot ([`Premapped::discard`]) or hands the mapping to the `GuestMemory` that keeps
-        // it as long as the VM.
+        // slot ([`Premapped::discard`]), hands the mapping to the `GuestMemory` that keeps it
+        // as long as the VM, or is dropped with the VM's fd (a `Shell` holds both), which
+        // takes the slot with it.
         unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::Slot { slot: 0, source })?;
         Ok(Premapped { mapping, faulted: (from, to) })
     }
@@ -228,7 +229,8 @@ fn place_pages(base: *mut u8, (gpa, len): (u64, u64), runs: &[(u64, u64)], fault
             continue;
         }
         // SAFETY: the block lies inside the fresh private anonymous mapping at `base`, which
-        // nothing references yet.
+        // nothing reads or writes yet (a warm pool's KVM slot may map it, with no vCPU
+        // running).
         if dense && unsafe { crate::host::hugepages::place(base.add(at)) } {
             flush(&mut advise);
             continue;

@@ -78,11 +78,14 @@ impl std::fmt::Debug for Slot<'_> {
 }
 
 /// The directory a slot's VM sleeps in: private to this process, removed when the slot ends.
-struct SleepDir(std::path::PathBuf);
+/// A slot's sleep directory, locked while the slot lives (see [`crate::snapshot::leftovers`]).
+struct SleepDir {
+    path: std::path::PathBuf,
+    _held: std::fs::File,
+}
 
 impl SleepDir {
     fn create(vm: &str) -> Result<SleepDir, VmError> {
-        use std::os::unix::fs::DirBuilderExt;
         let name: String = vm.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let path = std::env::temp_dir().join(format!(
@@ -90,14 +93,14 @@ impl SleepDir {
             crate::snapshot::leftovers::SLEEP_PREFIX,
             std::process::id()
         ));
-        std::fs::DirBuilder::new().mode(0o700).create(&path).map_err(|source| {
+        let held = crate::snapshot::leftovers::create_held(&path).map_err(|source| {
             VmError::Device(crate::devices::DeviceError::Host {
                 device: "every",
                 what: "cannot create the sleep directory in the temporary directory",
                 source,
             })
         })?;
-        Ok(SleepDir(path))
+        Ok(SleepDir { path, _held: held })
     }
 }
 
@@ -106,9 +109,9 @@ impl Drop for SleepDir {
         // The files a snapshot writes, one by one: listing the directory is not in the
         // shim's system-call allow-list.
         for file in crate::snapshot::FILES {
-            let _ = std::fs::remove_file(self.0.join(file));
+            let _ = std::fs::remove_file(self.path.join(file));
         }
-        let _ = std::fs::remove_dir(&self.0);
+        let _ = std::fs::remove_dir(&self.path);
     }
 }
 
@@ -298,7 +301,13 @@ fn resume_from<'h>(
     }
     let Ok(copies) = copies(&endpoints) else { return Err((host, endpoints)) };
     let retry = host_for(slot, host.events.clone(), None);
-    match restore(cycle, &loaded.state, RestoreMemory::File(loaded.memory), Arc::clone(&slot.image), host, copies) {
+    let mut state = loaded.state;
+    if from == Origin::Snapshot {
+        // A restart runs under the VM's configured limits, as a boot does, not those in force
+        // when the snapshot was taken (a max lowered then would have it killed again).
+        state.policy.limits = [cycle.resources.vcpus, cycle.resources.memory];
+    }
+    match restore(cycle, &state, RestoreMemory::File(loaded.memory), Arc::clone(&slot.image), host, copies) {
         Ok((vm, p)) => {
             let us = slot.started.elapsed().saturating_sub(seen_at).as_micros() as u64;
             let phases = WakePhases {
@@ -491,7 +500,7 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
                 let host = host_for(&slot, owner.sink(), slot.warm.take(ram_size));
                 let restart_from = config.lifecycle.restart.as_ref().and_then(|r| r.from.as_deref());
                 let source = match sleep_dir.as_ref().filter(|_| std::mem::take(&mut asleep)) {
-                    Some(dir) => load_sleep(config.name(), &dir.0, kept.take()),
+                    Some(dir) => load_sleep(config.name(), &dir.path, kept.take()),
                     None => restart_from
                         .filter(|_| std::mem::take(&mut restarting))
                         .and_then(|dir| load_restart(config.name(), dir))
@@ -527,7 +536,7 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
             }
         };
         let rest = AtRest {
-            sleep_to: sleep_dir.as_ref().map(|d| d.0.as_path()),
+            sleep_to: sleep_dir.as_ref().map(|d| d.path.as_path()),
             template: templates.zip(key.as_ref()).filter(|_| cycle.take_template),
         };
         let Driven { report, idle_stopped, slept } = drive(vm, owner, slot.ctx, cycle.lifecycle.timeout, rest);

@@ -78,7 +78,8 @@ pub(crate) fn top_up() {
 /// # Safety
 ///
 /// `[dst, dst + HUGE_PAGE)` must be private anonymous memory the caller owns and nothing
-/// else refers to; afterwards it reads as zeroes.
+/// else reads or writes meanwhile (a KVM slot may map it while no vCPU runs: KVM follows the
+/// move); afterwards it reads as zeroes.
 pub(crate) unsafe fn place(dst: *mut u8) -> bool {
     if !(dst as usize).is_multiple_of(HUGE_PAGE) {
         return false;

@@ -124,6 +124,8 @@ const FILES: &[libc::c_long] = &[
     libc::SYS_unlink,
     libc::SYS_rmdir,
     libc::SYS_fcntl,
+    // Locks on the shim's own directories in the temporary directory.
+    libc::SYS_flock,
 ];
 
 /// Sockets: published ports, the hybrid socket, the API, migration channels.
@@ -245,8 +247,14 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 }
 
 /// Filters the whole process (every existing thread and all later ones) with the union list,
-/// after installing the `SIGSYS` diagnosis.
+/// after installing the `SIGSYS` diagnosis. A process filtered already (an earlier run of this
+/// process) stays as it is: its threads are filtered, and some (the standby threads an
+/// on-demand run left waiting) narrowed further, which a second process-wide filter could not
+/// be synchronised with.
 pub(crate) fn install_process() -> Result<(), SeccompError> {
+    if active() {
+        return Ok(());
+    }
     let bpf = program(Role::Process)?;
     // The stderr thread is started now: a filtered thread may have no `clone` to start it.
     crate::host::diag::start();

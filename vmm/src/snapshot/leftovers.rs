@@ -1,9 +1,33 @@
 //! Private directories a shim keeps in the temporary directory while it runs (the sleeps of
 //! on-demand VMs, the templates of their services), named `PREFIX-PID-…`: the shim removes
 //! them at its end, and a shim that was killed leaves them behind. [`sweep`] removes those of
-//! processes that no longer run.
+//! processes that no longer run. A shim holds a lock on each of its directories
+//! ([`create_held`]) as long as it runs, so that one in another PID namespace sharing the
+//! temporary directory (whose process id means nothing here) is never taken for gone.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
+
+/// Makes the private directory `path` (mode 0700) and locks it (`flock`) for as long as the
+/// returned handle lives.
+pub(crate) fn create_held(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(path)?;
+    let dir = std::fs::File::open(path)?;
+    // SAFETY: flock on a descriptor `dir` owns; the lock goes with it.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(dir)
+}
+
+/// Whether a process holds the lock of directory `path` (one that cannot be opened counts as
+/// held: it is left alone).
+fn held(path: &Path) -> bool {
+    let Ok(dir) = std::fs::File::open(path) else { return true };
+    // SAFETY: flock on a descriptor `dir` owns; a lock taken here goes when `dir` closes.
+    unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
 
 /// Prefix of an on-demand VM's sleep directory.
 pub(crate) const SLEEP_PREFIX: &str = "elastic-sleep-";
@@ -44,6 +68,9 @@ pub(crate) fn sweep(tmp: &Path) -> usize {
         if !meta.is_dir() || meta.uid() != me || pid == std::process::id() as libc::pid_t || !gone(pid) {
             continue;
         }
+        if held(&entry.path()) {
+            continue;
+        }
         if std::fs::remove_dir_all(entry.path()).is_ok() {
             removed += 1;
         }
@@ -75,8 +102,13 @@ mod tests {
         std::fs::create_dir_all(&mine).unwrap();
         let unrelated = tmp.join("elastic-sleep-notes");
         std::fs::create_dir_all(&unrelated).unwrap();
+        // Named after the dead process, but locked: a live shim of another PID namespace.
+        let elsewhere = tmp.join(format!("{SLEEP_PREFIX}{dead}-2-vm0"));
+        let lock = create_held(&elsewhere).unwrap();
         assert_eq!(sweep(&tmp), 1);
-        assert!(!left.exists() && mine.exists() && unrelated.exists());
+        assert!(!left.exists() && mine.exists() && unrelated.exists() && elsewhere.exists());
+        drop(lock);
+        assert_eq!(sweep(&tmp), 1, "unlocked, it goes");
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

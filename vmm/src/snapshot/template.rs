@@ -83,6 +83,8 @@ fn kernel_identity(path: &Path) -> Value {
 #[derive(Debug)]
 pub(crate) struct Templates {
     root: PathBuf,
+    /// The lock held on `root` once it is made (see [`super::leftovers`]).
+    held: std::sync::OnceLock<std::fs::File>,
     /// Template directories made (removed at drop; listing directories is not in the shim's
     /// system-call allow-list).
     made: Mutex<Vec<PathBuf>>,
@@ -95,7 +97,7 @@ impl Templates {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let root =
             std::env::temp_dir().join(format!("{}{}-{nanos}", super::leftovers::TEMPLATES_PREFIX, std::process::id()));
-        Templates { root, made: Mutex::new(Vec::new()) }
+        Templates { root, held: std::sync::OnceLock::new(), made: Mutex::new(Vec::new()) }
     }
 
     fn made(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
@@ -135,12 +137,16 @@ impl Templates {
     /// [`crate::devices::DeviceSetup::template_gate`]); the VM runs on. Another slot's template
     /// of the same key, taken meanwhile, wins.
     pub(crate) fn take(&self, vm: &VmShared, key: &TemplateKey) -> Result<SaveFigures, SnapshotError> {
-        use std::os::unix::fs::DirBuilderExt;
-        match std::fs::DirBuilder::new().mode(0o700).create(&self.root) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                return Err(SnapshotError::Io { what: "create", path: self.root.clone(), source: e });
+        if self.held.get().is_none() {
+            match super::leftovers::create_held(&self.root) {
+                Ok(held) => {
+                    let _ = self.held.set(held);
+                }
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(SnapshotError::Io { what: "create", path: self.root.clone(), source: e });
+                }
+                Err(_) => {}
             }
-            _ => {}
         }
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let tmp = self.root.join(format!(".{}-{nanos}", key.name));

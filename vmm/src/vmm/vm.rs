@@ -45,8 +45,9 @@ pub(crate) struct Host<'a> {
 
 /// A KVM VM, its first vCPUs and its boot memory slot, made before they are needed: creating
 /// them costs ~0.3 ms for the VM, ~0.3 ms per vCPU and ~0.2 ms for the slot here, on the path
-/// of a wake or a cold start. Its boot memory is mapped but untouched: it holds no guest
-/// memory (a few KVM pages and a 12 KiB `kvm_run` mapping per vCPU).
+/// of a wake or a cold start. Its boot memory is untouched but for the blocks the kernel image
+/// goes to (one zeroed 2 MiB huge page each); besides, a few KVM pages and a 12 KiB `kvm_run`
+/// mapping per vCPU.
 #[derive(Debug)]
 pub(crate) struct Shell {
     fd: VmFd,
