@@ -38,18 +38,22 @@ pub(crate) type Region = vm_memory::GuestRegionMmap<AtomicBitmap>;
 pub(crate) enum Backing<'a> {
     /// Fresh zeroed memory.
     Anonymous,
-    /// A snapshot's memory file at `offset`. When the region holds at most
-    /// [`EAGER_LOAD_MAX`] bytes of data (the file's holes are zero pages), they are read at
-    /// once into fresh memory backed by transparent huge pages: the guest maps its RAM with
-    /// 2 MiB pages, so KVM can then map it 2 MiB at a time, and a woken VM takes a handful of
-    /// shadow-paging faults instead of one per 4 KiB page (6 ms of a 8 ms wake here). A larger
-    /// region is mapped privately (copy-on-write) and read lazily, on first touch; the guest's
-    /// writes never reach the file either way.
+    /// A snapshot's memory file at `offset`. When the region holds at most `eager` bytes of
+    /// data (the file's holes are zero pages), they are read at once into fresh memory backed
+    /// by transparent huge pages, and `eager` goes down by as much: the guest maps its RAM
+    /// with 2 MiB pages, so KVM can then map it 2 MiB at a time, and a woken VM takes a
+    /// handful of shadow-paging faults instead of one per 4 KiB page (6 ms of a 8 ms wake
+    /// here). A region with more is mapped privately (copy-on-write) and read lazily, on first
+    /// touch; the guest's writes never reach the file either way. One budget (at most
+    /// [`EAGER_LOAD_MAX`]) serves all the regions of a restore: a VM holding 1 GiB of data
+    /// in extents of a few MiB is not read whole at once.
     File {
         /// The snapshot's memory file.
         file: &'a std::fs::File,
         /// Offset of the region's contents.
         offset: u64,
+        /// The data still to be read at once, for this region and the ones after it.
+        eager: &'a std::cell::Cell<u64>,
     },
 }
 
@@ -157,10 +161,12 @@ fn map_region(
     };
     match backing {
         Backing::Anonymous => Ok((region(fresh(premapped)?)?, used)),
-        Backing::File { file, offset } => {
-            let runs = data_runs(file, *offset, len, Some(EAGER_LOAD_MAX))
+        Backing::File { file, offset, eager } => {
+            let runs = data_runs(file, *offset, len, Some(eager.get()))
                 .map_err(|e| map_err(format!("cannot read the memory file: {e}")))?;
-            if runs.iter().map(|&(_, n)| n).sum::<u64>() <= EAGER_LOAD_MAX {
+            let data = runs.iter().map(|&(_, n)| n).sum::<u64>();
+            if data <= eager.get() {
+                eager.set(eager.get() - data);
                 let mapping = fresh(premapped)?;
                 place_pages(mapping.as_ptr(), (gpa, len), &runs, faulted);
                 for &(at, n) in &runs {
@@ -899,12 +905,13 @@ impl crate::base::persist::Persist for GuestMemory {
             return Err(MemoryError::OutOfRange { gpa: 0, len: 0 });
         };
         let (window_base, window_size) = args.window;
-        let backing = Backing::File { file: args.file, offset: boot.offset };
+        let eager = std::cell::Cell::new(EAGER_LOAD_MAX);
+        let backing = Backing::File { file: args.file, offset: boot.offset, eager: &eager };
         let sizes = (boot.len, window_base, window_size, args.max_slots);
         let mem = GuestMemory::boot(args.vm, sizes, &backing, args.premapped)?;
         for r in &state.regions[1..] {
             let e = Extent { base: r.gpa, len: r.len };
-            mem.restore_extent(args.vm, e, &Backing::File { file: args.file, offset: r.offset })?;
+            mem.restore_extent(args.vm, e, &Backing::File { file: args.file, offset: r.offset, eager: &eager })?;
         }
         Ok(mem)
     }
@@ -941,7 +948,16 @@ mod tests {
         file.write_all_at(&[9u8; 4096], 4096 + small - 4096).unwrap();
         let runs = data_runs(&file, 4096, small, None).unwrap();
         assert!(runs.iter().map(|r| r.1).sum::<u64>() <= 2 * 4096 || runs == vec![(0, small)], "{runs:?}");
-        let (r, _) = map_region(0, small, &Backing::File { file: &file, offset: 4096 }, None).unwrap();
+        let eager = std::cell::Cell::new(EAGER_LOAD_MAX);
+        let (r, _) = map_region(0, small, &Backing::File { file: &file, offset: 4096, eager: &eager }, None).unwrap();
+        assert_eq!(eager.get(), EAGER_LOAD_MAX - 2 * 4096, "what was read at once is spent");
+        assert!(r.file_offset().is_none(), "read at once");
+        // With less budget left than its data, the same region is mapped from the file.
+        let short = std::cell::Cell::new(4096);
+        let (lazy, _) =
+            map_region(0, small, &Backing::File { file: &file, offset: 4096, eager: &short }, None).unwrap();
+        assert!(lazy.file_offset().is_some() && short.get() == 4096, "read at once past the budget");
+        drop(lazy);
         // SAFETY: the region's mapping lives as long as `r`.
         let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), small as usize) };
         assert!(bytes[3 * page..4 * page].iter().all(|&b| b == 7));
@@ -953,7 +969,13 @@ mod tests {
         let big = EAGER_LOAD_MAX + (2 << 20);
         let at = 4096 + small;
         file.write_all_at(&vec![5u8; big as usize], at).unwrap();
-        let (r2, _) = map_region(0, big, &Backing::File { file: &file, offset: at }, None).unwrap();
+        let (r2, _) = map_region(
+            0,
+            big,
+            &Backing::File { file: &file, offset: at, eager: &std::cell::Cell::new(EAGER_LOAD_MAX) },
+            None,
+        )
+        .unwrap();
         // SAFETY: as above.
         let bytes2 = unsafe { std::slice::from_raw_parts_mut(r2.as_ptr(), big as usize) };
         assert!(bytes2.iter().all(|&b| b == 5));
@@ -987,7 +1009,8 @@ mod tests {
         let ahead = anonymous_mapping(len).unwrap();
         // SAFETY: block 1 of the fresh mapping; a zero written backs it, as `Premapped` does.
         unsafe { std::ptr::write_volatile(ahead.as_ptr().add(block), 0) };
-        let backing = Backing::File { file: &file, offset: 0 };
+        let eager = std::cell::Cell::new(EAGER_LOAD_MAX);
+        let backing = Backing::File { file: &file, offset: 0, eager: &eager };
         let (r, used) = map_region(0, len as u64, &backing, Some((ahead, (1, 2)))).unwrap();
         assert!(used);
         // SAFETY: the region's mapping lives as long as `r`.
