@@ -585,6 +585,7 @@ fn a_failed_vm_restarts_from_its_last_snapshot_with_the_keys_it_held_then() {
     // The restarted VM runs under its configured policy again (max 256 MiB).
     wait_until(&dir, "api.sock", "restarted", |v| v["memory_policy"]["max"] == 256u64 << 20 && v["state"] == "running");
     wait_for_port(port);
+    assert_eq!(json_of(&ctl_in(&dir, "api.sock", &["get", "vm0"]))["restarts"], 1);
     assert_eq!(read_keys(port), (KEYS, expected_checksum()), "every key of the snapshot after the restart");
     assert_eq!(redis(port, "GET after\n").trim(), "", "a key written after the snapshot came back");
     ctl_in(&dir, "api.sock", &["stop", "vm0"]).expect_code(0);

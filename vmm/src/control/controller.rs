@@ -268,6 +268,7 @@ fn live(vm: &VmShared) -> Value {
         o.remove("exit_reason");
         o.remove("started_monotonic_ns");
         o.insert("state".into(), state(vm).into());
+        o.insert("restarts".into(), vm.restarts_before().into());
     }
     v
 }

@@ -535,6 +535,7 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
                 (vm, from, owner)
             }
         };
+        vm.shared().set_restarts_before(figures.restarts);
         let rest = AtRest {
             sleep_to: sleep_dir.as_ref().map(|d| d.path.as_path()),
             template: templates.zip(key.as_ref()).filter(|_| cycle.take_template),

@@ -101,6 +101,8 @@ pub(crate) struct VmShared {
     restored_in: OnceLock<Duration>,
     /// The first bytes the VM wrote to a client.
     first_reply: OnceLock<FirstReply>,
+    /// Restarts of its slot before this VM (`--restart on-failure`), for `ctl get`.
+    restarts_before: OnceLock<u64>,
     /// A booted VM's creation phases (the guest's is added at HELLO).
     boot_phases: OnceLock<BootPhases>,
     /// Time from `started` to the vCPU threads started.
@@ -177,6 +179,7 @@ impl VmShared {
             first_hello: OnceLock::new(),
             restored_in: OnceLock::new(),
             first_reply: OnceLock::new(),
+            restarts_before: OnceLock::new(),
             boot_phases: OnceLock::new(),
             running_at: OnceLock::new(),
             faults_at_start: crate::host::process::page_faults(),
@@ -311,6 +314,16 @@ impl VmShared {
     /// The device stopped at its template point: tells the owner.
     pub(crate) fn template_point(&self) {
         (self.events)(VmEvent::TemplatePoint);
+    }
+
+    /// Notes how many times its slot restarted before this VM (set once).
+    pub(crate) fn set_restarts_before(&self, n: u64) {
+        let _ = self.restarts_before.set(n);
+    }
+
+    /// Restarts of its slot before this VM.
+    pub(crate) fn restarts_before(&self) -> u64 {
+        self.restarts_before.get().copied().unwrap_or(0)
     }
 
     /// Notes that a restored VM is ready to run.
