@@ -358,35 +358,25 @@ fn resume_from<'h>(
     }
 }
 
-/// Reads the sleep in `dir` (`None`, said on stderr, when it cannot be used).
-fn load_sleep(
+/// Reads the snapshot in `dir` (`kept`: its state, which this slot wrote and kept, is not
+/// decoded from its file again) to start from as `origin`: its sleep, or the snapshot a restart
+/// restores from; `None`, said on stderr as `from`, when there is none or it cannot be used
+/// (the VM boots).
+fn load_snapshot(
     name: &str,
     dir: &std::path::Path,
     kept: Option<Box<crate::snapshot::VmState>>,
+    (origin, from): (Origin, &str),
 ) -> Option<(crate::snapshot::Loaded, u64, Origin)> {
     let loading = Instant::now();
-    // The state the sleep wrote, when this slot kept it, is not decoded from its file again.
     let loaded = match kept {
         Some(state) => crate::snapshot::load_kept(dir, *state),
         None => crate::snapshot::load(dir),
     };
     match loaded {
-        Ok(l) => Some((l, loading.elapsed().as_micros() as u64, Origin::Sleep)),
+        Ok(l) => Some((l, loading.elapsed().as_micros() as u64, origin)),
         Err(e) => {
-            crate::host::diag::say(format_args!("{name}: cannot resume from its sleep ({e}); booting afresh"));
-            None
-        }
-    }
-}
-
-/// Reads the snapshot a restart restores from (`None`, said on stderr, when there is none or
-/// it cannot be used: the VM boots).
-fn load_restart(name: &str, dir: &std::path::Path) -> Option<(crate::snapshot::Loaded, u64, Origin)> {
-    let loading = Instant::now();
-    match crate::snapshot::load(dir) {
-        Ok(l) => Some((l, loading.elapsed().as_micros() as u64, Origin::Snapshot)),
-        Err(e) => {
-            crate::host::diag::say(format_args!("{name}: cannot restart from {} ({e}); booting afresh", dir.display()));
+            crate::host::diag::say(format_args!("{name}: cannot {from} ({e}); booting afresh"));
             None
         }
     }
@@ -500,10 +490,15 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
                 let host = host_for(&slot, owner.sink(), slot.warm.take(ram_size));
                 let restart_from = config.lifecycle.restart.as_ref().and_then(|r| r.from.as_deref());
                 let source = match sleep_dir.as_ref().filter(|_| std::mem::take(&mut asleep)) {
-                    Some(dir) => load_sleep(config.name(), &dir.path, kept.take()),
+                    Some(dir) => {
+                        load_snapshot(config.name(), &dir.path, kept.take(), (Origin::Sleep, "resume from its sleep"))
+                    }
                     None => restart_from
                         .filter(|_| std::mem::take(&mut restarting))
-                        .and_then(|dir| load_restart(config.name(), dir))
+                        .and_then(|dir| {
+                            let from = format!("restart from {}", dir.display());
+                            load_snapshot(config.name(), dir, None, (Origin::Snapshot, &from))
+                        })
                         .or_else(|| templates.zip(key.as_ref()).and_then(|(t, k)| load_template(config.name(), t, k))),
                 };
                 let started_from = source.as_ref().map(|s| s.2);

@@ -126,7 +126,8 @@ impl std::fmt::Debug for VmShared {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `m`, also after a panic in another holder.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means a thread panicked; the data is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -24,7 +24,7 @@ use crate::vmm::loader::{KernelImage, LoaderError};
 use crate::vmm::notices::NoticeBoard;
 use crate::vmm::outcome::Outcome;
 use crate::vmm::platform::{self, BootParams};
-use crate::vmm::shared::{EventSink, Parts, VmShared};
+use crate::vmm::shared::{EventSink, Parts, VmShared, lock};
 use crate::vmm::stats::{BootPhases, RunReport};
 use crate::vmm::vcpu::{self, Vcpu};
 use crate::vmm::vcpus::{VcpuHandle, VcpuSet};
@@ -128,10 +128,6 @@ impl Drop for WarmPool {
         lock(&self.inner.wanted).closed = true;
         self.inner.cond.notify_one();
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl WarmInner {
