@@ -318,7 +318,9 @@ fn save_then(vm: &VmShared, dir: &Path, keep_stopped: bool) -> Result<(SaveFigur
                 .ok_or_else(|| SnapshotError::Vm(format!("region {:#x} vanished", r.gpa)))?;
             // Pages the host never backed are zeroes: not even read (a read would fault them in).
             let in_use = mem.pages_in_use(&guard, r.gpa, r.len);
-            written += write_sparse(&file, offset, bytes, in_use.as_deref()).map_err(io("write", &mem_tmp))?;
+            let runs = write_sparse(&file, offset, bytes, in_use.as_deref()).map_err(io("write", &mem_tmp))?;
+            written += runs.iter().map(|&(_, n)| n).sum::<u64>();
+            r.data = Some(runs);
             offset += r.len;
         }
     }
@@ -354,10 +356,16 @@ fn save_then(vm: &VmShared, dir: &Path, keep_stopped: bool) -> Result<(SaveFigur
 }
 
 /// Writes `bytes` at `offset`, skipping all-zero pages (holes) and, with `in_use`, the pages
-/// it marks unused (known zeroes, not read). Returns the bytes written.
-fn write_sparse(file: &std::fs::File, offset: u64, bytes: &[u8], in_use: Option<&[bool]>) -> std::io::Result<u64> {
+/// it marks unused (known zeroes, not read). Returns the runs written, as `(start, length)`
+/// relative to `offset`.
+fn write_sparse(
+    file: &std::fs::File,
+    offset: u64,
+    bytes: &[u8],
+    in_use: Option<&[bool]>,
+) -> std::io::Result<Vec<(u64, u64)>> {
     let page = PAGE_SIZE as usize;
-    let mut written = 0u64;
+    let mut runs = Vec::new();
     let mut run_start: Option<usize> = None;
     let pages = bytes.len().div_ceil(page);
     for i in 0..=pages {
@@ -368,13 +376,13 @@ fn write_sparse(file: &std::fs::File, offset: u64, bytes: &[u8], in_use: Option<
             (false, Some(s)) => {
                 let end = (i * page).min(bytes.len());
                 file.write_all_at(&bytes[s..end], offset + s as u64)?;
-                written += (end - s) as u64;
+                runs.push((s as u64, (end - s) as u64));
                 run_start = None;
             }
             _ => {}
         }
     }
-    Ok(written)
+    Ok(runs)
 }
 
 /// Encodes a state: header line (format, CRC-32 and length of the JSON) and the JSON.
@@ -523,7 +531,7 @@ mod tests {
         let mut bytes = vec![0u8; 16 * 4096];
         bytes[5 * 4096 + 7] = 1;
         bytes[6 * 4096] = 2;
-        assert_eq!(write_sparse(&f, 0, &bytes, None).unwrap(), 2 * 4096);
+        assert_eq!(write_sparse(&f, 0, &bytes, None).unwrap(), vec![(5 * 4096, 2 * 4096)]);
         f.set_len(bytes.len() as u64).unwrap();
         let back = std::fs::read(dir.join("m")).unwrap();
         assert_eq!(back, bytes);
@@ -531,7 +539,7 @@ mod tests {
         let g = std::fs::File::create(dir.join("g")).unwrap();
         let mut in_use = vec![true; 16];
         in_use[6] = false;
-        assert_eq!(write_sparse(&g, 0, &bytes, Some(&in_use)).unwrap(), 4096);
+        assert_eq!(write_sparse(&g, 0, &bytes, Some(&in_use)).unwrap(), vec![(5 * 4096, 4096)]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -163,8 +163,12 @@ impl Shell {
     fn new(kvm: &Kvm, vcpus: u32, memory: Option<(u64, (u64, u64))>) -> Result<Shell, VmError> {
         let fd = create_kvm_vm(kvm)?;
         let cpuid = supported_cpuid(kvm)?;
-        let vcpus = (0..vcpus).map(|id| Vcpu::create(&fd, &cpuid, id)).collect::<Result<Vec<_>, _>>()?;
+        let mut vcpus = (0..vcpus).map(|id| Vcpu::create(&fd, &cpuid, id)).collect::<Result<Vec<_>, _>>()?;
         let boot = memory.map(|(size, image)| Premapped::new(&fd, size, image)).transpose()?;
+        if boot.is_some() {
+            // After the boot memory: see prepare_first_run.
+            vcpus.iter_mut().for_each(Vcpu::prepare_first_run);
+        }
         Ok(Shell { fd, vcpus, boot })
     }
 
