@@ -87,6 +87,14 @@ pub(crate) fn tsc_khz_from_cpuid() -> (u64, TscSource) {
     (0, TscSource::Assumed)
 }
 
+/// The highest hypervisor CPUID leaf the platform lists (CPUID 0x40000000's EAX; 0 without
+/// one): the banner says it when no TSC frequency was reported, so that a missing timing leaf
+/// 0x40000010 is told apart from one the kernel failed to read.
+pub fn hypervisor_max_leaf() -> u32 {
+    let (max, ..) = crate::arch::cpu::cpuid(0x4000_0000, 0);
+    if (0x4000_0000..0x4001_0000).contains(&max) { max } else { 0 }
+}
+
 /// TSC frequency in kHz, and where it came from.
 pub fn tsc_khz() -> (u64, TscSource) {
     (TSC_KHZ.load(Ordering::Relaxed), TscSource::from_u8(SOURCE.load(Ordering::Relaxed)))

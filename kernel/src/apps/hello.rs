@@ -40,6 +40,11 @@ fn main(env: &Env) -> u32 {
         memory.max / MIB,
         memory.burst / MIB
     );
-    println!("  TSC      : {khz} kHz ({})", source.describe());
+    if source == time::TscSource::Assumed {
+        let max = time::hypervisor_max_leaf();
+        println!("  TSC      : {khz} kHz ({}; hypervisor CPUID leaves up to {max:#x})", source.describe());
+    } else {
+        println!("  TSC      : {khz} kHz ({})", source.describe());
+    }
     exit_code::SUCCESS
 }
