@@ -15,7 +15,8 @@
 //!   is not work: two vCPUs that take turns on one host CPU get no more done than one. A shed
 //!   holds the next up back (see [`shed_step`]). Explicit requests ([`request_down`]) and host
 //!   reclaim targets make idle vCPUs go down at once.
-//! * **Report**: REPORT the load figures every `vcpu.report_ms` while there is work, and at
+//! * **Report**: REPORT the load figures every `vcpu.report_ms` while there is work (work that
+//!   has kept the vCPUs busy for 1 ms: not for a lone request after an idle spell), and at
 //!   every change in vCPUs.
 //!
 //! * **Memory**: the heap grows by a grant when an allocation cannot be served (see
@@ -145,6 +146,11 @@ pub use hypercall_abi::{parse_fraction_pct, parse_share_pct, parse_switch};
 /// Shortest gap between change-triggered REPORTs (each costs an exit).
 const MIN_REPORT_GAP_NS: u64 = 1_000_000;
 
+/// Least busy time of the vCPUs since the run queue last emptied for a REPORT of load: the
+/// first request after an idle spell (a woken VM's, one on an idle connection) is served
+/// without the exit of a REPORT on its path.
+const REPORT_MIN_BUSY_NS: u64 = 1_000_000;
+
 /// The tuning: set once at boot, then read at every task boundary without a lock.
 static TUNING: Once<Tuning> = Once::new();
 static AUTO: AtomicBool = AtomicBool::new(true);
@@ -249,6 +255,9 @@ struct ControllerState {
     /// No ask before this either, unless saturation lasts: a shed's hold.
     hold_until_ns: u64,
     last_report_ns: u64,
+    /// Since when the run queue has not been empty at a step, and the idle time then
+    /// (`None`: it was empty at the last step).
+    queued: Option<(u64, u64)>,
     mem_deny_until_ns: u64,
     above_high_since_ns: u64,
     /// Gap before an idle VM looks at its free memory again after a look that released
@@ -272,6 +281,7 @@ impl ControllerState {
             deny_until_ns: 0,
             hold_until_ns: 0,
             last_report_ns: 0,
+            queued: None,
             mem_deny_until_ns: 0,
             above_high_since_ns: 0,
             idle_mem_gap_ns: 0,
@@ -555,7 +565,16 @@ pub fn on_boundary(_slot: &'static PerCpu) {
     memory_step(&mut st, t, now);
     let since = now - st.last_report_ns;
     let changed = since >= MIN_REPORT_GAP_NS && CHANGED.swap(false, Ordering::AcqRel);
-    if changed || (runnable > 0 && since >= t.report_ns) {
+    st.queued = match (runnable, st.queued) {
+        (0, _) => None,
+        (_, None) => Some((now, r.idle().1)),
+        (_, q) => q,
+    };
+    let lasting = st.queued.is_some_and(|(at, idle_then)| {
+        let idle = r.idle().1.saturating_sub(idle_then);
+        (now - at).saturating_mul(online).saturating_sub(idle) >= REPORT_MIN_BUSY_NS
+    });
+    if changed || (lasting && since >= t.report_ns) {
         st.last_report_ns = now;
         drop(st);
         report();
