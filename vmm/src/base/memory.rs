@@ -99,20 +99,12 @@ impl Premapped {
         let to = (image.1.div_ceil(EXTENT_ALIGN) as usize).min(len / block).max(from);
         if to > from {
             // SAFETY: `[from, to)` are whole blocks inside the fresh mapping.
-            let start = unsafe { mapping.as_ptr().add(from * block) };
-            advise_huge_pages(start, (to - from) * block);
-            for b in 0..to - from {
-                // SAFETY: one byte of each block of the range; a write fault backs the block
-                // with a zeroed huge page (the byte written is a zero).
-                unsafe { std::ptr::write_volatile(start.add(b * block), 0) };
-            }
+            advise_huge_pages(unsafe { mapping.as_ptr().add(from * block) }, (to - from) * block);
+            // A write fault backs each block with a zeroed huge page.
+            back_with_zeroes(&mapping, (from * block, to * block), block);
         }
         for (from, to) in early_pages(size) {
-            for page in (from..to).step_by(PAGE_SIZE as usize) {
-                // SAFETY: `page` is a page offset inside the fresh mapping of `len` bytes
-                // (`early_pages` keeps within `size`); the byte written is a zero.
-                unsafe { std::ptr::write_volatile(mapping.as_ptr().add(page as usize), 0) };
-            }
+            back_with_zeroes(&mapping, (from as usize, to as usize), PAGE_SIZE as usize);
         }
         let region = kvm_userspace_memory_region {
             slot: 0,
@@ -144,6 +136,15 @@ impl Premapped {
         let region = kvm_userspace_memory_region { slot: 0, ..Default::default() };
         // SAFETY: a size of 0 deletes the slot; nothing is mapped.
         unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::Slot { slot: 0, source })
+    }
+}
+
+/// Has the host back `[from, to)` of `mapping` now, one write fault per `step` bytes: it
+/// writes a zero at each step (the memory reads as zeroes either way), clipped to the mapping.
+fn back_with_zeroes(mapping: &MmapRegionDeref<AtomicBitmap>, (from, to): (usize, usize), step: usize) {
+    for at in (from..to.min(mapping.size())).step_by(step) {
+        // SAFETY: `at` is inside the mapping, which the caller owns and nothing else uses yet.
+        unsafe { std::ptr::write_volatile(mapping.as_ptr().add(at), 0) };
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hypercall_abi::{FAULT_PORT, HYPERCALL_PORT, NOP_PORT};
-use kvm_bindings::{CpuId, Msrs, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment};
+use kvm_bindings::{CpuId, Msrs, kvm_msr_entry, kvm_pre_fault_memory, kvm_regs, kvm_run, kvm_segment};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 
@@ -179,37 +179,31 @@ impl Vcpu {
     /// vCPU's next entry). Any refusal (older kernels: `ENOTTY`) leaves the work to the first
     /// real run, as before.
     pub(crate) fn prepare_first_run(&mut self) {
-        self.fd.set_kvm_immediate_exit(1);
         // EINTR is the expected answer.
-        let _ = self.fd.run();
+        let _ = self.run_without_entering();
+        // kvm-ioctls 0.25 has no wrapper for it.
+        vmm_sys_util::ioctl_iowr_nr!(KVM_PRE_FAULT_MEMORY, kvm_bindings::KVMIO, 0xd5, kvm_pre_fault_memory);
+        let mut range = kvm_pre_fault_memory { gpa: 0, size: PAGE_SIZE, ..Default::default() };
+        // SAFETY: the ioctl reads and updates `range`, a `kvm_pre_fault_memory` that lives
+        // across the call, on this vCPU's fd; at most it maps guest page 0 of the registered
+        // boot memory.
+        unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.fd, KVM_PRE_FAULT_MEMORY(), &mut range) };
+    }
+
+    /// One `KVM_RUN` with `immediate_exit`: KVM completes what the last exit left pending and
+    /// returns (EINTR, or EAGAIN) without entering the guest.
+    fn run_without_entering(&mut self) -> Result<(), i32> {
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run().map(|_| ()).map_err(|e| e.errno());
         self.fd.set_kvm_immediate_exit(0);
-        /// `struct kvm_pre_fault_memory`.
-        #[repr(C)]
-        struct PreFault {
-            gpa: u64,
-            size: u64,
-            flags: u64,
-            padding: [u64; 5],
-        }
-        /// `KVM_PRE_FAULT_MEMORY`: `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`.
-        const KVM_PRE_FAULT_MEMORY: libc::c_ulong = 0xC040_AED5;
-        const _: () = assert!(std::mem::size_of::<PreFault>() == 64);
-        let mut range = PreFault { gpa: 0, size: PAGE_SIZE, flags: 0, padding: [0; 5] };
-        // SAFETY: the ioctl reads and updates the 64-byte `range`, which lives across the
-        // call, on this vCPU's fd; at most it maps guest page 0 of the registered boot memory.
-        unsafe {
-            libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&self.fd), KVM_PRE_FAULT_MEMORY, &mut range as *mut PreFault)
-        };
+        r
     }
 
     /// Completes the call the vCPU made (its `out`): one KVM_RUN with `immediate_exit`, which
     /// loads the status written to `rax` and steps past the instruction without entering the
     /// guest, so a state read now resumes after the call.
     fn complete_pending_exit(&mut self) -> Result<(), VcpuError> {
-        self.fd.set_kvm_immediate_exit(1);
-        let r = self.fd.run().map(|_| ()).map_err(|e| e.errno());
-        self.fd.set_kvm_immediate_exit(0);
-        match r {
+        match self.run_without_entering() {
             Err(e) if e == libc::EINTR || e == libc::EAGAIN => Ok(()),
             Ok(()) | Err(_) => Err(VcpuError::PendingExit(self.id)),
         }
