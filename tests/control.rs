@@ -193,12 +193,19 @@ fn lowering_max_makes_the_vm_come_down_with_a_reclaim() {
     let r = c.ctl(&["policy", "vm0", "--vcpus", "2:2:2"]);
     r.expect_code(64);
     assert!(r.stderr.contains("min cannot change"), "{}", r.stderr);
+    // So is a memory burst past the hot-plug window the VM booted with (256M here).
+    let r = c.ctl(&["policy", "vm0", "--memory", "64M:256M:512M"]);
+    r.expect_code(64);
+    assert!(r.stderr.contains("hot-plug window"), "{}", r.stderr);
     assert_eq!(c.finish(), Some(5));
     let events = c.events();
     let reclaim = events.iter().find(|e| e["event"] == "reclaim" && e["reason"] == "operator");
     assert!(reclaim.is_some_and(|r| r["target"] == 2), "no operator reclaim to 2 in the timeline");
     assert!(events.iter().any(|e| e["event"] == "reclaim_answered" && e["in_grace"] == true), "not answered in grace");
     assert!(events.iter().any(|e| e["event"] == "policy"), "no policy line");
+    // The guest was told (a POLICY notice; the page holds the new limits).
+    let policy = hypercall_abi::notice::POLICY;
+    assert!(events.iter().any(|e| e["event"] == "notice" && e["notice"] == policy), "no POLICY notice posted");
 }
 
 #[test]

@@ -26,6 +26,9 @@ pub mod notice {
     pub const RECLAIM_VCPUS_OVER: u64 = 1 << 3;
     /// The reclaim of memory is over: the target no longer applies.
     pub const RECLAIM_MEMORY_OVER: u64 = 1 << 4;
+    /// The host changed the VM's policy (an operator's `ctl policy`, a containerd Update): the
+    /// page's `vcpu_max`, `vcpu_burst`, `memory_max` and `memory_burst` hold the new values.
+    pub const POLICY: u64 = 1 << 5;
 }
 
 /// Layout of the notice page.
@@ -46,8 +49,16 @@ pub struct NoticePage {
     pub online_vcpus: u64,
     /// Memory bytes the host counts as held: boot memory plus granted extents.
     pub memory_bytes: u64,
+    /// The VM's vCPU max now (kept current; 0 from a host that predates the field).
+    pub vcpu_max: u64,
+    /// The VM's vCPU burst now (kept current; 0 from an older host).
+    pub vcpu_burst: u64,
+    /// The VM's memory max in bytes now (kept current; 0 from an older host).
+    pub memory_max: u64,
+    /// The VM's memory burst in bytes now (kept current; 0 from an older host).
+    pub memory_burst: u64,
     /// *reserved*.
-    pub reserved: [u64; 9],
+    pub reserved: [u64; 5],
 }
 
 const _: () = assert!(size_of::<NoticePage>() == 128);
@@ -57,4 +68,8 @@ const _: () = assert!(offset_of!(NoticePage, memory_target) == 24);
 const _: () = assert!(offset_of!(NoticePage, grace_ns) == 32);
 const _: () = assert!(offset_of!(NoticePage, online_vcpus) == 40);
 const _: () = assert!(offset_of!(NoticePage, memory_bytes) == 48);
+const _: () = assert!(offset_of!(NoticePage, vcpu_max) == 56);
+const _: () = assert!(offset_of!(NoticePage, vcpu_burst) == 64);
+const _: () = assert!(offset_of!(NoticePage, memory_max) == 72);
+const _: () = assert!(offset_of!(NoticePage, memory_burst) == 80);
 const _: () = assert!(crate::CMDLINE_ADDR + crate::CMDLINE_MAX <= NOTICE_ADDR);

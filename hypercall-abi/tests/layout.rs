@@ -146,15 +146,37 @@ fn vcpu_call_layouts() {
 
 #[test]
 fn notice_page_layout() {
-    let n = NoticePage { seq: 1, pending: notice::STOP, online_vcpus: 4, memory_bytes: 64 << 20, ..Default::default() };
-    round_trip(n, &[(0, &[1, 0, 0, 0, 0, 0, 0, 0]), (8, &[1, 0, 0, 0, 0, 0, 0, 0]), (40, &[4, 0, 0, 0, 0, 0, 0, 0])]);
+    let n = NoticePage {
+        seq: 1,
+        pending: notice::STOP,
+        online_vcpus: 4,
+        memory_bytes: 64 << 20,
+        vcpu_max: 2,
+        vcpu_burst: 3,
+        memory_max: 5,
+        memory_burst: 6,
+        ..Default::default()
+    };
+    round_trip(
+        n,
+        &[
+            (0, &[1, 0, 0, 0, 0, 0, 0, 0]),
+            (8, &[1, 0, 0, 0, 0, 0, 0, 0]),
+            (40, &[4, 0, 0, 0, 0, 0, 0, 0]),
+            (56, &[2, 0, 0, 0, 0, 0, 0, 0]),
+            (64, &[3, 0, 0, 0, 0, 0, 0, 0]),
+            (72, &[5, 0, 0, 0, 0, 0, 0, 0]),
+            (80, &[6, 0, 0, 0, 0, 0, 0, 0]),
+        ],
+    );
     assert_eq!(
         notice::STOP
             | notice::RECLAIM_VCPUS
             | notice::RECLAIM_MEMORY
             | notice::RECLAIM_VCPUS_OVER
-            | notice::RECLAIM_MEMORY_OVER,
-        0b11111
+            | notice::RECLAIM_MEMORY_OVER
+            | notice::POLICY,
+        0b111111
     );
 }
 

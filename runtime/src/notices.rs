@@ -89,4 +89,16 @@ pub fn poll() {
         log::info!("vCPU reclaim over");
         elastic::set_vcpu_target(None);
     }
+    if ev.pending & notice::POLICY != 0 {
+        // EVENTS rewrote the page before it returned: its limits are the new ones.
+        let now = page().unwrap_or(p);
+        crate::smp::set_limits(now.vcpu_max, now.vcpu_burst);
+        log::info!(
+            "host changed the policy: vCPUs max {} burst {}, memory max {} MiB burst {} MiB",
+            now.vcpu_max,
+            now.vcpu_burst,
+            now.memory_max >> 20,
+            now.memory_burst >> 20
+        );
+    }
 }

@@ -81,6 +81,18 @@ pub fn init(limits: Option<ResourceLimits>) {
     ONLINE.store(1, Ordering::Release);
 }
 
+/// Takes a new vCPU max and burst from the host (a POLICY notice); min never changes on a
+/// running VM. A value of 0 (a host that does not publish it) keeps the current one.
+pub(crate) fn set_limits(max: u64, burst: u64) {
+    let clamp = |v: u64| (v as usize).clamp(1, MAX_CPUS);
+    if max > 0 {
+        MAX.store(clamp(max), Ordering::Relaxed);
+    }
+    if burst > 0 {
+        BURST.store(clamp(burst), Ordering::Relaxed);
+    }
+}
+
 /// vCPUs online (as the kernel counts them).
 pub fn online() -> usize {
     ONLINE.load(Ordering::Acquire)

@@ -374,7 +374,22 @@ fn set_policy(vm: &VmShared, vcpus: Option<Policy>, memory: Option<Policy>) -> C
                 format!("{}: min cannot change on a running VM (it is {})", r.name(), cur.min),
             );
         }
+        // Granted memory lives in the hot-plug window laid out (and mapped by the guest's
+        // page tables) at boot: a burst past its end could never be granted.
+        let layout = vm.layout();
+        let ceiling = layout.ram_size + layout.window_size;
+        if *r == Resource::Memory && p.burst > ceiling {
+            return ControlReply::error(
+                400,
+                format!(
+                    "memory: burst cannot rise above {} MiB on a running VM (the hot-plug window it booted with ends \
+                     there; boot it with a higher memory burst)",
+                    ceiling >> 20
+                ),
+            );
+        }
     }
+    let changed = !changes.is_empty();
     for (r, p) in changes {
         let held = match r {
             Resource::Vcpus => u64::from(vm.vcpus().online()),
@@ -392,6 +407,10 @@ fn set_policy(vm: &VmShared, vcpus: Option<Policy>, memory: Option<Policy>) -> C
                 ("burst", p.burst.into()),
             ]),
         );
+    }
+    if changed {
+        // The page shows the new limits; the notice tells the guest to take them.
+        vm.post_notice(hypercall_abi::notice::POLICY, |_| {});
     }
     ControlReply::ok(live(vm))
 }

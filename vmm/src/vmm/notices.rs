@@ -25,11 +25,15 @@ pub(crate) struct Notices {
     pub(crate) grace_ns: u64,
 }
 
-/// What the VM holds, as the notice page shows it.
+/// What the VM holds, and its policy's max and burst now, as the notice page shows them.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Holdings {
     pub(crate) vcpus: u32,
     pub(crate) memory: u64,
+    /// vCPU (max, burst).
+    pub(crate) vcpu_limits: (u64, u64),
+    /// Memory (max, burst), bytes.
+    pub(crate) memory_limits: (u64, u64),
 }
 
 /// The notices of one VM and its notice page.
@@ -52,7 +56,11 @@ impl NoticeBoard {
             grace_ns: n.grace_ns,
             online_vcpus: u64::from(h.vcpus),
             memory_bytes: h.memory,
-            reserved: [0; 9],
+            vcpu_max: h.vcpu_limits.0,
+            vcpu_burst: h.vcpu_limits.1,
+            memory_max: h.memory_limits.0,
+            memory_burst: h.memory_limits.1,
+            reserved: [0; 5],
         };
         // The page is inside boot memory, which exists for the VM's whole life.
         let _ = mem.write_obj(NOTICE_ADDR, &page);

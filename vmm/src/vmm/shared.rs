@@ -465,7 +465,16 @@ impl VmShared {
     }
 
     fn holdings(&self) -> Holdings {
-        Holdings { vcpus: self.vcpus.online(), memory: self.memory_held() }
+        let limits = |r| {
+            let l = self.policy.resource(r).limits;
+            (l.max, l.burst)
+        };
+        Holdings {
+            vcpus: self.vcpus.online(),
+            memory: self.memory_held(),
+            vcpu_limits: limits(Resource::Vcpus),
+            memory_limits: limits(Resource::Memory),
+        }
     }
 
     /// Records a timeline event with the VM's current holdings.

@@ -30,6 +30,8 @@ pub struct Figures {
     pub vcpus_online: u32,
     /// Most vCPUs the VM may bring online.
     pub vcpus_max: u32,
+    /// The vCPU policy as the guest knows it now: (min, max, burst).
+    pub vcpus_policy: (u32, u32, u32),
 }
 
 /// The sections, in output order.
@@ -103,6 +105,8 @@ fn section(s: &mut String, name: &str, store: &Store, f: &Figures, now: u64) -> 
             write!(s, "# Elastic\r\n")?;
             write!(s, "vcpus_online:{}\r\n", f.vcpus_online)?;
             write!(s, "vcpus_max:{}\r\n", f.vcpus_max)?;
+            let (min, max, burst) = f.vcpus_policy;
+            write!(s, "vcpus_policy:{min}:{max}:{burst}\r\n")?;
             write!(s, "memory_held:{}\r\n", f.memory_held_bytes)?;
             write!(s, "memory_held_human:{}\r\n", Human(f.memory_held_bytes))?;
         }

@@ -60,7 +60,7 @@ fn figures(port: u32) -> Figures {
     let heap = memory::stats();
     let used = heap.claimed.saturating_sub(heap.available) as u64;
     let peak = HEAP_PEAK.fetch_max(used, Ordering::Relaxed).max(used);
-    let (_, _, burst) = vcpus::limits();
+    let (min, max, burst) = vcpus::limits();
     Figures {
         uptime_ms: time::now_ns().saturating_sub(STARTED_NS.load(Ordering::Relaxed)) / 1_000_000,
         tcp_port: u16::try_from(port).unwrap_or(0),
@@ -70,6 +70,7 @@ fn figures(port: u32) -> Figures {
         memory_held_bytes: memory::held(),
         vcpus_online: vcpus::online() as u32,
         vcpus_max: burst as u32,
+        vcpus_policy: (min as u32, max as u32, burst as u32),
     }
 }
 

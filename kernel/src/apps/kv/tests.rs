@@ -22,6 +22,7 @@ fn figures() -> Figures {
         memory_held_bytes: 3 << 30,
         vcpus_online: 2,
         vcpus_max: 4,
+        vcpus_policy: (1, 2, 4),
     }
 }
 
@@ -628,6 +629,7 @@ fn info_has_the_redis_layout_and_the_callers_figures() {
         "keyspace_misses:1",
         "vcpus_online:2",
         "vcpus_max:4",
+        "vcpus_policy:1:2:4",
         "memory_held:3221225472",
         "memory_held_human:3.00G",
         "db0:keys=2,expires=1,avg_ttl=90000",
