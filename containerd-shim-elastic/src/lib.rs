@@ -2,7 +2,9 @@
 //! io.containerd.elastic.v1` (or a Kubernetes RuntimeClass) starts one `hypervisor-shim run`
 //! per task, with the service, policies and published ports taken from the OCI bundle.
 //!
+//! * [`cgroup`]: the VMM in the cgroup the spec names.
 //! * [`config`]: the rootfs's `elastic.toml`.
+//! * [`metrics`]: the task's metrics as containerd's cgroup shapes.
 //! * [`policy`]: the containerd-specific steps around [`elastic_config`]'s policies and
 //!   published ports (memory limits rounded to extents, the publish list).
 //! * [`spec`]: OCI spec → what the VM runs (and what is refused).
@@ -12,8 +14,10 @@
 //! * [`events`]: lifecycle events to containerd.
 //! * [`service`]: the shim and its task service.
 
+pub mod cgroup;
 pub mod config;
 pub mod events;
+pub mod metrics;
 pub mod policy;
 pub mod rootfs;
 pub mod service;

@@ -16,12 +16,14 @@ use containerd_shim::util::{timestamp, write_address};
 use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult, api};
 use log::{info, warn};
 use nix::sys::signal::Signal;
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxResources, Spec};
 use thiserror::Error;
 
+use crate::cgroup::{self, CgroupError, Join};
 use crate::events::Events;
+use crate::metrics::{Figures, MetricsError};
 use crate::rootfs::{self, RootfsError};
-use crate::spec::{self, SpecError, Workload};
+use crate::spec::{self, SpecError, VmPlan, Workload};
 use crate::stdio::{StdioError, StdioPaths};
 use crate::vmm::{self, Vmm, VmmError};
 
@@ -80,6 +82,26 @@ pub enum TaskError {
         "signal {0} is not supported: SIGTERM or SIGINT asks the guest to stop (twice ends the VM), SIGKILL kills it"
     )]
     Signal(u32),
+    /// The VMM cannot join the spec's cgroup.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The task's metrics cannot be made.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// An Update whose resources cannot be read.
+    #[error("cannot read the update's resources ({type_url}): {message}")]
+    Resources {
+        /// The resources' type.
+        type_url: String,
+        /// Why.
+        message: String,
+    },
+    /// Exec: a unikernel has no second process.
+    #[error(
+        "exec is not supported: the VM runs one service and has no other process to start (use the service's own \
+         protocol, or `hypervisor-shim ctl --api-sock BUNDLE/api.sock get|policy|pause|snapshot vm0`)"
+    )]
+    Exec,
     /// Sending a signal failed.
     #[error("cannot signal pid {pid}: {source}")]
     Kill {
@@ -96,10 +118,18 @@ impl From<TaskError> for ttrpc::Error {
             TaskError::Exists(_) => Code::ALREADY_EXISTS,
             TaskError::NotFound(_) | TaskError::Finished => Code::NOT_FOUND,
             TaskError::State { .. } => Code::FAILED_PRECONDITION,
-            TaskError::Plan(_) | TaskError::Unsupported(_) | TaskError::Signal(_) | TaskError::Stdio(_) => {
-                Code::INVALID_ARGUMENT
-            }
-            TaskError::Spec { .. } | TaskError::Rootfs(_) | TaskError::Vmm(_) | TaskError::Kill { .. } => Code::UNKNOWN,
+            TaskError::Plan(_)
+            | TaskError::Unsupported(_)
+            | TaskError::Signal(_)
+            | TaskError::Stdio(_)
+            | TaskError::Resources { .. } => Code::INVALID_ARGUMENT,
+            TaskError::Exec => Code::UNIMPLEMENTED,
+            TaskError::Spec { .. }
+            | TaskError::Rootfs(_)
+            | TaskError::Vmm(_)
+            | TaskError::Kill { .. }
+            | TaskError::Cgroup(_)
+            | TaskError::Metrics(_) => Code::UNKNOWN,
         };
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
     }
@@ -237,9 +267,19 @@ impl Phase {
 struct VmRun {
     vmm: Vmm,
     args: Vec<std::ffi::OsString>,
-    netns: Option<PathBuf>,
+    /// What it runs; its policies follow Updates.
+    plan: VmPlan,
     /// `--api-sock` as passed (absolute, or relative to the bundle), if the VMM has the API.
     api_sock: Option<PathBuf>,
+    /// The cgroup directories this shim created for the VMM (removed at delete).
+    cgroup_created: Vec<PathBuf>,
+}
+
+impl VmRun {
+    /// The control socket, or why there is none (`what` needs it).
+    fn api_sock(&self, what: &'static str) -> Result<&Path, VmmError> {
+        self.api_sock.as_deref().ok_or_else(|| VmmError::NoControlApi { path: self.vmm.path.clone(), what })
+    }
 }
 
 #[derive(Debug)]
@@ -353,12 +393,24 @@ impl Inner {
         if task.phase != Phase::Created {
             return Err(task.state_error("start"));
         }
-        let pid = match &task.vm {
+        let pid = match &mut task.vm {
             None => std::process::id(),
             Some(vm) => {
                 let (stdout, stderr) = task.stdio.open()?;
                 let _ = std::fs::remove_file(task.bundle.join(vmm::API_SOCK));
-                let (pid, subscription) = vm.vmm.spawn(&vm.args, &task.bundle, stdout, stderr, vm.netns.as_deref())?;
+                let cgroup = vm.plan.cgroups_path.as_deref().map(Join::prepare).transpose()?;
+                if let Some(join) = &cgroup {
+                    vm.cgroup_created = join.created().to_vec();
+                }
+                let spawned =
+                    vm.vmm.spawn(&vm.args, &task.bundle, (stdout, stderr), vm.plan.netns.as_deref(), cgroup.as_ref());
+                let (pid, subscription) = match spawned {
+                    Ok(s) => s,
+                    Err(e) => {
+                        cgroup::remove_dirs(&std::mem::take(&mut vm.cgroup_created));
+                        return Err(e.into());
+                    }
+                };
                 if let Err(e) = std::fs::write(task.bundle.join(PID_FILE), pid.to_string()) {
                     warn!("cannot record the VMM pid: {e}");
                 }
@@ -446,12 +498,75 @@ impl Inner {
             self.publish_pause(task, pause);
             return Ok(());
         };
-        let sock =
-            vm.api_sock.as_ref().ok_or_else(|| VmmError::NoControlApi { path: vm.vmm.path.clone(), what: verb })?;
-        vm.vmm.ctl(sock, verb, &task.bundle)?;
+        vm.vmm.ctl(vm.api_sock(verb)?, verb, &[], &task.bundle)?;
         task.phase = to;
         self.publish_pause(task, pause);
         Ok(())
+    }
+
+    /// Update: the resources become the VM's live max and burst (see [`spec::resized`]),
+    /// through the control API as `ctl policy` (the guest gets a POLICY notice; a max below
+    /// what it holds posts a reclaim). Returns the time the VMM took to answer.
+    fn update(&self, req: &api::UpdateTaskRequest) -> Result<std::time::Duration, TaskError> {
+        let mut guard = self.lock();
+        let task = Self::task(&mut guard, &req.id, "")?;
+        if !matches!(task.phase, Phase::Running | Phase::Paused) {
+            return Err(task.state_error("update"));
+        }
+        let Some(vm) = &mut task.vm else {
+            // A sandbox runs nothing to resize.
+            return Ok(std::time::Duration::ZERO);
+        };
+        let resources = match req.resources.as_ref() {
+            Some(any) if any.type_url.ends_with("LinuxResources") => {
+                serde_json::from_slice::<LinuxResources>(&any.value)
+                    .map_err(|e| TaskError::Resources { type_url: any.type_url.clone(), message: e.to_string() })?
+            }
+            Some(any) => {
+                return Err(TaskError::Resources {
+                    type_url: any.type_url.clone(),
+                    message: "not OCI LinuxResources".to_string(),
+                });
+            }
+            None => LinuxResources::default(),
+        };
+        let bursts = spec::update_bursts(&req.annotations, vm.plan.bursts)?;
+        let (vcpus, memory) = spec::resized((vm.plan.vcpus, vm.plan.memory), &resources, bursts)?;
+        let extra = vec![
+            "--vcpus".to_string(),
+            vcpus.to_string(),
+            "--memory".to_string(),
+            elastic_config::format_memory_policy(&memory),
+        ];
+        let t = std::time::Instant::now();
+        vm.vmm.ctl(vm.api_sock("update")?, "policy", &extra, &task.bundle)?;
+        let took = t.elapsed();
+        info!("task {}: policy now --vcpus {vcpus} --memory {}", task.id, extra[3]);
+        (vm.plan.vcpus, vm.plan.memory, vm.plan.bursts) = (vcpus, memory, bursts);
+        Ok(took)
+    }
+
+    /// Stats: the VM's figures as containerd's cgroup metrics (see [`crate::metrics`]).
+    fn stats(&self, id: &str) -> Result<api::StatsResponse, TaskError> {
+        let (vmm, sock, bundle, pid) = {
+            let mut guard = self.lock();
+            let task = Self::task(&mut guard, id, "")?;
+            if !matches!(task.phase, Phase::Running | Phase::Paused) {
+                return Err(task.state_error("report metrics"));
+            }
+            let Some(vm) = &task.vm else {
+                // A sandbox: nothing runs, nothing is held.
+                let any = Figures { threads: 0, ..Figures::default() }.to_any(cgroup::unified_host())?;
+                return Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() });
+            };
+            (vm.vmm.clone(), vm.api_sock("metrics")?.to_path_buf(), task.bundle.clone(), task.pid)
+        };
+        // Not under the lock: the helper takes milliseconds, and a kill must not wait for it.
+        let json = vmm.ctl(&sock, "get", &[], &bundle)?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let any = Figures::parse(&json, &stat, &status)?.to_any(cgroup::unified_host())?;
+        Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() })
     }
 
     fn publish_pause(&self, task: &Task, pause: bool) {
@@ -492,6 +607,9 @@ impl Inner {
         }
         if let Some(dir) = &task.mounted_rootfs {
             rootfs::unmount(dir)?;
+        }
+        if let Some(vm) = &mut task.vm {
+            cgroup::remove_dirs(&std::mem::take(&mut vm.cgroup_created));
         }
         let _ = std::fs::remove_file(task.bundle.join(vmm::API_SOCK));
         let at = task.exited_at.clone().unwrap_or_else(now);
@@ -540,7 +658,7 @@ fn prepare(spec: &Spec, bundle: &Path, req: &api::CreateTaskRequest) -> Result<(
     stdio.check()?;
     let plan = match spec::plan(spec, &rootfs_dir)? {
         Workload::Sandbox => return Ok((stdio, None)),
-        Workload::Vm(plan) => plan,
+        Workload::Vm(plan) => *plan,
     };
     if let Some(path) = &plan.netns {
         std::fs::File::open(path).map_err(|source| VmmError::Netns { path: path.clone(), source })?;
@@ -548,7 +666,7 @@ fn prepare(spec: &Spec, bundle: &Path, req: &api::CreateTaskRequest) -> Result<(
     let vmm = Vmm::locate()?;
     let api_sock = vmm.features.api_sock.then(|| vmm::api_sock_arg(bundle));
     let args = vmm.run_args(&plan, api_sock.as_deref())?;
-    Ok((stdio, Some(VmRun { vmm, args, netns: plan.netns.clone(), api_sock })))
+    Ok((stdio, Some(VmRun { vmm, args, plan, api_sock, cgroup_created: Vec::new() })))
 }
 
 fn display_args(args: &[std::ffi::OsString]) -> String {
@@ -616,6 +734,22 @@ impl containerd_shim::Task for TaskService {
         info!("resume {}", req.id);
         self.inner.pause_resume(&req.id, false).inspect_err(|e| warn!("resume {}: {e}", req.id))?;
         Ok(api::Empty::default())
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        info!("update {}", req.id);
+        let took = self.inner.update(&req).inspect_err(|e| warn!("update {}: {e}", req.id))?;
+        info!("update {}: the VMM answered in {} us", req.id, took.as_micros());
+        Ok(api::Empty::default())
+    }
+
+    fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        Ok(self.inner.stats(&req.id).inspect_err(|e| warn!("stats {}: {e}", req.id))?)
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        warn!("exec {} in {}: refused", req.exec_id, req.id);
+        Err(TaskError::Exec.into())
     }
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {

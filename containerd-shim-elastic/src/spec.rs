@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use elastic_config::{
     Policy, PolicyError, Publish, parse_count, parse_size, validate_memory_policy, validate_vcpu_policy,
 };
-use oci_spec::runtime::{LinuxCpu, LinuxMemory, LinuxNamespaceType, Mount, Spec};
+use oci_spec::runtime::{LinuxCpu, LinuxMemory, LinuxNamespaceType, LinuxResources, Mount, Spec};
 use thiserror::Error;
 
 use crate::config::{ConfigError, RootfsConfig};
@@ -99,13 +99,16 @@ pub enum SpecError {
     /// resource and the policy).
     #[error("policy from elastic.toml, linux.resources and annotations: {0}")]
     Policy(#[source] PolicyError),
+    /// An update asks for what a running VM cannot take.
+    #[error("cannot resize: {0}")]
+    Resize(String),
 }
 
 /// What a task runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Workload {
     /// A unikernel VM.
-    Vm(VmPlan),
+    Vm(Box<VmPlan>),
     /// A Kubernetes pod sandbox: CRI created the pod's network namespace already, and nothing
     /// needs to run for it (the role runc gives to the `pause` process).
     Sandbox,
@@ -130,6 +133,11 @@ pub struct VmPlan {
     pub log: String,
     /// Network namespace to run the VMM in (pod sandboxes, `ctr run --with-ns network:PATH`).
     pub netns: Option<PathBuf>,
+    /// The burst annotations (vCPUs, memory) as given at create: an Update keeps applying them.
+    pub bursts: (Option<u64>, Option<u64>),
+    /// `linux.cgroupsPath`: the cgroup the VMM joins (see [`crate::cgroup`]); `None` when
+    /// absent or empty.
+    pub cgroups_path: Option<String>,
 }
 
 /// The rootfs directory a spec names (relative paths are relative to the bundle).
@@ -173,7 +181,7 @@ pub fn plan(spec: &Spec, rootfs: &Path) -> Result<Workload, SpecError> {
         .map_err(SpecError::Policy)?;
     let memory = memory_policy(config.memory, resources.and_then(|r| r.memory().as_ref()), ann.burst_memory)
         .map_err(SpecError::Policy)?;
-    Ok(Workload::Vm(VmPlan {
+    Ok(Workload::Vm(Box::new(VmPlan {
         kernel,
         service,
         args,
@@ -182,7 +190,14 @@ pub fn plan(spec: &Spec, rootfs: &Path) -> Result<Workload, SpecError> {
         publish: ann.publish.unwrap_or(config.publish),
         log: config.log,
         netns: network_namespace(spec),
-    }))
+        bursts: (ann.burst_vcpus, ann.burst_memory),
+        cgroups_path: spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.display().to_string())
+            .filter(|p| !p.is_empty()),
+    })))
 }
 
 /// Refuses what the VM cannot honour without changing what the workload sees.
@@ -306,6 +321,65 @@ pub fn vcpu_policy(defaults: Policy, cpu: Option<&LinuxCpu>, burst: Option<u64>)
     validate_vcpu_policy(p)
 }
 
+/// The policies a task Update asks for (containerd's `UpdateTaskRequest`, Kubernetes' in-place
+/// resize): from the VM's policies now, the new `resources` and the burst annotations (the
+/// create-time ones, replaced by any the update carries). A CPU quota becomes max, a memory
+/// limit becomes memory max, each also burst unless an annotation asks for more; min (shares,
+/// boot memory) never changes on a running VM, so a new max below it is refused. A resource the
+/// update leaves out (no quota, no limit) keeps its policy. The result passes the shim's own
+/// checks; the VMM checks the rest (a memory burst past the VM's hot-plug window).
+pub fn resized(
+    now: (Policy, Policy),
+    resources: &LinuxResources,
+    bursts: (Option<u64>, Option<u64>),
+) -> Result<(Policy, Policy), SpecError> {
+    let (mut vcpus, mut memory) = now;
+    if let Some(cpu) = resources.cpu().as_ref()
+        && let Some(quota) = cpu.quota().filter(|q| *q > 0)
+    {
+        let period = cpu.period().filter(|p| *p > 0).unwrap_or(DEFAULT_CFS_PERIOD_US);
+        let max = (quota as u64).div_ceil(period);
+        if max < vcpus.min {
+            return Err(SpecError::Resize(format!(
+                "a CPU limit of {max} vCPU(s) is below the VM's min {} (min cannot change on a running VM)",
+                vcpus.min
+            )));
+        }
+        vcpus.max = max;
+        vcpus.burst = max.max(bursts.0.unwrap_or(0));
+    } else if let Some(b) = bursts.0 {
+        vcpus.burst = b.max(vcpus.max);
+    }
+    if let Some(limit) = resources.memory().as_ref().and_then(|m| m.limit()).filter(|l| *l > 0) {
+        let max = limit_to_extents(limit as u64);
+        if max < memory.min {
+            return Err(SpecError::Resize(format!(
+                "a memory limit of {} MiB is below the VM's boot memory {} MiB (min cannot change on a running VM)",
+                max >> 20,
+                memory.min >> 20
+            )));
+        }
+        memory.max = max;
+        memory.burst = max.max(bursts.1.unwrap_or(0));
+    } else if let Some(b) = bursts.1 {
+        memory.burst = b.max(memory.max);
+    }
+    Ok((
+        validate_vcpu_policy(vcpus).map_err(SpecError::Policy)?,
+        validate_memory_policy(memory).map_err(SpecError::Policy)?,
+    ))
+}
+
+/// The burst annotations of an update (`elastic.burst.vcpus`, `elastic.burst.memory`), each
+/// replacing the create-time one it names; other `elastic.*` keys are refused as at create.
+pub fn update_bursts(
+    annotations: &HashMap<String, String>,
+    now: (Option<u64>, Option<u64>),
+) -> Result<(Option<u64>, Option<u64>), SpecError> {
+    let ann = Annotations::parse(annotations)?;
+    Ok((ann.burst_vcpus.or(now.0), ann.burst_memory.or(now.1)))
+}
+
 /// Memory: the limit (rounded down to 2 MiB: the one conversion, since Kubernetes computes
 /// it in bytes) is max (and burst, unless the annotation raises it); min (boot memory) comes
 /// from `elastic.toml`, lowered to the limit if above it. The result must pass the shim's own
@@ -334,6 +408,42 @@ mod tests {
     use oci_spec::runtime::{LinuxCpuBuilder, LinuxMemoryBuilder};
 
     const MIB: u64 = 1 << 20;
+
+    fn resources(json: serde_json::Value) -> LinuxResources {
+        serde_json::from_value(json).expect("LinuxResources")
+    }
+
+    #[test]
+    fn an_update_moves_max_and_burst_and_keeps_min() {
+        let p = |min, max, burst| Policy { min, max, burst };
+        let now = (p(1, 2, 2), p(64 * MIB, 128 * MIB, 128 * MIB));
+        // Kubernetes' resize: limits 4 CPUs, 256Mi; shares (requests) are not min on a live VM.
+        let r = resources(serde_json::json!({"cpu": {"shares": 4096, "quota": 400000, "period": 100000},
+                                             "memory": {"limit": 268435456}}));
+        assert_eq!(resized(now, &r, (None, None)).expect("up"), (p(1, 4, 4), p(64 * MIB, 256 * MIB, 256 * MIB)));
+        // The burst annotations stay above max; a quota without period uses 100 ms.
+        let r = resources(serde_json::json!({"cpu": {"quota": 150000}}));
+        assert_eq!(
+            resized(now, &r, (Some(8), Some(512 * MIB))).expect("burst"),
+            (p(1, 2, 8), p(64 * MIB, 128 * MIB, 512 * MIB))
+        );
+        // Nothing asked: nothing changes (but a new burst annotation applies).
+        assert_eq!(resized(now, &LinuxResources::default(), (None, None)).expect("same"), now);
+        // Below min: refused, naming it.
+        let r = resources(serde_json::json!({"memory": {"limit": 33554432}}));
+        let e = resized(now, &r, (None, None)).expect_err("below boot memory");
+        assert!(e.to_string().contains("below the VM's boot memory 64 MiB"), "{e}");
+        let now2 = (p(2, 2, 2), now.1);
+        let r = resources(serde_json::json!({"cpu": {"quota": 100000, "period": 100000}}));
+        assert!(resized(now2, &r, (None, None)).expect_err("below min").to_string().contains("min 2"));
+        // Past the VMM's limits: its own message.
+        let r = resources(serde_json::json!({"cpu": {"quota": 6500000, "period": 100000}}));
+        assert!(resized(now, &r, (None, None)).is_err(), "65 vCPUs accepted");
+        // Update annotations replace the create-time burst; unknown elastic.* keys are refused.
+        let ann = |k: &str, v: &str| HashMap::from([(k.to_string(), v.to_string())]);
+        assert_eq!(update_bursts(&ann(ANNOTATION_BURST_VCPUS, "6"), (Some(4), None)).expect("ann"), (Some(6), None));
+        assert!(update_bursts(&ann("elastic.bust.vcpus", "6"), (None, None)).is_err());
+    }
 
     fn cpu(shares: Option<u64>, quota: Option<i64>, period: Option<u64>) -> LinuxCpu {
         let mut b = LinuxCpuBuilder::default();
@@ -430,7 +540,7 @@ mod tests {
 
     fn vm(w: Workload) -> VmPlan {
         match w {
-            Workload::Vm(p) => p,
+            Workload::Vm(p) => *p,
             Workload::Sandbox => panic!("a sandbox"),
         }
     }

@@ -22,6 +22,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use thiserror::Error;
 
+use crate::cgroup::Join;
 use crate::spec::VmPlan;
 
 /// The VMM binary's name.
@@ -182,18 +183,28 @@ impl Vmm {
     }
 
     /// Starts `hypervisor-shim` with `args` in `cwd`, its stdout and stderr on the given files,
-    /// inside the network namespace `netns` if given. Returns the pid and the subscription its
-    /// exit will arrive on (see [`wait_exit`]).
+    /// inside the network namespace `netns` and the cgroup `cgroup` if given (it enters both
+    /// before it execs). Returns the pid and the subscription its exit will arrive on (see
+    /// [`wait_exit`]).
     pub fn spawn(
         &self,
         args: &[OsString],
         cwd: &Path,
-        stdout: File,
-        stderr: File,
+        (stdout, stderr): (File, File),
         netns: Option<&Path>,
+        cgroup: Option<&Join>,
     ) -> Result<(u32, Subscription), VmmError> {
         let mut cmd = Command::new(&self.path);
         cmd.args(args).current_dir(cwd).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+        if let Some(join) = cgroup {
+            let join = join.try_clone().map_err(|source| VmmError::Spawn { path: self.path.clone(), source })?;
+            // SAFETY: the closure runs in the forked child before exec and only calls write(2)
+            // on descriptors opened before the fork (async-signal-safe; no allocation, no
+            // locks). They are close-on-exec, so the VMM does not inherit them.
+            unsafe {
+                cmd.pre_exec(move || join.enter());
+            }
+        }
         if let Some(path) = netns {
             let ns: OwnedFd =
                 File::open(path).map_err(|source| VmmError::Netns { path: path.to_path_buf(), source })?.into();
@@ -209,20 +220,23 @@ impl Vmm {
         Ok((child.id(), subscription))
     }
 
-    /// `hypervisor-shim ctl --api-sock SOCK VERB vm0`, run in `cwd` (the socket path may be
-    /// relative to it).
-    pub fn ctl(&self, api_sock: &Path, verb: &str, cwd: &Path) -> Result<(), VmmError> {
+    /// `hypervisor-shim ctl --api-sock SOCK VERB vm0 [EXTRA...]`, run in `cwd` (the socket path
+    /// may be relative to it). Returns what it printed (the API's JSON answer).
+    pub fn ctl(&self, api_sock: &Path, verb: &str, extra: &[String], cwd: &Path) -> Result<String, VmmError> {
         let mut cmd = Command::new(&self.path);
-        cmd.arg("ctl").arg("--api-sock").arg(api_sock).args([verb, VM_NAME]).current_dir(cwd);
+        cmd.arg("ctl").arg("--api-sock").arg(api_sock).args([verb, VM_NAME]).args(extra).current_dir(cwd);
         let out = run_helper(&mut cmd)?;
         if out.code != 0 {
             return Err(VmmError::Failed {
-                command: format!("{BINARY} ctl {verb} {VM_NAME}"),
+                command: format!(
+                    "{BINARY} ctl {verb} {VM_NAME}{}",
+                    extra.iter().map(|a| format!(" {a}")).collect::<String>()
+                ),
                 code: out.code,
                 message: last_line(&out.stderr),
             });
         }
-        Ok(())
+        Ok(out.stdout)
     }
 }
 
@@ -326,6 +340,8 @@ mod tests {
             publish: vec![parse_publish("6379:6379").expect("publish"), parse_publish("[::1]:80:8080").expect("v6")],
             log: "info".into(),
             netns: None,
+            bursts: (Some(4), None),
+            cgroups_path: None,
         }
     }
 

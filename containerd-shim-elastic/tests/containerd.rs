@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use containerd_shim::protos::api::UpdateTaskRequest;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::shim_sync::{Client, TaskClient};
+use containerd_shim::protos::ttrpc::context::with_timeout;
 use nix::sys::signal::Signal;
 
 /// The runtime name containerd maps to `containerd-shim-elastic-v1`.
@@ -682,4 +686,162 @@ fn kv_answers_redis_cli_on_its_published_port() {
     c.ctr(&["task", "kill", "-s", "SIGKILL", "kv"]).expect_code(0, "kill");
     c.wait_status("kv", "STOPPED");
     c.remove("kv");
+}
+
+/// The task's bundle directory in this containerd's state (namespace `default`).
+fn bundle(c: &Containerd, id: &str) -> PathBuf {
+    c.dir.join("state/io.containerd.runtime.v2.task/default").join(id)
+}
+
+/// A client on the shim's own task service (the ttrpc socket containerd talks to), for the
+/// one request `ctr` has no verb for: Update.
+fn shim_client(c: &Containerd, id: &str) -> TaskClient {
+    let address = std::fs::read_to_string(bundle(c, id).join("address")).expect("the shim's address file");
+    TaskClient::new(Client::connect(address.trim()).expect("connect to the shim"))
+}
+
+/// Sends containerd's Update for `id` with OCI `resources` (JSON), as containerd forwards a
+/// task update (Kubernetes' in-place resize) to the shim.
+fn update(c: &Containerd, id: &str, resources: serde_json::Value) -> Result<(), String> {
+    let req = UpdateTaskRequest {
+        id: id.to_string(),
+        resources: Some(Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: resources.to_string().into_bytes(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    shim_client(c, id).update(with_timeout(30_000_000_000), &req).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// `ctr task metrics --format json ID`: (CPU time in µs, memory in use in bytes), from
+/// whichever cgroup shape the shim answered with.
+fn metrics(c: &Containerd, id: &str) -> (u64, u64) {
+    let m = c.ctr(&["task", "metrics", "--format", "json", id]);
+    m.expect_code(0, "ctr task metrics");
+    let v: serde_json::Value = serde_json::from_str(&m.stdout).unwrap_or_else(|e| panic!("{e}: {}", m.stdout));
+    let v1 = (v["cpu"]["usage"]["total"].as_u64().map(|ns| ns / 1000), v["memory"]["usage"]["usage"].as_u64());
+    let v2 = (v["cpu"]["usage_usec"].as_u64(), v["memory"]["usage"].as_u64());
+    match (v1, v2) {
+        ((Some(cpu), Some(mem)), _) | (_, (Some(cpu), Some(mem))) => (cpu, mem),
+        _ => panic!("no CPU or memory figures in the metrics: {}", m.stdout),
+    }
+}
+
+#[test]
+fn kv_is_resized_in_place_reports_metrics_and_runs_in_its_cgroup() {
+    let c = Containerd::start("resize");
+    let rootfs = c.rootfs("rootfs", "service = \"kv\"\nmemory = \"64M:128M:128M\"\n");
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
+    let publish = format!("elastic.publish=127.0.0.1:{port}:{KV_GUEST_PORT}");
+    // 1:2 vCPUs, memory max 128M; the burst annotation lays out room to grow to 512M.
+    let opts = ["-d", "--cpus", "2", "--cpu-shares", "1024", "--memory-limit", "134217728"];
+    let mut all: Vec<&str> = opts.to_vec();
+    all.extend(["--annotation", &publish, "--annotation", "elastic.burst.memory=512M", "--rootfs"]);
+    c.run(&all, &[rootfs.to_str().expect("path")], "kv", &[]).expect_code(0, "ctr run -d kv");
+    let pid = c.wait_status("kv", "RUNNING");
+    let port = port.to_string();
+    let cli = |args: &[&str]| {
+        let mut all = vec!["-h", "127.0.0.1", "-p", port.as_str()];
+        all.extend_from_slice(args);
+        run_with_timeout(Command::new("redis-cli").args(&all), Duration::from_secs(10))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cli(&["PING"]).stdout.trim() != "PONG" {
+        assert!(Instant::now() < deadline, "kv never answered PING on 127.0.0.1:{port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // One connection kept open: the resize is timed without a client process per look.
+    let mut info = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect to kv");
+    info.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut guest_policy = || {
+        use std::io::Write;
+        info.write_all(b"INFO elastic\r\n").expect("send INFO");
+        // A bulk string: `$LEN\r\n` then LEN bytes and `\r\n`.
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while !reply.ends_with(b"\r\n") {
+            info.read_exact(&mut byte).expect("INFO reply");
+            reply.push(byte[0]);
+        }
+        let len: usize = std::str::from_utf8(&reply[1..reply.len() - 2]).expect("utf-8").parse().expect("bulk length");
+        let mut body = vec![0u8; len + 2];
+        info.read_exact(&mut body).expect("INFO body");
+        String::from_utf8_lossy(&body).lines().find_map(|l| l.strip_prefix("vcpus_policy:")).map(str::to_string)
+    };
+    assert_eq!(guest_policy().as_deref(), Some("1:2:2"), "the guest's policy before the update");
+
+    // The VMM runs in the cgroup the spec names, in every hierarchy.
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle(&c, "kv").join("config.json")).expect("config.json"))
+            .expect("spec");
+    let cgroups_path = spec["linux"]["cgroupsPath"].as_str().expect("ctr gives a cgroupsPath").to_string();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("/proc/PID/cgroup");
+    for line in cgroups.lines() {
+        assert!(line.ends_with(&format!(":{cgroups_path}")), "the VMM is not in {cgroups_path}:\n{cgroups}");
+    }
+
+    // Metrics, before and after load: CPU time grows, and so does memory once 60 MB are stored.
+    let (cpu0, mem0) = metrics(&c, "kv");
+    assert!(mem0 >= 64 << 20, "memory in use {mem0} is below boot memory");
+
+    // Update (as Kubernetes' in-place resize sends it): 4 vCPUs, memory max 256M.
+    let sent = Instant::now();
+    update(&c, "kv", serde_json::json!({"cpu": {"quota": 400000, "period": 100000}, "memory": {"limit": 268435456}}))
+        .expect("the update is accepted");
+    while guest_policy().as_deref() != Some("1:4:4") {
+        assert!(sent.elapsed() < Duration::from_secs(10), "the guest never saw 1:4:4 (it says {:?})", guest_policy());
+    }
+    eprintln!("pod_resize_us (Update sent -> the guest reports its new max): {}", sent.elapsed().as_micros());
+    let ctl = run_with_timeout(
+        Command::new(vmm_binary()).args(["ctl", "--api-sock", "api.sock", "get", "vm0"]).current_dir(bundle(&c, "kv")),
+        Duration::from_secs(10),
+    );
+    ctl.expect_code(0, "ctl get");
+    let live: serde_json::Value = serde_json::from_str(&ctl.stdout).expect("ctl get JSON");
+    assert_eq!(live["vcpu_policy"]["max"], 4, "{}", ctl.stdout);
+    assert_eq!(live["memory_policy"]["max"], 256u64 << 20, "{}", ctl.stdout);
+    assert_eq!(live["memory_policy"]["burst"], 512u64 << 20, "the annotation's burst stays: {}", ctl.stdout);
+    // A limit below boot memory cannot be honoured on a running VM: refused, policy unchanged.
+    let e = update(&c, "kv", serde_json::json!({"memory": {"limit": 33554432}})).expect_err("below min");
+    assert!(e.contains("below the VM's boot memory"), "{e}");
+
+    let bench = run_with_timeout(
+        Command::new("redis-benchmark")
+            .args(["-p", &port, "-t", "set", "-n", "30", "-d", "2000000", "-r", "100000", "-c", "1", "-q"]),
+        Duration::from_secs(60),
+    );
+    bench.expect_code(0, "redis-benchmark");
+    let (cpu1, mem1) = metrics(&c, "kv");
+    assert!(cpu1 > cpu0, "CPU time did not grow under load: {cpu0} -> {cpu1} us");
+    assert!(mem1 > mem0, "memory in use did not grow with 60 MB stored: {mem0} -> {mem1}");
+
+    // Exec is refused with the reason; ps lists the VMM.
+    let exec = c.ctr(&["task", "exec", "--exec-id", "sh", "kv", "/bin/sh"]);
+    assert_ne!(exec.code, Some(0), "exec succeeded: {exec:?}");
+    assert!(exec.stderr.contains("exec is not supported"), "{}", exec.stderr);
+    let ps = c.ctr(&["task", "ps", "kv"]);
+    assert!(ps.stdout.lines().any(|l| l.split_whitespace().next() == Some(&pid.to_string())), "{}", ps.stdout);
+
+    c.ctr(&["task", "kill", "-s", "SIGKILL", "kv"]).expect_code(0, "kill");
+    c.wait_status("kv", "STOPPED");
+    c.remove("kv");
+    // The cgroup this shim made is gone with the task.
+    let leaf = cgroups_path.trim_start_matches('/');
+    for line in cgroups.lines() {
+        let controllers = line.split(':').nth(1).unwrap_or("");
+        let hierarchy = match controllers {
+            "" => "unified".to_string(),
+            c => c.trim_start_matches("name=").to_string(),
+        };
+        let dir = Path::new("/sys/fs/cgroup").join(&hierarchy).join(leaf);
+        if Path::new("/sys/fs/cgroup").join(&hierarchy).is_dir() {
+            assert!(!dir.exists(), "{} is left after delete", dir.display());
+        }
+    }
 }
