@@ -140,6 +140,16 @@ pub fn remove_dirs(created: &[PathBuf]) {
     }
 }
 
+/// Removes the cgroup `cgroups_path` names from every hierarchy (not its parents): for a shim
+/// that died before it could remove what it made. One that still holds a process stays.
+pub fn remove_path(cgroups_path: &str) {
+    let Ok(relative) = relative_path(cgroups_path) else { return };
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    for (mount, _) in hierarchies(&mountinfo) {
+        let _ = std::fs::remove_dir(mount.join(&relative));
+    }
+}
+
 /// A new v1 cpuset cgroup starts with no CPUs and no memory nodes, and a process cannot join
 /// it until it has some: it gets its parent's.
 fn inherit_cpuset(dir: &Path) -> Result<(), CgroupError> {

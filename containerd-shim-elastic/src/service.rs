@@ -184,6 +184,15 @@ impl containerd_shim::Shim for ElasticShim {
         if let Some(pid) = pid.filter(|p| vmm_belongs_to(*p, &self.bundle)) {
             info!("ending VMM {pid} left by a dead shim for {}", self.id);
             let _ = vmm::signal(pid, Signal::SIGKILL);
+            // Its cgroup can go once it is gone (it is not our child: watch /proc).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while Path::new(&format!("/proc/{pid}")).exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        let config = self.bundle.join("config.json");
+        if let Some(path) = Spec::load(&config).ok().and_then(|s| spec::cgroups_path(&s)) {
+            cgroup::remove_path(&path);
         }
         let rootfs = self.bundle.join(rootfs::ROOTFS_DIR);
         if let Err(e) = rootfs::unmount(&rootfs) {

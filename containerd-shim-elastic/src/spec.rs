@@ -191,13 +191,14 @@ pub fn plan(spec: &Spec, rootfs: &Path) -> Result<Workload, SpecError> {
         log: config.log,
         netns: network_namespace(spec),
         bursts: (ann.burst_vcpus, ann.burst_memory),
-        cgroups_path: spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.cgroups_path().as_ref())
-            .map(|p| p.display().to_string())
-            .filter(|p| !p.is_empty()),
+        cgroups_path: cgroups_path(spec),
     })))
+}
+
+/// `linux.cgroupsPath`, when present and not empty.
+pub fn cgroups_path(spec: &Spec) -> Option<String> {
+    let path = spec.linux().as_ref()?.cgroups_path().as_ref()?.display().to_string();
+    (!path.is_empty()).then_some(path)
 }
 
 /// Refuses what the VM cannot honour without changing what the workload sees.

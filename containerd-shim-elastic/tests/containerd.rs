@@ -129,6 +129,9 @@ fn reader(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Strin
 struct Containerd {
     dir: PathBuf,
     daemon: Child,
+    /// The containerd namespace its `ctr` commands use: one per test, so the cgroups the
+    /// shim makes (`/NAMESPACE/ID`) are this test's alone and go with its tasks.
+    namespace: String,
 }
 
 impl Containerd {
@@ -166,7 +169,7 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start containerd: {e}"));
-        let mut c = Containerd { dir, daemon };
+        let mut c = Containerd { dir, daemon, namespace: format!("elastic-test-{name}") };
         c.wait_ready();
         c
     }
@@ -194,7 +197,10 @@ impl Containerd {
     }
 
     fn ctr(&self, args: &[&str]) -> Ran {
-        run_with_timeout(Command::new("ctr").arg("--address").arg(self.sock()).args(args), CTR_TIMEOUT)
+        run_with_timeout(
+            Command::new("ctr").arg("--address").arg(self.sock()).args(["--namespace", &self.namespace]).args(args),
+            CTR_TIMEOUT,
+        )
     }
 
     /// `ctr run` with this runtime and FIFOs inside the temporary directory.
@@ -272,6 +278,15 @@ impl Drop for Containerd {
         // A shim or VMM that outlived all that (a failed test) names this directory on its
         // command line: end it.
         kill_processes_naming(&self.dir);
+        // The namespace's cgroup the shims made their tasks' in (`/NAMESPACE/ID`): a shim that
+        // died removes its task's cgroup but not this parent, which it cannot know it made.
+        if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") {
+            for line in mountinfo.lines().filter(|l| l.contains(" - cgroup")) {
+                if let Some(mount) = line.split(' ').nth(4) {
+                    let _ = std::fs::remove_dir(Path::new(mount).join(&self.namespace));
+                }
+            }
+        }
         // Snapshot mounts live below root/; never delete through a live mount.
         let _ = Command::new("umount").arg("-R").arg(self.dir.join("root")).stderr(Stdio::null()).status();
         if !mounted_below(&self.dir) {
@@ -432,6 +447,7 @@ fn a_vm_left_by_a_dead_shim_is_ended() {
     let rootfs = c.rootfs("rootfs", "service = \"idle\"\nargs = [\"600000\"]\n");
     c.run(&["-d", "--rootfs"], &[rootfs.to_str().expect("path")], "orphan", &[]).expect_code(0, "ctr run -d");
     let vmm = c.wait_status("orphan", "RUNNING");
+    let cgroups = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).expect("/proc/PID/cgroup");
     let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).expect("status");
     let shim: i32 = status
         .lines()
@@ -463,6 +479,32 @@ fn a_vm_left_by_a_dead_shim_is_ended() {
     }
     c.ctr(&["container", "delete", "orphan"]).expect_code(0, "container delete");
     assert!(!socket.exists(), "the dead shim's socket {} was left behind", socket.display());
+    assert_no_cgroup_left(&cgroups);
+}
+
+/// Fails if the leaf cgroup of any line of a `/proc/PID/cgroup` text still exists.
+fn assert_no_cgroup_left(proc_cgroup: &str) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    for line in proc_cgroup.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, controllers, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+        // The hierarchy's mount point: cgroup2 for "", else the v1 mount with those options.
+        let mount = mountinfo.lines().find_map(|m| {
+            let (before, after) = m.split_once(" - ")?;
+            let mut a = after.split(' ');
+            let (fstype, options) = (a.next()?, a.nth(1)?);
+            let hit = if controllers.is_empty() {
+                fstype == "cgroup2"
+            } else {
+                fstype == "cgroup" && controllers.split(',').all(|c| options.split(',').any(|o| o == c))
+            };
+            hit.then(|| before.split(' ').nth(4).map(PathBuf::from)).flatten()
+        });
+        if let Some(mount) = mount {
+            let dir = mount.join(path.trim_start_matches('/'));
+            assert!(!dir.exists(), "the cgroup {} is left behind", dir.display());
+        }
+    }
 }
 
 #[test]
@@ -688,9 +730,9 @@ fn kv_answers_redis_cli_on_its_published_port() {
     c.remove("kv");
 }
 
-/// The task's bundle directory in this containerd's state (namespace `default`).
+/// The task's bundle directory in this containerd's state.
 fn bundle(c: &Containerd, id: &str) -> PathBuf {
-    c.dir.join("state/io.containerd.runtime.v2.task/default").join(id)
+    c.dir.join("state/io.containerd.runtime.v2.task").join(&c.namespace).join(id)
 }
 
 /// A client on the shim's own task service (the ttrpc socket containerd talks to), for the
@@ -832,16 +874,5 @@ fn kv_is_resized_in_place_reports_metrics_and_runs_in_its_cgroup() {
     c.wait_status("kv", "STOPPED");
     c.remove("kv");
     // The cgroup this shim made is gone with the task.
-    let leaf = cgroups_path.trim_start_matches('/');
-    for line in cgroups.lines() {
-        let controllers = line.split(':').nth(1).unwrap_or("");
-        let hierarchy = match controllers {
-            "" => "unified".to_string(),
-            c => c.trim_start_matches("name=").to_string(),
-        };
-        let dir = Path::new("/sys/fs/cgroup").join(&hierarchy).join(leaf);
-        if Path::new("/sys/fs/cgroup").join(&hierarchy).is_dir() {
-            assert!(!dir.exists(), "{} is left after delete", dir.display());
-        }
-    }
+    assert_no_cgroup_left(&cgroups);
 }
