@@ -3,6 +3,7 @@
 //! per task, with the service, policies and published ports taken from the OCI bundle.
 //!
 //! * [`cgroup`]: the VMM in the cgroup the spec names.
+//! * [`checkpoint`]: checkpoints through containerd.
 //! * [`config`]: the rootfs's `elastic.toml`.
 //! * [`metrics`]: the task's metrics as containerd's cgroup shapes.
 //! * [`policy`]: the containerd-specific steps around [`elastic_config`]'s policies and
@@ -15,6 +16,7 @@
 //! * [`service`]: the shim and its task service.
 
 pub mod cgroup;
+pub mod checkpoint;
 pub mod config;
 pub mod events;
 pub mod metrics;

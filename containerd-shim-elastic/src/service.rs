@@ -20,6 +20,7 @@ use oci_spec::runtime::{LinuxResources, Spec};
 use thiserror::Error;
 
 use crate::cgroup::{self, CgroupError, Join};
+use crate::checkpoint::{self, CheckpointError};
 use crate::events::Events;
 use crate::metrics::{Figures, MetricsError};
 use crate::rootfs::{self, RootfsError};
@@ -85,6 +86,9 @@ pub enum TaskError {
     /// The VMM cannot join the spec's cgroup.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    /// A checkpoint cannot be taken into the bundle.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// The task's metrics cannot be made.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -129,6 +133,7 @@ impl From<TaskError> for ttrpc::Error {
             | TaskError::Vmm(_)
             | TaskError::Kill { .. }
             | TaskError::Cgroup(_)
+            | TaskError::Checkpoint(_)
             | TaskError::Metrics(_) => Code::UNKNOWN,
         };
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
@@ -347,14 +352,23 @@ impl Inner {
         if req.terminal {
             return Err(SpecError::Terminal.into());
         }
-        if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
-            return Err(TaskError::Unsupported("restoring from a checkpoint"));
+        if !req.parent_checkpoint.is_empty() {
+            return Err(TaskError::Unsupported("an incremental checkpoint (a parent checkpoint)"));
         }
         let bundle = PathBuf::from(&req.bundle);
         let config = bundle.join("config.json");
         let spec = Spec::load(&config).map_err(|e| TaskError::Spec { path: config, message: e.to_string() })?;
         let mounted_rootfs = if req.rootfs.is_empty() { None } else { Some(rootfs::mount(&bundle, &req.rootfs)?) };
-        let prepared = prepare(&spec, &bundle, req);
+        let prepared = prepare(&spec, &bundle, req).and_then(|(stdio, vm)| match vm {
+            // A task restored from a checkpoint: the VM comes back from its snapshot.
+            Some(mut vm) if !req.checkpoint.is_empty() => {
+                let dir = checkpoint::take(Path::new(&req.checkpoint), &bundle)?;
+                vm.args = vm.vmm.restore_args(&vm.plan, &dir, vm.api_sock.as_deref());
+                Ok((stdio, Some(vm)))
+            }
+            None if !req.checkpoint.is_empty() => Err(TaskError::Unsupported("restoring a pod sandbox")),
+            other => Ok((stdio, other)),
+        });
         let (stdio, vm) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -553,6 +567,26 @@ impl Inner {
         info!("task {}: policy now --vcpus {vcpus} --memory {}", task.id, extra[3]);
         (vm.plan.vcpus, vm.plan.memory, vm.plan.bursts) = (vcpus, memory, bursts);
         Ok(took)
+    }
+
+    /// Checkpoint: the VM's snapshot in `req.path` (`ctl snapshot`; it runs on, or ends when
+    /// the options ask for `exit`). containerd pauses the task around it.
+    fn checkpoint(&self, req: &api::CheckpointTaskRequest) -> Result<(), TaskError> {
+        let mut guard = self.lock();
+        let task = Self::task(&mut guard, &req.id, "")?;
+        if !matches!(task.phase, Phase::Running | Phase::Paused) {
+            return Err(task.state_error("checkpoint"));
+        }
+        let Some(vm) = &task.vm else {
+            return Err(TaskError::Unsupported("checkpointing a pod sandbox"));
+        };
+        let sock = vm.api_sock("checkpoint")?;
+        vm.vmm.ctl(sock, "snapshot", &["--to".to_string(), req.path.clone()], &task.bundle)?;
+        info!("task {}: checkpoint in {}", task.id, req.path);
+        if checkpoint::exit_after(req.options.as_ref()) {
+            vm.vmm.ctl(sock, "stop", &[], &task.bundle)?;
+        }
+        Ok(())
     }
 
     /// Stats: the VM's figures as containerd's cgroup metrics (see [`crate::metrics`]).
@@ -754,6 +788,12 @@ impl containerd_shim::Task for TaskService {
 
     fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
         Ok(self.inner.stats(&req.id).inspect_err(|e| warn!("stats {}: {e}", req.id))?)
+    }
+
+    fn checkpoint(&self, _ctx: &TtrpcContext, req: api::CheckpointTaskRequest) -> TtrpcResult<api::Empty> {
+        info!("checkpoint {} to {}", req.id, req.path);
+        self.inner.checkpoint(&req).inspect_err(|e| warn!("checkpoint {}: {e}", req.id))?;
+        Ok(api::Empty::default())
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {

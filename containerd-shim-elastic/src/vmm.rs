@@ -182,6 +182,23 @@ impl Vmm {
         Ok(args)
     }
 
+    /// The `restore` command line for a task created from the checkpoint in `dir` (everything
+    /// after the binary): the snapshot carries the service, its arguments and policies; the
+    /// rootfs's kernel (checked against the one the snapshot was taken with), the published
+    /// ports and the control socket come from this task.
+    pub fn restore_args(&self, plan: &VmPlan, dir: &Path, api_sock: Option<&Path>) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["restore".into(), dir.into(), "--kernel".into(), plan.kernel.clone().into()];
+        for p in &plan.publish {
+            args.push("--publish".into());
+            args.push(p.canonical().into());
+        }
+        if let Some(sock) = api_sock {
+            args.push("--api-sock".into());
+            args.push(sock.into());
+        }
+        args
+    }
+
     /// Starts `hypervisor-shim` with `args` in `cwd`, its stdout and stderr on the given files,
     /// inside the network namespace `netns` and the cgroup `cgroup` if given (it enters both
     /// before it execs). Returns the pid and the subscription its exit will arrive on (see

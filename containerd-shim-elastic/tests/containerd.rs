@@ -876,3 +876,90 @@ fn kv_is_resized_in_place_reports_metrics_and_runs_in_its_cgroup() {
     // The cgroup this shim made is gone with the task.
     assert_no_cgroup_left(&cgroups);
 }
+
+/// `ctr container checkpoint --task` saves a running kv VM into a checkpoint image (containerd
+/// pauses the task, the shim snapshots the VM), and `ctr container restore --live` brings it
+/// back in a new container and VMM: the keys written before the checkpoint are there.
+#[test]
+fn a_kv_checkpoint_restores_with_its_keys() {
+    let c = Containerd::start("ckpt");
+    let layer_dir = c.rootfs("layer", "service = \"kv\"\n");
+    let tar = oci_image_tar(&c.dir, &layer_dir, "localhost/elastic-kv:test");
+    c.ctr(&["image", "import", tar.to_str().expect("path")]).expect_code(0, "ctr image import");
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
+    let publish = format!("elastic.publish=127.0.0.1:{port}:{KV_GUEST_PORT}");
+    c.run(&["-d", "--annotation", &publish], &["localhost/elastic-kv:test"], "kv", &[]).expect_code(0, "ctr run -d");
+    c.wait_status("kv", "RUNNING");
+    let port = port.to_string();
+    let cli = |args: &[&str]| {
+        let mut all = vec!["-h", "127.0.0.1", "-p", port.as_str()];
+        all.extend_from_slice(args);
+        run_with_timeout(Command::new("redis-cli").args(&all), Duration::from_secs(10))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cli(&["PING"]).stdout.trim() != "PONG" {
+        assert!(Instant::now() < deadline, "kv never answered PING");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A key, and 2 MB of data that must come back byte for byte.
+    assert_eq!(cli(&["SET", "before", "checkpoint"]).stdout.trim(), "OK");
+    let big: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    assert_eq!(resp(&port, &[b"SET", b"big", &big]), b"+OK\r\n");
+
+    c.ctr(&["container", "checkpoint", "--task", "kv", "localhost/kv-checkpoint:1"]).expect_code(0, "ctr c checkpoint");
+    // The task runs on after the checkpoint.
+    c.wait_status("kv", "RUNNING");
+    assert_eq!(cli(&["GET", "before"]).stdout.trim(), "checkpoint");
+    c.ctr(&["task", "kill", "-s", "SIGKILL", "kv"]).expect_code(0, "kill");
+    c.wait_status("kv", "STOPPED");
+    c.remove("kv");
+
+    c.ctr(&["container", "restore", "--live", "kv2", "localhost/kv-checkpoint:1"]).expect_code(0, "ctr c restore");
+    c.wait_status("kv2", "RUNNING");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cli(&["PING"]).stdout.trim() != "PONG" {
+        assert!(Instant::now() < deadline, "the restored kv never answered PING");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cli(&["GET", "before"]).stdout.trim(), "checkpoint", "the key set before the checkpoint");
+    let mut expected = format!("${}\r\n", big.len()).into_bytes();
+    expected.extend_from_slice(&big);
+    expected.extend_from_slice(b"\r\n");
+    assert!(resp(&port, &[b"GET", b"big"]) == expected, "the 2 MB value came back different");
+    c.ctr(&["task", "kill", "-s", "SIGKILL", "kv2"]).expect_code(0, "kill");
+    c.wait_status("kv2", "STOPPED");
+    c.remove("kv2");
+}
+
+/// Sends one RESP command on a new connection to 127.0.0.1:`port` and returns the reply (a
+/// simple string, or a bulk string with its header).
+fn resp(port: &str, args: &[&[u8]]) -> Vec<u8> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect to kv");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut req = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a);
+        req.extend_from_slice(b"\r\n");
+    }
+    s.write_all(&req).expect("send");
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while !reply.ends_with(b"\r\n") {
+        s.read_exact(&mut byte).expect("reply");
+        reply.push(byte[0]);
+    }
+    if reply.first() == Some(&b'$') {
+        let len: i64 = std::str::from_utf8(&reply[1..reply.len() - 2]).expect("utf-8").parse().expect("length");
+        if len >= 0 {
+            let mut body = vec![0u8; len as usize + 2];
+            s.read_exact(&mut body).expect("bulk body");
+            reply.extend_from_slice(&body);
+        }
+    }
+    reply
+}
