@@ -744,6 +744,7 @@ impl containerd_shim::Task for TaskService {
 
     fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
         let pid = self.inner.start(&req).inspect_err(|e| warn!("start {}: {e}", req.id))?;
+        info!("start {}: VMM pid {pid}", req.id);
         Ok(api::StartResponse { pid, ..Default::default() })
     }
 

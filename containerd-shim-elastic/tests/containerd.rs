@@ -937,29 +937,119 @@ fn a_kv_checkpoint_restores_with_its_keys() {
 /// Sends one RESP command on a new connection to 127.0.0.1:`port` and returns the reply (a
 /// simple string, or a bulk string with its header).
 fn resp(port: &str, args: &[&[u8]]) -> Vec<u8> {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect to kv");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let mut req = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        req.extend_from_slice(a);
-        req.extend_from_slice(b"\r\n");
+    Kv::connect(port).expect("connect to kv").cmd(args)
+}
+
+/// One client connection to a kv service.
+struct Kv(std::net::TcpStream);
+
+impl Kv {
+    fn connect(port: &str) -> std::io::Result<Kv> {
+        let s = std::net::TcpStream::connect(format!("127.0.0.1:{port}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_nodelay(true)?;
+        Ok(Kv(s))
     }
-    s.write_all(&req).expect("send");
-    let mut reply = Vec::new();
-    let mut byte = [0u8; 1];
-    while !reply.ends_with(b"\r\n") {
-        s.read_exact(&mut byte).expect("reply");
-        reply.push(byte[0]);
-    }
-    if reply.first() == Some(&b'$') {
-        let len: i64 = std::str::from_utf8(&reply[1..reply.len() - 2]).expect("utf-8").parse().expect("length");
-        if len >= 0 {
-            let mut body = vec![0u8; len as usize + 2];
-            s.read_exact(&mut body).expect("bulk body");
-            reply.extend_from_slice(&body);
+
+    /// Sends one RESP command and returns the reply (a simple string or error, or a bulk
+    /// string with its header).
+    fn cmd(&mut self, args: &[&[u8]]) -> Vec<u8> {
+        use std::io::Write;
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
         }
+        self.0.write_all(&req).expect("send");
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while !reply.ends_with(b"\r\n") {
+            self.0.read_exact(&mut byte).expect("reply");
+            reply.push(byte[0]);
+        }
+        if reply.first() == Some(&b'$') {
+            let len: i64 = std::str::from_utf8(&reply[1..reply.len() - 2]).expect("utf-8").parse().expect("length");
+            if len >= 0 {
+                let mut body = vec![0u8; len as usize + 2];
+                self.0.read_exact(&mut body).expect("bulk body");
+                reply.extend_from_slice(&body);
+            }
+        }
+        reply
     }
-    reply
+
+    /// The guest's vCPU policy as kv's INFO reports it (`vcpus_policy:MIN:MAX:BURST`).
+    fn guest_policy(&mut self) -> Option<String> {
+        let info = self.cmd(&[b"INFO", b"elastic"]);
+        String::from_utf8_lossy(&info).lines().find_map(|l| l.strip_prefix("vcpus_policy:")).map(str::to_string)
+    }
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("free port");
+    l.local_addr().expect("addr").port()
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// The bench mode of these tests (run by hand, not by `cargo test`):
+/// `cargo test --release -p containerd-shim-elastic --test containerd -- --ignored --nocapture
+/// bench_pod_start_and_resize` writes `pod_start_us` (`ctr run -d` of a kv task → its first
+/// PONG on the published port, the `ctr` process included; median of 10) and `pod_resize_us`
+/// (containerd's Update sent to the shim → the guest's INFO shows the new max; median of 10)
+/// as JSON to `$ELASTIC_BENCH_OUT` (default `target/bench-containerd.json`).
+#[test]
+#[ignore = "a benchmark: run with --ignored"]
+fn bench_pod_start_and_resize() {
+    let c = Containerd::start("bench");
+    let rootfs = c.rootfs("rootfs", "service = \"kv\"\n");
+    let rootfs = rootfs.to_str().expect("path");
+    let (mut start, mut resize) = (Vec::new(), Vec::new());
+    for i in 0..10 {
+        let port = free_port().to_string();
+        let publish = format!("elastic.publish=127.0.0.1:{port}:{KV_GUEST_PORT}");
+        let id = format!("kv{i}");
+        let t = Instant::now();
+        c.run(&["-d", "--cpus", "2", "--annotation", &publish, "--rootfs"], &[rootfs], &id, &[])
+            .expect_code(0, "ctr run -d");
+        let mut kv = loop {
+            // The port is bound by the VMM as it starts; PONG comes once the guest serves.
+            if let Ok(mut kv) = Kv::connect(&port)
+                && kv.cmd(&[b"PING"]) == b"+PONG\r\n"
+            {
+                break kv;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "kv {id} never answered");
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        start.push(t.elapsed().as_micros() as u64);
+        for (quota, want) in [(400000, "1:4:4"), (200000, "1:2:2")] {
+            let sent = Instant::now();
+            update(&c, &id, serde_json::json!({"cpu": {"quota": quota, "period": 100000}})).expect("update");
+            while kv.guest_policy().as_deref() != Some(want) {
+                assert!(sent.elapsed() < Duration::from_secs(10), "the guest never saw {want}");
+            }
+            resize.push(sent.elapsed().as_micros() as u64);
+        }
+        c.ctr(&["task", "kill", "-s", "SIGKILL", &id]).expect_code(0, "kill");
+        c.wait_status(&id, "STOPPED");
+        c.remove(&id);
+    }
+    let out = serde_json::json!({
+        "pod_start_us": median(&mut start.clone()),
+        "pod_start_samples_us": start,
+        "pod_resize_us": median(&mut resize.clone()),
+        "pod_resize_samples_us": resize,
+        "what": "pod_start_us: ctr run -d (kv, --cpus 2, a published port) -> first PONG, ctr included; \
+                 pod_resize_us: Update (4 then 2 vCPUs) sent to the shim -> kv INFO shows the new policy",
+    });
+    let path = std::env::var_os("ELASTIC_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-containerd.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&out).expect("json")).expect("write the bench JSON");
+    println!("{out}");
 }
