@@ -142,12 +142,18 @@ pub fn remove_dirs(created: &[PathBuf]) {
 
 /// Removes the cgroup `cgroups_path` names from every hierarchy (not its parents): for a shim
 /// that died before it could remove what it made. One that still holds a process stays.
-pub fn remove_path(cgroups_path: &str) {
-    let Ok(relative) = relative_path(cgroups_path) else { return };
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+/// Returns whether none is left (`false`: try again once its processes have exited).
+pub fn remove_path(cgroups_path: &str) -> bool {
+    let Ok(relative) = relative_path(cgroups_path) else { return true };
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return true };
+    let mut gone = true;
     for (mount, _) in hierarchies(&mountinfo) {
-        let _ = std::fs::remove_dir(mount.join(&relative));
+        let dir = mount.join(&relative);
+        if let Err(e) = std::fs::remove_dir(&dir) {
+            gone &= e.kind() == std::io::ErrorKind::NotFound;
+        }
     }
+    gone
 }
 
 /// A new v1 cpuset cgroup starts with no CPUs and no memory nodes, and a process cannot join
@@ -173,17 +179,23 @@ fn inherit_cpuset(dir: &Path) -> Result<(), CgroupError> {
 /// whether it is the v1 `cpuset` controller's.
 fn hierarchies(mountinfo: &str) -> Vec<(PathBuf, bool)> {
     let mut out = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
     for line in mountinfo.lines() {
         // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTIONS
         let Some((before, after)) = line.split_once(" - ") else { continue };
         let mut fields = after.split(' ');
         let fstype = fields.next().unwrap_or("");
         let super_options = fields.nth(1).unwrap_or("");
-        let Some(mount_point) = before.split(' ').nth(4) else { continue };
-        let cpuset = fstype == "cgroup" && super_options.split(',').any(|o| o == "cpuset");
-        if (fstype == "cgroup" || fstype == "cgroup2") && !out.iter().any(|(m, _)| *m == Path::new(mount_point)) {
-            out.push((PathBuf::from(unescape(mount_point)), cpuset));
+        let mut head = before.split(' ');
+        let (Some(device), Some(root), Some(mount_point)) = (head.nth(2), head.next(), head.next()) else { continue };
+        // A hierarchy once (the same one mounted twice has one device), and only where its
+        // root is mounted: a bind mount of a subtree would put paths somewhere else.
+        if !(fstype == "cgroup" || fstype == "cgroup2") || root != "/" || seen.contains(&device) {
+            continue;
         }
+        seen.push(device);
+        let cpuset = fstype == "cgroup" && super_options.split(',').any(|o| o == "cpuset");
+        out.push((PathBuf::from(unescape(mount_point)), cpuset));
     }
     out
 }
@@ -278,7 +290,9 @@ mod tests {
 34 31 0:31 / /sys/fs/cgroup/cpuset rw,relatime shared:9 - cgroup cgroup rw,cpuset
 40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-42 31 0:38 / /mnt/with\\040space rw - cgroup2 cgroup2 rw
+42 31 0:39 / /mnt/with\\040space rw - cgroup2 cgroup2 rw
+43 31 0:38 / /mnt/again rw - cgroup2 cgroup2 rw
+44 31 0:40 /sub /mnt/subtree rw - cgroup2 cgroup2 rw
 ";
         let h = hierarchies(text);
         let names: Vec<(String, bool)> = h.iter().map(|(p, c)| (p.display().to_string(), *c)).collect();

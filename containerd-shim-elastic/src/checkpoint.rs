@@ -4,11 +4,12 @@
 //! directory in its CreateTaskRequest.
 //!
 //! The directory holds the VM's snapshot exactly as `hypervisor-shim ctl snapshot --to DIR`
-//! writes it (state, memory with its holes, the kernel's identity), so the restored task runs
+//! writes it (state and memory, the guest's code included), so the restored task runs
 //! `hypervisor-shim restore`: the same service with its memory (a kv store's keys), vCPUs
-//! where they were, its published ports bound again by the new VMM. containerd removes the
-//! unpacked directory once Create returns, so Create moves (or, across file systems, copies)
-//! it into the bundle first.
+//! where they were, its published ports bound again by the new VMM. The restored VM reads its
+//! memory from the snapshot as it touches it, so the snapshot must live as long as the task:
+//! Create moves containerd's unpacked directory into the bundle (across file systems: copies
+//! it, then removes containerd's), and it goes with the bundle when the task is deleted.
 
 use std::path::{Path, PathBuf};
 
@@ -19,23 +20,26 @@ use thiserror::Error;
 /// The checkpoint's directory inside the bundle of a restored task.
 pub const BUNDLE_DIR: &str = "checkpoint";
 
-/// A checkpoint that cannot be taken into the bundle.
+/// Checkpoint failures.
 #[derive(Debug, Error)]
-#[error("cannot take the checkpoint {from} into {to}: {source}")]
-pub struct CheckpointError {
-    /// containerd's directory.
-    pub from: PathBuf,
-    /// The bundle's.
-    pub to: PathBuf,
-    /// Why.
-    pub source: std::io::Error,
+pub enum CheckpointError {
+    /// The checkpoint cannot be taken into the bundle.
+    #[error("cannot take the checkpoint {from} into {to}: {source}")]
+    Take {
+        /// containerd's directory.
+        from: PathBuf,
+        /// The bundle's.
+        to: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
-/// Moves the files of containerd's checkpoint directory `from` into `bundle/checkpoint` (a
-/// copy when they are on another file system) and returns that directory.
+/// Moves containerd's checkpoint directory `from` to `bundle/checkpoint` (across file systems:
+/// copies its files, then removes it) and returns the new directory.
 pub fn take(from: &Path, bundle: &Path) -> Result<PathBuf, CheckpointError> {
     let to = bundle.join(BUNDLE_DIR);
-    let err = |source| CheckpointError { from: from.to_path_buf(), to: to.clone(), source };
+    let err = |source| CheckpointError::Take { from: from.to_path_buf(), to: to.clone(), source };
     if to.exists() {
         std::fs::remove_dir_all(&to).map_err(err)?;
     }
@@ -49,6 +53,8 @@ pub fn take(from: &Path, bundle: &Path) -> Result<PathBuf, CheckpointError> {
             std::fs::copy(entry.path(), to.join(entry.file_name())).map_err(err)?;
         }
     }
+    // As a rename would have: containerd leaves its unpacked copy behind otherwise.
+    let _ = std::fs::remove_dir_all(from);
     Ok(to)
 }
 

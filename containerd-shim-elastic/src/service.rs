@@ -189,15 +189,15 @@ impl containerd_shim::Shim for ElasticShim {
         if let Some(pid) = pid.filter(|p| vmm_belongs_to(*p, &self.bundle)) {
             info!("ending VMM {pid} left by a dead shim for {}", self.id);
             let _ = vmm::signal(pid, Signal::SIGKILL);
-            // Its cgroup can go once it is gone (it is not our child: watch /proc).
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-            while Path::new(&format!("/proc/{pid}")).exists() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
         }
+        // Its cgroup can go once the killed VMM has left it (it is not our child, and leaves
+        // the cgroup only when it has exited): retried for a while.
         let config = self.bundle.join("config.json");
         if let Some(path) = Spec::load(&config).ok().and_then(|s| spec::cgroups_path(&s)) {
-            cgroup::remove_path(&path);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !cgroup::remove_path(&path) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
         let rootfs = self.bundle.join(rootfs::ROOTFS_DIR);
         if let Err(e) = rootfs::unmount(&rootfs) {
@@ -287,6 +287,9 @@ struct VmRun {
     api_sock: Option<PathBuf>,
     /// The cgroup directories this shim created for the VMM (removed at delete).
     cgroup_created: Vec<PathBuf>,
+    /// Restored from a checkpoint, and no Update since: its policies are the snapshot's, not
+    /// the plan's, until the first Update reads them from the VMM.
+    restored: bool,
 }
 
 impl VmRun {
@@ -364,6 +367,7 @@ impl Inner {
             Some(mut vm) if !req.checkpoint.is_empty() => {
                 let dir = checkpoint::take(Path::new(&req.checkpoint), &bundle)?;
                 vm.args = vm.vmm.restore_args(&vm.plan, &dir, vm.api_sock.as_deref());
+                vm.restored = true;
                 Ok((stdio, Some(vm)))
             }
             None if !req.checkpoint.is_empty() => Err(TaskError::Unsupported("restoring a pod sandbox")),
@@ -553,8 +557,16 @@ impl Inner {
             }
             None => LinuxResources::default(),
         };
+        if vm.restored {
+            (vm.plan.vcpus, vm.plan.memory) = vm.vmm.policies(vm.api_sock("update")?, &task.bundle)?;
+            vm.restored = false;
+        }
         let bursts = spec::update_bursts(&req.annotations, vm.plan.bursts)?;
         let (vcpus, memory) = spec::resized((vm.plan.vcpus, vm.plan.memory), &resources, bursts)?;
+        if (vcpus, memory) == (vm.plan.vcpus, vm.plan.memory) {
+            vm.plan.bursts = bursts;
+            return Ok(std::time::Duration::ZERO);
+        }
         let extra = vec![
             "--vcpus".to_string(),
             vcpus.to_string(),
@@ -569,22 +581,30 @@ impl Inner {
         Ok(took)
     }
 
-    /// Checkpoint: the VM's snapshot in `req.path` (`ctl snapshot`; it runs on, or ends when
-    /// the options ask for `exit`). containerd pauses the task around it.
+    /// Checkpoint: the VM's snapshot in `req.path` (`ctl snapshot`; it runs on, or is killed
+    /// when the options ask for `exit`). containerd pauses the task around it.
     fn checkpoint(&self, req: &api::CheckpointTaskRequest) -> Result<(), TaskError> {
-        let mut guard = self.lock();
-        let task = Self::task(&mut guard, &req.id, "")?;
-        if !matches!(task.phase, Phase::Running | Phase::Paused) {
-            return Err(task.state_error("checkpoint"));
-        }
-        let Some(vm) = &task.vm else {
-            return Err(TaskError::Unsupported("checkpointing a pod sandbox"));
+        let (vmm, sock, bundle, pid) = {
+            let mut guard = self.lock();
+            let task = Self::task(&mut guard, &req.id, "")?;
+            if !matches!(task.phase, Phase::Running | Phase::Paused) {
+                return Err(task.state_error("checkpoint"));
+            }
+            let Some(vm) = &task.vm else {
+                return Err(TaskError::Unsupported("checkpointing a pod sandbox"));
+            };
+            (vm.vmm.clone(), vm.api_sock("checkpoint")?.to_path_buf(), task.bundle.clone(), task.pid)
         };
-        let sock = vm.api_sock("checkpoint")?;
-        vm.vmm.ctl(sock, "snapshot", &["--to".to_string(), req.path.clone()], &task.bundle)?;
-        info!("task {}: checkpoint in {}", task.id, req.path);
+        // Not under the lock: writing a large VM's memory takes a while, and a kill, a state
+        // query or the VMM's exit must not wait for it.
+        let to = vec!["--to".to_string(), req.path.clone()];
+        vmm.ctl_within(&sock, "snapshot", &to, &bundle, vmm::SNAPSHOT_TIMEOUT)?;
+        info!("task {}: checkpoint in {}", req.id, req.path);
         if checkpoint::exit_after(req.options.as_ref()) {
-            vm.vmm.ctl(sock, "stop", &[], &task.bundle)?;
+            // As runc's --exit: the task ends once its checkpoint is written (137).
+            if let Err(e) = vmm::signal(pid, Signal::SIGKILL) {
+                warn!("checkpoint {}: the checkpoint is written, but the VMM cannot be ended: {e}", req.id);
+            }
         }
         Ok(())
     }
@@ -709,7 +729,7 @@ fn prepare(spec: &Spec, bundle: &Path, req: &api::CreateTaskRequest) -> Result<(
     let vmm = Vmm::locate()?;
     let api_sock = vmm.features.api_sock.then(|| vmm::api_sock_arg(bundle));
     let args = vmm.run_args(&plan, api_sock.as_deref())?;
-    Ok((stdio, Some(VmRun { vmm, args, plan, api_sock, cgroup_created: Vec::new() })))
+    Ok((stdio, Some(VmRun { vmm, args, plan, api_sock, cgroup_created: Vec::new(), restored: false })))
 }
 
 fn display_args(args: &[std::ffi::OsString]) -> String {

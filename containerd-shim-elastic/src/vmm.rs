@@ -22,6 +22,8 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use thiserror::Error;
 
+use elastic_config::Policy;
+
 use crate::cgroup::Join;
 use crate::spec::VmPlan;
 
@@ -31,6 +33,8 @@ pub const BINARY: &str = "hypervisor-shim";
 pub const VM_NAME: &str = "vm0";
 /// How long a `ctl` command or the feature probe may take.
 const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `ctl snapshot` (a checkpoint) may take: it writes all the memory the VM holds.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
 const SUN_PATH_MAX: usize = 107;
 
@@ -55,10 +59,12 @@ pub enum VmmError {
     #[error("cannot watch child exits: {0}")]
     Monitor(String),
     /// A helper command did not finish in time (it was killed).
-    #[error("`{command}` did not finish within {HELPER_TIMEOUT:?} and was killed")]
+    #[error("`{command}` did not finish within {limit:?} and was killed")]
     Timeout {
         /// The command.
         command: String,
+        /// How long it was given.
+        limit: Duration,
     },
     /// A helper command failed.
     #[error("`{command}` failed (exit {code}): {message}")]
@@ -86,6 +92,14 @@ pub enum VmmError {
         /// The binary.
         path: PathBuf,
         /// The operation.
+        what: &'static str,
+    },
+    /// The VMM's answer lacks what was asked for.
+    #[error("`{command}` answered without {what}")]
+    Answer {
+        /// The command.
+        command: String,
+        /// What was missing.
         what: &'static str,
     },
     /// The network namespace to join cannot be opened.
@@ -136,7 +150,7 @@ impl Vmm {
             .map(|dir| dir.join(BINARY))
             .find(|p| is_executable(p))
             .ok_or(VmmError::NotFound { beside })?;
-        let help = run_helper(Command::new(&path).args(["run", "--help"]))?;
+        let help = run_helper(Command::new(&path).args(["run", "--help"]), HELPER_TIMEOUT)?;
         if help.code != 0 {
             return Err(VmmError::Failed {
                 command: format!("{} run --help", path.display()),
@@ -183,9 +197,9 @@ impl Vmm {
     }
 
     /// The `restore` command line for a task created from the checkpoint in `dir` (everything
-    /// after the binary): the snapshot carries the service, its arguments and policies; the
-    /// rootfs's kernel (checked against the one the snapshot was taken with), the published
-    /// ports and the control socket come from this task.
+    /// after the binary): the snapshot carries the service, its arguments, policies and all its
+    /// memory (the guest's code included); the rootfs's kernel (for fault diagnoses), the
+    /// published ports and the control socket come from this task.
     pub fn restore_args(&self, plan: &VmPlan, dir: &Path, api_sock: Option<&Path>) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec!["restore".into(), dir.into(), "--kernel".into(), plan.kernel.clone().into()];
         for p in &plan.publish {
@@ -240,9 +254,37 @@ impl Vmm {
     /// `hypervisor-shim ctl --api-sock SOCK VERB vm0 [EXTRA...]`, run in `cwd` (the socket path
     /// may be relative to it). Returns what it printed (the API's JSON answer).
     pub fn ctl(&self, api_sock: &Path, verb: &str, extra: &[String], cwd: &Path) -> Result<String, VmmError> {
+        self.ctl_within(api_sock, verb, extra, cwd, HELPER_TIMEOUT)
+    }
+
+    /// The VM's vCPU and memory policies in force now (`ctl get`): what a restored VM brought
+    /// from its snapshot, with any change made since.
+    pub fn policies(&self, api_sock: &Path, cwd: &Path) -> Result<(Policy, Policy), VmmError> {
+        let json = self.ctl(api_sock, "get", &[], cwd)?;
+        let missing = |what| VmmError::Answer { command: format!("{BINARY} ctl get {VM_NAME}"), what };
+        let v: serde_json::Value = serde_json::from_str(&json).map_err(|_| missing("JSON"))?;
+        let policy = |key: &str, what| {
+            let p = &v[key];
+            match (p["min"].as_u64(), p["max"].as_u64(), p["burst"].as_u64()) {
+                (Some(min), Some(max), Some(burst)) => Ok(Policy { min, max, burst }),
+                _ => Err(missing(what)),
+            }
+        };
+        Ok((policy("vcpu_policy", "vcpu_policy")?, policy("memory_policy", "memory_policy")?))
+    }
+
+    /// [`Vmm::ctl`], killed after `limit` instead of the usual 10 s.
+    pub fn ctl_within(
+        &self,
+        api_sock: &Path,
+        verb: &str,
+        extra: &[String],
+        cwd: &Path,
+        limit: Duration,
+    ) -> Result<String, VmmError> {
         let mut cmd = Command::new(&self.path);
         cmd.arg("ctl").arg("--api-sock").arg(api_sock).args([verb, VM_NAME]).args(extra).current_dir(cwd);
-        let out = run_helper(&mut cmd)?;
+        let out = run_helper(&mut cmd, limit)?;
         if out.code != 0 {
             return Err(VmmError::Failed {
                 command: format!(
@@ -292,8 +334,8 @@ struct HelperOutput {
     stderr: String,
 }
 
-/// Runs a short helper command to completion (killing it after [`HELPER_TIMEOUT`]).
-fn run_helper(cmd: &mut Command) -> Result<HelperOutput, VmmError> {
+/// Runs a helper command to completion (killing it after `limit`).
+fn run_helper(cmd: &mut Command, limit: Duration) -> Result<HelperOutput, VmmError> {
     let program = PathBuf::from(cmd.get_program());
     let command = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
@@ -305,7 +347,7 @@ fn run_helper(cmd: &mut Command) -> Result<HelperOutput, VmmError> {
     let mut child = cmd.spawn().map_err(|source| VmmError::Spawn { path: program, source })?;
     let pid = child.id();
     let readers = [child.stdout.take().map(reader), child.stderr.take().map(reader)];
-    let deadline = Instant::now() + HELPER_TIMEOUT;
+    let deadline = Instant::now() + limit;
     let mut timed_out = false;
     let code = loop {
         let wait = deadline.saturating_duration_since(Instant::now());
@@ -321,7 +363,7 @@ fn run_helper(cmd: &mut Command) -> Result<HelperOutput, VmmError> {
     };
     let [stdout, stderr] = readers.map(|r| r.and_then(|h| h.join().ok()).unwrap_or_default());
     if timed_out {
-        return Err(VmmError::Timeout { command });
+        return Err(VmmError::Timeout { command, limit });
     }
     Ok(HelperOutput { code, stdout, stderr })
 }
@@ -345,7 +387,7 @@ fn is_executable(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use elastic_config::{Policy, parse_publish};
+    use elastic_config::parse_publish;
 
     fn plan() -> VmPlan {
         VmPlan {

@@ -838,6 +838,8 @@ fn kv_is_resized_in_place_reports_metrics_and_runs_in_its_cgroup() {
         .expect("the update is accepted");
     while guest_policy().as_deref() != Some("1:4:4") {
         assert!(sent.elapsed() < Duration::from_secs(10), "the guest never saw 1:4:4 (it says {:?})", guest_policy());
+        // Looks every 0.2 ms: a resize is timed to that, and the two CPUs are left to the VM.
+        std::thread::sleep(Duration::from_micros(200));
     }
     eprintln!("pod_resize_us (Update sent -> the guest reports its new max): {}", sent.elapsed().as_micros());
     let ctl = run_with_timeout(
@@ -929,6 +931,14 @@ fn a_kv_checkpoint_restores_with_its_keys() {
     expected.extend_from_slice(&big);
     expected.extend_from_slice(b"\r\n");
     assert!(resp(&port, &[b"GET", b"big"]) == expected, "the 2 MB value came back different");
+    // The restored VM resizes from the policy it brought back (1:1:1 from elastic.toml's default).
+    update(&c, "kv2", serde_json::json!({"cpu": {"quota": 200000, "period": 100000}})).expect("update after restore");
+    let mut kv = Kv::connect(&port).expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kv.guest_policy().as_deref() != Some("1:2:2") {
+        assert!(Instant::now() < deadline, "the restored guest never saw 1:2:2: {:?}", kv.guest_policy());
+        std::thread::sleep(Duration::from_millis(1));
+    }
     c.ctr(&["task", "kill", "-s", "SIGKILL", "kv2"]).expect_code(0, "kill");
     c.wait_status("kv2", "STOPPED");
     c.remove("kv2");
@@ -1032,6 +1042,7 @@ fn bench_pod_start_and_resize() {
             update(&c, &id, serde_json::json!({"cpu": {"quota": quota, "period": 100000}})).expect("update");
             while kv.guest_policy().as_deref() != Some(want) {
                 assert!(sent.elapsed() < Duration::from_secs(10), "the guest never saw {want}");
+                std::thread::sleep(Duration::from_micros(200));
             }
             resize.push(sent.elapsed().as_micros() as u64);
         }

@@ -374,6 +374,9 @@ fn set_policy(vm: &VmShared, vcpus: Option<Policy>, memory: Option<Policy>) -> C
                 format!("{}: min cannot change on a running VM (it is {})", r.name(), cur.min),
             );
         }
+        if !(p.min <= p.max && p.max <= p.burst) {
+            return ControlReply::error(400, format!("{}: need min <= max <= burst", r.name()));
+        }
         // Granted memory lives in the hot-plug window laid out (and mapped by the guest's
         // page tables) at boot: a burst past its end could never be granted.
         let layout = vm.layout();
@@ -389,7 +392,6 @@ fn set_policy(vm: &VmShared, vcpus: Option<Policy>, memory: Option<Policy>) -> C
             );
         }
     }
-    let changed = !changes.is_empty();
     for (r, p) in changes {
         let held = match r {
             Resource::Vcpus => u64::from(vm.vcpus().online()),
@@ -408,9 +410,7 @@ fn set_policy(vm: &VmShared, vcpus: Option<Policy>, memory: Option<Policy>) -> C
             ]),
         );
     }
-    if changed {
-        // The page shows the new limits; the notice tells the guest to take them.
-        vm.post_notice(hypercall_abi::notice::POLICY, |_| {});
-    }
+    // The page shows the new limits; the notice tells the guest to take them.
+    vm.post_notice(hypercall_abi::notice::POLICY, |_| {});
     ControlReply::ok(live(vm))
 }
