@@ -165,7 +165,8 @@ pub(super) struct BenchArgs {
     /// Where to write the JSON results.
     #[arg(long, value_name = "FILE")]
     pub(super) out: PathBuf,
-    /// Repetitions per figure (medians are reported).
+    /// Repetitions per figure (medians are reported); the services section runs at most 3
+    /// rounds, fewer when this is smaller.
     #[arg(long, value_name = "N", default_value = "20", value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub(super) runs: u32,
     /// Kernel ELF to measure [default: the image built with this shim].

@@ -4,7 +4,8 @@
 //!
 //! # How they are measured
 //!
-//! The section runs [`ROUNDS`] rounds. Each round measures, in this order: every comparison
+//! The section runs [`ROUNDS`] rounds (fewer when `--runs` asks for fewer: a quick check).
+//! Each round measures, in this order: every comparison
 //! below on a quiet host, each as the VM then its native anchor; the same again while a busy
 //! process spins (see below); then the http service with 1 and with 2 vCPUs. VM and native
 //! runs thus alternate, so drift on the host (another build, thermal, the nested hypervisor)
@@ -433,18 +434,19 @@ pub(crate) fn add(
 
     let sizes = size_runs(opts, dir, note)?;
     let mut samples = Samples::new();
-    for round in 1..=ROUNDS {
+    let rounds = ROUNDS.min(opts.runs.max(1));
+    for round in 1..=rounds {
         for (i, pair) in PAIRS.iter().enumerate() {
-            note(&format!("round {round}/{ROUNDS}: {}, quiet", pair.what));
+            note(&format!("round {round}/{rounds}: {}, quiet", pair.what));
             measure_pair(opts, dir, i, &sizes, None, &mut samples)?;
         }
         let mut busy = BusyProcess::start()?;
         for (i, pair) in PAIRS.iter().enumerate() {
-            note(&format!("round {round}/{ROUNDS}: {}, one busy process", pair.what));
+            note(&format!("round {round}/{rounds}: {}, one busy process", pair.what));
             measure_pair(opts, dir, i, &sizes, Some(&mut busy), &mut samples)?;
         }
         drop(busy);
-        note(&format!("round {round}/{ROUNDS}: http /work with 1 and 2 vCPUs"));
+        note(&format!("round {round}/{rounds}: http /work with 1 and 2 vCPUs"));
         for (vcpus, v) in [("1:1:1", "1v"), ("2:2:2", "2v")] {
             let (rate, units) = work_rate(opts, dir, vcpus)?;
             push(&mut samples, &format!("http_work_{v}_req_per_s"), rate);
