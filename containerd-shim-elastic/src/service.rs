@@ -525,7 +525,8 @@ impl Inner {
             self.publish_pause(task, pause);
             return Ok(());
         };
-        vm.vmm.ctl(vm.api_sock(verb)?, verb, &[], &task.bundle)?;
+        let path = format!("/api/v1/vms/{}/{verb}", vmm::VM_NAME);
+        vmm::api(&task.bundle, vm.api_sock(verb)?, ("PUT", &path, ""), vmm::HELPER_TIMEOUT)?;
         task.phase = to;
         self.publish_pause(task, pause);
         Ok(())
@@ -558,7 +559,7 @@ impl Inner {
             None => LinuxResources::default(),
         };
         if vm.restored {
-            (vm.plan.vcpus, vm.plan.memory) = vm.vmm.policies(vm.api_sock("update")?, &task.bundle)?;
+            (vm.plan.vcpus, vm.plan.memory) = vmm::policies(&task.bundle, vm.api_sock("update")?)?;
             vm.restored = false;
         }
         let bursts = spec::update_bursts(&req.annotations, vm.plan.bursts)?;
@@ -567,16 +568,13 @@ impl Inner {
             vm.plan.bursts = bursts;
             return Ok(std::time::Duration::ZERO);
         }
-        let extra = vec![
-            "--vcpus".to_string(),
-            vcpus.to_string(),
-            "--memory".to_string(),
-            elastic_config::format_memory_policy(&memory),
-        ];
+        let memory_text = elastic_config::format_memory_policy(&memory);
+        let body = serde_json::json!({ "vcpus": vcpus.to_string(), "memory": memory_text }).to_string();
+        let path = format!("/api/v1/vms/{}/policy", vmm::VM_NAME);
         let t = std::time::Instant::now();
-        vm.vmm.ctl(vm.api_sock("update")?, "policy", &extra, &task.bundle)?;
+        vmm::api(&task.bundle, vm.api_sock("update")?, ("PUT", &path, &body), vmm::HELPER_TIMEOUT)?;
         let took = t.elapsed();
-        info!("task {}: policy now --vcpus {vcpus} --memory {}", task.id, extra[3]);
+        info!("task {}: policy now --vcpus {vcpus} --memory {memory_text}", task.id);
         (vm.plan.vcpus, vm.plan.memory, vm.plan.bursts) = (vcpus, memory, bursts);
         Ok(took)
     }
@@ -584,7 +582,7 @@ impl Inner {
     /// Checkpoint: the VM's snapshot in `req.path` (`ctl snapshot`; it runs on, or is killed
     /// when the options ask for `exit`). containerd pauses the task around it.
     fn checkpoint(&self, req: &api::CheckpointTaskRequest) -> Result<(), TaskError> {
-        let (vmm, sock, bundle, pid) = {
+        let (sock, bundle, pid) = {
             let mut guard = self.lock();
             let task = Self::task(&mut guard, &req.id, "")?;
             if !matches!(task.phase, Phase::Running | Phase::Paused) {
@@ -593,12 +591,13 @@ impl Inner {
             let Some(vm) = &task.vm else {
                 return Err(TaskError::Unsupported("checkpointing a pod sandbox"));
             };
-            (vm.vmm.clone(), vm.api_sock("checkpoint")?.to_path_buf(), task.bundle.clone(), task.pid)
+            (vm.api_sock("checkpoint")?.to_path_buf(), task.bundle.clone(), task.pid)
         };
         // Not under the lock: writing a large VM's memory takes a while, and a kill, a state
         // query or the VMM's exit must not wait for it.
-        let to = vec!["--to".to_string(), req.path.clone()];
-        vmm.ctl_within(&sock, "snapshot", &to, &bundle, vmm::SNAPSHOT_TIMEOUT)?;
+        let body = serde_json::json!({ "dir": req.path }).to_string();
+        let path = format!("/api/v1/vms/{}/snapshot", vmm::VM_NAME);
+        vmm::api(&bundle, &sock, ("PUT", &path, &body), vmm::SNAPSHOT_TIMEOUT)?;
         info!("task {}: checkpoint in {}", req.id, req.path);
         if checkpoint::exit_after(req.options.as_ref()) {
             // As runc's --exit: the task ends once its checkpoint is written (137).
@@ -611,7 +610,7 @@ impl Inner {
 
     /// Stats: the VM's figures as containerd's cgroup metrics (see [`crate::metrics`]).
     fn stats(&self, id: &str) -> Result<api::StatsResponse, TaskError> {
-        let (vmm, sock, bundle, pid) = {
+        let (sock, bundle, pid) = {
             let mut guard = self.lock();
             let task = Self::task(&mut guard, id, "")?;
             if !matches!(task.phase, Phase::Running | Phase::Paused) {
@@ -622,10 +621,11 @@ impl Inner {
                 let any = Figures { threads: 0, ..Figures::default() }.to_any(cgroup::unified_host())?;
                 return Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() });
             };
-            (vm.vmm.clone(), vm.api_sock("metrics")?.to_path_buf(), task.bundle.clone(), task.pid)
+            (vm.api_sock("metrics")?.to_path_buf(), task.bundle.clone(), task.pid)
         };
-        // Not under the lock: the helper takes milliseconds, and a kill must not wait for it.
-        let json = vmm.ctl(&sock, "get", &[], &bundle)?;
+        // Not under the lock: a kill must not wait for the VMM's answer.
+        let path = format!("/api/v1/vms/{}", vmm::VM_NAME);
+        let json = vmm::api(&bundle, &sock, ("GET", &path, ""), vmm::HELPER_TIMEOUT)?;
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let any = Figures::parse(&json, &stat, &status)?.to_any(cgroup::unified_host())?;

@@ -8,7 +8,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -31,9 +31,9 @@ use crate::spec::VmPlan;
 pub const BINARY: &str = "hypervisor-shim";
 /// The name `hypervisor-shim run` gives its VM on the control API.
 pub const VM_NAME: &str = "vm0";
-/// How long a `ctl` command or the feature probe may take.
-const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long `ctl snapshot` (a checkpoint) may take: it writes all the memory the VM holds.
+/// How long the feature probe or a control API request may take.
+pub const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot (a checkpoint) may take: it writes all the memory the VM holds.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
 const SUN_PATH_MAX: usize = 107;
@@ -93,6 +93,14 @@ pub enum VmmError {
         path: PathBuf,
         /// The operation.
         what: &'static str,
+    },
+    /// A control API request failed.
+    #[error("control API, {what}: {source}")]
+    Api {
+        /// The request.
+        what: String,
+        /// Why.
+        source: control_client::ClientError,
     },
     /// The VMM's answer lacks what was asked for.
     #[error("`{command}` answered without {what}")]
@@ -250,53 +258,45 @@ impl Vmm {
         let child = cmd.spawn().map_err(|source| VmmError::Spawn { path: self.path.clone(), source })?;
         Ok((child.id(), subscription))
     }
+}
 
-    /// `hypervisor-shim ctl --api-sock SOCK VERB vm0 [EXTRA...]`, run in `cwd` (the socket path
-    /// may be relative to it). Returns what it printed (the API's JSON answer).
-    pub fn ctl(&self, api_sock: &Path, verb: &str, extra: &[String], cwd: &Path) -> Result<String, VmmError> {
-        self.ctl_within(api_sock, verb, extra, cwd, HELPER_TIMEOUT)
+/// One request on the VM's control API (see [`control_client::request`]): `sock` as passed to
+/// `--api-sock`, relative to `bundle` when it is not absolute (a path too long for a socket
+/// address is reached through the bundle's directory descriptor). Waits at most `timeout`.
+pub fn api(
+    bundle: &Path,
+    sock: &Path,
+    (method, path, body): (&str, &str, &str),
+    timeout: Duration,
+) -> Result<String, VmmError> {
+    let what = format!("{method} {path}");
+    let failed = |source| VmmError::Api { what: what.clone(), source };
+    if sock.is_absolute() {
+        return control_client::request(sock, method, path, body, timeout).map_err(failed);
     }
+    let dir = File::open(bundle).map_err(|e| VmmError::Api {
+        what: what.clone(),
+        source: control_client::ClientError::Connect { path: bundle.display().to_string(), reason: e.to_string() },
+    })?;
+    let short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(sock);
+    control_client::request(&short, method, path, body, timeout).map_err(failed)
+}
 
-    /// The VM's vCPU and memory policies in force now (`ctl get`): what a restored VM brought
-    /// from its snapshot, with any change made since.
-    pub fn policies(&self, api_sock: &Path, cwd: &Path) -> Result<(Policy, Policy), VmmError> {
-        let json = self.ctl(api_sock, "get", &[], cwd)?;
-        let missing = |what| VmmError::Answer { command: format!("{BINARY} ctl get {VM_NAME}"), what };
-        let v: serde_json::Value = serde_json::from_str(&json).map_err(|_| missing("JSON"))?;
-        let policy = |key: &str, what| {
-            let p = &v[key];
-            match (p["min"].as_u64(), p["max"].as_u64(), p["burst"].as_u64()) {
-                (Some(min), Some(max), Some(burst)) => Ok(Policy { min, max, burst }),
-                _ => Err(missing(what)),
-            }
-        };
-        Ok((policy("vcpu_policy", "vcpu_policy")?, policy("memory_policy", "memory_policy")?))
-    }
-
-    /// [`Vmm::ctl`], killed after `limit` instead of the usual 10 s.
-    pub fn ctl_within(
-        &self,
-        api_sock: &Path,
-        verb: &str,
-        extra: &[String],
-        cwd: &Path,
-        limit: Duration,
-    ) -> Result<String, VmmError> {
-        let mut cmd = Command::new(&self.path);
-        cmd.arg("ctl").arg("--api-sock").arg(api_sock).args([verb, VM_NAME]).args(extra).current_dir(cwd);
-        let out = run_helper(&mut cmd, limit)?;
-        if out.code != 0 {
-            return Err(VmmError::Failed {
-                command: format!(
-                    "{BINARY} ctl {verb} {VM_NAME}{}",
-                    extra.iter().map(|a| format!(" {a}")).collect::<String>()
-                ),
-                code: out.code,
-                message: last_line(&out.stderr),
-            });
+/// The VM's vCPU and memory policies in force now (`GET /api/v1/vms/vm0`): what a restored VM
+/// brought from its snapshot, with any change made since.
+pub fn policies(bundle: &Path, sock: &Path) -> Result<(Policy, Policy), VmmError> {
+    let path = format!("/api/v1/vms/{VM_NAME}");
+    let json = api(bundle, sock, ("GET", &path, ""), HELPER_TIMEOUT)?;
+    let missing = |what| VmmError::Answer { command: format!("GET {path}"), what };
+    let v: serde_json::Value = serde_json::from_str(&json).map_err(|_| missing("JSON"))?;
+    let policy = |key: &str, what| {
+        let p = &v[key];
+        match (p["min"].as_u64(), p["max"].as_u64(), p["burst"].as_u64()) {
+            (Some(min), Some(max), Some(burst)) => Ok(Policy { min, max, burst }),
+            _ => Err(missing(what)),
         }
-        Ok(out.stdout)
-    }
+    };
+    Ok((policy("vcpu_policy", "vcpu_policy")?, policy("memory_policy", "memory_policy")?))
 }
 
 /// The `--api-sock` argument for a VM whose bundle (and working directory) is `bundle`: the

@@ -1,15 +1,14 @@
-//! `hypervisor-shim ctl --api-sock PATH VERB`: the control API's client. It writes one
-//! HTTP/1.1 request on the Unix socket, parses the answer with `httparse`, prints the body
-//! (JSON pretty-printed, metrics as they are) and exits 0 for a 2xx answer. An API refusal
+//! `hypervisor-shim ctl --api-sock PATH VERB`: the control API's command-line client. It sends
+//! one request with [`control_client::request`], prints the body (JSON pretty-printed, metrics
+//! as they are) and exits 0 for a 2xx answer. An API refusal
 //! prints its one-line `error` and exits 64 (4xx) or 70 (5xx); a socket nobody serves, 69.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use thiserror::Error;
+use control_client::ClientError;
 
 use elastic_vmm::exit;
 
@@ -89,79 +88,18 @@ pub enum Verb {
     },
 }
 
-/// `ctl` failures.
-#[derive(Debug, Error)]
-pub enum CtlError {
-    /// Nothing serves the socket.
-    #[error("cannot reach the control API at {path}: {reason}")]
-    Connect {
-        /// The socket.
-        path: String,
-        /// Why.
-        reason: String,
-    },
-    /// The exchange failed midway or the answer is not HTTP.
-    #[error("control API at {path}: {reason}")]
-    Protocol {
-        /// The socket.
-        path: String,
-        /// Why.
-        reason: String,
-    },
-    /// The API refused the request.
-    #[error("{message}")]
-    Refused {
-        /// HTTP status.
-        status: u16,
-        /// The API's message.
-        message: String,
-    },
-}
-
-impl CtlError {
-    /// The process exit code.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            CtlError::Connect { .. } => exit::UNAVAILABLE,
-            CtlError::Protocol { .. } => exit::INTERNAL,
-            CtlError::Refused { status, .. } if *status < 500 => exit::USAGE,
-            CtlError::Refused { .. } => exit::INTERNAL,
-        }
+/// The process exit code for a failed request.
+fn exit_code(e: &ClientError) -> u8 {
+    match e {
+        ClientError::Connect { .. } => exit::UNAVAILABLE,
+        ClientError::Protocol { .. } => exit::INTERNAL,
+        ClientError::Refused { status, .. } if *status < 500 => exit::USAGE,
+        ClientError::Refused { .. } => exit::INTERNAL,
     }
 }
 
-/// One request: method, path, body. Returns the answer's body.
-pub fn request(sock: &std::path::Path, method: &str, path: &str, body: &str) -> Result<String, CtlError> {
-    let shown = sock.display().to_string();
-    let mut s =
-        UnixStream::connect(sock).map_err(|e| CtlError::Connect { path: shown.clone(), reason: e.to_string() })?;
-    let proto = |reason: String| CtlError::Protocol { path: shown.clone(), reason };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).and_then(|_| s.write_all(body.as_bytes())).map_err(|e| proto(e.to_string()))?;
-    let mut raw = Vec::new();
-    s.take(64 << 20).read_to_end(&mut raw).map_err(|e| proto(e.to_string()))?;
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut resp = httparse::Response::new(&mut headers);
-    let at = match resp.parse(&raw) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Err(proto("the answer ended early".into())),
-        Err(e) => return Err(proto(format!("not an HTTP answer: {e}"))),
-    };
-    let status = resp.code.unwrap_or(0);
-    let text = String::from_utf8_lossy(&raw[at..]).into_owned();
-    if (200..300).contains(&status) {
-        return Ok(text);
-    }
-    let message = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("HTTP {status}: {}", text.trim()));
-    Err(CtlError::Refused { status, message })
-}
+/// How long `ctl` waits for an answer (a snapshot or a migration answers when it is done).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `ctl`; returns the exit code.
 pub fn command(args: &CtlArgs) -> u8 {
@@ -200,7 +138,7 @@ pub fn command(args: &CtlArgs) -> u8 {
             ("PUT", format!("/api/v1/vms/{vm}/migrate"), body)
         }
     };
-    match request(&args.api_sock, method, &path, &body) {
+    match control_client::request(&args.api_sock, method, &path, &body, ANSWER_TIMEOUT) {
         Ok(text) => {
             match serde_json::from_str::<serde_json::Value>(&text) {
                 Ok(v) if !matches!(args.verb, Verb::Metrics) => {
@@ -214,7 +152,7 @@ pub fn command(args: &CtlArgs) -> u8 {
         }
         Err(e) => {
             eline!("hypervisor-shim: ctl: {e}");
-            e.exit_code()
+            exit_code(&e)
         }
     }
 }
