@@ -189,14 +189,7 @@ impl Vmm {
                 what: "published ports (elastic.publish)",
             });
         }
-        for p in &plan.publish {
-            args.push("--publish".into());
-            args.push(p.canonical().into());
-        }
-        if let Some(sock) = api_sock {
-            args.push("--api-sock".into());
-            args.push(sock.into());
-        }
+        endpoint_args(plan, api_sock, &mut args);
         if !plan.args.is_empty() {
             args.push("--".into());
             args.extend(plan.args.iter().map(OsString::from));
@@ -210,14 +203,7 @@ impl Vmm {
     /// published ports and the control socket come from this task.
     pub fn restore_args(&self, plan: &VmPlan, dir: &Path, api_sock: Option<&Path>) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec!["restore".into(), dir.into(), "--kernel".into(), plan.kernel.clone().into()];
-        for p in &plan.publish {
-            args.push("--publish".into());
-            args.push(p.canonical().into());
-        }
-        if let Some(sock) = api_sock {
-            args.push("--api-sock".into());
-            args.push(sock.into());
-        }
+        endpoint_args(plan, api_sock, &mut args);
         args
     }
 
@@ -257,6 +243,19 @@ impl Vmm {
         let subscription = monitor_subscribe(Topic::Pid).map_err(|e| VmmError::Monitor(e.to_string()))?;
         let child = cmd.spawn().map_err(|source| VmmError::Spawn { path: self.path.clone(), source })?;
         Ok((child.id(), subscription))
+    }
+}
+
+/// `--publish` for each of the plan's ports and `--api-sock` when given (`run` and `restore`
+/// take them alike).
+fn endpoint_args(plan: &VmPlan, api_sock: Option<&Path>, args: &mut Vec<OsString>) {
+    for p in &plan.publish {
+        args.push("--publish".into());
+        args.push(p.canonical().into());
+    }
+    if let Some(sock) = api_sock {
+        args.push("--api-sock".into());
+        args.push(sock.into());
     }
 }
 

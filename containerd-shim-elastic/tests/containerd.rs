@@ -704,25 +704,8 @@ fn pause_and_resume_go_through_the_control_api() {
 fn kv_answers_redis_cli_on_its_published_port() {
     let c = Containerd::start("kv");
     let rootfs = c.rootfs("rootfs", "service = \"kv\"\n");
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
-    let publish = format!("elastic.publish=127.0.0.1:{port}:{KV_GUEST_PORT}");
-    c.run(&["-d", "--annotation", &publish, "--rootfs"], &[rootfs.to_str().expect("path")], "kv", &[])
-        .expect_code(0, "ctr run -d kv");
-    c.wait_status("kv", "RUNNING");
-    let port = port.to_string();
-    let cli = |args: &[&str]| {
-        let mut all = vec!["-h", "127.0.0.1", "-p", port.as_str()];
-        all.extend_from_slice(args);
-        run_with_timeout(Command::new("redis-cli").args(&all), Duration::from_secs(10))
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cli(&["PING"]).stdout.trim() != "PONG" {
-        assert!(Instant::now() < deadline, "kv never answered PING on 127.0.0.1:{port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (port, _) = start_kv(&c, &["--rootfs"], &[rootfs.to_str().expect("path")], "kv");
+    let cli = |args: &[&str]| redis_cli(&port, args);
     assert_eq!(cli(&["SET", "elastic", "containerd"]).stdout.trim(), "OK");
     assert_eq!(cli(&["GET", "elastic"]).stdout.trim(), "containerd");
     c.ctr(&["task", "kill", "-s", "SIGKILL", "kv"]).expect_code(0, "kill");
@@ -776,46 +759,14 @@ fn metrics(c: &Containerd, id: &str) -> (u64, u64) {
 fn kv_is_resized_in_place_reports_metrics_and_runs_in_its_cgroup() {
     let c = Containerd::start("resize");
     let rootfs = c.rootfs("rootfs", "service = \"kv\"\nmemory = \"64M:128M:128M\"\n");
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
-    let publish = format!("elastic.publish=127.0.0.1:{port}:{KV_GUEST_PORT}");
     // 1:2 vCPUs, memory max 128M; the burst annotation lays out room to grow to 512M.
-    let opts = ["-d", "--cpus", "2", "--cpu-shares", "1024", "--memory-limit", "134217728"];
+    let opts = ["--cpus", "2", "--cpu-shares", "1024", "--memory-limit", "134217728"];
     let mut all: Vec<&str> = opts.to_vec();
-    all.extend(["--annotation", &publish, "--annotation", "elastic.burst.memory=512M", "--rootfs"]);
-    c.run(&all, &[rootfs.to_str().expect("path")], "kv", &[]).expect_code(0, "ctr run -d kv");
-    let pid = c.wait_status("kv", "RUNNING");
-    let port = port.to_string();
-    let cli = |args: &[&str]| {
-        let mut all = vec!["-h", "127.0.0.1", "-p", port.as_str()];
-        all.extend_from_slice(args);
-        run_with_timeout(Command::new("redis-cli").args(&all), Duration::from_secs(10))
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cli(&["PING"]).stdout.trim() != "PONG" {
-        assert!(Instant::now() < deadline, "kv never answered PING on 127.0.0.1:{port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    all.extend(["--annotation", "elastic.burst.memory=512M", "--rootfs"]);
+    let (port, pid) = start_kv(&c, &all, &[rootfs.to_str().expect("path")], "kv");
     // One connection kept open: the resize is timed without a client process per look.
-    let mut info = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect to kv");
-    info.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let mut guest_policy = || {
-        use std::io::Write;
-        info.write_all(b"INFO elastic\r\n").expect("send INFO");
-        // A bulk string: `$LEN\r\n` then LEN bytes and `\r\n`.
-        let mut reply = Vec::new();
-        let mut byte = [0u8; 1];
-        while !reply.ends_with(b"\r\n") {
-            info.read_exact(&mut byte).expect("INFO reply");
-            reply.push(byte[0]);
-        }
-        let len: usize = std::str::from_utf8(&reply[1..reply.len() - 2]).expect("utf-8").parse().expect("bulk length");
-        let mut body = vec![0u8; len + 2];
-        info.read_exact(&mut body).expect("INFO body");
-        String::from_utf8_lossy(&body).lines().find_map(|l| l.strip_prefix("vcpus_policy:")).map(str::to_string)
-    };
+    let mut kv = Kv::connect(&port).expect("connect to kv");
+    let mut guest_policy = || kv.guest_policy();
     assert_eq!(guest_policy().as_deref(), Some("1:2:2"), "the guest's policy before the update");
 
     // The VMM runs in the cgroup the spec names, in every hierarchy.
@@ -888,24 +839,8 @@ fn a_kv_checkpoint_restores_with_its_keys() {
     let layer_dir = c.rootfs("layer", "service = \"kv\"\n");
     let tar = oci_image_tar(&c.dir, &layer_dir, "localhost/elastic-kv:test");
     c.ctr(&["image", "import", tar.to_str().expect("path")]).expect_code(0, "ctr image import");
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
-    let publish = format!("elastic.publish=127.0.0.1:{port}:{KV_GUEST_PORT}");
-    c.run(&["-d", "--annotation", &publish], &["localhost/elastic-kv:test"], "kv", &[]).expect_code(0, "ctr run -d");
-    c.wait_status("kv", "RUNNING");
-    let port = port.to_string();
-    let cli = |args: &[&str]| {
-        let mut all = vec!["-h", "127.0.0.1", "-p", port.as_str()];
-        all.extend_from_slice(args);
-        run_with_timeout(Command::new("redis-cli").args(&all), Duration::from_secs(10))
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cli(&["PING"]).stdout.trim() != "PONG" {
-        assert!(Instant::now() < deadline, "kv never answered PING");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (port, _) = start_kv(&c, &[], &["localhost/elastic-kv:test"], "kv");
+    let cli = |args: &[&str]| redis_cli(&port, args);
     // A key, and 2 MB of data that must come back byte for byte.
     assert_eq!(cli(&["SET", "before", "checkpoint"]).stdout.trim(), "OK");
     let big: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
@@ -1063,4 +998,29 @@ fn bench_pod_start_and_resize() {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-containerd.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&out).expect("json")).expect("write the bench JSON");
     println!("{out}");
+}
+
+/// `ctr run -d OPTS --annotation elastic.publish=127.0.0.1:PORT:6379 ROOTFS_OR_IMAGE ID` of a
+/// kv task, then waits until it is RUNNING and answers PING on PORT (a free port). Returns the
+/// port and the VMM's pid.
+fn start_kv(c: &Containerd, opts: &[&str], rootfs_or_image: &[&str], id: &str) -> (String, u32) {
+    let port = free_port().to_string();
+    let publish = format!("elastic.publish=127.0.0.1:{port}:{KV_GUEST_PORT}");
+    let mut all = vec!["-d", "--annotation", &publish];
+    all.extend_from_slice(opts);
+    c.run(&all, rootfs_or_image, id, &[]).expect_code(0, "ctr run -d kv");
+    let pid = c.wait_status(id, "RUNNING");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while redis_cli(&port, &["PING"]).stdout.trim() != "PONG" {
+        assert!(Instant::now() < deadline, "kv {id} never answered PING on 127.0.0.1:{port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (port, pid)
+}
+
+/// `redis-cli -h 127.0.0.1 -p PORT ARGS...`.
+fn redis_cli(port: &str, args: &[&str]) -> Ran {
+    let mut all = vec!["-h", "127.0.0.1", "-p", port];
+    all.extend_from_slice(args);
+    run_with_timeout(Command::new("redis-cli").args(&all), Duration::from_secs(10))
 }
