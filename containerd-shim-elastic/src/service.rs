@@ -283,20 +283,13 @@ struct VmRun {
     args: Vec<std::ffi::OsString>,
     /// What it runs; its policies follow Updates.
     plan: VmPlan,
-    /// `--api-sock` as passed (absolute, or relative to the bundle), if the VMM has the API.
-    api_sock: Option<PathBuf>,
+    /// `--api-sock` as passed (absolute, or relative to the bundle).
+    api_sock: PathBuf,
     /// The cgroup directories this shim created for the VMM (removed at delete).
     cgroup_created: Vec<PathBuf>,
     /// Restored from a checkpoint, and no Update since: its policies are the snapshot's, not
     /// the plan's, until the first Update reads them from the VMM.
     restored: bool,
-}
-
-impl VmRun {
-    /// The control socket, or why there is none (`what` needs it).
-    fn api_sock(&self, what: &'static str) -> Result<&Path, VmmError> {
-        self.api_sock.as_deref().ok_or_else(|| VmmError::NoControlApi { path: self.vmm.path.clone(), what })
-    }
 }
 
 #[derive(Debug)]
@@ -366,7 +359,7 @@ impl Inner {
             // A task restored from a checkpoint: the VM comes back from its snapshot.
             Some(mut vm) if !req.checkpoint.is_empty() => {
                 let dir = checkpoint::take(Path::new(&req.checkpoint), &bundle)?;
-                vm.args = vm.vmm.restore_args(&vm.plan, &dir, vm.api_sock.as_deref());
+                vm.args = vm.vmm.restore_args(&vm.plan, &dir, &vm.api_sock);
                 vm.restored = true;
                 Ok((stdio, Some(vm)))
             }
@@ -526,7 +519,7 @@ impl Inner {
             return Ok(());
         };
         let path = format!("/api/v1/vms/{}/{verb}", vmm::VM_NAME);
-        vmm::api(&task.bundle, vm.api_sock(verb)?, ("PUT", &path, ""), vmm::HELPER_TIMEOUT)?;
+        vmm::api(&task.bundle, &vm.api_sock, ("PUT", &path, ""), vmm::HELPER_TIMEOUT)?;
         task.phase = to;
         self.publish_pause(task, pause);
         Ok(())
@@ -559,7 +552,7 @@ impl Inner {
             None => LinuxResources::default(),
         };
         if vm.restored {
-            (vm.plan.vcpus, vm.plan.memory) = vmm::policies(&task.bundle, vm.api_sock("update")?)?;
+            (vm.plan.vcpus, vm.plan.memory) = vmm::policies(&task.bundle, &vm.api_sock)?;
             vm.restored = false;
         }
         let bursts = spec::update_bursts(&req.annotations, vm.plan.bursts)?;
@@ -572,7 +565,7 @@ impl Inner {
         let body = serde_json::json!({ "vcpus": vcpus.to_string(), "memory": memory_text }).to_string();
         let path = format!("/api/v1/vms/{}/policy", vmm::VM_NAME);
         let t = std::time::Instant::now();
-        vmm::api(&task.bundle, vm.api_sock("update")?, ("PUT", &path, &body), vmm::HELPER_TIMEOUT)?;
+        vmm::api(&task.bundle, &vm.api_sock, ("PUT", &path, &body), vmm::HELPER_TIMEOUT)?;
         let took = t.elapsed();
         info!("task {}: policy now --vcpus {vcpus} --memory {memory_text}", task.id);
         (vm.plan.vcpus, vm.plan.memory, vm.plan.bursts) = (vcpus, memory, bursts);
@@ -591,7 +584,7 @@ impl Inner {
             let Some(vm) = &task.vm else {
                 return Err(TaskError::Unsupported("checkpointing a pod sandbox"));
             };
-            (vm.api_sock("checkpoint")?.to_path_buf(), task.bundle.clone(), task.pid)
+            (vm.api_sock.clone(), task.bundle.clone(), task.pid)
         };
         // Not under the lock: writing a large VM's memory takes a while, and a kill, a state
         // query or the VMM's exit must not wait for it.
@@ -621,7 +614,7 @@ impl Inner {
                 let any = Figures { threads: 0, ..Figures::default() }.to_any(cgroup::unified_host())?;
                 return Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() });
             };
-            (vm.api_sock("metrics")?.to_path_buf(), task.bundle.clone(), task.pid)
+            (vm.api_sock.clone(), task.bundle.clone(), task.pid)
         };
         // Not under the lock: a kill must not wait for the VMM's answer.
         let path = format!("/api/v1/vms/{}", vmm::VM_NAME);
@@ -727,8 +720,8 @@ fn prepare(spec: &Spec, bundle: &Path, req: &api::CreateTaskRequest) -> Result<(
         std::fs::File::open(path).map_err(|source| VmmError::Netns { path: path.clone(), source })?;
     }
     let vmm = Vmm::locate()?;
-    let api_sock = vmm.features.api_sock.then(|| vmm::api_sock_arg(bundle));
-    let args = vmm.run_args(&plan, api_sock.as_deref())?;
+    let api_sock = vmm::api_sock_arg(bundle);
+    let args = vmm.run_args(&plan, &api_sock);
     Ok((stdio, Some(VmRun { vmm, args, plan, api_sock, cgroup_created: Vec::new(), restored: false })))
 }
 

@@ -1,5 +1,5 @@
-//! Our VMM, `hypervisor-shim`, as a child process: finding it, asking it what it supports,
-//! building its `run` command line, starting it, and its `ctl` control commands.
+//! Our VMM, `hypervisor-shim`, as a child process: finding it, building its `run` (or
+//! `restore`) command line, starting it, and requests on its control API.
 //!
 //! The containerd-shim library reaps every child (it is a subreaper and waits for any pid on
 //! SIGCHLD), so no child here is waited for with `std::process::Child::wait`: exits arrive
@@ -7,14 +7,12 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::RecvTimeoutError;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use containerd_shim::monitor::{ExitEvent, Subject, Subscription, Topic, monitor_subscribe};
 use nix::sched::CloneFlags;
@@ -31,7 +29,7 @@ use crate::spec::VmPlan;
 pub const BINARY: &str = "hypervisor-shim";
 /// The name `hypervisor-shim run` gives its VM on the control API.
 pub const VM_NAME: &str = "vm0";
-/// How long the feature probe or a control API request may take.
+/// How long a control API request may take.
 pub const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a snapshot (a checkpoint) may take: it writes all the memory the VM holds.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -58,42 +56,6 @@ pub enum VmmError {
     /// The library's exit monitor could not be subscribed to.
     #[error("cannot watch child exits: {0}")]
     Monitor(String),
-    /// A helper command did not finish in time (it was killed).
-    #[error("`{command}` did not finish within {limit:?} and was killed")]
-    Timeout {
-        /// The command.
-        command: String,
-        /// How long it was given.
-        limit: Duration,
-    },
-    /// A helper command failed.
-    #[error("`{command}` failed (exit {code}): {message}")]
-    Failed {
-        /// The command.
-        command: String,
-        /// Its exit status.
-        code: i32,
-        /// The last line it wrote to stderr.
-        message: String,
-    },
-    /// The installed VMM lacks a flag this task needs.
-    #[error("{path} does not support `run {flag}` (needed for {what}); update hypervisor-shim")]
-    Unsupported {
-        /// The binary.
-        path: PathBuf,
-        /// The flag.
-        flag: &'static str,
-        /// What needs it.
-        what: &'static str,
-    },
-    /// The VM was started without a control API socket.
-    #[error("this VM has no control API: {path} does not support `run --api-sock`, which {what} needs")]
-    NoControlApi {
-        /// The binary.
-        path: PathBuf,
-        /// The operation.
-        what: &'static str,
-    },
     /// A control API request failed.
     #[error("control API, {what}: {source}")]
     Api {
@@ -120,36 +82,20 @@ pub enum VmmError {
     },
 }
 
-/// Optional `run` flags, found by reading `hypervisor-shim run --help`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Features {
-    /// `--api-sock PATH` (the control API `ctl` talks to).
-    pub api_sock: bool,
-    /// `--publish ADDR:HOST:GUEST`.
-    pub publish: bool,
-}
-
-impl Features {
-    /// Reads the flags from `run --help` output.
-    pub fn from_help(help: &str) -> Self {
-        Features { api_sock: help.contains("--api-sock"), publish: help.contains("--publish") }
-    }
-}
-
-/// A located and probed `hypervisor-shim`.
+/// A located `hypervisor-shim`. It is the one built with this shim (install the two side by
+/// side): nothing is probed at every Create; a VMM too old for a flag the shim passes says so
+/// at Start, in the task's stderr, and exits 64.
 #[derive(Debug, Clone)]
 pub struct Vmm {
     /// The binary.
     pub path: PathBuf,
-    /// What its `run` supports.
-    pub features: Features,
 }
 
 /// A child's exit: its code, or 128 + the signal that ended it (as the library reports).
 pub type ExitCode = i32;
 
 impl Vmm {
-    /// Finds `hypervisor-shim` beside this executable, then on PATH, and probes its flags.
+    /// Finds `hypervisor-shim` beside this executable, then on PATH.
     pub fn locate() -> Result<Self, VmmError> {
         let exe = std::env::current_exe().unwrap_or_default();
         let beside = exe.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -158,20 +104,11 @@ impl Vmm {
             .map(|dir| dir.join(BINARY))
             .find(|p| is_executable(p))
             .ok_or(VmmError::NotFound { beside })?;
-        let help = run_helper(Command::new(&path).args(["run", "--help"]), HELPER_TIMEOUT)?;
-        if help.code != 0 {
-            return Err(VmmError::Failed {
-                command: format!("{} run --help", path.display()),
-                code: help.code,
-                message: last_line(&help.stderr),
-            });
-        }
-        let features = Features::from_help(&help.stdout);
-        Ok(Vmm { path, features })
+        Ok(Vmm { path })
     }
 
     /// The `run` command line for `plan` (everything after the binary).
-    pub fn run_args(&self, plan: &VmPlan, api_sock: Option<&Path>) -> Result<Vec<OsString>, VmmError> {
+    pub fn run_args(&self, plan: &VmPlan, api_sock: &Path) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec!["run".into(), "--kernel".into(), plan.kernel.clone().into()];
         for (flag, value) in [
             ("--app", plan.service.clone()),
@@ -182,26 +119,19 @@ impl Vmm {
             args.push(flag.into());
             args.push(value.into());
         }
-        if !plan.publish.is_empty() && !self.features.publish {
-            return Err(VmmError::Unsupported {
-                path: self.path.clone(),
-                flag: "--publish",
-                what: "published ports (elastic.publish)",
-            });
-        }
         endpoint_args(plan, api_sock, &mut args);
         if !plan.args.is_empty() {
             args.push("--".into());
             args.extend(plan.args.iter().map(OsString::from));
         }
-        Ok(args)
+        args
     }
 
     /// The `restore` command line for a task created from the checkpoint in `dir` (everything
     /// after the binary): the snapshot carries the service, its arguments, policies and all its
     /// memory (the guest's code included); the rootfs's kernel (for fault diagnoses), the
     /// published ports and the control socket come from this task.
-    pub fn restore_args(&self, plan: &VmPlan, dir: &Path, api_sock: Option<&Path>) -> Vec<OsString> {
+    pub fn restore_args(&self, plan: &VmPlan, dir: &Path, api_sock: &Path) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec!["restore".into(), dir.into(), "--kernel".into(), plan.kernel.clone().into()];
         endpoint_args(plan, api_sock, &mut args);
         args
@@ -246,17 +176,15 @@ impl Vmm {
     }
 }
 
-/// `--publish` for each of the plan's ports and `--api-sock` when given (`run` and `restore`
-/// take them alike).
-fn endpoint_args(plan: &VmPlan, api_sock: Option<&Path>, args: &mut Vec<OsString>) {
+/// `--publish` for each of the plan's ports and `--api-sock` (`run` and `restore` take them
+/// alike).
+fn endpoint_args(plan: &VmPlan, api_sock: &Path, args: &mut Vec<OsString>) {
     for p in &plan.publish {
         args.push("--publish".into());
         args.push(p.canonical().into());
     }
-    if let Some(sock) = api_sock {
-        args.push("--api-sock".into());
-        args.push(sock.into());
-    }
+    args.push("--api-sock".into());
+    args.push(api_sock.into());
 }
 
 /// One request on the VM's control API (see [`control_client::request`]): `sock` as passed to
@@ -327,58 +255,6 @@ pub fn signal(pid: u32, signal: Signal) -> Result<(), nix::Error> {
     nix::sys::signal::kill(Pid::from_raw(pid as i32), signal)
 }
 
-struct HelperOutput {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs a helper command to completion (killing it after `limit`).
-fn run_helper(cmd: &mut Command, limit: Duration) -> Result<HelperOutput, VmmError> {
-    let program = PathBuf::from(cmd.get_program());
-    let command = std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let subscription = monitor_subscribe(Topic::Pid).map_err(|e| VmmError::Monitor(e.to_string()))?;
-    let mut child = cmd.spawn().map_err(|source| VmmError::Spawn { path: program, source })?;
-    let pid = child.id();
-    let readers = [child.stdout.take().map(reader), child.stderr.take().map(reader)];
-    let deadline = Instant::now() + limit;
-    let mut timed_out = false;
-    let code = loop {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match subscription.rx.recv_timeout(if timed_out { Duration::from_secs(3600) } else { wait }) {
-            Ok(ExitEvent { subject: Subject::Pid(p), exit_code }) if p as u32 == pid => break exit_code,
-            Ok(_) => {}
-            Err(RecvTimeoutError::Timeout) if !timed_out => {
-                timed_out = true;
-                let _ = signal(pid, Signal::SIGKILL);
-            }
-            Err(_) => break 128 + Signal::SIGKILL as i32,
-        }
-    };
-    let [stdout, stderr] = readers.map(|r| r.and_then(|h| h.join().ok()).unwrap_or_default());
-    if timed_out {
-        return Err(VmmError::Timeout { command, limit });
-    }
-    Ok(HelperOutput { code, stdout, stderr })
-}
-
-fn reader(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
-}
-
-fn last_line(text: &str) -> String {
-    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no message)").trim().to_string()
-}
-
 fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
@@ -409,30 +285,25 @@ mod tests {
 
     #[test]
     fn run_command_line() {
-        let vmm = Vmm { path: "/x/hypervisor-shim".into(), features: Features { api_sock: true, publish: true } };
-        let args = vmm.run_args(&plan(), Some(Path::new("/b/api.sock"))).expect("args");
+        let vmm = Vmm { path: "/x/hypervisor-shim".into() };
+        let args = vmm.run_args(&plan(), Path::new("/b/api.sock"));
         assert_eq!(
             strings(&args).join(" "),
             "run --kernel /r/kernel --app kv --vcpus 1:2:4 --memory 64M:256M:1G --log info \
              --publish 127.0.0.1:6379:6379 --publish [::1]:80:8080 --api-sock /b/api.sock -- a --b"
         );
-    }
-
-    #[test]
-    fn publish_needs_the_flag() {
-        let vmm = Vmm { path: "/x/hypervisor-shim".into(), features: Features::default() };
-        let e = vmm.run_args(&plan(), None).expect_err("no --publish");
-        assert!(e.to_string().contains("--publish"), "{e}");
         let mut p = plan();
         p.publish.clear();
         p.args.clear();
-        assert!(!strings(&vmm.run_args(&p, None).expect("args")).contains(&"--".to_string()));
-    }
-
-    #[test]
-    fn features_from_help() {
-        assert_eq!(Features::from_help("  --api-sock <PATH>\n"), Features { api_sock: true, publish: false });
-        assert_eq!(Features::from_help("--publish <A:H:G>"), Features { api_sock: false, publish: true });
+        assert_eq!(
+            strings(&vmm.run_args(&p, Path::new("api.sock"))).join(" "),
+            "run --kernel /r/kernel --app kv --vcpus 1:2:4 --memory 64M:256M:1G --log info --api-sock api.sock"
+        );
+        assert_eq!(
+            strings(&vmm.restore_args(&plan(), Path::new("/b/checkpoint"), Path::new("/b/api.sock"))).join(" "),
+            "restore /b/checkpoint --kernel /r/kernel --publish 127.0.0.1:6379:6379 --publish [::1]:80:8080 \
+             --api-sock /b/api.sock"
+        );
     }
 
     #[test]

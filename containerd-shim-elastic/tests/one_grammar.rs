@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 
 use containerd_shim_elastic::config::RootfsConfig;
 use containerd_shim_elastic::spec::{SpecError, Workload, plan};
-use containerd_shim_elastic::vmm::{Features, Vmm};
+use containerd_shim_elastic::vmm::Vmm;
 use elastic_config::{
     DEFAULT_MEMORY_POLICY, DEFAULT_VCPU_POLICY, parse_memory_policy, parse_publish, parse_vcpu_policy,
 };
@@ -145,9 +145,7 @@ fn what_containerd_passes_the_vmm_accepts() {
     let Workload::Vm(mut vm) = plan(&spec(), &rootfs.0).expect("plan") else { panic!("a sandbox") };
     vm.kernel = PathBuf::from("/nonexistent/kernel");
     let vmm_path = vmm_binary();
-    let args = Vmm { path: vmm_path.clone(), features: Features { api_sock: true, publish: true } }
-        .run_args(&vm, None)
-        .expect("run args");
+    let args = Vmm { path: vmm_path.clone() }.run_args(&vm, Path::new("/nonexistent/api.sock"));
     let shown: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     assert!(shown.join(" ").contains("--vcpus 1:64:64 --memory 64M:1G:1G"), "{shown:?}");
     let out = Command::new(&vmm_path).args(&args).output().expect("hypervisor-shim runs");
