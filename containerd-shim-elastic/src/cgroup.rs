@@ -48,8 +48,6 @@ pub enum CgroupError {
 pub struct Join {
     /// `cgroup.procs` of each hierarchy, open for writing.
     procs: Vec<OwnedFd>,
-    /// The directories, one per hierarchy.
-    dirs: Vec<PathBuf>,
     /// The directories this call created, parents first.
     created: Vec<PathBuf>,
 }
@@ -65,7 +63,7 @@ impl Join {
         if mounts.is_empty() {
             return Err(CgroupError::NoHierarchy(cgroups_path.to_string()));
         }
-        let mut join = Join { procs: Vec::new(), dirs: Vec::new(), created: Vec::new() };
+        let mut join = Join { procs: Vec::new(), created: Vec::new() };
         for (mount, cpuset) in mounts {
             let dir = mount.join(&relative);
             let result = join.make_dirs(&mount, &dir, cpuset).and_then(|()| {
@@ -80,7 +78,6 @@ impl Join {
                 join.remove();
                 return Err(e);
             }
-            join.dirs.push(dir);
         }
         Ok(join)
     }
@@ -114,12 +111,7 @@ impl Join {
     /// Another handle on the same `cgroup.procs` files (for a child to [`Join::enter`]).
     pub fn try_clone(&self) -> std::io::Result<Join> {
         let procs = self.procs.iter().map(OwnedFd::try_clone).collect::<Result<_, _>>()?;
-        Ok(Join { procs, dirs: Vec::new(), created: Vec::new() })
-    }
-
-    /// The cgroup's directories, one per hierarchy.
-    pub fn dirs(&self) -> &[PathBuf] {
-        &self.dirs
+        Ok(Join { procs, created: Vec::new() })
     }
 
     /// The directories this shim created (parents first), for [`remove_dirs`] at delete.

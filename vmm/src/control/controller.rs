@@ -367,15 +367,8 @@ fn set_policy(vm: &VmShared, vcpus: Option<Policy>, memory: Option<Policy>) -> C
     }
     // Check every change before applying any.
     for (r, p) in &changes {
-        let cur = vm.policy().resource(*r).limits;
-        if p.min != cur.min {
-            return ControlReply::error(
-                400,
-                format!("{}: min cannot change on a running VM (it is {})", r.name(), cur.min),
-            );
-        }
-        if !(p.min <= p.max && p.max <= p.burst) {
-            return ControlReply::error(400, format!("{}: need min <= max <= burst", r.name()));
+        if let Err(e) = vm.policy().check_limits(*r, *p) {
+            return ControlReply::error(400, e);
         }
         // Granted memory lives in the hot-plug window laid out (and mapped by the guest's
         // page tables) at boot: a burst past its end could never be granted.

@@ -141,6 +141,29 @@ impl VmPolicy {
         self.state()[r as usize].clone()
     }
 
+    /// Both resources' limits now, vCPUs then memory (one lock).
+    pub(crate) fn limits(&self) -> [Policy; 2] {
+        let st = self.state();
+        [st[0].limits, st[1].limits]
+    }
+
+    /// Whether `limits` may replace `r`'s on a running VM ([`VmPolicy::set_limits`]'s checks,
+    /// for a caller that checks several changes before it applies any).
+    pub(crate) fn check_limits(&self, r: Resource, limits: Policy) -> Result<(), LimitsError> {
+        Self::allowed(&self.state()[r as usize], limits)
+    }
+
+    /// The same min, and `min <= max <= burst`.
+    fn allowed(now: &ResourcePolicy, limits: Policy) -> Result<(), LimitsError> {
+        if limits.min != now.limits.min {
+            return Err(LimitsError::MinChanges { resource: now.resource.name(), min: now.limits.min });
+        }
+        if !(limits.min <= limits.max && limits.max <= limits.burst) {
+            return Err(LimitsError::Unordered(now.resource.name()));
+        }
+        Ok(())
+    }
+
     /// The invariant checks so far.
     pub(crate) fn invariants(&self) -> Invariants {
         self.invariants.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -218,13 +241,7 @@ impl VmPolicy {
     /// governor's next tick; grants above the new ceiling are refused from now on.
     pub(crate) fn set_limits(&self, r: Resource, limits: Policy, held: u64) -> Result<(), LimitsError> {
         let mut st = self.state();
-        let cur = st[r as usize].limits;
-        if limits.min != cur.min {
-            return Err(LimitsError::MinChanges { resource: r.name(), min: cur.min });
-        }
-        if !(limits.min <= limits.max && limits.max <= limits.burst) {
-            return Err(LimitsError::Unordered(r.name()));
-        }
+        Self::allowed(&st[r as usize], limits)?;
         st[r as usize].limits = limits;
         if held > limits.max {
             st[r as usize].operator_wants = true;

@@ -465,15 +465,12 @@ impl VmShared {
     }
 
     fn holdings(&self) -> Holdings {
-        let limits = |r| {
-            let l = self.policy.resource(r).limits;
-            (l.max, l.burst)
-        };
+        let [v, m] = self.policy.limits();
         Holdings {
             vcpus: self.vcpus.online(),
             memory: self.memory_held(),
-            vcpu_limits: limits(Resource::Vcpus),
-            memory_limits: limits(Resource::Memory),
+            vcpu_limits: (v.max, v.burst),
+            memory_limits: (m.max, m.burst),
         }
     }
 
