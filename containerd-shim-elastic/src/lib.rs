@@ -6,6 +6,7 @@
 //! * [`checkpoint`]: checkpoints through containerd.
 //! * [`config`]: the rootfs's `elastic.toml`.
 //! * [`metrics`]: the task's metrics as containerd's cgroup shapes.
+//! * [`node`]: the node pool that tasks join instead of a VMM each (`[node_pool]`).
 //! * [`policy`]: the containerd-specific steps around [`elastic_config`]'s policies and
 //!   published ports (memory limits rounded to extents, the publish list).
 //! * [`spec`]: OCI spec → what the VM runs (and what is refused).
@@ -20,6 +21,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod events;
 pub mod metrics;
+pub mod node;
 pub mod policy;
 pub mod rootfs;
 pub mod service;

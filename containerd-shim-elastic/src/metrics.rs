@@ -87,6 +87,29 @@ impl Figures {
         })
     }
 
+    /// A node pool VM's figures, from `GET /api/v1/vms/NAME`'s JSON alone (the pool's process
+    /// serves every pod's VM): CPU is the VM's vCPU threads' time (`vcpu_cpu_us`; no
+    /// user/system split), resident memory what the guest holds, and the "threads" its vCPUs
+    /// online.
+    pub fn of_pool_vm(json: &str) -> Result<Figures, MetricsError> {
+        let v: Value = serde_json::from_str(json).map_err(|e| MetricsError::Json(e.to_string()))?;
+        let get = |path: &[&str], name: &'static str| {
+            path.iter().try_fold(&v, |v, k| v.get(k)).and_then(Value::as_u64).ok_or(MetricsError::Missing(name))
+        };
+        let memory = get(&["memory_bytes", "final"], "memory_bytes.final")?;
+        Ok(Figures {
+            cpu_us: get(&["vcpu_cpu_us"], "vcpu_cpu_us")?,
+            user_us: 0,
+            system_us: 0,
+            memory,
+            memory_peak: get(&["memory_bytes", "peak"], "memory_bytes.peak")?,
+            memory_max: get(&["memory_policy", "max"], "memory_policy.max")?,
+            memory_burst: get(&["memory_policy", "burst"], "memory_policy.burst")?,
+            rss: memory,
+            threads: get(&["vcpus", "final"], "vcpus.final")?,
+        })
+    }
+
     /// The metrics message: cgroup v2's when `unified`, else v1's.
     pub fn to_any(&self, unified: bool) -> Result<Any, MetricsError> {
         let (type_url, value) = if unified {

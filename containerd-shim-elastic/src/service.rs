@@ -23,6 +23,7 @@ use crate::cgroup::{self, CgroupError, Join};
 use crate::checkpoint::{self, CheckpointError};
 use crate::events::Events;
 use crate::metrics::{Figures, MetricsError};
+use crate::node::{self, NodeError, NodePool};
 use crate::rootfs::{self, RootfsError};
 use crate::spec::{self, SpecError, VmPlan, Workload};
 use crate::stdio::{StdioError, StdioPaths};
@@ -32,6 +33,9 @@ use crate::vmm::{self, Vmm, VmmError};
 pub const RUNTIME_ID: &str = "io.containerd.elastic.v1";
 /// The VMM's pid, recorded in the bundle so `delete` can end it if this shim died.
 const PID_FILE: &str = "vmm.pid";
+/// A node pool task's pool socket and VM name (two lines), recorded in the bundle so `delete`
+/// can end the VM if this shim died.
+const NODE_FILE: &str = "node-pool-vm";
 
 /// Why a task request failed.
 #[derive(Debug, Error)]
@@ -106,6 +110,9 @@ pub enum TaskError {
          protocol, or `hypervisor-shim ctl --api-sock BUNDLE/api.sock get|policy|pause|snapshot vm0`)"
     )]
     Exec,
+    /// The node pool cannot be configured, reached or asked.
+    #[error(transparent)]
+    Node(#[from] NodeError),
     /// Sending a signal failed.
     #[error("cannot signal pid {pid}: {source}")]
     Kill {
@@ -134,7 +141,8 @@ impl From<TaskError> for ttrpc::Error {
             | TaskError::Kill { .. }
             | TaskError::Cgroup(_)
             | TaskError::Checkpoint(_)
-            | TaskError::Metrics(_) => Code::UNKNOWN,
+            | TaskError::Metrics(_)
+            | TaskError::Node(_) => Code::UNKNOWN,
         };
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
     }
@@ -185,6 +193,10 @@ impl containerd_shim::Shim for ElasticShim {
 
     fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
         // The server died with its task: end the VM it left behind and release the rootfs.
+        if let Some((node, name)) = read_node_vm(&self.bundle) {
+            info!("ending VM {name} left in the node pool by a dead shim for {}", self.id);
+            node.remove(&name);
+        }
         let pid = read_pid(&self.bundle);
         if let Some(pid) = pid.filter(|p| vmm_belongs_to(*p, &self.bundle)) {
             info!("ending VMM {pid} left by a dead shim for {}", self.id);
@@ -220,6 +232,7 @@ impl containerd_shim::Shim for ElasticShim {
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         TaskService {
             inner: Arc::new(Inner {
+                namespace: self.namespace.clone(),
                 events: Events::start(publisher, self.namespace.clone()),
                 exit: self.exit.clone(),
                 task: Mutex::new(None),
@@ -236,6 +249,7 @@ pub struct TaskService {
 }
 
 struct Inner {
+    namespace: String,
     events: Events,
     exit: Arc<ExitSignal>,
     task: Mutex<Option<Task>>,
@@ -290,6 +304,22 @@ struct VmRun {
     /// Restored from a checkpoint, and no Update since: its policies are the snapshot's, not
     /// the plan's, until the first Update reads them from the VMM.
     restored: bool,
+    /// The VM's name on the control API: [`vmm::VM_NAME`] for a VMM of its own,
+    /// `NAMESPACE.ID` in the node pool.
+    vm_name: String,
+    /// The node pool it runs in (`api_sock` is then the pool's), or `None`: a VMM of its own.
+    node: Option<NodePool>,
+}
+
+impl VmRun {
+    /// The control API path of this VM's `action` (`""`: the VM itself).
+    fn api_path(&self, action: &str) -> String {
+        if action.is_empty() {
+            format!("/api/v1/vms/{}", self.vm_name)
+        } else {
+            format!("/api/v1/vms/{}/{action}", self.vm_name)
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -355,7 +385,10 @@ impl Inner {
         let config = bundle.join("config.json");
         let spec = Spec::load(&config).map_err(|e| TaskError::Spec { path: config, message: e.to_string() })?;
         let mounted_rootfs = if req.rootfs.is_empty() { None } else { Some(rootfs::mount(&bundle, &req.rootfs)?) };
-        let prepared = prepare(&spec, &bundle, req).and_then(|(stdio, vm)| match vm {
+        let prepared = prepare(&spec, &bundle, req, &self.namespace).and_then(|(stdio, vm)| match vm {
+            Some(vm) if vm.node.is_some() && !req.checkpoint.is_empty() => {
+                Err(TaskError::Unsupported("restoring a checkpoint into the node pool"))
+            }
             // A task restored from a checkpoint: the VM comes back from its snapshot.
             Some(mut vm) if !req.checkpoint.is_empty() => {
                 let dir = checkpoint::take(Path::new(&req.checkpoint), &bundle)?;
@@ -376,6 +409,9 @@ impl Inner {
             }
         };
         match &vm {
+            Some(VmRun { node: Some(n), vm_name, .. }) => {
+                info!("task {}: VM {vm_name} in the node pool {}", req.id, n.socket.display())
+            }
             Some(v) => info!("task {}: {} {}", req.id, v.vmm.path.display(), display_args(&v.args)),
             None => info!("task {}: pod sandbox (no VM)", req.id),
         }
@@ -415,6 +451,23 @@ impl Inner {
         }
         let pid = match &mut task.vm {
             None => std::process::id(),
+            Some(VmRun { node: Some(node), vm_name, plan, vmm, .. }) => {
+                node.ensure(vmm)?;
+                let pid = node.admit(vm_name, plan, &task.stdio.stdout)?;
+                let record = format!("{}\n{vm_name}\n", node.socket.display());
+                if let Err(e) = std::fs::write(task.bundle.join(NODE_FILE), record) {
+                    warn!("cannot record the node pool VM: {e}");
+                }
+                let (inner, node, name) = (Arc::clone(self), node.clone(), vm_name.clone());
+                std::thread::spawn(move || {
+                    let code = node.wait(&name).unwrap_or_else(|e| {
+                        warn!("VM {name}: {e}: the node pool ended with it");
+                        128 + Signal::SIGKILL as u8
+                    });
+                    inner.on_exit(pid, i32::from(code));
+                });
+                pid
+            }
             Some(vm) => {
                 let (stdout, stderr) = task.stdio.open()?;
                 let _ = std::fs::remove_file(task.bundle.join(vmm::API_SOCK));
@@ -463,6 +516,7 @@ impl Inner {
         task.exit_status = status;
         task.exited_at = Some(at.clone());
         let _ = std::fs::remove_file(task.bundle.join(PID_FILE));
+        let _ = std::fs::remove_file(task.bundle.join(NODE_FILE));
         self.exited.notify_all();
         self.events.publish(TaskExit {
             container_id: task.id.clone(),
@@ -497,6 +551,17 @@ impl Inner {
                 self.stop(task, if sig == Signal::SIGKILL { 128 + sig as u32 } else { 0 });
                 Ok(())
             }
+            (_, Some(vm @ VmRun { node: Some(_), .. }), Some(sig)) => {
+                let action = if sig == Signal::SIGKILL { "kill" } else { "stop" };
+                vmm::api(&task.bundle, &vm.api_sock, ("PUT", &vm.api_path(action), ""), vmm::HELPER_TIMEOUT)
+                    .map(|_| ())
+                    .map_err(|e| match e {
+                        VmmError::Api { source: control_client::ClientError::Refused { status: 404, .. }, .. } => {
+                            TaskError::Finished
+                        }
+                        e => e.into(),
+                    })
+            }
             (_, Some(_), Some(sig)) => vmm::signal(task.pid, sig).map_err(|source| match source {
                 nix::Error::ESRCH => TaskError::Finished,
                 source => TaskError::Kill { pid: task.pid, source },
@@ -518,8 +583,7 @@ impl Inner {
             self.publish_pause(task, pause);
             return Ok(());
         };
-        let path = format!("/api/v1/vms/{}/{verb}", vmm::VM_NAME);
-        vmm::api(&task.bundle, &vm.api_sock, ("PUT", &path, ""), vmm::HELPER_TIMEOUT)?;
+        vmm::api(&task.bundle, &vm.api_sock, ("PUT", &vm.api_path(verb), ""), vmm::HELPER_TIMEOUT)?;
         task.phase = to;
         self.publish_pause(task, pause);
         Ok(())
@@ -552,7 +616,7 @@ impl Inner {
             None => LinuxResources::default(),
         };
         if vm.restored {
-            (vm.plan.vcpus, vm.plan.memory) = vmm::policies(&task.bundle, &vm.api_sock)?;
+            (vm.plan.vcpus, vm.plan.memory) = vmm::policies(&task.bundle, &vm.api_sock, &vm.vm_name)?;
             vm.restored = false;
         }
         let bursts = spec::update_bursts(&req.annotations, vm.plan.bursts)?;
@@ -563,7 +627,7 @@ impl Inner {
         }
         let memory_text = elastic_config::format_memory_policy(&memory);
         let body = serde_json::json!({ "vcpus": vcpus.to_string(), "memory": memory_text }).to_string();
-        let path = format!("/api/v1/vms/{}/policy", vmm::VM_NAME);
+        let path = vm.api_path("policy");
         let t = std::time::Instant::now();
         vmm::api(&task.bundle, &vm.api_sock, ("PUT", &path, &body), vmm::HELPER_TIMEOUT)?;
         let took = t.elapsed();
@@ -575,7 +639,7 @@ impl Inner {
     /// Checkpoint: the VM's snapshot in `req.path` (`ctl snapshot`; it runs on, or is killed
     /// when the options ask for `exit`). containerd pauses the task around it.
     fn checkpoint(&self, req: &api::CheckpointTaskRequest) -> Result<(), TaskError> {
-        let (sock, bundle, pid) = {
+        let (sock, bundle, pid, vm_path, in_pool) = {
             let mut guard = self.lock();
             let task = Self::task(&mut guard, &req.id, "")?;
             if !matches!(task.phase, Phase::Running | Phase::Paused) {
@@ -584,17 +648,24 @@ impl Inner {
             let Some(vm) = &task.vm else {
                 return Err(TaskError::Unsupported("checkpointing a pod sandbox"));
             };
-            (vm.api_sock.clone(), task.bundle.clone(), task.pid)
+            (vm.api_sock.clone(), task.bundle.clone(), task.pid, vm.api_path(""), vm.node.is_some())
         };
         // Not under the lock: writing a large VM's memory takes a while, and a kill, a state
         // query or the VMM's exit must not wait for it.
         let body = serde_json::json!({ "dir": req.path }).to_string();
-        let path = format!("/api/v1/vms/{}/snapshot", vmm::VM_NAME);
-        vmm::api(&bundle, &sock, ("PUT", &path, &body), vmm::SNAPSHOT_TIMEOUT)?;
+        vmm::api(&bundle, &sock, ("PUT", &format!("{vm_path}/snapshot"), &body), vmm::SNAPSHOT_TIMEOUT)?;
         info!("task {}: checkpoint in {}", req.id, req.path);
         if checkpoint::exit_after(req.options.as_ref()) {
-            // As runc's --exit: the task ends once its checkpoint is written (137).
-            if let Err(e) = vmm::signal(pid, Signal::SIGKILL) {
+            // As runc's --exit: the task ends once its checkpoint is written (137). In the
+            // node pool only its VM is ended, never the pool.
+            let ended = if in_pool {
+                vmm::api(&bundle, &sock, ("PUT", &format!("{vm_path}/kill"), ""), vmm::HELPER_TIMEOUT)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            } else {
+                vmm::signal(pid, Signal::SIGKILL).map_err(|e| e.to_string())
+            };
+            if let Err(e) = ended {
                 warn!("checkpoint {}: the checkpoint is written, but the VMM cannot be ended: {e}", req.id);
             }
         }
@@ -603,7 +674,7 @@ impl Inner {
 
     /// Stats: the VM's figures as containerd's cgroup metrics (see [`crate::metrics`]).
     fn stats(&self, id: &str) -> Result<api::StatsResponse, TaskError> {
-        let (sock, bundle, pid) = {
+        let (sock, bundle, pid, path, in_pool) = {
             let mut guard = self.lock();
             let task = Self::task(&mut guard, id, "")?;
             if !matches!(task.phase, Phase::Running | Phase::Paused) {
@@ -614,14 +685,19 @@ impl Inner {
                 let any = Figures { threads: 0, ..Figures::default() }.to_any(cgroup::unified_host())?;
                 return Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() });
             };
-            (vm.api_sock.clone(), task.bundle.clone(), task.pid)
+            (vm.api_sock.clone(), task.bundle.clone(), task.pid, vm.api_path(""), vm.node.is_some())
         };
         // Not under the lock: a kill must not wait for the VMM's answer.
-        let path = format!("/api/v1/vms/{}", vmm::VM_NAME);
         let json = vmm::api(&bundle, &sock, ("GET", &path, ""), vmm::HELPER_TIMEOUT)?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let any = Figures::parse(&json, &stat, &status)?.to_any(cgroup::unified_host())?;
+        let figures = if in_pool {
+            // The pool's process serves every pod's VM: only this VM's own figures count.
+            Figures::of_pool_vm(&json)?
+        } else {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            Figures::parse(&json, &stat, &status)?
+        };
+        let any = figures.to_any(cgroup::unified_host())?;
         Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() })
     }
 
@@ -666,6 +742,9 @@ impl Inner {
         }
         if let Some(vm) = &mut task.vm {
             cgroup::remove_dirs(&std::mem::take(&mut vm.cgroup_created));
+            if let Some(node) = &vm.node {
+                node.remove(&vm.vm_name);
+            }
         }
         let _ = std::fs::remove_file(task.bundle.join(vmm::API_SOCK));
         let at = task.exited_at.clone().unwrap_or_else(now);
@@ -708,7 +787,12 @@ impl Inner {
 }
 
 /// Everything create checks and resolves after the rootfs is in place.
-fn prepare(spec: &Spec, bundle: &Path, req: &api::CreateTaskRequest) -> Result<(StdioPaths, Option<VmRun>), TaskError> {
+fn prepare(
+    spec: &Spec,
+    bundle: &Path,
+    req: &api::CreateTaskRequest,
+    namespace: &str,
+) -> Result<(StdioPaths, Option<VmRun>), TaskError> {
     let rootfs_dir = spec::rootfs_dir(spec, bundle)?;
     let stdio = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone() };
     stdio.check()?;
@@ -720,9 +804,17 @@ fn prepare(spec: &Spec, bundle: &Path, req: &api::CreateTaskRequest) -> Result<(
         std::fs::File::open(path).map_err(|source| VmmError::Netns { path: path.clone(), source })?;
     }
     let vmm = Vmm::locate()?;
-    let api_sock = vmm::api_sock_arg(bundle);
-    let args = vmm.run_args(&plan, &api_sock);
-    Ok((stdio, Some(VmRun { vmm, args, plan, api_sock, cgroup_created: Vec::new(), restored: false })))
+    let node = node::config_path(req.options.as_ref())?.map(|p| node::load(&p)).transpose()?.flatten();
+    let (api_sock, vm_name, args) = match &node {
+        Some(n) => (n.socket.clone(), format!("{namespace}.{}", req.id), Vec::new()),
+        None => {
+            let sock = vmm::api_sock_arg(bundle);
+            let args = vmm.run_args(&plan, &sock);
+            (sock, vmm::VM_NAME.to_string(), args)
+        }
+    };
+    let vm = VmRun { vmm, args, plan, api_sock, cgroup_created: Vec::new(), restored: false, vm_name, node };
+    Ok((stdio, Some(vm)))
 }
 
 fn display_args(args: &[std::ffi::OsString]) -> String {
@@ -736,6 +828,14 @@ fn remove_shim_socket(bundle: &Path) {
     if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// The node pool VM a task of this bundle runs (what [`NODE_FILE`] records).
+fn read_node_vm(bundle: &Path) -> Option<(NodePool, String)> {
+    let text = std::fs::read_to_string(bundle.join(NODE_FILE)).ok()?;
+    let mut lines = text.lines();
+    let (socket, name) = (lines.next()?, lines.next()?);
+    Some((NodePool { socket: socket.into(), start: false, vcpus: None, memory: None }, name.to_string()))
 }
 
 fn read_pid(bundle: &Path) -> Option<u32> {

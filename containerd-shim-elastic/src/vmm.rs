@@ -209,10 +209,10 @@ pub fn api(
     control_client::request(&short, method, path, body, timeout).map_err(failed)
 }
 
-/// The VM's vCPU and memory policies in force now (`GET /api/v1/vms/vm0`): what a restored VM
-/// brought from its snapshot, with any change made since.
-pub fn policies(bundle: &Path, sock: &Path) -> Result<(Policy, Policy), VmmError> {
-    let path = format!("/api/v1/vms/{VM_NAME}");
+/// VM `name`'s vCPU and memory policies in force now (`GET /api/v1/vms/NAME`): what a
+/// restored VM brought from its snapshot, with any change made since.
+pub fn policies(bundle: &Path, sock: &Path, name: &str) -> Result<(Policy, Policy), VmmError> {
+    let path = format!("/api/v1/vms/{name}");
     let json = api(bundle, sock, ("GET", &path, ""), HELPER_TIMEOUT)?;
     let missing = |what| VmmError::Answer { command: format!("GET {path}"), what };
     let v: serde_json::Value = serde_json::from_str(&json).map_err(|_| missing("JSON"))?;

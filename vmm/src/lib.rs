@@ -36,7 +36,7 @@ pub use base::exit;
 pub use base::timeline::Line;
 pub use control::resume::{ResumeError, ResumeOptions, receive_spec, restore_spec};
 pub use control::run::{
-    ConsoleMode, RunError, RunOptions, RunResult, RunSpec, TimelineOptions, VmEndHook, VmResult, VmSpec, run,
+    ConsoleMode, RunError, RunOptions, RunResult, RunSpec, TimelineOptions, VmEndHook, VmResult, VmSpec, run, serve,
 };
 pub use host::affinity::allowed as allowed_cpus;
 pub use host::clock::now_monotonic_ns;

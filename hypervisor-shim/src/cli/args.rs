@@ -51,7 +51,8 @@ when the guest has not stopped 500 ms later (once while `receive` waits). A clos
 pub(super) enum Command {
     /// Boot the kernel under this shim on /dev/kvm (the default).
     Run(Box<RunArgs>),
-    /// Run several VMs sharing one host pool, as described by a TOML file.
+    /// Run several VMs sharing one host pool, as described by a TOML file; with `--serve`, a
+    /// node pool that also admits VMs through its control API while it runs.
     Pool(PoolArgs),
     /// Run the elasticity stress scenarios and check their invariants.
     Stress(StressArgs),
@@ -336,9 +337,20 @@ pub(super) enum RestartMode {
 
 #[derive(Debug, Args, Clone)]
 pub(super) struct PoolArgs {
-    /// The pool configuration (see README for the format).
-    #[arg(value_name = "CONFIG.toml")]
-    pub(super) config: PathBuf,
+    /// The pool configuration (see README for the format); optional with --serve.
+    #[arg(value_name = "CONFIG.toml", required_unless_present = "serve")]
+    pub(super) config: Option<PathBuf>,
+    /// Serve as a node pool: run until SIGTERM or SIGINT, admitting VMs through the control
+    /// API (`POST /api/v1/vms`, what containerd-shim-elastic's node pool option uses).
+    /// Needs --api-sock.
+    #[arg(long, requires = "api_sock")]
+    pub(super) serve: bool,
+    /// The pool's vCPUs, without CONFIG.toml [default: the host's CPUs].
+    #[arg(long, value_name = "N", requires = "serve", conflicts_with = "config")]
+    pub(super) vcpus: Option<u64>,
+    /// The pool's memory, without CONFIG.toml [default: half the host's memory].
+    #[arg(long, value_name = "SIZE", requires = "serve", conflicts_with = "config", value_parser = parse_size_arg)]
+    pub(super) memory: Option<u64>,
     /// Write a JSON summary: one entry per VM plus the pool's figures.
     #[arg(long, value_name = "FILE")]
     pub(super) summary: Option<PathBuf>,
@@ -381,6 +393,10 @@ pub(super) struct StressArgs {
 
 pub(super) fn parse_credit_arg(s: &str) -> Result<[f64; 2], String> {
     parse_credit(s).map_err(|e| e.to_string())
+}
+
+pub(super) fn parse_size_arg(s: &str) -> Result<u64, String> {
+    elastic_config::parse_size(s).map_err(|e| e.to_string())
 }
 
 pub(super) fn parse_duration_arg(s: &str) -> Result<Duration, String> {

@@ -261,10 +261,16 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
     {
         return fail(exit::USAGE, e);
     }
-    let config = match crate::cli::pool_config::load(&args.config, &BUILT_KERNEL) {
-        Ok(c) => c,
-        Err(e) => return fail(exit::USAGE, e),
+    let config = match &args.config {
+        Some(path) => match crate::cli::pool_config::load(path, &BUILT_KERNEL) {
+            Ok(c) => c,
+            Err(e) => return fail(exit::USAGE, e),
+        },
+        None => crate::cli::pool_config::PoolConfig { capacity: node_capacity(&args), vms: Vec::new() },
     };
+    if args.vcpus == Some(0) {
+        return fail(exit::USAGE, "--vcpus must be at least 1");
+    }
     let bar = pool_progress_bar(config.vms.len());
     let spec = RunSpec {
         vms: config.vms,
@@ -277,7 +283,15 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
         },
         on_vm_end: bar.clone().map(|b| elastic_vmm::VmEndHook(std::sync::Arc::new(move |_, _| b.inc(1)))),
     };
-    let result = elastic_vmm::run(&spec, started);
+    if args.serve {
+        eline!(
+            "pool: serving {} vCPUs and {} on {} (SIGTERM or Ctrl-C ends it)",
+            spec.capacity.vcpus,
+            elastic_config::format_size(spec.capacity.memory),
+            args.api_sock.as_deref().unwrap_or(std::path::Path::new("")).display()
+        );
+    }
+    let result = if args.serve { elastic_vmm::serve(&spec, started) } else { elastic_vmm::run(&spec, started) };
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -304,6 +318,22 @@ fn run_pool(args: PoolArgs, started: Instant, started_monotonic_ns: u64) -> Exit
     let code = summary.exit_code();
     let summary = args.summary.as_ref().map(|path| (path, &summary));
     ExitCode::from(write_outputs(code, summary, args.plot.as_deref(), &result))
+}
+
+/// A node pool's capacity without a configuration file: `--vcpus` (else the host's CPUs) and
+/// `--memory` (else half the host's memory).
+fn node_capacity(args: &PoolArgs) -> elastic_vmm::Capacity {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let half_of_host = || {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(2 << 20);
+        (kib << 10) / 2
+    };
+    elastic_vmm::Capacity { vcpus: args.vcpus.unwrap_or(cpus), memory: args.memory.unwrap_or_else(half_of_host) }
 }
 
 /// A progress bar of finished VMs, on a terminal and for more than one VM.

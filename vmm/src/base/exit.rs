@@ -33,3 +33,6 @@ pub const TIMEOUT: u8 = 76;
 pub const RUN_FAILED: u8 = 77;
 /// The operator interrupted the run twice (Ctrl-C): 128 + SIGINT, as shells report it.
 pub const INTERRUPTED: u8 = 130;
+/// A node pool's VM killed on a control API request (`PUT /api/v1/vms/{name}/kill`): 128 +
+/// SIGKILL, as a killed process reports it.
+pub const KILLED: u8 = 137;

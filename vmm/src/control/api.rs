@@ -9,7 +9,17 @@
 //! | `PUT /api/v1/vms/{name}/pause`, `/resume`, `/stop` | lifecycle |
 //! | `PUT /api/v1/vms/{name}/snapshot` | `{"dir": "/abs/path"}`: save the VM there (it runs on) |
 //! | `PUT /api/v1/vms/{name}/migrate` | `{"to": "unix:PATH", "verify": false}`: move it to `receive --listen` |
+//! | `GET /api/v1/pool` | the pool: capacity, in use now, the most in use at once |
 //! | `GET /metrics` | Prometheus text format |
+//!
+//! A node pool (`pool --serve`) also admits VMs while it runs:
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `POST /api/v1/vms` | `{"name", "app", "kernel", "vcpus", "memory", "publish", "args", "log", "console", "netns"}`: admit and start a VM (201), or say why not (400, 409, 503) |
+//! | `GET /api/v1/vms/{name}/wait` | answers when the VM has ended: `{"exit_code", "exit_reason"}` |
+//! | `PUT /api/v1/vms/{name}/kill` | end the VM at once (exit code 137) |
+//! | `DELETE /api/v1/vms/{name}` | forget an ended VM's exit (its name can be admitted again) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request body), 404 (no such VM or path), 405
 //! (wrong method) or 409 (a state that does not allow it: resuming a running VM...).
@@ -30,8 +40,10 @@ use std::time::Duration;
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::control::admit::{Admission, AdmitEvent, Node};
 use crate::control::registry::Registry;
 use crate::control::request::{ControlReply, ControlRequest, Replier};
+use crate::policy::pool::Pool;
 
 /// Control API failures.
 #[derive(Debug, Error)]
@@ -88,8 +100,14 @@ pub(crate) struct ApiServer {
 }
 
 impl ApiServer {
-    /// Listens on `path` (which must not exist) and serves the VMs of `registry`.
-    pub(crate) fn start(path: &Path, registry: Registry) -> Result<ApiServer, ApiError> {
+    /// Listens on `path` (which must not exist) and serves the VMs of `registry`, in `pool`;
+    /// with `node`, it also admits VMs.
+    pub(crate) fn start(
+        path: &Path,
+        registry: Registry,
+        pool: Arc<Pool>,
+        node: Option<Node>,
+    ) -> Result<ApiServer, ApiError> {
         let err = |reason: String| ApiError::Socket { path: path.display().to_string(), reason };
         if path.exists() {
             return Err(err("already exists (remove it first)".into()));
@@ -106,7 +124,7 @@ impl ApiServer {
                 crate::host::seccomp::install_thread(crate::host::seccomp::Role::Api);
                 while !stop2.load(Ordering::Acquire) {
                     match served.recv_timeout(Duration::from_millis(100)) {
-                        Ok(Some(request)) => serve(request, &registry),
+                        Ok(Some(request)) => serve(request, &registry, &pool, node.as_ref()),
                         Ok(None) => {}
                         Err(_) => break,
                     }
@@ -167,9 +185,20 @@ enum Route {
     One(String, ControlRequest),
     /// Ask every VM's owner and combine the answers.
     All(ControlRequest, fn(Vec<Value>) -> Reply),
+    /// The pool's figures.
+    Pool,
+    /// Admit a VM (a node pool).
+    Admit(Box<Admission>),
+    /// Answer when this admitted VM has ended.
+    Wait(String),
+    /// Forget this ended VM.
+    Forget(String),
 }
 
-fn serve(mut request: tiny_http::Request, registry: &Registry) {
+/// The refusal of a node pool's request by a pool that does not admit VMs.
+const NOT_A_NODE: &str = "this shim does not admit VMs while it runs (`hypervisor-shim pool --serve` does)";
+
+fn serve(mut request: tiny_http::Request, registry: &Registry, pool: &Pool, node: Option<&Node>) {
     let mut body = String::new();
     let read = request.as_reader().take(MAX_BODY).read_to_string(&mut body);
     let route = match read {
@@ -178,6 +207,35 @@ fn serve(mut request: tiny_http::Request, registry: &Registry) {
     };
     match route {
         Route::Now(reply) => respond(request, reply),
+        Route::Pool => respond(request, ControlReply::ok(pool_figures(pool, registry.names().len())).into()),
+        Route::Admit(_) | Route::Wait(_) | Route::Forget(_) if node.is_none() => {
+            respond(request, error(405, NOT_A_NODE))
+        }
+        Route::Admit(admission) => {
+            let Some(node) = node else { return };
+            let name = admission.config.name().to_string();
+            if registry.names().contains(&name) || !node.exits.claim(&name) {
+                return respond(request, error(409, format!("a VM named '{name}' exists in this pool")));
+            }
+            let replier = Replier::new(&name, move |r| respond(request, r.into()));
+            if let Err(e) = node.admit.send(AdmitEvent::Admit(admission, replier)) {
+                node.exits.refused(&name);
+                if let AdmitEvent::Admit(_, replier) = e.0 {
+                    replier.reply(ControlReply::error(503, "the pool is shutting down: it admits no more VMs"));
+                }
+            }
+        }
+        Route::Wait(name) => {
+            let Some(node) = node else { return };
+            let replier = Replier::new(&name, move |r| respond(request, r.into()));
+            if let Err(replier) = node.exits.wait(&name, replier) {
+                replier.reply(ControlReply::error(404, format!("no admitted VM named '{name}'")));
+            }
+        }
+        Route::Forget(name) => {
+            let Some(node) = node else { return };
+            respond(request, node.exits.forget(&name).into());
+        }
         Route::One(name, what) => {
             let replier = Replier::new(&name, move |r| respond(request, r.into()));
             // No such VM: the replier answers 404 as it goes.
@@ -241,8 +299,25 @@ impl Gather {
     }
 }
 
+/// The pool's capacity, use and peak (`GET /api/v1/pool`).
+fn pool_figures(pool: &Pool, vms: usize) -> Value {
+    let c = pool.capacity();
+    let ([used_vcpus, used_memory], [peak_vcpus, peak_memory]) = (pool.used(), pool.peak());
+    let limit = |v: u64| if v == u64::MAX { Value::Null } else { v.into() };
+    serde_json::json!({
+        "vcpus": limit(c.vcpus),
+        "memory_bytes": limit(c.memory),
+        "used_vcpus": used_vcpus,
+        "used_memory_bytes": used_memory,
+        "peak_vcpus": peak_vcpus,
+        "peak_memory_bytes": peak_memory,
+        "vms": vms,
+        "pid": std::process::id(),
+    })
+}
+
 fn route(method: &tiny_http::Method, url: &str, body: &str) -> Route {
-    use tiny_http::Method::{Get, Put};
+    use tiny_http::Method::{Delete, Get, Post, Put};
     let path = url.split('?').next().unwrap_or("");
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, parts.as_slice()) {
@@ -250,14 +325,26 @@ fn route(method: &tiny_http::Method, url: &str, body: &str) -> Route {
         (Get, ["api", "v1", "vms"]) => {
             Route::All(ControlRequest::Brief, |list| ControlReply { status: 200, body: Value::Array(list) }.into())
         }
+        (Get, ["api", "v1", "pool"]) => Route::Pool,
+        (Post, ["api", "v1", "vms"]) => match Admission::parse(body) {
+            Ok(a) => Route::Admit(Box::new(a)),
+            Err(e) => Route::Now(error(400, e)),
+        },
         (Get, ["api", "v1", "vms", name]) => Route::One(name.to_string(), ControlRequest::Get),
+        (Get, ["api", "v1", "vms", name, "wait"]) => Route::Wait(name.to_string()),
+        (Delete, ["api", "v1", "vms", name]) => Route::Forget(name.to_string()),
         (Put, ["api", "v1", "vms", name, action]) => match action_request(action, body) {
             Ok(what) => Route::One(name.to_string(), what),
             Err(reply) => Route::Now(reply),
         },
-        (_, ["metrics"] | ["api", "v1", "vms"] | ["api", "v1", "vms", _] | ["api", "v1", "vms", _, _]) => {
-            Route::Now(error(405, format!("{method} is not allowed on {path}")))
-        }
+        (
+            _,
+            ["metrics"]
+            | ["api", "v1", "pool"]
+            | ["api", "v1", "vms"]
+            | ["api", "v1", "vms", _]
+            | ["api", "v1", "vms", _, _],
+        ) => Route::Now(error(405, format!("{method} is not allowed on {path}"))),
         _ => Route::Now(error(404, format!("no such path: {path}"))),
     }
 }
@@ -267,6 +354,7 @@ fn action_request(action: &str, body: &str) -> Result<ControlRequest, Reply> {
         "pause" => Ok(ControlRequest::Pause),
         "resume" => Ok(ControlRequest::Resume),
         "stop" => Ok(ControlRequest::Stop),
+        "kill" => Ok(ControlRequest::Kill),
         "policy" => policy_request(body),
         "snapshot" => {
             let dir = PathBuf::from(body_string(body, "dir")?);
@@ -283,7 +371,9 @@ fn action_request(action: &str, body: &str) -> Result<ControlRequest, Reply> {
             let verify = serde_json::from_str::<Value>(body).ok().and_then(|v| v["verify"].as_bool()).unwrap_or(false);
             Ok(ControlRequest::Migrate { to: PathBuf::from(path), verify })
         }
-        other => Err(error(404, format!("no such action: {other} (pause, resume, stop, policy, snapshot, migrate)"))),
+        other => {
+            Err(error(404, format!("no such action: {other} (pause, resume, stop, kill, policy, snapshot, migrate)")))
+        }
     }
 }
 
@@ -347,12 +437,13 @@ mod tests {
         match route(&method, url, body) {
             Route::One(_, r) | Route::All(r, _) => Ok(r),
             Route::Now(reply) => Err(reply.status),
+            Route::Pool | Route::Admit(_) | Route::Wait(_) | Route::Forget(_) => Err(0),
         }
     }
 
     #[test]
     fn requests_are_parsed_before_any_vm_sees_them() {
-        use tiny_http::Method::{Delete, Get, Put};
+        use tiny_http::Method::{Delete, Get, Post, Put};
         assert_eq!(req(Get, "/api/v1/vms/kv", ""), Ok(ControlRequest::Get));
         assert_eq!(req(Put, "/api/v1/vms/kv/pause", ""), Ok(ControlRequest::Pause));
         assert_eq!(
@@ -373,7 +464,14 @@ mod tests {
         assert_eq!(req(Put, "/api/v1/vms/kv/policy", r#"{"cpus": "1"}"#), Err(400));
         assert_eq!(req(Put, "/api/v1/vms/kv/policy", "{}"), Err(400));
         assert_eq!(req(Put, "/api/v1/vms/kv/jump", ""), Err(404));
-        assert_eq!(req(Delete, "/api/v1/vms/kv", ""), Err(405));
+        assert_eq!(req(Put, "/api/v1/vms/kv/kill", ""), Ok(ControlRequest::Kill));
+        assert!(matches!(route(&Delete, "/api/v1/vms/kv", ""), Route::Forget(n) if n == "kv"));
+        assert!(matches!(route(&Get, "/api/v1/vms/kv/wait", ""), Route::Wait(n) if n == "kv"));
+        assert!(matches!(route(&Get, "/api/v1/pool", ""), Route::Pool));
+        let body = r#"{"name": "a", "app": "kv", "kernel": "/k"}"#;
+        assert!(matches!(route(&Post, "/api/v1/vms", body), Route::Admit(_)));
+        assert_eq!(req(Post, "/api/v1/vms", "{}"), Err(400));
+        assert_eq!(req(Delete, "/api/v1/pool", ""), Err(405));
         assert_eq!(req(Get, "/nope", ""), Err(404));
     }
 

@@ -87,8 +87,15 @@ pub(crate) struct AtRest<'a> {
 
 /// Starts `vm` and serves everything that happens to it until it ends (`timeout`: its time
 /// limit). The calling thread is the VM's owner; `rest` says what it does when the VM is idle
-/// or first serves.
-pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duration>, rest: AtRest<'_>) -> Driven {
+/// or first serves; `announce` is called once the control API can reach the VM.
+pub(crate) fn drive(
+    vm: Vm,
+    owner: Owner,
+    ctx: &Context,
+    timeout: Option<Duration>,
+    rest: AtRest<'_>,
+    announce: Option<Box<dyn FnOnce() + '_>>,
+) -> Driven {
     let Owner { tx, rx } = owner;
     let interrupts = {
         let tx = tx.clone();
@@ -100,6 +107,9 @@ pub(crate) fn drive(vm: Vm, owner: Owner, ctx: &Context, timeout: Option<Duratio
     let shared = Arc::clone(running.shared());
     ctx.members.add(Arc::clone(&shared));
     let registered = ctx.registry.register(shared.name(), tx);
+    if let Some(announce) = announce {
+        announce();
+    }
     let (idle_stopped, slept) = serve(&running, &rx, timeout, rest);
     drop(registered);
     drop(interrupts);
@@ -269,6 +279,8 @@ fn live(vm: &VmShared) -> Value {
         o.remove("started_monotonic_ns");
         o.insert("state".into(), state(vm).into());
         o.insert("restarts".into(), vm.restarts_before().into());
+        let vcpu_ns: u64 = vm.vcpus().all().iter().map(|h| h.cpu_ns()).sum();
+        o.insert("vcpu_cpu_us".into(), (vcpu_ns / 1000).into());
     }
     v
 }
@@ -331,6 +343,10 @@ fn answer(vm: &VmShared, request: ControlRequest) -> ControlReply {
         }
         ControlRequest::Stop => {
             vm.post_notice(notice::STOP, |_| {});
+            ControlReply { status: 202, body: brief(vm) }
+        }
+        ControlRequest::Kill => {
+            vm.finish(Outcome::KilledOnRequest);
             ControlReply { status: 202, body: brief(vm) }
         }
         ControlRequest::SetPolicy { vcpus, memory } => set_policy(vm, vcpus, memory),

@@ -8,6 +8,7 @@
 //!   API, which only forwards requests to owners; [`governor`]: the accounting thread.
 //! * [`resume`]: runs that start from a snapshot or a migration.
 
+pub(crate) mod admit;
 pub(crate) mod api;
 pub(crate) mod controller;
 pub(crate) mod governor;

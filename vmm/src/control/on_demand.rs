@@ -535,7 +535,7 @@ pub(crate) fn serve(mut slot: Slot<'_>) -> Result<(RunReport, OnDemandFigures), 
             sleep_to: sleep_dir.as_ref().map(|d| d.path.as_path()),
             template: templates.zip(key.as_ref()).filter(|_| cycle.take_template),
         };
-        let Driven { report, idle_stopped, slept } = drive(vm, owner, slot.ctx, cycle.lifecycle.timeout, rest);
+        let Driven { report, idle_stopped, slept } = drive(vm, owner, slot.ctx, cycle.lifecycle.timeout, rest, None);
         kept = slept;
         let _ = slot.timeline.flush();
         let first_reply_us = report.first_reply.map(|f| f.at.saturating_sub(seen_at).as_micros() as u64);

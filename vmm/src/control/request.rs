@@ -23,6 +23,8 @@ pub(crate) enum ControlRequest {
     Resume,
     /// Ask the guest to stop (a STOP notice).
     Stop,
+    /// End the VM at once.
+    Kill,
     /// New max and burst (min stays) for the resources given.
     SetPolicy { vcpus: Option<Policy>, memory: Option<Policy> },
     /// Save the VM into this directory; it runs on.

@@ -22,6 +22,7 @@ use crate::control::api::{ApiError, ApiServer};
 use crate::control::registry::Registry;
 use crate::control::run::{RestoreSource, VmSpec};
 use crate::host::endpoint::Publish;
+use crate::policy::pool::{Capacity, Pool};
 use crate::snapshot::SnapshotError;
 use crate::snapshot::migrate::{MigrateError, Received, receive};
 use crate::snapshot::restore::RestoreMemory;
@@ -205,7 +206,11 @@ fn wait_for_source(path: &Path, opts: &ResumeOptions) -> Result<UnixStream, Resu
     let _interrupts = crate::host::signals::subscribe(move |_| {
         let _ = w.write(1);
     });
-    let _api = opts.api_sock.as_deref().map(|p| ApiServer::start(p, Registry::default())).transpose()?;
+    let _api = opts
+        .api_sock
+        .as_deref()
+        .map(|p| ApiServer::start(p, Registry::default(), Arc::new(Pool::new(Capacity::UNLIMITED)), None))
+        .transpose()?;
     crate::host::diag::say(format_args!("waiting for a migration on {}", path.display()));
     let deadline = opts.timeout.map(|t| Instant::now() + t);
     loop {

@@ -14,11 +14,13 @@ use thiserror::Error;
 use crate::base::config::VmConfig;
 use crate::base::exit;
 use crate::base::timeline::{Line, Timeline};
+use crate::control::admit::{Admission, AdmitEvent, Exits, Node};
 use crate::control::api::{ApiError, ApiServer};
 use crate::control::controller::{Context, Driven, Owner};
 use crate::control::governor::Governor;
 use crate::control::on_demand::{self, Slot};
 use crate::control::registry::Registry;
+use crate::control::request::ControlReply;
 use crate::host::endpoint::{Bound, EndpointError};
 use crate::policy::pool::{Capacity, Pool};
 use crate::report::summary::{OnDemandFigures, PoolFigures, PoolSummary, PoolVm, Summary};
@@ -367,6 +369,20 @@ fn raise_open_file_limit() {
 /// Runs every VM of `spec` to its end (`started`: when the shim started; boot times are
 /// measured from it).
 pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
+    run_or_serve(spec, started, false)
+}
+
+/// Runs `spec` as a node pool: its VMs, and those the control API admits while it runs
+/// (`POST /api/v1/vms`), until SIGTERM or SIGINT (which also ask every VM to stop). The
+/// control API (`spec.options.api_sock`) is required.
+pub fn serve(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
+    if spec.options.api_sock.is_none() {
+        return Err(ApiError::Socket { path: String::new(), reason: "a node pool needs its control API".into() }.into());
+    }
+    run_or_serve(spec, started, true)
+}
+
+fn run_or_serve(spec: &RunSpec, started: Instant, serve: bool) -> Result<RunResult, RunError> {
     let kvm = open_kvm()?;
     let options = &spec.options;
     if spec.vms.iter().any(|v| v.config.lifecycle.on_demand == Some(crate::base::config::Wake::Resume)) {
@@ -424,8 +440,10 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
     // up front).
     let governor = Governor::start(started);
     let registry = Registry::default();
+    let (admit_tx, admit_rx) = std::sync::mpsc::channel();
+    let node = serve.then(|| Node { exits: Exits::default(), admit: admit_tx.clone() });
     let _api = match &options.api_sock {
-        Some(path) => match ApiServer::start(path, registry.clone()) {
+        Some(path) => match ApiServer::start(path, registry.clone(), Arc::clone(&pool), node.clone()) {
             Ok(a) => Some(a),
             Err(e) => {
                 governor.stop();
@@ -510,49 +528,60 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
         .then(Templates::new);
     let warm = crate::vmm::vm::WarmPool::default();
     crate::host::signals::install();
+    // A node pool admits VMs until a signal asks it to end.
+    let _shutdown = serve.then(|| {
+        crate::host::signals::subscribe(move |_| {
+            let _ = admit_tx.send(AdmitEvent::Shutdown);
+        })
+    });
+    let admitted = Mutex::new(Vec::new());
     let total = prepared.len();
     let finished = AtomicUsize::new(0);
-    let run_one = |p: Prepared,
-                   vs: &VmSpec,
-                   sink: &SinkMaker|
-     -> Result<(RunReport, Option<OnDemandFigures>), VmError> {
-        let ran = match p {
-            Prepared::Now(vm, owner) => {
-                let Driven { report, .. } =
-                    crate::control::controller::drive(vm, owner, &ctx, vs.config.lifecycle.timeout, Default::default());
-                (report, None)
+    let run_one =
+        |p: Prepared, vs: &VmSpec, sink: &SinkMaker| -> Result<(RunReport, Option<OnDemandFigures>), VmError> {
+            let ran = match p {
+                Prepared::Now(vm, owner) => {
+                    let Driven { report, .. } = crate::control::controller::drive(
+                        vm,
+                        owner,
+                        &ctx,
+                        vs.config.lifecycle.timeout,
+                        Default::default(),
+                        None,
+                    );
+                    (report, None)
+                }
+                Prepared::Slot { endpoints, image, member, first } => {
+                    let make = || sink.make();
+                    let slot = Slot {
+                        config: &vs.config,
+                        image,
+                        kvm: &kvm,
+                        started,
+                        timeline: Arc::clone(&timeline),
+                        pool: &pool,
+                        ctx: &ctx,
+                        endpoints,
+                        console: &make,
+                        member,
+                        templates: templates.as_ref(),
+                        warm: &warm,
+                        first,
+                    };
+                    let served = on_demand::serve(slot);
+                    pool.close(member);
+                    let (report, figures) = served?;
+                    (report, Some(figures))
+                }
+            };
+            if let Some(hook) = &spec.on_vm_end {
+                (hook.0)(finished.fetch_add(1, Ordering::Relaxed) + 1, total);
             }
-            Prepared::Slot { endpoints, image, member, first } => {
-                let make = || sink.make();
-                let slot = Slot {
-                    config: &vs.config,
-                    image,
-                    kvm: &kvm,
-                    started,
-                    timeline: Arc::clone(&timeline),
-                    pool: &pool,
-                    ctx: &ctx,
-                    endpoints,
-                    console: &make,
-                    member,
-                    templates: templates.as_ref(),
-                    warm: &warm,
-                    first,
-                };
-                let served = on_demand::serve(slot);
-                pool.close(member);
-                let (report, figures) = served?;
-                (report, Some(figures))
-            }
+            Ok(ran)
         };
-        if let Some(hook) = &spec.on_vm_end {
-            (hook.0)(finished.fetch_add(1, Ordering::Relaxed) + 1, total);
-        }
-        Ok(ran)
-    };
     // One VM runs on this thread (no thread to start and join on the path of a short run);
     // several run on a thread each.
-    let reports: Vec<Result<(RunReport, Option<OnDemandFigures>), RunError>> = if prepared.len() == 1 {
+    let reports: Vec<Result<(RunReport, Option<OnDemandFigures>), RunError>> = if prepared.len() == 1 && !serve {
         prepared.into_iter().zip(&spec.vms).zip(&sinks).map(|((p, vs), sink)| Ok(run_one(p, vs, sink)?)).collect()
     } else {
         std::thread::scope(|scope| {
@@ -565,6 +594,48 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
                     (vs, scope.spawn(move || run_one(p, vs, sink)))
                 })
                 .collect();
+            if let Some(node) = &node {
+                let env = AdmitEnv { kvm: &kvm, started, timeline: &timeline, pool: &pool, console: options.console };
+                let mut running = Vec::new();
+                while let Ok(AdmitEvent::Admit(a, replier)) = admit_rx.recv() {
+                    let name = a.config.name().to_string();
+                    match admit(&a, &env) {
+                        Err((status, message)) => {
+                            node.exits.refused(&name);
+                            replier.reply(ControlReply::error(status, message));
+                        }
+                        Ok((vm, owner)) => {
+                            let (ctx, exits) = (&ctx, node.exits.clone());
+                            running.push(scope.spawn(move || {
+                                let announce = move || {
+                                    let body = serde_json::json!({ "name": name, "pid": std::process::id() });
+                                    replier.reply(ControlReply { status: 201, body });
+                                };
+                                let Driven { report, .. } = crate::control::controller::drive(
+                                    vm,
+                                    owner,
+                                    ctx,
+                                    None,
+                                    Default::default(),
+                                    Some(Box::new(announce)),
+                                );
+                                let (code, reason) = (report.outcome.exit_code(), report.outcome.reason());
+                                exits.ended(a.config.name(), code, reason);
+                                let spec = VmSpec::new(a.config, a.kernel, code);
+                                (spec, report)
+                            }));
+                        }
+                    }
+                }
+                for h in running {
+                    match h.join() {
+                        Ok(r) => admitted.lock().unwrap_or_else(|p| p.into_inner()).push(r),
+                        Err(_) => {
+                            crate::host::diag::say(format_args!("the thread of an admitted VM failed"));
+                        }
+                    }
+                }
+            }
             handles
                 .into_iter()
                 .map(|(vs, h)| match h.join() {
@@ -584,5 +655,57 @@ pub fn run(spec: &RunSpec, started: Instant) -> Result<RunResult, RunError> {
             capture.map(|c| String::from_utf8_lossy(&c.lock().unwrap_or_else(|p| p.into_inner())).into_owned());
         results.push(VmResult { spec: vs.clone(), report, output, on_demand });
     }
+    for (spec, report) in admitted.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        results.push(VmResult { spec, report, output: None, on_demand: None });
+    }
     Ok(RunResult { vms: results, timeline, capacity: spec.capacity, pool_peak: pool.peak(), wall: started.elapsed() })
+}
+
+/// What the node pool's main thread admits VMs with.
+struct AdmitEnv<'a> {
+    kvm: &'a kvm_ioctls::Kvm,
+    started: Instant,
+    timeline: &'a Arc<Timeline>,
+    pool: &'a Arc<Pool>,
+    console: ConsoleMode,
+}
+
+/// Admits `a` on the node pool's main thread: opens its console, opens and checks its image
+/// (each admission opens its own: a long-running pool keeps no image of an ended VM), binds
+/// its ports (in its network namespace), admits its min against the pool and creates it. A
+/// refusal is an HTTP status and the reason.
+fn admit(a: &Admission, env: &AdmitEnv<'_>) -> Result<(Vm, Owner), (u16, String)> {
+    let c = &a.config;
+    let console: Box<dyn Write + Send> = match a.open_console().map_err(|e| (400, e))? {
+        Some(file) => Box::new(file),
+        None => Box::new(ConsoleSink {
+            prefix: (env.console != ConsoleMode::Stdout).then(|| format!("[{}] ", c.name())),
+            capture: None,
+            echo: !matches!(env.console, ConsoleMode::Capture { echo: false }),
+            at_line_start: true,
+        }),
+    };
+    let image = Arc::new(KernelImage::open(&a.kernel).map_err(|e| (400, e.to_string()))?);
+    image.check_service(&c.guest.app).map_err(|e| (400, e.to_string()))?;
+    let e = &c.endpoints;
+    let bound = match &a.netns {
+        Some(ns) => crate::host::endpoint::bind_in(ns, &e.publish),
+        None => crate::host::endpoint::bind(&e.publish, None),
+    }
+    .map_err(|e| (409, e.to_string()))?;
+    let owner = Owner::new();
+    let host = Host {
+        kvm: env.kvm,
+        started: env.started,
+        timeline: Arc::clone(env.timeline),
+        pool: env.pool,
+        console,
+        events: owner.sink(),
+        shell: None,
+    };
+    match Vm::create(c, image, host, bound) {
+        Ok(vm) => Ok((vm, owner)),
+        Err(e @ (VmError::Pool(_) | VmError::Config(_))) => Err((409, e.to_string())),
+        Err(e) => Err((500, e.to_string())),
+    }
 }

@@ -39,6 +39,14 @@ pub enum EndpointError {
         /// Why.
         reason: String,
     },
+    /// The network namespace to bind in cannot be entered.
+    #[error("network namespace {path}: {reason}")]
+    Netns {
+        /// Its path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 pub(crate) use elastic_config::Publish;
@@ -62,6 +70,33 @@ pub(crate) enum Bound {
         /// Whether this handle removes the path when dropped (not a [`Bound::try_clone`]).
         owner: bool,
     },
+}
+
+/// Binds the TCP ports of `publish` inside the network namespace `netns` (a pod's): the
+/// calling thread enters it, binds, and comes back; the sockets stay in it.
+pub(crate) fn bind_in(netns: &Path, publish: &[Publish]) -> Result<Vec<Bound>, EndpointError> {
+    use std::os::fd::AsRawFd;
+    let err = |reason: String| EndpointError::Netns { path: netns.display().to_string(), reason };
+    let own = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| err(format!("cannot open our own: {e}")))?;
+    let target = std::fs::File::open(netns).map_err(|e| err(e.to_string()))?;
+    // SAFETY: setns only reads the descriptor, which is open; it changes this thread's
+    // network namespace, which is switched back below before anything else runs here.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(err(format!("cannot enter it: {}", std::io::Error::last_os_error())));
+    }
+    let bound = bind(publish, None);
+    // SAFETY: as above, with our own namespace's descriptor.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // Every later bind of this thread would land in the pod's namespace: a pool cannot
+        // go on safely.
+        crate::host::diag::say(format_args!(
+            "cannot return from network namespace {}: {}; ending",
+            netns.display(),
+            std::io::Error::last_os_error()
+        ));
+        std::process::exit(i32::from(crate::base::exit::INTERNAL));
+    }
+    bound
 }
 
 /// Binds every endpoint (all or nothing).

@@ -173,6 +173,8 @@ const MAIN: &[libc::c_long] = &[
     libc::SYS_kill,
     libc::SYS_sysinfo,
     libc::SYS_uname,
+    // A node pool binds a pod's published ports inside the pod's network namespace.
+    libc::SYS_setns,
 ];
 
 fn syscalls(role: Role) -> Vec<libc::c_long> {

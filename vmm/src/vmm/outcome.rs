@@ -78,6 +78,8 @@ pub enum Outcome {
     },
     /// On demand: the idle VM was snapshotted and ended; the next client resumes it.
     Asleep,
+    /// Ended at once on the control API's request (`PUT /api/v1/vms/{name}/kill`).
+    KilledOnRequest,
 }
 
 impl Outcome {
@@ -93,6 +95,7 @@ impl Outcome {
             Outcome::Interrupted | Outcome::InterruptIgnored(_) => exit::INTERRUPTED,
             Outcome::Killed { .. } | Outcome::IgnoredStop => exit::POLICY_KILL,
             Outcome::NoVm | Outcome::Migrated { .. } | Outcome::Asleep => 0,
+            Outcome::KilledOnRequest => exit::KILLED,
         }
     }
 
@@ -111,6 +114,7 @@ impl Outcome {
             Outcome::NoVm => "no_vm_running",
             Outcome::Migrated { .. } => "migrated",
             Outcome::Asleep => "asleep",
+            Outcome::KilledOnRequest => "killed",
         }
     }
 
@@ -141,6 +145,7 @@ impl Outcome {
             )),
             Outcome::NoVm | Outcome::Asleep => None,
             Outcome::Migrated { to } => Some(format!("VM migrated to {to}; it runs there now")),
+            Outcome::KilledOnRequest => Some("VM killed on a control API request".into()),
         }
     }
 }

@@ -389,6 +389,7 @@ impl VcpuThread {
         if !parked || self.park() {
             self.run_loop();
         }
+        self.handle.unbind_current_thread();
         bind_kvm_run(std::ptr::null_mut());
     }
 

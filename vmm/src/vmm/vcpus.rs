@@ -155,12 +155,26 @@ pub(crate) struct VcpuHandle {
     last_rip: AtomicU64,
     /// REPORTs recorded in the current second: (second, count).
     reports: Mutex<(u64, u32)>,
+    /// CPU time of this vCPU's thread: the thread's CPU clock and its reading when the thread
+    /// took the vCPU (while it runs it), and the time of threads that ran it before.
+    cpu: Mutex<(Option<(libc::clockid_t, u64)>, u64)>,
 }
 
 impl std::fmt::Debug for VcpuHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VcpuHandle").field("id", &self.id).field("state", &self.state()).finish_non_exhaustive()
     }
+}
+
+/// A thread CPU clock's reading in ns (0 if it cannot be read).
+fn cpu_clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer; a clock of a thread that ended fails (EINVAL), it
+    // is not undefined behaviour.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
 }
 
 /// What a vCPU thread does with an event it got while waiting (in BLOCK or parked).
@@ -184,6 +198,7 @@ impl VcpuHandle {
             thread: AtomicU64::new(0),
             last_rip: AtomicU64::new(0),
             reports: Mutex::new((0, 0)),
+            cpu: Mutex::new((None, 0)),
         }
     }
 
@@ -222,11 +237,31 @@ impl VcpuHandle {
         r.1 <= REPORTS_PER_SECOND
     }
 
-    /// Records the calling thread as this vCPU's thread.
+    /// Records the calling thread as this vCPU's thread (and starts counting its CPU time).
     pub(crate) fn bind_current_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         self.thread.store(me as u64, Ordering::Release);
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `me` is the calling thread, alive; `clock` is a valid out-pointer.
+        if unsafe { libc::pthread_getcpuclockid(me, &mut clock) } == 0 {
+            self.cpu.lock().unwrap_or_else(|p| p.into_inner()).0 = Some((clock, cpu_clock_ns(clock)));
+        }
+    }
+
+    /// The calling thread leaves this vCPU (it may serve another VM next): its CPU time so far
+    /// is kept.
+    pub(crate) fn unbind_current_thread(&self) {
+        let mut cpu = self.cpu.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((clock, start)) = cpu.0.take() {
+            cpu.1 += cpu_clock_ns(clock).saturating_sub(start);
+        }
+    }
+
+    /// CPU time its threads have spent on this vCPU, in ns (in the guest and serving its exits).
+    pub(crate) fn cpu_ns(&self) -> u64 {
+        let cpu = self.cpu.lock().unwrap_or_else(|p| p.into_inner());
+        cpu.1 + cpu.0.map_or(0, |(clock, start)| cpu_clock_ns(clock).saturating_sub(start))
     }
 
     /// Sends `event` to the vCPU thread and kicks it: out of KVM_RUN (a signal), out of a
