@@ -625,23 +625,42 @@ fn oci_image_tar(dir: &Path, layer_dir: &Path, name: &str) -> PathBuf {
 
 /// A network namespace given by path (what CRI does for every pod container) is the one the
 /// VMM runs in; CRI's sandbox container runs no VM at all.
+/// A network namespace bind-mounted on a file (as a CRI pod's), unmounted when dropped.
+struct PodNetns(PathBuf);
+
+impl PodNetns {
+    /// A new namespace at `C/netns`, its loopback up.
+    fn new(c: &Containerd) -> PodNetns {
+        let netns = c.dir.join("netns");
+        std::fs::write(&netns, "").expect("netns file");
+        let ran = run_with_timeout(
+            Command::new("unshare").arg(format!("--net={}", netns.display())).args(["ip", "link", "set", "lo", "up"]),
+            Duration::from_secs(30),
+        );
+        ran.expect_code(0, "unshare --net=FILE ip link set lo up");
+        PodNetns(netns)
+    }
+
+    /// Runs `cmd ARGS` inside the namespace.
+    fn run(&self, cmd: &str, args: &[&str]) -> Ran {
+        run_with_timeout(
+            Command::new("nsenter").arg(format!("--net={}", self.0.display())).arg(cmd).args(args),
+            Duration::from_secs(30),
+        )
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 #[test]
 fn pod_network_namespace_is_joined_and_sandboxes_run_no_vm() {
     let c = Containerd::start("netns");
-    let netns = c.dir.join("netns");
-    std::fs::write(&netns, "").expect("netns file");
-    let ran = run_with_timeout(
-        Command::new("unshare").arg(format!("--net={}", netns.display())).arg("true"),
-        Duration::from_secs(30),
-    );
-    ran.expect_code(0, "unshare --net=FILE");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _netns_guard = Unmount(netns.clone());
+    let pod = PodNetns::new(&c);
+    let netns = pod.0.clone();
     let inode = std::fs::metadata(&netns).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("netns inode");
 
     // The pod sandbox: no rootfs content needed, nothing runs, kill ends it like `pause`.
@@ -1137,4 +1156,67 @@ fn two_tasks_share_the_node_pool() {
     let status = std::fs::read_to_string(format!("/proc/{pid_b}/status")).unwrap_or_default();
     assert!(status.is_empty() || status.contains("State:\tZ"), "the pool outlived SIGKILL:\n{status}");
     assert!(std::net::TcpStream::connect(format!("127.0.0.1:{port_b}")).is_err(), "port {port_b} still serves");
+}
+
+/// A node pool task of a pod publishes its port inside the pod's network namespace (the pool
+/// binds it there), not on the host's.
+#[test]
+fn a_node_pool_task_publishes_in_its_pod_network_namespace() {
+    let c = Containerd::start("nodens");
+    let pod = PodNetns::new(&c);
+    let rootfs = c.rootfs("rootfs", "service = \"kv\"\n");
+    let sock = c.dir.join("pool.sock");
+    let config = c.dir.join("shim.toml");
+    std::fs::write(&config, format!("[node_pool]\nsocket = \"{}\"\nvcpus = 2\nmemory = \"256M\"\n", sock.display()))
+        .expect("shim.toml");
+    let port = free_port().to_string();
+    let publish = format!("elastic.publish=127.0.0.1:{port}:{KV_GUEST_PORT}");
+    let with_ns = format!("network:{}", pod.0.display());
+    let opts = ["-d", "--runtime-config-path", config.to_str().expect("path"), "--with-ns", &with_ns];
+    let mut all = opts.to_vec();
+    all.extend(["--annotation", &publish, "--rootfs"]);
+    c.run(&all, &[rootfs.to_str().expect("path")], "kv", &[]).expect_code(0, "ctr run kv");
+    c.wait_status("kv", "RUNNING");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pod.run("redis-cli", &["-p", &port, "PING"]).stdout.trim() != "PONG" {
+        assert!(Instant::now() < deadline, "kv never answered inside the pod's namespace on port {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err(),
+        "port {port} is published on the host's namespace too"
+    );
+    // The pool's own control socket stays where it was started, on the host.
+    assert_eq!(pool_get(&sock, "/api/v1/pool")["vms"], 1);
+    c.ctr(&["task", "kill", "-s", "SIGKILL", "kv"]).expect_code(0, "kill");
+    c.wait_status("kv", "STOPPED");
+    assert!(c.remove("kv").stderr.contains("exit code 137"));
+    assert_eq!(pool_get(&sock, "/api/v1/pool")["vms"], 0, "the killed VM left the pool");
+
+    // A task whose shim dies: containerd's `shim delete` ends its VM in the pool.
+    c.run(&all, &[rootfs.to_str().expect("path")], "orphan", &[]).expect_code(0, "ctr run orphan");
+    c.wait_status("orphan", "RUNNING");
+    assert_eq!(pool_get(&sock, "/api/v1/pool")["vms"], 1);
+    let shim = shim_pid(&c, "orphan");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim as i32), Signal::SIGKILL).expect("kill the shim");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pool_get(&sock, "/api/v1/pool")["vms"] != 0 || c.task("orphan").is_some() {
+        assert!(Instant::now() < deadline, "the dead shim's VM is still in the pool\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.ctr(&["container", "delete", "orphan"]).expect_code(0, "container delete");
+}
+
+/// The pid of the shim serving task `id` of `c` (its command line names the namespace and id).
+fn shim_pid(c: &Containerd, id: &str) -> u32 {
+    let (ns, id) = (format!("-namespace\0{}\0", c.namespace), format!("-id\0{id}\0"));
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+                .into_owned();
+            cmdline.contains("containerd-shim-elastic-v1") && cmdline.contains(&ns) && cmdline.contains(&id)
+        })
+        .unwrap_or_else(|| panic!("no shim process for task {id}"))
 }
