@@ -199,9 +199,18 @@ impl NodePool {
     /// Makes sure the pool answers: starts it (`vmm`'s `pool --serve`) when none does and
     /// `start` allows. Two shims starting at once start one pool (a lock beside the socket).
     pub fn ensure(&self, vmm: &Vmm) -> Result<(), NodeError> {
-        let reason = match self.request("GET", "/api/v1/pool", "", HELPER_TIMEOUT) {
+        let reason = match self.call("GET", "/api/v1/pool", "", HELPER_TIMEOUT) {
             Ok(_) => return Ok(()),
-            Err(e) => e.to_string(),
+            // Nobody listens (no socket, or a dead pool's): start one.
+            Err(e @ ClientError::Connect { .. }) => e.to_string(),
+            // A pool that is there but slow or refusing is not replaced by a second one.
+            Err(e) => {
+                return Err(NodeError::Request {
+                    socket: self.socket.clone(),
+                    what: "GET /api/v1/pool".into(),
+                    reason: e.to_string(),
+                });
+            }
         };
         if !self.start {
             return Err(NodeError::Absent { socket: self.socket.clone(), reason });
@@ -212,9 +221,20 @@ impl NodePool {
         }
         let lock_path = with_suffix(&self.socket, ".lock");
         let lock = File::create(&lock_path).map_err(|e| failed(format!("{}: {e}", lock_path.display())))?;
-        // Held until this function returns.
-        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| failed(format!("cannot lock {}: {e}", lock_path.display())))?;
+        // Held until this function returns; waited for at most as long as a start may take.
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut lock = lock;
+        let _lock = loop {
+            match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(held) => break held,
+                Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    lock = back;
+                    // Another shim is starting the pool: wait for it without spinning.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((_, e)) => return Err(failed(format!("cannot lock {}: {e}", lock_path.display()))),
+            }
+        };
         // Another shim may have started it while this one waited for the lock.
         if self.request("GET", "/api/v1/pool", "", HELPER_TIMEOUT).is_ok() {
             return Ok(());
@@ -286,18 +306,23 @@ impl NodePool {
         })
     }
 
-    /// Ends VM `name` at once (if it runs) and forgets its exit.
-    pub fn remove(&self, name: &str) {
-        let _ = self.request("PUT", &format!("/api/v1/vms/{name}/kill"), "", HELPER_TIMEOUT);
+    /// Ends VM `name` at once (if it runs) and forgets its exit. `true` once the pool knows
+    /// the name no more (or the pool is gone, and its VMs with it).
+    pub fn remove(&self, name: &str) -> bool {
+        let (kill, path) = (format!("/api/v1/vms/{name}/kill"), format!("/api/v1/vms/{name}"));
         let deadline = Instant::now() + HELPER_TIMEOUT;
-        // A killed VM's exit is recorded by its thread a moment later: until then the pool
-        // answers 409 (it runs).
-        let path = format!("/api/v1/vms/{name}");
-        while let Err(ClientError::Refused { status: 409, .. }) = self.call("DELETE", &path, "", HELPER_TIMEOUT) {
-            if Instant::now() >= deadline {
-                break;
+        loop {
+            // Killed again at every turn: a VM still being admitted (its name claimed, not yet
+            // running) is killed once it runs.
+            let _ = self.call("PUT", &kill, "", HELPER_TIMEOUT);
+            match self.call("DELETE", &path, "", HELPER_TIMEOUT) {
+                Ok(_) | Err(ClientError::Refused { status: 404, .. }) | Err(ClientError::Connect { .. }) => {
+                    return true;
+                }
+                // Its exit is recorded by its thread a moment after the kill.
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => return false,
             }
-            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

@@ -195,7 +195,9 @@ impl containerd_shim::Shim for ElasticShim {
         // The server died with its task: end the VM it left behind and release the rootfs.
         if let Some((node, name)) = read_node_vm(&self.bundle) {
             info!("ending VM {name} left in the node pool by a dead shim for {}", self.id);
-            node.remove(&name);
+            if node.remove(&name) {
+                let _ = std::fs::remove_file(self.bundle.join(NODE_FILE));
+            }
         }
         let pid = read_pid(&self.bundle);
         if let Some(pid) = pid.filter(|p| vmm_belongs_to(*p, &self.bundle)) {
@@ -305,7 +307,7 @@ struct VmRun {
     /// the plan's, until the first Update reads them from the VMM.
     restored: bool,
     /// The VM's name on the control API: [`vmm::VM_NAME`] for a VMM of its own,
-    /// `NAMESPACE.ID` in the node pool.
+    /// `NAMESPACE:ID` in the node pool.
     vm_name: String,
     /// The node pool it runs in (`api_sock` is then the pool's), or `None`: a VMM of its own.
     node: Option<NodePool>,
@@ -453,11 +455,22 @@ impl Inner {
             None => std::process::id(),
             Some(VmRun { node: Some(node), vm_name, plan, vmm, .. }) => {
                 node.ensure(vmm)?;
-                let pid = node.admit(vm_name, plan, &task.stdio.stdout)?;
+                // Recorded before the VM exists: a shim that dies from here on leaves a VM
+                // that `delete` can find (and a name it forgets).
                 let record = format!("{}\n{vm_name}\n", node.socket.display());
                 if let Err(e) = std::fs::write(task.bundle.join(NODE_FILE), record) {
                     warn!("cannot record the node pool VM: {e}");
                 }
+                let pid = match node.admit(vm_name, plan, &task.stdio.stdout) {
+                    Ok(pid) => pid,
+                    Err(e) => {
+                        // Refused, or no answer in time: a VM admitted late is ended.
+                        if node.remove(vm_name) {
+                            let _ = std::fs::remove_file(task.bundle.join(NODE_FILE));
+                        }
+                        return Err(e.into());
+                    }
+                };
                 let (inner, node, name) = (Arc::clone(self), node.clone(), vm_name.clone());
                 std::thread::spawn(move || {
                     let code = node.wait(&name).unwrap_or_else(|e| {
@@ -516,7 +529,6 @@ impl Inner {
         task.exit_status = status;
         task.exited_at = Some(at.clone());
         let _ = std::fs::remove_file(task.bundle.join(PID_FILE));
-        let _ = std::fs::remove_file(task.bundle.join(NODE_FILE));
         self.exited.notify_all();
         self.events.publish(TaskExit {
             container_id: task.id.clone(),
@@ -742,8 +754,11 @@ impl Inner {
         }
         if let Some(vm) = &mut task.vm {
             cgroup::remove_dirs(&std::mem::take(&mut vm.cgroup_created));
-            if let Some(node) = &vm.node {
-                node.remove(&vm.vm_name);
+            if task.bundle.join(NODE_FILE).exists()
+                && let Some(node) = &vm.node
+                && node.remove(&vm.vm_name)
+            {
+                let _ = std::fs::remove_file(task.bundle.join(NODE_FILE));
             }
         }
         let _ = std::fs::remove_file(task.bundle.join(vmm::API_SOCK));
@@ -806,7 +821,8 @@ fn prepare(
     let vmm = Vmm::locate()?;
     let node = node::config_path(req.options.as_ref())?.map(|p| node::load(&p)).transpose()?.flatten();
     let (api_sock, vm_name, args) = match &node {
-        Some(n) => (n.socket.clone(), format!("{namespace}.{}", req.id), Vec::new()),
+        // ':' is in neither a namespace nor an id: two tasks never share a name.
+        Some(n) => (n.socket.clone(), format!("{namespace}:{}", req.id), Vec::new()),
         None => {
             let sock = vmm::api_sock_arg(bundle);
             let args = vmm.run_args(&plan, &sock);

@@ -1077,7 +1077,7 @@ fn two_tasks_share_the_node_pool() {
     let cmdline =
         String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid_a}/cmdline")).expect("cmdline")).replace('\0', " ");
     assert!(cmdline.contains("pool --serve"), "{cmdline}");
-    let (name_a, name_b) = (format!("{}.a", c.namespace), format!("{}.b", c.namespace));
+    let (name_a, name_b) = (format!("{}:a", c.namespace), format!("{}:b", c.namespace));
     let listed = pool_get(&sock, "/api/v1/vms");
     for name in [&name_a, &name_b] {
         assert!(listed.as_array().expect("list").iter().any(|v| v["name"] == name.as_str()), "{name}: {listed}");

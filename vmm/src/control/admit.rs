@@ -24,7 +24,7 @@ pub(crate) enum AdmitError {
     #[error("the body is not an admission request: {0}")]
     Body(String),
     /// The name is not usable.
-    #[error("VM name '{0}' must be 1 to 256 letters, digits, '.', '-' or '_'")]
+    #[error("VM name '{0}' must be 1 to 256 letters, digits, ':', '.', '-' or '_'")]
     Name(String),
     /// A field's value is refused.
     #[error("{field}: {message}")]
@@ -68,19 +68,42 @@ pub(crate) struct Admission {
 }
 
 impl Admission {
-    /// Opens the console's target: a FIFO read-write (never blocking on its reader; the guest's
-    /// output waits in the pipe while nobody reads), a file for appending, or `None`.
+    /// Opens the console's target without ever blocking: a FIFO read-write (the guest's
+    /// output waits in the pipe while nobody reads), a regular file for appending (created if
+    /// missing), or `/dev/null`; anything else (a directory, another device) is refused.
+    /// `None`: no console path.
     pub(crate) fn open_console(&self) -> Result<Option<std::fs::File>, String> {
-        use std::os::unix::fs::FileTypeExt;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
         let Some(path) = &self.console else { return Ok(None) };
-        let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
-        let mut options = std::fs::OpenOptions::new();
-        if fifo {
-            options.read(true).write(true);
+        let err = |e: String| format!("console {}: {e}", path.display());
+        let flags = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+        let file = match std::fs::OpenOptions::new().read(true).write(true).custom_flags(flags).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .custom_flags(flags | libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(|e| err(e.to_string()))?,
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+        let kind = meta.file_type();
+        let dev_null = kind.is_char_device() && meta.rdev() == libc::makedev(1, 3);
+        // Writes block again once open (a full pipe waits for its reader); a file appends.
+        let mode = if kind.is_file() {
+            libc::O_APPEND
+        } else if kind.is_fifo() || dev_null {
+            0
         } else {
-            options.create(true).append(true);
+            return Err(err("must be a FIFO, a regular file or /dev/null".into()));
+        };
+        // SAFETY: F_SETFL on an open descriptor only changes its status flags.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, mode) } != 0 {
+            return Err(err(std::io::Error::last_os_error().to_string()));
         }
-        options.open(path).map(Some).map_err(|e| format!("console {}: {e}", path.display()))
+        Ok(Some(file))
     }
 
     /// Parses and checks a request body (the image is checked for the service later, when it
@@ -90,7 +113,7 @@ impl Admission {
         let field = |field: &'static str, message: String| AdmitError::Field { field, message };
         if b.name.is_empty()
             || b.name.len() > 256
-            || !b.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            || !b.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '.' | '-' | '_'))
         {
             return Err(AdmitError::Name(b.name));
         }
@@ -140,6 +163,8 @@ pub(crate) enum AdmitEvent {
 pub(crate) struct Node {
     pub(crate) exits: Exits,
     pub(crate) admit: std::sync::mpsc::Sender<AdmitEvent>,
+    /// Set once the pool admits no more (after a signal).
+    pub(crate) closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The most ended VMs kept for a later `wait` (the oldest is forgotten past it).
@@ -261,11 +286,11 @@ mod tests {
     #[test]
     fn a_request_is_checked_field_by_field() {
         let a = Admission::parse(
-            r#"{"name": "default.kv-1", "app": "kv", "kernel": "/k", "vcpus": "1:2:4", "memory": "64M:128M:256M",
+            r#"{"name": "k8s.io:kv-1", "app": "kv", "kernel": "/k", "vcpus": "1:2:4", "memory": "64M:128M:256M",
                 "publish": ["127.0.0.1:6379:6379"], "console": "/run/fifo", "args": ["--x"]}"#,
         )
         .expect("valid");
-        assert_eq!(a.config.name(), "default.kv-1");
+        assert_eq!(a.config.name(), "k8s.io:kv-1");
         assert_eq!(a.config.resources.vcpus, Policy { min: 1, max: 2, burst: 4 });
         assert_eq!(a.config.endpoints.publish.len(), 1);
         assert_eq!(a.console, Some(PathBuf::from("/run/fifo")));
@@ -281,6 +306,36 @@ mod tests {
         refused(r#"{"name": "a", "app": "k v", "kernel": "/k"}"#, "app:");
         refused(r#"{"name": "a", "app": "kv", "kernel": "/k", "cpus": 1}"#, "unknown field");
         refused(r#"{"name": "a", "app": "kv", "kernel": "/k", "console": "rel"}"#, "console:");
+    }
+
+    #[test]
+    fn a_console_is_a_fifo_a_file_or_dev_null() {
+        let dir = std::env::temp_dir().join(format!("admit-console-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("path");
+        // SAFETY: mkfifo reads a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let console = |p: &std::path::Path| {
+            let a = Admission::parse(&format!(
+                r#"{{"name": "a", "app": "kv", "kernel": "/k", "console": "{}"}}"#,
+                p.display()
+            ))
+            .expect("valid");
+            a.open_console().map(|f| f.is_some())
+        };
+        // A FIFO without a reader opens at once.
+        assert_eq!(console(&fifo), Ok(true));
+        let log = dir.join("new.log");
+        assert_eq!(console(&log), Ok(true));
+        assert!(log.is_file(), "a missing file is created");
+        assert_eq!(console(std::path::Path::new("/dev/null")), Ok(true));
+        for refused in [dir.as_path(), std::path::Path::new("/dev/zero")] {
+            let e = console(refused).expect_err("refused");
+            assert!(e.contains("must be a FIFO, a regular file or /dev/null") || e.contains("directory"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

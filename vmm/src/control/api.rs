@@ -214,6 +214,9 @@ fn serve(mut request: tiny_http::Request, registry: &Registry, pool: &Pool, node
         Route::Admit(admission) => {
             let Some(node) = node else { return };
             let name = admission.config.name().to_string();
+            if node.closing.load(Ordering::Acquire) {
+                return respond(request, error(503, "the pool is shutting down: it admits no more VMs"));
+            }
             if registry.names().contains(&name) || !node.exits.claim(&name) {
                 return respond(request, error(409, format!("a VM named '{name}' exists in this pool")));
             }

@@ -106,6 +106,12 @@ pub(crate) fn drive(
     let running = vm.start();
     let shared = Arc::clone(running.shared());
     ctx.members.add(Arc::clone(&shared));
+    // An admitted VM that starts after a signal asked its pool to end is asked to stop as the
+    // others were (the signal came before it subscribed).
+    let late = crate::host::signals::interrupts();
+    if announce.is_some() && late > 0 {
+        let _ = tx.send(OwnerEvent::Interrupt(late));
+    }
     let registered = ctx.registry.register(shared.name(), tx);
     if let Some(announce) = announce {
         announce();

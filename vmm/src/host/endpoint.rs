@@ -72,31 +72,47 @@ pub(crate) enum Bound {
     },
 }
 
-/// Binds the TCP ports of `publish` inside the network namespace `netns` (a pod's): the
-/// calling thread enters it, binds, and comes back; the sockets stay in it.
+/// Binds the TCP ports of `publish` inside the network namespace `netns` (a pod's): a
+/// short-lived thread enters it and binds (the sockets stay in it), so no thread that goes on
+/// ever changes namespace. `netns` must be a namespace file (nsfs); it is opened without
+/// blocking.
 pub(crate) fn bind_in(netns: &Path, publish: &[Publish]) -> Result<Vec<Bound>, EndpointError> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    /// `NSFS_MAGIC` (linux/magic.h).
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
     let err = |reason: String| EndpointError::Netns { path: netns.display().to_string(), reason };
-    let own = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| err(format!("cannot open our own: {e}")))?;
-    let target = std::fs::File::open(netns).map_err(|e| err(e.to_string()))?;
-    // SAFETY: setns only reads the descriptor, which is open; it changes this thread's
-    // network namespace, which is switched back below before anything else runs here.
-    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(err(format!("cannot enter it: {}", std::io::Error::last_os_error())));
+    let target = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(netns)
+        .map_err(|e| err(e.to_string()))?;
+    // SAFETY: fstatfs writes only into `fs`, a zeroed statfs; the descriptor is open.
+    let fs_type = unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        if libc::fstatfs(target.as_raw_fd(), &mut fs) != 0 {
+            return Err(err(std::io::Error::last_os_error().to_string()));
+        }
+        fs.f_type as i64
+    };
+    if fs_type != NSFS_MAGIC {
+        return Err(err("not a namespace file (a /proc/PID/ns/net or a bind mount of one)".into()));
     }
-    let bound = bind(publish, None);
-    // SAFETY: as above, with our own namespace's descriptor.
-    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        // Every later bind of this thread would land in the pod's namespace: a pool cannot
-        // go on safely.
-        crate::host::diag::say(format_args!(
-            "cannot return from network namespace {}: {}; ending",
-            netns.display(),
-            std::io::Error::last_os_error()
-        ));
-        std::process::exit(i32::from(crate::base::exit::INTERNAL));
-    }
-    bound
+    let binder = std::thread::Builder::new().name("netns-bind".into());
+    std::thread::scope(|scope| {
+        let joined = binder
+            .spawn_scoped(scope, || {
+                // SAFETY: setns only reads the descriptor, which is open; it changes the
+                // network namespace of this short-lived thread alone.
+                if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(err(format!("cannot enter it: {}", std::io::Error::last_os_error())));
+                }
+                bind(publish, None)
+            })
+            .map_err(|e| err(format!("cannot start the thread that binds in it: {e}")))?
+            .join();
+        joined.unwrap_or_else(|_| Err(err("the thread that binds in it failed".into())))
+    })
 }
 
 /// Binds every endpoint (all or nothing).

@@ -173,8 +173,10 @@ const MAIN: &[libc::c_long] = &[
     libc::SYS_kill,
     libc::SYS_sysinfo,
     libc::SYS_uname,
-    // A node pool binds a pod's published ports inside the pod's network namespace.
+    // A node pool binds a pod's published ports inside the pod's network namespace (after
+    // checking that the file is one).
     libc::SYS_setns,
+    libc::SYS_fstatfs,
 ];
 
 fn syscalls(role: Role) -> Vec<libc::c_long> {
