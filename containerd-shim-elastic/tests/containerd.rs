@@ -972,14 +972,50 @@ fn bench_pod_start_and_resize() {
     let c = Containerd::start("bench");
     let rootfs = c.rootfs("rootfs", "service = \"kv\"\n");
     let rootfs = rootfs.to_str().expect("path");
+    let (start, resize) = starts_and_resizes(&c, rootfs, &[], "kv");
+    // The same through the node pool: the first start also starts the pool.
+    let config = c.dir.join("shim.toml");
+    let sock = c.dir.join("pool.sock");
+    std::fs::write(&config, format!("[node_pool]\nsocket = \"{}\"\nvcpus = 2\nmemory = \"1G\"\n", sock.display()))
+        .expect("shim.toml");
+    let pool_opts = ["--runtime-config-path", config.to_str().expect("path")];
+    let (pool_start, pool_resize) = starts_and_resizes(&c, rootfs, &pool_opts, "pool");
+    let out = serde_json::json!({
+        "pod_start_us": median(&mut start.clone()),
+        "pod_start_samples_us": start,
+        "pod_resize_us": median(&mut resize.clone()),
+        "pod_resize_samples_us": resize,
+        "pod_start_node_pool_us": median(&mut pool_start[1..].to_vec()),
+        "pod_start_node_pool_first_us": pool_start[0],
+        "pod_start_node_pool_samples_us": pool_start,
+        "pod_resize_node_pool_us": median(&mut pool_resize.clone()),
+        "pod_resize_node_pool_samples_us": pool_resize,
+        "what": "pod_start_us: ctr run -d (kv, --cpus 2, a published port) -> first PONG, ctr included; \
+                 pod_resize_us: Update (4 then 2 vCPUs) sent to the shim -> kv INFO shows the new policy; \
+                 *_node_pool_*: the same with [node_pool] (the median leaves out the first start, which \
+                 also starts the pool: pod_start_node_pool_first_us)",
+    });
+    let path = std::env::var_os("ELASTIC_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-containerd.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&out).expect("json")).expect("write the bench JSON");
+    println!("{out}");
+}
+
+/// Ten `ctr run -d` of a kv task (with `opts`), each timed to its first PONG, then resized
+/// twice by Update, each timed to the guest seeing it; the tasks are named `PREFIX0`... Returns
+/// the start and resize times in µs.
+fn starts_and_resizes(c: &Containerd, rootfs: &str, opts: &[&str], prefix: &str) -> (Vec<u64>, Vec<u64>) {
     let (mut start, mut resize) = (Vec::new(), Vec::new());
     for i in 0..10 {
         let port = free_port().to_string();
         let publish = format!("elastic.publish=127.0.0.1:{port}:{KV_GUEST_PORT}");
-        let id = format!("kv{i}");
+        let id = format!("{prefix}{i}");
+        let mut all = vec!["-d", "--cpus", "2", "--annotation", &publish];
+        all.extend_from_slice(opts);
+        all.push("--rootfs");
         let t = Instant::now();
-        c.run(&["-d", "--cpus", "2", "--annotation", &publish, "--rootfs"], &[rootfs], &id, &[])
-            .expect_code(0, "ctr run -d");
+        c.run(&all, &[rootfs], &id, &[]).expect_code(0, "ctr run -d");
         let mut kv = loop {
             // The port is bound by the VMM as it starts; PONG comes once the guest serves.
             if let Ok(mut kv) = Kv::connect(&port)
@@ -993,7 +1029,7 @@ fn bench_pod_start_and_resize() {
         start.push(t.elapsed().as_micros() as u64);
         for (quota, want) in [(400000, "1:4:4"), (200000, "1:2:2")] {
             let sent = Instant::now();
-            update(&c, &id, serde_json::json!({"cpu": {"quota": quota, "period": 100000}})).expect("update");
+            update(c, &id, serde_json::json!({"cpu": {"quota": quota, "period": 100000}})).expect("update");
             while kv.guest_policy().as_deref() != Some(want) {
                 assert!(sent.elapsed() < Duration::from_secs(10), "the guest never saw {want}");
                 std::thread::sleep(Duration::from_micros(200));
@@ -1004,19 +1040,7 @@ fn bench_pod_start_and_resize() {
         c.wait_status(&id, "STOPPED");
         c.remove(&id);
     }
-    let out = serde_json::json!({
-        "pod_start_us": median(&mut start.clone()),
-        "pod_start_samples_us": start,
-        "pod_resize_us": median(&mut resize.clone()),
-        "pod_resize_samples_us": resize,
-        "what": "pod_start_us: ctr run -d (kv, --cpus 2, a published port) -> first PONG, ctr included; \
-                 pod_resize_us: Update (4 then 2 vCPUs) sent to the shim -> kv INFO shows the new policy",
-    });
-    let path = std::env::var_os("ELASTIC_BENCH_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-containerd.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&out).expect("json")).expect("write the bench JSON");
-    println!("{out}");
+    (start, resize)
 }
 
 /// `ctr run -d OPTS --annotation elastic.publish=127.0.0.1:PORT:6379 ROOTFS_OR_IMAGE ID` of a
