@@ -45,7 +45,8 @@ snapshot directory missing,
 72 guest touched unbacked memory, 73 guest exit the shim does not serve,
 74 cannot write an output file, 75 ended for a policy violation (--on-violation kill),
 76 timeout, 77 a pool VM or stress scenario did not end as expected, 130 Ctrl-C twice, or once
-when the guest has not stopped 500 ms later (once while `receive` waits). A closed or unread stdout/stderr never changes the code.";
+when the guest has not stopped 500 ms later (once while `receive` waits), 137 a node pool's VM
+killed through its control API (its exit code on `GET /api/v1/vms/NAME/wait`). A closed or unread stdout/stderr never changes the code.";
 
 #[derive(Debug, Subcommand)]
 pub(super) enum Command {

@@ -596,87 +596,7 @@ fn run_or_serve(spec: &RunSpec, started: Instant, serve: bool) -> Result<RunResu
                 .collect();
             if let Some(node) = &node {
                 let env = AdmitEnv { kvm: &kvm, started, timeline: &timeline, pool: &pool, console: options.console };
-                let mut running: Vec<std::thread::ScopedJoinHandle<'_, (VmSpec, RunReport)>> = Vec::new();
-                let keep = |h: std::thread::ScopedJoinHandle<'_, (VmSpec, RunReport)>| match h.join() {
-                    Ok(r) => {
-                        let mut kept = admitted.lock().unwrap_or_else(|p| p.into_inner());
-                        kept.push_back(r);
-                        if kept.len() > ADMITTED_KEPT {
-                            kept.pop_front();
-                        }
-                    }
-                    Err(_) => {
-                        crate::host::diag::say(format_args!("the thread of an admitted VM failed"));
-                    }
-                };
-                while let Ok(AdmitEvent::Admit(a, replier)) = admit_rx.recv() {
-                    // The admitted VMs that ended are joined as the pool goes (a node pool
-                    // runs for months).
-                    let (ended, live): (Vec<_>, Vec<_>) = running.into_iter().partition(|h| h.is_finished());
-                    running = live;
-                    ended.into_iter().for_each(keep);
-                    let name = a.config.name().to_string();
-                    if crate::host::signals::interrupts() > 0 {
-                        node.exits.refused(&name);
-                        replier.reply(ControlReply::error(503, SHUTTING_DOWN));
-                        continue;
-                    }
-                    let (vm, owner) = match admit(&a, &env) {
-                        Ok(v) => v,
-                        Err((status, message)) => {
-                            node.exits.refused(&name);
-                            replier.reply(ControlReply::error(status, message));
-                            continue;
-                        }
-                    };
-                    // Given back if the thread cannot be started.
-                    let replier = Arc::new(Mutex::new(Some(replier)));
-                    let (ctx, exits, answer) = (&ctx, node.exits.clone(), Arc::clone(&replier));
-                    let thread = std::thread::Builder::new().name(format!("{name}-owner"));
-                    let announced = name.clone();
-                    let spawned = thread.spawn_scoped(scope, move || {
-                        let announce = move || {
-                            let body = serde_json::json!({ "name": announced, "pid": std::process::id() });
-                            if let Some(r) = answer.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                                r.reply(ControlReply { status: 201, body });
-                            }
-                        };
-                        let Driven { report, .. } = crate::control::controller::drive(
-                            vm,
-                            owner,
-                            ctx,
-                            None,
-                            Default::default(),
-                            Some(Box::new(announce)),
-                        );
-                        let (code, reason) = (report.outcome.exit_code(), report.outcome.reason());
-                        exits.ended(a.config.name(), code, reason);
-                        (VmSpec::new(a.config, a.kernel, code), report)
-                    });
-                    match spawned {
-                        Ok(h) => running.push(h),
-                        Err(e) => {
-                            // The VM (dropped with the closure) gives its reservation back.
-                            node.exits.refused(&name);
-                            if let Some(r) = replier.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                                r.reply(ControlReply::error(503, format!("cannot start the VM's thread: {e}")));
-                            }
-                        }
-                    }
-                }
-                // Admissions queued behind the signal are refused; the API refuses new ones.
-                node.closing.store(true, Ordering::Release);
-                let refuse_queued = || {
-                    while let Ok(event) = admit_rx.try_recv() {
-                        if let AdmitEvent::Admit(a, replier) = event {
-                            node.exits.refused(a.config.name());
-                            replier.reply(ControlReply::error(503, SHUTTING_DOWN));
-                        }
-                    }
-                };
-                refuse_queued();
-                running.into_iter().for_each(keep);
-                refuse_queued();
+                serve_admissions(scope, &admit_rx, node, &env, &ctx, &admitted);
             }
             handles
                 .into_iter()
@@ -708,6 +628,93 @@ const ADMITTED_KEPT: usize = 1024;
 
 /// The refusal of an admission once the pool is ending.
 const SHUTTING_DOWN: &str = "the pool is shutting down: it admits no more VMs";
+
+/// A node pool's main thread: admits the VMs the control API asks for, each run by an owner
+/// thread of `scope`, until a signal; then refuses what is queued and joins them all. The
+/// results of ended VMs go to `admitted` (the last [`ADMITTED_KEPT`]).
+fn serve_admissions<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    admit_rx: &std::sync::mpsc::Receiver<AdmitEvent>,
+    node: &Node,
+    env: &AdmitEnv<'_>,
+    ctx: &'env Context,
+    admitted: &Mutex<std::collections::VecDeque<(VmSpec, RunReport)>>,
+) {
+    let mut running: Vec<std::thread::ScopedJoinHandle<'scope, (VmSpec, RunReport)>> = Vec::new();
+    let keep = |h: std::thread::ScopedJoinHandle<'scope, (VmSpec, RunReport)>| match h.join() {
+        Ok(r) => {
+            let mut kept = admitted.lock().unwrap_or_else(|p| p.into_inner());
+            kept.push_back(r);
+            if kept.len() > ADMITTED_KEPT {
+                kept.pop_front();
+            }
+        }
+        Err(_) => {
+            crate::host::diag::say(format_args!("the thread of an admitted VM failed"));
+        }
+    };
+    while let Ok(AdmitEvent::Admit(a, replier)) = admit_rx.recv() {
+        // The admitted VMs that ended are joined as the pool goes (a node pool runs for
+        // months).
+        let (ended, live): (Vec<_>, Vec<_>) = running.into_iter().partition(|h| h.is_finished());
+        running = live;
+        ended.into_iter().for_each(keep);
+        let name = a.config.name().to_string();
+        if crate::host::signals::interrupts() > 0 {
+            node.exits.refused(&name);
+            replier.reply(ControlReply::error(503, SHUTTING_DOWN));
+            continue;
+        }
+        let (vm, owner) = match admit(&a, env) {
+            Ok(v) => v,
+            Err((status, message)) => {
+                node.exits.refused(&name);
+                replier.reply(ControlReply::error(status, message));
+                continue;
+            }
+        };
+        // Given back if the thread cannot be started.
+        let replier = Arc::new(Mutex::new(Some(replier)));
+        let (exits, answer, announced) = (node.exits.clone(), Arc::clone(&replier), name.clone());
+        let thread = std::thread::Builder::new().name(format!("{name}-owner"));
+        let spawned = thread.spawn_scoped(scope, move || {
+            let announce = move || {
+                let body = serde_json::json!({ "name": announced, "pid": std::process::id() });
+                if let Some(r) = answer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    r.reply(ControlReply { status: 201, body });
+                }
+            };
+            let Driven { report, .. } =
+                crate::control::controller::drive(vm, owner, ctx, None, Default::default(), Some(Box::new(announce)));
+            let (code, reason) = (report.outcome.exit_code(), report.outcome.reason());
+            exits.ended(a.config.name(), code, reason);
+            (VmSpec::new(a.config, a.kernel, code), report)
+        });
+        match spawned {
+            Ok(h) => running.push(h),
+            Err(e) => {
+                // The VM (dropped with the closure) gives its reservation back.
+                node.exits.refused(&name);
+                if let Some(r) = replier.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    r.reply(ControlReply::error(503, format!("cannot start the VM's thread: {e}")));
+                }
+            }
+        }
+    }
+    // Admissions queued behind the signal are refused; the API refuses new ones.
+    node.closing.store(true, Ordering::Release);
+    let refuse_queued = || {
+        while let Ok(event) = admit_rx.try_recv() {
+            if let AdmitEvent::Admit(a, replier) = event {
+                node.exits.refused(a.config.name());
+                replier.reply(ControlReply::error(503, SHUTTING_DOWN));
+            }
+        }
+    };
+    refuse_queued();
+    running.into_iter().for_each(keep);
+    refuse_queued();
+}
 
 /// What the node pool's main thread admits VMs with.
 struct AdmitEnv<'a> {
