@@ -284,10 +284,14 @@ impl NodePool {
         args
     }
 
-    /// Admits VM `name` running `plan`, its console on `console` (a FIFO or file path; empty:
-    /// none). Returns the pool's pid.
-    pub fn admit(&self, name: &str, plan: &VmPlan, console: &str) -> Result<u32, NodeError> {
-        let body = admission(name, plan, console).to_string();
+    /// Admits VM `name` running `plan` (restored from the snapshot in `restore` if given), its
+    /// console on `console` (a FIFO or file path; empty: none). Returns the pool's pid.
+    pub fn admit(&self, name: &str, plan: &VmPlan, console: &str, restore: Option<&Path>) -> Result<u32, NodeError> {
+        let mut body = admission(name, plan, console);
+        if let Some(dir) = restore {
+            body["restore"] = serde_json::json!(dir);
+        }
+        let body = body.to_string();
         let answer = self.request("POST", "/api/v1/vms", &body, HELPER_TIMEOUT)?;
         let v: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
         Ok(v["pid"].as_u64().unwrap_or(0) as u32)

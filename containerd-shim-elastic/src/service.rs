@@ -311,6 +311,8 @@ struct VmRun {
     vm_name: String,
     /// The node pool it runs in (`api_sock` is then the pool's), or `None`: a VMM of its own.
     node: Option<NodePool>,
+    /// The checkpoint it is restored from (moved into the bundle).
+    restore_dir: Option<PathBuf>,
 }
 
 impl VmRun {
@@ -388,13 +390,14 @@ impl Inner {
         let spec = Spec::load(&config).map_err(|e| TaskError::Spec { path: config, message: e.to_string() })?;
         let mounted_rootfs = if req.rootfs.is_empty() { None } else { Some(rootfs::mount(&bundle, &req.rootfs)?) };
         let prepared = prepare(&spec, &bundle, req, &self.namespace).and_then(|(stdio, vm)| match vm {
-            Some(vm) if vm.node.is_some() && !req.checkpoint.is_empty() => {
-                Err(TaskError::Unsupported("restoring a checkpoint into the node pool"))
-            }
-            // A task restored from a checkpoint: the VM comes back from its snapshot.
+            // A task restored from a checkpoint: the VM comes back from its snapshot (in a VMM
+            // of its own, or in the node pool).
             Some(mut vm) if !req.checkpoint.is_empty() => {
                 let dir = checkpoint::take(Path::new(&req.checkpoint), &bundle)?;
-                vm.args = vm.vmm.restore_args(&vm.plan, &dir, &vm.api_sock);
+                if vm.node.is_none() {
+                    vm.args = vm.vmm.restore_args(&vm.plan, &dir, &vm.api_sock);
+                }
+                vm.restore_dir = Some(dir);
                 vm.restored = true;
                 Ok((stdio, Some(vm)))
             }
@@ -453,7 +456,7 @@ impl Inner {
         }
         let pid = match &mut task.vm {
             None => std::process::id(),
-            Some(VmRun { node: Some(node), vm_name, plan, vmm, .. }) => {
+            Some(VmRun { node: Some(node), vm_name, plan, vmm, restore_dir, .. }) => {
                 node.ensure(vmm)?;
                 // Recorded before the VM exists: a shim that dies from here on leaves a VM
                 // that `delete` can find (and a name it forgets).
@@ -461,7 +464,7 @@ impl Inner {
                 if let Err(e) = std::fs::write(task.bundle.join(NODE_FILE), record) {
                     warn!("cannot record the node pool VM: {e}");
                 }
-                let pid = match node.admit(vm_name, plan, &task.stdio.stdout) {
+                let pid = match node.admit(vm_name, plan, &task.stdio.stdout, restore_dir.as_deref()) {
                     Ok(pid) => pid,
                     Err(e) => {
                         // Refused, or no answer in time: a VM admitted late is ended.
@@ -829,7 +832,17 @@ fn prepare(
             (sock, vmm::VM_NAME.to_string(), args)
         }
     };
-    let vm = VmRun { vmm, args, plan, api_sock, cgroup_created: Vec::new(), restored: false, vm_name, node };
+    let vm = VmRun {
+        vmm,
+        args,
+        plan,
+        api_sock,
+        cgroup_created: Vec::new(),
+        restored: false,
+        vm_name,
+        node,
+        restore_dir: None,
+    };
     Ok((stdio, Some(vm)))
 }
 

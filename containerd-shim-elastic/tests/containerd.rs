@@ -941,10 +941,38 @@ fn kv_is_resized_in_place_reports_metrics_and_runs_in_its_cgroup() {
 #[test]
 fn a_kv_checkpoint_restores_with_its_keys() {
     let c = Containerd::start("ckpt");
+    checkpoint_and_restore(&c, &[], None);
+}
+
+/// The same in the node pool: the pool writes the VM's snapshot, and the restored task is a
+/// pool VM restored from it.
+#[test]
+fn a_node_pool_kv_checkpoint_restores_with_its_keys() {
+    let c = Containerd::start("nodeckpt");
+    let sock = c.dir.join("pool.sock");
+    let config = c.dir.join("shim.toml");
+    std::fs::write(&config, format!("[node_pool]\nsocket = \"{}\"\nvcpus = 2\nmemory = \"512M\"\n", sock.display()))
+        .expect("shim.toml");
+    checkpoint_and_restore(&c, &["--runtime-config-path", config.to_str().expect("path")], Some(&sock));
+    assert_eq!(pool_get(&sock, "/api/v1/pool")["vms"], 0, "the VMs left the pool");
+}
+
+/// Runs a kv task (with `ctr run` options `opts`) from an imported OCI image, checkpoints it
+/// into an image, kills it, restores a new task from the image and checks its keys, resizes
+/// it, and kills it. With `pool`, both VMs must be that node pool's.
+fn checkpoint_and_restore(c: &Containerd, opts: &[&str], pool: Option<&Path>) {
+    let in_pool = |id: &str| {
+        if let Some(sock) = pool {
+            let name = format!("{}:{id}", c.namespace);
+            let listed = pool_get(sock, "/api/v1/vms");
+            assert!(listed.as_array().expect("list").iter().any(|v| v["name"] == name.as_str()), "{name}: {listed}");
+        }
+    };
     let layer_dir = c.rootfs("layer", "service = \"kv\"\n");
     let tar = oci_image_tar(&c.dir, &layer_dir, "localhost/elastic-kv:test");
     c.ctr(&["image", "import", tar.to_str().expect("path")]).expect_code(0, "ctr image import");
-    let (port, _) = start_kv(&c, &[], &["localhost/elastic-kv:test"], "kv");
+    let (port, _) = start_kv(c, opts, &["localhost/elastic-kv:test"], "kv");
+    in_pool("kv");
     let cli = |args: &[&str]| redis_cli(&port, args);
     // A key, and 2 MB of data that must come back byte for byte.
     assert_eq!(cli(&["SET", "before", "checkpoint"]).stdout.trim(), "OK");
@@ -967,12 +995,13 @@ fn a_kv_checkpoint_restores_with_its_keys() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(cli(&["GET", "before"]).stdout.trim(), "checkpoint", "the key set before the checkpoint");
+    in_pool("kv2");
     let mut expected = format!("${}\r\n", big.len()).into_bytes();
     expected.extend_from_slice(&big);
     expected.extend_from_slice(b"\r\n");
     assert!(resp(&port, &[b"GET", b"big"]) == expected, "the 2 MB value came back different");
     // The restored VM resizes from the policy it brought back (1:1:1 from elastic.toml's default).
-    update_through_containerd(&c, "kv2", serde_json::json!({"cpu": {"quota": 200000, "period": 100000}}))
+    update_through_containerd(c, "kv2", serde_json::json!({"cpu": {"quota": 200000, "period": 100000}}))
         .expect("update after restore");
     let mut kv = Kv::connect(&port).expect("connect");
     let deadline = Instant::now() + Duration::from_secs(10);

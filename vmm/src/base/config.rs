@@ -282,6 +282,12 @@ impl VmConfig {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The same VM under another name (a snapshot restored as a node pool's VM).
+    pub(crate) fn renamed(mut self, name: &str) -> VmConfig {
+        self.name = name.to_string();
+        self
+    }
 }
 
 pub(crate) use elastic_config::{Policy, format_size, parse_memory_policy, parse_vcpu_policy};

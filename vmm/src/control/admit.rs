@@ -52,6 +52,7 @@ struct Body {
     log: Option<String>,
     console: Option<PathBuf>,
     netns: Option<PathBuf>,
+    restore: Option<PathBuf>,
 }
 
 /// A VM to admit: what it runs, where its console goes, and the network namespace its
@@ -65,6 +66,10 @@ pub(crate) struct Admission {
     /// pool's standard output, prefixed.
     pub(crate) console: Option<PathBuf>,
     pub(crate) netns: Option<PathBuf>,
+    /// Restore the VM from the snapshot in this directory instead of booting it: its service
+    /// (which must be `app`), arguments, policies and memory are the snapshot's; its name,
+    /// kernel file, ports and console the request's.
+    pub(crate) restore: Option<PathBuf>,
 }
 
 impl Admission {
@@ -121,7 +126,7 @@ impl Admission {
         if !b.kernel.is_absolute() {
             return Err(field("kernel", format!("must be an absolute path (got {})", b.kernel.display())));
         }
-        for (name, path) in [("console", &b.console), ("netns", &b.netns)] {
+        for (name, path) in [("console", &b.console), ("netns", &b.netns), ("restore", &b.restore)] {
             if let Some(p) = path.as_ref().filter(|p| !p.is_absolute()) {
                 return Err(field(name, format!("must be an absolute path (got {})", p.display())));
             }
@@ -144,7 +149,7 @@ impl Admission {
         config.resources.vcpus = vcpus;
         config.resources.memory = memory;
         config.endpoints.publish = publish;
-        Ok(Admission { config, kernel: b.kernel, console: b.console, netns: b.netns })
+        Ok(Admission { config, kernel: b.kernel, console: b.console, netns: b.netns, restore: b.restore })
     }
 }
 
@@ -306,6 +311,7 @@ mod tests {
         refused(r#"{"name": "a", "app": "k v", "kernel": "/k"}"#, "app:");
         refused(r#"{"name": "a", "app": "kv", "kernel": "/k", "cpus": 1}"#, "unknown field");
         refused(r#"{"name": "a", "app": "kv", "kernel": "/k", "console": "rel"}"#, "console:");
+        refused(r#"{"name": "a", "app": "kv", "kernel": "/k", "restore": "snap"}"#, "restore:");
     }
 
     #[test]

@@ -758,7 +758,30 @@ fn admit(a: &Admission, env: &AdmitEnv<'_>) -> Result<(Vm, Owner), (u16, String)
         events: owner.sink(),
         shell: None,
     };
-    match Vm::create(c, image, host, bound) {
+    let vm = match &a.restore {
+        None => Vm::create(c, image, host, bound),
+        Some(dir) => {
+            let loaded = crate::snapshot::load(dir).map_err(|e| (400, e.to_string()))?;
+            let mut state = loaded.state;
+            if state.config.guest.app != c.guest.app {
+                return Err((
+                    400,
+                    format!(
+                        "the snapshot in {} runs '{}', not '{}'",
+                        dir.display(),
+                        state.config.guest.app,
+                        c.guest.app
+                    ),
+                ));
+            }
+            let mut config = state.config.clone().renamed(c.name());
+            config.endpoints = c.endpoints.clone();
+            config.lifecycle = c.lifecycle.clone();
+            state.kernel = a.kernel.clone();
+            restore(&config, &state, RestoreMemory::File(loaded.memory), image, host, bound).map(|(vm, _)| vm)
+        }
+    };
+    match vm {
         Ok(vm) => Ok((vm, owner)),
         Err(e @ (VmError::Pool(_) | VmError::Config(_))) => Err((409, e.to_string())),
         Err(e) => Err((500, e.to_string())),
