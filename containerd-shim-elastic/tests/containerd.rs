@@ -748,7 +748,13 @@ fn shim_client(c: &Containerd, id: &str) -> TaskClient {
 /// (Kubernetes' in-place resize); the tests go through containerd
 /// ([`update_through_containerd`]).
 fn update(c: &Containerd, id: &str, resources: serde_json::Value) -> Result<(), String> {
-    let req = UpdateTaskRequest {
+    let req = update_request(id, &resources);
+    shim_client(c, id).update(with_timeout(30_000_000_000), &req).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// The Update of task `id` to OCI `resources` (JSON).
+fn update_request(id: &str, resources: &serde_json::Value) -> UpdateTaskRequest {
+    UpdateTaskRequest {
         id: id.to_string(),
         resources: Some(Any {
             type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
@@ -757,8 +763,7 @@ fn update(c: &Containerd, id: &str, resources: serde_json::Value) -> Result<(), 
         })
         .into(),
         ..Default::default()
-    };
-    shim_client(c, id).update(with_timeout(30_000_000_000), &req).map(|_| ()).map_err(|e| e.to_string())
+    }
 }
 
 /// Sends Update for `id` through containerd's own gRPC API (`containerd.services.tasks.v1.
@@ -768,17 +773,7 @@ fn update(c: &Containerd, id: &str, resources: serde_json::Value) -> Result<(), 
 /// 2, annotations 3), so that message encodes it. `Err`: the gRPC status message.
 fn update_through_containerd(c: &Containerd, id: &str, resources: serde_json::Value) -> Result<(), String> {
     use containerd_shim::protos::protobuf::Message;
-    let req = UpdateTaskRequest {
-        id: id.to_string(),
-        resources: Some(Any {
-            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
-            value: resources.to_string().into_bytes(),
-            ..Default::default()
-        })
-        .into(),
-        ..Default::default()
-    };
-    let message = req.write_to_bytes().expect("encode");
+    let message = update_request(id, &resources).write_to_bytes().expect("encode");
     // A gRPC message: not compressed, its length (big-endian), the bytes.
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
