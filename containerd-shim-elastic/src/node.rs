@@ -9,6 +9,7 @@
 //! start = true                       # start the pool when none answers (default true)
 //! vcpus = 8                          # a started pool's capacity (default: the host's CPUs)
 //! memory = "16G"                     # (default: half the host's memory)
+//! cgroup = "/elastic/node-pool"      # the cgroup a started pool runs in (default: the shim's)
 //! ```
 //!
 //! The configuration file is the one containerd's runtime options name (`ConfigPath` of
@@ -76,6 +77,9 @@ pub enum NodeError {
         /// Why.
         reason: String,
     },
+    /// The cgroup a started pool is to run in cannot be prepared.
+    #[error("node_pool.cgroup: {0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     /// The pool could not be started.
     #[error("cannot start the node pool at {socket}: {reason}")]
     Start {
@@ -109,6 +113,7 @@ struct RawNode {
     start: Option<bool>,
     vcpus: Option<u64>,
     memory: Option<String>,
+    cgroup: Option<String>,
 }
 
 /// The node pool a task joins.
@@ -122,6 +127,9 @@ pub struct NodePool {
     pub vcpus: Option<u64>,
     /// A started pool's memory in bytes (`None`: half the host's memory).
     pub memory: Option<u64>,
+    /// The cgroup a started pool runs in (a path as `linux.cgroupsPath` takes; `None`: the
+    /// shim's own).
+    pub cgroup: Option<String>,
 }
 
 /// The shim configuration file for a task: the runtime options' `ConfigPath`, else
@@ -180,7 +188,16 @@ pub fn parse(text: &str, path: &Path) -> Result<Option<NodePool>, NodeError> {
         .map(elastic_config::parse_size)
         .transpose()
         .map_err(|e| syntax(format!("node_pool.memory: {e}")))?;
-    Ok(Some(NodePool { socket: raw.socket, start: raw.start.unwrap_or(true), vcpus: raw.vcpus, memory }))
+    if let Some(c) = raw.cgroup.as_deref().filter(|c| !c.starts_with('/')) {
+        return Err(syntax(format!("node_pool.cgroup = {c:?} must be an absolute cgroup path")));
+    }
+    Ok(Some(NodePool {
+        socket: raw.socket,
+        start: raw.start.unwrap_or(true),
+        vcpus: raw.vcpus,
+        memory,
+        cgroup: raw.cgroup,
+    }))
 }
 
 impl NodePool {
@@ -250,6 +267,17 @@ impl NodePool {
         let log2 = log.try_clone().map_err(|e| failed(e.to_string()))?;
         let mut cmd = Command::new(&vmm.path);
         cmd.args(self.pool_args()).current_dir("/").stdin(Stdio::null()).stdout(log).stderr(log2);
+        if let Some(path) = &self.cgroup {
+            // Created if missing, as a task's cgroup is; kept when the pool ends (other pools
+            // start there).
+            let join = crate::cgroup::Join::prepare(path)?;
+            // SAFETY: the closure runs in the forked child before exec and only calls write(2)
+            // on descriptors opened before the fork (async-signal-safe; no allocation, no
+            // locks); they are close-on-exec.
+            unsafe {
+                cmd.pre_exec(move || join.enter());
+            }
+        }
         // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
         // which is async-signal-safe: the pool leaves this shim's session and process group, so
         // it outlives the shim and no signal meant for the shim reaches it.
@@ -394,7 +422,13 @@ mod tests {
         let n = parse("[node_pool]\nsocket = \"/run/p.sock\"\nvcpus = 4\nmemory = \"2G\"\n", p).expect("valid");
         assert_eq!(
             n,
-            Some(NodePool { socket: "/run/p.sock".into(), start: true, vcpus: Some(4), memory: Some(2 << 30) })
+            Some(NodePool {
+                socket: "/run/p.sock".into(),
+                start: true,
+                vcpus: Some(4),
+                memory: Some(2 << 30),
+                cgroup: None
+            })
         );
         assert_eq!(
             n.expect("pool").pool_args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" "),
@@ -405,6 +439,7 @@ mod tests {
             ("[node_pool]\nsocket = \"/p\"\nvcpus = 0\n", "at least 1"),
             ("[node_pool]\nsocket = \"/p\"\nmemory = \"lots\"\n", "node_pool.memory"),
             ("[node_pool]\nsocket = \"/p\"\nstrat = true\n", "unknown field"),
+            ("[node_pool]\nsocket = \"/p\"\ncgroup = \"pool\"\n", "absolute cgroup path"),
             ("[node_pool]\n", "socket"),
         ] {
             let e = parse(text, p).expect_err(text).to_string();

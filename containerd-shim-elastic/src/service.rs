@@ -864,7 +864,7 @@ fn read_node_vm(bundle: &Path) -> Option<(NodePool, String)> {
     let text = std::fs::read_to_string(bundle.join(NODE_FILE)).ok()?;
     let mut lines = text.lines();
     let (socket, name) = (lines.next()?, lines.next()?);
-    Some((NodePool { socket: socket.into(), start: false, vcpus: None, memory: None }, name.to_string()))
+    Some((NodePool { socket: socket.into(), start: false, vcpus: None, memory: None, cgroup: None }, name.to_string()))
 }
 
 fn read_pid(bundle: &Path) -> Option<u32> {

@@ -1219,8 +1219,12 @@ fn two_tasks_share_the_node_pool() {
     let sock = c.dir.join("pool.sock");
     let config = c.dir.join("shim.toml");
     // 3 vCPUs for two VMs of 1:2:2, and 384M for two of 64M:256M: together they may want
-    // 4 vCPUs and 512M.
-    let toml = format!("[node_pool]\nsocket = \"{}\"\nvcpus = 3\nmemory = \"384M\"\n", sock.display());
+    // 4 vCPUs and 512M. The pool runs in a cgroup of its own, below this test's namespace.
+    let pool_cgroup = format!("/{}/node-pool", c.namespace);
+    let toml = format!(
+        "[node_pool]\nsocket = \"{}\"\nvcpus = 3\nmemory = \"384M\"\ncgroup = \"{pool_cgroup}\"\n",
+        sock.display()
+    );
     std::fs::write(&config, toml).expect("shim.toml");
     let opts = ["--runtime-config-path", config.to_str().expect("path"), "--cpus", "2", "--rootfs"];
     let (port_a, pid_a) = start_kv(&c, &opts, &[root], "a");
@@ -1231,6 +1235,10 @@ fn two_tasks_share_the_node_pool() {
     let cmdline =
         String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid_a}/cmdline")).expect("cmdline")).replace('\0', " ");
     assert!(cmdline.contains("pool --serve"), "{cmdline}");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid_a}/cgroup")).expect("/proc/PID/cgroup");
+    for line in cgroups.lines() {
+        assert!(line.ends_with(&format!(":{pool_cgroup}")), "the pool is not in {pool_cgroup}:\n{cgroups}");
+    }
     let (name_a, name_b) = (format!("{}:a", c.namespace), format!("{}:b", c.namespace));
     let listed = pool_get(&sock, "/api/v1/vms");
     for name in [&name_a, &name_b] {
@@ -1311,6 +1319,12 @@ fn two_tasks_share_the_node_pool() {
     let status = std::fs::read_to_string(format!("/proc/{pid_b}/status")).unwrap_or_default();
     assert!(status.is_empty() || status.contains("State:\tZ"), "the pool outlived SIGKILL:\n{status}");
     assert!(std::net::TcpStream::connect(format!("127.0.0.1:{port_b}")).is_err(), "port {port_b} still serves");
+    // The pool's cgroup is kept for the next pool; this test's goes with it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !containerd_shim_elastic::cgroup::remove_path(&pool_cgroup) {
+        assert!(Instant::now() < deadline, "the dead pool's cgroup {pool_cgroup} cannot be removed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A node pool task of a pod publishes its port inside the pod's network namespace (the pool
