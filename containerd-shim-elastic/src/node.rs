@@ -219,7 +219,7 @@ impl NodePool {
         let reason = match self.call("GET", "/api/v1/pool", "", HELPER_TIMEOUT) {
             Ok(_) => return Ok(()),
             // Nobody listens (no socket, or a dead pool's): start one.
-            Err(e @ ClientError::Connect { .. }) => e.to_string(),
+            Err(e @ ClientError::Connect { nobody: true, .. }) => e.to_string(),
             // A pool that is there but slow or refusing is not replaced by a second one.
             Err(e) => {
                 return Err(NodeError::Request {
@@ -252,9 +252,18 @@ impl NodePool {
                 Err((_, e)) => return Err(failed(format!("cannot lock {}: {e}", lock_path.display()))),
             }
         };
-        // Another shim may have started it while this one waited for the lock.
-        if self.request("GET", "/api/v1/pool", "", HELPER_TIMEOUT).is_ok() {
-            return Ok(());
+        // Another shim may have started it while this one waited for the lock; only a socket
+        // nobody serves is replaced.
+        match self.call("GET", "/api/v1/pool", "", HELPER_TIMEOUT) {
+            Ok(_) => return Ok(()),
+            Err(ClientError::Connect { nobody: true, .. }) => {}
+            Err(e) => {
+                return Err(NodeError::Request {
+                    socket: self.socket.clone(),
+                    what: "GET /api/v1/pool".into(),
+                    reason: e.to_string(),
+                });
+            }
         }
         // A socket nobody answers on is what a killed pool left.
         let _ = std::fs::remove_file(&self.socket);
@@ -348,7 +357,10 @@ impl NodePool {
             // running) is killed once it runs.
             let _ = self.call("PUT", &kill, "", HELPER_TIMEOUT);
             match self.call("DELETE", &path, "", HELPER_TIMEOUT) {
-                Ok(_) | Err(ClientError::Refused { status: 404, .. }) | Err(ClientError::Connect { .. }) => {
+                // The pool is gone (and its VMs with it), or knows the name no more.
+                Ok(_)
+                | Err(ClientError::Refused { status: 404, .. })
+                | Err(ClientError::Connect { nobody: true, .. }) => {
                     return true;
                 }
                 // Its exit is recorded by its thread a moment after the kill.

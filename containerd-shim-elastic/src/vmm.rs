@@ -203,7 +203,11 @@ pub fn api(
     }
     let dir = File::open(bundle).map_err(|e| VmmError::Api {
         what: what.clone(),
-        source: control_client::ClientError::Connect { path: bundle.display().to_string(), reason: e.to_string() },
+        source: control_client::ClientError::Connect {
+            path: bundle.display().to_string(),
+            reason: e.to_string(),
+            nobody: e.kind() == std::io::ErrorKind::NotFound,
+        },
     })?;
     let short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(sock);
     control_client::request(&short, method, path, body, timeout).map_err(failed)

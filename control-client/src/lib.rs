@@ -26,6 +26,9 @@ pub enum ClientError {
         path: String,
         /// Why.
         reason: String,
+        /// Nobody serves it: the socket does not exist, or nothing listens on it (not a
+        /// permission or a resource problem of the client's).
+        nobody: bool,
     },
     /// The exchange failed midway, took too long, or the answer is not HTTP.
     #[error("control API at {path}: {reason}")]
@@ -50,8 +53,11 @@ pub enum ClientError {
 /// 2xx answer.
 pub fn request(sock: &Path, method: &str, path: &str, body: &str, timeout: Duration) -> Result<String, ClientError> {
     let shown = sock.display().to_string();
-    let mut s =
-        UnixStream::connect(sock).map_err(|e| ClientError::Connect { path: shown.clone(), reason: e.to_string() })?;
+    let mut s = UnixStream::connect(sock).map_err(|e| ClientError::Connect {
+        path: shown.clone(),
+        reason: e.to_string(),
+        nobody: matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused),
+    })?;
     let proto = |reason: String| ClientError::Protocol { path: shown.clone(), reason };
     let _ = s.set_read_timeout(Some(timeout));
     let head = format!(
@@ -119,6 +125,6 @@ mod tests {
         let (sock, _h) = serve_once(b"garbage");
         assert!(matches!(request(&sock, "GET", "/", "", Duration::from_secs(5)), Err(ClientError::Protocol { .. })));
         let e = request(Path::new("/nonexistent/api.sock"), "GET", "/", "", Duration::from_secs(5)).expect_err("none");
-        assert!(matches!(e, ClientError::Connect { .. }), "{e}");
+        assert!(matches!(e, ClientError::Connect { nobody: true, .. }), "{e}");
     }
 }

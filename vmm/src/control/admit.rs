@@ -75,16 +75,36 @@ pub(crate) struct Admission {
 impl Admission {
     /// Opens the console's target without ever blocking: a FIFO read-write (the guest's
     /// output waits in the pipe while nobody reads), a regular file for appending (created if
-    /// missing), or `/dev/null`; anything else (a directory, another device) is refused.
+    /// missing), or `/dev/null`; anything else (a directory, another device) is refused before
+    /// it is opened (opening a device can have effects), and what was opened is checked again.
     /// `None`: no console path.
     pub(crate) fn open_console(&self) -> Result<Option<std::fs::File>, String> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
         let Some(path) = &self.console else { return Ok(None) };
         let err = |e: String| format!("console {}: {e}", path.display());
+        let kind = |meta: &std::fs::Metadata| {
+            let t = meta.file_type();
+            if t.is_file() {
+                Ok(libc::O_APPEND)
+            } else if t.is_fifo() || (t.is_char_device() && meta.rdev() == libc::makedev(1, 3)) {
+                Ok(0)
+            } else {
+                Err(err("must be a FIFO, a regular file or /dev/null".into()))
+            }
+        };
         let flags = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
-        let file = match std::fs::OpenOptions::new().read(true).write(true).custom_flags(flags).open(path) {
-            Ok(f) => f,
+        let file = match std::fs::metadata(path) {
+            Ok(meta) => {
+                let mut options = std::fs::OpenOptions::new();
+                if kind(&meta)? == libc::O_APPEND {
+                    options.append(true);
+                } else {
+                    // A FIFO read-write never waits for a reader.
+                    options.read(true).write(true);
+                }
+                options.custom_flags(flags).open(path).map_err(|e| err(e.to_string()))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
                 .append(true)
                 .create_new(true)
@@ -93,17 +113,9 @@ impl Admission {
                 .map_err(|e| err(e.to_string()))?,
             Err(e) => return Err(err(e.to_string())),
         };
-        let meta = file.metadata().map_err(|e| err(e.to_string()))?;
-        let kind = meta.file_type();
-        let dev_null = kind.is_char_device() && meta.rdev() == libc::makedev(1, 3);
-        // Writes block again once open (a full pipe waits for its reader); a file appends.
-        let mode = if kind.is_file() {
-            libc::O_APPEND
-        } else if kind.is_fifo() || dev_null {
-            0
-        } else {
-            return Err(err("must be a FIFO, a regular file or /dev/null".into()));
-        };
+        // What was opened (the path may have changed since), and writes that block again
+        // (a full pipe waits for its reader); a file appends.
+        let mode = kind(&file.metadata().map_err(|e| err(e.to_string()))?)?;
         // SAFETY: F_SETFL on an open descriptor only changes its status flags.
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, mode) } != 0 {
             return Err(err(std::io::Error::last_os_error().to_string()));

@@ -623,6 +623,26 @@ fn run_or_serve(spec: &RunSpec, started: Instant, serve: bool) -> Result<RunResu
     Ok(RunResult { vms: results, timeline, capacity: spec.capacity, pool_peak: pool.peak(), wall: started.elapsed() })
 }
 
+/// The largest state file a node pool reads from a snapshot it is asked to restore.
+const MAX_STATE_FILE: u64 = 64 << 20;
+
+/// Checks, without opening anything, that `dir` holds a snapshot's files as regular files (a
+/// FIFO would block the pool's main thread, a device or a huge state file exhaust it).
+fn check_snapshot_files(dir: &std::path::Path) -> Result<(), String> {
+    use crate::snapshot::{MEMORY_FILE, STATE_FILE};
+    for (name, max) in [(STATE_FILE, MAX_STATE_FILE), (MEMORY_FILE, u64::MAX)] {
+        let path = dir.join(name);
+        let meta = std::fs::metadata(&path).map_err(|e| format!("restore: {}: {e}", path.display()))?;
+        if !meta.file_type().is_file() {
+            return Err(format!("restore: {} is not a regular file", path.display()));
+        }
+        if meta.len() > max {
+            return Err(format!("restore: {} is {} bytes (at most {max})", path.display(), meta.len()));
+        }
+    }
+    Ok(())
+}
+
 /// The most results of ended admitted VMs a node pool keeps for its summary (the oldest go).
 const ADMITTED_KEPT: usize = 1024;
 
@@ -675,6 +695,7 @@ fn serve_admissions<'scope, 'env>(
         };
         // Given back if the thread cannot be started.
         let replier = Arc::new(Mutex::new(Some(replier)));
+        let shared = Arc::clone(vm.shared());
         let (exits, answer, announced) = (node.exits.clone(), Arc::clone(&replier), name.clone());
         let thread = std::thread::Builder::new().name(format!("{name}-owner"));
         let spawned = thread.spawn_scoped(scope, move || {
@@ -693,7 +714,9 @@ fn serve_admissions<'scope, 'env>(
         match spawned {
             Ok(h) => running.push(h),
             Err(e) => {
-                // The VM (dropped with the closure) gives its reservation back.
+                // The VM never started (dropped with the closure): its pool share goes back.
+                let policy = shared.policy();
+                policy.pool().leave(policy.member());
                 node.exits.refused(&name);
                 if let Some(r) = replier.lock().unwrap_or_else(|p| p.into_inner()).take() {
                     r.reply(ControlReply::error(503, format!("cannot start the VM's thread: {e}")));
@@ -761,6 +784,7 @@ fn admit(a: &Admission, env: &AdmitEnv<'_>) -> Result<(Vm, Owner), (u16, String)
     let vm = match &a.restore {
         None => Vm::create(c, image, host, bound),
         Some(dir) => {
+            check_snapshot_files(dir).map_err(|e| (400, e))?;
             let loaded = crate::snapshot::load(dir).map_err(|e| (400, e.to_string()))?;
             let mut state = loaded.state;
             if state.config.guest.app != c.guest.app {
@@ -785,5 +809,29 @@ fn admit(a: &Admission, env: &AdmitEnv<'_>) -> Result<(Vm, Owner), (u16, String)
         Ok(vm) => Ok((vm, owner)),
         Err(e @ (VmError::Pool(_) | VmError::Config(_))) => Err((409, e.to_string())),
         Err(e) => Err((500, e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_to_restore_is_regular_files() {
+        use crate::snapshot::{MEMORY_FILE, STATE_FILE};
+        let dir = std::env::temp_dir().join(format!("run-snapshot-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        assert!(check_snapshot_files(&dir).expect_err("empty").contains(STATE_FILE));
+        std::fs::write(dir.join(STATE_FILE), "{}").expect("state");
+        let fifo = std::ffi::CString::new(dir.join(MEMORY_FILE).to_str().expect("utf-8")).expect("path");
+        // SAFETY: mkfifo reads a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = check_snapshot_files(&dir).expect_err("a FIFO");
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_file(dir.join(MEMORY_FILE)).expect("rm");
+        std::fs::write(dir.join(MEMORY_FILE), "").expect("memory");
+        assert_eq!(check_snapshot_files(&dir), Ok(()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

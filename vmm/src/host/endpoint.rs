@@ -82,6 +82,12 @@ pub(crate) fn bind_in(netns: &Path, publish: &[Publish]) -> Result<Vec<Bound>, E
     /// `NSFS_MAGIC` (linux/magic.h).
     const NSFS_MAGIC: i64 = 0x6e73_6673;
     let err = |reason: String| EndpointError::Netns { path: netns.display().to_string(), reason };
+    // A namespace file is a regular (empty) file: anything else is refused before it is
+    // opened (opening a device can have effects); what was opened is checked below.
+    let meta = std::fs::metadata(netns).map_err(|e| err(e.to_string()))?;
+    if !meta.file_type().is_file() {
+        return Err(err("not a namespace file (a /proc/PID/ns/net or a bind mount of one)".into()));
+    }
     let target = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)

@@ -39,6 +39,14 @@ pub enum PoolError {
         /// The capacity (formatted).
         capacity: String,
     },
+    /// A restored VM holds more above its min than the pool has free.
+    #[error("VM '{name}' holds more {resource} above its min than the pool has free")]
+    HeldDoesNotFit {
+        /// The VM.
+        name: String,
+        /// The resource.
+        resource: &'static str,
+    },
 }
 
 /// A pool's capacity.

@@ -12,7 +12,7 @@ use crate::base::persist::Persist;
 use crate::devices::DeviceManager;
 use crate::host::endpoint::Bound;
 use crate::policy::admission::{PolicyArgs, VmPolicy};
-use crate::policy::pool::Take;
+use crate::policy::pool::{PoolError, Take};
 use crate::policy::resource::Resource;
 use crate::vmm::console::Console;
 use crate::vmm::error::VmError;
@@ -167,7 +167,11 @@ fn rebuild(
             let granularity = if res == Resource::Memory { hypercall_abi::EXTENT_ALIGN } else { 1 };
             match pool.take(member, res, above, granularity).0 {
                 Take::Granted(n) if n == above => {}
-                _ => return Err(bad(format!("the pool has no room for the {} the VM holds", res.name()))),
+                _ => {
+                    return Err(
+                        PoolError::HeldDoesNotFit { name: config.name().to_string(), resource: res.name() }.into()
+                    );
+                }
             }
         }
     }
