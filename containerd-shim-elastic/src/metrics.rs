@@ -60,14 +60,17 @@ pub struct Figures {
     pub threads: u64,
 }
 
+/// The number at `path` in the VMM's JSON figures, or which one is missing (`name`).
+fn figure(v: &Value, path: &[&str], name: &'static str) -> Result<u64, MetricsError> {
+    path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_u64).ok_or(MetricsError::Missing(name))
+}
+
 impl Figures {
     /// From `ctl get vm0`'s JSON and the VMM's `/proc/PID/stat` and `/proc/PID/status` texts
     /// (either may be empty: a process that just ended).
     pub fn parse(json: &str, stat: &str, status: &str) -> Result<Figures, MetricsError> {
         let v: Value = serde_json::from_str(json).map_err(|e| MetricsError::Json(e.to_string()))?;
-        let get = |path: &[&str], name: &'static str| {
-            path.iter().try_fold(&v, |v, k| v.get(k)).and_then(Value::as_u64).ok_or(MetricsError::Missing(name))
-        };
+        let get = |path: &[&str], name: &'static str| figure(&v, path, name);
         let (user_ticks, system_ticks) = proc_times(stat);
         let tick_us = 1_000_000 / clock_ticks();
         Ok(Figures {
@@ -93,9 +96,7 @@ impl Figures {
     /// online.
     pub fn of_pool_vm(json: &str) -> Result<Figures, MetricsError> {
         let v: Value = serde_json::from_str(json).map_err(|e| MetricsError::Json(e.to_string()))?;
-        let get = |path: &[&str], name: &'static str| {
-            path.iter().try_fold(&v, |v, k| v.get(k)).and_then(Value::as_u64).ok_or(MetricsError::Missing(name))
-        };
+        let get = |path: &[&str], name: &'static str| figure(&v, path, name);
         let memory = get(&["memory_bytes", "final"], "memory_bytes.final")?;
         Ok(Figures {
             cpu_us: get(&["vcpu_cpu_us"], "vcpu_cpu_us")?,
