@@ -474,7 +474,7 @@ fn snapshot_restore_and_flags_refuse_what_is_wrong_with_one_line_and_the_documen
     };
     for (args, name) in [
         (&["ctl", "list"][..], "--api-sock <PATH>"),
-        (&["receive"][..], "--listen <unix:PATH>"),
+        (&["receive"][..], "--listen <unix:PATH|tcp:ADDR:PORT>"),
         (&["restore"][..], "<DIR>"),
         (&["pool"][..], "<CONFIG.toml>"),
         (&["load"][..], "--target <IP:PORT>"),
@@ -482,6 +482,15 @@ fn snapshot_restore_and_flags_refuse_what_is_wrong_with_one_line_and_the_documen
         usage(args, &format!("the following required arguments were not provided: {name}"));
     }
     usage(&["run", "--restart-limit", "-1"], "invalid value '-1' for '--restart-limit <N>'");
+    // TCP migration is always mutual TLS, with all three files.
+    usage(&["receive", "--listen", "tcp:127.0.0.1:7000"], "a TCP migration is always mutual TLS");
+    usage(&["receive", "--listen", "tcp:127.0.0.1", "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a"], "HOST:PORT");
+    usage(&["receive", "--listen", "tcp:127.0.0.1:7000", "--tls-cert", "c"], "--tls-key <FILE>");
+    usage(
+        &["receive", "--listen", "tcp:127.0.0.1:7000", "--tls-cert", "/no/c", "--tls-key", "k", "--tls-ca", "a"],
+        "--tls-cert /no/c: ",
+    );
+    usage(&["ctl", "--api-sock", "x", "migrate", "vm0", "--to", "tcp:10.0.0.2:7000"], "always mutual TLS");
     // The help says what a bare command does.
     let help = Command::new(SHIM).arg("--help").output().expect("help");
     let help = String::from_utf8_lossy(&help.stdout).replace('\n', " ");

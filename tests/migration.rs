@@ -166,3 +166,281 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
     ctl_in(&dir, &sock, &["stop", "vm0"]).expect_code(0);
     assert_eq!(here.wait(Duration::from_secs(30)).0, Some(5), "the last target stops cleanly");
 }
+
+/// Two network namespaces joined by a veth pair, 10.99.0.1 (a) and 10.99.0.2 (b): two "hosts"
+/// on this machine. Removed (with the pair) when dropped.
+struct NetPair {
+    a: String,
+    b: String,
+}
+
+impl NetPair {
+    const A: &'static str = "10.99.0.1";
+    const B: &'static str = "10.99.0.2";
+
+    fn new() -> NetPair {
+        let tag = std::process::id() % 10_000_000;
+        let pair = NetPair { a: format!("elmig{tag}a"), b: format!("elmig{tag}b") };
+        let (va, vb) = (format!("elv{tag}a"), format!("elv{tag}b"));
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip").args(args).output().expect("ip (iproute2) runs");
+            assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&["netns", "add", &pair.a]);
+        ip(&["netns", "add", &pair.b]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        for (ns, dev, addr) in [(&pair.a, &va, Self::A), (&pair.b, &vb, Self::B)] {
+            ip(&["link", "set", dev, "netns", ns]);
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns`.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: `file` is an open namespace file for the duration of the call; setns only
+        // changes this thread's network namespace.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// Value `i` of the big set (1 MiB, its own pattern).
+fn big_value(i: usize) -> Vec<u8> {
+    (0..BIG).map(|j| b'a' + ((i * 7 + j / 4096) % 26) as u8).collect()
+}
+
+/// How many big values make the VM hold 1 GiB.
+const BIG_VALUES: usize = 1000;
+
+/// Reads back every big value and every acknowledged small write at `addr`.
+fn check_all(addr: &str, acked: &[String], when: &str) {
+    let mut conn = TcpStream::connect((addr, 6379)).unwrap_or_else(|e| panic!("{when}: connect to {addr}: {e}"));
+    conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    for i in 0..BIG_VALUES {
+        let want = big_value(i);
+        let mut head = format!("${BIG}\r\n").into_bytes();
+        head.extend(&want);
+        head.extend(b"\r\n");
+        assert!(
+            exchange(&mut conn, &[b"GET", format!("big:{i}").as_bytes()], &head),
+            "{when}: big:{i} is missing or different"
+        );
+    }
+    for chunk in acked.chunks(500) {
+        let mut out = Vec::new();
+        let mut want = Vec::new();
+        for k in chunk {
+            out.extend(resp(&[b"GET", k.as_bytes()]));
+            let v = k.replacen('w', "v", 1);
+            want.extend(format!("${}\r\n{v}\r\n", v.len()).into_bytes());
+        }
+        conn.write_all(&out).expect("send GETs");
+        let mut got = vec![0u8; want.len()];
+        conn.read_exact(&mut got).unwrap_or_else(|e| panic!("{when}: reading back failed: {e}"));
+        assert!(got == want, "{when}: an acknowledged write is missing or different");
+    }
+}
+
+/// The source's and the target's side of one attempt: `ctl migrate` to `to` with the TLS
+/// files `cert`, `key`, `ca`.
+fn migrate_tcp(dir: &std::path::Path, to: &str, cert: &str, key: &str, ca: &str) -> common::Run {
+    ctl_in(dir, "src.sock", &["migrate", "vm0", "--to", to, "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca])
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn kv_holding_1_gib_moves_between_network_namespaces_over_mutual_tls_and_failures_keep_it_at_the_source() {
+    require_kvm();
+    let dir = temp_dir("migrate-tcp");
+    let net = NetPair::new();
+    // The CA and both hosts' certificates; a second CA and a certificate it signed.
+    for (sub, host) in [("pki", NetPair::B), ("rogue", NetPair::A)] {
+        let mut args = vec!["tls-certs", "--out", sub, "--host", host];
+        if sub == "pki" {
+            args.extend(["--host", NetPair::A]);
+        }
+        common::Run::from(
+            std::process::Command::new(common::SHIM).args(&args).current_dir(&*dir).output().expect("tls-certs"),
+        )
+        .expect_code(0);
+    }
+    let (cert, key, ca) = ("pki/10.99.0.1.pem", "pki/10.99.0.1.key", "pki/ca.pem");
+    let source = ShimProcess::start_in_netns(
+        &dir,
+        &net.a,
+        &[
+            "run",
+            "--app",
+            "kv",
+            "--publish",
+            "0.0.0.0:6379:6379",
+            "--memory",
+            "64M:1280M:1280M",
+            "--api-sock",
+            "src.sock",
+            "--timeout",
+            "600",
+        ],
+    );
+    wait_for_api(&dir, "src.sock");
+    // Fill 1 GiB with values that each have their own pattern.
+    let t = Instant::now();
+    in_netns(&net.a, || {
+        let mut conn = TcpStream::connect((NetPair::A, 6379)).expect("connect to the source");
+        conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        for i in 0..BIG_VALUES {
+            assert!(
+                exchange(&mut conn, &[b"SET", format!("big:{i}").as_bytes(), &big_value(i)], b"+OK\r\n"),
+                "SET big:{i}"
+            );
+        }
+    })
+    .join()
+    .expect("the fill");
+    let held = json_of(&ctl_in(&dir, "src.sock", &["get", "vm0"]))["memory_bytes"]["final"].as_u64().unwrap_or(0);
+    eprintln!("filled {BIG_VALUES} MiB in {:?}; the VM holds {} MiB", t.elapsed(), held >> 20);
+    assert!(held >= 1 << 30, "the VM holds only {held} bytes");
+    // A writer on host a, as long as the source answers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let writer = {
+        let (stop, acked) = (Arc::clone(&stop), Arc::clone(&acked));
+        in_netns(&net.a, move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let Ok(mut conn) = TcpStream::connect((NetPair::A, 6379)) else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                while !stop.load(Ordering::Acquire) {
+                    let (k, v) = (format!("w{n}"), format!("v{n}"));
+                    if !exchange(&mut conn, &[b"SET", k.as_bytes(), v.as_bytes()], b"+OK\r\n") {
+                        break;
+                    }
+                    acked.lock().expect("acked").push(k);
+                    n += 1;
+                }
+            }
+        })
+    };
+    let acked_now = || acked.lock().expect("acked").len();
+    let wait_more = |than: usize, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while acked_now() <= than + 10 {
+            assert!(Instant::now() < deadline, "{what}: the source stopped acknowledging writes");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_more(0, "before any migration");
+    // The target on host b.
+    let target = ShimProcess::start_in_netns(
+        &dir,
+        &net.b,
+        &[
+            "receive",
+            "--listen",
+            "tcp:10.99.0.2:7000",
+            "--tls-cert",
+            "pki/10.99.0.2.pem",
+            "--tls-key",
+            "pki/10.99.0.2.key",
+            "--tls-ca",
+            "pki/ca.pem",
+            "--api-sock",
+            "dst.sock",
+            "--timeout",
+            "600",
+        ],
+    );
+    wait_for_api(&dir, "dst.sock");
+    // 1. A source whose certificate another CA signed is turned away; so is a target the
+    //    source's CA did not sign. The VM stays at the source either time.
+    let r = migrate_tcp(&dir, "tcp:10.99.0.2:7000", "rogue/10.99.0.1.pem", "rogue/10.99.0.1.key", ca);
+    assert_ne!(r.code, Some(0), "a rogue certificate was accepted");
+    assert!(r.stderr.contains("keeps running here"), "{}", r.stderr);
+    let r = migrate_tcp(&dir, "tcp:10.99.0.2:7000", cert, key, "rogue/ca.pem");
+    assert_ne!(r.code, Some(0), "a target the CA did not sign was accepted");
+    assert!(r.stderr.contains("invalid peer certificate") && r.stderr.contains("keeps running here"), "{}", r.stderr);
+    wait_more(acked_now(), "after the refused certificates");
+    // 2. A target killed while the memory is on its way.
+    let doomed = ShimProcess::start_in_netns(
+        &dir,
+        &net.b,
+        &[
+            "receive",
+            "--listen",
+            "tcp:10.99.0.2:7001",
+            "--tls-cert",
+            "pki/10.99.0.2.pem",
+            "--tls-key",
+            "pki/10.99.0.2.key",
+            "--tls-ca",
+            "pki/ca.pem",
+            "--api-sock",
+            "doomed.sock",
+            "--timeout",
+            "600",
+        ],
+    );
+    wait_for_api(&dir, "doomed.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let attempt = {
+        let dir = dir.to_path_buf();
+        std::thread::spawn(move || migrate_tcp(&dir, "tcp:10.99.0.2:7001", cert, key, ca))
+    };
+    // RSS grows as pages arrive; kill it a quarter of the way.
+    while rss_kib(doomed.pid()) < 256 << 10 {
+        if attempt.is_finished() {
+            panic!("the copy ended before the target was killed: {:?}", attempt.join().map(|r| r.stderr));
+        }
+        assert!(Instant::now() < deadline, "the copy to the doomed target never got going");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: kill(2) on a child process this test started and has not reaped.
+    unsafe { libc::kill(doomed.pid() as i32, libc::SIGKILL) };
+    let r = attempt.join().expect("the attempt");
+    assert_ne!(r.code, Some(0), "the migration to a killed target succeeded");
+    assert!(r.stderr.contains("keeps running here"), "{}", r.stderr);
+    drop(doomed);
+    wait_more(acked_now(), "after the target was killed mid-copy");
+    let before = json_of(&ctl_in(&dir, "src.sock", &["get", "vm0"]));
+    assert_eq!(before["state"], "running", "{before}");
+    // 3. The real move, the writer writing.
+    let m = json_of(&migrate_tcp(&dir, "tcp:10.99.0.2:7000", cert, key, ca));
+    eprintln!("over TLS between namespaces: {m}");
+    assert!(m["held_bytes"].as_u64().unwrap_or(0) >= 1 << 30, "{m}");
+    assert_eq!(source.wait(Duration::from_secs(30)).0, Some(0), "the source ends once the target runs");
+    stop.store(true, Ordering::Release);
+    writer.join().expect("the writer");
+    let all = acked.lock().expect("acked").clone();
+    let n = all.len();
+    in_netns(&net.b, move || check_all(NetPair::B, &all, "on the target")).join().expect("the check on the target");
+    eprintln!("{n} acknowledged writes, and {BIG_VALUES} MiB of values, read back on the target");
+    ctl_in(&dir, "dst.sock", &["stop", "vm0"]).expect_code(0);
+    assert_eq!(target.wait(Duration::from_secs(30)).0, Some(5), "the target stops cleanly");
+}

@@ -336,6 +336,20 @@ impl ShimProcess {
         ShimProcess { child }
     }
 
+    /// Starts `hypervisor-shim ARGS` in `dir` inside the network namespace `netns` (`ip netns
+    /// exec`, which execs the shim: the process id is the shim's).
+    pub fn start_in_netns(dir: &Path, netns: &str, args: &[&str]) -> ShimProcess {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, SHIM])
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("ip netns exec starts");
+        ShimProcess { child }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

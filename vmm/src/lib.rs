@@ -48,6 +48,7 @@ pub use host::signals::{install as install_signal_handlers, interrupts};
 pub use policy::pool::Capacity;
 pub use report::json::write_json;
 pub use report::summary::{PoolSummary, Summary};
+pub use snapshot::channel::TlsFiles;
 pub use vmm::error::{VmError, open_kvm};
 pub use vmm::loader::{KernelImage, LoaderError};
 pub use vmm::outcome::Outcome;

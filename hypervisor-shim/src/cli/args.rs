@@ -80,6 +80,23 @@ pub(super) enum Command {
     /// Print the path of the built-in kernel image (written to the per-user cache), or copy it
     /// to a file with --output (a containerd rootfs needs one: `kernel --output rootfs/kernel`).
     Kernel(KernelArgs),
+    /// Make a throwaway CA and one certificate and key per host in DIR (ca.pem, HOST.pem,
+    /// HOST.key), for trying migration over TCP: each host's certificate names it and serves
+    /// both ends of mutual TLS. Existing files are never overwritten (exit 74). Use your own CA
+    /// in production.
+    TlsCerts(TlsCertsArgs),
+}
+
+/// `tls-certs`: a CA and host certificates for TCP migration.
+#[derive(Debug, Args, Clone)]
+pub(super) struct TlsCertsArgs {
+    /// Directory for the files (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub(super) out: PathBuf,
+    /// A host's address or DNS name, as `ctl migrate --to tcp:HOST:PORT` names it
+    /// (repeatable).
+    #[arg(long = "host", value_name = "HOST", required = true)]
+    pub(super) hosts: Vec<String>,
 }
 
 /// `kernel`: where the built-in image is, or a copy of it.
@@ -130,9 +147,14 @@ pub(super) struct RestoreArgs {
 
 #[derive(Debug, Args, Clone)]
 pub(super) struct ReceiveArgs {
-    /// Where to wait for the source: unix:PATH (the path must not exist).
-    #[arg(long, value_name = "unix:PATH")]
+    /// Where to wait for the source: unix:PATH on this host (the path must not exist), or
+    /// tcp:ADDR:PORT from another host (mutual TLS: give --tls-cert, --tls-key and --tls-ca; a
+    /// source whose certificate the CA did not sign is turned away and the wait goes on). Over
+    /// TCP this shim listens on the VM's published ports itself (or on --publish instead).
+    #[arg(long, value_name = "unix:PATH|tcp:ADDR:PORT")]
     pub(super) listen: String,
+    #[command(flatten)]
+    pub(super) tls: crate::cli::ctl::TlsArgs,
     #[command(flatten)]
     pub(super) resume: ResumeArgs,
 }

@@ -72,19 +72,25 @@ pub enum Verb {
         #[arg(long, value_name = "DIR")]
         to: PathBuf,
     },
-    /// Move the running VM to a shim started with `hypervisor-shim receive --listen
-    /// unix:PATH` (pre-copy live migration); this VM ends once the target runs it.
+    /// Move the running VM to a shim started with `hypervisor-shim receive --listen` (pre-copy
+    /// live migration); this VM ends once the target runs it. On this host use unix:PATH (the
+    /// published listening sockets are handed over); to another host tcp:HOST:PORT, always
+    /// mutual TLS (the target binds the published ports itself; clients reconnect to it). If
+    /// anything fails, the VM keeps running here and the error says why.
     Migrate {
         /// The VM.
         vm: String,
-        /// The receiver's socket, `unix:PATH`.
-        #[arg(long, value_name = "unix:PATH")]
+        /// The receiver: unix:PATH, or tcp:HOST:PORT (HOST as the target's certificate names
+        /// it; IPv6 in brackets).
+        #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
         to: String,
         /// After the last copy, compare every held page with what was sent and send any the
         /// dirty logs missed (counted in `missed_by_log`; adds the time to read all memory to
         /// the downtime).
         #[arg(long)]
         verify: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
 }
 
@@ -128,13 +134,29 @@ pub fn command(args: &CtlArgs) -> u8 {
             let dir = std::path::absolute(to).unwrap_or_else(|_| to.clone());
             ("PUT", format!("/api/v1/vms/{vm}/snapshot"), serde_json::json!({ "dir": dir }).to_string())
         }
-        Verb::Migrate { vm, to, verify } => {
-            let Some(path) = to.strip_prefix("unix:") else {
-                eline!("hypervisor-shim: ctl migrate: --to must be unix:PATH (got {to})");
+        Verb::Migrate { vm, to, verify, tls } => {
+            let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            let (to, tls) = if let Some(path) = to.strip_prefix("unix:") {
+                if tls.any() {
+                    eline!("hypervisor-shim: ctl migrate: --tls-* are for tcp: destinations (got {to})");
+                    return exit::USAGE;
+                }
+                (format!("unix:{}", abs(&PathBuf::from(path)).display()), serde_json::Value::Null)
+            } else if to.starts_with("tcp:") {
+                let Some(files) = tls.files() else {
+                    eline!(
+                        "hypervisor-shim: ctl migrate: --to {to}: a TCP migration is always mutual TLS: give --tls-cert, \
+                         --tls-key and --tls-ca"
+                    );
+                    return exit::USAGE;
+                };
+                let files = serde_json::json!({ "cert": abs(&files.0), "key": abs(&files.1), "ca": abs(&files.2) });
+                (to.clone(), files)
+            } else {
+                eline!("hypervisor-shim: ctl migrate: --to must be unix:PATH or tcp:HOST:PORT (got {to})");
                 return exit::USAGE;
             };
-            let abs = std::path::absolute(path).unwrap_or_else(|_| PathBuf::from(path));
-            let body = serde_json::json!({ "to": format!("unix:{}", abs.display()), "verify": verify }).to_string();
+            let body = serde_json::json!({ "to": to, "verify": verify, "tls": tls }).to_string();
             ("PUT", format!("/api/v1/vms/{vm}/migrate"), body)
         }
     };
@@ -154,5 +176,31 @@ pub fn command(args: &CtlArgs) -> u8 {
             eline!("hypervisor-shim: ctl: {e}");
             exit_code(&e)
         }
+    }
+}
+
+/// Mutual TLS for a migration over TCP: this side's certificate and key, the other side's CA.
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct TlsArgs {
+    /// This side's certificate chain (PEM), for tcp: migrations.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// The CA certificate (PEM) the other side's certificate must be signed by.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub(crate) tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// Whether any of the three was given.
+    pub(crate) fn any(&self) -> bool {
+        self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_ca.is_some()
+    }
+
+    /// (cert, key, ca), when all three were given.
+    pub(crate) fn files(&self) -> Option<(PathBuf, PathBuf, PathBuf)> {
+        Some((self.tls_cert.clone()?, self.tls_key.clone()?, self.tls_ca.clone()?))
     }
 }

@@ -12,7 +12,7 @@ pub(crate) mod pool_config;
 
 use args::{
     BUILT_KERNEL, BenchArgs, Cli, Command, DemoArgs, KernelArgs, PoolArgs, QemuArgs, ReceiveArgs, RestartMode,
-    RestoreArgs, ResumeArgs, RunArgs, StressArgs, default_kernel, kernel_path,
+    RestoreArgs, ResumeArgs, RunArgs, StressArgs, TlsCertsArgs, default_kernel, kernel_path,
 };
 
 use crate::tools::bench;
@@ -86,6 +86,7 @@ fn dispatch(started: Instant, started_monotonic_ns: u64) -> ExitCode {
         Some(Command::Restore(args)) => restore(args, started, started_monotonic_ns),
         Some(Command::Receive(args)) => receive(args, started_monotonic_ns),
         Some(Command::Kernel(args)) => kernel(&args),
+        Some(Command::TlsCerts(args)) => tls_certs(&args),
     }
 }
 
@@ -121,7 +122,11 @@ fn receive(args: ReceiveArgs, started_monotonic_ns: u64) -> ExitCode {
     if let Err(e) = check_outputs(&[("--summary", &args.resume.summary), ("--timeline", &args.resume.timeline)]) {
         return fail(exit::USAGE, e);
     }
-    match elastic_vmm::receive_spec(&args.listen, &resume_options(&args.resume)) {
+    let tls = args.tls.files().map(|(cert, key, ca)| elastic_vmm::TlsFiles { cert, key, ca });
+    if tls.is_some() && !args.listen.starts_with("tcp:") {
+        return fail(exit::USAGE, format!("--tls-*: for --listen tcp:ADDR:PORT only (got {})", args.listen));
+    }
+    match elastic_vmm::receive_spec(&args.listen, tls.as_ref(), &resume_options(&args.resume)) {
         // The VM's restore time counts from the moment its state arrived.
         Ok((vm, arrived)) => resume_vm(vm, &args.resume, arrived, started_monotonic_ns),
         Err(e) => fail(e.exit_code(), e),
@@ -461,6 +466,21 @@ fn kernel(args: &KernelArgs) -> ExitCode {
     }
 }
 
+/// `tls-certs`: writes the CA and the host files, and says which flags use them.
+fn tls_certs(args: &TlsCertsArgs) -> ExitCode {
+    match crate::tools::certs::make(&args.out, &args.hosts) {
+        Ok(made) => {
+            let ca = args.out.join("ca.pem");
+            for (h, f) in args.hosts.iter().zip(&made) {
+                oline!("{h}: --tls-cert {} --tls-key {} --tls-ca {}", f.cert.display(), f.key.display(), ca.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ crate::tools::certs::CertsError::BadHost(_)) => fail(exit::USAGE, e),
+        Err(e) => fail(exit::IO_ERROR, e),
+    }
+}
+
 fn run_qemu(args: QemuArgs) -> ExitCode {
     let config = QemuConfig {
         kernel: kernel_path(&args.guest),
@@ -507,7 +527,7 @@ mod tests {
     fn a_missing_required_argument_is_named() {
         let cases: [(&[&str], &str); 5] = [
             (&["ctl", "list"], "--api-sock <PATH>"),
-            (&["receive"], "--listen <unix:PATH>"),
+            (&["receive"], "--listen <unix:PATH|tcp:ADDR:PORT>"),
             (&["restore"], "<DIR>"),
             (&["pool"], "<CONFIG.toml>"),
             (&["load"], "--"),

@@ -1,6 +1,7 @@
 //! Tools.
 
 pub mod bench;
+pub mod certs;
 pub mod child;
 pub mod demo;
 pub mod loadgen;

@@ -8,7 +8,7 @@
 //! | `PUT /api/v1/vms/{name}/policy` | `{"vcpus": "MIN:MAX:BURST", "memory": "MIN:MAX:BURST"}` (either) |
 //! | `PUT /api/v1/vms/{name}/pause`, `/resume`, `/stop` | lifecycle |
 //! | `PUT /api/v1/vms/{name}/snapshot` | `{"dir": "/abs/path"}`: save the VM there (it runs on) |
-//! | `PUT /api/v1/vms/{name}/migrate` | `{"to": "unix:PATH", "verify": false}`: move it to `receive --listen` |
+//! | `PUT /api/v1/vms/{name}/migrate` | `{"to": "unix:PATH", "verify": false}`: move it to `receive --listen`; `"to": "tcp:HOST:PORT"` needs `"tls": {"cert", "key", "ca"}` (absolute paths) |
 //! | `GET /api/v1/pool` | the pool: capacity, in use now, the most in use at once |
 //! | `GET /metrics` | Prometheus text format |
 //!
@@ -38,6 +38,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::Value;
+
+use crate::snapshot::channel::{Destination, TlsFiles};
 use thiserror::Error;
 
 use crate::control::admit::{Admission, AdmitEvent, Node};
@@ -366,14 +368,7 @@ fn action_request(action: &str, body: &str) -> Result<ControlRequest, Reply> {
             }
             Ok(ControlRequest::Snapshot { dir })
         }
-        "migrate" => {
-            let to = body_string(body, "to")?;
-            let Some(path) = to.strip_prefix("unix:") else {
-                return Err(error(400, format!("\"to\" must be unix:PATH (got {to})")));
-            };
-            let verify = serde_json::from_str::<Value>(body).ok().and_then(|v| v["verify"].as_bool()).unwrap_or(false);
-            Ok(ControlRequest::Migrate { to: PathBuf::from(path), verify })
-        }
+        "migrate" => migrate_request(body),
         other => {
             Err(error(404, format!("no such action: {other} (pause, resume, stop, kill, policy, snapshot, migrate)")))
         }
@@ -381,6 +376,32 @@ fn action_request(action: &str, body: &str) -> Result<ControlRequest, Reply> {
 }
 
 /// The string `key` of a JSON object body.
+/// `{"to": "unix:PATH" | "tcp:HOST:PORT", "verify": bool, "tls": {"cert", "key", "ca"}}`.
+fn migrate_request(body: &str) -> Result<ControlRequest, Reply> {
+    let to = body_string(body, "to")?;
+    let v: Value = serde_json::from_str(body).unwrap_or_default();
+    let verify = v["verify"].as_bool().unwrap_or(false);
+    let tls = match v.get("tls") {
+        None | Some(Value::Null) => None,
+        Some(t) => {
+            let file = |key: &str| -> Result<PathBuf, Reply> {
+                match t.get(key).and_then(Value::as_str) {
+                    Some(p) if Path::new(p).is_absolute() => Ok(PathBuf::from(p)),
+                    _ => Err(error(400, format!("\"tls\" needs \"{key}\": an absolute path"))),
+                }
+            };
+            Some(TlsFiles { cert: file("cert")?, key: file("key")?, ca: file("ca")? })
+        }
+    };
+    let to = Destination::parse(&to, tls).map_err(|e| error(400, format!("\"to\": {e}")))?;
+    if let Destination::Unix(p) = &to
+        && !p.is_absolute()
+    {
+        return Err(error(400, format!("\"to\": unix:PATH needs an absolute path (got {})", p.display())));
+    }
+    Ok(ControlRequest::Migrate { to, verify })
+}
+
 fn body_string(body: &str, key: &str) -> Result<String, Reply> {
     let v: Value = serde_json::from_str(body).map_err(|e| error(400, format!("the body is not JSON: {e}")))?;
     match v.get(key).and_then(Value::as_str) {
@@ -456,9 +477,25 @@ mod tests {
         assert_eq!(req(Put, "/api/v1/vms/kv/snapshot", r#"{"dir": "rel"}"#), Err(400));
         assert_eq!(
             req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "unix:/tmp/m", "verify": true}"#),
-            Ok(ControlRequest::Migrate { to: "/tmp/m".into(), verify: true })
+            Ok(ControlRequest::Migrate { to: Destination::Unix("/tmp/m".into()), verify: true })
         );
+        assert_eq!(req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "unix:rel"}"#), Err(400));
+        // TCP is always mutual TLS, from absolute paths.
         assert_eq!(req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "tcp:1.2.3.4:5"}"#), Err(400));
+        let tls = r#""tls": {"cert": "/c.pem", "key": "/k.pem", "ca": "/ca.pem"}"#;
+        assert_eq!(
+            req(Put, "/api/v1/vms/kv/migrate", &format!(r#"{{"to": "tcp:1.2.3.4:5", {tls}}}"#)),
+            Ok(ControlRequest::Migrate {
+                to: Destination::Tcp {
+                    host: "1.2.3.4".into(),
+                    port: 5,
+                    tls: TlsFiles { cert: "/c.pem".into(), key: "/k.pem".into(), ca: "/ca.pem".into() }
+                },
+                verify: false
+            })
+        );
+        let relative = r#""tls": {"cert": "c.pem", "key": "/k.pem", "ca": "/ca.pem"}"#;
+        assert_eq!(req(Put, "/api/v1/vms/kv/migrate", &format!(r#"{{"to": "tcp:h:5", {relative}}}"#)), Err(400));
         assert!(matches!(
             req(Put, "/api/v1/vms/kv/policy", r#"{"vcpus": "1:2:4"}"#),
             Ok(ControlRequest::SetPolicy { vcpus: Some(_), memory: None })

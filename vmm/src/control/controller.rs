@@ -372,7 +372,7 @@ fn answer(vm: &VmShared, request: ControlRequest) -> ControlReply {
             }
             match crate::snapshot::migrate::send(vm, &to, verify) {
                 Ok(f) => {
-                    vm.finish(Outcome::Migrated { to: format!("unix:{}", to.display()) });
+                    vm.finish(Outcome::Migrated { to: to.to_string() });
                     ControlReply::ok(serde_json::to_value(f).unwrap_or(Value::Null))
                 }
                 Err(e) => ControlReply::error(500, format!("{e} (the VM keeps running here)")),

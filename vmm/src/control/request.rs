@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde_json::{Value, json};
 
 use crate::base::config::Policy;
+use crate::snapshot::channel::Destination;
 use crate::vmm::shared::VmEvent;
 
 /// What the API asks of a VM.
@@ -29,8 +30,8 @@ pub(crate) enum ControlRequest {
     SetPolicy { vcpus: Option<Policy>, memory: Option<Policy> },
     /// Save the VM into this directory; it runs on.
     Snapshot { dir: PathBuf },
-    /// Move the VM to the receiver listening on this Unix socket; it ends here.
-    Migrate { to: PathBuf, verify: bool },
+    /// Move the VM to the receiver at `to` (`receive --listen`); it ends here.
+    Migrate { to: Destination, verify: bool },
 }
 
 /// An answer: an HTTP status and a JSON body.

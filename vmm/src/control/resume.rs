@@ -1,13 +1,15 @@
 //! Runs that start from a saved VM: a snapshot directory (`restore DIR`) or a live migration
-//! received on a socket (`receive --listen unix:PATH`). Each gives a [`VmSpec`] that
-//! [`crate::control::run::run`] runs like any other.
+//! received on a socket (`receive --listen unix:PATH`, or `tcp:ADDR:PORT` with mutual TLS).
+//! Each gives a [`VmSpec`] that [`crate::control::run::run`] runs like any other.
 //!
 //! While `receive` waits for its source, and while it receives the VM, it honours `--timeout`
 //! (exit 76) and Ctrl-C/SIGTERM (exit 130); while it waits it serves its `--api-sock` (no VM is
-//! listed yet); it removes its socket file on every way out.
+//! listed yet); it removes its socket file on every way out. Over TCP, a client that fails the
+//! TLS handshake (no certificate, or one the CA did not sign) is turned away with one line and
+//! the wait goes on.
 
-use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,7 @@ use crate::control::run::{RestoreSource, VmSpec};
 use crate::host::endpoint::Publish;
 use crate::policy::pool::{Capacity, Pool};
 use crate::snapshot::SnapshotError;
+use crate::snapshot::channel::{Channel, TlsFiles, TlsListener, host_port};
 use crate::snapshot::migrate::{MigrateError, Received, receive};
 use crate::snapshot::restore::RestoreMemory;
 use crate::vmm::error::{VmError, open_kvm};
@@ -124,18 +127,42 @@ pub fn restore_spec(dir: &Path, opts: &ResumeOptions) -> Result<VmSpec, ResumeEr
     Ok(VmSpec { config, kernel, expect_exit: 0, restore: Some(Arc::new(Mutex::new(Some(source)))) })
 }
 
-/// Waits for one migration on `listen` (`unix:PATH`) and returns the VM received, with the
-/// moment its state arrived (its restore time is measured from there).
-pub fn receive_spec(listen: &str, opts: &ResumeOptions) -> Result<(VmSpec, Instant), ResumeError> {
-    let Some(path) = listen.strip_prefix("unix:") else {
-        return Err(ResumeError::Usage(format!("--listen must be unix:PATH (got {listen})")));
+/// Where `receive` listens.
+enum Listen<'a> {
+    Unix(&'a Path),
+    Tcp(&'a str, &'a TlsFiles),
+}
+
+/// Waits for one migration on `listen` (`unix:PATH`, or `tcp:ADDR:PORT` with `tls`: this
+/// side's certificate and key, and the CA of the sources) and returns the VM received, with
+/// the moment its state arrived (its restore time is measured from there).
+pub fn receive_spec(
+    listen: &str,
+    tls: Option<&TlsFiles>,
+    opts: &ResumeOptions,
+) -> Result<(VmSpec, Instant), ResumeError> {
+    let how = if let Some(path) = listen.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+        if !opts.publish.is_empty() {
+            return Err(ResumeError::Usage(
+                "--publish: a VM migrated on this host keeps the ports its source published".into(),
+            ));
+        }
+        Listen::Unix(Path::new(path))
+    } else if let Some(addr) = listen.strip_prefix("tcp:") {
+        host_port(addr).map_err(|e| ResumeError::Usage(format!("--listen {listen}: {e}")))?;
+        let tls = tls.ok_or_else(|| {
+            ResumeError::Usage(format!(
+                "--listen {listen}: a TCP migration is always mutual TLS: give --tls-cert, --tls-key and --tls-ca"
+            ))
+        })?;
+        Listen::Tcp(addr, tls)
+    } else {
+        return Err(ResumeError::Usage(format!("--listen must be unix:PATH or tcp:ADDR:PORT (got {listen})")));
     };
-    if !opts.publish.is_empty() {
-        return Err(ResumeError::Usage("--publish: a migrated VM keeps the ports its source published".into()));
-    }
+    let path = listen;
     let kvm = open_kvm().map_err(ResumeError::Kvm)?;
     let waiting = Instant::now();
-    let mut channel = wait_for_source(Path::new(path), opts)?;
+    let channel = wait_for_source(&how, opts)?;
     let left = opts.timeout.map(|t| t.saturating_sub(waiting.elapsed()).max(Duration::from_millis(1)));
     // A source that stops sending cannot hold the command past its time limit.
     if let Some(t) = left {
@@ -144,15 +171,15 @@ pub fn receive_spec(listen: &str, opts: &ResumeOptions) -> Result<(VmSpec, Insta
     // Ctrl-C during the transfer shuts the channel down, so the read it is blocked in returns.
     let interrupted = Arc::new(AtomicBool::new(false));
     let received = {
-        let stopper = channel.try_clone().ok();
+        let stopper = channel.shutter().ok();
         let flag = Arc::clone(&interrupted);
         let _interrupts = crate::host::signals::subscribe(move |_| {
             flag.store(true, Ordering::SeqCst);
             if let Some(s) = &stopper {
-                let _ = s.shutdown(std::net::Shutdown::Both);
+                s.shut();
             }
         });
-        receive(&kvm, &mut channel)
+        receive(&kvm, channel, &opts.publish)
     };
     let Received { fd, mem, mut state, endpoints, answer, stopped_at } = received.map_err(|e| {
         if interrupted.load(Ordering::SeqCst) {
@@ -163,8 +190,10 @@ pub fn receive_spec(listen: &str, opts: &ResumeOptions) -> Result<(VmSpec, Insta
             ResumeError::Receive(e)
         }
     })?;
-    let _ = channel.set_read_timeout(None);
     let mut config = state.config.clone();
+    if !opts.publish.is_empty() {
+        config.endpoints.publish = opts.publish.clone();
+    }
     // --timeout counts from the start of the command: the wait used part of it.
     config.lifecycle = lifecycle(config.lifecycle, &ResumeOptions { timeout: left, ..opts.clone() });
     let kernel = opts.kernel.clone().unwrap_or_else(|| state.kernel.clone());
@@ -188,17 +217,67 @@ impl Drop for SocketFile<'_> {
     }
 }
 
-/// Listens on `path` (which must not exist) until a source connects, `opts.timeout` passes or
-/// an interrupt arrives; serves `opts.api_sock` meanwhile. The socket file is removed on
-/// return, whatever the outcome.
-fn wait_for_source(path: &Path, opts: &ResumeOptions) -> Result<UnixStream, ResumeError> {
-    let listen_err = |reason: String| ResumeError::Usage(format!("--listen unix:{}: {reason}", path.display()));
-    if path.exists() {
-        return Err(listen_err("already exists (remove it first)".into()));
+/// What `receive` listens on while it waits.
+enum Listening<'a> {
+    /// The socket file goes when the wait ends.
+    Unix {
+        listener: UnixListener,
+        _file: SocketFile<'a>,
+    },
+    Tcp(TlsListener),
+}
+
+impl Listening<'_> {
+    fn fd(&self) -> RawFd {
+        match self {
+            Listening::Unix { listener, .. } => listener.as_raw_fd(),
+            Listening::Tcp(t) => t.listener.as_raw_fd(),
+        }
     }
-    let listener = UnixListener::bind(path).map_err(|e| listen_err(e.to_string()))?;
-    let _file = SocketFile(path);
-    listener.set_nonblocking(true).map_err(|e| listen_err(e.to_string()))?;
+
+    /// A source that connected, if one did (`Ok(None)`: nobody yet, or one turned away).
+    fn accept(&self) -> std::io::Result<Option<Channel>> {
+        match self {
+            Listening::Unix { listener, .. } => {
+                let (s, _) = listener.accept()?;
+                s.set_nonblocking(false)?;
+                Ok(Some(Channel::Unix(s)))
+            }
+            Listening::Tcp(t) => {
+                let (s, peer) = t.listener.accept()?;
+                match t.handshake(s, peer) {
+                    Ok(c) => Ok(Some(c)),
+                    Err(e) => {
+                        crate::host::diag::say(format_args!("turned a migration source away: {e}"));
+                        Ok(None)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Listens on `how` (a Unix path must not exist) until a source connects, `opts.timeout`
+/// passes or an interrupt arrives; serves `opts.api_sock` meanwhile. A socket file is removed
+/// on return, whatever the outcome.
+fn wait_for_source(how: &Listen<'_>, opts: &ResumeOptions) -> Result<Channel, ResumeError> {
+    let shown = match how {
+        Listen::Unix(p) => format!("unix:{}", p.display()),
+        Listen::Tcp(a, _) => format!("tcp:{a}"),
+    };
+    let listen_err = |reason: String| ResumeError::Usage(format!("--listen {shown}: {reason}"));
+    let listening = match *how {
+        Listen::Unix(path) => {
+            if path.exists() {
+                return Err(listen_err("already exists (remove it first)".into()));
+            }
+            let listener = UnixListener::bind(path).map_err(|e| listen_err(e.to_string()))?;
+            let file = SocketFile(path);
+            listener.set_nonblocking(true).map_err(|e| listen_err(e.to_string()))?;
+            Listening::Unix { listener, _file: file }
+        }
+        Listen::Tcp(addr, tls) => Listening::Tcp(TlsListener::bind(addr, tls).map_err(|e| listen_err(e.to_string()))?),
+    };
     // Interrupts wake the wait through an eventfd (nobody polls a counter).
     crate::host::signals::install();
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| listen_err(e.to_string()))?);
@@ -211,26 +290,24 @@ fn wait_for_source(path: &Path, opts: &ResumeOptions) -> Result<UnixStream, Resu
         .as_deref()
         .map(|p| ApiServer::start(p, Registry::default(), Arc::new(Pool::new(Capacity::UNLIMITED)), None))
         .transpose()?;
-    crate::host::diag::say(format_args!("waiting for a migration on {}", path.display()));
+    crate::host::diag::say(format_args!("waiting for a migration on {shown}"));
     let deadline = opts.timeout.map(|t| Instant::now() + t);
     loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).map_err(|e| listen_err(e.to_string()))?;
-                return Ok(s);
-            }
+        match listening.accept() {
+            Ok(Some(channel)) => return Ok(channel),
+            Ok(None) => {}
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {}
             Err(e) => return Err(listen_err(e.to_string())),
         }
         if wake.read().is_ok() {
-            return Err(ResumeError::Interrupted(path.display().to_string()));
+            return Err(ResumeError::Interrupted(shown));
         }
         let wait_ms = match deadline {
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Err(ResumeError::TimedOut {
-                        path: path.display().to_string(),
+                        path: shown,
                         secs: opts.timeout.map_or(0.0, |t| t.as_secs_f64()),
                     });
                 }
@@ -239,11 +316,11 @@ fn wait_for_source(path: &Path, opts: &ResumeOptions) -> Result<UnixStream, Resu
             None => -1,
         };
         let mut fds = [
-            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: listening.fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         // SAFETY: `fds` is a valid array of two pollfds for the duration of the call; both
-        // descriptors stay open (owned by `listener` and `wake`).
+        // descriptors stay open (owned by `listening` and `wake`).
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
     }
 }

@@ -1,17 +1,21 @@
-//! Live migration over a Unix socket: pre-copy with KVM's dirty log plus the shim's own
-//! writes, then a short stop-and-copy.
+//! Live migration over a [`Channel`] (a Unix socket on one host, mutual TLS over TCP between
+//! hosts): pre-copy with KVM's dirty log plus the shim's own writes, then a short
+//! stop-and-copy.
 //!
 //! The source ([`send`], from `ctl migrate`):
 //!
+//! 0. says hello (versions, layout, CPU features and TSC rate, published ports); the target
+//!    answers before any memory moves: it refuses a version, CPU or TSC it cannot run, and,
+//!    over TCP, binds the published ports itself (a port it cannot bind refuses too);
 //! 1. turns dirty logging on, sends the layout and every non-zero page the VM holds while it
 //!    runs;
 //! 2. repeats: sends the pages written since the previous round (the guest's, from KVM's
 //!    dirty log; the shim's, from the regions' bitmaps), until a round is small
 //!    ([`SMALL_ROUND`]) or [`MAX_ROUNDS`] passed;
 //! 3. quiesces the VM (vCPUs paused with their calls completed, the device's I/O thread
-//!    holding), sends the last dirty pages, the region list, the published listening sockets
-//!    (as file descriptors: clients keep connecting to the same socket, and wait in its
-//!    backlog meanwhile) and the state;
+//!    holding), sends the last dirty pages, the region list, on one host the published
+//!    listening sockets (as file descriptors: clients keep connecting to the same socket, and
+//!    wait in its backlog meanwhile) and the state;
 //!    With `verify`, every held page is then compared (CRC-32) with what was sent, and a
 //!    page the logs missed is sent too and counted (`missed_by_log`; it costs downtime: the
 //!    whole memory is read while the VM is stopped);
@@ -22,15 +26,14 @@
 //! Only held memory travels: zero pages are skipped in the first round, and extents the VM
 //! released are dropped on the target.
 //!
-//! Wire format: messages `[kind: u8][len: u64 LE][payload]`. `H` hello (JSON: format, ABI,
-//! layout), `R` regions (JSON list), `P` pages (`[gpa u64][pages u32][data]` runs), `L` one
+//! Wire format: messages `[kind: u8][len: u64 LE][payload]`. `H` hello (JSON: protocol,
+//! format, ABI, layout, host profile, published ports; answered `A` or `E`), `R` regions (JSON list), `P` pages (`[gpa u64][pages u32][data]` runs), `L` one
 //! listening socket (JSON, with the descriptor attached), `S` the state
 //! ([`super::encode_state`]); the target answers `A` (ready) or `E` (JSON error).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -38,12 +41,13 @@ use hypercall_abi::Extent;
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::channel::{Channel, ChannelError, Destination};
+use super::compat::HostProfile;
 use super::{Quiesced, SnapshotError, VmState};
 use crate::base::layout::Layout;
 use crate::base::memory::{Backing, GuestMemory, PAGE_SIZE};
-use crate::host::endpoint::Bound;
+use crate::host::endpoint::{Bound, Publish};
 use crate::vmm::shared::VmShared;
 
 /// Told whether a received VM was built (`Err`: why not); the source then ends its copy (or
@@ -58,8 +62,10 @@ pub(crate) const MAX_ROUNDS: u32 = 12;
 const BATCH_PAGES: usize = 1024;
 /// Largest JSON message accepted.
 const MAX_JSON: u64 = 16 << 20;
-/// How long the source waits for the target's answer.
+/// How long the source waits for the target's answer, and a write may block.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// The message protocol's version (2: hello is answered).
+const PROTOCOL: u32 = 2;
 
 /// Migration failures.
 #[derive(Debug, Error)]
@@ -67,6 +73,10 @@ pub enum MigrateError {
     /// The socket failed.
     #[error("migration channel: {0}")]
     Io(#[from] std::io::Error),
+    /// The channel could not be set up (an address, a TLS file, the connection, the
+    /// handshake).
+    #[error("migration channel: {0}")]
+    Channel(#[from] ChannelError),
     /// The peer sent something malformed.
     #[error("migration protocol: {0}")]
     Protocol(String),
@@ -101,9 +111,16 @@ pub(crate) struct MigrateFigures {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Hello {
+    protocol: u32,
     format: u32,
     abi_version: u32,
     layout: Layout,
+    /// The source's CPU features and the VM's TSC rate.
+    profile: HostProfile,
+    /// The VM's published ports (a target over TCP binds them itself).
+    publish: Vec<Publish>,
+    /// Its hybrid-vsock socket path, if any.
+    vsock_uds: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -119,7 +136,7 @@ enum WireListener {
     Uds { path: PathBuf },
 }
 
-fn write_msg(s: &mut UnixStream, kind: u8, payload: &[u8]) -> std::io::Result<()> {
+fn write_msg(s: &mut Channel, kind: u8, payload: &[u8]) -> std::io::Result<()> {
     let mut head = [0u8; 9];
     head[0] = kind;
     head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -128,9 +145,9 @@ fn write_msg(s: &mut UnixStream, kind: u8, payload: &[u8]) -> std::io::Result<()
 }
 
 /// Reads one message; a descriptor sent with its header is returned too.
-fn read_msg(s: &mut UnixStream, max: u64) -> Result<(u8, Vec<u8>, Option<OwnedFd>), MigrateError> {
+fn read_msg(s: &mut Channel, max: u64) -> Result<(u8, Vec<u8>, Option<OwnedFd>), MigrateError> {
     let mut head = [0u8; 9];
-    let (n, file) = s.recv_with_fd(&mut head).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    let (n, file) = s.read_with_fd(&mut head)?;
     if n == 0 {
         return Err(MigrateError::Protocol("the peer closed the channel".into()));
     }
@@ -141,7 +158,7 @@ fn read_msg(s: &mut UnixStream, max: u64) -> Result<(u8, Vec<u8>, Option<OwnedFd
     }
     let mut payload = vec![0u8; len as usize];
     s.read_exact(&mut payload)?;
-    Ok((head[0], payload, file.map(OwnedFd::from)))
+    Ok((head[0], payload, file))
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -185,7 +202,7 @@ impl Sent {
 /// it since its grant). The regions are read before the memory snapshot, so a page sent under
 /// a region the target knows is either that region's or belongs to one that replaced it since,
 /// which the target drops at the next region list.
-fn send_pages(s: &mut UnixStream, vm: &VmShared, pages: &[u64], sent_map: &mut Sent) -> Result<u64, MigrateError> {
+fn send_pages(s: &mut Channel, vm: &VmShared, pages: &[u64], sent_map: &mut Sent) -> Result<u64, MigrateError> {
     let mem = vm.mem();
     let live = mem.regions();
     let guard = mem.snapshot();
@@ -266,7 +283,7 @@ fn changed_pages(vm: &VmShared, sent: &Sent) -> Vec<u64> {
     pages
 }
 
-fn send_regions(s: &mut UnixStream, vm: &VmShared, sent: &mut Sent) -> Result<(), MigrateError> {
+fn send_regions(s: &mut Channel, vm: &VmShared, sent: &mut Sent) -> Result<(), MigrateError> {
     let regions = vm.mem().regions();
     sent.sync(&regions);
     let wire: Vec<WireRegion> =
@@ -276,15 +293,32 @@ fn send_regions(s: &mut UnixStream, vm: &VmShared, sent: &mut Sent) -> Result<()
 
 /// Migrates `vm` to the receiver listening on `to`. On success the VM runs there and the
 /// caller ends it here; on failure it keeps running here.
-pub(crate) fn send(vm: &VmShared, to: &Path, verify: bool) -> Result<MigrateFigures, MigrateError> {
-    if vm.config().lifecycle.on_demand.is_some() {
+pub(crate) fn send(vm: &VmShared, to: &Destination, verify: bool) -> Result<MigrateFigures, MigrateError> {
+    let config = vm.config();
+    if config.lifecycle.on_demand.is_some() {
         return Err(MigrateError::Protocol("an on-demand VM cannot be migrated".into()));
     }
     let t0 = Instant::now();
-    let mut s = UnixStream::connect(to)?;
+    let kvm = crate::vmm::error::open_kvm().map_err(|e| MigrateError::Protocol(e.to_string()))?;
+    let profile = HostProfile::of_vm(&kvm, vm.tsc_khz()).map_err(MigrateError::Protocol)?;
+    drop(kvm);
+    let mut s = to.connect()?;
     s.set_read_timeout(Some(ACK_TIMEOUT))?;
-    let hello = Hello { format: super::FORMAT_VERSION, abi_version: hypercall_abi::ABI_VERSION, layout: vm.layout() };
+    // A target that stops reading cannot hold the VM (paused, at the end) for long.
+    s.set_write_timeout(Some(ACK_TIMEOUT))?;
+    let hello = Hello {
+        protocol: PROTOCOL,
+        format: super::FORMAT_VERSION,
+        abi_version: hypercall_abi::ABI_VERSION,
+        layout: vm.layout(),
+        profile,
+        publish: config.endpoints.publish.clone(),
+        vsock_uds: config.endpoints.vsock_uds.clone(),
+    };
     write_msg(&mut s, b'H', &json(&hello))?;
+    // Nothing moves before the target said it can run the VM (over TLS, a refused
+    // certificate surfaces here too).
+    answer(&mut s)?;
     vm.mem().set_dirty_logging(vm.fd(), true)?;
     let result = pre_copy_and_switch(vm, &mut s, t0, verify);
     if result.is_err() {
@@ -293,9 +327,21 @@ pub(crate) fn send(vm: &VmShared, to: &Path, verify: bool) -> Result<MigrateFigu
     result
 }
 
+/// Reads the target's answer: `A` (go on) or `E` (why not).
+fn answer(s: &mut Channel) -> Result<(), MigrateError> {
+    let (kind, payload, _) = read_msg(s, MAX_JSON)?;
+    match kind {
+        b'A' => Ok(()),
+        b'E' => Err(MigrateError::Refused(
+            serde_json::from_slice::<String>(&payload).unwrap_or_else(|_| "unknown error".into()),
+        )),
+        k => Err(MigrateError::Protocol(format!("unexpected answer '{}'", k as char))),
+    }
+}
+
 fn pre_copy_and_switch(
     vm: &VmShared,
-    s: &mut UnixStream,
+    s: &mut Channel,
     t0: Instant,
     verify: bool,
 ) -> Result<MigrateFigures, MigrateError> {
@@ -324,46 +370,43 @@ fn pre_copy_and_switch(
     if let Some(m) = &missed {
         pages_sent += send_pages(s, vm, m, &mut sent)?;
     }
-    for l in vm.endpoints().iter() {
-        let meta = match l {
-            Bound::Tcp { guest_port, .. } => WireListener::Tcp { guest_port: *guest_port },
-            Bound::Uds { path, .. } => WireListener::Uds { path: path.clone() },
-        };
-        let payload = json(&meta);
-        let mut head = vec![b'L'];
-        head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        s.send_with_fd(&head[..], l.raw_fd()).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        s.write_all(&payload)?;
+    // Between hosts the target listened on the ports itself (at hello).
+    if s.passes_descriptors() {
+        for l in vm.endpoints().iter() {
+            let meta = match l {
+                Bound::Tcp { guest_port, .. } => WireListener::Tcp { guest_port: *guest_port },
+                Bound::Uds { path, .. } => WireListener::Uds { path: path.clone() },
+            };
+            let payload = json(&meta);
+            let mut head = vec![b'L'];
+            head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            s.write_with_fd(&head, l.raw_fd(), &payload)?;
+        }
     }
     let state = q.state()?;
     let held_bytes = state.memory.regions.iter().map(|r| r.len).sum();
     write_msg(s, b'S', &super::encode_state(&state)?)?;
-    let (kind, payload, _) = read_msg(s, MAX_JSON)?;
-    match kind {
-        b'A' => {
-            q.keep_stopped();
-            // The endpoints belong to the target now: their Unix socket paths stay.
-            vm.endpoints().iter_mut().for_each(Bound::disown);
-            drop(q);
-            let downtime_us = t_stop.elapsed().as_micros() as u64;
-            vm.record(
-                "migrated",
-                crate::base::timeline::detail([("downtime_us", downtime_us.into()), ("rounds", rounds.into())]),
-            );
-            Ok(MigrateFigures {
-                rounds,
-                pages_sent,
-                missed_by_log: missed.map(|m| m.len() as u64),
-                held_bytes,
-                downtime_us,
-                total_us: t0.elapsed().as_micros() as u64,
-            })
-        }
-        b'E' => Err(MigrateError::Refused(
-            serde_json::from_slice::<String>(&payload).unwrap_or_else(|_| "unknown error".into()),
-        )),
-        k => Err(MigrateError::Protocol(format!("unexpected answer '{}'", k as char))),
+    s.flush()?;
+    answer(s)?;
+    q.keep_stopped();
+    if s.passes_descriptors() {
+        // The endpoints belong to the target now: their Unix socket paths stay.
+        vm.endpoints().iter_mut().for_each(Bound::disown);
     }
+    drop(q);
+    let downtime_us = t_stop.elapsed().as_micros() as u64;
+    vm.record(
+        "migrated",
+        crate::base::timeline::detail([("downtime_us", downtime_us.into()), ("rounds", rounds.into())]),
+    );
+    Ok(MigrateFigures {
+        rounds,
+        pages_sent,
+        missed_by_log: missed.map(|m| m.len() as u64),
+        held_bytes,
+        downtime_us,
+        total_us: t0.elapsed().as_micros() as u64,
+    })
 }
 
 /// A VM received from a source: its KVM VM and filled memory, its state, the listening
@@ -389,28 +432,72 @@ impl std::fmt::Debug for Received {
     }
 }
 
-/// Accepts one migration on `listener` and receives the VM.
-pub(crate) fn receive(kvm: &Kvm, s: &mut UnixStream) -> Result<Received, MigrateError> {
+/// What the target checked and set up at hello.
+struct Welcome {
+    layout: Layout,
+    /// The published ports, bound here (over TCP); `None`: they come as descriptors.
+    endpoints: Option<Vec<Bound>>,
+}
+
+/// Checks the source's hello: the versions, the layout, that this host can run the VM; over
+/// TCP binds the published ports (`publish`, if not empty, instead of the source's).
+fn welcome(kvm: &Kvm, payload: &[u8], bind: bool, publish: &[Publish]) -> Result<Welcome, String> {
+    let loose: serde_json::Value = serde_json::from_slice(payload).map_err(|e| format!("hello: {e}"))?;
+    let (protocol, format, abi) = (&loose["protocol"], &loose["format"], &loose["abi_version"]);
+    if protocol.as_u64() != Some(u64::from(PROTOCOL))
+        || format.as_u64() != Some(u64::from(super::FORMAT_VERSION))
+        || abi.as_u64() != Some(u64::from(hypercall_abi::ABI_VERSION))
+    {
+        return Err(format!(
+            "version mismatch: the source speaks protocol {protocol}, format {format}, ABI {abi}; this shim speaks              protocol {PROTOCOL}, format {}, ABI {}",
+            super::FORMAT_VERSION,
+            hypercall_abi::ABI_VERSION
+        ));
+    }
+    let hello: Hello = serde_json::from_value(loose).map_err(|e| format!("hello: {e}"))?;
+    let l = hello.layout;
+    if l.ram_size == 0 || !l.ram_size.is_multiple_of(PAGE_SIZE) || l.window_base < l.ram_size {
+        return Err("bad layout".into());
+    }
+    if let Some(why) = HostProfile::here(kvm)?.refuses(&hello.profile) {
+        return Err(why);
+    }
+    let endpoints = if bind {
+        let publish = if publish.is_empty() { &hello.publish } else { publish };
+        let bound = crate::host::endpoint::bind(publish, hello.vsock_uds.as_deref())
+            .map_err(|e| format!("the target cannot listen for the VM: {e}"))?;
+        Some(bound)
+    } else {
+        None
+    };
+    Ok(Welcome { layout: l, endpoints })
+}
+
+/// Receives a VM on channel `s`. Over TCP the target binds the published ports itself
+/// (`publish`, if not empty, instead of the source's).
+pub(crate) fn receive(kvm: &Kvm, mut channel: Channel, publish: &[Publish]) -> Result<Received, MigrateError> {
+    let s = &mut channel;
     let bad = |w: String| MigrateError::Protocol(w);
     let (kind, payload, _) = read_msg(s, MAX_JSON)?;
     if kind != b'H' {
         return Err(bad("the source did not start with hello".into()));
     }
-    let hello: Hello = serde_json::from_slice(&payload).map_err(|e| bad(format!("hello: {e}")))?;
-    if hello.format != super::FORMAT_VERSION || hello.abi_version != hypercall_abi::ABI_VERSION {
-        return Err(bad(format!("format v{} / ABI v{} not served here", hello.format, hello.abi_version)));
-    }
-    let l = hello.layout;
-    if l.ram_size == 0 || !l.ram_size.is_multiple_of(PAGE_SIZE) || l.window_base < l.ram_size {
-        return Err(bad("bad layout".into()));
-    }
+    let Welcome { layout: l, endpoints: bound } = match welcome(kvm, &payload, !s.passes_descriptors(), publish) {
+        Ok(w) => w,
+        Err(why) => {
+            let _ = write_msg(s, b'E', &json(&why)).and_then(|()| s.flush());
+            return Err(MigrateError::Refused(why));
+        }
+    };
+    write_msg(s, b'A', &[])?;
+    s.flush()?;
     let fd = kvm.create_vm().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     let max_slots = crate::vmm::vm::max_slots(kvm);
     let sizes = (l.ram_size, l.window_base, l.window_size, max_slots);
     let mem = GuestMemory::boot(&fd, sizes, &Backing::Anonymous, None)?;
     // serial on the source -> extent here
     let mut extents: BTreeMap<u64, Extent> = BTreeMap::new();
-    let mut endpoints = Vec::new();
+    let mut endpoints = bound.unwrap_or_default();
     loop {
         let (kind, payload, file) = read_msg(s, MAX_JSON)?;
         match kind {
@@ -432,12 +519,13 @@ pub(crate) fn receive(kvm: &Kvm, s: &mut UnixStream) -> Result<Received, Migrate
                 if here != there || state.layout != l {
                     return Err(bad("the state's memory regions differ from those received".into()));
                 }
-                let mut channel = s.try_clone()?;
+                s.set_read_timeout(None)?;
                 let answer = Box::new(move |result: Result<(), String>| {
                     let _ = match result {
                         Ok(()) => write_msg(&mut channel, b'A', &[]),
                         Err(e) => write_msg(&mut channel, b'E', &json(&e)),
-                    };
+                    }
+                    .and_then(|()| channel.flush());
                 });
                 return Ok(Received { fd, mem, state, endpoints, stopped_at: Instant::now(), answer });
             }

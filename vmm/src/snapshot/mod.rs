@@ -17,6 +17,8 @@
 //! The submodule [`migrate`] sends the same state over a socket, with pre-copy; [`leftovers`]
 //! removes the sleep and template directories of shims that were killed.
 
+pub(crate) mod channel;
+pub(crate) mod compat;
 pub(crate) mod leftovers;
 pub(crate) mod migrate;
 pub(crate) mod restore;
