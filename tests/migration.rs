@@ -430,8 +430,16 @@ fn kv_holding_1_gib_moves_between_network_namespaces_over_mutual_tls_and_failure
     wait_more(acked_now(), "after the target was killed mid-copy");
     let before = json_of(&ctl_in(&dir, "src.sock", &["get", "vm0"]));
     assert_eq!(before["state"], "running", "{before}");
-    // 3. The real move, the writer writing.
+    // 3. The real move, the writer writing, while two clients that never say a word hold
+    //    connections to the target (its handshakes run beside each other).
+    let silent = in_netns(&net.a, || {
+        [TcpStream::connect((NetPair::B, 7000)), TcpStream::connect((NetPair::B, 7000))]
+            .map(|c| c.expect("a silent connection"))
+    })
+    .join()
+    .expect("the silent clients");
     let m = json_of(&migrate_tcp(&dir, "tcp:10.99.0.2:7000", cert, key, ca));
+    drop(silent);
     eprintln!("over TLS between namespaces: {m}");
     assert!(m["held_bytes"].as_u64().unwrap_or(0) >= 1 << 30, "{m}");
     assert_eq!(source.wait(Duration::from_secs(30)).0, Some(0), "the source ends once the target runs");

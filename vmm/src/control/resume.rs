@@ -127,6 +127,10 @@ pub fn restore_spec(dir: &Path, opts: &ResumeOptions) -> Result<VmSpec, ResumeEr
     Ok(VmSpec { config, kernel, expect_exit: 0, restore: Some(Arc::new(Mutex::new(Some(source)))) })
 }
 
+/// The longest a source may say nothing while it sends a VM (it scans the VM's memory
+/// before its first pages, and again with `verify`).
+const SOURCE_SILENCE: Duration = Duration::from_secs(120);
+
 /// Where `receive` listens.
 enum Listen<'a> {
     Unix(&'a Path),
@@ -164,10 +168,9 @@ pub fn receive_spec(
     let waiting = Instant::now();
     let channel = wait_for_source(&how, opts)?;
     let left = opts.timeout.map(|t| t.saturating_sub(waiting.elapsed()).max(Duration::from_millis(1)));
-    // A source that stops sending cannot hold the command past its time limit.
-    if let Some(t) = left {
-        let _ = channel.set_read_timeout(Some(t));
-    }
+    // A source that stops sending cannot hold the command past its time limit, nor, without
+    // one, for longer than SOURCE_SILENCE at a time.
+    let _ = channel.set_read_timeout(Some(left.unwrap_or(SOURCE_SILENCE)));
     // Ctrl-C during the transfer shuts the channel down, so the read it is blocked in returns.
     let interrupted = Arc::new(AtomicBool::new(false));
     let received = {
@@ -228,10 +231,10 @@ enum Listening<'a> {
 }
 
 impl Listening<'_> {
-    fn fd(&self) -> RawFd {
+    fn fds(&self) -> [RawFd; 2] {
         match self {
-            Listening::Unix { listener, .. } => listener.as_raw_fd(),
-            Listening::Tcp(t) => t.listener.as_raw_fd(),
+            Listening::Unix { listener, .. } => [listener.as_raw_fd(), -1],
+            Listening::Tcp(t) => t.fds(),
         }
     }
 
@@ -243,16 +246,14 @@ impl Listening<'_> {
                 s.set_nonblocking(false)?;
                 Ok(Some(Channel::Unix(s)))
             }
-            Listening::Tcp(t) => {
-                let (s, peer) = t.listener.accept()?;
-                match t.handshake(s, peer) {
-                    Ok(c) => Ok(Some(c)),
-                    Err(e) => {
-                        crate::host::diag::say(format_args!("turned a migration source away: {e}"));
-                        Ok(None)
-                    }
+            Listening::Tcp(t) => match t.accept()? {
+                Some(Ok(c)) => Ok(Some(c)),
+                Some(Err(why)) => {
+                    crate::host::diag::say(format_args!("turned a migration source away: {why}"));
+                    Ok(None)
                 }
-            }
+                None => Ok(None),
+            },
         }
     }
 }
@@ -315,12 +316,15 @@ fn wait_for_source(how: &Listen<'_>, opts: &ResumeOptions) -> Result<Channel, Re
             }
             None => -1,
         };
+        let [a, b] = listening.fds();
         let mut fds = [
-            libc::pollfd { fd: listening.fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: a, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: b, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
-        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call; both
-        // descriptors stay open (owned by `listening` and `wake`).
+        // SAFETY: `fds` is a valid array of three pollfds for the duration of the call (poll
+        // ignores a negative descriptor); the others stay open (owned by `listening` and
+        // `wake`).
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
     }
 }

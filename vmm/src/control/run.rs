@@ -495,7 +495,11 @@ fn run_or_serve(spec: &RunSpec, started: Instant, serve: bool) -> Result<RunResu
             let vm =
                 restore(&config, &r.state, r.memory, Arc::clone(&image), host(&sink, &owner), bound).map(|(vm, _)| vm);
             if let Some(ready) = r.on_ready.take() {
-                ready(vm.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                let told = ready(vm.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                // A source that was not told resumes the VM: it must not run here too.
+                if let (Ok(_), Err(why)) = (&vm, told) {
+                    return Err(VmError::Restore(why).into());
+                }
             }
             match config.pool_member {
                 Some(member) => prepared.push(Prepared::Slot {

@@ -10,16 +10,19 @@
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned};
 use thiserror::Error;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// How long a TCP connect, and a TLS handshake, may take.
@@ -66,12 +69,54 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
+/// How much plaintext a TLS connection takes before it writes (rustls's default, 64 KiB, cuts
+/// a 4 MiB page batch into 64 writes).
+const TLS_BUFFER: usize = 4 << 20;
+/// Reads from the socket go through a buffer this big (rustls reads 4 KiB at a time).
+const READ_BUFFER: usize = 256 << 10;
+
 /// `ring`: small and quick to build. rustls marks it deprecated because it has no
 /// post-quantum key exchange (X25519MLKEM768 needs the `aws-lc-rs` provider, a large C build);
-/// docs/design.md records the choice.
+/// docs/design.md records the choice. AES-128-GCM first: the cheapest suite with AES-NI.
 #[allow(deprecated)]
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
+}
+
+/// A TCP socket whose reads are buffered (writes go straight through).
+#[derive(Debug)]
+pub(crate) struct Sock(std::io::BufReader<TcpStream>);
+
+impl Sock {
+    fn new(s: TcpStream) -> Sock {
+        Sock(std::io::BufReader::with_capacity(READ_BUFFER, s))
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        self.0.get_ref()
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.get_mut().write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.0.get_mut().write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.get_mut().flush()
+    }
 }
 
 impl TlsFiles {
@@ -117,6 +162,9 @@ impl TlsFiles {
             .with_root_certificates(roots)
             .with_client_auth_cert(certs, key)
             .map_err(tls)?;
+        let mut config = config;
+        // One connection per migration: nothing to resume.
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(config))
     }
 
@@ -134,6 +182,8 @@ impl TlsFiles {
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)
             .map_err(tls)?;
+        let mut config = config;
+        config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
     }
 }
@@ -219,26 +269,57 @@ impl Destination {
                         Err(e) => last = e.to_string(),
                     }
                 }
-                let mut sock = sock.ok_or_else(|| failed(last))?;
+                let sock = sock.ok_or_else(|| failed(last))?;
                 let _ = sock.set_nodelay(true);
-                sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| failed(e.to_string()))?;
-                sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| failed(e.to_string()))?;
+                let mut sock = Sock::new(sock);
                 let mut conn = ClientConnection::new(config, name).map_err(|e| failed(e.to_string()))?;
-                while conn.is_handshaking() {
-                    conn.complete_io(&mut sock).map_err(|e| failed(format!("TLS handshake: {e}")))?;
-                }
+                conn.set_buffer_limit(Some(TLS_BUFFER));
+                handshake(&mut conn, &mut sock, Instant::now() + HANDSHAKE_TIMEOUT).map_err(failed)?;
                 Ok(Channel::TlsClient(Box::new(StreamOwned::new(conn, sock))))
             }
         }
     }
 }
 
-/// A listening TCP socket that hands out TLS channels.
+/// Completes a TLS handshake on `sock` by `deadline` (a peer that trickles bytes cannot hold
+/// it longer), then leaves the socket without time limits.
+fn handshake<D>(conn: &mut rustls::ConnectionCommon<D>, sock: &mut Sock, deadline: Instant) -> Result<(), String> {
+    let io = |e: std::io::Error| e.to_string();
+    while conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("TLS handshake: not done within {} s", HANDSHAKE_TIMEOUT.as_secs()));
+        }
+        sock.tcp().set_read_timeout(Some(left)).map_err(io)?;
+        sock.tcp().set_write_timeout(Some(left)).map_err(io)?;
+        if let Err(e) = conn.complete_io(sock) {
+            // The alert that says why (a bad certificate) goes out if it can, at once.
+            let _ = sock.tcp().set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = conn.write_tls(sock);
+            return Err(format!("TLS handshake: {e}"));
+        }
+    }
+    sock.tcp().set_read_timeout(None).map_err(io)?;
+    sock.tcp().set_write_timeout(None).map_err(io)
+}
+
+/// A finished handshake: the channel, or why the client was turned away.
+type Handshake = Result<Channel, String>;
+
+/// Handshakes that may run at once on a listener: more connections wait in its backlog.
+const MAX_HANDSHAKES: usize = 4;
+
+/// A listening TCP socket that hands out TLS channels. Each handshake runs on a thread of its
+/// own, bounded in time, so a client that connects and says nothing holds nobody up.
 #[derive(Debug)]
 pub(crate) struct TlsListener {
-    /// The socket (non-blocking: the caller polls it).
-    pub(crate) listener: TcpListener,
+    listener: TcpListener,
     config: Arc<ServerConfig>,
+    /// Finished handshakes: a channel, or why a client was turned away.
+    done: (Sender<Handshake>, Receiver<Handshake>),
+    /// Written when a handshake finishes (the waiter polls it).
+    finished: Arc<EventFd>,
+    running: Arc<AtomicUsize>,
 }
 
 impl TlsListener {
@@ -246,32 +327,59 @@ impl TlsListener {
     pub(crate) fn bind(addr: &str, tls: &TlsFiles) -> Result<TlsListener, ChannelError> {
         let config = tls.server_config()?;
         let (host, port) = host_port(addr)?;
-        let listener = TcpListener::bind((host.as_str(), port))
-            .map_err(|e| ChannelError::Connect { peer: format!("tcp:{addr}"), reason: e.to_string() })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| ChannelError::Connect { peer: format!("tcp:{addr}"), reason: e.to_string() })?;
-        Ok(TlsListener { listener, config })
+        let failed = |e: std::io::Error| ChannelError::Connect { peer: format!("tcp:{addr}"), reason: e.to_string() };
+        let listener = TcpListener::bind((host.as_str(), port)).map_err(failed)?;
+        listener.set_nonblocking(true).map_err(failed)?;
+        let finished = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(failed)?);
+        Ok(TlsListener { listener, config, done: channel(), finished, running: Arc::default() })
     }
 
-    /// Completes the handshake with a client just accepted: its certificate must chain to
-    /// the CA. Bounded by [`HANDSHAKE_TIMEOUT`].
-    pub(crate) fn handshake(&self, mut sock: TcpStream, peer: SocketAddr) -> Result<Channel, ChannelError> {
-        let failed = |reason: String| ChannelError::Connect { peer: peer.to_string(), reason };
-        sock.set_nonblocking(false).map_err(|e| failed(e.to_string()))?;
-        let _ = sock.set_nodelay(true);
-        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| failed(e.to_string()))?;
-        sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| failed(e.to_string()))?;
-        let mut conn = ServerConnection::new(Arc::clone(&self.config)).map_err(|e| failed(e.to_string()))?;
-        while conn.is_handshaking() {
-            if let Err(e) = conn.complete_io(&mut sock) {
-                // The alert that says why (a bad certificate) goes out before the close.
-                let _ = conn.complete_io(&mut sock);
-                return Err(failed(format!("TLS handshake: {e}")));
+    /// The descriptors to poll for [`TlsListener::accept`]: the socket and the handshakes'.
+    pub(crate) fn fds(&self) -> [RawFd; 2] {
+        [self.listener.as_raw_fd(), self.finished.as_raw_fd()]
+    }
+
+    /// A source whose handshake finished, if there is one; starts the handshake of each client
+    /// that connected. `Err`: a client turned away (why), or the socket failed.
+    pub(crate) fn accept(&self) -> std::io::Result<Option<Handshake>> {
+        let _ = self.finished.read();
+        if let Ok(done) = self.done.1.try_recv() {
+            return Ok(Some(done));
+        }
+        while self.running.load(Ordering::Acquire) < MAX_HANDSHAKES {
+            let (sock, peer) = match self.listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            self.running.fetch_add(1, Ordering::AcqRel);
+            let (config, tx) = (Arc::clone(&self.config), self.done.0.clone());
+            let (finished, running) = (Arc::clone(&self.finished), Arc::clone(&self.running));
+            let spawned = std::thread::Builder::new().name("tls-handshake".into()).spawn(move || {
+                let result = server_handshake(config, sock).map_err(|e| format!("{peer}: {e}"));
+                running.fetch_sub(1, Ordering::AcqRel);
+                let _ = tx.send(result);
+                let _ = finished.write(1);
+            });
+            if let Err(e) = spawned {
+                self.running.fetch_sub(1, Ordering::AcqRel);
+                return Ok(Some(Err(format!("{peer}: no thread for its handshake: {e}"))));
             }
         }
-        Ok(Channel::TlsServer(Box::new(StreamOwned::new(conn, sock))))
+        Ok(None)
     }
+}
+
+/// The server side of a handshake with a client just accepted: its certificate must chain to
+/// the CA. Bounded by [`HANDSHAKE_TIMEOUT`].
+fn server_handshake(config: Arc<ServerConfig>, sock: TcpStream) -> Result<Channel, String> {
+    sock.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let _ = sock.set_nodelay(true);
+    let mut sock = Sock::new(sock);
+    let mut conn = ServerConnection::new(config).map_err(|e| e.to_string())?;
+    conn.set_buffer_limit(Some(TLS_BUFFER));
+    handshake(&mut conn, &mut sock, Instant::now() + HANDSHAKE_TIMEOUT)?;
+    Ok(Channel::TlsServer(Box::new(StreamOwned::new(conn, sock))))
 }
 
 /// One end of a migration channel.
@@ -280,9 +388,9 @@ pub(crate) enum Channel {
     /// On one host.
     Unix(UnixStream),
     /// The source's end of a TLS channel.
-    TlsClient(Box<StreamOwned<ClientConnection, TcpStream>>),
+    TlsClient(Box<StreamOwned<ClientConnection, Sock>>),
     /// The target's end of a TLS channel.
-    TlsServer(Box<StreamOwned<ServerConnection, TcpStream>>),
+    TlsServer(Box<StreamOwned<ServerConnection, Sock>>),
 }
 
 /// Shuts a channel's socket down from another thread (an interrupt), so a blocked read or
@@ -314,8 +422,8 @@ impl Channel {
     fn tcp(&self) -> Option<&TcpStream> {
         match self {
             Channel::Unix(_) => None,
-            Channel::TlsClient(s) => Some(s.get_ref()),
-            Channel::TlsServer(s) => Some(s.get_ref()),
+            Channel::TlsClient(s) => Some(s.get_ref().tcp()),
+            Channel::TlsServer(s) => Some(s.get_ref().tcp()),
         }
     }
 

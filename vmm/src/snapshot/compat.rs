@@ -5,6 +5,7 @@
 //! The guest's TSC value itself travels with the vCPU state (`IA32_TSC`), so its clock goes on
 //! from where it stopped and never runs backwards; the downtime is not counted in it.
 
+use kvm_bindings::CpuId;
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
@@ -33,11 +34,17 @@ const FEATURES: &[(u32, u32, usize, u32)] = &[
 
 const REGS: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
 
-/// The words of [`FEATURES`] that KVM offers guests here.
-fn features(kvm: &Kvm) -> Result<Vec<u32>, String> {
-    let cpuid = supported_cpuid(kvm).map_err(|e| e.to_string())?;
+/// The vendor string of leaf 0.
+fn vendor(cpuid: &CpuId) -> String {
+    let Some(e) = cpuid.as_slice().iter().find(|e| e.function == 0) else { return String::new() };
+    let bytes: Vec<u8> = [e.ebx, e.edx, e.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The words of [`FEATURES`] in `cpuid`.
+fn features(cpuid: &CpuId) -> Vec<u32> {
     let entries = cpuid.as_slice();
-    Ok(FEATURES
+    FEATURES
         .iter()
         .map(|&(leaf, sub, reg, _)| {
             entries
@@ -45,12 +52,14 @@ fn features(kvm: &Kvm) -> Result<Vec<u32>, String> {
                 .find(|e| e.function == leaf && e.index == sub)
                 .map_or(0, |e| [e.eax, e.ebx, e.ecx, e.edx][reg])
         })
-        .collect())
+        .collect()
 }
 
 /// The CPU features KVM offers guests on a host, and its TSC rate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct HostProfile {
+    /// The CPU vendor (leaf 0: "GenuineIntel", "AuthenticAMD"...).
+    pub(crate) vendor: String,
     /// One word per entry of [`FEATURES`].
     pub(crate) features: Vec<u32>,
     /// The TSC rate a new vCPU runs at (kHz).
@@ -58,9 +67,9 @@ pub(crate) struct HostProfile {
 }
 
 impl HostProfile {
-    /// The profile of a VM that runs here at `tsc_khz` (the source's side).
-    pub(crate) fn of_vm(kvm: &Kvm, tsc_khz: u64) -> Result<HostProfile, String> {
-        Ok(HostProfile { features: features(kvm)?, tsc_khz })
+    /// The profile of a VM given `cpuid` that runs at `tsc_khz` (the source's side).
+    pub(crate) fn of_vm(cpuid: &CpuId, tsc_khz: u64) -> HostProfile {
+        HostProfile { vendor: vendor(cpuid), features: features(cpuid), tsc_khz }
     }
 
     /// This host's profile: what a VM would get here (asked of KVM once per process).
@@ -76,13 +85,21 @@ impl HostProfile {
                 *TSC_KHZ.get_or_init(|| t)
             }
         };
-        Ok(HostProfile { features: features(kvm)?, tsc_khz })
+        let cpuid = supported_cpuid(kvm).map_err(|e| e.to_string())?;
+        Ok(HostProfile { vendor: vendor(&cpuid), features: features(&cpuid), tsc_khz })
     }
 
     /// Why a VM started on `source` cannot run here (`None`: it can).
     pub(crate) fn refuses(&self, source: &HostProfile) -> Option<String> {
         if source.features.len() != FEATURES.len() {
             return Some("the source described its CPU features differently".into());
+        }
+        if source.vendor != self.vendor {
+            return Some(format!(
+                "the VM runs on {} CPUs and this host has {} (its model-specific state cannot move); the source \
+                 keeps it",
+                source.vendor, self.vendor
+            ));
         }
         let missing: Vec<String> = FEATURES
             .iter()
@@ -99,6 +116,9 @@ impl HostProfile {
             ));
         }
         let (a, b) = (self.tsc_khz, source.tsc_khz);
+        if a == 0 || b == 0 {
+            return Some("KVM does not say the TSC rate here or on the source; the source keeps the VM".into());
+        }
         if a.abs_diff(b).saturating_mul(1_000_000) > TSC_TOLERANCE_PPM.saturating_mul(b.max(1)) {
             return Some(format!(
                 "the TSC runs at {a} kHz here and {b} kHz on the source (more than {TSC_TOLERANCE_PPM} ppm apart: the \
@@ -114,7 +134,7 @@ mod tests {
     use super::*;
 
     fn profile(tsc_khz: u64) -> HostProfile {
-        HostProfile { features: vec![0xffff_ffff; FEATURES.len()], tsc_khz }
+        HostProfile { vendor: "AuthenticAMD".into(), features: vec![0xffff_ffff; FEATURES.len()], tsc_khz }
     }
 
     #[test]
@@ -137,6 +157,11 @@ mod tests {
         let mut no_osxsave = profile(2_000_000);
         no_osxsave.features[0] &= !(1 << 27);
         assert_eq!(no_osxsave.refuses(&here), None);
-        assert!(here.refuses(&HostProfile { features: vec![], tsc_khz: 2_000_000 }).is_some());
+        assert!(here.refuses(&HostProfile { features: vec![], ..profile(2_000_000) }).is_some());
+        let intel = HostProfile { vendor: "GenuineIntel".into(), ..profile(2_000_000) };
+        assert!(
+            here.refuses(&intel).expect("another vendor").contains("GenuineIntel CPUs and this host has AuthenticAMD")
+        );
+        assert!(here.refuses(&profile(0)).is_some());
     }
 }

@@ -11,7 +11,9 @@
 //!    runs;
 //! 2. repeats: sends the pages written since the previous round (the guest's, from KVM's
 //!    dirty log; the shim's, from the regions' bitmaps), until a round is small
-//!    ([`SMALL_ROUND`]) or [`MAX_ROUNDS`] passed;
+//!    ([`SMALL_ROUND`]) or [`MAX_ROUNDS`] passed; then waits until the target has written
+//!    everything sent (`Y`, answered `A`): over TCP megabytes can sit in socket buffers, and
+//!    the VM must not stop while the target still works through them;
 //! 3. quiesces the VM (vCPUs paused with their calls completed, the device's I/O thread
 //!    holding), sends the last dirty pages, the region list, on one host the published
 //!    listening sockets (as file descriptors: clients keep connecting to the same socket, and
@@ -21,7 +23,11 @@
 //!    whole memory is read while the VM is stopped);
 //! 4. waits for the target to say its VM is built. Then the source's VM ends (exit reason
 //!    `migrated`) and the target's vCPUs start. If anything fails before that, the source
-//!    resumes and the target gives up.
+//!    resumes and the target gives up. A target that cannot deliver its answer does not run
+//!    the VM. One case is left open: a channel that breaks (a timeout, a reset) after the
+//!    state was sent and before the answer arrived; the target may run the VM then, so the
+//!    source keeps it paused and says so (`ctl resume` brings it back if the target does not
+//!    run it).
 //!
 //! Only held memory travels: zero pages are skipped in the first round, and extents the VM
 //! released are dropped on the target.
@@ -51,8 +57,9 @@ use crate::host::endpoint::{Bound, Publish};
 use crate::vmm::shared::VmShared;
 
 /// Told whether a received VM was built (`Err`: why not); the source then ends its copy (or
-/// resumes its VM).
-pub(crate) type ReadyCallback = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// resumes its VM). Returns whether the source was told: a VM whose source may not know must
+/// not run (the source resumes it when it hears nothing).
+pub(crate) type ReadyCallback = Box<dyn FnOnce(Result<(), String>) -> Result<(), String> + Send>;
 
 /// A round that dirtied fewer pages than this ends the pre-copy (4 MiB).
 pub(crate) const SMALL_ROUND: usize = 1024;
@@ -64,8 +71,10 @@ const BATCH_PAGES: usize = 1024;
 const MAX_JSON: u64 = 16 << 20;
 /// How long the source waits for the target's answer, and a write may block.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
-/// The message protocol's version (2: hello is answered).
+/// The message protocol's version (2: hello and the catch-up are answered).
 const PROTOCOL: u32 = 2;
+/// What [`read_msg`] says of a channel the peer closed.
+const PEER_CLOSED: &str = "the peer closed the channel";
 
 /// Migration failures.
 #[derive(Debug, Error)]
@@ -83,6 +92,13 @@ pub enum MigrateError {
     /// The target refused the VM.
     #[error("the target refused the VM: {0}")]
     Refused(String),
+    /// The channel broke after the state was sent, before the target answered: the target may
+    /// be running the VM, so it stays paused here.
+    #[error(
+        "no answer from the target after the VM's state was sent ({0}): the target may be running it, so it stays \
+         paused here; `ctl resume` it here if the target does not run it"
+    )]
+    Unclear(String),
     /// The VM could not be quiesced or read.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -149,7 +165,7 @@ fn read_msg(s: &mut Channel, max: u64) -> Result<(u8, Vec<u8>, Option<OwnedFd>),
     let mut head = [0u8; 9];
     let (n, file) = s.read_with_fd(&mut head)?;
     if n == 0 {
-        return Err(MigrateError::Protocol("the peer closed the channel".into()));
+        return Err(MigrateError::Protocol(PEER_CLOSED.into()));
     }
     s.read_exact(&mut head[n..])?;
     let len = u64::from_le_bytes(head[1..].try_into().unwrap_or([0; 8]));
@@ -299,9 +315,7 @@ pub(crate) fn send(vm: &VmShared, to: &Destination, verify: bool) -> Result<Migr
         return Err(MigrateError::Protocol("an on-demand VM cannot be migrated".into()));
     }
     let t0 = Instant::now();
-    let kvm = crate::vmm::error::open_kvm().map_err(|e| MigrateError::Protocol(e.to_string()))?;
-    let profile = HostProfile::of_vm(&kvm, vm.tsc_khz()).map_err(MigrateError::Protocol)?;
-    drop(kvm);
+    let profile = HostProfile::of_vm(vm.cpuid(), vm.tsc_khz());
     let mut s = to.connect()?;
     s.set_read_timeout(Some(ACK_TIMEOUT))?;
     // A target that stops reading cannot hold the VM (paused, at the end) for long.
@@ -359,6 +373,11 @@ fn pre_copy_and_switch(
             break;
         }
     }
+    // The target catches up before the VM stops (what it has not written yet would be
+    // downtime).
+    write_msg(s, b'Y', &[])?;
+    s.flush()?;
+    answer(s)?;
     // Stop and copy: the pages logged since; with `verify`, then a check of every page
     // against what was sent (a page the logs missed is sent too, and counted).
     let t_stop = Instant::now();
@@ -387,7 +406,18 @@ fn pre_copy_and_switch(
     let held_bytes = state.memory.regions.iter().map(|r| r.len).sum();
     write_msg(s, b'S', &super::encode_state(&state)?)?;
     s.flush()?;
-    answer(s)?;
+    match answer(s) {
+        Ok(()) => {}
+        // An explicit refusal, or a target that closed without answering: it does not run the
+        // VM, which resumes here.
+        Err(e @ MigrateError::Refused(_)) => return Err(e),
+        Err(MigrateError::Protocol(p)) if p == PEER_CLOSED => return Err(MigrateError::Protocol(p)),
+        Err(MigrateError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(e.into()),
+        Err(e) => {
+            q.leave_paused();
+            return Err(MigrateError::Unclear(e.to_string()));
+        }
+    }
     q.keep_stopped();
     if s.passes_descriptors() {
         // The endpoints belong to the target now: their Unix socket paths stay.
@@ -507,6 +537,10 @@ pub(crate) fn receive(kvm: &Kvm, mut channel: Channel, publish: &[Publish]) -> R
                 sync_extents(&fd, &mem, &mut extents, &list)?;
             }
             b'P' => write_pages(&mem, &payload)?,
+            b'Y' => {
+                write_msg(s, b'A', &[])?;
+                s.flush()?;
+            }
             b'L' => {
                 let fd = file.ok_or_else(|| bad("a listener without its descriptor".into()))?;
                 let meta: WireListener = serde_json::from_slice(&payload).map_err(|e| bad(format!("listener: {e}")))?;
@@ -521,11 +555,12 @@ pub(crate) fn receive(kvm: &Kvm, mut channel: Channel, publish: &[Publish]) -> R
                 }
                 s.set_read_timeout(None)?;
                 let answer = Box::new(move |result: Result<(), String>| {
-                    let _ = match result {
+                    match result {
                         Ok(()) => write_msg(&mut channel, b'A', &[]),
                         Err(e) => write_msg(&mut channel, b'E', &json(&e)),
                     }
-                    .and_then(|()| channel.flush());
+                    .and_then(|()| channel.flush())
+                    .map_err(|e| format!("the source was not told the VM is ready ({e}): it runs there"))
                 });
                 return Ok(Received { fd, mem, state, endpoints, stopped_at: Instant::now(), answer });
             }

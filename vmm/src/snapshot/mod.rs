@@ -236,6 +236,12 @@ impl<'a> Quiesced<'a> {
         })
     }
 
+    /// Keeps the VM paused (its devices go on) after the guard goes: `ctl resume` brings it
+    /// back.
+    pub(crate) fn leave_paused(&mut self) {
+        self.was_paused = true;
+    }
+
     /// Keeps the VM paused and its devices holding after the guard goes (a migrated VM must
     /// not run on, nor accept clients from the listening sockets it handed over).
     pub(crate) fn keep_stopped(&mut self) {
