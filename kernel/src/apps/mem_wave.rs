@@ -1,7 +1,9 @@
-//! `mem-wave [WAVES] [PEAK_MB] [STEP_MB] [HOLD_MS]`: builds a growing working set of
-//! checksummed 1 MiB chunks up to PEAK_MB (the heap grows by grants from the host as it
-//! goes), holds it, verifies every checksum, frees it and waits for the memory to go back to
-//! min (the controller releases the wholly free extents); repeats WAVES times.
+//! `mem-wave [WAVES] [PEAK_MB] [STEP_MB] [HOLD_MS] [DIRTY_PAGES_PER_S]`: builds a growing
+//! working set of checksummed 1 MiB chunks up to PEAK_MB (the heap grows by grants from the
+//! host as it goes), holds it, verifies every checksum, frees it and waits for the memory to
+//! go back to min (the controller releases the wholly free extents); repeats WAVES times.
+//! With DIRTY_PAGES_PER_S, the hold rewrites whole chunks in turn (new pattern, new
+//! checksum) at that many 4 KiB pages a second: a writer for live migration to keep up with.
 
 use alloc::vec::Vec;
 use elastic_rt::prelude::*;
@@ -10,7 +12,7 @@ use elastic_rt::println;
 use hypercall_abi::exit_code;
 
 const NAME: &str = "mem-wave";
-const USAGE: &str = "[WAVES] [PEAK_MB] [STEP_MB] [HOLD_MS]";
+const USAGE: &str = "[WAVES] [PEAK_MB] [STEP_MB] [HOLD_MS] [DIRTY_PAGES_PER_S]";
 
 /// The `mem-wave` service.
 pub const SERVICE: Service = Service {
@@ -21,6 +23,10 @@ pub const SERVICE: Service = Service {
 };
 
 const CHUNK: usize = 1 << 20;
+/// 4 KiB pages in a chunk.
+const CHUNK_PAGES: u64 = (CHUNK / 4096) as u64;
+/// The rewriting hold's tick.
+const DIRTY_TICK_MS: u64 = 5;
 const MIB: u64 = 1 << 20;
 
 /// Fills `buf` with a pseudo-random pattern seeded by `seed`; returns its checksum.
@@ -47,13 +53,35 @@ pub fn checksum(buf: &[u8]) -> u64 {
     h
 }
 
+/// For `hold_ms`, rewrites whole chunks in turn so that `rate` pages a second are written;
+/// keeps `sums` up to date. Returns the pages written.
+async fn rewrite(set: &mut [Vec<u8>], sums: &mut [u64], wave: u64, rate: u64, hold_ms: u64) -> u64 {
+    let start = time::now_ns();
+    let (mut written, mut next) = (0u64, 0usize);
+    loop {
+        let elapsed_ns = time::now_ns() - start;
+        if elapsed_ns >= hold_ms * 1_000_000 {
+            return written * CHUNK_PAGES;
+        }
+        // Chunks due by now.
+        let due = (rate as u128 * elapsed_ns as u128 / 1_000_000_000 / CHUNK_PAGES as u128) as u64;
+        while written < due {
+            let seed = (wave << 32) ^ (written << 20) ^ next as u64 ^ 0x2545_f491_4f6c_dd1d;
+            sums[next] = fill(&mut set[next], seed);
+            next = (next + 1) % set.len();
+            written += 1;
+        }
+        sleep_ms(DIRTY_TICK_MS).await;
+    }
+}
+
 async fn main(env: Env) -> u32 {
     let min = memory::boot_ram();
     let default_peak =
         if memory::window_size() == 0 { 24 } else { 320.min((memory::window_size() / MIB) * 3 / 4).max(8) };
     let arg = |i: usize, d: u64| env.args.get(i).map_or(Some(d), |a| a.parse::<u64>().ok());
-    let (Some(waves), Some(peak_mb), Some(step_mb), Some(hold_ms)) =
-        (arg(0, 3), arg(1, default_peak), arg(2, 32), arg(3, 200))
+    let (Some(waves), Some(peak_mb), Some(step_mb), Some(hold_ms), Some(dirty)) =
+        (arg(0, 3), arg(1, default_peak), arg(2, 32), arg(3, 200), arg(4, 0))
     else {
         return usage_error(NAME, USAGE, format_args!("arguments must be whole numbers"));
     };
@@ -87,7 +115,12 @@ async fn main(env: Env) -> u32 {
             yield_now().await;
         }
         let grown_ms = (time::now_ns() - wave_start) / 1_000_000;
-        sleep_ms(hold_ms).await;
+        if dirty == 0 {
+            sleep_ms(hold_ms).await;
+        } else {
+            let pages = rewrite(&mut set, &mut sums, wave, dirty, hold_ms).await;
+            println!("  wave {}/{waves}: rewrote {pages} pages in {hold_ms} ms", wave + 1);
+        }
         let bad = set.iter().zip(&sums).filter(|(b, s)| checksum(b) != **s).count() as u64;
         errors += bad;
         let held_at_peak = memory::held();

@@ -117,6 +117,11 @@ pub(crate) struct MigrateFigures {
     /// With `verify`: pages the final check found changed although no dirty log reported
     /// them (sent too); 0 means the logs caught every write.
     pub(crate) missed_by_log: Option<u64>,
+    /// Pages sent while the VM was stopped (the last dirty log; `verify`'s not counted).
+    pub(crate) stopped_pages: u64,
+    /// The guest's write rate in the last pre-copy round, as the dirty log saw it (distinct
+    /// pages written per second).
+    pub(crate) dirty_pages_per_s: u64,
     /// Memory the VM held (bytes).
     pub(crate) held_bytes: u64,
     /// Time the VM did not run: quiesce to the target's answer (µs).
@@ -162,6 +167,16 @@ fn write_msg(s: &mut Channel, kind: u8, payload: &[u8]) -> std::io::Result<()> {
 
 /// Reads one message; a descriptor sent with its header is returned too.
 fn read_msg(s: &mut Channel, max: u64) -> Result<(u8, Vec<u8>, Option<OwnedFd>), MigrateError> {
+    let mut payload = Vec::new();
+    let (kind, len, file) = read_msg_into(s, max, &mut payload)?;
+    payload.truncate(len);
+    Ok((kind, payload, file))
+}
+
+/// Reads one message into `buf` (grown when needed, never shrunk or cleared: a receiver of
+/// thousands of 4 MiB page batches allocates and zeroes one); returns its kind, its length
+/// (the payload is `buf[..len]`) and the descriptor sent with its header.
+fn read_msg_into(s: &mut Channel, max: u64, buf: &mut Vec<u8>) -> Result<(u8, usize, Option<OwnedFd>), MigrateError> {
     let mut head = [0u8; 9];
     let (n, file) = s.read_with_fd(&mut head)?;
     if n == 0 {
@@ -172,9 +187,12 @@ fn read_msg(s: &mut Channel, max: u64) -> Result<(u8, Vec<u8>, Option<OwnedFd>),
     if len > max {
         return Err(MigrateError::Protocol(format!("a '{}' message of {len} bytes", head[0] as char)));
     }
-    let mut payload = vec![0u8; len as usize];
-    s.read_exact(&mut payload)?;
-    Ok((head[0], payload, file))
+    let len = len as usize;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    s.read_exact(&mut buf[..len])?;
+    Ok((head[0], len, file))
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -364,8 +382,12 @@ fn pre_copy_and_switch(
     send_regions(s, vm, &mut sent)?;
     let mut pages_sent = send_pages(s, vm, &changed_pages(vm, &sent), &mut sent)?;
     let mut rounds = 1;
+    let mut logged_at = Instant::now();
+    let mut dirty_pages_per_s;
     loop {
         let dirty = vm.mem().take_dirty(vm.fd())?;
+        dirty_pages_per_s = (dirty.len() as f64 / logged_at.elapsed().as_secs_f64().max(1e-6)) as u64;
+        logged_at = Instant::now();
         send_regions(s, vm, &mut sent)?;
         pages_sent += send_pages(s, vm, &dirty, &mut sent)?;
         rounds += 1;
@@ -384,7 +406,8 @@ fn pre_copy_and_switch(
     let mut q = Quiesced::new(vm)?;
     let dirty = vm.mem().take_dirty(vm.fd())?;
     send_regions(s, vm, &mut sent)?;
-    pages_sent += send_pages(s, vm, &dirty, &mut sent)?;
+    let stopped_pages = send_pages(s, vm, &dirty, &mut sent)?;
+    pages_sent += stopped_pages;
     let missed = if verify { Some(changed_pages(vm, &sent)) } else { None };
     if let Some(m) = &missed {
         pages_sent += send_pages(s, vm, m, &mut sent)?;
@@ -433,6 +456,8 @@ fn pre_copy_and_switch(
         rounds,
         pages_sent,
         missed_by_log: missed.map(|m| m.len() as u64),
+        stopped_pages,
+        dirty_pages_per_s,
         held_bytes,
         downtime_us,
         total_us: t0.elapsed().as_micros() as u64,
@@ -528,26 +553,28 @@ pub(crate) fn receive(kvm: &Kvm, mut channel: Channel, publish: &[Publish]) -> R
     // serial on the source -> extent here
     let mut extents: BTreeMap<u64, Extent> = BTreeMap::new();
     let mut endpoints = bound.unwrap_or_default();
+    let mut buf = Vec::new();
     loop {
-        let (kind, payload, file) = read_msg(s, MAX_JSON)?;
+        let (kind, len, file) = read_msg_into(s, MAX_JSON, &mut buf)?;
+        let payload = &buf[..len];
         match kind {
             b'R' => {
                 let list: Vec<WireRegion> =
-                    serde_json::from_slice(&payload).map_err(|e| bad(format!("regions: {e}")))?;
+                    serde_json::from_slice(payload).map_err(|e| bad(format!("regions: {e}")))?;
                 sync_extents(&fd, &mem, &mut extents, &list)?;
             }
-            b'P' => write_pages(&mem, &payload)?,
+            b'P' => write_pages(&mem, payload)?,
             b'Y' => {
                 write_msg(s, b'A', &[])?;
                 s.flush()?;
             }
             b'L' => {
                 let fd = file.ok_or_else(|| bad("a listener without its descriptor".into()))?;
-                let meta: WireListener = serde_json::from_slice(&payload).map_err(|e| bad(format!("listener: {e}")))?;
+                let meta: WireListener = serde_json::from_slice(payload).map_err(|e| bad(format!("listener: {e}")))?;
                 endpoints.push(listener_from(fd, meta)?);
             }
             b'S' => {
-                let state = super::decode_state(&payload, Path::new("migration state"))?;
+                let state = super::decode_state(payload, Path::new("migration state"))?;
                 let here: Vec<(u64, u64)> = mem.regions().iter().map(|r| (r.gpa, r.len)).collect();
                 let there: Vec<(u64, u64)> = state.memory.regions.iter().map(|r| (r.gpa, r.len)).collect();
                 if here != there || state.layout != l {

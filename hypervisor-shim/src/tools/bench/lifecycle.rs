@@ -16,14 +16,14 @@ use super::{BenchError, BenchOptions, BenchReport};
 /// Samples of the quick figures (pause, resume, snapshot and restore at min).
 const QUICK: usize = 10;
 /// Samples of the migration at min.
-const MIGRATIONS: usize = 5;
+pub(super) const MIGRATIONS: usize = 5;
 /// Samples of the 1 GiB figures.
-const LARGE: usize = 3;
+pub(super) const LARGE: usize = 3;
 /// What the large VM holds.
-const LARGE_MB: u64 = 1024;
+pub(super) const LARGE_MB: u64 = 1024;
 
 /// A shim process (killed when dropped) and the file its stderr goes to.
-struct Proc(Child, PathBuf);
+pub(super) struct Proc(Child, PathBuf);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -34,7 +34,7 @@ impl Drop for Proc {
 
 impl Proc {
     /// Waits for its control API at `sock`; the error carries what the process printed.
-    fn wait_api(&mut self, opts: &BenchOptions, sock: &Path) -> Result<(), BenchError> {
+    pub(super) fn wait_api(&mut self, opts: &BenchOptions, sock: &Path) -> Result<(), BenchError> {
         wait_api(opts, sock).map_err(|e| {
             let printed = std::fs::read_to_string(&self.1).unwrap_or_default();
             BenchError::Summary(format!("{e}: {}", printed.trim()))
@@ -44,12 +44,25 @@ impl Proc {
 
 /// Starts the shim with `args`, stderr to `dir/NAME.log` (`name`: the API socket's stem).
 fn spawn(opts: &BenchOptions, args: &[&str]) -> Result<Proc, BenchError> {
+    spawn_in(opts, None, args)
+}
+
+/// Starts the shim with `args`, inside network namespace `netns` if given (`ip netns exec`,
+/// which execs the shim), stderr to a log file of the work directory.
+pub(super) fn spawn_in(opts: &BenchOptions, netns: Option<&str>, args: &[&str]) -> Result<Proc, BenchError> {
     static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = work_dir().join(format!("proc-{n}.log"));
     let err = std::fs::File::create(&log).map_err(|e| BenchError::Write(log.clone(), e))?;
-    Command::new(&opts.shim)
-        .args(args)
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&opts.shim);
+            c
+        }
+        None => Command::new(&opts.shim),
+    };
+    cmd.args(args)
         .stdout(Stdio::null())
         .stderr(err)
         .spawn()
@@ -58,7 +71,7 @@ fn spawn(opts: &BenchOptions, args: &[&str]) -> Result<Proc, BenchError> {
 }
 
 /// `ctl --api-sock SOCK ARGS`: its JSON answer.
-fn ctl(opts: &BenchOptions, sock: &Path, args: &[&str]) -> Result<Value, BenchError> {
+pub(super) fn ctl(opts: &BenchOptions, sock: &Path, args: &[&str]) -> Result<Value, BenchError> {
     let out = Command::new(&opts.shim)
         .arg("ctl")
         .arg("--api-sock")
@@ -87,12 +100,12 @@ fn wait_api(opts: &BenchOptions, sock: &Path) -> Result<(), BenchError> {
     Ok(())
 }
 
-fn number(v: &Value, key: &str) -> Result<f64, BenchError> {
+pub(super) fn number(v: &Value, key: &str) -> Result<f64, BenchError> {
     v[key].as_f64().ok_or_else(|| BenchError::Summary(format!("no {key} in {v}")))
 }
 
 /// Waits until the VM holds at least `bytes`.
-fn wait_held(opts: &BenchOptions, sock: &Path, bytes: u64) -> Result<(), BenchError> {
+pub(super) fn wait_held(opts: &BenchOptions, sock: &Path, bytes: u64) -> Result<(), BenchError> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let v = ctl(opts, sock, &["get", "vm0"])?;
@@ -106,12 +119,13 @@ fn wait_held(opts: &BenchOptions, sock: &Path, bytes: u64) -> Result<(), BenchEr
     }
 }
 
-fn path_str(p: &Path) -> &str {
+pub(super) fn path_str(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
 }
 
-/// The large VM: a working set of [`LARGE_MB`] MiB, checksummed, held for ten minutes.
-fn large_vm_args(kernel: &str, sock: &str) -> Vec<String> {
+/// The large VM: a working set of [`LARGE_MB`] MiB, checksummed, held for ten minutes
+/// (rewriting `dirty` pages a second meanwhile).
+pub(super) fn large_vm_args(kernel: &str, sock: &str, dirty: u64) -> Vec<String> {
     let hold = "600000".to_string();
     [
         "run",
@@ -131,7 +145,7 @@ fn large_vm_args(kernel: &str, sock: &str) -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain(["1".into(), LARGE_MB.to_string(), "64".into(), hold])
+    .chain(["1".into(), LARGE_MB.to_string(), "64".into(), hold, dirty.to_string()])
     .collect()
 }
 
@@ -233,7 +247,7 @@ pub(crate) fn add(opts: &BenchOptions, dir: &Path, report: &mut BenchReport) -> 
     // 1 GiB held: snapshot, restore (mapped lazily), migration.
     let sock = dir.join("large.sock");
     {
-        let mut large = spawn_owned(opts, &large_vm_args(&kernel, path_str(&sock)))?;
+        let mut large = spawn_owned(opts, &large_vm_args(&kernel, path_str(&sock), 0))?;
         large.wait_api(opts, &sock)?;
         wait_held(opts, &sock, LARGE_MB << 20)?;
         let (s, r) = snapshot_and_restore(opts, &sock, &dir.join("snap-1g"), LARGE, dir)?;
@@ -244,7 +258,7 @@ pub(crate) fn add(opts: &BenchOptions, dir: &Path, report: &mut BenchReport) -> 
     let (mut down, mut total) = (Vec::new(), Vec::new());
     for i in 0..LARGE {
         let sock = dir.join(format!("src-1g-{i}.sock"));
-        let mut src = spawn_owned(opts, &large_vm_args(&kernel, path_str(&sock)))?;
+        let mut src = spawn_owned(opts, &large_vm_args(&kernel, path_str(&sock), 0))?;
         src.wait_api(opts, &sock)?;
         wait_held(opts, &sock, LARGE_MB << 20)?;
         let (d, t) = migrate_once(opts, &sock, dir, 100 + i)?;
