@@ -146,10 +146,12 @@ impl std::fmt::Debug for ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        // Wakes the thread's wait at once (else the join waits out its 100 ms: a `receive`
+        // that stops its waiting API when the source arrives held the source that long).
+        self.server.unblock();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.server.unblock();
         let _ = std::fs::remove_file(&self.path);
     }
 }

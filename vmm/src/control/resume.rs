@@ -165,6 +165,9 @@ pub fn receive_spec(
     };
     let path = listen;
     let kvm = open_kvm().map_err(ResumeError::Kvm)?;
+    // What hello compares is asked of KVM now, not while a source waits for the answer (a
+    // throwaway vCPU for the TSC rate: ~80 ms here). A failure is said at hello.
+    let _ = crate::snapshot::compat::HostProfile::here(&kvm);
     let waiting = Instant::now();
     let channel = wait_for_source(&how, opts)?;
     let left = opts.timeout.map(|t| t.saturating_sub(waiting.elapsed()).max(Duration::from_millis(1)));

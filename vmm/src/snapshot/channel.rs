@@ -458,11 +458,21 @@ impl Channel {
     /// with them, if any (Unix only).
     pub(crate) fn read_with_fd(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, Option<OwnedFd>)> {
         match self {
-            Channel::Unix(s) => {
-                let (n, file) = s.recv_with_fd(buf).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-                Ok((n, file.map(OwnedFd::from)))
-            }
-            other => Ok((other.read(buf)?, None)),
+            // A signal that interrupts the wait is not an error: its handler shuts the
+            // channel down if it means to end it.
+            Channel::Unix(s) => loop {
+                match s.recv_with_fd(buf) {
+                    Ok((n, file)) => return Ok((n, file.map(OwnedFd::from))),
+                    Err(e) if e.errno() == libc::EINTR => continue,
+                    Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno())),
+                }
+            },
+            other => loop {
+                match other.read(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => return Ok((r?, None)),
+                }
+            },
         }
     }
 
