@@ -53,6 +53,11 @@ const PACKAGES: &[Package] = &[
         commands: &["strace"],
         why: "tests/builtin_kernel.rs checks a copied binary opens nothing in target/",
     },
+    Package {
+        name: "iproute2",
+        commands: &["ip"],
+        why: "tests/migration.rs and `bench` migrate over TCP between two network namespaces they make",
+    },
 ];
 
 /// Where commands are looked for besides `PATH` (nginx is in /usr/sbin, which is not on every
