@@ -11,7 +11,8 @@
 //!    runs;
 //! 2. repeats: sends the pages written since the previous round (the guest's, from KVM's
 //!    dirty log; the shim's, from the regions' bitmaps), until a round is small
-//!    ([`SMALL_ROUND`]) or [`MAX_ROUNDS`] passed; then waits until the target has written
+//!    ([`SMALL_ROUND`]) or [`MAX_ROUNDS`] passed, the guest slowed by [`super::throttle`]
+//!    while the rounds do not halve (auto-converge); then waits until the target has written
 //!    everything sent (`Y`, answered `A`): over TCP megabytes can sit in socket buffers, and
 //!    the VM must not stop while the target still works through them;
 //! 3. quiesces the VM (vCPUs paused with their calls completed, the device's I/O thread
@@ -50,6 +51,7 @@ use thiserror::Error;
 
 use super::channel::{Channel, ChannelError, Destination};
 use super::compat::HostProfile;
+use super::throttle::Throttle;
 use super::{Quiesced, SnapshotError, VmState};
 use crate::base::layout::Layout;
 use crate::base::memory::{Backing, GuestMemory, PAGE_SIZE};
@@ -61,8 +63,8 @@ use crate::vmm::shared::VmShared;
 /// not run (the source resumes it when it hears nothing).
 pub(crate) type ReadyCallback = Box<dyn FnOnce(Result<(), String>) -> Result<(), String> + Send>;
 
-/// A round that dirtied fewer pages than this ends the pre-copy (4 MiB).
-pub(crate) const SMALL_ROUND: usize = 1024;
+/// A round that dirtied fewer pages than this ends the pre-copy (1 MiB: ~3 ms over TLS here).
+pub(crate) const SMALL_ROUND: usize = 256;
 /// Most pre-copy rounds.
 pub(crate) const MAX_ROUNDS: u32 = 12;
 /// Pages per `P` message.
@@ -119,9 +121,12 @@ pub(crate) struct MigrateFigures {
     pub(crate) missed_by_log: Option<u64>,
     /// Pages sent while the VM was stopped (the last dirty log; `verify`'s not counted).
     pub(crate) stopped_pages: u64,
-    /// The guest's write rate in the last pre-copy round, as the dirty log saw it (distinct
-    /// pages written per second).
+    /// The guest's highest write rate in a pre-copy round of 100 ms or more, as the dirty log
+    /// saw it (distinct pages written per second; the throttle lowers it in later rounds).
     pub(crate) dirty_pages_per_s: u64,
+    /// The share of the guest's time the throttle took at the end of the pre-copy (%; 0: the
+    /// rounds shrank by themselves).
+    pub(crate) throttle_percent: u32,
     /// Memory the VM held (bytes).
     pub(crate) held_bytes: u64,
     /// Time the VM did not run: quiesce to the target's answer (µs).
@@ -371,6 +376,39 @@ fn answer(s: &mut Channel) -> Result<(), MigrateError> {
     }
 }
 
+/// The pre-copy rounds after the first: each sends the pages written during the one before,
+/// until one is small or [`MAX_ROUNDS`] passed; a round that is not smaller than the one
+/// before raises `throttle`. Returns (rounds, pages sent, the guest's highest write rate in a
+/// round of 100 ms or more, in distinct pages a second).
+fn dirty_rounds(
+    vm: &VmShared,
+    s: &mut Channel,
+    sent: &mut Sent,
+    throttle: &Throttle,
+) -> Result<(u32, u64, u64), MigrateError> {
+    let (mut rounds, mut pages_sent, mut previous, mut top_rate) = (0u32, 0u64, None, 0u64);
+    let mut logged_at = Instant::now();
+    loop {
+        let dirty = vm.mem().take_dirty(vm.fd())?;
+        // A rate over a round of a few milliseconds says little: rounds of 100 ms or more count.
+        let took = logged_at.elapsed().as_secs_f64();
+        if took >= 0.1 {
+            top_rate = top_rate.max((dirty.len() as f64 / took) as u64);
+        }
+        logged_at = Instant::now();
+        send_regions(s, vm, sent)?;
+        pages_sent += send_pages(s, vm, &dirty, sent)?;
+        rounds += 1;
+        if dirty.len() < SMALL_ROUND || rounds + 1 >= MAX_ROUNDS {
+            return Ok((rounds, pages_sent, top_rate));
+        }
+        if let Some(p) = previous {
+            throttle.after_round(p, dirty.len());
+        }
+        previous = Some(dirty.len());
+    }
+}
+
 fn pre_copy_and_switch(
     vm: &VmShared,
     s: &mut Channel,
@@ -381,20 +419,16 @@ fn pre_copy_and_switch(
     let mut sent = Sent::default();
     send_regions(s, vm, &mut sent)?;
     let mut pages_sent = send_pages(s, vm, &changed_pages(vm, &sent), &mut sent)?;
-    let mut rounds = 1;
-    let mut logged_at = Instant::now();
-    let mut dirty_pages_per_s;
-    loop {
-        let dirty = vm.mem().take_dirty(vm.fd())?;
-        dirty_pages_per_s = (dirty.len() as f64 / logged_at.elapsed().as_secs_f64().max(1e-6)) as u64;
-        logged_at = Instant::now();
-        send_regions(s, vm, &mut sent)?;
-        pages_sent += send_pages(s, vm, &dirty, &mut sent)?;
-        rounds += 1;
-        if dirty.len() < SMALL_ROUND || rounds >= MAX_ROUNDS {
-            break;
-        }
-    }
+    // Rounds of what was written meanwhile, the guest throttled while they do not shrink.
+    let throttle = Throttle::default();
+    let (rounds, more, dirty_pages_per_s) = std::thread::scope(|scope| {
+        let _ = std::thread::Builder::new().name("migrate-throttle".into()).spawn_scoped(scope, || throttle.run(vm));
+        let rounds = dirty_rounds(vm, s, &mut sent, &throttle);
+        throttle.stop();
+        rounds
+    })?;
+    pages_sent += more;
+    let rounds = rounds + 1;
     // The target catches up before the VM stops (what it has not written yet would be
     // downtime).
     write_msg(s, b'Y', &[])?;
@@ -458,6 +492,7 @@ fn pre_copy_and_switch(
         missed_by_log: missed.map(|m| m.len() as u64),
         stopped_pages,
         dirty_pages_per_s,
+        throttle_percent: throttle.percent(),
         held_bytes,
         downtime_us,
         total_us: t0.elapsed().as_micros() as u64,

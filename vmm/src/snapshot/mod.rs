@@ -23,6 +23,7 @@ pub(crate) mod leftovers;
 pub(crate) mod migrate;
 pub(crate) mod restore;
 pub(crate) mod template;
+pub(crate) mod throttle;
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;

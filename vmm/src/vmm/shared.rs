@@ -371,23 +371,40 @@ impl VmShared {
     /// waits without using CPU until [`VmShared::resume`]. Returns once every vCPU answered
     /// (or after `within`, whichever is first); `false` if the VM was already paused.
     pub(crate) fn pause(&self, within: Duration) -> bool {
+        let paused = self.pause_quietly(within);
+        if paused {
+            self.record("pause", serde_json::Map::new());
+        }
+        paused
+    }
+
+    /// [`VmShared::pause`] without a timeline line (a migration's throttle pauses the VM
+    /// many times a second).
+    pub(crate) fn pause_quietly(&self, within: Duration) -> bool {
         if self.paused.swap(true, Ordering::SeqCst) {
             return false;
         }
         // A vCPU asleep in BLOCK or parked serves the pause before it could enter the guest
         // again (its event waits in its queue): only those in or around KVM_RUN must answer.
         self.vcpus.ask_all(VcpuEvent::Pause, |s| matches!(s, State::Running | State::Starting(_)), within);
-        self.record("pause", serde_json::Map::new());
         true
     }
 
     /// Resumes a paused VM; `false` if it was not paused.
     pub(crate) fn resume(&self) -> bool {
+        let resumed = self.resume_quietly();
+        if resumed {
+            self.record("resume", serde_json::Map::new());
+        }
+        resumed
+    }
+
+    /// [`VmShared::resume`] without a timeline line.
+    pub(crate) fn resume_quietly(&self) -> bool {
         if !self.paused.swap(false, Ordering::SeqCst) {
             return false;
         }
         self.vcpus.tell_all(|| VcpuEvent::Resume);
-        self.record("resume", serde_json::Map::new());
         true
     }
 
