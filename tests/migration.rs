@@ -67,14 +67,12 @@ fn client(port: u16, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<String>>>) -> (
     (cycles, resets)
 }
 
-/// Reads back every acknowledged small write (pipelined GETs on a fresh connection).
-fn check_acked(port: u16, acked: &[String], hop: usize) {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect to kv");
-    conn.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-    let mut want = Vec::new();
+/// Reads back every acknowledged small write (`wN` holds `vN`) on `conn`, 500 pipelined GETs
+/// at a time; `when` names the moment in a failure.
+fn read_back(conn: &mut TcpStream, acked: &[String], when: &str) {
     for chunk in acked.chunks(500) {
         let mut out = Vec::new();
-        want.clear();
+        let mut want = Vec::new();
         for k in chunk {
             out.extend(resp(&[b"GET", k.as_bytes()]));
             let v = k.replacen('w', "v", 1);
@@ -82,9 +80,16 @@ fn check_acked(port: u16, acked: &[String], hop: usize) {
         }
         conn.write_all(&out).expect("send GETs");
         let mut got = vec![0u8; want.len()];
-        conn.read_exact(&mut got).unwrap_or_else(|e| panic!("after hop {hop}: reading back failed: {e}"));
-        assert!(got == want, "after hop {hop}: an acknowledged write is missing or different");
+        conn.read_exact(&mut got).unwrap_or_else(|e| panic!("{when}: reading back failed: {e}"));
+        assert!(got == want, "{when}: an acknowledged write is missing or different");
     }
+}
+
+/// Reads back every acknowledged small write (on a fresh connection).
+fn check_acked(port: u16, acked: &[String], hop: usize) {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect to kv");
+    conn.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    read_back(&mut conn, acked, &format!("after hop {hop}"));
 }
 
 #[test]
@@ -242,25 +247,26 @@ fn check_all(addr: &str, acked: &[String], when: &str) {
             "{when}: big:{i} is missing or different"
         );
     }
-    for chunk in acked.chunks(500) {
-        let mut out = Vec::new();
-        let mut want = Vec::new();
-        for k in chunk {
-            out.extend(resp(&[b"GET", k.as_bytes()]));
-            let v = k.replacen('w', "v", 1);
-            want.extend(format!("${}\r\n{v}\r\n", v.len()).into_bytes());
-        }
-        conn.write_all(&out).expect("send GETs");
-        let mut got = vec![0u8; want.len()];
-        conn.read_exact(&mut got).unwrap_or_else(|e| panic!("{when}: reading back failed: {e}"));
-        assert!(got == want, "{when}: an acknowledged write is missing or different");
-    }
+    read_back(&mut conn, acked, when);
 }
 
 /// The source's and the target's side of one attempt: `ctl migrate` to `to` with the TLS
 /// files `cert`, `key`, `ca`.
 fn migrate_tcp(dir: &std::path::Path, to: &str, cert: &str, key: &str, ca: &str) -> common::Run {
     ctl_in(dir, "src.sock", &["migrate", "vm0", "--to", to, "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca])
+}
+
+/// CPU time (user + system) process `pid` has used, in ms.
+fn cpu_ms(pid: u32) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<i64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the state field.
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks * 1000 / hz
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -432,12 +438,19 @@ fn kv_holding_1_gib_moves_between_network_namespaces_over_mutual_tls_and_failure
     assert_eq!(before["state"], "running", "{before}");
     // 3. The real move, the writer writing, while two clients that never say a word hold
     //    connections to the target (its handshakes run beside each other).
-    let silent = in_netns(&net.a, || {
-        [TcpStream::connect((NetPair::B, 7000)), TcpStream::connect((NetPair::B, 7000))]
-            .map(|c| c.expect("a silent connection"))
+    //    First six of them, more than the target handshakes with at once: the rest wait in its
+    //    backlog, and the target sleeps meanwhile (it does not poll a socket it cannot accept
+    //    from).
+    let mut silent = in_netns(&net.a, || {
+        (0..6).map(|_| TcpStream::connect((NetPair::B, 7000)).expect("a silent connection")).collect::<Vec<_>>()
     })
     .join()
     .expect("the silent clients");
+    let cpu_before = cpu_ms(target.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let burnt = cpu_ms(target.pid()) - cpu_before;
+    assert!(burnt < 300, "the waiting target used {burnt} ms of CPU in 1 s with clients in its backlog");
+    silent.truncate(2);
     let m = json_of(&migrate_tcp(&dir, "tcp:10.99.0.2:7000", cert, key, ca));
     drop(silent);
     eprintln!("over TLS between namespaces: {m}");

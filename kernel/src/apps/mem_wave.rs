@@ -60,7 +60,7 @@ async fn rewrite(set: &mut [Vec<u8>], sums: &mut [u64], wave: u64, rate: u64, ho
     let (mut written, mut next) = (0u64, 0usize);
     loop {
         let elapsed_ns = time::now_ns() - start;
-        if elapsed_ns >= hold_ms * 1_000_000 {
+        if elapsed_ns >= hold_ms.saturating_mul(1_000_000) {
             return written * CHUNK_PAGES;
         }
         // Chunks due by now.

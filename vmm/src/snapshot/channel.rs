@@ -282,22 +282,31 @@ impl Destination {
 }
 
 /// Completes a TLS handshake on `sock` by `deadline` (a peer that trickles bytes cannot hold
-/// it longer), then leaves the socket without time limits.
+/// it longer: the deadline is checked between single reads and writes, which rustls's
+/// `complete_io` would loop over by itself), then leaves the socket without time limits.
 fn handshake<D>(conn: &mut rustls::ConnectionCommon<D>, sock: &mut Sock, deadline: Instant) -> Result<(), String> {
     let io = |e: std::io::Error| e.to_string();
-    while conn.is_handshaking() {
+    let step = |conn: &mut rustls::ConnectionCommon<D>, sock: &mut Sock| -> Result<(), String> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!("TLS handshake: not done within {} s", HANDSHAKE_TIMEOUT.as_secs()));
+            return Err(format!("not done within {} s", HANDSHAKE_TIMEOUT.as_secs()));
         }
         sock.tcp().set_read_timeout(Some(left)).map_err(io)?;
         sock.tcp().set_write_timeout(Some(left)).map_err(io)?;
-        if let Err(e) = conn.complete_io(sock) {
+        if conn.wants_write() {
+            conn.write_tls(sock).map_err(io)?;
+        } else if conn.read_tls(sock).map_err(io)? == 0 {
+            return Err("the peer closed the connection".into());
+        } else if let Err(e) = conn.process_new_packets() {
             // The alert that says why (a bad certificate) goes out if it can, at once.
             let _ = sock.tcp().set_write_timeout(Some(Duration::from_millis(100)));
             let _ = conn.write_tls(sock);
-            return Err(format!("TLS handshake: {e}"));
+            return Err(e.to_string());
         }
+        Ok(())
+    };
+    while conn.is_handshaking() || conn.wants_write() {
+        step(conn, sock).map_err(|e| format!("TLS handshake: {e}"))?;
     }
     sock.tcp().set_read_timeout(None).map_err(io)?;
     sock.tcp().set_write_timeout(None).map_err(io)
@@ -334,9 +343,12 @@ impl TlsListener {
         Ok(TlsListener { listener, config, done: channel(), finished, running: Arc::default() })
     }
 
-    /// The descriptors to poll for [`TlsListener::accept`]: the socket and the handshakes'.
+    /// The descriptors to poll for [`TlsListener::accept`]: the socket (-1, which poll skips,
+    /// while [`MAX_HANDSHAKES`] run: the clients waiting in its backlog would wake the poll at
+    /// once, again and again) and the handshakes' eventfd.
     pub(crate) fn fds(&self) -> [RawFd; 2] {
-        [self.listener.as_raw_fd(), self.finished.as_raw_fd()]
+        let full = self.running.load(Ordering::Acquire) >= MAX_HANDSHAKES;
+        [if full { -1 } else { self.listener.as_raw_fd() }, self.finished.as_raw_fd()]
     }
 
     /// A source whose handshake finished, if there is one; starts the handshake of each client
@@ -344,6 +356,8 @@ impl TlsListener {
     pub(crate) fn accept(&self) -> std::io::Result<Option<Handshake>> {
         let _ = self.finished.read();
         if let Ok(done) = self.done.1.try_recv() {
+            // Another may have finished too: the next poll must not sleep past it.
+            let _ = self.finished.write(1);
             return Ok(Some(done));
         }
         while self.running.load(Ordering::Acquire) < MAX_HANDSHAKES {
@@ -356,8 +370,16 @@ impl TlsListener {
             let (config, tx) = (Arc::clone(&self.config), self.done.0.clone());
             let (finished, running) = (Arc::clone(&self.finished), Arc::clone(&self.running));
             let spawned = std::thread::Builder::new().name("tls-handshake".into()).spawn(move || {
+                /// Frees the slot however the thread ends.
+                struct Slot(Arc<AtomicUsize>);
+                impl Drop for Slot {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                let slot = Slot(running);
                 let result = server_handshake(config, sock).map_err(|e| format!("{peer}: {e}"));
-                running.fetch_sub(1, Ordering::AcqRel);
+                drop(slot);
                 let _ = tx.send(result);
                 let _ = finished.write(1);
             });

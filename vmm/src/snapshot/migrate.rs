@@ -51,7 +51,7 @@ use thiserror::Error;
 
 use super::channel::{Channel, ChannelError, Destination};
 use super::compat::HostProfile;
-use super::throttle::Throttle;
+use super::throttle::{StopOnDrop, Throttle};
 use super::{Quiesced, SnapshotError, VmState};
 use crate::base::layout::Layout;
 use crate::base::memory::{Backing, GuestMemory, PAGE_SIZE};
@@ -379,15 +379,18 @@ fn answer(s: &mut Channel) -> Result<(), MigrateError> {
 /// The pre-copy rounds after the first: each sends the pages written during the one before,
 /// until one is small or [`MAX_ROUNDS`] passed; a round that is not smaller than the one
 /// before raises `throttle`. Returns (rounds, pages sent, the guest's highest write rate in a
-/// round of 100 ms or more, in distinct pages a second).
+/// round of 100 ms or more, or the average since `logging_since` when none was that long, in
+/// distinct pages a second).
 fn dirty_rounds(
     vm: &VmShared,
     s: &mut Channel,
     sent: &mut Sent,
     throttle: &Throttle,
+    logging_since: Instant,
 ) -> Result<(u32, u64, u64), MigrateError> {
     let (mut rounds, mut pages_sent, mut previous, mut top_rate) = (0u32, 0u64, None, 0u64);
-    let mut logged_at = Instant::now();
+    let mut logged_at = logging_since;
+    let mut logged = 0u64;
     loop {
         let dirty = vm.mem().take_dirty(vm.fd())?;
         // A rate over a round of a few milliseconds says little: rounds of 100 ms or more count.
@@ -395,11 +398,16 @@ fn dirty_rounds(
         if took >= 0.1 {
             top_rate = top_rate.max((dirty.len() as f64 / took) as u64);
         }
+        logged += dirty.len() as u64;
         logged_at = Instant::now();
         send_regions(s, vm, sent)?;
         pages_sent += send_pages(s, vm, &dirty, sent)?;
         rounds += 1;
         if dirty.len() < SMALL_ROUND || rounds + 1 >= MAX_ROUNDS {
+            // No round was long enough: the average over the whole pre-copy.
+            if top_rate == 0 {
+                top_rate = (logged as f64 / logging_since.elapsed().as_secs_f64().max(1e-6)) as u64;
+            }
             return Ok((rounds, pages_sent, top_rate));
         }
         if let Some(p) = previous {
@@ -415,25 +423,31 @@ fn pre_copy_and_switch(
     t0: Instant,
     verify: bool,
 ) -> Result<MigrateFigures, MigrateError> {
-    // Round 1: everything held (the log collects what changes meanwhile).
+    // Round 1: everything held (the log, on since just now, collects what changes meanwhile).
+    let logging_since = Instant::now();
     let mut sent = Sent::default();
     send_regions(s, vm, &mut sent)?;
     let mut pages_sent = send_pages(s, vm, &changed_pages(vm, &sent), &mut sent)?;
     // Rounds of what was written meanwhile, the guest throttled while they do not shrink.
     let throttle = Throttle::default();
-    let (rounds, more, dirty_pages_per_s) = std::thread::scope(|scope| {
-        let _ = std::thread::Builder::new().name("migrate-throttle".into()).spawn_scoped(scope, || throttle.run(vm));
-        let rounds = dirty_rounds(vm, s, &mut sent, &throttle);
-        throttle.stop();
-        rounds
+    let (rounds, more, dirty_pages_per_s, throttled) = std::thread::scope(|scope| {
+        let throttling = std::thread::Builder::new()
+            .name("migrate-throttle".into())
+            .spawn_scoped(scope, || throttle.run(vm))
+            .is_ok();
+        // Stopped however this ends, and only after the catch-up below (the guest stays
+        // throttled while the target works through its backlog).
+        let _stop = StopOnDrop(&throttle);
+        let (rounds, more, rate) = dirty_rounds(vm, s, &mut sent, &throttle, logging_since)?;
+        // The target catches up before the VM stops (what it has not written yet would be
+        // downtime).
+        write_msg(s, b'Y', &[])?;
+        s.flush()?;
+        answer(s)?;
+        Ok::<_, MigrateError>((rounds, more, rate, if throttling { throttle.percent() } else { 0 }))
     })?;
     pages_sent += more;
     let rounds = rounds + 1;
-    // The target catches up before the VM stops (what it has not written yet would be
-    // downtime).
-    write_msg(s, b'Y', &[])?;
-    s.flush()?;
-    answer(s)?;
     // Stop and copy: the pages logged since; with `verify`, then a check of every page
     // against what was sent (a page the logs missed is sent too, and counted).
     let t_stop = Instant::now();
@@ -492,7 +506,7 @@ fn pre_copy_and_switch(
         missed_by_log: missed.map(|m| m.len() as u64),
         stopped_pages,
         dirty_pages_per_s,
-        throttle_percent: throttle.percent(),
+        throttle_percent: throttled,
         held_bytes,
         downtime_us,
         total_us: t0.elapsed().as_micros() as u64,

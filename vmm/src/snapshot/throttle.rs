@@ -19,7 +19,7 @@ const STEP_PERCENT: u32 = 20;
 /// The largest share: the guest keeps a tenth of its time.
 const MAX_PERCENT: u32 = 90;
 /// A round that is not at most this share (in %) of the one before raises the share: rounds
-/// that do not halve cannot get from a GiB to under 4 MiB within the rounds allowed
+/// that do not halve cannot get from a GiB to under 1 MiB within the rounds allowed
 /// (QEMU's auto-converge uses the same half).
 const KEEP_PERCENT: usize = 50;
 /// How long a pause may wait for the vCPUs to leave the guest.
@@ -29,6 +29,16 @@ const PAUSE_WITHIN: Duration = Duration::from_millis(200);
 struct State {
     percent: u32,
     stop: bool,
+}
+
+/// Stops a throttle when dropped (however the pre-copy ends).
+#[derive(Debug)]
+pub(crate) struct StopOnDrop<'a>(pub(crate) &'a Throttle);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 /// The throttle of one migration's pre-copy.

@@ -39,6 +39,7 @@ impl Hosts {
                 Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
             }
         };
+        // `hosts` exists from here: what was made is removed however this ends.
         ip(&["netns", "add", &hosts.a])?;
         ip(&["netns", "add", &hosts.b])?;
         ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
