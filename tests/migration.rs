@@ -385,13 +385,18 @@ fn kv_holding_1_gib_moves_between_network_namespaces_over_mutual_tls_and_failure
     );
     wait_for_api(&dir, "dst.sock");
     // 1. A source whose certificate another CA signed is turned away; so is a target the
-    //    source's CA did not sign. The VM stays at the source either time.
+    //    source's CA did not sign, and a certificate offered with another key. The VM stays
+    //    at the source each time.
     let r = migrate_tcp(&dir, "tcp:10.99.0.2:7000", "rogue/10.99.0.1.pem", "rogue/10.99.0.1.key", ca);
     assert_ne!(r.code, Some(0), "a rogue certificate was accepted");
     assert!(r.stderr.contains("keeps running here"), "{}", r.stderr);
     let r = migrate_tcp(&dir, "tcp:10.99.0.2:7000", cert, key, "rogue/ca.pem");
     assert_ne!(r.code, Some(0), "a target the CA did not sign was accepted");
     assert!(r.stderr.contains("invalid peer certificate") && r.stderr.contains("keeps running here"), "{}", r.stderr);
+    // The right certificate with another host's key proves nothing.
+    let r = migrate_tcp(&dir, "tcp:10.99.0.2:7000", cert, "pki/10.99.0.2.key", ca);
+    assert_ne!(r.code, Some(0), "a certificate with the wrong key was accepted");
+    assert!(r.stderr.contains("keeps running here"), "{}", r.stderr);
     wait_more(acked_now(), "after the refused certificates");
     // 2. A target killed while the memory is on its way.
     let doomed = ShimProcess::start_in_netns(
