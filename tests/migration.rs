@@ -225,6 +225,17 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     })
 }
 
+/// `receive --listen tcp:10.99.0.2:PORT` in namespace `ns` with host b's TLS files, serving
+/// its API on `api_sock`.
+fn receiver(dir: &std::path::Path, ns: &str, port: &str, api_sock: &str) -> ShimProcess {
+    let listen = format!("tcp:{}:{port}", NetPair::B);
+    let tls = ["--tls-cert", "pki/10.99.0.2.pem", "--tls-key", "pki/10.99.0.2.key", "--tls-ca", "pki/ca.pem"];
+    let mut args = vec!["receive", "--listen", &listen];
+    args.extend(tls);
+    args.extend(["--api-sock", api_sock, "--timeout", "600"]);
+    ShimProcess::start_in_netns(dir, ns, &args)
+}
+
 /// Value `i` of the big set (1 MiB, its own pattern).
 fn big_value(i: usize) -> Vec<u8> {
     (0..BIG).map(|j| b'a' + ((i * 7 + j / 4096) % 26) as u8).collect()
@@ -364,25 +375,7 @@ fn kv_holding_1_gib_moves_between_network_namespaces_over_mutual_tls_and_failure
     };
     wait_more(0, "before any migration");
     // The target on host b.
-    let target = ShimProcess::start_in_netns(
-        &dir,
-        &net.b,
-        &[
-            "receive",
-            "--listen",
-            "tcp:10.99.0.2:7000",
-            "--tls-cert",
-            "pki/10.99.0.2.pem",
-            "--tls-key",
-            "pki/10.99.0.2.key",
-            "--tls-ca",
-            "pki/ca.pem",
-            "--api-sock",
-            "dst.sock",
-            "--timeout",
-            "600",
-        ],
-    );
+    let target = receiver(&dir, &net.b, "7000", "dst.sock");
     wait_for_api(&dir, "dst.sock");
     // 1. A source whose certificate another CA signed is turned away; so is a target the
     //    source's CA did not sign, and a certificate offered with another key. The VM stays
@@ -399,25 +392,7 @@ fn kv_holding_1_gib_moves_between_network_namespaces_over_mutual_tls_and_failure
     assert!(r.stderr.contains("keeps running here"), "{}", r.stderr);
     wait_more(acked_now(), "after the refused certificates");
     // 2. A target killed while the memory is on its way.
-    let doomed = ShimProcess::start_in_netns(
-        &dir,
-        &net.b,
-        &[
-            "receive",
-            "--listen",
-            "tcp:10.99.0.2:7001",
-            "--tls-cert",
-            "pki/10.99.0.2.pem",
-            "--tls-key",
-            "pki/10.99.0.2.key",
-            "--tls-ca",
-            "pki/ca.pem",
-            "--api-sock",
-            "doomed.sock",
-            "--timeout",
-            "600",
-        ],
-    );
+    let doomed = receiver(&dir, &net.b, "7001", "doomed.sock");
     wait_for_api(&dir, "doomed.sock");
     let deadline = Instant::now() + Duration::from_secs(20);
     let attempt = {

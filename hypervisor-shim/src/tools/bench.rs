@@ -325,21 +325,20 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result?;
-    if opts.wants("lifecycle") {
-        progress(&bar, "lifecycle (pause, snapshot, restore, migrate)");
-        let dir = lifecycle::work_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| BenchError::Write(dir.clone(), e))?;
-        let result = lifecycle::add(opts, &dir, &mut report);
-        let _ = std::fs::remove_dir_all(&dir);
-        result?;
-    }
-    if opts.wants("migration") {
-        progress(&bar, "migration over TCP + TLS between network namespaces");
-        let dir = lifecycle::work_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| BenchError::Write(dir.clone(), e))?;
-        let result = migration::add(opts, &dir, &mut report);
-        let _ = std::fs::remove_dir_all(&dir);
-        result?;
+    type Section = fn(&BenchOptions, &Path, &mut BenchReport) -> Result<(), BenchError>;
+    let in_work_dir: [(&str, &str, Section); 2] = [
+        ("lifecycle", "lifecycle (pause, snapshot, restore, migrate)", lifecycle::add),
+        ("migration", "migration over TCP + TLS between network namespaces", migration::add),
+    ];
+    for (section, what, add) in in_work_dir {
+        if opts.wants(section) {
+            progress(&bar, what);
+            let dir = lifecycle::work_dir();
+            std::fs::create_dir_all(&dir).map_err(|e| BenchError::Write(dir.clone(), e))?;
+            let result = add(opts, &dir, &mut report);
+            let _ = std::fs::remove_dir_all(&dir);
+            result?;
+        }
     }
     if let Some(b) = bar {
         b.finish_and_clear();

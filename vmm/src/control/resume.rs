@@ -163,7 +163,6 @@ pub fn receive_spec(
     } else {
         return Err(ResumeError::Usage(format!("--listen must be unix:PATH or tcp:ADDR:PORT (got {listen})")));
     };
-    let path = listen;
     let kvm = open_kvm().map_err(ResumeError::Kvm)?;
     // What hello compares is asked of KVM now, not while a source waits for the answer (a
     // throwaway vCPU for the TSC rate: ~80 ms here). A failure is said at hello.
@@ -189,9 +188,9 @@ pub fn receive_spec(
     };
     let Received { fd, mem, mut state, endpoints, answer, stopped_at } = received.map_err(|e| {
         if interrupted.load(Ordering::SeqCst) {
-            ResumeError::Interrupted(path.to_string())
+            ResumeError::Interrupted(listen.to_string())
         } else if let Some(t) = opts.timeout.filter(|&t| waiting.elapsed() >= t) {
-            ResumeError::TimedOut { path: path.to_string(), secs: t.as_secs_f64() }
+            ResumeError::TimedOut { path: listen.to_string(), secs: t.as_secs_f64() }
         } else {
             ResumeError::Receive(e)
         }

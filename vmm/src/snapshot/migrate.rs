@@ -75,8 +75,6 @@ const MAX_JSON: u64 = 16 << 20;
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// The message protocol's version (2: hello and the catch-up are answered).
 const PROTOCOL: u32 = 2;
-/// What [`read_msg`] says of a channel the peer closed.
-const PEER_CLOSED: &str = "the peer closed the channel";
 
 /// Migration failures.
 #[derive(Debug, Error)]
@@ -91,6 +89,9 @@ pub enum MigrateError {
     /// The peer sent something malformed.
     #[error("migration protocol: {0}")]
     Protocol(String),
+    /// The peer closed the channel before the message it owed.
+    #[error("migration protocol: the peer closed the channel")]
+    PeerClosed,
     /// The target refused the VM.
     #[error("the target refused the VM: {0}")]
     Refused(String),
@@ -185,7 +186,7 @@ fn read_msg_into(s: &mut Channel, max: u64, buf: &mut Vec<u8>) -> Result<(u8, us
     let mut head = [0u8; 9];
     let (n, file) = s.read_with_fd(&mut head)?;
     if n == 0 {
-        return Err(MigrateError::Protocol(PEER_CLOSED.into()));
+        return Err(MigrateError::PeerClosed);
     }
     s.read_exact(&mut head[n..])?;
     let len = u64::from_le_bytes(head[1..].try_into().unwrap_or([0; 8]));
@@ -482,7 +483,7 @@ fn pre_copy_and_switch(
         // An explicit refusal, or a target that closed without answering: it does not run the
         // VM, which resumes here.
         Err(e @ MigrateError::Refused(_)) => return Err(e),
-        Err(MigrateError::Protocol(p)) if p == PEER_CLOSED => return Err(MigrateError::Protocol(p)),
+        Err(e @ MigrateError::PeerClosed) => return Err(e),
         Err(MigrateError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(e.into()),
         Err(e) => {
             q.leave_paused();
