@@ -94,8 +94,19 @@ fn check_acked(port: u16, acked: &[String], hop: usize) {
 
 #[test]
 fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writes() {
+    hops_while_memory_grows_and_shrinks("anonymous", HOPS);
+}
+
+/// A VM backed by memfds moves to the next shim by descriptor: nothing is copied, and the
+/// extents it grants and releases between (and during) the hops follow.
+#[test]
+fn kv_backed_by_memfds_hands_its_memory_over_ten_times_without_a_copy() {
+    hops_while_memory_grows_and_shrinks("memfd", 10);
+}
+
+fn hops_while_memory_grows_and_shrinks(backing: &str, hops: usize) {
     require_kvm();
-    let dir = temp_dir("migrate-20");
+    let dir = temp_dir(&format!("migrate-{backing}"));
     let port = free_port();
     let publish = format!("127.0.0.1:{port}:6379");
     // Low watermarks and 4 MiB grants: the client's cycles make the guest grant and release
@@ -111,6 +122,8 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
         "mem.low_mb=2",
         "--guest-opt",
         "mem.chunk_mb=4",
+        "--memory-backing",
+        backing,
         "--timeout",
         "600",
     ];
@@ -127,7 +140,7 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
         std::thread::spawn(move || client(port, stop, acked))
     };
     let (mut grants, mut releases) = (0, 0);
-    for hop in 1..=HOPS {
+    for hop in 1..=hops {
         let next_sock = format!("vm{hop}.sock");
         let listen = format!("mig{hop}.sock");
         let target = format!("unix:{listen}");
@@ -140,7 +153,13 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
         grants += before["memory_bytes"]["grants"].as_u64().unwrap_or(0);
         releases += before["memory_bytes"]["releases"].as_u64().unwrap_or(0);
         let m = json_of(&ctl_in(&dir, &sock, &["migrate", "vm0", "--to", &target, "--verify"]));
-        assert_eq!(m["missed_by_log"], 0, "hop {hop}: the dirty log missed pages: {m}");
+        if backing == "memfd" {
+            assert_eq!(m["memory_by_fd"], true, "hop {hop}: the memory was not handed over: {m}");
+            assert_eq!(m["pages_sent"], 0, "hop {hop}: pages were copied: {m}");
+        } else {
+            assert_eq!(m["memory_by_fd"], false, "hop {hop}: {m}");
+            assert_eq!(m["missed_by_log"], 0, "hop {hop}: the dirty log missed pages: {m}");
+        }
         assert_eq!(here.wait(Duration::from_secs(30)).0, Some(0), "hop {hop}: the source ends once the target runs");
         here = there;
         sock = next_sock;
@@ -152,11 +171,11 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
     let (cycles, resets) = writer.join().expect("the client");
     let all = acked.lock().expect("acked").clone();
     eprintln!(
-        "{HOPS} hops: {} acknowledged writes, {cycles} grow/shrink cycles, {resets} reconnects, \
+        "{hops} hops ({backing}): {} acknowledged writes, {cycles} grow/shrink cycles, {resets} reconnects, \
          {grants} grants and {releases} releases seen on the sources",
         all.len()
     );
-    check_acked(port, &all, HOPS);
+    check_acked(port, &all, hops);
     // The VM's uptime goes on across the hops (it does not restart at each target, which
     // would leave it near the last hop's age, under a second). `lived` is taken before the
     // query; the hops' downtimes (a few ms each) are not counted, hence the 1 s allowance.
@@ -164,10 +183,10 @@ fn kv_migrates_twenty_times_while_its_memory_grows_and_shrinks_and_a_client_writ
     let uptime_us = json_of(&ctl_in(&dir, &sock, &["list"]))[0]["uptime_us"].as_u64().unwrap_or(0);
     assert!(
         uptime_us + 1_000_000 >= lived.as_micros() as u64,
-        "uptime {uptime_us} µs after {HOPS} hops over {lived:?}"
+        "uptime {uptime_us} µs after {hops} hops over {lived:?}"
     );
     assert!(all.len() >= 200, "the client got only {} writes acknowledged", all.len());
-    assert!(grants >= HOPS as u64 && releases >= HOPS as u64, "grants {grants}, releases {releases}");
+    assert!(grants >= hops as u64 && releases >= hops as u64, "grants {grants}, releases {releases}");
     ctl_in(&dir, &sock, &["stop", "vm0"]).expect_code(0);
     assert_eq!(here.wait(Duration::from_secs(30)).0, Some(5), "the last target stops cleanly");
 }

@@ -28,9 +28,9 @@ mod snapshot;
 mod vmm;
 
 pub use base::config::{
-    ConfigError, DEFAULT_IDLE_SHUTDOWN, DEFAULT_RESTART_LIMIT, EndpointConfig, GuestConfig, Lifecycle, OnViolation,
-    PolicyConfig, ResourceConfig, RestartPolicy, VmConfig, Wake, check_output_path, kernel_cmdline, parse_guest_opt,
-    parse_log_level,
+    ConfigError, DEFAULT_IDLE_SHUTDOWN, DEFAULT_RESTART_LIMIT, EndpointConfig, GuestConfig, Lifecycle, MemoryBacking,
+    OnViolation, PolicyConfig, ResourceConfig, RestartPolicy, VmConfig, Wake, check_output_path, kernel_cmdline,
+    parse_guest_opt, parse_log_level,
 };
 pub use base::exit;
 pub use base::timeline::Line;

@@ -131,7 +131,8 @@ pub(super) struct ResumeArgs {
     /// Run without the seccomp filters (for debugging a refused system call).
     #[arg(long)]
     pub(super) no_seccomp: bool,
-    /// Publish these ports instead of the snapshot's (repeatable; `restore` only).
+    /// Publish these ports instead of the saved ones (repeatable; `restore`, and `receive --listen
+    /// tcp:`, whose target binds the ports itself: on one host the sockets come from the source).
     #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = parse_publish_arg)]
     pub(super) publish: Vec<elastic_config::Publish>,
 }
@@ -274,6 +275,13 @@ pub(super) struct RunArgs {
     /// off a CPU that another process keeps busy.
     #[arg(long)]
     pub(super) pin_io: bool,
+    /// How the host backs guest RAM: anonymous (private memory in transparent huge pages where
+    /// the host gives them), or memfd (one memfd per region, mapped shared: `ctl migrate --to
+    /// unix:PATH` then hands the memory to the receiving shim by descriptor instead of copying
+    /// it, for a live upgrade whose downtime does not grow with memory; 4 KiB host pages unless
+    /// the host enables huge pages for shmem).
+    #[arg(long, value_enum, value_name = "KIND", default_value = "anonymous")]
+    pub(super) memory_backing: MemoryBackingArg,
     /// Scale to zero: hold the published endpoints with no VM; the first client boots the VM
     /// (clients that come meanwhile wait and are served); after --idle-shutdown without a
     /// connection the VM goes to sleep: it is snapshotted (state and the memory it holds) and
@@ -327,6 +335,24 @@ impl From<OnViolationArg> for OnViolation {
         match a {
             OnViolationArg::Throttle => OnViolation::Throttle,
             OnViolationArg::Kill => OnViolation::Kill,
+        }
+    }
+}
+
+/// `--memory-backing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum MemoryBackingArg {
+    /// Private anonymous memory.
+    Anonymous,
+    /// One memfd per region, mapped shared.
+    Memfd,
+}
+
+impl From<MemoryBackingArg> for elastic_vmm::MemoryBacking {
+    fn from(a: MemoryBackingArg) -> Self {
+        match a {
+            MemoryBackingArg::Anonymous => elastic_vmm::MemoryBacking::Anonymous,
+            MemoryBackingArg::Memfd => elastic_vmm::MemoryBacking::Memfd,
         }
     }
 }

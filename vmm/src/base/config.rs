@@ -148,6 +148,24 @@ pub struct ResourceConfig {
     pub policy: PolicyConfig,
     /// Weight in the pool (a heavier VM keeps its burst longer under contention).
     pub weight: u64,
+    /// How the host backs the VM's RAM (`--memory-backing`).
+    #[serde(default)]
+    pub memory_backing: MemoryBacking,
+}
+
+/// How the host backs a VM's RAM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryBacking {
+    /// Private anonymous memory, in transparent huge pages where the host gives them (the
+    /// default: the guest maps its RAM 2 MiB at a time, and so can KVM then).
+    #[default]
+    Anonymous,
+    /// One memfd per region, mapped shared: a migration to another shim on the same host hands
+    /// the descriptors over instead of copying pages, so its downtime does not grow with the
+    /// memory held. Shared memory gets huge pages only where the host enables them for shmem
+    /// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`), 4 KiB pages otherwise.
+    Memfd,
 }
 
 /// How clients on the host reach the guest's services.
@@ -270,6 +288,7 @@ impl VmConfig {
                 memory: Policy::fixed(64 << 20),
                 policy: PolicyConfig::default(),
                 weight: 1,
+                memory_backing: MemoryBacking::Anonymous,
             },
             endpoints: EndpointConfig::default(),
             lifecycle: Lifecycle::default(),

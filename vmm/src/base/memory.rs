@@ -38,6 +38,12 @@ pub(crate) type Region = vm_memory::GuestRegionMmap<AtomicBitmap>;
 pub(crate) enum Backing<'a> {
     /// Fresh zeroed memory.
     Anonymous,
+    /// Fresh zeroed memory in a memfd of its own, mapped shared: another process can take the
+    /// region over by its descriptor ([`GuestMemory::memfds`]), without a copy. The VM's later
+    /// grants are memfds too.
+    Shared,
+    /// An existing memfd (another shim's region, passed over a Unix socket), mapped shared.
+    Memfd(&'a std::fs::File),
     /// A snapshot's memory file at `offset`. When the region holds at most `eager` bytes of
     /// data (the file's holes are zero pages), they are read at once into fresh memory backed
     /// by transparent huge pages, and `eager` goes down by as much: the guest maps its RAM
@@ -70,6 +76,38 @@ fn anonymous_mapping(size: usize) -> Result<MmapRegionDeref<AtomicBitmap>, Memor
         .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
         .build()
         .map_err(|e| MemoryError::Map { size: size as u64, reason: e.to_string() })
+}
+
+/// A fresh memfd of `size` bytes, mapped shared (zeroed on first touch; the memory goes when
+/// the last mapping and descriptor of it do).
+fn memfd_mapping(size: usize) -> Result<MmapRegionDeref<AtomicBitmap>, MemoryError> {
+    use std::os::fd::FromRawFd;
+    let map_err = |reason: String| MemoryError::Map { size: size as u64, reason };
+    // SAFETY: the name is a NUL-terminated string; the call only creates a descriptor.
+    let fd = unsafe { libc::memfd_create(c"elastic-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(map_err(format!("memfd_create: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size as u64).map_err(|e| map_err(format!("memfd size: {e}")))?;
+    shared_mapping(&file, size)
+}
+
+/// Maps `size` bytes of memfd `file` shared, from its start.
+fn shared_mapping(file: &std::fs::File, size: usize) -> Result<MmapRegionDeref<AtomicBitmap>, MemoryError> {
+    let map_err = |reason: String| MemoryError::Map { size: size as u64, reason };
+    let have = file.metadata().map_err(|e| map_err(e.to_string()))?.len();
+    if have < size as u64 {
+        return Err(map_err(format!("the memory descriptor holds {have} bytes")));
+    }
+    let file = file.try_clone().map_err(|e| map_err(e.to_string()))?;
+    MmapRegionBuilder::new_with_bitmap(size, vm_memory::bitmap::NewBitmap::with_len(size))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_SHARED)
+        .with_file_offset(FileOffset::new(file, 0))
+        .build()
+        .map_err(|e| map_err(e.to_string()))
 }
 
 /// Boot memory mapped and registered with a KVM VM ahead of need (a warm pool's VM): a fresh
@@ -186,6 +224,8 @@ fn map_region(
     };
     match backing {
         Backing::Anonymous => Ok((region(fresh(premapped)?)?, used)),
+        Backing::Shared => Ok((region(memfd_mapping(size)?)?, false)),
+        Backing::Memfd(file) => Ok((region(shared_mapping(file, size)?)?, false)),
         Backing::File { file, offset, data, eager } => {
             let runs = match data {
                 Some(runs) => checked_runs(runs, len).map_err(map_err)?,
@@ -463,6 +503,8 @@ pub(crate) struct GuestMemory {
     held: Arc<AtomicU64>,
     /// KVM logs the guest's writes (live migration is under way).
     log_dirty: Arc<std::sync::atomic::AtomicBool>,
+    /// Grants are memfds mapped shared ([`Backing::Shared`]).
+    shared: bool,
 }
 
 /// One region of guest RAM as a snapshot or a migration sees it.
@@ -561,6 +603,7 @@ impl GuestMemory {
             })),
             held: Arc::new(AtomicU64::new(ram_size)),
             log_dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            shared: matches!(backing, Backing::Shared | Backing::Memfd(_)),
         };
         Ok((mem, used))
     }
@@ -654,7 +697,7 @@ impl GuestMemory {
 
     /// Maps one extent: host mapping, region snapshot, KVM slot.
     fn map_extent(&self, vm: &VmFd, hp: &mut Hotplug, e: Extent) -> Result<(), MemoryError> {
-        self.map_extent_from(vm, hp, e, &Backing::Anonymous)
+        self.map_extent_from(vm, hp, e, if self.shared { &Backing::Shared } else { &Backing::Anonymous })
     }
 
     /// Maps one extent with its contents from `backing`.
@@ -707,6 +750,23 @@ impl GuestMemory {
             return Err(MemoryError::NotGranted { base: e.base, len: e.len });
         }
         self.map_extent_from(vm, &mut hp, e, backing).inspect_err(|_| hp.give_back(e.base, e.len))
+    }
+
+    /// Every region of RAM now with a descriptor of the memfd that holds it, when every
+    /// region is a memfd mapped shared from its start ([`Backing::Shared`]); `None` otherwise
+    /// (a region of anonymous memory, or mapped from a snapshot's file).
+    pub(crate) fn memfds(&self) -> Option<Vec<(RegionInfo, std::fs::File)>> {
+        let guard = self.map.memory();
+        let mut out = Vec::new();
+        for info in self.regions() {
+            let region = guard.find_region(GuestAddress(info.gpa))?;
+            let file = region.file_offset().filter(|f| f.start() == 0)?;
+            if region.flags() & libc::MAP_SHARED == 0 || region.len() != info.len {
+                return None;
+            }
+            out.push((info, file.file().try_clone().ok()?));
+        }
+        Some(out)
     }
 
     /// Every region of RAM now: boot memory first, then the granted extents by address.

@@ -18,16 +18,16 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::base::config::Lifecycle;
+use crate::base::config::{Lifecycle, VmConfig};
 use crate::base::exit;
 use crate::control::api::{ApiError, ApiServer};
 use crate::control::registry::Registry;
-use crate::control::run::{RestoreSource, VmSpec};
+use crate::control::run::{RestoreSource, RunError, Saved, VmSpec};
 use crate::host::endpoint::Publish;
 use crate::policy::pool::{Capacity, Pool};
 use crate::snapshot::SnapshotError;
 use crate::snapshot::channel::{Channel, TlsFiles, TlsListener, host_port};
-use crate::snapshot::migrate::{MigrateError, Received, receive};
+use crate::snapshot::migrate::{MigrateError, Received, Welcomed, welcome_source};
 use crate::snapshot::restore::RestoreMemory;
 use crate::vmm::error::{VmError, open_kvm};
 
@@ -123,7 +123,9 @@ pub fn restore_spec(dir: &Path, opts: &ResumeOptions) -> Result<VmSpec, ResumeEr
     }
     let kernel = opts.kernel.clone().unwrap_or_else(|| state.kernel.clone());
     state.kernel = kernel.clone();
-    let source = RestoreSource { state, memory: RestoreMemory::File(loaded.memory), endpoints: None, on_ready: None };
+    let memory = RestoreMemory::File(loaded.memory);
+    let saved = Saved { config: None, state, memory, on_ready: None };
+    let source = RestoreSource { endpoints: None, saved: Box::new(move || Ok(saved)) };
     Ok(VmSpec { config, kernel, expect_exit: 0, restore: Some(Arc::new(Mutex::new(Some(source)))) })
 }
 
@@ -138,8 +140,10 @@ enum Listen<'a> {
 }
 
 /// Waits for one migration on `listen` (`unix:PATH`, or `tcp:ADDR:PORT` with `tls`: this
-/// side's certificate and key, and the CA of the sources) and returns the VM received, with
-/// the moment its state arrived (its restore time is measured from there).
+/// side's certificate and key, and the CA of the sources) and returns the VM as its source
+/// announced it, once it was welcomed, with the moment (the run starts from there). The run
+/// prepares everything it can (filters, API, timeline, image, endpoints), then receives the
+/// memory and the state: only the restore itself happens while the VM is stopped.
 pub fn receive_spec(
     listen: &str,
     tls: Option<&TlsFiles>,
@@ -175,42 +179,65 @@ pub fn receive_spec(
     let _ = channel.set_read_timeout(Some(left.unwrap_or(SOURCE_SILENCE)));
     // Ctrl-C during the transfer shuts the channel down, so the read it is blocked in returns.
     let interrupted = Arc::new(AtomicBool::new(false));
-    let received = {
-        let stopper = channel.shutter().ok();
-        let flag = Arc::clone(&interrupted);
-        let _interrupts = crate::host::signals::subscribe(move |_| {
-            flag.store(true, Ordering::SeqCst);
-            if let Some(s) = &stopper {
-                s.shut();
-            }
-        });
-        receive(&kvm, channel, &opts.publish)
-    };
-    let Received { fd, mem, mut state, endpoints, answer, stopped_at } = received.map_err(|e| {
-        if interrupted.load(Ordering::SeqCst) {
-            ResumeError::Interrupted(listen.to_string())
-        } else if let Some(t) = opts.timeout.filter(|&t| waiting.elapsed() >= t) {
-            ResumeError::TimedOut { path: listen.to_string(), secs: t.as_secs_f64() }
-        } else {
-            ResumeError::Receive(e)
+    let on_interrupt = {
+        let interrupted = Arc::clone(&interrupted);
+        move |stopper: Option<crate::snapshot::channel::Shutter>| {
+            let flag = Arc::clone(&interrupted);
+            crate::host::signals::subscribe(move |_| {
+                flag.store(true, Ordering::SeqCst);
+                if let Some(s) = &stopper {
+                    s.shut();
+                }
+            })
         }
-    })?;
-    let mut config = state.config.clone();
-    if !opts.publish.is_empty() {
-        config.endpoints.publish = opts.publish.clone();
-    }
-    // --timeout counts from the start of the command: the wait used part of it.
-    config.lifecycle = lifecycle(config.lifecycle, &ResumeOptions { timeout: left, ..opts.clone() });
-    let kernel = opts.kernel.clone().unwrap_or_else(|| state.kernel.clone());
-    state.kernel = kernel.clone();
-    let source = RestoreSource {
-        state,
-        memory: RestoreMemory::Live { fd, mem },
-        endpoints: Some(endpoints),
-        on_ready: Some(answer),
     };
+    let why = {
+        let (listen, timeout, interrupted) = (listen.to_string(), opts.timeout, Arc::clone(&interrupted));
+        move |e: MigrateError| {
+            if interrupted.load(Ordering::SeqCst) {
+                ResumeError::Interrupted(listen.clone())
+            } else if let Some(t) = timeout.filter(|&t| waiting.elapsed() >= t) {
+                ResumeError::TimedOut { path: listen.clone(), secs: t.as_secs_f64() }
+            } else {
+                ResumeError::Receive(e)
+            }
+        }
+    };
+    let welcomed = {
+        let _interrupts = on_interrupt(channel.shutter().ok());
+        welcome_source(&kvm, channel, &opts.publish)
+    };
+    let Welcomed { config: announced, kernel, endpoints, transfer } = welcomed.map_err(&why)?;
+    // --timeout counts from the start of the command: the wait used part of it.
+    let opts = ResumeOptions { timeout: left, ..opts.clone() };
+    let kernel = opts.kernel.clone().unwrap_or(kernel);
+    let resumed = move |mut config: VmConfig| {
+        if !opts.publish.is_empty() {
+            config.endpoints.publish = opts.publish.clone();
+        }
+        config.lifecycle = lifecycle(config.lifecycle, &opts);
+        config
+    };
+    let config = resumed(announced);
+    let image = kernel.clone();
+    // The memory and the state arrive once the run is prepared (the source's socket buffer
+    // holds what it sends meanwhile); the run's own thread receives them, so nothing is handed
+    // from thread to thread while the VM is stopped.
+    let saved = move || {
+        let arrival = |e: ResumeError| RunError::Arrival { reason: e.to_string(), code: e.exit_code() };
+        let received = {
+            let _interrupts = on_interrupt(transfer.shutter().ok());
+            transfer.receive(&kvm)
+        };
+        let Received { fd, mem, mut state, answer, stopped_at } = received.map_err(why).map_err(arrival)?;
+        state.kernel = image;
+        let config = resumed(state.config.clone());
+        let memory = RestoreMemory::Live { fd, mem, arrived: stopped_at };
+        Ok(Saved { config: Some(config), state, memory, on_ready: Some(answer) })
+    };
+    let source = RestoreSource { endpoints: Some(endpoints), saved: Box::new(saved) };
     let spec = VmSpec { config, kernel, expect_exit: 0, restore: Some(Arc::new(Mutex::new(Some(source)))) };
-    Ok((spec, stopped_at))
+    Ok((spec, Instant::now()))
 }
 
 /// A socket file this process created, removed when dropped (every way out of the wait).

@@ -60,6 +60,14 @@ pub enum RunError {
         /// Why.
         source: std::io::Error,
     },
+    /// The VM a migration's target waited for did not arrive whole.
+    #[error("{reason}")]
+    Arrival {
+        /// Why.
+        reason: String,
+        /// The exit code the receiving command ends with.
+        code: u8,
+    },
 }
 
 impl RunError {
@@ -70,6 +78,7 @@ impl RunError {
             RunError::Thread(_) | RunError::Seccomp(_) => exit::INTERNAL,
             RunError::Endpoint(_) | RunError::Api(_) => exit::USAGE,
             RunError::Timeline { .. } => exit::IO_ERROR,
+            RunError::Arrival { code, .. } => *code,
         }
     }
 }
@@ -94,19 +103,27 @@ impl VmSpec {
     }
 }
 
-/// A VM to restore: its state and memory, its endpoints when they were handed over (else the
-/// configuration's are bound), and whom to tell once it is built.
+/// A VM to restore: its endpoints when they were handed over (else the configuration's are
+/// bound), and the saved VM, which a migration's target waits for while its run prepares.
 pub(crate) struct RestoreSource {
-    pub(crate) state: VmState,
-    pub(crate) memory: RestoreMemory,
     pub(crate) endpoints: Option<Vec<Bound>>,
-    pub(crate) on_ready: Option<ReadyCallback>,
+    /// Returns the saved VM (at once for a snapshot; for a migration, once its state arrived).
+    pub(crate) saved: Box<dyn FnOnce() -> Result<Saved, RunError> + Send>,
 }
 
 impl std::fmt::Debug for RestoreSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RestoreSource").field("memory", &self.memory).finish_non_exhaustive()
+        f.debug_struct("RestoreSource").field("endpoints", &self.endpoints).finish_non_exhaustive()
     }
+}
+
+/// A saved VM: its state and memory, the configuration it runs with when it differs from its
+/// spec's (a migration's final state), and whom to tell once it is built.
+pub(crate) struct Saved {
+    pub(crate) config: Option<VmConfig>,
+    pub(crate) state: VmState,
+    pub(crate) memory: RestoreMemory,
+    pub(crate) on_ready: Option<ReadyCallback>,
 }
 
 /// Where guest consoles go.
@@ -475,11 +492,13 @@ fn run_or_serve(spec: &RunSpec, started: Instant, serve: bool) -> Result<RunResu
             events: owner.sink(),
             shell: None,
         };
-        if let Some(mut r) = restored {
+        if let Some(r) = restored {
+            // A migration's target waits here for the VM's state, everything else ready.
+            let mut r = (r.saved)()?;
             // A restored on-demand VM runs in a slot of its own (its min reserved for the run):
             // idle, it goes to sleep, and the next client wakes it.
-            let on_demand = vs.config.lifecycle.on_demand.is_some();
-            let mut config = vs.config.clone();
+            let mut config = r.config.take().unwrap_or_else(|| vs.config.clone());
+            let on_demand = config.lifecycle.on_demand.is_some();
             let mut slot_endpoints = Vec::new();
             let bound = if on_demand {
                 let r = &config.resources;

@@ -153,8 +153,10 @@ const SOCKETS: &[libc::c_long] = &[
     libc::SYS_eventfd2,
 ];
 
-/// KVM and threads: vCPU threads create vCPUs (and their threads) and memory slots.
-const KVM: &[libc::c_long] = &[libc::SYS_ioctl, libc::SYS_clone, libc::SYS_clone3, libc::SYS_sched_setaffinity];
+/// KVM and threads: vCPU threads create vCPUs (and their threads) and memory slots, and the
+/// memfds of a VM backed by them (`--memory-backing memfd`).
+const KVM: &[libc::c_long] =
+    &[libc::SYS_ioctl, libc::SYS_clone, libc::SYS_clone3, libc::SYS_sched_setaffinity, libc::SYS_memfd_create];
 
 /// The main thread's extras: signal handlers, limits, process start-up leftovers.
 const MAIN: &[libc::c_long] = &[

@@ -53,8 +53,9 @@ use super::channel::{Channel, ChannelError, Destination};
 use super::compat::HostProfile;
 use super::throttle::{StopOnDrop, Throttle};
 use super::{Quiesced, SnapshotError, VmState};
+use crate::base::config::VmConfig;
 use crate::base::layout::Layout;
-use crate::base::memory::{Backing, GuestMemory, PAGE_SIZE};
+use crate::base::memory::{Backing, GuestMemory, PAGE_SIZE, RegionInfo};
 use crate::host::endpoint::{Bound, Publish};
 use crate::vmm::shared::VmShared;
 
@@ -73,8 +74,9 @@ const BATCH_PAGES: usize = 1024;
 const MAX_JSON: u64 = 16 << 20;
 /// How long the source waits for the target's answer, and a write may block.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
-/// The message protocol's version (2: hello and the catch-up are answered).
-const PROTOCOL: u32 = 2;
+/// The message protocol's version (2: hello and the catch-up are answered; 3: hello carries
+/// the configuration, and the listening sockets follow its answer).
+const PROTOCOL: u32 = 3;
 
 /// Migration failures.
 #[derive(Debug, Error)]
@@ -130,6 +132,9 @@ pub(crate) struct MigrateFigures {
     pub(crate) throttle_percent: u32,
     /// Memory the VM held (bytes).
     pub(crate) held_bytes: u64,
+    /// The memory was handed over by descriptor (a VM backed by memfds, on one host), not
+    /// copied.
+    pub(crate) memory_by_fd: bool,
     /// Time the VM did not run: quiesce to the target's answer (µs).
     pub(crate) downtime_us: u64,
     /// Whole migration (µs).
@@ -144,10 +149,16 @@ struct Hello {
     layout: Layout,
     /// The source's CPU features and the VM's TSC rate.
     profile: HostProfile,
-    /// The VM's published ports (a target over TCP binds them itself).
-    publish: Vec<Publish>,
-    /// Its hybrid-vsock socket path, if any.
-    vsock_uds: Option<PathBuf>,
+    /// The VM's configuration as it is now, and its kernel image: the target prepares its run
+    /// (filters, API, timeline, image) while the memory moves, not while the VM is stopped
+    /// (the state's own configuration, at the end, is the one the VM runs with).
+    config: VmConfig,
+    kernel: PathBuf,
+    /// On one host, how many listening sockets follow the answer (as descriptors).
+    listeners: u32,
+    /// On one host, with every region a memfd: the memory is handed over by descriptor (`F`),
+    /// not copied.
+    memory_by_fd: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -331,6 +342,21 @@ fn send_regions(s: &mut Channel, vm: &VmShared, sent: &mut Sent) -> Result<(), M
     Ok(write_msg(s, b'R', &json(&wire))?)
 }
 
+/// Sends the VM's listening sockets, as descriptors (`L`, one per socket).
+fn send_listeners(s: &mut Channel, vm: &VmShared) -> Result<(), MigrateError> {
+    for l in vm.endpoints().iter() {
+        let meta = match l {
+            Bound::Tcp { guest_port, .. } => WireListener::Tcp { guest_port: *guest_port },
+            Bound::Uds { path, .. } => WireListener::Uds { path: path.clone() },
+        };
+        let payload = json(&meta);
+        let mut head = vec![b'L'];
+        head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        s.write_with_fd(&head, l.raw_fd(), &payload)?;
+    }
+    Ok(())
+}
+
 /// Migrates `vm` to the receiver listening on `to`. On success the VM runs there and the
 /// caller ends it here; on failure it keeps running here.
 pub(crate) fn send(vm: &VmShared, to: &Destination, verify: bool) -> Result<MigrateFigures, MigrateError> {
@@ -344,19 +370,32 @@ pub(crate) fn send(vm: &VmShared, to: &Destination, verify: bool) -> Result<Migr
     s.set_read_timeout(Some(ACK_TIMEOUT))?;
     // A target that stops reading cannot hold the VM (paused, at the end) for long.
     s.set_write_timeout(Some(ACK_TIMEOUT))?;
+    let passes = s.passes_descriptors();
+    let memfds = if passes { vm.mem().memfds() } else { None };
     let hello = Hello {
         protocol: PROTOCOL,
         format: super::FORMAT_VERSION,
         abi_version: hypercall_abi::ABI_VERSION,
         layout: vm.layout(),
         profile,
-        publish: config.endpoints.publish.clone(),
-        vsock_uds: config.endpoints.vsock_uds.clone(),
+        config: config.clone(),
+        kernel: vm.image().path.clone(),
+        listeners: if passes { vm.endpoints().len() as u32 } else { 0 },
+        memory_by_fd: memfds.is_some(),
     };
     write_msg(&mut s, b'H', &json(&hello))?;
     // Nothing moves before the target said it can run the VM (over TLS, a refused
     // certificate surfaces here too).
     answer(&mut s)?;
+    if passes {
+        // On one host the target takes the listening sockets themselves, now: it prepares its
+        // run with them while the memory moves. Clients keep connecting to the same sockets,
+        // and this side serves them until the VM stops.
+        send_listeners(&mut s, vm)?;
+    }
+    if let Some(regions) = memfds {
+        return hand_over(vm, &mut s, t0, regions);
+    }
     vm.mem().set_dirty_logging(vm.fd(), true)?;
     let result = pre_copy_and_switch(vm, &mut s, t0, verify);
     if result.is_err() {
@@ -452,7 +491,7 @@ fn pre_copy_and_switch(
     // Stop and copy: the pages logged since; with `verify`, then a check of every page
     // against what was sent (a page the logs missed is sent too, and counted).
     let t_stop = Instant::now();
-    let mut q = Quiesced::new(vm)?;
+    let q = Quiesced::new(vm)?;
     let dirty = vm.mem().take_dirty(vm.fd())?;
     send_regions(s, vm, &mut sent)?;
     let stopped_pages = send_pages(s, vm, &dirty, &mut sent)?;
@@ -461,19 +500,30 @@ fn pre_copy_and_switch(
     if let Some(m) = &missed {
         pages_sent += send_pages(s, vm, m, &mut sent)?;
     }
-    // Between hosts the target listened on the ports itself (at hello).
-    if s.passes_descriptors() {
-        for l in vm.endpoints().iter() {
-            let meta = match l {
-                Bound::Tcp { guest_port, .. } => WireListener::Tcp { guest_port: *guest_port },
-                Bound::Uds { path, .. } => WireListener::Uds { path: path.clone() },
-            };
-            let payload = json(&meta);
-            let mut head = vec![b'L'];
-            head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-            s.write_with_fd(&head, l.raw_fd(), &payload)?;
-        }
-    }
+    let copied =
+        Copied { rounds, pages_sent, missed: missed.map(|m| m.len() as u64), stopped_pages, dirty_pages_per_s };
+    switch(vm, s, q, (t0, t_stop), copied, throttled)
+}
+
+/// What a copying migration sent.
+struct Copied {
+    rounds: u32,
+    pages_sent: u64,
+    missed: Option<u64>,
+    stopped_pages: u64,
+    dirty_pages_per_s: u64,
+}
+
+/// With the VM quiesced and its memory at the target: sends the state and waits for the
+/// target's answer; then the VM stays stopped here (it runs there) or, on a refusal, resumes.
+fn switch(
+    vm: &VmShared,
+    s: &mut Channel,
+    mut q: Quiesced<'_>,
+    (t0, t_stop): (Instant, Instant),
+    copied: Copied,
+    throttle_percent: u32,
+) -> Result<MigrateFigures, MigrateError> {
     let state = q.state()?;
     let held_bytes = state.memory.regions.iter().map(|r| r.len).sum();
     write_msg(s, b'S', &super::encode_state(&state)?)?;
@@ -499,23 +549,70 @@ fn pre_copy_and_switch(
     let downtime_us = t_stop.elapsed().as_micros() as u64;
     vm.record(
         "migrated",
-        crate::base::timeline::detail([("downtime_us", downtime_us.into()), ("rounds", rounds.into())]),
+        crate::base::timeline::detail([("downtime_us", downtime_us.into()), ("rounds", copied.rounds.into())]),
     );
     Ok(MigrateFigures {
-        rounds,
-        pages_sent,
-        missed_by_log: missed.map(|m| m.len() as u64),
-        stopped_pages,
-        dirty_pages_per_s,
-        throttle_percent: throttled,
+        rounds: copied.rounds,
+        pages_sent: copied.pages_sent,
+        missed_by_log: copied.missed,
+        stopped_pages: copied.stopped_pages,
+        dirty_pages_per_s: copied.dirty_pages_per_s,
+        throttle_percent,
         held_bytes,
+        memory_by_fd: copied.rounds == 0,
         downtime_us,
         total_us: t0.elapsed().as_micros() as u64,
     })
 }
 
-/// A VM received from a source: its KVM VM and filled memory, its state, the listening
-/// sockets handed over, and the channel to answer on.
+/// Sends region `r` as the descriptor of the memfd that holds it (`F`).
+fn send_memfd(s: &mut Channel, r: &RegionInfo, file: &std::fs::File) -> Result<(), MigrateError> {
+    use std::os::fd::AsRawFd;
+    let payload = json(&WireRegion { gpa: r.gpa, len: r.len, serial: r.serial });
+    let mut head = vec![b'F'];
+    head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    Ok(s.write_with_fd(&head, file.as_raw_fd(), &payload)?)
+}
+
+/// A migration on one host of a VM whose regions are all memfds: the target maps the same
+/// memory, handed over by descriptor while the VM runs; nothing is copied. The VM is then
+/// quiesced, regions granted since are handed over too, the region list tells the target
+/// which are gone, and the state follows.
+fn hand_over(
+    vm: &VmShared,
+    s: &mut Channel,
+    t0: Instant,
+    regions: Vec<(RegionInfo, std::fs::File)>,
+) -> Result<MigrateFigures, MigrateError> {
+    let mut handed = std::collections::BTreeSet::new();
+    for (r, file) in &regions {
+        send_memfd(s, r, file)?;
+        handed.insert(r.serial);
+    }
+    drop(regions);
+    // The target maps them and registers its memory slots (~0.2 ms a region here) before
+    // the VM stops.
+    write_msg(s, b'Y', &[])?;
+    s.flush()?;
+    answer(s)?;
+    let t_stop = Instant::now();
+    let q = Quiesced::new(vm)?;
+    let now = vm.mem().regions();
+    if now.iter().any(|r| !handed.contains(&r.serial)) {
+        // Granted since: every grant of a VM backed by memfds is a memfd too.
+        let fds = vm.mem().memfds().ok_or_else(|| MigrateError::Protocol("a region is no longer a memfd".into()))?;
+        for (r, file) in fds.iter().filter(|(r, _)| !handed.contains(&r.serial)) {
+            send_memfd(s, r, file)?;
+        }
+    }
+    let wire: Vec<WireRegion> = now.iter().map(|r| WireRegion { gpa: r.gpa, len: r.len, serial: r.serial }).collect();
+    write_msg(s, b'R', &json(&wire))?;
+    let copied = Copied { rounds: 0, pages_sent: 0, missed: None, stopped_pages: 0, dirty_pages_per_s: 0 };
+    switch(vm, s, q, (t0, t_stop), copied, 0)
+}
+
+/// A VM received from a source: its KVM VM and filled memory, its state, and the channel to
+/// answer on.
 pub(crate) struct Received {
     /// The KVM VM, memory slots registered.
     pub(crate) fd: VmFd,
@@ -523,8 +620,6 @@ pub(crate) struct Received {
     pub(crate) mem: GuestMemory,
     /// The state.
     pub(crate) state: VmState,
-    /// The published endpoints, handed over.
-    pub(crate) endpoints: Vec<Bound>,
     /// When the state arrived.
     pub(crate) stopped_at: Instant,
     /// Tells the source the VM is built (it ends its copy) or why not (it resumes).
@@ -537,9 +632,36 @@ impl std::fmt::Debug for Received {
     }
 }
 
+/// A source this target welcomed: what the target prepares its run with while the memory
+/// moves, and the rest of the transfer ([`Welcomed::transfer`]).
+pub(crate) struct Welcomed {
+    /// The VM's configuration at hello (the state's, at the end, is the one it runs with).
+    pub(crate) config: VmConfig,
+    /// The kernel image the source runs it with.
+    pub(crate) kernel: PathBuf,
+    /// The published endpoints: bound here (over TCP), or handed over (on one host).
+    pub(crate) endpoints: Vec<Bound>,
+    /// The rest of the transfer.
+    pub(crate) transfer: Transfer,
+}
+
+impl std::fmt::Debug for Welcomed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Welcomed").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// The memory and state still to come from a welcomed source.
+pub(crate) struct Transfer {
+    channel: Channel,
+    layout: Layout,
+    /// The memory comes by descriptor ([`Hello::memory_by_fd`]).
+    by_fd: bool,
+}
+
 /// What the target checked and set up at hello.
 struct Welcome {
-    layout: Layout,
+    hello: Hello,
     /// The published ports, bound here (over TCP); `None`: they come as descriptors.
     endpoints: Option<Vec<Bound>>,
 }
@@ -554,13 +676,17 @@ fn welcome(kvm: &Kvm, payload: &[u8], bind: bool, publish: &[Publish]) -> Result
         || abi.as_u64() != Some(u64::from(hypercall_abi::ABI_VERSION))
     {
         return Err(format!(
-            "version mismatch: the source speaks protocol {protocol}, format {format}, ABI {abi}; this shim speaks              protocol {PROTOCOL}, format {}, ABI {}",
+            "version mismatch: the source speaks protocol {protocol}, format {format}, ABI {abi}; this shim speaks \
+             protocol {PROTOCOL}, format {}, ABI {}",
             super::FORMAT_VERSION,
             hypercall_abi::ABI_VERSION
         ));
     }
     let hello: Hello = serde_json::from_value(loose).map_err(|e| format!("hello: {e}"))?;
-    let l = hello.layout;
+    if hello.memory_by_fd && bind {
+        return Err("memory by descriptor is for a migration on one host".into());
+    }
+    let l = &hello.layout;
     if l.ram_size == 0 || !l.ram_size.is_multiple_of(PAGE_SIZE) || l.window_base < l.ram_size {
         return Err("bad layout".into());
     }
@@ -568,26 +694,31 @@ fn welcome(kvm: &Kvm, payload: &[u8], bind: bool, publish: &[Publish]) -> Result
         return Err(why);
     }
     let endpoints = if bind {
-        let publish = if publish.is_empty() { &hello.publish } else { publish };
-        let bound = crate::host::endpoint::bind(publish, hello.vsock_uds.as_deref())
+        let e = &hello.config.endpoints;
+        let publish = if publish.is_empty() { &e.publish } else { publish };
+        let bound = crate::host::endpoint::bind(publish, e.vsock_uds.as_deref())
             .map_err(|e| format!("the target cannot listen for the VM: {e}"))?;
         Some(bound)
     } else {
         None
     };
-    Ok(Welcome { layout: l, endpoints })
+    Ok(Welcome { hello, endpoints })
 }
 
-/// Receives a VM on channel `s`. Over TCP the target binds the published ports itself
-/// (`publish`, if not empty, instead of the source's).
-pub(crate) fn receive(kvm: &Kvm, mut channel: Channel, publish: &[Publish]) -> Result<Received, MigrateError> {
+/// Most listening sockets a source may hand over.
+const MAX_LISTENERS: u32 = 1024;
+
+/// Takes a source's hello on `channel` and answers it; on one host, then takes the listening
+/// sockets handed over. Over TCP the target binds the published ports itself (`publish`, if
+/// not empty, instead of the source's).
+pub(crate) fn welcome_source(kvm: &Kvm, mut channel: Channel, publish: &[Publish]) -> Result<Welcomed, MigrateError> {
     let s = &mut channel;
     let bad = |w: String| MigrateError::Protocol(w);
     let (kind, payload, _) = read_msg(s, MAX_JSON)?;
     if kind != b'H' {
         return Err(bad("the source did not start with hello".into()));
     }
-    let Welcome { layout: l, endpoints: bound } = match welcome(kvm, &payload, !s.passes_descriptors(), publish) {
+    let Welcome { hello, endpoints: bound } = match welcome(kvm, &payload, !s.passes_descriptors(), publish) {
         Ok(w) => w,
         Err(why) => {
             let _ = write_msg(s, b'E', &json(&why)).and_then(|()| s.flush());
@@ -596,63 +727,131 @@ pub(crate) fn receive(kvm: &Kvm, mut channel: Channel, publish: &[Publish]) -> R
     };
     write_msg(s, b'A', &[])?;
     s.flush()?;
-    let fd = kvm.create_vm().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-    let max_slots = crate::vmm::vm::max_slots(kvm);
-    let sizes = (l.ram_size, l.window_base, l.window_size, max_slots);
-    let mem = GuestMemory::boot(&fd, sizes, &Backing::Anonymous, None)?;
-    // serial on the source -> extent here
-    let mut extents: BTreeMap<u64, Extent> = BTreeMap::new();
-    let mut endpoints = bound.unwrap_or_default();
-    let mut buf = Vec::new();
-    loop {
-        let (kind, len, file) = read_msg_into(s, MAX_JSON, &mut buf)?;
-        let payload = &buf[..len];
-        match kind {
-            b'R' => {
-                let list: Vec<WireRegion> =
-                    serde_json::from_slice(payload).map_err(|e| bad(format!("regions: {e}")))?;
-                sync_extents(&fd, &mem, &mut extents, &list)?;
+    let endpoints = match bound {
+        Some(bound) => bound,
+        None => {
+            if hello.listeners > MAX_LISTENERS {
+                return Err(bad(format!("{} listening sockets", hello.listeners)));
             }
-            b'P' => write_pages(&mem, payload)?,
-            b'Y' => {
-                write_msg(s, b'A', &[])?;
-                s.flush()?;
-            }
-            b'L' => {
-                let fd = file.ok_or_else(|| bad("a listener without its descriptor".into()))?;
-                let meta: WireListener = serde_json::from_slice(payload).map_err(|e| bad(format!("listener: {e}")))?;
-                endpoints.push(listener_from(fd, meta)?);
-            }
-            b'S' => {
-                let state = super::decode_state(payload, Path::new("migration state"))?;
-                let here: Vec<(u64, u64)> = mem.regions().iter().map(|r| (r.gpa, r.len)).collect();
-                let there: Vec<(u64, u64)> = state.memory.regions.iter().map(|r| (r.gpa, r.len)).collect();
-                if here != there || state.layout != l {
-                    return Err(bad("the state's memory regions differ from those received".into()));
+            let mut handed = Vec::with_capacity(hello.listeners as usize);
+            for _ in 0..hello.listeners {
+                let (kind, payload, file) = read_msg(s, MAX_JSON)?;
+                if kind != b'L' {
+                    return Err(bad(format!("'{}' where a listening socket was due", kind as char)));
                 }
-                s.set_read_timeout(None)?;
-                let answer = Box::new(move |result: Result<(), String>| {
-                    match result {
-                        Ok(()) => write_msg(&mut channel, b'A', &[]),
-                        Err(e) => write_msg(&mut channel, b'E', &json(&e)),
-                    }
-                    .and_then(|()| channel.flush())
-                    .map_err(|e| format!("the source was not told the VM is ready ({e}): it runs there"))
-                });
-                return Ok(Received { fd, mem, state, endpoints, stopped_at: Instant::now(), answer });
+                let fd = file.ok_or_else(|| bad("a listener without its descriptor".into()))?;
+                let meta: WireListener = serde_json::from_slice(&payload).map_err(|e| bad(format!("listener: {e}")))?;
+                handed.push(listener_from(fd, meta)?);
             }
-            k => return Err(bad(format!("unexpected message '{}'", k as char))),
+            handed
+        }
+    };
+    Ok(Welcomed {
+        config: hello.config,
+        kernel: hello.kernel,
+        endpoints,
+        transfer: Transfer { channel, layout: hello.layout, by_fd: hello.memory_by_fd },
+    })
+}
+
+impl Transfer {
+    /// A handle that shuts the channel down from another thread (an interrupt).
+    pub(crate) fn shutter(&self) -> std::io::Result<super::channel::Shutter> {
+        self.channel.shutter()
+    }
+
+    /// Receives the VM's memory (pages, or memfds) and state.
+    pub(crate) fn receive(self, kvm: &Kvm) -> Result<Received, MigrateError> {
+        let Transfer { mut channel, layout: l, by_fd } = self;
+        let s = &mut channel;
+        let bad = |w: String| MigrateError::Protocol(w);
+        let fd = kvm.create_vm().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        let max_slots = crate::vmm::vm::max_slots(kvm);
+        let sizes = (l.ram_size, l.window_base, l.window_size, max_slots);
+        // Copied memory fills fresh boot memory; handed-over memory starts with the boot
+        // region's descriptor.
+        let mut mem = if by_fd { None } else { Some(GuestMemory::boot(&fd, sizes, &Backing::Anonymous, None)?) };
+        // serial on the source -> extent here
+        let mut extents: BTreeMap<u64, Extent> = BTreeMap::new();
+        let mut buf = Vec::new();
+        loop {
+            let (kind, len, file) = read_msg_into(s, MAX_JSON, &mut buf)?;
+            let payload = &buf[..len];
+            match (kind, &mem) {
+                (b'F', _) if by_fd => {
+                    let r: WireRegion = serde_json::from_slice(payload).map_err(|e| bad(format!("region: {e}")))?;
+                    let file = std::fs::File::from(file.ok_or_else(|| bad("a region without its descriptor".into()))?);
+                    if !is_memfd(&file) {
+                        return Err(bad("a region's descriptor is not a memfd".into()));
+                    }
+                    match &mem {
+                        None if r.serial == 0 && r.gpa == 0 && r.len == l.ram_size => {
+                            mem = Some(GuestMemory::boot(&fd, sizes, &Backing::Memfd(&file), None)?);
+                        }
+                        Some(m) if r.serial != 0 && !extents.contains_key(&r.serial) => {
+                            let e = Extent { base: r.gpa, len: r.len };
+                            m.restore_extent(&fd, e, &Backing::Memfd(&file))?;
+                            extents.insert(r.serial, e);
+                        }
+                        _ => return Err(bad(format!("region {:#x}+{:#x} out of place", r.gpa, r.len))),
+                    }
+                }
+                (b'R', Some(m)) => {
+                    let list: Vec<WireRegion> =
+                        serde_json::from_slice(payload).map_err(|e| bad(format!("regions: {e}")))?;
+                    sync_extents(&fd, m, &mut extents, &list, !by_fd)?;
+                }
+                (b'P', Some(m)) if !by_fd => write_pages(m, payload)?,
+                (b'Y', _) => {
+                    write_msg(s, b'A', &[])?;
+                    s.flush()?;
+                }
+                (b'S', Some(m)) => {
+                    let stopped_at = Instant::now();
+                    let state = super::decode_state(payload, Path::new("migration state"))?;
+                    let here: Vec<(u64, u64)> = m.regions().iter().map(|r| (r.gpa, r.len)).collect();
+                    let there: Vec<(u64, u64)> = state.memory.regions.iter().map(|r| (r.gpa, r.len)).collect();
+                    if here != there || state.layout != l {
+                        return Err(bad("the state's memory regions differ from those received".into()));
+                    }
+                    s.set_read_timeout(None)?;
+                    // The receive buffer (4 MiB) is freed once the source was answered:
+                    // unmapping it takes ~0.7 ms here, which would be downtime.
+                    let buffer = std::mem::take(&mut buf);
+                    let answer = Box::new(move |result: Result<(), String>| {
+                        let told = match result {
+                            Ok(()) => write_msg(&mut channel, b'A', &[]),
+                            Err(e) => write_msg(&mut channel, b'E', &json(&e)),
+                        }
+                        .and_then(|()| channel.flush())
+                        .map_err(|e| format!("the source was not told the VM is ready ({e}): it runs there"));
+                        drop(buffer);
+                        told
+                    });
+                    let mem = m.clone();
+                    return Ok(Received { fd, mem, state, stopped_at, answer });
+                }
+                (k, _) => return Err(bad(format!("unexpected message '{}'", k as char))),
+            }
         }
     }
 }
 
-/// Makes the extents here match the source's list: released ones go, new ones are mapped
-/// (zeroed: their pages follow).
+/// Whether `file` is a memfd (only a memfd has seals to ask about).
+fn is_memfd(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GET_SEALS only reads the descriptor's seals.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) >= 0 }
+}
+
+/// Makes the extents here match the source's list: released ones go; new ones are mapped
+/// (zeroed: their pages follow) when `map_new`, else must have come by descriptor already.
 fn sync_extents(
     fd: &VmFd,
     mem: &GuestMemory,
     extents: &mut BTreeMap<u64, Extent>,
     list: &[WireRegion],
+    map_new: bool,
 ) -> Result<(), MigrateError> {
     let wanted: BTreeMap<u64, WireRegion> = list.iter().filter(|r| r.serial != 0).map(|r| (r.serial, *r)).collect();
     let gone: Vec<u64> = extents.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
@@ -663,6 +862,12 @@ fn sync_extents(
     }
     for (serial, r) in wanted {
         if let std::collections::btree_map::Entry::Vacant(v) = extents.entry(serial) {
+            if !map_new {
+                return Err(MigrateError::Protocol(format!(
+                    "region {:#x}+{:#x} came without its memory",
+                    r.gpa, r.len
+                )));
+            }
             let e = Extent { base: r.gpa, len: r.len };
             mem.restore_extent(fd, e, &Backing::Anonymous)?;
             v.insert(e);

@@ -34,6 +34,8 @@ pub(crate) enum RestoreMemory {
         fd: VmFd,
         /// The memory.
         mem: GuestMemory,
+        /// When the VM's state arrived (its restore time counts from there).
+        arrived: std::time::Instant,
     },
 }
 
@@ -99,8 +101,12 @@ fn rebuild(
     let mut host = host;
     let mut warm: Vec<Vcpu> = Vec::new();
     let mut premapped = None;
+    let mut arrived = None;
     let (fd, mem) = match memory {
-        RestoreMemory::Live { fd, mem } => (fd, mem),
+        RestoreMemory::Live { fd, mem, arrived: at } => {
+            arrived = Some(at);
+            (fd, mem)
+        }
         RestoreMemory::File(file) => {
             let fd = match host.shell.take() {
                 Some(shell) => {
@@ -203,7 +209,7 @@ fn rebuild(
         diag,
     };
     let vm = Vm::assemble(parts, initial)?;
-    vm.shared().restored_now();
+    vm.shared().restored_since(arrived);
     phases.devices_us = lap();
     Ok((vm, phases))
 }

@@ -327,9 +327,10 @@ impl VmShared {
         self.restarts_before.get().copied().unwrap_or(0)
     }
 
-    /// Notes that a restored VM is ready to run.
-    pub(crate) fn restored_now(&self) {
-        let _ = self.restored_in.set(self.started.elapsed());
+    /// Notes that a restored VM is ready to run: its restore took since `arrived` (a migrated
+    /// VM's state arrived then), or since the run started.
+    pub(crate) fn restored_since(&self, arrived: Option<std::time::Instant>) {
+        let _ = self.restored_in.set(arrived.unwrap_or(self.started).elapsed());
     }
 
     /// Hands guest console bytes to the console thread (never blocks; see [`Console`]).

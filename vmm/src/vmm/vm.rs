@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::base::config::{VmConfig, kernel_cmdline};
+use crate::base::config::{MemoryBacking, VmConfig, kernel_cmdline};
 use crate::base::layout::Layout;
 use crate::base::memory::{Backing, GuestMemory, Premapped};
 use crate::base::timeline::{Timeline, detail};
@@ -281,7 +281,11 @@ impl Vm {
             });
             let mem = (|| -> Result<(GuestMemory, u64), VmError> {
                 let sizes = (layout.ram_size, layout.window_base, layout.window_size, max_slots(kvm));
-                let mem = GuestMemory::boot(&fd, sizes, &Backing::Anonymous, premapped)?;
+                let backing = match config.resources.memory_backing {
+                    MemoryBacking::Anonymous => Backing::Anonymous,
+                    MemoryBacking::Memfd => Backing::Shared,
+                };
+                let mem = GuestMemory::boot(&fd, sizes, &backing, premapped)?;
                 platform::write_descriptor_tables(&mem)?;
                 platform::write_page_tables(&mem, &layout)?;
                 image.load(&mem)?;
