@@ -229,10 +229,10 @@ pub fn receive_spec(
             let _interrupts = on_interrupt(transfer.shutter().ok());
             transfer.receive(&kvm)
         };
-        let Received { fd, mem, mut state, answer, stopped_at } = received.map_err(why).map_err(arrival)?;
+        let Received { fd, mem, mut state, answer, stopped_at, vcpus } = received.map_err(why).map_err(arrival)?;
         state.kernel = image;
         let config = resumed(state.config.clone());
-        let memory = RestoreMemory::Live { fd, mem, arrived: stopped_at };
+        let memory = RestoreMemory::Live { fd, mem, arrived: stopped_at, vcpus };
         Ok(Saved { config: Some(config), state, memory, on_ready: Some(answer) })
     };
     let source = RestoreSource { endpoints: Some(endpoints), saved: Box::new(saved) };

@@ -36,6 +36,8 @@ pub(crate) enum RestoreMemory {
         mem: GuestMemory,
         /// When the VM's state arrived (its restore time counts from there).
         arrived: std::time::Instant,
+        /// vCPUs made ahead (0, 1, ... in their fresh state).
+        vcpus: Vec<Vcpu>,
     },
 }
 
@@ -103,8 +105,9 @@ fn rebuild(
     let mut premapped = None;
     let mut arrived = None;
     let (fd, mem) = match memory {
-        RestoreMemory::Live { fd, mem, arrived: at } => {
+        RestoreMemory::Live { fd, mem, arrived: at, vcpus } => {
             arrived = Some(at);
+            warm = vcpus;
             (fd, mem)
         }
         RestoreMemory::File(file) => {
