@@ -26,6 +26,17 @@ use std::time::Instant;
 fn main() -> ExitCode {
     // Boot time is measured from here.
     let started = Instant::now();
+    abort_on_panic();
     let started_monotonic_ns = tools::bench::now_monotonic_ns();
     cli::main(started, started_monotonic_ns)
+}
+
+/// A panic ends the process at once, after its message: no thread goes on beside a VM left
+/// half-changed. (The release profile unwinds so that tests and binaries share one build.)
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
 }
