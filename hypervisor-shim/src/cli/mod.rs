@@ -204,7 +204,7 @@ fn run(args: RunArgs, started: Instant, started_monotonic_ns: u64) -> ExitCode {
     config.endpoints.publish = args.publish.clone();
     config.endpoints.vsock_uds = args.vsock_uds.clone();
     config.endpoints.pin_io = args.pin_io;
-    config.resources.memory_backing = args.memory_backing.into();
+    config.resources.set_memory_backing(args.memory_backing.into());
     config.lifecycle.timeout = args.guest.timeout;
     config.lifecycle.on_demand = args.on_demand.map(Wake::from);
     config.lifecycle.idle_shutdown = args.idle_shutdown.or(args.on_demand.is_some().then_some(DEFAULT_IDLE_SHUTDOWN));

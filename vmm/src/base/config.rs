@@ -148,9 +148,21 @@ pub struct ResourceConfig {
     pub policy: PolicyConfig,
     /// Weight in the pool (a heavier VM keeps its burst longer under contention).
     pub weight: u64,
-    /// How the host backs the VM's RAM (`--memory-backing`).
+    /// How the host backs the VM's RAM (`--memory-backing`; see [`ResourceConfig::set_memory_backing`]).
     #[serde(default)]
-    pub memory_backing: MemoryBacking,
+    memory_backing: MemoryBacking,
+}
+
+impl ResourceConfig {
+    /// How the host backs the VM's RAM.
+    pub fn memory_backing(&self) -> MemoryBacking {
+        self.memory_backing
+    }
+
+    /// Backs the VM's RAM as `backing` says.
+    pub fn set_memory_backing(&mut self, backing: MemoryBacking) {
+        self.memory_backing = backing;
+    }
 }
 
 /// How the host backs a VM's RAM.

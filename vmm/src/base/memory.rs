@@ -84,13 +84,19 @@ fn memfd_mapping(size: usize) -> Result<MmapRegionDeref<AtomicBitmap>, MemoryErr
     use std::os::fd::FromRawFd;
     let map_err = |reason: String| MemoryError::Map { size: size as u64, reason };
     // SAFETY: the name is a NUL-terminated string; the call only creates a descriptor.
-    let fd = unsafe { libc::memfd_create(c"elastic-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"elastic-guest-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(map_err(format!("memfd_create: {}", std::io::Error::last_os_error())));
     }
     // SAFETY: `fd` was just created and is owned by nothing else.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.set_len(size as u64).map_err(|e| map_err(format!("memfd size: {e}")))?;
+    // Its size is fixed: a shim it is handed to can rely on it (a shrunk memfd would fault
+    // that shim's accesses with SIGBUS).
+    // SAFETY: F_ADD_SEALS only adds seals to the descriptor this function owns.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) } < 0 {
+        return Err(map_err(format!("memfd seals: {}", std::io::Error::last_os_error())));
+    }
     shared_mapping(&file, size)
 }
 
@@ -398,6 +404,9 @@ pub enum MemoryError {
         /// Length.
         len: u64,
     },
+    /// The memory was handed to another shim ([`GuestMemory::freeze`]).
+    #[error("guest memory was handed to another shim: this one writes to it no more")]
+    HandedOver,
     /// The hot-plug window has no free space (or KVM no free slot).
     #[error("the hot-plug window has no room")]
     NoRoom,
@@ -505,6 +514,8 @@ pub(crate) struct GuestMemory {
     log_dirty: Arc<std::sync::atomic::AtomicBool>,
     /// Grants are memfds mapped shared ([`Backing::Shared`]).
     shared: bool,
+    /// The shim writes no more ([`GuestMemory::freeze`]).
+    frozen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One region of guest RAM as a snapshot or a migration sees it.
@@ -604,6 +615,7 @@ impl GuestMemory {
             held: Arc::new(AtomicU64::new(ram_size)),
             log_dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             shared: matches!(backing, Backing::Shared | Backing::Memfd(_)),
+            frozen: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         Ok((mem, used))
     }
@@ -697,7 +709,7 @@ impl GuestMemory {
 
     /// Maps one extent: host mapping, region snapshot, KVM slot.
     fn map_extent(&self, vm: &VmFd, hp: &mut Hotplug, e: Extent) -> Result<(), MemoryError> {
-        self.map_extent_from(vm, hp, e, if self.shared { &Backing::Shared } else { &Backing::Anonymous })
+        self.map_extent_from(vm, hp, e, &self.fresh_backing())
     }
 
     /// Maps one extent with its contents from `backing`.
@@ -750,6 +762,18 @@ impl GuestMemory {
             return Err(MemoryError::NotGranted { base: e.base, len: e.len });
         }
         self.map_extent_from(vm, &mut hp, e, backing).inspect_err(|_| hp.give_back(e.base, e.len))
+    }
+
+    /// Fresh memory for a region mapped here: a memfd when the VM's memory is memfds.
+    pub(crate) fn fresh_backing(&self) -> Backing<'static> {
+        if self.shared { Backing::Shared } else { Backing::Anonymous }
+    }
+
+    /// Stops (or lets again) the shim's own writes to guest memory ([`GuestMemory::write`]
+    /// fails with [`MemoryError::HandedOver`]): memory handed to another shim, which may be
+    /// running the VM on it, must not change under that shim.
+    pub(crate) fn freeze(&self, on: bool) {
+        self.frozen.store(on, Ordering::Release);
     }
 
     /// Every region of RAM now with a descriptor of the memfd that holds it, when every
@@ -915,6 +939,9 @@ impl GuestMemory {
 
     /// Copies `bytes` into guest memory at `gpa`.
     pub(crate) fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemoryError> {
+        if self.frozen.load(Ordering::Acquire) {
+            return Err(MemoryError::HandedOver);
+        }
         let len = bytes.len() as u64;
         self.check(gpa, len)?;
         self.map.memory().write_slice(bytes, GuestAddress(gpa)).map_err(|_| MemoryError::OutOfRange { gpa, len })

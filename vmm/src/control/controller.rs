@@ -375,7 +375,7 @@ fn answer(vm: &VmShared, request: ControlRequest) -> ControlReply {
                     vm.finish(Outcome::Migrated { to: to.to_string() });
                     ControlReply::ok(serde_json::to_value(f).unwrap_or(Value::Null))
                 }
-                // Its message says the VM stays paused here.
+                // Its message says the VM stays stopped here.
                 Err(e @ crate::snapshot::migrate::MigrateError::Unclear(_)) => ControlReply::error(500, e),
                 Err(e) => ControlReply::error(500, format!("{e} (the VM keeps running here)")),
             }

@@ -177,19 +177,17 @@ pub fn receive_spec(
     // A source that stops sending cannot hold the command past its time limit, nor, without
     // one, for longer than SOURCE_SILENCE at a time.
     let _ = channel.set_read_timeout(Some(left.unwrap_or(SOURCE_SILENCE)));
-    // Ctrl-C during the transfer shuts the channel down, so the read it is blocked in returns.
+    // Ctrl-C from here to the end of the transfer (the run's set-up included) shuts the
+    // channel down, so the read it is, or will be, blocked in returns.
     let interrupted = Arc::new(AtomicBool::new(false));
-    let on_interrupt = {
-        let interrupted = Arc::clone(&interrupted);
-        move |stopper: Option<crate::snapshot::channel::Shutter>| {
-            let flag = Arc::clone(&interrupted);
-            crate::host::signals::subscribe(move |_| {
-                flag.store(true, Ordering::SeqCst);
-                if let Some(s) = &stopper {
-                    s.shut();
-                }
-            })
-        }
+    let interrupts = {
+        let (flag, stopper) = (Arc::clone(&interrupted), channel.shutter().ok());
+        crate::host::signals::subscribe(move |_| {
+            flag.store(true, Ordering::SeqCst);
+            if let Some(s) = &stopper {
+                s.shut();
+            }
+        })
     };
     let why = {
         let (listen, timeout, interrupted) = (listen.to_string(), opts.timeout, Arc::clone(&interrupted));
@@ -203,10 +201,7 @@ pub fn receive_spec(
             }
         }
     };
-    let welcomed = {
-        let _interrupts = on_interrupt(channel.shutter().ok());
-        welcome_source(&kvm, channel, &opts.publish)
-    };
+    let welcomed = welcome_source(&kvm, channel, &opts.publish);
     let Welcomed { config: announced, kernel, endpoints, transfer } = welcomed.map_err(&why)?;
     // --timeout counts from the start of the command: the wait used part of it.
     let opts = ResumeOptions { timeout: left, ..opts.clone() };
@@ -225,10 +220,8 @@ pub fn receive_spec(
     // from thread to thread while the VM is stopped.
     let saved = move || {
         let arrival = |e: ResumeError| RunError::Arrival { reason: e.to_string(), code: e.exit_code() };
-        let received = {
-            let _interrupts = on_interrupt(transfer.shutter().ok());
-            transfer.receive(&kvm)
-        };
+        let received = transfer.receive(&kvm);
+        drop(interrupts);
         let Received { fd, mem, mut state, answer, stopped_at, vcpus } = received.map_err(why).map_err(arrival)?;
         state.kernel = image;
         let config = resumed(state.config.clone());

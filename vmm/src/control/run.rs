@@ -120,9 +120,13 @@ impl std::fmt::Debug for RestoreSource {
 /// A saved VM: its state and memory, the configuration it runs with when it differs from its
 /// spec's (a migration's final state), and whom to tell once it is built.
 pub(crate) struct Saved {
+    /// The configuration to run with (`None`: the spec's).
     pub(crate) config: Option<VmConfig>,
+    /// The VM's state.
     pub(crate) state: VmState,
+    /// Its memory.
     pub(crate) memory: RestoreMemory,
+    /// Whom to tell once it is built (a migration's source).
     pub(crate) on_ready: Option<ReadyCallback>,
 }
 
@@ -516,8 +520,11 @@ fn run_or_serve(spec: &RunSpec, started: Instant, serve: bool) -> Result<RunResu
             if let Some(ready) = r.on_ready.take() {
                 let told = ready(vm.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 // A source that was not told resumes the VM: it must not run here too.
-                if let (Ok(_), Err(why)) = (&vm, told) {
-                    return Err(VmError::Restore(why).into());
+                match (&vm, told) {
+                    (Ok(_), Err(why)) => return Err(VmError::Restore(why).into()),
+                    // The source gave the listening sockets up: their paths are this run's.
+                    (Ok(v), Ok(())) => v.shared().endpoints().iter_mut().for_each(Bound::own),
+                    _ => {}
                 }
             }
             match config.pool_member {

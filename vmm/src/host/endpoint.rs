@@ -197,6 +197,14 @@ impl Bound {
             *owner = false;
         }
     }
+
+    /// Removes a Unix socket's path when this handle goes (a socket handed over, once the
+    /// process that handed it gave it up).
+    pub(crate) fn own(&mut self) {
+        if let Bound::Uds { owner, .. } = self {
+            *owner = true;
+        }
+    }
 }
 
 impl Drop for Bound {

@@ -4,9 +4,13 @@
 //!
 //! The source ([`send`], from `ctl migrate`):
 //!
-//! 0. says hello (versions, layout, CPU features and TSC rate, published ports); the target
-//!    answers before any memory moves: it refuses a version, CPU or TSC it cannot run, and,
-//!    over TCP, binds the published ports itself (a port it cannot bind refuses too);
+//! 0. says hello (versions, layout, CPU features and TSC rate, the VM's configuration and
+//!    kernel path); the target answers before any memory moves: it refuses a version, CPU or
+//!    TSC it cannot run, and, over TCP, binds the published ports itself (a port it cannot bind
+//!    refuses too). On one host the published listening sockets follow at once, as file
+//!    descriptors (`L`): clients keep connecting to the same sockets, served here until the
+//!    switch and waiting in their backlog meanwhile. The target then prepares its run (filters,
+//!    API, timeline, image, vCPUs) while the memory moves;
 //! 1. turns dirty logging on, sends the layout and every non-zero page the VM holds while it
 //!    runs;
 //! 2. repeats: sends the pages written since the previous round (the guest's, from KVM's
@@ -16,26 +20,32 @@
 //!    everything sent (`Y`, answered `A`): over TCP megabytes can sit in socket buffers, and
 //!    the VM must not stop while the target still works through them;
 //! 3. quiesces the VM (vCPUs paused with their calls completed, the device's I/O thread
-//!    holding), sends the last dirty pages, the region list, on one host the published
-//!    listening sockets (as file descriptors: clients keep connecting to the same socket, and
-//!    wait in its backlog meanwhile) and the state;
-//!    With `verify`, every held page is then compared (CRC-32) with what was sent, and a
-//!    page the logs missed is sent too and counted (`missed_by_log`; it costs downtime: the
-//!    whole memory is read while the VM is stopped);
+//!    holding), sends the last dirty pages, the region list and the state. With `verify`,
+//!    every held page is then compared (CRC-32) with what was sent, and a page the logs
+//!    missed is sent too and counted (`missed_by_log`; it costs downtime: the whole memory is
+//!    read while the VM is stopped);
 //! 4. waits for the target to say its VM is built. Then the source's VM ends (exit reason
 //!    `migrated`) and the target's vCPUs start. If anything fails before that, the source
 //!    resumes and the target gives up. A target that cannot deliver its answer does not run
 //!    the VM. One case is left open: a channel that breaks (a timeout, a reset) after the
 //!    state was sent and before the answer arrived; the target may run the VM then, so the
-//!    source keeps it paused and says so (`ctl resume` brings it back if the target does not
+//!    source keeps it stopped and says so (`ctl resume` brings it back if the target does not
 //!    run it).
+//!
+//! On one host a VM whose regions are all memfds (`--memory-backing memfd`) skips 1–3
+//! ([`hand_over`]): each region goes as its memfd's descriptor (`F`), the target maps them
+//! (`Y`, `A`), the VM is quiesced, the region list and the regions granted since follow, then
+//! the state. Nothing is copied (`verify` has nothing to compare). From the state on, this
+//! side writes no more to that memory; a target that closes without answering may have written
+//! to it, so that case too leaves the VM stopped here.
 //!
 //! Only held memory travels: zero pages are skipped in the first round, and extents the VM
 //! released are dropped on the target.
 //!
-//! Wire format: messages `[kind: u8][len: u64 LE][payload]`. `H` hello (JSON: protocol,
-//! format, ABI, layout, host profile, published ports; answered `A` or `E`), `R` regions (JSON list), `P` pages (`[gpa u64][pages u32][data]` runs), `L` one
-//! listening socket (JSON, with the descriptor attached), `S` the state
+//! Wire format: messages `[kind: u8][len: u64 LE][payload]`. `H` hello (JSON; answered `A` or
+//! `E`), `L` one listening socket (JSON, with the descriptor attached), `R` regions (JSON
+//! list), `P` pages (`[gpa u64][pages u32][data]` runs), `F` one region by descriptor (JSON,
+//! with the memfd attached), `Y` catch-up (answered `A`), `S` the state
 //! ([`super::encode_state`]); the target answers `A` (ready) or `E` (JSON error).
 
 use std::collections::BTreeMap;
@@ -99,10 +109,10 @@ pub enum MigrateError {
     #[error("the target refused the VM: {0}")]
     Refused(String),
     /// The channel broke after the state was sent, before the target answered: the target may
-    /// be running the VM, so it stays paused here.
+    /// be running the VM, so it stays stopped here (paused, its devices holding).
     #[error(
         "no answer from the target after the VM's state was sent ({0}): the target may be running it, so it stays \
-         paused here; `ctl resume` it here if the target does not run it"
+         stopped here; `ctl resume` it here only if the target does not run it (its process is gone)"
     )]
     Unclear(String),
     /// The VM could not be quiesced or read.
@@ -501,18 +511,20 @@ fn pre_copy_and_switch(
     if let Some(m) = &missed {
         pages_sent += send_pages(s, vm, m, &mut sent)?;
     }
-    let copied =
-        Copied { rounds, pages_sent, missed: missed.map(|m| m.len() as u64), stopped_pages, dirty_pages_per_s };
+    let missed = missed.map(|m| m.len() as u64);
+    let copied = Copied { rounds, pages_sent, missed, stopped_pages, dirty_pages_per_s, memory_by_fd: false };
     switch(vm, s, q, (t0, t_stop), copied, throttled)
 }
 
-/// What a copying migration sent.
+/// What a migration sent before the state.
 struct Copied {
     rounds: u32,
     pages_sent: u64,
     missed: Option<u64>,
     stopped_pages: u64,
     dirty_pages_per_s: u64,
+    /// The memory went by descriptor ([`hand_over`]), nothing copied.
+    memory_by_fd: bool,
 }
 
 /// With the VM quiesced and its memory at the target: sends the state and waits for the
@@ -527,17 +539,33 @@ fn switch(
 ) -> Result<MigrateFigures, MigrateError> {
     let state = q.state()?;
     let held_bytes = state.memory.regions.iter().map(|r| r.len).sum();
-    write_msg(s, b'S', &super::encode_state(&state)?)?;
-    s.flush()?;
-    match answer(s) {
+    let encoded = super::encode_state(&state)?;
+    let by_fd = copied.memory_by_fd;
+    if by_fd {
+        // From here the target may run the VM on this very memory: nothing here writes to it
+        // (a notice, a device) unless the target refuses.
+        vm.mem().freeze(true);
+    }
+    let sent = write_msg(s, b'S', &encoded).and_then(|()| s.flush());
+    let answered = sent.map_err(MigrateError::from).and_then(|()| answer(s));
+    match answered {
         Ok(()) => {}
-        // An explicit refusal, or a target that closed without answering: it does not run the
-        // VM, which resumes here.
-        Err(e @ MigrateError::Refused(_)) => return Err(e),
-        Err(e @ MigrateError::PeerClosed) => return Err(e),
-        Err(MigrateError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(e.into()),
+        // An explicit refusal: the target does not run the VM, which resumes here.
+        Err(e @ MigrateError::Refused(_)) => {
+            vm.mem().freeze(false);
+            return Err(e);
+        }
+        // A target that closed without answering does not run the VM either; but with the
+        // memory shared it may have written to it before it died (its devices start just
+        // before it answers): then the VM stays stopped here, as below.
+        Err(e @ MigrateError::PeerClosed) if !by_fd => return Err(e),
+        Err(MigrateError::Io(e)) if !by_fd && e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(e.into()),
         Err(e) => {
-            q.leave_paused();
+            // Paused, its devices holding (they would serve the guest's queues, and accept on
+            // sockets the target may be serving), its memory frozen: `ctl resume` lets all of
+            // it go on.
+            q.keep_stopped();
+            vm.stopped_by_migration();
             return Err(MigrateError::Unclear(e.to_string()));
         }
     }
@@ -560,7 +588,7 @@ fn switch(
         dirty_pages_per_s: copied.dirty_pages_per_s,
         throttle_percent,
         held_bytes,
-        memory_by_fd: copied.rounds == 0,
+        memory_by_fd: copied.memory_by_fd,
         downtime_us,
         total_us: t0.elapsed().as_micros() as u64,
     })
@@ -598,17 +626,20 @@ fn hand_over(
     answer(s)?;
     let t_stop = Instant::now();
     let q = Quiesced::new(vm)?;
+    // The list first: the target drops the extents released since, whose addresses a later
+    // grant may have taken; then the regions granted since (every grant of a VM backed by
+    // memfds is a memfd too).
     let now = vm.mem().regions();
+    let wire: Vec<WireRegion> = now.iter().map(|r| WireRegion { gpa: r.gpa, len: r.len, serial: r.serial }).collect();
+    write_msg(s, b'R', &json(&wire))?;
     if now.iter().any(|r| !handed.contains(&r.serial)) {
-        // Granted since: every grant of a VM backed by memfds is a memfd too.
         let fds = vm.mem().memfds().ok_or_else(|| MigrateError::Protocol("a region is no longer a memfd".into()))?;
         for (r, file) in fds.iter().filter(|(r, _)| !handed.contains(&r.serial)) {
             send_memfd(s, r, file)?;
         }
     }
-    let wire: Vec<WireRegion> = now.iter().map(|r| WireRegion { gpa: r.gpa, len: r.len, serial: r.serial }).collect();
-    write_msg(s, b'R', &json(&wire))?;
-    let copied = Copied { rounds: 0, pages_sent: 0, missed: None, stopped_pages: 0, dirty_pages_per_s: 0 };
+    let copied =
+        Copied { rounds: 0, pages_sent: 0, missed: None, stopped_pages: 0, dirty_pages_per_s: 0, memory_by_fd: true };
     switch(vm, s, q, (t0, t_stop), copied, 0)
 }
 
@@ -662,6 +693,8 @@ pub(crate) struct Transfer {
     by_fd: bool,
     /// vCPUs to make ahead, while the VM still runs at the source (its burst at hello).
     vcpus: u32,
+    /// Copied memory goes into memfds (the VM runs with `--memory-backing memfd`).
+    shared: bool,
 }
 
 /// What the target checked and set up at hello.
@@ -752,23 +785,19 @@ pub(crate) fn welcome_source(kvm: &Kvm, mut channel: Channel, publish: &[Publish
         }
     };
     let vcpus = hello.config.resources.vcpus.burst.clamp(1, u64::from(hypercall_abi::MAX_VCPUS)) as u32;
+    let shared = hello.config.resources.memory_backing() == crate::base::config::MemoryBacking::Memfd;
     Ok(Welcomed {
         config: hello.config,
         kernel: hello.kernel,
         endpoints,
-        transfer: Transfer { channel, layout: hello.layout, by_fd: hello.memory_by_fd, vcpus },
+        transfer: Transfer { channel, layout: hello.layout, by_fd: hello.memory_by_fd, vcpus, shared },
     })
 }
 
 impl Transfer {
-    /// A handle that shuts the channel down from another thread (an interrupt).
-    pub(crate) fn shutter(&self) -> std::io::Result<super::channel::Shutter> {
-        self.channel.shutter()
-    }
-
     /// Receives the VM's memory (pages, or memfds) and state.
     pub(crate) fn receive(self, kvm: &Kvm) -> Result<Received, MigrateError> {
-        let Transfer { mut channel, layout: l, by_fd, vcpus } = self;
+        let Transfer { mut channel, layout: l, by_fd, vcpus, shared } = self;
         let s = &mut channel;
         let bad = |w: String| MigrateError::Protocol(w);
         let fd = kvm.create_vm().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
@@ -782,7 +811,8 @@ impl Transfer {
         let sizes = (l.ram_size, l.window_base, l.window_size, max_slots);
         // Copied memory fills fresh boot memory; handed-over memory starts with the boot
         // region's descriptor.
-        let mut mem = if by_fd { None } else { Some(GuestMemory::boot(&fd, sizes, &Backing::Anonymous, None)?) };
+        let fresh = if shared { Backing::Shared } else { Backing::Anonymous };
+        let mut mem = if by_fd { None } else { Some(GuestMemory::boot(&fd, sizes, &fresh, None)?) };
         // serial on the source -> extent here
         let mut extents: BTreeMap<u64, Extent> = BTreeMap::new();
         let mut buf = Vec::new();
@@ -793,8 +823,8 @@ impl Transfer {
                 (b'F', _) if by_fd => {
                     let r: WireRegion = serde_json::from_slice(payload).map_err(|e| bad(format!("region: {e}")))?;
                     let file = std::fs::File::from(file.ok_or_else(|| bad("a region without its descriptor".into()))?);
-                    if !is_memfd(&file) {
-                        return Err(bad("a region's descriptor is not a memfd".into()));
+                    if !is_sealed_memfd(&file) {
+                        return Err(bad("a region's descriptor is not a memfd sealed against shrinking".into()));
                     }
                     match &mem {
                         None if r.serial == 0 && r.gpa == 0 && r.len == l.ram_size => {
@@ -849,15 +879,17 @@ impl Transfer {
     }
 }
 
-/// Whether `file` is a memfd (only a memfd has seals to ask about).
-fn is_memfd(file: &std::fs::File) -> bool {
+/// Whether `file` is a memfd whose size is sealed (as [`Backing::Shared`] makes them): the
+/// source cannot shrink it under this shim's mappings.
+fn is_sealed_memfd(file: &std::fs::File) -> bool {
     use std::os::fd::AsRawFd;
-    // SAFETY: F_GET_SEALS only reads the descriptor's seals.
-    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) >= 0 }
+    // SAFETY: F_GET_SEALS only reads the descriptor's seals (an error on any other file).
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
 }
 
 /// Makes the extents here match the source's list: released ones go; new ones are mapped
-/// (zeroed: their pages follow) when `map_new`, else must have come by descriptor already.
+/// (zeroed: their pages follow) when `map_new`, else their descriptors follow.
 fn sync_extents(
     fd: &VmFd,
     mem: &GuestMemory,
@@ -875,13 +907,11 @@ fn sync_extents(
     for (serial, r) in wanted {
         if let std::collections::btree_map::Entry::Vacant(v) = extents.entry(serial) {
             if !map_new {
-                return Err(MigrateError::Protocol(format!(
-                    "region {:#x}+{:#x} came without its memory",
-                    r.gpa, r.len
-                )));
+                // Its descriptor follows (the state is checked against every region).
+                continue;
             }
             let e = Extent { base: r.gpa, len: r.len };
-            mem.restore_extent(fd, e, &Backing::Anonymous)?;
+            mem.restore_extent(fd, e, &mem.fresh_backing())?;
             v.insert(e);
         }
     }
@@ -914,7 +944,9 @@ fn listener_from(fd: OwnedFd, meta: WireListener) -> Result<Bound, MigrateError>
         WireListener::Uds { path } => {
             let listener = std::os::unix::net::UnixListener::from(fd);
             listener.set_nonblocking(true)?;
-            Bound::Uds { listener, path, owner: true }
+            // The source serves it until the switch: its path is this side's to remove only
+            // once the VM runs here.
+            Bound::Uds { listener, path, owner: false }
         }
     })
 }

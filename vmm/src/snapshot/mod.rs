@@ -43,9 +43,12 @@ use crate::vmm::cpu_state::VcpuState;
 use crate::vmm::notices::Notices;
 use crate::vmm::shared::VmShared;
 
-/// The snapshot format this shim writes and reads. v2: the state is composed of each
-/// component's own state (vCPUs, devices by name, policy, memory regions, notices).
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// The snapshot format this shim writes. v2: the state is composed of each component's own
+/// state (vCPUs, devices by name, policy, memory regions, notices); v3: a vCPU's xsave area
+/// is a hex string.
+pub(crate) const FORMAT_VERSION: u32 = 3;
+/// The oldest format this shim reads (v2's xsave list still reads).
+const OLDEST_FORMAT: u32 = 2;
 /// The state file in a snapshot directory.
 pub(crate) const STATE_FILE: &str = "state.json";
 /// The memory file in a snapshot directory.
@@ -77,7 +80,7 @@ pub enum SnapshotError {
     #[error("{0}: not a snapshot (no '{MAGIC}' header)")]
     NotSnapshot(PathBuf),
     /// The snapshot has another format version.
-    #[error("{path}: snapshot format v{found}; this shim reads v{FORMAT_VERSION}")]
+    #[error("{path}: snapshot format v{found}; this shim reads v{OLDEST_FORMAT} to v{FORMAT_VERSION}")]
     Version {
         /// The state file.
         path: PathBuf,
@@ -235,12 +238,6 @@ impl<'a> Quiesced<'a> {
             devices: vm.devices().save(),
             uptime_us: vm.uptime().as_micros() as u64,
         })
-    }
-
-    /// Keeps the VM paused (its devices go on) after the guard goes: `ctl resume` brings it
-    /// back.
-    pub(crate) fn leave_paused(&mut self) {
-        self.was_paused = true;
     }
 
     /// Keeps the VM paused and its devices holding after the guard goes (a migrated VM must
@@ -418,7 +415,7 @@ pub(crate) fn decode_state(bytes: &[u8], path: &Path) -> Result<VmState, Snapsho
     let (Some(version), Some(crc), Some(len)) = (version, crc, len) else {
         return Err(SnapshotError::NotSnapshot(path.into()));
     };
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&version) {
         return Err(SnapshotError::Version { path: path.into(), found: version });
     }
     let body = &bytes[nl + 1..];
@@ -518,12 +515,15 @@ mod tests {
         let last = flipped.len() - 2;
         flipped[last] ^= 1;
         assert!(matches!(decode_state(&flipped, p), Err(SnapshotError::Checksum(_))));
-        let other = String::from_utf8(bytes.clone()).unwrap().replacen(" v2 ", " v9 ", 1);
+        let other = String::from_utf8(bytes.clone()).unwrap().replacen(" v3 ", " v9 ", 1);
         assert!(matches!(decode_state(other.as_bytes(), p), Err(SnapshotError::Version { found: 9, .. })));
         // A snapshot of the format before the per-component states is refused with one line.
-        let old = String::from_utf8(bytes.clone()).unwrap().replacen(" v2 ", " v1 ", 1);
+        let old = String::from_utf8(bytes.clone()).unwrap().replacen(" v3 ", " v1 ", 1);
         let e = decode_state(old.as_bytes(), p).unwrap_err();
-        assert_eq!(e.to_string(), "s: snapshot format v1; this shim reads v2");
+        assert_eq!(e.to_string(), "s: snapshot format v1; this shim reads v2 to v3");
+        // v2 (the xsave area as a list of bytes) still reads as far as its version.
+        let v2 = String::from_utf8(bytes.clone()).unwrap().replacen(" v3 ", " v2 ", 1);
+        assert!(matches!(decode_state(v2.as_bytes(), p), Err(SnapshotError::Corrupt { .. })));
         // The configuration travels whole.
         let back: VmState =
             serde_json::from_slice(&bytes[bytes.iter().position(|&b| b == b'\n').unwrap() + 1..]).unwrap();

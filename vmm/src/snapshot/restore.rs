@@ -205,7 +205,9 @@ fn rebuild(
         notices,
         console: Console::new(config.name(), host.console),
         endpoints,
-        started: host.started,
+        // A migrated VM's run started before its state arrived; its uptime goes on from the
+        // source's (`uptime_before`) as of then.
+        started: arrived.unwrap_or(host.started),
         uptime_before: std::time::Duration::from_micros(state.uptime_us),
         timeline: host.timeline,
         events: host.events,

@@ -45,10 +45,12 @@ mod hex_xsave {
     use serde::{Deserialize, Serializer};
     use zerocopy::{FromBytes, IntoBytes};
 
+    /// Writes `x` as the hex string of its bytes.
     pub(super) fn serialize<S: Serializer>(x: &kvm_xsave, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(x.as_bytes()))
     }
 
+    /// Reads a hex string (or the list of bytes kvm-bindings writes).
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<kvm_xsave, D::Error> {
         struct Either;
         impl<'de> Visitor<'de> for Either {

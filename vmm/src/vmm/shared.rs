@@ -107,6 +107,8 @@ pub(crate) struct VmShared {
     boot_phases: OnceLock<BootPhases>,
     /// Time from `started` to the vCPU threads started.
     running_at: OnceLock<Duration>,
+    /// See [`VmShared::stopped_by_migration`].
+    stopped_by_migration: AtomicBool,
     /// The shim's page faults when this VM was built.
     faults_at_start: u64,
     /// Set once the run is ending; vCPU threads leave their loops.
@@ -183,6 +185,7 @@ impl VmShared {
             restarts_before: OnceLock::new(),
             boot_phases: OnceLock::new(),
             running_at: OnceLock::new(),
+            stopped_by_migration: AtomicBool::new(false),
             faults_at_start: crate::host::process::page_faults(),
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),
@@ -289,6 +292,12 @@ impl VmShared {
     /// Notes where a booted VM's creation took its time.
     pub(crate) fn set_boot_phases(&self, phases: BootPhases) {
         let _ = self.boot_phases.set(phases);
+    }
+
+    /// Notes that a migration that ended unclear left the VM stopped (paused, its devices
+    /// holding, its memory frozen): `ctl resume` lets all of it go on.
+    pub(crate) fn stopped_by_migration(&self) {
+        self.stopped_by_migration.store(true, Ordering::SeqCst);
     }
 
     /// Notes that the vCPU threads start now.
@@ -404,6 +413,11 @@ impl VmShared {
     pub(crate) fn resume_quietly(&self) -> bool {
         if !self.paused.swap(false, Ordering::SeqCst) {
             return false;
+        }
+        if self.stopped_by_migration.swap(false, Ordering::SeqCst) {
+            // A migration that ended unclear left the devices holding and the memory frozen.
+            self.mem.freeze(false);
+            self.devices().release();
         }
         self.vcpus.tell_all(|| VcpuEvent::Resume);
         true
