@@ -255,35 +255,25 @@ pub(crate) fn add(opts: &BenchOptions, dir: &Path, report: &mut BenchReport) -> 
         report.add("restore_1g_us", r, 1.0);
         let _ = std::fs::remove_dir_all(dir.join("snap-1g"));
     }
-    let (mut down, mut total) = (Vec::new(), Vec::new());
-    for i in 0..LARGE {
-        let sock = dir.join(format!("src-1g-{i}.sock"));
-        let mut src = spawn_owned(opts, &large_vm_args(&kernel, path_str(&sock), 0))?;
-        src.wait_api(opts, &sock)?;
-        wait_held(opts, &sock, LARGE_MB << 20)?;
-        let (d, t) = migrate_once(opts, &sock, dir, 100 + i)?;
-        down.push(d);
-        total.push(t);
+    // Then the same VM backed by memfds: a live upgrade to a new shim hands the memory over
+    // by descriptor, nothing copied.
+    for (name, backing, first) in [("migrate_1g", "anonymous", 100), ("upgrade_1g", "memfd", 200)] {
+        let (mut down, mut total) = (Vec::new(), Vec::new());
+        for i in 0..LARGE {
+            let sock = dir.join(format!("src-{name}-{i}.sock"));
+            let mut args = large_vm_args(&kernel, path_str(&sock), 0);
+            let at = args.iter().position(|a| a == "--").unwrap_or(args.len());
+            args.splice(at..at, ["--memory-backing".to_string(), backing.to_string()]);
+            let mut src = spawn_owned(opts, &args)?;
+            src.wait_api(opts, &sock)?;
+            wait_held(opts, &sock, LARGE_MB << 20)?;
+            let (d, t) = migrate_once(opts, &sock, dir, first + i)?;
+            down.push(d);
+            total.push(t);
+        }
+        report.add(&format!("{name}_downtime_us"), down, 1.0);
+        report.add(&format!("{name}_total_us"), total, 1.0);
     }
-    report.add("migrate_1g_downtime_us", down, 1.0);
-    report.add("migrate_1g_total_us", total, 1.0);
-    // The same VM backed by memfds: a live upgrade to a new shim hands the memory over by
-    // descriptor, nothing copied.
-    let (mut down, mut total) = (Vec::new(), Vec::new());
-    for i in 0..LARGE {
-        let sock = dir.join(format!("src-up-{i}.sock"));
-        let mut args = large_vm_args(&kernel, path_str(&sock), 0);
-        let at = args.iter().position(|a| a == "--").unwrap_or(args.len());
-        args.splice(at..at, ["--memory-backing".to_string(), "memfd".to_string()]);
-        let mut src = spawn_owned(opts, &args)?;
-        src.wait_api(opts, &sock)?;
-        wait_held(opts, &sock, LARGE_MB << 20)?;
-        let (d, t) = migrate_once(opts, &sock, dir, 200 + i)?;
-        down.push(d);
-        total.push(t);
-    }
-    report.add("upgrade_1g_downtime_us", down, 1.0);
-    report.add("upgrade_1g_total_us", total, 1.0);
     Ok(())
 }
 
