@@ -162,7 +162,7 @@ pub(super) struct ReceiveArgs {
 
 #[derive(Debug, Args, Clone)]
 pub(super) struct DemoArgs {
-    /// Peak requests per second of the ramp and the spike [default: 225 per vCPU of the burst
+    /// Peak requests per second of the ramp and the spike [default: 250 per vCPU of the burst
     /// ceiling].
     #[arg(long, value_name = "N", value_parser = parse_rate)]
     pub(super) rate: Option<f64>,
