@@ -127,8 +127,9 @@ fn receive(args: ReceiveArgs, started_monotonic_ns: u64) -> ExitCode {
         return fail(exit::USAGE, format!("--tls-*: for --listen tcp:ADDR:PORT only (got {})", args.listen));
     }
     match elastic_vmm::receive_spec(&args.listen, tls.as_ref(), &resume_options(&args.resume)) {
-        // The VM's restore time counts from the moment its state arrived.
-        Ok((vm, arrived)) => resume_vm(vm, &args.resume, arrived, started_monotonic_ns),
+        // The run starts once the source was welcomed (it prepares while the memory moves);
+        // the VM's restore time and uptime count from the moment its state arrived.
+        Ok((vm, welcomed)) => resume_vm(vm, &args.resume, welcomed, started_monotonic_ns),
         Err(e) => fail(e.exit_code(), e),
     }
 }
