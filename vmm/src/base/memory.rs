@@ -65,6 +65,13 @@ pub(crate) enum Backing<'a> {
     },
 }
 
+impl Backing<'static> {
+    /// Fresh zeroed memory: in a memfd of its own when `shared`.
+    pub(crate) fn fresh(shared: bool) -> Self {
+        if shared { Backing::Shared } else { Backing::Anonymous }
+    }
+}
+
 /// Most data (bytes outside the file's holes) a restored region may hold to be read at once
 /// into huge-page-backed memory (see [`Backing::File`]); a region with more is mapped lazily.
 pub(crate) const EAGER_LOAD_MAX: u64 = 16 << 20;
@@ -107,11 +114,22 @@ fn shared_mapping(file: &std::fs::File, size: usize) -> Result<MmapRegionDeref<A
     if have < size as u64 {
         return Err(map_err(format!("the memory descriptor holds {have} bytes")));
     }
+    file_mapping(file, 0, size, libc::MAP_SHARED)
+}
+
+/// Maps `size` bytes of `file` from `offset`, `MAP_SHARED` or `MAP_PRIVATE` (`sharing`).
+fn file_mapping(
+    file: &std::fs::File,
+    offset: u64,
+    size: usize,
+    sharing: libc::c_int,
+) -> Result<MmapRegionDeref<AtomicBitmap>, MemoryError> {
+    let map_err = |reason: String| MemoryError::Map { size: size as u64, reason };
     let file = file.try_clone().map_err(|e| map_err(e.to_string()))?;
     MmapRegionBuilder::new_with_bitmap(size, vm_memory::bitmap::NewBitmap::with_len(size))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_SHARED)
-        .with_file_offset(FileOffset::new(file, 0))
+        .with_mmap_flags(libc::MAP_NORESERVE | sharing)
+        .with_file_offset(FileOffset::new(file, offset))
         .build()
         .map_err(|e| map_err(e.to_string()))
 }
@@ -252,12 +270,7 @@ fn map_region(
                 }
                 return Ok((region(mapping)?, used));
             }
-            let file = file.try_clone().map_err(|e| map_err(e.to_string()))?;
-            let builder = MmapRegionBuilder::new_with_bitmap(size, vm_memory::bitmap::NewBitmap::with_len(size))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
-                .with_file_offset(FileOffset::new(file, *offset));
-            Ok((region(builder.build().map_err(|e| map_err(e.to_string()))?)?, false))
+            Ok((region(file_mapping(file, *offset, size, libc::MAP_PRIVATE)?)?, false))
         }
     }
 }
@@ -766,7 +779,7 @@ impl GuestMemory {
 
     /// Fresh memory for a region mapped here: a memfd when the VM's memory is memfds.
     pub(crate) fn fresh_backing(&self) -> Backing<'static> {
-        if self.shared { Backing::Shared } else { Backing::Anonymous }
+        Backing::fresh(self.shared)
     }
 
     /// Stops (or lets again) the shim's own writes to guest memory ([`GuestMemory::write`]

@@ -360,12 +360,16 @@ fn send_listeners(s: &mut Channel, vm: &VmShared) -> Result<(), MigrateError> {
             Bound::Tcp { guest_port, .. } => WireListener::Tcp { guest_port: *guest_port },
             Bound::Uds { path, .. } => WireListener::Uds { path: path.clone() },
         };
-        let payload = json(&meta);
-        let mut head = vec![b'L'];
-        head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        s.write_with_fd(&head, l.raw_fd(), &payload)?;
+        write_msg_with_fd(s, b'L', l.raw_fd(), &json(&meta))?;
     }
     Ok(())
+}
+
+/// Writes one message with descriptor `fd` attached to its header.
+fn write_msg_with_fd(s: &mut Channel, kind: u8, fd: std::os::fd::RawFd, payload: &[u8]) -> std::io::Result<()> {
+    let mut head = vec![kind];
+    head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    s.write_with_fd(&head, fd, payload)
 }
 
 /// Migrates `vm` to the receiver listening on `to`. On success the VM runs there and the
@@ -517,6 +521,7 @@ fn pre_copy_and_switch(
 }
 
 /// What a migration sent before the state.
+#[derive(Default)]
 struct Copied {
     rounds: u32,
     pages_sent: u64,
@@ -598,9 +603,7 @@ fn switch(
 fn send_memfd(s: &mut Channel, r: &RegionInfo, file: &std::fs::File) -> Result<(), MigrateError> {
     use std::os::fd::AsRawFd;
     let payload = json(&WireRegion { gpa: r.gpa, len: r.len, serial: r.serial });
-    let mut head = vec![b'F'];
-    head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    Ok(s.write_with_fd(&head, file.as_raw_fd(), &payload)?)
+    Ok(write_msg_with_fd(s, b'F', file.as_raw_fd(), &payload)?)
 }
 
 /// A migration on one host of a VM whose regions are all memfds: the target maps the same
@@ -638,8 +641,7 @@ fn hand_over(
             send_memfd(s, r, file)?;
         }
     }
-    let copied =
-        Copied { rounds: 0, pages_sent: 0, missed: None, stopped_pages: 0, dirty_pages_per_s: 0, memory_by_fd: true };
+    let copied = Copied { memory_by_fd: true, ..Copied::default() };
     switch(vm, s, q, (t0, t_stop), copied, 0)
 }
 
@@ -811,7 +813,7 @@ impl Transfer {
         let sizes = (l.ram_size, l.window_base, l.window_size, max_slots);
         // Copied memory fills fresh boot memory; handed-over memory starts with the boot
         // region's descriptor.
-        let fresh = if shared { Backing::Shared } else { Backing::Anonymous };
+        let fresh = Backing::fresh(shared);
         let mut mem = if by_fd { None } else { Some(GuestMemory::boot(&fd, sizes, &fresh, None)?) };
         // serial on the source -> extent here
         let mut extents: BTreeMap<u64, Extent> = BTreeMap::new();

@@ -281,10 +281,7 @@ impl Vm {
             });
             let mem = (|| -> Result<(GuestMemory, u64), VmError> {
                 let sizes = (layout.ram_size, layout.window_base, layout.window_size, max_slots(kvm));
-                let backing = match config.resources.memory_backing() {
-                    MemoryBacking::Anonymous => Backing::Anonymous,
-                    MemoryBacking::Memfd => Backing::Shared,
-                };
+                let backing = Backing::fresh(config.resources.memory_backing() == MemoryBacking::Memfd);
                 let mem = GuestMemory::boot(&fd, sizes, &backing, premapped)?;
                 platform::write_descriptor_tables(&mem)?;
                 platform::write_page_tables(&mem, &layout)?;
