@@ -87,8 +87,15 @@ pub enum Verb {
         /// After the last copy, compare every held page with what was sent and send any the
         /// dirty logs missed (counted in `missed_by_log`; adds the time to read all memory to
         /// the downtime).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "postcopy")]
         verify: bool,
+        /// Post-copy: stop the VM here at once and send only its state; it runs on the target
+        /// straight away and its pages follow, on first touch and in the background. The
+        /// downtime does not grow with memory or with the guest's write rate; but if either
+        /// side is lost before the last page arrived, the VM is lost (the target exits 78,
+        /// this side keeps its older copy stopped).
+        #[arg(long)]
+        postcopy: bool,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -134,7 +141,7 @@ pub fn command(args: &CtlArgs) -> u8 {
             let dir = std::path::absolute(to).unwrap_or_else(|_| to.clone());
             ("PUT", format!("/api/v1/vms/{vm}/snapshot"), serde_json::json!({ "dir": dir }).to_string())
         }
-        Verb::Migrate { vm, to, verify, tls } => {
+        Verb::Migrate { vm, to, verify, postcopy, tls } => {
             let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
             let (to, tls) = if let Some(path) = to.strip_prefix("unix:") {
                 if tls.any() {
@@ -156,7 +163,7 @@ pub fn command(args: &CtlArgs) -> u8 {
                 eline!("hypervisor-shim: ctl migrate: --to must be unix:PATH or tcp:HOST:PORT (got {to})");
                 return exit::USAGE;
             };
-            let body = serde_json::json!({ "to": to, "verify": verify, "tls": tls }).to_string();
+            let body = serde_json::json!({ "to": to, "verify": verify, "postcopy": postcopy, "tls": tls }).to_string();
             ("PUT", format!("/api/v1/vms/{vm}/migrate"), body)
         }
     };

@@ -31,6 +31,9 @@ pub const POLICY_KILL: u8 = 75;
 pub const TIMEOUT: u8 = 76;
 /// A pool or stress run: at least one VM (or scenario) did not end as expected.
 pub const RUN_FAILED: u8 = 77;
+/// A migration target lost its source during post-copy (`ctl migrate --postcopy`): part of
+/// the VM's memory never arrived, so the VM cannot go on.
+pub const POSTCOPY_LOST: u8 = 78;
 /// The operator interrupted the run twice (Ctrl-C): 128 + SIGINT, as shells report it.
 pub const INTERRUPTED: u8 = 130;
 /// A node pool's VM killed on a control API request (`PUT /api/v1/vms/{name}/kill`): 128 +

@@ -8,7 +8,7 @@
 //! | `PUT /api/v1/vms/{name}/policy` | `{"vcpus": "MIN:MAX:BURST", "memory": "MIN:MAX:BURST"}` (either) |
 //! | `PUT /api/v1/vms/{name}/pause`, `/resume`, `/stop` | lifecycle |
 //! | `PUT /api/v1/vms/{name}/snapshot` | `{"dir": "/abs/path"}`: save the VM there (it runs on) |
-//! | `PUT /api/v1/vms/{name}/migrate` | `{"to": "unix:PATH", "verify": false}`: move it to `receive --listen`; `"to": "tcp:HOST:PORT"` needs `"tls": {"cert", "key", "ca"}` (absolute paths) |
+//! | `PUT /api/v1/vms/{name}/migrate` | `{"to": "unix:PATH", "verify": false, "postcopy": false}`: move it to `receive --listen` (`postcopy`: the VM runs there at once, its pages follow); `"to": "tcp:HOST:PORT"` needs `"tls": {"cert", "key", "ca"}` (absolute paths) |
 //! | `GET /api/v1/pool` | the pool: capacity, in use now, the most in use at once |
 //! | `GET /metrics` | Prometheus text format |
 //!
@@ -40,6 +40,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::snapshot::channel::{Destination, TlsFiles};
+use crate::snapshot::migrate::Copy;
 use thiserror::Error;
 
 use crate::control::admit::{Admission, AdmitEvent, Node};
@@ -378,11 +379,22 @@ fn action_request(action: &str, body: &str) -> Result<ControlRequest, Reply> {
 }
 
 /// The string `key` of a JSON object body.
-/// `{"to": "unix:PATH" | "tcp:HOST:PORT", "verify": bool, "tls": {"cert", "key", "ca"}}`.
+/// `{"to": "unix:PATH" | "tcp:HOST:PORT", "verify": bool, "postcopy": bool, "tls": {"cert", "key", "ca"}}`.
 fn migrate_request(body: &str) -> Result<ControlRequest, Reply> {
     let to = body_string(body, "to")?;
     let v: Value = serde_json::from_str(body).unwrap_or_default();
     let verify = v["verify"].as_bool().unwrap_or(false);
+    let how = match (verify, v["postcopy"].as_bool().unwrap_or(false)) {
+        (true, true) => {
+            return Err(error(
+                400,
+                "\"verify\" checks pre-copied pages before the switch; \"postcopy\" sends each page once, after it",
+            ));
+        }
+        (false, true) => Copy::Post,
+        (true, false) => Copy::PreVerified,
+        (false, false) => Copy::Pre,
+    };
     let tls = match v.get("tls") {
         None | Some(Value::Null) => None,
         Some(t) => {
@@ -401,7 +413,7 @@ fn migrate_request(body: &str) -> Result<ControlRequest, Reply> {
     {
         return Err(error(400, format!("\"to\": unix:PATH needs an absolute path (got {})", p.display())));
     }
-    Ok(ControlRequest::Migrate { to, verify })
+    Ok(ControlRequest::Migrate { to, how })
 }
 
 fn body_string(body: &str, key: &str) -> Result<String, Reply> {
@@ -479,7 +491,15 @@ mod tests {
         assert_eq!(req(Put, "/api/v1/vms/kv/snapshot", r#"{"dir": "rel"}"#), Err(400));
         assert_eq!(
             req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "unix:/tmp/m", "verify": true}"#),
-            Ok(ControlRequest::Migrate { to: Destination::Unix("/tmp/m".into()), verify: true })
+            Ok(ControlRequest::Migrate { to: Destination::Unix("/tmp/m".into()), how: Copy::PreVerified })
+        );
+        assert_eq!(
+            req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "unix:/tmp/m", "postcopy": true}"#),
+            Ok(ControlRequest::Migrate { to: Destination::Unix("/tmp/m".into()), how: Copy::Post })
+        );
+        assert_eq!(
+            req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "unix:/tmp/m", "postcopy": true, "verify": true}"#),
+            Err(400)
         );
         assert_eq!(req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "unix:rel"}"#), Err(400));
         // TCP is always mutual TLS, from absolute paths.
@@ -493,7 +513,7 @@ mod tests {
                     port: 5,
                     tls: TlsFiles { cert: "/c.pem".into(), key: "/k.pem".into(), ca: "/ca.pem".into() }
                 },
-                verify: false
+                how: Copy::Pre
             })
         );
         let relative = r#""tls": {"cert": "c.pem", "key": "/k.pem", "ca": "/ca.pem"}"#;

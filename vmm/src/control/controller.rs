@@ -366,17 +366,20 @@ fn answer(vm: &VmShared, request: ControlRequest) -> ControlReply {
                 Err(e) => ControlReply::error(500, e),
             }
         }
-        ControlRequest::Migrate { to, verify } => {
+        ControlRequest::Migrate { to, how } => {
             if vm.is_stopping() {
                 return ControlReply::error(409, format!("VM '{name}' is stopping"));
             }
-            match crate::snapshot::migrate::send(vm, &to, verify) {
+            match crate::snapshot::migrate::send(vm, &to, how) {
                 Ok(f) => {
                     vm.finish(Outcome::Migrated { to: to.to_string() });
                     ControlReply::ok(serde_json::to_value(f).unwrap_or(Value::Null))
                 }
                 // Its message says the VM stays stopped here.
-                Err(e @ crate::snapshot::migrate::MigrateError::Unclear(_)) => ControlReply::error(500, e),
+                Err(
+                    e @ (crate::snapshot::migrate::MigrateError::Unclear(_)
+                    | crate::snapshot::migrate::MigrateError::PostcopyLost(_)),
+                ) => ControlReply::error(500, e),
                 Err(e) => ControlReply::error(500, format!("{e} (the VM keeps running here)")),
             }
         }

@@ -1,6 +1,6 @@
 //! Host helpers (base layer): seccomp allow-lists, CPU placement, signals, clocks and process
-//! figures, the host endpoints clients connect to, threads and huge pages made ahead of need, and stderr
-//! diagnostics that never block.
+//! figures, the host endpoints clients connect to, threads and huge pages made ahead of need, stderr
+//! diagnostics that never block, and the userfaultfd of a post-copy migration.
 
 pub(crate) mod affinity;
 pub(crate) mod clock;
@@ -11,3 +11,4 @@ pub(crate) mod process;
 pub(crate) mod seccomp;
 pub(crate) mod signals;
 pub(crate) mod standby;
+pub(crate) mod uffd;

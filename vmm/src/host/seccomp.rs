@@ -154,9 +154,15 @@ const SOCKETS: &[libc::c_long] = &[
 ];
 
 /// KVM and threads: vCPU threads create vCPUs (and their threads) and memory slots, and the
-/// memfds of a VM backed by them (`--memory-backing memfd`).
-const KVM: &[libc::c_long] =
-    &[libc::SYS_ioctl, libc::SYS_clone, libc::SYS_clone3, libc::SYS_sched_setaffinity, libc::SYS_memfd_create];
+/// memfds of a VM backed by them (`--memory-backing memfd`); a post-copy target's userfaultfd.
+const KVM: &[libc::c_long] = &[
+    libc::SYS_ioctl,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_sched_setaffinity,
+    libc::SYS_memfd_create,
+    libc::SYS_userfaultfd,
+];
 
 /// The main thread's extras: signal handlers, limits, process start-up leftovers.
 const MAIN: &[libc::c_long] = &[

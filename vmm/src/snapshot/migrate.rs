@@ -49,7 +49,7 @@
 //! ([`super::encode_state`]); the target answers `A` (ready) or `E` (JSON error).
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -61,7 +61,9 @@ use thiserror::Error;
 
 use super::channel::{Channel, ChannelError, Destination};
 use super::compat::HostProfile;
+use super::postcopy::{PostcopyError, PostcopyFigures};
 use super::throttle::{StopOnDrop, Throttle};
+use super::wire::{self, WireError, json, read_msg, read_msg_into, write_msg, write_msg_with_fd};
 use super::{Quiesced, SnapshotError, VmState};
 use crate::base::config::VmConfig;
 use crate::base::layout::Layout;
@@ -88,6 +90,9 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// The message protocol's version (2: hello and the catch-up are answered; 3: hello carries
 /// the configuration, and the listening sockets follow its answer).
 const PROTOCOL: u32 = 3;
+/// The protocol of a post-copy migration (3 with the requests of [`super::postcopy`]): a
+/// target that speaks only 3 refuses it at hello.
+const PROTOCOL_POSTCOPY: u32 = 4;
 
 /// Migration failures.
 #[derive(Debug, Error)]
@@ -121,6 +126,27 @@ pub enum MigrateError {
     /// Guest memory failed.
     #[error(transparent)]
     Memory(#[from] crate::base::memory::MemoryError),
+    /// Post-copy could not start here.
+    #[error(transparent)]
+    Postcopy(#[from] PostcopyError),
+    /// Post-copy broke after the VM started at the target: the target cannot go on without
+    /// this memory, and this copy is older than what ran there.
+    #[error(
+        "post-copy broke after the VM started at the target ({0}): the target cannot go on without the pages \
+         still here, and this copy is older than what ran there; the VM stays stopped here (`ctl resume` brings \
+         back the state from before the move)"
+    )]
+    PostcopyLost(String),
+}
+
+impl From<WireError> for MigrateError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Io(e) => MigrateError::Io(e),
+            WireError::PeerClosed => MigrateError::PeerClosed,
+            WireError::Malformed(why) => MigrateError::Protocol(why),
+        }
+    }
 }
 
 /// Figures of one migration (the API's answer).
@@ -146,6 +172,8 @@ pub(crate) struct MigrateFigures {
     /// The memory was handed over by descriptor (a VM backed by memfds, on one host), not
     /// copied.
     pub(crate) memory_by_fd: bool,
+    /// With `--postcopy`: what the target fetched after the VM started there.
+    pub(crate) postcopy: Option<PostcopyFigures>,
     /// Time the VM did not run: quiesce to the target's answer (µs).
     pub(crate) downtime_us: u64,
     /// Whole migration (µs).
@@ -170,6 +198,10 @@ struct Hello {
     /// On one host, with every region a memfd: the memory is handed over by descriptor (`F`),
     /// not copied.
     memory_by_fd: bool,
+    /// Post-copy: the state comes first and the VM runs at the target at once; its pages
+    /// follow on request ([`super::postcopy`]).
+    #[serde(default)]
+    postcopy: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -183,48 +215,6 @@ struct WireRegion {
 enum WireListener {
     Tcp { guest_port: u32 },
     Uds { path: PathBuf },
-}
-
-fn write_msg(s: &mut Channel, kind: u8, payload: &[u8]) -> std::io::Result<()> {
-    let mut head = [0u8; 9];
-    head[0] = kind;
-    head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    s.write_all(&head)?;
-    s.write_all(payload)
-}
-
-/// Reads one message; a descriptor sent with its header is returned too.
-fn read_msg(s: &mut Channel, max: u64) -> Result<(u8, Vec<u8>, Option<OwnedFd>), MigrateError> {
-    let mut payload = Vec::new();
-    let (kind, len, file) = read_msg_into(s, max, &mut payload)?;
-    payload.truncate(len);
-    Ok((kind, payload, file))
-}
-
-/// Reads one message into `buf` (grown when needed, never shrunk or cleared: a receiver of
-/// thousands of 4 MiB page batches allocates and zeroes one); returns its kind, its length
-/// (the payload is `buf[..len]`) and the descriptor sent with its header.
-fn read_msg_into(s: &mut Channel, max: u64, buf: &mut Vec<u8>) -> Result<(u8, usize, Option<OwnedFd>), MigrateError> {
-    let mut head = [0u8; 9];
-    let (n, file) = s.read_with_fd(&mut head)?;
-    if n == 0 {
-        return Err(MigrateError::PeerClosed);
-    }
-    s.read_exact(&mut head[n..])?;
-    let len = u64::from_le_bytes(head[1..].try_into().unwrap_or([0; 8]));
-    if len > max {
-        return Err(MigrateError::Protocol(format!("a '{}' message of {len} bytes", head[0] as char)));
-    }
-    let len = len as usize;
-    if buf.len() < len {
-        buf.resize(len, 0);
-    }
-    s.read_exact(&mut buf[..len])?;
-    Ok((head[0], len, file))
-}
-
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
 }
 
 /// What the target holds: per region (by serial), the CRC-32 of each page as last sent
@@ -365,16 +355,9 @@ fn send_listeners(s: &mut Channel, vm: &VmShared) -> Result<(), MigrateError> {
     Ok(())
 }
 
-/// Writes one message with descriptor `fd` attached to its header.
-fn write_msg_with_fd(s: &mut Channel, kind: u8, fd: std::os::fd::RawFd, payload: &[u8]) -> std::io::Result<()> {
-    let mut head = vec![kind];
-    head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    s.write_with_fd(&head, fd, payload)
-}
-
 /// Migrates `vm` to the receiver listening on `to`. On success the VM runs there and the
 /// caller ends it here; on failure it keeps running here.
-pub(crate) fn send(vm: &VmShared, to: &Destination, verify: bool) -> Result<MigrateFigures, MigrateError> {
+pub(crate) fn send(vm: &VmShared, to: &Destination, how: Copy) -> Result<MigrateFigures, MigrateError> {
     let config = vm.config();
     if config.lifecycle.on_demand.is_some() {
         return Err(MigrateError::Protocol("an on-demand VM cannot be migrated".into()));
@@ -386,9 +369,11 @@ pub(crate) fn send(vm: &VmShared, to: &Destination, verify: bool) -> Result<Migr
     // A target that stops reading cannot hold the VM (paused, at the end) for long.
     s.set_write_timeout(Some(ACK_TIMEOUT))?;
     let passes = s.passes_descriptors();
-    let memfds = if passes { vm.mem().memfds() } else { None };
+    let postcopy = how == Copy::Post;
+    // Post-copy copies, even memory it could hand over.
+    let memfds = if passes && !postcopy { vm.mem().memfds() } else { None };
     let hello = Hello {
-        protocol: PROTOCOL,
+        protocol: if postcopy { PROTOCOL_POSTCOPY } else { PROTOCOL },
         format: super::FORMAT_VERSION,
         abi_version: hypercall_abi::ABI_VERSION,
         layout: vm.layout(),
@@ -397,6 +382,7 @@ pub(crate) fn send(vm: &VmShared, to: &Destination, verify: bool) -> Result<Migr
         kernel: vm.image().path.clone(),
         listeners: if passes { vm.endpoints().len() as u32 } else { 0 },
         memory_by_fd: memfds.is_some(),
+        postcopy,
     };
     write_msg(&mut s, b'H', &json(&hello))?;
     // Nothing moves before the target said it can run the VM (over TLS, a refused
@@ -411,12 +397,86 @@ pub(crate) fn send(vm: &VmShared, to: &Destination, verify: bool) -> Result<Migr
     if let Some(regions) = memfds {
         return hand_over(vm, &mut s, t0, regions);
     }
+    if postcopy {
+        return post_copy(vm, &mut s, t0);
+    }
     vm.mem().set_dirty_logging(vm.fd(), true)?;
-    let result = pre_copy_and_switch(vm, &mut s, t0, verify);
+    let result = pre_copy_and_switch(vm, &mut s, t0, how == Copy::PreVerified);
     if result.is_err() {
         let _ = vm.mem().set_dirty_logging(vm.fd(), false);
     }
     result
+}
+
+/// How the memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Copy {
+    /// Pre-copy: while the VM runs here, then what it wrote meanwhile.
+    Pre,
+    /// Pre-copy, then every held page compared with what was sent (`--verify`).
+    PreVerified,
+    /// Post-copy: the state first, the pages after, on request (`--postcopy`).
+    Post,
+}
+
+/// Post-copy: quiesces the VM at once, sends the region list and the state, serves the
+/// target's page requests until it answers (downtime ends there: the VM runs at the target),
+/// then until it holds every page.
+fn post_copy(vm: &VmShared, s: &mut Channel, t0: Instant) -> Result<MigrateFigures, MigrateError> {
+    // The target maps the regions while the VM still runs here; the list after the stop
+    // says which changed meanwhile.
+    let mut sent = Sent::default();
+    send_regions(s, vm, &mut sent)?;
+    // Mapping them and registering their slots takes ~0.1 ms a region there: done before
+    // the VM stops.
+    write_msg(s, b'Y', &[])?;
+    s.flush()?;
+    answer(s)?;
+    let t_stop = Instant::now();
+    let mut q = Quiesced::new(vm)?;
+    send_regions(s, vm, &mut sent)?;
+    // The page the target's shim writes as it restores the VM goes now, not on request.
+    send_pages(s, vm, &[hypercall_abi::NOTICE_ADDR], &mut sent)?;
+    let state = q.state()?;
+    let held_bytes = state.memory.regions.iter().map(|r| r.len).sum();
+    write_msg(s, b'S', &super::encode_state(&state)?)?;
+    s.flush()?;
+    match super::postcopy::serve_until_answer(s, vm.mem()) {
+        Ok(()) => {}
+        // The target does not run the VM: it resumes here (the guard).
+        Err(PostcopyError::Refused(why)) => return Err(MigrateError::Refused(why)),
+        Err(PostcopyError::Wire(e @ (WireError::PeerClosed | WireError::Malformed(_)))) => return Err(e.into()),
+        Err(e) => {
+            q.keep_stopped();
+            vm.stopped_by_migration();
+            return Err(MigrateError::Unclear(e.to_string()));
+        }
+    }
+    let downtime_us = t_stop.elapsed().as_micros() as u64;
+    q.keep_stopped();
+    if s.passes_descriptors() {
+        vm.endpoints().iter_mut().for_each(Bound::disown);
+    }
+    drop(q);
+    vm.record("migrated", crate::base::timeline::detail([("downtime_us", downtime_us.into()), ("rounds", 0.into())]));
+    // The VM runs there; its pages are still here.
+    let figures = super::postcopy::serve_rest(s, vm.mem()).map_err(|e| {
+        vm.stopped_by_migration();
+        MigrateError::PostcopyLost(e.to_string())
+    })?;
+    Ok(MigrateFigures {
+        rounds: 0,
+        pages_sent: figures.pages_copied,
+        missed_by_log: None,
+        stopped_pages: 0,
+        dirty_pages_per_s: 0,
+        throttle_percent: 0,
+        held_bytes,
+        memory_by_fd: false,
+        postcopy: Some(figures),
+        downtime_us,
+        total_us: t0.elapsed().as_micros() as u64,
+    })
 }
 
 /// Reads the target's answer: `A` (go on) or `E` (why not).
@@ -594,6 +654,7 @@ fn switch(
         throttle_percent,
         held_bytes,
         memory_by_fd: copied.memory_by_fd,
+        postcopy: None,
         downtime_us,
         total_us: t0.elapsed().as_micros() as u64,
     })
@@ -697,6 +758,8 @@ pub(crate) struct Transfer {
     vcpus: u32,
     /// Copied memory goes into memfds (the VM runs with `--memory-backing memfd`).
     shared: bool,
+    /// The pages come after the state, on request ([`super::postcopy`]).
+    postcopy: bool,
 }
 
 /// What the target checked and set up at hello.
@@ -711,7 +774,7 @@ struct Welcome {
 fn welcome(kvm: &Kvm, payload: &[u8], bind: bool, publish: &[Publish]) -> Result<Welcome, String> {
     let loose: serde_json::Value = serde_json::from_slice(payload).map_err(|e| format!("hello: {e}"))?;
     let (protocol, format, abi) = (&loose["protocol"], &loose["format"], &loose["abi_version"]);
-    if protocol.as_u64() != Some(u64::from(PROTOCOL))
+    if !matches!(protocol.as_u64(), Some(p) if p == u64::from(PROTOCOL) || p == u64::from(PROTOCOL_POSTCOPY))
         || format.as_u64() != Some(u64::from(super::FORMAT_VERSION))
         || abi.as_u64() != Some(u64::from(hypercall_abi::ABI_VERSION))
     {
@@ -723,6 +786,9 @@ fn welcome(kvm: &Kvm, payload: &[u8], bind: bool, publish: &[Publish]) -> Result
         ));
     }
     let hello: Hello = serde_json::from_value(loose).map_err(|e| format!("hello: {e}"))?;
+    if hello.postcopy != (hello.protocol == PROTOCOL_POSTCOPY) || (hello.postcopy && hello.memory_by_fd) {
+        return Err("hello: post-copy is protocol 4, and copies the memory".into());
+    }
     if hello.memory_by_fd && bind {
         return Err("memory by descriptor is for a migration on one host".into());
     }
@@ -792,14 +858,21 @@ pub(crate) fn welcome_source(kvm: &Kvm, mut channel: Channel, publish: &[Publish
         config: hello.config,
         kernel: hello.kernel,
         endpoints,
-        transfer: Transfer { channel, layout: hello.layout, by_fd: hello.memory_by_fd, vcpus, shared },
+        transfer: Transfer {
+            channel,
+            layout: hello.layout,
+            by_fd: hello.memory_by_fd,
+            vcpus,
+            shared,
+            postcopy: hello.postcopy,
+        },
     })
 }
 
 impl Transfer {
     /// Receives the VM's memory (pages, or memfds) and state.
     pub(crate) fn receive(self, kvm: &Kvm) -> Result<Received, MigrateError> {
-        let Transfer { mut channel, layout: l, by_fd, vcpus, shared } = self;
+        let Transfer { mut channel, layout: l, by_fd, vcpus, shared, postcopy } = self;
         let s = &mut channel;
         let bad = |w: String| MigrateError::Protocol(w);
         let fd = kvm.create_vm().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
@@ -818,6 +891,8 @@ impl Transfer {
         // serial on the source -> extent here
         let mut extents: BTreeMap<u64, Extent> = BTreeMap::new();
         let mut buf = Vec::new();
+        // Post-copy: guest RAM registered at the catch-up, before the VM stops.
+        let mut registered: Option<super::postcopy::Registration> = None;
         loop {
             let (kind, len, file) = read_msg_into(s, MAX_JSON, &mut buf)?;
             let payload = &buf[..len];
@@ -845,7 +920,17 @@ impl Transfer {
                         serde_json::from_slice(payload).map_err(|e| bad(format!("regions: {e}")))?;
                     sync_extents(&fd, m, &mut extents, &list, !by_fd)?;
                 }
+                (b'P', Some(_)) if !by_fd && registered.is_some() => {
+                    if let Some(r) = &mut registered {
+                        r.install(payload)?;
+                    }
+                }
                 (b'P', Some(m)) if !by_fd => write_pages(m, payload)?,
+                (b'Y', Some(m)) if postcopy && registered.is_none() => {
+                    registered = Some(super::postcopy::Registration::new(m, shared)?);
+                    write_msg(s, b'A', &[])?;
+                    s.flush()?;
+                }
                 (b'Y', _) => {
                     write_msg(s, b'A', &[])?;
                     s.flush()?;
@@ -857,6 +942,17 @@ impl Transfer {
                     let there: Vec<(u64, u64)> = state.memory.regions.iter().map(|r| (r.gpa, r.len)).collect();
                     if here != there || state.layout != l {
                         return Err(bad("the state's memory regions differ from those received".into()));
+                    }
+                    if let Some(reg) = registered {
+                        // Its pages come on request, after the state: the post-copy thread
+                        // takes the channel and the answer goes through it.
+                        let mem = m.clone();
+                        drop(buf);
+                        let answer = super::postcopy::start(channel, &mem, reg)?;
+                        return Ok(Received { fd, mem, state, stopped_at, answer, vcpus: warm });
+                    }
+                    if postcopy {
+                        return Err(bad("a post-copy state before the catch-up".into()));
                     }
                     s.set_read_timeout(None)?;
                     // The receive buffer (4 MiB) is freed once the source was answered:
@@ -921,17 +1017,10 @@ fn sync_extents(
 }
 
 /// Writes the runs of a `P` message into guest memory (every run bounds-checked).
-fn write_pages(mem: &GuestMemory, mut payload: &[u8]) -> Result<(), MigrateError> {
-    while !payload.is_empty() {
-        if payload.len() < 12 {
-            return Err(MigrateError::Protocol("a truncated page run".into()));
-        }
-        let gpa = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
-        let n = u32::from_le_bytes(payload[8..12].try_into().unwrap_or([0; 4])) as usize;
-        let len = n.checked_mul(PAGE_SIZE as usize).filter(|&l| l <= payload.len() - 12);
-        let Some(len) = len else { return Err(MigrateError::Protocol("a page run longer than its message".into())) };
-        mem.write(gpa, &payload[12..12 + len])?;
-        payload = &payload[12 + len..];
+fn write_pages(mem: &GuestMemory, payload: &[u8]) -> Result<(), MigrateError> {
+    for run in wire::runs(payload) {
+        let (gpa, data) = run?;
+        mem.write(gpa, data)?;
     }
     Ok(())
 }

@@ -21,9 +21,11 @@ pub(crate) mod channel;
 pub(crate) mod compat;
 pub(crate) mod leftovers;
 pub(crate) mod migrate;
+pub(crate) mod postcopy;
 pub(crate) mod restore;
 pub(crate) mod template;
 pub(crate) mod throttle;
+pub(crate) mod wire;
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
