@@ -511,3 +511,67 @@ fn a_guest_rewriting_50k_pages_a_second_migrates_with_every_checksum_right() {
     let (code, err) = target.wait(Duration::from_secs(60));
     assert_eq!(code, Some(0), "mem-wave failed on the target (a checksum?): {err}");
 }
+
+/// Waits until process `pid` holds more than `kib` KiB resident.
+fn wait_rss(pid: u32, kib: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rss_kib(pid) < kib {
+        assert!(Instant::now() < deadline, "{what}: RSS stayed at {} KiB", rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Post-copy under a writer: mem-wave holds 512 MiB of checksummed chunks and rewrites 50k
+/// pages a second; it moves with `--postcopy` (it runs on the target at once, its pages
+/// follow on touch and in the background) and verifies every checksum there.
+#[test]
+fn a_guest_rewriting_50k_pages_a_second_moves_by_post_copy_with_every_checksum_right() {
+    require_kvm();
+    let dir = temp_dir("migrate-postcopy");
+    let args = ["run", "--app", "mem-wave", "--memory", "64M:640M:640M", "--api-sock", "src.sock", "--timeout", "120"];
+    let source = ShimProcess::start(&dir, &[&args[..], &["--", "1", "512", "64", "4000", "50000"]].concat());
+    wait_for_api(&dir, "src.sock");
+    let target = ShimProcess::start(&dir, &["receive", "--listen", "unix:mig.sock", "--timeout", "120"]);
+    wait_for_path(&dir.join("mig.sock"), Duration::from_secs(20), "the receiver never listened");
+    // Into the rewriting hold.
+    wait_rss(source.pid(), 500 << 10, "mem-wave never held 512 MiB");
+    std::thread::sleep(Duration::from_millis(300));
+    let m = json_of(&ctl_in(&dir, "src.sock", &["migrate", "vm0", "--to", "unix:mig.sock", "--postcopy"]));
+    eprintln!("post-copy under a writer: {m}");
+    assert_eq!(m["rounds"], 0, "post-copy has no pre-copy round: {m}");
+    let copied = m["postcopy"]["pages_copied"].as_u64().unwrap_or(0);
+    assert!(copied >= 120_000, "only {copied} pages copied after the switch (512 MiB held): {m}");
+    assert!(m["postcopy"]["demand_pages"].as_u64().unwrap_or(0) > 0, "the guest never waited for a page: {m}");
+    assert_eq!(source.wait(Duration::from_secs(30)).0, Some(0), "the source ends once the target has every page");
+    let (code, err) = target.wait(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "mem-wave failed on the target (a checksum?): {err}");
+}
+
+/// The one case post-copy cannot survive, documented: the source is lost while pages are
+/// still coming. The target ends with exit code 78 and says why; it does not run on with
+/// missing (zero) pages.
+#[test]
+fn a_source_lost_during_post_copy_ends_the_target_with_exit_78() {
+    require_kvm();
+    let dir = temp_dir("migrate-postcopy-lost");
+    let args =
+        ["run", "--app", "mem-wave", "--memory", "64M:1100M:1100M", "--api-sock", "src.sock", "--timeout", "120"];
+    let source = ShimProcess::start(&dir, &[&args[..], &["--", "1", "1024", "128", "60000"]].concat());
+    wait_for_api(&dir, "src.sock");
+    let target = ShimProcess::start(&dir, &["receive", "--listen", "unix:mig.sock", "--timeout", "120"]);
+    wait_for_path(&dir.join("mig.sock"), Duration::from_secs(20), "the receiver never listened");
+    wait_rss(source.pid(), 1000 << 10, "mem-wave never held 1 GiB");
+    let migrating = {
+        let dir = dir.to_path_buf();
+        std::thread::spawn(move || ctl_in(&dir, "src.sock", &["migrate", "vm0", "--to", "unix:mig.sock", "--postcopy"]))
+    };
+    // A quarter of the memory has come: the VM runs there, the rest is still at the source.
+    wait_rss(target.pid(), 256 << 10, "the target never received a quarter of the memory");
+    // SAFETY: kill(2) on the source shim's pid, a child of this test.
+    unsafe { libc::kill(source.pid() as i32, libc::SIGKILL) };
+    let (code, err) = target.wait(Duration::from_secs(60));
+    assert_eq!(code, Some(78), "the target must end when its source is lost during post-copy: {err}");
+    assert!(err.contains("post-copy") && err.contains("exit code 78"), "no one-line reason: {err}");
+    let _ = migrating.join();
+    let _ = source.wait(Duration::from_secs(10));
+}

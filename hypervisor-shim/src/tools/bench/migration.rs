@@ -6,7 +6,10 @@
 //! `migrate_tcp_1g_downtime_us`, `migrate_tcp_1g_total_us`, `migrate_tcp_1g_rounds` and
 //! `migrate_tcp_1g_dirty_pages_per_s` of a VM holding 1 GiB whose guest rewrites
 //! [`DIRTY_PAGES_PER_S`] pages a second meanwhile (`mem-wave`, the dirty rate the dirty log
-//! saw in the last pre-copy round is reported beside it).
+//! saw in the last pre-copy round is reported beside it). The same four runs again with
+//! `--postcopy`: `migrate_tcp_postcopy_downtime_us`, `_total_us`, and
+//! `migrate_tcp_1g_postcopy_downtime_us`, `_total_us` and `_fault_wait_mean_us` (a page fault's
+//! wait for its page, from the source, after the switch).
 
 use std::path::Path;
 use std::process::Command;
@@ -83,6 +86,7 @@ fn migrate_once(
     sock: &Path,
     dir: &Path,
     i: usize,
+    postcopy: bool,
 ) -> Result<serde_json::Value, BenchError> {
     let port = (7100 + i).to_string();
     let target_sock = dir.join(format!("tcp-target-{i}.sock"));
@@ -102,6 +106,9 @@ fn migrate_once(
     }
     let mut m: Vec<String> = vec!["migrate".into(), "vm0".into(), "--to".into(), listen];
     m.extend(tls(pki, "10.99.0.1"));
+    if postcopy {
+        m.push("--postcopy".into());
+    }
     let refs: Vec<&str> = m.iter().map(String::as_str).collect();
     let v = ctl(opts, sock, &refs)?;
     target.wait_api(opts, &target_sock)?;
@@ -122,35 +129,48 @@ pub(super) fn add(opts: &BenchOptions, dir: &Path, report: &mut BenchReport) -> 
     crate::tools::certs::make(&pki, &[TARGET.into(), "10.99.0.1".into()])
         .map_err(|e| BenchError::Summary(e.to_string()))?;
     let kernel = path_str(&opts.kernel).to_string();
-    let (mut down, mut total) = (Vec::new(), Vec::new());
-    for i in 0..MIGRATIONS {
-        let sock = dir.join(format!("tcp-min-{i}.sock"));
-        let args = ["run", "--kernel", &kernel, "--app", "kv", "--api-sock", path_str(&sock), "--log", "warn"];
-        let mut src = spawn_in(opts, Some(&hosts.a), &[&args[..], &["--timeout", "300"]].concat())?;
-        src.wait_api(opts, &sock)?;
-        let v = migrate_once(opts, &hosts, &pki, &sock, dir, i)?;
-        down.push(number(&v, "downtime_us")?);
-        total.push(number(&v, "total_us")?);
+    for postcopy in [false, true] {
+        let how = if postcopy { "_postcopy" } else { "" };
+        let at = if postcopy { 200 } else { 0 };
+        let (mut down, mut total) = (Vec::new(), Vec::new());
+        for i in 0..MIGRATIONS {
+            let sock = dir.join(format!("tcp-min{how}-{i}.sock"));
+            let args = ["run", "--kernel", &kernel, "--app", "kv", "--api-sock", path_str(&sock), "--log", "warn"];
+            let mut src = spawn_in(opts, Some(&hosts.a), &[&args[..], &["--timeout", "300"]].concat())?;
+            src.wait_api(opts, &sock)?;
+            let v = migrate_once(opts, &hosts, &pki, &sock, dir, at + i, postcopy)?;
+            down.push(number(&v, "downtime_us")?);
+            total.push(number(&v, "total_us")?);
+        }
+        report.add(&format!("migrate_tcp{how}_downtime_us"), down, 1.0);
+        report.add(&format!("migrate_tcp{how}_total_us"), total, 1.0);
+        let (mut down, mut total, mut rounds, mut rate, mut wait) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..LARGE {
+            let sock = dir.join(format!("tcp-1g{how}-{i}.sock"));
+            let args = large_vm_args(&kernel, path_str(&sock), DIRTY_PAGES_PER_S);
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut src = spawn_in(opts, Some(&hosts.a), &refs)?;
+            src.wait_api(opts, &sock)?;
+            wait_held(opts, &sock, LARGE_MB << 20)?;
+            let v = migrate_once(opts, &hosts, &pki, &sock, dir, at + 100 + i, postcopy)?;
+            down.push(number(&v, "downtime_us")?);
+            total.push(number(&v, "total_us")?);
+            if postcopy {
+                wait.push(number(&v["postcopy"], "fault_wait_mean_us")?);
+            } else {
+                rounds.push(number(&v, "rounds")?);
+                rate.push(number(&v, "dirty_pages_per_s")?);
+            }
+        }
+        report.add(&format!("migrate_tcp_1g{how}_downtime_us"), down, 1.0);
+        report.add(&format!("migrate_tcp_1g{how}_total_us"), total, 1.0);
+        if postcopy {
+            report.add("migrate_tcp_1g_postcopy_fault_wait_mean_us", wait, 1.0);
+        } else {
+            report.add("migrate_tcp_1g_rounds", rounds, 1.0);
+            report.add("migrate_tcp_1g_dirty_pages_per_s", rate, 1.0);
+        }
     }
-    report.add("migrate_tcp_downtime_us", down, 1.0);
-    report.add("migrate_tcp_total_us", total, 1.0);
-    let (mut down, mut total, mut rounds, mut rate) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for i in 0..LARGE {
-        let sock = dir.join(format!("tcp-1g-{i}.sock"));
-        let args = large_vm_args(&kernel, path_str(&sock), DIRTY_PAGES_PER_S);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut src = spawn_in(opts, Some(&hosts.a), &refs)?;
-        src.wait_api(opts, &sock)?;
-        wait_held(opts, &sock, LARGE_MB << 20)?;
-        let v = migrate_once(opts, &hosts, &pki, &sock, dir, 100 + i)?;
-        down.push(number(&v, "downtime_us")?);
-        total.push(number(&v, "total_us")?);
-        rounds.push(number(&v, "rounds")?);
-        rate.push(number(&v, "dirty_pages_per_s")?);
-    }
-    report.add("migrate_tcp_1g_downtime_us", down, 1.0);
-    report.add("migrate_tcp_1g_total_us", total, 1.0);
-    report.add("migrate_tcp_1g_rounds", rounds, 1.0);
-    report.add("migrate_tcp_1g_dirty_pages_per_s", rate, 1.0);
     Ok(())
 }
