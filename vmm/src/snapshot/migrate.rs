@@ -46,7 +46,10 @@
 //! `E`), `L` one listening socket (JSON, with the descriptor attached), `R` regions (JSON
 //! list), `P` pages (`[gpa u64][pages u32][data]` runs), `F` one region by descriptor (JSON,
 //! with the memfd attached), `Y` catch-up (answered `A`), `S` the state
-//! ([`super::encode_state`]); the target answers `A` (ready) or `E` (JSON error).
+//! ([`super::encode_state`]); the target answers `A` (ready) or `E` (JSON error). Post-copy
+//! ([`super::postcopy`], `--postcopy`) skips the pre-copy: region list, catch-up, stop, the
+//! region list again and the state; the target then asks for pages (`Q`, `B`) and says when it
+//! has them all (`D`).
 
 use std::collections::BTreeMap;
 use std::io::Write;

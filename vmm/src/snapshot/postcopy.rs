@@ -238,8 +238,10 @@ impl Registration {
 pub(crate) fn start(channel: Channel, mem: &GuestMemory, mut reg: Registration) -> Result<Answer, PostcopyError> {
     reg.sync(mem)?;
     channel.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    // A source that stops reading cannot hold the VM here forever either.
+    channel.set_write_timeout(Some(REPLY_TIMEOUT))?;
     let wake = EventFd::new(EFD_NONBLOCK)?;
-    let waker = wake.try_clone()?;
+    let waker = Waker(wake.try_clone()?);
     let (tx, rx) = mpsc::channel::<Told>();
     let puller = Puller { reg, channel, figures: PostcopyFigures::default(), waits: BTreeMap::new() };
     std::thread::Builder::new().name("postcopy".into()).spawn(move || puller.run(&rx, &wake))?;
@@ -247,9 +249,18 @@ pub(crate) fn start(channel: Channel, mem: &GuestMemory, mut reg: Registration) 
         let (told_tx, told_rx) = mpsc::channel();
         tx.send((result, told_tx))
             .map_err(|_| "the post-copy thread has ended: the source was not told".to_string())?;
-        let _ = waker.write(1);
+        drop(waker);
         told_rx.recv().unwrap_or_else(|_| Err("the post-copy thread has ended: the source was not told".into()))
     }))
+}
+
+/// Wakes the post-copy thread when dropped: the answer was given, or never will be.
+struct Waker(EventFd);
+
+impl Drop for Waker {
+    fn drop(&mut self) {
+        let _ = self.0.write(1);
+    }
 }
 
 /// Why the post-copy thread ended early.
@@ -295,9 +306,12 @@ impl Puller {
         let mut walked = false;
         let mut buf = Vec::new();
         loop {
-            if answered.is_none()
-                && let Ok((result, told)) = answers.try_recv()
-            {
+            let given = if answered.is_none() { Some(answers.try_recv()) } else { None };
+            if let Some(Err(mpsc::TryRecvError::Disconnected)) = given {
+                // The run gave up before it answered: the VM does not run here.
+                return Err(Ended::NotRun);
+            }
+            if let Some(Ok((result, told))) = given {
                 let _ = wake.read();
                 let run = result.is_ok();
                 let said = match &result {
