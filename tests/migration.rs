@@ -558,7 +558,10 @@ fn a_source_lost_during_post_copy_ends_the_target_with_exit_78() {
         ["run", "--app", "mem-wave", "--memory", "64M:1100M:1100M", "--api-sock", "src.sock", "--timeout", "120"];
     let source = ShimProcess::start(&dir, &[&args[..], &["--", "1", "1024", "128", "60000"]].concat());
     wait_for_api(&dir, "src.sock");
-    let target = ShimProcess::start(&dir, &["receive", "--listen", "unix:mig.sock", "--timeout", "120"]);
+    let target = ShimProcess::start(
+        &dir,
+        &["receive", "--listen", "unix:mig.sock", "--api-sock", "dst.sock", "--timeout", "120"],
+    );
     wait_for_path(&dir.join("mig.sock"), Duration::from_secs(20), "the receiver never listened");
     wait_rss(source.pid(), 1000 << 10, "mem-wave never held 1 GiB");
     let migrating = {
@@ -567,6 +570,12 @@ fn a_source_lost_during_post_copy_ends_the_target_with_exit_78() {
     };
     // A quarter of the memory has come: the VM runs there, the rest is still at the source.
     wait_rss(target.pid(), 256 << 10, "the target never received a quarter of the memory");
+    // Meanwhile a snapshot would save the pages not yet here as zeroes: refused.
+    let snap = ctl_in(&dir, "dst.sock", &["snapshot", "vm0", "--to", "snap"]);
+    assert!(
+        snap.code != Some(0) && snap.stderr.contains("still receiving its memory"),
+        "a snapshot during post-copy must be refused: {snap:?}"
+    );
     // SAFETY: kill(2) on the source shim's pid, a child of this test.
     unsafe { libc::kill(source.pid() as i32, libc::SIGKILL) };
     let (code, err) = target.wait(Duration::from_secs(60));

@@ -529,6 +529,8 @@ pub(crate) struct GuestMemory {
     shared: bool,
     /// The shim writes no more ([`GuestMemory::freeze`]).
     frozen: Arc<std::sync::atomic::AtomicBool>,
+    /// Pages are still arriving from a post-copy source ([`GuestMemory::arriving`]).
+    arriving: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One region of guest RAM as a snapshot or a migration sees it.
@@ -629,6 +631,7 @@ impl GuestMemory {
             log_dirty: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             shared: matches!(backing, Backing::Shared | Backing::Memfd(_)),
             frozen: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            arriving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         Ok((mem, used))
     }
@@ -787,6 +790,18 @@ impl GuestMemory {
     /// running the VM on it, must not change under that shim.
     pub(crate) fn freeze(&self, on: bool) {
         self.frozen.store(on, Ordering::Release);
+    }
+
+    /// Whether pages are still arriving from a post-copy source: a page not yet here reads as
+    /// unbacked to the host (a snapshot would save it as zero) and a memfd handed on would
+    /// fill it with zeroes, so snapshots and migrations wait until it is done.
+    pub(crate) fn arriving(&self) -> bool {
+        self.arriving.load(Ordering::Acquire)
+    }
+
+    /// The flag behind [`GuestMemory::arriving`], for the post-copy thread to set and clear.
+    pub(crate) fn arriving_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.arriving)
     }
 
     /// Every region of RAM now with a descriptor of the memfd that holds it, when every

@@ -360,6 +360,9 @@ fn answer(vm: &VmShared, request: ControlRequest) -> ControlReply {
             if vm.is_stopping() {
                 return ControlReply::error(409, format!("VM '{name}' is stopping"));
             }
+            if vm.mem().arriving() {
+                return ControlReply::error(409, format!("VM '{name}' is still receiving its memory (post-copy)"));
+            }
             match crate::snapshot::save(vm, &dir) {
                 Ok(f) => ControlReply::ok(serde_json::to_value(f).unwrap_or(Value::Null)),
                 Err(e @ crate::snapshot::SnapshotError::NoParent(_)) => ControlReply::error(400, e),
@@ -369,6 +372,9 @@ fn answer(vm: &VmShared, request: ControlRequest) -> ControlReply {
         ControlRequest::Migrate { to, how } => {
             if vm.is_stopping() {
                 return ControlReply::error(409, format!("VM '{name}' is stopping"));
+            }
+            if vm.mem().arriving() {
+                return ControlReply::error(409, format!("VM '{name}' is still receiving its memory (post-copy)"));
             }
             match crate::snapshot::migrate::send(vm, &to, how) {
                 Ok(f) => {

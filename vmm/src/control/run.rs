@@ -523,7 +523,12 @@ fn run_or_serve(spec: &RunSpec, started: Instant, serve: bool) -> Result<RunResu
                 match (&vm, told) {
                     (Ok(_), Err(why)) => return Err(VmError::Restore(why).into()),
                     // The source gave the listening sockets up: their paths are this run's.
-                    (Ok(v), Ok(())) => v.shared().endpoints().iter_mut().for_each(Bound::own),
+                    (Ok(v), Ok(started)) => {
+                        v.shared().endpoints().iter_mut().for_each(Bound::own);
+                        if let Some(started) = started {
+                            v.shared().on_started(started);
+                        }
+                    }
                     _ => {}
                 }
             }

@@ -149,10 +149,15 @@ impl Uffd {
         check("UFFDIO_WAKE", unsafe { ioctl_with_ref(&self.0, UFFDIO_WAKE(), &r) })
     }
 
-    /// Copies `data` (whole pages) to `dst`, a missing range this userfaultfd registered, and
+    /// Copies `data` (one page) to `dst`, a missing page this userfaultfd registered, and
     /// wakes its waiters. The kernel fills only missing pages and checks the range: no page of
-    /// this process other than registered, missing ones can change.
-    pub(crate) fn copy(&self, data: &[u8], dst: usize) -> Result<Copied, UffdError> {
+    /// this process other than registered, missing ones can change. (One page at a time: a
+    /// range stops at its first page already there, and the rest would need copying again.)
+    pub(crate) fn copy_page(&self, data: &[u8], dst: usize) -> Result<Copied, UffdError> {
+        if data.len() != PAGE || !dst.is_multiple_of(PAGE) {
+            let source = std::io::Error::from(std::io::ErrorKind::InvalidInput);
+            return Err(UffdError::Call { call: "UFFDIO_COPY (one whole page)", source });
+        }
         loop {
             let mut c = Copy { dst: dst as u64, src: data.as_ptr() as u64, len: data.len() as u64, mode: 0, copy: 0 };
             // SAFETY: UFFDIO_COPY reads `data` (a live buffer of `len` bytes) and writes only
@@ -164,9 +169,8 @@ impl Uffd {
             }
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {
-                // The mappings changed meanwhile: again.
-                Some(libc::EAGAIN) if c.copy <= 0 => continue,
-                Some(libc::EAGAIN) => return Ok(Copied::Done),
+                // The mappings changed meanwhile: again (one page: nothing was copied).
+                Some(libc::EAGAIN) => continue,
                 Some(libc::EEXIST) => return Ok(Copied::AlreadyThere),
                 Some(libc::ENOENT) => return Ok(Copied::Unmapped),
                 _ => return Err(UffdError::Call { call: "UFFDIO_COPY", source: e }),
@@ -250,10 +254,11 @@ mod tests {
         assert_eq!(faults, vec![base + page]);
         let mut data = vec![0u8; page];
         data[8..16].copy_from_slice(&0x1234_5678u64.to_le_bytes());
-        assert_eq!(uffd.copy(&data, base + page).unwrap(), Copied::Done);
+        assert!(uffd.copy_page(&data[..100], base + page).is_err(), "one whole page only");
+        assert_eq!(uffd.copy_page(&data, base + page).unwrap(), Copied::Done);
         assert_eq!(reader.join().unwrap(), 0x1234_5678);
         // A second copy does not overwrite it.
-        assert_eq!(uffd.copy(&[0u8; 4096], base + page).unwrap(), Copied::AlreadyThere);
+        assert_eq!(uffd.copy_page(&[0u8; 4096], base + page).unwrap(), Copied::AlreadyThere);
         uffd.unregister(base, 2 * page).unwrap();
         // SAFETY: the mapping made above; no thread uses it any more.
         unsafe { libc::munmap(base as *mut libc::c_void, 2 * page) };

@@ -72,13 +72,14 @@ use crate::base::config::VmConfig;
 use crate::base::layout::Layout;
 use crate::base::memory::{Backing, GuestMemory, PAGE_SIZE, RegionInfo};
 use crate::host::endpoint::{Bound, Publish};
-use crate::vmm::shared::VmShared;
+use crate::vmm::shared::{Started, VmShared};
 use crate::vmm::vcpu::Vcpu;
 
 /// Told whether a received VM was built (`Err`: why not); the source then ends its copy (or
 /// resumes its VM). Returns whether the source was told: a VM whose source may not know must
-/// not run (the source resumes it when it hears nothing).
-pub(crate) type ReadyCallback = Box<dyn FnOnce(Result<(), String>) -> Result<(), String> + Send>;
+/// not run (the source resumes it when it hears nothing); and, when told, what to call once
+/// the VM's vCPUs have started (it tells the source when: `G`).
+pub(crate) type ReadyCallback = Box<dyn FnOnce(Result<(), String>) -> Result<Option<Started>, String> + Send>;
 
 /// A round that dirtied fewer pages than this ends the pre-copy (1 MiB: ~3 ms over TLS here).
 pub(crate) const SMALL_ROUND: usize = 256;
@@ -136,8 +137,9 @@ pub enum MigrateError {
     /// this memory, and this copy is older than what ran there.
     #[error(
         "post-copy broke after the VM started at the target ({0}): the target cannot go on without the pages \
-         still here, and this copy is older than what ran there; the VM stays stopped here (`ctl resume` brings \
-         back the state from before the move)"
+         still here (it ends, exit code 78) unless it had them all already; this copy is older than what ran \
+         there and stays stopped here: `ctl resume` it only if the target process is gone and losing what it did \
+         since the move is acceptable"
     )]
     PostcopyLost(String),
 }
@@ -177,8 +179,12 @@ pub(crate) struct MigrateFigures {
     pub(crate) memory_by_fd: bool,
     /// With `--postcopy`: what the target fetched after the VM started there.
     pub(crate) postcopy: Option<PostcopyFigures>,
-    /// Time the VM did not run: quiesce to the target's answer (µs).
+    /// Time the VM did not run (µs): from the quiesce here to its vCPUs' start at the target
+    /// on one host (the target says when, by the same clock), to the target's answer between
+    /// hosts.
     pub(crate) downtime_us: u64,
+    /// From the quiesce to the target's answer read here (µs).
+    pub(crate) answer_us: u64,
     /// Whole migration (µs).
     pub(crate) total_us: u64,
 }
@@ -478,6 +484,7 @@ fn post_copy(vm: &VmShared, s: &mut Channel, t0: Instant) -> Result<MigrateFigur
         memory_by_fd: false,
         postcopy: Some(figures),
         downtime_us,
+        answer_us: downtime_us,
         total_us: t0.elapsed().as_micros() as u64,
     })
 }
@@ -616,6 +623,7 @@ fn switch(
     }
     let sent = write_msg(s, b'S', &encoded).and_then(|()| s.flush());
     let answered = sent.map_err(MigrateError::from).and_then(|()| answer(s));
+    let answer_us = t_stop.elapsed().as_micros() as u64;
     match answered {
         Ok(()) => {}
         // An explicit refusal: the target does not run the VM, which resumes here.
@@ -638,12 +646,17 @@ fn switch(
         }
     }
     q.keep_stopped();
-    if s.passes_descriptors() {
+    let one_host = s.passes_descriptors();
+    if one_host {
         // The endpoints belong to the target now: their Unix socket paths stay.
         vm.endpoints().iter_mut().for_each(Bound::disown);
     }
     drop(q);
-    let downtime_us = t_stop.elapsed().as_micros() as u64;
+    // On one host the target says when its vCPUs started, by the clock this side reads too:
+    // the downtime ends there, not when this side got round to reading the answer (a
+    // wake-up of ~0.1–1 ms on a busy host, with the VM already running there). Between hosts
+    // the clocks differ: the answer ends it.
+    let downtime_us = if one_host { started_at(s, t_stop).unwrap_or(answer_us) } else { answer_us };
     vm.record(
         "migrated",
         crate::base::timeline::detail([("downtime_us", downtime_us.into()), ("rounds", copied.rounds.into())]),
@@ -659,8 +672,19 @@ fn switch(
         memory_by_fd: copied.memory_by_fd,
         postcopy: None,
         downtime_us,
+        answer_us,
         total_us: t0.elapsed().as_micros() as u64,
     })
+}
+
+/// The target's `G` (its vCPUs started at this CLOCK_MONOTONIC time): µs since `t_stop`.
+/// `None` when it does not come within a second (a target of an earlier build).
+fn started_at(s: &mut Channel, t_stop: Instant) -> Option<u64> {
+    let stop_ns = crate::host::clock::now_monotonic_ns().checked_sub(t_stop.elapsed().as_nanos() as u64)?;
+    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    let (kind, payload, _) = read_msg(s, 64).ok()?;
+    let at = u64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
+    (kind == b'G' && at >= stop_ns).then(|| (at - stop_ns) / 1000)
 }
 
 /// Sends region `r` as the descriptor of the memfd that holds it (`F`).
@@ -930,7 +954,15 @@ impl Transfer {
                 }
                 (b'P', Some(m)) if !by_fd => write_pages(m, payload)?,
                 (b'Y', Some(m)) if postcopy && registered.is_none() => {
-                    registered = Some(super::postcopy::Registration::new(m, shared)?);
+                    match super::postcopy::Registration::new(m, shared) {
+                        Ok(r) => registered = Some(r),
+                        Err(e) => {
+                            // The source is told (its VM runs on).
+                            let why = format!("post-copy cannot start here: {e}");
+                            let _ = write_msg(s, b'E', &json(&why)).and_then(|()| s.flush());
+                            return Err(e.into());
+                        }
+                    }
                     write_msg(s, b'A', &[])?;
                     s.flush()?;
                 }
@@ -951,7 +983,8 @@ impl Transfer {
                         // takes the channel and the answer goes through it.
                         let mem = m.clone();
                         drop(buf);
-                        let answer = super::postcopy::start(channel, &mem, reg)?;
+                        let told = super::postcopy::start(channel, &mem, reg)?;
+                        let answer: ReadyCallback = Box::new(move |result| told(result).map(|()| None));
                         return Ok(Received { fd, mem, state, stopped_at, answer, vcpus: warm });
                     }
                     if postcopy {
@@ -961,15 +994,25 @@ impl Transfer {
                     // The receive buffer (4 MiB) is freed once the source was answered:
                     // unmapping it takes ~0.7 ms here, which would be downtime.
                     let buffer = std::mem::take(&mut buf);
-                    let answer = Box::new(move |result: Result<(), String>| {
-                        let told = match result {
+                    let answer: ReadyCallback = Box::new(move |result: Result<(), String>| {
+                        let run = result.is_ok();
+                        match result {
                             Ok(()) => write_msg(&mut channel, b'A', &[]),
                             Err(e) => write_msg(&mut channel, b'E', &json(&e)),
                         }
                         .and_then(|()| channel.flush())
-                        .map_err(|e| format!("the source was not told the VM is ready ({e}): it runs there"));
-                        drop(buffer);
-                        told
+                        .map_err(|e| format!("the source was not told the VM is ready ({e}): it runs there"))?;
+                        if !run {
+                            return Ok(None);
+                        }
+                        // Once the vCPUs run: when (the source's downtime ends there; on one
+                        // host both read the same clock).
+                        let started: Started = Box::new(move || {
+                            let now = crate::host::clock::now_monotonic_ns().to_le_bytes();
+                            let _ = write_msg(&mut channel, b'G', &now).and_then(|()| channel.flush());
+                            drop(buffer);
+                        });
+                        Ok(Some(started))
                     });
                     let mem = m.clone();
                     return Ok(Received { fd, mem, state, stopped_at, answer, vcpus: warm });

@@ -25,6 +25,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
@@ -202,7 +204,7 @@ impl Registration {
             return Ok(false);
         }
         let dst = region.host + p * PAGE_SIZE as usize;
-        let copied = match self.uffd.copy(&data[..PAGE_SIZE as usize], dst)? {
+        let copied = match self.uffd.copy_page(data, dst)? {
             Copied::Done => true,
             // Written before its region was registered.
             Copied::AlreadyThere => false,
@@ -237,13 +239,15 @@ impl Registration {
 /// through that thread (which serves faults before it, too: the restore may touch memory).
 pub(crate) fn start(channel: Channel, mem: &GuestMemory, mut reg: Registration) -> Result<Answer, PostcopyError> {
     reg.sync(mem)?;
+    let arriving = mem.arriving_flag();
+    arriving.store(true, std::sync::atomic::Ordering::Release);
     channel.set_read_timeout(Some(REPLY_TIMEOUT))?;
     // A source that stops reading cannot hold the VM here forever either.
     channel.set_write_timeout(Some(REPLY_TIMEOUT))?;
     let wake = EventFd::new(EFD_NONBLOCK)?;
     let waker = Waker(wake.try_clone()?);
     let (tx, rx) = mpsc::channel::<Told>();
-    let puller = Puller { reg, channel, figures: PostcopyFigures::default(), waits: BTreeMap::new() };
+    let puller = Puller { reg, channel, figures: PostcopyFigures::default(), waits: BTreeMap::new(), arriving };
     std::thread::Builder::new().name("postcopy".into()).spawn(move || puller.run(&rx, &wake))?;
     Ok(Box::new(move |result: Result<(), String>| {
         let (told_tx, told_rx) = mpsc::channel();
@@ -277,6 +281,8 @@ struct Puller {
     figures: PostcopyFigures,
     /// Pages asked for on demand: when.
     waits: BTreeMap<u64, Instant>,
+    /// Set while pages are still to come ([`GuestMemory::arriving`]).
+    arriving: Arc<AtomicBool>,
 }
 
 /// A zero page to copy in where the source holds zeroes.
@@ -284,7 +290,9 @@ static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
 impl Puller {
     fn run(mut self, answers: &Receiver<Told>, wake: &EventFd) {
-        match self.pull(answers, wake) {
+        let ended = self.pull(answers, wake);
+        self.arriving.store(false, Ordering::Release);
+        match ended {
             Ok(()) | Err(Ended::NotRun) => {}
             Err(Ended::Lost(why)) => {
                 eprintln!(
@@ -465,15 +473,22 @@ impl Puller {
 
     /// Every page is here or known zero: unregisters the regions (the kernel fills the zero
     /// pages as usual from now on, and wakes any thread waiting on one) and tells the source.
+    /// The VM is whole here from then on: a source that cannot be told is only said.
     fn finish(&mut self, answered: Instant) -> Result<(), PostcopyError> {
         for r in self.reg.regions.iter().filter(|r| !r.gone) {
             let _ = self.reg.uffd.unregister(r.host, r.len() as usize);
         }
+        self.arriving.store(false, Ordering::Release);
         let f = &mut self.figures;
         f.fault_wait_mean_us = f.fault_wait_mean_us.checked_div(f.demand_pages).unwrap_or(0);
         f.tail_us = answered.elapsed().as_micros() as u64;
-        write_msg(&mut self.channel, b'D', &json(&self.figures))?;
-        self.channel.flush()?;
+        let told = write_msg(&mut self.channel, b'D', &json(&self.figures)).and_then(|()| self.channel.flush());
+        if let Err(e) = told {
+            eprintln!(
+                "hypervisor-shim: post-copy: every page is here, but the source was not told ({e}): it keeps its \
+                 older copy stopped; do not resume it there"
+            );
+        }
         Ok(())
     }
 }
@@ -539,7 +554,7 @@ fn pages_at(mem: &GuestMemory, pages: &[u64]) -> Result<Vec<u8>, PostcopyError> 
     while i < pages.len() {
         let start = pages[i];
         let mut n = 1;
-        while i + n < pages.len() && pages[i + n] == start + n as u64 * PAGE_SIZE {
+        while i + n < pages.len() && start.checked_add(n as u64 * PAGE_SIZE) == Some(pages[i + n]) {
             n += 1;
         }
         let bytes = (start.is_multiple_of(PAGE_SIZE))

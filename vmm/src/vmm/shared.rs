@@ -31,6 +31,9 @@ use crate::vmm::outcome::Outcome;
 use crate::vmm::stats::{BootPhases, FirstReply, MemoryCounts, RunReport, Stats};
 use crate::vmm::vcpus::{State, VcpuEvent, VcpuResponse, VcpuSet};
 
+/// Something to do once the vCPU threads have started.
+pub(crate) type Started = Box<dyn FnOnce() + Send>;
+
 /// What a VM tells its owner.
 #[derive(Debug)]
 pub(crate) enum VmEvent {
@@ -109,6 +112,8 @@ pub(crate) struct VmShared {
     running_at: OnceLock<Duration>,
     /// See [`VmShared::stopped_by_migration`].
     stopped_by_migration: AtomicBool,
+    /// Called once the vCPU threads start ([`VmShared::on_started`]).
+    on_started: Mutex<Option<Started>>,
     /// The shim's page faults when this VM was built.
     faults_at_start: u64,
     /// Set once the run is ending; vCPU threads leave their loops.
@@ -186,6 +191,7 @@ impl VmShared {
             boot_phases: OnceLock::new(),
             running_at: OnceLock::new(),
             stopped_by_migration: AtomicBool::new(false),
+            on_started: Mutex::new(None),
             faults_at_start: crate::host::process::page_faults(),
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),
@@ -300,9 +306,23 @@ impl VmShared {
         self.stopped_by_migration.store(true, Ordering::SeqCst);
     }
 
-    /// Notes that the vCPU threads start now.
+    /// Notes that the vCPU threads start now (and calls what [`VmShared::on_started`] left).
     pub(crate) fn running_now(&self) {
         let _ = self.running_at.set(self.started.elapsed());
+    }
+
+    /// Has `f` called once the vCPU threads have started (a migrated VM tells its source when
+    /// it runs).
+    pub(crate) fn on_started(&self, f: Started) {
+        *self.on_started.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// Calls what [`VmShared::on_started`] left, once.
+    pub(crate) fn started_now(&self) {
+        let f = self.on_started.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(f) = f {
+            f();
+        }
     }
 
     /// Notes the first HELLO (boot time); `true` the first time.

@@ -367,6 +367,7 @@ impl Vm {
                 shared.finish(Outcome::Internal(e.to_string()));
             }
         }
+        shared.started_now();
         RunningVm { shared }
     }
 }
