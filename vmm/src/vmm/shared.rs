@@ -306,13 +306,13 @@ impl VmShared {
         self.stopped_by_migration.store(true, Ordering::SeqCst);
     }
 
-    /// Notes that the vCPU threads start now (and calls what [`VmShared::on_started`] left).
+    /// Notes that the vCPU threads start now.
     pub(crate) fn running_now(&self) {
         let _ = self.running_at.set(self.started.elapsed());
     }
 
-    /// Has `f` called once the vCPU threads have started (a migrated VM tells its source when
-    /// it runs).
+    /// Has `f` called by the first vCPU thread about to enter the guest (a migrated VM tells
+    /// its source when it runs).
     pub(crate) fn on_started(&self, f: Started) {
         *self.on_started.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }

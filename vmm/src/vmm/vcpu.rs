@@ -386,6 +386,10 @@ impl VcpuThread {
         self.handle.bind_current_thread();
         // A vCPU that starts while the VM is paused starts paused.
         self.mode.paused = self.vm.is_paused();
+        if !parked {
+            // The first to get here (a migrated VM tells its source when it runs).
+            self.vm.started_now();
+        }
         if !parked || self.park() {
             self.run_loop();
         }

@@ -367,7 +367,6 @@ impl Vm {
                 shared.finish(Outcome::Internal(e.to_string()));
             }
         }
-        shared.started_now();
         RunningVm { shared }
     }
 }
