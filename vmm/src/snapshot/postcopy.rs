@@ -240,7 +240,7 @@ impl Registration {
 pub(crate) fn start(channel: Channel, mem: &GuestMemory, mut reg: Registration) -> Result<Answer, PostcopyError> {
     reg.sync(mem)?;
     let arriving = mem.arriving_flag();
-    arriving.store(true, std::sync::atomic::Ordering::Release);
+    arriving.store(true, Ordering::Release);
     channel.set_read_timeout(Some(REPLY_TIMEOUT))?;
     // A source that stops reading cannot hold the VM here forever either.
     channel.set_write_timeout(Some(REPLY_TIMEOUT))?;
@@ -271,7 +271,7 @@ impl Drop for Waker {
 enum Ended {
     /// The VM does not run here (refused, or the source could not be told).
     NotRun,
-    /// The source is gone while the VM runs here.
+    /// The source (or the way to it) is gone while the VM runs here.
     Lost(String),
 }
 
@@ -296,8 +296,8 @@ impl Puller {
             Ok(()) | Err(Ended::NotRun) => {}
             Err(Ended::Lost(why)) => {
                 eprintln!(
-                    "hypervisor-shim: post-copy: {why}: the source is gone while part of the VM's memory is still there; \
-                     the VM cannot go on and ends here (exit code {})",
+                    "hypervisor-shim: post-copy: {why}: part of the VM's memory is still at its source and can no \
+                     longer come; the VM cannot go on and ends here (exit code {})",
                     crate::base::exit::POSTCOPY_LOST
                 );
                 std::process::exit(i32::from(crate::base::exit::POSTCOPY_LOST));
