@@ -203,11 +203,14 @@ impl<'a> Quiesced<'a> {
                 vm.resume();
             }
         };
-        if let Err(e) = vm.devices().quiesce(QUIESCE_TIMEOUT) {
+        // The vCPU threads save their state while the devices' threads come to a hold (both
+        // only wait for their threads; the vCPUs no longer run guest code).
+        let (saved, held) = vm.save_vcpus_while(QUIESCE_TIMEOUT, || vm.devices().quiesce(QUIESCE_TIMEOUT));
+        if let Err(e) = held {
             release(vm);
             return Err(SnapshotError::Vm(e.to_string()));
         }
-        match vm.save_vcpus(QUIESCE_TIMEOUT) {
+        match saved {
             Ok((online, vcpus)) => Ok(Quiesced { vm, was_paused, online, vcpus, keep_held: false, took: t.elapsed() }),
             Err(e) => {
                 vm.devices().release();

@@ -31,6 +31,9 @@ use crate::vmm::outcome::Outcome;
 use crate::vmm::stats::{BootPhases, FirstReply, MemoryCounts, RunReport, Stats};
 use crate::vmm::vcpus::{State, VcpuEvent, VcpuResponse, VcpuSet};
 
+/// Which vCPU ids are online, and the saved state of each that is.
+pub(crate) type Saved = (Vec<bool>, Vec<VcpuState>);
+
 /// Something to do once the vCPU threads have started.
 pub(crate) type Started = Box<dyn FnOnce() + Send>;
 
@@ -444,14 +447,30 @@ impl VmShared {
     }
 
     /// The state of every vCPU that is not parked, from their threads, while the VM is
-    /// paused; and which vCPU ids are online. At most `within`.
-    pub(crate) fn save_vcpus(&self, within: Duration) -> Result<(Vec<bool>, Vec<VcpuState>), String> {
+    /// paused; and which vCPU ids are online. At most `within`. `meanwhile` runs on this
+    /// thread (always) while the vCPU threads save: a quiesce holds the devices then, one
+    /// hand-off instead of two in a row.
+    pub(crate) fn save_vcpus_while<R>(
+        &self,
+        within: Duration,
+        meanwhile: impl FnOnce() -> R,
+    ) -> (Result<Saved, String>, R) {
         if !self.is_paused() {
-            return Err("the VM is not paused".into());
+            return (Err("the VM is not paused".into()), meanwhile());
         }
         let online = self.vcpus.online_map();
+        let (answers, done) = self.vcpus.ask_all_while(VcpuEvent::SaveState, |_| true, within, meanwhile);
+        (self.saved_states(online, answers, within), done)
+    }
+
+    /// The states in `answers`, checked against the `online` vCPUs.
+    fn saved_states(
+        &self,
+        online: Vec<bool>,
+        answers: Vec<(u32, VcpuResponse)>,
+        within: Duration,
+    ) -> Result<Saved, String> {
         let want = online.iter().filter(|&&o| o).count();
-        let answers = self.vcpus.ask_all(VcpuEvent::SaveState, |_| true, within);
         if self.is_stopping() {
             return Err("the VM is ending".into());
         }

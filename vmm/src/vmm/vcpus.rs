@@ -604,6 +604,17 @@ impl VcpuSet {
         must_answer: impl Fn(State) -> bool,
         within: Duration,
     ) -> Vec<(u32, VcpuResponse)> {
+        self.ask_all_while(make, must_answer, within, || ()).0
+    }
+
+    /// [`VcpuSet::ask_all`], running `meanwhile` on this thread while the vCPUs answer.
+    pub(crate) fn ask_all_while<R>(
+        &self,
+        make: impl Fn(Sender<(u32, VcpuResponse)>) -> VcpuEvent,
+        must_answer: impl Fn(State) -> bool,
+        within: Duration,
+        meanwhile: impl FnOnce() -> R,
+    ) -> (Vec<(u32, VcpuResponse)>, R) {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut expected = 0;
         for h in self.all().into_iter().filter(|h| h.state() != State::Gone) {
@@ -614,6 +625,7 @@ impl VcpuSet {
         }
         drop(tx);
         let deadline = Instant::now() + within;
+        let done = meanwhile();
         let mut answers = Vec::new();
         while answers.len() < expected {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -622,7 +634,7 @@ impl VcpuSet {
             }
         }
         answers.sort_by_key(|(id, _)| *id);
-        answers
+        (answers, done)
     }
 
     /// Sends `event()` to every vCPU (no answer expected).
