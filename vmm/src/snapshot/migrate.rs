@@ -185,6 +185,9 @@ pub(crate) struct MigrateFigures {
     pub(crate) downtime_us: u64,
     /// From the quiesce to the target's answer read here (µs).
     pub(crate) answer_us: u64,
+    /// From the quiesce to the target's first vCPU about to enter the guest, by the target's
+    /// clock (µs; on one host, when the target said so: `downtime_us` is this then).
+    pub(crate) started_us: Option<u64>,
     /// Whole migration (µs).
     pub(crate) total_us: u64,
 }
@@ -485,6 +488,7 @@ fn post_copy(vm: &VmShared, s: &mut Channel, t0: Instant) -> Result<MigrateFigur
         postcopy: Some(figures),
         downtime_us,
         answer_us: downtime_us,
+        started_us: None,
         total_us: t0.elapsed().as_micros() as u64,
     })
 }
@@ -656,7 +660,8 @@ fn switch(
     // the downtime ends there, not when this side got round to reading the answer (a
     // wake-up of ~0.1–1 ms on a busy host, with the VM already running there). Between hosts
     // the clocks differ: the answer ends it.
-    let downtime_us = if one_host { started_at(s, t_stop).unwrap_or(answer_us) } else { answer_us };
+    let started_us = if one_host { started_at(s, t_stop) } else { None };
+    let downtime_us = started_us.unwrap_or(answer_us);
     vm.record(
         "migrated",
         crate::base::timeline::detail([("downtime_us", downtime_us.into()), ("rounds", copied.rounds.into())]),
@@ -673,6 +678,7 @@ fn switch(
         postcopy: None,
         downtime_us,
         answer_us,
+        started_us,
         total_us: t0.elapsed().as_micros() as u64,
     })
 }

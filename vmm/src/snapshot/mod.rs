@@ -204,7 +204,10 @@ impl<'a> Quiesced<'a> {
             }
         };
         // The vCPU threads save their state while the devices' threads come to a hold (both
-        // only wait for their threads; the vCPUs no longer run guest code).
+        // only wait for their threads; the vCPUs no longer run guest code). A device's wake of
+        // a vCPU after its state was saved is not in it (the wake bits never are): the guest
+        // checks its queues after any return from BLOCK, and the device's writes to memory
+        // are in the memory saved after this.
         let (saved, held) = vm.save_vcpus_while(QUIESCE_TIMEOUT, || vm.devices().quiesce(QUIESCE_TIMEOUT));
         if let Err(e) = held {
             release(vm);

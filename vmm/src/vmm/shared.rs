@@ -381,6 +381,9 @@ impl VmShared {
             }
             self.stopping.store(true, Ordering::SeqCst);
         }
+        // A VM that ends before a vCPU entered the guest never runs: what waited for that
+        // goes now (a migration's source then stops waiting for its `G`).
+        drop(lock(&self.on_started).take());
         self.vcpus.tell_all(|| VcpuEvent::Finish);
         (self.events)(VmEvent::Ended);
     }

@@ -386,10 +386,6 @@ impl VcpuThread {
         self.handle.bind_current_thread();
         // A vCPU that starts while the VM is paused starts paused.
         self.mode.paused = self.vm.is_paused();
-        if !parked {
-            // The first to get here (a migrated VM tells its source when it runs).
-            self.vm.started_now();
-        }
         if !parked || self.park() {
             self.run_loop();
         }
@@ -412,6 +408,9 @@ impl VcpuThread {
 
     fn run_loop(&mut self) {
         let id = self.vcpu.id;
+        // Whether this vCPU has entered the guest yet: the first vCPU to (a migrated VM tells
+        // its source when it runs again).
+        let mut entered = false;
         loop {
             if self.vm.is_stopping() || self.mode.finishing {
                 return;
@@ -439,6 +438,10 @@ impl VcpuThread {
                     continue;
                 }
                 self.mode.throttled_until = None;
+            }
+            if !entered {
+                entered = true;
+                self.vm.started_now();
             }
             let flow = self.step();
             match flow {

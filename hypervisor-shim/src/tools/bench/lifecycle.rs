@@ -197,6 +197,9 @@ fn migrate_once(opts: &BenchOptions, sock: &Path, dir: &Path, i: usize) -> Resul
         BenchError::Summary(format!("{e}; the receiver said: {}", printed.trim()))
     })?;
     target.wait_api(opts, &target_sock)?;
+    if v["started_us"].is_null() {
+        eline!("bench: migration {i}: the target did not say when its vCPUs started; its downtime ends at the answer");
+    }
     Ok((number(&v, "downtime_us")?, number(&v, "answer_us")?, number(&v, "total_us")?))
 }
 
