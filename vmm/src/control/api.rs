@@ -40,7 +40,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::snapshot::channel::{Destination, TlsFiles};
-use crate::snapshot::migrate::Copy;
+use crate::snapshot::migrate::CopyMode;
 use thiserror::Error;
 
 use crate::control::admit::{Admission, AdmitEvent, Node};
@@ -391,9 +391,9 @@ fn migrate_request(body: &str) -> Result<ControlRequest, Reply> {
                 "\"verify\" checks pre-copied pages before the switch; \"postcopy\" sends each page once, after it",
             ));
         }
-        (false, true) => Copy::Post,
-        (true, false) => Copy::PreVerified,
-        (false, false) => Copy::Pre,
+        (false, true) => CopyMode::Post,
+        (true, false) => CopyMode::PreVerified,
+        (false, false) => CopyMode::Pre,
     };
     let tls = match v.get("tls") {
         None | Some(Value::Null) => None,
@@ -491,11 +491,11 @@ mod tests {
         assert_eq!(req(Put, "/api/v1/vms/kv/snapshot", r#"{"dir": "rel"}"#), Err(400));
         assert_eq!(
             req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "unix:/tmp/m", "verify": true}"#),
-            Ok(ControlRequest::Migrate { to: Destination::Unix("/tmp/m".into()), how: Copy::PreVerified })
+            Ok(ControlRequest::Migrate { to: Destination::Unix("/tmp/m".into()), how: CopyMode::PreVerified })
         );
         assert_eq!(
             req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "unix:/tmp/m", "postcopy": true}"#),
-            Ok(ControlRequest::Migrate { to: Destination::Unix("/tmp/m".into()), how: Copy::Post })
+            Ok(ControlRequest::Migrate { to: Destination::Unix("/tmp/m".into()), how: CopyMode::Post })
         );
         assert_eq!(
             req(Put, "/api/v1/vms/kv/migrate", r#"{"to": "unix:/tmp/m", "postcopy": true, "verify": true}"#),
@@ -513,7 +513,7 @@ mod tests {
                     port: 5,
                     tls: TlsFiles { cert: "/c.pem".into(), key: "/k.pem".into(), ca: "/ca.pem".into() }
                 },
-                how: Copy::Pre
+                how: CopyMode::Pre
             })
         );
         let relative = r#""tls": {"cert": "c.pem", "key": "/k.pem", "ca": "/ca.pem"}"#;

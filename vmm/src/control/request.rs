@@ -31,7 +31,7 @@ pub(crate) enum ControlRequest {
     /// Save the VM into this directory; it runs on.
     Snapshot { dir: PathBuf },
     /// Move the VM to the receiver at `to` (`receive --listen`); it ends here.
-    Migrate { to: Destination, how: crate::snapshot::migrate::Copy },
+    Migrate { to: Destination, how: crate::snapshot::migrate::CopyMode },
 }
 
 /// An answer: an HTTP status and a JSON body.

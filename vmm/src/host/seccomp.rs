@@ -154,15 +154,9 @@ const SOCKETS: &[libc::c_long] = &[
 ];
 
 /// KVM and threads: vCPU threads create vCPUs (and their threads) and memory slots, and the
-/// memfds of a VM backed by them (`--memory-backing memfd`); a post-copy target's userfaultfd.
-const KVM: &[libc::c_long] = &[
-    libc::SYS_ioctl,
-    libc::SYS_clone,
-    libc::SYS_clone3,
-    libc::SYS_sched_setaffinity,
-    libc::SYS_memfd_create,
-    libc::SYS_userfaultfd,
-];
+/// memfds of a VM backed by them (`--memory-backing memfd`).
+const KVM: &[libc::c_long] =
+    &[libc::SYS_ioctl, libc::SYS_clone, libc::SYS_clone3, libc::SYS_sched_setaffinity, libc::SYS_memfd_create];
 
 /// The main thread's extras: signal handlers, limits, process start-up leftovers.
 const MAIN: &[libc::c_long] = &[
@@ -185,6 +179,9 @@ const MAIN: &[libc::c_long] = &[
     // checking that the file is one).
     libc::SYS_setns,
     libc::SYS_fstatfs,
+    // A post-copy target's userfaultfd, made by the thread that receives the VM (never a
+    // vCPU's: it is a known aid to kernel exploits).
+    libc::SYS_userfaultfd,
 ];
 
 fn syscalls(role: Role) -> Vec<libc::c_long> {

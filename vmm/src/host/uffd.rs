@@ -50,7 +50,7 @@ struct Register {
 
 #[repr(C)]
 #[derive(Default)]
-struct Copy {
+struct UffdioCopy {
     dst: u64,
     src: u64,
     len: u64,
@@ -74,7 +74,7 @@ ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, Api);
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, Register);
 ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, Range);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, Range);
-ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, Copy);
+ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 
 /// userfaultfd failures (the call and its errno).
 #[derive(Debug, Error)]
@@ -159,7 +159,8 @@ impl Uffd {
             return Err(UffdError::Call { call: "UFFDIO_COPY (one whole page)", source });
         }
         loop {
-            let mut c = Copy { dst: dst as u64, src: data.as_ptr() as u64, len: data.len() as u64, mode: 0, copy: 0 };
+            let mut c =
+                UffdioCopy { dst: dst as u64, src: data.as_ptr() as u64, len: data.len() as u64, mode: 0, copy: 0 };
             // SAFETY: UFFDIO_COPY reads `data` (a live buffer of `len` bytes) and writes only
             // pages of registered ranges that are missing; it reads and writes a `struct
             // uffdio_copy`.
@@ -211,7 +212,7 @@ mod tests {
     fn layouts_are_the_kernels() {
         assert_eq!(std::mem::size_of::<Api>(), 24);
         assert_eq!(std::mem::size_of::<Register>(), 32);
-        assert_eq!(std::mem::size_of::<Copy>(), 40);
+        assert_eq!(std::mem::size_of::<UffdioCopy>(), 40);
         assert_eq!(std::mem::size_of::<Msg>(), 32);
         // _IOWR(0xAA, 0x3F, 24) and _IOWR(0xAA, 0x03, 40), as <linux/userfaultfd.h> gives them.
         assert_eq!(UFFDIO_API(), 0xc018_aa3f);

@@ -299,10 +299,9 @@ fn send_pages(s: &mut Channel, vm: &VmShared, pages: &[u64], sent_map: &mut Sent
             // Released since it was written: the target drops the region.
             continue;
         };
-        buf.extend_from_slice(&start.to_le_bytes());
-        buf.extend_from_slice(&(n as u32).to_le_bytes());
-        let at = buf.len();
-        buf.extend_from_slice(bytes);
+        // The copy is hashed, not guest memory: the guest may write the pages meanwhile.
+        let at = buf.len() + 12;
+        wire::push_run(&mut buf, start, bytes);
         for (k, page) in buf[at..].chunks(PAGE_SIZE as usize).enumerate() {
             if let Some(slot) = sent_map.slot(start + k as u64 * PAGE_SIZE) {
                 *slot = Some(crc32fast::hash(page));
@@ -369,7 +368,7 @@ fn send_listeners(s: &mut Channel, vm: &VmShared) -> Result<(), MigrateError> {
 
 /// Migrates `vm` to the receiver listening on `to`. On success the VM runs there and the
 /// caller ends it here; on failure it keeps running here.
-pub(crate) fn send(vm: &VmShared, to: &Destination, how: Copy) -> Result<MigrateFigures, MigrateError> {
+pub(crate) fn send(vm: &VmShared, to: &Destination, how: CopyMode) -> Result<MigrateFigures, MigrateError> {
     let config = vm.config();
     if config.lifecycle.on_demand.is_some() {
         return Err(MigrateError::Protocol("an on-demand VM cannot be migrated".into()));
@@ -381,7 +380,7 @@ pub(crate) fn send(vm: &VmShared, to: &Destination, how: Copy) -> Result<Migrate
     // A target that stops reading cannot hold the VM (paused, at the end) for long.
     s.set_write_timeout(Some(ACK_TIMEOUT))?;
     let passes = s.passes_descriptors();
-    let postcopy = how == Copy::Post;
+    let postcopy = how == CopyMode::Post;
     // Post-copy copies, even memory it could hand over.
     let memfds = if passes && !postcopy { vm.mem().memfds() } else { None };
     let hello = Hello {
@@ -413,7 +412,7 @@ pub(crate) fn send(vm: &VmShared, to: &Destination, how: Copy) -> Result<Migrate
         return post_copy(vm, &mut s, t0);
     }
     vm.mem().set_dirty_logging(vm.fd(), true)?;
-    let result = pre_copy_and_switch(vm, &mut s, t0, how == Copy::PreVerified);
+    let result = pre_copy_and_switch(vm, &mut s, t0, how == CopyMode::PreVerified);
     if result.is_err() {
         let _ = vm.mem().set_dirty_logging(vm.fd(), false);
     }
@@ -422,7 +421,7 @@ pub(crate) fn send(vm: &VmShared, to: &Destination, how: Copy) -> Result<Migrate
 
 /// How the memory moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Copy {
+pub(crate) enum CopyMode {
     /// Pre-copy: while the VM runs here, then what it wrote meanwhile.
     Pre,
     /// Pre-copy, then every held page compared with what was sent (`--verify`).
@@ -498,9 +497,7 @@ fn answer(s: &mut Channel) -> Result<(), MigrateError> {
     let (kind, payload, _) = read_msg(s, MAX_JSON)?;
     match kind {
         b'A' => Ok(()),
-        b'E' => Err(MigrateError::Refused(
-            serde_json::from_slice::<String>(&payload).unwrap_or_else(|_| "unknown error".into()),
-        )),
+        b'E' => Err(MigrateError::Refused(wire::refusal(&payload))),
         k => Err(MigrateError::Protocol(format!("unexpected answer '{}'", k as char))),
     }
 }
@@ -957,12 +954,10 @@ impl Transfer {
                         serde_json::from_slice(payload).map_err(|e| bad(format!("regions: {e}")))?;
                     sync_extents(&fd, m, &mut extents, &list, !by_fd)?;
                 }
-                (b'P', Some(_)) if !by_fd && registered.is_some() => {
-                    if let Some(r) = &mut registered {
-                        r.install(payload)?;
-                    }
-                }
-                (b'P', Some(m)) if !by_fd => write_pages(m, payload)?,
+                (b'P', Some(m)) if !by_fd => match &mut registered {
+                    Some(r) => drop(r.install(payload)?),
+                    None => write_pages(m, payload)?,
+                },
                 (b'Y', Some(m)) if postcopy && registered.is_none() => {
                     match super::postcopy::Registration::new(m, shared) {
                         Ok(r) => registered = Some(r),
@@ -1006,12 +1001,7 @@ impl Transfer {
                     let buffer = std::mem::take(&mut buf);
                     let answer: ReadyCallback = Box::new(move |result: Result<(), String>| {
                         let run = result.is_ok();
-                        match result {
-                            Ok(()) => write_msg(&mut channel, b'A', &[]),
-                            Err(e) => write_msg(&mut channel, b'E', &json(&e)),
-                        }
-                        .and_then(|()| channel.flush())
-                        .map_err(|e| format!("the source was not told the VM is ready ({e}): it runs there"))?;
+                        wire::tell(&mut channel, &result)?;
                         if !run {
                             return Ok(None);
                         }

@@ -369,15 +369,10 @@ fn save_then(vm: &VmShared, dir: &Path, keep_stopped: bool) -> Result<(SaveFigur
     Ok((figures, state))
 }
 
-/// Writes `bytes` at `offset`, skipping all-zero pages (holes) and, with `in_use`, the pages
-/// it marks unused (known zeroes, not read). Returns the runs written, as `(start, length)`
-/// relative to `offset`.
-fn write_sparse(
-    file: &std::fs::File,
-    offset: u64,
-    bytes: &[u8],
-    in_use: Option<&[bool]>,
-) -> std::io::Result<Vec<(u64, u64)>> {
+/// The runs of `bytes` that may hold data, as byte ranges: all-zero pages and, with
+/// `in_use`, the pages it marks unused (known zeroes, not read: a read would fault them in)
+/// are left out.
+pub(crate) fn non_zero_runs(bytes: &[u8], in_use: Option<&[bool]>) -> Vec<std::ops::Range<usize>> {
     let page = PAGE_SIZE as usize;
     let mut runs = Vec::new();
     let mut run_start: Option<usize> = None;
@@ -388,13 +383,27 @@ fn write_sparse(
         match (nonzero, run_start) {
             (true, None) => run_start = Some(i * page),
             (false, Some(s)) => {
-                let end = (i * page).min(bytes.len());
-                file.write_all_at(&bytes[s..end], offset + s as u64)?;
-                runs.push((s as u64, (end - s) as u64));
+                runs.push(s..(i * page).min(bytes.len()));
                 run_start = None;
             }
             _ => {}
         }
+    }
+    runs
+}
+
+/// Writes `bytes` at `offset`, skipping the pages [`non_zero_runs`] leaves out (holes).
+/// Returns the runs written, as `(start, length)` relative to `offset`.
+fn write_sparse(
+    file: &std::fs::File,
+    offset: u64,
+    bytes: &[u8],
+    in_use: Option<&[bool]>,
+) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut runs = Vec::new();
+    for r in non_zero_runs(bytes, in_use) {
+        file.write_all_at(&bytes[r.clone()], offset + r.start as u64)?;
+        runs.push((r.start as u64, r.len() as u64));
     }
     Ok(runs)
 }

@@ -35,7 +35,7 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::channel::Channel;
-use super::wire::{self, WireError, json, push_run, read_msg, read_msg_into, write_msg};
+use super::wire::{self, WireError, json, push_run, read_msg, read_msg_into, refusal, tell, write_msg};
 use crate::base::memory::{GuestMemory, PAGE_SIZE};
 use crate::host::uffd::{Copied, Uffd, UffdError};
 
@@ -322,12 +322,7 @@ impl Puller {
             if let Some(Ok((result, told))) = given {
                 let _ = wake.read();
                 let run = result.is_ok();
-                let said = match &result {
-                    Ok(()) => write_msg(&mut self.channel, b'A', &[]),
-                    Err(e) => write_msg(&mut self.channel, b'E', &json(e)),
-                }
-                .and_then(|()| self.channel.flush())
-                .map_err(|e| format!("the source was not told the VM is ready ({e}): it runs there"));
+                let said = tell(&mut self.channel, &result);
                 let ok = said.is_ok();
                 let _ = told.send(said);
                 if !run || !ok {
@@ -374,7 +369,8 @@ impl Puller {
             } else if let Some(at) = answered
                 && walked
             {
-                return self.finish(at).map_err(lost);
+                self.finish(at);
+                return Ok(());
             } else if answered.is_none() {
                 // Nothing asked, not yet answered: wait for a fault or the answer.
                 let mut fds = [
@@ -474,7 +470,7 @@ impl Puller {
     /// Every page is here or known zero: unregisters the regions (the kernel fills the zero
     /// pages as usual from now on, and wakes any thread waiting on one) and tells the source.
     /// The VM is whole here from then on: a source that cannot be told is only said.
-    fn finish(&mut self, answered: Instant) -> Result<(), PostcopyError> {
+    fn finish(&mut self, answered: Instant) {
         for r in self.reg.regions.iter().filter(|r| !r.gone) {
             let _ = self.reg.uffd.unregister(r.host, r.len() as usize);
         }
@@ -489,7 +485,6 @@ impl Puller {
                  older copy stopped; do not resume it there"
             );
         }
-        Ok(())
     }
 }
 
@@ -511,11 +506,7 @@ fn serve(s: &mut Channel, mem: &GuestMemory, until_answer: bool) -> Result<Optio
         let (kind, payload, _) = read_msg(s, MAX_REQUEST)?;
         match kind {
             b'A' if until_answer => return Ok(None),
-            b'E' if until_answer => {
-                return Err(PostcopyError::Refused(
-                    serde_json::from_slice::<String>(&payload).unwrap_or_else(|_| "unknown error".into()),
-                ));
-            }
+            b'E' if until_answer => return Err(PostcopyError::Refused(refusal(&payload))),
             b'D' if !until_answer => {
                 let f: PostcopyFigures = serde_json::from_slice(&payload).map_err(|e| bad(format!("figures: {e}")))?;
                 return Ok(Some(f));
@@ -575,21 +566,11 @@ fn non_zero_pages(mem: &GuestMemory, gpa: u64, pages: u32) -> Result<Vec<u8>, Po
         .then(|| mem.host_range(&guard, gpa, len))
         .flatten()
         .ok_or_else(|| PostcopyError::Protocol(format!("a request for {gpa:#x}+{pages} pages, not in one region")))?;
+    // Pages the host never backed are zeroes: not read (a read would fault them in here).
+    let in_use = mem.pages_in_use(&guard, gpa, len);
     let mut out = Vec::new();
-    let mut run: Option<usize> = None;
-    let page = PAGE_SIZE as usize;
-    for (k, chunk) in bytes.chunks(page).enumerate() {
-        match (super::is_zero(chunk), run) {
-            (false, None) => run = Some(k),
-            (true, Some(first)) => {
-                push_run(&mut out, gpa + first as u64 * PAGE_SIZE, &bytes[first * page..k * page]);
-                run = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(first) = run {
-        push_run(&mut out, gpa + first as u64 * PAGE_SIZE, &bytes[first * page..]);
+    for r in super::non_zero_runs(bytes, in_use.as_deref()) {
+        push_run(&mut out, gpa + r.start as u64, &bytes[r]);
     }
     Ok(out)
 }

@@ -79,6 +79,22 @@ pub(crate) fn read_msg_into(
     Ok((head[0], len, file))
 }
 
+/// Tells the source whether the VM was built here (`A`, or `E` with why not); `Err` says
+/// the source could not be told (it then runs the VM on).
+pub(crate) fn tell(s: &mut Channel, result: &Result<(), String>) -> Result<(), String> {
+    match result {
+        Ok(()) => write_msg(s, b'A', &[]),
+        Err(e) => write_msg(s, b'E', &json(e)),
+    }
+    .and_then(|()| s.flush())
+    .map_err(|e| format!("the source was not told the VM is ready ({e}): it runs there"))
+}
+
+/// The reason an `E` message carries.
+pub(crate) fn refusal(payload: &[u8]) -> String {
+    serde_json::from_slice::<String>(payload).unwrap_or_else(|_| "unknown error".into())
+}
+
 /// `v` as JSON.
 pub(crate) fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()

@@ -317,12 +317,12 @@ impl VmShared {
     /// Has `f` called by the first vCPU thread about to enter the guest (a migrated VM tells
     /// its source when it runs).
     pub(crate) fn on_started(&self, f: Started) {
-        *self.on_started.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+        *lock(&self.on_started) = Some(f);
     }
 
     /// Calls what [`VmShared::on_started`] left, once.
     pub(crate) fn started_now(&self) {
-        let f = self.on_started.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let f = lock(&self.on_started).take();
         if let Some(f) = f {
             f();
         }
