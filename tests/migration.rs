@@ -167,7 +167,8 @@ fn hops_while_memory_grows_and_shrinks(backing: &str, hops: usize) {
             assert_eq!(m["memory_by_fd"], false, "hop {hop}: {m}");
             assert_eq!(m["missed_by_log"], 0, "hop {hop}: the dirty log missed pages: {m}");
         }
-        assert_eq!(here.wait(Duration::from_secs(30)).0, Some(0), "hop {hop}: the source ends once the target runs");
+        let (code, err) = here.wait(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "hop {hop}: the source ends once the target runs; it said: {err}");
         here = there;
         sock = next_sock;
         wait_for_api(&dir, &sock);
